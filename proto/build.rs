@@ -1,0 +1,27 @@
+//! Compiles the `.proto` files with protox (a pure-Rust protobuf compiler), so that a fresh
+//! machine needs no system `protoc`.
+
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("protos");
+    let files = [
+        "inference/grpc_service.proto",
+        "inference/model_config.proto",
+        "veraltheim/v1/tensor.proto",
+        "veraltheim/v1/inference.proto",
+        "veraltheim/v1/models.proto",
+        "veraltheim/v1/system.proto",
+        "veraltheim/v1/jobs.proto",
+        "veraltheim/v1/resources.proto",
+    ];
+    for f in &files {
+        println!("cargo:rerun-if-changed={}", root.join(f).display());
+    }
+    let descriptors = protox::compile(files, [&root])?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(descriptors)?;
+    Ok(())
+}
