@@ -1,1 +1,23 @@
-//! placeholder
+//! Models: what a model is and how it computes. Tensors and their datatypes, the Triton-style
+//! model configuration, request validation against it, the [`Model`] trait that every backend
+//! implements, and the built-in backends (`identity`, `cost`, `fault`).
+//!
+//! Invariants: this crate knows nothing of gRPC, queues or batching policy. A [`Model`] is called
+//! with a whole batch (inputs concatenated along the first dimension) on whatever thread the caller
+//! chooses; it never blocks on I/O after loading.
+
+pub mod builtin;
+pub mod config;
+pub mod datatype;
+pub mod error;
+pub mod model;
+pub mod state;
+pub mod tensor;
+pub mod validate;
+
+pub use config::ModelConfig;
+pub use datatype::DataType;
+pub use error::{ConfigError, InvalidRequest, ModelError, TensorError};
+pub use model::Model;
+pub use state::ModelState;
+pub use tensor::{Tensor, TensorData};

@@ -1,0 +1,223 @@
+//! Built-in models that need no files: `identity` (echo), `cost` (simulated compute for tests and
+//! benchmarks) and `fault` (panics on every batch, for supervision and chaos tests).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::config::ModelConfig;
+use crate::error::{ConfigError, ModelError};
+use crate::model::Model;
+use crate::tensor::Tensor;
+
+/// The backend name built-in models carry in their configuration.
+pub const BACKEND: &str = "builtin";
+
+const IDENTITY: &str = r#"{
+  "name": "identity", "backend": "builtin", "max_batch_size": 64,
+  "input": [{"name": "INPUT0", "data_type": "TYPE_FP32", "dims": [-1]}],
+  "output": [{"name": "OUTPUT0", "data_type": "TYPE_FP32", "dims": [-1]}],
+  "dynamic_batching": {}
+}"#;
+
+const COST: &str = r#"{
+  "name": "cost", "backend": "builtin", "max_batch_size": 64,
+  "input": [{"name": "INPUT0", "data_type": "TYPE_FP32", "dims": [-1]}],
+  "output": [{"name": "OUTPUT0", "data_type": "TYPE_FP32", "dims": [1]}],
+  "dynamic_batching": {},
+  "parameters": {"base_us": {"string_value": "500"}, "per_item_us": {"string_value": "50"}}
+}"#;
+
+const FAULT: &str = r#"{
+  "name": "fault", "backend": "builtin", "max_batch_size": 8,
+  "input": [{"name": "INPUT0", "data_type": "TYPE_FP32", "dims": [-1]}],
+  "output": [{"name": "OUTPUT0", "data_type": "TYPE_FP32", "dims": [-1]}],
+  "dynamic_batching": {}
+}"#;
+
+/// Names of the built-in models; `fault` only with fault injection enabled.
+pub fn names(fault_injection: bool) -> Vec<&'static str> {
+    let mut v = vec!["identity", "cost"];
+    if fault_injection {
+        v.push("fault");
+    }
+    v
+}
+
+/// The default configuration of a built-in model.
+pub fn config(name: &str) -> Result<ModelConfig, ConfigError> {
+    let text = match name {
+        "identity" => IDENTITY,
+        "cost" => COST,
+        "fault" => FAULT,
+        other => return Err(ConfigError::UnknownModel(other.to_string())),
+    };
+    ModelConfig::from_json(text)
+}
+
+/// Builds a built-in model from a (possibly overridden) configuration.
+pub fn instantiate(config: ModelConfig) -> Result<Arc<dyn Model>, ConfigError> {
+    config.validate()?;
+    let model: Arc<dyn Model> = match config.name.as_str() {
+        "identity" => Arc::new(Identity { config }),
+        "cost" => {
+            let base = Duration::from_micros(config.parameter_u64("base_us", 500)?);
+            let per_item = Duration::from_micros(config.parameter_u64("per_item_us", 50)?);
+            Arc::new(Cost {
+                config,
+                base,
+                per_item,
+            })
+        }
+        "fault" => Arc::new(Fault { config }),
+        other => return Err(ConfigError::UnknownModel(other.to_string())),
+    };
+    Ok(model)
+}
+
+fn output_name(config: &ModelConfig) -> &str {
+    config
+        .output
+        .first()
+        .map(|o| o.name.as_str())
+        .unwrap_or("OUTPUT0")
+}
+
+fn first_input<'a>(config: &ModelConfig, inputs: &'a [Tensor]) -> Result<&'a Tensor, ModelError> {
+    inputs.first().ok_or_else(|| ModelError::Execution {
+        model: config.name.clone(),
+        reason: "no input tensor".into(),
+    })
+}
+
+struct Identity {
+    config: ModelConfig,
+}
+
+impl Model for Identity {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn execute(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, ModelError> {
+        let mut out = first_input(&self.config, inputs)?.clone();
+        out.name = output_name(&self.config).to_string();
+        Ok(vec![out])
+    }
+}
+
+/// Busy-computes `base + per_item × batch` and returns the sum of each row.
+struct Cost {
+    config: ModelConfig,
+    base: Duration,
+    per_item: Duration,
+}
+
+impl Model for Cost {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn execute(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, ModelError> {
+        let input = first_input(&self.config, inputs)?;
+        let start = Instant::now();
+        let rows = input.batch_size();
+        let values = input.f32_values()?;
+        let width = input
+            .shape
+            .get(1..)
+            .map_or(1, |d| d.iter().product::<usize>());
+        let sums: Vec<f32> = if width == 0 {
+            vec![0.0; rows]
+        } else {
+            values.chunks(width).map(|row| row.iter().sum()).collect()
+        };
+        let busy = self.base + self.per_item * rows as u32;
+        // A spin, not a sleep: the point is to occupy an execution-pool thread like real compute.
+        while start.elapsed() < busy {
+            std::hint::spin_loop();
+        }
+        Ok(vec![Tensor::from_f32(
+            output_name(&self.config),
+            vec![rows, 1],
+            &sums,
+        )])
+    }
+}
+
+struct Fault {
+    config: ModelConfig,
+}
+
+impl Model for Fault {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn execute(&self, _inputs: &[Tensor]) -> Result<Vec<Tensor>, ModelError> {
+        panic!(
+            "fault model: injected panic in backend '{}'",
+            self.config.name
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_builtin_config_is_valid() {
+        for name in names(true) {
+            let c = config(name).unwrap();
+            c.validate().unwrap();
+            assert_eq!(c.name, name);
+            instantiate(c).unwrap();
+        }
+        assert!(config("nope").is_err());
+    }
+
+    #[test]
+    fn identity_echoes() {
+        let m = instantiate(config("identity").unwrap()).unwrap();
+        let input = Tensor::from_f32("INPUT0", vec![2, 2], &[1.0, 2.0, 3.0, 4.0]);
+        let out = m.execute(std::slice::from_ref(&input)).unwrap();
+        assert_eq!(out[0].name, "OUTPUT0");
+        assert_eq!(out[0].data, input.data);
+        assert_eq!(out[0].shape, input.shape);
+    }
+
+    #[test]
+    fn cost_sums_rows_and_takes_its_time() {
+        let c = config("cost")
+            .unwrap()
+            .with_override(r#"{"parameters":{"base_us":{"string_value":"2000"},"per_item_us":{"string_value":"0"}}}"#)
+            .unwrap();
+        let m = instantiate(c).unwrap();
+        let input = Tensor::from_f32("INPUT0", vec![2, 3], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        let start = Instant::now();
+        let out = m.execute(&[input]).unwrap();
+        // A lower bound only: the spin cannot finish early, however loaded the machine is.
+        assert!(start.elapsed() >= Duration::from_micros(2000));
+        assert_eq!(out[0].shape, vec![2, 1]);
+        assert_eq!(out[0].f32_values().unwrap(), vec![6.0, 15.0]);
+    }
+
+    #[test]
+    fn cost_rejects_bad_parameters() {
+        let c = config("cost")
+            .unwrap()
+            .with_override(r#"{"parameters":{"base_us":{"string_value":"-1"}}}"#)
+            .unwrap();
+        let err = instantiate(c).err().unwrap();
+        assert!(err.to_string().contains("base_us"), "{err}");
+    }
+
+    #[test]
+    fn fault_panics() {
+        let m = instantiate(config("fault").unwrap()).unwrap();
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            m.execute(&[Tensor::from_f32("INPUT0", vec![1, 1], &[1.0])])
+        }));
+        assert!(r.is_err());
+    }
+}
