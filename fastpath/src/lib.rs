@@ -1,1 +1,23 @@
-//! placeholder
+//! The fast path: latency-sensitive inference. Each loaded model gets a [`ModelWorker`]: a
+//! bounded queue that is lock-free on the submit side, a dynamic batcher with Triton's rules, and
+//! execution of whole batches on a shared rayon [`ExecutionPool`]. Requests carry their deadline;
+//! an expired or abandoned request is dropped before compute.
+//!
+//! Invariants: this crate knows nothing of gRPC or jobs. Model code never runs on a tokio worker
+//! thread: the batcher task only does bookkeeping and hands batches to the pool. A full queue
+//! refuses at once; nothing here grows without bound.
+
+mod batcher;
+mod error;
+mod pool;
+mod queue;
+mod request;
+mod stats;
+mod worker;
+
+pub use batcher::{BatchPolicy, Plan};
+pub use error::InferError;
+pub use pool::ExecutionPool;
+pub use request::{InferOutput, Request};
+pub use stats::{BatchStat, DurationStat, ModelStats, StatsSnapshot};
+pub use worker::{ModelWorker, WorkerOptions};

@@ -1,0 +1,137 @@
+//! The submit side of a model's queue: many producers, one consumer (the model's batcher).
+//! Lock-free: admission is one atomic reservation against the bound, then a push onto a crossbeam
+//! `ArrayQueue`; a full queue refuses at once instead of making the caller wait.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use crossbeam_queue::ArrayQueue;
+use tokio::sync::oneshot;
+
+use crate::error::InferError;
+use crate::request::{InferOutput, Request};
+
+pub(crate) type Reply = oneshot::Sender<Result<InferOutput, InferError>>;
+
+/// Non-batch dimensions of each input, with its name: only requests with equal keys can share a
+/// batch.
+pub(crate) type BatchKey = Vec<(String, Vec<usize>)>;
+
+pub(crate) struct Pending {
+    pub req: Request,
+    pub reply: Reply,
+    pub enqueued: Instant,
+    /// When the request stops being worth computing (queue timeout or caller deadline).
+    pub expires: Option<Instant>,
+    pub key: BatchKey,
+}
+
+pub(crate) struct RequestQueue {
+    items: ArrayQueue<Pending>,
+    /// Requests admitted and not yet handed to the pool or answered: the bound applies to this,
+    /// which counts both the ring and the batcher's local list.
+    depth: AtomicUsize,
+    capacity: usize,
+}
+
+impl RequestQueue {
+    pub fn new(capacity: usize) -> Self {
+        let capacity = capacity.max(1);
+        RequestQueue {
+            items: ArrayQueue::new(capacity),
+            depth: AtomicUsize::new(0),
+            capacity,
+        }
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    pub fn depth(&self) -> usize {
+        self.depth.load(Ordering::Relaxed)
+    }
+
+    /// Admits `p` or hands it back when the queue is full.
+    pub fn try_push(&self, p: Pending) -> Result<(), Pending> {
+        let reserved = self
+            .depth
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| {
+                (d < self.capacity).then_some(d + 1)
+            })
+            .is_ok();
+        if !reserved {
+            return Err(p);
+        }
+        // Cannot fail: `depth` bounds the ring's occupancy from above.
+        self.items.push(p).inspect_err(|_| self.release(1))
+    }
+
+    pub fn pop(&self) -> Option<Pending> {
+        self.items.pop()
+    }
+
+    /// Gives back `n` reservations once requests leave the batcher.
+    pub fn release(&self, n: usize) {
+        self.depth.fetch_sub(n, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use veraltheim_models::Tensor;
+
+    fn pending() -> (Pending, oneshot::Receiver<Result<InferOutput, InferError>>) {
+        let (tx, rx) = oneshot::channel();
+        let req = Request::new(vec![Tensor::from_f32("x", vec![1, 1], &[0.0])], 1);
+        (
+            Pending {
+                req,
+                reply: tx,
+                enqueued: Instant::now(),
+                expires: None,
+                key: Vec::new(),
+            },
+            rx,
+        )
+    }
+
+    #[test]
+    fn bound_counts_until_release() {
+        let q = RequestQueue::new(2);
+        assert!(q.try_push(pending().0).is_ok());
+        assert!(q.try_push(pending().0).is_ok());
+        assert!(q.try_push(pending().0).is_err());
+        // Popping alone does not free a slot: the batcher still holds the request.
+        assert!(q.pop().is_some());
+        assert!(q.try_push(pending().0).is_err());
+        q.release(1);
+        assert!(q.try_push(pending().0).is_ok());
+        assert_eq!(q.depth(), 2);
+    }
+
+    #[test]
+    fn many_producers_never_exceed_the_bound() {
+        let q = std::sync::Arc::new(RequestQueue::new(64));
+        let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let q = q.clone();
+                let accepted = accepted.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..100 {
+                        if q.try_push(pending().0).is_ok() {
+                            accepted.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(accepted.load(Ordering::Relaxed), 64);
+        assert_eq!(q.depth(), 64);
+    }
+}

@@ -1,0 +1,128 @@
+//! Per-model counters in Triton's terms, updated with relaxed atomics on the hot path and read as
+//! a consistent-enough snapshot by the statistics APIs and `/metrics`.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use parking_lot::Mutex;
+
+#[derive(Default, Debug)]
+pub struct DurationCounter {
+    count: AtomicU64,
+    ns: AtomicU64,
+}
+
+impl DurationCounter {
+    pub fn add(&self, n: u64, d: Duration) {
+        self.count.fetch_add(n, Relaxed);
+        self.ns
+            .fetch_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX), Relaxed);
+    }
+
+    fn snapshot(&self) -> DurationStat {
+        DurationStat {
+            count: self.count.load(Relaxed),
+            ns: self.ns.load(Relaxed),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DurationStat {
+    pub count: u64,
+    pub ns: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BatchStat {
+    pub batch_size: u64,
+    pub count: u64,
+    pub compute_ns: u64,
+}
+
+#[derive(Default, Debug)]
+pub struct ModelStats {
+    pub(crate) success: DurationCounter,
+    pub(crate) fail: DurationCounter,
+    pub(crate) queue: DurationCounter,
+    pub(crate) compute_input: DurationCounter,
+    pub(crate) compute_infer: DurationCounter,
+    pub(crate) compute_output: DurationCounter,
+    pub(crate) inference_count: AtomicU64,
+    pub(crate) execution_count: AtomicU64,
+    pub(crate) last_inference_ms: AtomicU64,
+    pub(crate) rejected: AtomicU64,
+    pub(crate) expired: AtomicU64,
+    pub(crate) cancelled: AtomicU64,
+    pub(crate) batches: Mutex<BTreeMap<u64, (u64, u64)>>,
+}
+
+/// A copy of a model's statistics at one moment.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    pub success: DurationStat,
+    pub fail: DurationStat,
+    pub queue: DurationStat,
+    pub compute_input: DurationStat,
+    pub compute_infer: DurationStat,
+    pub compute_output: DurationStat,
+    /// Batch items executed.
+    pub inference_count: u64,
+    /// Batches executed.
+    pub execution_count: u64,
+    pub last_inference_ms: u64,
+    /// Refused because the queue was full.
+    pub rejected: u64,
+    /// Dropped from the queue because their deadline passed.
+    pub expired: u64,
+    /// Dropped from the queue because the caller went away.
+    pub cancelled: u64,
+    /// Waiting in the queue now.
+    pub pending: u64,
+    pub batches: Vec<BatchStat>,
+}
+
+impl ModelStats {
+    pub(crate) fn record_batch(&self, rows: usize, compute: Duration) {
+        self.inference_count.fetch_add(rows as u64, Relaxed);
+        self.execution_count.fetch_add(1, Relaxed);
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        self.last_inference_ms.store(now_ms, Relaxed);
+        let mut b = self.batches.lock();
+        let e = b.entry(rows as u64).or_default();
+        e.0 += 1;
+        e.1 += compute.as_nanos() as u64;
+    }
+
+    /// `pending` is the queue depth, which the queue itself counts.
+    pub fn snapshot(&self, pending: usize) -> StatsSnapshot {
+        StatsSnapshot {
+            success: self.success.snapshot(),
+            fail: self.fail.snapshot(),
+            queue: self.queue.snapshot(),
+            compute_input: self.compute_input.snapshot(),
+            compute_infer: self.compute_infer.snapshot(),
+            compute_output: self.compute_output.snapshot(),
+            inference_count: self.inference_count.load(Relaxed),
+            execution_count: self.execution_count.load(Relaxed),
+            last_inference_ms: self.last_inference_ms.load(Relaxed),
+            rejected: self.rejected.load(Relaxed),
+            expired: self.expired.load(Relaxed),
+            cancelled: self.cancelled.load(Relaxed),
+            pending: pending as u64,
+            batches: self
+                .batches
+                .lock()
+                .iter()
+                .map(|(&batch_size, &(count, compute_ns))| BatchStat {
+                    batch_size,
+                    count,
+                    compute_ns,
+                })
+                .collect(),
+        }
+    }
+}

@@ -1,0 +1,426 @@
+//! A model's worker: the batcher task that turns its queue into batches, and the execution of
+//! each batch on the pool.
+
+use std::collections::VecDeque;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tokio::sync::{Notify, oneshot};
+use tokio::task::JoinHandle;
+use veraltheim_models::{Model, ModelConfig, Tensor};
+
+use crate::batcher::{BatchPolicy, Item, Plan};
+use crate::error::InferError;
+use crate::pool::ExecutionPool;
+use crate::queue::{BatchKey, Pending, RequestQueue};
+use crate::request::{InferOutput, Request};
+use crate::stats::{ModelStats, StatsSnapshot};
+
+#[derive(Clone, Debug)]
+pub struct WorkerOptions {
+    /// Queue bound when the model's config does not set `max_queue_size`.
+    pub default_max_queue_size: usize,
+}
+
+impl Default for WorkerOptions {
+    fn default() -> Self {
+        WorkerOptions {
+            default_max_queue_size: 1024,
+        }
+    }
+}
+
+struct Shared {
+    name: String,
+    model: Arc<dyn Model>,
+    policy: BatchPolicy,
+    default_timeout: Option<Duration>,
+    allow_timeout_override: bool,
+    instances: usize,
+    queue: RequestQueue,
+    stats: ModelStats,
+    inflight: AtomicUsize,
+    notify: Notify,
+    closed: AtomicBool,
+    abort: AtomicBool,
+    pool: ExecutionPool,
+}
+
+/// The serving side of one loaded model.
+pub struct ModelWorker {
+    shared: Arc<Shared>,
+    task: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl ModelWorker {
+    /// Starts the model's batcher on the current tokio runtime.
+    pub fn start(model: Arc<dyn Model>, pool: ExecutionPool, options: &WorkerOptions) -> Self {
+        let config = model.config();
+        let queue_policy = config
+            .dynamic_batching
+            .as_ref()
+            .and_then(|d| d.default_queue_policy.as_ref());
+        let capacity = match queue_policy.map_or(0, |p| p.max_queue_size) {
+            0 => options.default_max_queue_size,
+            n => n as usize,
+        };
+        let shared = Arc::new(Shared {
+            name: config.name.clone(),
+            policy: BatchPolicy::from_config(config),
+            default_timeout: queue_policy
+                .map(|p| p.default_timeout_microseconds)
+                .filter(|us| *us > 0)
+                .map(Duration::from_micros),
+            allow_timeout_override: queue_policy.is_none_or(|p| p.allow_timeout_override),
+            instances: config.instance_count(),
+            queue: RequestQueue::new(capacity),
+            stats: ModelStats::default(),
+            inflight: AtomicUsize::new(0),
+            notify: Notify::new(),
+            closed: AtomicBool::new(false),
+            abort: AtomicBool::new(false),
+            pool,
+            model,
+        });
+        let task = tokio::spawn(run(shared.clone()));
+        ModelWorker {
+            shared,
+            task: Mutex::new(Some(task)),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        self.shared.model.config()
+    }
+
+    pub fn stats(&self) -> StatsSnapshot {
+        self.shared.stats.snapshot(self.shared.queue.depth())
+    }
+
+    pub fn queue_capacity(&self) -> usize {
+        self.shared.queue.capacity()
+    }
+
+    /// Queues a request; the receiver yields its result. Refuses at once when the queue is full
+    /// or the model is shutting down.
+    pub fn submit(
+        &self,
+        req: Request,
+    ) -> Result<oneshot::Receiver<Result<InferOutput, InferError>>, InferError> {
+        let s = &self.shared;
+        if s.closed.load(Ordering::Acquire) {
+            return Err(InferError::Unavailable {
+                model: s.name.clone(),
+                reason: "the model is being unloaded".into(),
+            });
+        }
+        let enqueued = Instant::now();
+        let queue_timeout = match (req.timeout, s.default_timeout) {
+            (Some(_), Some(default)) if !s.allow_timeout_override => Some(default),
+            (Some(asked), _) => Some(asked),
+            (None, default) => default,
+        };
+        let expires = [queue_timeout.map(|t| enqueued + t), req.deadline]
+            .into_iter()
+            .flatten()
+            .min();
+        let key: BatchKey = req
+            .inputs
+            .iter()
+            .map(|t| {
+                (
+                    t.name.clone(),
+                    t.shape.get(1..).unwrap_or_default().to_vec(),
+                )
+            })
+            .collect();
+        let (reply, rx) = oneshot::channel();
+        let pending = Pending {
+            req,
+            reply,
+            enqueued,
+            expires,
+            key,
+        };
+        if s.queue.try_push(pending).is_err() {
+            s.stats
+                .rejected
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Err(InferError::QueueFull {
+                model: s.name.clone(),
+                capacity: s.queue.capacity(),
+            });
+        }
+        s.notify.notify_one();
+        Ok(rx)
+    }
+
+    /// Stops taking requests, lets queued and running ones finish for up to `grace`, then fails
+    /// what is left with UNAVAILABLE.
+    pub async fn stop(&self, grace: Duration) {
+        self.shared.closed.store(true, Ordering::Release);
+        self.shared.notify.notify_one();
+        let Some(mut task) = self.task.lock().take() else {
+            return;
+        };
+        if tokio::time::timeout(grace, &mut task).await.is_err() {
+            self.shared.abort.store(true, Ordering::Release);
+            self.shared.notify.notify_one();
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for ModelWorker {
+    fn drop(&mut self) {
+        self.shared.closed.store(true, Ordering::Release);
+        self.shared.abort.store(true, Ordering::Release);
+        self.shared.notify.notify_one();
+    }
+}
+
+/// The batcher: bookkeeping only, no model code.
+async fn run(s: Arc<Shared>) {
+    let mut pending: VecDeque<Pending> = VecDeque::new();
+    loop {
+        while let Some(p) = s.queue.pop() {
+            pending.push_back(p);
+        }
+        if s.abort.load(Ordering::Acquire) {
+            let n = pending.len();
+            for p in pending.drain(..) {
+                let _ = p.reply.send(Err(InferError::Unavailable {
+                    model: s.name.clone(),
+                    reason: "the model was unloaded before this request ran".into(),
+                }));
+            }
+            s.queue.release(n);
+            return;
+        }
+
+        let now = Instant::now();
+        let mut wake = drop_dead(&s, &mut pending, now);
+
+        while s.inflight.load(Ordering::Acquire) < s.instances && !pending.is_empty() {
+            let items: Vec<Item<'_, BatchKey>> = pending
+                .iter()
+                .map(|p| Item {
+                    enqueued: p.enqueued,
+                    rows: p.req.rows,
+                    key: &p.key,
+                })
+                .collect();
+            match s.policy.plan(&items, now) {
+                Plan::Run(positions) => {
+                    let batch = take(&mut pending, &positions);
+                    s.queue.release(batch.len());
+                    s.inflight.fetch_add(1, Ordering::AcqRel);
+                    let shared = s.clone();
+                    s.pool.spawn(move || {
+                        execute(&shared, batch);
+                        shared.inflight.fetch_sub(1, Ordering::AcqRel);
+                        shared.notify.notify_one();
+                    });
+                }
+                Plan::Wait(at) => {
+                    wake = Some(wake.map_or(at, |w| w.min(at)));
+                    break;
+                }
+                Plan::Idle => break,
+            }
+        }
+
+        if s.closed.load(Ordering::Acquire)
+            && pending.is_empty()
+            && s.queue.depth() == 0
+            && s.inflight.load(Ordering::Acquire) == 0
+        {
+            return;
+        }
+        match wake {
+            Some(at) => {
+                tokio::select! {
+                    _ = s.notify.notified() => {}
+                    _ = tokio::time::sleep_until(at.into()) => {}
+                }
+            }
+            None => s.notify.notified().await,
+        }
+    }
+}
+
+/// Answers and removes requests whose caller left or whose deadline passed; returns the earliest
+/// deadline still ahead, so the batcher wakes for it even while the model is busy.
+fn drop_dead(s: &Shared, pending: &mut VecDeque<Pending>, now: Instant) -> Option<Instant> {
+    let mut next: Option<Instant> = None;
+    let mut removed = 0;
+    let mut kept = VecDeque::with_capacity(pending.len());
+    for p in pending.drain(..) {
+        if p.reply.is_closed() {
+            s.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+            removed += 1;
+            continue;
+        }
+        match p.expires {
+            Some(at) if at <= now => {
+                let waited = now.duration_since(p.enqueued);
+                s.stats.expired.fetch_add(1, Ordering::Relaxed);
+                s.stats.fail.add(1, now.duration_since(p.req.received));
+                let _ = p.reply.send(Err(InferError::DeadlineExceeded {
+                    model: s.name.clone(),
+                    waited,
+                }));
+                removed += 1;
+            }
+            Some(at) => {
+                next = Some(next.map_or(at, |n| n.min(at)));
+                kept.push_back(p);
+            }
+            None => kept.push_back(p),
+        }
+    }
+    *pending = kept;
+    s.queue.release(removed);
+    next
+}
+
+fn take(pending: &mut VecDeque<Pending>, positions: &[usize]) -> Vec<Pending> {
+    if positions.len() == 1 && positions[0] == 0 {
+        return pending.pop_front().into_iter().collect();
+    }
+    let mut batch = Vec::with_capacity(positions.len());
+    let mut rest = VecDeque::with_capacity(pending.len());
+    let mut next = positions.iter().peekable();
+    for (i, p) in pending.drain(..).enumerate() {
+        if next.peek() == Some(&&i) {
+            next.next();
+            batch.push(p);
+        } else {
+            rest.push_back(p);
+        }
+    }
+    *pending = rest;
+    batch
+}
+
+/// Runs on an execution-pool thread: assembles the batch, calls the model, answers each caller.
+fn execute(s: &Shared, batch: Vec<Pending>) {
+    let start = Instant::now();
+    for p in &batch {
+        s.stats.queue.add(1, start.duration_since(p.enqueued));
+    }
+    let rows: Vec<usize> = batch.iter().map(|p| p.req.rows).collect();
+    let total: usize = rows.iter().sum();
+
+    let inputs: Result<Vec<Tensor>, String> = if batch.len() == 1 {
+        Ok(batch[0].req.inputs.clone())
+    } else {
+        (0..batch[0].req.inputs.len())
+            .map(|i| {
+                let parts: Vec<&Tensor> = batch.iter().map(|p| &p.req.inputs[i]).collect();
+                Tensor::concat(&parts).map_err(|e| e.to_string())
+            })
+            .collect()
+    };
+    let infer_start = Instant::now();
+    let result = inputs.and_then(|inputs| {
+        match catch_unwind(AssertUnwindSafe(|| s.model.execute(&inputs))) {
+            Ok(Ok(outputs)) => Ok(outputs),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(panic) => Err(format!("panic: {}", panic_message(&panic))),
+        }
+    });
+    let infer_end = Instant::now();
+    let compute_input = infer_start - start;
+    let compute_infer = infer_end - infer_start;
+
+    let per_request = result.and_then(|outputs| split_outputs(s, outputs, &rows, batch.len()));
+    let done = Instant::now();
+    let compute_output = done - infer_end;
+    let n = batch.len() as u64;
+    s.stats.compute_input.add(n, compute_input);
+    s.stats.compute_infer.add(n, compute_infer);
+    s.stats.compute_output.add(n, compute_output);
+    s.stats.record_batch(total, compute_infer);
+
+    match per_request {
+        Ok(parts) => {
+            for (p, outputs) in batch.into_iter().zip(parts) {
+                let outputs = if p.req.outputs.is_empty() {
+                    outputs
+                } else {
+                    outputs
+                        .into_iter()
+                        .filter(|t| p.req.outputs.contains(&t.name))
+                        .collect()
+                };
+                s.stats.success.add(1, done.duration_since(p.req.received));
+                let _ = p.reply.send(Ok(InferOutput {
+                    outputs,
+                    queue: start.duration_since(p.enqueued),
+                    compute: done - start,
+                    batch_size: total,
+                }));
+            }
+        }
+        Err(message) => {
+            let panicked = message.starts_with("panic: ");
+            tracing::warn!(model = %s.name, batch = total, %message, "batch failed");
+            for p in batch {
+                s.stats.fail.add(1, done.duration_since(p.req.received));
+                let err = if panicked {
+                    InferError::Panicked {
+                        model: s.name.clone(),
+                        message: message.trim_start_matches("panic: ").to_string(),
+                    }
+                } else {
+                    InferError::Backend {
+                        model: s.name.clone(),
+                        message: message.clone(),
+                    }
+                };
+                let _ = p.reply.send(Err(err));
+            }
+        }
+    }
+}
+
+fn split_outputs(
+    s: &Shared,
+    outputs: Vec<Tensor>,
+    rows: &[usize],
+    requests: usize,
+) -> Result<Vec<Vec<Tensor>>, String> {
+    if requests == 1 {
+        return Ok(vec![outputs]);
+    }
+    let mut per_request: Vec<Vec<Tensor>> = (0..requests)
+        .map(|_| Vec::with_capacity(outputs.len()))
+        .collect();
+    for out in outputs {
+        let parts = out
+            .split(rows)
+            .map_err(|e| format!("model '{}' returned a bad batch: {e}", s.name))?;
+        for (dst, part) in per_request.iter_mut().zip(parts) {
+            dst.push(part);
+        }
+    }
+    Ok(per_request)
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic payload".to_string()
+    }
+}

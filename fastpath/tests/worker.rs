@@ -1,0 +1,176 @@
+//! The worker against real built-in models on a real execution pool.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use veraltheim_fastpath::{ExecutionPool, InferError, ModelWorker, Request, WorkerOptions};
+use veraltheim_models::{Model, Tensor, builtin};
+
+fn cost(base_us: u64, per_item_us: u64, extra: &str) -> Arc<dyn Model> {
+    let over = format!(
+        r#"{{"parameters":{{"base_us":{{"string_value":"{base_us}"}},"per_item_us":{{"string_value":"{per_item_us}"}}}}{extra}}}"#
+    );
+    builtin::instantiate(
+        builtin::config("cost")
+            .unwrap()
+            .with_override(&over)
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+fn row(v: f32) -> Request {
+    Request::new(vec![Tensor::from_f32("INPUT0", vec![1, 2], &[v, 1.0])], 1)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_form_batches_and_get_their_own_rows() {
+    let pool = ExecutionPool::new(2).unwrap();
+    let worker = ModelWorker::start(cost(20_000, 0, ""), pool, &WorkerOptions::default());
+    let receivers: Vec<_> = (0..40)
+        .map(|i| worker.submit(row(i as f32)).unwrap())
+        .collect();
+    for (i, rx) in receivers.into_iter().enumerate() {
+        let out = rx.await.unwrap().unwrap();
+        assert_eq!(out.outputs[0].f32_values().unwrap(), vec![i as f32 + 1.0]);
+    }
+    let stats = worker.stats();
+    assert_eq!(stats.inference_count, 40);
+    assert_eq!(stats.success.count, 40);
+    // 40 requests queued behind a 20 ms batch cannot all have run alone.
+    assert!(stats.execution_count < 40, "{stats:?}");
+    assert_eq!(stats.pending, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_expires_in_the_queue_while_the_model_is_busy() {
+    let pool = ExecutionPool::new(2).unwrap();
+    let worker = ModelWorker::start(cost(300_000, 0, ""), pool, &WorkerOptions::default());
+    let busy = worker.submit(row(1.0)).unwrap();
+    // Let the first batch start, so the second request has to wait behind it.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let mut late = row(2.0);
+    late.timeout = Some(Duration::from_millis(10));
+    let late = worker.submit(late).unwrap();
+    let err = late.await.unwrap().unwrap_err();
+    assert!(matches!(err, InferError::DeadlineExceeded { .. }), "{err}");
+    assert!(busy.await.unwrap().is_ok());
+    let stats = worker.stats();
+    assert_eq!(
+        stats.inference_count, 1,
+        "the expired request must not be computed"
+    );
+    assert_eq!(stats.expired, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_refuses_at_once() {
+    let pool = ExecutionPool::new(1).unwrap();
+    let model = cost(
+        200_000,
+        0,
+        r#","dynamic_batching":{"default_queue_policy":{"max_queue_size":4}}"#,
+    );
+    let worker = ModelWorker::start(model, pool, &WorkerOptions::default());
+    let mut accepted = Vec::new();
+    let mut refused = 0;
+    for i in 0..20 {
+        match worker.submit(row(i as f32)) {
+            Ok(rx) => accepted.push(rx),
+            Err(InferError::QueueFull { capacity, .. }) => {
+                assert_eq!(capacity, 4);
+                refused += 1;
+            }
+            Err(other) => panic!("unexpected {other}"),
+        }
+    }
+    // At most the bound plus what the batcher already handed to the pool got in.
+    assert!(accepted.len() <= 4 + 1, "accepted {}", accepted.len());
+    assert!(refused >= 15);
+    assert_eq!(worker.stats().rejected, refused);
+    for rx in accepted {
+        assert!(rx.await.unwrap().is_ok());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_backend_fails_only_its_batch() {
+    let pool = ExecutionPool::new(2).unwrap();
+    let fault = ModelWorker::start(
+        builtin::instantiate(builtin::config("fault").unwrap()).unwrap(),
+        pool.clone(),
+        &WorkerOptions::default(),
+    );
+    let identity = ModelWorker::start(
+        builtin::instantiate(builtin::config("identity").unwrap()).unwrap(),
+        pool,
+        &WorkerOptions::default(),
+    );
+    for _ in 0..3 {
+        let err = fault.submit(row(1.0)).unwrap().await.unwrap().unwrap_err();
+        match err {
+            InferError::Panicked { message, .. } => assert!(message.contains("injected panic")),
+            other => panic!("unexpected {other}"),
+        }
+        let ok = identity.submit(row(5.0)).unwrap().await.unwrap().unwrap();
+        assert_eq!(ok.outputs[0].f32_values().unwrap(), vec![5.0, 1.0]);
+    }
+    assert_eq!(fault.stats().fail.count, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_request_is_never_computed() {
+    let pool = ExecutionPool::new(1).unwrap();
+    let worker = ModelWorker::start(cost(200_000, 0, ""), pool, &WorkerOptions::default());
+    let first = worker.submit(row(1.0)).unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    drop(worker.submit(row(2.0)).unwrap());
+    assert!(first.await.unwrap().is_ok());
+    let after = worker.submit(row(3.0)).unwrap().await.unwrap().unwrap();
+    assert_eq!(after.batch_size, 1);
+    let stats = worker.stats();
+    assert_eq!(stats.cancelled, 1);
+    assert_eq!(stats.inference_count, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_finishes_queued_work_then_refuses() {
+    let pool = ExecutionPool::new(1).unwrap();
+    let worker = ModelWorker::start(cost(10_000, 0, ""), pool, &WorkerOptions::default());
+    let queued: Vec<_> = (0..5)
+        .map(|i| worker.submit(row(i as f32)).unwrap())
+        .collect();
+    worker.stop(Duration::from_secs(30)).await;
+    for rx in queued {
+        assert!(rx.await.unwrap().is_ok());
+    }
+    assert!(matches!(
+        worker.submit(row(0.0)),
+        Err(InferError::Unavailable { .. })
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_after_grace_fails_what_is_left() {
+    let pool = ExecutionPool::new(1).unwrap();
+    let worker = ModelWorker::start(
+        cost(
+            200_000,
+            0,
+            r#","dynamic_batching":{"max_queue_delay_microseconds":0}, "max_batch_size": 1"#,
+        ),
+        pool,
+        &WorkerOptions::default(),
+    );
+    let queued: Vec<_> = (0..4)
+        .map(|i| worker.submit(row(i as f32)).unwrap())
+        .collect();
+    worker.stop(Duration::from_millis(50)).await;
+    let mut unavailable = 0;
+    for rx in queued {
+        if let Err(InferError::Unavailable { .. }) = rx.await.unwrap() {
+            unavailable += 1;
+        }
+    }
+    assert!(unavailable >= 2, "{unavailable}");
+}
