@@ -1,1 +1,139 @@
-fn main() {}
+//! `veraltheim`: the coordinator (`serve`) and its command-line client (`infer`, `models`,
+//! `health`, `status`). Configuration is read here and passed down as typed structs; the crates
+//! below know nothing of flags, files or gRPC.
+
+mod api;
+mod cli;
+mod config;
+mod context;
+mod convert;
+mod http;
+mod kserve;
+mod manager;
+mod server;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{Config, LogFormat, ServeArgs};
+
+/// Veraltheim: an AI workload coordinator. Online inference on the fast path (dynamic batching),
+/// served over gRPC: our own `veraltheim.v1` API and the KServe v2 / Triton protocol.
+#[derive(Parser)]
+#[command(name = "veraltheim", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the coordinator.
+    Serve(Box<ServeArgs>),
+    /// Send one inference request.
+    Infer(cli::InferArgs),
+    /// List, inspect, load and unload models; show their statistics.
+    Models(cli::ModelsArgs),
+    /// Is the coordinator live and ready? (exit status 0 when it is)
+    Health(cli::ClientArgs),
+    /// The coordinator's components and their states.
+    Status(cli::ClientArgs),
+    /// Configuration helpers.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Print the full default configuration file, commented.
+    Default,
+}
+
+fn init_logging(format: LogFormat, level: &str) {
+    let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn run_client<F: std::future::Future<Output = anyhow::Result<bool>>>(f: F) -> ExitCode {
+    init_logging(LogFormat::Text, "warn");
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(f) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => {
+            let config = match Config::resolve(&args) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    return ExitCode::from(2);
+                }
+            };
+            init_logging(config.logging.format, &config.logging.level);
+            // A panic (a model backend's, contained by the fast path) goes to the log as one
+            // structured line instead of a raw backtrace on stderr.
+            std::panic::set_hook(Box::new(|info| {
+                tracing::error!(
+                    thread = std::thread::current().name().unwrap_or("?"),
+                    "panic: {info}"
+                );
+            }));
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("error: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(server::serve(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Infer(args) => run_client(async { cli::infer(args).await.map(|_| true) }),
+        Command::Models(args) => run_client(async { cli::models(args).await.map(|_| true) }),
+        Command::Health(args) => run_client(cli::health(args)),
+        Command::Status(args) => run_client(async { cli::status(args).await.map(|_| true) }),
+        Command::Config {
+            command: ConfigCommand::Default,
+        } => {
+            print!("{}", config::DEFAULT_TOML);
+            ExitCode::SUCCESS
+        }
+    }
+}

@@ -52,8 +52,8 @@ impl RequestQueue {
         self.depth.load(Ordering::Relaxed)
     }
 
-    /// Admits `p` or hands it back when the queue is full.
-    pub fn try_push(&self, p: Pending) -> Result<(), Pending> {
+    /// Admits `p`; false (and `p` dropped) when the queue is full.
+    pub fn try_push(&self, p: Pending) -> bool {
         let reserved = self
             .depth
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| {
@@ -61,10 +61,14 @@ impl RequestQueue {
             })
             .is_ok();
         if !reserved {
-            return Err(p);
+            return false;
         }
         // Cannot fail: `depth` bounds the ring's occupancy from above.
-        self.items.push(p).inspect_err(|_| self.release(1))
+        if self.items.push(p).is_err() {
+            self.release(1);
+            return false;
+        }
+        true
     }
 
     pub fn pop(&self) -> Option<Pending> {
@@ -100,14 +104,14 @@ mod tests {
     #[test]
     fn bound_counts_until_release() {
         let q = RequestQueue::new(2);
-        assert!(q.try_push(pending().0).is_ok());
-        assert!(q.try_push(pending().0).is_ok());
-        assert!(q.try_push(pending().0).is_err());
+        assert!(q.try_push(pending().0));
+        assert!(q.try_push(pending().0));
+        assert!(!q.try_push(pending().0));
         // Popping alone does not free a slot: the batcher still holds the request.
         assert!(q.pop().is_some());
-        assert!(q.try_push(pending().0).is_err());
+        assert!(!q.try_push(pending().0));
         q.release(1);
-        assert!(q.try_push(pending().0).is_ok());
+        assert!(q.try_push(pending().0));
         assert_eq!(q.depth(), 2);
     }
 
@@ -121,7 +125,7 @@ mod tests {
                 let accepted = accepted.clone();
                 std::thread::spawn(move || {
                     for _ in 0..100 {
-                        if q.try_push(pending().0).is_ok() {
+                        if q.try_push(pending().0) {
                             accepted.fetch_add(1, Ordering::Relaxed);
                         }
                     }

@@ -149,7 +149,7 @@ impl ModelWorker {
             expires,
             key,
         };
-        if s.queue.try_push(pending).is_err() {
+        if !s.queue.try_push(pending) {
             s.stats
                 .rejected
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -1,0 +1,470 @@
+//! `veraltheim.v1`: our own API. Inference and models are served here; jobs and resources answer
+//! UNIMPLEMENTED until the slow path and the device inventory land.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::Stream;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use veraltheim_models::{DataType, ModelConfig, ModelState, Tensor};
+use veraltheim_proto::v1::{
+    self, inference_service_server::InferenceService, job_service_server::JobService,
+    model_service_server::ModelService, resource_service_server::ResourceService,
+    system_service_server::SystemService,
+};
+
+use crate::context::{Context, InferCall, grpc_deadline, manager_status};
+use crate::convert::{from_v1, to_v1, v1_datatype};
+use crate::manager::ModelInfo;
+
+const STREAM_INFLIGHT_LIMIT: usize = 1024;
+
+type StreamOf<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[derive(Clone)]
+pub struct Api {
+    ctx: Arc<Context>,
+}
+
+impl Api {
+    pub fn new(ctx: Arc<Context>) -> Self {
+        Api { ctx }
+    }
+}
+
+/// Texts become the model's single BYTES input, one row each.
+fn text_input(ctx: &Context, model: &str, texts: Vec<String>) -> Result<Tensor, Status> {
+    let info = ctx.models.info(model).map_err(manager_status)?;
+    let bytes_inputs: Vec<_> = info
+        .config
+        .input
+        .iter()
+        .filter(|i| ModelConfig::datatype_of(i) == DataType::Bytes)
+        .collect();
+    let [input] = bytes_inputs.as_slice() else {
+        return Err(Status::invalid_argument(format!(
+            "model '{model}' does not take texts: `texts` needs a model with exactly one BYTES input"
+        )));
+    };
+    let rows = texts.len() as i64;
+    let shape: Vec<i64> = if info.config.batching() {
+        vec![rows, 1]
+    } else {
+        vec![rows]
+    };
+    let elements = texts.into_iter().map(Bytes::from).collect();
+    Tensor::from_elements(&input.name, &shape, elements)
+        .map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
+async fn infer(
+    ctx: &Context,
+    req: v1::InferRequest,
+    deadline: Option<Instant>,
+) -> Result<v1::InferResponse, Status> {
+    let received = Instant::now();
+    if req.model.is_empty() {
+        return Err(Status::invalid_argument("`model` is empty"));
+    }
+    let mut inputs = req
+        .inputs
+        .into_iter()
+        .map(from_v1)
+        .collect::<Result<Vec<_>, _>>()?;
+    if !req.texts.is_empty() {
+        if !inputs.is_empty() {
+            return Err(Status::invalid_argument(
+                "give either `inputs` or `texts`, not both",
+            ));
+        }
+        inputs.push(text_input(ctx, &req.model, req.texts)?);
+    }
+    let raw = req.raw_outputs;
+    let out = ctx
+        .infer(InferCall {
+            model: req.model.clone(),
+            version: req.version,
+            id: req.id.clone(),
+            inputs,
+            outputs: req.outputs,
+            priority: req.priority,
+            timeout: (req.timeout_us > 0).then(|| Duration::from_micros(req.timeout_us)),
+            deadline,
+            received,
+        })
+        .await?;
+    Ok(v1::InferResponse {
+        model: req.model,
+        version: crate::manager::MODEL_VERSION.to_string(),
+        id: req.id,
+        outputs: out.outputs.iter().map(|t| to_v1(t, raw)).collect(),
+        timing: Some(v1::Timing {
+            queue_us: out.queue.as_micros() as u64,
+            compute_us: out.compute.as_micros() as u64,
+            total_us: received.elapsed().as_micros() as u64,
+        }),
+        batch_size: out.batch_size as u32,
+    })
+}
+
+#[tonic::async_trait]
+impl InferenceService for Api {
+    async fn infer(
+        &self,
+        request: Request<v1::InferRequest>,
+    ) -> Result<Response<v1::InferResponse>, Status> {
+        let deadline = grpc_deadline(request.metadata(), Instant::now());
+        Ok(Response::new(
+            infer(&self.ctx, request.into_inner(), deadline).await?,
+        ))
+    }
+
+    type InferStreamStream = StreamOf<v1::InferStreamResponse>;
+
+    async fn infer_stream(
+        &self,
+        request: Request<Streaming<v1::InferRequest>>,
+    ) -> Result<Response<Self::InferStreamStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(STREAM_INFLIGHT_LIMIT);
+        let ctx = self.ctx.clone();
+        tokio::spawn(async move {
+            let permits = Arc::new(Semaphore::new(STREAM_INFLIGHT_LIMIT));
+            loop {
+                match inbound.message().await {
+                    Ok(Some(req)) => {
+                        let Ok(permit) = permits.clone().acquire_owned().await else {
+                            break;
+                        };
+                        let (ctx, tx) = (ctx.clone(), tx.clone());
+                        tokio::spawn(async move {
+                            let id = req.id.clone();
+                            let result = match infer(&ctx, req, None).await {
+                                Ok(r) => v1::infer_stream_response::Result::Response(r),
+                                Err(s) => v1::infer_stream_response::Result::Error(v1::Error {
+                                    code: s.code() as i32,
+                                    message: s.message().to_string(),
+                                }),
+                            };
+                            let _ = tx
+                                .send(Ok(v1::InferStreamResponse {
+                                    id,
+                                    result: Some(result),
+                                }))
+                                .await;
+                            drop(permit);
+                        });
+                    }
+                    Ok(None) => break,
+                    Err(status) => {
+                        let _ = tx.send(Err(status)).await;
+                        break;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+fn model_state(s: ModelState) -> v1::ModelState {
+    match s {
+        ModelState::NotLoaded => v1::ModelState::NotLoaded,
+        ModelState::Loading => v1::ModelState::Loading,
+        ModelState::Ready => v1::ModelState::Ready,
+        ModelState::Unloading => v1::ModelState::Unloading,
+        ModelState::Failed => v1::ModelState::Failed,
+    }
+}
+
+fn specs(c: &ModelConfig, list: &[veraltheim_models::config::TensorConfig]) -> Vec<v1::TensorSpec> {
+    list.iter()
+        .map(|t| v1::TensorSpec {
+            name: t.name.clone(),
+            datatype: v1_datatype(ModelConfig::datatype_of(t)) as i32,
+            shape: c.full_shape(t),
+        })
+        .collect()
+}
+
+pub fn model_message(m: &ModelInfo) -> v1::Model {
+    let c = &m.config;
+    v1::Model {
+        name: m.name.clone(),
+        version: m.version.clone(),
+        backend: c.backend.clone(),
+        state: model_state(m.state) as i32,
+        reason: m.reason.clone(),
+        inputs: specs(c, &c.input),
+        outputs: specs(c, &c.output),
+        max_batch_size: c.max_batch_size,
+        config_json: c.to_json(),
+    }
+}
+
+#[tonic::async_trait]
+impl ModelService for Api {
+    async fn list_models(
+        &self,
+        request: Request<v1::ListModelsRequest>,
+    ) -> Result<Response<v1::ListModelsResponse>, Status> {
+        let ready_only = request.get_ref().ready_only;
+        let models = self
+            .ctx
+            .models
+            .list()
+            .iter()
+            .filter(|m| !ready_only || m.state == ModelState::Ready)
+            .map(model_message)
+            .collect();
+        Ok(Response::new(v1::ListModelsResponse { models }))
+    }
+
+    async fn get_model(
+        &self,
+        request: Request<v1::GetModelRequest>,
+    ) -> Result<Response<v1::Model>, Status> {
+        let info = self
+            .ctx
+            .models
+            .info(&request.get_ref().name)
+            .map_err(manager_status)?;
+        Ok(Response::new(model_message(&info)))
+    }
+
+    async fn load_model(
+        &self,
+        request: Request<v1::LoadModelRequest>,
+    ) -> Result<Response<v1::Model>, Status> {
+        let r = request.into_inner();
+        let json = (!r.config_json.is_empty()).then_some(r.config_json.as_str());
+        let info = self
+            .ctx
+            .models
+            .load(&r.name, json)
+            .await
+            .map_err(manager_status)?;
+        Ok(Response::new(model_message(&info)))
+    }
+
+    async fn unload_model(
+        &self,
+        request: Request<v1::UnloadModelRequest>,
+    ) -> Result<Response<v1::Model>, Status> {
+        let info = self
+            .ctx
+            .models
+            .unload(&request.get_ref().name)
+            .await
+            .map_err(manager_status)?;
+        Ok(Response::new(model_message(&info)))
+    }
+
+    async fn get_model_statistics(
+        &self,
+        request: Request<v1::GetModelStatisticsRequest>,
+    ) -> Result<Response<v1::GetModelStatisticsResponse>, Status> {
+        let name = &request.get_ref().name;
+        let workers = if name.is_empty() {
+            self.ctx.models.workers()
+        } else {
+            vec![self.ctx.models.worker(name).map_err(manager_status)?]
+        };
+        let d = |x: veraltheim_fastpath::DurationStat| {
+            Some(v1::DurationStat {
+                count: x.count,
+                total_ns: x.ns,
+            })
+        };
+        let models = workers
+            .iter()
+            .map(|w| {
+                let s = w.stats();
+                v1::ModelStatistics {
+                    name: w.name().to_string(),
+                    version: crate::manager::MODEL_VERSION.to_string(),
+                    success: d(s.success),
+                    failure: d(s.fail),
+                    queue: d(s.queue),
+                    compute: d(s.compute_infer),
+                    inference_count: s.inference_count,
+                    execution_count: s.execution_count,
+                    last_inference_ms: s.last_inference_ms,
+                    pending: s.pending,
+                    rejected: s.rejected,
+                }
+            })
+            .collect();
+        Ok(Response::new(v1::GetModelStatisticsResponse { models }))
+    }
+}
+
+fn node(
+    name: &str,
+    kind: &str,
+    state: &str,
+    children: Vec<v1::SupervisorNode>,
+) -> v1::SupervisorNode {
+    v1::SupervisorNode {
+        name: name.to_string(),
+        kind: kind.to_string(),
+        state: state.to_string(),
+        restarts: 0,
+        last_failure: String::new(),
+        children,
+    }
+}
+
+#[tonic::async_trait]
+impl SystemService for Api {
+    async fn health(
+        &self,
+        _: Request<v1::HealthRequest>,
+    ) -> Result<Response<v1::HealthResponse>, Status> {
+        Ok(Response::new(v1::HealthResponse {
+            live: true,
+            ready: self.ctx.is_ready(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        }))
+    }
+
+    async fn get_status(
+        &self,
+        _: Request<v1::GetStatusRequest>,
+    ) -> Result<Response<v1::GetStatusResponse>, Status> {
+        // The running components as they are; the supervision tree (restarts, failures) takes
+        // this place when the supervisor lands.
+        let workers = self
+            .ctx
+            .models
+            .list()
+            .into_iter()
+            .map(|m| {
+                let state = match m.state {
+                    ModelState::Ready => "running",
+                    ModelState::Loading => "starting",
+                    ModelState::Unloading => "stopping",
+                    ModelState::NotLoaded => "stopped",
+                    ModelState::Failed => "failed",
+                };
+                let mut n = node(&format!("model:{}", m.name), "worker", state, Vec::new());
+                n.last_failure = if m.state == ModelState::Failed {
+                    m.reason
+                } else {
+                    String::new()
+                };
+                n
+            })
+            .collect();
+        let api_state = if self.ctx.is_ready() {
+            "running"
+        } else {
+            "starting"
+        };
+        let root = node(
+            "veraltheim",
+            "supervisor",
+            api_state,
+            vec![
+                node("FastPathProcessor", "supervisor", "running", workers),
+                node(
+                    "API",
+                    "supervisor",
+                    api_state,
+                    vec![
+                        node("grpc", "worker", api_state, Vec::new()),
+                        node("http", "worker", api_state, Vec::new()),
+                    ],
+                ),
+            ],
+        );
+        Ok(Response::new(v1::GetStatusResponse {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            uptime_ms: self.ctx.started.elapsed().as_millis() as u64,
+            root: Some(root),
+        }))
+    }
+
+    type WatchEventsStream = StreamOf<v1::Event>;
+
+    async fn watch_events(
+        &self,
+        _: Request<v1::WatchEventsRequest>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        Err(Status::unimplemented(
+            "WatchEvents is not available yet: the event bus is not wired into the server in this version",
+        ))
+    }
+}
+
+fn no_jobs() -> Status {
+    Status::unimplemented(
+        "batch jobs are not available yet: this version of the coordinator has no slow path",
+    )
+}
+
+#[tonic::async_trait]
+impl JobService for Api {
+    async fn submit_job(
+        &self,
+        _: Request<v1::SubmitJobRequest>,
+    ) -> Result<Response<v1::Job>, Status> {
+        Err(no_jobs())
+    }
+    async fn get_job(&self, _: Request<v1::GetJobRequest>) -> Result<Response<v1::Job>, Status> {
+        Err(no_jobs())
+    }
+    async fn list_jobs(
+        &self,
+        _: Request<v1::ListJobsRequest>,
+    ) -> Result<Response<v1::ListJobsResponse>, Status> {
+        Err(no_jobs())
+    }
+    async fn cancel_job(
+        &self,
+        _: Request<v1::CancelJobRequest>,
+    ) -> Result<Response<v1::Job>, Status> {
+        Err(no_jobs())
+    }
+    type WatchJobStream = StreamOf<v1::Job>;
+    async fn watch_job(
+        &self,
+        _: Request<v1::WatchJobRequest>,
+    ) -> Result<Response<Self::WatchJobStream>, Status> {
+        Err(no_jobs())
+    }
+    type JobLogsStream = StreamOf<v1::LogChunk>;
+    async fn job_logs(
+        &self,
+        _: Request<v1::JobLogsRequest>,
+    ) -> Result<Response<Self::JobLogsStream>, Status> {
+        Err(no_jobs())
+    }
+}
+
+fn no_resources() -> Status {
+    Status::unimplemented(
+        "the device inventory is not available yet in this version of the coordinator",
+    )
+}
+
+#[tonic::async_trait]
+impl ResourceService for Api {
+    async fn get_resources(
+        &self,
+        _: Request<v1::GetResourcesRequest>,
+    ) -> Result<Response<v1::ResourceSnapshot>, Status> {
+        Err(no_resources())
+    }
+    type WatchResourcesStream = StreamOf<v1::ResourceSnapshot>;
+    async fn watch_resources(
+        &self,
+        _: Request<v1::WatchResourcesRequest>,
+    ) -> Result<Response<Self::WatchResourcesStream>, Status> {
+        Err(no_resources())
+    }
+}

@@ -1,0 +1,560 @@
+//! The client side of the binary: `infer`, `models`, `health`, `status`, talking `veraltheim.v1`
+//! to a running coordinator. Tables for people, `--json` for scripts.
+
+use std::time::Duration;
+
+use anyhow::{Context as _, anyhow, bail};
+use bytes::Bytes;
+use serde_json::{Value, json};
+use tonic::transport::{Channel, Endpoint};
+use veraltheim_proto::v1::{
+    self, inference_service_client::InferenceServiceClient,
+    model_service_client::ModelServiceClient, system_service_client::SystemServiceClient,
+};
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct ClientArgs {
+    /// The coordinator's gRPC address (host:port or URL).
+    #[arg(
+        long,
+        env = "VERALTHEIM_SERVER",
+        default_value = "127.0.0.1:8001",
+        global = true
+    )]
+    pub server: String,
+    /// Print JSON instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct InferArgs {
+    /// Model name.
+    pub model: String,
+    /// An input as NAME=JSON (a nested JSON array; its nesting gives the shape), or just JSON when
+    /// the model has one input. Repeatable.
+    #[arg(short, long = "input")]
+    pub inputs: Vec<String>,
+    /// A text for a text model (repeatable); becomes the model's BYTES input.
+    #[arg(short, long = "text")]
+    pub texts: Vec<String>,
+    /// Outputs to return (default: all).
+    #[arg(short, long = "output")]
+    pub outputs: Vec<String>,
+    /// Priority level, 1 is highest (default: the model's default).
+    #[arg(long, default_value_t = 0)]
+    pub priority: u32,
+    /// Queue timeout in milliseconds (default: the model's).
+    #[arg(long)]
+    pub timeout_ms: Option<u64>,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+#[derive(Clone, Debug, clap::Subcommand)]
+pub enum ModelsCommand {
+    /// List known models and their state (the default).
+    List,
+    /// Show one model with its configuration.
+    Get { name: String },
+    /// Load (or reload) a model, optionally with a Triton-style config JSON override.
+    Load {
+        name: String,
+        /// Config override as JSON, or @FILE to read it from a file.
+        #[arg(long)]
+        config: Option<String>,
+    },
+    /// Unload a model (queued requests finish first).
+    Unload { name: String },
+    /// Request counts and timings per model.
+    Stats { name: Option<String> },
+}
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct ModelsArgs {
+    #[command(subcommand)]
+    pub command: Option<ModelsCommand>,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+async fn connect(server: &str) -> anyhow::Result<Channel> {
+    let url = if server.contains("://") {
+        server.to_string()
+    } else {
+        format!("http://{server}")
+    };
+    Endpoint::from_shared(url.clone())
+        .with_context(|| format!("'{server}' is not a valid server address"))?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach the coordinator at {url}"))
+}
+
+fn status_error(s: tonic::Status) -> anyhow::Error {
+    anyhow!("{:?}: {}", s.code(), s.message())
+}
+
+fn datatype_name(d: i32) -> String {
+    v1::DataType::try_from(d)
+        .map(|d| d.as_str_name().trim_start_matches("DATA_TYPE_").to_string())
+        .unwrap_or_else(|_| d.to_string())
+}
+
+fn state_name(s: i32) -> String {
+    v1::ModelState::try_from(s)
+        .map(|s| {
+            s.as_str_name()
+                .trim_start_matches("MODEL_STATE_")
+                .to_string()
+        })
+        .unwrap_or_else(|_| s.to_string())
+}
+
+/// Flattens a nested JSON array into its shape and leaves; ragged arrays are refused.
+fn flatten(v: &Value) -> anyhow::Result<(Vec<i64>, Vec<Value>)> {
+    match v {
+        Value::Array(items) => {
+            let mut shape = None;
+            let mut leaves = Vec::new();
+            for item in items {
+                let (s, l) = flatten(item)?;
+                match &shape {
+                    None => shape = Some(s),
+                    Some(prev) if *prev != s => {
+                        bail!("ragged array: rows of shapes {prev:?} and {s:?}")
+                    }
+                    Some(_) => {}
+                }
+                leaves.extend(l);
+            }
+            let mut full = vec![items.len() as i64];
+            full.extend(shape.unwrap_or_default());
+            Ok((full, leaves))
+        }
+        leaf => Ok((Vec::new(), vec![leaf.clone()])),
+    }
+}
+
+fn to_tensor(name: &str, datatype: i32, text: &str) -> anyhow::Result<v1::Tensor> {
+    let parsed: Value =
+        serde_json::from_str(text).with_context(|| format!("input '{name}': not valid JSON"))?;
+    let (shape, leaves) = flatten(&parsed).with_context(|| format!("input '{name}'"))?;
+    let dt = v1::DataType::try_from(datatype).unwrap_or(v1::DataType::Unspecified);
+    let mut values = v1::TensorValues::default();
+    let bad = |v: &Value| anyhow!("input '{name}': {v} is not a {}", datatype_name(datatype));
+    for leaf in &leaves {
+        use v1::DataType as D;
+        match dt {
+            D::Bool => values.bools.push(leaf.as_bool().ok_or_else(|| bad(leaf))?),
+            D::Int8 | D::Int16 | D::Int32 | D::Int64 => {
+                values.ints.push(leaf.as_i64().ok_or_else(|| bad(leaf))?)
+            }
+            D::Uint8 | D::Uint16 | D::Uint32 | D::Uint64 => {
+                values.uints.push(leaf.as_u64().ok_or_else(|| bad(leaf))?)
+            }
+            D::Fp32 => values
+                .fp32
+                .push(leaf.as_f64().ok_or_else(|| bad(leaf))? as f32),
+            D::Fp64 => values.fp64.push(leaf.as_f64().ok_or_else(|| bad(leaf))?),
+            D::Bytes => values.bytes.push(Bytes::from(
+                leaf.as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| leaf.to_string()),
+            )),
+            _ => bail!(
+                "input '{name}': {} values cannot be given as JSON",
+                datatype_name(datatype)
+            ),
+        }
+    }
+    Ok(v1::Tensor {
+        name: name.to_string(),
+        datatype,
+        shape,
+        data: Some(v1::tensor::Data::Values(values)),
+    })
+}
+
+fn nest(values: &[Value], shape: &[i64]) -> Value {
+    match shape.split_first() {
+        None => values.first().cloned().unwrap_or(Value::Null),
+        Some((_, [])) => Value::Array(values.to_vec()),
+        Some((&n, rest)) => {
+            let step: usize = rest.iter().map(|d| *d as usize).product();
+            Value::Array(
+                (0..n as usize)
+                    .map(|i| {
+                        nest(
+                            &values
+                                [(i * step).min(values.len())..((i + 1) * step).min(values.len())],
+                            rest,
+                        )
+                    })
+                    .collect(),
+            )
+        }
+    }
+}
+
+fn tensor_json(t: &v1::Tensor) -> Value {
+    let values: Vec<Value> = match &t.data {
+        Some(v1::tensor::Data::Values(v)) => {
+            let mut out: Vec<Value> = Vec::new();
+            out.extend(v.bools.iter().map(|x| json!(x)));
+            out.extend(v.ints.iter().map(|x| json!(x)));
+            out.extend(v.uints.iter().map(|x| json!(x)));
+            out.extend(v.fp32.iter().map(|x| json!(x)));
+            out.extend(v.fp64.iter().map(|x| json!(x)));
+            out.extend(v.bytes.iter().map(|x| json!(String::from_utf8_lossy(x))));
+            out
+        }
+        Some(v1::tensor::Data::Raw(r)) => vec![json!(format!("<{} raw bytes>", r.len()))],
+        None => Vec::new(),
+    };
+    json!({
+        "name": t.name,
+        "datatype": datatype_name(t.datatype),
+        "shape": t.shape,
+        "data": nest(&values, &t.shape),
+    })
+}
+
+pub async fn infer(args: InferArgs) -> anyhow::Result<()> {
+    let channel = connect(&args.client.server).await?;
+    let model = ModelServiceClient::new(channel.clone())
+        .get_model(v1::GetModelRequest {
+            name: args.model.clone(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let mut inputs = Vec::new();
+    for spec in &args.inputs {
+        let (name, text) = match spec.split_once('=') {
+            Some((n, t)) if model.inputs.iter().any(|i| i.name == n) => (n.to_string(), t),
+            _ => match model.inputs.as_slice() {
+                [only] => (only.name.clone(), spec.as_str()),
+                _ => bail!(
+                    "model '{}' has several inputs; write NAME=JSON (inputs: {})",
+                    model.name,
+                    model
+                        .inputs
+                        .iter()
+                        .map(|i| i.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            },
+        };
+        let datatype = model
+            .inputs
+            .iter()
+            .find(|i| i.name == name)
+            .map(|i| i.datatype)
+            .unwrap_or_default();
+        inputs.push(to_tensor(&name, datatype, text)?);
+    }
+    let response = InferenceServiceClient::new(channel)
+        .infer(v1::InferRequest {
+            model: args.model,
+            inputs,
+            texts: args.texts,
+            outputs: args.outputs,
+            priority: args.priority,
+            timeout_us: args.timeout_ms.unwrap_or(0) * 1000,
+            ..Default::default()
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let timing = response.timing.unwrap_or_default();
+    if args.client.json {
+        let out = json!({
+            "model": response.model,
+            "version": response.version,
+            "outputs": response.outputs.iter().map(tensor_json).collect::<Vec<_>>(),
+            "batch_size": response.batch_size,
+            "timing": {"queue_us": timing.queue_us, "compute_us": timing.compute_us, "total_us": timing.total_us},
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        for t in &response.outputs {
+            let j = tensor_json(t);
+            println!(
+                "{} {} {:?}",
+                t.name,
+                j["datatype"].as_str().unwrap_or(""),
+                t.shape
+            );
+            println!("{}", j["data"]);
+        }
+        println!(
+            "batch {}  queue {} µs  compute {} µs  total {} µs",
+            response.batch_size, timing.queue_us, timing.compute_us, timing.total_us
+        );
+    }
+    Ok(())
+}
+
+fn model_json(m: &v1::Model) -> Value {
+    let specs = |list: &[v1::TensorSpec]| {
+        list.iter()
+            .map(|s| json!({"name": s.name, "datatype": datatype_name(s.datatype), "shape": s.shape}))
+            .collect::<Vec<_>>()
+    };
+    json!({
+        "name": m.name,
+        "version": m.version,
+        "backend": m.backend,
+        "state": state_name(m.state),
+        "reason": m.reason,
+        "max_batch_size": m.max_batch_size,
+        "inputs": specs(&m.inputs),
+        "outputs": specs(&m.outputs),
+        "config": serde_json::from_str::<Value>(&m.config_json).unwrap_or(Value::Null),
+    })
+}
+
+fn print_models(models: &[v1::Model], as_json: bool) -> anyhow::Result<()> {
+    if as_json {
+        let list: Vec<Value> = models.iter().map(model_json).collect();
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(());
+    }
+    println!(
+        "{:<20} {:<8} {:<12} {:<10} {:>9}  REASON",
+        "NAME", "VERSION", "STATE", "BACKEND", "MAX_BATCH"
+    );
+    for m in models {
+        println!(
+            "{:<20} {:<8} {:<12} {:<10} {:>9}  {}",
+            m.name,
+            m.version,
+            state_name(m.state),
+            m.backend,
+            m.max_batch_size,
+            m.reason
+        );
+    }
+    Ok(())
+}
+
+pub async fn models(args: ModelsArgs) -> anyhow::Result<()> {
+    let mut client = ModelServiceClient::new(connect(&args.client.server).await?);
+    let as_json = args.client.json;
+    match args.command.unwrap_or(ModelsCommand::List) {
+        ModelsCommand::List => {
+            let r = client
+                .list_models(v1::ListModelsRequest { ready_only: false })
+                .await
+                .map_err(status_error)?;
+            print_models(&r.into_inner().models, as_json)
+        }
+        ModelsCommand::Get { name } => {
+            let m = client
+                .get_model(v1::GetModelRequest { name })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if as_json {
+                println!("{}", serde_json::to_string_pretty(&model_json(&m))?);
+                Ok(())
+            } else {
+                print_models(std::slice::from_ref(&m), false)?;
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&model_json(&m)["config"])?
+                );
+                Ok(())
+            }
+        }
+        ModelsCommand::Load { name, config } => {
+            let config_json = match config {
+                Some(c) if c.starts_with('@') => std::fs::read_to_string(&c[1..])
+                    .with_context(|| format!("cannot read {}", &c[1..]))?,
+                Some(c) => c,
+                None => String::new(),
+            };
+            let m = client
+                .load_model(v1::LoadModelRequest { name, config_json })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            print_models(std::slice::from_ref(&m), as_json)
+        }
+        ModelsCommand::Unload { name } => {
+            let m = client
+                .unload_model(v1::UnloadModelRequest { name })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            print_models(std::slice::from_ref(&m), as_json)
+        }
+        ModelsCommand::Stats { name } => {
+            let r = client
+                .get_model_statistics(v1::GetModelStatisticsRequest {
+                    name: name.unwrap_or_default(),
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            let avg_us = |d: &Option<v1::DurationStat>| {
+                d.as_ref()
+                    .filter(|d| d.count > 0)
+                    .map_or(0.0, |d| d.total_ns as f64 / d.count as f64 / 1000.0)
+            };
+            if as_json {
+                let list: Vec<Value> = r
+                    .models
+                    .iter()
+                    .map(|m| {
+                        let c = |d: &Option<v1::DurationStat>| d.as_ref().map_or(0, |d| d.count);
+                        json!({
+                            "name": m.name, "version": m.version,
+                            "success": c(&m.success), "failure": c(&m.failure),
+                            "inference_count": m.inference_count, "execution_count": m.execution_count,
+                            "avg_queue_us": avg_us(&m.queue), "avg_compute_us": avg_us(&m.compute),
+                            "pending": m.pending, "rejected": m.rejected,
+                            "last_inference_ms": m.last_inference_ms,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                println!(
+                    "{:<20} {:>9} {:>7} {:>10} {:>9} {:>9} {:>12} {:>14} {:>8} {:>8}",
+                    "NAME",
+                    "SUCCESS",
+                    "FAIL",
+                    "INFERENCES",
+                    "BATCHES",
+                    "AVG_BATCH",
+                    "AVG_QUEUE_US",
+                    "AVG_COMPUTE_US",
+                    "PENDING",
+                    "REJECTED"
+                );
+                for m in &r.models {
+                    let avg_batch = if m.execution_count == 0 {
+                        0.0
+                    } else {
+                        m.inference_count as f64 / m.execution_count as f64
+                    };
+                    println!(
+                        "{:<20} {:>9} {:>7} {:>10} {:>9} {:>9.2} {:>12.1} {:>14.1} {:>8} {:>8}",
+                        m.name,
+                        m.success.as_ref().map_or(0, |d| d.count),
+                        m.failure.as_ref().map_or(0, |d| d.count),
+                        m.inference_count,
+                        m.execution_count,
+                        avg_batch,
+                        avg_us(&m.queue),
+                        avg_us(&m.compute),
+                        m.pending,
+                        m.rejected
+                    );
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Exit status: success only when the server is live and ready.
+pub async fn health(args: ClientArgs) -> anyhow::Result<bool> {
+    let r = SystemServiceClient::new(connect(&args.server).await?)
+        .health(v1::HealthRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    if args.json {
+        println!(
+            "{}",
+            json!({"live": r.live, "ready": r.ready, "version": r.version})
+        );
+    } else {
+        println!(
+            "live: {}  ready: {}  version: {}",
+            r.live, r.ready, r.version
+        );
+    }
+    Ok(r.live && r.ready)
+}
+
+fn node_json(n: &v1::SupervisorNode) -> Value {
+    json!({
+        "name": n.name, "kind": n.kind, "state": n.state, "restarts": n.restarts,
+        "last_failure": if n.last_failure.is_empty() { Value::Null } else { json!(n.last_failure) },
+        "children": n.children.iter().map(node_json).collect::<Vec<_>>(),
+    })
+}
+
+fn print_node(n: &v1::SupervisorNode, depth: usize) {
+    let failure = if n.last_failure.is_empty() {
+        String::new()
+    } else {
+        format!("  last failure: {}", n.last_failure)
+    };
+    println!(
+        "{}{} [{}] {}  restarts {}{}",
+        "  ".repeat(depth),
+        n.name,
+        n.kind,
+        n.state,
+        n.restarts,
+        failure
+    );
+    for c in &n.children {
+        print_node(c, depth + 1);
+    }
+}
+
+pub async fn status(args: ClientArgs) -> anyhow::Result<()> {
+    let r = SystemServiceClient::new(connect(&args.server).await?)
+        .get_status(v1::GetStatusRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    if args.json {
+        let out = json!({
+            "version": r.version,
+            "uptime_ms": r.uptime_ms,
+            "root": r.root.as_ref().map(node_json),
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!(
+            "veraltheim {}  up {:.1} s",
+            r.version,
+            r.uptime_ms as f64 / 1000.0
+        );
+        if let Some(root) = &r.root {
+            print_node(root, 0);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flatten_gives_shape_and_refuses_ragged() {
+        let (shape, leaves) = flatten(&json!([[1, 2, 3], [4, 5, 6]])).unwrap();
+        assert_eq!(shape, vec![2, 3]);
+        assert_eq!(leaves.len(), 6);
+        assert!(flatten(&json!([[1, 2], [3]])).is_err());
+        assert_eq!(nest(&leaves, &shape), json!([[1, 2, 3], [4, 5, 6]]));
+    }
+
+    #[test]
+    fn to_tensor_checks_types() {
+        let t = to_tensor("x", v1::DataType::Fp32 as i32, "[[1.5, 2]]").unwrap();
+        assert_eq!(t.shape, vec![1, 2]);
+        let err = to_tensor("x", v1::DataType::Int32 as i32, "[1.5]").unwrap_err();
+        assert!(err.to_string().contains("'x'"), "{err}");
+    }
+}

@@ -1,0 +1,196 @@
+//! HTTP: Triton's health paths and Prometheus metrics.
+//!
+//! The metrics text is rendered by hand from the fast path's own counters at scrape time: the
+//! numbers already live in atomics there, and a metrics registry would only keep a second copy.
+
+use std::fmt::Write;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use veraltheim_models::ModelState;
+
+use crate::context::Context;
+use crate::manager::MODEL_VERSION;
+
+pub fn router(ctx: Arc<Context>) -> Router {
+    Router::new()
+        .route("/v2/health/live", get(live))
+        .route("/v2/health/ready", get(ready))
+        // Short aliases for Kubernetes probes.
+        .route("/live", get(live))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .with_state(ctx)
+}
+
+async fn live() -> StatusCode {
+    StatusCode::OK
+}
+
+async fn ready(State(ctx): State<Arc<Context>>) -> StatusCode {
+    if ctx.is_ready() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
+}
+
+async fn metrics(State(ctx): State<Arc<Context>>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        render(&ctx),
+    )
+}
+
+struct Family {
+    name: &'static str,
+    kind: &'static str,
+    help: &'static str,
+    samples: Vec<(String, f64)>,
+}
+
+impl Family {
+    fn new(name: &'static str, kind: &'static str, help: &'static str) -> Self {
+        Family {
+            name,
+            kind,
+            help,
+            samples: Vec::new(),
+        }
+    }
+}
+
+fn labels(model: &str) -> String {
+    let escaped = model.replace('\\', "\\\\").replace('"', "\\\"");
+    format!("model=\"{escaped}\",version=\"{MODEL_VERSION}\"")
+}
+
+pub fn render(ctx: &Context) -> String {
+    let mut fams = [
+        Family::new(
+            "nv_inference_request_success",
+            "counter",
+            "Successful inference requests",
+        ),
+        Family::new(
+            "nv_inference_request_failure",
+            "counter",
+            "Failed inference requests",
+        ),
+        Family::new(
+            "nv_inference_count",
+            "counter",
+            "Inferences performed (batch items)",
+        ),
+        Family::new(
+            "nv_inference_exec_count",
+            "counter",
+            "Model executions (batches)",
+        ),
+        Family::new(
+            "nv_inference_request_duration_us",
+            "counter",
+            "Cumulative end-to-end inference request duration in microseconds",
+        ),
+        Family::new(
+            "nv_inference_queue_duration_us",
+            "counter",
+            "Cumulative time requests spent in the queue in microseconds",
+        ),
+        Family::new(
+            "nv_inference_compute_input_duration_us",
+            "counter",
+            "Cumulative input assembly duration in microseconds",
+        ),
+        Family::new(
+            "nv_inference_compute_infer_duration_us",
+            "counter",
+            "Cumulative model execution duration in microseconds",
+        ),
+        Family::new(
+            "nv_inference_compute_output_duration_us",
+            "counter",
+            "Cumulative output handling duration in microseconds",
+        ),
+        Family::new(
+            "nv_inference_pending_request_count",
+            "gauge",
+            "Requests waiting in the model's queue",
+        ),
+        Family::new(
+            "veraltheim_inference_rejected_total",
+            "counter",
+            "Requests refused because the model's queue was full",
+        ),
+        Family::new(
+            "veraltheim_inference_expired_total",
+            "counter",
+            "Requests dropped from the queue because their deadline passed",
+        ),
+    ];
+    for w in ctx.models.workers() {
+        let s = w.stats();
+        let l = labels(w.name());
+        let values = [
+            s.success.count as f64,
+            s.fail.count as f64,
+            s.inference_count as f64,
+            s.execution_count as f64,
+            ((s.success.ns + s.fail.ns) / 1000) as f64,
+            (s.queue.ns / 1000) as f64,
+            (s.compute_input.ns / 1000) as f64,
+            (s.compute_infer.ns / 1000) as f64,
+            (s.compute_output.ns / 1000) as f64,
+            s.pending as f64,
+            s.rejected as f64,
+            s.expired as f64,
+        ];
+        for (fam, v) in fams.iter_mut().zip(values) {
+            fam.samples.push((l.clone(), v));
+        }
+    }
+    let mut state = Family::new(
+        "veraltheim_model_state",
+        "gauge",
+        "1 for the state each known model is in",
+    );
+    for m in ctx.models.list() {
+        for s in [
+            ModelState::NotLoaded,
+            ModelState::Loading,
+            ModelState::Ready,
+            ModelState::Unloading,
+            ModelState::Failed,
+        ] {
+            state.samples.push((
+                format!("{},state=\"{}\"", labels(&m.name), s.as_str()),
+                if m.state == s { 1.0 } else { 0.0 },
+            ));
+        }
+    }
+    let mut up = Family::new(
+        "veraltheim_uptime_seconds",
+        "gauge",
+        "Seconds since the coordinator started",
+    );
+    up.samples
+        .push((String::new(), ctx.started.elapsed().as_secs_f64()));
+
+    let mut out = String::with_capacity(4096);
+    for fam in fams.iter().chain([&state, &up]) {
+        let _ = writeln!(out, "# HELP {} {}", fam.name, fam.help);
+        let _ = writeln!(out, "# TYPE {} {}", fam.name, fam.kind);
+        for (labels, v) in &fam.samples {
+            if labels.is_empty() {
+                let _ = writeln!(out, "{} {v}", fam.name);
+            } else {
+                let _ = writeln!(out, "{}{{{labels}}} {v}", fam.name);
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,595 @@
+//! `inference.GRPCInferenceService`: the KServe v2 / Triton protocol, so that the stock
+//! `tritonclient` and tools built for Triton work against Veraltheim.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::Stream;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use veraltheim_models::{ModelConfig, ModelState};
+use veraltheim_proto::inference::{
+    self as pb, grpc_inference_service_server::GrpcInferenceService,
+    infer_parameter::ParameterChoice,
+};
+
+use crate::context::{Context, InferCall, grpc_deadline, manager_status};
+use crate::convert::{kserve_inputs, kserve_output};
+use crate::manager::{MODEL_VERSION, ModelManager};
+
+/// Requests of one stream that may be in flight at once; beyond it the server stops reading the
+/// stream, which pushes back on the client through HTTP/2 flow control.
+const STREAM_INFLIGHT_LIMIT: usize = 1024;
+
+pub const SERVER_NAME: &str = "veraltheim";
+
+/// Protocol extensions Veraltheim implements (the names Triton uses).
+const EXTENSIONS: &[&str] = &[
+    "model_repository",
+    "model_configuration",
+    "schedule_policy",
+    "statistics",
+    "binary_tensor_data",
+    "parameters",
+];
+
+pub struct KserveService {
+    ctx: Arc<Context>,
+}
+
+impl KserveService {
+    pub fn new(ctx: Arc<Context>) -> Self {
+        KserveService { ctx }
+    }
+}
+
+fn unsigned_param(name: &str, p: &pb::InferParameter) -> Result<u64, Status> {
+    match p.parameter_choice {
+        Some(ParameterChoice::Uint64Param(v)) => Ok(v),
+        Some(ParameterChoice::Int64Param(v)) if v >= 0 => Ok(v as u64),
+        _ => Err(Status::invalid_argument(format!(
+            "parameter '{name}' must be a non-negative integer"
+        ))),
+    }
+}
+
+/// A KServe request as an inference call: the tensors plus the reserved parameters
+/// (`priority`, `timeout` in µs).
+fn to_call(
+    req: pb::ModelInferRequest,
+    deadline: Option<Instant>,
+    received: Instant,
+) -> Result<InferCall, Status> {
+    let mut priority = 0;
+    let mut timeout = None;
+    for (key, value) in &req.parameters {
+        match key.as_str() {
+            "priority" => {
+                priority = u32::try_from(unsigned_param(key, value)?)
+                    .map_err(|_| Status::invalid_argument("parameter 'priority' is out of range"))?
+            }
+            "timeout" => {
+                let us = unsigned_param(key, value)?;
+                if us > 0 {
+                    timeout = Some(Duration::from_micros(us));
+                }
+            }
+            "sequence_id" => {
+                let set = match &value.parameter_choice {
+                    Some(ParameterChoice::Int64Param(v)) => *v != 0,
+                    Some(ParameterChoice::Uint64Param(v)) => *v != 0,
+                    Some(ParameterChoice::StringParam(s)) => !s.is_empty(),
+                    _ => false,
+                };
+                if set {
+                    return Err(Status::invalid_argument(format!(
+                        "model '{}' does not use sequence batching; the request must not set sequence_id",
+                        req.model_name
+                    )));
+                }
+            }
+            _ => {}
+        }
+    }
+    let inputs = kserve_inputs(req.inputs, req.raw_input_contents)?;
+    Ok(InferCall {
+        model: req.model_name,
+        version: req.model_version,
+        id: req.id,
+        inputs,
+        outputs: req.outputs.into_iter().map(|o| o.name).collect(),
+        priority,
+        timeout,
+        deadline,
+        received,
+    })
+}
+
+async fn infer(
+    ctx: &Context,
+    req: pb::ModelInferRequest,
+    deadline: Option<Instant>,
+    received: Instant,
+) -> Result<pb::ModelInferResponse, Status> {
+    let model_name = req.model_name.clone();
+    let call = to_call(req, deadline, received)?;
+    let id = call.id.clone();
+    let out = ctx.infer(call).await?;
+    Ok(pb::ModelInferResponse {
+        model_name,
+        model_version: MODEL_VERSION.to_string(),
+        id,
+        parameters: HashMap::new(),
+        outputs: out.outputs.iter().map(kserve_output).collect(),
+        raw_output_contents: out.outputs.iter().map(|t| t.to_raw()).collect(),
+    })
+}
+
+fn data_type(name: &str) -> i32 {
+    pb::DataType::from_str_name(name).map_or(0, |d| d as i32)
+}
+
+/// Our configuration in Triton's protobuf form.
+pub fn config_to_proto(c: &ModelConfig) -> pb::ModelConfig {
+    let groups = if c.instance_group.is_empty() {
+        vec![pb::ModelInstanceGroup {
+            name: c.name.clone(),
+            kind: pb::model_instance_group::Kind::Cpu as i32,
+            count: 1,
+            ..Default::default()
+        }]
+    } else {
+        c.instance_group
+            .iter()
+            .map(|g| pb::ModelInstanceGroup {
+                name: g.name.clone(),
+                kind: pb::model_instance_group::Kind::from_str_name(&g.kind)
+                    .map_or(pb::model_instance_group::Kind::Cpu as i32, |k| k as i32),
+                count: g.count.max(1) as i32,
+                gpus: g.gpus.clone(),
+                ..Default::default()
+            })
+            .collect()
+    };
+    pb::ModelConfig {
+        name: c.name.clone(),
+        platform: c.platform.clone(),
+        backend: c.backend.clone(),
+        max_batch_size: c.max_batch_size as i32,
+        input: c
+            .input
+            .iter()
+            .map(|t| pb::ModelInput {
+                name: t.name.clone(),
+                data_type: data_type(&t.data_type),
+                dims: t.dims.clone(),
+                optional: t.optional,
+                ..Default::default()
+            })
+            .collect(),
+        output: c
+            .output
+            .iter()
+            .map(|t| pb::ModelOutput {
+                name: t.name.clone(),
+                data_type: data_type(&t.data_type),
+                dims: t.dims.clone(),
+                ..Default::default()
+            })
+            .collect(),
+        scheduling_choice: c.dynamic_batching.as_ref().map(|d| {
+            pb::model_config::SchedulingChoice::DynamicBatching(pb::ModelDynamicBatching {
+                preferred_batch_size: d.preferred_batch_size.iter().map(|p| *p as i32).collect(),
+                max_queue_delay_microseconds: d.max_queue_delay_microseconds,
+                preserve_ordering: d.preserve_ordering,
+                priority_levels: d.priority_levels,
+                default_priority_level: d.default_priority_level,
+                default_queue_policy: d.default_queue_policy.as_ref().map(|q| {
+                    pb::ModelQueuePolicy {
+                        timeout_action: pb::model_queue_policy::TimeoutAction::from_str_name(
+                            &q.timeout_action,
+                        )
+                        .map_or(0, |a| a as i32),
+                        default_timeout_microseconds: q.default_timeout_microseconds,
+                        allow_timeout_override: q.allow_timeout_override,
+                        max_queue_size: q.max_queue_size,
+                    }
+                }),
+                priority_queue_policy: HashMap::new(),
+            })
+        }),
+        instance_group: groups,
+        parameters: c
+            .parameters
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    pb::ModelParameter {
+                        string_value: v.string_value.clone(),
+                    },
+                )
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+fn tensor_metadata(
+    c: &ModelConfig,
+    list: &[veraltheim_models::config::TensorConfig],
+) -> Vec<pb::model_metadata_response::TensorMetadata> {
+    list.iter()
+        .map(|t| pb::model_metadata_response::TensorMetadata {
+            name: t.name.clone(),
+            datatype: ModelConfig::datatype_of(t).as_str().to_string(),
+            shape: c.full_shape(t),
+        })
+        .collect()
+}
+
+fn unimplemented_shm(what: &str) -> Status {
+    Status::unimplemented(format!(
+        "{what}: shared-memory tensors are not supported by Veraltheim; send tensor data in the request (raw_input_contents)"
+    ))
+}
+
+type StreamOf<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl GrpcInferenceService for KserveService {
+    async fn server_live(
+        &self,
+        _: Request<pb::ServerLiveRequest>,
+    ) -> Result<Response<pb::ServerLiveResponse>, Status> {
+        Ok(Response::new(pb::ServerLiveResponse { live: true }))
+    }
+
+    async fn server_ready(
+        &self,
+        _: Request<pb::ServerReadyRequest>,
+    ) -> Result<Response<pb::ServerReadyResponse>, Status> {
+        Ok(Response::new(pb::ServerReadyResponse {
+            ready: self.ctx.is_ready(),
+        }))
+    }
+
+    async fn model_ready(
+        &self,
+        request: Request<pb::ModelReadyRequest>,
+    ) -> Result<Response<pb::ModelReadyResponse>, Status> {
+        let r = request.into_inner();
+        let info = self.ctx.models.info(&r.name).map_err(manager_status)?;
+        let ready = info.state == ModelState::Ready
+            && ModelManager::check_version(&r.name, &r.version).is_ok();
+        Ok(Response::new(pb::ModelReadyResponse { ready }))
+    }
+
+    async fn server_metadata(
+        &self,
+        _: Request<pb::ServerMetadataRequest>,
+    ) -> Result<Response<pb::ServerMetadataResponse>, Status> {
+        Ok(Response::new(pb::ServerMetadataResponse {
+            name: SERVER_NAME.to_string(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            extensions: EXTENSIONS.iter().map(|s| s.to_string()).collect(),
+        }))
+    }
+
+    async fn model_metadata(
+        &self,
+        request: Request<pb::ModelMetadataRequest>,
+    ) -> Result<Response<pb::ModelMetadataResponse>, Status> {
+        let r = request.into_inner();
+        ModelManager::check_version(&r.name, &r.version).map_err(manager_status)?;
+        let info = self.ctx.models.info(&r.name).map_err(manager_status)?;
+        let c = &info.config;
+        Ok(Response::new(pb::ModelMetadataResponse {
+            name: info.name.clone(),
+            versions: vec![info.version.clone()],
+            platform: if c.platform.is_empty() {
+                c.backend.clone()
+            } else {
+                c.platform.clone()
+            },
+            inputs: tensor_metadata(c, &c.input),
+            outputs: tensor_metadata(c, &c.output),
+        }))
+    }
+
+    async fn model_infer(
+        &self,
+        request: Request<pb::ModelInferRequest>,
+    ) -> Result<Response<pb::ModelInferResponse>, Status> {
+        let received = Instant::now();
+        let deadline = grpc_deadline(request.metadata(), received);
+        let response = infer(&self.ctx, request.into_inner(), deadline, received).await?;
+        Ok(Response::new(response))
+    }
+
+    type ModelStreamInferStream = StreamOf<pb::ModelStreamInferResponse>;
+
+    async fn model_stream_infer(
+        &self,
+        request: Request<Streaming<pb::ModelInferRequest>>,
+    ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(STREAM_INFLIGHT_LIMIT);
+        let ctx = self.ctx.clone();
+        tokio::spawn(async move {
+            let permits = Arc::new(Semaphore::new(STREAM_INFLIGHT_LIMIT));
+            loop {
+                match inbound.message().await {
+                    Ok(Some(req)) => {
+                        let Ok(permit) = permits.clone().acquire_owned().await else {
+                            break;
+                        };
+                        let ctx = ctx.clone();
+                        let tx = tx.clone();
+                        tokio::spawn(async move {
+                            let (id, model) = (req.id.clone(), req.model_name.clone());
+                            let received = Instant::now();
+                            let response = match infer(&ctx, req, None, received).await {
+                                Ok(r) => pb::ModelStreamInferResponse {
+                                    error_message: String::new(),
+                                    infer_response: Some(r),
+                                },
+                                // The error travels in-band so that the stream stays open; the
+                                // id says which request it belongs to.
+                                Err(status) => pb::ModelStreamInferResponse {
+                                    error_message: status.message().to_string(),
+                                    infer_response: Some(pb::ModelInferResponse {
+                                        model_name: model,
+                                        model_version: MODEL_VERSION.to_string(),
+                                        id,
+                                        ..Default::default()
+                                    }),
+                                },
+                            };
+                            let _ = tx.send(Ok(response)).await;
+                            drop(permit);
+                        });
+                    }
+                    Ok(None) => break,
+                    Err(status) => {
+                        let _ = tx.send(Err(status)).await;
+                        break;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn model_config(
+        &self,
+        request: Request<pb::ModelConfigRequest>,
+    ) -> Result<Response<pb::ModelConfigResponse>, Status> {
+        let r = request.into_inner();
+        ModelManager::check_version(&r.name, &r.version).map_err(manager_status)?;
+        let info = self.ctx.models.info(&r.name).map_err(manager_status)?;
+        Ok(Response::new(pb::ModelConfigResponse {
+            config: Some(config_to_proto(&info.config)),
+        }))
+    }
+
+    async fn model_statistics(
+        &self,
+        request: Request<pb::ModelStatisticsRequest>,
+    ) -> Result<Response<pb::ModelStatisticsResponse>, Status> {
+        let r = request.into_inner();
+        let workers = if r.name.is_empty() {
+            self.ctx.models.workers()
+        } else {
+            ModelManager::check_version(&r.name, &r.version).map_err(manager_status)?;
+            vec![self.ctx.models.worker(&r.name).map_err(manager_status)?]
+        };
+        let model_stats = workers
+            .iter()
+            .map(|w| {
+                let s = w.stats();
+                let d = |x: veraltheim_fastpath::DurationStat| {
+                    Some(pb::StatisticDuration {
+                        count: x.count,
+                        ns: x.ns,
+                    })
+                };
+                pb::ModelStatistics {
+                    name: w.name().to_string(),
+                    version: MODEL_VERSION.to_string(),
+                    last_inference: s.last_inference_ms,
+                    inference_count: s.inference_count,
+                    execution_count: s.execution_count,
+                    inference_stats: Some(pb::InferStatistics {
+                        success: d(s.success),
+                        fail: d(s.fail),
+                        queue: d(s.queue),
+                        compute_input: d(s.compute_input),
+                        compute_infer: d(s.compute_infer),
+                        compute_output: d(s.compute_output),
+                        cache_hit: d(Default::default()),
+                        cache_miss: d(Default::default()),
+                    }),
+                    batch_stats: s
+                        .batches
+                        .iter()
+                        .map(|b| pb::InferBatchStatistics {
+                            batch_size: b.batch_size,
+                            compute_infer: Some(pb::StatisticDuration {
+                                count: b.count,
+                                ns: b.compute_ns,
+                            }),
+                            ..Default::default()
+                        })
+                        .collect(),
+                    memory_usage: Vec::new(),
+                    response_stats: HashMap::new(),
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::ModelStatisticsResponse { model_stats }))
+    }
+
+    async fn repository_index(
+        &self,
+        request: Request<pb::RepositoryIndexRequest>,
+    ) -> Result<Response<pb::RepositoryIndexResponse>, Status> {
+        let r = request.into_inner();
+        let models = self
+            .ctx
+            .models
+            .list()
+            .into_iter()
+            .filter(|m| !r.ready || m.state == ModelState::Ready)
+            .map(|m| pb::repository_index_response::ModelIndex {
+                name: m.name,
+                version: m.version,
+                state: m.state.triton_str().to_string(),
+                reason: m.reason,
+            })
+            .collect();
+        Ok(Response::new(pb::RepositoryIndexResponse { models }))
+    }
+
+    async fn repository_model_load(
+        &self,
+        request: Request<pb::RepositoryModelLoadRequest>,
+    ) -> Result<Response<pb::RepositoryModelLoadResponse>, Status> {
+        let r = request.into_inner();
+        let mut config = None;
+        for (key, value) in &r.parameters {
+            use pb::model_repository_parameter::ParameterChoice as P;
+            match (key.as_str(), &value.parameter_choice) {
+                ("config", Some(P::StringParam(json))) => config = Some(json.clone()),
+                ("config", _) => {
+                    return Err(Status::invalid_argument(
+                        "parameter 'config' must be a string holding the model configuration as JSON",
+                    ));
+                }
+                (k, _) if k.starts_with("file:") => {
+                    return Err(Status::invalid_argument(format!(
+                        "parameter '{k}': loading model files over gRPC is not supported; put the files in the model repository"
+                    )));
+                }
+                _ => {}
+            }
+        }
+        self.ctx
+            .models
+            .load(&r.model_name, config.as_deref())
+            .await
+            .map_err(manager_status)?;
+        Ok(Response::new(pb::RepositoryModelLoadResponse {}))
+    }
+
+    async fn repository_model_unload(
+        &self,
+        request: Request<pb::RepositoryModelUnloadRequest>,
+    ) -> Result<Response<pb::RepositoryModelUnloadResponse>, Status> {
+        let r = request.into_inner();
+        self.ctx
+            .models
+            .unload(&r.model_name)
+            .await
+            .map_err(manager_status)?;
+        Ok(Response::new(pb::RepositoryModelUnloadResponse {}))
+    }
+
+    async fn system_shared_memory_status(
+        &self,
+        _: Request<pb::SystemSharedMemoryStatusRequest>,
+    ) -> Result<Response<pb::SystemSharedMemoryStatusResponse>, Status> {
+        Err(unimplemented_shm("SystemSharedMemoryStatus"))
+    }
+
+    async fn system_shared_memory_register(
+        &self,
+        _: Request<pb::SystemSharedMemoryRegisterRequest>,
+    ) -> Result<Response<pb::SystemSharedMemoryRegisterResponse>, Status> {
+        Err(unimplemented_shm("SystemSharedMemoryRegister"))
+    }
+
+    async fn system_shared_memory_unregister(
+        &self,
+        _: Request<pb::SystemSharedMemoryUnregisterRequest>,
+    ) -> Result<Response<pb::SystemSharedMemoryUnregisterResponse>, Status> {
+        Err(unimplemented_shm("SystemSharedMemoryUnregister"))
+    }
+
+    async fn cuda_shared_memory_status(
+        &self,
+        _: Request<pb::CudaSharedMemoryStatusRequest>,
+    ) -> Result<Response<pb::CudaSharedMemoryStatusResponse>, Status> {
+        Err(unimplemented_shm("CudaSharedMemoryStatus"))
+    }
+
+    async fn cuda_shared_memory_register(
+        &self,
+        _: Request<pb::CudaSharedMemoryRegisterRequest>,
+    ) -> Result<Response<pb::CudaSharedMemoryRegisterResponse>, Status> {
+        Err(unimplemented_shm("CudaSharedMemoryRegister"))
+    }
+
+    async fn cuda_shared_memory_unregister(
+        &self,
+        _: Request<pb::CudaSharedMemoryUnregisterRequest>,
+    ) -> Result<Response<pb::CudaSharedMemoryUnregisterResponse>, Status> {
+        Err(unimplemented_shm("CudaSharedMemoryUnregister"))
+    }
+
+    async fn trace_setting(
+        &self,
+        request: Request<pb::TraceSettingRequest>,
+    ) -> Result<Response<pb::TraceSettingResponse>, Status> {
+        if !request.get_ref().settings.is_empty() {
+            return Err(Status::unimplemented(
+                "trace settings cannot be changed: Veraltheim traces through its log (--log-level, --log-format)",
+            ));
+        }
+        let value = |v: &str| pb::trace_setting_response::SettingValue {
+            value: vec![v.to_string()],
+        };
+        let settings = [
+            ("trace_level", value("OFF")),
+            ("trace_rate", value("1000")),
+            ("trace_count", value("-1")),
+            ("log_frequency", value("0")),
+            ("trace_file", value("")),
+            ("trace_mode", value("triton")),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        Ok(Response::new(pb::TraceSettingResponse { settings }))
+    }
+
+    async fn log_settings(
+        &self,
+        request: Request<pb::LogSettingsRequest>,
+    ) -> Result<Response<pb::LogSettingsResponse>, Status> {
+        if !request.get_ref().settings.is_empty() {
+            return Err(Status::unimplemented(
+                "log settings cannot be changed at run time; restart with --log-level / --log-format",
+            ));
+        }
+        use pb::log_settings_response::{SettingValue, setting_value::ParameterChoice as P};
+        let v = |p: P| SettingValue {
+            parameter_choice: Some(p),
+        };
+        let settings = [
+            ("log_file", v(P::StringParam(String::new()))),
+            ("log_info", v(P::BoolParam(true))),
+            ("log_warning", v(P::BoolParam(true))),
+            ("log_error", v(P::BoolParam(true))),
+            ("log_verbose_level", v(P::Uint32Param(0))),
+            ("log_format", v(P::StringParam("default".into()))),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        Ok(Response::new(pb::LogSettingsResponse { settings }))
+    }
+}

@@ -1,0 +1,346 @@
+//! The models the coordinator knows, their load state, and their workers: loading builds the
+//! backend off the async threads and starts a fast-path worker; unloading drains it.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::RwLock;
+use thiserror::Error;
+use veraltheim_fastpath::{ExecutionPool, ModelWorker, WorkerOptions};
+use veraltheim_models::{ConfigError, ModelConfig, ModelState, builtin};
+
+/// Every model has one version for now: the one it was loaded with.
+pub const MODEL_VERSION: &str = "1";
+
+#[derive(Debug, Error)]
+pub enum ManagerError {
+    #[error("unknown model '{0}'; `veraltheim models` lists the models this server knows")]
+    NotFound(String),
+    #[error("model '{name}' has no version '{version}' (it serves version {MODEL_VERSION})")]
+    NoSuchVersion { name: String, version: String },
+    #[error("model '{name}' is not ready (state {state}{})", if reason.is_empty() { String::new() } else { format!(": {reason}") })]
+    NotReady {
+        name: String,
+        state: ModelState,
+        reason: String,
+    },
+    #[error("cannot load model '{name}': {source}")]
+    BadConfig { name: String, source: ConfigError },
+    #[error("model '{name}' failed to load: {reason}")]
+    LoadFailed { name: String, reason: String },
+}
+
+/// What the APIs show of a model.
+#[derive(Clone, Debug)]
+pub struct ModelInfo {
+    pub name: String,
+    pub version: String,
+    pub state: ModelState,
+    pub reason: String,
+    pub config: ModelConfig,
+}
+
+struct Entry {
+    /// The configuration the model starts from; overrides apply on top of it.
+    base: ModelConfig,
+    /// The configuration in effect (or last tried).
+    config: ModelConfig,
+    state: ModelState,
+    reason: String,
+    worker: Option<Arc<ModelWorker>>,
+}
+
+pub struct ModelManager {
+    pool: ExecutionPool,
+    options: WorkerOptions,
+    unload_grace: Duration,
+    entries: RwLock<BTreeMap<String, Entry>>,
+    /// Loads and unloads happen one at a time so that their state changes never interleave.
+    ops: tokio::sync::Mutex<()>,
+}
+
+impl ModelManager {
+    pub fn new(
+        pool: ExecutionPool,
+        options: WorkerOptions,
+        unload_grace: Duration,
+        fault_injection: bool,
+    ) -> Result<Self, ConfigError> {
+        let mut entries = BTreeMap::new();
+        for name in builtin::names(fault_injection) {
+            let config = builtin::config(name)?;
+            entries.insert(
+                name.to_string(),
+                Entry {
+                    base: config.clone(),
+                    config,
+                    state: ModelState::NotLoaded,
+                    reason: String::new(),
+                    worker: None,
+                },
+            );
+        }
+        Ok(ModelManager {
+            pool,
+            options,
+            unload_grace,
+            entries: RwLock::new(entries),
+            ops: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.entries.read().keys().cloned().collect()
+    }
+
+    pub fn check_version(name: &str, version: &str) -> Result<(), ManagerError> {
+        if version.is_empty() || version == MODEL_VERSION {
+            Ok(())
+        } else {
+            Err(ManagerError::NoSuchVersion {
+                name: name.to_string(),
+                version: version.to_string(),
+            })
+        }
+    }
+
+    /// The worker of a READY model.
+    pub fn worker(&self, name: &str) -> Result<Arc<ModelWorker>, ManagerError> {
+        let entries = self.entries.read();
+        let entry = entries
+            .get(name)
+            .ok_or_else(|| ManagerError::NotFound(name.to_string()))?;
+        match (&entry.worker, entry.state) {
+            (Some(w), ModelState::Ready) => Ok(w.clone()),
+            _ => Err(ManagerError::NotReady {
+                name: name.to_string(),
+                state: entry.state,
+                reason: entry.reason.clone(),
+            }),
+        }
+    }
+
+    pub fn workers(&self) -> Vec<Arc<ModelWorker>> {
+        self.entries
+            .read()
+            .values()
+            .filter_map(|e| e.worker.clone())
+            .collect()
+    }
+
+    pub fn info(&self, name: &str) -> Result<ModelInfo, ManagerError> {
+        let entries = self.entries.read();
+        let e = entries
+            .get(name)
+            .ok_or_else(|| ManagerError::NotFound(name.to_string()))?;
+        Ok(Self::to_info(name, e))
+    }
+
+    pub fn list(&self) -> Vec<ModelInfo> {
+        self.entries
+            .read()
+            .iter()
+            .map(|(name, e)| Self::to_info(name, e))
+            .collect()
+    }
+
+    fn to_info(name: &str, e: &Entry) -> ModelInfo {
+        ModelInfo {
+            name: name.to_string(),
+            version: MODEL_VERSION.to_string(),
+            state: e.state,
+            reason: e.reason.clone(),
+            config: e.config.clone(),
+        }
+    }
+
+    fn set_state(&self, name: &str, state: ModelState, reason: &str) {
+        if let Some(e) = self.entries.write().get_mut(name) {
+            e.state = state;
+            e.reason = reason.to_string();
+        }
+        tracing::info!(model = name, state = %state, reason, "model state");
+    }
+
+    /// Loads a model, or reloads it with a new configuration. The override (Triton's `config`
+    /// JSON) applies to the model's base configuration. A reload that fails leaves the running
+    /// version serving.
+    pub async fn load(
+        &self,
+        name: &str,
+        config_override: Option<&str>,
+    ) -> Result<ModelInfo, ManagerError> {
+        let _op = self.ops.lock().await;
+        let (base, was_ready) = {
+            let entries = self.entries.read();
+            let e = entries
+                .get(name)
+                .ok_or_else(|| ManagerError::NotFound(name.to_string()))?;
+            (e.base.clone(), e.state == ModelState::Ready)
+        };
+        let config = match config_override.filter(|s| !s.trim().is_empty()) {
+            Some(json) => base.with_override(json),
+            None => base.validate().map(|_| base.clone()),
+        }
+        .map_err(|source| ManagerError::BadConfig {
+            name: name.to_string(),
+            source,
+        })?;
+        if !was_ready {
+            self.set_state(name, ModelState::Loading, "");
+        }
+        // Backends may read files and build large structures: keep that off the async threads.
+        let built = tokio::task::spawn_blocking({
+            let config = config.clone();
+            move || builtin::instantiate(config)
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()));
+        let model = match built {
+            Ok(m) => m,
+            Err(reason) => {
+                if !was_ready {
+                    self.set_state(name, ModelState::Failed, &reason);
+                }
+                return Err(ManagerError::LoadFailed {
+                    name: name.to_string(),
+                    reason,
+                });
+            }
+        };
+        let worker = Arc::new(ModelWorker::start(model, self.pool.clone(), &self.options));
+        let old = {
+            let mut entries = self.entries.write();
+            let Some(e) = entries.get_mut(name) else {
+                return Err(ManagerError::NotFound(name.to_string()));
+            };
+            e.config = config;
+            e.state = ModelState::Ready;
+            e.reason.clear();
+            e.worker.replace(worker)
+        };
+        tracing::info!(
+            model = name,
+            state = "READY",
+            reloaded = old.is_some(),
+            "model state"
+        );
+        if let Some(old) = old {
+            // Requests already queued on the old version finish there.
+            let grace = self.unload_grace;
+            tokio::spawn(async move { old.stop(grace).await });
+        }
+        self.info(name)
+    }
+
+    /// Unloads a model: new requests are refused at once, queued and running ones get the grace
+    /// period to finish.
+    pub async fn unload(&self, name: &str) -> Result<ModelInfo, ManagerError> {
+        let _op = self.ops.lock().await;
+        let worker = {
+            let mut entries = self.entries.write();
+            let e = entries
+                .get_mut(name)
+                .ok_or_else(|| ManagerError::NotFound(name.to_string()))?;
+            e.state = ModelState::Unloading;
+            e.worker.take()
+        };
+        tracing::info!(model = name, state = "UNLOADING", "model state");
+        if let Some(w) = worker {
+            w.stop(self.unload_grace).await;
+        }
+        self.set_state(name, ModelState::NotLoaded, "unloaded");
+        self.info(name)
+    }
+
+    /// Stops every worker (server shutdown).
+    pub async fn shutdown(&self, grace: Duration) {
+        let workers: Vec<_> = {
+            let mut entries = self.entries.write();
+            entries
+                .values_mut()
+                .filter_map(|e| {
+                    e.state = ModelState::Unloading;
+                    e.worker.take()
+                })
+                .collect()
+        };
+        futures::future::join_all(workers.iter().map(|w| w.stop(grace))).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manager() -> ModelManager {
+        ModelManager::new(
+            ExecutionPool::new(1).unwrap(),
+            WorkerOptions::default(),
+            Duration::from_secs(5),
+            true,
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn load_unload_reload_cycle() {
+        let m = manager();
+        assert!(matches!(
+            m.worker("cost"),
+            Err(ManagerError::NotReady { .. })
+        ));
+        let info = m.load("cost", None).await.unwrap();
+        assert_eq!(info.state, ModelState::Ready);
+        assert!(m.worker("cost").is_ok());
+        let info = m
+            .load("cost", Some(r#"{"max_batch_size": 8}"#))
+            .await
+            .unwrap();
+        assert_eq!(info.config.max_batch_size, 8);
+        assert_eq!(m.worker("cost").unwrap().config().max_batch_size, 8);
+        let info = m.unload("cost").await.unwrap();
+        assert_eq!(info.state, ModelState::NotLoaded);
+        assert!(m.worker("cost").is_err());
+    }
+
+    #[tokio::test]
+    async fn a_bad_reload_keeps_the_old_version_serving() {
+        let m = manager();
+        m.load("cost", None).await.unwrap();
+        let err = m
+            .load(
+                "cost",
+                Some(r#"{"parameters":{"base_us":{"string_value":"slow"}}}"#),
+            )
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("base_us"), "{err}");
+        assert_eq!(m.info("cost").unwrap().state, ModelState::Ready);
+        assert_eq!(m.worker("cost").unwrap().config().max_batch_size, 64);
+        let err = m.load("cost", Some("not json")).await.unwrap_err();
+        assert!(matches!(err, ManagerError::BadConfig { .. }));
+    }
+
+    #[tokio::test]
+    async fn a_failed_first_load_is_failed_with_its_reason() {
+        let m = manager();
+        let err = m
+            .load(
+                "cost",
+                Some(r#"{"parameters":{"per_item_us":{"string_value":"x"}}}"#),
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ManagerError::LoadFailed { .. }));
+        let info = m.info("cost").unwrap();
+        assert_eq!(info.state, ModelState::Failed);
+        assert!(info.reason.contains("per_item_us"));
+        assert!(matches!(
+            m.load("nope", None).await,
+            Err(ManagerError::NotFound(_))
+        ));
+    }
+}
