@@ -71,13 +71,29 @@ impl Context {
                 deadline: call.deadline,
                 received: call.received,
             };
+            let deadline = request.deadline;
             let rx = worker.submit(request).map_err(infer_status)?;
-            match rx.await {
-                Ok(result) => result.map_err(infer_status),
-                Err(_) => Err(Status::internal(format!(
-                    "model '{}' dropped the request without an answer",
-                    worker.name()
-                ))),
+            let answer = async {
+                match rx.await {
+                    Ok(result) => result.map_err(infer_status),
+                    Err(_) => Err(Status::internal(format!(
+                        "model '{}' dropped the request without an answer",
+                        worker.name()
+                    ))),
+                }
+            };
+            // The queue drops a request whose deadline passes while it waits; this covers one
+            // whose batch is still computing when the caller's deadline comes.
+            match deadline {
+                Some(at) => tokio::time::timeout_at(at.into(), answer)
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(Status::deadline_exceeded(format!(
+                            "model '{}' did not answer within the request's deadline",
+                            worker.name()
+                        )))
+                    }),
+                None => answer.await,
             }
         }
         .instrument(span)

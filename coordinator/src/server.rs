@@ -6,11 +6,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
+use axum::serve::ListenerExt;
 use http::HeaderValue;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
+use tonic::service::Routes;
 use tower::util::MapResponseLayer;
 use veraltheim_fastpath::{ExecutionPool, WorkerOptions};
 use veraltheim_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
@@ -114,32 +114,39 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
 
     let max = config.server.max_message_bytes;
     let api = Api::new(ctx.clone());
-    let grpc = Server::builder()
+    let routes = Routes::new(
+        GrpcInferenceServiceServer::new(KserveService::new(ctx.clone()))
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max),
+    )
+    .add_service(
+        InferenceServiceServer::new(api.clone())
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max),
+    )
+    .add_service(ModelServiceServer::new(api.clone()))
+    .add_service(SystemServiceServer::new(api.clone()))
+    .add_service(JobServiceServer::new(api.clone()))
+    .add_service(ResourceServiceServer::new(api));
+    // gRPC is served by hyper through axum rather than tonic's transport server: that server
+    // always enforces `grpc-timeout` itself and answers CANCELLED, racing our own deadline
+    // handling, which answers DEADLINE_EXCEEDED as the gRPC spec says.
+    let grpc_router = routes
+        .prepare()
+        .into_axum_router()
         // Oversize requests get RESOURCE_EXHAUSTED, as gRPC clients expect.
-        .layer(MapResponseLayer::new(
-            oversize_is_resource_exhausted::<tonic::body::Body>,
-        ))
-        .add_service(
-            GrpcInferenceServiceServer::new(KserveService::new(ctx.clone()))
-                .max_decoding_message_size(max)
-                .max_encoding_message_size(max),
-        )
-        .add_service(
-            InferenceServiceServer::new(api.clone())
-                .max_decoding_message_size(max)
-                .max_encoding_message_size(max),
-        )
-        .add_service(ModelServiceServer::new(api.clone()))
-        .add_service(SystemServiceServer::new(api.clone()))
-        .add_service(JobServiceServer::new(api.clone()))
-        .add_service(ResourceServiceServer::new(api))
-        .serve_with_incoming_shutdown(
-            TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
-            stopped(stop_rx.clone()),
-        );
+        .layer(MapResponseLayer::new(oversize_is_resource_exhausted));
+    let grpc = axum::serve(
+        grpc_listener.tap_io(|tcp| {
+            // Small unary calls: send each response at once.
+            let _ = tcp.set_nodelay(true);
+        }),
+        grpc_router,
+    )
+    .with_graceful_shutdown(stopped(stop_rx.clone()));
     let http = axum::serve(http_listener, crate::http::router(ctx.clone()))
         .with_graceful_shutdown(stopped(stop_rx.clone()));
-    let grpc_task = tokio::spawn(grpc);
+    let grpc_task = tokio::spawn(async move { grpc.await });
     let http_task = tokio::spawn(async move { http.await });
     tracing::info!(%grpc_addr, %http_addr, execution_threads = threads, "serving");
 

@@ -1,0 +1,361 @@
+//! End-to-end through the real binary: `veraltheim.v1` and the KServe service over real gRPC.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio_stream::StreamExt;
+use tonic::Code;
+use tonic::transport::Channel;
+use veraltheim_proto::inference::{
+    self as kserve, grpc_inference_service_client::GrpcInferenceServiceClient,
+};
+use veraltheim_proto::v1::{
+    self, inference_service_client::InferenceServiceClient,
+    model_service_client::ModelServiceClient, system_service_client::SystemServiceClient,
+};
+
+struct Server {
+    child: Child,
+    grpc: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn start(extra: &[&str]) -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let (g, h) = (free_port(), free_port());
+    let grpc = format!("127.0.0.1:{g}");
+    let child = Command::new(env!("CARGO_BIN_EXE_veraltheim"))
+        .args([
+            "serve",
+            "--grpc-addr",
+            &grpc,
+            "--http-addr",
+            &format!("127.0.0.1:{h}"),
+        ])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--model-repository")
+        .arg(dir.path().join("models"))
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let server = Server {
+        child,
+        grpc,
+        _dir: dir,
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(ch) = Channel::from_shared(format!("http://{}", server.grpc))
+            .unwrap()
+            .connect()
+            .await
+        {
+            let ready = SystemServiceClient::new(ch)
+                .health(v1::HealthRequest {})
+                .await
+                .map(|r| r.into_inner().ready)
+                .unwrap_or(false);
+            if ready {
+                return server;
+            }
+        }
+        assert!(Instant::now() < deadline, "server did not become ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn channel(s: &Server) -> Channel {
+    Channel::from_shared(format!("http://{}", s.grpc))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+fn fp32(name: &str, shape: Vec<i64>, values: Vec<f32>) -> v1::Tensor {
+    v1::Tensor {
+        name: name.into(),
+        datatype: v1::DataType::Fp32 as i32,
+        shape,
+        data: Some(v1::tensor::Data::Values(v1::TensorValues {
+            fp32: values,
+            ..Default::default()
+        })),
+    }
+}
+
+#[tokio::test]
+async fn v1_infer_models_and_status() {
+    let s = start(&[]).await;
+    let ch = channel(&s).await;
+    let mut infer = InferenceServiceClient::new(ch.clone());
+
+    let r = infer
+        .infer(v1::InferRequest {
+            model: "cost".into(),
+            id: "a".into(),
+            inputs: vec![fp32("INPUT0", vec![2, 2], vec![1.0, 2.0, 3.0, 4.0])],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.id, "a");
+    assert_eq!(r.batch_size, 2);
+    assert_eq!(r.outputs[0].shape, vec![2, 1]);
+    match &r.outputs[0].data {
+        Some(v1::tensor::Data::Values(v)) => assert_eq!(v.fp32, vec![3.0, 7.0]),
+        other => panic!("{other:?}"),
+    }
+    let timing = r.timing.unwrap();
+    assert!(timing.total_us >= timing.compute_us);
+
+    // raw outputs on request
+    let r = infer
+        .infer(v1::InferRequest {
+            model: "identity".into(),
+            inputs: vec![fp32("INPUT0", vec![1, 2], vec![5.0, 6.0])],
+            raw_outputs: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let want: Vec<u8> = [5.0f32, 6.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+    assert_eq!(
+        r.outputs[0].data,
+        Some(v1::tensor::Data::Raw(Bytes::from(want)))
+    );
+
+    // texts need a BYTES model
+    let err = infer
+        .infer(v1::InferRequest {
+            model: "identity".into(),
+            texts: vec!["hi".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("BYTES"), "{}", err.message());
+
+    let err = infer
+        .infer(v1::InferRequest {
+            model: "identity".into(),
+            inputs: vec![fp32("WRONG", vec![1, 1], vec![1.0])],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("WRONG"));
+
+    let err = infer
+        .infer(v1::InferRequest {
+            model: "nope".into(),
+            inputs: vec![],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+
+    let mut models = ModelServiceClient::new(ch.clone());
+    let list = models
+        .list_models(v1::ListModelsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let names: Vec<_> = list.models.iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(
+        names,
+        vec!["cost", "identity"],
+        "fault needs --enable-fault-injection"
+    );
+    assert!(
+        list.models
+            .iter()
+            .all(|m| m.state == v1::ModelState::Ready as i32)
+    );
+
+    let m = models
+        .unload_model(v1::UnloadModelRequest {
+            name: "identity".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(m.state, v1::ModelState::NotLoaded as i32);
+    let err = infer
+        .infer(v1::InferRequest {
+            model: "identity".into(),
+            inputs: vec![fp32("INPUT0", vec![1, 1], vec![1.0])],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+    let m = models
+        .load_model(v1::LoadModelRequest {
+            name: "identity".into(),
+            config_json: r#"{"max_batch_size": 2}"#.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(m.state, v1::ModelState::Ready as i32);
+    assert_eq!(m.max_batch_size, 2);
+    let err = models
+        .load_model(v1::LoadModelRequest {
+            name: "identity".into(),
+            config_json: "{".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+
+    let stats = models
+        .get_model_statistics(v1::GetModelStatisticsRequest {
+            name: "cost".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stats.models[0].inference_count, 2);
+    assert_eq!(stats.models[0].success.unwrap().count, 1);
+
+    let status = SystemServiceClient::new(ch)
+        .get_status(v1::GetStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let root = status.root.unwrap();
+    assert!(!root.children.is_empty());
+}
+
+#[tokio::test]
+async fn v1_stream_answers_every_request_by_id() {
+    let s = start(&[]).await;
+    let mut infer = InferenceServiceClient::new(channel(&s).await);
+    let requests: Vec<v1::InferRequest> = (0..20)
+        .map(|i| v1::InferRequest {
+            model: "identity".into(),
+            id: format!("r{i}"),
+            inputs: vec![if i == 7 {
+                fp32("BAD", vec![1, 1], vec![0.0])
+            } else {
+                fp32("INPUT0", vec![1, 1], vec![i as f32])
+            }],
+            ..Default::default()
+        })
+        .collect();
+    let mut responses = infer
+        .infer_stream(tokio_stream::iter(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen = std::collections::BTreeSet::new();
+    while let Some(item) = responses.next().await {
+        let item = item.unwrap();
+        let i: usize = item.id[1..].parse().unwrap();
+        match item.result.unwrap() {
+            v1::infer_stream_response::Result::Response(r) => match &r.outputs[0].data {
+                Some(v1::tensor::Data::Values(v)) => assert_eq!(v.fp32, vec![i as f32]),
+                other => panic!("{other:?}"),
+            },
+            v1::infer_stream_response::Result::Error(e) => {
+                assert_eq!(i, 7);
+                assert_eq!(e.code, Code::InvalidArgument as i32);
+            }
+        }
+        seen.insert(i);
+    }
+    assert_eq!(seen.len(), 20);
+}
+
+#[tokio::test]
+async fn oversize_requests_are_resource_exhausted() {
+    let s = start(&["--max-message-bytes", "65536"]).await;
+    let mut client = GrpcInferenceServiceClient::new(channel(&s).await);
+    let n = 64 * 1024;
+    let req = kserve::ModelInferRequest {
+        model_name: "identity".into(),
+        inputs: vec![kserve::model_infer_request::InferInputTensor {
+            name: "INPUT0".into(),
+            datatype: "FP32".into(),
+            shape: vec![1, n],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![Bytes::from(vec![0u8; n as usize * 4])],
+        ..Default::default()
+    };
+    let err = client.model_infer(req).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    // and the server is fine afterwards
+    let ok = client
+        .server_live(kserve::ServerLiveRequest {})
+        .await
+        .unwrap();
+    assert!(ok.into_inner().live);
+}
+
+#[tokio::test]
+async fn a_full_queue_is_refused_fast_and_the_server_recovers() {
+    let s = start(&["--default-max-queue-size", "2", "--load-model", "cost"]).await;
+    let ch = channel(&s).await;
+    let mut models = ModelServiceClient::new(ch.clone());
+    // One slow item per batch: the queue fills while the first batch computes.
+    models
+        .load_model(v1::LoadModelRequest {
+            name: "cost".into(),
+            config_json:
+                r#"{"max_batch_size":1,"parameters":{"base_us":{"string_value":"300000"}}}"#.into(),
+        })
+        .await
+        .unwrap();
+    let calls = (0..12).map(|i| {
+        let mut c = InferenceServiceClient::new(ch.clone());
+        async move {
+            c.infer(v1::InferRequest {
+                model: "cost".into(),
+                inputs: vec![fp32("INPUT0", vec![1, 1], vec![i as f32])],
+                ..Default::default()
+            })
+            .await
+        }
+    });
+    let results = futures::future::join_all(calls).await;
+    let exhausted = results
+        .iter()
+        .filter(|r| matches!(r, Err(s) if s.code() == Code::ResourceExhausted))
+        .count();
+    let ok = results.iter().filter(|r| r.is_ok()).count();
+    assert!(exhausted >= 1, "{results:?}");
+    assert_eq!(ok + exhausted, 12, "{results:?}");
+    let live = SystemServiceClient::new(ch)
+        .health(v1::HealthRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(live.live && live.ready);
+}
