@@ -268,3 +268,14 @@ mod tests {
         assert!(err.contains("max_message_bytes"), "{err}");
     }
 }
+
+#[cfg(test)]
+mod deploy_example {
+    #[test]
+    fn the_example_in_deploy_parses() {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/veraltheim.toml");
+        let c = super::Config::from_file(Some(&path)).unwrap();
+        assert_eq!(c.models.default_max_queue_size, 4096);
+    }
+}

@@ -15,7 +15,7 @@ mod request;
 mod stats;
 mod worker;
 
-pub use batcher::{BatchPolicy, Plan};
+pub use batcher::{BatchPolicy, Item, Plan};
 pub use error::InferError;
 pub use pool::ExecutionPool;
 pub use request::{InferOutput, Request};

@@ -1,0 +1,99 @@
+//! Fast-path micro-benchmarks: the batcher's decision, and a request's round trip through a
+//! model worker (queue → batcher → execution pool → reply) with `identity`, whose compute is a
+//! copy, so the figure is the fast path's own overhead. Run: `cargo bench -p veraltheim-benches`.
+
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use veraltheim_benches::fp32_request;
+use veraltheim_fastpath::{BatchPolicy, ExecutionPool, Item, ModelWorker, WorkerOptions};
+use veraltheim_models::builtin;
+
+fn plan(c: &mut Criterion) {
+    let policy = BatchPolicy {
+        max_batch_size: 64,
+        dynamic: true,
+        preferred: vec![8, 16, 32],
+        max_delay: Duration::from_micros(100),
+    };
+    let t0 = Instant::now();
+    let key = 0u8;
+    let items: Vec<Item<'_, u8>> = (0..64)
+        .map(|i| Item {
+            enqueued: t0 + Duration::from_nanos(i),
+            rows: 1,
+            key: &key,
+        })
+        .collect();
+    let mut g = c.benchmark_group("batcher_plan");
+    for n in [1usize, 8, 64] {
+        g.throughput(Throughput::Elements(1));
+        g.bench_function(format!("{n}_waiting"), |b| {
+            b.iter(|| policy.plan(std::hint::black_box(&items[..n]), t0))
+        });
+    }
+    g.finish();
+}
+
+fn round_trip(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let pool = ExecutionPool::new(1).expect("pool");
+    let worker = rt.block_on(async {
+        ModelWorker::start(
+            builtin::instantiate(builtin::config("identity").expect("config")).expect("model"),
+            pool,
+            &WorkerOptions::default(),
+        )
+    });
+    let model = builtin::instantiate(builtin::config("identity").expect("config")).expect("model");
+    let mut g = c.benchmark_group("worker_round_trip");
+    // Baselines in the same run: the model called directly (compute ceiling), and the bare
+    // mechanism a worker cannot avoid (a hop to a pool thread and a oneshot back).
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("baseline_direct_execute", |b| {
+        b.iter(|| {
+            let r = fp32_request(16);
+            model.execute(&r.inputs).expect("ok")
+        })
+    });
+    let bare_pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .expect("pool");
+    g.bench_function("baseline_pool_hop_and_oneshot", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let m = model.clone();
+                bare_pool.spawn(move || {
+                    let r = fp32_request(16);
+                    let _ = tx.send(m.execute(&r.inputs));
+                });
+                rx.await.expect("answered").expect("ok")
+            })
+        })
+    });
+    for producers in [1usize, 16] {
+        g.throughput(Throughput::Elements(producers as u64));
+        g.bench_function(format!("identity_1x16_{producers}_producers"), |b| {
+            b.iter(|| {
+                rt.block_on(async {
+                    let rx: Vec<_> = (0..producers)
+                        .map(|_| worker.submit(fp32_request(16)).expect("admitted"))
+                        .collect();
+                    for r in futures::future::join_all(rx).await {
+                        r.expect("answered").expect("ok");
+                    }
+                })
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, plan, round_trip);
+criterion_main!(benches);
