@@ -6,10 +6,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
+use veraltheim_bus::{SubscribeOptions, WhenFull};
 use veraltheim_models::{DataType, ModelConfig, ModelState, Tensor};
 use veraltheim_proto::v1::{
     self, inference_service_server::InferenceService, job_service_server::JobService,
@@ -22,6 +23,9 @@ use crate::convert::{from_v1, to_v1, v1_datatype};
 use crate::manager::ModelInfo;
 
 const STREAM_INFLIGHT_LIMIT: usize = 1024;
+
+/// Events a watcher may fall behind by before the oldest are dropped.
+const EVENT_BUFFER: usize = 1024;
 
 type StreamOf<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -393,11 +397,47 @@ impl SystemService for Api {
 
     async fn watch_events(
         &self,
-        _: Request<v1::WatchEventsRequest>,
+        request: Request<v1::WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
-        Err(Status::unimplemented(
-            "WatchEvents is not available yet: the event bus is not wired into the server in this version",
-        ))
+        let mut patterns = request.into_inner().topics;
+        if patterns.is_empty() {
+            patterns.push(">".to_string());
+        }
+        let mut streams = Vec::with_capacity(patterns.len());
+        for p in &patterns {
+            // A slow watcher loses its oldest events (and is told how many), never slows the
+            // components that publish.
+            let sub = self
+                .ctx
+                .bus
+                .subscribe(
+                    p,
+                    SubscribeOptions::new(EVENT_BUFFER, WhenFull::DropOldest).named("WatchEvents"),
+                )
+                .map_err(|e| Status::invalid_argument(format!("topic filter '{p}': {e}")))?;
+            streams.push(Box::pin(futures::stream::unfold(
+                sub,
+                |mut sub| async move {
+                    let d = sub.recv_delivery().await?;
+                    Some((d, sub))
+                },
+            )));
+        }
+        let events = futures::stream::select_all(streams).map(|d| {
+            let mut attributes: std::collections::HashMap<String, String> =
+                d.event.attributes.into_iter().collect();
+            if d.missed_before > 0 {
+                attributes.insert("missed_before".into(), d.missed_before.to_string());
+            }
+            Ok(v1::Event {
+                topic: d.event.topic,
+                time_ms: d.event.time_ms,
+                message: d.event.message,
+                attributes,
+                traceparent: d.event.traceparent,
+            })
+        });
+        Ok(Response::new(Box::pin(events)))
     }
 }
 

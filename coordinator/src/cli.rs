@@ -558,3 +558,49 @@ mod tests {
         assert!(err.to_string().contains("'x'"), "{err}");
     }
 }
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct EventsArgs {
+    /// Topic filter, repeatable: `*` matches one segment, `>` the rest (e.g. `models.>`,
+    /// `models.*.state`). Default: every topic.
+    #[arg(short, long = "topic")]
+    pub topics: Vec<String>,
+    /// Stop after this many events.
+    #[arg(long)]
+    pub count: Option<usize>,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// Streams lifecycle events until interrupted (or `--count` events). `--json` prints one JSON
+/// object per line.
+pub async fn events(args: EventsArgs) -> anyhow::Result<()> {
+    let mut stream = SystemServiceClient::new(connect(&args.client.server).await?)
+        .watch_events(v1::WatchEventsRequest {
+            topics: args.topics,
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let mut seen = 0;
+    while let Some(e) = stream.message().await.map_err(status_error)? {
+        if args.client.json {
+            let attrs: serde_json::Map<String, Value> = e
+                .attributes
+                .iter()
+                .map(|(k, v)| (k.clone(), json!(v)))
+                .collect();
+            println!(
+                "{}",
+                json!({"topic": e.topic, "time_ms": e.time_ms, "message": e.message, "attributes": attrs, "traceparent": e.traceparent})
+            );
+        } else {
+            println!("{} {:<28} {}", e.time_ms, e.topic, e.message);
+        }
+        seen += 1;
+        if args.count.is_some_and(|c| seen >= c) {
+            break;
+        }
+    }
+    Ok(())
+}

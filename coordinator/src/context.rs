@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use tonic::Status;
 use tonic::metadata::MetadataMap;
 use tracing::Instrument;
+use veraltheim_bus::Bus;
 use veraltheim_fastpath::{InferError, InferOutput, Request};
 use veraltheim_models::Tensor;
 use veraltheim_models::validate::{validate_inputs, validate_outputs};
@@ -16,6 +17,7 @@ use crate::manager::{ManagerError, ModelManager};
 
 pub struct Context {
     pub models: Arc<ModelManager>,
+    pub bus: Bus,
     pub started: Instant,
     /// Set once start-up loading is done; cleared when shutdown begins.
     ready: AtomicBool,
@@ -35,9 +37,10 @@ pub struct InferCall {
 }
 
 impl Context {
-    pub fn new(models: Arc<ModelManager>) -> Self {
+    pub fn new(models: Arc<ModelManager>, bus: Bus) -> Self {
         Context {
             models,
+            bus,
             started: Instant::now(),
             ready: AtomicBool::new(false),
         }

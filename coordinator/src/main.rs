@@ -40,6 +40,8 @@ enum Command {
     Health(cli::ClientArgs),
     /// The coordinator's components and their states.
     Status(cli::ClientArgs),
+    /// Stream lifecycle events (model states, restarts...), filtered by topic.
+    Events(cli::EventsArgs),
     /// Configuration helpers.
     Config {
         #[command(subcommand)]
@@ -129,6 +131,7 @@ fn main() -> ExitCode {
         Command::Models(args) => run_client(async { cli::models(args).await.map(|_| true) }),
         Command::Health(args) => run_client(cli::health(args)),
         Command::Status(args) => run_client(async { cli::status(args).await.map(|_| true) }),
+        Command::Events(args) => run_client(async { cli::events(args).await.map(|_| true) }),
         Command::Config {
             command: ConfigCommand::Default,
         } => {

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use parking_lot::RwLock;
 use thiserror::Error;
+use veraltheim_bus::{Bus, Event};
 use veraltheim_fastpath::{ExecutionPool, ModelWorker, WorkerOptions};
 use veraltheim_models::{ConfigError, ModelConfig, ModelState, builtin};
 
@@ -58,6 +59,21 @@ pub struct ModelManager {
     entries: RwLock<BTreeMap<String, Entry>>,
     /// Loads and unloads happen one at a time so that their state changes never interleave.
     ops: tokio::sync::Mutex<()>,
+    /// State changes are published as `models.<name>.state`.
+    bus: Bus,
+}
+
+/// A model name as one topic segment: characters a topic cannot hold become `_`.
+pub fn topic_segment(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c == '.' || c == '*' || c == '>' || c.is_whitespace() || c.is_control() {
+                '_'
+            } else {
+                c
+            }
+        })
+        .collect()
 }
 
 impl ModelManager {
@@ -66,6 +82,7 @@ impl ModelManager {
         options: WorkerOptions,
         unload_grace: Duration,
         fault_injection: bool,
+        bus: Bus,
     ) -> Result<Self, ConfigError> {
         let mut entries = BTreeMap::new();
         for name in builtin::names(fault_injection) {
@@ -87,6 +104,7 @@ impl ModelManager {
             unload_grace,
             entries: RwLock::new(entries),
             ops: tokio::sync::Mutex::new(()),
+            bus,
         })
     }
 
@@ -155,12 +173,28 @@ impl ModelManager {
         }
     }
 
-    fn set_state(&self, name: &str, state: ModelState, reason: &str) {
+    async fn set_state(&self, name: &str, state: ModelState, reason: &str) {
         if let Some(e) = self.entries.write().get_mut(name) {
             e.state = state;
             e.reason = reason.to_string();
         }
+        self.announce(name, state, reason).await;
+    }
+
+    async fn announce(&self, name: &str, state: ModelState, reason: &str) {
         tracing::info!(model = name, state = %state, reason, "model state");
+        let message = if reason.is_empty() {
+            format!("model {name} is {state}")
+        } else {
+            format!("model {name} is {state}: {reason}")
+        };
+        let event = Event::new(format!("models.{}.state", topic_segment(name)), message)
+            .with_attribute("model", name)
+            .with_attribute("state", state.as_str())
+            .with_attribute("reason", reason);
+        if let Err(e) = self.bus.publish(event).await {
+            tracing::warn!(model = name, error = %e, "model state event not published");
+        }
     }
 
     /// Loads a model, or reloads it with a new configuration. The override (Triton's `config`
@@ -188,7 +222,7 @@ impl ModelManager {
             source,
         })?;
         if !was_ready {
-            self.set_state(name, ModelState::Loading, "");
+            self.set_state(name, ModelState::Loading, "").await;
         }
         // Backends may read files and build large structures: keep that off the async threads.
         let built = tokio::task::spawn_blocking({
@@ -202,7 +236,7 @@ impl ModelManager {
             Ok(m) => m,
             Err(reason) => {
                 if !was_ready {
-                    self.set_state(name, ModelState::Failed, &reason);
+                    self.set_state(name, ModelState::Failed, &reason).await;
                 }
                 return Err(ManagerError::LoadFailed {
                     name: name.to_string(),
@@ -221,12 +255,12 @@ impl ModelManager {
             e.reason.clear();
             e.worker.replace(worker)
         };
-        tracing::info!(
-            model = name,
-            state = "READY",
-            reloaded = old.is_some(),
-            "model state"
-        );
+        self.announce(
+            name,
+            ModelState::Ready,
+            if old.is_some() { "reloaded" } else { "" },
+        )
+        .await;
         if let Some(old) = old {
             // Requests already queued on the old version finish there.
             let grace = self.unload_grace;
@@ -247,11 +281,12 @@ impl ModelManager {
             e.state = ModelState::Unloading;
             e.worker.take()
         };
-        tracing::info!(model = name, state = "UNLOADING", "model state");
+        self.announce(name, ModelState::Unloading, "").await;
         if let Some(w) = worker {
             w.stop(self.unload_grace).await;
         }
-        self.set_state(name, ModelState::NotLoaded, "unloaded");
+        self.set_state(name, ModelState::NotLoaded, "unloaded")
+            .await;
         self.info(name)
     }
 
@@ -281,8 +316,32 @@ mod tests {
             WorkerOptions::default(),
             Duration::from_secs(5),
             true,
+            Bus::new(),
         )
         .unwrap()
+    }
+
+    #[tokio::test]
+    async fn state_changes_are_published_in_order() {
+        let m = manager();
+        let mut sub = m
+            .bus
+            .subscribe(
+                "models.cost.>",
+                veraltheim_bus::SubscribeOptions::new(16, veraltheim_bus::WhenFull::Reject),
+            )
+            .unwrap();
+        m.load("cost", None).await.unwrap();
+        m.unload("cost").await.unwrap();
+        let mut states = Vec::new();
+        for _ in 0..4 {
+            let e = tokio::time::timeout(Duration::from_secs(5), sub.recv())
+                .await
+                .unwrap_or_else(|_| panic!("only got {states:?}"))
+                .unwrap();
+            states.push(e.attributes["state"].clone());
+        }
+        assert_eq!(states, ["LOADING", "READY", "UNLOADING", "NOT_LOADED"]);
     }
 
     #[tokio::test]

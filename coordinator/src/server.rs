@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::service::Routes;
 use tower::util::MapResponseLayer;
+use veraltheim_bus::Bus;
 use veraltheim_fastpath::{ExecutionPool, WorkerOptions};
 use veraltheim_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use veraltheim_proto::v1::{
@@ -74,6 +75,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let pool =
         ExecutionPool::new(config.execution.threads).context("cannot start the execution pool")?;
     let threads = pool.threads();
+    let bus = Bus::new();
     let models = Arc::new(ModelManager::new(
         pool,
         WorkerOptions {
@@ -81,8 +83,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         },
         Duration::from_secs(config.models.unload_grace_seconds),
         config.models.enable_fault_injection,
+        bus.clone(),
     )?);
-    let ctx = Arc::new(Context::new(models.clone()));
+    let ctx = Arc::new(Context::new(models.clone(), bus));
 
     let grpc_addr = config.server.grpc_addr;
     let http_addr = config.server.http_addr;

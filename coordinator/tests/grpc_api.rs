@@ -359,3 +359,58 @@ async fn a_full_queue_is_refused_fast_and_the_server_recovers() {
         .into_inner();
     assert!(live.live && live.ready);
 }
+
+#[tokio::test]
+async fn watch_events_streams_model_state_changes_by_topic() {
+    let s = start(&[]).await;
+    let ch = channel(&s).await;
+    let mut events = SystemServiceClient::new(ch.clone())
+        .watch_events(v1::WatchEventsRequest {
+            topics: vec!["models.cost.>".into()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut models = ModelServiceClient::new(ch.clone());
+    models
+        .unload_model(v1::UnloadModelRequest {
+            name: "identity".into(),
+        })
+        .await
+        .unwrap();
+    models
+        .unload_model(v1::UnloadModelRequest {
+            name: "cost".into(),
+        })
+        .await
+        .unwrap();
+    models
+        .load_model(v1::LoadModelRequest {
+            name: "cost".into(),
+            config_json: String::new(),
+        })
+        .await
+        .unwrap();
+    let mut states = Vec::new();
+    while states.len() < 4 {
+        let e = tokio::time::timeout(Duration::from_secs(10), events.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            e.topic, "models.cost.state",
+            "the filter must keep identity's events out"
+        );
+        states.push(e.attributes["state"].clone());
+    }
+    assert_eq!(states, ["UNLOADING", "NOT_LOADED", "LOADING", "READY"]);
+
+    let err = SystemServiceClient::new(ch)
+        .watch_events(v1::WatchEventsRequest {
+            topics: vec!["models..x".into()],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+}
