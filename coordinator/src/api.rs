@@ -21,6 +21,8 @@ use veraltheim_proto::v1::{
 use crate::context::{Context, InferCall, grpc_deadline, manager_status};
 use crate::convert::{from_v1, to_v1, v1_datatype};
 use crate::manager::ModelInfo;
+use crate::resources::HostSnapshot;
+use veraltheim_supervisor::{NodeKind, NodeSnapshot};
 
 const STREAM_INFLIGHT_LIMIT: usize = 1024;
 
@@ -307,19 +309,37 @@ impl ModelService for Api {
     }
 }
 
-fn node(
-    name: &str,
-    kind: &str,
-    state: &str,
-    children: Vec<v1::SupervisorNode>,
-) -> v1::SupervisorNode {
+fn node(n: &NodeSnapshot) -> v1::SupervisorNode {
     v1::SupervisorNode {
-        name: name.to_string(),
-        kind: kind.to_string(),
-        state: state.to_string(),
-        restarts: 0,
-        last_failure: String::new(),
-        children,
+        name: n.name.clone(),
+        kind: match n.kind {
+            NodeKind::Supervisor => "supervisor",
+            NodeKind::Worker => "worker",
+        }
+        .to_string(),
+        state: n.state.as_str().to_string(),
+        restarts: n.restarts,
+        last_failure: n.last_failure.clone().unwrap_or_default(),
+        children: n.children.iter().map(node).collect(),
+    }
+}
+
+fn cpu(h: &HostSnapshot) -> v1::Cpu {
+    v1::Cpu {
+        cores: h.cores,
+        memory_total_bytes: h.memory_total_bytes,
+        memory_available_bytes: h.memory_available_bytes,
+        process_rss_bytes: h.process_rss_bytes,
+    }
+}
+
+fn resource_snapshot(ctx: &Context) -> v1::ResourceSnapshot {
+    let h = ctx.host.snapshot();
+    v1::ResourceSnapshot {
+        time_ms: h.time_ms,
+        cpu: Some(cpu(&h)),
+        // GPUs join the inventory with NVML monitoring; none are reported until then.
+        gpus: Vec::new(),
     }
 }
 
@@ -340,57 +360,36 @@ impl SystemService for Api {
         &self,
         _: Request<v1::GetStatusRequest>,
     ) -> Result<Response<v1::GetStatusResponse>, Status> {
-        // The running components as they are; the supervision tree (restarts, failures) takes
-        // this place when the supervisor lands.
-        let workers = self
-            .ctx
-            .models
-            .list()
-            .into_iter()
-            .map(|m| {
-                let state = match m.state {
-                    ModelState::Ready => "running",
-                    ModelState::Loading => "starting",
-                    ModelState::Unloading => "stopping",
-                    ModelState::NotLoaded => "stopped",
-                    ModelState::Failed => "failed",
-                };
-                let mut n = node(&format!("model:{}", m.name), "worker", state, Vec::new());
-                n.last_failure = if m.state == ModelState::Failed {
-                    m.reason
-                } else {
-                    String::new()
-                };
-                n
-            })
-            .collect();
-        let api_state = if self.ctx.is_ready() {
-            "running"
-        } else {
-            "starting"
-        };
-        let root = node(
-            "veraltheim",
-            "supervisor",
-            api_state,
-            vec![
-                node("FastPathProcessor", "supervisor", "running", workers),
-                node(
-                    "API",
-                    "supervisor",
-                    api_state,
-                    vec![
-                        node("grpc", "worker", api_state, Vec::new()),
-                        node("http", "worker", api_state, Vec::new()),
-                    ],
-                ),
-            ],
-        );
+        let root = self.ctx.tree.read().as_ref().map(|t| node(&t.snapshot()));
         Ok(Response::new(v1::GetStatusResponse {
             version: env!("CARGO_PKG_VERSION").to_string(),
             uptime_ms: self.ctx.started.elapsed().as_millis() as u64,
-            root: Some(root),
+            root,
         }))
+    }
+
+    async fn kill_child(
+        &self,
+        request: Request<v1::KillChildRequest>,
+    ) -> Result<Response<v1::KillChildResponse>, Status> {
+        if !self.ctx.fault_injection {
+            return Err(Status::failed_precondition(
+                "KillChild is fault injection: start the server with --enable-fault-injection",
+            ));
+        }
+        let path = request.into_inner().path;
+        let tree = self.ctx.tree.read().clone();
+        let Some(tree) = tree else {
+            return Err(Status::unavailable("the supervision tree is not running"));
+        };
+        tree.kill_child(&path).await.map_err(|e| match e {
+            veraltheim_supervisor::Error::NotFound { .. } => {
+                Status::not_found(format!("no supervised task at '{path}': {e}"))
+            }
+            other => Status::failed_precondition(format!("cannot kill '{path}': {other}")),
+        })?;
+        tracing::warn!(%path, "killed by request (fault injection)");
+        Ok(Response::new(v1::KillChildResponse {}))
     }
 
     type WatchEventsStream = StreamOf<v1::Event>;
@@ -486,25 +485,32 @@ impl JobService for Api {
     }
 }
 
-fn no_resources() -> Status {
-    Status::unimplemented(
-        "the device inventory is not available yet in this version of the coordinator",
-    )
-}
-
 #[tonic::async_trait]
 impl ResourceService for Api {
     async fn get_resources(
         &self,
         _: Request<v1::GetResourcesRequest>,
     ) -> Result<Response<v1::ResourceSnapshot>, Status> {
-        Err(no_resources())
+        Ok(Response::new(resource_snapshot(&self.ctx)))
     }
+
     type WatchResourcesStream = StreamOf<v1::ResourceSnapshot>;
+
     async fn watch_resources(
         &self,
-        _: Request<v1::WatchResourcesRequest>,
+        request: Request<v1::WatchResourcesRequest>,
     ) -> Result<Response<Self::WatchResourcesStream>, Status> {
-        Err(no_resources())
+        let ms = request.get_ref().interval_ms;
+        let every = if ms == 0 {
+            self.ctx.host.interval()
+        } else {
+            // Sampling faster than this only burns the watcher's and our CPU.
+            Duration::from_millis(u64::from(ms).max(100))
+        };
+        let ctx = self.ctx.clone();
+        let ticks = tokio_stream::wrappers::IntervalStream::new(tokio::time::interval(every));
+        Ok(Response::new(Box::pin(
+            ticks.map(move |_| Ok(resource_snapshot(&ctx))),
+        )))
     }
 }

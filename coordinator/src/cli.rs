@@ -604,3 +604,13 @@ pub async fn events(args: EventsArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Aborts a supervised task as if it had crashed (the server needs --enable-fault-injection).
+pub async fn kill(path: String, args: ClientArgs) -> anyhow::Result<()> {
+    SystemServiceClient::new(connect(&args.server).await?)
+        .kill_child(v1::KillChildRequest { path: path.clone() })
+        .await
+        .map_err(status_error)?;
+    println!("killed {path}");
+    Ok(())
+}

@@ -9,6 +9,9 @@ use tonic::Status;
 use tonic::metadata::MetadataMap;
 use tracing::Instrument;
 use veraltheim_bus::Bus;
+use veraltheim_supervisor::SupervisorHandle;
+
+use crate::resources::HostMonitor;
 use veraltheim_fastpath::{InferError, InferOutput, Request};
 use veraltheim_models::Tensor;
 use veraltheim_models::validate::{validate_inputs, validate_outputs};
@@ -18,6 +21,11 @@ use crate::manager::{ManagerError, ModelManager};
 pub struct Context {
     pub models: Arc<ModelManager>,
     pub bus: Bus,
+    pub host: Arc<HostMonitor>,
+    /// Whether KillChild (and the `fault` model) are allowed.
+    pub fault_injection: bool,
+    /// The supervision tree's root, once it runs.
+    pub tree: parking_lot::RwLock<Option<SupervisorHandle>>,
     pub started: Instant,
     /// Set once start-up loading is done; cleared when shutdown begins.
     ready: AtomicBool,
@@ -37,10 +45,18 @@ pub struct InferCall {
 }
 
 impl Context {
-    pub fn new(models: Arc<ModelManager>, bus: Bus) -> Self {
+    pub fn new(
+        models: Arc<ModelManager>,
+        bus: Bus,
+        host: Arc<HostMonitor>,
+        fault_injection: bool,
+    ) -> Self {
         Context {
             models,
             bus,
+            host,
+            fault_injection,
+            tree: parking_lot::RwLock::new(None),
             started: Instant::now(),
             ready: AtomicBool::new(false),
         }

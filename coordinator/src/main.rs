@@ -10,7 +10,9 @@ mod convert;
 mod http;
 mod kserve;
 mod manager;
+mod resources;
 mod server;
+mod tree;
 
 use std::process::ExitCode;
 
@@ -42,6 +44,14 @@ enum Command {
     Status(cli::ClientArgs),
     /// Stream lifecycle events (model states, restarts...), filtered by topic.
     Events(cli::EventsArgs),
+    /// Abort a supervised task as if it crashed, e.g. `API/http` (fault injection: the server
+    /// must run with --enable-fault-injection).
+    Kill {
+        /// Path in the tree below the root, as `status` shows it.
+        path: String,
+        #[command(flatten)]
+        client: cli::ClientArgs,
+    },
     /// Configuration helpers.
     Config {
         #[command(subcommand)]
@@ -132,6 +142,9 @@ fn main() -> ExitCode {
         Command::Health(args) => run_client(cli::health(args)),
         Command::Status(args) => run_client(async { cli::status(args).await.map(|_| true) }),
         Command::Events(args) => run_client(async { cli::events(args).await.map(|_| true) }),
+        Command::Kill { path, client } => {
+            run_client(async { cli::kill(path, client).await.map(|_| true) })
+        }
         Command::Config {
             command: ConfigCommand::Default,
         } => {

@@ -3,13 +3,19 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use backon::{ExponentialBuilder, Retryable};
 use parking_lot::RwLock;
 use thiserror::Error;
+use tokio_util::sync::CancellationToken;
 use veraltheim_bus::{Bus, Event};
 use veraltheim_fastpath::{ExecutionPool, ModelWorker, WorkerOptions};
 use veraltheim_models::{ConfigError, ModelConfig, ModelState, builtin};
+use veraltheim_supervisor::{Error as SupervisorError, SupervisorHandle};
+
+use crate::tree::{FAST_PATH, model_child};
 
 /// Every model has one version for now: the one it was loaded with.
 pub const MODEL_VERSION: &str = "1";
@@ -50,6 +56,8 @@ struct Entry {
     state: ModelState,
     reason: String,
     worker: Option<Arc<ModelWorker>>,
+    /// The worker's name under FastPathProcessor (`model:<name>#<generation>`).
+    child: Option<String>,
 }
 
 pub struct ModelManager {
@@ -61,6 +69,9 @@ pub struct ModelManager {
     ops: tokio::sync::Mutex<()>,
     /// State changes are published as `models.<name>.state`.
     bus: Bus,
+    /// The supervision tree's root, once it runs; model workers are its children.
+    tree: RwLock<Option<SupervisorHandle>>,
+    generation: AtomicU64,
 }
 
 /// A model name as one topic segment: characters a topic cannot hold become `_`.
@@ -95,6 +106,7 @@ impl ModelManager {
                     state: ModelState::NotLoaded,
                     reason: String::new(),
                     worker: None,
+                    child: None,
                 },
             );
         }
@@ -105,7 +117,79 @@ impl ModelManager {
             entries: RwLock::new(entries),
             ops: tokio::sync::Mutex::new(()),
             bus,
+            tree: RwLock::new(None),
+            generation: AtomicU64::new(0),
         })
+    }
+
+    /// From now on, model workers run under the tree's FastPathProcessor.
+    pub fn attach_tree(&self, root: SupervisorHandle) {
+        *self.tree.write() = Some(root);
+    }
+
+    /// Runs a worker's batcher loop: under the tree when there is one, else on its own task
+    /// (restarted in place after a panic).
+    async fn supervise(&self, child: &str, worker: Arc<ModelWorker>) {
+        let root = self.tree.read().clone();
+        let Some(root) = root else {
+            tokio::spawn(async move {
+                let cancel = CancellationToken::new();
+                while let Err(failure) = worker.run(&cancel).await {
+                    tracing::warn!(%failure, "batcher restarted");
+                }
+            });
+            return;
+        };
+        // FastPathProcessor may be between incarnations (its parent restarting): retry briefly;
+        // if it stays away, the EventRouter re-attaches the workers when it starts.
+        let attach = || {
+            let (root, worker) = (root.clone(), worker.clone());
+            async move {
+                match root
+                    .supervisor(FAST_PATH)?
+                    .start_child(model_child(child, worker))
+                    .await
+                {
+                    Ok(()) | Err(SupervisorError::AlreadyPresent { .. }) => Ok(()),
+                    Err(e) => Err(e),
+                }
+            }
+        };
+        let attached = attach
+            .retry(
+                ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(10))
+                    .with_max_delay(Duration::from_millis(500))
+                    .with_max_times(10),
+            )
+            .await;
+        if let Err(e) = attached {
+            tracing::warn!(child, error = %e, "model worker not supervised yet");
+        }
+    }
+
+    /// Takes a drained worker's supervisor out of the tree.
+    async fn unsupervise(root: Option<SupervisorHandle>, child: &str) {
+        let Some(root) = root else { return };
+        if let Ok(fast_path) = root.supervisor(FAST_PATH) {
+            let _ = fast_path.terminate_child(child).await;
+            let _ = fast_path.delete_child(child).await;
+        }
+    }
+
+    /// Puts every running model's worker back under FastPathProcessor, after that supervisor
+    /// was restarted (it comes back from its spec, without the children added at run time).
+    pub async fn reattach_workers(&self) {
+        let running: Vec<(String, Arc<ModelWorker>)> = self
+            .entries
+            .read()
+            .values()
+            .filter_map(|e| Some((e.child.clone()?, e.worker.clone()?)))
+            .collect();
+        for (child, worker) in running {
+            tracing::info!(child, "re-attaching model worker");
+            self.supervise(&child, worker).await;
+        }
     }
 
     pub fn names(&self) -> Vec<String> {
@@ -244,8 +328,13 @@ impl ModelManager {
                 });
             }
         };
-        let worker = Arc::new(ModelWorker::start(model, self.pool.clone(), &self.options));
-        let old = {
+        let worker = Arc::new(ModelWorker::new(model, self.pool.clone(), &self.options));
+        let child = format!(
+            "model:{name}#{}",
+            self.generation.fetch_add(1, Ordering::Relaxed) + 1
+        );
+        self.supervise(&child, worker.clone()).await;
+        let (old, old_child) = {
             let mut entries = self.entries.write();
             let Some(e) = entries.get_mut(name) else {
                 return Err(ManagerError::NotFound(name.to_string()));
@@ -253,7 +342,7 @@ impl ModelManager {
             e.config = config;
             e.state = ModelState::Ready;
             e.reason.clear();
-            e.worker.replace(worker)
+            (e.worker.replace(worker), e.child.replace(child))
         };
         self.announce(
             name,
@@ -264,7 +353,13 @@ impl ModelManager {
         if let Some(old) = old {
             // Requests already queued on the old version finish there.
             let grace = self.unload_grace;
-            tokio::spawn(async move { old.stop(grace).await });
+            let root = self.tree.read().clone();
+            tokio::spawn(async move {
+                old.stop(grace).await;
+                if let Some(child) = old_child {
+                    Self::unsupervise(root, &child).await;
+                }
+            });
         }
         self.info(name)
     }
@@ -279,11 +374,16 @@ impl ModelManager {
                 .get_mut(name)
                 .ok_or_else(|| ManagerError::NotFound(name.to_string()))?;
             e.state = ModelState::Unloading;
-            e.worker.take()
+            (e.worker.take(), e.child.take())
         };
         self.announce(name, ModelState::Unloading, "").await;
+        let (worker, child) = worker;
         if let Some(w) = worker {
             w.stop(self.unload_grace).await;
+        }
+        if let Some(child) = child {
+            let root = self.tree.read().clone();
+            Self::unsupervise(root, &child).await;
         }
         self.set_state(name, ModelState::NotLoaded, "unloaded")
             .await;

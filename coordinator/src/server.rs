@@ -1,15 +1,15 @@
-//! `veraltheim serve`: builds the coordinator from its configuration and runs it until SIGTERM or
-//! SIGINT, then shuts down in order: stop accepting, let in-flight work finish within the grace
-//! period, drain the model workers.
+//! `veraltheim serve`: builds the coordinator from its configuration, starts it as a supervision
+//! tree (see `tree.rs`), and runs until SIGTERM or SIGINT. Shutdown goes in order: stop taking
+//! work (the API servers finish their in-flight calls), drain the model workers, then stop the
+//! rest of the tree in reverse start order — all within the grace period.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context as _, bail};
+use anyhow::{Context as _, anyhow, bail};
 use axum::serve::ListenerExt;
 use http::HeaderValue;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 use tonic::service::Routes;
 use tower::util::MapResponseLayer;
 use veraltheim_bus::Bus;
@@ -20,12 +20,18 @@ use veraltheim_proto::v1::{
     model_service_server::ModelServiceServer, resource_service_server::ResourceServiceServer,
     system_service_server::SystemServiceServer,
 };
+use veraltheim_supervisor::ChildContext;
 
 use crate::api::Api;
 use crate::config::Config;
 use crate::context::Context;
 use crate::kserve::KserveService;
 use crate::manager::ModelManager;
+use crate::resources::HostMonitor;
+use crate::tree::{ServeFn, TreeParts};
+
+/// How often the ResourceMonitor samples the host.
+const HOST_SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// tonic refuses an oversize request with OUT_OF_RANGE; gRPC's convention (and what Triton
 /// clients expect) is RESOURCE_EXHAUSTED. The refusal is a trailers-only response, so its status
@@ -65,57 +71,38 @@ async fn shutdown_signal() {
     }
 }
 
-pub async fn serve(config: Config) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&config.storage.data_dir).with_context(|| {
-        format!(
-            "cannot create the data directory {}",
-            config.storage.data_dir.display()
-        )
-    })?;
-    let pool =
-        ExecutionPool::new(config.execution.threads).context("cannot start the execution pool")?;
-    let threads = pool.threads();
-    let bus = Bus::new();
-    let models = Arc::new(ModelManager::new(
-        pool,
-        WorkerOptions {
-            default_max_queue_size: config.models.default_max_queue_size,
-        },
-        Duration::from_secs(config.models.unload_grace_seconds),
-        config.models.enable_fault_injection,
-        bus.clone(),
-    )?);
-    let ctx = Arc::new(Context::new(models.clone(), bus));
+fn bind(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<std::net::TcpListener> {
+    let listener = std::net::TcpListener::bind(addr)
+        .with_context(|| format!("cannot listen for {what} on {addr}"))?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
 
-    let grpc_addr = config.server.grpc_addr;
-    let http_addr = config.server.http_addr;
-    let grpc_listener = TcpListener::bind(grpc_addr)
-        .await
-        .with_context(|| format!("cannot listen for gRPC on {grpc_addr}"))?;
-    let http_listener = TcpListener::bind(http_addr)
-        .await
-        .with_context(|| format!("cannot listen for HTTP on {http_addr}"))?;
+/// A server as a supervised worker. The listening socket is bound once, before the tree starts
+/// (so a busy port fails the start with a clear message); each (re)start serves a duplicate of
+/// it until the worker is told to stop.
+fn server_worker(listener: std::net::TcpListener, router: axum::Router) -> ServeFn {
+    let listener = Arc::new(listener);
+    Arc::new(move |ctx: ChildContext| {
+        let listener = listener.clone();
+        let router = router.clone();
+        Box::pin(async move {
+            let listener = TcpListener::from_std(listener.try_clone()?)?;
+            axum::serve(
+                listener.tap_io(|tcp| {
+                    // Small unary calls: send each response at once.
+                    let _ = tcp.set_nodelay(true);
+                }),
+                router,
+            )
+            .with_graceful_shutdown(async move { ctx.cancelled().await })
+            .await?;
+            Ok(())
+        })
+    })
+}
 
-    let startup: Vec<String> = if config.models.load.is_empty() {
-        models.names()
-    } else {
-        config.models.load.clone()
-    };
-    for name in &startup {
-        if models.info(name).is_err() {
-            bail!(
-                "--load-model {name}: no such model (known: {})",
-                models.names().join(", ")
-            );
-        }
-    }
-
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let stopped = |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
-
-    let max = config.server.max_message_bytes;
+fn grpc_router(ctx: &Arc<Context>, max: usize) -> axum::Router {
     let api = Api::new(ctx.clone());
     let routes = Routes::new(
         GrpcInferenceServiceServer::new(KserveService::new(ctx.clone()))
@@ -134,23 +121,76 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     // gRPC is served by hyper through axum rather than tonic's transport server: that server
     // always enforces `grpc-timeout` itself and answers CANCELLED, racing our own deadline
     // handling, which answers DEADLINE_EXCEEDED as the gRPC spec says.
-    let grpc_router = routes
+    routes
         .prepare()
         .into_axum_router()
         // Oversize requests get RESOURCE_EXHAUSTED, as gRPC clients expect.
-        .layer(MapResponseLayer::new(oversize_is_resource_exhausted));
-    let grpc = axum::serve(
-        grpc_listener.tap_io(|tcp| {
-            // Small unary calls: send each response at once.
-            let _ = tcp.set_nodelay(true);
-        }),
-        grpc_router,
-    )
-    .with_graceful_shutdown(stopped(stop_rx.clone()));
-    let http = axum::serve(http_listener, crate::http::router(ctx.clone()))
-        .with_graceful_shutdown(stopped(stop_rx.clone()));
-    let grpc_task = tokio::spawn(async move { grpc.await });
-    let http_task = tokio::spawn(async move { http.await });
+        .layer(MapResponseLayer::new(oversize_is_resource_exhausted))
+}
+
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.storage.data_dir).with_context(|| {
+        format!(
+            "cannot create the data directory {}",
+            config.storage.data_dir.display()
+        )
+    })?;
+    let pool =
+        ExecutionPool::new(config.execution.threads).context("cannot start the execution pool")?;
+    let threads = pool.threads();
+    let bus = Bus::new();
+    let host = Arc::new(HostMonitor::new(HOST_SAMPLE_INTERVAL));
+    let models = Arc::new(ModelManager::new(
+        pool,
+        WorkerOptions {
+            default_max_queue_size: config.models.default_max_queue_size,
+        },
+        Duration::from_secs(config.models.unload_grace_seconds),
+        config.models.enable_fault_injection,
+        bus.clone(),
+    )?);
+    let ctx = Arc::new(Context::new(
+        models.clone(),
+        bus.clone(),
+        host.clone(),
+        config.models.enable_fault_injection,
+    ));
+
+    let startup: Vec<String> = if config.models.load.is_empty() {
+        models.names()
+    } else {
+        config.models.load.clone()
+    };
+    for name in &startup {
+        if models.info(name).is_err() {
+            bail!(
+                "--load-model {name}: no such model (known: {})",
+                models.names().join(", ")
+            );
+        }
+    }
+
+    let grpc_addr = config.server.grpc_addr;
+    let http_addr = config.server.http_addr;
+    let grace = Duration::from_secs(config.server.shutdown_grace_seconds);
+    let grpc = server_worker(
+        bind(grpc_addr, "gRPC")?,
+        grpc_router(&ctx, config.server.max_message_bytes),
+    );
+    let http = server_worker(bind(http_addr, "HTTP")?, crate::http::router(ctx.clone()));
+    let root = crate::tree::start(TreeParts {
+        bus,
+        models: models.clone(),
+        host,
+        data_dir: config.storage.data_dir.clone(),
+        grpc,
+        http,
+        shutdown_grace: grace,
+    })
+    .await
+    .context("the supervision tree did not start")?;
+    models.attach_tree(root.clone());
+    *ctx.tree.write() = Some(root.clone());
     tracing::info!(%grpc_addr, %http_addr, execution_threads = threads, "serving");
 
     let loading = {
@@ -167,22 +207,29 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         })
     };
 
-    shutdown_signal().await;
-    let grace = Duration::from_secs(config.server.shutdown_grace_seconds);
-    tracing::info!(grace_seconds = grace.as_secs(), "shutting down");
+    let failure = tokio::select! {
+        _ = shutdown_signal() => None,
+        ended = root.wait() => Some(ended),
+    };
     ctx.set_ready(false);
     loading.abort();
-    let _ = stop_tx.send(true);
-    // Servers stop accepting at once and finish their in-flight calls; long-lived streams get
-    // the grace period, then are cut.
-    let servers = async {
-        let _ = grpc_task.await;
-        let _ = http_task.await;
-    };
-    if tokio::time::timeout(grace, servers).await.is_err() {
-        tracing::warn!("in-flight calls outlived the grace period; closing them");
+    if let Some(ended) = failure {
+        models.shutdown(Duration::ZERO).await;
+        return Err(match ended {
+            Ok(()) => anyhow!("the supervision tree stopped on its own"),
+            Err(e) => anyhow!("the supervision tree gave up: {e}"),
+        });
+    }
+    tracing::info!(grace_seconds = grace.as_secs(), "shutting down");
+    // The API first: stop accepting and finish in-flight calls (bounded by the servers'
+    // shutdown timeout in the tree).
+    if let Err(e) = root.terminate_child("API").await {
+        tracing::warn!(error = %e, "stopping the API servers");
     }
     models.shutdown(grace).await;
+    if let Err(e) = root.shutdown().await {
+        tracing::warn!(error = %e, "stopping the supervision tree");
+    }
     tracing::info!("stopped");
     Ok(())
 }

@@ -20,4 +20,4 @@ pub use error::InferError;
 pub use pool::ExecutionPool;
 pub use request::{InferOutput, Request};
 pub use stats::{BatchStat, DurationStat, ModelStats, StatsSnapshot};
-pub use worker::{ModelWorker, WorkerOptions};
+pub use worker::{ModelWorker, WorkerFailure, WorkerOptions};

@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use tokio::sync::{Notify, oneshot};
-use tokio::task::JoinHandle;
+use tokio::sync::{Notify, oneshot, watch};
+use tokio_util::sync::CancellationToken;
 use veraltheim_models::{Model, ModelConfig, Tensor};
 
 use crate::batcher::{BatchPolicy, Item, Plan};
@@ -47,17 +47,45 @@ struct Shared {
     closed: AtomicBool,
     abort: AtomicBool,
     pool: ExecutionPool,
+    /// Requests taken off the ring but not yet batched. Only the batcher loop touches it (and
+    /// `stop` after its grace), so the lock is uncontended; it lives here rather than in the loop
+    /// so that a restarted loop carries on with them.
+    pending: Mutex<VecDeque<Pending>>,
+    /// Set by a batch whose backend panicked: the loop then ends with that failure, so that its
+    /// supervisor sees and counts it.
+    panicked: Mutex<Option<String>>,
+    /// True once the worker is closed and has nothing left to do.
+    finished: watch::Sender<bool>,
 }
 
-/// The serving side of one loaded model.
+/// The serving side of one loaded model. Its batcher loop ([`ModelWorker::run`]) is run by
+/// whoever owns the worker: a supervisor in the coordinator, or [`ModelWorker::start`].
 pub struct ModelWorker {
     shared: Arc<Shared>,
-    task: Mutex<Option<JoinHandle<()>>>,
 }
 
+/// Why a batcher loop ended abnormally.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct WorkerFailure(pub String);
+
 impl ModelWorker {
-    /// Starts the model's batcher on the current tokio runtime.
+    /// A worker whose batcher loop runs on the current tokio runtime, restarted in place after a
+    /// backend panic. (The coordinator runs the loop under its supervision tree instead.)
     pub fn start(model: Arc<dyn Model>, pool: ExecutionPool, options: &WorkerOptions) -> Self {
+        let worker = Self::new(model, pool, options);
+        let shared = worker.shared.clone();
+        tokio::spawn(async move {
+            let cancel = CancellationToken::new();
+            while let Err(failure) = run(&shared, &cancel).await {
+                tracing::warn!(model = %shared.name, %failure, "batcher restarted");
+            }
+        });
+        worker
+    }
+
+    /// A worker whose batcher loop nobody runs yet: call [`ModelWorker::run`].
+    pub fn new(model: Arc<dyn Model>, pool: ExecutionPool, options: &WorkerOptions) -> Self {
         let config = model.config();
         let queue_policy = config
             .dynamic_batching
@@ -84,12 +112,23 @@ impl ModelWorker {
             abort: AtomicBool::new(false),
             pool,
             model,
+            pending: Mutex::new(VecDeque::new()),
+            panicked: Mutex::new(None),
+            finished: watch::channel(false).0,
         });
-        let task = tokio::spawn(run(shared.clone()));
-        ModelWorker {
-            shared,
-            task: Mutex::new(Some(task)),
-        }
+        ModelWorker { shared }
+    }
+
+    /// The batcher loop. Returns `Ok` when the worker is closed and drained or `cancel` fires,
+    /// and an error after a batch whose backend panicked (that batch's callers already have
+    /// their INTERNAL answer; queued requests stay queued for the next run of the loop).
+    pub async fn run(&self, cancel: &CancellationToken) -> Result<(), WorkerFailure> {
+        run(&self.shared, cancel).await
+    }
+
+    /// Whether the worker has stopped for good (closed and drained, or failed after `stop`).
+    pub fn is_finished(&self) -> bool {
+        *self.shared.finished.borrow()
     }
 
     pub fn name(&self) -> &str {
@@ -163,17 +202,20 @@ impl ModelWorker {
     }
 
     /// Stops taking requests, lets queued and running ones finish for up to `grace`, then fails
-    /// what is left with UNAVAILABLE.
+    /// what is still queued with UNAVAILABLE. Batches already executing finish regardless.
     pub async fn stop(&self, grace: Duration) {
-        self.shared.closed.store(true, Ordering::Release);
-        self.shared.notify.notify_one();
-        let Some(mut task) = self.task.lock().take() else {
-            return;
-        };
-        if tokio::time::timeout(grace, &mut task).await.is_err() {
-            self.shared.abort.store(true, Ordering::Release);
-            self.shared.notify.notify_one();
-            let _ = task.await;
+        let s = &self.shared;
+        s.closed.store(true, Ordering::Release);
+        s.notify.notify_one();
+        let mut finished = s.finished.subscribe();
+        if tokio::time::timeout(grace, finished.wait_for(|f| *f))
+            .await
+            .is_err()
+        {
+            s.abort.store(true, Ordering::Release);
+            fail_all(s, "the model was unloaded before this request ran");
+            s.finished.send_replace(true);
+            s.notify.notify_one();
         }
     }
 }
@@ -182,76 +224,93 @@ impl Drop for ModelWorker {
     fn drop(&mut self) {
         self.shared.closed.store(true, Ordering::Release);
         self.shared.abort.store(true, Ordering::Release);
+        fail_all(&self.shared, "the model worker went away");
         self.shared.notify.notify_one();
     }
 }
 
+/// Answers every queued request with UNAVAILABLE.
+fn fail_all(s: &Shared, reason: &str) {
+    let mut pending = s.pending.lock();
+    while let Some(p) = s.queue.pop() {
+        pending.push_back(p);
+    }
+    let n = pending.len();
+    for p in pending.drain(..) {
+        let _ = p.reply.send(Err(InferError::Unavailable {
+            model: s.name.clone(),
+            reason: reason.to_string(),
+        }));
+    }
+    s.queue.release(n);
+}
+
 /// The batcher: bookkeeping only, no model code.
-async fn run(s: Arc<Shared>) {
-    let mut pending: VecDeque<Pending> = VecDeque::new();
+async fn run(s: &Arc<Shared>, cancel: &CancellationToken) -> Result<(), WorkerFailure> {
     loop {
-        while let Some(p) = s.queue.pop() {
-            pending.push_back(p);
+        if let Some(message) = s.panicked.lock().take() {
+            return Err(WorkerFailure(format!("backend panicked: {message}")));
         }
         if s.abort.load(Ordering::Acquire) {
-            let n = pending.len();
-            for p in pending.drain(..) {
-                let _ = p.reply.send(Err(InferError::Unavailable {
-                    model: s.name.clone(),
-                    reason: "the model was unloaded before this request ran".into(),
-                }));
+            fail_all(s, "the model was unloaded before this request ran");
+            s.finished.send_replace(true);
+            return Ok(());
+        }
+        let wake = {
+            let mut pending = s.pending.lock();
+            while let Some(p) = s.queue.pop() {
+                pending.push_back(p);
             }
-            s.queue.release(n);
-            return;
-        }
-
-        let now = Instant::now();
-        let mut wake = drop_dead(&s, &mut pending, now);
-
-        while s.inflight.load(Ordering::Acquire) < s.instances && !pending.is_empty() {
-            let items: Vec<Item<'_, BatchKey>> = pending
-                .iter()
-                .map(|p| Item {
-                    enqueued: p.enqueued,
-                    rows: p.req.rows,
-                    key: &p.key,
-                })
-                .collect();
-            match s.policy.plan(&items, now) {
-                Plan::Run(positions) => {
-                    let batch = take(&mut pending, &positions);
-                    s.queue.release(batch.len());
-                    s.inflight.fetch_add(1, Ordering::AcqRel);
-                    let shared = s.clone();
-                    s.pool.spawn(move || {
-                        execute(&shared, batch);
-                        shared.inflight.fetch_sub(1, Ordering::AcqRel);
-                        shared.notify.notify_one();
-                    });
-                }
-                Plan::Wait(at) => {
-                    wake = Some(wake.map_or(at, |w| w.min(at)));
-                    break;
-                }
-                Plan::Idle => break,
-            }
-        }
-
-        if s.closed.load(Ordering::Acquire)
-            && pending.is_empty()
-            && s.queue.depth() == 0
-            && s.inflight.load(Ordering::Acquire) == 0
-        {
-            return;
-        }
-        match wake {
-            Some(at) => {
-                tokio::select! {
-                    _ = s.notify.notified() => {}
-                    _ = tokio::time::sleep_until(at.into()) => {}
+            let now = Instant::now();
+            let mut wake = drop_dead(s, &mut pending, now);
+            while s.inflight.load(Ordering::Acquire) < s.instances && !pending.is_empty() {
+                let items: Vec<Item<'_, BatchKey>> = pending
+                    .iter()
+                    .map(|p| Item {
+                        enqueued: p.enqueued,
+                        rows: p.req.rows,
+                        key: &p.key,
+                    })
+                    .collect();
+                match s.policy.plan(&items, now) {
+                    Plan::Run(positions) => {
+                        let batch = take(&mut pending, &positions);
+                        s.queue.release(batch.len());
+                        s.inflight.fetch_add(1, Ordering::AcqRel);
+                        let shared = s.clone();
+                        s.pool.spawn(move || {
+                            execute(&shared, batch);
+                            shared.inflight.fetch_sub(1, Ordering::AcqRel);
+                            shared.notify.notify_one();
+                        });
+                    }
+                    Plan::Wait(at) => {
+                        wake = Some(wake.map_or(at, |w| w.min(at)));
+                        break;
+                    }
+                    Plan::Idle => break,
                 }
             }
-            None => s.notify.notified().await,
+            if s.closed.load(Ordering::Acquire)
+                && pending.is_empty()
+                && s.queue.depth() == 0
+                && s.inflight.load(Ordering::Acquire) == 0
+            {
+                s.finished.send_replace(true);
+                return Ok(());
+            }
+            wake
+        };
+        let sleep = async {
+            match wake {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = s.notify.notified() => {}
+            _ = sleep => {}
+            _ = cancel.cancelled() => return Ok(()),
         }
     }
 }
@@ -373,6 +432,9 @@ fn execute(s: &Shared, batch: Vec<Pending>) {
         Err(message) => {
             let panicked = message.starts_with("panic: ");
             tracing::warn!(model = %s.name, batch = total, %message, "batch failed");
+            if panicked {
+                *s.panicked.lock() = Some(message.trim_start_matches("panic: ").to_string());
+            }
             for p in batch {
                 s.stats.fail.add(1, done.duration_since(p.req.received));
                 let err = if panicked {

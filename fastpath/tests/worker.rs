@@ -174,3 +174,58 @@ async fn stop_after_grace_fails_what_is_left() {
     }
     assert!(unavailable >= 2, "{unavailable}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_ends_with_the_backend_panic_and_queued_work_survives_it() {
+    let pool = ExecutionPool::new(1).unwrap();
+    let fault = Arc::new(ModelWorker::new(
+        builtin::instantiate(builtin::config("fault").unwrap()).unwrap(),
+        pool,
+        &WorkerOptions::default(),
+    ));
+    let first = fault.submit(row(1.0)).unwrap();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let failure = fault.run(&cancel).await.unwrap_err();
+    assert!(failure.0.contains("injected panic"), "{failure}");
+    assert!(matches!(
+        first.await.unwrap(),
+        Err(InferError::Panicked { .. })
+    ));
+
+    // Nobody runs the loop now: stop must still answer what is queued, not leave it hanging.
+    let queued = fault.submit(row(2.0)).unwrap();
+    fault.stop(Duration::from_millis(20)).await;
+    assert!(matches!(
+        queued.await.unwrap(),
+        Err(InferError::Unavailable { .. })
+    ));
+    assert!(fault.is_finished());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_run_returns_and_a_new_run_serves_the_queue() {
+    let pool = ExecutionPool::new(1).unwrap();
+    let worker = Arc::new(ModelWorker::new(
+        cost(1_000, 0, ""),
+        pool,
+        &WorkerOptions::default(),
+    ));
+    let cancel = tokio_util::sync::CancellationToken::new();
+    cancel.cancel();
+    assert!(worker.run(&cancel).await.is_ok());
+    let rx = worker.submit(row(4.0)).unwrap();
+    let runner = {
+        let worker = worker.clone();
+        tokio::spawn(async move {
+            worker
+                .run(&tokio_util::sync::CancellationToken::new())
+                .await
+        })
+    };
+    assert_eq!(
+        rx.await.unwrap().unwrap().outputs[0].f32_values().unwrap(),
+        vec![5.0]
+    );
+    worker.stop(Duration::from_secs(10)).await;
+    assert!(runner.await.unwrap().is_ok());
+}

@@ -1,0 +1,334 @@
+//! The coordinator as a supervision tree (the seed's design):
+//!
+//! ```text
+//! SystemSupervisor
+//! ├── OrchestrationSupervisor   KubernetesSupervisor, LocalExecutor, ResourceMonitor
+//! ├── MessageBusSupervisor      QueueManager, EventRouter
+//! ├── StorageSupervisor         KVCacheManager, PersistenceManager
+//! ├── AICoordinatorSupervisor   FastPathProcessor (one supervisor per loaded model), SlowPathOrchestrator
+//! └── API                       grpc, http
+//! ```
+//!
+//! Children start in this order and stop in reverse, so on shutdown the API stops taking work
+//! before the models drain. `KubernetesSupervisor`, `LocalExecutor`, `QueueManager` and
+//! `SlowPathOrchestrator` are the slow path's places in the tree: running tasks that hold no work
+//! until the job scheduler and executors fill them.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use tokio::sync::mpsc;
+use veraltheim_bus::{Bus, Event};
+use veraltheim_storage::{RedbStore, StoreOptions};
+use veraltheim_supervisor::{
+    Backoff, BoxError, ChildContext, ChildSpec, Restart, Shutdown, SupervisorEvent,
+    SupervisorHandle, SupervisorSpec,
+};
+
+use crate::manager::ModelManager;
+use crate::resources::HostMonitor;
+
+pub const FAST_PATH: &str = "AICoordinatorSupervisor/FastPathProcessor";
+const FAST_PATH_NAME: &str = "FastPathProcessor";
+
+/// Supervisor events waiting for the EventRouter; beyond it they are dropped (and logged), since
+/// the hook that produces them must never block a supervisor.
+const EVENT_BACKLOG: usize = 4096;
+
+type BoxFuture = std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send>>;
+
+/// What the API workers serve: built by the caller, each call serves until the token fires.
+pub type ServeFn = Arc<dyn Fn(ChildContext) -> BoxFuture + Send + Sync>;
+
+pub struct TreeParts {
+    pub bus: Bus,
+    pub models: Arc<ModelManager>,
+    pub host: Arc<HostMonitor>,
+    pub data_dir: PathBuf,
+    pub grpc: ServeFn,
+    pub http: ServeFn,
+    pub shutdown_grace: Duration,
+}
+
+/// A worker that holds its place in the tree and does nothing until stopped.
+fn idle(name: &str) -> ChildSpec {
+    ChildSpec::worker(name, |ctx: ChildContext| async move {
+        ctx.cancelled().await;
+        Ok(())
+    })
+}
+
+/// A supervisor restarted in a tight loop would spend its parent's whole restart intensity in
+/// milliseconds; a short growing delay lets what it depends on (a file lock, a port) come free.
+fn subsystem(spec: SupervisorSpec) -> ChildSpec {
+    ChildSpec::supervisor(spec).backoff(
+        Backoff::exponential(Duration::from_millis(100), Duration::from_secs(5))
+            .reset_after(Duration::from_secs(30)),
+    )
+}
+
+fn restart_backoff() -> Backoff {
+    Backoff::exponential(Duration::from_millis(10), Duration::from_secs(1))
+        .reset_after(Duration::from_secs(30))
+}
+
+/// The supervisor of one loaded model: its batcher loop, restarted after a backend panic.
+pub fn model_child(child: &str, worker: Arc<veraltheim_fastpath::ModelWorker>) -> ChildSpec {
+    let batcher = ChildSpec::worker("batcher", move |ctx: ChildContext| {
+        let worker = worker.clone();
+        async move {
+            worker
+                .run(ctx.token())
+                .await
+                .map_err(|e| Box::new(e) as BoxError)
+        }
+    })
+    // A drained worker ends normally and stays ended; a panic restarts it.
+    .restart(Restart::Transient)
+    .backoff(restart_backoff());
+    ChildSpec::supervisor(
+        SupervisorSpec::new(child)
+            .intensity(5, Duration::from_secs(10))
+            .child(batcher),
+    )
+    .restart(Restart::Transient)
+    .backoff(Backoff::exponential(
+        Duration::from_millis(100),
+        Duration::from_secs(5),
+    ))
+}
+
+fn event_for(e: &SupervisorEvent) -> Option<Event> {
+    let (topic, message, supervisor, child, extra): (
+        &str,
+        String,
+        &str,
+        &str,
+        Vec<(&str, String)>,
+    ) = match e {
+        SupervisorEvent::ChildStarted { .. } => return None,
+        SupervisorEvent::ChildRestarted {
+            supervisor,
+            child,
+            restarts,
+        } => (
+            "supervisor.restarted",
+            format!("{supervisor}/{child} restarted ({restarts} restarts)"),
+            supervisor,
+            child,
+            vec![("restarts", restarts.to_string())],
+        ),
+        SupervisorEvent::ChildStartFailed {
+            supervisor,
+            child,
+            reason,
+        } => (
+            "supervisor.start_failed",
+            format!("{supervisor}/{child} failed to start: {reason}"),
+            supervisor,
+            child,
+            vec![("reason", reason.clone())],
+        ),
+        SupervisorEvent::ChildExited {
+            supervisor,
+            child,
+            exit,
+        } if exit.is_abnormal() => (
+            "supervisor.failed",
+            format!("{supervisor}/{child} {exit}"),
+            supervisor,
+            child,
+            vec![("reason", exit.to_string())],
+        ),
+        SupervisorEvent::ChildExited { .. } => return None,
+        SupervisorEvent::Escalated { supervisor, reason } => (
+            "supervisor.escalated",
+            format!("{supervisor} gave up: {reason}"),
+            supervisor,
+            "",
+            vec![("reason", reason.clone())],
+        ),
+    };
+    let mut event = Event::new(topic, message)
+        .with_attribute("supervisor", supervisor)
+        .with_attribute("child", child);
+    for (k, v) in extra {
+        event = event.with_attribute(k, v);
+    }
+    Some(event)
+}
+
+/// Forwards supervisor events to the bus, and puts the models back under a restarted
+/// FastPathProcessor (a restarted supervisor starts from its spec, without the children that
+/// were added to it at run time).
+fn event_router(
+    rx: mpsc::Receiver<SupervisorEvent>,
+    bus: Bus,
+    models: Arc<ModelManager>,
+) -> ChildSpec {
+    let rx = Arc::new(tokio::sync::Mutex::new(rx));
+    ChildSpec::worker("EventRouter", move |ctx: ChildContext| {
+        let (rx, bus, models) = (rx.clone(), bus.clone(), models.clone());
+        async move {
+            let mut rx = rx.lock().await;
+            loop {
+                let e = tokio::select! {
+                    _ = ctx.cancelled() => return Ok(()),
+                    e = rx.recv() => match e {
+                        Some(e) => e,
+                        None => return Ok(()),
+                    },
+                };
+                // Restarted itself, or started afresh with a restarted parent.
+                if let SupervisorEvent::ChildRestarted { child, .. }
+                | SupervisorEvent::ChildStarted { child, .. } = &e
+                    && child == FAST_PATH_NAME
+                {
+                    models.reattach_workers().await;
+                }
+                if let Some(event) = event_for(&e)
+                    && let Err(err) = bus.publish(event).await
+                {
+                    tracing::warn!(error = %err, "supervisor event not published");
+                }
+            }
+        }
+    })
+    .backoff(restart_backoff())
+}
+
+fn persistence(data_dir: PathBuf) -> ChildSpec {
+    ChildSpec::worker("PersistenceManager", move |ctx: ChildContext| {
+        let path = data_dir.join("state.redb");
+        async move {
+            // After a crash the previous incarnation may still be releasing the file for a moment:
+            // retry the open briefly before calling the start failed.
+            let open = || async {
+                let path = path.clone();
+                tokio::task::spawn_blocking(move || RedbStore::open(&path, StoreOptions::default()))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())
+            };
+            let store = open
+                .retry(
+                    ExponentialBuilder::default()
+                        .with_min_delay(Duration::from_millis(20))
+                        .with_max_delay(Duration::from_millis(500))
+                        .with_max_times(8)
+                        .with_jitter(),
+                )
+                .await
+                .map_err(|e| format!("cannot open the store {}: {e}", path.display()))?;
+            ctx.ready();
+            ctx.cancelled().await;
+            // Closing waits for queued commits: keep it off the async threads.
+            tokio::task::spawn_blocking(move || drop(store)).await?;
+            Ok(())
+        }
+    })
+    .ready_timeout(Duration::from_secs(30))
+    .shutdown(Shutdown::Timeout(Duration::from_secs(30)))
+    .backoff(restart_backoff())
+}
+
+fn resource_monitor(host: Arc<HostMonitor>) -> ChildSpec {
+    ChildSpec::worker("ResourceMonitor", move |ctx: ChildContext| {
+        let host = host.clone();
+        async move {
+            loop {
+                host.sample();
+                tokio::select! {
+                    _ = ctx.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(host.interval()) => {}
+                }
+            }
+        }
+    })
+    .backoff(restart_backoff())
+}
+
+fn server(name: &str, serve: ServeFn, grace: Duration) -> ChildSpec {
+    ChildSpec::worker(name, move |ctx: ChildContext| {
+        let serve = serve.clone();
+        async move { serve(ctx).await.map_err(|e| e.into()) }
+    })
+    .shutdown(Shutdown::Timeout(grace + Duration::from_secs(1)))
+    .backoff(restart_backoff())
+}
+
+/// Starts the tree; returns its root.
+pub async fn start(parts: TreeParts) -> anyhow::Result<SupervisorHandle> {
+    let (tx, rx) = mpsc::channel(EVENT_BACKLOG);
+    let hook = move |e: SupervisorEvent| {
+        match &e {
+            SupervisorEvent::ChildRestarted {
+                supervisor,
+                child,
+                restarts,
+            } => {
+                tracing::warn!(%supervisor, %child, restarts, "child restarted")
+            }
+            SupervisorEvent::ChildExited {
+                supervisor,
+                child,
+                exit,
+            } if exit.is_abnormal() => {
+                tracing::warn!(%supervisor, %child, %exit, "child failed")
+            }
+            SupervisorEvent::Escalated { supervisor, reason } => {
+                tracing::error!(%supervisor, %reason, "supervisor gave up")
+            }
+            _ => {}
+        }
+        if tx.try_send(e).is_err() {
+            tracing::warn!("supervisor event backlog full; event dropped");
+        }
+    };
+    let grace = parts.shutdown_grace;
+    // Past its intensity the root gives up and the process exits with an error, for the
+    // process manager (systemd, Kubernetes) to restart it: that is the top of the escalation.
+    let root = SupervisorSpec::new("SystemSupervisor")
+        .intensity(10, Duration::from_secs(60))
+        .on_event(hook)
+        .child(subsystem(
+            SupervisorSpec::new("OrchestrationSupervisor")
+                .intensity(10, Duration::from_secs(60))
+                .child(idle("KubernetesSupervisor"))
+                .child(idle("LocalExecutor"))
+                .child(resource_monitor(parts.host.clone())),
+        ))
+        .child(subsystem(
+            SupervisorSpec::new("MessageBusSupervisor")
+                .intensity(10, Duration::from_secs(60))
+                .child(idle("QueueManager"))
+                .child(event_router(rx, parts.bus.clone(), parts.models.clone())),
+        ))
+        .child(subsystem(
+            SupervisorSpec::new("StorageSupervisor")
+                .intensity(10, Duration::from_secs(60))
+                .child(idle("KVCacheManager"))
+                .child(persistence(parts.data_dir.clone())),
+        ))
+        .child(subsystem(
+            SupervisorSpec::new("AICoordinatorSupervisor")
+                .intensity(10, Duration::from_secs(60))
+                .child(subsystem(
+                    // Each model has its own restart intensity below; this one only guards
+                    // against a storm across models.
+                    SupervisorSpec::new(FAST_PATH_NAME).intensity(50, Duration::from_secs(60)),
+                ))
+                .child(idle("SlowPathOrchestrator")),
+        ))
+        .child(subsystem(
+            SupervisorSpec::new("API")
+                .intensity(10, Duration::from_secs(60))
+                .child(server("grpc", parts.grpc, grace))
+                .child(server("http", parts.http, grace)),
+        ))
+        .start()
+        .await?;
+    Ok(root)
+}
