@@ -18,7 +18,7 @@ use veraltheim_proto::v1::{
     system_service_server::SystemService,
 };
 
-use crate::context::{Context, InferCall, grpc_deadline, manager_status};
+use crate::context::{Context, InferCall, grpc_deadline, manager_status, traced};
 use crate::convert::{from_v1, to_v1, v1_datatype};
 use crate::manager::ModelInfo;
 use crate::resources::HostSnapshot;
@@ -246,12 +246,10 @@ impl ModelService for Api {
         &self,
         request: Request<v1::LoadModelRequest>,
     ) -> Result<Response<v1::Model>, Status> {
+        let metadata = request.metadata().clone();
         let r = request.into_inner();
         let json = (!r.config_json.is_empty()).then_some(r.config_json.as_str());
-        let info = self
-            .ctx
-            .models
-            .load(&r.name, json)
+        let info = traced(&metadata, self.ctx.models.load(&r.name, json))
             .await
             .map_err(manager_status)?;
         Ok(Response::new(model_message(&info)))
@@ -261,12 +259,12 @@ impl ModelService for Api {
         &self,
         request: Request<v1::UnloadModelRequest>,
     ) -> Result<Response<v1::Model>, Status> {
-        let info = self
-            .ctx
-            .models
-            .unload(&request.get_ref().name)
-            .await
-            .map_err(manager_status)?;
+        let info = traced(
+            request.metadata(),
+            self.ctx.models.unload(&request.get_ref().name),
+        )
+        .await
+        .map_err(manager_status)?;
         Ok(Response::new(model_message(&info)))
     }
 

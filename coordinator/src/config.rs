@@ -16,6 +16,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub logging: LoggingConfig,
     pub models: ModelsConfig,
+    pub cache: CacheConfig,
     pub execution: ExecutionConfig,
     pub storage: StorageConfig,
 }
@@ -27,6 +28,15 @@ pub struct ServerConfig {
     pub http_addr: SocketAddr,
     pub max_message_bytes: usize,
     pub shutdown_grace_seconds: u64,
+    pub rate_limit_per_second: u32,
+    pub rate_limit_burst: u32,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    pub max_bytes: u64,
+    pub ttl_seconds: u64,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, clap::ValueEnum)]
@@ -116,6 +126,18 @@ pub struct ServeArgs {
     /// Seconds an unload waits for queued and running requests.
     #[arg(long, env = "VERALTHEIM_UNLOAD_GRACE_SECONDS")]
     pub unload_grace_seconds: Option<u64>,
+    /// Requests per second per client on the gRPC API (0 = no limit).
+    #[arg(long, env = "VERALTHEIM_RATE_LIMIT_PER_SECOND")]
+    pub rate_limit_per_second: Option<u32>,
+    /// Burst above the rate per client (0 = one second's worth).
+    #[arg(long, env = "VERALTHEIM_RATE_LIMIT_BURST")]
+    pub rate_limit_burst: Option<u32>,
+    /// Bytes the response cache may hold.
+    #[arg(long, env = "VERALTHEIM_CACHE_MAX_BYTES")]
+    pub cache_max_bytes: Option<u64>,
+    /// Seconds a cached answer lives (0 = until evicted).
+    #[arg(long, env = "VERALTHEIM_CACHE_TTL_SECONDS")]
+    pub cache_ttl_seconds: Option<u64>,
 }
 
 impl Config {
@@ -184,6 +206,18 @@ impl Config {
         }
         if let Some(v) = args.unload_grace_seconds {
             c.models.unload_grace_seconds = v;
+        }
+        if let Some(v) = args.rate_limit_per_second {
+            c.server.rate_limit_per_second = v;
+        }
+        if let Some(v) = args.rate_limit_burst {
+            c.server.rate_limit_burst = v;
+        }
+        if let Some(v) = args.cache_max_bytes {
+            c.cache.max_bytes = v;
+        }
+        if let Some(v) = args.cache_ttl_seconds {
+            c.cache.ttl_seconds = v;
         }
         c.validate()?;
         Ok(c)

@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 use tonic::Status;
 use tonic::metadata::MetadataMap;
 use tracing::Instrument;
-use veraltheim_bus::Bus;
+use veraltheim_bus::{Bus, TraceParent, with_trace};
 use veraltheim_supervisor::SupervisorHandle;
 
+use crate::cache::ResponseCache;
 use crate::resources::HostMonitor;
 use veraltheim_fastpath::{InferError, InferOutput, Request};
 use veraltheim_models::Tensor;
@@ -26,6 +27,8 @@ pub struct Context {
     pub fault_injection: bool,
     /// The supervision tree's root, once it runs.
     pub tree: parking_lot::RwLock<Option<SupervisorHandle>>,
+    /// Answers of models that enable `response_cache`.
+    pub cache: ResponseCache,
     pub started: Instant,
     /// Set once start-up loading is done; cleared when shutdown begins.
     ready: AtomicBool,
@@ -50,8 +53,10 @@ impl Context {
         bus: Bus,
         host: Arc<HostMonitor>,
         fault_injection: bool,
+        cache: ResponseCache,
     ) -> Self {
         Context {
+            cache,
             models,
             bus,
             host,
@@ -80,6 +85,24 @@ impl Context {
             let (inputs, rows) =
                 validate_inputs(config, call.inputs).map_err(|e| Status::invalid_argument(e.0))?;
             validate_outputs(config, &call.outputs).map_err(|e| Status::invalid_argument(e.0))?;
+            let cache_key = if config.cache_enabled() {
+                let lookup = Instant::now();
+                let key =
+                    ResponseCache::key(&call.model, &config.to_json(), &inputs, &call.outputs);
+                if let Some(hit) = self.cache.get(&key) {
+                    worker.record_cache_hit(lookup.elapsed(), call.received.elapsed());
+                    return Ok(InferOutput {
+                        outputs: hit.outputs.clone(),
+                        queue: Duration::ZERO,
+                        compute: Duration::ZERO,
+                        batch_size: rows,
+                    });
+                }
+                worker.record_cache_miss(lookup.elapsed());
+                Some(key)
+            } else {
+                None
+            };
             let request = Request {
                 id: call.id,
                 inputs,
@@ -103,6 +126,13 @@ impl Context {
             };
             // The queue drops a request whose deadline passes while it waits; this covers one
             // whose batch is still computing when the caller's deadline comes.
+            let answer = async {
+                let out = answer.await?;
+                if let Some(key) = cache_key {
+                    self.cache.insert(key, out.outputs.clone());
+                }
+                Ok(out)
+            };
             match deadline {
                 Some(at) => tokio::time::timeout_at(at.into(), answer)
                     .await
@@ -147,6 +177,19 @@ pub fn infer_status(e: InferError) -> Status {
         InferError::DeadlineExceeded { .. } => Status::deadline_exceeded(msg),
         InferError::Unavailable { .. } => Status::unavailable(msg),
         InferError::Backend { .. } | InferError::Panicked { .. } => Status::internal(msg),
+    }
+}
+
+/// Runs `work` under the caller's W3C trace context (its `traceparent` metadata), so that the
+/// events it causes (model state changes...) carry their cause.
+pub async fn traced<F: std::future::Future>(metadata: &MetadataMap, work: F) -> F::Output {
+    let parent = metadata
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| TraceParent::parse(v).ok());
+    match parent {
+        Some(parent) => with_trace(parent, work).await,
+        None => work.await,
     }
 }
 

@@ -180,8 +180,72 @@ pub fn render(ctx: &Context) -> String {
     up.samples
         .push((String::new(), ctx.started.elapsed().as_secs_f64()));
 
+    let c = ctx.cache.stats();
+    let h = ctx.host.snapshot();
+    let mut singles = Vec::new();
+    for (name, kind, help, value) in [
+        (
+            "veraltheim_response_cache_hits_total",
+            "counter",
+            "Response cache lookups that hit",
+            c.hits as f64,
+        ),
+        (
+            "veraltheim_response_cache_misses_total",
+            "counter",
+            "Response cache lookups that missed",
+            c.misses as f64,
+        ),
+        (
+            "veraltheim_response_cache_evictions_total",
+            "counter",
+            "Entries evicted to stay within the cache's byte bound",
+            c.evictions as f64,
+        ),
+        (
+            "veraltheim_response_cache_entries",
+            "gauge",
+            "Entries in the response cache",
+            c.entries as f64,
+        ),
+        (
+            "veraltheim_response_cache_bytes",
+            "gauge",
+            "Bytes held by the response cache",
+            c.bytes as f64,
+        ),
+        (
+            "veraltheim_host_cpu_cores",
+            "gauge",
+            "CPU cores available to the coordinator",
+            f64::from(h.cores),
+        ),
+        (
+            "veraltheim_host_memory_total_bytes",
+            "gauge",
+            "Host memory",
+            h.memory_total_bytes as f64,
+        ),
+        (
+            "veraltheim_host_memory_available_bytes",
+            "gauge",
+            "Host memory available",
+            h.memory_available_bytes as f64,
+        ),
+        (
+            "veraltheim_process_resident_memory_bytes",
+            "gauge",
+            "Resident memory of the coordinator",
+            h.process_rss_bytes as f64,
+        ),
+    ] {
+        let mut f = Family::new(name, kind, help);
+        f.samples.push((String::new(), value));
+        singles.push(f);
+    }
+
     let mut out = String::with_capacity(4096);
-    for fam in fams.iter().chain([&state, &up]) {
+    for fam in fams.iter().chain([&state, &up]).chain(singles.iter()) {
         let _ = writeln!(out, "# HELP {} {}", fam.name, fam.help);
         let _ = writeln!(out, "# TYPE {} {}", fam.name, fam.kind);
         for (labels, v) in &fam.samples {

@@ -16,7 +16,7 @@ use veraltheim_proto::inference::{
     infer_parameter::ParameterChoice,
 };
 
-use crate::context::{Context, InferCall, grpc_deadline, manager_status};
+use crate::context::{Context, InferCall, grpc_deadline, manager_status, traced};
 use crate::convert::{kserve_inputs, kserve_output};
 use crate::manager::{MODEL_VERSION, ModelManager};
 
@@ -202,6 +202,10 @@ pub fn config_to_proto(c: &ModelConfig) -> pb::ModelConfig {
             })
         }),
         instance_group: groups,
+        response_cache: c
+            .response_cache
+            .as_ref()
+            .map(|r| pb::ModelResponseCache { enable: r.enable }),
         parameters: c
             .parameters
             .iter()
@@ -410,8 +414,8 @@ impl GrpcInferenceService for KserveService {
                         compute_input: d(s.compute_input),
                         compute_infer: d(s.compute_infer),
                         compute_output: d(s.compute_output),
-                        cache_hit: d(Default::default()),
-                        cache_miss: d(Default::default()),
+                        cache_hit: d(s.cache_hit),
+                        cache_miss: d(s.cache_miss),
                     }),
                     batch_stats: s
                         .batches
@@ -458,6 +462,7 @@ impl GrpcInferenceService for KserveService {
         &self,
         request: Request<pb::RepositoryModelLoadRequest>,
     ) -> Result<Response<pb::RepositoryModelLoadResponse>, Status> {
+        let metadata = request.metadata().clone();
         let r = request.into_inner();
         let mut config = None;
         for (key, value) in &r.parameters {
@@ -477,11 +482,12 @@ impl GrpcInferenceService for KserveService {
                 _ => {}
             }
         }
-        self.ctx
-            .models
-            .load(&r.model_name, config.as_deref())
-            .await
-            .map_err(manager_status)?;
+        traced(
+            &metadata,
+            self.ctx.models.load(&r.model_name, config.as_deref()),
+        )
+        .await
+        .map_err(manager_status)?;
         Ok(Response::new(pb::RepositoryModelLoadResponse {}))
     }
 
@@ -489,10 +495,9 @@ impl GrpcInferenceService for KserveService {
         &self,
         request: Request<pb::RepositoryModelUnloadRequest>,
     ) -> Result<Response<pb::RepositoryModelUnloadResponse>, Status> {
+        let metadata = request.metadata().clone();
         let r = request.into_inner();
-        self.ctx
-            .models
-            .unload(&r.model_name)
+        traced(&metadata, self.ctx.models.unload(&r.model_name))
             .await
             .map_err(manager_status)?;
         Ok(Response::new(pb::RepositoryModelUnloadResponse {}))

@@ -3,6 +3,7 @@
 //! below know nothing of flags, files or gRPC.
 
 mod api;
+mod cache;
 mod cli;
 mod config;
 mod context;
@@ -10,6 +11,7 @@ mod convert;
 mod http;
 mod kserve;
 mod manager;
+mod ratelimit;
 mod resources;
 mod server;
 mod tree;

@@ -23,10 +23,12 @@ use veraltheim_proto::v1::{
 use veraltheim_supervisor::ChildContext;
 
 use crate::api::Api;
+use crate::cache::ResponseCache;
 use crate::config::Config;
 use crate::context::Context;
 use crate::kserve::KserveService;
 use crate::manager::ModelManager;
+use crate::ratelimit::ClientLimiter;
 use crate::resources::HostMonitor;
 use crate::tree::{ServeFn, TreeParts};
 
@@ -93,7 +95,9 @@ fn server_worker(listener: std::net::TcpListener, router: axum::Router) -> Serve
                     // Small unary calls: send each response at once.
                     let _ = tcp.set_nodelay(true);
                 }),
-                router,
+                router
+                    .clone()
+                    .into_make_service_with_connect_info::<std::net::SocketAddr>(),
             )
             .with_graceful_shutdown(async move { ctx.cancelled().await })
             .await?;
@@ -102,7 +106,8 @@ fn server_worker(listener: std::net::TcpListener, router: axum::Router) -> Serve
     })
 }
 
-fn grpc_router(ctx: &Arc<Context>, max: usize) -> axum::Router {
+fn grpc_router(ctx: &Arc<Context>, config: &Config) -> axum::Router {
+    let max = config.server.max_message_bytes;
     let api = Api::new(ctx.clone());
     let routes = Routes::new(
         GrpcInferenceServiceServer::new(KserveService::new(ctx.clone()))
@@ -121,11 +126,22 @@ fn grpc_router(ctx: &Arc<Context>, max: usize) -> axum::Router {
     // gRPC is served by hyper through axum rather than tonic's transport server: that server
     // always enforces `grpc-timeout` itself and answers CANCELLED, racing our own deadline
     // handling, which answers DEADLINE_EXCEEDED as the gRPC spec says.
-    routes
+    let router = routes
         .prepare()
         .into_axum_router()
         // Oversize requests get RESOURCE_EXHAUSTED, as gRPC clients expect.
-        .layer(MapResponseLayer::new(oversize_is_resource_exhausted))
+        .layer(MapResponseLayer::new(oversize_is_resource_exhausted));
+    match ClientLimiter::new(
+        config.server.rate_limit_per_second,
+        config.server.rate_limit_burst,
+    ) {
+        // Outermost: a client over its rate costs us no decoding.
+        Some(limiter) => router.layer(axum::middleware::from_fn_with_state(
+            limiter,
+            crate::ratelimit::limit,
+        )),
+        None => router,
+    }
 }
 
 pub async fn serve(config: Config) -> anyhow::Result<()> {
@@ -149,11 +165,16 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         config.models.enable_fault_injection,
         bus.clone(),
     )?);
+    let cache = ResponseCache::new(
+        config.cache.max_bytes,
+        Duration::from_secs(config.cache.ttl_seconds),
+    );
     let ctx = Arc::new(Context::new(
         models.clone(),
         bus.clone(),
         host.clone(),
         config.models.enable_fault_injection,
+        cache.clone(),
     ));
 
     let startup: Vec<String> = if config.models.load.is_empty() {
@@ -173,15 +194,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let grpc_addr = config.server.grpc_addr;
     let http_addr = config.server.http_addr;
     let grace = Duration::from_secs(config.server.shutdown_grace_seconds);
-    let grpc = server_worker(
-        bind(grpc_addr, "gRPC")?,
-        grpc_router(&ctx, config.server.max_message_bytes),
-    );
+    let grpc = server_worker(bind(grpc_addr, "gRPC")?, grpc_router(&ctx, &config));
     let http = server_worker(bind(http_addr, "HTTP")?, crate::http::router(ctx.clone()));
     let root = crate::tree::start(TreeParts {
         bus,
         models: models.clone(),
         host,
+        cache,
         data_dir: config.storage.data_dir.clone(),
         grpc,
         http,

@@ -27,6 +27,7 @@ use veraltheim_supervisor::{
     SupervisorHandle, SupervisorSpec,
 };
 
+use crate::cache::ResponseCache;
 use crate::manager::ModelManager;
 use crate::resources::HostMonitor;
 
@@ -46,6 +47,7 @@ pub struct TreeParts {
     pub bus: Bus,
     pub models: Arc<ModelManager>,
     pub host: Arc<HostMonitor>,
+    pub cache: ResponseCache,
     pub data_dir: PathBuf,
     pub grpc: ServeFn,
     pub http: ServeFn,
@@ -234,6 +236,20 @@ fn persistence(data_dir: PathBuf) -> ChildSpec {
     .backoff(restart_backoff())
 }
 
+/// The response cache's owner: a (re)start begins with an empty cache, as an OTP process
+/// restarts from its initial state.
+fn cache_manager(cache: ResponseCache) -> ChildSpec {
+    ChildSpec::worker("KVCacheManager", move |ctx: ChildContext| {
+        let cache = cache.clone();
+        async move {
+            cache.clear();
+            ctx.cancelled().await;
+            Ok(())
+        }
+    })
+    .backoff(restart_backoff())
+}
+
 fn resource_monitor(host: Arc<HostMonitor>) -> ChildSpec {
     ChildSpec::worker("ResourceMonitor", move |ctx: ChildContext| {
         let host = host.clone();
@@ -309,7 +325,7 @@ pub async fn start(parts: TreeParts) -> anyhow::Result<SupervisorHandle> {
         .child(subsystem(
             SupervisorSpec::new("StorageSupervisor")
                 .intensity(10, Duration::from_secs(60))
-                .child(idle("KVCacheManager"))
+                .child(cache_manager(parts.cache.clone()))
                 .child(persistence(parts.data_dir.clone())),
         ))
         .child(subsystem(

@@ -414,3 +414,108 @@ async fn watch_events_streams_model_state_changes_by_topic() {
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
 }
+
+#[tokio::test]
+async fn the_response_cache_answers_repeats_without_computing() {
+    let s = start(&["--load-model", "cost"]).await;
+    let ch = channel(&s).await;
+    let mut models = ModelServiceClient::new(ch.clone());
+    models
+        .load_model(v1::LoadModelRequest {
+            name: "cost".into(),
+            config_json: r#"{"response_cache": {"enable": true}}"#.into(),
+        })
+        .await
+        .unwrap();
+    let mut infer = InferenceServiceClient::new(ch.clone());
+    let ask = |v: f32| v1::InferRequest {
+        model: "cost".into(),
+        inputs: vec![fp32("INPUT0", vec![1, 2], vec![v, 1.0])],
+        ..Default::default()
+    };
+    let first = infer.infer(ask(1.0)).await.unwrap().into_inner();
+    let again = infer.infer(ask(1.0)).await.unwrap().into_inner();
+    let other = infer.infer(ask(2.0)).await.unwrap().into_inner();
+    assert_eq!(first.outputs, again.outputs);
+    assert_ne!(first.outputs, other.outputs);
+    let stats = GrpcInferenceServiceClient::new(ch)
+        .model_statistics(kserve::ModelStatisticsRequest {
+            name: "cost".into(),
+            version: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let m = &stats.model_stats[0];
+    let inf = m.inference_stats.as_ref().unwrap();
+    assert_eq!(inf.cache_hit.as_ref().unwrap().count, 1);
+    assert_eq!(inf.cache_miss.as_ref().unwrap().count, 2);
+    assert_eq!(m.inference_count, 2, "the hit must not reach the model");
+    assert_eq!(inf.success.as_ref().unwrap().count, 3);
+}
+
+#[tokio::test]
+async fn clients_over_their_rate_are_refused_with_a_retry_hint() {
+    let s = start(&["--rate-limit-per-second", "1", "--rate-limit-burst", "2"]).await;
+    let ch = channel(&s).await;
+    let mut infer = InferenceServiceClient::new(ch.clone());
+    let call = |tenant: &str| {
+        let mut r = tonic::Request::new(v1::InferRequest {
+            model: "identity".into(),
+            inputs: vec![fp32("INPUT0", vec![1, 1], vec![1.0])],
+            ..Default::default()
+        });
+        r.metadata_mut()
+            .insert("x-veraltheim-tenant", tenant.parse().unwrap());
+        r
+    };
+    assert!(infer.infer(call("a")).await.is_ok());
+    assert!(infer.infer(call("a")).await.is_ok());
+    let err = infer.infer(call("a")).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert!(err.metadata().get("grpc-retry-pushback-ms").is_some());
+    assert!(err.message().contains("'a'"), "{}", err.message());
+    assert!(
+        infer.infer(call("b")).await.is_ok(),
+        "tenants have their own buckets"
+    );
+    // health stays answerable
+    for _ in 0..5 {
+        assert!(
+            SystemServiceClient::new(ch.clone())
+                .health(v1::HealthRequest {})
+                .await
+                .is_ok()
+        );
+    }
+}
+
+#[tokio::test]
+async fn events_carry_the_trace_context_of_their_cause() {
+    let s = start(&[]).await;
+    let ch = channel(&s).await;
+    let mut events = SystemServiceClient::new(ch.clone())
+        .watch_events(v1::WatchEventsRequest {
+            topics: vec!["models.identity.state".into()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let mut req = tonic::Request::new(v1::UnloadModelRequest {
+        name: "identity".into(),
+    });
+    req.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace_id}-00f067aa0ba902b7-01")
+            .parse()
+            .unwrap(),
+    );
+    ModelServiceClient::new(ch).unload_model(req).await.unwrap();
+    let e = tokio::time::timeout(Duration::from_secs(10), events.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(e.traceparent.contains(trace_id), "{e:?}");
+}

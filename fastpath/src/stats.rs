@@ -49,6 +49,8 @@ pub struct ModelStats {
     pub(crate) compute_input: DurationCounter,
     pub(crate) compute_infer: DurationCounter,
     pub(crate) compute_output: DurationCounter,
+    pub(crate) cache_hit: DurationCounter,
+    pub(crate) cache_miss: DurationCounter,
     pub(crate) inference_count: AtomicU64,
     pub(crate) execution_count: AtomicU64,
     pub(crate) last_inference_ms: AtomicU64,
@@ -67,6 +69,10 @@ pub struct StatsSnapshot {
     pub compute_input: DurationStat,
     pub compute_infer: DurationStat,
     pub compute_output: DurationStat,
+    /// Requests answered from the response cache (lookup time).
+    pub cache_hit: DurationStat,
+    /// Lookups that missed (lookup time; the request then ran).
+    pub cache_miss: DurationStat,
     /// Batch items executed.
     pub inference_count: u64,
     /// Batches executed.
@@ -106,6 +112,8 @@ impl ModelStats {
             compute_input: self.compute_input.snapshot(),
             compute_infer: self.compute_infer.snapshot(),
             compute_output: self.compute_output.snapshot(),
+            cache_hit: self.cache_hit.snapshot(),
+            cache_miss: self.cache_miss.snapshot(),
             inference_count: self.inference_count.load(Relaxed),
             execution_count: self.execution_count.load(Relaxed),
             last_inference_ms: self.last_inference_ms.load(Relaxed),

@@ -143,6 +143,18 @@ impl ModelWorker {
         self.shared.stats.snapshot(self.shared.queue.depth())
     }
 
+    /// Counts a request answered from the response cache: a success that never reached the
+    /// queue (`lookup` is the time the cache took).
+    pub fn record_cache_hit(&self, lookup: Duration, total: Duration) {
+        self.shared.stats.cache_hit.add(1, lookup);
+        self.shared.stats.success.add(1, total);
+    }
+
+    /// Counts a cache lookup that missed; the request then runs as usual.
+    pub fn record_cache_miss(&self, lookup: Duration) {
+        self.shared.stats.cache_miss.add(1, lookup);
+    }
+
     pub fn queue_capacity(&self) -> usize {
         self.shared.queue.capacity()
     }

@@ -32,6 +32,15 @@ pub struct ModelConfig {
     pub instance_group: Vec<InstanceGroup>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub parameters: BTreeMap<String, Parameter>,
+    /// Triton's per-model response cache switch; only for deterministic models.
+    #[serde(alias = "responseCache", skip_serializing_if = "Option::is_none")]
+    pub response_cache: Option<ResponseCache>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ResponseCache {
+    pub enable: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -245,6 +254,11 @@ impl ModelConfig {
     pub fn instance_count(&self) -> usize {
         let n: u32 = self.instance_group.iter().map(|g| g.count.max(1)).sum();
         n.max(1) as usize
+    }
+
+    /// Whether responses of this model may be served from the response cache.
+    pub fn cache_enabled(&self) -> bool {
+        self.response_cache.as_ref().is_some_and(|c| c.enable)
     }
 
     pub fn parameter(&self, key: &str) -> Option<&str> {
