@@ -177,6 +177,16 @@ impl InferenceService for Api {
     }
 }
 
+fn percentiles(p: veraltheim_fastpath::Percentiles) -> v1::LatencyPercentiles {
+    v1::LatencyPercentiles {
+        p50_us: p.p50,
+        p90_us: p.p90,
+        p99_us: p.p99,
+        p999_us: p.p999,
+        max_us: p.max,
+    }
+}
+
 fn model_state(s: ModelState) -> v1::ModelState {
     match s {
         ModelState::NotLoaded => v1::ModelState::NotLoaded,
@@ -300,6 +310,11 @@ impl ModelService for Api {
                     last_inference_ms: s.last_inference_ms,
                     pending: s.pending,
                     rejected: s.rejected,
+                    queue_latency: Some(percentiles(s.queue_us)),
+                    compute_latency: Some(percentiles(s.compute_us)),
+                    total_latency: Some(percentiles(s.total_us)),
+                    expired: s.expired,
+                    cache_hits: s.cache_hit.count,
                 }
             })
             .collect();

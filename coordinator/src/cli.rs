@@ -416,7 +416,10 @@ pub async fn models(args: ModelsArgs) -> anyhow::Result<()> {
                             "success": c(&m.success), "failure": c(&m.failure),
                             "inference_count": m.inference_count, "execution_count": m.execution_count,
                             "avg_queue_us": avg_us(&m.queue), "avg_compute_us": avg_us(&m.compute),
-                            "pending": m.pending, "rejected": m.rejected,
+                            "pending": m.pending, "rejected": m.rejected, "expired": m.expired,
+                            "cache_hits": m.cache_hits,
+                            "p50_us": m.total_latency.map_or(0, |l| l.p50_us),
+                            "p99_us": m.total_latency.map_or(0, |l| l.p99_us),
                             "last_inference_ms": m.last_inference_ms,
                         })
                     })
@@ -424,7 +427,7 @@ pub async fn models(args: ModelsArgs) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
                 println!(
-                    "{:<20} {:>9} {:>7} {:>10} {:>9} {:>9} {:>12} {:>14} {:>8} {:>8}",
+                    "{:<20} {:>9} {:>7} {:>10} {:>9} {:>9} {:>12} {:>14} {:>8} {:>8} {:>9} {:>9}",
                     "NAME",
                     "SUCCESS",
                     "FAIL",
@@ -434,7 +437,9 @@ pub async fn models(args: ModelsArgs) -> anyhow::Result<()> {
                     "AVG_QUEUE_US",
                     "AVG_COMPUTE_US",
                     "PENDING",
-                    "REJECTED"
+                    "REJECTED",
+                    "P50_US",
+                    "P99_US"
                 );
                 for m in &r.models {
                     let avg_batch = if m.execution_count == 0 {
@@ -443,7 +448,7 @@ pub async fn models(args: ModelsArgs) -> anyhow::Result<()> {
                         m.inference_count as f64 / m.execution_count as f64
                     };
                     println!(
-                        "{:<20} {:>9} {:>7} {:>10} {:>9} {:>9.2} {:>12.1} {:>14.1} {:>8} {:>8}",
+                        "{:<20} {:>9} {:>7} {:>10} {:>9} {:>9.2} {:>12.1} {:>14.1} {:>8} {:>8} {:>9} {:>9}",
                         m.name,
                         m.success.as_ref().map_or(0, |d| d.count),
                         m.failure.as_ref().map_or(0, |d| d.count),
@@ -453,7 +458,9 @@ pub async fn models(args: ModelsArgs) -> anyhow::Result<()> {
                         avg_us(&m.queue),
                         avg_us(&m.compute),
                         m.pending,
-                        m.rejected
+                        m.rejected,
+                        m.total_latency.map_or(0, |l| l.p50_us),
+                        m.total_latency.map_or(0, |l| l.p99_us)
                     );
                 }
             }

@@ -175,6 +175,7 @@ pub fn infer_status(e: InferError) -> Status {
             s
         }
         InferError::DeadlineExceeded { .. } => Status::deadline_exceeded(msg),
+        InferError::InvalidRequest { .. } => Status::invalid_argument(msg),
         InferError::Unavailable { .. } => Status::unavailable(msg),
         InferError::Backend { .. } | InferError::Panicked { .. } => Status::internal(msg),
     }

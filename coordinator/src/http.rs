@@ -132,9 +132,40 @@ pub fn render(ctx: &Context) -> String {
             "Requests dropped from the queue because their deadline passed",
         ),
     ];
+    let mut summaries = [
+        Family::new(
+            "nv_inference_request_summary_us",
+            "summary",
+            "End-to-end latency of successful requests in microseconds, since the model loaded",
+        ),
+        Family::new(
+            "nv_inference_queue_summary_us",
+            "summary",
+            "Queue time of successful requests in microseconds, since the model loaded",
+        ),
+        Family::new(
+            "nv_inference_compute_infer_summary_us",
+            "summary",
+            "Batch compute time of successful requests in microseconds, since the model loaded",
+        ),
+    ];
     for w in ctx.models.workers() {
         let s = w.stats();
         let l = labels(w.name());
+        for (fam, p) in summaries
+            .iter_mut()
+            .zip([s.total_us, s.queue_us, s.compute_us])
+        {
+            for (q, v) in [
+                ("0.5", p.p50),
+                ("0.9", p.p90),
+                ("0.99", p.p99),
+                ("0.999", p.p999),
+            ] {
+                fam.samples
+                    .push((format!("{l},quantile=\"{q}\""), v as f64));
+            }
+        }
         let values = [
             s.success.count as f64,
             s.fail.count as f64,
@@ -245,7 +276,12 @@ pub fn render(ctx: &Context) -> String {
     }
 
     let mut out = String::with_capacity(4096);
-    for fam in fams.iter().chain([&state, &up]).chain(singles.iter()) {
+    for fam in fams
+        .iter()
+        .chain(summaries.iter())
+        .chain([&state, &up])
+        .chain(singles.iter())
+    {
         let _ = writeln!(out, "# HELP {} {}", fam.name, fam.help);
         let _ = writeln!(out, "# TYPE {} {}", fam.name, fam.kind);
         for (labels, v) in &fam.samples {

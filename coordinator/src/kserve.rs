@@ -132,6 +132,16 @@ fn data_type(name: &str) -> i32 {
     pb::DataType::from_str_name(name).map_or(0, |d| d as i32)
 }
 
+fn queue_policy(q: &veraltheim_models::config::QueuePolicy) -> pb::ModelQueuePolicy {
+    pb::ModelQueuePolicy {
+        timeout_action: pb::model_queue_policy::TimeoutAction::from_str_name(&q.timeout_action)
+            .map_or(0, |a| a as i32),
+        default_timeout_microseconds: q.default_timeout_microseconds,
+        allow_timeout_override: q.allow_timeout_override,
+        max_queue_size: q.max_queue_size,
+    }
+}
+
 /// Our configuration in Triton's protobuf form.
 pub fn config_to_proto(c: &ModelConfig) -> pb::ModelConfig {
     let groups = if c.instance_group.is_empty() {
@@ -187,18 +197,12 @@ pub fn config_to_proto(c: &ModelConfig) -> pb::ModelConfig {
                 preserve_ordering: d.preserve_ordering,
                 priority_levels: d.priority_levels,
                 default_priority_level: d.default_priority_level,
-                default_queue_policy: d.default_queue_policy.as_ref().map(|q| {
-                    pb::ModelQueuePolicy {
-                        timeout_action: pb::model_queue_policy::TimeoutAction::from_str_name(
-                            &q.timeout_action,
-                        )
-                        .map_or(0, |a| a as i32),
-                        default_timeout_microseconds: q.default_timeout_microseconds,
-                        allow_timeout_override: q.allow_timeout_override,
-                        max_queue_size: q.max_queue_size,
-                    }
-                }),
-                priority_queue_policy: HashMap::new(),
+                default_queue_policy: d.default_queue_policy.as_ref().map(queue_policy),
+                priority_queue_policy: d
+                    .priority_queue_policy
+                    .iter()
+                    .filter_map(|(level, q)| Some((level.parse().ok()?, queue_policy(q))))
+                    .collect(),
             })
         }),
         instance_group: groups,

@@ -160,6 +160,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         pool,
         WorkerOptions {
             default_max_queue_size: config.models.default_max_queue_size,
+            ..WorkerOptions::default()
         },
         Duration::from_secs(config.models.unload_grace_seconds),
         config.models.enable_fault_injection,

@@ -13,6 +13,8 @@ pub enum InferError {
     DeadlineExceeded { model: String, waited: Duration },
     #[error("model '{model}' is unavailable: {reason}")]
     Unavailable { model: String, reason: String },
+    #[error("request to model '{model}' is invalid: {reason}")]
+    InvalidRequest { model: String, reason: String },
     #[error("model '{model}' failed: {message}")]
     Backend { model: String, message: String },
     #[error("model '{model}' panicked while executing the batch: {message}")]

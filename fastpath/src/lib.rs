@@ -10,6 +10,7 @@
 mod batcher;
 mod error;
 mod pool;
+mod priority;
 mod queue;
 mod request;
 mod stats;
@@ -18,6 +19,7 @@ mod worker;
 pub use batcher::{BatchPolicy, Item, Plan};
 pub use error::InferError;
 pub use pool::ExecutionPool;
+pub use priority::{LevelPolicy, PriorityPolicy, order as priority_order};
 pub use request::{InferOutput, Request};
-pub use stats::{BatchStat, DurationStat, ModelStats, StatsSnapshot};
+pub use stats::{BatchStat, DurationStat, ModelStats, Percentiles, StatsSnapshot};
 pub use worker::{ModelWorker, WorkerFailure, WorkerOptions};

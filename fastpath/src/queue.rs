@@ -21,8 +21,15 @@ pub(crate) struct Pending {
     pub req: Request,
     pub reply: Reply,
     pub enqueued: Instant,
-    /// When the request stops being worth computing (queue timeout or caller deadline).
-    pub expires: Option<Instant>,
+    /// Priority level, 1 highest.
+    pub level: u32,
+    /// When the queue policy's timeout passes: refused then, or demoted when `delay_on_timeout`.
+    pub queue_expiry: Option<Instant>,
+    pub delay_on_timeout: bool,
+    /// Demoted by a DELAY timeout: considered after every request that is not.
+    pub delayed: bool,
+    /// The caller's own deadline: past it the request is refused whatever the policy.
+    pub deadline: Option<Instant>,
     pub key: BatchKey,
 }
 
@@ -94,7 +101,11 @@ mod tests {
                 req,
                 reply: tx,
                 enqueued: Instant::now(),
-                expires: None,
+                level: 1,
+                queue_expiry: None,
+                delay_on_timeout: false,
+                delayed: false,
+                deadline: None,
                 key: Vec::new(),
             },
             rx,

@@ -5,7 +5,62 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use hdrhistogram::Histogram;
 use parking_lot::Mutex;
+
+/// Latency distributions of one model, in microseconds, since it was loaded.
+#[derive(Debug)]
+pub(crate) struct Latency {
+    queue: Histogram<u64>,
+    compute: Histogram<u64>,
+    total: Histogram<u64>,
+}
+
+impl Default for Latency {
+    fn default() -> Self {
+        // 1 µs to 10 min at 2 significant digits: a few KiB per histogram.
+        let h = || Histogram::new_with_bounds(1, 600_000_000, 2).expect("valid histogram bounds");
+        Latency {
+            queue: h(),
+            compute: h(),
+            total: h(),
+        }
+    }
+}
+
+impl Latency {
+    pub(crate) fn record(&mut self, queue: Duration, compute: Duration, total: Duration) {
+        let us = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1);
+        self.queue.saturating_record(us(queue));
+        self.compute.saturating_record(us(compute));
+        self.total.saturating_record(us(total));
+    }
+}
+
+/// Percentiles of a latency distribution, in microseconds (0 when nothing was recorded).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Percentiles {
+    pub p50: u64,
+    pub p90: u64,
+    pub p99: u64,
+    pub p999: u64,
+    pub max: u64,
+}
+
+impl Percentiles {
+    fn of(h: &Histogram<u64>) -> Self {
+        if h.is_empty() {
+            return Percentiles::default();
+        }
+        Percentiles {
+            p50: h.value_at_quantile(0.5),
+            p90: h.value_at_quantile(0.9),
+            p99: h.value_at_quantile(0.99),
+            p999: h.value_at_quantile(0.999),
+            max: h.max(),
+        }
+    }
+}
 
 #[derive(Default, Debug)]
 pub struct DurationCounter {
@@ -58,6 +113,7 @@ pub struct ModelStats {
     pub(crate) expired: AtomicU64,
     pub(crate) cancelled: AtomicU64,
     pub(crate) batches: Mutex<BTreeMap<u64, (u64, u64)>>,
+    pub(crate) latency: Mutex<Latency>,
 }
 
 /// A copy of a model's statistics at one moment.
@@ -87,6 +143,10 @@ pub struct StatsSnapshot {
     /// Waiting in the queue now.
     pub pending: u64,
     pub batches: Vec<BatchStat>,
+    /// Successful requests: time in the queue, in the batch, and end to end.
+    pub queue_us: Percentiles,
+    pub compute_us: Percentiles,
+    pub total_us: Percentiles,
 }
 
 impl ModelStats {
@@ -105,7 +165,18 @@ impl ModelStats {
 
     /// `pending` is the queue depth, which the queue itself counts.
     pub fn snapshot(&self, pending: usize) -> StatsSnapshot {
+        let (queue_us, compute_us, total_us) = {
+            let l = self.latency.lock();
+            (
+                Percentiles::of(&l.queue),
+                Percentiles::of(&l.compute),
+                Percentiles::of(&l.total),
+            )
+        };
         StatsSnapshot {
+            queue_us,
+            compute_us,
+            total_us,
             success: self.success.snapshot(),
             fail: self.fail.snapshot(),
             queue: self.queue.snapshot(),

@@ -15,6 +15,7 @@ use veraltheim_models::{Model, ModelConfig, Tensor};
 use crate::batcher::{BatchPolicy, Item, Plan};
 use crate::error::InferError;
 use crate::pool::ExecutionPool;
+use crate::priority::PriorityPolicy;
 use crate::queue::{BatchKey, Pending, RequestQueue};
 use crate::request::{InferOutput, Request};
 use crate::stats::{ModelStats, StatsSnapshot};
@@ -23,12 +24,16 @@ use crate::stats::{ModelStats, StatsSnapshot};
 pub struct WorkerOptions {
     /// Queue bound when the model's config does not set `max_queue_size`.
     pub default_max_queue_size: usize,
+    /// How long a request waits before its effective priority rises one level, unless the
+    /// model's `priority_aging_ms` parameter says otherwise.
+    pub priority_aging: Duration,
 }
 
 impl Default for WorkerOptions {
     fn default() -> Self {
         WorkerOptions {
             default_max_queue_size: 1024,
+            priority_aging: Duration::from_secs(1),
         }
     }
 }
@@ -37,8 +42,7 @@ struct Shared {
     name: String,
     model: Arc<dyn Model>,
     policy: BatchPolicy,
-    default_timeout: Option<Duration>,
-    allow_timeout_override: bool,
+    priority: PriorityPolicy,
     instances: usize,
     queue: RequestQueue,
     stats: ModelStats,
@@ -98,11 +102,13 @@ impl ModelWorker {
         let shared = Arc::new(Shared {
             name: config.name.clone(),
             policy: BatchPolicy::from_config(config),
-            default_timeout: queue_policy
-                .map(|p| p.default_timeout_microseconds)
-                .filter(|us| *us > 0)
-                .map(Duration::from_micros),
-            allow_timeout_override: queue_policy.is_none_or(|p| p.allow_timeout_override),
+            priority: PriorityPolicy::from_config(
+                config,
+                config
+                    .parameter("priority_aging_ms")
+                    .and_then(|v| v.trim().parse().ok())
+                    .map_or(options.priority_aging, Duration::from_millis),
+            ),
             instances: config.instance_count(),
             queue: RequestQueue::new(capacity),
             stats: ModelStats::default(),
@@ -172,16 +178,18 @@ impl ModelWorker {
                 reason: "the model is being unloaded".into(),
             });
         }
+        let level =
+            s.priority
+                .level_of(req.priority)
+                .map_err(|reason| InferError::InvalidRequest {
+                    model: s.name.clone(),
+                    reason,
+                })?;
+        let level_policy = s.priority.policy(level);
         let enqueued = Instant::now();
-        let queue_timeout = match (req.timeout, s.default_timeout) {
-            (Some(_), Some(default)) if !s.allow_timeout_override => Some(default),
-            (Some(asked), _) => Some(asked),
-            (None, default) => default,
-        };
-        let expires = [queue_timeout.map(|t| enqueued + t), req.deadline]
-            .into_iter()
-            .flatten()
-            .min();
+        let queue_expiry = level_policy.timeout_for(req.timeout).map(|t| enqueued + t);
+        let delay_on_timeout = level_policy.delay;
+        let deadline = req.deadline;
         let key: BatchKey = req
             .inputs
             .iter()
@@ -197,7 +205,11 @@ impl ModelWorker {
             req,
             reply,
             enqueued,
-            expires,
+            level,
+            queue_expiry,
+            delay_on_timeout,
+            delayed: false,
+            deadline,
             key,
         };
         if !s.queue.try_push(pending) {
@@ -275,6 +287,9 @@ async fn run(s: &Arc<Shared>, cancel: &CancellationToken) -> Result<(), WorkerFa
             }
             let now = Instant::now();
             let mut wake = drop_dead(s, &mut pending, now);
+            if s.priority.ordered() || pending.iter().any(|p| p.delayed) {
+                reorder(&s.priority, &mut pending, now);
+            }
             while s.inflight.load(Ordering::Acquire) < s.instances && !pending.is_empty() {
                 let items: Vec<Item<'_, BatchKey>> = pending
                     .iter()
@@ -327,35 +342,53 @@ async fn run(s: &Arc<Shared>, cancel: &CancellationToken) -> Result<(), WorkerFa
     }
 }
 
-/// Answers and removes requests whose caller left or whose deadline passed; returns the earliest
-/// deadline still ahead, so the batcher wakes for it even while the model is busy.
+/// Puts the waiting requests in the order the batcher should consider them.
+fn reorder(priority: &PriorityPolicy, pending: &mut VecDeque<Pending>, now: Instant) {
+    let items: Vec<(u32, bool, Instant)> = pending
+        .iter()
+        .map(|p| (p.level, p.delayed, p.enqueued))
+        .collect();
+    let order = crate::priority::order(priority, &items, now);
+    if order.iter().enumerate().all(|(i, &j)| i == j) {
+        return;
+    }
+    let mut slots: Vec<Option<Pending>> = pending.drain(..).map(Some).collect();
+    pending.extend(order.into_iter().filter_map(|i| slots[i].take()));
+}
+
+/// Answers and removes requests whose caller left or whose time is up (a DELAY policy demotes
+/// instead of refusing); returns the earliest expiry still ahead, so the batcher wakes for it even
+/// while the model is busy.
 fn drop_dead(s: &Shared, pending: &mut VecDeque<Pending>, now: Instant) -> Option<Instant> {
     let mut next: Option<Instant> = None;
     let mut removed = 0;
     let mut kept = VecDeque::with_capacity(pending.len());
-    for p in pending.drain(..) {
+    for mut p in pending.drain(..) {
         if p.reply.is_closed() {
             s.stats.cancelled.fetch_add(1, Ordering::Relaxed);
             removed += 1;
             continue;
         }
-        match p.expires {
-            Some(at) if at <= now => {
-                let waited = now.duration_since(p.enqueued);
-                s.stats.expired.fetch_add(1, Ordering::Relaxed);
-                s.stats.fail.add(1, now.duration_since(p.req.received));
-                let _ = p.reply.send(Err(InferError::DeadlineExceeded {
-                    model: s.name.clone(),
-                    waited,
-                }));
-                removed += 1;
-            }
-            Some(at) => {
-                next = Some(next.map_or(at, |n| n.min(at)));
-                kept.push_back(p);
-            }
-            None => kept.push_back(p),
+        let past_deadline = p.deadline.is_some_and(|d| d <= now);
+        let past_queue_timeout = p.queue_expiry.is_some_and(|q| q <= now);
+        if past_queue_timeout && !past_deadline && p.delay_on_timeout {
+            p.delayed = true;
+            p.queue_expiry = None;
+        } else if past_deadline || past_queue_timeout {
+            let waited = now.duration_since(p.enqueued);
+            s.stats.expired.fetch_add(1, Ordering::Relaxed);
+            s.stats.fail.add(1, now.duration_since(p.req.received));
+            let _ = p.reply.send(Err(InferError::DeadlineExceeded {
+                model: s.name.clone(),
+                waited,
+            }));
+            removed += 1;
+            continue;
         }
+        for at in [p.deadline, p.queue_expiry].into_iter().flatten() {
+            next = Some(next.map_or(at, |n| n.min(at)));
+        }
+        kept.push_back(p);
     }
     *pending = kept;
     s.queue.release(removed);
@@ -423,6 +456,16 @@ fn execute(s: &Shared, batch: Vec<Pending>) {
 
     match per_request {
         Ok(parts) => {
+            {
+                let mut latency = s.stats.latency.lock();
+                for p in &batch {
+                    latency.record(
+                        start.duration_since(p.enqueued),
+                        done - start,
+                        done.duration_since(p.req.received),
+                    );
+                }
+            }
             for (p, outputs) in batch.into_iter().zip(parts) {
                 let outputs = if p.req.outputs.is_empty() {
                     outputs

@@ -229,3 +229,88 @@ async fn a_cancelled_run_returns_and_a_new_run_serves_the_queue() {
     worker.stop(Duration::from_secs(10)).await;
     assert!(runner.await.unwrap().is_ok());
 }
+
+/// Completes the receivers and returns their labels in the order their answers arrived.
+async fn arrival_order(
+    rxs: Vec<(
+        &'static str,
+        tokio::sync::oneshot::Receiver<Result<veraltheim_fastpath::InferOutput, InferError>>,
+    )>,
+) -> Vec<&'static str> {
+    let mut pending: Vec<_> = rxs
+        .into_iter()
+        .map(|(label, rx)| Box::pin(async move { (label, rx.await) }))
+        .collect();
+    let mut order = Vec::new();
+    while !pending.is_empty() {
+        let ((label, result), _, rest) = futures::future::select_all(pending).await;
+        assert!(result.unwrap().is_ok(), "{label} failed");
+        order.push(label);
+        pending = rest;
+    }
+    order
+}
+
+fn prioritised(extra_queue_policy: &str) -> Arc<dyn Model> {
+    cost(
+        80_000,
+        0,
+        &format!(
+            r#","max_batch_size":1,"dynamic_batching":{{"priority_levels":2,"default_priority_level":2{extra_queue_policy}}}"#
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_higher_priority_request_overtakes_queued_lower_ones() {
+    let worker = ModelWorker::start(
+        prioritised(""),
+        ExecutionPool::new(1).unwrap(),
+        &WorkerOptions::default(),
+    );
+    let busy = worker.submit(row(0.0)).unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let low = worker.submit(row(1.0)).unwrap();
+    let mut urgent = row(2.0);
+    urgent.priority = 1;
+    let high = worker.submit(urgent).unwrap();
+    let order = arrival_order(vec![("busy", busy), ("low", low), ("high", high)]).await;
+    assert_eq!(order, ["busy", "high", "low"]);
+    let mut bad = row(3.0);
+    bad.priority = 3;
+    assert!(matches!(
+        worker.submit(bad),
+        Err(InferError::InvalidRequest { .. })
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delay_timeout_demotes_instead_of_refusing() {
+    let model = prioritised(
+        r#","default_queue_policy":{"timeout_action":"DELAY","default_timeout_microseconds":10000,"allow_timeout_override":true}"#,
+    );
+    let worker = ModelWorker::start(
+        model,
+        ExecutionPool::new(1).unwrap(),
+        &WorkerOptions::default(),
+    );
+    let busy = worker.submit(row(0.0)).unwrap();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let demoted = worker.submit(row(1.0)).unwrap();
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let mut patient = row(2.0);
+    patient.timeout = Some(Duration::from_secs(60));
+    let patient = worker.submit(patient).unwrap();
+    let order = arrival_order(vec![
+        ("busy", busy),
+        ("demoted", demoted),
+        ("patient", patient),
+    ])
+    .await;
+    assert_eq!(order, ["busy", "patient", "demoted"]);
+    let stats = worker.stats();
+    assert_eq!(stats.expired, 0, "DELAY must not refuse");
+    assert_eq!(stats.success.count, 3);
+    assert!(stats.total_us.p50 >= stats.queue_us.p50);
+    assert!(stats.compute_us.p50 > 0);
+}

@@ -75,6 +75,12 @@ pub struct DynamicBatching {
     pub default_priority_level: u64,
     #[serde(alias = "defaultQueuePolicy", skip_serializing_if = "Option::is_none")]
     pub default_queue_policy: Option<QueuePolicy>,
+    /// Queue policy per priority level (keys are levels, written as strings in JSON).
+    #[serde(
+        alias = "priorityQueuePolicy",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
+    pub priority_queue_policy: BTreeMap<String, QueuePolicy>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -209,7 +215,11 @@ impl ModelConfig {
                     )));
                 }
             }
-            if let Some(policy) = &db.default_queue_policy {
+            for policy in db
+                .default_queue_policy
+                .iter()
+                .chain(db.priority_queue_policy.values())
+            {
                 match policy.timeout_action.as_str() {
                     "" | "REJECT" | "DELAY" => {}
                     other => {
@@ -217,6 +227,27 @@ impl ModelConfig {
                             "timeout_action '{other}' is not REJECT or DELAY"
                         )));
                     }
+                }
+            }
+            if db.priority_levels > 0
+                && !(1..=db.priority_levels).contains(&db.default_priority_level)
+            {
+                return Err(invalid(format!(
+                    "default_priority_level {} must be between 1 and priority_levels {}",
+                    db.default_priority_level, db.priority_levels
+                )));
+            }
+            for key in db.priority_queue_policy.keys() {
+                let level: u64 = key.parse().map_err(|_| {
+                    invalid(format!(
+                        "priority_queue_policy key '{key}' is not a level number"
+                    ))
+                })?;
+                if level == 0 || level > db.priority_levels {
+                    return Err(invalid(format!(
+                        "priority_queue_policy names level {level}, outside 1..={}",
+                        db.priority_levels
+                    )));
                 }
             }
         }
@@ -426,5 +457,28 @@ mod tests {
         assert_eq!(c.instance_count(), 3);
         let round = ModelConfig::from_json(&c.to_json()).unwrap();
         assert_eq!(round, c);
+    }
+}
+
+#[cfg(test)]
+mod priority_tests {
+    use super::*;
+
+    fn with(db: &str) -> Result<ModelConfig, ConfigError> {
+        crate::builtin::config("cost")
+            .unwrap()
+            .with_override(&format!(r#"{{"dynamic_batching": {db}}}"#))
+    }
+
+    #[test]
+    fn priority_settings_are_checked() {
+        assert!(with(r#"{"priority_levels": 3, "default_priority_level": 2}"#).is_ok());
+        let e = with(r#"{"priority_levels": 3, "default_priority_level": 4}"#).unwrap_err();
+        assert!(e.to_string().contains("default_priority_level 4"), "{e}");
+        let e = with(r#"{"priority_levels": 2, "default_priority_level": 1, "priority_queue_policy": {"3": {}}}"#)
+            .unwrap_err();
+        assert!(e.to_string().contains("level 3"), "{e}");
+        let e = with(r#"{"default_queue_policy": {"timeout_action": "DROP"}}"#).unwrap_err();
+        assert!(e.to_string().contains("DROP"), "{e}");
     }
 }
