@@ -1,14 +1,11 @@
 //! `veraltheim.v1`: our own API. Inference and models are served here; jobs and resources answer
 //! UNIMPLEMENTED until the slow path and the device inventory land.
 
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::{Stream, StreamExt};
-use tokio::sync::{Semaphore, mpsc};
-use tokio_stream::wrappers::ReceiverStream;
+use futures::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 use veraltheim_bus::{SubscribeOptions, WhenFull};
 use veraltheim_models::{DataType, ModelConfig, ModelState, Tensor};
@@ -24,12 +21,10 @@ use crate::manager::ModelInfo;
 use crate::resources::HostSnapshot;
 use veraltheim_supervisor::{NodeKind, NodeSnapshot};
 
-const STREAM_INFLIGHT_LIMIT: usize = 1024;
-
 /// Events a watcher may fall behind by before the oldest are dropped.
 const EVENT_BUFFER: usize = 1024;
 
-type StreamOf<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+use crate::stream::StreamOf;
 
 #[derive(Clone)]
 pub struct Api {
@@ -135,45 +130,27 @@ impl InferenceService for Api {
         &self,
         request: Request<Streaming<v1::InferRequest>>,
     ) -> Result<Response<Self::InferStreamStream>, Status> {
-        let mut inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel(STREAM_INFLIGHT_LIMIT);
         let ctx = self.ctx.clone();
-        tokio::spawn(async move {
-            let permits = Arc::new(Semaphore::new(STREAM_INFLIGHT_LIMIT));
-            loop {
-                match inbound.message().await {
-                    Ok(Some(req)) => {
-                        let Ok(permit) = permits.clone().acquire_owned().await else {
-                            break;
-                        };
-                        let (ctx, tx) = (ctx.clone(), tx.clone());
-                        tokio::spawn(async move {
-                            let id = req.id.clone();
-                            let result = match infer(&ctx, req, None).await {
-                                Ok(r) => v1::infer_stream_response::Result::Response(r),
-                                Err(s) => v1::infer_stream_response::Result::Error(v1::Error {
-                                    code: s.code() as i32,
-                                    message: s.message().to_string(),
-                                }),
-                            };
-                            let _ = tx
-                                .send(Ok(v1::InferStreamResponse {
-                                    id,
-                                    result: Some(result),
-                                }))
-                                .await;
-                            drop(permit);
-                        });
-                    }
-                    Ok(None) => break,
-                    Err(status) => {
-                        let _ = tx.send(Err(status)).await;
-                        break;
+        Ok(Response::new(crate::stream::serve(
+            request.into_inner(),
+            move |req: v1::InferRequest| {
+                let ctx = ctx.clone();
+                async move {
+                    let id = req.id.clone();
+                    let result = match infer(&ctx, req, None).await {
+                        Ok(r) => v1::infer_stream_response::Result::Response(r),
+                        Err(s) => v1::infer_stream_response::Result::Error(v1::Error {
+                            code: s.code() as i32,
+                            message: s.message().to_string(),
+                        }),
+                    };
+                    v1::InferStreamResponse {
+                        id,
+                        result: Some(result),
                     }
                 }
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+            },
+        )))
     }
 }
 

@@ -2,13 +2,9 @@
 //! `tritonclient` and tools built for Triton work against Veraltheim.
 
 use std::collections::HashMap;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::Stream;
-use tokio::sync::{Semaphore, mpsc};
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use veraltheim_models::{ModelConfig, ModelState};
 use veraltheim_proto::inference::{
@@ -19,10 +15,6 @@ use veraltheim_proto::inference::{
 use crate::context::{Context, InferCall, grpc_deadline, manager_status, traced};
 use crate::convert::{kserve_inputs, kserve_output};
 use crate::manager::{MODEL_VERSION, ModelManager};
-
-/// Requests of one stream that may be in flight at once; beyond it the server stops reading the
-/// stream, which pushes back on the client through HTTP/2 flow control.
-const STREAM_INFLIGHT_LIMIT: usize = 1024;
 
 pub const SERVER_NAME: &str = "veraltheim";
 
@@ -245,7 +237,7 @@ fn unimplemented_shm(what: &str) -> Status {
     ))
 }
 
-type StreamOf<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+use crate::stream::StreamOf;
 
 #[tonic::async_trait]
 impl GrpcInferenceService for KserveService {
@@ -324,52 +316,33 @@ impl GrpcInferenceService for KserveService {
         &self,
         request: Request<Streaming<pb::ModelInferRequest>>,
     ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
-        let mut inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel(STREAM_INFLIGHT_LIMIT);
         let ctx = self.ctx.clone();
-        tokio::spawn(async move {
-            let permits = Arc::new(Semaphore::new(STREAM_INFLIGHT_LIMIT));
-            loop {
-                match inbound.message().await {
-                    Ok(Some(req)) => {
-                        let Ok(permit) = permits.clone().acquire_owned().await else {
-                            break;
-                        };
-                        let ctx = ctx.clone();
-                        let tx = tx.clone();
-                        tokio::spawn(async move {
-                            let (id, model) = (req.id.clone(), req.model_name.clone());
-                            let received = Instant::now();
-                            let response = match infer(&ctx, req, None, received).await {
-                                Ok(r) => pb::ModelStreamInferResponse {
-                                    error_message: String::new(),
-                                    infer_response: Some(r),
-                                },
-                                // The error travels in-band so that the stream stays open; the
-                                // id says which request it belongs to.
-                                Err(status) => pb::ModelStreamInferResponse {
-                                    error_message: status.message().to_string(),
-                                    infer_response: Some(pb::ModelInferResponse {
-                                        model_name: model,
-                                        model_version: MODEL_VERSION.to_string(),
-                                        id,
-                                        ..Default::default()
-                                    }),
-                                },
-                            };
-                            let _ = tx.send(Ok(response)).await;
-                            drop(permit);
-                        });
-                    }
-                    Ok(None) => break,
-                    Err(status) => {
-                        let _ = tx.send(Err(status)).await;
-                        break;
+        Ok(Response::new(crate::stream::serve(
+            request.into_inner(),
+            move |req: pb::ModelInferRequest| {
+                let ctx = ctx.clone();
+                async move {
+                    let (id, model) = (req.id.clone(), req.model_name.clone());
+                    match infer(&ctx, req, None, Instant::now()).await {
+                        Ok(r) => pb::ModelStreamInferResponse {
+                            error_message: String::new(),
+                            infer_response: Some(r),
+                        },
+                        // The error travels in-band so that the stream stays open; the id says
+                        // which request it belongs to.
+                        Err(status) => pb::ModelStreamInferResponse {
+                            error_message: status.message().to_string(),
+                            infer_response: Some(pb::ModelInferResponse {
+                                model_name: model,
+                                model_version: MODEL_VERSION.to_string(),
+                                id,
+                                ..Default::default()
+                            }),
+                        },
                     }
                 }
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+            },
+        )))
     }
 
     async fn model_config(

@@ -14,6 +14,7 @@ mod manager;
 mod ratelimit;
 mod resources;
 mod server;
+mod stream;
 mod tree;
 
 use std::process::ExitCode;
