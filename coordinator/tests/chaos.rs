@@ -32,6 +32,41 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// Starts the binary with `extra` flags and returns it once it answers Health as ready.
+async fn start(extra: &[&str]) -> (Server, Channel) {
+    let dir = tempfile::tempdir().unwrap();
+    let grpc = format!("127.0.0.1:{}", free_port());
+    let child = Command::new(env!("CARGO_BIN_EXE_veraltheim"))
+        .args(["serve", "--grpc-addr", &grpc])
+        .args(["--http-addr", &format!("127.0.0.1:{}", free_port())])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let server = Server(child, dir);
+    let endpoint = Channel::from_shared(format!("http://{grpc}")).unwrap();
+    let started = Instant::now();
+    loop {
+        if let Ok(ch) = endpoint.connect().await {
+            let ready = SystemServiceClient::new(ch.clone())
+                .health(v1::HealthRequest {})
+                .await
+                .is_ok_and(|r| r.into_inner().ready);
+            if ready {
+                return (server, ch);
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "server did not become ready"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn paths(node: &v1::SupervisorNode, prefix: &str, out: &mut Vec<String>) {
     for c in &node.children {
         let p = if prefix.is_empty() {
@@ -84,31 +119,7 @@ impl Rng {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_tree_recovers_and_no_request_hangs() {
-    let dir = tempfile::tempdir().unwrap();
-    let grpc = format!("127.0.0.1:{}", free_port());
-    let child = Command::new(env!("CARGO_BIN_EXE_veraltheim"))
-        .args(["serve", "--enable-fault-injection", "--grpc-addr", &grpc])
-        .args(["--http-addr", &format!("127.0.0.1:{}", free_port())])
-        .arg("--data-dir")
-        .arg(dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _server = Server(child, dir);
-    let endpoint = Channel::from_shared(format!("http://{grpc}")).unwrap();
-    let ch = loop {
-        if let Ok(ch) = endpoint.connect().await {
-            let ready = SystemServiceClient::new(ch.clone())
-                .health(v1::HealthRequest {})
-                .await
-                .is_ok_and(|r| r.into_inner().ready);
-            if ready {
-                break ch;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let (_server, ch) = start(&["--enable-fault-injection"]).await;
 
     let until = Instant::now() + Duration::from_secs(6);
     let deadline = Duration::from_secs(2);
@@ -223,25 +234,7 @@ async fn the_tree_recovers_and_no_request_hangs() {
 
 #[tokio::test]
 async fn kill_child_needs_fault_injection() {
-    let dir = tempfile::tempdir().unwrap();
-    let grpc = format!("127.0.0.1:{}", free_port());
-    let child = Command::new(env!("CARGO_BIN_EXE_veraltheim"))
-        .args(["serve", "--grpc-addr", &grpc])
-        .args(["--http-addr", &format!("127.0.0.1:{}", free_port())])
-        .arg("--data-dir")
-        .arg(dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _server = Server(child, dir);
-    let endpoint = Channel::from_shared(format!("http://{grpc}")).unwrap();
-    let ch = loop {
-        if let Ok(ch) = endpoint.connect().await {
-            break ch;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let (_server, ch) = start(&[]).await;
     let err = SystemServiceClient::new(ch)
         .kill_child(v1::KillChildRequest {
             path: "API/http".into(),
