@@ -18,7 +18,6 @@ use veraltheim_proto::v1::{
 use crate::context::{Context, InferCall, grpc_deadline, manager_status, traced};
 use crate::convert::{from_v1, to_v1, v1_datatype};
 use crate::manager::ModelInfo;
-use crate::resources::HostSnapshot;
 use veraltheim_supervisor::{NodeKind, NodeSnapshot};
 
 /// Events a watcher may fall behind by before the oldest are dropped.
@@ -314,22 +313,50 @@ fn node(n: &NodeSnapshot) -> v1::SupervisorNode {
     }
 }
 
-fn cpu(h: &HostSnapshot) -> v1::Cpu {
-    v1::Cpu {
-        cores: h.cores,
-        memory_total_bytes: h.memory_total_bytes,
-        memory_available_bytes: h.memory_available_bytes,
-        process_rss_bytes: h.process_rss_bytes,
+fn gpu(g: &veraltheim_devices::GpuInfo) -> v1::Gpu {
+    v1::Gpu {
+        index: g.index,
+        uuid: g.uuid.clone(),
+        name: g.name.clone(),
+        memory_total_bytes: g.memory_total_bytes,
+        memory_used_bytes: g.memory_used_bytes,
+        memory_free_bytes: g.memory_free_bytes,
+        utilization_percent: g.utilization_gpu_percent.unwrap_or(0),
+        memory_utilization_percent: g.utilization_memory_percent.unwrap_or(0),
+        temperature_celsius: g.temperature_celsius.unwrap_or(0),
+        power_draw_milliwatts: g.power_draw_milliwatts.unwrap_or(0),
+        power_limit_milliwatts: g.power_limit_milliwatts.unwrap_or(0),
+        energy_millijoules: g.energy_millijoules.unwrap_or(0),
+        simulated: g.simulated,
+        // Placement of models on GPUs comes with the allocator.
+        models: Vec::new(),
+        lost: g.lost,
+        processes: g
+            .processes
+            .iter()
+            .map(|p| v1::GpuProcess {
+                pid: p.pid,
+                used_memory_bytes: p.used_memory_bytes.unwrap_or(0),
+            })
+            .collect(),
+        notes: g.errors.clone(),
     }
 }
 
-fn resource_snapshot(ctx: &Context) -> v1::ResourceSnapshot {
-    let h = ctx.host.snapshot();
+pub fn resource_snapshot(ctx: &Context) -> v1::ResourceSnapshot {
+    let s = ctx.devices.snapshot();
+    let h = &s.host;
     v1::ResourceSnapshot {
-        time_ms: h.time_ms,
-        cpu: Some(cpu(&h)),
-        // GPUs join the inventory with NVML monitoring; none are reported until then.
-        gpus: Vec::new(),
+        time_ms: s.time_ms,
+        cpu: Some(v1::Cpu {
+            cores: h.cores,
+            memory_total_bytes: h.memory_total_bytes,
+            memory_available_bytes: h.memory_available_bytes,
+            process_rss_bytes: h.process_rss_bytes,
+        }),
+        gpus: s.gpus.iter().map(gpu).collect(),
+        gpu_probe: s.gpu_probe.clone().unwrap_or_default(),
+        gpu_probe_error: s.gpu_probe_error.clone().unwrap_or_default(),
     }
 }
 
@@ -492,7 +519,7 @@ impl ResourceService for Api {
     ) -> Result<Response<Self::WatchResourcesStream>, Status> {
         let ms = request.get_ref().interval_ms;
         let every = if ms == 0 {
-            self.ctx.host.interval()
+            self.ctx.devices.interval()
         } else {
             // Sampling faster than this only burns the watcher's and our CPU.
             Duration::from_millis(u64::from(ms).max(100))

@@ -9,7 +9,8 @@ use serde_json::{Value, json};
 use tonic::transport::{Channel, Endpoint};
 use veraltheim_proto::v1::{
     self, inference_service_client::InferenceServiceClient,
-    model_service_client::ModelServiceClient, system_service_client::SystemServiceClient,
+    model_service_client::ModelServiceClient, resource_service_client::ResourceServiceClient,
+    system_service_client::SystemServiceClient,
 };
 
 #[derive(Clone, Debug, clap::Args)]
@@ -619,5 +620,103 @@ pub async fn kill(path: String, args: ClientArgs) -> anyhow::Result<()> {
         .await
         .map_err(status_error)?;
     println!("killed {path}");
+    Ok(())
+}
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct GpusArgs {
+    /// Refresh every sampling interval until interrupted.
+    #[arg(long)]
+    pub watch: bool,
+    /// With --watch: stop after this many snapshots.
+    #[arg(long)]
+    pub count: Option<usize>,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+fn gpu_json(g: &v1::Gpu) -> Value {
+    json!({
+        "index": g.index, "name": g.name, "uuid": g.uuid,
+        "memory_total_bytes": g.memory_total_bytes, "memory_used_bytes": g.memory_used_bytes,
+        "memory_free_bytes": g.memory_free_bytes,
+        "utilization_percent": g.utilization_percent,
+        "memory_utilization_percent": g.memory_utilization_percent,
+        "temperature_celsius": g.temperature_celsius,
+        "power_draw_watts": f64::from(g.power_draw_milliwatts) / 1000.0,
+        "power_limit_watts": f64::from(g.power_limit_milliwatts) / 1000.0,
+        "energy_millijoules": g.energy_millijoules,
+        "simulated": g.simulated, "lost": g.lost, "models": g.models, "notes": g.notes,
+        "processes": g.processes.iter().map(|p| json!({"pid": p.pid, "used_memory_bytes": p.used_memory_bytes})).collect::<Vec<_>>(),
+    })
+}
+
+fn print_gpus(s: &v1::ResourceSnapshot, as_json: bool) -> anyhow::Result<()> {
+    if as_json {
+        let list: Vec<Value> = s.gpus.iter().map(gpu_json).collect();
+        println!("{}", serde_json::to_string(&list)?);
+        return Ok(());
+    }
+    if s.gpus.is_empty() {
+        let why = if s.gpu_probe_error.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", s.gpu_probe_error)
+        };
+        println!("no GPUs{why}");
+        return Ok(());
+    }
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    println!(
+        "{:>3}  {:<28} {:>17} {:>5} {:>6} {:>9}  MODELS",
+        "GPU", "NAME", "MEMORY USED/TOTAL", "UTIL", "TEMP", "POWER"
+    );
+    for g in &s.gpus {
+        let name = if g.simulated {
+            format!("{} (simulated)", g.name)
+        } else if g.lost {
+            format!("{} (LOST)", g.name)
+        } else {
+            g.name.clone()
+        };
+        println!(
+            "{:>3}  {:<28} {:>7.1}/{:>5.1} GiB {:>4}% {:>5}C {:>8.1}W  {}",
+            g.index,
+            name,
+            gib(g.memory_used_bytes),
+            gib(g.memory_total_bytes),
+            g.utilization_percent,
+            g.temperature_celsius,
+            f64::from(g.power_draw_milliwatts) / 1000.0,
+            g.models.join(",")
+        );
+    }
+    Ok(())
+}
+
+/// `veraltheim gpus`: the GPUs the coordinator sees (`--json`: an array of objects).
+pub async fn gpus(args: GpusArgs) -> anyhow::Result<()> {
+    let mut client = ResourceServiceClient::new(connect(&args.client.server).await?);
+    if !args.watch {
+        let s = client
+            .get_resources(v1::GetResourcesRequest {})
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        return print_gpus(&s, args.client.json);
+    }
+    let mut stream = client
+        .watch_resources(v1::WatchResourcesRequest { interval_ms: 0 })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let mut seen = 0;
+    while let Some(s) = stream.message().await.map_err(status_error)? {
+        print_gpus(&s, args.client.json)?;
+        seen += 1;
+        if args.count.is_some_and(|c| seen >= c) {
+            break;
+        }
+    }
     Ok(())
 }

@@ -17,6 +17,7 @@ pub struct Config {
     pub logging: LoggingConfig,
     pub models: ModelsConfig,
     pub cache: CacheConfig,
+    pub devices: DevicesConfig,
     pub execution: ExecutionConfig,
     pub storage: StorageConfig,
 }
@@ -30,6 +31,13 @@ pub struct ServerConfig {
     pub shutdown_grace_seconds: u64,
     pub rate_limit_per_second: u32,
     pub rate_limit_burst: u32,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DevicesConfig {
+    pub simulate_gpus: String,
+    pub sample_interval_ms: u64,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -138,6 +146,12 @@ pub struct ServeArgs {
     /// Seconds a cached answer lives (0 = until evicted).
     #[arg(long, env = "VERALTHEIM_CACHE_TTL_SECONDS")]
     pub cache_ttl_seconds: Option<u64>,
+    /// Simulate GPUs, COUNT x MEMORY, e.g. `2x80GiB`.
+    #[arg(long, env = "VERALTHEIM_SIMULATE_GPUS")]
+    pub simulate_gpus: Option<String>,
+    /// Host and GPU sampling interval in milliseconds.
+    #[arg(long, env = "VERALTHEIM_SAMPLE_INTERVAL_MS")]
+    pub sample_interval_ms: Option<u64>,
 }
 
 impl Config {
@@ -219,6 +233,12 @@ impl Config {
         if let Some(v) = args.cache_ttl_seconds {
             c.cache.ttl_seconds = v;
         }
+        if let Some(v) = &args.simulate_gpus {
+            c.devices.simulate_gpus = v.clone();
+        }
+        if let Some(v) = args.sample_interval_ms {
+            c.devices.sample_interval_ms = v;
+        }
         c.validate()?;
         Ok(c)
     }
@@ -228,6 +248,12 @@ impl Config {
             bail!(
                 "server.max_message_bytes is {}; it must be at least 1024",
                 self.server.max_message_bytes
+            );
+        }
+        if self.devices.sample_interval_ms < 100 {
+            bail!(
+                "devices.sample_interval_ms is {}; it must be at least 100",
+                self.devices.sample_interval_ms
             );
         }
         if self.models.default_max_queue_size == 0 {

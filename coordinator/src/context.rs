@@ -12,7 +12,7 @@ use veraltheim_bus::{Bus, TraceParent, with_trace};
 use veraltheim_supervisor::SupervisorHandle;
 
 use crate::cache::ResponseCache;
-use crate::resources::HostMonitor;
+use crate::devices::Devices;
 use veraltheim_fastpath::{InferError, InferOutput, Request};
 use veraltheim_models::Tensor;
 use veraltheim_models::validate::{validate_inputs, validate_outputs};
@@ -22,7 +22,7 @@ use crate::manager::{ManagerError, ModelManager};
 pub struct Context {
     pub models: Arc<ModelManager>,
     pub bus: Bus,
-    pub host: Arc<HostMonitor>,
+    pub devices: Arc<Devices>,
     /// Whether KillChild (and the `fault` model) are allowed.
     pub fault_injection: bool,
     /// The supervision tree's root, once it runs.
@@ -51,7 +51,7 @@ impl Context {
     pub fn new(
         models: Arc<ModelManager>,
         bus: Bus,
-        host: Arc<HostMonitor>,
+        devices: Arc<Devices>,
         fault_injection: bool,
         cache: ResponseCache,
     ) -> Self {
@@ -59,7 +59,7 @@ impl Context {
             cache,
             models,
             bus,
-            host,
+            devices,
             fault_injection,
             tree: parking_lot::RwLock::new(None),
             started: Instant::now(),

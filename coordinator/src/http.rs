@@ -64,9 +64,15 @@ impl Family {
     }
 }
 
+/// A label value in the Prometheus text format.
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
 fn labels(model: &str) -> String {
-    let escaped = model.replace('\\', "\\\\").replace('"', "\\\"");
-    format!("model=\"{escaped}\",version=\"{MODEL_VERSION}\"")
+    format!("model=\"{}\",version=\"{MODEL_VERSION}\"", escape(model))
 }
 
 pub fn render(ctx: &Context) -> String {
@@ -212,7 +218,8 @@ pub fn render(ctx: &Context) -> String {
         .push((String::new(), ctx.started.elapsed().as_secs_f64()));
 
     let c = ctx.cache.stats();
-    let h = ctx.host.snapshot();
+    let snapshot = ctx.devices.snapshot();
+    let h = &snapshot.host;
     let mut singles = Vec::new();
     for (name, kind, help, value) in [
         (
@@ -275,12 +282,66 @@ pub fn render(ctx: &Context) -> String {
         singles.push(f);
     }
 
+    // One series per GPU with the DCGM exporter's names and labels, so existing GPU dashboards
+    // work unchanged. A field the device cannot report is left out rather than shown as 0.
+    let mut dcgm = [
+        Family::new("DCGM_FI_DEV_GPU_UTIL", "gauge", "GPU utilization (in %)"),
+        Family::new(
+            "DCGM_FI_DEV_MEM_COPY_UTIL",
+            "gauge",
+            "Memory utilization (in %)",
+        ),
+        Family::new(
+            "DCGM_FI_DEV_FB_USED",
+            "gauge",
+            "Framebuffer memory used (in MiB)",
+        ),
+        Family::new(
+            "DCGM_FI_DEV_FB_FREE",
+            "gauge",
+            "Framebuffer memory free (in MiB)",
+        ),
+        Family::new("DCGM_FI_DEV_GPU_TEMP", "gauge", "GPU temperature (in C)"),
+        Family::new("DCGM_FI_DEV_POWER_USAGE", "gauge", "Power draw (in W)"),
+        Family::new(
+            "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION",
+            "counter",
+            "Total energy consumption since boot (in mJ)",
+        ),
+    ];
+    for g in &snapshot.gpus {
+        let l = format!(
+            "gpu=\"{}\",UUID=\"{}\",device=\"nvidia{}\",modelName=\"{}\",simulated=\"{}\"",
+            g.index,
+            escape(&g.uuid),
+            g.index,
+            escape(&g.name),
+            g.simulated
+        );
+        let mib = |b: u64| (b / (1024 * 1024)) as f64;
+        let values = [
+            g.utilization_gpu_percent.map(f64::from),
+            g.utilization_memory_percent.map(f64::from),
+            Some(mib(g.memory_used_bytes)),
+            Some(mib(g.memory_free_bytes)),
+            g.temperature_celsius.map(f64::from),
+            g.power_draw_milliwatts.map(|mw| f64::from(mw) / 1000.0),
+            g.energy_millijoules.map(|mj| mj as f64),
+        ];
+        for (fam, v) in dcgm.iter_mut().zip(values) {
+            if let (Some(v), false) = (v, g.lost) {
+                fam.samples.push((l.clone(), v));
+            }
+        }
+    }
+
     let mut out = String::with_capacity(4096);
     for fam in fams
         .iter()
         .chain(summaries.iter())
         .chain([&state, &up])
         .chain(singles.iter())
+        .chain(dcgm.iter().filter(|f| !f.samples.is_empty()))
     {
         let _ = writeln!(out, "# HELP {} {}", fam.name, fam.help);
         let _ = writeln!(out, "# TYPE {} {}", fam.name, fam.kind);

@@ -8,11 +8,11 @@ mod cli;
 mod config;
 mod context;
 mod convert;
+mod devices;
 mod http;
 mod kserve;
 mod manager;
 mod ratelimit;
-mod resources;
 mod server;
 mod stream;
 mod tree;
@@ -45,6 +45,8 @@ enum Command {
     Health(cli::ClientArgs),
     /// The coordinator's components and their states.
     Status(cli::ClientArgs),
+    /// GPUs: memory, utilization, temperature, power (`--json` for scripts, `--watch` to follow).
+    Gpus(cli::GpusArgs),
     /// Stream lifecycle events (model states, restarts...), filtered by topic.
     Events(cli::EventsArgs),
     /// Abort a supervised task as if it crashed, e.g. `API/http` (fault injection: the server
@@ -144,6 +146,7 @@ fn main() -> ExitCode {
         Command::Models(args) => run_client(async { cli::models(args).await.map(|_| true) }),
         Command::Health(args) => run_client(cli::health(args)),
         Command::Status(args) => run_client(async { cli::status(args).await.map(|_| true) }),
+        Command::Gpus(args) => run_client(async { cli::gpus(args).await.map(|_| true) }),
         Command::Events(args) => run_client(async { cli::events(args).await.map(|_| true) }),
         Command::Kill { path, client } => {
             run_client(async { cli::kill(path, client).await.map(|_| true) })

@@ -26,14 +26,11 @@ use crate::api::Api;
 use crate::cache::ResponseCache;
 use crate::config::Config;
 use crate::context::Context;
+use crate::devices::Devices;
 use crate::kserve::KserveService;
 use crate::manager::ModelManager;
 use crate::ratelimit::ClientLimiter;
-use crate::resources::HostMonitor;
 use crate::tree::{ServeFn, TreeParts};
-
-/// How often the ResourceMonitor samples the host.
-const HOST_SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// tonic refuses an oversize request with OUT_OF_RANGE; gRPC's convention (and what Triton
 /// clients expect) is RESOURCE_EXHAUSTED. The refusal is a trailers-only response, so its status
@@ -155,7 +152,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         ExecutionPool::new(config.execution.threads).context("cannot start the execution pool")?;
     let threads = pool.threads();
     let bus = Bus::new();
-    let host = Arc::new(HostMonitor::new(HOST_SAMPLE_INTERVAL));
+    let devices = Arc::new(
+        Devices::detect(
+            &config.devices.simulate_gpus,
+            Duration::from_millis(config.devices.sample_interval_ms),
+        )
+        .map_err(|e| anyhow!("--simulate-gpus: {e}"))?,
+    );
     let models = Arc::new(ModelManager::new(
         pool,
         WorkerOptions {
@@ -173,7 +176,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let ctx = Arc::new(Context::new(
         models.clone(),
         bus.clone(),
-        host.clone(),
+        devices.clone(),
         config.models.enable_fault_injection,
         cache.clone(),
     ));
@@ -200,7 +203,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let root = crate::tree::start(TreeParts {
         bus,
         models: models.clone(),
-        host,
+        devices,
         cache,
         data_dir: config.storage.data_dir.clone(),
         grpc,

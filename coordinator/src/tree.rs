@@ -28,8 +28,8 @@ use veraltheim_supervisor::{
 };
 
 use crate::cache::ResponseCache;
+use crate::devices::Devices;
 use crate::manager::ModelManager;
-use crate::resources::HostMonitor;
 
 pub const FAST_PATH: &str = "AICoordinatorSupervisor/FastPathProcessor";
 const FAST_PATH_NAME: &str = "FastPathProcessor";
@@ -46,7 +46,7 @@ pub type ServeFn = Arc<dyn Fn(ChildContext) -> BoxFuture + Send + Sync>;
 pub struct TreeParts {
     pub bus: Bus,
     pub models: Arc<ModelManager>,
-    pub host: Arc<HostMonitor>,
+    pub devices: Arc<Devices>,
     pub cache: ResponseCache,
     pub data_dir: PathBuf,
     pub grpc: ServeFn,
@@ -250,15 +250,15 @@ fn cache_manager(cache: ResponseCache) -> ChildSpec {
     .backoff(restart_backoff())
 }
 
-fn resource_monitor(host: Arc<HostMonitor>) -> ChildSpec {
+fn resource_monitor(devices: Arc<Devices>, bus: Bus) -> ChildSpec {
     ChildSpec::worker("ResourceMonitor", move |ctx: ChildContext| {
-        let host = host.clone();
+        let (devices, bus) = (devices.clone(), bus.clone());
         async move {
             loop {
-                host.sample();
+                devices.sample_and_publish(&bus).await;
                 tokio::select! {
                     _ = ctx.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(host.interval()) => {}
+                    _ = tokio::time::sleep(devices.interval()) => {}
                 }
             }
         }
@@ -314,7 +314,7 @@ pub async fn start(parts: TreeParts) -> anyhow::Result<SupervisorHandle> {
                 .intensity(10, Duration::from_secs(60))
                 .child(idle("KubernetesSupervisor"))
                 .child(idle("LocalExecutor"))
-                .child(resource_monitor(parts.host.clone())),
+                .child(resource_monitor(parts.devices.clone(), parts.bus.clone())),
         ))
         .child(subsystem(
             SupervisorSpec::new("MessageBusSupervisor")

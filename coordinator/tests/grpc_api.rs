@@ -519,3 +519,51 @@ async fn events_carry_the_trace_context_of_their_cause() {
         .unwrap();
     assert!(e.traceparent.contains(trace_id), "{e:?}");
 }
+
+#[tokio::test]
+async fn simulated_gpus_are_in_the_inventory_and_marked() {
+    use veraltheim_proto::v1::resource_service_client::ResourceServiceClient;
+    let s = start(&["--simulate-gpus", "2x80GiB"]).await;
+    let snap = ResourceServiceClient::new(channel(&s).await)
+        .get_resources(v1::GetResourcesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(snap.gpus.len(), 2);
+    assert!(snap.gpus.iter().all(|g| g.simulated && !g.lost));
+    assert_eq!(snap.gpus[1].memory_total_bytes, 80 << 30);
+    assert_eq!(snap.gpu_probe, "simulated");
+    let cpu = snap.cpu.unwrap();
+    assert!(cpu.cores >= 1);
+
+    let plain = start(&[]).await;
+    let snap = ResourceServiceClient::new(channel(&plain).await)
+        .get_resources(v1::GetResourcesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    // No GPU and no NVML library on this machine: no GPUs, and a reason, not a failure.
+    if snap.gpu_probe != "nvml" {
+        assert!(snap.gpus.is_empty());
+        assert!(!snap.gpu_probe_error.is_empty());
+    }
+}
+
+#[test]
+fn a_bad_simulate_spec_stops_the_start_with_its_reason() {
+    let out = Command::new(env!("CARGO_BIN_EXE_veraltheim"))
+        .args([
+            "serve",
+            "--simulate-gpus",
+            "2x80TB",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:1",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("2x80TB"), "{stderr}");
+}

@@ -69,6 +69,8 @@ pub struct Inventory {
     simulated: Option<Arc<SimulatedProbe>>,
     snapshot: ArcSwap<Snapshot>,
     state: Mutex<State>,
+    /// Why there is no GPU probe at all (e.g. no NVML library), shown in every snapshot.
+    unavailable: Option<String>,
 }
 
 #[derive(Default)]
@@ -91,6 +93,7 @@ impl Inventory {
             simulated: None,
             snapshot: ArcSwap::from_pointee(snapshot),
             state: Mutex::new(State::default()),
+            unavailable: None,
         }
     }
 
@@ -128,7 +131,9 @@ impl Inventory {
             }
             Err(e) => {
                 tracing::info!("no GPUs: {e}");
-                Ok(Inventory::without_gpus())
+                let mut inv = Inventory::without_gpus();
+                inv.unavailable = Some(e.to_string());
+                Ok(inv)
             }
         }
     }
@@ -192,7 +197,10 @@ impl Inventory {
             host,
             gpus: state.known.values().cloned().collect(),
             gpu_probe: self.probe.as_ref().map(|p| p.name().to_string()),
-            gpu_probe_error: state.probe_error.clone(),
+            gpu_probe_error: state
+                .probe_error
+                .clone()
+                .or_else(|| self.unavailable.clone()),
         };
         self.snapshot.store(Arc::new(snapshot));
         events

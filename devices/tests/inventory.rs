@@ -361,6 +361,9 @@ fn detect_without_simulation_never_fails() {
             assert!(reason.contains("libnvidia-ml.so.1"), "{reason}");
             assert_eq!(inv.probe_name(), None);
             assert!(inv.snapshot().gpus.is_empty());
+            // The reason travels with every snapshot, so users see why there are no GPUs.
+            let why = inv.snapshot().gpu_probe_error.clone().unwrap_or_default();
+            assert!(why.contains("libnvidia-ml.so.1"), "{why}");
         }
         Ok(_) => assert_eq!(inv.probe_name(), Some("nvml")),
     }

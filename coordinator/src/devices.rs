@@ -1,0 +1,123 @@
+//! The device inventory as the coordinator runs it: the `devices` crate's `Inventory` (host, and
+//! GPUs through NVML or simulated), sampled by the supervised ResourceMonitor, its health changes
+//! published on the bus (`devices.gpu.<index>.<kind>`, `devices.probe.<kind>`), read lock-free by
+//! the APIs and `/metrics`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use veraltheim_bus::{Bus, Event};
+use veraltheim_devices::{DeviceEvent, Inventory, ProbeError, Snapshot};
+
+pub struct Devices {
+    inventory: Inventory,
+    interval: Duration,
+}
+
+impl Devices {
+    /// `simulate`: a `COUNT x MEMORY` spec, or empty for real GPUs (or none).
+    pub fn detect(simulate: &str, interval: Duration) -> Result<Self, ProbeError> {
+        let spec = (!simulate.trim().is_empty()).then_some(simulate.trim());
+        let inventory = Inventory::detect(spec)?;
+        inventory.sample();
+        Ok(Devices {
+            inventory,
+            interval,
+        })
+    }
+
+    pub fn interval(&self) -> Duration {
+        self.interval
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.inventory.snapshot()
+    }
+
+    /// Samples (NVML calls may block: run it off the async threads) and publishes what changed.
+    pub async fn sample_and_publish(self: &Arc<Self>, bus: &Bus) {
+        let me = self.clone();
+        let events = match tokio::task::spawn_blocking(move || me.inventory.sample()).await {
+            Ok(events) => events,
+            Err(e) => {
+                tracing::warn!(error = %e, "device sampling did not finish");
+                return;
+            }
+        };
+        for e in events {
+            let event = to_event(&e);
+            tracing::info!(topic = %event.topic, "{}", event.message);
+            if let Err(err) = bus.publish(event).await {
+                tracing::warn!(error = %err, "device event not published");
+            }
+        }
+    }
+}
+
+fn to_event(e: &DeviceEvent) -> Event {
+    match e {
+        DeviceEvent::GpuAppeared { index, uuid, name } => Event::new(
+            format!("devices.gpu.{index}.appeared"),
+            format!("GPU {index} ({name}) appeared"),
+        )
+        .with_attribute("gpu", index.to_string())
+        .with_attribute("uuid", uuid),
+        DeviceEvent::GpuLost {
+            index,
+            uuid,
+            reason,
+        } => Event::new(
+            format!("devices.gpu.{index}.lost"),
+            format!("GPU {index} lost: {reason}"),
+        )
+        .with_attribute("gpu", index.to_string())
+        .with_attribute("uuid", uuid)
+        .with_attribute("reason", reason),
+        DeviceEvent::GpuRecovered { index, uuid } => Event::new(
+            format!("devices.gpu.{index}.recovered"),
+            format!("GPU {index} recovered"),
+        )
+        .with_attribute("gpu", index.to_string())
+        .with_attribute("uuid", uuid),
+        DeviceEvent::ProbeFailed { probe, reason } => Event::new(
+            "devices.probe.failed",
+            format!("GPU probe {probe} failed: {reason}"),
+        )
+        .with_attribute("probe", probe)
+        .with_attribute("reason", reason),
+        DeviceEvent::ProbeRecovered { probe } => Event::new(
+            "devices.probe.recovered",
+            format!("GPU probe {probe} recovered"),
+        )
+        .with_attribute("probe", probe),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn simulated_gpus_appear_on_the_bus() {
+        let devices = Arc::new(Devices::detect("2x1GiB", Duration::from_secs(1)).unwrap());
+        let snap = devices.snapshot();
+        assert_eq!(snap.gpus.len(), 2);
+        assert!(snap.gpus.iter().all(|g| g.simulated));
+        assert!(Devices::detect("2x", Duration::from_secs(1)).is_err());
+        let topics: Vec<String> = [
+            DeviceEvent::GpuLost {
+                index: 1,
+                uuid: "u".into(),
+                reason: "gone".into(),
+            },
+            DeviceEvent::ProbeFailed {
+                probe: "nvml".into(),
+                reason: "x".into(),
+            },
+        ]
+        .iter()
+        .map(|e| to_event(e).topic)
+        .collect();
+        assert_eq!(topics, ["devices.gpu.1.lost", "devices.probe.failed"]);
+    }
+}
