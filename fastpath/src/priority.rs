@@ -18,6 +18,8 @@ pub struct LevelPolicy {
     /// `DELAY`: the request is demoted behind every request that has not timed out, instead of
     /// being refused (`REJECT`).
     pub delay: bool,
+    /// This level's own queue bound; 0: only the model's overall bound applies.
+    pub max_queue_size: usize,
 }
 
 impl LevelPolicy {
@@ -27,12 +29,14 @@ impl LevelPolicy {
                 timeout: None,
                 allow_timeout_override: true,
                 delay: false,
+                max_queue_size: 0,
             },
             Some(q) => LevelPolicy {
                 timeout: (q.default_timeout_microseconds > 0)
                     .then(|| Duration::from_micros(q.default_timeout_microseconds)),
                 allow_timeout_override: q.allow_timeout_override,
                 delay: q.timeout_action == "DELAY",
+                max_queue_size: q.max_queue_size as usize,
             },
         }
     }
@@ -106,6 +110,23 @@ impl PriorityPolicy {
             p if p <= self.levels => Ok(p),
             p => Err(format!("priority {p} is outside 1..={}", self.levels)),
         }
+    }
+
+    /// Per-level queue bounds (index `level - 1`), when any level has its own
+    /// `priority_queue_policy.max_queue_size`; levels without one are unbounded here (the model's
+    /// overall bound still applies).
+    pub fn level_caps(&self) -> Option<Vec<usize>> {
+        if !self.per_level.values().any(|p| p.max_queue_size > 0) {
+            return None;
+        }
+        Some(
+            (1..=self.levels.max(1))
+                .map(|l| match self.per_level.get(&l).map(|p| p.max_queue_size) {
+                    Some(n) if n > 0 => n,
+                    _ => usize::MAX,
+                })
+                .collect(),
+        )
     }
 
     pub fn policy(&self, level: u32) -> &LevelPolicy {
@@ -209,9 +230,15 @@ mod tests {
         let t0 = Instant::now();
         let items = [(3, false, t0), (1, false, t0 + Duration::from_millis(140))];
         // at 150 ms the level-3 request counts as level 2: still behind level 1
-        assert_eq!(order(&p, &items, t0 + Duration::from_millis(150)), vec![1, 0]);
+        assert_eq!(
+            order(&p, &items, t0 + Duration::from_millis(150)),
+            vec![1, 0]
+        );
         // from 200 ms it counts as level 1 and, being older, goes first
-        assert_eq!(order(&p, &items, t0 + Duration::from_millis(200)), vec![0, 1]);
+        assert_eq!(
+            order(&p, &items, t0 + Duration::from_millis(200)),
+            vec![0, 1]
+        );
     }
 
     #[test]

@@ -60,6 +60,37 @@ struct Shared {
     panicked: Mutex<Option<String>>,
     /// True once the worker is closed and has nothing left to do.
     finished: watch::Sender<bool>,
+    /// Per-priority-level bounds, when the config sets any (`priority_queue_policy`).
+    levels: Option<LevelBounds>,
+}
+
+struct LevelBounds {
+    depth: Vec<AtomicUsize>,
+    cap: Vec<usize>,
+}
+
+impl LevelBounds {
+    fn try_reserve(&self, level: u32) -> Result<(), usize> {
+        let i = (level as usize).saturating_sub(1).min(self.cap.len() - 1);
+        self.depth[i]
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| {
+                (d < self.cap[i]).then_some(d + 1)
+            })
+            .map(|_| ())
+            .map_err(|_| self.cap[i])
+    }
+
+    fn release(&self, level: u32) {
+        let i = (level as usize).saturating_sub(1).min(self.cap.len() - 1);
+        self.depth[i].fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A request leaves the queue (batched, answered or dropped): give back its level's slot.
+fn leave_level(s: &Shared, level: u32) {
+    if let Some(b) = &s.levels {
+        b.release(level);
+    }
 }
 
 /// The serving side of one loaded model. Its batcher loop ([`ModelWorker::run`]) is run by
@@ -99,16 +130,19 @@ impl ModelWorker {
             0 => options.default_max_queue_size,
             n => n as usize,
         };
+        let aging = config
+            .parameter("priority_aging_ms")
+            .and_then(|v| v.trim().parse().ok())
+            .map_or(options.priority_aging, Duration::from_millis);
+        let priority = PriorityPolicy::from_config(config, aging);
+        let levels = priority.level_caps().map(|cap| LevelBounds {
+            depth: cap.iter().map(|_| AtomicUsize::new(0)).collect(),
+            cap,
+        });
         let shared = Arc::new(Shared {
             name: config.name.clone(),
             policy: BatchPolicy::from_config(config),
-            priority: PriorityPolicy::from_config(
-                config,
-                config
-                    .parameter("priority_aging_ms")
-                    .and_then(|v| v.trim().parse().ok())
-                    .map_or(options.priority_aging, Duration::from_millis),
-            ),
+            priority,
             instances: config.instance_count(),
             queue: RequestQueue::new(capacity),
             stats: ModelStats::default(),
@@ -121,6 +155,7 @@ impl ModelWorker {
             pending: Mutex::new(VecDeque::new()),
             panicked: Mutex::new(None),
             finished: watch::channel(false).0,
+            levels,
         });
         ModelWorker { shared }
     }
@@ -212,7 +247,17 @@ impl ModelWorker {
             deadline,
             key,
         };
+        if let Some(bounds) = &s.levels
+            && let Err(capacity) = bounds.try_reserve(level)
+        {
+            s.stats.rejected.fetch_add(1, Ordering::Relaxed);
+            return Err(InferError::QueueFull {
+                model: s.name.clone(),
+                capacity,
+            });
+        }
         if !s.queue.try_push(pending) {
+            leave_level(s, level);
             s.stats
                 .rejected
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -261,6 +306,7 @@ fn fail_all(s: &Shared, reason: &str) {
     }
     let n = pending.len();
     for p in pending.drain(..) {
+        leave_level(s, p.level);
         let _ = p.reply.send(Err(InferError::Unavailable {
             model: s.name.clone(),
             reason: reason.to_string(),
@@ -303,6 +349,9 @@ async fn run(s: &Arc<Shared>, cancel: &CancellationToken) -> Result<(), WorkerFa
                     Plan::Run(positions) => {
                         let batch = take(&mut pending, &positions);
                         s.queue.release(batch.len());
+                        for p in &batch {
+                            leave_level(s, p.level);
+                        }
                         s.inflight.fetch_add(1, Ordering::AcqRel);
                         let shared = s.clone();
                         s.pool.spawn(move || {
@@ -366,6 +415,7 @@ fn drop_dead(s: &Shared, pending: &mut VecDeque<Pending>, now: Instant) -> Optio
     for mut p in pending.drain(..) {
         if p.reply.is_closed() {
             s.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+            leave_level(s, p.level);
             removed += 1;
             continue;
         }
@@ -376,6 +426,7 @@ fn drop_dead(s: &Shared, pending: &mut VecDeque<Pending>, now: Instant) -> Optio
             p.queue_expiry = None;
         } else if past_deadline || past_queue_timeout {
             let waited = now.duration_since(p.enqueued);
+            leave_level(s, p.level);
             s.stats.expired.fetch_add(1, Ordering::Relaxed);
             s.stats.fail.add(1, now.duration_since(p.req.received));
             let _ = p.reply.send(Err(InferError::DeadlineExceeded {

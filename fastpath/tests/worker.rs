@@ -314,3 +314,27 @@ async fn a_delay_timeout_demotes_instead_of_refusing() {
     assert!(stats.total_us.p50 >= stats.queue_us.p50);
     assert!(stats.compute_us.p50 > 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_level_with_its_own_bound_fills_without_blocking_the_others() {
+    let model = prioritised(r#","priority_queue_policy":{"2":{"max_queue_size":1}}"#);
+    let worker = ModelWorker::start(
+        model,
+        ExecutionPool::new(1).unwrap(),
+        &WorkerOptions::default(),
+    );
+    let busy = worker.submit(row(0.0)).unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let queued_low = worker.submit(row(1.0)).unwrap();
+    match worker.submit(row(2.0)) {
+        Err(InferError::QueueFull { capacity, .. }) => assert_eq!(capacity, 1),
+        other => panic!("expected the level-2 queue to be full, got {other:?}"),
+    }
+    let mut high = row(3.0);
+    high.priority = 1;
+    let high = worker.submit(high).unwrap();
+    let order = arrival_order(vec![("busy", busy), ("low", queued_low), ("high", high)]).await;
+    assert_eq!(order, ["busy", "high", "low"]);
+    // the level's slot came back once its request left the queue
+    assert!(worker.submit(row(4.0)).unwrap().await.unwrap().is_ok());
+}
