@@ -16,7 +16,7 @@ pub enum JobError {
 
 /// The lifecycle: QUEUED → ADMITTED → RUNNING → SUCCEEDED | FAILED | CANCELLED | TIMED_OUT, with
 /// RETRY_WAIT between attempts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum JobState {
     Queued,

@@ -6,9 +6,21 @@
 //! only once it is durable; every state change goes through [`job::JobState::transition`], so no
 //! code path can move a job along an edge the lifecycle does not have.
 //!
-//! What is here now: the job specification with its validation and the job lifecycle. The
-//! store, the scheduler and the executors build on them.
+//! - [`job`]: the job specification with its validation and the job lifecycle.
+//! - [`store`]: [`JobStore`], durable jobs over a `veraltheim_storage::Store`.
+//! - [`scheduler`]: the admission decisions (queues, quotas, capacity, priority classes, weighted
+//!   DRF between queues) and the retry policy, as pure logic.
+//! - [`local`]: the local executor, a command job as a process group with its logs in files.
+//! - [`runner`]: the three tied together in an async loop.
 
 pub mod job;
+pub mod local;
+pub mod runner;
+pub mod scheduler;
+pub mod store;
 
 pub use job::{JobError, JobSpec, JobState, Resources};
+pub use local::{CommandRun, LocalExecutor, Outcome};
+pub use runner::{Runner, RunnerConfig, RunnerError};
+pub use scheduler::{QueueConfig, Quota, RetryPolicy, Scheduler, SchedulerConfig};
+pub use store::{Change, FailureKind, JobRecord, JobStore, ListFilter, StoreError};

@@ -1,0 +1,349 @@
+//! The local executor: runs a command job as a child process of the coordinator.
+//!
+//! Each attempt runs in its own process group (`process_group(0)`), with stdin closed and stdout
+//! and stderr written to `<jobs_dir>/<job id>/attempt-<n>.stdout|.stderr`. A cancel or the
+//! deadline kills the whole group — the command and everything it started — with
+//! `kill -KILL -- -<pgid>` (the `kill` program, so this crate needs no `unsafe` or libc), then
+//! reaps the command. When the command exits by itself, whatever it left running in its group is
+//! killed too, so no stray process outlives its job.
+//!
+//! The local executor ignores a command job's `image`: it runs the command on this machine,
+//! with the coordinator's environment plus the job's `env`, in the job's `working_dir` (the
+//! coordinator's own when empty).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio_util::sync::CancellationToken;
+
+/// How an attempt ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The command exited with this code.
+    Exited(i32),
+    /// The command was ended by this signal, not by us.
+    Signalled(i32),
+    /// Cancelled: the process group was killed.
+    Cancelled,
+    /// The deadline passed: the process group was killed.
+    TimedOut,
+}
+
+/// Failures of the executor itself (infrastructure failures, not the job's).
+#[derive(Debug, Error)]
+pub enum ExecError {
+    #[error("the command is empty")]
+    EmptyCommand,
+    #[error("cannot create the log file {path}: {source}")]
+    Logs {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start '{program}': {source}")]
+    Spawn {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("waiting for the command failed: {0}")]
+    Wait(#[source] std::io::Error),
+}
+
+/// One attempt of a command job.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CommandRun {
+    pub job_id: String,
+    pub attempt: u32,
+    /// Program and arguments.
+    pub command: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    /// Empty: the coordinator's working directory.
+    pub working_dir: String,
+    /// Killed as [`Outcome::TimedOut`] after this long.
+    pub deadline: Option<Duration>,
+}
+
+/// Runs command jobs as local processes; see the module documentation.
+#[derive(Clone, Debug)]
+pub struct LocalExecutor {
+    jobs_dir: PathBuf,
+}
+
+impl LocalExecutor {
+    /// An executor writing logs under `jobs_dir` (created as needed).
+    pub fn new(jobs_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            jobs_dir: jobs_dir.into(),
+        }
+    }
+
+    pub fn jobs_dir(&self) -> &Path {
+        &self.jobs_dir
+    }
+
+    /// Where an attempt's stdout and stderr go.
+    pub fn log_paths(&self, job_id: &str, attempt: u32) -> (PathBuf, PathBuf) {
+        let dir = self.jobs_dir.join(job_id);
+        (
+            dir.join(format!("attempt-{attempt}.stdout")),
+            dir.join(format!("attempt-{attempt}.stderr")),
+        )
+    }
+
+    /// Runs one attempt to its end: exit, cancel (through `cancel`) or deadline.
+    pub async fn run(
+        &self,
+        run: &CommandRun,
+        cancel: &CancellationToken,
+    ) -> Result<Outcome, ExecError> {
+        let (program, args) = run.command.split_first().ok_or(ExecError::EmptyCommand)?;
+        let (out_path, err_path) = self.log_paths(&run.job_id, run.attempt);
+        let dir = self.jobs_dir.join(&run.job_id);
+        std::fs::create_dir_all(&dir).map_err(|source| ExecError::Logs {
+            path: dir.clone(),
+            source,
+        })?;
+        let create = |path: &PathBuf| {
+            std::fs::File::create(path).map_err(|source| ExecError::Logs {
+                path: path.clone(),
+                source,
+            })
+        };
+        let stdout = create(&out_path)?;
+        let stderr = create(&err_path)?;
+
+        let mut cmd = tokio::process::Command::new(program);
+        cmd.args(args)
+            .envs(&run.env)
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .process_group(0)
+            .kill_on_drop(true);
+        if !run.working_dir.is_empty() {
+            cmd.current_dir(&run.working_dir);
+        }
+        let mut child = cmd.spawn().map_err(|source| ExecError::Spawn {
+            program: program.clone(),
+            source,
+        })?;
+        // The child is its own group's leader: its pid is the group id.
+        let pgid = child.id().expect("a child not yet waited for has a pid");
+        tracing::debug!(job = %run.job_id, attempt = run.attempt, pgid, "started");
+
+        let deadline = async {
+            match run.deadline {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        let outcome = tokio::select! {
+            status = child.wait() => {
+                let status = status.map_err(ExecError::Wait)?;
+                // Whatever the command left running in its group goes with it.
+                kill_group(pgid).await;
+                return Ok(outcome_of(status));
+            }
+            () = cancel.cancelled() => Outcome::Cancelled,
+            () = deadline => Outcome::TimedOut,
+        };
+        // Kill the group while the leader is not yet reaped, so its pgid cannot be reused.
+        kill_group(pgid).await;
+        let _ = child.start_kill();
+        child.wait().await.map_err(ExecError::Wait)?;
+        tracing::debug!(job = %run.job_id, attempt = run.attempt, ?outcome, "killed");
+        Ok(outcome)
+    }
+}
+
+fn outcome_of(status: ExitStatus) -> Outcome {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => Outcome::Exited(code),
+        (None, Some(sig)) => Outcome::Signalled(sig),
+        (None, None) => Outcome::Exited(-1),
+    }
+}
+
+/// SIGKILL to every process of group `pgid`. A group already empty is not an error.
+async fn kill_group(pgid: u32) {
+    let result = tokio::process::Command::new("kill")
+        .args(["-KILL", "--", &format!("-{pgid}")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await;
+    if let Err(e) = result {
+        tracing::warn!(pgid, error = %e, "cannot run kill for a process group");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sh(script: &str) -> Vec<String> {
+        vec!["sh".into(), "-c".into(), script.into()]
+    }
+
+    fn run(id: &str, command: Vec<String>) -> CommandRun {
+        CommandRun {
+            job_id: id.into(),
+            attempt: 1,
+            command,
+            ..Default::default()
+        }
+    }
+
+    /// Bounds a test that would otherwise hang if a kill did not work.
+    async fn within<F: std::future::Future>(f: F) -> F::Output {
+        tokio::time::timeout(Duration::from_secs(20), f)
+            .await
+            .expect("the executor did not finish in 20 s")
+    }
+
+    /// Whether `pid` is gone (or a zombie, which no longer runs).
+    fn is_dead(pid: u32) -> bool {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Err(_) => true,
+            Ok(stat) => stat
+                .rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        }
+    }
+
+    async fn wait_dead(pid: u32) -> bool {
+        for _ in 0..100 {
+            if is_dead(pid) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    }
+
+    #[tokio::test]
+    async fn success_captures_logs_env_and_working_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let work = tempfile::tempdir().unwrap();
+        let exec = LocalExecutor::new(dir.path());
+        let mut r = run("job1", sh("echo out $GREETING; pwd; echo err >&2"));
+        r.env.insert("GREETING".into(), "hello".into());
+        r.working_dir = work.path().to_string_lossy().into_owned();
+        let outcome = within(exec.run(&r, &CancellationToken::new()))
+            .await
+            .unwrap();
+        assert_eq!(outcome, Outcome::Exited(0));
+        let (out, err) = exec.log_paths("job1", 1);
+        let out = std::fs::read_to_string(out).unwrap();
+        let canonical = work.path().canonicalize().unwrap();
+        assert_eq!(out, format!("out hello\n{}\n", canonical.display()));
+        assert_eq!(std::fs::read_to_string(err).unwrap(), "err\n");
+    }
+
+    #[tokio::test]
+    async fn a_non_zero_exit_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let exec = LocalExecutor::new(dir.path());
+        let outcome = within(exec.run(&run("j", sh("exit 3")), &CancellationToken::new()))
+            .await
+            .unwrap();
+        assert_eq!(outcome, Outcome::Exited(3));
+        let outcome = within(exec.run(&run("j", sh("kill -TERM $$")), &CancellationToken::new()))
+            .await
+            .unwrap();
+        assert_eq!(outcome, Outcome::Signalled(15));
+    }
+
+    #[tokio::test]
+    async fn a_missing_program_or_empty_command_is_an_executor_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let exec = LocalExecutor::new(dir.path());
+        let err = exec
+            .run(
+                &run("j", vec!["/no/such/program".into()]),
+                &CancellationToken::new(),
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("cannot start '/no/such/program'"),
+            "{err}"
+        );
+        let err = exec
+            .run(&run("j", vec![]), &CancellationToken::new())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ExecError::EmptyCommand));
+    }
+
+    #[tokio::test]
+    async fn cancel_kills_the_child_and_its_grandchild() {
+        let dir = tempfile::tempdir().unwrap();
+        let exec = LocalExecutor::new(dir.path());
+        let pidfile = dir.path().join("grandchild.pid");
+        let script = format!("sleep 30 & echo $! > {}; wait", pidfile.display());
+        let cancel = CancellationToken::new();
+        let r = run("j", sh(&script));
+        let task = {
+            let exec = exec.clone();
+            let cancel = cancel.clone();
+            tokio::spawn(async move { exec.run(&r, &cancel).await })
+        };
+        let mut pid = None;
+        for _ in 0..200 {
+            if let Some(p) = std::fs::read_to_string(&pidfile)
+                .ok()
+                .and_then(|s| s.trim().parse::<u32>().ok())
+            {
+                pid = Some(p);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        let pid = pid.expect("the script wrote its grandchild's pid");
+        assert!(!is_dead(pid), "the grandchild runs before the cancel");
+        cancel.cancel();
+        let outcome = within(task).await.unwrap().unwrap();
+        assert_eq!(outcome, Outcome::Cancelled);
+        assert!(wait_dead(pid).await, "grandchild {pid} survived the cancel");
+    }
+
+    #[tokio::test]
+    async fn the_deadline_kills_the_group_as_timed_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let exec = LocalExecutor::new(dir.path());
+        let mut r = run("j", sh("echo started; sleep 30"));
+        r.deadline = Some(Duration::from_secs(2));
+        let outcome = within(exec.run(&r, &CancellationToken::new()))
+            .await
+            .unwrap();
+        assert_eq!(outcome, Outcome::TimedOut);
+        let out = std::fs::read_to_string(exec.log_paths("j", 1).0).unwrap();
+        assert_eq!(out, "started\n");
+    }
+
+    #[tokio::test]
+    async fn processes_left_behind_by_a_finished_command_are_killed() {
+        let dir = tempfile::tempdir().unwrap();
+        let exec = LocalExecutor::new(dir.path());
+        let pidfile = dir.path().join("orphan.pid");
+        let script = format!("sleep 30 & echo $! > {}; exit 0", pidfile.display());
+        let outcome = within(exec.run(&run("j", sh(&script)), &CancellationToken::new()))
+            .await
+            .unwrap();
+        assert_eq!(outcome, Outcome::Exited(0));
+        let pid: u32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(wait_dead(pid).await, "orphan {pid} outlived its job");
+    }
+}

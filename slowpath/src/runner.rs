@@ -1,0 +1,737 @@
+//! The runner: the job store, the scheduler and the local executor tied together.
+//!
+//! [`Runner::start`] recovers the live jobs from the store ([`JobStore::recover`]); then
+//! [`Runner::run`] loops: it moves RETRY_WAIT jobs whose time has come back to QUEUED, asks the
+//! scheduler for admissions within the free slots (`max_running`), writes ADMITTED, and starts a
+//! task per admitted job that writes RUNNING, runs the command and writes the outcome: SUCCEEDED,
+//! CANCELLED, TIMED_OUT, or on failure RETRY_WAIT (backoff from the [`RetryPolicy`]) or FAILED.
+//! The loop sleeps on a [`tokio::sync::Notify`] (woken by a submit, a cancel or a job's end) or
+//! until the next retry is due.
+//!
+//! A job's `deadline_seconds` bounds each attempt, from its start. Inference jobs are not run by
+//! this runner yet: they fail at admission, saying so. When [`Runner::run`] stops, the jobs
+//! still running stay RUNNING in the store, and the next start runs them again (at least once).
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use thiserror::Error;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use veraltheim_storage::Store;
+
+use crate::job::{JobKind, JobSpec, JobState};
+use crate::local::{CommandRun, LocalExecutor, Outcome};
+use crate::scheduler::{
+    Jitter, Pending, RetryDecision, RetryPolicy, SchedError, Scheduler, SchedulerConfig,
+};
+use crate::store::{Change, FailureKind, JobRecord, JobStore, StoreError};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunnerConfig {
+    pub scheduler: SchedulerConfig,
+    pub retry: RetryPolicy,
+    /// Most jobs admitted or running at once; at least 1.
+    pub max_running: usize,
+    /// Seed of the retry jitter.
+    pub jitter_seed: u64,
+}
+
+#[derive(Debug, Error)]
+pub enum RunnerError {
+    #[error(transparent)]
+    Schedule(#[from] SchedError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+struct State {
+    sched: Scheduler,
+    /// Admitted or running jobs and their cancel tokens.
+    running: HashMap<String, CancellationToken>,
+    /// RETRY_WAIT jobs by (due time, id).
+    retries: BTreeSet<(u64, String)>,
+    reasons: HashMap<String, String>,
+    /// QUEUED jobs the scheduler cannot take under this configuration, with why.
+    parked: HashMap<String, String>,
+    jitter: Jitter,
+}
+
+impl State {
+    /// Puts a QUEUED job in line, or parks it with the scheduler's reason.
+    fn enqueue(&mut self, rec: &JobRecord) {
+        match self.sched.enqueue(pending(rec)) {
+            Ok(()) | Err(SchedError::Duplicate(_)) => {}
+            Err(e) => {
+                tracing::warn!(job = %rec.id, reason = %e, "job parked");
+                self.parked.insert(rec.id.clone(), e.to_string());
+            }
+        }
+    }
+}
+
+struct Inner<S> {
+    store: JobStore<S>,
+    exec: LocalExecutor,
+    retry: RetryPolicy,
+    max_running: usize,
+    state: Mutex<State>,
+    wake: Notify,
+}
+
+/// See the module documentation. Cheap to clone.
+pub struct Runner<S> {
+    inner: Arc<Inner<S>>,
+}
+
+impl<S> Clone for Runner<S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+fn pending(rec: &JobRecord) -> Pending {
+    Pending {
+        id: rec.id.clone(),
+        queue: rec.spec.queue.clone(),
+        priority_class: rec.spec.priority_class.clone(),
+        resources: rec.spec.resources.clone(),
+    }
+}
+
+impl<S: Store + 'static> Runner<S> {
+    pub fn new(
+        store: JobStore<S>,
+        exec: LocalExecutor,
+        config: RunnerConfig,
+    ) -> Result<Self, RunnerError> {
+        let sched = Scheduler::new(config.scheduler)?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                store,
+                exec,
+                retry: config.retry,
+                max_running: config.max_running.max(1),
+                state: Mutex::new(State {
+                    sched,
+                    running: HashMap::new(),
+                    retries: BTreeSet::new(),
+                    reasons: HashMap::new(),
+                    parked: HashMap::new(),
+                    jitter: Jitter::new(config.jitter_seed),
+                }),
+                wake: Notify::new(),
+            }),
+        })
+    }
+
+    pub fn store(&self) -> &JobStore<S> {
+        &self.inner.store
+    }
+
+    /// Takes up the live jobs of the store; call once, before [`Runner::run`]. A recovered job
+    /// the scheduler can no longer take (its queue or class left the configuration, or it asks
+    /// for more than the new quota or capacity) stays QUEUED, out of line, with that reason
+    /// ([`Runner::waiting_reason`]) until it is cancelled or the configuration takes it back.
+    pub async fn start(&self) -> Result<(), RunnerError> {
+        let live = self.inner.store.recover().await?;
+        for rec in live {
+            match rec.state {
+                JobState::RetryWait => {
+                    let at = rec.retry_at_ms.unwrap_or(0);
+                    self.inner.state.lock().retries.insert((at, rec.id));
+                }
+                _ => self.inner.state.lock().enqueue(&rec),
+            }
+        }
+        self.inner.wake.notify_one();
+        Ok(())
+    }
+
+    /// Checks `spec` against the scheduler (unknown queue or class, more than quota or
+    /// capacity), stores it durably and puts it in line.
+    pub async fn submit(&self, spec: JobSpec) -> Result<JobRecord, RunnerError> {
+        self.inner
+            .state
+            .lock()
+            .sched
+            .check(&spec.queue, &spec.priority_class, &spec.resources)?;
+        let rec = self.inner.store.submit(spec).await?;
+        if rec.state == JobState::Queued && rec.history.len() == 1 {
+            let mut state = self.inner.state.lock();
+            match state.sched.enqueue(pending(&rec)) {
+                // A repeated submit (same idempotency key) finds the job already in line.
+                Ok(()) | Err(SchedError::Duplicate(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.inner.wake.notify_one();
+        Ok(rec)
+    }
+
+    /// Cancels a job: a waiting one at once, a running one by killing its process (its task
+    /// then writes CANCELLED). Returns the job as it is after the cancel was asked.
+    pub async fn cancel(&self, id: &str) -> Result<JobRecord, RunnerError> {
+        let running = {
+            let mut state = self.inner.state.lock();
+            state.sched.remove(id);
+            state.retries.retain(|(_, r)| r != id);
+            state.reasons.remove(id);
+            state.parked.remove(id);
+            state.running.get(id).cloned()
+        };
+        let rec = match running {
+            Some(token) => {
+                token.cancel();
+                self.inner.store.get(id)?
+            }
+            None => {
+                self.inner
+                    .store
+                    .transition(id, JobState::Cancelled, "cancelled")
+                    .await?
+            }
+        };
+        self.inner.wake.notify_one();
+        Ok(rec)
+    }
+
+    /// Why a waiting job waits, as of the last scheduling round.
+    pub fn waiting_reason(&self, id: &str) -> Option<String> {
+        let state = self.inner.state.lock();
+        state
+            .parked
+            .get(id)
+            .or_else(|| state.reasons.get(id))
+            .cloned()
+    }
+
+    /// The scheduling loop; returns when `shutdown` is cancelled.
+    pub async fn run(&self, shutdown: CancellationToken) {
+        loop {
+            let next_retry = match self.round().await {
+                Ok(next) => next,
+                Err(e) => {
+                    tracing::error!(error = %e, "scheduling round failed; trying again");
+                    Some(self.inner.store.now_ms() + 1_000)
+                }
+            };
+            let sleep = next_retry.map_or(Duration::from_secs(3600), |at| {
+                Duration::from_millis(at.saturating_sub(self.inner.store.now_ms()))
+            });
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = self.inner.wake.notified() => {}
+                () = tokio::time::sleep(sleep) => {}
+            }
+        }
+    }
+
+    /// One round; returns when the next retry is due.
+    async fn round(&self) -> Result<Option<u64>, RunnerError> {
+        let inner = &self.inner;
+        let now = inner.store.now_ms();
+        let due: Vec<String> = {
+            let mut state = inner.state.lock();
+            let due: Vec<_> = state
+                .retries
+                .iter()
+                .take_while(|(at, _)| *at <= now)
+                .cloned()
+                .collect();
+            for d in &due {
+                state.retries.remove(d);
+            }
+            due.into_iter().map(|(_, id)| id).collect()
+        };
+        for id in due {
+            // One job's failure to move on (cancelled meanwhile, a store error) must not hold
+            // back the others: each is handled on its own.
+            let rec = match inner
+                .store
+                .transition(&id, JobState::Queued, "queued again after backoff")
+                .await
+            {
+                Ok(rec) => rec,
+                Err(e) => {
+                    tracing::warn!(job = %id, error = %e, "a retry could not be queued");
+                    continue;
+                }
+            };
+            inner.state.lock().enqueue(&rec);
+        }
+        let admitted = {
+            let mut state = inner.state.lock();
+            let slots = inner.max_running.saturating_sub(state.running.len());
+            let decision = state.sched.schedule_at_most(slots);
+            state.reasons = decision.waiting.into_iter().collect();
+            for job in &decision.admitted {
+                state
+                    .running
+                    .insert(job.id.clone(), CancellationToken::new());
+            }
+            decision.admitted
+        };
+        for job in admitted {
+            let runner = self.clone();
+            tokio::spawn(async move { runner.run_job(job.id).await });
+        }
+        Ok(inner.state.lock().retries.first().map(|(at, _)| *at))
+    }
+
+    async fn run_job(self, id: String) {
+        if let Err(e) = self.attempt(&id).await {
+            tracing::error!(job = %id, error = %e, "a job's state could not be written");
+        }
+        let mut state = self.inner.state.lock();
+        state.running.remove(&id);
+        state.sched.release(&id);
+        drop(state);
+        self.inner.wake.notify_one();
+    }
+
+    async fn attempt(&self, id: &str) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        let token = inner
+            .state
+            .lock()
+            .running
+            .get(id)
+            .cloned()
+            .unwrap_or_default();
+        let rec = inner
+            .store
+            .transition(id, JobState::Admitted, "admitted")
+            .await?;
+        let JobKind::Command {
+            command,
+            env,
+            working_dir,
+            ..
+        } = &rec.spec.kind
+        else {
+            inner
+                .store
+                .transition(
+                    id,
+                    JobState::Failed,
+                    "inference jobs are not run by the local runner yet",
+                )
+                .await?;
+            return Ok(());
+        };
+        if token.is_cancelled() {
+            inner
+                .store
+                .transition(id, JobState::Cancelled, "cancelled")
+                .await?;
+            return Ok(());
+        }
+        let rec = inner
+            .store
+            .transition(id, JobState::Running, "running")
+            .await?;
+        let run = CommandRun {
+            job_id: rec.id.clone(),
+            attempt: rec.attempt,
+            command: command.clone(),
+            env: env.clone(),
+            working_dir: working_dir.clone(),
+            deadline: rec.spec.deadline_seconds.map(Duration::from_secs),
+        };
+        let result = inner.exec.run(&run, &token).await;
+        let (failure, exit_code, what) = match result {
+            Ok(Outcome::Exited(0)) => {
+                inner
+                    .store
+                    .update(id, |_| {
+                        Ok(Change {
+                            exit_code: Some(0),
+                            ..Change::to(JobState::Succeeded, "exited with code 0")
+                        })
+                    })
+                    .await?;
+                return Ok(());
+            }
+            Ok(Outcome::Cancelled) => {
+                inner
+                    .store
+                    .transition(id, JobState::Cancelled, "cancelled")
+                    .await?;
+                return Ok(());
+            }
+            Ok(Outcome::TimedOut) => {
+                let secs = rec.spec.deadline_seconds.unwrap_or_default();
+                inner
+                    .store
+                    .transition(
+                        id,
+                        JobState::TimedOut,
+                        format!("deadline of {secs} s passed"),
+                    )
+                    .await?;
+                return Ok(());
+            }
+            Ok(Outcome::Exited(code)) => (
+                FailureKind::Application,
+                Some(code),
+                format!("exited with code {code}"),
+            ),
+            Ok(Outcome::Signalled(sig)) => (
+                FailureKind::Application,
+                None,
+                format!("killed by signal {sig}"),
+            ),
+            Err(e) => (FailureKind::Infrastructure, None, e.to_string()),
+        };
+        let now = inner.store.now_ms();
+        let decision = {
+            let mut state = inner.state.lock();
+            inner.retry.on_failure(
+                failure,
+                rec.app_failures,
+                rec.infra_failures,
+                rec.spec.max_retries,
+                now,
+                &mut state.jitter,
+            )
+        };
+        let change = match &decision {
+            RetryDecision::RetryAt { at_ms, reason } => Change {
+                exit_code,
+                failure: Some(failure),
+                retry_at_ms: Some(*at_ms),
+                ..Change::to(JobState::RetryWait, format!("{what}; {reason}"))
+            },
+            RetryDecision::GiveUp { reason } => Change {
+                exit_code,
+                failure: Some(failure),
+                ..Change::to(JobState::Failed, format!("{what}; {reason}"))
+            },
+        };
+        inner.store.update(id, |_| Ok(change)).await?;
+        if let RetryDecision::RetryAt { at_ms, .. } = decision {
+            inner.state.lock().retries.insert((at_ms, id.to_owned()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use veraltheim_storage::MemoryStore;
+
+    use super::*;
+    use crate::job::Resources;
+    use crate::scheduler::{QueueConfig, Quota};
+
+    fn config(max_running: usize) -> RunnerConfig {
+        RunnerConfig {
+            scheduler: SchedulerConfig {
+                capacity: Resources {
+                    cpu_millis: 4000,
+                    memory_bytes: 1 << 30,
+                    gpus: 0,
+                },
+                queues: vec![QueueConfig {
+                    name: "default".into(),
+                    weight: 1,
+                    quota: Quota::default(),
+                }],
+                priority_classes: vec![],
+            },
+            retry: RetryPolicy {
+                initial_delay_ms: 10,
+                max_delay_ms: 50,
+                max_infra_retries: 2,
+            },
+            max_running,
+            jitter_seed: 1,
+        }
+    }
+
+    fn spec(name: &str, script: &str, max_retries: u32) -> JobSpec {
+        JobSpec {
+            name: name.into(),
+            queue: "default".into(),
+            priority_class: String::new(),
+            resources: Resources {
+                cpu_millis: 1000,
+                memory_bytes: 0,
+                gpus: 0,
+            },
+            max_retries,
+            deadline_seconds: None,
+            labels: BTreeMap::new(),
+            idempotency_key: None,
+            kind: JobKind::Command {
+                image: String::new(),
+                command: vec!["sh".into(), "-c".into(), script.into()],
+                env: BTreeMap::new(),
+                working_dir: String::new(),
+            },
+        }
+    }
+
+    async fn wait_for(
+        runner: &Runner<MemoryStore>,
+        id: &str,
+        pred: impl Fn(&JobRecord) -> bool,
+    ) -> JobRecord {
+        for _ in 0..400 {
+            let rec = runner.store().get(id).unwrap();
+            if pred(&rec) {
+                return rec;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("job {id} never reached the expected state");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn jobs_run_to_success_and_a_failing_job_retries_then_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let runner = Runner::new(
+            JobStore::new(MemoryStore::new()),
+            LocalExecutor::new(dir.path()),
+            config(2),
+        )
+        .unwrap();
+        runner.start().await.unwrap();
+        let shutdown = CancellationToken::new();
+        let loop_task = {
+            let runner = runner.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move { runner.run(shutdown).await })
+        };
+        let mut ok = Vec::new();
+        for i in 0..3 {
+            ok.push(
+                runner
+                    .submit(spec(&format!("ok{i}"), "echo done", 0))
+                    .await
+                    .unwrap()
+                    .id,
+            );
+        }
+        let bad = runner.submit(spec("bad", "exit 7", 2)).await.unwrap().id;
+        for id in &ok {
+            let rec = wait_for(&runner, id, |r| r.state.is_terminal()).await;
+            assert_eq!(rec.state, JobState::Succeeded, "{rec:?}");
+            assert_eq!((rec.attempt, rec.exit_code), (1, Some(0)));
+        }
+        let rec = wait_for(&runner, &bad, |r| r.state.is_terminal()).await;
+        assert_eq!(rec.state, JobState::Failed, "{rec:?}");
+        assert_eq!(
+            (rec.attempt, rec.app_failures, rec.exit_code),
+            (3, 3, Some(7))
+        );
+        assert_eq!(
+            rec.history
+                .iter()
+                .filter(|h| h.state == JobState::RetryWait)
+                .count(),
+            2
+        );
+        assert!(
+            rec.reason
+                .starts_with("exited with code 7; failed 3 times (max_retries 2)"),
+            "{}",
+            rec.reason
+        );
+        // Everything released: nothing admitted, nothing waiting.
+        {
+            let state = runner.inner.state.lock();
+            assert_eq!(state.sched.admitted_len(), 0);
+            assert_eq!(state.sched.waiting_len(), 0);
+        }
+        shutdown.cancel();
+        loop_task.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn running_jobs_never_exceed_the_slots() {
+        let dir = tempfile::tempdir().unwrap();
+        let runner = Runner::new(
+            JobStore::new(MemoryStore::new()),
+            LocalExecutor::new(dir.path()),
+            config(2),
+        )
+        .unwrap();
+        let shutdown = CancellationToken::new();
+        let loop_task = {
+            let runner = runner.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move { runner.run(shutdown).await })
+        };
+        let mut ids = Vec::new();
+        for i in 0..6 {
+            let mut s = spec(&format!("j{i}"), "sleep 0.1", 0);
+            s.resources.cpu_millis = 10;
+            ids.push(runner.submit(s).await.unwrap().id);
+        }
+        let mut most = 0;
+        loop {
+            let running = {
+                let state = runner.inner.state.lock();
+                assert_eq!(state.running.len(), state.sched.admitted_len());
+                state.running.len()
+            };
+            most = most.max(running);
+            assert!(running <= 2, "{running} jobs running with 2 slots");
+            let states: Vec<_> = ids
+                .iter()
+                .map(|id| runner.store().get(id).unwrap().state)
+                .collect();
+            assert!(
+                states.iter().filter(|s| **s == JobState::Running).count() <= 2,
+                "{states:?}"
+            );
+            if states.iter().all(|s| *s == JobState::Succeeded) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(most >= 1);
+        shutdown.cancel();
+        loop_task.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_restart_runs_interrupted_jobs_again() {
+        use veraltheim_storage::{RedbStore, StoreOptions};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jobs.redb");
+        let (running, retrying);
+        {
+            // The first coordinator admitted and started one job, and had another in backoff,
+            // then died.
+            let store = JobStore::new(RedbStore::open(&path, StoreOptions::default()).unwrap());
+            running = store.submit(spec("r", "echo again", 0)).await.unwrap().id;
+            retrying = store.submit(spec("w", "true", 1)).await.unwrap().id;
+            for id in [&running, &retrying] {
+                store.transition(id, JobState::Admitted, "").await.unwrap();
+                store.transition(id, JobState::Running, "").await.unwrap();
+            }
+            store
+                .update(&retrying, |_| {
+                    Ok(Change {
+                        failure: Some(FailureKind::Application),
+                        retry_at_ms: Some(0),
+                        ..Change::to(JobState::RetryWait, "exit 1")
+                    })
+                })
+                .await
+                .unwrap();
+        }
+        let store = JobStore::new(RedbStore::open(&path, StoreOptions::default()).unwrap());
+        let runner = Runner::new(store, LocalExecutor::new(dir.path()), config(2)).unwrap();
+        runner.start().await.unwrap();
+        let shutdown = CancellationToken::new();
+        let loop_task = {
+            let runner = runner.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move { runner.run(shutdown).await })
+        };
+        for id in [&running, &retrying] {
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            let rec = loop {
+                let rec = runner.store().get(id).unwrap();
+                if rec.state.is_terminal() || std::time::Instant::now() > deadline {
+                    break rec;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            };
+            assert_eq!(rec.state, JobState::Succeeded, "{rec:?}");
+            assert_eq!(rec.attempt, 2);
+        }
+        let rec = runner.store().get(&running).unwrap();
+        assert!(
+            rec.history
+                .iter()
+                .any(|h| h.reason == "coordinator restarted; attempt 2")
+        );
+        let log = std::fs::read_to_string(dir.path().join(&running).join("attempt-2.stdout"));
+        assert_eq!(log.unwrap(), "again\n");
+        shutdown.cancel();
+        loop_task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_job_whose_queue_left_the_configuration_is_parked_not_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = JobStore::new(MemoryStore::new());
+        let mut s = spec("old", "true", 0);
+        s.queue = "gone".into();
+        let id = store.submit(s).await.unwrap().id;
+        let runner = Runner::new(store, LocalExecutor::new(dir.path()), config(1)).unwrap();
+        runner.start().await.unwrap();
+        runner.round().await.unwrap();
+        assert_eq!(runner.store().get(&id).unwrap().state, JobState::Queued);
+        assert_eq!(
+            runner.waiting_reason(&id).as_deref(),
+            Some("no queue named 'gone'")
+        );
+        let rec = runner.cancel(&id).await.unwrap();
+        assert_eq!(rec.state, JobState::Cancelled);
+        assert_eq!(runner.waiting_reason(&id), None);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cancel_a_running_and_a_waiting_job_and_reject_impossible_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let runner = Runner::new(
+            JobStore::new(MemoryStore::new()),
+            LocalExecutor::new(dir.path()),
+            config(1),
+        )
+        .unwrap();
+        let shutdown = CancellationToken::new();
+        let loop_task = {
+            let runner = runner.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move { runner.run(shutdown).await })
+        };
+        let long = runner.submit(spec("long", "sleep 30", 0)).await.unwrap().id;
+        let next = runner.submit(spec("next", "sleep 30", 0)).await.unwrap().id;
+        wait_for(&runner, &long, |r| r.state == JobState::Running).await;
+        // One slot: the second waits, with a reason.
+        for _ in 0..100 {
+            if runner.waiting_reason(&next).is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            runner.waiting_reason(&next).as_deref(),
+            Some("every slot for running jobs is taken")
+        );
+        let rec = runner.cancel(&next).await.unwrap();
+        assert_eq!(rec.state, JobState::Cancelled);
+        runner.cancel(&long).await.unwrap();
+        let rec = wait_for(&runner, &long, |r| r.state.is_terminal()).await;
+        assert_eq!(rec.state, JobState::Cancelled);
+
+        let mut big = spec("big", "true", 0);
+        big.resources.cpu_millis = 5000;
+        let err = runner.submit(big).await.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "job can never be admitted: capacity cpu 0/4000m (needs 5000m)"
+        );
+        let mut lost = spec("lost", "true", 0);
+        lost.queue = "nope".into();
+        assert!(matches!(
+            runner.submit(lost).await,
+            Err(RunnerError::Schedule(SchedError::UnknownQueue(_)))
+        ));
+        shutdown.cancel();
+        loop_task.await.unwrap();
+    }
+}

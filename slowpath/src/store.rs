@@ -1,0 +1,755 @@
+//! The job store: jobs as durable records over a [`veraltheim_storage::Store`].
+//!
+//! Three tables:
+//! - `slowpath.jobs`: id → [`JobRecord`];
+//! - `slowpath.idempotency`: idempotency key → id;
+//! - `slowpath.active`: id → `()` for every job not yet in a terminal state, so that
+//!   [`JobStore::recover`] reads the live jobs only, not the whole history.
+//!
+//! Ids are time ordered: 16 digits of milliseconds since the Unix epoch and 4 digits of a counter
+//! (`00017330000000000000` is the first job of its millisecond), so listing in id order is listing in submission order.
+//!
+//! Every state change goes through [`JobState::transition`] inside [`JobStore::update`]; a write
+//! is returned to the caller only after the store's commit future resolved (durable under
+//! `Durability::Immediate`). Writes to one job (and submits with one idempotency key) are
+//! serialized by one of [`LOCK_SHARDS`] async mutexes chosen by hashing the id (or key), held
+//! across the commit, so a read-modify-write never loses a concurrent change, while writes to
+//! different jobs commit concurrently and share the store's group commits.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Bound;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use veraltheim_storage::{Batch, StorageError, Store, Table};
+
+use crate::job::{JobError, JobSpec, JobState};
+
+/// Jobs by id.
+pub const JOBS: Table<str, JobRecord> = Table::new("slowpath.jobs");
+/// Job ids by idempotency key.
+pub const IDEMPOTENCY: Table<str, String> = Table::new("slowpath.idempotency");
+/// The ids of the jobs not yet terminal.
+pub const ACTIVE: Table<str, ()> = Table::new("slowpath.active");
+
+/// The default and the largest page of [`JobStore::list`].
+pub const DEFAULT_PAGE_SIZE: usize = 100;
+/// The largest page of [`JobStore::list`]; larger requests are cut to it.
+pub const MAX_PAGE_SIZE: usize = 1000;
+
+/// Why an attempt failed: the job's own failure (a non-zero exit code) or the infrastructure's
+/// (the process could not start, the coordinator restarted, a pod was evicted). The two are
+/// counted apart, so that an unlucky node does not use up a job's own retries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum FailureKind {
+    Application,
+    Infrastructure,
+}
+
+/// One entry of a job's history.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    pub state: JobState,
+    pub time_ms: u64,
+    pub reason: String,
+}
+
+/// A job as stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub id: String,
+    pub spec: JobSpec,
+    pub state: JobState,
+    /// Why the job is in its state, for people.
+    pub reason: String,
+    /// Attempts started so far (0 until the job first runs).
+    pub attempt: u32,
+    pub created_ms: u64,
+    /// When the latest attempt started running.
+    pub started_ms: Option<u64>,
+    /// When the job reached a terminal state.
+    pub finished_ms: Option<u64>,
+    pub exit_code: Option<i32>,
+    /// Attempts that failed through the job's own fault.
+    pub app_failures: u32,
+    /// Attempts that failed through the infrastructure's fault.
+    pub infra_failures: u32,
+    /// In RETRY_WAIT: when the job may be queued again.
+    pub retry_at_ms: Option<u64>,
+    pub history: Vec<HistoryEntry>,
+}
+
+/// One state change asked of [`JobStore::update`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change {
+    pub to: JobState,
+    pub reason: String,
+    /// The exit code of the attempt that ended, if one did.
+    pub exit_code: Option<i32>,
+    /// Counted when the change records a failed attempt.
+    pub failure: Option<FailureKind>,
+    /// For RETRY_WAIT: when to queue the job again.
+    pub retry_at_ms: Option<u64>,
+}
+
+impl Change {
+    /// A change to `to` for `reason`, with nothing else recorded.
+    pub fn to(to: JobState, reason: impl Into<String>) -> Self {
+        Self {
+            to,
+            reason: reason.into(),
+            exit_code: None,
+            failure: None,
+            retry_at_ms: None,
+        }
+    }
+}
+
+/// Which jobs [`JobStore::list`] returns.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ListFilter {
+    /// Jobs in any of these states; empty: any state.
+    pub states: BTreeSet<JobState>,
+    /// Jobs of this queue only.
+    pub queue: Option<String>,
+    /// Jobs carrying every one of these labels with these values.
+    pub labels: BTreeMap<String, String>,
+    /// Most jobs per page: 0 means [`DEFAULT_PAGE_SIZE`], above [`MAX_PAGE_SIZE`] is cut to it.
+    pub page_size: usize,
+    /// The `next_token` of the previous page; empty for the first page.
+    pub page_token: String,
+}
+
+impl ListFilter {
+    fn matches(&self, rec: &JobRecord) -> bool {
+        (self.states.is_empty() || self.states.contains(&rec.state))
+            && self.queue.as_ref().is_none_or(|q| *q == rec.spec.queue)
+            && self
+                .labels
+                .iter()
+                .all(|(k, v)| rec.spec.labels.get(k) == Some(v))
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Job(#[from] JobError),
+    #[error("no job with id '{0}'")]
+    NotFound(String),
+    #[error("idempotency key '{key}' was already used by job {existing} with a different spec")]
+    IdempotencyConflict { key: String, existing: String },
+    #[error("page token '{0}' is not one this service gave out")]
+    InvalidPageToken(String),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+/// Milliseconds since the Unix epoch; replaceable in tests.
+pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// The system clock in milliseconds since the Unix epoch.
+pub fn system_clock() -> Clock {
+    Arc::new(|| {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
+    })
+}
+
+/// Is `s` shaped like an id this store gives out (20 digits)?
+fn is_id(s: &str) -> bool {
+    s.len() == 20 && s.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// How many locks serialize writers; see the module documentation.
+pub const LOCK_SHARDS: usize = 64;
+
+/// Durable jobs. See the module documentation.
+pub struct JobStore<S> {
+    store: S,
+    clock: Clock,
+    /// The id generator's state.
+    ids: parking_lot::Mutex<IdState>,
+    /// Writers of one job or one idempotency key hold the lock of its shard across the commit.
+    locks: Box<[tokio::sync::Mutex<()>]>,
+}
+
+#[derive(Default)]
+struct IdState {
+    last_ms: u64,
+    seq: u32,
+}
+
+impl<S: Store> JobStore<S> {
+    /// A job store over `store` with the system clock.
+    pub fn new(store: S) -> Self {
+        Self::with_clock(store, system_clock())
+    }
+
+    /// A job store over `store` reading time from `clock`.
+    pub fn with_clock(store: S, clock: Clock) -> Self {
+        Self {
+            store,
+            clock,
+            ids: parking_lot::Mutex::new(IdState::default()),
+            locks: (0..LOCK_SHARDS)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
+        }
+    }
+
+    fn lock_of(&self, name: &str) -> &tokio::sync::Mutex<()> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        name.hash(&mut h);
+        &self.locks[(h.finish() % self.locks.len() as u64) as usize]
+    }
+
+    /// A new id, later than every id this store gave out since it was opened.
+    fn next_id(&self, now: u64) -> String {
+        let mut ids = self.ids.lock();
+        if now > ids.last_ms {
+            ids.last_ms = now;
+            ids.seq = 0;
+        } else if ids.seq >= 9999 {
+            ids.last_ms += 1;
+            ids.seq = 0;
+        } else {
+            ids.seq += 1;
+        }
+        format!("{:016}{:04}", ids.last_ms, ids.seq)
+    }
+
+    /// The underlying store.
+    pub fn inner(&self) -> &S {
+        &self.store
+    }
+
+    /// Now, by this store's clock.
+    pub fn now_ms(&self) -> u64 {
+        (self.clock)()
+    }
+
+    /// Validates `spec`, stores it as a QUEUED job and returns the job once durable. A spec with
+    /// an idempotency key already used returns the job first submitted with it, unchanged; if
+    /// that job's spec differs, the submit fails with [`StoreError::IdempotencyConflict`].
+    pub async fn submit(&self, spec: JobSpec) -> Result<JobRecord, StoreError> {
+        spec.validate()?;
+        // Submits with the same idempotency key are serialized; without a key, nothing is shared.
+        let _guard = match &spec.idempotency_key {
+            Some(key) => Some(self.lock_of(key).lock().await),
+            None => None,
+        };
+        if let Some(key) = &spec.idempotency_key
+            && let Some(existing) = IDEMPOTENCY.get(&self.store, key.as_str())?
+        {
+            let rec = JOBS
+                .get(&self.store, existing.as_str())?
+                .ok_or_else(|| StoreError::NotFound(existing.clone()))?;
+            return if rec.spec == spec {
+                Ok(rec)
+            } else {
+                Err(StoreError::IdempotencyConflict {
+                    key: key.clone(),
+                    existing,
+                })
+            };
+        }
+        let now = self.now_ms();
+        let id = loop {
+            let id = self.next_id(now);
+            // After a restart with a clock that went back, skip ids already taken.
+            if JOBS.get(&self.store, id.as_str())?.is_none() {
+                break id;
+            }
+        };
+        let rec = JobRecord {
+            id: id.clone(),
+            state: JobState::Queued,
+            reason: "submitted".into(),
+            attempt: 0,
+            created_ms: now,
+            started_ms: None,
+            finished_ms: None,
+            exit_code: None,
+            app_failures: 0,
+            infra_failures: 0,
+            retry_at_ms: None,
+            history: vec![HistoryEntry {
+                state: JobState::Queued,
+                time_ms: now,
+                reason: "submitted".into(),
+            }],
+            spec,
+        };
+        let mut batch = Batch::new();
+        batch.put(&JOBS, id.as_str(), &rec)?;
+        batch.put(&ACTIVE, id.as_str(), &())?;
+        if let Some(key) = &rec.spec.idempotency_key {
+            batch.put(&IDEMPOTENCY, key.as_str(), &id)?;
+        }
+        self.store.commit(batch).await?;
+        Ok(rec)
+    }
+
+    /// The job with `id`.
+    pub fn get(&self, id: &str) -> Result<JobRecord, StoreError> {
+        JOBS.get(&self.store, id)?
+            .ok_or_else(|| StoreError::NotFound(id.to_owned()))
+    }
+
+    /// One page of the jobs matching `filter`, in id (submission) order, and the token of the
+    /// next page: `None` once the end is reached (a full page's token may lead to an empty
+    /// page). A token is the last id of its page, so pages stay stable as jobs are added.
+    pub fn list(
+        &self,
+        filter: &ListFilter,
+    ) -> Result<(Vec<JobRecord>, Option<String>), StoreError> {
+        let page_size = match filter.page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            n => n.min(MAX_PAGE_SIZE),
+        };
+        if !filter.page_token.is_empty() && !is_id(&filter.page_token) {
+            return Err(StoreError::InvalidPageToken(filter.page_token.clone()));
+        }
+        let mut after = filter.page_token.clone();
+        let mut page = Vec::new();
+        let chunk = page_size.max(64);
+        loop {
+            let lower = if after.is_empty() {
+                Bound::Unbounded
+            } else {
+                Bound::Excluded(after.as_str())
+            };
+            let rows = JOBS.range_limit(&self.store, (lower, Bound::Unbounded), chunk)?;
+            let exhausted = rows.len() < chunk;
+            for (id, rec) in rows {
+                after = id;
+                if filter.matches(&rec) {
+                    page.push(rec);
+                    if page.len() == page_size {
+                        return Ok((page, Some(after)));
+                    }
+                }
+            }
+            if exhausted {
+                return Ok((page, None));
+            }
+        }
+    }
+
+    /// Applies the change `f` asks for, given the job as it is now: the state moves through
+    /// [`JobState::transition`] (an illegal edge fails and writes nothing), the change is added
+    /// to the history and written; returns the job as written, once durable.
+    pub async fn update<F>(&self, id: &str, f: F) -> Result<JobRecord, StoreError>
+    where
+        F: FnOnce(&JobRecord) -> Result<Change, StoreError>,
+    {
+        let _guard = self.lock_of(id).lock().await;
+        let mut rec = self.get(id)?;
+        let change = f(&rec)?;
+        let now = self.now_ms();
+        apply(&mut rec, change, now)?;
+        self.write_record(&rec).await?;
+        Ok(rec)
+    }
+
+    /// [`JobStore::update`] to `to` for `reason`.
+    pub async fn transition(
+        &self,
+        id: &str,
+        to: JobState,
+        reason: impl Into<String>,
+    ) -> Result<JobRecord, StoreError> {
+        let change = Change::to(to, reason);
+        self.update(id, |_| Ok(change)).await
+    }
+
+    /// Run once at start, before scheduling: puts every job that was admitted or running when
+    /// the coordinator stopped back in line (RUNNING → RETRY_WAIT → QUEUED, ADMITTED → QUEUED,
+    /// with the reason "coordinator restarted; attempt N+1"), and returns every live job (QUEUED
+    /// or RETRY_WAIT) in id order for the scheduler to take up. A command that was running is
+    /// therefore run again: commands are executed at least once, not exactly once. A restart
+    /// is not counted as a failure of the job.
+    pub async fn recover(&self) -> Result<Vec<JobRecord>, StoreError> {
+        let active = ACTIVE.range(&self.store, ..)?;
+        let mut live = Vec::with_capacity(active.len());
+        let now = self.now_ms();
+        for (id, ()) in active {
+            let _guard = self.lock_of(&id).lock().await;
+            let Some(mut rec) = JOBS.get(&self.store, id.as_str())? else {
+                continue;
+            };
+            let reason = format!("coordinator restarted; attempt {}", rec.attempt + 1);
+            let changed = match rec.state {
+                JobState::Running => {
+                    apply(
+                        &mut rec,
+                        Change::to(JobState::RetryWait, reason.clone()),
+                        now,
+                    )?;
+                    apply(&mut rec, Change::to(JobState::Queued, reason), now)?;
+                    true
+                }
+                JobState::Admitted => {
+                    apply(&mut rec, Change::to(JobState::Queued, reason), now)?;
+                    true
+                }
+                _ => false,
+            };
+            if changed {
+                self.write_record(&rec).await?;
+            }
+            if !rec.state.is_terminal() {
+                live.push(rec);
+            }
+        }
+        Ok(live)
+    }
+
+    async fn write_record(&self, rec: &JobRecord) -> Result<(), StoreError> {
+        let mut batch = Batch::new();
+        batch.put(&JOBS, rec.id.as_str(), rec)?;
+        if rec.state.is_terminal() {
+            batch.delete(&ACTIVE, rec.id.as_str())?;
+        }
+        self.store.commit(batch).await?;
+        Ok(())
+    }
+}
+
+/// Applies `change` to `rec` at `now`: the only place a stored job's state changes.
+fn apply(rec: &mut JobRecord, change: Change, now: u64) -> Result<(), StoreError> {
+    rec.state = rec.state.transition(change.to)?;
+    match change.to {
+        JobState::Running => {
+            rec.attempt += 1;
+            rec.started_ms = Some(now);
+            rec.exit_code = None;
+        }
+        state if state.is_terminal() => rec.finished_ms = Some(now),
+        _ => {}
+    }
+    if change.exit_code.is_some() {
+        rec.exit_code = change.exit_code;
+    }
+    match change.failure {
+        Some(FailureKind::Application) => rec.app_failures += 1,
+        Some(FailureKind::Infrastructure) => rec.infra_failures += 1,
+        None => {}
+    }
+    rec.retry_at_ms = if change.to == JobState::RetryWait {
+        change.retry_at_ms
+    } else {
+        None
+    };
+    rec.reason = change.reason.clone();
+    rec.history.push(HistoryEntry {
+        state: change.to,
+        time_ms: now,
+        reason: change.reason,
+    });
+    Ok(())
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use veraltheim_storage::{MemoryStore, RedbStore, StoreOptions};
+
+    use super::*;
+    use crate::job::{JobKind, Resources};
+
+    pub(crate) fn spec(name: &str, queue: &str) -> JobSpec {
+        JobSpec {
+            name: name.into(),
+            queue: queue.into(),
+            priority_class: String::new(),
+            resources: Resources::default(),
+            max_retries: 2,
+            deadline_seconds: None,
+            labels: BTreeMap::new(),
+            idempotency_key: None,
+            kind: JobKind::Command {
+                image: String::new(),
+                command: vec!["true".into()],
+                env: BTreeMap::new(),
+                working_dir: String::new(),
+            },
+        }
+    }
+
+    fn fixed_clock(ms: u64) -> (Clock, Arc<AtomicU64>) {
+        let t = Arc::new(AtomicU64::new(ms));
+        let t2 = t.clone();
+        (Arc::new(move || t2.load(Ordering::SeqCst)), t)
+    }
+
+    fn mem() -> JobStore<MemoryStore> {
+        JobStore::with_clock(MemoryStore::new(), fixed_clock(1_700_000_000_000).0)
+    }
+
+    #[tokio::test]
+    async fn submit_assigns_time_ordered_ids_and_persists() {
+        let store = mem();
+        let a = store.submit(spec("a", "q")).await.unwrap();
+        let b = store.submit(spec("b", "q")).await.unwrap();
+        assert_eq!(a.id, "00017000000000000000");
+        assert_eq!(b.id, "00017000000000000001");
+        assert!(a.id < b.id);
+        assert_eq!(store.get(&a.id).unwrap(), a);
+        assert_eq!(a.state, JobState::Queued);
+        assert_eq!(a.history.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn submit_rejects_invalid_specs_and_writes_nothing() {
+        let store = mem();
+        let err = store.submit(spec("-bad", "q")).await.unwrap_err();
+        assert!(
+            matches!(err, StoreError::Job(JobError::InvalidSpec(_))),
+            "{err}"
+        );
+        let (page, next) = store.list(&ListFilter::default()).unwrap();
+        assert!(page.is_empty() && next.is_none());
+    }
+
+    #[tokio::test]
+    async fn idempotency_key_returns_the_existing_job_or_conflicts() {
+        let store = mem();
+        let mut s = spec("a", "q");
+        s.idempotency_key = Some("k1".into());
+        let first = store.submit(s.clone()).await.unwrap();
+        let again = store.submit(s.clone()).await.unwrap();
+        assert_eq!(first, again);
+        let (page, _) = store.list(&ListFilter::default()).unwrap();
+        assert_eq!(page.len(), 1);
+        s.name = "other".into();
+        let err = store.submit(s).await.unwrap_err();
+        assert!(
+            matches!(err, StoreError::IdempotencyConflict { .. }),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn get_of_unknown_id_is_not_found() {
+        let err = mem().get("nope").unwrap_err();
+        assert_eq!(err.to_string(), "no job with id 'nope'");
+    }
+
+    #[tokio::test]
+    async fn list_filters_and_pages_in_id_order() {
+        let store = mem();
+        let mut ids = Vec::new();
+        for i in 0..10 {
+            let mut s = spec(&format!("j{i}"), if i % 2 == 0 { "even" } else { "odd" });
+            s.labels
+                .insert("team".into(), if i < 5 { "a" } else { "b" }.into());
+            ids.push(store.submit(s).await.unwrap().id);
+        }
+        store
+            .transition(&ids[0], JobState::Cancelled, "by user")
+            .await
+            .unwrap();
+
+        // Paging through everything gives every job once, in order.
+        let mut seen = Vec::new();
+        let mut filter = ListFilter {
+            page_size: 3,
+            ..Default::default()
+        };
+        loop {
+            let (page, next) = store.list(&filter).unwrap();
+            assert!(page.len() <= 3);
+            seen.extend(page.into_iter().map(|r| r.id));
+            match next {
+                Some(t) => filter.page_token = t,
+                None => break,
+            }
+        }
+        assert_eq!(seen, ids);
+
+        let filter = ListFilter {
+            queue: Some("even".into()),
+            labels: [("team".to_string(), "a".to_string())].into(),
+            states: [JobState::Queued].into(),
+            ..Default::default()
+        };
+        let (page, next) = store.list(&filter).unwrap();
+        let names: Vec<_> = page.iter().map(|r| r.spec.name.as_str()).collect();
+        assert_eq!(names, ["j2", "j4"]);
+        assert!(next.is_none());
+
+        let bad = ListFilter {
+            page_token: "xyz".into(),
+            ..Default::default()
+        };
+        assert!(matches!(
+            store.list(&bad),
+            Err(StoreError::InvalidPageToken(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn update_goes_through_the_lifecycle_and_records_history() {
+        let (clock, t) = fixed_clock(1_000);
+        let store = JobStore::with_clock(MemoryStore::new(), clock);
+        let id = store.submit(spec("a", "q")).await.unwrap().id;
+        store
+            .transition(&id, JobState::Admitted, "admitted")
+            .await
+            .unwrap();
+        t.store(2_000, Ordering::SeqCst);
+        let rec = store
+            .transition(&id, JobState::Running, "started")
+            .await
+            .unwrap();
+        assert_eq!((rec.attempt, rec.started_ms), (1, Some(2_000)));
+        t.store(3_000, Ordering::SeqCst);
+        let rec = store
+            .update(&id, |_| {
+                Ok(Change {
+                    exit_code: Some(0),
+                    ..Change::to(JobState::Succeeded, "exit 0")
+                })
+            })
+            .await
+            .unwrap();
+        assert_eq!(rec.finished_ms, Some(3_000));
+        assert_eq!(rec.exit_code, Some(0));
+        let states: Vec<_> = rec.history.iter().map(|h| h.state).collect();
+        use JobState::*;
+        assert_eq!(states, [Queued, Admitted, Running, Succeeded]);
+        assert_eq!(store.get(&id).unwrap(), rec);
+
+        // Terminal is final, and an illegal edge writes nothing.
+        let err = store
+            .transition(&id, JobState::Running, "again")
+            .await
+            .unwrap_err();
+        assert_eq!(err.to_string(), "job cannot go from SUCCEEDED to RUNNING");
+        assert_eq!(store.get(&id).unwrap(), rec);
+    }
+
+    #[tokio::test]
+    async fn failures_are_counted_by_kind() {
+        use JobState::*;
+        let store = mem();
+        let id = store.submit(spec("a", "q")).await.unwrap().id;
+        store.transition(&id, Admitted, "").await.unwrap();
+        store.transition(&id, Running, "").await.unwrap();
+        let rec = store
+            .update(&id, |_| {
+                Ok(Change {
+                    exit_code: Some(3),
+                    failure: Some(FailureKind::Application),
+                    retry_at_ms: Some(99),
+                    ..Change::to(RetryWait, "exit 3")
+                })
+            })
+            .await
+            .unwrap();
+        assert_eq!((rec.app_failures, rec.infra_failures), (1, 0));
+        assert_eq!(rec.retry_at_ms, Some(99));
+        let rec = store.transition(&id, Queued, "retry").await.unwrap();
+        assert_eq!(rec.retry_at_ms, None);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_submits_and_updates_lose_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jobs.redb");
+        let store = Arc::new(JobStore::new(
+            RedbStore::open(&path, StoreOptions::default()).unwrap(),
+        ));
+        // 30 distinct submits, and 10 with one idempotency key.
+        let mut tasks = Vec::new();
+        for i in 0..40 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut s = spec(&format!("j{i}"), "q");
+                if i >= 30 {
+                    s.name = "same".into();
+                    s.idempotency_key = Some("once".into());
+                }
+                store.submit(s).await.unwrap().id
+            }));
+        }
+        let mut ids = Vec::new();
+        for t in tasks {
+            ids.push(t.await.unwrap());
+        }
+        let once: BTreeSet<_> = ids[30..].iter().cloned().collect();
+        assert_eq!(once.len(), 1, "one job for one idempotency key");
+        let all: BTreeSet<_> = ids.iter().cloned().collect();
+        assert_eq!(all.len(), 31);
+        let (page, next) = store.list(&ListFilter::default()).unwrap();
+        assert!(next.is_none());
+        let listed: Vec<_> = page.into_iter().map(|r| r.id).collect();
+        assert_eq!(listed, all.iter().cloned().collect::<Vec<_>>());
+
+        // Racing writers of one job: exactly one moves it from QUEUED to ADMITTED.
+        let id = ids[0].clone();
+        let mut tasks = Vec::new();
+        for _ in 0..10 {
+            let (store, id) = (store.clone(), id.clone());
+            tasks.push(tokio::spawn(async move {
+                store.transition(&id, JobState::Admitted, "race").await
+            }));
+        }
+        let mut won = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(_) => won += 1,
+                Err(e) => assert_eq!(e.to_string(), "job cannot go from ADMITTED to ADMITTED"),
+            }
+        }
+        assert_eq!(won, 1);
+        assert_eq!(store.get(&id).unwrap().history.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn recover_requeues_admitted_and_running_jobs_from_disk() {
+        use JobState::*;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jobs.redb");
+        let (queued, admitted, running, done);
+        {
+            let store = JobStore::new(RedbStore::open(&path, StoreOptions::default()).unwrap());
+            queued = store.submit(spec("q", "q")).await.unwrap().id;
+            admitted = store.submit(spec("a", "q")).await.unwrap().id;
+            running = store.submit(spec("r", "q")).await.unwrap().id;
+            done = store.submit(spec("d", "q")).await.unwrap().id;
+            store.transition(&admitted, Admitted, "").await.unwrap();
+            for s in [Admitted, Running] {
+                store.transition(&running, s, "").await.unwrap();
+            }
+            store.transition(&done, Cancelled, "").await.unwrap();
+            // Dropped without any shutdown step, as after a crash.
+        }
+        let store = JobStore::new(RedbStore::open(&path, StoreOptions::default()).unwrap());
+        let live = store.recover().await.unwrap();
+        let ids: Vec<_> = live.iter().map(|r| r.id.clone()).collect();
+        assert_eq!(ids, [queued.clone(), admitted.clone(), running.clone()]);
+        assert!(live.iter().all(|r| r.state == Queued));
+        let r = store.get(&running).unwrap();
+        assert_eq!(r.reason, "coordinator restarted; attempt 2");
+        let states: Vec<_> = r.history.iter().map(|h| h.state).collect();
+        assert_eq!(states, [Queued, Admitted, Running, RetryWait, Queued]);
+        assert_eq!((r.app_failures, r.infra_failures), (0, 0));
+        assert_eq!(
+            store.get(&admitted).unwrap().reason,
+            "coordinator restarted; attempt 1"
+        );
+        assert_eq!(store.get(&done).unwrap().state, Cancelled);
+        // A submit after the restart does not reuse an id.
+        let new = store.submit(spec("n", "q")).await.unwrap().id;
+        assert!(new > done);
+    }
+}
