@@ -10,9 +10,8 @@ use tonic::{Request, Response, Status, Streaming};
 use veraltheim_bus::{SubscribeOptions, WhenFull};
 use veraltheim_models::{DataType, ModelConfig, ModelState, Tensor};
 use veraltheim_proto::v1::{
-    self, inference_service_server::InferenceService, job_service_server::JobService,
-    model_service_server::ModelService, resource_service_server::ResourceService,
-    system_service_server::SystemService,
+    self, inference_service_server::InferenceService, model_service_server::ModelService,
+    resource_service_server::ResourceService, system_service_server::SystemService,
 };
 
 use crate::context::{Context, InferCall, grpc_deadline, manager_status, traced};
@@ -33,6 +32,10 @@ pub struct Api {
 impl Api {
     pub fn new(ctx: Arc<Context>) -> Self {
         Api { ctx }
+    }
+
+    pub fn ctx(&self) -> &Context {
+        &self.ctx
     }
 }
 
@@ -454,51 +457,6 @@ impl SystemService for Api {
             })
         });
         Ok(Response::new(Box::pin(events)))
-    }
-}
-
-fn no_jobs() -> Status {
-    Status::unimplemented(
-        "batch jobs are not available yet: this version of the coordinator has no slow path",
-    )
-}
-
-#[tonic::async_trait]
-impl JobService for Api {
-    async fn submit_job(
-        &self,
-        _: Request<v1::SubmitJobRequest>,
-    ) -> Result<Response<v1::Job>, Status> {
-        Err(no_jobs())
-    }
-    async fn get_job(&self, _: Request<v1::GetJobRequest>) -> Result<Response<v1::Job>, Status> {
-        Err(no_jobs())
-    }
-    async fn list_jobs(
-        &self,
-        _: Request<v1::ListJobsRequest>,
-    ) -> Result<Response<v1::ListJobsResponse>, Status> {
-        Err(no_jobs())
-    }
-    async fn cancel_job(
-        &self,
-        _: Request<v1::CancelJobRequest>,
-    ) -> Result<Response<v1::Job>, Status> {
-        Err(no_jobs())
-    }
-    type WatchJobStream = StreamOf<v1::Job>;
-    async fn watch_job(
-        &self,
-        _: Request<v1::WatchJobRequest>,
-    ) -> Result<Response<Self::WatchJobStream>, Status> {
-        Err(no_jobs())
-    }
-    type JobLogsStream = StreamOf<v1::LogChunk>;
-    async fn job_logs(
-        &self,
-        _: Request<v1::JobLogsRequest>,
-    ) -> Result<Response<Self::JobLogsStream>, Status> {
-        Err(no_jobs())
     }
 }
 

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 use tonic::transport::{Channel, Endpoint};
 use veraltheim_proto::v1::{
-    self, inference_service_client::InferenceServiceClient,
+    self, inference_service_client::InferenceServiceClient, job_service_client::JobServiceClient,
     model_service_client::ModelServiceClient, resource_service_client::ResourceServiceClient,
     system_service_client::SystemServiceClient,
 };
@@ -719,4 +719,297 @@ pub async fn gpus(args: GpusArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[derive(Clone, Debug, clap::Subcommand)]
+pub enum JobsCommand {
+    /// Submit a command job; prints the new job's id alone on stdout.
+    Submit {
+        #[arg(long, default_value = "job")]
+        name: String,
+        #[arg(long, default_value = "default")]
+        queue: String,
+        /// Priority class (see `jobs.priority_classes` in the configuration).
+        #[arg(long, default_value = "")]
+        priority: String,
+        /// CPU, in cores (`1.5`) or millicores (`500m`).
+        #[arg(long, default_value = "0")]
+        cpu: String,
+        /// Memory, in bytes or with a suffix (`512Mi`, `2Gi`, `1G`).
+        #[arg(long, default_value = "0")]
+        memory: String,
+        #[arg(long, default_value_t = 0)]
+        gpu: u32,
+        #[arg(long, default_value_t = 0)]
+        max_retries: u32,
+        /// Container image (used by the Kubernetes executor; local runs ignore it).
+        #[arg(long, default_value = "")]
+        image: String,
+        /// KEY=VALUE, repeatable.
+        #[arg(long = "env")]
+        env: Vec<String>,
+        /// Seconds an attempt may run before it is killed (TIMED_OUT).
+        #[arg(long, default_value_t = 0)]
+        deadline_seconds: u64,
+        /// A repeated submit with the same key returns the same job.
+        #[arg(long, default_value = "")]
+        idempotency_key: String,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// List jobs (newest last).
+    List {
+        /// Only jobs in this state (repeatable), e.g. RUNNING.
+        #[arg(long = "state")]
+        states: Vec<String>,
+        #[arg(long, default_value = "")]
+        queue: String,
+    },
+    Get {
+        id: String,
+    },
+    Cancel {
+        id: String,
+    },
+    /// The job's output (stdout and stderr) of its latest attempt.
+    Logs {
+        id: String,
+        #[arg(long)]
+        follow: bool,
+    },
+    /// Follow the job's state until it ends.
+    Watch {
+        id: String,
+    },
+}
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct JobsArgs {
+    #[command(subcommand)]
+    pub command: JobsCommand,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+fn parse_cpu(s: &str) -> anyhow::Result<u64> {
+    let s = s.trim();
+    let parsed = match s.strip_suffix('m') {
+        Some(m) => m.parse::<u64>().ok(),
+        None => s
+            .parse::<f64>()
+            .ok()
+            .filter(|c| *c >= 0.0)
+            .map(|c| (c * 1000.0).round() as u64),
+    };
+    parsed.ok_or_else(|| anyhow!("--cpu '{s}': expected cores (1.5) or millicores (500m)"))
+}
+
+fn parse_bytes(s: &str) -> anyhow::Result<u64> {
+    let s = s.trim();
+    let units: [(&str, u64); 6] = [
+        ("Gi", 1 << 30),
+        ("Mi", 1 << 20),
+        ("Ki", 1 << 10),
+        ("G", 1_000_000_000),
+        ("M", 1_000_000),
+        ("K", 1_000),
+    ];
+    let (digits, mult) = units
+        .iter()
+        .find_map(|(u, m)| s.strip_suffix(u).map(|d| (d, *m)))
+        .unwrap_or((s, 1));
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|d| d.checked_mul(mult))
+        .ok_or_else(|| anyhow!("--memory '{s}': expected bytes or a number with Ki/Mi/Gi/K/M/G"))
+}
+
+fn job_state_name(s: i32) -> String {
+    v1::JobState::try_from(s)
+        .map(|s| s.as_str_name().trim_start_matches("JOB_STATE_").to_string())
+        .unwrap_or_else(|_| s.to_string())
+}
+
+fn job_json(j: &v1::Job) -> Value {
+    let spec = j.spec.clone().unwrap_or_default();
+    json!({
+        "id": j.id, "name": spec.name, "queue": spec.queue, "state": job_state_name(j.state),
+        "reason": j.reason, "attempt": j.attempt, "exit_code": j.exit_code,
+        "created_ms": j.created_ms, "started_ms": j.started_ms, "finished_ms": j.finished_ms,
+    })
+}
+
+fn print_jobs(jobs: &[v1::Job], as_json: bool) -> anyhow::Result<()> {
+    if as_json {
+        let list: Vec<Value> = jobs.iter().map(job_json).collect();
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(());
+    }
+    println!(
+        "{:<22} {:<16} {:<10} {:<11} {:>7}  REASON",
+        "ID", "NAME", "QUEUE", "STATE", "ATTEMPT"
+    );
+    for j in jobs {
+        let spec = j.spec.clone().unwrap_or_default();
+        println!(
+            "{:<22} {:<16} {:<10} {:<11} {:>7}  {}",
+            j.id,
+            spec.name,
+            spec.queue,
+            job_state_name(j.state),
+            j.attempt,
+            j.reason
+        );
+    }
+    Ok(())
+}
+
+pub async fn jobs(args: JobsArgs) -> anyhow::Result<bool> {
+    let mut client = JobServiceClient::new(connect(&args.client.server).await?);
+    let as_json = args.client.json;
+    match args.command {
+        JobsCommand::Submit {
+            name,
+            queue,
+            priority,
+            cpu,
+            memory,
+            gpu,
+            max_retries,
+            image,
+            env,
+            deadline_seconds,
+            idempotency_key,
+            command,
+        } => {
+            let env = env
+                .iter()
+                .map(|kv| {
+                    kv.split_once('=')
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .ok_or_else(|| anyhow!("--env '{kv}': expected KEY=VALUE"))
+                })
+                .collect::<anyhow::Result<_>>()?;
+            let spec = v1::JobSpec {
+                name,
+                queue,
+                priority_class: priority,
+                resources: Some(v1::Resources {
+                    cpu_millis: parse_cpu(&cpu)?,
+                    memory_bytes: parse_bytes(&memory)?,
+                    gpus: gpu,
+                }),
+                max_retries,
+                deadline_seconds,
+                idempotency_key,
+                kind: Some(v1::job_spec::Kind::Command(v1::CommandJob {
+                    image,
+                    command,
+                    env,
+                    working_dir: String::new(),
+                })),
+                ..Default::default()
+            };
+            let job = client
+                .submit_job(v1::SubmitJobRequest { spec: Some(spec) })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if as_json {
+                println!("{}", job_json(&job));
+            } else {
+                println!("{}", job.id);
+            }
+        }
+        JobsCommand::List { states, queue } => {
+            let states = states
+                .iter()
+                .map(|s| {
+                    v1::JobState::from_str_name(&format!("JOB_STATE_{}", s.to_uppercase()))
+                        .map(|s| s as i32)
+                        .ok_or_else(|| anyhow!("--state '{s}' is not a job state"))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let mut all = Vec::new();
+            let mut token = String::new();
+            loop {
+                let page = client
+                    .list_jobs(v1::ListJobsRequest {
+                        queue: queue.clone(),
+                        states: states.clone(),
+                        page_token: token,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(status_error)?
+                    .into_inner();
+                all.extend(page.jobs);
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                token = page.next_page_token;
+            }
+            print_jobs(&all, as_json)?;
+        }
+        JobsCommand::Get { id } => {
+            let job = client
+                .get_job(v1::GetJobRequest { id })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if as_json {
+                println!("{}", serde_json::to_string_pretty(&job_json(&job))?);
+            } else {
+                print_jobs(std::slice::from_ref(&job), false)?;
+            }
+        }
+        JobsCommand::Cancel { id } => {
+            let job = client
+                .cancel_job(v1::CancelJobRequest { id })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            print_jobs(std::slice::from_ref(&job), as_json)?;
+        }
+        JobsCommand::Logs { id, follow } => {
+            use std::io::Write;
+            let mut stream = client
+                .job_logs(v1::JobLogsRequest { id, follow })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            while let Some(chunk) = stream.message().await.map_err(status_error)? {
+                if chunk.stream == "stderr" {
+                    std::io::stderr().write_all(&chunk.data)?;
+                } else {
+                    std::io::stdout().write_all(&chunk.data)?;
+                }
+            }
+        }
+        JobsCommand::Watch { id } => {
+            let mut stream = client
+                .watch_job(v1::WatchJobRequest { id })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            let mut last = None;
+            while let Some(job) = stream.message().await.map_err(status_error)? {
+                if as_json {
+                    println!("{}", job_json(&job));
+                } else {
+                    println!(
+                        "{} attempt {}  {}",
+                        job_state_name(job.state),
+                        job.attempt,
+                        job.reason
+                    );
+                }
+                last = Some(job.state);
+            }
+            return Ok(last == Some(v1::JobState::Succeeded as i32));
+        }
+    }
+    Ok(true)
 }

@@ -18,6 +18,7 @@ pub struct Config {
     pub models: ModelsConfig,
     pub cache: CacheConfig,
     pub devices: DevicesConfig,
+    pub jobs: JobsConfig,
     pub execution: ExecutionConfig,
     pub storage: StorageConfig,
 }
@@ -31,6 +32,26 @@ pub struct ServerConfig {
     pub shutdown_grace_seconds: u64,
     pub rate_limit_per_second: u32,
     pub rate_limit_burst: u32,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct JobsConfig {
+    pub max_running: usize,
+    pub priority_classes: Vec<String>,
+    pub retry_initial_delay_ms: u64,
+    pub retry_max_delay_ms: u64,
+    pub queues: Vec<JobQueueConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct JobQueueConfig {
+    pub name: String,
+    pub weight: u32,
+    pub cpu_millis: u64,
+    pub memory_bytes: u64,
+    pub gpus: u32,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -152,6 +173,9 @@ pub struct ServeArgs {
     /// Host and GPU sampling interval in milliseconds.
     #[arg(long, env = "VERALTHEIM_SAMPLE_INTERVAL_MS")]
     pub sample_interval_ms: Option<u64>,
+    /// Batch jobs admitted or running at once (0 = one per core).
+    #[arg(long, env = "VERALTHEIM_MAX_RUNNING_JOBS")]
+    pub max_running_jobs: Option<usize>,
 }
 
 impl Config {
@@ -239,6 +263,9 @@ impl Config {
         if let Some(v) = args.sample_interval_ms {
             c.devices.sample_interval_ms = v;
         }
+        if let Some(v) = args.max_running_jobs {
+            c.jobs.max_running = v;
+        }
         c.validate()?;
         Ok(c)
     }
@@ -249,6 +276,9 @@ impl Config {
                 "server.max_message_bytes is {}; it must be at least 1024",
                 self.server.max_message_bytes
             );
+        }
+        if self.jobs.queues.is_empty() {
+            bail!("jobs.queues is empty: jobs need at least one queue");
         }
         if self.devices.sample_interval_ms < 100 {
             bail!(

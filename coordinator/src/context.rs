@@ -29,6 +29,8 @@ pub struct Context {
     pub tree: parking_lot::RwLock<Option<SupervisorHandle>>,
     /// Answers of models that enable `response_cache`.
     pub cache: ResponseCache,
+    /// The slow path, once its store is open and its jobs recovered.
+    pub jobs: std::sync::OnceLock<crate::jobs::Jobs>,
     pub started: Instant,
     /// Set once start-up loading is done; cleared when shutdown begins.
     ready: AtomicBool,
@@ -57,6 +59,7 @@ impl Context {
     ) -> Self {
         Context {
             cache,
+            jobs: std::sync::OnceLock::new(),
             models,
             bus,
             devices,

@@ -10,6 +10,7 @@ mod context;
 mod convert;
 mod devices;
 mod http;
+mod jobs;
 mod kserve;
 mod manager;
 mod ratelimit;
@@ -45,6 +46,8 @@ enum Command {
     Health(cli::ClientArgs),
     /// The coordinator's components and their states.
     Status(cli::ClientArgs),
+    /// Batch jobs: submit, list, get, cancel, logs, watch.
+    Jobs(cli::JobsArgs),
     /// GPUs: memory, utilization, temperature, power (`--json` for scripts, `--watch` to follow).
     Gpus(cli::GpusArgs),
     /// Stream lifecycle events (model states, restarts...), filtered by topic.
@@ -146,6 +149,7 @@ fn main() -> ExitCode {
         Command::Models(args) => run_client(async { cli::models(args).await.map(|_| true) }),
         Command::Health(args) => run_client(cli::health(args)),
         Command::Status(args) => run_client(async { cli::status(args).await.map(|_| true) }),
+        Command::Jobs(args) => run_client(cli::jobs(args)),
         Command::Gpus(args) => run_client(async { cli::gpus(args).await.map(|_| true) }),
         Command::Events(args) => run_client(async { cli::events(args).await.map(|_| true) }),
         Command::Kill { path, client } => {

@@ -27,10 +27,13 @@ use crate::cache::ResponseCache;
 use crate::config::Config;
 use crate::context::Context;
 use crate::devices::Devices;
+use crate::jobs::Jobs;
 use crate::kserve::KserveService;
 use crate::manager::ModelManager;
 use crate::ratelimit::ClientLimiter;
 use crate::tree::{ServeFn, TreeParts};
+use veraltheim_slowpath::Resources;
+use veraltheim_storage::{RedbStore, StoreOptions};
 
 /// tonic refuses an oversize request with OUT_OF_RANGE; gRPC's convention (and what Triton
 /// clients expect) is RESOURCE_EXHAUSTED. The refusal is a trailers-only response, so its status
@@ -200,12 +203,44 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let grace = Duration::from_secs(config.server.shutdown_grace_seconds);
     let grpc = server_worker(bind(grpc_addr, "gRPC")?, grpc_router(&ctx, &config));
     let http = server_worker(bind(http_addr, "HTTP")?, crate::http::router(ctx.clone()));
+    // The durable store, opened before anything runs so that jobs acknowledged before a crash
+    // are recovered first.
+    let store_path = config.storage.data_dir.join("state.redb");
+    let store = Arc::new(
+        tokio::task::spawn_blocking({
+            let path = store_path.clone();
+            move || RedbStore::open(&path, StoreOptions::default())
+        })
+        .await?
+        .with_context(|| format!("cannot open the store {}", store_path.display()))?,
+    );
+    let capacity = {
+        let snap = devices.snapshot();
+        Resources {
+            cpu_millis: u64::from(snap.host.cores) * 1000,
+            memory_bytes: snap.host.memory_total_bytes,
+            gpus: snap.gpus.iter().filter(|g| !g.lost).count() as u32,
+        }
+    };
+    let jobs = Jobs::start(
+        &config.jobs,
+        store.clone(),
+        &config.storage.data_dir,
+        capacity,
+    )
+    .await
+    .context("cannot start the job runner")?;
+    let runner = jobs.runner.clone();
+    if ctx.jobs.set(jobs).is_err() {
+        bail!("the job runner was started twice");
+    }
     let root = crate::tree::start(TreeParts {
         bus,
         models: models.clone(),
         devices,
         cache,
-        data_dir: config.storage.data_dir.clone(),
+        store,
+        jobs: runner,
         grpc,
         http,
         shutdown_grace: grace,

@@ -10,18 +10,16 @@
 //! ```
 //!
 //! Children start in this order and stop in reverse, so on shutdown the API stops taking work
-//! before the models drain. `KubernetesSupervisor`, `LocalExecutor`, `QueueManager` and
-//! `SlowPathOrchestrator` are the slow path's places in the tree: running tasks that hold no work
-//! until the job scheduler and executors fill them.
+//! before the models drain. `SlowPathOrchestrator` runs the job runner (scheduler and local
+//! executor); `KubernetesSupervisor`, `LocalExecutor` and `QueueManager` hold their places in the
+//! tree for the Kubernetes executor and broker bridges to come.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use backon::{ExponentialBuilder, Retryable};
 use tokio::sync::mpsc;
 use veraltheim_bus::{Bus, Event};
-use veraltheim_storage::{RedbStore, StoreOptions};
+use veraltheim_storage::{RedbStore, Store};
 use veraltheim_supervisor::{
     Backoff, BoxError, ChildContext, ChildSpec, Restart, Shutdown, SupervisorEvent,
     SupervisorHandle, SupervisorSpec,
@@ -29,6 +27,7 @@ use veraltheim_supervisor::{
 
 use crate::cache::ResponseCache;
 use crate::devices::Devices;
+use crate::jobs::JobRunner;
 use crate::manager::ModelManager;
 
 pub const FAST_PATH: &str = "AICoordinatorSupervisor/FastPathProcessor";
@@ -48,7 +47,8 @@ pub struct TreeParts {
     pub models: Arc<ModelManager>,
     pub devices: Arc<Devices>,
     pub cache: ResponseCache,
-    pub data_dir: PathBuf,
+    pub store: Arc<RedbStore>,
+    pub jobs: JobRunner,
     pub grpc: ServeFn,
     pub http: ServeFn,
     pub shutdown_grace: Duration,
@@ -201,38 +201,40 @@ fn event_router(
     .backoff(restart_backoff())
 }
 
-fn persistence(data_dir: PathBuf) -> ChildSpec {
+/// The durable store's keeper. The store is opened once at start (so that the slow path can
+/// recover its jobs before anything runs); this worker reports its commit statistics and, being
+/// last to stop but the bus, sees the store through shutdown.
+fn persistence(store: Arc<RedbStore>) -> ChildSpec {
     ChildSpec::worker("PersistenceManager", move |ctx: ChildContext| {
-        let path = data_dir.join("state.redb");
+        let store = store.clone();
         async move {
-            // After a crash the previous incarnation may still be releasing the file for a moment:
-            // retry the open briefly before calling the start failed.
-            let open = || async {
-                let path = path.clone();
-                tokio::task::spawn_blocking(move || RedbStore::open(&path, StoreOptions::default()))
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| e.to_string())
-            };
-            let store = open
-                .retry(
-                    ExponentialBuilder::default()
-                        .with_min_delay(Duration::from_millis(20))
-                        .with_max_delay(Duration::from_millis(500))
-                        .with_max_times(8)
-                        .with_jitter(),
-                )
-                .await
-                .map_err(|e| format!("cannot open the store {}: {e}", path.display()))?;
-            ctx.ready();
-            ctx.cancelled().await;
-            // Closing waits for queued commits: keep it off the async threads.
-            tokio::task::spawn_blocking(move || drop(store)).await?;
+            loop {
+                tokio::select! {
+                    _ = ctx.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+                }
+                let s = store.stats();
+                tracing::debug!(
+                    commits = s.commits,
+                    batches = s.batches,
+                    queued = s.queued,
+                    "store"
+                );
+            }
+        }
+    })
+    .backoff(restart_backoff())
+}
+
+/// The slow path's scheduling loop.
+fn slow_path(runner: JobRunner) -> ChildSpec {
+    ChildSpec::worker("SlowPathOrchestrator", move |ctx: ChildContext| {
+        let runner = runner.clone();
+        async move {
+            runner.run(ctx.token().clone()).await;
             Ok(())
         }
     })
-    .ready_timeout(Duration::from_secs(30))
-    .shutdown(Shutdown::Timeout(Duration::from_secs(30)))
     .backoff(restart_backoff())
 }
 
@@ -326,7 +328,7 @@ pub async fn start(parts: TreeParts) -> anyhow::Result<SupervisorHandle> {
             SupervisorSpec::new("StorageSupervisor")
                 .intensity(10, Duration::from_secs(60))
                 .child(cache_manager(parts.cache.clone()))
-                .child(persistence(parts.data_dir.clone())),
+                .child(persistence(parts.store.clone())),
         ))
         .child(subsystem(
             SupervisorSpec::new("AICoordinatorSupervisor")
@@ -336,7 +338,7 @@ pub async fn start(parts: TreeParts) -> anyhow::Result<SupervisorHandle> {
                     // against a storm across models.
                     SupervisorSpec::new(FAST_PATH_NAME).intensity(50, Duration::from_secs(60)),
                 ))
-                .child(idle("SlowPathOrchestrator")),
+                .child(slow_path(parts.jobs.clone())),
         ))
         .child(subsystem(
             SupervisorSpec::new("API")

@@ -1,0 +1,415 @@
+//! Batch jobs through `veraltheim.v1.JobService`: the slow path's runner (durable store, scheduler,
+//! local executor) built from the configuration, and the conversions between the wire and the
+//! slow path's types. The runner's loop is the SlowPathOrchestrator in the supervision tree.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tonic::{Request, Response, Status};
+use veraltheim_proto::v1::{self, job_service_server::JobService};
+use veraltheim_slowpath::job::JobKind;
+use veraltheim_slowpath::{
+    JobRecord, JobSpec, JobState, JobStore, ListFilter, LocalExecutor, QueueConfig, Quota,
+    Resources, RetryPolicy, Runner, RunnerConfig, RunnerError, SchedulerConfig, StoreError,
+};
+use veraltheim_storage::RedbStore;
+
+use crate::api::Api;
+use crate::config::JobsConfig;
+use crate::stream::StreamOf;
+
+pub type JobRunner = Runner<Arc<RedbStore>>;
+
+pub struct Jobs {
+    pub runner: JobRunner,
+    /// Only for the paths of log files.
+    logs: LocalExecutor,
+}
+
+impl Jobs {
+    /// The runner over `store`, with `capacity` (this machine's) shared by the configured queues.
+    pub async fn start(
+        config: &JobsConfig,
+        store: Arc<RedbStore>,
+        data_dir: &Path,
+        capacity: Resources,
+    ) -> anyhow::Result<Jobs> {
+        let jobs_dir = data_dir.join("jobs");
+        let nonzero = |v: u64| (v > 0).then_some(v);
+        let scheduler = SchedulerConfig {
+            capacity,
+            queues: config
+                .queues
+                .iter()
+                .map(|q| QueueConfig {
+                    name: q.name.clone(),
+                    weight: q.weight.max(1),
+                    quota: Quota {
+                        cpu_millis: nonzero(q.cpu_millis),
+                        memory_bytes: nonzero(q.memory_bytes),
+                        gpus: (q.gpus > 0).then_some(q.gpus),
+                    },
+                })
+                .collect(),
+            priority_classes: config.priority_classes.clone(),
+        };
+        let max_running = if config.max_running == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            config.max_running
+        };
+        let runner = Runner::new(
+            JobStore::new(store),
+            LocalExecutor::new(jobs_dir.clone()),
+            RunnerConfig {
+                scheduler,
+                retry: RetryPolicy {
+                    initial_delay_ms: config.retry_initial_delay_ms,
+                    max_delay_ms: config.retry_max_delay_ms,
+                    ..RetryPolicy::default()
+                },
+                max_running,
+                jitter_seed: std::process::id() as u64,
+            },
+        )?;
+        // Jobs that were waiting or running when the coordinator last stopped line up again.
+        runner.start().await?;
+        Ok(Jobs {
+            runner,
+            logs: LocalExecutor::new(jobs_dir),
+        })
+    }
+}
+
+fn job_status(e: RunnerError) -> Status {
+    use veraltheim_slowpath::scheduler::SchedError;
+    let msg = e.to_string();
+    match e {
+        RunnerError::Schedule(SchedError::Config(_)) => Status::internal(msg),
+        RunnerError::Schedule(_) => Status::invalid_argument(msg),
+        RunnerError::Store(s) => store_status(s),
+    }
+}
+
+fn store_status(e: StoreError) -> Status {
+    let msg = e.to_string();
+    match e {
+        StoreError::NotFound(_) => Status::not_found(msg),
+        StoreError::Job(veraltheim_slowpath::JobError::InvalidSpec(_))
+        | StoreError::InvalidPageToken(_) => Status::invalid_argument(msg),
+        StoreError::Job(_) | StoreError::IdempotencyConflict { .. } => {
+            Status::failed_precondition(msg)
+        }
+        StoreError::Storage(_) => Status::unavailable(msg),
+    }
+}
+
+fn state_to_wire(s: JobState) -> v1::JobState {
+    match s {
+        JobState::Queued => v1::JobState::Queued,
+        JobState::Admitted => v1::JobState::Admitted,
+        JobState::Running => v1::JobState::Running,
+        JobState::RetryWait => v1::JobState::RetryWait,
+        JobState::Succeeded => v1::JobState::Succeeded,
+        JobState::Failed => v1::JobState::Failed,
+        JobState::Cancelled => v1::JobState::Cancelled,
+        JobState::TimedOut => v1::JobState::TimedOut,
+    }
+}
+
+fn state_from_wire(s: i32) -> Result<JobState, Status> {
+    Ok(match v1::JobState::try_from(s) {
+        Ok(v1::JobState::Queued) => JobState::Queued,
+        Ok(v1::JobState::Admitted) => JobState::Admitted,
+        Ok(v1::JobState::Running) => JobState::Running,
+        Ok(v1::JobState::RetryWait) => JobState::RetryWait,
+        Ok(v1::JobState::Succeeded) => JobState::Succeeded,
+        Ok(v1::JobState::Failed) => JobState::Failed,
+        Ok(v1::JobState::Cancelled) => JobState::Cancelled,
+        Ok(v1::JobState::TimedOut) => JobState::TimedOut,
+        _ => {
+            return Err(Status::invalid_argument(format!(
+                "job state {s} is not a known JobState"
+            )));
+        }
+    })
+}
+
+fn spec_from_wire(s: v1::JobSpec) -> Result<JobSpec, Status> {
+    let kind = match s.kind {
+        Some(v1::job_spec::Kind::Command(c)) => JobKind::Command {
+            image: c.image,
+            command: c.command,
+            env: c.env.into_iter().collect(),
+            working_dir: c.working_dir,
+        },
+        Some(v1::job_spec::Kind::Inference(i)) => JobKind::Inference {
+            model: i.model,
+            input_path: i.input_path,
+            output_path: i.output_path,
+        },
+        None => {
+            return Err(Status::invalid_argument(
+                "job spec has no kind: give `command` or `inference`",
+            ));
+        }
+    };
+    let r = s.resources.unwrap_or_default();
+    Ok(JobSpec {
+        name: s.name,
+        queue: if s.queue.is_empty() {
+            "default".into()
+        } else {
+            s.queue
+        },
+        priority_class: s.priority_class,
+        resources: Resources {
+            cpu_millis: r.cpu_millis,
+            memory_bytes: r.memory_bytes,
+            gpus: r.gpus,
+        },
+        max_retries: s.max_retries,
+        deadline_seconds: (s.deadline_seconds > 0).then_some(s.deadline_seconds),
+        labels: s.labels.into_iter().collect(),
+        idempotency_key: (!s.idempotency_key.is_empty()).then_some(s.idempotency_key),
+        kind,
+    })
+}
+
+fn spec_to_wire(s: &JobSpec) -> v1::JobSpec {
+    v1::JobSpec {
+        name: s.name.clone(),
+        queue: s.queue.clone(),
+        priority_class: s.priority_class.clone(),
+        resources: Some(v1::Resources {
+            cpu_millis: s.resources.cpu_millis,
+            memory_bytes: s.resources.memory_bytes,
+            gpus: s.resources.gpus,
+        }),
+        max_retries: s.max_retries,
+        deadline_seconds: s.deadline_seconds.unwrap_or(0),
+        ttl_seconds_after_finished: 0,
+        labels: s.labels.clone().into_iter().collect(),
+        idempotency_key: s.idempotency_key.clone().unwrap_or_default(),
+        kind: Some(match &s.kind {
+            JobKind::Command {
+                image,
+                command,
+                env,
+                working_dir,
+            } => v1::job_spec::Kind::Command(v1::CommandJob {
+                image: image.clone(),
+                command: command.clone(),
+                env: env.clone().into_iter().collect(),
+                working_dir: working_dir.clone(),
+            }),
+            JobKind::Inference {
+                model,
+                input_path,
+                output_path,
+            } => v1::job_spec::Kind::Inference(v1::InferenceJob {
+                model: model.clone(),
+                input_path: input_path.clone(),
+                output_path: output_path.clone(),
+            }),
+        }),
+    }
+}
+
+fn job_to_wire(jobs: &Jobs, r: &JobRecord) -> v1::Job {
+    let waiting = matches!(r.state, JobState::Queued);
+    let reason = waiting
+        .then(|| jobs.runner.waiting_reason(&r.id))
+        .flatten()
+        .unwrap_or_else(|| r.reason.clone());
+    let progress = if r.state == JobState::Succeeded {
+        1.0
+    } else {
+        0.0
+    };
+    v1::Job {
+        id: r.id.clone(),
+        spec: Some(spec_to_wire(&r.spec)),
+        state: state_to_wire(r.state) as i32,
+        reason,
+        attempt: r.attempt,
+        progress,
+        created_ms: r.created_ms,
+        started_ms: r.started_ms.unwrap_or(0),
+        finished_ms: r.finished_ms.unwrap_or(0),
+        exit_code: r.exit_code.unwrap_or(0),
+    }
+}
+
+impl Api {
+    fn jobs(&self) -> Result<&Jobs, Status> {
+        self.ctx()
+            .jobs
+            .get()
+            .ok_or_else(|| Status::unavailable("the job runner is starting"))
+    }
+}
+
+/// How often WatchJob and `logs --follow` look for changes.
+const POLL: Duration = Duration::from_millis(200);
+
+#[tonic::async_trait]
+impl JobService for Api {
+    async fn submit_job(
+        &self,
+        request: Request<v1::SubmitJobRequest>,
+    ) -> Result<Response<v1::Job>, Status> {
+        let jobs = self.jobs()?;
+        let spec = request
+            .into_inner()
+            .spec
+            .ok_or_else(|| Status::invalid_argument("SubmitJobRequest has no spec"))?;
+        let rec = jobs
+            .runner
+            .submit(spec_from_wire(spec)?)
+            .await
+            .map_err(job_status)?;
+        Ok(Response::new(job_to_wire(jobs, &rec)))
+    }
+
+    async fn get_job(
+        &self,
+        request: Request<v1::GetJobRequest>,
+    ) -> Result<Response<v1::Job>, Status> {
+        let jobs = self.jobs()?;
+        let rec = jobs
+            .runner
+            .store()
+            .get(&request.get_ref().id)
+            .map_err(store_status)?;
+        Ok(Response::new(job_to_wire(jobs, &rec)))
+    }
+
+    async fn list_jobs(
+        &self,
+        request: Request<v1::ListJobsRequest>,
+    ) -> Result<Response<v1::ListJobsResponse>, Status> {
+        let jobs = self.jobs()?;
+        let r = request.into_inner();
+        let states = r
+            .states
+            .iter()
+            .map(|s| state_from_wire(*s))
+            .collect::<Result<BTreeSet<_>, _>>()?;
+        let filter = ListFilter {
+            states,
+            queue: (!r.queue.is_empty()).then_some(r.queue),
+            labels: r.labels.into_iter().collect(),
+            page_size: r.page_size as usize,
+            page_token: r.page_token,
+        };
+        let (records, next) = jobs.runner.store().list(&filter).map_err(store_status)?;
+        Ok(Response::new(v1::ListJobsResponse {
+            jobs: records.iter().map(|r| job_to_wire(jobs, r)).collect(),
+            next_page_token: next.unwrap_or_default(),
+        }))
+    }
+
+    async fn cancel_job(
+        &self,
+        request: Request<v1::CancelJobRequest>,
+    ) -> Result<Response<v1::Job>, Status> {
+        let jobs = self.jobs()?;
+        let rec = jobs
+            .runner
+            .cancel(&request.get_ref().id)
+            .await
+            .map_err(job_status)?;
+        Ok(Response::new(job_to_wire(jobs, &rec)))
+    }
+
+    type WatchJobStream = StreamOf<v1::Job>;
+
+    async fn watch_job(
+        &self,
+        request: Request<v1::WatchJobRequest>,
+    ) -> Result<Response<Self::WatchJobStream>, Status> {
+        let id = request.into_inner().id;
+        self.jobs()?.runner.store().get(&id).map_err(store_status)?;
+        let api = self.clone();
+        let stream = async_stream_unfold(api, id);
+        Ok(Response::new(stream))
+    }
+
+    type JobLogsStream = StreamOf<v1::LogChunk>;
+
+    async fn job_logs(
+        &self,
+        request: Request<v1::JobLogsRequest>,
+    ) -> Result<Response<Self::JobLogsStream>, Status> {
+        let r = request.into_inner();
+        let jobs = self.jobs()?;
+        let rec = jobs.runner.store().get(&r.id).map_err(store_status)?;
+        let (stdout, stderr) = jobs.logs.log_paths(&r.id, rec.attempt.max(1));
+        let api = self.clone();
+        let (id, follow) = (r.id, r.follow);
+        let stream = futures::stream::unfold(
+            (api, id, [(stdout, 0u64), (stderr, 0u64)], false),
+            move |(api, id, mut files, mut last_pass)| async move {
+                loop {
+                    for (i, (path, offset)) in files.iter_mut().enumerate() {
+                        let data = tokio::fs::read(&*path).await.unwrap_or_default();
+                        if (data.len() as u64) > *offset {
+                            let chunk = data[*offset as usize..].to_vec();
+                            *offset = data.len() as u64;
+                            let stream = if i == 0 { "stdout" } else { "stderr" };
+                            let chunk = v1::LogChunk {
+                                stream: stream.into(),
+                                data: chunk.into(),
+                            };
+                            return Some((Ok(chunk), (api, id, files, last_pass)));
+                        }
+                    }
+                    if last_pass {
+                        return None;
+                    }
+                    let finished = api
+                        .jobs()
+                        .ok()
+                        .and_then(|j| j.runner.store().get(&id).ok())
+                        .is_none_or(|r| r.state.is_terminal());
+                    if !follow || finished {
+                        // One more pass picks up what was written just before the end.
+                        last_pass = true;
+                        continue;
+                    }
+                    tokio::time::sleep(POLL).await;
+                }
+            },
+        );
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+/// WatchJob's stream: the job now, then each change, until a terminal state.
+fn async_stream_unfold(api: Api, id: String) -> StreamOf<v1::Job> {
+    Box::pin(futures::stream::unfold(
+        (api, id, None::<(i32, String, u32)>, false),
+        |(api, id, last, ended)| async move {
+            if ended {
+                return None;
+            }
+            loop {
+                let jobs = api.jobs().ok()?;
+                let rec = match jobs.runner.store().get(&id) {
+                    Ok(r) => r,
+                    Err(e) => return Some((Err(store_status(e)), (api, id, last, true))),
+                };
+                let job = job_to_wire(jobs, &rec);
+                let key = (job.state, job.reason.clone(), job.attempt);
+                if last.as_ref() != Some(&key) {
+                    let ended = rec.state.is_terminal();
+                    return Some((Ok(job), (api, id, Some(key), ended)));
+                }
+                tokio::time::sleep(POLL).await;
+            }
+        },
+    ))
+}
