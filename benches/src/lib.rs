@@ -1,5 +1,8 @@
 //! Shared pieces of Veraltheim's benchmarks. The criterion benches live in `benches/`; each
-//! measures one layer against the layer below it, so that a result reads as an overhead.
+//! measures one layer against the layer below it, so that a result reads as an overhead. The
+//! end-to-end load generator `veraltheim-load` lives in [`load`].
+
+pub mod load;
 
 use veraltheim_fastpath::Request;
 use veraltheim_models::Tensor;

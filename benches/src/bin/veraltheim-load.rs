@@ -1,0 +1,93 @@
+//! `veraltheim-load`: end-to-end load generator for Veraltheim (KServe `ModelInfer` over gRPC),
+//! with its baselines measured in the same run. `veraltheim-load --help` describes the modes.
+
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Parser;
+use veraltheim_benches::load::args::{Cli, Command, RunArgs, compute_plan};
+use veraltheim_benches::load::client::run_load;
+use veraltheim_benches::load::compute::compute_ceiling;
+use veraltheim_benches::load::echo::EchoServer;
+use veraltheim_benches::load::suite::suite;
+
+async fn run(args: RunArgs) -> anyhow::Result<bool> {
+    let spec = args.load.spec().map_err(anyhow::Error::msg)?;
+    let (echo, target, addr) = if args.echo {
+        let server = EchoServer::start(0)?;
+        let addr = server.addr().to_string();
+        (Some(server), "echo".to_string(), addr)
+    } else {
+        let addr = args
+            .server
+            .clone()
+            .context("--server or --echo is required")?;
+        (None, addr.clone(), addr)
+    };
+    let report = run_load(&target, &addr, &spec, None, None).await?;
+    if let Some(server) = echo {
+        server.stop()?;
+    }
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!("{}", report.line());
+    }
+    Ok(report.requests > 0)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all().thread_name("load-client");
+    if cli.client_threads > 0 {
+        builder.worker_threads(cli.client_threads);
+    }
+    let runtime = match builder.build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result: anyhow::Result<bool> = runtime.block_on(async move {
+        match cli.command {
+            Command::Run(args) => run(args).await,
+            Command::Suite(args) => {
+                let report = suite(&args).await?;
+                if args.json {
+                    println!("{}", serde_json::to_string(&report)?);
+                } else {
+                    print!("{}", report.text());
+                }
+                Ok(true)
+            }
+            Command::Compute(args) => {
+                let (sizes, per_size) = compute_plan(&args.batch_sizes, args.compute_duration)
+                    .map_err(anyhow::Error::msg)?;
+                let report = tokio::task::spawn_blocking(move || {
+                    compute_ceiling(&args.model, &args.shape, &sizes, per_size)
+                        .map(|r| (r, args.json))
+                })
+                .await??;
+                if report.1 {
+                    println!("{}", serde_json::to_string(&report.0)?);
+                } else {
+                    print!("{}", report.0.lines());
+                }
+                Ok(true)
+            }
+        }
+    });
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => {
+            eprintln!("error: no request succeeded");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

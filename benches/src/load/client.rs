@@ -1,0 +1,364 @@
+//! The load itself: KServe `ModelInfer` calls through the generated tonic client, in a closed
+//! loop (N clients, one request in flight each) or an open loop (a fixed schedule, latency from
+//! each request's due time, bounded outstanding requests).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::time::{Instant, sleep_until};
+use tonic::transport::{Channel, Endpoint};
+use veraltheim_proto::inference::{
+    self as pb, grpc_inference_service_client::GrpcInferenceServiceClient,
+    model_infer_request::InferInputTensor,
+};
+
+use super::args::{LoadSpec, Mode, Shape};
+use super::cpu::{self, CpuUse};
+use super::report::{BAD_RESPONSE, CLIENT_TIMEOUT, LoadReport, Recorder, code_name, throughput};
+use super::schedule::Schedule;
+
+/// Largest message the client takes or sends.
+const MAX_MESSAGE: usize = 64 << 20;
+/// A closed-loop client sends at most one request per microsecond of the run: a count bound on
+/// its loop besides the time bound (no real server answers that fast).
+const MAX_REQUESTS_PER_CLIENT_US: f64 = 1.0;
+
+pub type Client = GrpcInferenceServiceClient<Channel>;
+
+/// The request every call sends: INPUT0, FP32, `shape`, values 0, 1, 2… as little-endian
+/// `raw_input_contents` (what `tritonclient` sends with binary data).
+pub fn infer_request(model: &str, shape: &Shape) -> pb::ModelInferRequest {
+    let n = shape.elements();
+    let mut raw = Vec::with_capacity(n * 4);
+    for i in 0..n {
+        raw.extend_from_slice(&((i % 1024) as f32).to_le_bytes());
+    }
+    pb::ModelInferRequest {
+        model_name: model.to_string(),
+        inputs: vec![InferInputTensor {
+            name: "INPUT0".into(),
+            datatype: "FP32".into(),
+            shape: shape.0.iter().map(|d| *d as i64).collect(),
+            ..Default::default()
+        }],
+        raw_input_contents: vec![Bytes::from(raw)],
+        ..Default::default()
+    }
+}
+
+/// `n` HTTP/2 connections to `addr` (HOST:PORT), each its own tonic `Channel`.
+pub async fn connect(addr: &str, n: usize) -> anyhow::Result<Vec<Channel>> {
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        .with_context(|| format!("bad server address '{addr}'"))?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(5));
+    let mut channels = Vec::with_capacity(n);
+    for _ in 0..n {
+        channels.push(
+            endpoint
+                .connect()
+                .await
+                .with_context(|| format!("cannot connect to {addr}"))?,
+        );
+    }
+    Ok(channels)
+}
+
+pub fn client(channel: Channel) -> Client {
+    GrpcInferenceServiceClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE)
+}
+
+/// One call; `Err` names the failure as the report counts it.
+async fn call(
+    client: &mut Client,
+    payload: &pb::ModelInferRequest,
+    timeout: Duration,
+) -> Result<(), &'static str> {
+    let request = tonic::Request::new(payload.clone());
+    match tokio::time::timeout(timeout, client.model_infer(request)).await {
+        Err(_) => Err(CLIENT_TIMEOUT),
+        Ok(Err(status)) => Err(code_name(status.code())),
+        Ok(Ok(r)) if r.get_ref().outputs.is_empty() => Err(BAD_RESPONSE),
+        Ok(Ok(_)) => Ok(()),
+    }
+}
+
+/// Runs `spec` against `addr`. `server_pid`, if given, is the server process whose CPU use is
+/// sampled over the measured window (else the in-process echo server's threads, if running).
+/// `on_measure`, if given, is told when the measured window starts (the suite reads the
+/// server's statistics then).
+pub async fn run_load(
+    target: &str,
+    addr: &str,
+    spec: &LoadSpec,
+    server_pid: Option<u32>,
+    on_measure: Option<oneshot::Sender<()>>,
+) -> anyhow::Result<LoadReport> {
+    let channels = connect(addr, spec.mode.channels()).await?;
+    let payload = Arc::new(infer_request(&spec.model, &spec.shape));
+    let mut report = match spec.mode {
+        Mode::Closed {
+            concurrency,
+            clients_per_channel,
+        } => {
+            closed_loop(
+                &channels,
+                payload,
+                spec,
+                concurrency,
+                clients_per_channel,
+                server_pid,
+                on_measure,
+            )
+            .await?
+        }
+        Mode::Open {
+            rate,
+            max_outstanding,
+            ..
+        } => {
+            open_loop(
+                &channels,
+                payload,
+                spec,
+                rate,
+                max_outstanding,
+                server_pid,
+                on_measure,
+            )
+            .await?
+        }
+    };
+    report.target = target.to_string();
+    Ok(report)
+}
+
+fn base_report(spec: &LoadSpec, channels: usize) -> LoadReport {
+    LoadReport {
+        target: String::new(),
+        model: spec.model.clone(),
+        shape: spec.shape.to_string(),
+        mode: "closed",
+        concurrency: None,
+        rate: None,
+        channels,
+        window_s: 0.0,
+        requests: 0,
+        throughput_rps: 0.0,
+        latency_us: Default::default(),
+        errors: Default::default(),
+        client_shed: None,
+        send_lag_us: None,
+        cpu: None,
+    }
+}
+
+async fn closed_loop(
+    channels: &[Channel],
+    payload: Arc<pb::ModelInferRequest>,
+    spec: &LoadSpec,
+    concurrency: usize,
+    clients_per_channel: usize,
+    server_pid: Option<u32>,
+    on_measure: Option<oneshot::Sender<()>>,
+) -> anyhow::Result<LoadReport> {
+    let start = Instant::now();
+    let measure_from = start + spec.warmup;
+    let measure_to = measure_from + spec.duration;
+    let cap =
+        ((spec.warmup + spec.duration).as_secs_f64() * 1e6 * MAX_REQUESTS_PER_CLIENT_US) as u64 + 1;
+    let (first_sample, begin) = oneshot::channel();
+    tokio::spawn(async move {
+        sleep_until(measure_from).await;
+        let _ = first_sample.send(cpu::sample(server_pid));
+        if let Some(tx) = on_measure {
+            let _ = tx.send(());
+        }
+    });
+    let mut tasks = Vec::with_capacity(concurrency);
+    for c in 0..concurrency {
+        let mut client = client(channels[c / clients_per_channel].clone());
+        let payload = payload.clone();
+        let timeout = spec.request_timeout;
+        tasks.push(tokio::spawn(async move {
+            let mut rec = Recorder::new();
+            for _ in 0..cap {
+                let sent = Instant::now();
+                if sent >= measure_to {
+                    break;
+                }
+                let outcome = call(&mut client, &payload, timeout).await;
+                let done = Instant::now();
+                // A request counts when it completes inside the measured window.
+                if done >= measure_from && done <= measure_to {
+                    match outcome {
+                        Ok(()) => rec.ok(done - sent),
+                        Err(e) => rec.error(e),
+                    }
+                }
+            }
+            rec
+        }));
+    }
+    let mut all = Recorder::new();
+    for t in tasks {
+        all.merge(&t.await.context("a load client panicked")?);
+    }
+    let end = cpu::sample(server_pid);
+    let mut report = base_report(spec, channels.len());
+    report.mode = "closed";
+    report.concurrency = Some(concurrency);
+    report.window_s = spec.duration.as_secs_f64();
+    report.requests = all.successes();
+    report.throughput_rps = throughput(all.successes(), spec.duration);
+    report.latency_us = all.latency();
+    report.errors = all.errors().clone();
+    report.cpu = begin.await.ok().map(|b| CpuUse::between(&b, &end));
+    Ok(report)
+}
+
+struct Outcome {
+    measured: bool,
+    result: Result<(), &'static str>,
+    /// From the due time to the answer.
+    latency: Duration,
+    /// From the due time to the actual send.
+    lag: Duration,
+    done: std::time::Instant,
+}
+
+/// Sleeps shorter than this are skipped: the request is sent at once (it is due within the
+/// timer's own precision).
+const MIN_SLEEP: Duration = Duration::from_micros(20);
+
+/// The open loop. Requests are released by a dedicated dispatcher thread that sleeps with the
+/// OS's high-resolution timer (tokio's timer ticks in whole milliseconds, which would make every
+/// request up to 1 ms late) and spawns each call onto the runtime.
+async fn open_loop(
+    channels: &[Channel],
+    payload: Arc<pb::ModelInferRequest>,
+    spec: &LoadSpec,
+    rate: f64,
+    max_outstanding: usize,
+    server_pid: Option<u32>,
+    mut on_measure: Option<oneshot::Sender<()>>,
+) -> anyhow::Result<LoadReport> {
+    let schedule = Schedule::new(rate, spec.warmup, spec.duration);
+    let clients: Vec<Client> = channels.iter().cloned().map(client).collect();
+    let permits = Arc::new(Semaphore::new(max_outstanding));
+    let (tx, mut rx) = mpsc::channel::<Outcome>(max_outstanding);
+    let collector = tokio::spawn(async move {
+        let mut rec = Recorder::new();
+        let mut lag = Recorder::new();
+        let mut last_done: Option<std::time::Instant> = None;
+        while let Some(o) = rx.recv().await {
+            if !o.measured {
+                continue;
+            }
+            lag.ok(o.lag);
+            match o.result {
+                Ok(()) => rec.ok(o.latency),
+                Err(e) => rec.error(e),
+            }
+            last_done = Some(last_done.map_or(o.done, |d| d.max(o.done)));
+        }
+        (rec, lag, last_done)
+    });
+    // A short lead so that the first requests are not late by the set-up.
+    let start = std::time::Instant::now() + Duration::from_millis(10);
+    let (window_from, window_to) = schedule.measured_window();
+    let handle = tokio::runtime::Handle::current();
+    let timeout = spec.request_timeout;
+    let (dispatched, dispatch_done) = oneshot::channel();
+    std::thread::Builder::new()
+        // Named as a client thread (the CPU accounting groups by this prefix).
+        .name(format!("{}-dispatch", cpu::CLIENT_THREADS))
+        .spawn(move || {
+            let mut shed = 0u64;
+            let mut begin = None;
+            for i in 0..schedule.total() {
+                let due = start + schedule.offset(i);
+                let now = std::time::Instant::now();
+                if due > now + MIN_SLEEP {
+                    std::thread::sleep(due - now);
+                }
+                let measured = schedule.is_measured(i);
+                if measured && begin.is_none() {
+                    begin = Some(cpu::sample(server_pid));
+                    if let Some(tx) = on_measure.take() {
+                        let _ = tx.send(());
+                    }
+                }
+                let Ok(permit) = permits.clone().try_acquire_owned() else {
+                    if measured {
+                        shed += 1;
+                    }
+                    continue;
+                };
+                let mut client = clients[(i % clients.len() as u64) as usize].clone();
+                let payload = payload.clone();
+                let tx = tx.clone();
+                handle.spawn(async move {
+                    let sent = std::time::Instant::now();
+                    let result = call(&mut client, &payload, timeout).await;
+                    let done = std::time::Instant::now();
+                    let _ = tx
+                        .send(Outcome {
+                            measured,
+                            result,
+                            latency: done.saturating_duration_since(due),
+                            lag: sent.saturating_duration_since(due),
+                            done,
+                        })
+                        .await;
+                    drop(permit);
+                });
+            }
+            // `tx` is dropped here: the collector ends when the last call has reported.
+            let _ = dispatched.send((shed, begin));
+        })
+        .context("cannot start the dispatcher thread")?;
+    let (shed, begin) = dispatch_done
+        .await
+        .context("the dispatcher thread panicked")?;
+    // Every request in flight ends within the request timeout, so this wait is bounded.
+    let (rec, lag, last_done) = collector.await.context("the collector panicked")?;
+    let end = cpu::sample(server_pid);
+    let nominal = window_to - window_from;
+    let window = last_done
+        .map(|d| d.saturating_duration_since(start + window_from))
+        .map_or(nominal, |w| w.max(nominal));
+    let mut report = base_report(spec, channels.len());
+    report.mode = "open";
+    report.rate = Some(rate);
+    report.window_s = window.as_secs_f64();
+    report.requests = rec.successes();
+    report.throughput_rps = throughput(rec.successes(), window);
+    report.latency_us = rec.latency();
+    report.errors = rec.errors().clone();
+    report.client_shed = Some(shed);
+    report.send_lag_us = Some(lag.latency());
+    report.cpu = begin.map(|b| CpuUse::between(&b, &end));
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_is_raw_fp32() {
+        let r = infer_request("cost", &"2x3".parse().unwrap());
+        assert_eq!(r.model_name, "cost");
+        assert_eq!(r.inputs[0].shape, vec![2, 3]);
+        assert_eq!(r.inputs[0].datatype, "FP32");
+        assert!(r.inputs[0].contents.is_none());
+        assert_eq!(r.raw_input_contents[0].len(), 6 * 4);
+        assert_eq!(&r.raw_input_contents[0][4..8], &1.0f32.to_le_bytes());
+    }
+}
