@@ -2,8 +2,6 @@
 //! tasks are killed. Every request must end (answer or error) within its deadline, the tree must
 //! come back whole, and `status` must count the restarts.
 
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -14,57 +12,13 @@ use veraltheim_proto::v1::{
     system_service_client::SystemServiceClient,
 };
 
-/// The server process and its data directory, removed when the test ends.
-struct Server(Child, #[allow(dead_code)] tempfile::TempDir);
+mod common;
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Starts the binary with `extra` flags and returns it once it answers Health as ready.
-async fn start(extra: &[&str]) -> (Server, Channel) {
-    let dir = tempfile::tempdir().unwrap();
-    let grpc = format!("127.0.0.1:{}", free_port());
-    let child = Command::new(env!("CARGO_BIN_EXE_veraltheim"))
-        .args(["serve", "--grpc-addr", &grpc])
-        .args(["--http-addr", &format!("127.0.0.1:{}", free_port())])
-        .arg("--data-dir")
-        .arg(dir.path())
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let server = Server(child, dir);
-    let endpoint = Channel::from_shared(format!("http://{grpc}")).unwrap();
-    let started = Instant::now();
-    loop {
-        if let Ok(ch) = endpoint.connect().await {
-            let ready = SystemServiceClient::new(ch.clone())
-                .health(v1::HealthRequest {})
-                .await
-                .is_ok_and(|r| r.into_inner().ready);
-            if ready {
-                return (server, ch);
-            }
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "server did not become ready"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+/// Starts the binary with `extra` flags and a channel to it.
+async fn start(extra: &[&str]) -> (common::Server, Channel) {
+    let server = common::start(extra).await;
+    let ch = common::channel(&server).await;
+    (server, ch)
 }
 
 fn paths(node: &v1::SupervisorNode, prefix: &str, out: &mut Vec<String>) {

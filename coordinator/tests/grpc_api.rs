@@ -1,13 +1,11 @@
 //! End-to-end through the real binary: `veraltheim.v1` and the KServe service over real gRPC.
 
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio_stream::StreamExt;
 use tonic::Code;
-use tonic::transport::Channel;
 use veraltheim_proto::inference::{
     self as kserve, grpc_inference_service_client::GrpcInferenceServiceClient,
 };
@@ -16,81 +14,9 @@ use veraltheim_proto::v1::{
     model_service_client::ModelServiceClient, system_service_client::SystemServiceClient,
 };
 
-struct Server {
-    child: Child,
-    grpc: String,
-    _dir: tempfile::TempDir,
-}
+mod common;
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-async fn start(extra: &[&str]) -> Server {
-    let dir = tempfile::tempdir().unwrap();
-    let (g, h) = (free_port(), free_port());
-    let grpc = format!("127.0.0.1:{g}");
-    let child = Command::new(env!("CARGO_BIN_EXE_veraltheim"))
-        .args([
-            "serve",
-            "--grpc-addr",
-            &grpc,
-            "--http-addr",
-            &format!("127.0.0.1:{h}"),
-        ])
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .arg("--model-repository")
-        .arg(dir.path().join("models"))
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let server = Server {
-        child,
-        grpc,
-        _dir: dir,
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(ch) = Channel::from_shared(format!("http://{}", server.grpc))
-            .unwrap()
-            .connect()
-            .await
-        {
-            let ready = SystemServiceClient::new(ch)
-                .health(v1::HealthRequest {})
-                .await
-                .map(|r| r.into_inner().ready)
-                .unwrap_or(false);
-            if ready {
-                return server;
-            }
-        }
-        assert!(Instant::now() < deadline, "server did not become ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn channel(s: &Server) -> Channel {
-    Channel::from_shared(format!("http://{}", s.grpc))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap()
-}
+use common::{channel, start};
 
 fn fp32(name: &str, shape: Vec<i64>, values: Vec<f32>) -> v1::Tensor {
     v1::Tensor {

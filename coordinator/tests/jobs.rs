@@ -1,64 +1,18 @@
 //! Batch jobs through the real binary: submit, watch, logs, cancel, and durability across a
 //! kill -9 of the coordinator.
 
-use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tonic::transport::Channel;
-use veraltheim_proto::v1::{
-    self, job_service_client::JobServiceClient, system_service_client::SystemServiceClient,
-};
+use veraltheim_proto::v1::{self, job_service_client::JobServiceClient};
 
-struct Server(Child);
+mod common;
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-async fn start(data: &Path, extra: &[&str]) -> (Server, Channel) {
-    let grpc = format!("127.0.0.1:{}", free_port());
-    let child = Command::new(env!("CARGO_BIN_EXE_veraltheim"))
-        .args(["serve", "--grpc-addr", &grpc])
-        .args(["--http-addr", &format!("127.0.0.1:{}", free_port())])
-        .arg("--data-dir")
-        .arg(data)
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let server = Server(child);
-    let endpoint = Channel::from_shared(format!("http://{grpc}")).unwrap();
-    let started = Instant::now();
-    loop {
-        if let Ok(ch) = endpoint.connect().await {
-            let ready = SystemServiceClient::new(ch.clone())
-                .health(v1::HealthRequest {})
-                .await
-                .is_ok_and(|r| r.into_inner().ready);
-            if ready {
-                return (server, ch);
-            }
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "server did not become ready"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+async fn start(data: &Path, extra: &[&str]) -> (common::Server, Channel) {
+    let server = common::start_in(data, extra).await;
+    let ch = common::channel(&server).await;
+    (server, ch)
 }
 
 fn command(name: &str, argv: &[&str]) -> v1::SubmitJobRequest {
@@ -198,8 +152,8 @@ async fn acknowledged_jobs_survive_kill_9() {
             .into_inner();
         let running = wait_for(&mut jobs, &first.id, v1::JobState::Running).await;
         // kill -9: no shutdown path runs
-        server.0.kill().unwrap();
-        server.0.wait().unwrap();
+        server.child.kill().unwrap();
+        server.child.wait().unwrap();
         (vec![first.id, second.id], running)
     };
     assert_eq!(running.attempt, 1);

@@ -1,0 +1,93 @@
+//! Starting the real `veraltheim` binary for the integration tests.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tonic::transport::Channel;
+use veraltheim_proto::v1::{self, system_service_client::SystemServiceClient};
+
+/// A running server; killed (SIGKILL) when dropped, with its temporary directory removed.
+pub struct Server {
+    pub child: Child,
+    pub grpc: String,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Starts a server with its own temporary data directory; returns once Health says ready.
+pub async fn start(extra: &[&str]) -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_path_buf();
+    let mut server = start_in(&data, extra).await;
+    server._dir = Some(dir);
+    server
+}
+
+/// Starts a server on `data` (kept after it stops, for restart tests).
+pub async fn start_in(data: &Path, extra: &[&str]) -> Server {
+    let grpc = format!("127.0.0.1:{}", free_port());
+    let child = Command::new(env!("CARGO_BIN_EXE_veraltheim"))
+        .args(["serve", "--grpc-addr", &grpc])
+        .args(["--http-addr", &format!("127.0.0.1:{}", free_port())])
+        .arg("--data-dir")
+        .arg(data.join("data"))
+        .arg("--model-repository")
+        .arg(PathBuf::from(data).join("models"))
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let server = Server {
+        child,
+        grpc,
+        _dir: None,
+    };
+    let started = Instant::now();
+    loop {
+        if let Ok(ch) = Channel::from_shared(format!("http://{}", server.grpc))
+            .unwrap()
+            .connect()
+            .await
+        {
+            let ready = SystemServiceClient::new(ch)
+                .health(v1::HealthRequest {})
+                .await
+                .is_ok_and(|r| r.into_inner().ready);
+            if ready {
+                return server;
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "server did not become ready"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub async fn channel(s: &Server) -> Channel {
+    Channel::from_shared(format!("http://{}", s.grpc))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
