@@ -7,12 +7,14 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
+use veraltheim_bus::Event;
 use veraltheim_proto::v1::{self, job_service_server::JobService};
 use veraltheim_slowpath::job::JobKind;
 use veraltheim_slowpath::{
-    JobRecord, JobSpec, JobState, JobStore, ListFilter, LocalExecutor, QueueConfig, Quota,
-    Resources, RetryPolicy, Runner, RunnerConfig, RunnerError, SchedulerConfig, StoreError,
+    JobRecord, JobSpec, JobState, JobStore, ListFilter, LocalExecutor, Observer, QueueConfig,
+    Quota, Resources, RetryPolicy, Runner, RunnerConfig, RunnerError, SchedulerConfig, StoreError,
 };
 use veraltheim_storage::RedbStore;
 
@@ -30,12 +32,20 @@ pub struct Jobs {
 
 impl Jobs {
     /// The runner over `store`, with `capacity` (this machine's) shared by the configured queues.
+    /// Every durable job change comes out of the returned receiver as a `jobs.<id>.state` event
+    /// (for the QueueManager to publish).
     pub async fn start(
         config: &JobsConfig,
         store: Arc<RedbStore>,
         data_dir: &Path,
         capacity: Resources,
-    ) -> anyhow::Result<Jobs> {
+    ) -> anyhow::Result<(Jobs, mpsc::Receiver<Event>)> {
+        let (tx, rx) = mpsc::channel(JOB_EVENT_BACKLOG);
+        let observer: Observer = Arc::new(move |r: &JobRecord| {
+            if tx.try_send(job_event(r)).is_err() {
+                tracing::warn!(job = %r.id, "job event backlog full; event dropped");
+            }
+        });
         let jobs_dir = data_dir.join("jobs");
         let nonzero = |v: u64| (v > 0).then_some(v);
         let scheduler = SchedulerConfig {
@@ -61,7 +71,7 @@ impl Jobs {
             config.max_running
         };
         let runner = Runner::new(
-            JobStore::new(store),
+            JobStore::new(store).with_observer(observer),
             LocalExecutor::new(jobs_dir.clone()),
             RunnerConfig {
                 scheduler,
@@ -76,11 +86,34 @@ impl Jobs {
         )?;
         // Jobs that were waiting or running when the coordinator last stopped line up again.
         runner.start().await?;
-        Ok(Jobs {
-            runner,
-            logs: LocalExecutor::new(jobs_dir),
-        })
+        Ok((
+            Jobs {
+                runner,
+                logs: LocalExecutor::new(jobs_dir),
+            },
+            rx,
+        ))
     }
+}
+
+/// Job events waiting for the QueueManager; beyond it they are dropped (and logged), since the
+/// store's observer must never block a commit.
+const JOB_EVENT_BACKLOG: usize = 4096;
+
+pub fn job_event(r: &JobRecord) -> Event {
+    Event::new(
+        format!("jobs.{}.state", r.id),
+        format!(
+            "job {} ({}) is {}: {}",
+            r.id, r.spec.name, r.state, r.reason
+        ),
+    )
+    .with_attribute("job", &r.id)
+    .with_attribute("name", &r.spec.name)
+    .with_attribute("queue", &r.spec.queue)
+    .with_attribute("state", r.state.as_str())
+    .with_attribute("reason", &r.reason)
+    .with_attribute("attempt", r.attempt.to_string())
 }
 
 fn job_status(e: RunnerError) -> Status {

@@ -222,7 +222,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             gpus: snap.gpus.iter().filter(|g| !g.lost).count() as u32,
         }
     };
-    let jobs = Jobs::start(
+    let (jobs, job_events) = Jobs::start(
         &config.jobs,
         store.clone(),
         &config.storage.data_dir,
@@ -241,6 +241,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         cache,
         store,
         jobs: runner,
+        job_events,
         grpc,
         http,
         shutdown_grace: grace,

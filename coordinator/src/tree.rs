@@ -11,8 +11,8 @@
 //!
 //! Children start in this order and stop in reverse, so on shutdown the API stops taking work
 //! before the models drain. `SlowPathOrchestrator` runs the job runner (scheduler and local
-//! executor); `KubernetesSupervisor`, `LocalExecutor` and `QueueManager` hold their places in the
-//! tree for the Kubernetes executor and broker bridges to come.
+//! executor); `QueueManager` publishes job state changes on the bus; `KubernetesSupervisor` and
+//! `LocalExecutor` hold their places in the tree for the executors' own supervision to come.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,6 +49,7 @@ pub struct TreeParts {
     pub cache: ResponseCache,
     pub store: Arc<RedbStore>,
     pub jobs: JobRunner,
+    pub job_events: mpsc::Receiver<Event>,
     pub grpc: ServeFn,
     pub http: ServeFn,
     pub shutdown_grace: Duration,
@@ -226,6 +227,30 @@ fn persistence(store: Arc<RedbStore>) -> ChildSpec {
     .backoff(restart_backoff())
 }
 
+/// Publishes the slow path's job state changes on the bus, in the order they became durable.
+fn queue_manager(rx: mpsc::Receiver<Event>, bus: Bus) -> ChildSpec {
+    let rx = Arc::new(tokio::sync::Mutex::new(rx));
+    ChildSpec::worker("QueueManager", move |ctx: ChildContext| {
+        let (rx, bus) = (rx.clone(), bus.clone());
+        async move {
+            let mut rx = rx.lock().await;
+            loop {
+                let event = tokio::select! {
+                    _ = ctx.cancelled() => return Ok(()),
+                    e = rx.recv() => match e {
+                        Some(e) => e,
+                        None => return Ok(()),
+                    },
+                };
+                if let Err(err) = bus.publish(event).await {
+                    tracing::warn!(error = %err, "job event not published");
+                }
+            }
+        }
+    })
+    .backoff(restart_backoff())
+}
+
 /// The slow path's scheduling loop.
 fn slow_path(runner: JobRunner) -> ChildSpec {
     ChildSpec::worker("SlowPathOrchestrator", move |ctx: ChildContext| {
@@ -321,7 +346,7 @@ pub async fn start(parts: TreeParts) -> anyhow::Result<SupervisorHandle> {
         .child(subsystem(
             SupervisorSpec::new("MessageBusSupervisor")
                 .intensity(10, Duration::from_secs(60))
-                .child(idle("QueueManager"))
+                .child(queue_manager(parts.job_events, parts.bus.clone()))
                 .child(event_router(rx, parts.bus.clone(), parts.models.clone())),
         ))
         .child(subsystem(

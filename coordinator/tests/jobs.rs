@@ -133,6 +133,36 @@ async fn submit_watch_logs_and_cancel() {
 }
 
 #[tokio::test]
+async fn job_state_changes_go_out_as_events() {
+    use veraltheim_proto::v1::system_service_client::SystemServiceClient;
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, ch) = start(dir.path(), &[]).await;
+    let mut events = SystemServiceClient::new(ch.clone())
+        .watch_events(v1::WatchEventsRequest {
+            topics: vec!["jobs.*.state".into()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let job = JobServiceClient::new(ch)
+        .submit_job(command("evented", &["true"]))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut states = Vec::new();
+    while states.last().map(String::as_str) != Some("SUCCEEDED") {
+        let e = tokio::time::timeout(Duration::from_secs(20), events.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(e.topic, format!("jobs.{}.state", job.id));
+        states.push(e.attributes["state"].clone());
+    }
+    assert_eq!(states, ["QUEUED", "ADMITTED", "RUNNING", "SUCCEEDED"]);
+}
+
+#[tokio::test]
 async fn acknowledged_jobs_survive_kill_9() {
     let dir = tempfile::tempdir().unwrap();
     let marker = dir.path().join("attempts");

@@ -23,4 +23,4 @@ pub use job::{JobError, JobSpec, JobState, Resources};
 pub use local::{CommandRun, LocalExecutor, Outcome};
 pub use runner::{Runner, RunnerConfig, RunnerError};
 pub use scheduler::{QueueConfig, Quota, RetryPolicy, Scheduler, SchedulerConfig};
-pub use store::{Change, FailureKind, JobRecord, JobStore, ListFilter, StoreError};
+pub use store::{Change, FailureKind, JobRecord, JobStore, ListFilter, Observer, StoreError};

@@ -168,10 +168,15 @@ fn is_id(s: &str) -> bool {
 /// How many locks serialize writers; see the module documentation.
 pub const LOCK_SHARDS: usize = 64;
 
+/// Told of every job record once it is durable, in commit order for each job (it runs while the
+/// job's write lock is held); it must be quick and must not block (forward to a channel).
+pub type Observer = Arc<dyn Fn(&JobRecord) + Send + Sync>;
+
 /// Durable jobs. See the module documentation.
 pub struct JobStore<S> {
     store: S,
     clock: Clock,
+    observer: Option<Observer>,
     /// The id generator's state.
     ids: parking_lot::Mutex<IdState>,
     /// Writers of one job or one idempotency key hold the lock of its shard across the commit.
@@ -195,10 +200,24 @@ impl<S: Store> JobStore<S> {
         Self {
             store,
             clock,
+            observer: None,
             ids: parking_lot::Mutex::new(IdState::default()),
             locks: (0..LOCK_SHARDS)
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
+        }
+    }
+
+    /// Calls `observer` with every record written from now on (state changes as they happen,
+    /// e.g. to publish them as events).
+    pub fn with_observer(mut self, observer: Observer) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
+    fn notify(&self, rec: &JobRecord) {
+        if let Some(observer) = &self.observer {
+            observer(rec);
         }
     }
 
@@ -293,6 +312,7 @@ impl<S: Store> JobStore<S> {
             batch.put(&IDEMPOTENCY, key.as_str(), &id)?;
         }
         self.store.commit(batch).await?;
+        self.notify(&rec);
         Ok(rec)
     }
 
@@ -418,6 +438,7 @@ impl<S: Store> JobStore<S> {
             batch.delete(&ACTIVE, rec.id.as_str())?;
         }
         self.store.commit(batch).await?;
+        self.notify(rec);
         Ok(())
     }
 }
@@ -594,6 +615,43 @@ pub(crate) mod tests {
             store.list(&bad),
             Err(StoreError::InvalidPageToken(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn the_observer_sees_every_durable_change_in_order() {
+        let seen = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let store = JobStore::new(MemoryStore::new()).with_observer({
+            let seen = seen.clone();
+            Arc::new(move |r: &JobRecord| seen.lock().push(r.state))
+        });
+        let id = store.submit(spec("a", "q")).await.unwrap().id;
+        store
+            .transition(&id, JobState::Admitted, "admitted")
+            .await
+            .unwrap();
+        store
+            .transition(&id, JobState::Running, "started")
+            .await
+            .unwrap();
+        store
+            .transition(&id, JobState::Succeeded, "done")
+            .await
+            .unwrap();
+        assert!(
+            store
+                .transition(&id, JobState::Running, "again")
+                .await
+                .is_err()
+        );
+        assert_eq!(
+            *seen.lock(),
+            [
+                JobState::Queued,
+                JobState::Admitted,
+                JobState::Running,
+                JobState::Succeeded
+            ]
+        );
     }
 
     #[tokio::test]
