@@ -80,8 +80,15 @@ def test_kill_restarts_the_child_and_events_report_it(own_server):
     event = json.loads(line.splitlines()[0])
     assert event["topic"].startswith("supervisor."), event
     assert event["attributes"]["child"] == "QueueManager", event
-    node = find(status(own_server), "QueueManager")
+    # the restart waits out a short backoff: poll for it
+    deadline = time.monotonic() + 10
+    while True:
+        node = find(status(own_server), "QueueManager")
+        if (node["restarts"] >= 1 and node["state"] == "running") or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert node["restarts"] == 1 and node["last_failure"] == "killed", node
+    assert node["state"] == "running", node
     assert own_server.client().is_server_ready()
 
 
