@@ -9,7 +9,6 @@ use std::time::Duration;
 use backon::{ExponentialBuilder, Retryable};
 use parking_lot::RwLock;
 use thiserror::Error;
-use tokio_util::sync::CancellationToken;
 use veraltheim_bus::{Bus, Event};
 use veraltheim_fastpath::{ExecutionPool, ModelWorker, WorkerOptions};
 use veraltheim_models::{ConfigError, ModelConfig, ModelState, builtin};
@@ -132,12 +131,7 @@ impl ModelManager {
     async fn supervise(&self, child: &str, worker: Arc<ModelWorker>) {
         let root = self.tree.read().clone();
         let Some(root) = root else {
-            tokio::spawn(async move {
-                let cancel = CancellationToken::new();
-                while let Err(failure) = worker.run(&cancel).await {
-                    tracing::warn!(%failure, "batcher restarted");
-                }
-            });
+            worker.run_detached();
             return;
         };
         // FastPathProcessor may be between incarnations (its parent restarting): retry briefly;

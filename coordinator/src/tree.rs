@@ -203,8 +203,9 @@ fn event_router(
 }
 
 /// The durable store's keeper. The store is opened once at start (so that the slow path can
-/// recover its jobs before anything runs); this worker reports its commit statistics and, being
-/// last to stop but the bus, sees the store through shutdown.
+/// recover its jobs before anything runs); this worker reports its commit statistics. The
+/// StorageSupervisor stops after the API and the AICoordinator (reverse start order), so no job
+/// or model write is still in flight when it goes.
 fn persistence(store: Arc<RedbStore>) -> ChildSpec {
     ChildSpec::worker("PersistenceManager", move |ctx: ChildContext| {
         let store = store.clone();

@@ -109,14 +109,20 @@ impl ModelWorker {
     /// backend panic. (The coordinator runs the loop under its supervision tree instead.)
     pub fn start(model: Arc<dyn Model>, pool: ExecutionPool, options: &WorkerOptions) -> Self {
         let worker = Self::new(model, pool, options);
-        let shared = worker.shared.clone();
+        worker.run_detached();
+        worker
+    }
+
+    /// Runs the batcher loop on its own tokio task, restarting it in place after a backend
+    /// panic, until the worker is closed and drained (for callers without a supervisor).
+    pub fn run_detached(&self) {
+        let shared = self.shared.clone();
         tokio::spawn(async move {
             let cancel = CancellationToken::new();
             while let Err(failure) = run(&shared, &cancel).await {
                 tracing::warn!(model = %shared.name, %failure, "batcher restarted");
             }
         });
-        worker
     }
 
     /// A worker whose batcher loop nobody runs yet: call [`ModelWorker::run`].
