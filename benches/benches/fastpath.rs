@@ -15,6 +15,7 @@ fn plan(c: &mut Criterion) {
         dynamic: true,
         preferred: vec![8, 16, 32],
         max_delay: Duration::from_micros(100),
+        max_batch_tokens: None,
     };
     let t0 = Instant::now();
     let key = 0u8;
@@ -23,6 +24,7 @@ fn plan(c: &mut Criterion) {
             enqueued: t0 + Duration::from_nanos(i),
             rows: 1,
             key: &key,
+            tokens: 0,
         })
         .collect();
     let mut g = c.benchmark_group("batcher_plan");

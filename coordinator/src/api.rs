@@ -101,8 +101,8 @@ async fn infer(
         })
         .await?;
     Ok(v1::InferResponse {
+        version: ctx.models.version_of(&req.model),
         model: req.model,
-        version: crate::manager::MODEL_VERSION.to_string(),
         id: req.id,
         outputs: out.outputs.iter().map(|t| to_v1(t, raw)).collect(),
         timing: Some(v1::Timing {
@@ -198,11 +198,51 @@ pub fn model_message(m: &ModelInfo) -> v1::Model {
         outputs: specs(c, &c.output),
         max_batch_size: c.max_batch_size,
         config_json: c.to_json(),
+        device: m.device.map(|d| d.to_string()).unwrap_or_default(),
+        memory_bytes: m.memory_bytes,
+        versions: m.versions.iter().map(|v| v.to_string()).collect(),
+        pinned: c.pinned,
+    }
+}
+
+fn memory_message(
+    usage: Vec<veraltheim_models::allocator::DeviceUsage>,
+) -> v1::GetModelMemoryResponse {
+    v1::GetModelMemoryResponse {
+        devices: usage
+            .into_iter()
+            .map(|d| v1::DeviceMemory {
+                device: d.device.to_string(),
+                capacity_bytes: d.capacity_bytes,
+                reserve_bytes: d.reserve_bytes,
+                budget_bytes: d.budget_bytes,
+                held_bytes: d.held_bytes,
+                free_bytes: d.free_bytes,
+                holders: d
+                    .holders
+                    .into_iter()
+                    .map(|h| v1::ModelHolder {
+                        key: h.model,
+                        bytes: h.bytes,
+                        pinned: h.pinned,
+                        in_flight: u64::from(h.in_flight),
+                        state: h.state.as_str().to_string(),
+                    })
+                    .collect(),
+            })
+            .collect(),
     }
 }
 
 #[tonic::async_trait]
 impl ModelService for Api {
+    async fn get_model_memory(
+        &self,
+        _: Request<v1::GetModelMemoryRequest>,
+    ) -> Result<Response<v1::GetModelMemoryResponse>, Status> {
+        Ok(Response::new(memory_message(self.ctx.models.memory())))
+    }
+
     async fn list_models(
         &self,
         request: Request<v1::ListModelsRequest>,
@@ -279,7 +319,7 @@ impl ModelService for Api {
                 let s = w.stats();
                 v1::ModelStatistics {
                     name: w.name().to_string(),
-                    version: crate::manager::MODEL_VERSION.to_string(),
+                    version: self.ctx.models.version_of(w.name()),
                     success: d(s.success),
                     failure: d(s.fail),
                     queue: d(s.queue),

@@ -1,12 +1,15 @@
 //! The client side of the binary: `infer`, `models`, `health`, `status`, talking `veraltheim.v1`
 //! to a running coordinator. Tables for people, `--json` for scripts.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context as _, anyhow, bail};
 use bytes::Bytes;
 use serde_json::{Value, json};
 use tonic::transport::{Channel, Endpoint};
+use veraltheim_models::allocator::format_bytes;
+use veraltheim_models::repository::{ImportBackend, ImportOptions, import_sentence_transformers};
 use veraltheim_proto::v1::{
     self, inference_service_client::InferenceServiceClient, job_service_client::JobServiceClient,
     model_service_client::ModelServiceClient, resource_service_client::ResourceServiceClient,
@@ -69,6 +72,31 @@ pub enum ModelsCommand {
     Unload { name: String },
     /// Request counts and timings per model.
     Stats { name: Option<String> },
+    /// Each device's model-memory budget and the models holding it.
+    Memory,
+    /// Write a ready model folder into a repository from a sentence-transformers folder
+    /// (config.json, model.safetensors, tokenizer.json, 1_Pooling/). Local: needs no server.
+    Import {
+        /// The sentence-transformers folder.
+        src: PathBuf,
+        /// The model's name (its folder in the repository).
+        #[arg(long)]
+        name: String,
+        /// The repository (default: the server's default, ./models).
+        #[arg(long, default_value = "./models", env = "VERALTHEIM_MODEL_REPOSITORY")]
+        repository: PathBuf,
+        /// candle (from model.safetensors) or onnxruntime (needs an ONNX export, --onnx).
+        #[arg(long, default_value = "candle")]
+        backend: String,
+        /// The ONNX export of the encoder, for --backend onnxruntime.
+        #[arg(long)]
+        onnx: Option<PathBuf>,
+        #[arg(long, default_value_t = 64)]
+        max_batch_size: u32,
+        /// Replace the model's version 1 if it exists.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Clone, Debug, clap::Args)]
@@ -312,6 +340,10 @@ fn model_json(m: &v1::Model) -> Value {
         "state": state_name(m.state),
         "reason": m.reason,
         "max_batch_size": m.max_batch_size,
+        "device": m.device,
+        "memory_bytes": m.memory_bytes,
+        "versions": m.versions,
+        "pinned": m.pinned,
         "inputs": specs(&m.inputs),
         "outputs": specs(&m.outputs),
         "config": serde_json::from_str::<Value>(&m.config_json).unwrap_or(Value::Null),
@@ -325,24 +357,118 @@ fn print_models(models: &[v1::Model], as_json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<20} {:<8} {:<12} {:<10} {:>9}  REASON",
-        "NAME", "VERSION", "STATE", "BACKEND", "MAX_BATCH"
+        "{:<20} {:<8} {:<12} {:<12} {:>9} {:<6} {:>10}  REASON",
+        "NAME", "VERSION", "STATE", "BACKEND", "MAX_BATCH", "DEVICE", "MEMORY"
     );
     for m in models {
         println!(
-            "{:<20} {:<8} {:<12} {:<10} {:>9}  {}",
+            "{:<20} {:<8} {:<12} {:<12} {:>9} {:<6} {:>10}  {}",
             m.name,
             m.version,
             state_name(m.state),
             m.backend,
             m.max_batch_size,
+            if m.device.is_empty() { "-" } else { &m.device },
+            if m.memory_bytes == 0 {
+                "-".to_string()
+            } else {
+                format_bytes(m.memory_bytes)
+            },
             m.reason
         );
     }
     Ok(())
 }
 
+fn import(command: ModelsCommand) -> anyhow::Result<()> {
+    let ModelsCommand::Import {
+        src,
+        name,
+        repository,
+        backend,
+        onnx,
+        max_batch_size,
+        force,
+    } = command
+    else {
+        bail!("not an import");
+    };
+    let backend = match backend.as_str() {
+        "candle" => ImportBackend::Candle,
+        "onnxruntime" | "onnx" | "ort" => ImportBackend::OnnxRuntime,
+        other => bail!("--backend {other}: expected candle or onnxruntime"),
+    };
+    let dir = import_sentence_transformers(
+        &src,
+        &repository,
+        &ImportOptions {
+            name,
+            backend,
+            onnx,
+            max_batch_size,
+            force,
+        },
+    )?;
+    println!("{}", dir.display());
+    Ok(())
+}
+
+fn print_memory(r: &v1::GetModelMemoryResponse, as_json: bool) -> anyhow::Result<()> {
+    if as_json {
+        let list: Vec<Value> = r
+            .devices
+            .iter()
+            .map(|d| {
+                json!({
+                    "device": d.device, "capacity_bytes": d.capacity_bytes,
+                    "reserve_bytes": d.reserve_bytes, "budget_bytes": d.budget_bytes,
+                    "held_bytes": d.held_bytes, "free_bytes": d.free_bytes,
+                    "holders": d.holders.iter().map(|h| json!({
+                        "key": h.key, "bytes": h.bytes, "pinned": h.pinned,
+                        "in_flight": h.in_flight, "state": h.state,
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(());
+    }
+    println!(
+        "{:<8} {:>12} {:>12} {:>12} {:>12}  HOLDERS",
+        "DEVICE", "BUDGET", "HELD", "FREE", "RESERVE"
+    );
+    for d in &r.devices {
+        let holders: Vec<String> = d
+            .holders
+            .iter()
+            .map(|h| {
+                let mut s = format!("{} {}", h.key, format_bytes(h.bytes));
+                if h.pinned {
+                    s.push_str(" pinned");
+                }
+                if h.state != "READY" {
+                    s.push_str(&format!(" {}", h.state));
+                }
+                s
+            })
+            .collect();
+        println!(
+            "{:<8} {:>12} {:>12} {:>12} {:>12}  {}",
+            d.device,
+            format_bytes(d.budget_bytes),
+            format_bytes(d.held_bytes),
+            format_bytes(d.free_bytes),
+            format_bytes(d.reserve_bytes),
+            holders.join(", ")
+        );
+    }
+    Ok(())
+}
+
 pub async fn models(args: ModelsArgs) -> anyhow::Result<()> {
+    if let Some(command @ ModelsCommand::Import { .. }) = args.command {
+        return import(command);
+    }
     let mut client = ModelServiceClient::new(connect(&args.client.server).await?);
     let as_json = args.client.json;
     match args.command.unwrap_or(ModelsCommand::List) {
@@ -392,6 +518,15 @@ pub async fn models(args: ModelsArgs) -> anyhow::Result<()> {
                 .map_err(status_error)?
                 .into_inner();
             print_models(std::slice::from_ref(&m), as_json)
+        }
+        ModelsCommand::Import { .. } => bail!("import runs without a server"),
+        ModelsCommand::Memory => {
+            let r = client
+                .get_model_memory(v1::GetModelMemoryRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            print_memory(&r, as_json)
         }
         ModelsCommand::Stats { name } => {
             let r = client
@@ -721,43 +856,14 @@ pub async fn gpus(args: GpusArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+mod jobfile;
+mod watch;
+
 #[derive(Clone, Debug, clap::Subcommand)]
 pub enum JobsCommand {
-    /// Submit a command job; prints the new job's id alone on stdout.
-    Submit {
-        #[arg(long, default_value = "job")]
-        name: String,
-        #[arg(long, default_value = "default")]
-        queue: String,
-        /// Priority class (see `jobs.priority_classes` in the configuration).
-        #[arg(long, default_value = "")]
-        priority: String,
-        /// CPU, in cores (`1.5`) or millicores (`500m`).
-        #[arg(long, default_value = "0")]
-        cpu: String,
-        /// Memory, in bytes or with a suffix (`512Mi`, `2Gi`, `1G`).
-        #[arg(long, default_value = "0")]
-        memory: String,
-        #[arg(long, default_value_t = 0)]
-        gpu: u32,
-        #[arg(long, default_value_t = 0)]
-        max_retries: u32,
-        /// Container image (used by the Kubernetes executor; local runs ignore it).
-        #[arg(long, default_value = "")]
-        image: String,
-        /// KEY=VALUE, repeatable.
-        #[arg(long = "env")]
-        env: Vec<String>,
-        /// Seconds an attempt may run before it is killed (TIMED_OUT).
-        #[arg(long, default_value_t = 0)]
-        deadline_seconds: u64,
-        /// A repeated submit with the same key returns the same job.
-        #[arg(long, default_value = "")]
-        idempotency_key: String,
-        /// The command and its arguments, after `--`.
-        #[arg(last = true, required = true)]
-        command: Vec<String>,
-    },
+    /// Submit a job (a command after `--`, or a TOML job file with -f, or both: flags override
+    /// the file); prints the new job's id alone on stdout.
+    Submit(Box<jobfile::SubmitArgs>),
     /// List jobs (newest last).
     List {
         /// Only jobs in this state (repeatable), e.g. RUNNING.
@@ -778,7 +884,9 @@ pub enum JobsCommand {
         #[arg(long)]
         follow: bool,
     },
-    /// Follow the job's state until it ends.
+    /// Follow the job's state and progress until it ends: a live progress line on a terminal,
+    /// one line per change otherwise (one JSON object with --json). Exit status 0 when the job
+    /// SUCCEEDED, 1 otherwise.
     Watch {
         id: String,
     },
@@ -790,40 +898,6 @@ pub struct JobsArgs {
     pub command: JobsCommand,
     #[command(flatten)]
     pub client: ClientArgs,
-}
-
-fn parse_cpu(s: &str) -> anyhow::Result<u64> {
-    let s = s.trim();
-    let parsed = match s.strip_suffix('m') {
-        Some(m) => m.parse::<u64>().ok(),
-        None => s
-            .parse::<f64>()
-            .ok()
-            .filter(|c| *c >= 0.0)
-            .map(|c| (c * 1000.0).round() as u64),
-    };
-    parsed.ok_or_else(|| anyhow!("--cpu '{s}': expected cores (1.5) or millicores (500m)"))
-}
-
-fn parse_bytes(s: &str) -> anyhow::Result<u64> {
-    let s = s.trim();
-    let units: [(&str, u64); 6] = [
-        ("Gi", 1 << 30),
-        ("Mi", 1 << 20),
-        ("Ki", 1 << 10),
-        ("G", 1_000_000_000),
-        ("M", 1_000_000),
-        ("K", 1_000),
-    ];
-    let (digits, mult) = units
-        .iter()
-        .find_map(|(u, m)| s.strip_suffix(u).map(|d| (d, *m)))
-        .unwrap_or((s, 1));
-    digits
-        .parse::<u64>()
-        .ok()
-        .and_then(|d| d.checked_mul(mult))
-        .ok_or_else(|| anyhow!("--memory '{s}': expected bytes or a number with Ki/Mi/Gi/K/M/G"))
 }
 
 fn job_state_name(s: i32) -> String {
@@ -838,6 +912,7 @@ fn job_json(j: &v1::Job) -> Value {
         "id": j.id, "name": spec.name, "queue": spec.queue, "state": job_state_name(j.state),
         "reason": j.reason, "attempt": j.attempt, "exit_code": j.exit_code,
         "created_ms": j.created_ms, "started_ms": j.started_ms, "finished_ms": j.finished_ms,
+        "progress": j.progress, "ttl_seconds_after_finished": spec.ttl_seconds_after_finished,
     })
 }
 
@@ -867,62 +942,31 @@ fn print_jobs(jobs: &[v1::Job], as_json: bool) -> anyhow::Result<()> {
 }
 
 pub async fn jobs(args: JobsArgs) -> anyhow::Result<bool> {
-    let mut client = JobServiceClient::new(connect(&args.client.server).await?);
     let as_json = args.client.json;
-    match args.command {
-        JobsCommand::Submit {
-            name,
-            queue,
-            priority,
-            cpu,
-            memory,
-            gpu,
-            max_retries,
-            image,
-            env,
-            deadline_seconds,
-            idempotency_key,
-            command,
-        } => {
-            let env = env
-                .iter()
-                .map(|kv| {
-                    kv.split_once('=')
-                        .map(|(k, v)| (k.to_string(), v.to_string()))
-                        .ok_or_else(|| anyhow!("--env '{kv}': expected KEY=VALUE"))
-                })
-                .collect::<anyhow::Result<_>>()?;
-            let spec = v1::JobSpec {
-                name,
-                queue,
-                priority_class: priority,
-                resources: Some(v1::Resources {
-                    cpu_millis: parse_cpu(&cpu)?,
-                    memory_bytes: parse_bytes(&memory)?,
-                    gpus: gpu,
-                }),
-                max_retries,
-                deadline_seconds,
-                idempotency_key,
-                kind: Some(v1::job_spec::Kind::Command(v1::CommandJob {
-                    image,
-                    command,
-                    env,
-                    working_dir: String::new(),
-                })),
-                ..Default::default()
-            };
-            let job = client
-                .submit_job(v1::SubmitJobRequest { spec: Some(spec) })
-                .await
-                .map_err(status_error)?
-                .into_inner();
-            if as_json {
-                println!("{}", job_json(&job));
-            } else {
-                println!("{}", job.id);
-            }
+    if let JobsCommand::Submit(submit) = &args.command {
+        // A bad job file or flag is refused before any connection is made.
+        let file = match &submit.file {
+            Some(path) => Some(jobfile::JobFile::read(path)?),
+            None => None,
+        };
+        let spec = jobfile::build_spec(submit, file)?;
+        let mut client = JobServiceClient::new(connect(&args.client.server).await?);
+        let job = client
+            .submit_job(v1::SubmitJobRequest { spec: Some(spec) })
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        if as_json {
+            println!("{}", job_json(&job));
+        } else {
+            println!("{}", job.id);
         }
+        return Ok(true);
+    }
+    let mut client = JobServiceClient::new(connect(&args.client.server).await?);
+    match args.command {
+        // Submitted above, before connecting.
+        JobsCommand::Submit(_) => {}
         JobsCommand::List { states, queue } => {
             let states = states
                 .iter()
@@ -989,26 +1033,21 @@ pub async fn jobs(args: JobsArgs) -> anyhow::Result<bool> {
             }
         }
         JobsCommand::Watch { id } => {
-            let mut stream = client
+            use std::io::IsTerminal;
+            let stream = client
                 .watch_job(v1::WatchJobRequest { id })
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            let mut last = None;
-            while let Some(job) = stream.message().await.map_err(status_error)? {
-                if as_json {
-                    println!("{}", job_json(&job));
-                } else {
-                    println!(
-                        "{} attempt {}  {}",
-                        job_state_name(job.state),
-                        job.attempt,
-                        job.reason
-                    );
-                }
-                last = Some(job.state);
-            }
-            return Ok(last == Some(v1::JobState::Succeeded as i32));
+            let mode = if as_json {
+                watch::Mode::Json
+            } else if std::io::stdout().is_terminal() {
+                watch::Mode::Bar
+            } else {
+                watch::Mode::Plain
+            };
+            let last = watch::watch(stream, mode, &mut std::io::stdout().lock()).await?;
+            return Ok(last == v1::JobState::Succeeded as i32);
         }
     }
     Ok(true)

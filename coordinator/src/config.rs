@@ -41,7 +41,58 @@ pub struct JobsConfig {
     pub priority_classes: Vec<String>,
     pub retry_initial_delay_ms: u64,
     pub retry_max_delay_ms: u64,
+    pub default_ttl_seconds: u64,
+    /// Requests one inference job keeps in flight.
+    pub inference_concurrency: usize,
+    /// Which executor runs command jobs.
+    pub executor: JobExecutorKind,
+    pub kubernetes: KubernetesJobsConfig,
     pub queues: Vec<JobQueueConfig>,
+}
+
+/// `jobs.executor`.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum JobExecutorKind {
+    /// Processes on this machine.
+    Local,
+    /// One `batch/v1` Job per attempt.
+    Kubernetes,
+}
+
+/// `[jobs.kubernetes]`: the Kubernetes executor.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesJobsConfig {
+    pub api_url: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub default_image: String,
+    pub ttl_seconds_after_finished: i64,
+    pub node_selector: Vec<String>,
+    pub tolerations: Vec<TolerationConfig>,
+    pub cpu_millis: u64,
+    pub memory_bytes: u64,
+    pub gpus: u32,
+    pub breaker_failure_threshold: u32,
+    pub breaker_open_ms: u64,
+    pub api_retries: usize,
+}
+
+/// One of `jobs.kubernetes.tolerations`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TolerationConfig {
+    #[serde(default)]
+    pub key: String,
+    #[serde(default)]
+    pub operator: String,
+    #[serde(default)]
+    pub value: String,
+    #[serde(default)]
+    pub effect: String,
+    #[serde(default)]
+    pub toleration_seconds: Option<i64>,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -90,6 +141,14 @@ pub struct ModelsConfig {
     pub enable_fault_injection: bool,
     pub default_max_queue_size: usize,
     pub unload_grace_seconds: u64,
+    pub onnxruntime_library: String,
+    pub onnx_intra_op_threads: usize,
+    pub max_concurrent_loads: usize,
+    pub load_timeout_seconds: u64,
+    pub cpu_memory_bytes: u64,
+    pub memory_reserve_bytes: u64,
+    pub gpu_memory_reserve_bytes: u64,
+    pub size_factor: f64,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -173,9 +232,42 @@ pub struct ServeArgs {
     /// Host and GPU sampling interval in milliseconds.
     #[arg(long, env = "VERALTHEIM_SAMPLE_INTERVAL_MS")]
     pub sample_interval_ms: Option<u64>,
+    /// libonnxruntime.so for ONNX models (default: ORT_DYLIB_PATH).
+    #[arg(long, env = "VERALTHEIM_ONNXRUNTIME_LIBRARY")]
+    pub onnxruntime_library: Option<String>,
+    /// ONNX Runtime intra-op threads per model instance (0 = its default).
+    #[arg(long, env = "VERALTHEIM_ONNX_INTRA_OP_THREADS")]
+    pub onnx_intra_op_threads: Option<usize>,
+    /// Model loads running at once.
+    #[arg(long, env = "VERALTHEIM_MAX_CONCURRENT_LOADS")]
+    pub max_concurrent_loads: Option<usize>,
+    /// Seconds a model load (including its wait for a slot and its warm-up) may take.
+    #[arg(long, env = "VERALTHEIM_LOAD_TIMEOUT_SECONDS")]
+    pub load_timeout_seconds: Option<u64>,
+    /// Host memory models may use, in bytes (0 = the host's total memory).
+    #[arg(long, env = "VERALTHEIM_CPU_MEMORY_BYTES")]
+    pub cpu_memory_bytes: Option<u64>,
+    /// Host memory kept from models, in bytes.
+    #[arg(long, env = "VERALTHEIM_MEMORY_RESERVE_BYTES")]
+    pub memory_reserve_bytes: Option<u64>,
+    /// Memory kept from models on each GPU, in bytes.
+    #[arg(long, env = "VERALTHEIM_GPU_MEMORY_RESERVE_BYTES")]
+    pub gpu_memory_reserve_bytes: Option<u64>,
+    /// A load is admitted on its files' size times this factor.
+    #[arg(long, env = "VERALTHEIM_SIZE_FACTOR")]
+    pub size_factor: Option<f64>,
     /// Batch jobs admitted or running at once (0 = one per core).
     #[arg(long, env = "VERALTHEIM_MAX_RUNNING_JOBS")]
     pub max_running_jobs: Option<usize>,
+    /// Requests one batch inference job keeps in flight (its share of a model's queue).
+    #[arg(long, env = "VERALTHEIM_INFERENCE_JOB_CONCURRENCY")]
+    pub inference_job_concurrency: Option<usize>,
+    /// What runs command jobs: `local` (processes here) or `kubernetes` (Jobs in a cluster).
+    #[arg(long, env = "VERALTHEIM_JOBS_EXECUTOR")]
+    pub jobs_executor: Option<JobExecutorKind>,
+    /// Seconds a finished job is kept when it was submitted without a TTL (0 = kept).
+    #[arg(long, env = "VERALTHEIM_DEFAULT_JOB_TTL_SECONDS")]
+    pub default_job_ttl_seconds: Option<u64>,
 }
 
 impl Config {
@@ -263,8 +355,41 @@ impl Config {
         if let Some(v) = args.sample_interval_ms {
             c.devices.sample_interval_ms = v;
         }
+        if let Some(v) = &args.onnxruntime_library {
+            c.models.onnxruntime_library = v.clone();
+        }
+        if let Some(v) = args.onnx_intra_op_threads {
+            c.models.onnx_intra_op_threads = v;
+        }
+        if let Some(v) = args.max_concurrent_loads {
+            c.models.max_concurrent_loads = v;
+        }
+        if let Some(v) = args.load_timeout_seconds {
+            c.models.load_timeout_seconds = v;
+        }
+        if let Some(v) = args.cpu_memory_bytes {
+            c.models.cpu_memory_bytes = v;
+        }
+        if let Some(v) = args.memory_reserve_bytes {
+            c.models.memory_reserve_bytes = v;
+        }
+        if let Some(v) = args.gpu_memory_reserve_bytes {
+            c.models.gpu_memory_reserve_bytes = v;
+        }
+        if let Some(v) = args.size_factor {
+            c.models.size_factor = v;
+        }
+        if let Some(v) = args.inference_job_concurrency {
+            c.jobs.inference_concurrency = v;
+        }
         if let Some(v) = args.max_running_jobs {
             c.jobs.max_running = v;
+        }
+        if let Some(v) = args.jobs_executor {
+            c.jobs.executor = v;
+        }
+        if let Some(v) = args.default_job_ttl_seconds {
+            c.jobs.default_ttl_seconds = v;
         }
         c.validate()?;
         Ok(c)
@@ -280,10 +405,37 @@ impl Config {
         if self.jobs.queues.is_empty() {
             bail!("jobs.queues is empty: jobs need at least one queue");
         }
+        if let Some(bad) = self
+            .jobs
+            .kubernetes
+            .node_selector
+            .iter()
+            .find(|s| s.split_once('=').is_none_or(|(k, _)| k.is_empty()))
+        {
+            bail!("jobs.kubernetes.node_selector entry '{bad}' is not KEY=VALUE");
+        }
+        if self.jobs.kubernetes.breaker_failure_threshold == 0 {
+            bail!("jobs.kubernetes.breaker_failure_threshold must be at least 1");
+        }
         if self.devices.sample_interval_ms < 100 {
             bail!(
                 "devices.sample_interval_ms is {}; it must be at least 100",
                 self.devices.sample_interval_ms
+            );
+        }
+        if self.jobs.inference_concurrency == 0 {
+            bail!("jobs.inference_concurrency must be at least 1");
+        }
+        if self.models.max_concurrent_loads == 0 {
+            bail!("models.max_concurrent_loads must be at least 1");
+        }
+        if self.models.load_timeout_seconds == 0 {
+            bail!("models.load_timeout_seconds must be at least 1");
+        }
+        if !(self.models.size_factor.is_finite() && self.models.size_factor > 0.0) {
+            bail!(
+                "models.size_factor is {}; it must be a positive number",
+                self.models.size_factor
             );
         }
         if self.models.default_max_queue_size == 0 {
@@ -367,5 +519,61 @@ mod deploy_example {
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/veraltheim.toml");
         let c = super::Config::from_file(Some(&path)).unwrap();
         assert_eq!(c.models.default_max_queue_size, 4096);
+    }
+}
+
+#[cfg(test)]
+mod kubernetes_jobs {
+    use std::io::Write;
+
+    use super::*;
+
+    #[test]
+    fn the_executor_and_its_kubernetes_section_are_read_and_checked() {
+        let c = Config::defaults().unwrap();
+        assert_eq!(c.jobs.executor, JobExecutorKind::Local);
+        assert_eq!(c.jobs.kubernetes.ttl_seconds_after_finished, 86400);
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(
+            f,
+            r#"[jobs]
+executor = "kubernetes"
+[jobs.kubernetes]
+namespace = "batch"
+node_selector = ["pool=gpu"]
+tolerations = [{{ key = "nvidia.com/gpu", operator = "Exists", effect = "NoSchedule" }}]
+gpus = 4"#
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(f.path().to_path_buf()),
+            ..Default::default()
+        };
+        let c = Config::resolve(&args).unwrap();
+        assert_eq!(c.jobs.executor, JobExecutorKind::Kubernetes);
+        let k = &c.jobs.kubernetes;
+        assert_eq!((k.namespace.as_str(), k.gpus), ("batch", 4));
+        assert_eq!(k.node_selector, ["pool=gpu"]);
+        assert_eq!(k.tolerations[0].operator, "Exists");
+        // Untouched keys keep their defaults, and the flag wins over the file.
+        assert_eq!(k.api_retries, 3);
+        let args = ServeArgs {
+            config: Some(f.path().to_path_buf()),
+            jobs_executor: Some(JobExecutorKind::Local),
+            ..Default::default()
+        };
+        assert_eq!(
+            Config::resolve(&args).unwrap().jobs.executor,
+            JobExecutorKind::Local
+        );
+
+        let mut bad = tempfile::NamedTempFile::new().unwrap();
+        writeln!(bad, "[jobs.kubernetes]\nnode_selector = [\"pool\"]").unwrap();
+        let args = ServeArgs {
+            config: Some(bad.path().to_path_buf()),
+            ..Default::default()
+        };
+        let err = Config::resolve(&args).unwrap_err().to_string();
+        assert!(err.contains("node_selector entry 'pool'"), "{err}");
     }
 }

@@ -82,8 +82,15 @@ impl Context {
     pub async fn infer(&self, call: InferCall) -> Result<InferOutput, Status> {
         let span = tracing::debug_span!("infer", model = %call.model, id = %call.id);
         async move {
-            ModelManager::check_version(&call.model, &call.version).map_err(manager_status)?;
-            let worker = self.models.worker(&call.model).map_err(manager_status)?;
+            self.models
+                .check_version(&call.model, &call.version)
+                .map_err(manager_status)?;
+            // Held until the answer is in: a model with requests in flight is never evicted.
+            let (worker, _in_flight) = self
+                .models
+                .acquire_or_load(&call.model, call.deadline)
+                .await
+                .map_err(manager_status)?;
             let config = worker.config();
             let (inputs, rows) =
                 validate_inputs(config, call.inputs).map_err(|e| Status::invalid_argument(e.0))?;
@@ -160,6 +167,10 @@ pub fn manager_status(e: ManagerError) -> Status {
         ManagerError::NotReady { .. } => Status::unavailable(msg),
         ManagerError::BadConfig { .. } => Status::invalid_argument(msg),
         ManagerError::LoadFailed { .. } => Status::internal(msg),
+        ManagerError::NoRoom { .. } | ManagerError::LoadSlots { .. } => {
+            Status::resource_exhausted(msg)
+        }
+        ManagerError::LoadTimeout { .. } => Status::deadline_exceeded(msg),
     }
 }
 

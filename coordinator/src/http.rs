@@ -14,7 +14,6 @@ use axum::routing::get;
 use veraltheim_models::ModelState;
 
 use crate::context::Context;
-use crate::manager::MODEL_VERSION;
 
 pub fn router(ctx: Arc<Context>) -> Router {
     Router::new()
@@ -71,8 +70,12 @@ fn escape(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
-fn labels(model: &str) -> String {
-    format!("model=\"{}\",version=\"{MODEL_VERSION}\"", escape(model))
+fn labels(model: &str, version: &str) -> String {
+    format!(
+        "model=\"{}\",version=\"{}\"",
+        escape(model),
+        escape(version)
+    )
 }
 
 pub fn render(ctx: &Context) -> String {
@@ -157,7 +160,7 @@ pub fn render(ctx: &Context) -> String {
     ];
     for w in ctx.models.workers() {
         let s = w.stats();
-        let l = labels(w.name());
+        let l = labels(w.name(), &ctx.models.version_of(w.name()));
         for (fam, p) in summaries
             .iter_mut()
             .zip([s.total_us, s.queue_us, s.compute_us])
@@ -204,7 +207,7 @@ pub fn render(ctx: &Context) -> String {
             ModelState::Failed,
         ] {
             state.samples.push((
-                format!("{},state=\"{}\"", labels(&m.name), s.as_str()),
+                format!("{},state=\"{}\"", labels(&m.name, &m.version), s.as_str()),
                 if m.state == s { 1.0 } else { 0.0 },
             ));
         }

@@ -1,37 +1,43 @@
 //! Batch jobs through `veraltheim.v1.JobService`: the slow path's runner (durable store, scheduler,
-//! local executor) built from the configuration, and the conversions between the wire and the
-//! slow path's types. The runner's loop is the SlowPathOrchestrator in the supervision tree.
+//! and the executor `jobs.executor` names: local processes or Kubernetes Jobs) built from the
+//! configuration, and the conversions between the wire and the slow path's types. The runner's
+//! loop is the SlowPathOrchestrator in the supervision tree.
 
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context as _;
+use futures::StreamExt;
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 use veraltheim_bus::Event;
 use veraltheim_proto::v1::{self, job_service_server::JobService};
 use veraltheim_slowpath::job::JobKind;
 use veraltheim_slowpath::{
-    JobRecord, JobSpec, JobState, JobStore, ListFilter, LocalExecutor, Observer, QueueConfig,
-    Quota, Resources, RetryPolicy, Runner, RunnerConfig, RunnerError, SchedulerConfig, StoreError,
+    Executor, JobRecord, JobSpec, JobState, JobStore, KubernetesConfig, KubernetesExecutor,
+    ListFilter, LocalExecutor, Observer, QueueConfig, Quota, Resources, RetryPolicy, Runner,
+    RunnerConfig, RunnerError, SchedulerConfig, StoreError, Toleration,
 };
 use veraltheim_storage::RedbStore;
+use veraltheim_supervisor::BreakerConfig;
 
 use crate::api::Api;
-use crate::config::JobsConfig;
+use crate::config::{JobExecutorKind, JobsConfig, KubernetesJobsConfig};
 use crate::stream::StreamOf;
 
 pub type JobRunner = Runner<Arc<RedbStore>>;
 
 pub struct Jobs {
     pub runner: JobRunner,
-    /// Only for the paths of log files.
-    logs: LocalExecutor,
+    /// `jobs.default_ttl_seconds`: the TTL of a job submitted without one; `None`: kept.
+    default_ttl: Option<u64>,
 }
 
 impl Jobs {
-    /// The runner over `store`, with `capacity` (this machine's) shared by the configured queues.
+    /// The runner over `store`, with `capacity` (this machine's; on Kubernetes the configured
+    /// one) shared by the configured queues.
     /// Every durable job change comes out of the returned receiver as a `jobs.<id>.state` event
     /// (for the QueueManager to publish).
     pub async fn start(
@@ -48,6 +54,30 @@ impl Jobs {
         });
         let jobs_dir = data_dir.join("jobs");
         let nonzero = |v: u64| (v > 0).then_some(v);
+        let (exec, capacity, default_running): (Arc<dyn Executor>, _, _) = match config.executor {
+            JobExecutorKind::Local => (
+                Arc::new(LocalExecutor::new(jobs_dir)),
+                capacity,
+                std::thread::available_parallelism().map_or(1, |n| n.get()),
+            ),
+            JobExecutorKind::Kubernetes => {
+                let k = &config.kubernetes;
+                let exec = KubernetesExecutor::connect(kubernetes_config(k))
+                    .await
+                    .context("cannot set up the Kubernetes executor")?;
+                tracing::info!(
+                    namespace = exec.namespace(),
+                    "batch jobs run as Kubernetes Jobs"
+                );
+                let unlimited = |v: u64| if v == 0 { u64::MAX } else { v };
+                let capacity = Resources {
+                    cpu_millis: unlimited(k.cpu_millis),
+                    memory_bytes: unlimited(k.memory_bytes),
+                    gpus: if k.gpus == 0 { u32::MAX } else { k.gpus },
+                };
+                (Arc::new(exec), capacity, KUBERNETES_RUNNING)
+            }
+        };
         let scheduler = SchedulerConfig {
             capacity,
             queues: config
@@ -66,13 +96,13 @@ impl Jobs {
             priority_classes: config.priority_classes.clone(),
         };
         let max_running = if config.max_running == 0 {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
+            default_running
         } else {
             config.max_running
         };
-        let runner = Runner::new(
+        let runner = Runner::with_executor(
             JobStore::new(store).with_observer(observer),
-            LocalExecutor::new(jobs_dir.clone()),
+            exec,
             RunnerConfig {
                 scheduler,
                 retry: RetryPolicy {
@@ -89,10 +119,50 @@ impl Jobs {
         Ok((
             Jobs {
                 runner,
-                logs: LocalExecutor::new(jobs_dir),
+                default_ttl: (config.default_ttl_seconds > 0).then_some(config.default_ttl_seconds),
             },
             rx,
         ))
+    }
+}
+
+/// `jobs.max_running = 0` on Kubernetes: the cluster, not this machine, runs the jobs; each
+/// running one costs the coordinator two watches.
+const KUBERNETES_RUNNING: usize = 64;
+
+fn kubernetes_config(k: &KubernetesJobsConfig) -> KubernetesConfig {
+    KubernetesConfig {
+        api_url: k.api_url.clone(),
+        namespace: k.namespace.clone(),
+        service_account: k.service_account.clone(),
+        node_selector: k
+            .node_selector
+            .iter()
+            .filter_map(|s| s.split_once('='))
+            .map(|(key, value)| (key.to_owned(), value.to_owned()))
+            .collect(),
+        tolerations: k
+            .tolerations
+            .iter()
+            .map(|t| Toleration {
+                key: t.key.clone(),
+                operator: t.operator.clone(),
+                value: t.value.clone(),
+                effect: t.effect.clone(),
+                toleration_seconds: t.toleration_seconds,
+            })
+            .collect(),
+        ttl_seconds_after_finished: i32::try_from(k.ttl_seconds_after_finished)
+            .ok()
+            .filter(|t| *t >= 0),
+        default_image: k.default_image.clone(),
+        breaker: BreakerConfig::new(
+            k.breaker_failure_threshold,
+            Duration::from_millis(k.breaker_open_ms.max(1)),
+            Duration::from_secs(60),
+        ),
+        api_retries: k.api_retries,
+        ..KubernetesConfig::default()
     }
 }
 
@@ -121,7 +191,7 @@ fn job_status(e: RunnerError) -> Status {
     let msg = e.to_string();
     match e {
         RunnerError::Schedule(SchedError::Config(_)) => Status::internal(msg),
-        RunnerError::Schedule(_) => Status::invalid_argument(msg),
+        RunnerError::Schedule(_) | RunnerError::Rejected { .. } => Status::invalid_argument(msg),
         RunnerError::Store(s) => store_status(s),
     }
 }
@@ -205,6 +275,8 @@ fn spec_from_wire(s: v1::JobSpec) -> Result<JobSpec, Status> {
         },
         max_retries: s.max_retries,
         deadline_seconds: (s.deadline_seconds > 0).then_some(s.deadline_seconds),
+        ttl_seconds_after_finished: (s.ttl_seconds_after_finished > 0)
+            .then_some(s.ttl_seconds_after_finished),
         labels: s.labels.into_iter().collect(),
         idempotency_key: (!s.idempotency_key.is_empty()).then_some(s.idempotency_key),
         kind,
@@ -223,7 +295,7 @@ fn spec_to_wire(s: &JobSpec) -> v1::JobSpec {
         }),
         max_retries: s.max_retries,
         deadline_seconds: s.deadline_seconds.unwrap_or(0),
-        ttl_seconds_after_finished: 0,
+        ttl_seconds_after_finished: s.ttl_seconds_after_finished.unwrap_or(0),
         labels: s.labels.clone().into_iter().collect(),
         idempotency_key: s.idempotency_key.clone().unwrap_or_default(),
         kind: Some(match &s.kind {
@@ -257,10 +329,10 @@ fn job_to_wire(jobs: &Jobs, r: &JobRecord) -> v1::Job {
         .then(|| jobs.runner.waiting_reason(&r.id))
         .flatten()
         .unwrap_or_else(|| r.reason.clone());
-    let progress = if r.state == JobState::Succeeded {
-        1.0
-    } else {
-        0.0
+    let progress = match jobs.runner.progress(&r.id) {
+        _ if r.state == JobState::Succeeded => 1.0,
+        Some((done, total)) if total > 0 && !r.state.is_terminal() => done as f64 / total as f64,
+        _ => 0.0,
     };
     v1::Job {
         id: r.id.clone(),
@@ -273,6 +345,8 @@ fn job_to_wire(jobs: &Jobs, r: &JobRecord) -> v1::Job {
         started_ms: r.started_ms.unwrap_or(0),
         finished_ms: r.finished_ms.unwrap_or(0),
         exit_code: r.exit_code.unwrap_or(0),
+        app_failures: r.app_failures,
+        infra_failures: r.infra_failures,
     }
 }
 
@@ -299,11 +373,11 @@ impl JobService for Api {
             .into_inner()
             .spec
             .ok_or_else(|| Status::invalid_argument("SubmitJobRequest has no spec"))?;
-        let rec = jobs
-            .runner
-            .submit(spec_from_wire(spec)?)
-            .await
-            .map_err(job_status)?;
+        let mut spec = spec_from_wire(spec)?;
+        // The server's default TTL is resolved at submit, so a job keeps the TTL it was
+        // accepted with (GetJob shows it) whatever the configuration says later.
+        spec.ttl_seconds_after_finished = spec.ttl_seconds_after_finished.or(jobs.default_ttl);
+        let rec = jobs.runner.submit(spec).await.map_err(job_status)?;
         Ok(Response::new(job_to_wire(jobs, &rec)))
     }
 
@@ -379,44 +453,35 @@ impl JobService for Api {
     ) -> Result<Response<Self::JobLogsStream>, Status> {
         let r = request.into_inner();
         let jobs = self.jobs()?;
-        let rec = jobs.runner.store().get(&r.id).map_err(store_status)?;
-        let (stdout, stderr) = jobs.logs.log_paths(&r.id, rec.attempt.max(1));
+        jobs.runner.store().get(&r.id).map_err(store_status)?;
         let api = self.clone();
         let (id, follow) = (r.id, r.follow);
-        let stream = futures::stream::unfold(
-            (api, id, [(stdout, 0u64), (stderr, 0u64)], false),
-            move |(api, id, mut files, mut last_pass)| async move {
-                loop {
-                    for (i, (path, offset)) in files.iter_mut().enumerate() {
-                        let data = tokio::fs::read(&*path).await.unwrap_or_default();
-                        if (data.len() as u64) > *offset {
-                            let chunk = data[*offset as usize..].to_vec();
-                            *offset = data.len() as u64;
-                            let stream = if i == 0 { "stdout" } else { "stderr" };
-                            let chunk = v1::LogChunk {
-                                stream: stream.into(),
-                                data: chunk.into(),
-                            };
-                            return Some((Ok(chunk), (api, id, files, last_pass)));
-                        }
-                    }
-                    if last_pass {
-                        return None;
-                    }
-                    let finished = api
-                        .jobs()
-                        .ok()
-                        .and_then(|j| j.runner.store().get(&id).ok())
-                        .is_none_or(|r| r.state.is_terminal());
-                    if !follow || finished {
-                        // One more pass picks up what was written just before the end.
-                        last_pass = true;
-                        continue;
-                    }
-                    tokio::time::sleep(POLL).await;
+        // The attempt to read: the latest; when following a job that has not started, the
+        // first, once it starts.
+        let attempt = async move {
+            loop {
+                let jobs = api.jobs()?;
+                let rec = jobs.runner.store().get(&id).map_err(store_status)?;
+                if rec.attempt > 0 || rec.state.is_terminal() || !follow {
+                    let logs = jobs.runner.executor().logs(&id, rec.attempt.max(1), follow);
+                    return Ok::<_, Status>(logs);
                 }
-            },
-        );
+                tokio::time::sleep(POLL).await;
+            }
+        };
+        let stream = futures::stream::once(attempt).flat_map(|logs| match logs {
+            Ok(logs) => logs
+                .map(|chunk| {
+                    chunk
+                        .map(|c| v1::LogChunk {
+                            stream: c.source.as_str().into(),
+                            data: c.data.into(),
+                        })
+                        .map_err(|e| Status::unavailable(format!("job logs: {e}")))
+                })
+                .boxed(),
+            Err(status) => futures::stream::once(async move { Err(status) }).boxed(),
+        });
         Ok(Response::new(Box::pin(stream)))
     }
 }
@@ -424,7 +489,7 @@ impl JobService for Api {
 /// WatchJob's stream: the job now, then each change, until a terminal state.
 fn async_stream_unfold(api: Api, id: String) -> StreamOf<v1::Job> {
     Box::pin(futures::stream::unfold(
-        (api, id, None::<(i32, String, u32)>, false),
+        (api, id, None::<(i32, String, u32, u32)>, false),
         |(api, id, last, ended)| async move {
             if ended {
                 return None;
@@ -436,7 +501,9 @@ fn async_stream_unfold(api: Api, id: String) -> StreamOf<v1::Job> {
                     Err(e) => return Some((Err(store_status(e)), (api, id, last, true))),
                 };
                 let job = job_to_wire(jobs, &rec);
-                let key = (job.state, job.reason.clone(), job.attempt);
+                // Progress in steps of 1%: a change shows, a busy job does not flood the stream.
+                let step = (job.progress * 100.0) as u32;
+                let key = (job.state, job.reason.clone(), job.attempt, step);
                 if last.as_ref() != Some(&key) {
                     let ended = rec.state.is_terminal();
                     return Some((Ok(job), (api, id, Some(key), ended)));

@@ -14,7 +14,6 @@ use veraltheim_proto::inference::{
 
 use crate::context::{Context, InferCall, grpc_deadline, manager_status, traced};
 use crate::convert::{kserve_inputs, kserve_output};
-use crate::manager::{MODEL_VERSION, ModelManager};
 
 pub const SERVER_NAME: &str = "veraltheim";
 
@@ -111,8 +110,8 @@ async fn infer(
     let id = call.id.clone();
     let out = ctx.infer(call).await?;
     Ok(pb::ModelInferResponse {
+        model_version: ctx.models.version_of(&model_name),
         model_name,
-        model_version: MODEL_VERSION.to_string(),
         id,
         parameters: HashMap::new(),
         outputs: out.outputs.iter().map(kserve_output).collect(),
@@ -214,7 +213,62 @@ pub fn config_to_proto(c: &ModelConfig) -> pb::ModelConfig {
                 )
             })
             .collect(),
+        version_policy: Some(version_policy(c)),
+        default_model_filename: c.default_model_filename.clone(),
+        model_warmup: c
+            .model_warmup
+            .iter()
+            .map(|w| pb::ModelWarmup {
+                name: w.name.clone(),
+                batch_size: w.batch_size,
+                count: w.count,
+                inputs: w
+                    .inputs
+                    .iter()
+                    .map(|(name, i)| {
+                        use pb::model_warmup::input::InputDataType as D;
+                        let data = if i.zero_data {
+                            D::ZeroData(true)
+                        } else if i.random_data {
+                            D::RandomData(true)
+                        } else {
+                            D::InputDataFile(i.input_data_file.clone())
+                        };
+                        (
+                            name.clone(),
+                            pb::model_warmup::Input {
+                                data_type: data_type(&i.data_type),
+                                dims: i.dims.clone(),
+                                input_data_type: Some(data),
+                            },
+                        )
+                    })
+                    .collect(),
+            })
+            .collect(),
         ..Default::default()
+    }
+}
+
+/// Triton's version policy as the config states it (the default, as Triton reports it: latest 1).
+fn version_policy(c: &ModelConfig) -> pb::ModelVersionPolicy {
+    use pb::model_version_policy::{All, Latest, PolicyChoice, Specific};
+    let choice = match &c.version_policy {
+        Some(p) if p.all.is_some() => PolicyChoice::All(All {}),
+        Some(p) if p.specific.is_some() => PolicyChoice::Specific(Specific {
+            versions: p
+                .specific
+                .as_ref()
+                .map(|s| s.versions.clone())
+                .unwrap_or_default(),
+        }),
+        Some(p) => PolicyChoice::Latest(Latest {
+            num_versions: p.latest.as_ref().map_or(1, |l| l.num_versions.max(1)),
+        }),
+        None => PolicyChoice::Latest(Latest { num_versions: 1 }),
+    };
+    pb::ModelVersionPolicy {
+        policy_choice: Some(choice),
     }
 }
 
@@ -264,7 +318,7 @@ impl GrpcInferenceService for KserveService {
         let r = request.into_inner();
         let info = self.ctx.models.info(&r.name).map_err(manager_status)?;
         let ready = info.state == ModelState::Ready
-            && ModelManager::check_version(&r.name, &r.version).is_ok();
+            && self.ctx.models.check_version(&r.name, &r.version).is_ok();
         Ok(Response::new(pb::ModelReadyResponse { ready }))
     }
 
@@ -284,7 +338,10 @@ impl GrpcInferenceService for KserveService {
         request: Request<pb::ModelMetadataRequest>,
     ) -> Result<Response<pb::ModelMetadataResponse>, Status> {
         let r = request.into_inner();
-        ModelManager::check_version(&r.name, &r.version).map_err(manager_status)?;
+        self.ctx
+            .models
+            .check_version(&r.name, &r.version)
+            .map_err(manager_status)?;
         let info = self.ctx.models.info(&r.name).map_err(manager_status)?;
         let c = &info.config;
         Ok(Response::new(pb::ModelMetadataResponse {
@@ -333,8 +390,8 @@ impl GrpcInferenceService for KserveService {
                         Err(status) => pb::ModelStreamInferResponse {
                             error_message: status.message().to_string(),
                             infer_response: Some(pb::ModelInferResponse {
+                                model_version: ctx.models.version_of(&model),
                                 model_name: model,
-                                model_version: MODEL_VERSION.to_string(),
                                 id,
                                 ..Default::default()
                             }),
@@ -350,7 +407,10 @@ impl GrpcInferenceService for KserveService {
         request: Request<pb::ModelConfigRequest>,
     ) -> Result<Response<pb::ModelConfigResponse>, Status> {
         let r = request.into_inner();
-        ModelManager::check_version(&r.name, &r.version).map_err(manager_status)?;
+        self.ctx
+            .models
+            .check_version(&r.name, &r.version)
+            .map_err(manager_status)?;
         let info = self.ctx.models.info(&r.name).map_err(manager_status)?;
         Ok(Response::new(pb::ModelConfigResponse {
             config: Some(config_to_proto(&info.config)),
@@ -365,7 +425,10 @@ impl GrpcInferenceService for KserveService {
         let workers = if r.name.is_empty() {
             self.ctx.models.workers()
         } else {
-            ModelManager::check_version(&r.name, &r.version).map_err(manager_status)?;
+            self.ctx
+                .models
+                .check_version(&r.name, &r.version)
+                .map_err(manager_status)?;
             vec![self.ctx.models.worker(&r.name).map_err(manager_status)?]
         };
         let model_stats = workers
@@ -380,7 +443,7 @@ impl GrpcInferenceService for KserveService {
                 };
                 pb::ModelStatistics {
                     name: w.name().to_string(),
-                    version: MODEL_VERSION.to_string(),
+                    version: self.ctx.models.version_of(w.name()),
                     last_inference: s.last_inference_ms,
                     inference_count: s.inference_count,
                     execution_count: s.execution_count,

@@ -3,6 +3,7 @@
 //! below know nothing of flags, files or gRPC.
 
 mod api;
+mod batch;
 mod cache;
 mod cli;
 mod config;

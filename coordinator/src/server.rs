@@ -3,6 +3,7 @@
 //! work (the API servers finish their in-flight calls), drain the model workers, then stop the
 //! rest of the tree in reverse start order — all within the grace period.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,9 +30,11 @@ use crate::context::Context;
 use crate::devices::Devices;
 use crate::jobs::Jobs;
 use crate::kserve::KserveService;
-use crate::manager::ModelManager;
+use crate::manager::{ManagerOptions, ModelManager};
 use crate::ratelimit::ClientLimiter;
 use crate::tree::{ServeFn, TreeParts};
+use veraltheim_models::allocator::{Budget, DeviceId};
+use veraltheim_models::backend::BackendOptions;
 use veraltheim_slowpath::Resources;
 use veraltheim_storage::{RedbStore, StoreOptions};
 
@@ -162,14 +165,47 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         )
         .map_err(|e| anyhow!("--simulate-gpus: {e}"))?,
     );
+    let budgets = {
+        let snap = devices.snapshot();
+        let cpu = match config.models.cpu_memory_bytes {
+            0 => snap.host.memory_total_bytes,
+            n => n,
+        };
+        let mut budgets = vec![Budget::new(
+            DeviceId::Cpu,
+            cpu,
+            config.models.memory_reserve_bytes,
+        )];
+        budgets.extend(snap.gpus.iter().filter(|g| !g.lost).map(|g| {
+            Budget::new(
+                DeviceId::Gpu(g.index),
+                g.memory_total_bytes,
+                config.models.gpu_memory_reserve_bytes,
+            )
+        }));
+        budgets
+    };
     let models = Arc::new(ModelManager::new(
         pool,
-        WorkerOptions {
-            default_max_queue_size: config.models.default_max_queue_size,
-            ..WorkerOptions::default()
+        ManagerOptions {
+            worker: WorkerOptions {
+                default_max_queue_size: config.models.default_max_queue_size,
+                ..WorkerOptions::default()
+            },
+            unload_grace: Duration::from_secs(config.models.unload_grace_seconds),
+            fault_injection: config.models.enable_fault_injection,
+            repository: Some(config.models.repository.clone()),
+            backend: BackendOptions {
+                onnxruntime_library: Some(&config.models.onnxruntime_library)
+                    .filter(|p| !p.is_empty())
+                    .map(PathBuf::from),
+                intra_op_threads: config.models.onnx_intra_op_threads,
+            },
+            max_concurrent_loads: config.models.max_concurrent_loads,
+            load_timeout: Duration::from_secs(config.models.load_timeout_seconds),
+            budgets,
+            size_factor: config.models.size_factor,
         },
-        Duration::from_secs(config.models.unload_grace_seconds),
-        config.models.enable_fault_injection,
         bus.clone(),
     )?);
     let cache = ResponseCache::new(
@@ -231,6 +267,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     .await
     .context("cannot start the job runner")?;
     let runner = jobs.runner.clone();
+    // Inference jobs go through the same model queues as online requests, behind them.
+    runner.set_inference_executor(Arc::new(crate::batch::BatchInference::new(
+        ctx.clone(),
+        config.jobs.inference_concurrency,
+    )));
     if ctx.jobs.set(jobs).is_err() {
         bail!("the job runner was started twice");
     }
@@ -256,11 +297,16 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         let models = models.clone();
         let ctx = ctx.clone();
         tokio::spawn(async move {
-            for name in startup {
-                if let Err(e) = models.load(&name, None).await {
-                    tracing::error!(model = %name, error = %e, "start-up load failed");
+            // Concurrently; the manager's load slots bound how many build at once.
+            futures::future::join_all(startup.iter().map(|name| {
+                let models = models.clone();
+                async move {
+                    if let Err(e) = models.load(name, None).await {
+                        tracing::error!(model = %name, error = %e, "start-up load failed");
+                    }
                 }
-            }
+            }))
+            .await;
             ctx.set_ready(true);
             tracing::info!("ready");
         })

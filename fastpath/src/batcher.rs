@@ -16,6 +16,9 @@ pub struct BatchPolicy {
     /// Ascending.
     pub preferred: Vec<usize>,
     pub max_delay: Duration,
+    /// Text models: a batch's padded size (rows × the longest row's tokens) stays within this
+    /// (the `max_batch_tokens` parameter). A request over the budget on its own runs alone.
+    pub max_batch_tokens: Option<usize>,
 }
 
 /// What the batcher should do now.
@@ -34,6 +37,8 @@ pub struct Item<'a, K> {
     pub enqueued: Instant,
     pub rows: usize,
     pub key: &'a K,
+    /// Estimated tokens of the request's longest row (0 when unknown).
+    pub tokens: usize,
 }
 
 impl BatchPolicy {
@@ -49,6 +54,10 @@ impl BatchPolicy {
             dynamic: db.is_some(),
             preferred,
             max_delay: Duration::from_micros(db.map_or(0, |d| d.max_queue_delay_microseconds)),
+            max_batch_tokens: config
+                .parameter("max_batch_tokens")
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .filter(|n| *n > 0),
         }
     }
 
@@ -61,6 +70,8 @@ impl BatchPolicy {
         }
         let mut chosen = Vec::new();
         let mut rows = 0;
+        let mut longest = 0;
+        let mut over_budget = false;
         for (i, item) in items.iter().enumerate() {
             if item.key != front.key {
                 continue;
@@ -68,10 +79,19 @@ impl BatchPolicy {
             if rows + item.rows > self.max_batch_size {
                 break;
             }
+            if let Some(budget) = self.max_batch_tokens {
+                let padded = (rows + item.rows).saturating_mul(longest.max(item.tokens));
+                if padded > budget && !chosen.is_empty() {
+                    over_budget = true;
+                    break;
+                }
+            }
             rows += item.rows;
+            longest = longest.max(item.tokens);
             chosen.push(i);
         }
-        if rows >= self.max_batch_size {
+        // Full by rows or by tokens: nothing more can join, so waiting gains nothing.
+        if rows >= self.max_batch_size || over_budget {
             return Plan::Run(chosen);
         }
         if let Some(&target) = self.preferred.iter().rev().find(|&&p| p <= rows) {
@@ -106,6 +126,7 @@ mod tests {
             dynamic: true,
             preferred: preferred.to_vec(),
             max_delay: Duration::from_micros(delay_us),
+            max_batch_tokens: None,
         }
     }
 
@@ -117,8 +138,34 @@ mod tests {
                 enqueued: t0 + Duration::from_micros(i as u64),
                 rows,
                 key,
+                tokens: 0,
             })
             .collect()
+    }
+
+    #[test]
+    fn token_budget_bounds_the_padded_batch_and_sends_it_at_once() {
+        let t0 = Instant::now();
+        let mut p = policy(16, &[], 1_000_000);
+        p.max_batch_tokens = Some(64);
+        let keys = [0u8; 5];
+        let mut it = items(t0, &[1, 1, 1, 1, 1], &keys);
+        for (item, tokens) in it.iter_mut().zip([10, 12, 30, 5, 5]) {
+            item.tokens = tokens;
+        }
+        // 2 rows × 12 = 24 fits; a third row of 30 would pad to 3 × 30 = 90 > 64: the two leave now.
+        assert_eq!(p.plan(&it, t0), Plan::Run(vec![0, 1]));
+        // The long one first: 30, then 2 × 30 = 60 fits, 3 × 30 = 90 does not.
+        let it2: Vec<_> = it[2..].to_vec();
+        assert_eq!(p.plan(&it2, t0), Plan::Run(vec![0, 1]));
+        // A request over the budget on its own still runs (alone), never blocking the queue.
+        let mut big = items(t0, &[1, 1], &keys[..2]);
+        big[0].tokens = 500;
+        big[1].tokens = 1;
+        assert_eq!(p.plan(&big, t0), Plan::Run(vec![0]));
+        // Within budget: the usual delay applies.
+        let small: Vec<_> = it[3..].to_vec();
+        assert!(matches!(p.plan(&small, t0), Plan::Wait(_)));
     }
 
     #[test]
@@ -188,6 +235,7 @@ mod tests {
         )
         .unwrap();
         let p = BatchPolicy::from_config(&c);
+        assert_eq!(p.max_batch_tokens, None);
         assert_eq!(p.preferred, vec![4, 8]);
         assert_eq!(p.max_delay, Duration::from_micros(300));
         assert!(p.dynamic);

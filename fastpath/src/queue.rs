@@ -31,6 +31,8 @@ pub(crate) struct Pending {
     /// The caller's own deadline: past it the request is refused whatever the policy.
     pub deadline: Option<Instant>,
     pub key: BatchKey,
+    /// Estimated tokens of the request's longest row (text models with a token budget; else 0).
+    pub tokens: usize,
 }
 
 pub(crate) struct RequestQueue {
@@ -107,6 +109,7 @@ mod tests {
                 delayed: false,
                 deadline: None,
                 key: Vec::new(),
+                tokens: 0,
             },
             rx,
         )

@@ -231,6 +231,12 @@ impl ModelWorker {
         let queue_expiry = level_policy.timeout_for(req.timeout).map(|t| enqueued + t);
         let delay_on_timeout = level_policy.delay;
         let deadline = req.deadline;
+        // Only models with a token budget pay for the estimate (a length scan, no tokenizing).
+        let tokens = if s.policy.max_batch_tokens.is_some() {
+            s.model.estimate_tokens(&req.inputs).unwrap_or(0)
+        } else {
+            0
+        };
         let key: BatchKey = req
             .inputs
             .iter()
@@ -252,6 +258,7 @@ impl ModelWorker {
             delayed: false,
             deadline,
             key,
+            tokens,
         };
         if let Some(bounds) = &s.levels
             && let Err(capacity) = bounds.try_reserve(level)
@@ -349,6 +356,7 @@ async fn run(s: &Arc<Shared>, cancel: &CancellationToken) -> Result<(), WorkerFa
                         enqueued: p.enqueued,
                         rows: p.req.rows,
                         key: &p.key,
+                        tokens: p.tokens,
                     })
                     .collect();
                 match s.policy.plan(&items, now) {

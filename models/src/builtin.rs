@@ -57,7 +57,13 @@ pub fn config(name: &str) -> Result<ModelConfig, ConfigError> {
 /// Builds a built-in model from a (possibly overridden) configuration.
 pub fn instantiate(config: ModelConfig) -> Result<Arc<dyn Model>, ConfigError> {
     config.validate()?;
-    let model: Arc<dyn Model> = match config.name.as_str() {
+    // A repository model of backend `builtin` under another name says which one it is.
+    let kind = config
+        .parameter("builtin")
+        .filter(|k| !k.is_empty())
+        .unwrap_or(config.name.as_str())
+        .to_string();
+    let model: Arc<dyn Model> = match kind.as_str() {
         "identity" => Arc::new(Identity { config }),
         "cost" => {
             let base = Duration::from_micros(config.parameter_u64("base_us", 500)?);
@@ -72,6 +78,12 @@ pub fn instantiate(config: ModelConfig) -> Result<Arc<dyn Model>, ConfigError> {
         other => return Err(ConfigError::UnknownModel(other.to_string())),
     };
     Ok(model)
+}
+
+/// Built-in models hold next to nothing; a `memory_bytes` parameter makes one claim a size, so
+/// that the allocator's budgets and eviction can be exercised without real weights.
+fn simulated_memory(config: &ModelConfig) -> u64 {
+    config.parameter_u64("memory_bytes", 0).unwrap_or(0)
 }
 
 fn output_name(config: &ModelConfig) -> &str {
@@ -98,6 +110,10 @@ impl Model for Identity {
         &self.config
     }
 
+    fn memory_bytes(&self) -> Option<u64> {
+        Some(simulated_memory(&self.config))
+    }
+
     fn execute(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, ModelError> {
         let mut out = first_input(&self.config, inputs)?.clone();
         out.name = output_name(&self.config).to_string();
@@ -115,6 +131,10 @@ struct Cost {
 impl Model for Cost {
     fn config(&self) -> &ModelConfig {
         &self.config
+    }
+
+    fn memory_bytes(&self) -> Option<u64> {
+        Some(simulated_memory(&self.config))
     }
 
     fn execute(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, ModelError> {
@@ -151,6 +171,10 @@ struct Fault {
 impl Model for Fault {
     fn config(&self) -> &ModelConfig {
         &self.config
+    }
+
+    fn memory_bytes(&self) -> Option<u64> {
+        Some(simulated_memory(&self.config))
     }
 
     fn execute(&self, _inputs: &[Tensor]) -> Result<Vec<Tensor>, ModelError> {

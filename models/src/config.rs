@@ -35,6 +35,86 @@ pub struct ModelConfig {
     /// Triton's per-model response cache switch; only for deterministic models.
     #[serde(alias = "responseCache", skip_serializing_if = "Option::is_none")]
     pub response_cache: Option<ResponseCache>,
+    /// Which numbered version folders of a repository model serve (Triton's `version_policy`;
+    /// default: the latest one).
+    #[serde(alias = "versionPolicy", skip_serializing_if = "Option::is_none")]
+    pub version_policy: Option<VersionPolicy>,
+    /// The model file inside a version folder (Triton's `default_model_filename`; the backend's
+    /// own default when empty, e.g. `model.onnx`).
+    #[serde(
+        alias = "defaultModelFilename",
+        skip_serializing_if = "String::is_empty"
+    )]
+    pub default_model_filename: String,
+    /// Requests run through the model before it is READY (Triton's `model_warmup`).
+    #[serde(alias = "modelWarmup", skip_serializing_if = "Vec::is_empty")]
+    pub model_warmup: Vec<ModelWarmup>,
+    /// Veraltheim: a pinned model is never evicted to make room for another.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub pinned: bool,
+    /// Veraltheim: a request for this model while it is not loaded loads it (the request waits
+    /// within its deadline) instead of failing with "not ready".
+    #[serde(alias = "loadOnDemand", skip_serializing_if = "std::ops::Not::not")]
+    pub load_on_demand: bool,
+}
+
+/// Triton's version policy: one of `latest`, `all`, `specific`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct VersionPolicy {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latest: Option<LatestVersions>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub all: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub specific: Option<SpecificVersions>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LatestVersions {
+    #[serde(alias = "numVersions", deserialize_with = "flex::u32")]
+    pub num_versions: u32,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SpecificVersions {
+    #[serde(deserialize_with = "flex::vec_i64")]
+    pub versions: Vec<i64>,
+}
+
+/// One warm-up request (Triton's `ModelWarmup`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ModelWarmup {
+    pub name: String,
+    #[serde(alias = "batchSize", deserialize_with = "flex::u32")]
+    pub batch_size: u32,
+    pub inputs: BTreeMap<String, WarmupInput>,
+    #[serde(skip_serializing_if = "is_zero_u32", deserialize_with = "flex::u32")]
+    pub count: u32,
+}
+
+/// The data of one warm-up input: zeros, random values, or a file under the model's `warmup/`
+/// folder holding the raw bytes (Triton's `input_data_file`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct WarmupInput {
+    #[serde(alias = "dataType")]
+    pub data_type: String,
+    #[serde(deserialize_with = "flex::vec_i64")]
+    pub dims: Vec<i64>,
+    #[serde(alias = "zeroData", skip_serializing_if = "std::ops::Not::not")]
+    pub zero_data: bool,
+    #[serde(alias = "randomData", skip_serializing_if = "std::ops::Not::not")]
+    pub random_data: bool,
+    #[serde(alias = "inputDataFile", skip_serializing_if = "String::is_empty")]
+    pub input_data_file: String,
+}
+
+fn is_zero_u32(v: &u32) -> bool {
+    *v == 0
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -170,6 +250,19 @@ impl ModelConfig {
 
     /// Checks the configuration for what would make serving it fail later.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_declared()?;
+        if self.input.is_empty() {
+            return Err(ConfigError::Invalid {
+                model: self.name.clone(),
+                reason: "the model declares no input".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// [`validate`](Self::validate) without requiring inputs: for a configuration that a backend
+    /// completes from the model file (ONNX graphs, text embedders), checked before loading.
+    pub fn validate_declared(&self) -> Result<(), ConfigError> {
         let invalid = |reason: String| ConfigError::Invalid {
             model: self.name.clone(),
             reason,
@@ -182,9 +275,6 @@ impl ModelConfig {
                 "max_batch_size {} is above the limit of {MAX_BATCH_SIZE_LIMIT}",
                 self.max_batch_size
             )));
-        }
-        if self.input.is_empty() {
-            return Err(invalid("the model declares no input".into()));
         }
         for (kind, list) in [("input", &self.input), ("output", &self.output)] {
             let mut seen = std::collections::BTreeSet::new();
@@ -249,6 +339,44 @@ impl ModelConfig {
                         db.priority_levels
                     )));
                 }
+            }
+        }
+        if let Some(policy) = &self.version_policy {
+            let chosen = [
+                policy.latest.is_some(),
+                policy.all.is_some(),
+                policy.specific.is_some(),
+            ];
+            if chosen.iter().filter(|c| **c).count() > 1 {
+                return Err(invalid(
+                    "version_policy must name one of latest, all, specific".into(),
+                ));
+            }
+            if let Some(s) = &policy.specific
+                && let Some(v) = s.versions.iter().find(|v| **v < 1)
+            {
+                return Err(invalid(format!(
+                    "version_policy.specific names version {v}; versions are positive integers"
+                )));
+            }
+        }
+        for w in &self.model_warmup {
+            for (input, data) in &w.inputs {
+                let sources = data.zero_data as u8
+                    + data.random_data as u8
+                    + !data.input_data_file.is_empty() as u8;
+                if sources != 1 {
+                    return Err(invalid(format!(
+                        "model_warmup '{}' input '{input}' must set exactly one of zero_data, random_data, input_data_file",
+                        w.name
+                    )));
+                }
+                DataType::from_config_name(&data.data_type).map_err(|_| {
+                    invalid(format!(
+                        "model_warmup '{}' input '{input}' has unknown data_type '{}'",
+                        w.name, data.data_type
+                    ))
+                })?;
             }
         }
         for (key, p) in &self.parameters {

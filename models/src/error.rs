@@ -56,6 +56,26 @@ pub enum ModelError {
     Execution { model: String, reason: String },
     #[error(transparent)]
     Tensor(#[from] TensorError),
+    /// A model that cannot be built from its files (missing or malformed files, a runtime library
+    /// that is not there). The reason says what is wrong and, where it can, how to fix it.
+    #[error("model '{model}' cannot be loaded: {reason}")]
+    Load { model: String, reason: String },
+}
+
+impl ModelError {
+    pub fn load(model: &str, reason: impl std::fmt::Display) -> Self {
+        ModelError::Load {
+            model: model.to_string(),
+            reason: reason.to_string(),
+        }
+    }
+
+    pub fn execution(model: &str, reason: impl std::fmt::Display) -> Self {
+        ModelError::Execution {
+            model: model.to_string(),
+            reason: reason.to_string(),
+        }
+    }
 }
 
 /// A request that does not match its model's inputs or outputs.

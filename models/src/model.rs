@@ -15,4 +15,17 @@ pub trait Model: Send + Sync + 'static {
     fn config(&self) -> &ModelConfig;
 
     fn execute(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, ModelError>;
+
+    /// The memory the loaded model holds, when the backend knows it. `None` lets the loader
+    /// measure it (the process's resident memory growth during the load).
+    fn memory_bytes(&self) -> Option<u64> {
+        None
+    }
+
+    /// For text models: an estimate of the tokens of the longest row of a request, cheap enough
+    /// to run on an async thread (no tokenizing). The batcher bounds `batch rows × longest row`
+    /// by the model's `max_batch_tokens` parameter with it (padding makes a batch cost that).
+    fn estimate_tokens(&self, _inputs: &[Tensor]) -> Option<usize> {
+        None
+    }
 }

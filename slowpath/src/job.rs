@@ -126,6 +126,10 @@ pub struct JobSpec {
     pub resources: Resources,
     pub max_retries: u32,
     pub deadline_seconds: Option<u64>,
+    /// Seconds a finished job (and its logs) is kept before it is deleted; `None`: kept.
+    /// Records written before the field existed read as `None`.
+    #[serde(default)]
+    pub ttl_seconds_after_finished: Option<u64>,
     pub labels: BTreeMap<String, String>,
     pub idempotency_key: Option<String>,
     pub kind: JobKind,
@@ -200,6 +204,7 @@ mod tests {
             resources: Resources::default(),
             max_retries: 3,
             deadline_seconds: None,
+            ttl_seconds_after_finished: None,
             labels: BTreeMap::new(),
             idempotency_key: None,
             kind: JobKind::Command {

@@ -10,17 +10,29 @@
 //! - [`store`]: [`JobStore`], durable jobs over a `veraltheim_storage::Store`.
 //! - [`scheduler`]: the admission decisions (queues, quotas, capacity, priority classes, weighted
 //!   DRF between queues) and the retry policy, as pure logic.
+//! - [`executor`]: the [`Executor`] trait every executor implements (start, wait for the
+//!   outcome, cancel, logs, adopt after a restart), and the outcomes that tell the job's own
+//!   failures from the infrastructure's.
 //! - [`local`]: the local executor, a command job as a process group with its logs in files.
-//! - [`runner`]: the three tied together in an async loop.
+//! - [`kubernetes`]: the Kubernetes executor, a `batch/v1` Job per attempt through `kube`, and
+//!   (feature `fake-k8s`) the fake Kubernetes API server its tests run against.
+//! - [`runner`]: store, scheduler and an executor tied together in an async loop.
 
+pub mod executor;
 pub mod job;
+pub mod kubernetes;
 pub mod local;
 pub mod runner;
 pub mod scheduler;
 pub mod store;
 
+pub use executor::{
+    CommandRun, ExecError, Execution, Executor, InferenceExecutor, LogChunk, LogSource, LogStream,
+    Outcome, ProgressFn,
+};
 pub use job::{JobError, JobSpec, JobState, Resources};
-pub use local::{CommandRun, LocalExecutor, Outcome};
+pub use kubernetes::{KubernetesConfig, KubernetesExecutor, Toleration};
+pub use local::LocalExecutor;
 pub use runner::{Runner, RunnerConfig, RunnerError};
 pub use scheduler::{QueueConfig, Quota, RetryPolicy, Scheduler, SchedulerConfig};
 pub use store::{Change, FailureKind, JobRecord, JobStore, ListFilter, Observer, StoreError};

@@ -10,67 +10,33 @@
 //! The local executor ignores a command job's `image`: it runs the command on this machine,
 //! with the coordinator's environment plus the job's `env`, in the job's `working_dir` (the
 //! coordinator's own when empty).
+//!
+//! It does not adopt: after a restart of the coordinator, a job that was running runs again
+//! (the old process group, no longer the coordinator's child, is not found again).
 
-use std::collections::BTreeMap;
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
-use thiserror::Error;
+use futures::future::BoxFuture;
+use parking_lot::Mutex;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-/// How an attempt ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Outcome {
-    /// The command exited with this code.
-    Exited(i32),
-    /// The command was ended by this signal, not by us.
-    Signalled(i32),
-    /// Cancelled: the process group was killed.
-    Cancelled,
-    /// The deadline passed: the process group was killed.
-    TimedOut,
-}
+pub use crate::executor::{CommandRun, ExecError, Outcome};
+use crate::executor::{Execution, Executor, LogChunk, LogSource, LogStream};
 
-/// Failures of the executor itself (infrastructure failures, not the job's).
-#[derive(Debug, Error)]
-pub enum ExecError {
-    #[error("the command is empty")]
-    EmptyCommand,
-    #[error("cannot create the log file {path}: {source}")]
-    Logs {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("cannot start '{program}': {source}")]
-    Spawn {
-        program: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("waiting for the command failed: {0}")]
-    Wait(#[source] std::io::Error),
-}
-
-/// One attempt of a command job.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct CommandRun {
-    pub job_id: String,
-    pub attempt: u32,
-    /// Program and arguments.
-    pub command: Vec<String>,
-    pub env: BTreeMap<String, String>,
-    /// Empty: the coordinator's working directory.
-    pub working_dir: String,
-    /// Killed as [`Outcome::TimedOut`] after this long.
-    pub deadline: Option<Duration>,
-}
+/// How often a followed log file is read again.
+const LOG_POLL: Duration = Duration::from_millis(200);
 
 /// Runs command jobs as local processes; see the module documentation.
 #[derive(Clone, Debug)]
 pub struct LocalExecutor {
     jobs_dir: PathBuf,
+    /// The attempts running now, as (job id, attempt): a followed log ends with its attempt.
+    live: Arc<Mutex<HashSet<(String, u32)>>>,
 }
 
 impl LocalExecutor {
@@ -78,6 +44,7 @@ impl LocalExecutor {
     pub fn new(jobs_dir: impl Into<PathBuf>) -> Self {
         Self {
             jobs_dir: jobs_dir.into(),
+            live: Arc::default(),
         }
     }
 
@@ -100,6 +67,12 @@ impl LocalExecutor {
         run: &CommandRun,
         cancel: &CancellationToken,
     ) -> Result<Outcome, ExecError> {
+        let started = self.spawn(run)?;
+        started.wait_for(cancel).await
+    }
+
+    /// Starts the process group of an attempt.
+    fn spawn(&self, run: &CommandRun) -> Result<LocalExecution, ExecError> {
         let (program, args) = run.command.split_first().ok_or(ExecError::EmptyCommand)?;
         let (out_path, err_path) = self.log_paths(&run.job_id, run.attempt);
         let dir = self.jobs_dir.join(&run.job_id);
@@ -127,22 +100,61 @@ impl LocalExecutor {
         if !run.working_dir.is_empty() {
             cmd.current_dir(&run.working_dir);
         }
-        let mut child = cmd.spawn().map_err(|source| ExecError::Spawn {
+        let child = cmd.spawn().map_err(|source| ExecError::Spawn {
             program: program.clone(),
             source,
         })?;
-        // The child is its own group's leader: its pid is the group id.
-        let pgid = child.id().expect("a child not yet waited for has a pid");
+        // The child is its own group's leader: its pid is the group id. A child not yet waited
+        // for always has one.
+        let pgid = child.id().ok_or_else(|| {
+            ExecError::Wait(std::io::Error::other("the started command has no pid"))
+        })?;
         tracing::debug!(job = %run.job_id, attempt = run.attempt, pgid, "started");
+        let key = (run.job_id.clone(), run.attempt);
+        self.live.lock().insert(key.clone());
+        Ok(LocalExecution {
+            child,
+            pgid,
+            deadline: run.deadline.map(|d| Instant::now() + d),
+            live: LiveGuard {
+                set: self.live.clone(),
+                key,
+            },
+        })
+    }
+}
 
+/// Takes an attempt out of the live set when its execution ends (or is dropped).
+struct LiveGuard {
+    set: Arc<Mutex<HashSet<(String, u32)>>>,
+    key: (String, u32),
+}
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        self.set.lock().remove(&self.key);
+    }
+}
+
+/// A running process group.
+struct LocalExecution {
+    child: tokio::process::Child,
+    pgid: u32,
+    deadline: Option<Instant>,
+    live: LiveGuard,
+}
+
+impl LocalExecution {
+    async fn wait_for(mut self, cancel: &CancellationToken) -> Result<Outcome, ExecError> {
+        let pgid = self.pgid;
         let deadline = async {
-            match run.deadline {
-                Some(d) => tokio::time::sleep(d).await,
+            match self.deadline {
+                Some(at) => tokio::time::sleep_until(at).await,
                 None => std::future::pending().await,
             }
         };
         let outcome = tokio::select! {
-            status = child.wait() => {
+            status = self.child.wait() => {
                 let status = status.map_err(ExecError::Wait)?;
                 // Whatever the command left running in its group goes with it.
                 kill_group(pgid).await;
@@ -153,10 +165,83 @@ impl LocalExecutor {
         };
         // Kill the group while the leader is not yet reaped, so its pgid cannot be reused.
         kill_group(pgid).await;
-        let _ = child.start_kill();
-        child.wait().await.map_err(ExecError::Wait)?;
-        tracing::debug!(job = %run.job_id, attempt = run.attempt, ?outcome, "killed");
+        let _ = self.child.start_kill();
+        self.child.wait().await.map_err(ExecError::Wait)?;
+        tracing::debug!(job = %self.live.key.0, attempt = self.live.key.1, ?outcome, "killed");
         Ok(outcome)
+    }
+}
+
+impl Execution for LocalExecution {
+    fn describe(&self) -> String {
+        format!("process group {}", self.pgid)
+    }
+
+    fn wait(
+        self: Box<Self>,
+        cancel: CancellationToken,
+    ) -> BoxFuture<'static, Result<Outcome, ExecError>> {
+        Box::pin(async move { self.wait_for(&cancel).await })
+    }
+}
+
+impl Executor for LocalExecutor {
+    fn name(&self) -> &'static str {
+        "local"
+    }
+
+    fn log_dir(&self, job_id: &str) -> Option<PathBuf> {
+        Some(self.jobs_dir.join(job_id))
+    }
+
+    fn start<'a>(
+        &'a self,
+        run: &'a CommandRun,
+    ) -> BoxFuture<'a, Result<Box<dyn Execution>, ExecError>> {
+        Box::pin(async move { Ok(Box::new(self.spawn(run)?) as Box<dyn Execution>) })
+    }
+
+    /// Reads the attempt's two files; with `follow`, again every 200 ms until the attempt is no
+    /// longer running in this executor, then once more for what was written just before its end.
+    fn logs(&self, job_id: &str, attempt: u32, follow: bool) -> LogStream {
+        let (stdout, stderr) = self.log_paths(job_id, attempt);
+        let live = self.live.clone();
+        let key = (job_id.to_owned(), attempt);
+        let files = [
+            (stdout, 0u64, LogSource::Stdout),
+            (stderr, 0u64, LogSource::Stderr),
+        ];
+        Box::pin(futures::stream::unfold(
+            (files, false),
+            move |(mut files, mut last_pass)| {
+                let live = live.clone();
+                let key = key.clone();
+                async move {
+                    loop {
+                        for (path, offset, source) in files.iter_mut() {
+                            let data = tokio::fs::read(&*path).await.unwrap_or_default();
+                            if (data.len() as u64) > *offset {
+                                let chunk = data[*offset as usize..].to_vec();
+                                *offset = data.len() as u64;
+                                let chunk = LogChunk {
+                                    source: *source,
+                                    data: chunk,
+                                };
+                                return Some((Ok(chunk), (files, last_pass)));
+                            }
+                        }
+                        if last_pass {
+                            return None;
+                        }
+                        if !follow || !live.lock().contains(&key) {
+                            last_pass = true;
+                            continue;
+                        }
+                        tokio::time::sleep(LOG_POLL).await;
+                    }
+                }
+            },
+        ))
     }
 }
 

@@ -1,16 +1,29 @@
-//! The runner: the job store, the scheduler and the local executor tied together.
+//! The runner: the job store, the scheduler and an [`Executor`] (local processes or Kubernetes
+//! Jobs) tied together.
 //!
 //! [`Runner::start`] recovers the live jobs from the store ([`JobStore::recover`]); then
 //! [`Runner::run`] loops: it moves RETRY_WAIT jobs whose time has come back to QUEUED, asks the
 //! scheduler for admissions within the free slots (`max_running`), writes ADMITTED, and starts a
-//! task per admitted job that writes RUNNING, runs the command and writes the outcome: SUCCEEDED,
-//! CANCELLED, TIMED_OUT, or on failure RETRY_WAIT (backoff from the [`RetryPolicy`]) or FAILED.
+//! task per admitted job that starts the attempt ([`Executor::start`]), writes RUNNING, waits for
+//! the attempt and writes the outcome: SUCCEEDED, CANCELLED, TIMED_OUT, or on failure RETRY_WAIT
+//! (backoff from the [`RetryPolicy`]) or FAILED. Failures are counted apart: the job's own
+//! (an exit code, a signal) against its `max_retries`, the infrastructure's (evicted, node lost,
+//! image pull error, an executor error) against the policy's `max_infra_retries`. An executor
+//! that cannot be reached ([`ExecError::Unavailable`]: API down, circuit breaker open) costs the
+//! job nothing: it waits in RETRY_WAIT with that reason, and while the executor says it is
+//! unavailable ([`Executor::unavailable`]) nothing is admitted and waiting jobs show why.
 //! The loop sleeps on a [`tokio::sync::Notify`] (woken by a submit, a cancel or a job's end) or
 //! until the next retry is due.
 //!
 //! A job's `deadline_seconds` bounds each attempt, from its start. Inference jobs are not run by
 //! this runner yet: they fail at admission, saying so. When [`Runner::run`] stops, the jobs
-//! still running stay RUNNING in the store, and the next start runs them again (at least once).
+//! still running stay RUNNING in the store. At the next start, an executor that adopts
+//! ([`Executor::adopts`]: Kubernetes) is asked for each one's attempt ([`Executor::adopt`]): one
+//! still there is waited for again, not rerun; one that is gone, and every job of an executor
+//! that does not adopt (local), runs again — commands run at least once.
+//!
+//! The loop also deletes finished jobs whose `ttl_seconds_after_finished` ran out
+//! ([`JobStore::delete_expired`]) with their log folders, waking when the next one expires.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -22,10 +35,12 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use veraltheim_storage::Store;
 
-use crate::job::{JobKind, JobSpec, JobState};
-use crate::local::{CommandRun, LocalExecutor, Outcome};
+use crate::executor::{
+    CommandRun, ExecError, Execution, Executor, InferenceExecutor, Outcome, ProgressFn,
+};
+use crate::job::{JobSpec, JobState};
 use crate::scheduler::{
-    Jitter, Pending, RetryDecision, RetryPolicy, SchedError, Scheduler, SchedulerConfig,
+    Jitter, NO_SLOT, Pending, RetryDecision, RetryPolicy, SchedError, Scheduler, SchedulerConfig,
 };
 use crate::store::{Change, FailureKind, JobRecord, JobStore, StoreError};
 
@@ -45,7 +60,16 @@ pub enum RunnerError {
     Schedule(#[from] SchedError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The executor can never run this job (e.g. no image on Kubernetes).
+    #[error("job can never run on the {executor} executor: {reason}")]
+    Rejected {
+        executor: &'static str,
+        reason: String,
+    },
 }
+
+/// Most expired jobs deleted in one commit; more wait for the next turn of the loop.
+const SWEEP_BATCH: usize = 256;
 
 struct State {
     sched: Scheduler,
@@ -74,7 +98,11 @@ impl State {
 
 struct Inner<S> {
     store: JobStore<S>,
-    exec: LocalExecutor,
+    exec: Arc<dyn Executor>,
+    /// Runs inference jobs, once the coordinator has set it.
+    inference: parking_lot::RwLock<Option<Arc<dyn InferenceExecutor>>>,
+    /// Progress of running jobs that report it: (done, total).
+    progress: Mutex<HashMap<String, (u64, u64)>>,
     retry: RetryPolicy,
     max_running: usize,
     state: Mutex<State>,
@@ -104,9 +132,19 @@ fn pending(rec: &JobRecord) -> Pending {
 }
 
 impl<S: Store + 'static> Runner<S> {
+    /// A runner over `store` whose attempts `exec` runs.
     pub fn new(
         store: JobStore<S>,
-        exec: LocalExecutor,
+        exec: impl Executor,
+        config: RunnerConfig,
+    ) -> Result<Self, RunnerError> {
+        Self::with_executor(store, Arc::new(exec), config)
+    }
+
+    /// [`Runner::new`] with an executor shared with others (e.g. the API, for logs).
+    pub fn with_executor(
+        store: JobStore<S>,
+        exec: Arc<dyn Executor>,
         config: RunnerConfig,
     ) -> Result<Self, RunnerError> {
         let sched = Scheduler::new(config.scheduler)?;
@@ -114,6 +152,8 @@ impl<S: Store + 'static> Runner<S> {
             inner: Arc::new(Inner {
                 store,
                 exec,
+                inference: parking_lot::RwLock::new(None),
+                progress: Mutex::new(HashMap::new()),
                 retry: config.retry,
                 max_running: config.max_running.max(1),
                 state: Mutex::new(State {
@@ -133,17 +173,45 @@ impl<S: Store + 'static> Runner<S> {
         &self.inner.store
     }
 
+    /// The executor that runs the attempts.
+    pub fn executor(&self) -> &Arc<dyn Executor> {
+        &self.inner.exec
+    }
+
     /// Takes up the live jobs of the store; call once, before [`Runner::run`]. A recovered job
     /// the scheduler can no longer take (its queue or class left the configuration, or it asks
     /// for more than the new quota or capacity) stays QUEUED, out of line, with that reason
     /// ([`Runner::waiting_reason`]) until it is cancelled or the configuration takes it back.
+    ///
+    /// With an executor that adopts, a job that was RUNNING keeps its resources and a task asks
+    /// the executor for its attempt (retrying while the executor is unreachable): found, it is
+    /// waited for as if never interrupted; gone, the job goes back in line (RETRY_WAIT, not
+    /// counted as a failure).
     pub async fn start(&self) -> Result<(), RunnerError> {
-        let live = self.inner.store.recover().await?;
+        let adopts = self.inner.exec.adopts();
+        let live = if adopts {
+            self.inner.store.recover_adopting().await?
+        } else {
+            self.inner.store.recover().await?
+        };
         for rec in live {
             match rec.state {
                 JobState::RetryWait => {
                     let at = rec.retry_at_ms.unwrap_or(0);
                     self.inner.state.lock().retries.insert((at, rec.id));
+                }
+                JobState::Running if adopts => {
+                    {
+                        let mut state = self.inner.state.lock();
+                        if let Err(e) = state.sched.adopt(&pending(&rec)) {
+                            tracing::warn!(job = %rec.id, error = %e, "cannot hold an adopted job's resources");
+                        }
+                        state
+                            .running
+                            .insert(rec.id.clone(), CancellationToken::new());
+                    }
+                    let runner = self.clone();
+                    tokio::spawn(async move { runner.resume_job(rec).await });
                 }
                 _ => self.inner.state.lock().enqueue(&rec),
             }
@@ -155,6 +223,13 @@ impl<S: Store + 'static> Runner<S> {
     /// Checks `spec` against the scheduler (unknown queue or class, more than quota or
     /// capacity), stores it durably and puts it in line.
     pub async fn submit(&self, spec: JobSpec) -> Result<JobRecord, RunnerError> {
+        self.inner
+            .exec
+            .check(&spec)
+            .map_err(|reason| RunnerError::Rejected {
+                executor: self.inner.exec.name(),
+                reason,
+            })?;
         self.inner
             .state
             .lock()
@@ -203,11 +278,13 @@ impl<S: Store + 'static> Runner<S> {
     /// Why a waiting job waits, as of the last scheduling round.
     pub fn waiting_reason(&self, id: &str) -> Option<String> {
         let state = self.inner.state.lock();
+        // Queue heads' reasons from the last round; the jobs behind them, from the scheduler.
         state
             .parked
             .get(id)
             .or_else(|| state.reasons.get(id))
             .cloned()
+            .or_else(|| state.sched.waiting_reason(id))
     }
 
     /// The scheduling loop; returns when `shutdown` is cancelled.
@@ -220,6 +297,11 @@ impl<S: Store + 'static> Runner<S> {
                     Some(self.inner.store.now_ms() + 1_000)
                 }
             };
+            let next_expiry = self.sweep_expired().await;
+            let next_retry = match (next_retry, next_expiry) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             let sleep = next_retry.map_or(Duration::from_secs(3600), |at| {
                 Duration::from_millis(at.saturating_sub(self.inner.store.now_ms()))
             });
@@ -227,6 +309,43 @@ impl<S: Store + 'static> Runner<S> {
                 () = shutdown.cancelled() => return,
                 () = self.inner.wake.notified() => {}
                 () = tokio::time::sleep(sleep) => {}
+            }
+        }
+    }
+
+    /// Deletes the finished jobs whose TTL ran out, and their log folders; returns when the
+    /// next one expires. A failure is logged and tried again a second later.
+    async fn sweep_expired(&self) -> Option<u64> {
+        let store = &self.inner.store;
+        let now = store.now_ms();
+        if store.next_expiry_ms().is_none_or(|at| at > now) {
+            return store.next_expiry_ms();
+        }
+        match store.delete_expired(now, SWEEP_BATCH).await {
+            Ok(expired) => {
+                for id in &expired.deleted {
+                    // Ids come from the store's own keys (20 digits), never a path.
+                    let Some(dir) = self.inner.exec.log_dir(id) else {
+                        continue;
+                    };
+                    match tokio::fs::remove_dir_all(&dir).await {
+                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                            tracing::warn!(job = %id, dir = %dir.display(), error = %e, "cannot delete an expired job's logs");
+                        }
+                        _ => {}
+                    }
+                }
+                if !expired.deleted.is_empty() {
+                    tracing::info!(
+                        jobs = expired.deleted.len(),
+                        "deleted finished jobs past their TTL"
+                    );
+                }
+                expired.next_ms
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "expired jobs could not be deleted; trying again");
+                Some(now + 1_000)
             }
         }
     }
@@ -264,11 +383,24 @@ impl<S: Store + 'static> Runner<S> {
             };
             inner.state.lock().enqueue(&rec);
         }
+        // An executor known to be down (its circuit breaker open) gets nothing to start: the
+        // jobs that would go wait with its reason, and the loop looks again in a second.
+        let unavailable = inner.exec.unavailable();
         let admitted = {
             let mut state = inner.state.lock();
-            let slots = inner.max_running.saturating_sub(state.running.len());
+            let slots = match &unavailable {
+                Some(_) => 0,
+                None => inner.max_running.saturating_sub(state.running.len()),
+            };
             let decision = state.sched.schedule_at_most(slots);
-            state.reasons = decision.waiting.into_iter().collect();
+            state.reasons = decision
+                .waiting
+                .into_iter()
+                .map(|(id, reason)| match &unavailable {
+                    Some(why) if reason == NO_SLOT => (id, why.clone()),
+                    _ => (id, reason),
+                })
+                .collect();
             for job in &decision.admitted {
                 state
                     .running
@@ -280,46 +412,97 @@ impl<S: Store + 'static> Runner<S> {
             let runner = self.clone();
             tokio::spawn(async move { runner.run_job(job.id).await });
         }
-        Ok(inner.state.lock().retries.first().map(|(at, _)| *at))
+        let next = inner.state.lock().retries.first().map(|(at, _)| *at);
+        Ok(match unavailable {
+            Some(_) => Some(next.map_or(now + 1_000, |at| at.min(now + 1_000))),
+            None => next,
+        })
     }
 
     async fn run_job(self, id: String) {
         if let Err(e) = self.attempt(&id).await {
             tracing::error!(job = %id, error = %e, "a job's state could not be written");
         }
+        self.release(&id);
+    }
+
+    /// The job ended its turn (finished, or back to wait): its slot and resources are free.
+    fn release(&self, id: &str) {
         let mut state = self.inner.state.lock();
-        state.running.remove(&id);
-        state.sched.release(&id);
+        state.running.remove(id);
+        state.sched.release(id);
         drop(state);
         self.inner.wake.notify_one();
     }
 
-    async fn attempt(&self, id: &str) -> Result<(), StoreError> {
-        let inner = &self.inner;
-        let token = inner
+    fn token_of(&self, id: &str) -> CancellationToken {
+        self.inner
             .state
             .lock()
             .running
             .get(id)
             .cloned()
-            .unwrap_or_default();
+            .unwrap_or_default()
+    }
+
+    async fn attempt(&self, id: &str) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        let token = self.token_of(id);
         let rec = inner
             .store
             .transition(id, JobState::Admitted, "admitted")
             .await?;
-        let JobKind::Command {
-            command,
-            env,
-            working_dir,
-            ..
-        } = &rec.spec.kind
-        else {
+        let Some(run) = CommandRun::of(id, &rec.spec, rec.attempt + 1) else {
+            return self.attempt_inference(id, &rec, token).await;
+        };
+        if token.is_cancelled() {
+            inner
+                .store
+                .transition(id, JobState::Cancelled, "cancelled")
+                .await?;
+            return Ok(());
+        }
+        // Started before RUNNING is written: a coordinator that dies in between finds the job
+        // ADMITTED at its next start and starts the same attempt again, which an executor that
+        // can tell (Kubernetes: 409 on the Job's name) attaches to instead.
+        let execution = match inner.exec.start(&run).await {
+            Ok(execution) => execution,
+            Err(e) => {
+                if let Some(retry_after) = e.unavailable() {
+                    return self.wait_for_executor(id, &e, retry_after).await;
+                }
+                return self
+                    .record_failure(id, &rec, FailureKind::Infrastructure, None, e)
+                    .await;
+            }
+        };
+        let rec = inner
+            .store
+            .transition(
+                id,
+                JobState::Running,
+                format!("running ({})", execution.describe()),
+            )
+            .await?;
+        self.finish(id, &rec, execution, token).await
+    }
+
+    /// Runs an attempt of an inference job in this process (see [`InferenceExecutor`]).
+    async fn attempt_inference(
+        &self,
+        id: &str,
+        rec: &JobRecord,
+        token: CancellationToken,
+    ) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        let executor = inner.inference.read().clone();
+        let Some(executor) = executor else {
             inner
                 .store
                 .transition(
                     id,
                     JobState::Failed,
-                    "inference jobs are not run by the local runner yet",
+                    "this server runs no inference jobs (no inference executor)",
                 )
                 .await?;
             return Ok(());
@@ -331,19 +514,83 @@ impl<S: Store + 'static> Runner<S> {
                 .await?;
             return Ok(());
         }
+        let progress: ProgressFn = {
+            let runner = self.clone();
+            let id = id.to_owned();
+            Arc::new(move |done, total| {
+                runner
+                    .inner
+                    .progress
+                    .lock()
+                    .insert(id.clone(), (done, total));
+            })
+        };
+        let execution = match executor.start(id, &rec.spec, progress) {
+            Ok(execution) => execution,
+            Err(e) => {
+                return self
+                    .record_failure(id, rec, FailureKind::Application, None, e)
+                    .await;
+            }
+        };
         let rec = inner
             .store
-            .transition(id, JobState::Running, "running")
+            .transition(
+                id,
+                JobState::Running,
+                format!("running ({})", execution.describe()),
+            )
             .await?;
-        let run = CommandRun {
-            job_id: rec.id.clone(),
-            attempt: rec.attempt,
-            command: command.clone(),
-            env: env.clone(),
-            working_dir: working_dir.clone(),
-            deadline: rec.spec.deadline_seconds.map(Duration::from_secs),
+        let result = self.finish(id, &rec, execution, token).await;
+        inner.progress.lock().remove(id);
+        result
+    }
+
+    /// Progress of a running job that reports it: (done, total).
+    pub fn progress(&self, id: &str) -> Option<(u64, u64)> {
+        self.inner.progress.lock().get(id).copied()
+    }
+
+    /// Sets what runs inference jobs (until then they fail, saying so).
+    pub fn set_inference_executor(&self, executor: Arc<dyn InferenceExecutor>) {
+        *self.inner.inference.write() = Some(executor);
+    }
+
+    /// The attempt could not be started because the executor is unreachable: back to wait,
+    /// without counting a failure.
+    async fn wait_for_executor(
+        &self,
+        id: &str,
+        e: &ExecError,
+        retry_after: Option<Duration>,
+    ) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        let delay = retry_after
+            .map_or(inner.retry.initial_delay_ms, |d| d.as_millis() as u64)
+            .max(100);
+        let at = inner.store.now_ms().saturating_add(delay);
+        let change = Change {
+            retry_at_ms: Some(at),
+            ..Change::to(
+                JobState::RetryWait,
+                format!("{e}; trying again in {delay} ms (not counted as a failure)"),
+            )
         };
-        let result = inner.exec.run(&run, &token).await;
+        inner.store.update(id, |_| Ok(change)).await?;
+        inner.state.lock().retries.insert((at, id.to_owned()));
+        Ok(())
+    }
+
+    /// Waits for a started (or adopted) attempt and writes how it ended.
+    async fn finish(
+        &self,
+        id: &str,
+        rec: &JobRecord,
+        execution: Box<dyn Execution>,
+        token: CancellationToken,
+    ) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        let result = execution.wait(token).await;
         let (failure, exit_code, what) = match result {
             Ok(Outcome::Exited(0)) => {
                 inner
@@ -386,10 +633,48 @@ impl<S: Store + 'static> Runner<S> {
                 None,
                 format!("killed by signal {sig}"),
             ),
-            Err(e) => (FailureKind::Infrastructure, None, e.to_string()),
+            Ok(Outcome::Infrastructure(why)) => (FailureKind::Infrastructure, None, why),
+            Ok(Outcome::Failed(why)) => (FailureKind::Application, None, why),
+            Err(e) => {
+                return self
+                    .record_failure(id, rec, FailureKind::Infrastructure, None, e)
+                    .await;
+            }
         };
+        self.record(id, rec, failure, exit_code, what, false).await
+    }
+
+    async fn record_failure(
+        &self,
+        id: &str,
+        rec: &JobRecord,
+        failure: FailureKind,
+        exit_code: Option<i32>,
+        e: ExecError,
+    ) -> Result<(), StoreError> {
+        let permanent = e.is_permanent();
+        self.record(id, rec, failure, exit_code, e.to_string(), permanent)
+            .await
+    }
+
+    /// Writes a failed attempt: RETRY_WAIT with the policy's backoff, or FAILED when its limits
+    /// are reached or trying again cannot help (`permanent`).
+    async fn record(
+        &self,
+        id: &str,
+        rec: &JobRecord,
+        failure: FailureKind,
+        exit_code: Option<i32>,
+        what: String,
+        permanent: bool,
+    ) -> Result<(), StoreError> {
+        let inner = &self.inner;
         let now = inner.store.now_ms();
-        let decision = {
+        let decision = if permanent {
+            RetryDecision::GiveUp {
+                reason: "trying again cannot help".into(),
+            }
+        } else {
             let mut state = inner.state.lock();
             inner.retry.on_failure(
                 failure,
@@ -419,6 +704,76 @@ impl<S: Store + 'static> Runner<S> {
         }
         Ok(())
     }
+
+    /// After a restart, a job that was RUNNING under an executor that adopts: finds its
+    /// attempt again (retrying while the executor cannot be reached) and waits for it; if the
+    /// attempt is gone, the job goes back in line without a failure counted.
+    async fn resume_job(self, rec: JobRecord) {
+        let id = rec.id.clone();
+        if let Err(e) = self.resume(&rec).await {
+            tracing::error!(job = %id, error = %e, "an adopted job's state could not be written");
+        }
+        self.release(&id);
+    }
+
+    async fn resume(&self, rec: &JobRecord) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        let id = rec.id.as_str();
+        let token = self.token_of(id);
+        let Some(run) = CommandRun::of(id, &rec.spec, rec.attempt) else {
+            return self
+                .back_in_line(id, "coordinator restarted; not a command job")
+                .await;
+        };
+        let mut delay = Duration::from_millis(inner.retry.initial_delay_ms.max(100));
+        let found = loop {
+            match inner.exec.adopt(&run).await {
+                Ok(found) => break found,
+                Err(e) if e.unavailable().is_some() => {
+                    tracing::warn!(job = %id, error = %e, "cannot look for a running attempt yet; trying again");
+                    tokio::time::sleep(delay).await;
+                    delay =
+                        (delay * 2).min(Duration::from_millis(inner.retry.max_delay_ms.max(100)));
+                }
+                Err(e) => {
+                    tracing::warn!(job = %id, error = %e, "cannot adopt a running attempt; running the job again");
+                    break None;
+                }
+            }
+        };
+        match found {
+            Some(execution) => {
+                tracing::info!(job = %id, attempt = rec.attempt, "adopted after a restart");
+                self.finish(id, rec, execution, token).await
+            }
+            None if token.is_cancelled() => inner
+                .store
+                .transition(id, JobState::Cancelled, "cancelled")
+                .await
+                .map(drop),
+            None => {
+                let reason = format!(
+                    "coordinator restarted; attempt {} was not found by the {} executor; attempt {} next",
+                    rec.attempt,
+                    inner.exec.name(),
+                    rec.attempt + 1
+                );
+                self.back_in_line(id, &reason).await
+            }
+        }
+    }
+
+    /// RUNNING → RETRY_WAIT due now, not counted as a failure.
+    async fn back_in_line(&self, id: &str, reason: &str) -> Result<(), StoreError> {
+        let at = self.inner.store.now_ms();
+        let change = Change {
+            retry_at_ms: Some(at),
+            ..Change::to(JobState::RetryWait, reason)
+        };
+        self.inner.store.update(id, |_| Ok(change)).await?;
+        self.inner.state.lock().retries.insert((at, id.to_owned()));
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -428,7 +783,8 @@ mod tests {
     use veraltheim_storage::MemoryStore;
 
     use super::*;
-    use crate::job::Resources;
+    use crate::job::{JobKind, Resources};
+    use crate::local::LocalExecutor;
     use crate::scheduler::{QueueConfig, Quota};
 
     fn config(max_running: usize) -> RunnerConfig {
@@ -468,6 +824,7 @@ mod tests {
             },
             max_retries,
             deadline_seconds: None,
+            ttl_seconds_after_finished: None,
             labels: BTreeMap::new(),
             idempotency_key: None,
             kind: JobKind::Command {
@@ -659,6 +1016,50 @@ mod tests {
         );
         let log = std::fs::read_to_string(dir.path().join(&running).join("attempt-2.stdout"));
         assert_eq!(log.unwrap(), "again\n");
+        shutdown.cancel();
+        loop_task.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_finished_job_and_its_logs_are_deleted_after_its_ttl() {
+        let dir = tempfile::tempdir().unwrap();
+        let runner = Runner::new(
+            JobStore::new(MemoryStore::new()),
+            LocalExecutor::new(dir.path()),
+            config(2),
+        )
+        .unwrap();
+        let shutdown = CancellationToken::new();
+        let loop_task = {
+            let runner = runner.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move { runner.run(shutdown).await })
+        };
+        let mut short = spec("short", "echo bye", 0);
+        short.ttl_seconds_after_finished = Some(1);
+        let short = runner.submit(short).await.unwrap().id;
+        let kept = runner
+            .submit(spec("kept", "echo stay", 0))
+            .await
+            .unwrap()
+            .id;
+        for id in [&short, &kept] {
+            let rec = wait_for(&runner, id, |r| r.state.is_terminal()).await;
+            assert_eq!(rec.state, JobState::Succeeded, "{rec:?}");
+        }
+        let logs = dir.path().join(&short);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while runner.store().get(&short).is_ok() {
+            // No wake-up is sent for an expiry: the loop must sleep until it by itself.
+            assert!(std::time::Instant::now() < deadline, "never deleted");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(!logs.exists(), "the log folder {} is left", logs.display());
+        assert_eq!(
+            runner.store().get(&kept).unwrap().state,
+            JobState::Succeeded
+        );
+        assert!(dir.path().join(&kept).join("attempt-1.stdout").exists());
         shutdown.cancel();
         loop_task.await.unwrap();
     }

@@ -1,10 +1,13 @@
 //! The job store: jobs as durable records over a [`veraltheim_storage::Store`].
 //!
-//! Three tables:
+//! Four tables:
 //! - `slowpath.jobs`: id → [`JobRecord`];
 //! - `slowpath.idempotency`: idempotency key → id;
 //! - `slowpath.active`: id → `()` for every job not yet in a terminal state, so that
-//!   [`JobStore::recover`] reads the live jobs only, not the whole history.
+//!   [`JobStore::recover`] reads the live jobs only, not the whole history;
+//! - `slowpath.expiry`: `<expiry ms, 16 digits><id>` → `()` for every finished job with a TTL
+//!   (`ttl_seconds_after_finished`), written in the same commit as its terminal state, so that
+//!   [`JobStore::delete_expired`] reads only what is due, in time order.
 //!
 //! Ids are time ordered: 16 digits of milliseconds since the Unix epoch and 4 digits of a counter
 //! (`00017330000000000000` is the first job of its millisecond), so listing in id order is listing in submission order.
@@ -19,6 +22,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -33,6 +37,31 @@ pub const JOBS: Table<str, JobRecord> = Table::new("slowpath.jobs");
 pub const IDEMPOTENCY: Table<str, String> = Table::new("slowpath.idempotency");
 /// The ids of the jobs not yet terminal.
 pub const ACTIVE: Table<str, ()> = Table::new("slowpath.active");
+/// Finished jobs with a TTL, keyed by [`expiry_key`]: when they expire, then their id.
+pub const EXPIRY: Table<str, ()> = Table::new("slowpath.expiry");
+
+/// The key of a finished job in [`EXPIRY`]: 16 digits of its expiry time (ms), then its id.
+pub fn expiry_key(expires_ms: u64, id: &str) -> String {
+    format!("{expires_ms:016}{id}")
+}
+
+/// When a finished job expires: its finish time plus its TTL; `None` while it is not finished
+/// or when it has no TTL.
+pub fn expires_ms(rec: &JobRecord) -> Option<u64> {
+    let ttl = rec.spec.ttl_seconds_after_finished?;
+    let finished = rec.finished_ms.filter(|_| rec.state.is_terminal())?;
+    Some(finished.saturating_add(ttl.saturating_mul(1000)))
+}
+
+/// What one [`JobStore::delete_expired`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Expired {
+    /// The jobs deleted, in expiry order.
+    pub deleted: Vec<String>,
+    /// When the next job expires (it may already be due when more were due than one call
+    /// deletes); `None` when no finished job has a TTL.
+    pub next_ms: Option<u64>,
+}
 
 /// The default and the largest page of [`JobStore::list`].
 pub const DEFAULT_PAGE_SIZE: usize = 100;
@@ -181,6 +210,9 @@ pub struct JobStore<S> {
     ids: parking_lot::Mutex<IdState>,
     /// Writers of one job or one idempotency key hold the lock of its shard across the commit.
     locks: Box<[tokio::sync::Mutex<()>]>,
+    /// No finished job expires before this (ms); `u64::MAX`: none does. 0 until the first
+    /// [`JobStore::delete_expired`] has read the expiry table.
+    next_expiry: AtomicU64,
 }
 
 #[derive(Default)]
@@ -205,6 +237,7 @@ impl<S: Store> JobStore<S> {
             locks: (0..LOCK_SHARDS)
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
+            next_expiry: AtomicU64::new(0),
         }
     }
 
@@ -221,11 +254,15 @@ impl<S: Store> JobStore<S> {
         }
     }
 
-    fn lock_of(&self, name: &str) -> &tokio::sync::Mutex<()> {
+    fn shard_of(&self, name: &str) -> usize {
         use std::hash::{Hash, Hasher};
         let mut h = std::collections::hash_map::DefaultHasher::new();
         name.hash(&mut h);
-        &self.locks[(h.finish() % self.locks.len() as u64) as usize]
+        (h.finish() % self.locks.len() as u64) as usize
+    }
+
+    fn lock_of(&self, name: &str) -> &tokio::sync::Mutex<()> {
+        &self.locks[self.shard_of(name)]
     }
 
     /// A new id, later than every id this store gave out since it was opened.
@@ -396,6 +433,17 @@ impl<S: Store> JobStore<S> {
     /// therefore run again: commands are executed at least once, not exactly once. A restart
     /// is not counted as a failure of the job.
     pub async fn recover(&self) -> Result<Vec<JobRecord>, StoreError> {
+        self.recover_with(false).await
+    }
+
+    /// [`JobStore::recover`] for an executor that re-attaches to running attempts (Kubernetes):
+    /// RUNNING jobs stay RUNNING, for the runner to adopt (or put back in line if their attempt
+    /// is gone); ADMITTED jobs are put back in line as by `recover`.
+    pub async fn recover_adopting(&self) -> Result<Vec<JobRecord>, StoreError> {
+        self.recover_with(true).await
+    }
+
+    async fn recover_with(&self, keep_running: bool) -> Result<Vec<JobRecord>, StoreError> {
         let active = ACTIVE.range(&self.store, ..)?;
         let mut live = Vec::with_capacity(active.len());
         let now = self.now_ms();
@@ -406,7 +454,7 @@ impl<S: Store> JobStore<S> {
             };
             let reason = format!("coordinator restarted; attempt {}", rec.attempt + 1);
             let changed = match rec.state {
-                JobState::Running => {
+                JobState::Running if !keep_running => {
                     apply(
                         &mut rec,
                         Change::to(JobState::RetryWait, reason.clone()),
@@ -437,10 +485,122 @@ impl<S: Store> JobStore<S> {
         if rec.state.is_terminal() {
             batch.delete(&ACTIVE, rec.id.as_str())?;
         }
+        let expires = expires_ms(rec);
+        if let Some(at) = expires {
+            batch.put(&EXPIRY, expiry_key(at, &rec.id).as_str(), &())?;
+        }
         self.store.commit(batch).await?;
+        if let Some(at) = expires {
+            // After the commit: a sweep that starts later sees the entry, one that started
+            // earlier sees this lower bound (see `delete_expired`).
+            self.next_expiry.fetch_min(at, Ordering::AcqRel);
+        }
         self.notify(rec);
         Ok(())
     }
+
+    /// When the next finished job expires, as far as this store knows without reading: `None`
+    /// when none does; `Some(0)` before the first [`JobStore::delete_expired`].
+    pub fn next_expiry_ms(&self) -> Option<u64> {
+        match self.next_expiry.load(Ordering::Acquire) {
+            u64::MAX => None,
+            at => Some(at),
+        }
+    }
+
+    /// Deletes up to `limit` finished jobs whose TTL ran out by `now_ms` (their record, their
+    /// expiry entry and their idempotency key, which becomes free again) in one commit, and
+    /// says which, and when the next one expires. Jobs that are not finished are never
+    /// deleted: only a terminal write adds an expiry entry, and terminal states are final.
+    pub async fn delete_expired(&self, now_ms: u64, limit: usize) -> Result<Expired, StoreError> {
+        // Reset before reading: a job finishing from now on lowers it again after its commit,
+        // so no expiry is lost between the read below and the update at the end.
+        self.next_expiry.store(u64::MAX, Ordering::Release);
+        let upper = format!("{:016}", now_ms.saturating_add(1));
+        let due = match EXPIRY.range_limit(
+            &self.store,
+            (Bound::Unbounded, Bound::Excluded(upper.as_str())),
+            limit.max(1),
+        ) {
+            Ok(due) => due,
+            Err(e) => {
+                self.next_expiry.store(0, Ordering::Release);
+                return Err(e.into());
+            }
+        };
+        let result = self.delete_due(due).await;
+        let next = EXPIRY.range_limit(&self.store, .., 1).map(|first| {
+            first
+                .first()
+                .and_then(|(key, ())| parse_expiry_key(key).map(|(at, _)| at))
+        });
+        match (&result, next) {
+            (Ok(_), Ok(next)) => {
+                self.next_expiry
+                    .fetch_min(next.unwrap_or(u64::MAX), Ordering::AcqRel);
+            }
+            // Unknown: look again next time.
+            _ => self.next_expiry.store(0, Ordering::Release),
+        }
+        let deleted = result?;
+        Ok(Expired {
+            deleted,
+            next_ms: self.next_expiry_ms(),
+        })
+    }
+
+    async fn delete_due(&self, due: Vec<(String, ())>) -> Result<Vec<String>, StoreError> {
+        let mut batch = Batch::new();
+        let mut deleted = Vec::with_capacity(due.len());
+        let mut keys = Vec::new();
+        for (key, ()) in due {
+            batch.delete(&EXPIRY, key.as_str())?;
+            let Some((_, id)) = parse_expiry_key(&key) else {
+                tracing::warn!(key, "a malformed expiry entry was dropped");
+                continue;
+            };
+            let Some(rec) = JOBS.get(&self.store, id)? else {
+                continue;
+            };
+            if !rec.state.is_terminal() {
+                // Cannot happen (only terminal writes add entries); keep the job regardless.
+                continue;
+            }
+            batch.delete(&JOBS, id)?;
+            if let Some(k) = rec.spec.idempotency_key {
+                keys.push((k, id.to_owned()));
+            }
+            deleted.push(id.to_owned());
+        }
+        // A submit with one of these keys must see the job and its key entry both, or neither:
+        // hold the keys' shards (each once, in order, so no two holders wait on each other)
+        // across the commit.
+        let mut shards: Vec<usize> = keys.iter().map(|(k, _)| self.shard_of(k)).collect();
+        shards.sort_unstable();
+        shards.dedup();
+        let mut guards = Vec::with_capacity(shards.len());
+        for shard in shards {
+            guards.push(self.locks[shard].lock().await);
+        }
+        for (key, id) in keys {
+            // The key may be another job's by now only if this one was deleted before; check.
+            if IDEMPOTENCY.get(&self.store, key.as_str())?.as_deref() == Some(id.as_str()) {
+                batch.delete(&IDEMPOTENCY, key.as_str())?;
+            }
+        }
+        if !batch.is_empty() {
+            self.store.commit(batch).await?;
+        }
+        drop(guards);
+        Ok(deleted)
+    }
+}
+
+/// `(expiry ms, id)` of an [`EXPIRY`] key.
+fn parse_expiry_key(key: &str) -> Option<(u64, &str)> {
+    let (at, id) = (key.get(..16)?, key.get(16..)?);
+    let at = at.parse().ok()?;
+    is_id(id).then_some((at, id))
 }
 
 /// Applies `change` to `rec` at `now`: the only place a stored job's state changes.
@@ -494,6 +654,7 @@ pub(crate) mod tests {
             resources: Resources::default(),
             max_retries: 2,
             deadline_seconds: None,
+            ttl_seconds_after_finished: None,
             labels: BTreeMap::new(),
             idempotency_key: None,
             kind: JobKind::Command {
@@ -770,6 +931,119 @@ pub(crate) mod tests {
         }
         assert_eq!(won, 1);
         assert_eq!(store.get(&id).unwrap().history.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn finished_jobs_are_deleted_once_their_ttl_ran_out() {
+        use JobState::*;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jobs.redb");
+        let (clock, t) = fixed_clock(1_000_000);
+        let store = JobStore::with_clock(
+            RedbStore::open(&path, StoreOptions::default()).unwrap(),
+            clock.clone(),
+        );
+        let with_ttl = |name: &str, ttl: Option<u64>, key: Option<&str>| {
+            let mut s = spec(name, "q");
+            s.ttl_seconds_after_finished = ttl;
+            s.idempotency_key = key.map(str::to_owned);
+            s
+        };
+        let short = store
+            .submit(with_ttl("short", Some(10), Some("k")))
+            .await
+            .unwrap()
+            .id;
+        let long = store
+            .submit(with_ttl("long", Some(60), None))
+            .await
+            .unwrap()
+            .id;
+        let forever = store
+            .submit(with_ttl("forever", None, None))
+            .await
+            .unwrap()
+            .id;
+        let live = store
+            .submit(with_ttl("live", Some(1), None))
+            .await
+            .unwrap()
+            .id;
+        assert_eq!(
+            store.next_expiry_ms(),
+            Some(0),
+            "unknown before the first sweep"
+        );
+        let none = store.delete_expired(1_000_000, 10).await.unwrap();
+        assert_eq!(
+            none,
+            Expired::default(),
+            "nothing finished, nothing expires"
+        );
+
+        t.store(2_000_000, Ordering::SeqCst);
+        for id in [&short, &long, &forever] {
+            store.transition(id, Cancelled, "by user").await.unwrap();
+        }
+        assert_eq!(store.next_expiry_ms(), Some(2_010_000));
+        // Not yet due: nothing goes.
+        let r = store.delete_expired(2_009_999, 10).await.unwrap();
+        assert!(r.deleted.is_empty());
+        assert_eq!(r.next_ms, Some(2_010_000));
+        // Due: the job, its expiry entry and its idempotency key go in one commit.
+        let r = store.delete_expired(2_010_000, 10).await.unwrap();
+        assert_eq!(r.deleted, std::slice::from_ref(&short));
+        assert_eq!(r.next_ms, Some(2_060_000));
+        assert!(matches!(store.get(&short), Err(StoreError::NotFound(_))));
+        assert_eq!(IDEMPOTENCY.get(store.inner(), "k").unwrap(), None);
+        let again = store
+            .submit(with_ttl("short", Some(10), Some("k")))
+            .await
+            .unwrap();
+        assert_ne!(again.id, short, "the key is free again: a new job");
+        drop(store);
+
+        // After a restart the sweep reads what is due from disk.
+        let store = JobStore::with_clock(
+            RedbStore::open(&path, StoreOptions::default()).unwrap(),
+            clock,
+        );
+        let r = store.delete_expired(10_000_000, 10).await.unwrap();
+        assert_eq!(r.deleted, std::slice::from_ref(&long));
+        assert_eq!(r.next_ms, None);
+        assert_eq!(store.get(&forever).unwrap().state, Cancelled);
+        assert_eq!(
+            store.get(&live).unwrap().state,
+            Queued,
+            "a live job is never deleted"
+        );
+        let (page, _) = store.list(&ListFilter::default()).unwrap();
+        let ids: Vec<_> = page.into_iter().map(|r| r.id).collect();
+        assert_eq!(ids, [forever, live, again.id]);
+    }
+
+    #[tokio::test]
+    async fn the_sweep_deletes_at_most_its_limit_and_says_more_are_due() {
+        let (clock, t) = fixed_clock(5_000);
+        let store = JobStore::with_clock(MemoryStore::new(), clock);
+        let mut ids = Vec::new();
+        for i in 0..5 {
+            let mut s = spec(&format!("j{i}"), "q");
+            s.ttl_seconds_after_finished = Some(0);
+            let id = store.submit(s).await.unwrap().id;
+            t.store(5_000 + i, Ordering::SeqCst);
+            store
+                .transition(&id, JobState::Cancelled, "")
+                .await
+                .unwrap();
+            ids.push(id);
+        }
+        let r = store.delete_expired(6_000, 2).await.unwrap();
+        assert_eq!(r.deleted, ids[..2]);
+        assert_eq!(r.next_ms, Some(5_002), "already due: the caller goes on");
+        let r = store.delete_expired(6_000, 10).await.unwrap();
+        assert_eq!(r.deleted, ids[2..]);
+        assert_eq!(r.next_ms, None);
     }
 
     #[tokio::test]

@@ -7,7 +7,8 @@ The binary comes from $VERALTHEIM_BIN (scripts/test sets it), falling back to
 Fixtures
 --------
 server            one server for the whole session (read-only tests share it)
-server_factory    start extra servers with their own data dir and flags (for tests
+server_factory    start extra servers with their own data dir, flags, model repository and
+                  environment (for tests
                   that load/unload/reconfigure models, or shut the server down);
                   every server it started is stopped at the end of the test
 grpc_client       a tritonclient.grpc.InferenceServerClient bound to `server`
@@ -147,12 +148,19 @@ class Server:
         return self.proc.returncode
 
 
-def start_server(base_dir: Path, extra_args: list[str] | None = None) -> Server:
-    """Start `veraltheim serve` on fresh ports; retry if a port got taken meanwhile."""
+def start_server(
+    base_dir: Path,
+    extra_args: list[str] | None = None,
+    models_dir: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> Server:
+    """Start `veraltheim serve` on fresh ports; retry if a port got taken meanwhile.
+    `models_dir` is the model repository (default: an empty one in `base_dir`); `env`
+    replaces the server's environment when given."""
     binary = binary_path()
     base_dir.mkdir(parents=True, exist_ok=True)
     data_dir = base_dir / "data"
-    models_dir = base_dir / "models"
+    models_dir = models_dir or base_dir / "models"
     data_dir.mkdir(exist_ok=True)
     models_dir.mkdir(exist_ok=True)
     last_error: Exception | None = None
@@ -179,6 +187,7 @@ def start_server(base_dir: Path, extra_args: list[str] | None = None) -> Server:
             stdout=log_file,
             stderr=subprocess.STDOUT,
             cwd=base_dir,
+            env=env,
         )
         log_file.close()
         server = Server(proc, grpc_port, http_port, data_dir, log_path, args)
@@ -213,8 +222,12 @@ def server_factory(tmp_path):
     """Start private servers: `server_factory(extra_args=[...])`."""
     started: list[Server] = []
 
-    def factory(extra_args: list[str] | None = None) -> Server:
-        srv = start_server(tmp_path / f"server{len(started)}", extra_args)
+    def factory(
+        extra_args: list[str] | None = None,
+        models_dir: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> Server:
+        srv = start_server(tmp_path / f"server{len(started)}", extra_args, models_dir, env)
         started.append(srv)
         return srv
 

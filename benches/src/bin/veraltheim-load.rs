@@ -62,6 +62,24 @@ fn main() -> ExitCode {
                 }
                 Ok(true)
             }
+            Command::Jobs(args) => {
+                let report = veraltheim_benches::load::jobs::jobs(&args).await?;
+                if args.json {
+                    println!("{}", serde_json::to_string(&report)?);
+                } else {
+                    print!("{}", report.text());
+                }
+                Ok(true)
+            }
+            Command::Restart(args) => {
+                let report = veraltheim_benches::load::restart::restart(&args).await?;
+                if args.json {
+                    println!("{}", serde_json::to_string(&report)?);
+                } else {
+                    print!("{}", report.text());
+                }
+                Ok(true)
+            }
             Command::Compute(args) => {
                 let (sizes, per_size) = compute_plan(&args.batch_sizes, args.compute_duration)
                     .map_err(anyhow::Error::msg)?;

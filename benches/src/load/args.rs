@@ -60,6 +60,12 @@ pub enum Command {
     Suite(SuiteArgs),
     /// The compute ceiling only: `Model::execute` in-process on batches, items/s.
     Compute(ComputeArgs),
+    /// Durable job submissions per second: in-process into the job store with and without
+    /// group commit, then SubmitJob through gRPC against `veraltheim serve`.
+    Jobs(super::jobs::JobsArgs),
+    /// Slow-path restart time with many jobs in the store: open, recover, scheduler, and the
+    /// real binary from spawn to ready.
+    Restart(super::restart::RestartArgs),
 }
 
 #[derive(Args, Debug, Clone)]

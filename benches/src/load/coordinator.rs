@@ -117,6 +117,18 @@ impl Coordinator {
         models: &[String],
         execution_threads: usize,
     ) -> anyhow::Result<Coordinator> {
+        Self::start_with(binary, models, execution_threads, None, &[]).await
+    }
+
+    /// [`Coordinator::start`] on `data_dir` (default: a fresh one, removed when it is dropped;
+    /// a given one is kept), with `extra` arguments for `serve`.
+    pub async fn start_with(
+        binary: &Path,
+        models: &[String],
+        execution_threads: usize,
+        data_dir: Option<&Path>,
+        extra: &[String],
+    ) -> anyhow::Result<Coordinator> {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.subsec_nanos())
@@ -136,9 +148,10 @@ impl Coordinator {
             .arg("--log-level")
             .arg("warn")
             .arg("--data-dir")
-            .arg(dir.join("data"))
+            .arg(data_dir.map_or_else(|| dir.join("data"), Path::to_path_buf))
             .arg("--model-repository")
-            .arg(dir.join("models"));
+            .arg(dir.join("models"))
+            .args(extra);
         for m in models {
             cmd.arg("--load-model").arg(m);
         }

@@ -1,7 +1,9 @@
 //! `veraltheim-load`: the end-to-end load generator (see `src/bin/veraltheim-load.rs` and
 //! `veraltheim-load --help`). Load is KServe `ModelInfer` over tonic; the baselines are measured
 //! in the same run: a bare tonic echo server (the gRPC ceiling) and the model in-process (the
-//! compute ceiling).
+//! compute ceiling). Two slow-path modes sit beside it: `jobs` (durable submissions per second,
+//! against the job store in-process with and without group commit) and `restart` (the slow
+//! path's restart time with many jobs in the store).
 
 pub mod args;
 pub mod client;
@@ -9,6 +11,8 @@ pub mod compute;
 pub mod coordinator;
 pub mod cpu;
 pub mod echo;
+pub mod jobs;
 pub mod report;
+pub mod restart;
 pub mod schedule;
 pub mod suite;

@@ -1,0 +1,98 @@
+//! Slow-path scheduler micro-benchmarks: the time of one admission decision
+//! (`Scheduler::schedule_at_most`) with many jobs queued. Target: ≤ 1 ms per decision with
+//! 100,000 queued jobs. The baseline in the same run is the same decision with 1,000 queued
+//! jobs, so `100000 / 1000` reads as how the decision scales with the backlog.
+//!
+//! Two decisions, as the runner asks them:
+//! - `admit_one`: a slot and capacity are free; the decision admits the best queue head. The
+//!   admitted job is then released and queued again (untimed), so the backlog stays the same.
+//! - `saturated`: every slot is taken (`schedule_at_most(0)`), the round a busy runner runs on
+//!   each submit or job end: nothing is admitted, every waiting job keeps a reason.
+//!
+//! The backlog: 4 queues (weights 1..4, one with a GPU quota), 3 priority classes and the empty
+//! class, jobs spread round robin. Run: `cargo bench -p veraltheim-benches --bench scheduler`.
+
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use veraltheim_slowpath::scheduler::Pending;
+use veraltheim_slowpath::{QueueConfig, Quota, Resources, Scheduler, SchedulerConfig};
+
+const QUEUES: [&str; 4] = ["batch", "research", "nightly", "adhoc"];
+const CLASSES: [&str; 4] = ["high", "normal", "low", ""];
+
+fn scheduler() -> Scheduler {
+    let queues = QUEUES
+        .iter()
+        .enumerate()
+        .map(|(i, name)| QueueConfig {
+            name: (*name).to_owned(),
+            weight: i as u32 + 1,
+            quota: Quota {
+                gpus: (i == 1).then_some(4),
+                ..Quota::default()
+            },
+        })
+        .collect();
+    Scheduler::new(SchedulerConfig {
+        capacity: Resources {
+            cpu_millis: 64_000,
+            memory_bytes: 256 << 30,
+            gpus: 8,
+        },
+        queues,
+        priority_classes: CLASSES[..3].iter().map(|c| (*c).to_owned()).collect(),
+    })
+    .expect("a valid configuration")
+}
+
+fn job(n: usize) -> Pending {
+    Pending {
+        id: format!("{:020}", n),
+        queue: QUEUES[n % QUEUES.len()].to_owned(),
+        priority_class: CLASSES[(n / QUEUES.len()) % CLASSES.len()].to_owned(),
+        resources: Resources {
+            cpu_millis: 500,
+            memory_bytes: 1 << 30,
+            gpus: 0,
+        },
+    }
+}
+
+fn backlog(n: usize) -> Scheduler {
+    let mut s = scheduler();
+    for i in 0..n {
+        s.enqueue(job(i)).expect("fits");
+    }
+    s
+}
+
+fn decisions(c: &mut Criterion) {
+    let mut g = c.benchmark_group("scheduler_decision");
+    for queued in [1_000usize, 100_000] {
+        let mut s = backlog(queued);
+        g.bench_with_input(BenchmarkId::new("admit_one", queued), &queued, |b, _| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let t = Instant::now();
+                    let d = s.schedule_at_most(1);
+                    total += t.elapsed();
+                    for job in d.admitted {
+                        s.release(&job.id);
+                        s.enqueue(job).expect("fits again");
+                    }
+                }
+                total
+            })
+        });
+        assert_eq!(s.waiting_len(), queued);
+        g.bench_with_input(BenchmarkId::new("saturated", queued), &queued, |b, _| {
+            b.iter(|| s.schedule_at_most(0))
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, decisions);
+criterion_main!(benches);

