@@ -8,41 +8,11 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use veraltheim_models::onnx::{self, OnnxOptions};
 use veraltheim_models::{Model, ModelConfig};
-
-/// libonnxruntime: `$ORT_DYLIB_PATH`, else the onnxruntime wheel under `<workspace>/.venv`.
-fn ort_library() -> PathBuf {
-    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
-        return PathBuf::from(p);
-    }
-    let lib = common::workspace_root().join(".venv/lib");
-    std::fs::read_dir(&lib)
-        .ok()
-        .and_then(|pythons| {
-            pythons.flatten().find_map(|python| {
-                let capi = python.path().join("site-packages/onnxruntime/capi");
-                std::fs::read_dir(capi).ok()?.flatten().find_map(|f| {
-                    f.file_name()
-                        .to_str()?
-                        .starts_with("libonnxruntime.so.")
-                        .then(|| f.path())
-                })
-            })
-        })
-        .unwrap_or_else(|| {
-            panic!(
-                "no libonnxruntime: set ORT_DYLIB_PATH to libonnxruntime.so.*, or run \
-                 `scripts/test` (or `.venv/bin/pip install onnxruntime==1.32.0`) so that {} holds \
-                 python3*/site-packages/onnxruntime/capi/libonnxruntime.so.*",
-                lib.display()
-            )
-        })
-}
 
 /// A model folder as the repository would hold it: `model.onnx` (a link to the export) beside
 /// links to the sentence-transformers files (tokenizer, pooling, configs; not the safetensors).
@@ -68,7 +38,7 @@ fn load(json: &str, intra_op_threads: usize) -> (Arc<dyn Model>, tempfile::TempD
     let dir = embedder_folder();
     let config = ModelConfig::from_json(json).expect("config");
     let options = OnnxOptions {
-        library: Some(ort_library()),
+        library: Some(common::ort_library()),
         intra_op_threads,
     };
     let model = onnx::load(config, dir.path(), &options).expect("MiniLM (ONNX) loads");

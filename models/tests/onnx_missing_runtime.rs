@@ -6,42 +6,12 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use veraltheim_models::onnx::{self, OnnxOptions};
 use veraltheim_models::{ModelConfig, ModelError};
 
 static PANICS: AtomicUsize = AtomicUsize::new(0);
-
-/// libonnxruntime as the other ONNX tests find it: the given `ORT_DYLIB_PATH`, else the wheel in
-/// `<workspace>/.venv`.
-fn good_library(from_env: Option<std::ffi::OsString>) -> PathBuf {
-    if let Some(p) = from_env.filter(|p| !p.is_empty()) {
-        return PathBuf::from(p);
-    }
-    let lib = common::workspace_root().join(".venv/lib");
-    std::fs::read_dir(&lib)
-        .ok()
-        .and_then(|pythons| {
-            pythons.flatten().find_map(|python| {
-                let capi = python.path().join("site-packages/onnxruntime/capi");
-                std::fs::read_dir(capi).ok()?.flatten().find_map(|f| {
-                    f.file_name()
-                        .to_str()?
-                        .starts_with("libonnxruntime.so.")
-                        .then(|| f.path())
-                })
-            })
-        })
-        .unwrap_or_else(|| {
-            panic!(
-                "no libonnxruntime: set ORT_DYLIB_PATH or run `scripts/test` so that {} holds \
-                 python3*/site-packages/onnxruntime/capi/libonnxruntime.so.*",
-                lib.display()
-            )
-        })
-}
 
 fn assert_fix_it(e: &ModelError, what: &str) {
     let msg = e.to_string();
@@ -65,7 +35,7 @@ fn missing_runtime_fails_with_a_fix_and_a_later_good_path_works() {
         default_hook(info);
     }));
     let original = std::env::var_os("ORT_DYLIB_PATH");
-    let good = good_library(original);
+    let good = common::ort_library_from(original);
 
     let dir = tempfile::tempdir().expect("temp dir");
     // Loading never reaches the graph without a runtime, so any file will do.

@@ -14,37 +14,9 @@ use bytes::{BufMut, Bytes, BytesMut};
 use veraltheim_models::onnx::{self, AUTO_MAX_BATCH_SIZE, OnnxOptions};
 use veraltheim_models::{DataType, Model, ModelConfig, ModelError, Tensor, TensorData};
 
-/// libonnxruntime: `$ORT_DYLIB_PATH`, else the onnxruntime wheel under `<workspace>/.venv`.
-/// Panics with instructions when there is none: these tests must not pass by skipping.
-fn ort_library() -> PathBuf {
-    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
-        return PathBuf::from(p);
-    }
-    let lib = common::workspace_root().join(".venv/lib");
-    let found = std::fs::read_dir(&lib).ok().and_then(|pythons| {
-        pythons.flatten().find_map(|python| {
-            let capi = python.path().join("site-packages/onnxruntime/capi");
-            std::fs::read_dir(capi).ok()?.flatten().find_map(|f| {
-                let name = f.file_name();
-                name.to_str()?
-                    .starts_with("libonnxruntime.so.")
-                    .then(|| f.path())
-            })
-        })
-    });
-    found.unwrap_or_else(|| {
-        panic!(
-            "no libonnxruntime: set ORT_DYLIB_PATH to libonnxruntime.so.*, or run \
-             `scripts/test` (or `.venv/bin/pip install onnxruntime==1.32.0`) so that {} holds \
-             python3*/site-packages/onnxruntime/capi/libonnxruntime.so.*",
-            lib.display()
-        )
-    })
-}
-
 fn options() -> OnnxOptions {
     OnnxOptions {
-        library: Some(ort_library()),
+        library: Some(common::ort_library()),
         intra_op_threads: 1,
     }
 }

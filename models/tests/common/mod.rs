@@ -163,3 +163,38 @@ pub fn embedding_rows(output: &Tensor) -> Vec<Vec<f32>> {
     assert_eq!(values.len(), output.shape[0] * dim);
     values.chunks(dim.max(1)).map(<[f32]>::to_vec).collect()
 }
+
+/// libonnxruntime: `from_env` (the value `ORT_DYLIB_PATH` had), else the onnxruntime wheel under
+/// `<workspace>/.venv`; panics with how to provision it.
+pub fn ort_library_from(from_env: Option<std::ffi::OsString>) -> PathBuf {
+    if let Some(p) = from_env.filter(|p| !p.is_empty()) {
+        return PathBuf::from(p);
+    }
+    let lib = workspace_root().join(".venv/lib");
+    std::fs::read_dir(&lib)
+        .ok()
+        .and_then(|pythons| {
+            pythons.flatten().find_map(|python| {
+                let capi = python.path().join("site-packages/onnxruntime/capi");
+                std::fs::read_dir(capi).ok()?.flatten().find_map(|f| {
+                    f.file_name()
+                        .to_str()?
+                        .starts_with("libonnxruntime.so.")
+                        .then(|| f.path())
+                })
+            })
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "no libonnxruntime: set ORT_DYLIB_PATH to libonnxruntime.so.*, or run \
+                 `scripts/test` (or `.venv/bin/pip install onnxruntime==1.32.0`) so that {} holds \
+                 python3*/site-packages/onnxruntime/capi/libonnxruntime.so.*",
+                lib.display()
+            )
+        })
+}
+
+/// libonnxruntime: `$ORT_DYLIB_PATH`, else the onnxruntime wheel under `<workspace>/.venv`.
+pub fn ort_library() -> PathBuf {
+    ort_library_from(std::env::var_os("ORT_DYLIB_PATH"))
+}
