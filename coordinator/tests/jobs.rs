@@ -2,53 +2,19 @@
 //! kill -9 of the coordinator.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tonic::transport::Channel;
 use veraltheim_proto::v1::{self, job_service_client::JobServiceClient};
 
 mod common;
 
+use common::{command, wait_for};
+
 async fn start(data: &Path, extra: &[&str]) -> (common::Server, Channel) {
     let server = common::start_in(data, extra).await;
     let ch = common::channel(&server).await;
     (server, ch)
-}
-
-fn command(name: &str, argv: &[&str]) -> v1::SubmitJobRequest {
-    v1::SubmitJobRequest {
-        spec: Some(v1::JobSpec {
-            name: name.into(),
-            kind: Some(v1::job_spec::Kind::Command(v1::CommandJob {
-                command: argv.iter().map(|s| s.to_string()).collect(),
-                ..Default::default()
-            })),
-            ..Default::default()
-        }),
-    }
-}
-
-async fn wait_for(
-    client: &mut JobServiceClient<Channel>,
-    id: &str,
-    state: v1::JobState,
-) -> v1::Job {
-    let until = Instant::now() + Duration::from_secs(30);
-    loop {
-        let job = client
-            .get_job(v1::GetJobRequest { id: id.into() })
-            .await
-            .unwrap()
-            .into_inner();
-        if job.state == state as i32 {
-            return job;
-        }
-        assert!(
-            Instant::now() < until,
-            "job {id} never reached {state:?}: {job:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 async fn logs(client: &mut JobServiceClient<Channel>, id: &str) -> String {

@@ -6,11 +6,12 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use tonic::transport::Channel;
 use veraltheim_proto::v1::{self, job_service_client::JobServiceClient};
 use veraltheim_slowpath::kubernetes::fake::FakeKube;
 
 mod common;
+
+use common::wait_for;
 
 const NS: &str = "veraltheim-jobs";
 
@@ -33,39 +34,7 @@ gpus = 2
 }
 
 fn command(name: &str, script: &str) -> v1::SubmitJobRequest {
-    v1::SubmitJobRequest {
-        spec: Some(v1::JobSpec {
-            name: name.into(),
-            kind: Some(v1::job_spec::Kind::Command(v1::CommandJob {
-                command: vec!["sh".into(), "-c".into(), script.into()],
-                ..Default::default()
-            })),
-            ..Default::default()
-        }),
-    }
-}
-
-async fn wait_for(
-    client: &mut JobServiceClient<Channel>,
-    id: &str,
-    state: v1::JobState,
-) -> v1::Job {
-    let until = Instant::now() + Duration::from_secs(30);
-    loop {
-        let job = client
-            .get_job(v1::GetJobRequest { id: id.into() })
-            .await
-            .unwrap()
-            .into_inner();
-        if job.state == state as i32 {
-            return job;
-        }
-        assert!(
-            Instant::now() < until,
-            "job {id} never reached {state:?}: {job:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::command(name, &["sh", "-c", script])
 }
 
 fn job_names(fake: &FakeKube, id: &str) -> Vec<String> {

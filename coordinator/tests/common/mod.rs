@@ -8,7 +8,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tonic::transport::Channel;
-use veraltheim_proto::v1::{self, system_service_client::SystemServiceClient};
+use veraltheim_proto::v1::{
+    self, job_service_client::JobServiceClient, system_service_client::SystemServiceClient,
+};
 
 /// A running server; killed (SIGKILL) when dropped, with its temporary directory removed.
 pub struct Server {
@@ -90,4 +92,42 @@ pub async fn channel(s: &Server) -> Channel {
         .connect()
         .await
         .unwrap()
+}
+
+/// A command job: `argv` run as is (local: a process; Kubernetes: the container's command).
+pub fn command(name: &str, argv: &[&str]) -> v1::SubmitJobRequest {
+    v1::SubmitJobRequest {
+        spec: Some(v1::JobSpec {
+            name: name.into(),
+            kind: Some(v1::job_spec::Kind::Command(v1::CommandJob {
+                command: argv.iter().map(|s| s.to_string()).collect(),
+                ..Default::default()
+            })),
+            ..Default::default()
+        }),
+    }
+}
+
+/// Polls the job until it is in `state` (30 s at most, then fails the test with the job).
+pub async fn wait_for(
+    client: &mut JobServiceClient<Channel>,
+    id: &str,
+    state: v1::JobState,
+) -> v1::Job {
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let job = client
+            .get_job(v1::GetJobRequest { id: id.into() })
+            .await
+            .unwrap()
+            .into_inner();
+        if job.state == state as i32 {
+            return job;
+        }
+        assert!(
+            Instant::now() < until,
+            "job {id} never reached {state:?}: {job:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
