@@ -483,7 +483,7 @@ impl ModelManager {
                     && self.loads_on_demand(name) =>
             {
                 let load = async {
-                    match self.load(name, None).await {
+                    match self.load_if_needed(name, None, true).await {
                         Ok(_) => Ok(()),
                         // Someone else's load may have won meanwhile.
                         Err(e) => self.acquire(name).map(|_| ()).map_err(|_| e),
@@ -619,6 +619,17 @@ impl ModelManager {
         name: &str,
         config_override: Option<&str>,
     ) -> Result<ModelInfo, ManagerError> {
+        self.load_if_needed(name, config_override, false).await
+    }
+
+    /// [`Self::load`]; with `unless_ready`, a model found READY once its turn comes (another
+    /// request's load won) is left as it is, so that many first requests cause one load.
+    async fn load_if_needed(
+        &self,
+        name: &str,
+        config_override: Option<&str>,
+        unless_ready: bool,
+    ) -> Result<ModelInfo, ManagerError> {
         let op = {
             let entries = self.entries.read();
             match entries.get(name) {
@@ -637,6 +648,9 @@ impl ModelManager {
         };
         let _op = op.lock().await;
         let was_ready = self.info(name)?.state == ModelState::Ready;
+        if was_ready && unless_ready {
+            return self.info(name);
+        }
         let (base, repo_model) = match self.base_for_load(name) {
             Ok(b) => b,
             Err(e) => {
@@ -1187,6 +1201,44 @@ mod tests {
             m.acquire_or_load("strict", None).await,
             Err(ManagerError::NotReady { .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn many_first_requests_cause_one_load() {
+        let r = repo(&[(
+            "lazy",
+            "identity",
+            0,
+            r#"{"load_on_demand": true}"#,
+            &[1],
+            0,
+        )]);
+        let m = Arc::new(with_repo(&r, 1000));
+        let mut sub = m
+            .bus
+            .subscribe(
+                "models.lazy.state",
+                veraltheim_bus::SubscribeOptions::new(64, veraltheim_bus::WhenFull::Reject),
+            )
+            .unwrap();
+        let calls: Vec<_> = (0..8)
+            .map(|_| {
+                let m = m.clone();
+                tokio::spawn(async move { m.acquire_or_load("lazy", None).await.map(|_| ()) })
+            })
+            .collect();
+        for c in calls {
+            c.await.unwrap().unwrap();
+        }
+        let mut states = Vec::new();
+        while let Ok(Some(e)) = tokio::time::timeout(Duration::from_millis(200), sub.recv()).await {
+            states.push(e.attributes["state"].clone());
+        }
+        assert_eq!(
+            states,
+            ["LOADING", "READY"],
+            "one load, not one per request"
+        );
     }
 
     #[tokio::test]
