@@ -244,7 +244,8 @@ impl ModelConfig {
         }
         let merged: ModelConfig =
             serde_json::from_value(base).map_err(|e| ConfigError::Json(e.to_string()))?;
-        merged.validate()?;
+        // Inputs may still be missing: backends that read them from the model file complete them.
+        merged.validate_declared()?;
         Ok(merged)
     }
 

@@ -130,6 +130,11 @@ def test_load_unload_reload_and_load_on_first_request(server_factory, minilm_rep
     assert "WRONG" in str(err.value)
     assert client.is_model_ready("minilm_onnx")
     assert_reference(embed(client, "minilm_onnx", [text["text"]]), [text])
+    # An override naming one field works on a model whose inputs come from its files.
+    client.load_model("minilm_onnx", config=json.dumps({"dynamic_batching": None}))
+    config = client.get_model_config("minilm_onnx").config
+    assert not config.HasField("dynamic_batching") and config.input[0].name == "TEXT"
+    assert_reference(embed(client, "minilm_onnx", [text["text"]]), [text])
     models = json.loads(cli("models", "--server", srv.grpc_url, "--json").stdout)
     m = {x["name"]: x for x in models}["minilm_onnx"]
     assert m["state"] == "READY" and m["device"] == "cpu" and m["memory_bytes"] > 0

@@ -80,6 +80,15 @@ fn main() -> ExitCode {
                 }
                 Ok(true)
             }
+            Command::Text(args) => {
+                let report = veraltheim_benches::load::text::text(&args).await?;
+                if args.json {
+                    println!("{}", serde_json::to_string(&report)?);
+                } else {
+                    print!("{}", report.text());
+                }
+                Ok(true)
+            }
             Command::Compute(args) => {
                 let (sizes, per_size) = compute_plan(&args.batch_sizes, args.compute_duration)
                     .map_err(anyhow::Error::msg)?;

@@ -66,6 +66,9 @@ pub enum Command {
     /// Slow-path restart time with many jobs in the store: open, recover, scheduler, and the
     /// real binary from spawn to ready.
     Restart(super::restart::RestartArgs),
+    /// A sentence embedder (all-MiniLM-L6-v2): in-process at its best batch size, served by
+    /// `veraltheim serve` with batching on, then reloaded with batching off.
+    Text(super::text::TextArgs),
 }
 
 #[derive(Args, Debug, Clone)]

@@ -99,8 +99,23 @@ pub async fn run_load(
     server_pid: Option<u32>,
     on_measure: Option<oneshot::Sender<()>>,
 ) -> anyhow::Result<LoadReport> {
+    let payload = infer_request(&spec.model, &spec.shape);
+    run_load_with(target, addr, spec, vec![payload], server_pid, on_measure).await
+}
+
+/// [`run_load`] with the caller's requests: closed-loop client `c` sends `payloads[c % n]`,
+/// open-loop request `i` sends `payloads[i % n]` (the `text` benchmark cycles sentences so).
+pub async fn run_load_with(
+    target: &str,
+    addr: &str,
+    spec: &LoadSpec,
+    payloads: Vec<pb::ModelInferRequest>,
+    server_pid: Option<u32>,
+    on_measure: Option<oneshot::Sender<()>>,
+) -> anyhow::Result<LoadReport> {
+    anyhow::ensure!(!payloads.is_empty(), "no request to send");
     let channels = connect(addr, spec.mode.channels()).await?;
-    let payload = Arc::new(infer_request(&spec.model, &spec.shape));
+    let payload: Arc<Vec<pb::ModelInferRequest>> = Arc::new(payloads);
     let mut report = match spec.mode {
         Mode::Closed {
             concurrency,
@@ -160,7 +175,7 @@ fn base_report(spec: &LoadSpec, channels: usize) -> LoadReport {
 
 async fn closed_loop(
     channels: &[Channel],
-    payload: Arc<pb::ModelInferRequest>,
+    payload: Arc<Vec<pb::ModelInferRequest>>,
     spec: &LoadSpec,
     concurrency: usize,
     clients_per_channel: usize,
@@ -192,7 +207,7 @@ async fn closed_loop(
                 if sent >= measure_to {
                     break;
                 }
-                let outcome = call(&mut client, &payload, timeout).await;
+                let outcome = call(&mut client, &payload[c % payload.len()], timeout).await;
                 let done = Instant::now();
                 // A request counts when it completes inside the measured window.
                 if done >= measure_from && done <= measure_to {
@@ -241,7 +256,7 @@ const MIN_SLEEP: Duration = Duration::from_micros(20);
 /// request up to 1 ms late) and spawns each call onto the runtime.
 async fn open_loop(
     channels: &[Channel],
-    payload: Arc<pb::ModelInferRequest>,
+    payload: Arc<Vec<pb::ModelInferRequest>>,
     spec: &LoadSpec,
     rate: f64,
     max_outstanding: usize,
@@ -305,7 +320,8 @@ async fn open_loop(
                 let tx = tx.clone();
                 handle.spawn(async move {
                     let sent = std::time::Instant::now();
-                    let result = call(&mut client, &payload, timeout).await;
+                    let request = &payload[(i % payload.len() as u64) as usize];
+                    let result = call(&mut client, request, timeout).await;
                     let done = std::time::Instant::now();
                     let _ = tx
                         .send(Outcome {

@@ -129,6 +129,19 @@ impl Coordinator {
         data_dir: Option<&Path>,
         extra: &[String],
     ) -> anyhow::Result<Coordinator> {
+        Self::start_in(binary, models, execution_threads, data_dir, None, extra).await
+    }
+
+    /// [`Coordinator::start_with`] serving `repository` (default: an empty `models/` in the
+    /// scratch directory); `models` are loaded at start.
+    pub async fn start_in(
+        binary: &Path,
+        models: &[String],
+        execution_threads: usize,
+        data_dir: Option<&Path>,
+        repository: Option<&Path>,
+        extra: &[String],
+    ) -> anyhow::Result<Coordinator> {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.subsec_nanos())
@@ -150,7 +163,7 @@ impl Coordinator {
             .arg("--data-dir")
             .arg(data_dir.map_or_else(|| dir.join("data"), Path::to_path_buf))
             .arg("--model-repository")
-            .arg(dir.join("models"))
+            .arg(repository.map_or_else(|| dir.join("models"), Path::to_path_buf))
             .args(extra);
         for m in models {
             cmd.arg("--load-model").arg(m);

@@ -3,7 +3,8 @@
 //! in the same run: a bare tonic echo server (the gRPC ceiling) and the model in-process (the
 //! compute ceiling). Two slow-path modes sit beside it: `jobs` (durable submissions per second,
 //! against the job store in-process with and without group commit) and `restart` (the slow
-//! path's restart time with many jobs in the store).
+//! path's restart time with many jobs in the store). `text` measures a sentence embedder served
+//! against the same model in-process and against the server with batching off.
 
 pub mod args;
 pub mod client;
@@ -16,3 +17,4 @@ pub mod report;
 pub mod restart;
 pub mod schedule;
 pub mod suite;
+pub mod text;

@@ -1,0 +1,571 @@
+//! The `text` benchmark: a sentence embedder (all-MiniLM-L6-v2) served by the real coordinator
+//! against the same model called in-process, and against the same server with batching off.
+//!
+//! 1. A scratch model repository is written with `import_sentence_transformers` (ONNX Runtime
+//!    from `--onnx`; with `--candle`, a candle copy too).
+//! 2. In-process: `backend::instantiate` then `Model::execute` on TEXT batches of 1, 8, 32, 64
+//!    sentences → sentences/s per batch size; the best one is the ceiling.
+//! 3. Served: `veraltheim serve --model-repository <scratch> --load-model <model>`, closed loop
+//!    at `--concurrency` with one sentence per KServe `ModelInfer` (TEXT, BYTES, `[1,1]`).
+//! 4. The model is reloaded through v1 `LoadModel` with `{"dynamic_batching": null}`; the
+//!    server's inference/execution counts over the window must then be 1:1; measured again.
+//! 5. Ratios: served/in-process best (target ≥ 0.9), batched/unbatched (target ≥ 2).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use bytes::Bytes;
+use clap::Args;
+use serde::Serialize;
+use tokio::sync::oneshot;
+use tonic::transport::Channel;
+use veraltheim_models::allocator::DeviceId;
+use veraltheim_models::backend::{self, BackendOptions};
+use veraltheim_models::repository::{
+    ImportBackend, ImportOptions, Repository, import_sentence_transformers,
+};
+use veraltheim_models::{Model, Tensor};
+use veraltheim_proto::inference::{self as pb, model_infer_request::InferInputTensor};
+use veraltheim_proto::v1::{self, model_service_client::ModelServiceClient};
+
+use super::args::{LoadOpts, MAX_BATCH, Shape, compute_plan};
+use super::client::run_load_with;
+use super::compute::ComputePoint;
+use super::coordinator::{Coordinator, ServerSide, default_binary};
+use super::report::LoadReport;
+
+/// At most this many executions per batch size, besides the time bound.
+const MAX_EXECUTIONS: u64 = 10_000_000;
+/// Most sentences taken from the sentences file.
+const MAX_SENTENCES: usize = 10_000;
+/// Targets of issue 4.
+pub const TARGET_VS_IN_PROCESS: f64 = 0.9;
+pub const TARGET_VS_UNBATCHED: f64 = 2.0;
+
+#[derive(Args, Debug, Clone)]
+pub struct TextArgs {
+    /// The sentence-transformers folder (config.json, tokenizer.json, 1_Pooling/...).
+    #[arg(long)]
+    pub model_dir: PathBuf,
+    /// The ONNX export of the encoder (testdata/minilm_onnx.py writes one).
+    #[arg(long)]
+    pub onnx: PathBuf,
+    /// Also import and measure the candle backend (the in-process baseline then needs this
+    /// load generator built with the benches crate's `candle` feature).
+    #[arg(long)]
+    pub candle: bool,
+    /// The coordinator binary (default: `veraltheim` next to this executable).
+    #[arg(long)]
+    pub veraltheim_bin: Option<PathBuf>,
+    /// JSON file with `items[].text`; the first --sentences non-empty texts are cycled.
+    #[arg(long, default_value = "testdata/minilm-reference.json")]
+    pub sentences_file: PathBuf,
+    #[arg(long, default_value_t = 8)]
+    pub sentences: usize,
+    /// Closed-loop clients, one sentence per request.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// Measured seconds of each served run.
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+    /// Warm-up seconds of each served run.
+    #[arg(long, default_value_t = 2.0)]
+    pub warmup: f64,
+    #[arg(long, default_value_t = 16)]
+    pub clients_per_channel: usize,
+    #[arg(long, default_value_t = 30.0)]
+    pub request_timeout: f64,
+    /// In-process batch sizes (sentences per `execute`).
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32,64")]
+    pub batch_sizes: Vec<usize>,
+    /// Seconds of in-process measurement per batch size.
+    #[arg(long, default_value_t = 3.0)]
+    pub compute_duration: f64,
+    /// `max_batch_size` written into the imported model's config.
+    #[arg(long, default_value_t = 64)]
+    pub max_batch_size: u32,
+    /// ONNX Runtime intra-op threads of the in-process model (0: its default, as the server's).
+    #[arg(long, default_value_t = 0)]
+    pub intra_op_threads: usize,
+    /// Passed to `veraltheim serve --execution-threads` (0 = its default).
+    #[arg(long, default_value_t = 0)]
+    pub execution_threads: usize,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// One served closed-loop run and what the server says it did over the window.
+#[derive(Clone, Debug, Serialize)]
+pub struct ServedRun {
+    pub load: LoadReport,
+    pub server: ServerSide,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BackendReport {
+    pub backend: &'static str,
+    pub model: String,
+    pub in_process: Vec<ComputePoint>,
+    pub best_batch: usize,
+    pub best_sentences_per_s: f64,
+    pub batched: ServedRun,
+    pub unbatched: ServedRun,
+    /// The reloaded config has no `dynamic_batching` and the window ran one request per batch.
+    pub batching_off_verified: bool,
+    /// The `config_json` of the batching-off reload (the short override, or the served config
+    /// with `dynamic_batching` null when the server refused the short one).
+    pub batching_off_override: String,
+    pub served_vs_in_process: f64,
+    pub batched_vs_unbatched: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct TextReport {
+    pub cores: usize,
+    pub sentences: usize,
+    pub mean_sentence_bytes: f64,
+    pub concurrency: usize,
+    pub backends: Vec<BackendReport>,
+}
+
+/// The first `n` non-empty `items[].text` of the reference file.
+pub fn read_sentences(path: &Path, n: usize) -> anyhow::Result<Vec<String>> {
+    if n == 0 || n > MAX_SENTENCES {
+        bail!("--sentences must be 1..={MAX_SENTENCES}");
+    }
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+    let items = v
+        .get("items")
+        .and_then(|i| i.as_array())
+        .with_context(|| format!("{} has no items[]", path.display()))?;
+    let out: Vec<String> = items
+        .iter()
+        .filter_map(|i| i.get("text").and_then(|t| t.as_str()))
+        .filter(|t| !t.trim().is_empty())
+        .take(n)
+        .map(str::to_string)
+        .collect();
+    if out.is_empty() {
+        bail!("{} has no non-empty items[].text", path.display());
+    }
+    Ok(out)
+}
+
+/// A TEXT batch of `batch` sentences, `[batch, 1]`, cycling `sentences` from `offset`.
+pub fn text_batch(sentences: &[String], batch: usize, offset: usize) -> anyhow::Result<Tensor> {
+    let elements: Vec<Bytes> = (0..batch)
+        .map(|i| Bytes::from(sentences[(offset + i) % sentences.len()].clone()))
+        .collect();
+    Ok(Tensor::from_elements("TEXT", &[batch as i64, 1], elements)?)
+}
+
+/// One sentence as KServe sends it with binary data: BYTES `[1,1]`, raw contents =
+/// 4-byte little-endian length + UTF-8.
+pub fn text_request(model: &str, sentence: &str) -> pb::ModelInferRequest {
+    let mut raw = Vec::with_capacity(4 + sentence.len());
+    raw.extend_from_slice(&(sentence.len() as u32).to_le_bytes());
+    raw.extend_from_slice(sentence.as_bytes());
+    pb::ModelInferRequest {
+        model_name: model.to_string(),
+        inputs: vec![InferInputTensor {
+            name: "TEXT".into(),
+            datatype: "BYTES".into(),
+            shape: vec![1, 1],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![Bytes::from(raw)],
+        ..Default::default()
+    }
+}
+
+fn onnxruntime_library() -> Option<PathBuf> {
+    std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from)
+}
+
+/// The in-process ceiling of the repository model `name`.
+fn in_process(
+    repository: &Path,
+    name: &str,
+    sentences: &[String],
+    batch_sizes: &[usize],
+    per_size: Duration,
+    intra_op_threads: usize,
+) -> anyhow::Result<Vec<ComputePoint>> {
+    let repo_model = Repository::new(repository).model(name)?;
+    let dir = repo_model.version_dir();
+    let options = BackendOptions {
+        onnxruntime_library: onnxruntime_library(),
+        intra_op_threads,
+    };
+    let model = backend::instantiate(repo_model.config, Some(&dir), DeviceId::Cpu, &options)?;
+    let mut points = Vec::with_capacity(batch_sizes.len());
+    for &batch in batch_sizes {
+        points.push(measure(model.as_ref(), sentences, batch, per_size)?);
+    }
+    Ok(points)
+}
+
+fn measure(
+    model: &dyn Model,
+    sentences: &[String],
+    batch: usize,
+    per_size: Duration,
+) -> anyhow::Result<ComputePoint> {
+    // Batches starting at each sentence, so that every batch size sees the same mix.
+    let inputs: Vec<[Tensor; 1]> = (0..sentences.len())
+        .map(|o| text_batch(sentences, batch, o).map(|t| [t]))
+        .collect::<anyhow::Result<_>>()?;
+    model.execute(&inputs[0])?;
+    let start = Instant::now();
+    let mut executions = 0u64;
+    while executions < MAX_EXECUTIONS {
+        let input = &inputs[(executions % inputs.len() as u64) as usize];
+        std::hint::black_box(model.execute(input)?);
+        executions += 1;
+        if start.elapsed() >= per_size {
+            break;
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    Ok(ComputePoint {
+        batch,
+        executions,
+        us_per_batch: secs * 1e6 / executions as f64,
+        items_per_s: (executions as usize * batch) as f64 / secs,
+    })
+}
+
+/// A closed-loop run against the coordinator with the server's counters over the window.
+async fn served(
+    coordinator: &Coordinator,
+    args: &TextArgs,
+    model: &str,
+    sentences: &[String],
+) -> anyhow::Result<ServedRun> {
+    let spec = LoadOpts {
+        model: model.to_string(),
+        shape: Shape(vec![1, 1]),
+        concurrency: Some(args.concurrency),
+        rate: None,
+        duration: args.duration,
+        warmup: args.warmup,
+        clients_per_channel: args.clients_per_channel,
+        channels: 4,
+        max_outstanding: 1024,
+        request_timeout: args.request_timeout,
+    }
+    .spec()
+    .map_err(anyhow::Error::msg)?;
+    let payloads: Vec<pb::ModelInferRequest> =
+        sentences.iter().map(|s| text_request(model, s)).collect();
+    let addr = coordinator.addr().to_string();
+    let (tx, rx) = oneshot::channel();
+    let at_start = async {
+        let _ = rx.await;
+        coordinator.counts(model).await
+    };
+    let (load, before) = tokio::join!(
+        run_load_with(
+            "coordinator",
+            &addr,
+            &spec,
+            payloads,
+            coordinator.pid(),
+            Some(tx)
+        ),
+        at_start
+    );
+    let load = load?;
+    let before = before.context("ModelStatistics at the window's start")?;
+    let after = coordinator
+        .counts(model)
+        .await
+        .context("ModelStatistics at the window's end")?;
+    let window = load.cpu.as_ref().map_or(load.window_s, |c| c.wall_s);
+    Ok(ServedRun {
+        server: after.since(&before, window),
+        load,
+    })
+}
+
+/// The override that turns batching off.
+const BATCHING_OFF: &str = r#"{"dynamic_batching": null}"#;
+
+/// Reloads `model` through v1 `LoadModel` with batching off; returns the config as served and
+/// the override that was sent. `{"dynamic_batching": null}` alone is tried first; a server that
+/// refuses it (an imported text model declares its inputs only once loaded, and the override is
+/// validated against the folder's config) gets the served config with `dynamic_batching` null.
+async fn reload_unbatched(
+    coordinator: &Coordinator,
+    model: &str,
+) -> anyhow::Result<(String, String)> {
+    let channel = Channel::from_shared(format!("http://{}", coordinator.addr()))?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await?;
+    let client = ModelServiceClient::new(channel);
+    let load = |config_json: String| {
+        let mut client = client.clone();
+        async move {
+            client
+                .load_model(v1::LoadModelRequest {
+                    name: model.to_string(),
+                    config_json,
+                })
+                .await
+        }
+    };
+    let (m, sent) = match load(BATCHING_OFF.to_string()).await {
+        Ok(m) => (m.into_inner(), BATCHING_OFF.to_string()),
+        Err(status) if status.code() == tonic::Code::InvalidArgument => {
+            say(&format!(
+                "  the server refused {BATCHING_OFF} ({}); sending the served config with dynamic_batching null",
+                status.message()
+            ));
+            let served = client
+                .clone()
+                .get_model(v1::GetModelRequest {
+                    name: model.to_string(),
+                })
+                .await
+                .with_context(|| format!("GetModel {model}"))?
+                .into_inner();
+            let mut config: serde_json::Value = serde_json::from_str(&served.config_json)
+                .with_context(|| format!("the served config of {model} is not JSON"))?;
+            let map = config
+                .as_object_mut()
+                .with_context(|| format!("the served config of {model} is not an object"))?;
+            map.insert("dynamic_batching".into(), serde_json::Value::Null);
+            let full = config.to_string();
+            let m = load(full.clone())
+                .await
+                .with_context(|| format!("LoadModel {model} with batching off"))?;
+            (m.into_inner(), full)
+        }
+        Err(status) => {
+            return Err(status).with_context(|| format!("LoadModel {model} with batching off"));
+        }
+    };
+    if m.state != v1::ModelState::Ready as i32 {
+        bail!("{model} is not READY after the reload: {}", m.reason);
+    }
+    Ok((m.config_json, sent))
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 { a / b } else { 0.0 }
+}
+
+fn say(msg: &str) {
+    eprintln!("[text] {msg}");
+}
+
+/// Runs the whole benchmark.
+pub async fn text(args: &TextArgs) -> anyhow::Result<TextReport> {
+    let (batch_sizes, per_size) =
+        compute_plan(&args.batch_sizes, args.compute_duration).map_err(anyhow::Error::msg)?;
+    if args.max_batch_size == 0 || args.max_batch_size as usize > MAX_BATCH {
+        bail!("--max-batch-size must be 1..={MAX_BATCH}");
+    }
+    let sentences = read_sentences(&args.sentences_file, args.sentences)?;
+    let binary = match &args.veraltheim_bin {
+        Some(b) => b.clone(),
+        None => default_binary()?,
+    };
+    let scratch = tempfile::tempdir().context("cannot create the scratch repository")?;
+    let repository = scratch.path().join("models");
+    let mut plan = vec![(ImportBackend::OnnxRuntime, "minilm".to_string())];
+    if args.candle {
+        plan.push((ImportBackend::Candle, "minilm-candle".to_string()));
+    }
+    for (b, name) in &plan {
+        import_sentence_transformers(
+            &args.model_dir,
+            &repository,
+            &ImportOptions {
+                name: name.clone(),
+                backend: *b,
+                onnx: matches!(b, ImportBackend::OnnxRuntime).then(|| args.onnx.clone()),
+                max_batch_size: args.max_batch_size,
+                force: false,
+            },
+        )?;
+    }
+
+    // In-process first, with no server running.
+    let mut ceilings = Vec::with_capacity(plan.len());
+    for (b, name) in &plan {
+        say(&format!("in-process {name} ({})", b.name()));
+        let (repo, name2, s2, sizes) = (
+            repository.clone(),
+            name.clone(),
+            sentences.clone(),
+            batch_sizes.clone(),
+        );
+        let threads = args.intra_op_threads;
+        let points = tokio::task::spawn_blocking(move || {
+            in_process(&repo, &name2, &s2, &sizes, per_size, threads)
+        })
+        .await
+        .context("the in-process run panicked")?
+        .with_context(|| format!("in-process {name}"))?;
+        for p in &points {
+            say(&format!(
+                "  batch {:>3}: {:>8.1} sentences/s ({:.0} µs/batch, {} executions)",
+                p.batch, p.items_per_s, p.us_per_batch, p.executions
+            ));
+        }
+        ceilings.push(points);
+    }
+
+    let names: Vec<String> = plan.iter().map(|(_, n)| n.clone()).collect();
+    say(&format!("starting {}", binary.display()));
+    let coordinator = Coordinator::start_in(
+        &binary,
+        &names,
+        args.execution_threads,
+        None,
+        Some(&repository),
+        &[],
+    )
+    .await?;
+    let mut backends = Vec::with_capacity(plan.len());
+    for ((b, name), points) in plan.iter().zip(ceilings) {
+        say(&format!("served {name}, batching on"));
+        let batched = served(&coordinator, args, name, &sentences).await?;
+        say(&format!("  {}", batched.load.line()));
+        say(&format!("reloading {name} with batching off"));
+        let (config, override_sent) = reload_unbatched(&coordinator, name).await?;
+        let config_off = serde_json::from_str::<serde_json::Value>(&config)
+            .ok()
+            .is_some_and(|c| c.get("dynamic_batching").is_none_or(|d| d.is_null()));
+        say(&format!("served {name}, batching off"));
+        let unbatched = served(&coordinator, args, name, &sentences).await?;
+        say(&format!("  {}", unbatched.load.line()));
+        let one_per_batch = unbatched.server.executions > 0
+            && unbatched.server.inferences == unbatched.server.executions;
+        let best = points
+            .iter()
+            .max_by(|a, b| a.items_per_s.total_cmp(&b.items_per_s))
+            .context("no batch size")?;
+        backends.push(BackendReport {
+            backend: b.name(),
+            model: name.clone(),
+            best_batch: best.batch,
+            best_sentences_per_s: best.items_per_s,
+            served_vs_in_process: ratio(batched.load.throughput_rps, best.items_per_s),
+            batched_vs_unbatched: ratio(batched.load.throughput_rps, unbatched.load.throughput_rps),
+            batching_off_verified: config_off && one_per_batch,
+            batching_off_override: if override_sent == BATCHING_OFF {
+                override_sent
+            } else {
+                "served config + {\"dynamic_batching\": null}".into()
+            },
+            in_process: points,
+            batched,
+            unbatched,
+        });
+    }
+    let status = coordinator.stop().await?;
+    if !status.success() {
+        eprintln!("warning: the coordinator exited with {status} after SIGTERM");
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    Ok(TextReport {
+        cores,
+        mean_sentence_bytes: sentences.iter().map(String::len).sum::<usize>() as f64
+            / sentences.len() as f64,
+        sentences: sentences.len(),
+        concurrency: args.concurrency,
+        backends,
+    })
+}
+
+fn opt(v: Option<f64>, digits: usize) -> String {
+    v.map_or_else(|| "-".into(), |x| format!("{x:.digits$}"))
+}
+
+fn verdict(value: f64, target: f64) -> &'static str {
+    if value >= target { "met" } else { "NOT met" }
+}
+
+impl TextReport {
+    pub fn text(&self) -> String {
+        let mut s = format!(
+            "text: {} sentences (mean {:.1} bytes) cycled, concurrency {}, {} cores\n",
+            self.sentences, self.mean_sentence_bytes, self.concurrency, self.cores
+        );
+        for b in &self.backends {
+            for p in &b.in_process {
+                s.push_str(&format!(
+                    "in-process {:<14} batch {:>3}  {:>9.1} sentences/s  {:>9.0} µs/batch\n",
+                    b.model, p.batch, p.items_per_s, p.us_per_batch
+                ));
+            }
+            for (label, r) in [("batched", &b.batched), ("unbatched", &b.unbatched)] {
+                let errors: u64 = r.load.errors.values().sum();
+                s.push_str(&format!(
+                    "served     {:<14} {:<9} {:>9.1} sentences/s  p50 {} µs  p99 {} µs  errors {}  server avg batch {}  queue {} µs  execute busy {}\n",
+                    b.model,
+                    label,
+                    r.load.throughput_rps,
+                    r.load.latency_us.p50_us,
+                    r.load.latency_us.p99_us,
+                    errors,
+                    opt(r.server.average_batch, 2),
+                    opt(r.server.mean_queue_us, 0),
+                    opt(r.server.execute_busy, 2),
+                ));
+            }
+            s.push_str(&format!(
+                "ratio      {:<14} served/in-process(best, batch {}) {:.3} (target ≥ {TARGET_VS_IN_PROCESS}: {})  batched/unbatched {:.3} (target ≥ {TARGET_VS_UNBATCHED}: {})  batching off verified: {} (config_json: {})\n",
+                b.model,
+                b.best_batch,
+                b.served_vs_in_process,
+                verdict(b.served_vs_in_process, TARGET_VS_IN_PROCESS),
+                b.batched_vs_unbatched,
+                verdict(b.batched_vs_unbatched, TARGET_VS_UNBATCHED),
+                b.batching_off_verified,
+                b.batching_off_override,
+            ));
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_is_length_prefixed_utf8() {
+        let r = text_request("minilm", "héllo");
+        assert_eq!(r.inputs[0].shape, vec![1, 1]);
+        assert_eq!(r.inputs[0].datatype, "BYTES");
+        let raw = &r.raw_input_contents[0];
+        assert_eq!(&raw[..4], &6u32.to_le_bytes());
+        assert_eq!(&raw[4..], "héllo".as_bytes());
+    }
+
+    #[test]
+    fn batches_cycle_sentences() {
+        let s = vec!["a".to_string(), "b".to_string(), "c".to_string()];
+        let t = text_batch(&s, 5, 1).unwrap();
+        assert_eq!(t.shape, vec![5, 1]);
+        assert_eq!(t.batch_size(), 5);
+    }
+
+    #[test]
+    fn reference_sentences_are_read() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/minilm-reference.json");
+        let s = read_sentences(&path, 8).unwrap();
+        assert_eq!(s.len(), 8);
+        assert!(s.iter().all(|t| !t.is_empty()));
+        assert!(read_sentences(&path, 0).is_err());
+    }
+}
