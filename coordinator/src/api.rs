@@ -226,7 +226,7 @@ fn memory_message(
                         bytes: h.bytes,
                         pinned: h.pinned,
                         in_flight: u64::from(h.in_flight),
-                        state: h.state.as_str().to_string(),
+                        state: h.state.as_str().to_ascii_uppercase(),
                     })
                     .collect(),
             })
