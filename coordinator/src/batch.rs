@@ -19,11 +19,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use futures::StreamExt;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
-use veraltheim_models::tensor::TensorData;
 use veraltheim_models::{DataType, ModelConfig, Tensor};
 
 use futures::future::BoxFuture;
@@ -31,6 +30,7 @@ use veraltheim_slowpath::job::JobKind;
 use veraltheim_slowpath::{ExecError, Execution, InferenceExecutor, JobSpec, Outcome, ProgressFn};
 
 use crate::context::{Context, InferCall};
+use crate::convert;
 
 /// The coordinator's [`InferenceExecutor`]: inference jobs run through [`run`], at most
 /// `concurrency` requests of one job in flight.
@@ -318,108 +318,20 @@ pub fn parse_line(config: &ModelConfig, line: &str) -> Result<Vec<Tensor>, Strin
 
 /// A nested JSON array as a tensor of `datatype` (the nesting gives the shape).
 fn json_tensor(name: &str, datatype: DataType, value: &Value) -> Result<Tensor, String> {
-    let mut shape = Vec::new();
-    let mut probe = value;
-    while let Value::Array(items) = probe {
-        shape.push(items.len() as i64);
-        match items.first() {
-            Some(first) => probe = first,
-            None => break,
-        }
-    }
-    let mut leaves = Vec::new();
-    flatten(value, &mut leaves);
-    let expected: i64 = shape.iter().product();
-    if leaves.len() as i64 != expected {
-        return Err(format!("input '{name}': ragged array (shape {shape:?})"));
-    }
-    if datatype == DataType::Bytes {
-        let items = leaves
-            .iter()
-            .map(|v| {
-                v.as_str()
-                    .map(|s| Bytes::from(s.to_string()))
-                    .ok_or_else(|| format!("input '{name}': BYTES elements must be strings"))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        return Tensor::from_elements(name, &shape, items).map_err(|e| e.to_string());
-    }
-    let mut raw = BytesMut::new();
-    for v in &leaves {
-        let bad = || format!("input '{name}': {v} is not a {datatype}");
-        match datatype {
-            DataType::Fp32 => raw.put_f32_le(v.as_f64().ok_or_else(bad)? as f32),
-            DataType::Fp64 => raw.put_f64_le(v.as_f64().ok_or_else(bad)?),
-            DataType::Int64 => raw.put_i64_le(v.as_i64().ok_or_else(bad)?),
-            DataType::Int32 => raw.put_i32_le(int(v).ok_or_else(bad)?),
-            DataType::Int16 => raw.put_i16_le(int(v).ok_or_else(bad)?),
-            DataType::Int8 => raw.put_i8(int(v).ok_or_else(bad)?),
-            DataType::Uint64 => raw.put_u64_le(v.as_u64().ok_or_else(bad)?),
-            DataType::Uint32 => raw.put_u32_le(int(v).ok_or_else(bad)?),
-            DataType::Uint16 => raw.put_u16_le(int(v).ok_or_else(bad)?),
-            DataType::Uint8 => raw.put_u8(int(v).ok_or_else(bad)?),
-            DataType::Bool => raw.put_u8(u8::from(v.as_bool().ok_or_else(bad)?)),
-            other => {
-                return Err(format!(
-                    "input '{name}': {other} is not supported in JSON lines"
-                ));
-            }
-        }
-    }
-    Tensor::from_raw(name, datatype, &shape, raw.freeze()).map_err(|e| e.to_string())
-}
-
-fn int<T: TryFrom<i64>>(v: &Value) -> Option<T> {
-    T::try_from(v.as_i64()?).ok()
-}
-
-fn flatten<'a>(v: &'a Value, out: &mut Vec<&'a Value>) {
-    match v {
-        Value::Array(items) => items.iter().for_each(|i| flatten(i, out)),
-        leaf => out.push(leaf),
-    }
+    let wire = convert::json_to_v1(name, convert::v1_datatype(datatype) as i32, value)?;
+    convert::from_v1(wire).map_err(|s| s.message().to_string())
 }
 
 /// An output tensor as `{"datatype", "shape", "data"}` with the data flat, row-major.
 fn tensor_json(t: &Tensor) -> Result<Value, String> {
-    let data: Vec<Value> = match &t.data {
-        TensorData::Bytes(items) => items
-            .iter()
-            .map(|b| Value::String(String::from_utf8_lossy(b).into_owned()))
-            .collect(),
-        TensorData::Fixed(raw) => {
-            let size = t.datatype.element_size().unwrap_or(1);
-            raw.chunks_exact(size)
-                .map(|c| -> Result<Value, String> {
-                    Ok(match t.datatype {
-                        DataType::Fp32 => json!(f32::from_le_bytes(arr(c)?)),
-                        DataType::Fp64 => json!(f64::from_le_bytes(arr(c)?)),
-                        DataType::Int64 => json!(i64::from_le_bytes(arr(c)?)),
-                        DataType::Int32 => json!(i32::from_le_bytes(arr(c)?)),
-                        DataType::Int16 => json!(i16::from_le_bytes(arr(c)?)),
-                        DataType::Int8 => json!(i8::from_le_bytes(arr(c)?)),
-                        DataType::Uint64 => json!(u64::from_le_bytes(arr(c)?)),
-                        DataType::Uint32 => json!(u32::from_le_bytes(arr(c)?)),
-                        DataType::Uint16 => json!(u16::from_le_bytes(arr(c)?)),
-                        DataType::Uint8 => json!(c[0]),
-                        DataType::Bool => json!(c[0] != 0),
-                        other => {
-                            return Err(format!(
-                                "output '{}': {other} has no JSON form here",
-                                t.name
-                            ));
-                        }
-                    })
-                })
-                .collect::<Result<_, _>>()?
-        }
-    };
+    if matches!(t.datatype, DataType::Fp16 | DataType::Bf16) {
+        return Err(format!(
+            "output '{}': {} has no JSON form here",
+            t.name, t.datatype
+        ));
+    }
+    let data = convert::v1_values_json(&convert::to_v1(t, false));
     Ok(json!({"datatype": t.datatype.as_str(), "shape": t.shape, "data": data}))
-}
-
-fn arr<const N: usize>(c: &[u8]) -> Result<[u8; N], String> {
-    c.try_into()
-        .map_err(|_| "internal: element size".to_string())
 }
 
 #[cfg(test)]

@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context as _, anyhow, bail};
-use bytes::Bytes;
 use serde_json::{Value, json};
 use tonic::transport::{Channel, Endpoint};
 use veraltheim_models::allocator::format_bytes;
@@ -141,69 +140,10 @@ fn state_name(s: i32) -> String {
         .unwrap_or_else(|_| s.to_string())
 }
 
-/// Flattens a nested JSON array into its shape and leaves; ragged arrays are refused.
-fn flatten(v: &Value) -> anyhow::Result<(Vec<i64>, Vec<Value>)> {
-    match v {
-        Value::Array(items) => {
-            let mut shape = None;
-            let mut leaves = Vec::new();
-            for item in items {
-                let (s, l) = flatten(item)?;
-                match &shape {
-                    None => shape = Some(s),
-                    Some(prev) if *prev != s => {
-                        bail!("ragged array: rows of shapes {prev:?} and {s:?}")
-                    }
-                    Some(_) => {}
-                }
-                leaves.extend(l);
-            }
-            let mut full = vec![items.len() as i64];
-            full.extend(shape.unwrap_or_default());
-            Ok((full, leaves))
-        }
-        leaf => Ok((Vec::new(), vec![leaf.clone()])),
-    }
-}
-
 fn to_tensor(name: &str, datatype: i32, text: &str) -> anyhow::Result<v1::Tensor> {
     let parsed: Value =
         serde_json::from_str(text).with_context(|| format!("input '{name}': not valid JSON"))?;
-    let (shape, leaves) = flatten(&parsed).with_context(|| format!("input '{name}'"))?;
-    let dt = v1::DataType::try_from(datatype).unwrap_or(v1::DataType::Unspecified);
-    let mut values = v1::TensorValues::default();
-    let bad = |v: &Value| anyhow!("input '{name}': {v} is not a {}", datatype_name(datatype));
-    for leaf in &leaves {
-        use v1::DataType as D;
-        match dt {
-            D::Bool => values.bools.push(leaf.as_bool().ok_or_else(|| bad(leaf))?),
-            D::Int8 | D::Int16 | D::Int32 | D::Int64 => {
-                values.ints.push(leaf.as_i64().ok_or_else(|| bad(leaf))?)
-            }
-            D::Uint8 | D::Uint16 | D::Uint32 | D::Uint64 => {
-                values.uints.push(leaf.as_u64().ok_or_else(|| bad(leaf))?)
-            }
-            D::Fp32 => values
-                .fp32
-                .push(leaf.as_f64().ok_or_else(|| bad(leaf))? as f32),
-            D::Fp64 => values.fp64.push(leaf.as_f64().ok_or_else(|| bad(leaf))?),
-            D::Bytes => values.bytes.push(Bytes::from(
-                leaf.as_str()
-                    .map(str::to_string)
-                    .unwrap_or_else(|| leaf.to_string()),
-            )),
-            _ => bail!(
-                "input '{name}': {} values cannot be given as JSON",
-                datatype_name(datatype)
-            ),
-        }
-    }
-    Ok(v1::Tensor {
-        name: name.to_string(),
-        datatype,
-        shape,
-        data: Some(v1::tensor::Data::Values(values)),
-    })
+    crate::convert::json_to_v1(name, datatype, &parsed).map_err(|e| anyhow!(e))
 }
 
 fn nest(values: &[Value], shape: &[i64]) -> Value {
@@ -228,20 +168,7 @@ fn nest(values: &[Value], shape: &[i64]) -> Value {
 }
 
 fn tensor_json(t: &v1::Tensor) -> Value {
-    let values: Vec<Value> = match &t.data {
-        Some(v1::tensor::Data::Values(v)) => {
-            let mut out: Vec<Value> = Vec::new();
-            out.extend(v.bools.iter().map(|x| json!(x)));
-            out.extend(v.ints.iter().map(|x| json!(x)));
-            out.extend(v.uints.iter().map(|x| json!(x)));
-            out.extend(v.fp32.iter().map(|x| json!(x)));
-            out.extend(v.fp64.iter().map(|x| json!(x)));
-            out.extend(v.bytes.iter().map(|x| json!(String::from_utf8_lossy(x))));
-            out
-        }
-        Some(v1::tensor::Data::Raw(r)) => vec![json!(format!("<{} raw bytes>", r.len()))],
-        None => Vec::new(),
-    };
+    let values = crate::convert::v1_values_json(t);
     json!({
         "name": t.name,
         "datatype": datatype_name(t.datatype),
@@ -686,10 +613,10 @@ mod tests {
 
     #[test]
     fn flatten_gives_shape_and_refuses_ragged() {
-        let (shape, leaves) = flatten(&json!([[1, 2, 3], [4, 5, 6]])).unwrap();
+        let (shape, leaves) = crate::convert::flatten(&json!([[1, 2, 3], [4, 5, 6]])).unwrap();
         assert_eq!(shape, vec![2, 3]);
         assert_eq!(leaves.len(), 6);
-        assert!(flatten(&json!([[1, 2], [3]])).is_err());
+        assert!(crate::convert::flatten(&json!([[1, 2], [3]])).is_err());
         assert_eq!(nest(&leaves, &shape), json!([[1, 2, 3], [4, 5, 6]]));
     }
 

@@ -2,6 +2,7 @@
 //! to and from [`Tensor`]. Every refusal names the input and says what is wrong.
 
 use bytes::{BufMut, Bytes, BytesMut};
+use serde_json::{Value, json};
 use tonic::Status;
 use veraltheim_models::{DataType, Tensor, TensorData, tensor::shape_from_wire};
 use veraltheim_proto::inference::{self as kserve, model_infer_request::InferInputTensor};
@@ -354,6 +355,91 @@ pub fn to_v1(t: &Tensor, raw: bool) -> v1::Tensor {
         datatype: v1_datatype(t.datatype) as i32,
         shape: shape_to_wire(&t.shape),
         data: Some(data),
+    }
+}
+
+/// Flattens a nested JSON array into its shape and leaves; ragged arrays are refused.
+pub fn flatten(v: &Value) -> Result<(Vec<i64>, Vec<Value>), String> {
+    match v {
+        Value::Array(items) => {
+            let mut shape = None;
+            let mut leaves = Vec::new();
+            for item in items {
+                let (s, l) = flatten(item)?;
+                match &shape {
+                    None => shape = Some(s),
+                    Some(prev) if *prev != s => {
+                        return Err(format!("ragged array: rows of shapes {prev:?} and {s:?}"));
+                    }
+                    Some(_) => {}
+                }
+                leaves.extend(l);
+            }
+            let mut full = vec![items.len() as i64];
+            full.extend(shape.unwrap_or_default());
+            Ok((full, leaves))
+        }
+        leaf => Ok((Vec::new(), vec![leaf.clone()])),
+    }
+}
+
+/// A nested JSON array as a `veraltheim.v1` tensor of typed values (the nesting gives the
+/// shape); used by the CLI's `infer -i` and by batch inference jobs' input lines.
+pub fn json_to_v1(name: &str, datatype: i32, value: &Value) -> Result<v1::Tensor, String> {
+    let (shape, leaves) = flatten(value).map_err(|e| format!("input '{name}': {e}"))?;
+    let dt = v1::DataType::try_from(datatype).unwrap_or(v1::DataType::Unspecified);
+    let type_name = dt.as_str_name().trim_start_matches("DATA_TYPE_");
+    let mut values = v1::TensorValues::default();
+    let bad = |v: &Value| format!("input '{name}': {v} is not a {type_name}");
+    for leaf in &leaves {
+        use v1::DataType as D;
+        match dt {
+            D::Bool => values.bools.push(leaf.as_bool().ok_or_else(|| bad(leaf))?),
+            D::Int8 | D::Int16 | D::Int32 | D::Int64 => {
+                values.ints.push(leaf.as_i64().ok_or_else(|| bad(leaf))?)
+            }
+            D::Uint8 | D::Uint16 | D::Uint32 | D::Uint64 => {
+                values.uints.push(leaf.as_u64().ok_or_else(|| bad(leaf))?)
+            }
+            D::Fp32 => values
+                .fp32
+                .push(leaf.as_f64().ok_or_else(|| bad(leaf))? as f32),
+            D::Fp64 => values.fp64.push(leaf.as_f64().ok_or_else(|| bad(leaf))?),
+            D::Bytes => values.bytes.push(Bytes::from(
+                leaf.as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| leaf.to_string()),
+            )),
+            _ => {
+                return Err(format!(
+                    "input '{name}': {type_name} values cannot be given as JSON"
+                ));
+            }
+        }
+    }
+    Ok(v1::Tensor {
+        name: name.to_string(),
+        datatype,
+        shape,
+        data: Some(v1::tensor::Data::Values(values)),
+    })
+}
+
+/// A `veraltheim.v1` tensor's values as flat JSON (raw contents as a placeholder string).
+pub fn v1_values_json(t: &v1::Tensor) -> Vec<Value> {
+    match &t.data {
+        Some(v1::tensor::Data::Values(v)) => {
+            let mut out: Vec<Value> = Vec::new();
+            out.extend(v.bools.iter().map(|x| json!(x)));
+            out.extend(v.ints.iter().map(|x| json!(x)));
+            out.extend(v.uints.iter().map(|x| json!(x)));
+            out.extend(v.fp32.iter().map(|x| json!(x)));
+            out.extend(v.fp64.iter().map(|x| json!(x)));
+            out.extend(v.bytes.iter().map(|x| json!(String::from_utf8_lossy(x))));
+            out
+        }
+        Some(v1::tensor::Data::Raw(r)) => vec![json!(format!("<{} raw bytes>", r.len()))],
+        None => Vec::new(),
     }
 }
 
