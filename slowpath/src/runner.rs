@@ -787,6 +787,38 @@ mod tests {
     use crate::local::LocalExecutor;
     use crate::scheduler::{QueueConfig, Quota};
 
+    /// Runs the runner's loop on its own task until the returned token is cancelled.
+    fn run_loop<S: Store + 'static>(
+        runner: &Runner<S>,
+    ) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+        let shutdown = CancellationToken::new();
+        let task = {
+            let runner = runner.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move { runner.run(shutdown).await })
+        };
+        (shutdown, task)
+    }
+
+    /// A runner over an in-memory store and a local executor in `dir`, its loop running.
+    fn started(
+        dir: &std::path::Path,
+        max_running: usize,
+    ) -> (
+        Runner<MemoryStore>,
+        CancellationToken,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let runner = Runner::new(
+            JobStore::new(MemoryStore::new()),
+            LocalExecutor::new(dir),
+            config(max_running),
+        )
+        .unwrap();
+        let (shutdown, task) = run_loop(&runner);
+        (runner, shutdown, task)
+    }
+
     fn config(max_running: usize) -> RunnerConfig {
         RunnerConfig {
             scheduler: SchedulerConfig {
@@ -861,12 +893,7 @@ mod tests {
         )
         .unwrap();
         runner.start().await.unwrap();
-        let shutdown = CancellationToken::new();
-        let loop_task = {
-            let runner = runner.clone();
-            let shutdown = shutdown.clone();
-            tokio::spawn(async move { runner.run(shutdown).await })
-        };
+        let (shutdown, loop_task) = run_loop(&runner);
         let mut ok = Vec::new();
         for i in 0..3 {
             ok.push(
@@ -915,18 +942,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn running_jobs_never_exceed_the_slots() {
         let dir = tempfile::tempdir().unwrap();
-        let runner = Runner::new(
-            JobStore::new(MemoryStore::new()),
-            LocalExecutor::new(dir.path()),
-            config(2),
-        )
-        .unwrap();
-        let shutdown = CancellationToken::new();
-        let loop_task = {
-            let runner = runner.clone();
-            let shutdown = shutdown.clone();
-            tokio::spawn(async move { runner.run(shutdown).await })
-        };
+        let (runner, shutdown, loop_task) = started(dir.path(), 2);
         let mut ids = Vec::new();
         for i in 0..6 {
             let mut s = spec(&format!("j{i}"), "sleep 0.1", 0);
@@ -990,12 +1006,7 @@ mod tests {
         let store = JobStore::new(RedbStore::open(&path, StoreOptions::default()).unwrap());
         let runner = Runner::new(store, LocalExecutor::new(dir.path()), config(2)).unwrap();
         runner.start().await.unwrap();
-        let shutdown = CancellationToken::new();
-        let loop_task = {
-            let runner = runner.clone();
-            let shutdown = shutdown.clone();
-            tokio::spawn(async move { runner.run(shutdown).await })
-        };
+        let (shutdown, loop_task) = run_loop(&runner);
         for id in [&running, &retrying] {
             let deadline = std::time::Instant::now() + Duration::from_secs(20);
             let rec = loop {
@@ -1023,18 +1034,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_finished_job_and_its_logs_are_deleted_after_its_ttl() {
         let dir = tempfile::tempdir().unwrap();
-        let runner = Runner::new(
-            JobStore::new(MemoryStore::new()),
-            LocalExecutor::new(dir.path()),
-            config(2),
-        )
-        .unwrap();
-        let shutdown = CancellationToken::new();
-        let loop_task = {
-            let runner = runner.clone();
-            let shutdown = shutdown.clone();
-            tokio::spawn(async move { runner.run(shutdown).await })
-        };
+        let (runner, shutdown, loop_task) = started(dir.path(), 2);
         let mut short = spec("short", "echo bye", 0);
         short.ttl_seconds_after_finished = Some(1);
         let short = runner.submit(short).await.unwrap().id;
@@ -1087,18 +1087,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn cancel_a_running_and_a_waiting_job_and_reject_impossible_ones() {
         let dir = tempfile::tempdir().unwrap();
-        let runner = Runner::new(
-            JobStore::new(MemoryStore::new()),
-            LocalExecutor::new(dir.path()),
-            config(1),
-        )
-        .unwrap();
-        let shutdown = CancellationToken::new();
-        let loop_task = {
-            let runner = runner.clone();
-            let shutdown = shutdown.clone();
-            tokio::spawn(async move { runner.run(shutdown).await })
-        };
+        let (runner, shutdown, loop_task) = started(dir.path(), 1);
         let long = runner.submit(spec("long", "sleep 30", 0)).await.unwrap().id;
         let next = runner.submit(spec("next", "sleep 30", 0)).await.unwrap().id;
         wait_for(&runner, &long, |r| r.state == JobState::Running).await;
