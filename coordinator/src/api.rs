@@ -248,6 +248,7 @@ impl ModelService for Api {
         request: Request<v1::ListModelsRequest>,
     ) -> Result<Response<v1::ListModelsResponse>, Status> {
         let ready_only = request.get_ref().ready_only;
+        self.ctx.models.refresh();
         let models = self
             .ctx
             .models

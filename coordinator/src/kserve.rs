@@ -482,6 +482,7 @@ impl GrpcInferenceService for KserveService {
         request: Request<pb::RepositoryIndexRequest>,
     ) -> Result<Response<pb::RepositoryIndexResponse>, Status> {
         let r = request.into_inner();
+        self.ctx.models.refresh();
         let models = self
             .ctx
             .models

@@ -530,8 +530,9 @@ impl ModelManager {
         Ok(self.to_info(name, e))
     }
 
+    /// Every known model. Folders added to the repository since the last refresh show only after
+    /// [`Self::refresh`] (the listing APIs call it; metrics scrapes do not read the disk).
     pub fn list(&self) -> Vec<ModelInfo> {
-        self.refresh();
         self.entries
             .read()
             .iter()
