@@ -4,7 +4,7 @@
 use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -48,6 +48,8 @@ struct Shared {
     stats: ModelStats,
     inflight: AtomicUsize,
     notify: Notify,
+    /// Times the batcher loop has looked at the queue: its wake-ups, for diagnostics and tests.
+    passes: AtomicU64,
     closed: AtomicBool,
     abort: AtomicBool,
     pool: ExecutionPool,
@@ -154,6 +156,7 @@ impl ModelWorker {
             stats: ModelStats::default(),
             inflight: AtomicUsize::new(0),
             notify: Notify::new(),
+            passes: AtomicU64::new(0),
             closed: AtomicBool::new(false),
             abort: AtomicBool::new(false),
             pool,
@@ -202,6 +205,11 @@ impl ModelWorker {
         self.shared.stats.cache_miss.add(1, lookup);
     }
 
+    /// How many times the batcher loop has looked at the queue, i.e. its wake-ups.
+    pub fn batcher_passes(&self) -> u64 {
+        self.shared.passes.load(Ordering::Relaxed)
+    }
+
     pub fn queue_capacity(&self) -> usize {
         self.shared.queue.capacity()
     }
@@ -231,6 +239,7 @@ impl ModelWorker {
         let queue_expiry = level_policy.timeout_for(req.timeout).map(|t| enqueued + t);
         let delay_on_timeout = level_policy.delay;
         let deadline = req.deadline;
+        let has_expiry = deadline.is_some() || queue_expiry.is_some();
         // Only models with a token budget pay for the estimate (a length scan, no tokenizing).
         let tokens = if s.policy.max_batch_tokens.is_some() {
             s.model.estimate_tokens(&req.inputs).unwrap_or(0)
@@ -279,7 +288,16 @@ impl ModelWorker {
                 capacity: s.queue.capacity(),
             });
         }
-        s.notify.notify_one();
+        // The batcher has work only when an instance is free or when this request carries an
+        // expiry it must schedule a wake-up for. Otherwise every instance is busy, and the pool
+        // thread that finishes first takes the next batch itself (`run_batches`): waking the
+        // batcher would cost a context switch for nothing. The fence pairs with the SeqCst
+        // decrement in `run_batches` (a store-then-load on each side): either this load sees
+        // the freed instance, or the batcher, woken after that decrement, sees this request.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if has_expiry || s.inflight.load(Ordering::SeqCst) < s.instances {
+            s.notify.notify_one();
+        }
         Ok(rx)
     }
 
@@ -339,46 +357,23 @@ async fn run(s: &Arc<Shared>, cancel: &CancellationToken) -> Result<(), WorkerFa
             s.finished.send_replace(true);
             return Ok(());
         }
+        s.passes.fetch_add(1, Ordering::Relaxed);
         let wake = {
             let mut pending = s.pending.lock();
-            while let Some(p) = s.queue.pop() {
-                pending.push_back(p);
-            }
             let now = Instant::now();
-            let mut wake = drop_dead(s, &mut pending, now);
-            if s.priority.ordered() || pending.iter().any(|p| p.delayed) {
-                reorder(&s.priority, &mut pending, now);
-            }
+            let mut wake = collect(s, &mut pending, now);
             while s.inflight.load(Ordering::Acquire) < s.instances && !pending.is_empty() {
-                let items: Vec<Item<'_, BatchKey>> = pending
-                    .iter()
-                    .map(|p| Item {
-                        enqueued: p.enqueued,
-                        rows: p.req.rows,
-                        key: &p.key,
-                        tokens: p.tokens,
-                    })
-                    .collect();
-                match s.policy.plan(&items, now) {
-                    Plan::Run(positions) => {
-                        let batch = take(&mut pending, &positions);
-                        s.queue.release(batch.len());
-                        for p in &batch {
-                            leave_level(s, p.level);
-                        }
+                match next_batch(s, &mut pending, now) {
+                    Next::Run(batch) => {
                         s.inflight.fetch_add(1, Ordering::AcqRel);
                         let shared = s.clone();
-                        s.pool.spawn(move || {
-                            execute(&shared, batch);
-                            shared.inflight.fetch_sub(1, Ordering::AcqRel);
-                            shared.notify.notify_one();
-                        });
+                        s.pool.spawn(move || run_batches(&shared, batch));
                     }
-                    Plan::Wait(at) => {
+                    Next::Wait(at) => {
                         wake = Some(wake.map_or(at, |w| w.min(at)));
                         break;
                     }
-                    Plan::Idle => break,
+                    Next::Idle => break,
                 }
             }
             if s.closed.load(Ordering::Acquire)
@@ -402,6 +397,91 @@ async fn run(s: &Arc<Shared>, cancel: &CancellationToken) -> Result<(), WorkerFa
             _ = sleep => {}
             _ = cancel.cancelled() => return Ok(()),
         }
+    }
+}
+
+/// How many batches a pool thread runs back to back before it hands the model back to the
+/// batcher: the pool is shared by every model, and a job that re-queues itself goes behind the
+/// other models' batches already waiting for a thread.
+const BATCHES_IN_PLACE: usize = 16;
+
+/// Runs on a pool thread, holding one of the model's instances: executes `batch`, then, while
+/// the next batch is already due, takes and runs it here. A busy model thus costs no hand-off
+/// back to the batcher task and out to another pool thread per batch (two thread wake-ups). The
+/// instance is given back, and the batcher woken, once nothing is due.
+fn run_batches(s: &Arc<Shared>, batch: Vec<Pending>) {
+    let mut next = Some(batch);
+    let mut runs = 0;
+    while let Some(batch) = next.take() {
+        execute(s, batch);
+        runs += 1;
+        if runs < BATCHES_IN_PLACE {
+            next = next_in_place(s);
+        }
+    }
+    s.inflight.fetch_sub(1, Ordering::SeqCst);
+    s.notify.notify_one();
+}
+
+/// The batch due now, if any, taken by a pool thread that just finished one. Leaves the
+/// decision to the batcher when it holds the list, after a panic, on abort, or when the policy
+/// says to wait (the batcher then schedules the wake-up).
+fn next_in_place(s: &Shared) -> Option<Vec<Pending>> {
+    if s.abort.load(Ordering::Acquire) || s.panicked.lock().is_some() {
+        return None;
+    }
+    let mut pending = s.pending.try_lock()?;
+    let now = Instant::now();
+    collect(s, &mut pending, now);
+    match next_batch(s, &mut pending, now) {
+        Next::Run(batch) => Some(batch),
+        Next::Wait(_) | Next::Idle => None,
+    }
+}
+
+/// Moves what arrived on the ring into `pending`, answers the requests that are gone or out of
+/// time and puts the rest in order. Returns the earliest expiry still ahead.
+fn collect(s: &Shared, pending: &mut VecDeque<Pending>, now: Instant) -> Option<Instant> {
+    while let Some(p) = s.queue.pop() {
+        pending.push_back(p);
+    }
+    let wake = drop_dead(s, pending, now);
+    if s.priority.ordered() || pending.iter().any(|p| p.delayed) {
+        reorder(&s.priority, pending, now);
+    }
+    wake
+}
+
+enum Next {
+    /// A batch to execute, taken out of the queue (its slots given back).
+    Run(Vec<Pending>),
+    /// Nothing is due before this instant.
+    Wait(Instant),
+    Idle,
+}
+
+/// Asks the batching policy what `pending` allows now, and takes the batch when one is due.
+fn next_batch(s: &Shared, pending: &mut VecDeque<Pending>, now: Instant) -> Next {
+    let items: Vec<Item<'_, BatchKey>> = pending
+        .iter()
+        .map(|p| Item {
+            enqueued: p.enqueued,
+            rows: p.req.rows,
+            key: &p.key,
+            tokens: p.tokens,
+        })
+        .collect();
+    match s.policy.plan(&items, now) {
+        Plan::Run(positions) => {
+            let batch = take(pending, &positions);
+            s.queue.release(batch.len());
+            for p in &batch {
+                leave_level(s, p.level);
+            }
+            Next::Run(batch)
+        }
+        Plan::Wait(at) => Next::Wait(at),
+        Plan::Idle => Next::Idle,
     }
 }
 

@@ -338,3 +338,31 @@ async fn a_level_with_its_own_bound_fills_without_blocking_the_others() {
     // the level's slot came back once its request left the queue
     assert!(worker.submit(row(4.0)).unwrap().await.unwrap().is_ok());
 }
+
+/// While the model is busy, queued batches are taken by the pool thread that finishes the one
+/// before: neither a submit nor a finished batch wakes the batcher per batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_model_runs_its_queue_without_a_batcher_wake_per_batch() {
+    let pool = ExecutionPool::new(2).unwrap();
+    let model = cost(10_000, 0, r#","max_batch_size":1"#);
+    let worker = ModelWorker::start(model, pool, &WorkerOptions::default());
+    let first = worker.submit(row(0.0)).unwrap();
+    // Let the first batch start, so the others queue behind the busy instance.
+    tokio::time::sleep(Duration::from_millis(3)).await;
+    let before = worker.batcher_passes();
+    let queued: Vec<_> = (1..=8)
+        .map(|i| worker.submit(row(i as f32)).unwrap())
+        .collect();
+    assert!(first.await.unwrap().is_ok());
+    for (i, rx) in queued.into_iter().enumerate() {
+        let out = rx.await.unwrap().unwrap();
+        assert_eq!(out.batch_size, 1);
+        assert_eq!(out.outputs[0].f32_values().unwrap(), vec![i as f32 + 2.0]);
+    }
+    let stats = worker.stats();
+    assert_eq!(stats.execution_count, 9);
+    // One wake when the instance is finally given back (and perhaps one stray): not one per
+    // submit and one per finished batch, as a batcher that hands out every batch would need.
+    let passes = worker.batcher_passes() - before;
+    assert!(passes <= 3, "{passes} batcher passes for 8 queued batches");
+}

@@ -68,10 +68,23 @@ pub fn instantiate(config: ModelConfig) -> Result<Arc<dyn Model>, ConfigError> {
         "cost" => {
             let base = Duration::from_micros(config.parameter_u64("base_us", 500)?);
             let per_item = Duration::from_micros(config.parameter_u64("per_item_us", 50)?);
+            let sleep = match config.parameter("busy").map(str::trim) {
+                None | Some("" | "spin") => false,
+                Some("sleep") => true,
+                Some(other) => {
+                    return Err(ConfigError::Invalid {
+                        model: config.name.clone(),
+                        reason: format!(
+                            "parameter busy must be \"spin\" or \"sleep\", got {other:?}"
+                        ),
+                    });
+                }
+            };
             Arc::new(Cost {
                 config,
                 base,
                 per_item,
+                sleep,
             })
         }
         "fault" => Arc::new(Fault { config }),
@@ -121,11 +134,14 @@ impl Model for Identity {
     }
 }
 
-/// Busy-computes `base + per_item × batch` and returns the sum of each row.
+/// Busy-computes `base + per_item × batch` and returns the sum of each row. With the `busy`
+/// parameter `sleep` it sleeps that long instead: the execution thread is held as by a call into
+/// an accelerator, while the CPU stays free.
 struct Cost {
     config: ModelConfig,
     base: Duration,
     per_item: Duration,
+    sleep: bool,
 }
 
 impl Model for Cost {
@@ -152,7 +168,11 @@ impl Model for Cost {
             values.chunks(width).map(|row| row.iter().sum()).collect()
         };
         let busy = self.base + self.per_item * rows as u32;
-        // A spin, not a sleep: the point is to occupy an execution-pool thread like real compute.
+        if self.sleep {
+            std::thread::sleep(busy.saturating_sub(start.elapsed()));
+        }
+        // By default a spin, not a sleep: the point is to occupy an execution-pool thread and
+        // its core like real CPU compute.
         while start.elapsed() < busy {
             std::hint::spin_loop();
         }
@@ -198,6 +218,26 @@ mod tests {
             instantiate(c).unwrap();
         }
         assert!(config("nope").is_err());
+    }
+
+    #[test]
+    fn cost_sleeps_when_told_and_refuses_an_unknown_busy_mode() {
+        let over = |busy: &str| {
+            config("cost")
+                .unwrap()
+                .with_override(&format!(
+                    r#"{{"parameters":{{"base_us":{{"string_value":"3000"}},"per_item_us":{{"string_value":"0"}},"busy":{{"string_value":"{busy}"}}}}}}"#
+                ))
+                .unwrap()
+        };
+        let m = instantiate(over("sleep")).unwrap();
+        let input = Tensor::from_f32("INPUT0", vec![1, 2], &[1.0, 2.0]);
+        let start = Instant::now();
+        let out = m.execute(std::slice::from_ref(&input)).unwrap();
+        assert!(start.elapsed() >= Duration::from_millis(3));
+        assert_eq!(out[0].f32_values().unwrap(), vec![3.0]);
+        let e = instantiate(over("nap")).err().unwrap().to_string();
+        assert!(e.contains("busy") && e.contains("nap"), "{e}");
     }
 
     #[test]

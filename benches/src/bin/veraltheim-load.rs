@@ -36,6 +36,16 @@ async fn run(args: RunArgs) -> anyhow::Result<bool> {
     Ok(report.requests > 0)
 }
 
+/// Prints a report: one JSON object with `--json`, else its text.
+fn emit(report: &impl serde::Serialize, json: bool, text: String) -> anyhow::Result<bool> {
+    if json {
+        println!("{}", serde_json::to_string(report)?);
+    } else {
+        print!("{text}");
+    }
+    Ok(true)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let mut builder = tokio::runtime::Builder::new_multi_thread();
@@ -55,39 +65,23 @@ fn main() -> ExitCode {
             Command::Run(args) => run(args).await,
             Command::Suite(args) => {
                 let report = suite(&args).await?;
-                if args.json {
-                    println!("{}", serde_json::to_string(&report)?);
-                } else {
-                    print!("{}", report.text());
-                }
-                Ok(true)
+                emit(&report, args.json, report.text())
             }
             Command::Jobs(args) => {
                 let report = veraltheim_benches::load::jobs::jobs(&args).await?;
-                if args.json {
-                    println!("{}", serde_json::to_string(&report)?);
-                } else {
-                    print!("{}", report.text());
-                }
-                Ok(true)
+                emit(&report, args.json, report.text())
             }
             Command::Restart(args) => {
                 let report = veraltheim_benches::load::restart::restart(&args).await?;
-                if args.json {
-                    println!("{}", serde_json::to_string(&report)?);
-                } else {
-                    print!("{}", report.text());
-                }
-                Ok(true)
+                emit(&report, args.json, report.text())
             }
             Command::Text(args) => {
                 let report = veraltheim_benches::load::text::text(&args).await?;
-                if args.json {
-                    println!("{}", serde_json::to_string(&report)?);
-                } else {
-                    print!("{}", report.text());
-                }
-                Ok(true)
+                emit(&report, args.json, report.text())
+            }
+            Command::Overload(args) => {
+                let report = veraltheim_benches::load::overload::overload(&args).await?;
+                emit(&report, args.json, report.text())
             }
             Command::Compute(args) => {
                 let (sizes, per_size) = compute_plan(&args.batch_sizes, args.compute_duration)

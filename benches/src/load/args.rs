@@ -69,6 +69,10 @@ pub enum Command {
     /// A sentence embedder (all-MiniLM-L6-v2): in-process at its best batch size, served by
     /// `veraltheim serve` with batching on, then reloaded with batching off.
     Text(super::text::TextArgs),
+    /// Offers several times the sustainable load to a `cost` model with a bounded queue:
+    /// memory, latency of the admitted requests against max queue delay + 2 × one batch's
+    /// compute, and how fast the rest are refused.
+    Overload(super::overload::OverloadArgs),
 }
 
 #[derive(Args, Debug, Clone)]

@@ -167,6 +167,7 @@ fn base_report(spec: &LoadSpec, channels: usize) -> LoadReport {
         throughput_rps: 0.0,
         latency_us: Default::default(),
         errors: Default::default(),
+        error_latency_us: None,
         client_shed: None,
         send_lag_us: None,
         cpu: None,
@@ -213,7 +214,7 @@ async fn closed_loop(
                 if done >= measure_from && done <= measure_to {
                     match outcome {
                         Ok(()) => rec.ok(done - sent),
-                        Err(e) => rec.error(e),
+                        Err(e) => rec.error_after(e, done - sent),
                     }
                 }
             }
@@ -233,6 +234,7 @@ async fn closed_loop(
     report.throughput_rps = throughput(all.successes(), spec.duration);
     report.latency_us = all.latency();
     report.errors = all.errors().clone();
+    report.error_latency_us = (all.error_total() > 0).then(|| all.error_latency());
     report.cpu = begin.await.ok().map(|b| CpuUse::between(&b, &end));
     Ok(report)
 }
@@ -278,7 +280,7 @@ async fn open_loop(
             lag.ok(o.lag);
             match o.result {
                 Ok(()) => rec.ok(o.latency),
-                Err(e) => rec.error(e),
+                Err(e) => rec.error_after(e, o.latency),
             }
             last_done = Some(last_done.map_or(o.done, |d| d.max(o.done)));
         }
@@ -357,6 +359,7 @@ async fn open_loop(
     report.throughput_rps = throughput(rec.successes(), window);
     report.latency_us = rec.latency();
     report.errors = rec.errors().clone();
+    report.error_latency_us = (rec.error_total() > 0).then(|| rec.error_latency());
     report.client_shed = Some(shed);
     report.send_lag_us = Some(lag.latency());
     report.cpu = begin.map(|b| CpuUse::between(&b, &end));

@@ -13,6 +13,7 @@ pub mod coordinator;
 pub mod cpu;
 pub mod echo;
 pub mod jobs;
+pub mod overload;
 pub mod report;
 pub mod restart;
 pub mod schedule;

@@ -49,6 +49,8 @@ pub fn code_name(code: Code) -> &'static str {
 #[derive(Clone, Debug)]
 pub struct Recorder {
     hist: Histogram<u64>,
+    /// Latency of the failed requests whose latency was given ([`Recorder::error_after`]).
+    error_hist: Histogram<u64>,
     errors: BTreeMap<String, u64>,
 }
 
@@ -63,14 +65,27 @@ impl Recorder {
         Recorder {
             hist: Histogram::new_with_bounds(1, MAX_US, SIGFIG)
                 .expect("constant histogram bounds are valid"),
+            error_hist: Histogram::new_with_bounds(1, MAX_US, SIGFIG)
+                .expect("constant histogram bounds are valid"),
             errors: BTreeMap::new(),
         }
     }
 
     /// A successful request and its latency (clamped to 1 µs .. 60 s).
     pub fn ok(&mut self, latency: Duration) {
-        let us = u64::try_from(latency.as_micros()).unwrap_or(MAX_US);
-        self.hist.saturating_record(us.clamp(1, MAX_US));
+        record(&mut self.hist, latency);
+    }
+
+    /// A failed request, by error name, and how long its answer took (how fast the server
+    /// refuses shows in [`Recorder::error_latency`]).
+    pub fn error_after(&mut self, name: &str, latency: Duration) {
+        self.error(name);
+        record(&mut self.error_hist, latency);
+    }
+
+    /// Latency of the failed requests recorded with [`Recorder::error_after`].
+    pub fn error_latency(&self) -> Latency {
+        Latency::of(&self.error_hist)
     }
 
     /// A failed request, by error name (see [`code_name`], [`CLIENT_TIMEOUT`]).
@@ -81,6 +96,7 @@ impl Recorder {
     pub fn merge(&mut self, other: &Recorder) {
         // Both histograms share the same bounds, so adding cannot fail.
         let _ = self.hist.add(&other.hist);
+        let _ = self.error_hist.add(&other.error_hist);
         for (k, v) in &other.errors {
             *self.errors.entry(k.clone()).or_default() += v;
         }
@@ -101,6 +117,12 @@ impl Recorder {
     pub fn latency(&self) -> Latency {
         Latency::of(&self.hist)
     }
+}
+
+/// Records `latency` clamped to 1 µs .. 60 s.
+fn record(h: &mut Histogram<u64>, latency: Duration) {
+    let us = u64::try_from(latency.as_micros()).unwrap_or(MAX_US);
+    h.saturating_record(us.clamp(1, MAX_US));
 }
 
 /// Percentiles of a latency histogram, in µs; all zero when nothing was recorded.
@@ -160,6 +182,10 @@ pub struct LoadReport {
     /// Latency of the successful requests; in an open loop measured from the scheduled send time.
     pub latency_us: Latency,
     pub errors: BTreeMap<String, u64>,
+    /// Latency of the failed requests (from the scheduled send time in an open loop); absent
+    /// when none failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error_latency_us: Option<Latency>,
     /// Open loop only: requests the load generator did not send because `--max-outstanding`
     /// were already in flight (shed by the client, not by the server).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -206,6 +232,9 @@ impl LoadReport {
             self.requests,
             errors
         );
+        if let Some(e) = &self.error_latency_us {
+            s.push_str(&format!("  errors p50 {} µs p99 {} µs", e.p50_us, e.p99_us));
+        }
         if let Some(shed) = self.client_shed {
             s.push_str(&format!("  client-shed: {shed}"));
         }
@@ -336,6 +365,7 @@ mod tests {
             throughput_rps: throughput(r.successes(), Duration::from_secs(1)),
             latency_us: r.latency(),
             errors: r.errors().clone(),
+            error_latency_us: None,
             client_shed: None,
             send_lag_us: None,
             cpu: None,

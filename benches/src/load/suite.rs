@@ -371,6 +371,7 @@ mod tests {
                 ..Default::default()
             },
             errors: Default::default(),
+            error_latency_us: None,
             client_shed: None,
             send_lag_us: None,
             cpu: None,
