@@ -25,6 +25,7 @@ use backon::{ExponentialBuilder, Retryable};
 use parking_lot::{Mutex, RwLock};
 use thiserror::Error;
 use veraltheim_bus::{Bus, Event};
+use veraltheim_devices::GpuInfo;
 use veraltheim_fastpath::{ExecutionPool, ModelWorker, WorkerOptions};
 use veraltheim_models::allocator::{
     Allocator, Budget, DeviceId, DeviceUsage, LoadRequest, Placement, estimate_bytes, format_bytes,
@@ -541,6 +542,21 @@ impl ModelManager {
     }
 
     /// Each device's budget and what holds it.
+    /// Follows the GPUs as the inventory last read them: each GPU's capacity becomes its total
+    /// less what other processes hold there ([`Allocator::follow_device`]); a lost GPU gets
+    /// none, so nothing new is placed on it. GPUs that were not there at start stay unused.
+    pub fn follow_gpus(&self, gpus: &[GpuInfo]) {
+        let mut allocator = self.allocator.lock();
+        for g in gpus {
+            let device = DeviceId::Gpu(g.index);
+            if g.lost {
+                allocator.set_capacity(device, 0);
+            } else {
+                allocator.follow_device(device, g.memory_total_bytes, g.memory_used_bytes);
+            }
+        }
+    }
+
     pub fn memory(&self) -> Vec<DeviceUsage> {
         self.allocator.lock().snapshot()
     }

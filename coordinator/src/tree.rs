@@ -278,12 +278,14 @@ fn cache_manager(cache: ResponseCache) -> ChildSpec {
     .backoff(restart_backoff())
 }
 
-fn resource_monitor(devices: Arc<Devices>, bus: Bus) -> ChildSpec {
+/// Samples the devices, publishes what changed and lets the allocator follow the GPUs' memory.
+fn resource_monitor(devices: Arc<Devices>, bus: Bus, models: Arc<ModelManager>) -> ChildSpec {
     ChildSpec::worker("ResourceMonitor", move |ctx: ChildContext| {
-        let (devices, bus) = (devices.clone(), bus.clone());
+        let (devices, bus, models) = (devices.clone(), bus.clone(), models.clone());
         async move {
             loop {
                 devices.sample_and_publish(&bus).await;
+                models.follow_gpus(&devices.snapshot().gpus);
                 tokio::select! {
                     _ = ctx.cancelled() => return Ok(()),
                     _ = tokio::time::sleep(devices.interval()) => {}
@@ -342,7 +344,11 @@ pub async fn start(parts: TreeParts) -> anyhow::Result<SupervisorHandle> {
                 .intensity(10, Duration::from_secs(60))
                 .child(idle("KubernetesSupervisor"))
                 .child(idle("LocalExecutor"))
-                .child(resource_monitor(parts.devices.clone(), parts.bus.clone())),
+                .child(resource_monitor(
+                    parts.devices.clone(),
+                    parts.bus.clone(),
+                    parts.models.clone(),
+                )),
         ))
         .child(subsystem(
             SupervisorSpec::new("MessageBusSupervisor")

@@ -581,6 +581,20 @@ impl Allocator {
         }
     }
 
+    /// Follows what a device itself reports: `used_bytes` of its `total_bytes` are in use by
+    /// anything, this process's models included. What others hold there (used less what our
+    /// models hold, never negative) comes off the capacity, so that admission sees the memory
+    /// that is really left instead of failing later in the driver. Never evicts. Returns false,
+    /// changing nothing, for an unknown device.
+    pub fn follow_device(&mut self, device: DeviceId, total_bytes: u64, used_bytes: u64) -> bool {
+        let ours: u64 = self
+            .on_device(device)
+            .map(|(_, entry)| entry.bytes)
+            .fold(0, u64::saturating_add);
+        let others = used_bytes.saturating_sub(ours);
+        self.set_capacity(device, total_bytes.saturating_sub(others))
+    }
+
     /// Places a model and reserves its estimated size there, evicting idle models if needed (see
     /// the module documentation for the rules). On error nothing changes.
     pub fn admit(&mut self, req: &LoadRequest) -> Result<Admission, AllocError> {
@@ -1082,6 +1096,31 @@ mod tests {
             a.admit(&LoadRequest::new("b", 1)),
             Err(AllocError::NoRoom { .. })
         ));
+    }
+
+    #[test]
+    fn memory_others_hold_on_a_gpu_shrinks_its_budget_but_ours_is_not_counted_twice() {
+        let mut a = Allocator::new([cpu(GIB), gpu(0, 80 * GIB)]);
+        load(
+            &mut a,
+            LoadRequest::new("ours", 10 * GIB)
+                .with_placement(Placement::gpu_only())
+                .with_pinned(true),
+        );
+        // The device reports 30 GiB used: our 10 and 20 held by another process.
+        assert!(a.follow_device(DeviceId::Gpu(0), 80 * GIB, 30 * GIB));
+        let u = device_usage(&a, DeviceId::Gpu(0));
+        assert_eq!((u.capacity_bytes, u.free_bytes), (60 * GIB, 50 * GIB));
+        let too_big = LoadRequest::new("big", 55 * GIB).with_placement(Placement::gpu_only());
+        assert!(matches!(a.admit(&too_big), Err(AllocError::NoRoom { .. })));
+        // The other process exits: the room comes back.
+        assert!(a.follow_device(DeviceId::Gpu(0), 80 * GIB, 10 * GIB));
+        assert_eq!(device_usage(&a, DeviceId::Gpu(0)).free_bytes, 70 * GIB);
+        assert_eq!(a.admit(&too_big).unwrap().evict, Vec::<String>::new());
+        // Our models using less than they are charged frees nothing beyond the total.
+        assert!(a.follow_device(DeviceId::Gpu(0), 80 * GIB, 0));
+        assert_eq!(device_usage(&a, DeviceId::Gpu(0)).capacity_bytes, 80 * GIB);
+        assert!(!a.follow_device(DeviceId::Gpu(3), 80 * GIB, 0));
     }
 
     #[test]

@@ -85,9 +85,14 @@ pub struct TextArgs {
     /// `max_batch_size` written into the imported model's config.
     #[arg(long, default_value_t = 64)]
     pub max_batch_size: u32,
-    /// ONNX Runtime intra-op threads of the in-process model (0: its default, as the server's).
+    /// ONNX Runtime intra-op threads, of the in-process model and of the server's
+    /// (`--onnx-intra-op-threads`); 0: ONNX Runtime's default (one per core).
     #[arg(long, default_value_t = 0)]
     pub intra_op_threads: usize,
+    /// Instances of the served model (`instance_group` count, one session each): batches that
+    /// run at once.
+    #[arg(long, default_value_t = 1)]
+    pub instances: u32,
     /// Passed to `veraltheim serve --execution-threads` (0 = its default).
     #[arg(long, default_value_t = 0)]
     pub execution_threads: usize,
@@ -127,6 +132,10 @@ pub struct TextReport {
     pub sentences: usize,
     pub mean_sentence_bytes: f64,
     pub concurrency: usize,
+    /// Served instances (`instance_group` count).
+    pub instances: u32,
+    /// ONNX Runtime intra-op threads (0: its default, one per core).
+    pub intra_op_threads: usize,
     pub backends: Vec<BackendReport>,
 }
 
@@ -365,12 +374,26 @@ fn say(msg: &str) {
     eprintln!("[text] {msg}");
 }
 
+/// Sets the `instance_group` count in an imported model's `config.json`.
+fn set_instances(model_dir: &Path, count: u32) -> anyhow::Result<()> {
+    let path = model_dir.join("config.json");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let mut config: serde_json::Value = serde_json::from_str(&text)?;
+    config["instance_group"] = serde_json::json!([{ "count": count, "kind": "KIND_CPU" }]);
+    std::fs::write(&path, serde_json::to_vec_pretty(&config)?)?;
+    Ok(())
+}
+
 /// Runs the whole benchmark.
 pub async fn text(args: &TextArgs) -> anyhow::Result<TextReport> {
     let (batch_sizes, per_size) =
         compute_plan(&args.batch_sizes, args.compute_duration).map_err(anyhow::Error::msg)?;
     if args.max_batch_size == 0 || args.max_batch_size as usize > MAX_BATCH {
         bail!("--max-batch-size must be 1..={MAX_BATCH}");
+    }
+    if args.instances == 0 {
+        bail!("--instances must be at least 1");
     }
     let sentences = read_sentences(&args.sentences_file, args.sentences)?;
     let binary = match &args.veraltheim_bin {
@@ -395,6 +418,9 @@ pub async fn text(args: &TextArgs) -> anyhow::Result<TextReport> {
                 force: false,
             },
         )?;
+        if args.instances > 1 {
+            set_instances(&repository.join(name), args.instances)?;
+        }
     }
 
     // In-process first, with no server running.
@@ -425,13 +451,21 @@ pub async fn text(args: &TextArgs) -> anyhow::Result<TextReport> {
 
     let names: Vec<String> = plan.iter().map(|(_, n)| n.clone()).collect();
     say(&format!("starting {}", binary.display()));
+    let extra = if args.intra_op_threads > 0 {
+        vec![
+            "--onnx-intra-op-threads".to_string(),
+            args.intra_op_threads.to_string(),
+        ]
+    } else {
+        Vec::new()
+    };
     let coordinator = Coordinator::start_in(
         &binary,
         &names,
         args.execution_threads,
         None,
         Some(&repository),
-        &[],
+        &extra,
     )
     .await?;
     let mut backends = Vec::with_capacity(plan.len());
@@ -482,6 +516,8 @@ pub async fn text(args: &TextArgs) -> anyhow::Result<TextReport> {
             / sentences.len() as f64,
         sentences: sentences.len(),
         concurrency: args.concurrency,
+        instances: args.instances,
+        intra_op_threads: args.intra_op_threads,
         backends,
     })
 }
@@ -497,8 +533,13 @@ fn verdict(value: f64, target: f64) -> &'static str {
 impl TextReport {
     pub fn text(&self) -> String {
         let mut s = format!(
-            "text: {} sentences (mean {:.1} bytes) cycled, concurrency {}, {} cores\n",
-            self.sentences, self.mean_sentence_bytes, self.concurrency, self.cores
+            "text: {} sentences (mean {:.1} bytes) cycled, concurrency {}, {} cores, {} instance(s), intra-op threads {}\n",
+            self.sentences,
+            self.mean_sentence_bytes,
+            self.concurrency,
+            self.cores,
+            self.instances,
+            self.intra_op_threads
         );
         for b in &self.backends {
             for p in &b.in_process {
