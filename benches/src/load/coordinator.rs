@@ -196,12 +196,16 @@ impl Coordinator {
         self.child.as_ref().map(|c| c.id())
     }
 
-    async fn client(&self) -> anyhow::Result<GrpcInferenceServiceClient<Channel>> {
-        let ch = Channel::from_shared(format!("http://{}", self.grpc))?
+    /// A new connection to the server's gRPC port (KServe and v1 services alike).
+    pub async fn channel(&self) -> anyhow::Result<Channel> {
+        Ok(Channel::from_shared(format!("http://{}", self.grpc))?
             .connect_timeout(Duration::from_secs(2))
             .connect()
-            .await?;
-        Ok(GrpcInferenceServiceClient::new(ch))
+            .await?)
+    }
+
+    async fn client(&self) -> anyhow::Result<GrpcInferenceServiceClient<Channel>> {
+        Ok(GrpcInferenceServiceClient::new(self.channel().await?))
     }
 
     async fn ready(&self, models: &[String]) -> anyhow::Result<bool> {

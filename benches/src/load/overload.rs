@@ -23,7 +23,7 @@ use clap::Args;
 use serde::Serialize;
 use serde_json::json;
 use tokio::sync::oneshot;
-use tonic::transport::Channel;
+use veraltheim_fastpath::WorkerOptions;
 use veraltheim_models::{ModelConfig, Tensor, builtin};
 use veraltheim_proto::v1::{self, model_service_client::ModelServiceClient};
 
@@ -249,11 +249,7 @@ fn load_opts(a: &OverloadArgs, concurrency: Option<usize>, rate: Option<f64>) ->
 /// The server's own end-to-end latency percentiles of the model's successful requests since it
 /// was loaded (v1 `GetModelStatistics`), µs.
 async fn server_latency(server: &Coordinator) -> anyhow::Result<v1::LatencyPercentiles> {
-    let channel = Channel::from_shared(format!("http://{}", server.addr()))?
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await?;
-    let stats = ModelServiceClient::new(channel)
+    let stats = ModelServiceClient::new(server.channel().await?)
         .get_model_statistics(v1::GetModelStatisticsRequest {
             name: MODEL.to_string(),
         })
@@ -318,10 +314,12 @@ pub async fn overload(a: &OverloadArgs) -> anyhow::Result<OverloadReport> {
             &[],
         )
     };
+    // Without a bound of its own the model gets the server's `models.default_max_queue_size`,
+    // whose embedded default is the worker's.
     let bound = if a.max_queue_size > 0 {
         a.max_queue_size
     } else {
-        1024
+        WorkerOptions::default().default_max_queue_size
     };
     let server = start().await?;
     let (sustainable, _, _) =

@@ -19,7 +19,6 @@ use bytes::Bytes;
 use clap::Args;
 use serde::Serialize;
 use tokio::sync::oneshot;
-use tonic::transport::Channel;
 use veraltheim_models::allocator::DeviceId;
 use veraltheim_models::backend::{self, BackendOptions};
 use veraltheim_models::repository::{
@@ -313,11 +312,7 @@ async fn reload_unbatched(
     coordinator: &Coordinator,
     model: &str,
 ) -> anyhow::Result<(String, String)> {
-    let channel = Channel::from_shared(format!("http://{}", coordinator.addr()))?
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await?;
-    let client = ModelServiceClient::new(channel);
+    let client = ModelServiceClient::new(coordinator.channel().await?);
     let load = |config_json: String| {
         let mut client = client.clone();
         async move {
