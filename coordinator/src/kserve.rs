@@ -99,24 +99,31 @@ fn to_call(
     })
 }
 
-async fn infer(
+/// One KServe inference. The request is converted and submitted when this is called; the
+/// future only awaits the answer (see [`Context::infer`] for why it is kept small).
+fn infer(
     ctx: &Context,
     req: pb::ModelInferRequest,
     deadline: Option<Instant>,
     received: Instant,
-) -> Result<pb::ModelInferResponse, Status> {
+) -> impl Future<Output = Result<pb::ModelInferResponse, Status>> + Send + '_ {
     let model_name = req.model_name.clone();
-    let call = to_call(req, deadline, received)?;
-    let id = call.id.clone();
-    let out = ctx.infer(call).await?;
-    Ok(pb::ModelInferResponse {
-        model_version: ctx.models.version_of(&model_name),
-        model_name,
-        id,
-        parameters: HashMap::new(),
-        outputs: out.outputs.iter().map(kserve_output).collect(),
-        raw_output_contents: out.outputs.iter().map(|t| t.to_raw()).collect(),
-    })
+    let started = to_call(req, deadline, received).map(|call| {
+        let id = call.id.clone();
+        (id, ctx.infer(call))
+    });
+    async move {
+        let (id, answer) = started?;
+        let out = answer.await?;
+        Ok(pb::ModelInferResponse {
+            model_version: ctx.models.version_of(&model_name),
+            model_name,
+            id,
+            parameters: HashMap::new(),
+            outputs: out.outputs.iter().map(kserve_output).collect(),
+            raw_output_contents: out.outputs.iter().map(|t| t.to_raw()).collect(),
+        })
+    }
 }
 
 fn data_type(name: &str) -> i32 {

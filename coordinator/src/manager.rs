@@ -479,17 +479,16 @@ impl ModelManager {
         deadline: Option<Instant>,
     ) -> Result<(Arc<ModelWorker>, InFlight), ManagerError> {
         match self.acquire(name) {
-            Err(ManagerError::NotReady { state, .. })
-                if matches!(state, ModelState::NotLoaded | ModelState::Loading)
-                    && self.loads_on_demand(name) =>
-            {
-                let load = async {
+            Err(e) if self.loads_on_demand_after(name, &e) => {
+                // Boxed: a load's state is kilobytes, and without the box every request's
+                // future would carry (and every hand-off would copy) it, loaded model or not.
+                let load = Box::pin(async {
                     match self.load_if_needed(name, None, true).await {
                         Ok(_) => Ok(()),
                         // Someone else's load may have won meanwhile.
                         Err(e) => self.acquire(name).map(|_| ()).map_err(|_| e),
                     }
-                };
+                });
                 match deadline {
                     Some(at) => {
                         tokio::time::timeout_at(at.into(), load)
@@ -506,6 +505,18 @@ impl ModelManager {
             }
             other => other,
         }
+    }
+
+    /// Whether a request that [`Self::acquire`] refused with `e` should wait for an on-demand
+    /// load of `name` ([`Self::acquire_or_load`]).
+    pub fn loads_on_demand_after(&self, name: &str, e: &ManagerError) -> bool {
+        matches!(
+            e,
+            ManagerError::NotReady {
+                state: ModelState::NotLoaded | ModelState::Loading,
+                ..
+            }
+        ) && self.loads_on_demand(name)
     }
 
     fn loads_on_demand(&self, name: &str) -> bool {

@@ -3,6 +3,11 @@
 
 use std::process::ExitCode;
 
+// The coordinator's allocator (see coordinator/src/main.rs), so that the echo baseline and the
+// client are measured under the same allocator as the server they are compared with.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use anyhow::Context as _;
 use clap::Parser;
 use veraltheim_benches::load::args::{Cli, Command, RunArgs, compute_plan};
