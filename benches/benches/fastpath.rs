@@ -2,6 +2,7 @@
 //! model worker (queue → batcher → execution pool → reply) with `identity`, whose compute is a
 //! copy, so the figure is the fast path's own overhead. Run: `cargo bench -p veraltheim-benches`.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
@@ -62,39 +63,68 @@ fn round_trip(c: &mut Criterion) {
             model.execute(&r.inputs).expect("ok")
         })
     });
-    let bare_pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(1)
-        .build()
-        .expect("pool");
+    let bare_pool = Arc::new(
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .expect("pool"),
+    );
+    // The callers run as tasks on the runtime, as the server's request handlers do: a caller
+    // outside it (`block_on`) would add a wake-up of its own thread to every answer.
     g.bench_function("baseline_pool_hop_and_oneshot", |b| {
-        b.iter(|| {
-            rt.block_on(async {
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                let m = model.clone();
-                bare_pool.spawn(move || {
-                    let r = fp32_request(16);
-                    let _ = tx.send(m.execute(&r.inputs));
-                });
-                rx.await.expect("answered").expect("ok")
+        b.iter_custom(|iters| {
+            let (pool, m) = (bare_pool.clone(), model.clone());
+            in_task(&rt, async move {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    let m = m.clone();
+                    pool.spawn(move || {
+                        let r = fp32_request(16);
+                        let _ = tx.send(m.execute(&r.inputs));
+                    });
+                    rx.await.expect("answered").expect("ok");
+                }
+                start.elapsed()
             })
         })
     });
+    let worker = Arc::new(worker);
     for producers in [1usize, 16] {
         g.throughput(Throughput::Elements(producers as u64));
         g.bench_function(format!("identity_1x16_{producers}_producers"), |b| {
-            b.iter(|| {
-                rt.block_on(async {
-                    let rx: Vec<_> = (0..producers)
-                        .map(|_| worker.submit(fp32_request(16)).expect("admitted"))
-                        .collect();
-                    for r in futures::future::join_all(rx).await {
-                        r.expect("answered").expect("ok");
+            b.iter_custom(|iters| {
+                let worker = worker.clone();
+                in_task(&rt, async move {
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        // Each producer its own task, as each gRPC call is in the server.
+                        let calls: Vec<_> = (0..producers)
+                            .map(|_| {
+                                let rx = worker.submit(fp32_request(16)).expect("admitted");
+                                tokio::spawn(async move {
+                                    rx.await.expect("answered").expect("ok");
+                                })
+                            })
+                            .collect();
+                        for call in futures::future::join_all(calls).await {
+                            call.expect("producer task");
+                        }
                     }
+                    start.elapsed()
                 })
             })
         });
     }
     g.finish();
+}
+
+/// Runs `f` as a task on `rt` and returns what it measured.
+fn in_task(
+    rt: &tokio::runtime::Runtime,
+    f: impl std::future::Future<Output = Duration> + Send + 'static,
+) -> Duration {
+    rt.block_on(async { tokio::spawn(f).await.expect("bench task") })
 }
 
 criterion_group!(benches, plan, round_trip);
