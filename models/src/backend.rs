@@ -67,21 +67,24 @@ pub fn instantiate(
             ModelError::load(&name, format!("the {backend} backend needs a model folder"))
         })
     };
-    if backend != builtin::BACKEND && !cfg!(feature = "cuda") && matches!(device, DeviceId::Gpu(_))
+    // A model is never quietly run somewhere other than where it was placed.
+    if let DeviceId::Gpu(g) = device
+        && !supports_gpu(&config)
     {
-        return Err(ModelError::load(
-            &name,
-            "placed on a GPU but this build has no GPU execution (build with --features cuda)",
-        ));
+        let why = match backend.as_str() {
+            b if b == builtin::BACKEND => format!("built-in models run on the CPU, not gpu{g}"),
+            "onnxruntime" => format!(
+                "the onnxruntime backend runs on the CPU only (its CUDA execution provider is \
+                 not wired), not gpu{g}: use instance_group kind KIND_CPU, or the candle backend"
+            ),
+            _ => format!(
+                "placed on gpu{g} but this build has no GPU execution (build with --features cuda)"
+            ),
+        };
+        return Err(ModelError::load(&name, why));
     }
     match backend.as_str() {
         b if b == builtin::BACKEND => {
-            if let DeviceId::Gpu(g) = device {
-                return Err(ModelError::load(
-                    &name,
-                    format!("built-in models run on the CPU, not gpu{g}"),
-                ));
-            }
             builtin::instantiate(config).map_err(|e| ModelError::load(&name, e))
         }
         #[cfg(feature = "candle")]
@@ -146,5 +149,23 @@ mod tests {
         .unwrap();
         assert!(e.to_string().contains("CPU"), "{e}");
         assert!(instantiate(c, None, DeviceId::Cpu, &BackendOptions::default()).is_ok());
+    }
+
+    #[test]
+    fn an_onnxruntime_model_placed_on_a_gpu_is_refused_not_run_on_the_cpu() {
+        // With or without `cuda`: ONNX Runtime's CUDA execution provider is not wired, so a
+        // GPU placement must fail by name rather than load and quietly compute on the CPU.
+        let c = ModelConfig {
+            name: "embedder".into(),
+            platform: "onnxruntime_onnx".into(),
+            ..Default::default()
+        };
+        let dir = std::env::temp_dir();
+        let e = instantiate(c, Some(&dir), DeviceId::Gpu(1), &BackendOptions::default())
+            .err()
+            .unwrap();
+        let msg = e.to_string();
+        assert!(msg.contains("embedder"), "{msg}");
+        assert!(msg.contains("gpu1") && msg.contains("KIND_CPU"), "{msg}");
     }
 }
