@@ -71,52 +71,103 @@ fn round_trip(c: &mut Criterion) {
     );
     // The callers run as tasks on the runtime, as the server's request handlers do: a caller
     // outside it (`block_on`) would add a wake-up of its own thread to every answer.
+    let hop = {
+        let (pool, m) = (bare_pool.clone(), model.clone());
+        move || {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let m = m.clone();
+            pool.spawn(move || {
+                let r = fp32_request(16);
+                let _ = tx.send(m.execute(&r.inputs));
+            });
+            async move {
+                rx.await.expect("answered").expect("ok");
+            }
+        }
+    };
+    let worker = Arc::new(worker);
+    let one = {
+        let worker = worker.clone();
+        move || {
+            let rx = worker.submit(fp32_request(16)).expect("admitted");
+            async move {
+                rx.await.expect("answered").expect("ok");
+            }
+        }
+    };
     g.bench_function("baseline_pool_hop_and_oneshot", |b| {
+        b.iter_custom(|iters| time_calls(&rt, iters, None, hop.clone()))
+    });
+    g.bench_function("identity_1x16_1_producers", |b| {
+        b.iter_custom(|iters| time_calls(&rt, iters, None, one.clone()))
+    });
+    g.throughput(Throughput::Elements(16));
+    g.bench_function("identity_1x16_16_producers", |b| {
         b.iter_custom(|iters| {
-            let (pool, m) = (bare_pool.clone(), model.clone());
+            let worker = worker.clone();
             in_task(&rt, async move {
                 let start = Instant::now();
                 for _ in 0..iters {
-                    let (tx, rx) = tokio::sync::oneshot::channel();
-                    let m = m.clone();
-                    pool.spawn(move || {
-                        let r = fp32_request(16);
-                        let _ = tx.send(m.execute(&r.inputs));
-                    });
-                    rx.await.expect("answered").expect("ok");
+                    // Each producer its own task, as each gRPC call is in the server.
+                    let calls: Vec<_> = (0..16)
+                        .map(|_| {
+                            let rx = worker.submit(fp32_request(16)).expect("admitted");
+                            tokio::spawn(async move {
+                                rx.await.expect("answered").expect("ok");
+                            })
+                        })
+                        .collect();
+                    for call in futures::future::join_all(calls).await {
+                        call.expect("producer task");
+                    }
                 }
                 start.elapsed()
             })
         })
     });
-    let worker = Arc::new(worker);
-    for producers in [1usize, 16] {
-        g.throughput(Throughput::Elements(producers as u64));
-        g.bench_function(format!("identity_1x16_{producers}_producers"), |b| {
-            b.iter_custom(|iters| {
-                let worker = worker.clone();
-                in_task(&rt, async move {
-                    let start = Instant::now();
-                    for _ in 0..iters {
-                        // Each producer its own task, as each gRPC call is in the server.
-                        let calls: Vec<_> = (0..producers)
-                            .map(|_| {
-                                let rx = worker.submit(fp32_request(16)).expect("admitted");
-                                tokio::spawn(async move {
-                                    rx.await.expect("answered").expect("ok");
-                                })
-                            })
-                            .collect();
-                        for call in futures::future::join_all(calls).await {
-                            call.expect("producer task");
-                        }
-                    }
-                    start.elapsed()
-                })
-            })
-        });
-    }
     g.finish();
+
+    // At low load every request finds the runtime and the pool asleep: a pause (untimed) before
+    // each call lets them park, so the hop includes waking them, as it does in a quiet server.
+    let mut g = c.benchmark_group("worker_round_trip_after_idle");
+    g.throughput(Throughput::Elements(1))
+        .warm_up_time(Duration::from_millis(20))
+        .measurement_time(Duration::from_millis(100))
+        .sample_size(10);
+    let idle = Some(Duration::from_millis(1));
+    g.bench_function("baseline_pool_hop_and_oneshot", |b| {
+        b.iter_custom(|iters| time_calls(&rt, iters, idle, hop.clone()))
+    });
+    g.bench_function("identity_1x16_1_producers", |b| {
+        b.iter_custom(|iters| time_calls(&rt, iters, idle, one.clone()))
+    });
+    g.finish();
+}
+
+/// Times `iters` calls of `op` in a task on `rt`; with `idle`, pauses that long before each
+/// call, outside the timing.
+fn time_calls<F, Fut>(
+    rt: &tokio::runtime::Runtime,
+    iters: u64,
+    idle: Option<Duration>,
+    mut op: F,
+) -> Duration
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    in_task(rt, async move {
+        let mut timed = Duration::ZERO;
+        for _ in 0..iters {
+            if let Some(pause) = idle {
+                tokio::time::sleep(pause).await;
+            }
+            let start = Instant::now();
+            op().await;
+            timed += start.elapsed();
+        }
+        timed
+    })
 }
 
 /// Runs `f` as a task on `rt` and returns what it measured.
