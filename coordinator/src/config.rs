@@ -32,6 +32,7 @@ pub struct ServerConfig {
     pub shutdown_grace_seconds: u64,
     pub rate_limit_per_second: u32,
     pub rate_limit_burst: u32,
+    pub allow_client_shm: bool,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -190,6 +191,9 @@ pub struct ServeArgs {
     /// Directory for durable state.
     #[arg(long, env = "VERALTHEIM_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Let clients register system shared-memory regions and pass tensors through them.
+    #[arg(long, env = "VERALTHEIM_ALLOW_CLIENT_SHM", num_args = 0..=1, default_missing_value = "true")]
+    pub allow_client_shm: Option<bool>,
     /// Serve the `fault` model, which panics on every request.
     #[arg(long, env = "VERALTHEIM_ENABLE_FAULT_INJECTION", num_args = 0..=1, default_missing_value = "true")]
     pub enable_fault_injection: Option<bool>,
@@ -312,6 +316,9 @@ impl Config {
         }
         if let Some(v) = &args.data_dir {
             c.storage.data_dir = v.clone();
+        }
+        if let Some(v) = args.allow_client_shm {
+            c.server.allow_client_shm = v;
         }
         if let Some(v) = args.enable_fault_injection {
             c.models.enable_fault_injection = v;

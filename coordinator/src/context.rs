@@ -33,6 +33,8 @@ pub struct Context {
     /// The slow path, once its store is open and its jobs recovered.
     pub jobs: std::sync::OnceLock<crate::jobs::Jobs>,
     pub started: Instant,
+    /// Client-registered system shared-memory regions (KServe shared-memory extension).
+    pub shm: crate::shm::SharedMemory,
     /// Set once start-up loading is done; cleared when shutdown begins.
     ready: AtomicBool,
 }
@@ -67,6 +69,7 @@ impl Context {
             fault_injection,
             tree: parking_lot::RwLock::new(None),
             started: Instant::now(),
+            shm: crate::shm::SharedMemory::new(false),
             ready: AtomicBool::new(false),
         }
     }

@@ -8,6 +8,8 @@ use veraltheim_models::{DataType, Tensor, TensorData, tensor::shape_from_wire};
 use veraltheim_proto::inference::{self as kserve, model_infer_request::InferInputTensor};
 use veraltheim_proto::v1;
 
+use crate::shm::{SharedMemory, shm_ref};
+
 fn invalid(msg: impl Into<String>) -> Status {
     Status::invalid_argument(msg.into())
 }
@@ -153,36 +155,42 @@ fn kserve_typed(
 }
 
 /// The tensors of a KServe request, raw or typed.
+/// Inputs that name a shared-memory region (`shared_memory_region`, …) are read from it and
+/// have no entry in `raw`.
 pub fn kserve_inputs(
     inputs: Vec<InferInputTensor>,
     raw: Vec<Bytes>,
+    shm: &SharedMemory,
 ) -> Result<Vec<Tensor>, Status> {
-    if !raw.is_empty() && raw.len() != inputs.len() {
+    let places = inputs
+        .iter()
+        .map(|i| shm_ref(&format!("input '{}'", i.name), &i.parameters))
+        .collect::<Result<Vec<_>, _>>()?;
+    let in_request = places.iter().filter(|p| p.is_none()).count();
+    if !raw.is_empty() && raw.len() != in_request {
         return Err(invalid(format!(
-            "raw_input_contents has {} entries but the request has {} inputs; send one per input, in order",
+            "raw_input_contents has {} entries but the request has {in_request} inputs not in shared memory; send one per such input, in order",
             raw.len(),
-            inputs.len()
         )));
     }
     let mut raw = raw.into_iter();
     let mut out = Vec::with_capacity(inputs.len());
-    for input in inputs {
+    for (input, place) in inputs.into_iter().zip(places) {
         let name = input.name.as_str();
-        if input
-            .parameters
-            .keys()
-            .any(|k| k.starts_with("shared_memory"))
-        {
-            return Err(invalid(format!(
-                "input '{name}' refers to a shared-memory region; Veraltheim takes tensor data in the request only"
-            )));
-        }
         let datatype: DataType = input.datatype.parse().map_err(|_| {
             invalid(format!(
                 "input '{name}': unknown datatype '{}' (expected one of BOOL, UINT8..UINT64, INT8..INT64, FP16, FP32, FP64, BF16, BYTES)",
                 input.datatype
             ))
         })?;
+        if let Some(place) = place {
+            let bytes = shm.read(&format!("input '{name}'"), &place)?;
+            out.push(
+                Tensor::from_raw(name, datatype, &input.shape, bytes)
+                    .map_err(|e| invalid(e.to_string()))?,
+            );
+            continue;
+        }
         let typed = input.contents.as_ref();
         let has_typed = typed.is_some_and(|c| {
             !(c.bool_contents.is_empty()
@@ -460,14 +468,18 @@ mod tests {
     #[test]
     fn raw_and_typed_agree() {
         let raw: Vec<u8> = [1.0f32, 2.0].iter().flat_map(|v| v.to_le_bytes()).collect();
-        let a =
-            kserve_inputs(vec![input("x", "FP32", vec![1, 2])], vec![Bytes::from(raw)]).unwrap();
+        let a = kserve_inputs(
+            vec![input("x", "FP32", vec![1, 2])],
+            vec![Bytes::from(raw)],
+            &SharedMemory::new(false),
+        )
+        .unwrap();
         let mut typed = input("x", "FP32", vec![1, 2]);
         typed.contents = Some(kserve::InferTensorContents {
             fp32_contents: vec![1.0, 2.0],
             ..Default::default()
         });
-        let b = kserve_inputs(vec![typed], vec![]).unwrap();
+        let b = kserve_inputs(vec![typed], vec![], &SharedMemory::new(false)).unwrap();
         assert_eq!(a, b);
     }
 
@@ -508,7 +520,7 @@ mod tests {
             ),
         ];
         for (inputs, raw, want) in cases {
-            let err = kserve_inputs(inputs, raw).unwrap_err();
+            let err = kserve_inputs(inputs, raw, &SharedMemory::new(false)).unwrap_err();
             assert_eq!(err.code(), tonic::Code::InvalidArgument);
             assert!(
                 err.message().contains(want),
@@ -528,14 +540,14 @@ mod tests {
             int_contents: vec![1, 300],
             ..Default::default()
         });
-        let err = kserve_inputs(vec![t], vec![]).unwrap_err();
+        let err = kserve_inputs(vec![t], vec![], &SharedMemory::new(false)).unwrap_err();
         assert!(err.message().contains("300"), "{}", err.message());
         let mut t = input("i", "INT8", vec![2]);
         t.contents = Some(kserve::InferTensorContents {
             fp32_contents: vec![1.0, 2.0],
             ..Default::default()
         });
-        let err = kserve_inputs(vec![t], vec![]).unwrap_err();
+        let err = kserve_inputs(vec![t], vec![], &SharedMemory::new(false)).unwrap_err();
         assert!(err.message().contains("int_contents"), "{}", err.message());
     }
 

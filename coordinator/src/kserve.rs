@@ -14,6 +14,7 @@ use veraltheim_proto::inference::{
 
 use crate::context::{Context, InferCall, grpc_deadline, manager_status, traced};
 use crate::convert::{kserve_inputs, kserve_output};
+use crate::shm::{SharedMemory, ShmRef, shm_ref};
 
 pub const SERVER_NAME: &str = "veraltheim";
 
@@ -49,11 +50,14 @@ fn unsigned_param(name: &str, p: &pb::InferParameter) -> Result<u64, Status> {
 
 /// A KServe request as an inference call: the tensors plus the reserved parameters
 /// (`priority`, `timeout` in µs).
+/// Also returns the outputs the caller wants written to shared memory, checked against the
+/// registered regions before anything runs.
 fn to_call(
     req: pb::ModelInferRequest,
     deadline: Option<Instant>,
     received: Instant,
-) -> Result<InferCall, Status> {
+    shm: &SharedMemory,
+) -> Result<(InferCall, Vec<(String, ShmRef)>), Status> {
     let mut priority = 0;
     let mut timeout = None;
     for (key, value) in &req.parameters {
@@ -85,8 +89,16 @@ fn to_call(
             _ => {}
         }
     }
-    let inputs = kserve_inputs(req.inputs, req.raw_input_contents)?;
-    Ok(InferCall {
+    let inputs = kserve_inputs(req.inputs, req.raw_input_contents, shm)?;
+    let mut to_shm = Vec::new();
+    for o in &req.outputs {
+        let what = format!("output '{}'", o.name);
+        if let Some(place) = shm_ref(&what, &o.parameters)? {
+            shm.check(&what, &place)?;
+            to_shm.push((o.name.clone(), place));
+        }
+    }
+    let call = InferCall {
         model: req.model_name,
         version: req.model_version,
         id: req.id,
@@ -96,7 +108,56 @@ fn to_call(
         timeout,
         deadline,
         received,
-    })
+    };
+    Ok((call, to_shm))
+}
+
+/// The response's outputs: in `raw_output_contents`, or written to the shared-memory place
+/// the request gave (the output then says where, and its raw entry is empty, so that entries
+/// stay in step with the outputs).
+fn kserve_outputs(
+    outputs: &[veraltheim_models::Tensor],
+    to_shm: &[(String, ShmRef)],
+    shm: &SharedMemory,
+) -> Result<
+    (
+        Vec<pb::model_infer_response::InferOutputTensor>,
+        Vec<bytes::Bytes>,
+    ),
+    Status,
+> {
+    let mut tensors = Vec::with_capacity(outputs.len());
+    let mut raw = Vec::with_capacity(outputs.len());
+    for t in outputs {
+        let mut tensor = kserve_output(t);
+        match to_shm.iter().find(|(name, _)| *name == t.name) {
+            Some((_, place)) => {
+                let data = t.to_raw();
+                shm.write(&format!("output '{}'", t.name), place, &data)?;
+                let int = |v: u64| pb::InferParameter {
+                    parameter_choice: Some(ParameterChoice::Int64Param(v as i64)),
+                };
+                tensor.parameters.insert(
+                    "shared_memory_region".into(),
+                    pb::InferParameter {
+                        parameter_choice: Some(ParameterChoice::StringParam(place.region.clone())),
+                    },
+                );
+                tensor
+                    .parameters
+                    .insert("shared_memory_byte_size".into(), int(data.len() as u64));
+                if place.offset != 0 {
+                    tensor
+                        .parameters
+                        .insert("shared_memory_offset".into(), int(place.offset));
+                }
+                raw.push(bytes::Bytes::new());
+            }
+            None => raw.push(t.to_raw()),
+        }
+        tensors.push(tensor);
+    }
+    Ok((tensors, raw))
 }
 
 /// One KServe inference. The request is converted and submitted when this is called; the
@@ -108,20 +169,21 @@ fn infer(
     received: Instant,
 ) -> impl Future<Output = Result<pb::ModelInferResponse, Status>> + Send + '_ {
     let model_name = req.model_name.clone();
-    let started = to_call(req, deadline, received).map(|call| {
+    let started = to_call(req, deadline, received, &ctx.shm).map(|(call, to_shm)| {
         let id = call.id.clone();
-        (id, ctx.infer(call))
+        (id, to_shm, ctx.infer(call))
     });
     async move {
-        let (id, answer) = started?;
+        let (id, to_shm, answer) = started?;
         let out = answer.await?;
+        let (outputs, raw_output_contents) = kserve_outputs(&out.outputs, &to_shm, &ctx.shm)?;
         Ok(pb::ModelInferResponse {
             model_version: ctx.models.version_of(&model_name),
             model_name,
             id,
             parameters: HashMap::new(),
-            outputs: out.outputs.iter().map(kserve_output).collect(),
-            raw_output_contents: out.outputs.iter().map(|t| t.to_raw()).collect(),
+            outputs,
+            raw_output_contents,
         })
     }
 }
@@ -294,7 +356,7 @@ fn tensor_metadata(
 
 fn unimplemented_shm(what: &str) -> Status {
     Status::unimplemented(format!(
-        "{what}: shared-memory tensors are not supported by Veraltheim; send tensor data in the request (raw_input_contents)"
+        "{what}: CUDA shared memory is not supported by Veraltheim; use system shared memory (--allow-client-shm) or send tensor data in the request"
     ))
 }
 
@@ -336,7 +398,12 @@ impl GrpcInferenceService for KserveService {
         Ok(Response::new(pb::ServerMetadataResponse {
             name: SERVER_NAME.to_string(),
             version: env!("CARGO_PKG_VERSION").to_string(),
-            extensions: EXTENSIONS.iter().map(|s| s.to_string()).collect(),
+            extensions: EXTENSIONS
+                .iter()
+                .copied()
+                .chain(self.ctx.shm.allowed().then_some("system_shared_memory"))
+                .map(str::to_string)
+                .collect(),
         }))
     }
 
@@ -553,23 +620,43 @@ impl GrpcInferenceService for KserveService {
 
     async fn system_shared_memory_status(
         &self,
-        _: Request<pb::SystemSharedMemoryStatusRequest>,
+        request: Request<pb::SystemSharedMemoryStatusRequest>,
     ) -> Result<Response<pb::SystemSharedMemoryStatusResponse>, Status> {
-        Err(unimplemented_shm("SystemSharedMemoryStatus"))
+        use pb::system_shared_memory_status_response::RegionStatus;
+        let regions = self.ctx.shm.status(&request.get_ref().name)?;
+        Ok(Response::new(pb::SystemSharedMemoryStatusResponse {
+            regions: regions
+                .iter()
+                .map(|r| {
+                    let status = RegionStatus {
+                        name: r.name.clone(),
+                        key: r.key.clone(),
+                        offset: r.offset,
+                        byte_size: r.byte_size,
+                    };
+                    (r.name.clone(), status)
+                })
+                .collect(),
+        }))
     }
 
     async fn system_shared_memory_register(
         &self,
-        _: Request<pb::SystemSharedMemoryRegisterRequest>,
+        request: Request<pb::SystemSharedMemoryRegisterRequest>,
     ) -> Result<Response<pb::SystemSharedMemoryRegisterResponse>, Status> {
-        Err(unimplemented_shm("SystemSharedMemoryRegister"))
+        let r = request.into_inner();
+        self.ctx
+            .shm
+            .register(&r.name, &r.key, r.offset, r.byte_size)?;
+        Ok(Response::new(pb::SystemSharedMemoryRegisterResponse {}))
     }
 
     async fn system_shared_memory_unregister(
         &self,
-        _: Request<pb::SystemSharedMemoryUnregisterRequest>,
+        request: Request<pb::SystemSharedMemoryUnregisterRequest>,
     ) -> Result<Response<pb::SystemSharedMemoryUnregisterResponse>, Status> {
-        Err(unimplemented_shm("SystemSharedMemoryUnregister"))
+        self.ctx.shm.unregister(&request.get_ref().name)?;
+        Ok(Response::new(pb::SystemSharedMemoryUnregisterResponse {}))
     }
 
     async fn cuda_shared_memory_status(

@@ -16,6 +16,7 @@ mod kserve;
 mod manager;
 mod ratelimit;
 mod server;
+mod shm;
 mod stream;
 mod tree;
 

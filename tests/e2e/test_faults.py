@@ -53,18 +53,12 @@ def test_fault_in_stream_is_a_per_request_error(server):
 @pytest.mark.parametrize(
     "call",
     [
-        pytest.param(lambda c: c.get_system_shared_memory_status(), id="system_status"),
-        pytest.param(
-            lambda c: c.register_system_shared_memory("region0", "/veraltheim_e2e", 64),
-            id="system_register",
-        ),
-        pytest.param(lambda c: c.unregister_system_shared_memory("region0"), id="system_unregister"),
         pytest.param(lambda c: c.get_cuda_shared_memory_status(), id="cuda_status"),
         pytest.param(lambda c: c.unregister_cuda_shared_memory("region0"), id="cuda_unregister"),
     ],
 )
-def test_shared_memory_rpcs_unimplemented(grpc_client, call):
-    with raises_status("UNIMPLEMENTED") as box:
+def test_cuda_shared_memory_rpcs_unimplemented(grpc_client, call):
+    with raises_status("UNIMPLEMENTED", "system shared memory") as box:
         call(grpc_client)
     assert len(box[0].message() or "") > 5, f"no clear message: {box[0].message()!r}"
 

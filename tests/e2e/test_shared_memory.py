@@ -1,0 +1,123 @@
+"""Triton's system shared-memory extension with the stock tritonclient: regions registered by
+key, input and output tensors passed through them, and the errors for bad regions. Off unless
+the server runs with --allow-client-shm."""
+
+import os
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.utils.shared_memory as shm
+
+from _helpers import distinct_rows, fp32_input, raises_status
+
+
+@pytest.fixture
+def shm_server(server_factory):
+    return server_factory(extra_args=["--allow-client-shm"])
+
+
+@pytest.fixture
+def regions():
+    """Creates system shared-memory regions for a test and destroys them after it."""
+    made = []
+
+    def make(tag: str, byte_size: int):
+        handle = shm.create_shared_memory_region(
+            f"veraltheim_{tag}", f"/veraltheim_e2e_{tag}_{os.getpid()}", byte_size
+        )
+        made.append(handle)
+        return handle
+
+    yield make
+    for handle in made:
+        shm.destroy_shared_memory_region(handle)
+
+
+def key_of(tag: str) -> str:
+    return f"/veraltheim_e2e_{tag}_{os.getpid()}"
+
+
+def test_disabled_by_default_with_a_clear_message(grpc_client, regions):
+    regions("off", 64)
+    for call in (
+        lambda: grpc_client.get_system_shared_memory_status(),
+        lambda: grpc_client.register_system_shared_memory("off", key_of("off"), 64),
+        lambda: grpc_client.unregister_system_shared_memory("off"),
+    ):
+        with raises_status("PERMISSION_DENIED", "--allow-client-shm"):
+            call()
+    inp = grpcclient.InferInput("INPUT0", [1, 4], "FP32")
+    inp.set_shared_memory("off", 16)
+    with raises_status("PERMISSION_DENIED", "--allow-client-shm"):
+        grpc_client.infer("identity", [inp])
+    assert "system_shared_memory" not in grpc_client.get_server_metadata().extensions
+
+
+def test_inputs_and_outputs_travel_through_shared_memory(shm_server, regions):
+    client = shm_server.client()
+    assert "system_shared_memory" in client.get_server_metadata().extensions
+    data = distinct_rows(3, 4, seed=4100)
+    nbytes = data.nbytes
+    inp_region = regions("in", nbytes)
+    # The output region is registered 64 bytes into its object, and the output written at an
+    # offset inside the region.
+    out_region = regions("out", 64 + 32 + nbytes)
+    shm.set_shared_memory_region(inp_region, [data])
+    client.register_system_shared_memory("in", key_of("in"), nbytes)
+    client.register_system_shared_memory("out", key_of("out"), 32 + nbytes, offset=64)
+
+    status = client.get_system_shared_memory_status(as_json=True)["regions"]
+    assert {status["in"]["key"], status["out"]["key"]} == {key_of("in"), key_of("out")}
+    assert int(status["out"]["offset"]) == 64 and int(status["out"]["byte_size"]) == 32 + nbytes
+
+    inp = grpcclient.InferInput("INPUT0", list(data.shape), "FP32")
+    inp.set_shared_memory("in", nbytes)
+    out = grpcclient.InferRequestedOutput("OUTPUT0")
+    out.set_shared_memory("out", nbytes, offset=32)
+    result = client.infer("identity", [inp], outputs=[out])
+    tensor = result.get_output("OUTPUT0")
+    assert list(tensor.shape) == [3, 4]
+    assert tensor.parameters["shared_memory_region"].string_param == "out"
+    assert tensor.parameters["shared_memory_byte_size"].int64_param == nbytes
+    got = shm.get_contents_as_numpy(out_region, np.float32, [3, 4], offset=64 + 32)
+    np.testing.assert_array_equal(got, data)
+
+    # The input from shared memory, the output back in the response.
+    plain = client.infer("identity", [inp])
+    np.testing.assert_array_equal(plain.as_numpy("OUTPUT0"), data)
+
+    client.unregister_system_shared_memory()
+    assert client.get_system_shared_memory_status(as_json=True).get("regions", {}) == {}
+
+
+def test_bad_regions_and_references_are_refused_by_name(shm_server, regions):
+    client = shm_server.client()
+    data = distinct_rows(2, 4, seed=4200)
+    regions("small", 16)
+    regions("big", 256)
+    shm.set_shared_memory_region(regions("data", data.nbytes), [data])
+    with raises_status("INVALID_ARGUMENT", "past the end"):
+        client.register_system_shared_memory("small", key_of("small"), 64)
+    with raises_status("INVALID_ARGUMENT", "cannot open"):
+        client.register_system_shared_memory("x", "/veraltheim_e2e_no_such_object", 16)
+    with raises_status("INVALID_ARGUMENT", "not a shared-memory key"):
+        client.register_system_shared_memory("x", "/../etc/passwd", 16)
+    client.register_system_shared_memory("small", key_of("small"), 16)
+    client.register_system_shared_memory("data", key_of("data"), data.nbytes)
+    with raises_status("ALREADY_EXISTS", "small"):
+        client.register_system_shared_memory("small", key_of("big"), 16)
+
+    inp = grpcclient.InferInput("INPUT0", list(data.shape), "FP32")
+    inp.set_shared_memory("small", data.nbytes)
+    with raises_status("INVALID_ARGUMENT", "input 'INPUT0'", "past the end"):
+        client.infer("identity", [inp])
+    inp.set_shared_memory("nowhere", data.nbytes)
+    with raises_status("NOT_FOUND", "nowhere"):
+        client.infer("identity", [inp])
+
+    out = grpcclient.InferRequestedOutput("OUTPUT0")
+    out.set_shared_memory("small", 16)
+    with raises_status("INVALID_ARGUMENT", "output 'OUTPUT0'", "holds 16"):
+        client.infer("identity", [fp32_input(data)], outputs=[out])
+    assert client.is_server_live()
