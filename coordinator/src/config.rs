@@ -33,6 +33,22 @@ pub struct ServerConfig {
     pub rate_limit_per_second: u32,
     pub rate_limit_burst: u32,
     pub allow_client_shm: bool,
+    /// Threads of the tokio runtime that serves the APIs; 0 = half the cores, at least one.
+    pub runtime_threads: usize,
+}
+
+impl ServerConfig {
+    /// The runtime's worker threads: `runtime_threads`, or half the cores when it is 0. The
+    /// runtime only moves bytes (model code runs on the execution pool), and on a small machine
+    /// a runtime thread per core competes with the pool for every core: on 2 vCPUs one runtime
+    /// thread served identity at c=64 with 18.5–19.4 µs of server CPU per request against
+    /// 22–25 with two (docs/PERFORMANCE.md, session 4).
+    pub fn runtime_worker_threads(&self) -> usize {
+        match self.runtime_threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)),
+            n => n,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -191,6 +207,9 @@ pub struct ServeArgs {
     /// Directory for durable state.
     #[arg(long, env = "VERALTHEIM_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Threads of the runtime serving the APIs (0 = half the cores, at least one).
+    #[arg(long, env = "VERALTHEIM_RUNTIME_THREADS")]
+    pub runtime_threads: Option<usize>,
     /// Let clients register system shared-memory regions and pass tensors through them.
     #[arg(long, env = "VERALTHEIM_ALLOW_CLIENT_SHM", num_args = 0..=1, default_missing_value = "true")]
     pub allow_client_shm: Option<bool>,
@@ -316,6 +335,9 @@ impl Config {
         }
         if let Some(v) = &args.data_dir {
             c.storage.data_dir = v.clone();
+        }
+        if let Some(v) = args.runtime_threads {
+            c.server.runtime_threads = v;
         }
         if let Some(v) = args.allow_client_shm {
             c.server.allow_client_shm = v;
@@ -480,6 +502,20 @@ mod tests {
         assert_eq!(c.server.grpc_addr.to_string(), "127.0.0.1:8001");
         assert_eq!(c.server.http_addr.to_string(), "127.0.0.1:8002");
         assert!(c.models.load.is_empty());
+    }
+
+    #[test]
+    fn runtime_threads_default_to_half_the_cores_and_follow_the_flag() {
+        let c = Config::defaults().unwrap();
+        assert_eq!(c.server.runtime_threads, 0);
+        let cores = std::thread::available_parallelism().unwrap().get();
+        assert_eq!(c.server.runtime_worker_threads(), (cores / 2).max(1));
+        let args = ServeArgs {
+            runtime_threads: Some(3),
+            ..Default::default()
+        };
+        let c = Config::resolve(&args).unwrap();
+        assert_eq!(c.server.runtime_worker_threads(), 3);
     }
 
     #[test]

@@ -136,6 +136,7 @@ fn main() -> ExitCode {
                 );
             }));
             let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(config.server.runtime_worker_threads())
                 .enable_all()
                 .build()
             {

@@ -69,7 +69,10 @@ async fn a_full_queue_refuses_at_once() {
     let model = cost(
         200_000,
         0,
-        r#","dynamic_batching":{"default_queue_policy":{"max_queue_size":4}}"#,
+        // Batches of one: the batcher, running meanwhile on the other runtime thread, takes at
+        // most one request off the queue (freeing its slot) before the 200 ms batch holds the
+        // only instance. With larger batches it could take several and admit as many more.
+        r#","max_batch_size":1,"dynamic_batching":{"default_queue_policy":{"max_queue_size":4}}"#,
     );
     let worker = ModelWorker::start(model, pool, &WorkerOptions::default());
     let mut accepted = Vec::new();
