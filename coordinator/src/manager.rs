@@ -100,6 +100,8 @@ pub struct ManagerOptions {
     pub load_timeout: Duration,
     /// One budget per device.
     pub budgets: Vec<Budget>,
+    /// Reserve of a GPU that appears after start (the start-up GPUs have theirs in `budgets`).
+    pub gpu_reserve_bytes: u64,
     /// A load is admitted on its files' size times this factor.
     pub size_factor: f64,
 }
@@ -115,6 +117,7 @@ impl Default for ManagerOptions {
             max_concurrent_loads: 2,
             load_timeout: Duration::from_secs(120),
             budgets: vec![Budget::new(DeviceId::Cpu, 64 << 30, 0)],
+            gpu_reserve_bytes: 0,
             size_factor: 1.5,
         }
     }
@@ -562,8 +565,16 @@ impl ModelManager {
             let device = DeviceId::Gpu(g.index);
             if g.lost {
                 allocator.set_capacity(device, 0);
-            } else {
+            } else if !allocator.follow_device(device, g.memory_total_bytes, g.memory_used_bytes) {
+                // A GPU that was not there at start (a driver restart, a MIG change): it gets a
+                // budget now, with the configured reserve, and models may be placed there.
+                allocator.set_budget(Budget::new(
+                    device,
+                    g.memory_total_bytes,
+                    self.options.gpu_reserve_bytes,
+                ));
                 allocator.follow_device(device, g.memory_total_bytes, g.memory_used_bytes);
+                tracing::info!(gpu = g.index, name = %g.name, "a GPU appeared; it now has a memory budget");
             }
         }
     }
@@ -1119,6 +1130,39 @@ mod tests {
             Bus::new(),
         )
         .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_gpu_that_appears_after_start_gets_a_budget_and_a_lost_one_none() {
+        let m = ModelManager::new(
+            ExecutionPool::new(1).unwrap(),
+            ManagerOptions {
+                gpu_reserve_bytes: 1 << 30,
+                ..ManagerOptions::default()
+            },
+            Bus::new(),
+        )
+        .unwrap();
+        let gpu0 = |m: &ModelManager| {
+            m.memory()
+                .into_iter()
+                .find(|u| u.device == DeviceId::Gpu(0))
+        };
+        assert!(gpu0(&m).is_none(), "no GPU at start");
+        let gpu = GpuInfo {
+            index: 0,
+            name: "late".into(),
+            memory_total_bytes: 16 << 30,
+            memory_used_bytes: 2 << 30,
+            ..GpuInfo::default()
+        };
+        m.follow_gpus(std::slice::from_ref(&gpu));
+        let usage = gpu0(&m).expect("the GPU that appeared has a budget");
+        assert_eq!(usage.reserve_bytes, 1 << 30);
+        // Capacity less what others hold (2 GiB), less the reserve.
+        assert_eq!(usage.budget_bytes, (16 << 30) - (2 << 30) - (1 << 30));
+        m.follow_gpus(&[GpuInfo { lost: true, ..gpu }]);
+        assert_eq!(gpu0(&m).unwrap().budget_bytes, 0);
     }
 
     #[tokio::test]

@@ -204,6 +204,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             max_concurrent_loads: config.models.max_concurrent_loads,
             load_timeout: Duration::from_secs(config.models.load_timeout_seconds),
             budgets,
+            gpu_reserve_bytes: config.models.gpu_memory_reserve_bytes,
             size_factor: config.models.size_factor,
         },
         bus.clone(),
