@@ -13,6 +13,7 @@ use veraltheim_supervisor::SupervisorHandle;
 
 use crate::cache::ResponseCache;
 use crate::devices::Devices;
+use crate::shm::SharedMemory;
 use veraltheim_fastpath::{InferError, InferOutput, ModelWorker, Request};
 use veraltheim_models::Tensor;
 use veraltheim_models::validate::{validate_inputs, validate_outputs};
@@ -34,7 +35,7 @@ pub struct Context {
     pub jobs: std::sync::OnceLock<crate::jobs::Jobs>,
     pub started: Instant,
     /// Client-registered system shared-memory regions (KServe shared-memory extension).
-    pub shm: crate::shm::SharedMemory,
+    pub shm: SharedMemory,
     /// Set once start-up loading is done; cleared when shutdown begins.
     ready: AtomicBool,
 }
@@ -59,6 +60,7 @@ impl Context {
         devices: Arc<Devices>,
         fault_injection: bool,
         cache: ResponseCache,
+        shm: SharedMemory,
     ) -> Self {
         Context {
             cache,
@@ -69,7 +71,7 @@ impl Context {
             fault_injection,
             tree: parking_lot::RwLock::new(None),
             started: Instant::now(),
-            shm: crate::shm::SharedMemory::new(false),
+            shm,
             ready: AtomicBool::new(false),
         }
     }
@@ -98,8 +100,7 @@ impl Context {
         let step = span.in_scope(|| self.start(call));
         async move {
             match step {
-                Step::Done(result) => result,
-                Step::Waiting(waiting) => self.wait(waiting).await,
+                Step::Submitted(submitted) => self.finish(submitted).await,
                 Step::Load(call) => Box::pin(self.load_then_infer(call)).await,
             }
         }
@@ -108,12 +109,12 @@ impl Context {
 
     fn start(&self, call: InferCall) -> Step {
         if let Err(e) = self.models.check_version(&call.model, &call.version) {
-            return Step::Done(Err(manager_status(e)));
+            return Step::Submitted(Submitted::Done(Err(manager_status(e))));
         }
         match self.models.acquire(&call.model) {
-            Ok((worker, in_flight)) => self.submit(worker, in_flight, call),
+            Ok((worker, in_flight)) => Step::Submitted(self.submit(worker, in_flight, call)),
             Err(e) if self.models.loads_on_demand_after(&call.model, &e) => Step::Load(call),
-            Err(e) => Step::Done(Err(manager_status(e))),
+            Err(e) => Step::Submitted(Submitted::Done(Err(manager_status(e)))),
         }
     }
 
@@ -124,34 +125,33 @@ impl Context {
             .acquire_or_load(&call.model, call.deadline)
             .await
             .map_err(manager_status)?;
-        match self.submit(worker, in_flight, call) {
-            Step::Done(result) => result,
-            Step::Waiting(waiting) => self.wait(waiting).await,
-            // `submit` never asks for a load; answered rather than asserted.
-            Step::Load(call) => Err(Status::internal(format!(
-                "model '{}' is still not loaded after its on-demand load",
-                call.model
-            ))),
+        self.finish(self.submit(worker, in_flight, call)).await
+    }
+
+    async fn finish(&self, submitted: Submitted) -> Result<InferOutput, Status> {
+        match submitted {
+            Submitted::Done(result) => result,
+            Submitted::Waiting(waiting) => self.wait(waiting).await,
         }
     }
 
     /// Validates the call against the model's configuration, answers it from the response cache
     /// when it can, and queues it otherwise.
-    fn submit(&self, worker: Arc<ModelWorker>, in_flight: InFlight, call: InferCall) -> Step {
+    fn submit(&self, worker: Arc<ModelWorker>, in_flight: InFlight, call: InferCall) -> Submitted {
         let config = worker.config();
         let (inputs, rows) = match validate_inputs(config, call.inputs) {
             Ok(v) => v,
-            Err(e) => return Step::Done(Err(Status::invalid_argument(e.0))),
+            Err(e) => return Submitted::Done(Err(Status::invalid_argument(e.0))),
         };
         if let Err(e) = validate_outputs(config, &call.outputs) {
-            return Step::Done(Err(Status::invalid_argument(e.0)));
+            return Submitted::Done(Err(Status::invalid_argument(e.0)));
         }
         let cache_key = if config.cache_enabled() {
             let lookup = Instant::now();
             let key = ResponseCache::key(&call.model, &config.to_json(), &inputs, &call.outputs);
             if let Some(hit) = self.cache.get(&key) {
                 worker.record_cache_hit(lookup.elapsed(), call.received.elapsed());
-                return Step::Done(Ok(InferOutput {
+                return Submitted::Done(Ok(InferOutput {
                     outputs: hit.outputs.clone(),
                     queue: Duration::ZERO,
                     compute: Duration::ZERO,
@@ -175,14 +175,14 @@ impl Context {
             received: call.received,
         };
         match worker.submit(request) {
-            Ok(rx) => Step::Waiting(Waiting {
+            Ok(rx) => Submitted::Waiting(Waiting {
                 worker,
                 _in_flight: in_flight,
                 rx,
                 cache_key,
                 deadline,
             }),
-            Err(e) => Step::Done(Err(infer_status(e))),
+            Err(e) => Submitted::Done(Err(infer_status(e))),
         }
     }
 
@@ -219,9 +219,15 @@ impl Context {
 
 /// Where [`Context::infer`] stands after its synchronous part.
 enum Step {
+    Submitted(Submitted),
+    /// The model must be loaded on demand first.
+    Load(InferCall),
+}
+
+/// A call that went through [`Context::submit`]: answered already, or queued.
+enum Submitted {
     Done(Result<InferOutput, Status>),
     Waiting(Waiting),
-    Load(InferCall),
 }
 
 /// A submitted request, until its answer comes.

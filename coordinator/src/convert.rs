@@ -10,6 +10,17 @@ use veraltheim_proto::v1;
 
 use crate::shm::{SharedMemory, shm_ref};
 
+/// A KServe parameter that must be a non-negative integer (int64 or uint64 on the wire).
+pub fn unsigned_param(name: &str, p: &kserve::InferParameter) -> Result<u64, Status> {
+    match p.parameter_choice {
+        Some(kserve::infer_parameter::ParameterChoice::Uint64Param(v)) => Ok(v),
+        Some(kserve::infer_parameter::ParameterChoice::Int64Param(v)) if v >= 0 => Ok(v as u64),
+        _ => Err(invalid(format!(
+            "parameter '{name}' must be a non-negative integer"
+        ))),
+    }
+}
+
 fn invalid(msg: impl Into<String>) -> Status {
     Status::invalid_argument(msg.into())
 }
@@ -164,7 +175,7 @@ pub fn kserve_inputs(
 ) -> Result<Vec<Tensor>, Status> {
     let places = inputs
         .iter()
-        .map(|i| shm_ref(&format!("input '{}'", i.name), &i.parameters))
+        .map(|i| shm_ref("input", &i.name, &i.parameters))
         .collect::<Result<Vec<_>, _>>()?;
     let in_request = places.iter().filter(|p| p.is_none()).count();
     if !raw.is_empty() && raw.len() != in_request {

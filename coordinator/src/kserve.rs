@@ -13,7 +13,7 @@ use veraltheim_proto::inference::{
 };
 
 use crate::context::{Context, InferCall, grpc_deadline, manager_status, traced};
-use crate::convert::{kserve_inputs, kserve_output};
+use crate::convert::{kserve_inputs, kserve_output, unsigned_param};
 use crate::shm::{SharedMemory, ShmRef, shm_ref};
 
 pub const SERVER_NAME: &str = "veraltheim";
@@ -35,16 +35,6 @@ pub struct KserveService {
 impl KserveService {
     pub fn new(ctx: Arc<Context>) -> Self {
         KserveService { ctx }
-    }
-}
-
-fn unsigned_param(name: &str, p: &pb::InferParameter) -> Result<u64, Status> {
-    match p.parameter_choice {
-        Some(ParameterChoice::Uint64Param(v)) => Ok(v),
-        Some(ParameterChoice::Int64Param(v)) if v >= 0 => Ok(v as u64),
-        _ => Err(Status::invalid_argument(format!(
-            "parameter '{name}' must be a non-negative integer"
-        ))),
     }
 }
 
@@ -92,9 +82,8 @@ fn to_call(
     let inputs = kserve_inputs(req.inputs, req.raw_input_contents, shm)?;
     let mut to_shm = Vec::new();
     for o in &req.outputs {
-        let what = format!("output '{}'", o.name);
-        if let Some(place) = shm_ref(&what, &o.parameters)? {
-            shm.check(&what, &place)?;
+        if let Some(place) = shm_ref("output", &o.name, &o.parameters)? {
+            shm.check(&format!("output '{}'", o.name), &place)?;
             to_shm.push((o.name.clone(), place));
         }
     }

@@ -483,15 +483,13 @@ impl ModelManager {
     ) -> Result<(Arc<ModelWorker>, InFlight), ManagerError> {
         match self.acquire(name) {
             Err(e) if self.loads_on_demand_after(name, &e) => {
-                // Boxed: a load's state is kilobytes, and without the box every request's
-                // future would carry (and every hand-off would copy) it, loaded model or not.
-                let load = Box::pin(async {
+                let load = async {
                     match self.load_if_needed(name, None, true).await {
                         Ok(_) => Ok(()),
                         // Someone else's load may have won meanwhile.
                         Err(e) => self.acquire(name).map(|_| ()).map_err(|_| e),
                     }
-                });
+                };
                 match deadline {
                     Some(at) => {
                         tokio::time::timeout_at(at.into(), load)

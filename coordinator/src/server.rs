@@ -213,15 +213,14 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         config.cache.max_bytes,
         Duration::from_secs(config.cache.ttl_seconds),
     );
-    let mut ctx = Context::new(
+    let ctx = Arc::new(Context::new(
         models.clone(),
         bus.clone(),
         devices.clone(),
         config.models.enable_fault_injection,
         cache.clone(),
-    );
-    ctx.shm = crate::shm::SharedMemory::new(config.server.allow_client_shm);
-    let ctx = Arc::new(ctx);
+        crate::shm::SharedMemory::new(config.server.allow_client_shm),
+    ));
 
     let startup: Vec<String> = if config.models.load.is_empty() {
         models.names()

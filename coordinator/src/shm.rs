@@ -17,6 +17,8 @@ use tonic::Status;
 use veraltheim_proto::inference::InferParameter;
 use veraltheim_proto::inference::infer_parameter::ParameterChoice;
 
+use crate::convert::unsigned_param;
+
 /// Where POSIX shared-memory objects live.
 const SHM_DIR: &str = "/dev/shm";
 
@@ -220,14 +222,18 @@ impl SharedMemory {
 /// The shared-memory place a tensor's parameters name, if any. `shared_memory_region` and
 /// `shared_memory_byte_size` come together; `shared_memory_offset` defaults to 0.
 pub fn shm_ref(
-    what: &str,
+    kind: &str,
+    name: &str,
     params: &HashMap<String, InferParameter>,
 ) -> Result<Option<ShmRef>, Status> {
     let region = params.get("shared_memory_region");
     let size = params.get("shared_memory_byte_size");
     let offset = params.get("shared_memory_offset");
+    if region.is_none() && size.is_none() && offset.is_none() {
+        return Ok(None);
+    }
+    let what = format!("{kind} '{name}'");
     let region = match (region, size) {
-        (None, None) if offset.is_none() => return Ok(None),
         (Some(r), Some(_)) => match &r.parameter_choice {
             Some(ParameterChoice::StringParam(s)) if !s.is_empty() => s.clone(),
             _ => {
@@ -242,20 +248,17 @@ pub fn shm_ref(
             )));
         }
     };
-    let number = |key: &str, p: Option<&InferParameter>| -> Result<u64, Status> {
-        match p.and_then(|p| p.parameter_choice.as_ref()) {
-            None => Ok(0),
-            Some(ParameterChoice::Int64Param(v)) if *v >= 0 => Ok(*v as u64),
-            Some(ParameterChoice::Uint64Param(v)) => Ok(*v),
-            _ => Err(Status::invalid_argument(format!(
-                "{what}: {key} must be a non-negative integer"
-            ))),
-        }
+    let number = |key: &str, p: &InferParameter| {
+        unsigned_param(key, p)
+            .map_err(|e| Status::invalid_argument(format!("{what}: {}", e.message())))
     };
     Ok(Some(ShmRef {
         region,
-        offset: number("shared_memory_offset", offset)?,
-        byte_size: number("shared_memory_byte_size", size)?,
+        offset: offset
+            .map(|p| number("shared_memory_offset", p))
+            .transpose()?
+            .unwrap_or(0),
+        byte_size: size.map_or(Ok(0), |p| number("shared_memory_byte_size", p))?,
     }))
 }
 
