@@ -33,5 +33,5 @@ pub use event::Event;
 pub use policy::{SubscribeOptions, WhenFull};
 pub use query::{Query, QueryInbox, QueryReplies, QueryRequest};
 pub use subscription::{Delivery, Subscription, SubscriptionId, SubscriptionStats};
-pub use topic::{Pattern, Topic};
+pub use topic::{Pattern, Topic, topic_segment};
 pub use trace::{TraceParent, current_trace, with_trace};

@@ -271,3 +271,46 @@ mod tests {
         assert!(message.contains("last segment"), "{message}");
     }
 }
+
+/// A name (a model's, a job's) as one topic segment: the characters a segment cannot hold
+/// (`.`, the wildcards `*` and `>`, whitespace, control characters) become `_`.
+pub fn topic_segment(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c == '.' || c == '*' || c == '>' || c.is_whitespace() || c.is_control() {
+                '_'
+            } else {
+                c
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod segment_tests {
+    use super::{Topic, topic_segment};
+
+    #[test]
+    fn any_name_becomes_one_valid_segment() {
+        for name in [
+            "minilm",
+            "a.b",
+            "x*y>z",
+            "with space",
+            "tab\tand\u{7}bell",
+            "",
+        ] {
+            let segment = topic_segment(name);
+            assert!(!segment.contains('.'), "{segment}");
+            if !name.is_empty() {
+                let topic = format!("models.{segment}.state");
+                assert_eq!(
+                    Topic::parse(&topic).unwrap().segments().count(),
+                    3,
+                    "{topic}"
+                );
+            }
+        }
+        assert_eq!(topic_segment("a.b*c"), "a_b_c");
+    }
+}

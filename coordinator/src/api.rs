@@ -1,5 +1,6 @@
-//! `veraltheim.v1`: our own API. Inference and models are served here; jobs and resources answer
-//! UNIMPLEMENTED until the slow path and the device inventory land.
+//! `veraltheim.v1`: our own API — inference, models, the system (health, the supervision tree,
+//! events, fault injection) and resources (host and GPUs). Jobs have their own service type
+//! (`jobs.rs`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,10 +15,10 @@ use veraltheim_proto::v1::{
     resource_service_server::ResourceService, system_service_server::SystemService,
 };
 
-use crate::context::{Context, InferCall, grpc_deadline, manager_status, traced};
+use crate::context::{Context, grpc_deadline, status, traced};
 use crate::convert::{from_v1, to_v1, v1_datatype};
-use crate::manager::ModelInfo;
-use veraltheim_supervisor::{NodeKind, NodeSnapshot};
+use veraltheim_serving::{InferCall, ModelInfo};
+use veraltheim_supervisor::{NodeKind, NodeSnapshot, SupervisorHandle};
 
 /// Events a watcher may fall behind by before the oldest are dropped.
 const EVENT_BUFFER: usize = 1024;
@@ -27,21 +28,19 @@ use crate::stream::StreamOf;
 #[derive(Clone)]
 pub struct Api {
     ctx: Arc<Context>,
+    /// The supervision tree the API serves in (its status, KillChild).
+    tree: SupervisorHandle,
 }
 
 impl Api {
-    pub fn new(ctx: Arc<Context>) -> Self {
-        Api { ctx }
-    }
-
-    pub fn ctx(&self) -> &Context {
-        &self.ctx
+    pub fn new(ctx: Arc<Context>, tree: SupervisorHandle) -> Self {
+        Api { ctx, tree }
     }
 }
 
 /// Texts become the model's single BYTES input, one row each.
 fn text_input(ctx: &Context, model: &str, texts: Vec<String>) -> Result<Tensor, Status> {
-    let info = ctx.models.info(model).map_err(manager_status)?;
+    let info = ctx.models.info(model).map_err(status)?;
     let bytes_inputs: Vec<_> = info
         .config
         .input
@@ -207,6 +206,7 @@ pub fn model_message(m: &ModelInfo) -> v1::Model {
 
 fn memory_message(
     usage: Vec<veraltheim_models::allocator::DeviceUsage>,
+    charges: &std::collections::BTreeMap<String, veraltheim_serving::MemoryCharge>,
 ) -> v1::GetModelMemoryResponse {
     v1::GetModelMemoryResponse {
         devices: usage
@@ -221,12 +221,19 @@ fn memory_message(
                 holders: d
                     .holders
                     .into_iter()
-                    .map(|h| v1::ModelHolder {
-                        key: h.model,
-                        bytes: h.bytes,
-                        pinned: h.pinned,
-                        in_flight: u64::from(h.in_flight),
-                        state: h.state.as_str().to_ascii_uppercase(),
+                    .map(|h| {
+                        let charge = charges.get(&h.model);
+                        v1::ModelHolder {
+                            estimate_bytes: charge.map_or(h.bytes, |c| c.estimate_bytes),
+                            measurement: charge
+                                .map(|c| c.how.as_str().to_string())
+                                .unwrap_or_default(),
+                            key: h.model,
+                            bytes: h.bytes,
+                            pinned: h.pinned,
+                            in_flight: u64::from(h.in_flight),
+                            state: h.state.as_str().to_ascii_uppercase(),
+                        }
                     })
                     .collect(),
             })
@@ -240,7 +247,10 @@ impl ModelService for Api {
         &self,
         _: Request<v1::GetModelMemoryRequest>,
     ) -> Result<Response<v1::GetModelMemoryResponse>, Status> {
-        Ok(Response::new(memory_message(self.ctx.models.memory())))
+        Ok(Response::new(memory_message(
+            self.ctx.models.memory(),
+            &self.ctx.models.charges(),
+        )))
     }
 
     async fn list_models(
@@ -268,7 +278,7 @@ impl ModelService for Api {
             .ctx
             .models
             .info(&request.get_ref().name)
-            .map_err(manager_status)?;
+            .map_err(status)?;
         Ok(Response::new(model_message(&info)))
     }
 
@@ -281,7 +291,7 @@ impl ModelService for Api {
         let json = (!r.config_json.is_empty()).then_some(r.config_json.as_str());
         let info = traced(&metadata, self.ctx.models.load(&r.name, json))
             .await
-            .map_err(manager_status)?;
+            .map_err(status)?;
         Ok(Response::new(model_message(&info)))
     }
 
@@ -294,7 +304,7 @@ impl ModelService for Api {
             self.ctx.models.unload(&request.get_ref().name),
         )
         .await
-        .map_err(manager_status)?;
+        .map_err(status)?;
         Ok(Response::new(model_message(&info)))
     }
 
@@ -306,7 +316,7 @@ impl ModelService for Api {
         let workers = if name.is_empty() {
             self.ctx.models.workers()
         } else {
-            vec![self.ctx.models.worker(name).map_err(manager_status)?]
+            vec![self.ctx.models.worker(name).map_err(status)?]
         };
         let d = |x: veraltheim_fastpath::DurationStat| {
             Some(v1::DurationStat {
@@ -421,11 +431,10 @@ impl SystemService for Api {
         &self,
         _: Request<v1::GetStatusRequest>,
     ) -> Result<Response<v1::GetStatusResponse>, Status> {
-        let root = self.ctx.tree.read().as_ref().map(|t| node(&t.snapshot()));
         Ok(Response::new(v1::GetStatusResponse {
             version: env!("CARGO_PKG_VERSION").to_string(),
             uptime_ms: self.ctx.started.elapsed().as_millis() as u64,
-            root,
+            root: Some(node(&self.tree.snapshot())),
         }))
     }
 
@@ -439,11 +448,7 @@ impl SystemService for Api {
             ));
         }
         let path = request.into_inner().path;
-        let tree = self.ctx.tree.read().clone();
-        let Some(tree) = tree else {
-            return Err(Status::unavailable("the supervision tree is not running"));
-        };
-        tree.kill_child(&path).await.map_err(|e| match e {
+        self.tree.kill_child(&path).await.map_err(|e| match e {
             veraltheim_supervisor::Error::NotFound { .. } => {
                 Status::not_found(format!("no supervised task at '{path}': {e}"))
             }

@@ -1,5 +1,5 @@
 //! Batch inference jobs: a model and a file of JSON lines in, a file of JSON lines out, run
-//! through the same inference path as online requests (`Context::infer`) but as background work:
+//! through the same inference path as online requests (`Inference::infer`) but as background work:
 //! at the model's lowest priority level and with a bounded number of requests in flight, so that
 //! online traffic is served first and the job never holds more than its share of the queue.
 //!
@@ -29,18 +29,18 @@ use futures::future::BoxFuture;
 use veraltheim_slowpath::job::JobKind;
 use veraltheim_slowpath::{ExecError, Execution, InferenceExecutor, JobSpec, Outcome, ProgressFn};
 
-use crate::context::{Context, InferCall};
 use crate::convert;
+use veraltheim_serving::{InferCall, Inference};
 
 /// The coordinator's [`InferenceExecutor`]: inference jobs run through [`run`], at most
 /// `concurrency` requests of one job in flight.
 pub struct BatchInference {
-    ctx: Arc<Context>,
+    ctx: Arc<Inference>,
     concurrency: usize,
 }
 
 impl BatchInference {
-    pub fn new(ctx: Arc<Context>, concurrency: usize) -> Self {
+    pub fn new(ctx: Arc<Inference>, concurrency: usize) -> Self {
         BatchInference {
             ctx,
             concurrency: concurrency.max(1),
@@ -76,7 +76,7 @@ impl InferenceExecutor for BatchInference {
 }
 
 struct InferenceRun {
-    ctx: Arc<Context>,
+    ctx: Arc<Inference>,
     model: String,
     input: PathBuf,
     output: PathBuf,
@@ -140,7 +140,7 @@ pub struct Summary {
 /// an error (the job fails) when the input cannot be read, the model is unknown, or the output
 /// cannot be written; a line that fails is reported in the output instead.
 pub async fn run(
-    ctx: Arc<Context>,
+    ctx: Arc<Inference>,
     model: &str,
     input: &Path,
     output: &Path,
@@ -152,11 +152,11 @@ pub async fn run(
     let total = lines.len() as u64;
     progress(0, total);
     let (_, _) = ctx
-        .models
+        .models()
         .acquire_or_load(model, None)
         .await
         .map_err(|e| e.to_string())?;
-    let config = ctx.models.info(model).map_err(|e| e.to_string())?.config;
+    let config = ctx.models().info(model).map_err(|e| e.to_string())?.config;
     let priority = background_priority(&config);
     let tmp = temp_path(output);
     let file =
@@ -242,7 +242,7 @@ pub fn background_priority(config: &ModelConfig) -> u32 {
 }
 
 async fn infer_line(
-    ctx: &Context,
+    ctx: &Inference,
     model: &str,
     config: &ModelConfig,
     line: &str,
@@ -262,7 +262,7 @@ async fn infer_line(
             received: Instant::now(),
         })
         .await
-        .map_err(|s| s.message().to_string())?;
+        .map_err(|e| e.to_string())?;
     let mut outputs = serde_json::Map::new();
     for t in &out.outputs {
         outputs.insert(t.name.clone(), tensor_json(t)?);

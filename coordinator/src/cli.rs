@@ -1,5 +1,7 @@
-//! The client side of the binary: `infer`, `models`, `health`, `status`, talking `veraltheim.v1`
-//! to a running coordinator. Tables for people, `--json` for scripts.
+//! The client side of the binary — `infer`, `models` (list, get, load, unload, stats, memory,
+//! import), `jobs` (`cli/jobfile.rs`, `cli/watch.rs`), `gpus`, `events`, `health`, `status`,
+//! `kill`, `config default` — talking `veraltheim.v1` to a running coordinator. Tables for
+//! people, `--json` for scripts.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -353,6 +355,7 @@ fn print_memory(r: &v1::GetModelMemoryResponse, as_json: bool) -> anyhow::Result
                     "holders": d.holders.iter().map(|h| json!({
                         "key": h.key, "bytes": h.bytes, "pinned": h.pinned,
                         "in_flight": h.in_flight, "state": h.state,
+                        "estimate_bytes": h.estimate_bytes, "measurement": h.measurement,
                     })).collect::<Vec<_>>(),
                 })
             })
@@ -370,6 +373,13 @@ fn print_memory(r: &v1::GetModelMemoryResponse, as_json: bool) -> anyhow::Result
             .iter()
             .map(|h| {
                 let mut s = format!("{} {}", h.key, format_bytes(h.bytes));
+                if !h.measurement.is_empty() {
+                    s.push_str(&format!(
+                        " ({}, estimate {})",
+                        h.measurement,
+                        format_bytes(h.estimate_bytes)
+                    ));
+                }
                 if h.pinned {
                     s.push_str(" pinned");
                 }

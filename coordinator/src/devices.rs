@@ -93,6 +93,19 @@ fn to_event(e: &DeviceEvent) -> Event {
     }
 }
 
+/// Loads whose backend cannot say what it holds are charged what this process's memory on the
+/// device grew by: resident memory for the CPU, NVML's per-process figure for a GPU.
+impl veraltheim_serving::MemoryGauge for Devices {
+    fn held_bytes(&self, device: veraltheim_models::allocator::DeviceId) -> Option<u64> {
+        match device {
+            veraltheim_models::allocator::DeviceId::Cpu => veraltheim_devices::resident_bytes(),
+            veraltheim_models::allocator::DeviceId::Gpu(index) => {
+                self.inventory.process_gpu_bytes(index)
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -220,7 +220,7 @@ pub fn render(ctx: &Context) -> String {
     up.samples
         .push((String::new(), ctx.started.elapsed().as_secs_f64()));
 
-    let c = ctx.cache.stats();
+    let c = ctx.inference.cache().stats();
     let snapshot = ctx.devices.snapshot();
     let h = &snapshot.host;
     let mut singles = Vec::new();

@@ -16,14 +16,13 @@ use veraltheim_bus::Event;
 use veraltheim_proto::v1::{self, job_service_server::JobService};
 use veraltheim_slowpath::job::JobKind;
 use veraltheim_slowpath::{
-    Executor, JobRecord, JobSpec, JobState, JobStore, KubernetesConfig, KubernetesExecutor,
-    ListFilter, LocalExecutor, Observer, QueueConfig, Quota, Resources, RetryPolicy, Runner,
-    RunnerConfig, RunnerError, SchedulerConfig, StoreError, Toleration,
+    Executor, InferenceExecutor, JobRecord, JobSpec, JobState, JobStore, KubernetesConfig,
+    KubernetesExecutor, ListFilter, LocalExecutor, Observer, QueueConfig, Quota, Resources,
+    RetryPolicy, Runner, RunnerConfig, RunnerError, SchedulerConfig, StoreError, Toleration,
 };
 use veraltheim_storage::RedbStore;
 use veraltheim_supervisor::BreakerConfig;
 
-use crate::api::Api;
 use crate::config::{JobExecutorKind, JobsConfig, KubernetesJobsConfig};
 use crate::stream::StreamOf;
 
@@ -40,11 +39,13 @@ impl Jobs {
     /// one) shared by the configured queues.
     /// Every durable job change comes out of the returned receiver as a `jobs.<id>.state` event
     /// (for the QueueManager to publish).
+    /// Inference jobs run through `inference`.
     pub async fn start(
         config: &JobsConfig,
         store: Arc<RedbStore>,
         data_dir: &Path,
         capacity: Resources,
+        inference: Arc<dyn InferenceExecutor>,
     ) -> anyhow::Result<(Jobs, mpsc::Receiver<Event>)> {
         let (tx, rx) = mpsc::channel(JOB_EVENT_BACKLOG);
         let observer: Observer = Arc::new(move |r: &JobRecord| {
@@ -100,9 +101,10 @@ impl Jobs {
         } else {
             config.max_running
         };
-        let runner = Runner::with_executor(
+        let runner = Runner::with_executors(
             JobStore::new(store).with_observer(observer),
             exec,
+            Some(inference),
             RunnerConfig {
                 scheduler,
                 retry: RetryPolicy {
@@ -350,12 +352,15 @@ fn job_to_wire(jobs: &Jobs, r: &JobRecord) -> v1::Job {
     }
 }
 
-impl Api {
-    fn jobs(&self) -> Result<&Jobs, Status> {
-        self.ctx()
-            .jobs
-            .get()
-            .ok_or_else(|| Status::unavailable("the job runner is starting"))
+/// `veraltheim.v1.JobService` over the slow path's runner.
+#[derive(Clone)]
+pub struct JobsApi {
+    jobs: Arc<Jobs>,
+}
+
+impl JobsApi {
+    pub fn new(jobs: Arc<Jobs>) -> Self {
+        JobsApi { jobs }
     }
 }
 
@@ -363,12 +368,12 @@ impl Api {
 const POLL: Duration = Duration::from_millis(200);
 
 #[tonic::async_trait]
-impl JobService for Api {
+impl JobService for JobsApi {
     async fn submit_job(
         &self,
         request: Request<v1::SubmitJobRequest>,
     ) -> Result<Response<v1::Job>, Status> {
-        let jobs = self.jobs()?;
+        let jobs = &*self.jobs;
         let spec = request
             .into_inner()
             .spec
@@ -385,7 +390,7 @@ impl JobService for Api {
         &self,
         request: Request<v1::GetJobRequest>,
     ) -> Result<Response<v1::Job>, Status> {
-        let jobs = self.jobs()?;
+        let jobs = &*self.jobs;
         let rec = jobs
             .runner
             .store()
@@ -398,7 +403,7 @@ impl JobService for Api {
         &self,
         request: Request<v1::ListJobsRequest>,
     ) -> Result<Response<v1::ListJobsResponse>, Status> {
-        let jobs = self.jobs()?;
+        let jobs = &*self.jobs;
         let r = request.into_inner();
         let states = r
             .states
@@ -423,7 +428,7 @@ impl JobService for Api {
         &self,
         request: Request<v1::CancelJobRequest>,
     ) -> Result<Response<v1::Job>, Status> {
-        let jobs = self.jobs()?;
+        let jobs = &*self.jobs;
         let rec = jobs
             .runner
             .cancel(&request.get_ref().id)
@@ -439,7 +444,7 @@ impl JobService for Api {
         request: Request<v1::WatchJobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
         let id = request.into_inner().id;
-        self.jobs()?.runner.store().get(&id).map_err(store_status)?;
+        self.jobs.runner.store().get(&id).map_err(store_status)?;
         let api = self.clone();
         let stream = async_stream_unfold(api, id);
         Ok(Response::new(stream))
@@ -452,7 +457,7 @@ impl JobService for Api {
         request: Request<v1::JobLogsRequest>,
     ) -> Result<Response<Self::JobLogsStream>, Status> {
         let r = request.into_inner();
-        let jobs = self.jobs()?;
+        let jobs = &*self.jobs;
         jobs.runner.store().get(&r.id).map_err(store_status)?;
         let api = self.clone();
         let (id, follow) = (r.id, r.follow);
@@ -460,7 +465,7 @@ impl JobService for Api {
         // first, once it starts.
         let attempt = async move {
             loop {
-                let jobs = api.jobs()?;
+                let jobs = &*api.jobs;
                 let rec = jobs.runner.store().get(&id).map_err(store_status)?;
                 if rec.attempt > 0 || rec.state.is_terminal() || !follow {
                     let logs = jobs.runner.executor().logs(&id, rec.attempt.max(1), follow);
@@ -487,7 +492,7 @@ impl JobService for Api {
 }
 
 /// WatchJob's stream: the job now, then each change, until a terminal state.
-fn async_stream_unfold(api: Api, id: String) -> StreamOf<v1::Job> {
+fn async_stream_unfold(api: JobsApi, id: String) -> StreamOf<v1::Job> {
     Box::pin(futures::stream::unfold(
         (api, id, None::<(i32, String, u32, u32)>, false),
         |(api, id, last, ended)| async move {
@@ -495,7 +500,7 @@ fn async_stream_unfold(api: Api, id: String) -> StreamOf<v1::Job> {
                 return None;
             }
             loop {
-                let jobs = api.jobs().ok()?;
+                let jobs = &*api.jobs;
                 let rec = match jobs.runner.store().get(&id) {
                     Ok(r) => r,
                     Err(e) => return Some((Err(store_status(e)), (api, id, last, true))),

@@ -12,9 +12,10 @@ use veraltheim_proto::inference::{
     infer_parameter::ParameterChoice,
 };
 
-use crate::context::{Context, InferCall, grpc_deadline, manager_status, traced};
+use crate::context::{Context, grpc_deadline, status, traced};
 use crate::convert::{kserve_inputs, kserve_output, unsigned_param};
 use crate::shm::{SharedMemory, ShmRef, shm_ref};
+use veraltheim_serving::InferCall;
 
 pub const SERVER_NAME: &str = "veraltheim";
 
@@ -374,7 +375,7 @@ impl GrpcInferenceService for KserveService {
         request: Request<pb::ModelReadyRequest>,
     ) -> Result<Response<pb::ModelReadyResponse>, Status> {
         let r = request.into_inner();
-        let info = self.ctx.models.info(&r.name).map_err(manager_status)?;
+        let info = self.ctx.models.info(&r.name).map_err(status)?;
         let ready = info.state == ModelState::Ready
             && self.ctx.models.check_version(&r.name, &r.version).is_ok();
         Ok(Response::new(pb::ModelReadyResponse { ready }))
@@ -404,8 +405,8 @@ impl GrpcInferenceService for KserveService {
         self.ctx
             .models
             .check_version(&r.name, &r.version)
-            .map_err(manager_status)?;
-        let info = self.ctx.models.info(&r.name).map_err(manager_status)?;
+            .map_err(status)?;
+        let info = self.ctx.models.info(&r.name).map_err(status)?;
         let c = &info.config;
         Ok(Response::new(pb::ModelMetadataResponse {
             name: info.name.clone(),
@@ -473,8 +474,8 @@ impl GrpcInferenceService for KserveService {
         self.ctx
             .models
             .check_version(&r.name, &r.version)
-            .map_err(manager_status)?;
-        let info = self.ctx.models.info(&r.name).map_err(manager_status)?;
+            .map_err(status)?;
+        let info = self.ctx.models.info(&r.name).map_err(status)?;
         Ok(Response::new(pb::ModelConfigResponse {
             config: Some(config_to_proto(&info.config)),
         }))
@@ -491,8 +492,8 @@ impl GrpcInferenceService for KserveService {
             self.ctx
                 .models
                 .check_version(&r.name, &r.version)
-                .map_err(manager_status)?;
-            vec![self.ctx.models.worker(&r.name).map_err(manager_status)?]
+                .map_err(status)?;
+            vec![self.ctx.models.worker(&r.name).map_err(status)?]
         };
         let model_stats = workers
             .iter()
@@ -591,7 +592,7 @@ impl GrpcInferenceService for KserveService {
             self.ctx.models.load(&r.model_name, config.as_deref()),
         )
         .await
-        .map_err(manager_status)?;
+        .map_err(status)?;
         Ok(Response::new(pb::RepositoryModelLoadResponse {}))
     }
 
@@ -603,7 +604,7 @@ impl GrpcInferenceService for KserveService {
         let r = request.into_inner();
         traced(&metadata, self.ctx.models.unload(&r.model_name))
             .await
-            .map_err(manager_status)?;
+            .map_err(status)?;
         Ok(Response::new(pb::RepositoryModelUnloadResponse {}))
     }
 

@@ -1,10 +1,9 @@
 //! `veraltheim`: the coordinator (`serve`) and its command-line client (`infer`, `models`,
-//! `health`, `status`). Configuration is read here and passed down as typed structs; the crates
-//! below know nothing of flags, files or gRPC.
+//! `jobs`, `gpus`, `events`, `health`, `status`, `kill`, `config`). Configuration is read here
+//! and passed down as typed structs; the crates below know nothing of flags, files or gRPC.
 
 mod api;
 mod batch;
-mod cache;
 mod cli;
 mod config;
 mod context;
@@ -13,7 +12,6 @@ mod devices;
 mod http;
 mod jobs;
 mod kserve;
-mod manager;
 mod ratelimit;
 mod server;
 mod shm;

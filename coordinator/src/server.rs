@@ -24,17 +24,16 @@ use veraltheim_proto::v1::{
 use veraltheim_supervisor::ChildContext;
 
 use crate::api::Api;
-use crate::cache::ResponseCache;
 use crate::config::Config;
 use crate::context::Context;
 use crate::devices::Devices;
-use crate::jobs::Jobs;
+use crate::jobs::{Jobs, JobsApi};
 use crate::kserve::KserveService;
-use crate::manager::{ManagerOptions, ModelManager};
 use crate::ratelimit::ClientLimiter;
-use crate::tree::{ServeFn, TreeParts};
+use crate::tree::{ServeFn, TreeHost, TreeParts};
 use veraltheim_models::allocator::{Budget, DeviceId};
 use veraltheim_models::backend::BackendOptions;
+use veraltheim_serving::{Inference, ManagerDeps, ManagerOptions, ModelManager, ResponseCache};
 use veraltheim_slowpath::Resources;
 use veraltheim_storage::{RedbStore, StoreOptions};
 
@@ -84,13 +83,17 @@ fn bind(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<std::net::TcpL
 }
 
 /// A server as a supervised worker. The listening socket is bound once, before the tree starts
-/// (so a busy port fails the start with a clear message); each (re)start serves a duplicate of
-/// it until the worker is told to stop.
-fn server_worker(listener: std::net::TcpListener, router: axum::Router) -> ServeFn {
+/// (so a busy port fails the start with a clear message); each (re)start builds its router (it
+/// may need the tree it runs in, from its context) and serves a duplicate of the socket until
+/// the worker is told to stop.
+fn server_worker(
+    listener: std::net::TcpListener,
+    router: impl Fn(&ChildContext) -> axum::Router + Send + Sync + 'static,
+) -> ServeFn {
     let listener = Arc::new(listener);
     Arc::new(move |ctx: ChildContext| {
         let listener = listener.clone();
-        let router = router.clone();
+        let router = router(&ctx);
         Box::pin(async move {
             let listener = TcpListener::from_std(listener.try_clone()?)?;
             axum::serve(
@@ -109,9 +112,14 @@ fn server_worker(listener: std::net::TcpListener, router: axum::Router) -> Serve
     })
 }
 
-fn grpc_router(ctx: &Arc<Context>, config: &Config) -> axum::Router {
+fn grpc_router(
+    ctx: &Arc<Context>,
+    jobs: &Arc<Jobs>,
+    config: &Config,
+    tree: &veraltheim_supervisor::SupervisorHandle,
+) -> axum::Router {
     let max = config.server.max_message_bytes;
-    let api = Api::new(ctx.clone());
+    let api = Api::new(ctx.clone(), tree.clone());
     let routes = Routes::new(
         GrpcInferenceServiceServer::new(KserveService::new(ctx.clone()))
             .max_decoding_message_size(max)
@@ -124,7 +132,7 @@ fn grpc_router(ctx: &Arc<Context>, config: &Config) -> axum::Router {
     )
     .add_service(ModelServiceServer::new(api.clone()))
     .add_service(SystemServiceServer::new(api.clone()))
-    .add_service(JobServiceServer::new(api.clone()))
+    .add_service(JobServiceServer::new(JobsApi::new(jobs.clone())))
     .add_service(ResourceServiceServer::new(api));
     // gRPC is served by hyper through axum rather than tonic's transport server: that server
     // always enforces `grpc-timeout` itself and answers CANCELLED, racing our own deadline
@@ -185,8 +193,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         }));
         budgets
     };
+    let host = Arc::new(TreeHost::new());
     let models = Arc::new(ModelManager::new(
-        pool,
         ManagerOptions {
             worker: WorkerOptions {
                 default_max_queue_size: config.models.default_max_queue_size,
@@ -207,20 +215,18 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             gpu_reserve_bytes: config.models.gpu_memory_reserve_bytes,
             size_factor: config.models.size_factor,
         },
-        bus.clone(),
+        ManagerDeps {
+            pool,
+            bus: bus.clone(),
+            host: host.clone(),
+            gauge: devices.clone(),
+        },
     )?);
     let cache = ResponseCache::new(
         config.cache.max_bytes,
         Duration::from_secs(config.cache.ttl_seconds),
     );
-    let ctx = Arc::new(Context::new(
-        models.clone(),
-        bus.clone(),
-        devices.clone(),
-        config.models.enable_fault_injection,
-        cache.clone(),
-        crate::shm::SharedMemory::new(config.server.allow_client_shm),
-    ));
+    let inference = Arc::new(Inference::new(models.clone(), cache.clone()));
 
     let startup: Vec<String> = if config.models.load.is_empty() {
         models.names()
@@ -236,11 +242,6 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         }
     }
 
-    let grpc_addr = config.server.grpc_addr;
-    let http_addr = config.server.http_addr;
-    let grace = Duration::from_secs(config.server.shutdown_grace_seconds);
-    let grpc = server_worker(bind(grpc_addr, "gRPC")?, grpc_router(&ctx, &config));
-    let http = server_worker(bind(http_addr, "HTTP")?, crate::http::router(ctx.clone()));
     // The durable store, opened before anything runs so that jobs acknowledged before a crash
     // are recovered first.
     let store_path = config.storage.data_dir.join("state.redb");
@@ -260,30 +261,48 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             gpus: snap.gpus.iter().filter(|g| !g.lost).count() as u32,
         }
     };
+    // Inference jobs go through the same model queues as online requests, behind them.
+    let batch_inference = Arc::new(crate::batch::BatchInference::new(
+        inference.clone(),
+        config.jobs.inference_concurrency,
+    ));
     let (jobs, job_events) = Jobs::start(
         &config.jobs,
         store.clone(),
         &config.storage.data_dir,
         capacity,
+        batch_inference,
     )
     .await
     .context("cannot start the job runner")?;
-    let runner = jobs.runner.clone();
-    // Inference jobs go through the same model queues as online requests, behind them.
-    runner.set_inference_executor(Arc::new(crate::batch::BatchInference::new(
-        ctx.clone(),
-        config.jobs.inference_concurrency,
-    )));
-    if ctx.jobs.set(jobs).is_err() {
-        bail!("the job runner was started twice");
-    }
+    let jobs = Arc::new(jobs);
+    let ctx = Arc::new(Context::new(
+        inference,
+        bus.clone(),
+        devices.clone(),
+        config.models.enable_fault_injection,
+        crate::shm::SharedMemory::new(config.server.allow_client_shm),
+    ));
+
+    let grpc_addr = config.server.grpc_addr;
+    let http_addr = config.server.http_addr;
+    let grace = Duration::from_secs(config.server.shutdown_grace_seconds);
+    let grpc = server_worker(bind(grpc_addr, "gRPC")?, {
+        let (ctx, jobs, config) = (ctx.clone(), jobs.clone(), config.clone());
+        move |child: &ChildContext| grpc_router(&ctx, &jobs, &config, child.root())
+    });
+    let http = server_worker(bind(http_addr, "HTTP")?, {
+        let router = crate::http::router(ctx.clone());
+        move |_: &ChildContext| router.clone()
+    });
     let root = crate::tree::start(TreeParts {
         bus,
         models: models.clone(),
+        host,
         devices,
         cache,
         store,
-        jobs: runner,
+        jobs: jobs.runner.clone(),
         job_events,
         grpc,
         http,
@@ -291,8 +310,6 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     })
     .await
     .context("the supervision tree did not start")?;
-    models.attach_tree(root.clone());
-    *ctx.tree.write() = Some(root.clone());
     tracing::info!(%grpc_addr, %http_addr, execution_threads = threads, "serving");
 
     let loading = {

@@ -10,9 +10,16 @@
 //! ```
 //!
 //! Children start in this order and stop in reverse, so on shutdown the API stops taking work
-//! before the models drain. `SlowPathOrchestrator` runs the job runner (scheduler and local
-//! executor); `QueueManager` publishes job state changes on the bus; `KubernetesSupervisor` and
-//! `LocalExecutor` hold their places in the tree for the executors' own supervision to come.
+//! before the models drain. `SlowPathOrchestrator` runs the job runner (scheduler and the
+//! executor `jobs.executor` names: local processes or Kubernetes Jobs); `QueueManager` publishes
+//! job state changes on the bus; `KubernetesSupervisor` and `LocalExecutor` hold their places
+//! in the tree (the executors supervise their own watchers and processes).
+//!
+//! Model workers reach the tree through [`TreeHost`], the model manager's
+//! [`WorkerHost`]: FastPathProcessor's first child, `ModelHost`, takes its supervisor's handle
+//! from its own context and starts every model's supervisor beside itself — at once for a new
+//! model, and all of them again whenever FastPathProcessor comes back from a restart (it
+//! restarts from its spec, without the children added at run time).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,12 +32,16 @@ use veraltheim_supervisor::{
     SupervisorHandle, SupervisorSpec,
 };
 
-use crate::cache::ResponseCache;
+use std::collections::BTreeMap;
+
+use parking_lot::Mutex;
+use veraltheim_fastpath::ModelWorker;
+use veraltheim_serving::{ModelManager, ResponseCache, WorkerHost};
+use veraltheim_supervisor::Error as SupervisorError;
+
 use crate::devices::Devices;
 use crate::jobs::JobRunner;
-use crate::manager::ModelManager;
 
-pub const FAST_PATH: &str = "AICoordinatorSupervisor/FastPathProcessor";
 const FAST_PATH_NAME: &str = "FastPathProcessor";
 
 /// Supervisor events waiting for the EventRouter; beyond it they are dropped (and logged), since
@@ -45,6 +56,7 @@ pub type ServeFn = Arc<dyn Fn(ChildContext) -> BoxFuture + Send + Sync>;
 pub struct TreeParts {
     pub bus: Bus,
     pub models: Arc<ModelManager>,
+    pub host: Arc<TreeHost>,
     pub devices: Arc<Devices>,
     pub cache: ResponseCache,
     pub store: Arc<RedbStore>,
@@ -77,8 +89,100 @@ fn restart_backoff() -> Backoff {
         .reset_after(Duration::from_secs(30))
 }
 
+/// The model manager's [`WorkerHost`] in the server: each model worker runs under its own
+/// supervisor beside `ModelHost` in FastPathProcessor.
+#[derive(Default)]
+pub struct TreeHost {
+    state: Mutex<HostState>,
+}
+
+#[derive(Default)]
+struct HostState {
+    /// FastPathProcessor's running incarnation, as `ModelHost` last saw it start.
+    fast_path: Option<SupervisorHandle>,
+    /// Every worker the manager runs now, by child name.
+    workers: BTreeMap<String, Arc<ModelWorker>>,
+}
+
+impl TreeHost {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+async fn attach(fast_path: &SupervisorHandle, child: &str, worker: Arc<ModelWorker>) {
+    match fast_path.start_child(model_child(child, worker)).await {
+        Ok(()) | Err(SupervisorError::AlreadyPresent { .. }) => {}
+        // FastPathProcessor is between incarnations: `ModelHost` attaches the worker when it
+        // comes back.
+        Err(e) => tracing::info!(child, error = %e, "model worker waits for FastPathProcessor"),
+    }
+}
+
+impl WorkerHost for TreeHost {
+    fn start<'a>(
+        &'a self,
+        child: &'a str,
+        worker: Arc<ModelWorker>,
+    ) -> futures::future::BoxFuture<'a, ()> {
+        // Registered and read under one lock with `ModelHost`'s start: whichever comes second
+        // attaches the worker (twice is harmless: AlreadyPresent).
+        let fast_path = {
+            let mut state = self.state.lock();
+            state.workers.insert(child.to_string(), worker.clone());
+            state.fast_path.clone()
+        };
+        Box::pin(async move {
+            if let Some(fast_path) = fast_path {
+                attach(&fast_path, child, worker).await;
+            }
+        })
+    }
+
+    fn stop<'a>(&'a self, child: &'a str) -> futures::future::BoxFuture<'a, ()> {
+        let fast_path = {
+            let mut state = self.state.lock();
+            state.workers.remove(child);
+            state.fast_path.clone()
+        };
+        Box::pin(async move {
+            if let Some(fast_path) = fast_path {
+                let _ = fast_path.terminate_child(child).await;
+                let _ = fast_path.delete_child(child).await;
+            }
+        })
+    }
+}
+
+/// FastPathProcessor's first child: tells the [`TreeHost`] which incarnation of its supervisor
+/// runs, and (re)attaches every running model worker to it.
+fn model_host(host: Arc<TreeHost>) -> ChildSpec {
+    ChildSpec::worker("ModelHost", move |ctx: ChildContext| {
+        let host = host.clone();
+        async move {
+            let fast_path = ctx.supervisor().clone();
+            let workers: Vec<_> = {
+                let mut state = host.state.lock();
+                state.fast_path = Some(fast_path.clone());
+                state
+                    .workers
+                    .iter()
+                    .map(|(c, w)| (c.clone(), w.clone()))
+                    .collect()
+            };
+            for (child, worker) in workers {
+                tracing::info!(child, "attaching model worker");
+                attach(&fast_path, &child, worker).await;
+            }
+            ctx.cancelled().await;
+            Ok(())
+        }
+    })
+    .backoff(restart_backoff())
+}
+
 /// The supervisor of one loaded model: its batcher loop, restarted after a backend panic.
-pub fn model_child(child: &str, worker: Arc<veraltheim_fastpath::ModelWorker>) -> ChildSpec {
+fn model_child(child: &str, worker: Arc<veraltheim_fastpath::ModelWorker>) -> ChildSpec {
     let batcher = ChildSpec::worker("batcher", move |ctx: ChildContext| {
         let worker = worker.clone();
         async move {
@@ -163,17 +267,11 @@ fn event_for(e: &SupervisorEvent) -> Option<Event> {
     Some(event)
 }
 
-/// Forwards supervisor events to the bus, and puts the models back under a restarted
-/// FastPathProcessor (a restarted supervisor starts from its spec, without the children that
-/// were added to it at run time).
-fn event_router(
-    rx: mpsc::Receiver<SupervisorEvent>,
-    bus: Bus,
-    models: Arc<ModelManager>,
-) -> ChildSpec {
+/// Forwards supervisor events to the bus.
+fn event_router(rx: mpsc::Receiver<SupervisorEvent>, bus: Bus) -> ChildSpec {
     let rx = Arc::new(tokio::sync::Mutex::new(rx));
     ChildSpec::worker("EventRouter", move |ctx: ChildContext| {
-        let (rx, bus, models) = (rx.clone(), bus.clone(), models.clone());
+        let (rx, bus) = (rx.clone(), bus.clone());
         async move {
             let mut rx = rx.lock().await;
             loop {
@@ -184,13 +282,6 @@ fn event_router(
                         None => return Ok(()),
                     },
                 };
-                // Restarted itself, or started afresh with a restarted parent.
-                if let SupervisorEvent::ChildRestarted { child, .. }
-                | SupervisorEvent::ChildStarted { child, .. } = &e
-                    && child == FAST_PATH_NAME
-                {
-                    models.reattach_workers().await;
-                }
                 if let Some(event) = event_for(&e)
                     && let Err(err) = bus.publish(event).await
                 {
@@ -354,7 +445,7 @@ pub async fn start(parts: TreeParts) -> anyhow::Result<SupervisorHandle> {
             SupervisorSpec::new("MessageBusSupervisor")
                 .intensity(10, Duration::from_secs(60))
                 .child(queue_manager(parts.job_events, parts.bus.clone()))
-                .child(event_router(rx, parts.bus.clone(), parts.models.clone())),
+                .child(event_router(rx, parts.bus.clone())),
         ))
         .child(subsystem(
             SupervisorSpec::new("StorageSupervisor")
@@ -368,7 +459,9 @@ pub async fn start(parts: TreeParts) -> anyhow::Result<SupervisorHandle> {
                 .child(subsystem(
                     // Each model has its own restart intensity below; this one only guards
                     // against a storm across models.
-                    SupervisorSpec::new(FAST_PATH_NAME).intensity(50, Duration::from_secs(60)),
+                    SupervisorSpec::new(FAST_PATH_NAME)
+                        .intensity(50, Duration::from_secs(60))
+                        .child(model_host(parts.host.clone())),
                 ))
                 .child(slow_path(parts.jobs.clone())),
         ))

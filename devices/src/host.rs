@@ -13,6 +13,20 @@ pub fn read_host() -> HostInfo {
     }
 }
 
+/// This process's resident memory now (`VmRSS`, in bytes, exact: no page size assumed); `None`
+/// where it cannot be read.
+pub fn resident_bytes() -> Option<u64> {
+    #[cfg(target_os = "linux")]
+    {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        kib_field(&status, "VmRSS")
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        None
+    }
+}
+
 #[cfg(target_os = "linux")]
 fn read_memory() -> (u64, u64, u64) {
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();

@@ -148,6 +148,26 @@ impl Inventory {
         self.simulated.as_ref()
     }
 
+    /// The device memory this process holds on GPU `index` now, as the probe reports it per
+    /// process (NVML's running compute processes); `None` when there is no such GPU, the probe
+    /// fails or does not list processes. Reads the probe directly, without publishing a snapshot
+    /// or raising events (the next [`sample`](Self::sample) does that). May block (NVML).
+    pub fn process_gpu_bytes(&self, index: u32) -> Option<u64> {
+        let probe = self.probe.as_ref()?;
+        let gpus = panic::catch_unwind(AssertUnwindSafe(|| probe.sample()))
+            .ok()?
+            .ok()?;
+        let pid = std::process::id();
+        let gpu = gpus.into_iter().find(|g| g.index == index && !g.lost)?;
+        Some(
+            gpu.processes
+                .iter()
+                .filter(|p| p.pid == pid)
+                .filter_map(|p| p.used_memory_bytes)
+                .sum(),
+        )
+    }
+
     /// The latest snapshot, without locking.
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.snapshot.load_full()

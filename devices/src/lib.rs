@@ -38,7 +38,7 @@ mod simulated;
 mod types;
 
 pub use error::ProbeError;
-pub use host::read_host;
+pub use host::{read_host, resident_bytes};
 pub use inventory::{DeviceEvent, Inventory};
 pub use nvml::{NVML_LIBRARY_NAMES, NvmlProbe};
 pub use probe::GpuProbe;

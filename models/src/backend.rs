@@ -52,6 +52,14 @@ pub fn supports_gpu(config: &ModelConfig) -> bool {
     backend_name(config) == "candle" && cfg!(feature = "cuda")
 }
 
+/// Whether the configuration's backend says what its models hold ([`Model::memory_bytes`]):
+/// built-ins claim a size, candle counts its tensors' bytes. Others (ONNX Runtime, whose
+/// allocations are its own) are measured by whoever loads them.
+pub fn reports_memory(config: &ModelConfig) -> bool {
+    let backend = backend_name(config);
+    backend == builtin::BACKEND || backend == "candle"
+}
+
 /// Builds a model. `dir` is the serving version's folder (None for built-in models). Runs file
 /// I/O and may take seconds: call it off the async threads.
 pub fn instantiate(

@@ -99,8 +99,8 @@ impl State {
 struct Inner<S> {
     store: JobStore<S>,
     exec: Arc<dyn Executor>,
-    /// Runs inference jobs, once the coordinator has set it.
-    inference: parking_lot::RwLock<Option<Arc<dyn InferenceExecutor>>>,
+    /// Runs inference jobs; without one they fail, saying so.
+    inference: Option<Arc<dyn InferenceExecutor>>,
     /// Progress of running jobs that report it: (done, total).
     progress: Mutex<HashMap<String, (u64, u64)>>,
     retry: RetryPolicy,
@@ -138,13 +138,15 @@ impl<S: Store + 'static> Runner<S> {
         exec: impl Executor,
         config: RunnerConfig,
     ) -> Result<Self, RunnerError> {
-        Self::with_executor(store, Arc::new(exec), config)
+        Self::with_executors(store, Arc::new(exec), None, config)
     }
 
-    /// [`Runner::new`] with an executor shared with others (e.g. the API, for logs).
-    pub fn with_executor(
+    /// [`Runner::new`] with an executor shared with others (e.g. the API, for logs), and what
+    /// runs inference jobs (the coordinator's in-process batch inference), if anything.
+    pub fn with_executors(
         store: JobStore<S>,
         exec: Arc<dyn Executor>,
+        inference: Option<Arc<dyn InferenceExecutor>>,
         config: RunnerConfig,
     ) -> Result<Self, RunnerError> {
         let sched = Scheduler::new(config.scheduler)?;
@@ -152,7 +154,7 @@ impl<S: Store + 'static> Runner<S> {
             inner: Arc::new(Inner {
                 store,
                 exec,
-                inference: parking_lot::RwLock::new(None),
+                inference,
                 progress: Mutex::new(HashMap::new()),
                 retry: config.retry,
                 max_running: config.max_running.max(1),
@@ -495,7 +497,7 @@ impl<S: Store + 'static> Runner<S> {
         token: CancellationToken,
     ) -> Result<(), StoreError> {
         let inner = &self.inner;
-        let executor = inner.inference.read().clone();
+        let executor = inner.inference.clone();
         let Some(executor) = executor else {
             inner
                 .store
@@ -549,11 +551,6 @@ impl<S: Store + 'static> Runner<S> {
     /// Progress of a running job that reports it: (done, total).
     pub fn progress(&self, id: &str) -> Option<(u64, u64)> {
         self.inner.progress.lock().get(id).copied()
-    }
-
-    /// Sets what runs inference jobs (until then they fail, saying so).
-    pub fn set_inference_executor(&self, executor: Arc<dyn InferenceExecutor>) {
-        *self.inner.inference.write() = Some(executor);
     }
 
     /// The attempt could not be started because the executor is unreachable: back to wait,

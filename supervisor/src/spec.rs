@@ -84,26 +84,49 @@ impl Backoff {
     }
 }
 
-/// What a worker gets on each (re)start: its name, its cancellation token, and a way to say that
-/// it is ready (see [`ChildSpec::ready_timeout`]).
+/// What a worker gets on each (re)start: its name, its cancellation token, a way to say that
+/// it is ready (see [`ChildSpec::ready_timeout`]), and handles on its supervisor and on the root
+/// of its tree — as an OTP process may call `supervisor:start_child/2` on its own supervisor, a
+/// worker may manage its siblings, and one that serves the tree's status can read it, without
+/// anyone handing it a handle after the tree has started.
 #[derive(Clone)]
 pub struct ChildContext {
     name: Arc<str>,
     token: CancellationToken,
     ready: Arc<Mutex<Option<oneshot::Sender<()>>>>,
+    supervisor: SupervisorHandle,
+    root: SupervisorHandle,
 }
 
 impl ChildContext {
     pub(crate) fn new(
         name: &str,
         token: CancellationToken,
-        ready: Option<oneshot::Sender<()>>,
+        supervisor: SupervisorHandle,
+        root: SupervisorHandle,
     ) -> Self {
         Self {
             name: name.into(),
             token,
-            ready: Arc::new(Mutex::new(ready)),
+            ready: Arc::new(Mutex::new(None)),
+            supervisor,
+            root,
         }
+    }
+
+    pub(crate) fn expecting_ready(self, ready: Option<oneshot::Sender<()>>) -> Self {
+        *self.ready.lock() = ready;
+        self
+    }
+
+    /// The supervisor this worker runs under (this incarnation of it).
+    pub fn supervisor(&self) -> &SupervisorHandle {
+        &self.supervisor
+    }
+
+    /// The root of the tree this worker runs in.
+    pub fn root(&self) -> &SupervisorHandle {
+        &self.root
     }
 
     /// The child's name.

@@ -96,6 +96,9 @@ struct Supervisor {
     hook: Option<EventHook>,
     shared: Arc<Mutex<Shared>>,
     token: CancellationToken,
+    /// This supervisor's own handle and its tree's root, for its workers' contexts.
+    me: SupervisorHandle,
+    root: SupervisorHandle,
 }
 
 pub(crate) struct Spawned {
@@ -111,7 +114,7 @@ pub(crate) async fn start_root(spec: SupervisorSpec) -> Result<SupervisorHandle,
         handle,
         task,
         started,
-    } = spawn(spec, None, CancellationToken::new());
+    } = spawn(spec, None, None, CancellationToken::new());
     match started.await {
         Ok(Ok(())) => Ok(handle),
         Ok(Err(e)) => {
@@ -127,6 +130,7 @@ pub(crate) async fn start_root(spec: SupervisorSpec) -> Result<SupervisorHandle,
 pub(crate) fn spawn(
     spec: SupervisorSpec,
     parent: Option<&str>,
+    root: Option<SupervisorHandle>,
     token: CancellationToken,
 ) -> Spawned {
     let path = match parent {
@@ -159,6 +163,8 @@ pub(crate) fn spawn(
         hook: spec.on_event,
         shared,
         token,
+        root: root.unwrap_or_else(|| handle.clone()),
+        me: handle.clone(),
     };
     supervisor.publish();
     let task = tokio::spawn(async move {
@@ -394,16 +400,23 @@ impl Supervisor {
         self.publish();
         let token = CancellationToken::new();
         let started = match spec.kind {
-            ChildKind::Worker(factory) => {
-                start_worker(factory, &spec.name, spec.ready_timeout, token.clone())
-                    .await
-                    .map(|task| (task, None))
-            }
+            ChildKind::Worker(factory) => start_worker(
+                factory,
+                ChildContext::new(
+                    &spec.name,
+                    token.clone(),
+                    self.me.clone(),
+                    self.root.clone(),
+                ),
+                spec.ready_timeout,
+            )
+            .await
+            .map(|task| (task, None)),
             ChildKind::Supervisor(mut nested) => {
                 if nested.on_event.is_none() {
                     nested.on_event = self.hook.clone();
                 }
-                start_nested(*nested, &self.path, token.clone()).await
+                start_nested(*nested, &self.path, self.root.clone(), token.clone()).await
             }
         };
         let child = &mut self.children[i];
@@ -681,12 +694,11 @@ impl Drop for Supervisor {
 
 async fn start_worker(
     factory: WorkerFn,
-    name: &str,
+    ctx: ChildContext,
     ready_timeout: Option<Duration>,
-    token: CancellationToken,
 ) -> Result<JoinHandle<Result<(), String>>, String> {
     let (ready_tx, ready) = oneshot::channel();
-    let ctx = ChildContext::new(name, token, ready_timeout.map(|_| ready_tx));
+    let ctx = ctx.expecting_ready(ready_timeout.map(|_| ready_tx));
     // The factory runs inside the task so that a panic in it is a child failure too.
     let mut task =
         tokio::spawn(async move { factory(ctx).await.map_err(|e| error_chain(e.as_ref())) });
@@ -725,13 +737,14 @@ async fn start_worker(
 async fn start_nested(
     spec: SupervisorSpec,
     parent: &str,
+    root: SupervisorHandle,
     token: CancellationToken,
 ) -> Result<(JoinHandle<Result<(), String>>, Option<SupervisorHandle>), String> {
     let Spawned {
         handle,
         task,
         started,
-    } = spawn(spec, Some(parent), token);
+    } = spawn(spec, Some(parent), Some(root), token);
     match started.await {
         Ok(Ok(())) => Ok((task, Some(handle))),
         Ok(Err(e)) => {

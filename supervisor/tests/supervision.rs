@@ -971,3 +971,71 @@ async fn invalid_specs_are_refused_before_anything_starts() {
     settle().await;
     assert!(log.take().is_empty());
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_worker_manages_its_siblings_and_sees_the_root_through_its_context() {
+    let log = Log::default();
+    // A worker under Models that, on every (re)start, starts a sibling through its own
+    // supervisor's handle and logs the root's name: what a model host does after its supervisor
+    // comes back from a restart without the children added at run time.
+    let host = {
+        let log = log.clone();
+        ChildSpec::worker("host", move |ctx: ChildContext| {
+            let log = log.clone();
+            async move {
+                log.push(format!(
+                    "host under {} in {}",
+                    ctx.supervisor().path(),
+                    ctx.root().name()
+                ));
+                let sibling = steady(&log, "model");
+                match ctx.supervisor().start_child(sibling).await {
+                    Ok(()) => log.push("sibling started"),
+                    Err(e) => log.push(format!("sibling refused: {e}")),
+                }
+                ctx.cancelled().await;
+                Ok(())
+            }
+        })
+    };
+    let root = SupervisorSpec::new("System")
+        .child(ChildSpec::supervisor(
+            SupervisorSpec::new("Models")
+                .intensity(5, secs(10))
+                .child(host),
+        ))
+        .start()
+        .await
+        .unwrap();
+    settle().await;
+    assert_eq!(
+        log.take(),
+        [
+            "host under System/Models in System",
+            "start model",
+            "sibling started"
+        ]
+    );
+    assert_eq!(
+        node(&root.snapshot(), "Models/model").state,
+        NodeState::Running
+    );
+    // Models restarted: it comes back from its spec (host only), and the host puts the
+    // sibling back through the new incarnation's handle.
+    root.kill_child("Models").await.unwrap();
+    settle().await;
+    sleep(secs(1)).await;
+    let after = log.take();
+    assert_eq!(
+        after.iter().filter(|e| *e == "sibling started").count(),
+        1,
+        "{after:?}"
+    );
+    assert_eq!(after.last().map(String::as_str), Some("sibling started"));
+    assert_eq!(restarts(&root, &["Models"]), [1]);
+    assert_eq!(
+        node(&root.snapshot(), "Models/model").state,
+        NodeState::Running
+    );
+    root.shutdown().await.unwrap();
+}

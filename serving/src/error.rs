@@ -1,0 +1,93 @@
+//! The serving layer's one error type. Every refusal names the model and what is wrong; its
+//! [`ErrorKind`] is what a protocol maps to its own status (gRPC codes, HTTP statuses), in one
+//! place per protocol.
+
+use std::time::Duration;
+
+use thiserror::Error;
+use veraltheim_fastpath::InferError;
+use veraltheim_models::{ConfigError, ModelState};
+
+/// What kind of failure an [`Error`] is, for mapping to a protocol's status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The request or the caller's configuration is wrong.
+    InvalidArgument,
+    /// No such model or version.
+    NotFound,
+    /// The model exists but cannot serve now (loading, unloading, failed).
+    Unavailable,
+    /// No room: a full queue, a memory budget, the load slots.
+    ResourceExhausted,
+    /// The caller's deadline, or the load time-out, passed.
+    DeadlineExceeded,
+    /// The server's fault: a backend failed or panicked.
+    Internal,
+}
+
+#[derive(Debug, Error)]
+pub enum Error {
+    #[error("unknown model '{0}'; `veraltheim models` lists the models this server knows")]
+    NotFound(String),
+    #[error("model '{name}' has no version '{version}' (it serves version {serving})")]
+    NoSuchVersion {
+        name: String,
+        version: String,
+        serving: u64,
+    },
+    #[error("model '{name}' is not ready (state {state}{})", if reason.is_empty() { String::new() } else { format!(": {reason}") })]
+    NotReady {
+        name: String,
+        state: ModelState,
+        reason: String,
+    },
+    #[error("cannot load model '{name}': {source}")]
+    BadConfig { name: String, source: ConfigError },
+    #[error("model '{name}' failed to load: {reason}")]
+    LoadFailed { name: String, reason: String },
+    #[error("cannot load model '{name}': {reason}")]
+    NoRoom { name: String, reason: String },
+    #[error("model '{name}' did not load within {}s (models.load_timeout_seconds)", timeout.as_secs())]
+    LoadTimeout { name: String, timeout: Duration },
+    #[error("model '{name}' waited {}s for a load slot; {max} loads run at once (models.max_concurrent_loads)", waited.as_secs())]
+    LoadSlots {
+        name: String,
+        max: usize,
+        waited: Duration,
+    },
+    /// A request that does not fit the model's configuration.
+    #[error("{0}")]
+    Invalid(String),
+    /// The fast path's answer.
+    #[error(transparent)]
+    Infer(#[from] InferError),
+    #[error("model '{0}' did not answer within the request's deadline")]
+    NoAnswerInTime(String),
+    #[error("model '{0}' dropped the request without an answer")]
+    Dropped(String),
+}
+
+impl Error {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::NotFound(_) | Error::NoSuchVersion { .. } => ErrorKind::NotFound,
+            Error::NotReady { .. } => ErrorKind::Unavailable,
+            Error::BadConfig { .. } | Error::Invalid(_) => ErrorKind::InvalidArgument,
+            Error::LoadFailed { .. } | Error::Dropped(_) => ErrorKind::Internal,
+            Error::NoRoom { .. } | Error::LoadSlots { .. } => ErrorKind::ResourceExhausted,
+            Error::LoadTimeout { .. } | Error::NoAnswerInTime(_) => ErrorKind::DeadlineExceeded,
+            Error::Infer(e) => match e {
+                InferError::QueueFull { .. } => ErrorKind::ResourceExhausted,
+                InferError::DeadlineExceeded { .. } => ErrorKind::DeadlineExceeded,
+                InferError::InvalidRequest { .. } => ErrorKind::InvalidArgument,
+                InferError::Unavailable { .. } => ErrorKind::Unavailable,
+                InferError::Backend { .. } | InferError::Panicked { .. } => ErrorKind::Internal,
+            },
+        }
+    }
+
+    /// Whether the caller should retry after a short back-off (a full queue).
+    pub fn is_queue_full(&self) -> bool {
+        matches!(self, Error::Infer(InferError::QueueFull { .. }))
+    }
+}

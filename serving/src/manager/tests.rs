@@ -1,0 +1,451 @@
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::*;
+use crate::ManagerDeps;
+
+fn manager() -> ModelManager {
+    ModelManager::new(
+        ManagerOptions {
+            unload_grace: Duration::from_secs(5),
+            fault_injection: true,
+            ..ManagerOptions::default()
+        },
+        ManagerDeps::detached(ExecutionPool::new(1).unwrap()),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn state_changes_are_published_in_order() {
+    let m = manager();
+    let mut sub = m
+        .bus
+        .subscribe(
+            "models.cost.>",
+            veraltheim_bus::SubscribeOptions::new(16, veraltheim_bus::WhenFull::Reject),
+        )
+        .unwrap();
+    m.load("cost", None).await.unwrap();
+    m.unload("cost").await.unwrap();
+    let mut states = Vec::new();
+    for _ in 0..4 {
+        let e = tokio::time::timeout(Duration::from_secs(5), sub.recv())
+            .await
+            .unwrap_or_else(|_| panic!("only got {states:?}"))
+            .unwrap();
+        states.push(e.attributes["state"].clone());
+    }
+    assert_eq!(states, ["LOADING", "READY", "UNLOADING", "NOT_LOADED"]);
+}
+
+#[tokio::test]
+async fn load_unload_reload_cycle() {
+    let m = manager();
+    assert!(matches!(m.worker("cost"), Err(Error::NotReady { .. })));
+    let info = m.load("cost", None).await.unwrap();
+    assert_eq!(info.state, ModelState::Ready);
+    assert!(m.worker("cost").is_ok());
+    let info = m
+        .load("cost", Some(r#"{"max_batch_size": 8}"#))
+        .await
+        .unwrap();
+    assert_eq!(info.config.max_batch_size, 8);
+    assert_eq!(m.worker("cost").unwrap().config().max_batch_size, 8);
+    let info = m.unload("cost").await.unwrap();
+    assert_eq!(info.state, ModelState::NotLoaded);
+    assert!(m.worker("cost").is_err());
+}
+
+#[tokio::test]
+async fn a_bad_reload_keeps_the_old_version_serving() {
+    let m = manager();
+    m.load("cost", None).await.unwrap();
+    let err = m
+        .load(
+            "cost",
+            Some(r#"{"parameters":{"base_us":{"string_value":"slow"}}}"#),
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("base_us"), "{err}");
+    assert_eq!(m.info("cost").unwrap().state, ModelState::Ready);
+    assert_eq!(m.worker("cost").unwrap().config().max_batch_size, 64);
+    let err = m.load("cost", Some("not json")).await.unwrap_err();
+    assert!(matches!(err, Error::BadConfig { .. }));
+}
+
+#[tokio::test]
+async fn a_failed_first_load_is_failed_with_its_reason() {
+    let m = manager();
+    let err = m
+        .load(
+            "cost",
+            Some(r#"{"parameters":{"per_item_us":{"string_value":"x"}}}"#),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::LoadFailed { .. }));
+    let info = m.info("cost").unwrap();
+    assert_eq!(info.state, ModelState::Failed);
+    assert!(info.reason.contains("per_item_us"));
+    assert!(matches!(
+        m.load("nope", None).await,
+        Err(Error::NotFound(_))
+    ));
+}
+
+struct Repo(std::path::PathBuf);
+
+impl Drop for Repo {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A repository of built-in-backed models: (name, builtin, memory_bytes, extra config JSON
+/// fields, version folders, bytes of files in the last version).
+/// (name, builtin, memory_bytes, extra config JSON, version folders, bytes in the last).
+type RepoModelSpec<'a> = (&'a str, &'a str, u64, &'a str, &'a [u64], usize);
+
+fn repo(models: &[RepoModelSpec<'_>]) -> Repo {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let root = std::env::temp_dir().join(format!(
+        "veraltheim-manager-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    for (name, kind, memory, extra, versions, file_bytes) in models {
+        let dir = root.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut config = builtin::config(kind).unwrap();
+        config.name = String::new();
+        config.parameters.insert(
+            "builtin".into(),
+            veraltheim_models::config::Parameter {
+                string_value: kind.to_string(),
+            },
+        );
+        config.parameters.insert(
+            "memory_bytes".into(),
+            veraltheim_models::config::Parameter {
+                string_value: memory.to_string(),
+            },
+        );
+        let mut json: serde_json::Value = serde_json::from_str(&config.to_json()).unwrap();
+        let extra: serde_json::Value =
+            serde_json::from_str(if extra.is_empty() { "{}" } else { extra }).unwrap();
+        for (k, v) in extra.as_object().unwrap() {
+            json[k] = v.clone();
+        }
+        std::fs::write(dir.join("config.json"), json.to_string()).unwrap();
+        for v in *versions {
+            std::fs::create_dir_all(dir.join(v.to_string())).unwrap();
+        }
+        if let Some(last) = versions.last() {
+            std::fs::write(
+                dir.join(last.to_string()).join("weights"),
+                vec![0u8; *file_bytes],
+            )
+            .unwrap();
+        }
+    }
+    Repo(root)
+}
+
+fn with_repo(repo: &Repo, cpu_bytes: u64) -> ModelManager {
+    ModelManager::new(
+        ManagerOptions {
+            unload_grace: Duration::from_secs(5),
+            repository: Some(repo.0.clone()),
+            budgets: vec![Budget::new(DeviceId::Cpu, cpu_bytes, 0)],
+            size_factor: 1.0,
+            ..ManagerOptions::default()
+        },
+        ManagerDeps::detached(ExecutionPool::new(1).unwrap()),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_gpu_that_appears_after_start_gets_a_budget_and_a_lost_one_none() {
+    let m = ModelManager::new(
+        ManagerOptions {
+            gpu_reserve_bytes: 1 << 30,
+            ..ManagerOptions::default()
+        },
+        ManagerDeps::detached(ExecutionPool::new(1).unwrap()),
+    )
+    .unwrap();
+    let gpu0 = |m: &ModelManager| {
+        m.memory()
+            .into_iter()
+            .find(|u| u.device == DeviceId::Gpu(0))
+    };
+    assert!(gpu0(&m).is_none(), "no GPU at start");
+    let gpu = GpuInfo {
+        index: 0,
+        name: "late".into(),
+        memory_total_bytes: 16 << 30,
+        memory_used_bytes: 2 << 30,
+        ..GpuInfo::default()
+    };
+    m.follow_gpus(std::slice::from_ref(&gpu));
+    let usage = gpu0(&m).expect("the GPU that appeared has a budget");
+    assert_eq!(usage.reserve_bytes, 1 << 30);
+    // Capacity less what others hold (2 GiB), less the reserve.
+    assert_eq!(usage.budget_bytes, (16 << 30) - (2 << 30) - (1 << 30));
+    m.follow_gpus(&[GpuInfo { lost: true, ..gpu }]);
+    assert_eq!(gpu0(&m).unwrap().budget_bytes, 0);
+}
+
+#[tokio::test]
+async fn repository_models_serve_their_latest_version() {
+    let r = repo(&[
+        ("a", "identity", 10, "", &[1, 2], 0),
+        (
+            "pinned_v1",
+            "identity",
+            10,
+            r#"{"version_policy":{"specific":{"versions":[1]}}}"#,
+            &[1, 2],
+            0,
+        ),
+    ]);
+    let m = with_repo(&r, 1000);
+    assert!(m.names().contains(&"a".to_string()));
+    let info = m.load("a", None).await.unwrap();
+    assert_eq!(info.version, "2");
+    assert_eq!(info.versions, [1, 2]);
+    assert_eq!(info.device, Some(DeviceId::Cpu));
+    assert_eq!(info.memory_bytes, 10);
+    assert!(m.check_version("a", "2").is_ok());
+    assert!(matches!(
+        m.check_version("a", "1"),
+        Err(Error::NoSuchVersion { serving: 2, .. })
+    ));
+    assert_eq!(m.load("pinned_v1", None).await.unwrap().version, "1");
+    // A new version folder serves at the next load.
+    std::fs::create_dir_all(r.0.join("a/3")).unwrap();
+    assert_eq!(m.load("a", None).await.unwrap().version, "3");
+}
+
+#[tokio::test]
+async fn eviction_is_least_recently_used_and_spares_pinned_and_busy_models() {
+    let r = repo(&[
+        ("a", "identity", 100, r#"{"pinned": true}"#, &[1], 0),
+        ("b", "identity", 100, "", &[1], 0),
+        ("c", "identity", 100, "", &[1], 0),
+        ("d", "identity", 100, "", &[1], 0),
+    ]);
+    let m = with_repo(&r, 300);
+    for name in ["a", "b", "c"] {
+        m.load(name, None).await.unwrap();
+    }
+    // b is used after c: c is now the least recently used unpinned model.
+    drop(m.acquire("b").unwrap());
+    m.load("d", None).await.unwrap();
+    let c = m.info("c").unwrap();
+    assert_eq!(c.state, ModelState::NotLoaded);
+    assert!(
+        c.reason.contains("evicted to make room for 'd'"),
+        "{}",
+        c.reason
+    );
+    assert_eq!(m.info("a").unwrap().state, ModelState::Ready);
+    assert_eq!(m.info("b").unwrap().state, ModelState::Ready);
+    // With b and d busy and a pinned, nothing can make room for c.
+    let _b = m.acquire("b").unwrap();
+    let _d = m.acquire("d").unwrap();
+    let err = m.load("c", None).await.unwrap_err();
+    assert!(matches!(err, Error::NoRoom { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("cpu budget") && msg.contains("pinned"),
+        "{msg}"
+    );
+    assert_eq!(m.info("c").unwrap().state, ModelState::Failed);
+    let held: u64 = m.memory().iter().map(|d| d.held_bytes).sum();
+    assert_eq!(held, 300);
+}
+
+#[tokio::test]
+async fn a_model_too_big_for_the_budget_is_refused_by_its_estimate() {
+    let r = repo(&[("big", "identity", 0, "", &[1], 4096)]);
+    let m = with_repo(&r, 1024);
+    let err = m.load("big", None).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, Error::NoRoom { .. }), "{msg}");
+    assert!(
+        msg.contains("4.00 KiB") && msg.contains("cpu budget"),
+        "{msg}"
+    );
+    assert!(m.memory()[0].holders.is_empty());
+}
+
+#[tokio::test]
+async fn load_on_demand_loads_at_the_first_request_only_when_allowed() {
+    let r = repo(&[
+        (
+            "lazy",
+            "identity",
+            0,
+            r#"{"load_on_demand": true}"#,
+            &[1],
+            0,
+        ),
+        ("strict", "identity", 0, "", &[1], 0),
+    ]);
+    let m = with_repo(&r, 1000);
+    let (worker, _hold) = m
+        .acquire_or_load("lazy", Some(Instant::now() + Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert_eq!(worker.name(), "lazy");
+    assert_eq!(m.info("lazy").unwrap().state, ModelState::Ready);
+    assert!(matches!(
+        m.acquire_or_load("strict", None).await,
+        Err(Error::NotReady { .. })
+    ));
+}
+
+#[tokio::test]
+async fn many_first_requests_cause_one_load() {
+    let r = repo(&[(
+        "lazy",
+        "identity",
+        0,
+        r#"{"load_on_demand": true}"#,
+        &[1],
+        0,
+    )]);
+    let m = Arc::new(with_repo(&r, 1000));
+    let mut sub = m
+        .bus
+        .subscribe(
+            "models.lazy.state",
+            veraltheim_bus::SubscribeOptions::new(64, veraltheim_bus::WhenFull::Reject),
+        )
+        .unwrap();
+    let calls: Vec<_> = (0..8)
+        .map(|_| {
+            let m = m.clone();
+            tokio::spawn(async move { m.acquire_or_load("lazy", None).await.map(|_| ()) })
+        })
+        .collect();
+    for c in calls {
+        c.await.unwrap().unwrap();
+    }
+    let mut states = Vec::new();
+    while let Ok(Some(e)) = tokio::time::timeout(Duration::from_millis(200), sub.recv()).await {
+        states.push(e.attributes["state"].clone());
+    }
+    assert_eq!(
+        states,
+        ["LOADING", "READY"],
+        "one load, not one per request"
+    );
+}
+
+#[tokio::test]
+async fn broken_folders_are_listed_with_their_reason_and_fail_to_load() {
+    let r = repo(&[("ok", "identity", 0, "", &[1], 0)]);
+    std::fs::create_dir_all(r.0.join("broken")).unwrap();
+    std::fs::write(r.0.join("broken/config.json"), "{oops").unwrap();
+    let m = with_repo(&r, 1000);
+    let broken = m.info("broken").unwrap();
+    assert!(
+        broken.reason.contains("not valid JSON"),
+        "{}",
+        broken.reason
+    );
+    let err = m.load("broken", None).await.unwrap_err();
+    assert!(err.to_string().contains("not valid JSON"), "{err}");
+    assert_eq!(m.info("broken").unwrap().state, ModelState::Failed);
+    // Fixed on disk: the next load reads it again.
+    std::fs::write(
+        r.0.join("broken/config.json"),
+        std::fs::read_to_string(r.0.join("ok/config.json")).unwrap(),
+    )
+    .unwrap();
+    std::fs::create_dir_all(r.0.join("broken/1")).unwrap();
+    assert_eq!(
+        m.load("broken", None).await.unwrap().state,
+        ModelState::Ready
+    );
+}
+/// A repository model backed by the built-in `cost` whose warm-up sleeps `warmup_ms`: a backend
+/// whose build blocks (it cannot be interrupted) for that long.
+fn slow_model_extra(warmup_ms: u64, memory: u64) -> String {
+    format!(
+        r#"{{"parameters": {{"builtin": {{"string_value": "cost"}}, "memory_bytes": {{"string_value": "{memory}"}},
+             "busy": {{"string_value": "sleep"}}, "base_us": {{"string_value": "{}"}}, "per_item_us": {{"string_value": "0"}}}},
+            "model_warmup": [{{"name": "slow", "batch_size": 1,
+             "inputs": {{"INPUT0": {{"data_type": "TYPE_FP32", "dims": [4], "zero_data": true}}}}}}]}}"#,
+        warmup_ms * 1000
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_load_keeps_its_reservation_and_slot_until_the_build_ends() {
+    let slow = slow_model_extra(1500, 100);
+    let r = repo(&[
+        ("slow", "cost", 100, &slow, &[1], 100),
+        ("other", "identity", 100, "", &[1], 100),
+    ]);
+    let m = ModelManager::new(
+        ManagerOptions {
+            repository: Some(r.0.clone()),
+            budgets: vec![Budget::new(DeviceId::Cpu, 150, 0)],
+            size_factor: 1.0,
+            max_concurrent_loads: 1,
+            load_timeout: Duration::from_millis(300),
+            ..ManagerOptions::default()
+        },
+        ManagerDeps::detached(ExecutionPool::new(1).unwrap()),
+    )
+    .unwrap();
+    let began = Instant::now();
+    let err = m.load("slow", None).await.unwrap_err();
+    assert!(matches!(err, Error::LoadTimeout { .. }), "{err}");
+    assert_eq!(err.kind(), crate::ErrorKind::DeadlineExceeded);
+    assert_eq!(m.info("slow").unwrap().state, ModelState::Failed);
+    // Reported at once, long before the build ends...
+    assert!(
+        began.elapsed() < Duration::from_millis(1400),
+        "{:?}",
+        began.elapsed()
+    );
+    // ...but the build still runs: its reservation still counts against the budget, and its
+    // load slot is still taken, so another load waits for the slot and gives up.
+    let cpu = |m: &ModelManager| m.memory()[0].clone();
+    assert_eq!(cpu(&m).held_bytes, 100, "{:?}", cpu(&m));
+    let err = m.load("other", None).await.unwrap_err();
+    assert!(matches!(err, Error::LoadSlots { max: 1, .. }), "{err}");
+    assert!(cpu(&m).held_bytes <= cpu(&m).budget_bytes);
+    // Once the build ends, both are free again, and the half-built model is gone.
+    let until = Instant::now() + Duration::from_secs(20);
+    while cpu(&m).held_bytes != 0 {
+        assert!(Instant::now() < until, "the reservation was never released");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(cpu(&m).holders.is_empty(), "{:?}", cpu(&m));
+    let info = m.load("other", None).await.unwrap();
+    assert_eq!(info.state, ModelState::Ready);
+    assert_eq!(info.memory_bytes, 100);
+    assert_eq!(m.info("slow").unwrap().state, ModelState::Failed);
+}
+
+#[tokio::test]
+async fn the_charge_says_how_it_was_found() {
+    let r = repo(&[("a", "identity", 64, "", &[1], 10)]);
+    let m = with_repo(&r, 1000);
+    let info = m.load("a", None).await.unwrap();
+    let memory = info.memory.expect("a loaded model has a charge");
+    // Built-ins report their claim; the estimate (files × size_factor) stays beside it.
+    assert_eq!(memory.how, Measurement::Reported);
+    assert_eq!(memory.charged_bytes, 64);
+    assert_eq!(memory.estimate_bytes, 10);
+    assert_eq!(info.memory_bytes, 64);
+    m.unload("a").await.unwrap();
+    assert_eq!(m.info("a").unwrap().memory, None);
+}
