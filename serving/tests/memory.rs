@@ -79,6 +79,7 @@ async fn two_onnx_models_loaded_at_once_are_each_charged_what_one_is_charged_alo
     for name in ["a", "b"] {
         let bytes = charge(&m, name);
         let ratio = bytes as f64 / alone as f64;
+        eprintln!("{name}: charged {bytes} bytes, {ratio:.3}× the {alone} of one loaded alone");
         assert!(
             (0.95..=1.05).contains(&ratio),
             "{name} loaded beside another was charged {bytes} bytes, {ratio:.3}× the {alone} \

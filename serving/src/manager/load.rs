@@ -434,11 +434,11 @@ struct Build {
 
 impl Build {
     fn run(self) -> Result<Built, String> {
-        let before = self
-            .measuring
-            .is_some()
-            .then(|| self.gauge.held_bytes(self.device))
-            .flatten();
+        let measure = || {
+            crate::gauge::trim_c_heap();
+            self.gauge.held_bytes(self.device)
+        };
+        let before = self.measuring.is_some().then(measure).flatten();
         let model =
             backend::instantiate(self.config, self.dir.as_deref(), self.device, &self.backend)
                 .map_err(|e| e.to_string())?;
@@ -447,7 +447,7 @@ impl Build {
         let measured = match model.memory_bytes() {
             Some(bytes) => Some((bytes, Measurement::Reported)),
             None => before.and_then(|before| {
-                let after = self.gauge.held_bytes(self.device)?;
+                let after = measure()?;
                 // No growth seen (pages freed earlier and reused): nothing was measured.
                 let grew = after.saturating_sub(before);
                 (grew > 0).then_some((grew, Measurement::Growth))
