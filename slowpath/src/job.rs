@@ -156,6 +156,10 @@ fn check_name(what: &str, value: &str) -> Result<(), JobError> {
 /// Most retries a job may ask for; beyond it a failing job would occupy the queue for hours.
 pub const MAX_RETRIES_LIMIT: u32 = 100;
 
+/// The longest deadline a job may ask for (a year): beyond it a deadline is refused at submit
+/// rather than overflow a clock once the job runs.
+pub const MAX_DEADLINE_SECONDS: u64 = 366 * 24 * 3600;
+
 impl JobSpec {
     pub fn validate(&self) -> Result<(), JobError> {
         check_name("name", &self.name)?;
@@ -169,10 +173,18 @@ impl JobSpec {
                 self.max_retries
             )));
         }
-        if self.deadline_seconds == Some(0) {
-            return Err(JobError::InvalidSpec(
-                "deadline_seconds must be positive when given".into(),
-            ));
+        match self.deadline_seconds {
+            Some(0) => {
+                return Err(JobError::InvalidSpec(
+                    "deadline_seconds must be positive when given".into(),
+                ));
+            }
+            Some(d) if d > MAX_DEADLINE_SECONDS => {
+                return Err(JobError::InvalidSpec(format!(
+                    "deadline_seconds {d} is above the limit of {MAX_DEADLINE_SECONDS} (a year)"
+                )));
+            }
+            _ => {}
         }
         match &self.kind {
             JobKind::Command { command, .. } if command.is_empty() => Err(JobError::InvalidSpec(
@@ -277,6 +289,16 @@ mod tests {
         s.max_retries = 1000;
         assert!(s.validate().is_err());
         let mut s = spec();
+        s.deadline_seconds = Some(0);
+        assert!(s.validate().is_err());
+        s.deadline_seconds = Some(u64::MAX);
+        let err = s.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("deadline_seconds") && err.contains("limit"),
+            "{err}"
+        );
+        s.deadline_seconds = Some(MAX_DEADLINE_SECONDS);
+        assert!(s.validate().is_ok());
         s.deadline_seconds = Some(0);
         assert!(s.validate().is_err());
     }

@@ -115,7 +115,8 @@ impl LocalExecutor {
         Ok(LocalExecution {
             child,
             pgid,
-            deadline: run.deadline.map(|d| Instant::now() + d),
+            // A deadline too far to represent is no deadline (never a panic in the runner).
+            deadline: run.deadline.and_then(|d| Instant::now().checked_add(d)),
             live: LiveGuard {
                 set: self.live.clone(),
                 key,

@@ -26,9 +26,11 @@
 //! ([`JobStore::delete_expired`]) with their log folders, waking when the next one expires.
 
 use std::collections::{BTreeSet, HashMap};
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt;
 use parking_lot::Mutex;
 use thiserror::Error;
 use tokio::sync::Notify;
@@ -422,10 +424,42 @@ impl<S: Store + 'static> Runner<S> {
     }
 
     async fn run_job(self, id: String) {
-        if let Err(e) = self.attempt(&id).await {
-            tracing::error!(job = %id, error = %e, "a job's state could not be written");
+        let attempt = AssertUnwindSafe(self.attempt(&id)).catch_unwind().await;
+        self.settle(&id, attempt, "a job's state could not be written")
+            .await;
+    }
+
+    /// Ends a job's turn. A failure in the runner's own handling of one job (a panic: a bug, or
+    /// a value no check caught) fails that job with the reason, and never the loop or another
+    /// job; its slot and resources are freed either way.
+    async fn settle(
+        &self,
+        id: &str,
+        attempt: Result<Result<(), StoreError>, Box<dyn std::any::Any + Send>>,
+        unwritten: &str,
+    ) {
+        match attempt {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(job = %id, error = %e, "{unwritten}"),
+            Err(panic) => {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic without a message".into());
+                tracing::error!(job = %id, %message, "running the job panicked; the job fails");
+                let reason = format!("internal error while running the job: {message}");
+                if let Err(e) = self
+                    .inner
+                    .store
+                    .transition(id, JobState::Failed, &reason)
+                    .await
+                {
+                    tracing::error!(job = %id, error = %e, "the failed job's state could not be written");
+                }
+            }
         }
-        self.release(&id);
+        self.release(id);
     }
 
     /// The job ended its turn (finished, or back to wait): its slot and resources are free.
@@ -706,11 +740,13 @@ impl<S: Store + 'static> Runner<S> {
     /// attempt again (retrying while the executor cannot be reached) and waits for it; if the
     /// attempt is gone, the job goes back in line without a failure counted.
     async fn resume_job(self, rec: JobRecord) {
-        let id = rec.id.clone();
-        if let Err(e) = self.resume(&rec).await {
-            tracing::error!(job = %id, error = %e, "an adopted job's state could not be written");
-        }
-        self.release(&id);
+        let resumed = AssertUnwindSafe(self.resume(&rec)).catch_unwind().await;
+        self.settle(
+            &rec.id,
+            resumed,
+            "an adopted job's state could not be written",
+        )
+        .await;
     }
 
     async fn resume(&self, rec: &JobRecord) -> Result<(), StoreError> {
@@ -932,6 +968,58 @@ mod tests {
             assert_eq!(state.sched.admitted_len(), 0);
             assert_eq!(state.sched.waiting_len(), 0);
         }
+        shutdown.cancel();
+        loop_task.await.unwrap();
+    }
+
+    /// The local executor, except that starting a job named `boom` panics (a bug in the
+    /// runner's path for one job).
+    struct PanicsOnBoom(LocalExecutor);
+
+    impl Executor for PanicsOnBoom {
+        fn name(&self) -> &'static str {
+            "panics-on-boom"
+        }
+
+        fn start<'a>(
+            &'a self,
+            run: &'a CommandRun,
+        ) -> futures::future::BoxFuture<'a, Result<Box<dyn Execution>, ExecError>> {
+            assert!(
+                run.job_name != "boom",
+                "boom: overflow when adding duration to instant"
+            );
+            self.0.start(run)
+        }
+
+        fn logs(&self, job_id: &str, attempt: u32, follow: bool) -> crate::executor::LogStream {
+            self.0.logs(job_id, attempt, follow)
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panic_for_one_job_fails_that_job_and_frees_its_slot() {
+        let dir = tempfile::tempdir().unwrap();
+        // One slot: if the panicking job kept it, the next job would never run.
+        let runner = Runner::new(
+            JobStore::new(MemoryStore::new()),
+            PanicsOnBoom(LocalExecutor::new(dir.path())),
+            config(1),
+        )
+        .unwrap();
+        runner.start().await.unwrap();
+        let (shutdown, loop_task) = run_loop(&runner);
+        let boom = runner.submit(spec("boom", "true", 3)).await.unwrap();
+        let after = runner.submit(spec("after", "echo ok", 0)).await.unwrap();
+        let failed = wait_for(&runner, &boom.id, |r| r.state.is_terminal()).await;
+        assert_eq!(failed.state, JobState::Failed);
+        assert!(
+            failed.reason.contains("internal error") && failed.reason.contains("overflow"),
+            "{}",
+            failed.reason
+        );
+        let done = wait_for(&runner, &after.id, |r| r.state.is_terminal()).await;
+        assert_eq!(done.state, JobState::Succeeded, "{}", done.reason);
         shutdown.cancel();
         loop_task.await.unwrap();
     }
