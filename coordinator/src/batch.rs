@@ -14,7 +14,7 @@
 //! a temporary file beside the target and renamed into place when the job ends, so a reader never
 //! sees half a file.
 
-use std::io::{BufRead, Write};
+use std::io::{BufRead, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -148,7 +148,7 @@ pub async fn run(
     progress: impl Fn(u64, u64) + Send + Sync,
     cancel: CancellationToken,
 ) -> Result<Summary, String> {
-    let lines = read_lines(input).await?;
+    let lines = read_lines(input, &cancel).await?;
     let total = lines.len() as u64;
     progress(0, total);
     let (_, _) = ctx
@@ -210,19 +210,65 @@ pub async fn run(
     }
 }
 
-async fn read_lines(input: &Path) -> Result<Vec<String>, String> {
+/// The longest input line an inference job may have, and the most input it may read: the
+/// input is held in memory while the job runs.
+pub const MAX_LINE_BYTES: u64 = 4 << 20;
+pub const MAX_INPUT_BYTES: u64 = 256 << 20;
+
+/// Reads the input's non-empty lines. Only a regular file is read (a device such as
+/// `/dev/zero` never ends, a FIFO blocks until someone writes), each line at most
+/// [`MAX_LINE_BYTES`], all of it at most [`MAX_INPUT_BYTES`]; `cancel` stops the wait at once.
+async fn read_lines(input: &Path, cancel: &CancellationToken) -> Result<Vec<String>, String> {
     let path = input.to_path_buf();
-    tokio::task::spawn_blocking(move || {
-        let file = std::fs::File::open(&path)
-            .map_err(|e| format!("cannot read the input {}: {e}", path.display()))?;
-        std::io::BufReader::new(file)
-            .lines()
-            .filter(|l| l.as_ref().map_or(true, |l| !l.trim().is_empty()))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| format!("cannot read the input {}: {e}", path.display()))
-    })
-    .await
-    .map_err(|e| e.to_string())?
+    let read = tokio::task::spawn_blocking(move || {
+        read_lines_limited(&path, MAX_LINE_BYTES, MAX_INPUT_BYTES)
+    });
+    tokio::select! {
+        biased;
+        _ = cancel.cancelled() => Err("cancelled".to_string()),
+        read = read => read.map_err(|e| e.to_string())?,
+    }
+}
+
+fn read_lines_limited(path: &Path, max_line: u64, max_total: u64) -> Result<Vec<String>, String> {
+    let fail = |why: String| format!("cannot read the input {}: {why}", path.display());
+    let meta = std::fs::metadata(path).map_err(|e| fail(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(fail("not a regular file".into()));
+    }
+    if meta.len() > max_total {
+        return Err(fail(format!(
+            "{} bytes is more than the {max_total} an inference job may read",
+            meta.len()
+        )));
+    }
+    let file = std::fs::File::open(path).map_err(|e| fail(e.to_string()))?;
+    // Bounded even if the file grows while it is read.
+    let mut reader = std::io::BufReader::new(file.take(max_total));
+    let mut lines = Vec::new();
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let n = (&mut reader)
+            .take(max_line + 1)
+            .read_until(b'\n', &mut line)
+            .map_err(|e| fail(e.to_string()))?;
+        if n == 0 {
+            return Ok(lines);
+        }
+        if line.len() as u64 > max_line && line.last() != Some(&b'\n') {
+            return Err(fail(format!(
+                "line {} is longer than {max_line} bytes",
+                lines.len() + 1
+            )));
+        }
+        let text = std::str::from_utf8(&line)
+            .map_err(|_| fail(format!("line {} is not UTF-8", lines.len() + 1)))?
+            .trim_end_matches(['\n', '\r']);
+        if !text.trim().is_empty() {
+            lines.push(text.to_string());
+        }
+    }
 }
 
 fn temp_path(output: &Path) -> PathBuf {
@@ -338,6 +384,48 @@ fn tensor_json(t: &Tensor) -> Result<Value, String> {
 mod tests {
     use super::*;
     use veraltheim_models::builtin;
+
+    #[test]
+    fn input_is_read_only_from_a_regular_file_within_the_limits() {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = dir.path().join("ok.jsonl");
+        std::fs::write(&ok, "{\"a\": 1}\n\n  \r\n{\"b\": 2}\r\n{\"c\": 3}").unwrap();
+        assert_eq!(
+            read_lines_limited(&ok, 64, 1024).unwrap(),
+            ["{\"a\": 1}", "{\"b\": 2}", "{\"c\": 3}"]
+        );
+        // A device never ends: refused before a byte is read (it used to be read into memory
+        // until the process aborted).
+        let err = read_lines_limited(Path::new("/dev/zero"), 64, 1024).unwrap_err();
+        assert!(err.contains("not a regular file"), "{err}");
+        let long = dir.path().join("long.jsonl");
+        std::fs::write(&long, format!("{{}}\n{}\n", "x".repeat(100))).unwrap();
+        let err = read_lines_limited(&long, 64, 1024).unwrap_err();
+        assert!(err.contains("line 2 is longer than 64 bytes"), "{err}");
+        let err = read_lines_limited(&long, 1024, 50).unwrap_err();
+        assert!(err.contains("more than the 50"), "{err}");
+        // Exactly at the limit is fine.
+        std::fs::write(&long, format!("{}\n", "y".repeat(64))).unwrap();
+        assert_eq!(read_lines_limited(&long, 64, 1024).unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_fifo_nobody_writes_is_refused_and_cancel_is_immediate() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("in.fifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let cancel = CancellationToken::new();
+        let err = read_lines(&fifo, &cancel).await.unwrap_err();
+        assert!(err.contains("not a regular file"), "{err}");
+        cancel.cancel();
+        let ok = dir.path().join("ok.jsonl");
+        std::fs::write(&ok, "{}\n").unwrap();
+        assert_eq!(read_lines(&ok, &cancel).await.unwrap_err(), "cancelled");
+    }
 
     #[test]
     fn lines_become_the_models_tensors() {
