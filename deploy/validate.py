@@ -434,15 +434,45 @@ def invariant_errors(objects: list[dict], variant: str) -> list[str]:
 def default_config(veraltheim_bin: str | None = None) -> tuple[dict, str]:
     """The server's full default configuration and where it came from: `veraltheim config
     default` when a binary is given (or $VERALTHEIM_BIN), else coordinator/src/default.toml
-    (the file the binary embeds)."""
+    (the file the binary embeds). Keys shown commented out there (`# key = example`: unset by
+    default) are included with their example's type; in a [[list]] entry they are optional."""
     binary = veraltheim_bin or os.environ.get("VERALTHEIM_BIN")
     if binary:
         out = subprocess.run([binary, "config", "default"], capture_output=True, text=True, timeout=60)
         if out.returncode != 0:
             raise DeployError(f"{binary} config default failed: {out.stderr.strip()}")
-        return tomllib.loads(out.stdout), f"{binary} config default"
+        return _with_commented_keys(out.stdout), f"{binary} config default"
     path = REPO_ROOT / "coordinator" / "src" / "default.toml"
-    return tomllib.loads(path.read_text()), str(path.relative_to(REPO_ROOT))
+    return _with_commented_keys(path.read_text()), str(path.relative_to(REPO_ROOT))
+
+
+# Keys of a [[list]] entry that the entry may leave out.
+OPTIONAL = "__optional__"
+
+
+def _with_commented_keys(text: str) -> dict:
+    defaults = tomllib.loads(text)
+    section: list[str] = []
+    in_list = False
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("[["):
+            section, in_list = line.strip("[]").strip().split("."), True
+        elif line.startswith("["):
+            section, in_list = line.strip("[]").strip().split("."), False
+        elif m := re.match(r"^#\s?([a-z][a-z0-9_]*) = (.+)$", line):
+            try:
+                value = tomllib.loads(f"v = {m.group(2)}")["v"]
+            except tomllib.TOMLDecodeError:
+                continue  # prose that only looks like a key
+            table: Any = defaults
+            for part in section:
+                table = table[part]
+            if in_list:
+                table = table[0]
+                table.setdefault(OPTIONAL, set()).add(m.group(1))
+            table.setdefault(m.group(1), value)
+    return defaults
 
 
 def _toml_type(v: Any) -> str:
@@ -481,7 +511,7 @@ def config_key_errors(config: dict, defaults: dict, prefix: str = "") -> list[st
                     errors.append(f"{path}[{i}]: TOML {_toml_type(item)}, the server expects a table")
                     continue
                 errors += config_key_errors(item, want[0], f"{path}[{i}].")
-                missing = set(want[0]) - set(item)
+                missing = set(want[0]) - set(item) - want[0].get(OPTIONAL, set()) - {OPTIONAL}
                 if missing:
                     errors.append(f"{path}[{i}]: missing {sorted(missing)}")
     return errors

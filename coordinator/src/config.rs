@@ -1,12 +1,23 @@
 //! Configuration: embedded defaults < TOML file < `VERALTHEIM_*` environment < flags. The
-//! defaults are the commented file that `veraltheim config default` prints, parsed at start, so
-//! the documentation and the behaviour cannot drift apart.
+//! defaults are the commented file that `veraltheim config default` prints, and that file is
+//! also where each setting is declared, once: its key, its default, its description and its
+//! flag, from which its environment variable is derived (`settings.rs`). So the documentation,
+//! the flags and the behaviour cannot drift apart.
+//!
+//! A setting that may be unset (no limit, the automatic choice, no path) is an `Option` here,
+//! and its doc comment says what unset means. Files written before these keys became optional
+//! spelled "unset" as `0` or `""`; those spellings still mean unset.
+
+mod settings;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use serde::Deserialize;
+
+pub use settings::ServeArgs;
+use settings::{CONFIG_ENV, Setting, settings};
 
 pub const DEFAULT_TOML: &str = include_str!("default.toml");
 
@@ -30,35 +41,44 @@ pub struct ServerConfig {
     pub http_addr: SocketAddr,
     pub max_message_bytes: usize,
     pub shutdown_grace_seconds: u64,
-    pub rate_limit_per_second: u32,
-    pub rate_limit_burst: u32,
+    /// Requests per second per client on the gRPC API; `None`: no limit.
+    #[serde(default, deserialize_with = "unset::zero")]
+    pub rate_limit_per_second: Option<u32>,
+    /// Burst above the rate per client; `None`: one second's worth.
+    #[serde(default, deserialize_with = "unset::zero")]
+    pub rate_limit_burst: Option<u32>,
     pub allow_client_shm: bool,
-    /// Threads of the tokio runtime that serves the APIs; 0 = half the cores, at least one.
-    pub runtime_threads: usize,
+    /// Threads of the tokio runtime that serves the APIs; `None`: half the cores, at least one.
+    #[serde(default, deserialize_with = "unset::zero")]
+    pub runtime_threads: Option<usize>,
 }
 
 impl ServerConfig {
-    /// The runtime's worker threads: `runtime_threads`, or half the cores when it is 0. The
+    /// The runtime's worker threads: `runtime_threads`, or half the cores when it is unset. The
     /// runtime only moves bytes (model code runs on the execution pool), and on a small machine
     /// a runtime thread per core competes with the pool for every core: on 2 vCPUs one runtime
     /// thread served identity at c=64 with 18.5–19.4 µs of server CPU per request against
     /// 22–25 with two (docs/PERFORMANCE.md, session 4).
     pub fn runtime_worker_threads(&self) -> usize {
-        match self.runtime_threads {
-            0 => std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)),
-            n => n,
-        }
+        self.runtime_threads.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
+        })
     }
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct JobsConfig {
-    pub max_running: usize,
+    /// Jobs admitted or running at once; `None`: one per core (local), 64 (Kubernetes).
+    #[serde(default, deserialize_with = "unset::zero")]
+    pub max_running: Option<usize>,
     pub priority_classes: Vec<String>,
     pub retry_initial_delay_ms: u64,
     pub retry_max_delay_ms: u64,
-    pub default_ttl_seconds: u64,
+    /// Seconds a finished job submitted without a TTL is kept; `None` (`0` in the file, since
+    /// the key has a default): kept forever.
+    #[serde(default, deserialize_with = "unset::zero")]
+    pub default_ttl_seconds: Option<u64>,
     /// Requests one inference job keeps in flight.
     pub inference_concurrency: usize,
     /// Which executor runs command jobs.
@@ -68,7 +88,7 @@ pub struct JobsConfig {
 }
 
 /// `jobs.executor`.
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum JobExecutorKind {
     /// Processes on this machine.
@@ -81,16 +101,33 @@ pub enum JobExecutorKind {
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct KubernetesJobsConfig {
-    pub api_url: String,
-    pub namespace: String,
-    pub service_account: String,
-    pub default_image: String,
-    pub ttl_seconds_after_finished: i64,
+    /// The API server; `None`: in-cluster configuration, else KUBECONFIG.
+    #[serde(default, deserialize_with = "unset::empty")]
+    pub api_url: Option<String>,
+    /// The Jobs' namespace; `None`: the client configuration's.
+    #[serde(default, deserialize_with = "unset::empty")]
+    pub namespace: Option<String>,
+    /// The pods' service account; `None`: the namespace's default.
+    #[serde(default, deserialize_with = "unset::empty")]
+    pub service_account: Option<String>,
+    /// Image of command jobs that name none; `None`: such jobs are refused.
+    #[serde(default, deserialize_with = "unset::empty")]
+    pub default_image: Option<String>,
+    /// Seconds Kubernetes keeps a finished Job; `None` (`-1` in the file, since the key has a
+    /// default): kept.
+    #[serde(default, deserialize_with = "unset::negative")]
+    pub ttl_seconds_after_finished: Option<i64>,
     pub node_selector: Vec<String>,
     pub tolerations: Vec<TolerationConfig>,
-    pub cpu_millis: u64,
-    pub memory_bytes: u64,
-    pub gpus: u32,
+    /// CPU all Kubernetes jobs may hold, in millicores; `None`: no limit.
+    #[serde(default, deserialize_with = "unset::zero")]
+    pub cpu_millis: Option<u64>,
+    /// Memory all Kubernetes jobs may hold, in bytes; `None`: no limit.
+    #[serde(default, deserialize_with = "unset::zero")]
+    pub memory_bytes: Option<u64>,
+    /// GPUs all Kubernetes jobs may hold; `None`: no limit.
+    #[serde(default, deserialize_with = "unset::zero")]
+    pub gpus: Option<u32>,
     pub breaker_failure_threshold: u32,
     pub breaker_open_ms: u64,
     pub api_retries: usize,
@@ -112,20 +149,29 @@ pub struct TolerationConfig {
     pub toleration_seconds: Option<i64>,
 }
 
+/// One of `jobs.queues`.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct JobQueueConfig {
     pub name: String,
     pub weight: u32,
-    pub cpu_millis: u64,
-    pub memory_bytes: u64,
-    pub gpus: u32,
+    /// Quota of CPU in millicores; `None`: none.
+    #[serde(default, deserialize_with = "unset::zero")]
+    pub cpu_millis: Option<u64>,
+    /// Quota of memory in bytes; `None`: none.
+    #[serde(default, deserialize_with = "unset::zero")]
+    pub memory_bytes: Option<u64>,
+    /// Quota of GPUs; `None`: none.
+    #[serde(default, deserialize_with = "unset::zero")]
+    pub gpus: Option<u32>,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DevicesConfig {
-    pub simulate_gpus: String,
+    /// Simulated GPUs, COUNT x MEMORY; `None`: real GPUs through NVML, or none.
+    #[serde(default, deserialize_with = "unset::empty")]
+    pub simulate_gpus: Option<String>,
     pub sample_interval_ms: u64,
 }
 
@@ -133,10 +179,13 @@ pub struct DevicesConfig {
 #[serde(deny_unknown_fields)]
 pub struct CacheConfig {
     pub max_bytes: u64,
-    pub ttl_seconds: u64,
+    /// Seconds an answer stays cached; `None` (`0` in the file, since the key has a default):
+    /// until evicted.
+    #[serde(default, deserialize_with = "unset::zero")]
+    pub ttl_seconds: Option<u64>,
 }
 
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     Text,
@@ -158,11 +207,17 @@ pub struct ModelsConfig {
     pub enable_fault_injection: bool,
     pub default_max_queue_size: usize,
     pub unload_grace_seconds: u64,
-    pub onnxruntime_library: String,
-    pub onnx_intra_op_threads: usize,
+    /// libonnxruntime for ONNX models; `None`: the ORT_DYLIB_PATH environment variable.
+    #[serde(default, deserialize_with = "unset::empty_path")]
+    pub onnxruntime_library: Option<PathBuf>,
+    /// ONNX Runtime intra-op threads per model instance; `None`: its default (one per core).
+    #[serde(default, deserialize_with = "unset::zero")]
+    pub onnx_intra_op_threads: Option<usize>,
     pub max_concurrent_loads: usize,
     pub load_timeout_seconds: u64,
-    pub cpu_memory_bytes: u64,
+    /// Host memory for CPU models, in bytes; `None`: the host's total memory.
+    #[serde(default, deserialize_with = "unset::zero")]
+    pub cpu_memory_bytes: Option<u64>,
     pub memory_reserve_bytes: u64,
     pub gpu_memory_reserve_bytes: u64,
     pub size_factor: f64,
@@ -171,7 +226,9 @@ pub struct ModelsConfig {
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ExecutionConfig {
-    pub threads: usize,
+    /// Threads of the execution pool; `None`: one per core.
+    #[serde(default, deserialize_with = "unset::zero")]
+    pub threads: Option<usize>,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -180,117 +237,48 @@ pub struct StorageConfig {
     pub data_dir: PathBuf,
 }
 
-/// `serve`'s flags; each one overrides its config key, and each reads `VERALTHEIM_<NAME>` from the
-/// environment when the flag is absent.
-#[derive(Clone, Debug, Default, clap::Args)]
-pub struct ServeArgs {
-    /// TOML configuration file (see `veraltheim config default`).
-    #[arg(long, env = "VERALTHEIM_CONFIG")]
-    pub config: Option<PathBuf>,
-    /// gRPC listen address.
-    #[arg(long, env = "VERALTHEIM_GRPC_ADDR")]
-    pub grpc_addr: Option<SocketAddr>,
-    /// HTTP (health, metrics) listen address.
-    #[arg(long, env = "VERALTHEIM_HTTP_ADDR")]
-    pub http_addr: Option<SocketAddr>,
-    /// Model repository directory.
-    #[arg(long, env = "VERALTHEIM_MODEL_REPOSITORY")]
-    pub model_repository: Option<PathBuf>,
-    /// Load this model at start (repeatable, or comma-separated in the environment); without it
-    /// every built-in model is loaded.
-    #[arg(
-        long = "load-model",
-        env = "VERALTHEIM_LOAD_MODEL",
-        value_delimiter = ','
-    )]
-    pub load_model: Vec<String>,
-    /// Directory for durable state.
-    #[arg(long, env = "VERALTHEIM_DATA_DIR")]
-    pub data_dir: Option<PathBuf>,
-    /// Threads of the runtime serving the APIs (0 = half the cores, at least one).
-    #[arg(long, env = "VERALTHEIM_RUNTIME_THREADS")]
-    pub runtime_threads: Option<usize>,
-    /// Let clients register system shared-memory regions and pass tensors through them.
-    #[arg(long, env = "VERALTHEIM_ALLOW_CLIENT_SHM", num_args = 0..=1, default_missing_value = "true")]
-    pub allow_client_shm: Option<bool>,
-    /// Serve the `fault` model, which panics on every request.
-    #[arg(long, env = "VERALTHEIM_ENABLE_FAULT_INJECTION", num_args = 0..=1, default_missing_value = "true")]
-    pub enable_fault_injection: Option<bool>,
-    /// Log format.
-    #[arg(long, env = "VERALTHEIM_LOG_FORMAT")]
-    pub log_format: Option<LogFormat>,
-    /// Log filter, e.g. `info` or `veraltheim=debug`.
-    #[arg(long, env = "VERALTHEIM_LOG_LEVEL")]
-    pub log_level: Option<String>,
-    /// Largest gRPC message in bytes.
-    #[arg(long, env = "VERALTHEIM_MAX_MESSAGE_BYTES")]
-    pub max_message_bytes: Option<usize>,
-    /// Execution pool threads (0 = one per core).
-    #[arg(long, env = "VERALTHEIM_EXECUTION_THREADS")]
-    pub execution_threads: Option<usize>,
-    /// Queue bound for models whose config sets none.
-    #[arg(long, env = "VERALTHEIM_DEFAULT_MAX_QUEUE_SIZE")]
-    pub default_max_queue_size: Option<usize>,
-    /// Seconds in-flight work gets on SIGTERM/SIGINT.
-    #[arg(long, env = "VERALTHEIM_SHUTDOWN_GRACE_SECONDS")]
-    pub shutdown_grace_seconds: Option<u64>,
-    /// Seconds an unload waits for queued and running requests.
-    #[arg(long, env = "VERALTHEIM_UNLOAD_GRACE_SECONDS")]
-    pub unload_grace_seconds: Option<u64>,
-    /// Requests per second per client on the gRPC API (0 = no limit).
-    #[arg(long, env = "VERALTHEIM_RATE_LIMIT_PER_SECOND")]
-    pub rate_limit_per_second: Option<u32>,
-    /// Burst above the rate per client (0 = one second's worth).
-    #[arg(long, env = "VERALTHEIM_RATE_LIMIT_BURST")]
-    pub rate_limit_burst: Option<u32>,
-    /// Bytes the response cache may hold.
-    #[arg(long, env = "VERALTHEIM_CACHE_MAX_BYTES")]
-    pub cache_max_bytes: Option<u64>,
-    /// Seconds a cached answer lives (0 = until evicted).
-    #[arg(long, env = "VERALTHEIM_CACHE_TTL_SECONDS")]
-    pub cache_ttl_seconds: Option<u64>,
-    /// Simulate GPUs, COUNT x MEMORY, e.g. `2x80GiB`.
-    #[arg(long, env = "VERALTHEIM_SIMULATE_GPUS")]
-    pub simulate_gpus: Option<String>,
-    /// Host and GPU sampling interval in milliseconds.
-    #[arg(long, env = "VERALTHEIM_SAMPLE_INTERVAL_MS")]
-    pub sample_interval_ms: Option<u64>,
-    /// libonnxruntime.so for ONNX models (default: ORT_DYLIB_PATH).
-    #[arg(long, env = "VERALTHEIM_ONNXRUNTIME_LIBRARY")]
-    pub onnxruntime_library: Option<String>,
-    /// ONNX Runtime intra-op threads per model instance (0 = its default).
-    #[arg(long, env = "VERALTHEIM_ONNX_INTRA_OP_THREADS")]
-    pub onnx_intra_op_threads: Option<usize>,
-    /// Model loads running at once.
-    #[arg(long, env = "VERALTHEIM_MAX_CONCURRENT_LOADS")]
-    pub max_concurrent_loads: Option<usize>,
-    /// Seconds a model load (including its wait for a slot and its warm-up) may take.
-    #[arg(long, env = "VERALTHEIM_LOAD_TIMEOUT_SECONDS")]
-    pub load_timeout_seconds: Option<u64>,
-    /// Host memory models may use, in bytes (0 = the host's total memory).
-    #[arg(long, env = "VERALTHEIM_CPU_MEMORY_BYTES")]
-    pub cpu_memory_bytes: Option<u64>,
-    /// Host memory kept from models, in bytes.
-    #[arg(long, env = "VERALTHEIM_MEMORY_RESERVE_BYTES")]
-    pub memory_reserve_bytes: Option<u64>,
-    /// Memory kept from models on each GPU, in bytes.
-    #[arg(long, env = "VERALTHEIM_GPU_MEMORY_RESERVE_BYTES")]
-    pub gpu_memory_reserve_bytes: Option<u64>,
-    /// A load is admitted on its files' size times this factor.
-    #[arg(long, env = "VERALTHEIM_SIZE_FACTOR")]
-    pub size_factor: Option<f64>,
-    /// Batch jobs admitted or running at once (0 = one per core).
-    #[arg(long, env = "VERALTHEIM_MAX_RUNNING_JOBS")]
-    pub max_running_jobs: Option<usize>,
-    /// Requests one batch inference job keeps in flight (its share of a model's queue).
-    #[arg(long, env = "VERALTHEIM_INFERENCE_JOB_CONCURRENCY")]
-    pub inference_job_concurrency: Option<usize>,
-    /// What runs command jobs: `local` (processes here) or `kubernetes` (Jobs in a cluster).
-    #[arg(long, env = "VERALTHEIM_JOBS_EXECUTOR")]
-    pub jobs_executor: Option<JobExecutorKind>,
-    /// Seconds a finished job is kept when it was submitted without a TTL (0 = kept).
-    #[arg(long, env = "VERALTHEIM_DEFAULT_JOB_TTL_SECONDS")]
-    pub default_job_ttl_seconds: Option<u64>,
+/// The spellings of "unset" in files written before these keys were optional (and, for keys
+/// with a default, the only way a file can unset them: TOML has no null).
+mod unset {
+    use std::path::PathBuf;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn zero<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: Deserialize<'de> + Default + PartialEq,
+    {
+        Ok(Option::<T>::deserialize(d)?.filter(|v| *v != T::default()))
+    }
+
+    pub fn negative<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+        Ok(Option::<i64>::deserialize(d)?.filter(|v| *v >= 0))
+    }
+
+    pub fn empty<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+        Ok(Option::<String>::deserialize(d)?.filter(|v| !v.trim().is_empty()))
+    }
+
+    pub fn empty_path<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
+        Ok(empty(d)?.map(PathBuf::from))
+    }
+}
+
+/// Where a value came from, for error messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Source {
+    Environment,
+    Flag,
+}
+
+impl Source {
+    fn name(self, s: &Setting) -> String {
+        match self {
+            Source::Environment => s.env.clone(),
+            Source::Flag => format!("--{}", s.flag),
+        }
+    }
 }
 
 impl Config {
@@ -300,7 +288,19 @@ impl Config {
     }
 
     /// Defaults, then the file (if any); every key of the file must be known.
+    #[cfg(test)]
     pub fn from_file(path: Option<&Path>) -> anyhow::Result<Config> {
+        let value = Self::table(path)?;
+        toml::Value::Table(value)
+            .try_into()
+            .with_context(|| match path {
+                Some(p) => format!("config file {} has a bad setting", p.display()),
+                None => "bad default config".to_string(),
+            })
+    }
+
+    /// The defaults with the file (if any) merged over them.
+    fn table(path: Option<&Path>) -> anyhow::Result<toml::Table> {
         let mut value: toml::Table = toml::from_str(DEFAULT_TOML)?;
         if let Some(path) = path {
             let text = std::fs::read_to_string(path)
@@ -309,119 +309,83 @@ impl Config {
                 .with_context(|| format!("config file {} is not valid TOML", path.display()))?;
             merge(&mut value, file);
         }
-        let config: Config = toml::Value::Table(value)
-            .try_into()
-            .with_context(|| match path {
-                Some(p) => format!("config file {} has a bad setting", p.display()),
-                None => "bad default config".to_string(),
-            })?;
+        Ok(value)
+    }
+
+    /// The configuration `serve` runs with, from its flags and this process's environment.
+    pub fn resolve(args: &ServeArgs) -> anyhow::Result<Config> {
+        Self::resolve_with(args, |name| std::env::var_os(name))
+    }
+
+    /// The configuration from `args` and the environment `env` gives: defaults < file <
+    /// environment < flags.
+    fn resolve_with(
+        args: &ServeArgs,
+        env: impl Fn(&str) -> Option<std::ffi::OsString>,
+    ) -> anyhow::Result<Config> {
+        let text = |name: &str| -> anyhow::Result<Option<String>> {
+            env(name)
+                .map(|v| {
+                    v.into_string()
+                        .map_err(|_| anyhow::anyhow!("{name} is not valid UTF-8"))
+                })
+                .transpose()
+        };
+        let path = match &args.config {
+            Some(p) => Some(p.clone()),
+            None => text(CONFIG_ENV)?
+                .filter(|p| !p.is_empty())
+                .map(PathBuf::from),
+        };
+        let mut table = Self::table(path.as_deref())?;
+        let mut overrides: Vec<(Source, &Setting, toml::Value)> = Vec::new();
+        for s in settings() {
+            if let Some(raw) = text(&s.env)? {
+                overrides.push((
+                    Source::Environment,
+                    s,
+                    Self::value(Source::Environment, s, &[raw])?,
+                ));
+            }
+        }
+        for (s, raw) in &args.flags {
+            overrides.push((Source::Flag, *s, Self::value(Source::Flag, s, raw)?));
+        }
+        // In order: a flag's value lands after (over) the same key's environment value.
+        for (_, s, value) in &overrides {
+            set(&mut table, &s.key, value.clone());
+        }
+        let config: Config = match toml::Value::Table(table).try_into() {
+            Ok(c) => c,
+            Err(e) => return Err(Self::blame(&overrides, path.as_deref(), e)),
+        };
+        config.validate()?;
         Ok(config)
     }
 
-    /// The configuration `serve` runs with.
-    pub fn resolve(args: &ServeArgs) -> anyhow::Result<Config> {
-        let mut c = Config::from_file(args.config.as_deref())?;
-        if let Some(v) = args.grpc_addr {
-            c.server.grpc_addr = v;
+    fn value(source: Source, s: &Setting, raw: &[String]) -> anyhow::Result<toml::Value> {
+        s.value(raw)
+            .map_err(|e| anyhow::anyhow!("{} ({}): {e}", source.name(s), s.key))
+    }
+
+    /// Names the flag or variable whose value cannot be read, when one alone cannot be.
+    fn blame(
+        overrides: &[(Source, &Setting, toml::Value)],
+        path: Option<&Path>,
+        e: toml::de::Error,
+    ) -> anyhow::Error {
+        let defaults = || toml::from_str::<toml::Table>(DEFAULT_TOML).ok();
+        for (source, s, value) in overrides.iter().rev() {
+            let Some(mut alone) = defaults() else { break };
+            set(&mut alone, &s.key, value.clone());
+            if let Err(e) = toml::Value::Table(alone).try_into::<Config>() {
+                return anyhow::anyhow!("{} ({}): {e}", source.name(s), s.key);
+            }
         }
-        if let Some(v) = args.http_addr {
-            c.server.http_addr = v;
-        }
-        if let Some(v) = &args.model_repository {
-            c.models.repository = v.clone();
-        }
-        if !args.load_model.is_empty() {
-            c.models.load = args.load_model.clone();
-        }
-        if let Some(v) = &args.data_dir {
-            c.storage.data_dir = v.clone();
-        }
-        if let Some(v) = args.runtime_threads {
-            c.server.runtime_threads = v;
-        }
-        if let Some(v) = args.allow_client_shm {
-            c.server.allow_client_shm = v;
-        }
-        if let Some(v) = args.enable_fault_injection {
-            c.models.enable_fault_injection = v;
-        }
-        if let Some(v) = args.log_format {
-            c.logging.format = v;
-        }
-        if let Some(v) = &args.log_level {
-            c.logging.level = v.clone();
-        }
-        if let Some(v) = args.max_message_bytes {
-            c.server.max_message_bytes = v;
-        }
-        if let Some(v) = args.execution_threads {
-            c.execution.threads = v;
-        }
-        if let Some(v) = args.default_max_queue_size {
-            c.models.default_max_queue_size = v;
-        }
-        if let Some(v) = args.shutdown_grace_seconds {
-            c.server.shutdown_grace_seconds = v;
-        }
-        if let Some(v) = args.unload_grace_seconds {
-            c.models.unload_grace_seconds = v;
-        }
-        if let Some(v) = args.rate_limit_per_second {
-            c.server.rate_limit_per_second = v;
-        }
-        if let Some(v) = args.rate_limit_burst {
-            c.server.rate_limit_burst = v;
-        }
-        if let Some(v) = args.cache_max_bytes {
-            c.cache.max_bytes = v;
-        }
-        if let Some(v) = args.cache_ttl_seconds {
-            c.cache.ttl_seconds = v;
-        }
-        if let Some(v) = &args.simulate_gpus {
-            c.devices.simulate_gpus = v.clone();
-        }
-        if let Some(v) = args.sample_interval_ms {
-            c.devices.sample_interval_ms = v;
-        }
-        if let Some(v) = &args.onnxruntime_library {
-            c.models.onnxruntime_library = v.clone();
-        }
-        if let Some(v) = args.onnx_intra_op_threads {
-            c.models.onnx_intra_op_threads = v;
-        }
-        if let Some(v) = args.max_concurrent_loads {
-            c.models.max_concurrent_loads = v;
-        }
-        if let Some(v) = args.load_timeout_seconds {
-            c.models.load_timeout_seconds = v;
-        }
-        if let Some(v) = args.cpu_memory_bytes {
-            c.models.cpu_memory_bytes = v;
-        }
-        if let Some(v) = args.memory_reserve_bytes {
-            c.models.memory_reserve_bytes = v;
-        }
-        if let Some(v) = args.gpu_memory_reserve_bytes {
-            c.models.gpu_memory_reserve_bytes = v;
-        }
-        if let Some(v) = args.size_factor {
-            c.models.size_factor = v;
-        }
-        if let Some(v) = args.inference_job_concurrency {
-            c.jobs.inference_concurrency = v;
-        }
-        if let Some(v) = args.max_running_jobs {
-            c.jobs.max_running = v;
-        }
-        if let Some(v) = args.jobs_executor {
-            c.jobs.executor = v;
-        }
-        if let Some(v) = args.default_job_ttl_seconds {
-            c.jobs.default_ttl_seconds = v;
-        }
-        c.validate()?;
-        Ok(c)
+        anyhow::Error::new(e).context(match path {
+            Some(p) => format!("config file {} has a bad setting", p.display()),
+            None => "bad configuration".to_string(),
+        })
     }
 
     fn validate(&self) -> anyhow::Result<()> {
@@ -491,132 +455,25 @@ fn merge(base: &mut toml::Table, over: toml::Table) {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::io::Write;
-
-    #[test]
-    fn embedded_defaults_parse() {
-        let c = Config::defaults().unwrap();
-        assert_eq!(c.server.grpc_addr.to_string(), "127.0.0.1:8001");
-        assert_eq!(c.server.http_addr.to_string(), "127.0.0.1:8002");
-        assert!(c.models.load.is_empty());
-    }
-
-    #[test]
-    fn runtime_threads_default_to_half_the_cores_and_follow_the_flag() {
-        let c = Config::defaults().unwrap();
-        assert_eq!(c.server.runtime_threads, 0);
-        let cores = std::thread::available_parallelism().unwrap().get();
-        assert_eq!(c.server.runtime_worker_threads(), (cores / 2).max(1));
-        let args = ServeArgs {
-            runtime_threads: Some(3),
-            ..Default::default()
+/// Sets the dotted `key` in `table`, making the tables on the way.
+fn set(table: &mut toml::Table, key: &str, value: toml::Value) {
+    let mut parts: Vec<&str> = key.split('.').collect();
+    let Some(last) = parts.pop() else { return };
+    let mut t = table;
+    for part in parts {
+        let entry = t
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if !entry.is_table() {
+            *entry = toml::Value::Table(toml::Table::new());
+        }
+        let toml::Value::Table(next) = entry else {
+            return;
         };
-        let c = Config::resolve(&args).unwrap();
-        assert_eq!(c.server.runtime_worker_threads(), 3);
+        t = next;
     }
-
-    #[test]
-    fn file_then_flags_override_in_order() {
-        let mut f = tempfile::NamedTempFile::new().unwrap();
-        writeln!(
-            f,
-            "[server]\ngrpc_addr = \"127.0.0.1:9001\"\nshutdown_grace_seconds = 3\n[models]\nload = [\"cost\"]"
-        )
-        .unwrap();
-        let args = ServeArgs {
-            config: Some(f.path().to_path_buf()),
-            shutdown_grace_seconds: Some(7),
-            ..Default::default()
-        };
-        let c = Config::resolve(&args).unwrap();
-        assert_eq!(c.server.grpc_addr.to_string(), "127.0.0.1:9001");
-        assert_eq!(c.server.shutdown_grace_seconds, 7);
-        assert_eq!(c.models.load, vec!["cost".to_string()]);
-        // untouched keys keep their defaults
-        assert_eq!(c.server.http_addr.to_string(), "127.0.0.1:8002");
-    }
-
-    #[test]
-    fn unknown_keys_and_bad_values_are_named() {
-        let mut f = tempfile::NamedTempFile::new().unwrap();
-        writeln!(f, "[server]\ngrpc_adr = \"x\"").unwrap();
-        let err = format!("{:#}", Config::from_file(Some(f.path())).unwrap_err());
-        assert!(err.contains("grpc_adr"), "{err}");
-        let args = ServeArgs {
-            max_message_bytes: Some(10),
-            ..Default::default()
-        };
-        let err = Config::resolve(&args).unwrap_err().to_string();
-        assert!(err.contains("max_message_bytes"), "{err}");
-    }
+    t.insert(last.to_string(), value);
 }
 
 #[cfg(test)]
-mod deploy_example {
-    #[test]
-    fn the_example_in_deploy_parses() {
-        let path =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/veraltheim.toml");
-        let c = super::Config::from_file(Some(&path)).unwrap();
-        assert_eq!(c.models.default_max_queue_size, 4096);
-    }
-}
-
-#[cfg(test)]
-mod kubernetes_jobs {
-    use std::io::Write;
-
-    use super::*;
-
-    #[test]
-    fn the_executor_and_its_kubernetes_section_are_read_and_checked() {
-        let c = Config::defaults().unwrap();
-        assert_eq!(c.jobs.executor, JobExecutorKind::Local);
-        assert_eq!(c.jobs.kubernetes.ttl_seconds_after_finished, 86400);
-        let mut f = tempfile::NamedTempFile::new().unwrap();
-        writeln!(
-            f,
-            r#"[jobs]
-executor = "kubernetes"
-[jobs.kubernetes]
-namespace = "batch"
-node_selector = ["pool=gpu"]
-tolerations = [{{ key = "nvidia.com/gpu", operator = "Exists", effect = "NoSchedule" }}]
-gpus = 4"#
-        )
-        .unwrap();
-        let args = ServeArgs {
-            config: Some(f.path().to_path_buf()),
-            ..Default::default()
-        };
-        let c = Config::resolve(&args).unwrap();
-        assert_eq!(c.jobs.executor, JobExecutorKind::Kubernetes);
-        let k = &c.jobs.kubernetes;
-        assert_eq!((k.namespace.as_str(), k.gpus), ("batch", 4));
-        assert_eq!(k.node_selector, ["pool=gpu"]);
-        assert_eq!(k.tolerations[0].operator, "Exists");
-        // Untouched keys keep their defaults, and the flag wins over the file.
-        assert_eq!(k.api_retries, 3);
-        let args = ServeArgs {
-            config: Some(f.path().to_path_buf()),
-            jobs_executor: Some(JobExecutorKind::Local),
-            ..Default::default()
-        };
-        assert_eq!(
-            Config::resolve(&args).unwrap().jobs.executor,
-            JobExecutorKind::Local
-        );
-
-        let mut bad = tempfile::NamedTempFile::new().unwrap();
-        writeln!(bad, "[jobs.kubernetes]\nnode_selector = [\"pool\"]").unwrap();
-        let args = ServeArgs {
-            config: Some(bad.path().to_path_buf()),
-            ..Default::default()
-        };
-        let err = Config::resolve(&args).unwrap_err().to_string();
-        assert!(err.contains("node_selector entry 'pool'"), "{err}");
-    }
-}
+mod tests;

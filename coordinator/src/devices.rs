@@ -16,8 +16,9 @@ pub struct Devices {
 
 impl Devices {
     /// `simulate`: a `COUNT x MEMORY` spec, or empty for real GPUs (or none).
-    pub fn detect(simulate: &str, interval: Duration) -> Result<Self, ProbeError> {
-        let spec = (!simulate.trim().is_empty()).then_some(simulate.trim());
+    /// `simulate`: simulated GPUs as COUNT x MEMORY; `None`: the real ones, if any.
+    pub fn detect(simulate: Option<&str>, interval: Duration) -> Result<Self, ProbeError> {
+        let spec = simulate.map(str::trim).filter(|s| !s.is_empty());
         let inventory = Inventory::detect(spec)?;
         inventory.sample();
         Ok(Devices {
@@ -112,11 +113,11 @@ mod tests {
 
     #[tokio::test]
     async fn simulated_gpus_appear_on_the_bus() {
-        let devices = Arc::new(Devices::detect("2x1GiB", Duration::from_secs(1)).unwrap());
+        let devices = Arc::new(Devices::detect(Some("2x1GiB"), Duration::from_secs(1)).unwrap());
         let snap = devices.snapshot();
         assert_eq!(snap.gpus.len(), 2);
         assert!(snap.gpus.iter().all(|g| g.simulated));
-        assert!(Devices::detect("2x", Duration::from_secs(1)).is_err());
+        assert!(Devices::detect(Some("2x"), Duration::from_secs(1)).is_err());
         let topics: Vec<String> = [
             DeviceEvent::GpuLost {
                 index: 1,

@@ -54,7 +54,6 @@ impl Jobs {
             }
         });
         let jobs_dir = data_dir.join("jobs");
-        let nonzero = |v: u64| (v > 0).then_some(v);
         let (exec, capacity, default_running): (Arc<dyn Executor>, _, _) = match config.executor {
             JobExecutorKind::Local => (
                 Arc::new(LocalExecutor::new(jobs_dir)),
@@ -70,11 +69,10 @@ impl Jobs {
                     namespace = exec.namespace(),
                     "batch jobs run as Kubernetes Jobs"
                 );
-                let unlimited = |v: u64| if v == 0 { u64::MAX } else { v };
                 let capacity = Resources {
-                    cpu_millis: unlimited(k.cpu_millis),
-                    memory_bytes: unlimited(k.memory_bytes),
-                    gpus: if k.gpus == 0 { u32::MAX } else { k.gpus },
+                    cpu_millis: k.cpu_millis.unwrap_or(u64::MAX),
+                    memory_bytes: k.memory_bytes.unwrap_or(u64::MAX),
+                    gpus: k.gpus.unwrap_or(u32::MAX),
                 };
                 (Arc::new(exec), capacity, KUBERNETES_RUNNING)
             }
@@ -88,19 +86,15 @@ impl Jobs {
                     name: q.name.clone(),
                     weight: q.weight.max(1),
                     quota: Quota {
-                        cpu_millis: nonzero(q.cpu_millis),
-                        memory_bytes: nonzero(q.memory_bytes),
-                        gpus: (q.gpus > 0).then_some(q.gpus),
+                        cpu_millis: q.cpu_millis,
+                        memory_bytes: q.memory_bytes,
+                        gpus: q.gpus,
                     },
                 })
                 .collect(),
             priority_classes: config.priority_classes.clone(),
         };
-        let max_running = if config.max_running == 0 {
-            default_running
-        } else {
-            config.max_running
-        };
+        let max_running = config.max_running.unwrap_or(default_running);
         let runner = Runner::with_executors(
             JobStore::new(store).with_observer(observer),
             exec,
@@ -121,22 +115,23 @@ impl Jobs {
         Ok((
             Jobs {
                 runner,
-                default_ttl: (config.default_ttl_seconds > 0).then_some(config.default_ttl_seconds),
+                default_ttl: config.default_ttl_seconds,
             },
             rx,
         ))
     }
 }
 
-/// `jobs.max_running = 0` on Kubernetes: the cluster, not this machine, runs the jobs; each
+/// `jobs.max_running` unset on Kubernetes: the cluster, not this machine, runs the jobs; each
 /// running one costs the coordinator two watches.
 const KUBERNETES_RUNNING: usize = 64;
 
 fn kubernetes_config(k: &KubernetesJobsConfig) -> KubernetesConfig {
     KubernetesConfig {
-        api_url: k.api_url.clone(),
-        namespace: k.namespace.clone(),
-        service_account: k.service_account.clone(),
+        // The executor's own spelling of unset is "".
+        api_url: k.api_url.clone().unwrap_or_default(),
+        namespace: k.namespace.clone().unwrap_or_default(),
+        service_account: k.service_account.clone().unwrap_or_default(),
         node_selector: k
             .node_selector
             .iter()
@@ -154,10 +149,10 @@ fn kubernetes_config(k: &KubernetesJobsConfig) -> KubernetesConfig {
                 toleration_seconds: t.toleration_seconds,
             })
             .collect(),
-        ttl_seconds_after_finished: i32::try_from(k.ttl_seconds_after_finished)
-            .ok()
-            .filter(|t| *t >= 0),
-        default_image: k.default_image.clone(),
+        ttl_seconds_after_finished: k
+            .ttl_seconds_after_finished
+            .and_then(|t| i32::try_from(t).ok()),
+        default_image: k.default_image.clone().unwrap_or_default(),
         breaker: BreakerConfig::new(
             k.breaker_failure_threshold,
             Duration::from_millis(k.breaker_open_ms.max(1)),

@@ -24,13 +24,13 @@ pub struct ClientLimiter {
 }
 
 impl ClientLimiter {
-    /// `None` when the rate is 0 (no limit).
-    pub fn new(per_second: u32, burst: u32) -> Option<Arc<Self>> {
-        let rate = NonZeroU32::new(per_second)?;
-        let burst = NonZeroU32::new(burst).unwrap_or(rate);
+    /// `None` when no rate is set (no limit); an unset burst is one second's worth.
+    pub fn new(per_second: Option<u32>, burst: Option<u32>) -> Option<Arc<Self>> {
+        let rate = NonZeroU32::new(per_second?)?;
+        let burst = burst.and_then(NonZeroU32::new).unwrap_or(rate);
         Some(Arc::new(ClientLimiter {
             limiter: RateLimiter::dashmap(Quota::per_second(rate).allow_burst(burst)),
-            per_second,
+            per_second: rate.get(),
         }))
     }
 
@@ -92,13 +92,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn zero_rate_means_no_limiter() {
-        assert!(ClientLimiter::new(0, 10).is_none());
+    fn no_rate_means_no_limiter() {
+        assert!(ClientLimiter::new(None, Some(10)).is_none());
     }
 
     #[test]
     fn each_client_has_its_own_bucket() {
-        let l = ClientLimiter::new(1, 2).unwrap();
+        let l = ClientLimiter::new(Some(1), Some(2)).unwrap();
         assert!(l.check("a").is_ok());
         assert!(l.check("a").is_ok());
         let wait = l.check("a").unwrap_err();

@@ -3,7 +3,6 @@
 //! work (the API servers finish their in-flight calls), drain the model workers, then stop the
 //! rest of the tree in reverse start order — all within the grace period.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -163,22 +162,24 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         )
     })?;
     let pool =
-        ExecutionPool::new(config.execution.threads).context("cannot start the execution pool")?;
+        // 0: one thread per core, the pool's spelling of an unset `execution.threads`.
+        ExecutionPool::new(config.execution.threads.unwrap_or(0))
+            .context("cannot start the execution pool")?;
     let threads = pool.threads();
     let bus = Bus::new();
     let devices = Arc::new(
         Devices::detect(
-            &config.devices.simulate_gpus,
+            config.devices.simulate_gpus.as_deref(),
             Duration::from_millis(config.devices.sample_interval_ms),
         )
         .map_err(|e| anyhow!("--simulate-gpus: {e}"))?,
     );
     let budgets = {
         let snap = devices.snapshot();
-        let cpu = match config.models.cpu_memory_bytes {
-            0 => snap.host.memory_total_bytes,
-            n => n,
-        };
+        let cpu = config
+            .models
+            .cpu_memory_bytes
+            .unwrap_or(snap.host.memory_total_bytes);
         let mut budgets = vec![Budget::new(
             DeviceId::Cpu,
             cpu,
@@ -204,10 +205,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             fault_injection: config.models.enable_fault_injection,
             repository: Some(config.models.repository.clone()),
             backend: BackendOptions {
-                onnxruntime_library: Some(&config.models.onnxruntime_library)
-                    .filter(|p| !p.is_empty())
-                    .map(PathBuf::from),
-                intra_op_threads: config.models.onnx_intra_op_threads,
+                onnxruntime_library: config.models.onnxruntime_library.clone(),
+                // 0: ONNX Runtime's default, the backend's spelling of an unset value.
+                intra_op_threads: config.models.onnx_intra_op_threads.unwrap_or(0),
             },
             max_concurrent_loads: config.models.max_concurrent_loads,
             load_timeout: Duration::from_secs(config.models.load_timeout_seconds),
@@ -224,7 +224,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     )?);
     let cache = ResponseCache::new(
         config.cache.max_bytes,
-        Duration::from_secs(config.cache.ttl_seconds),
+        config.cache.ttl_seconds.map(Duration::from_secs),
     );
     let inference = Arc::new(Inference::new(models.clone(), cache.clone()));
 

@@ -4,15 +4,22 @@
 //! `shared_memory_byte_size`, `shared_memory_offset`). Off unless the server is started with
 //! `--allow-client-shm`, as in Triton: a registered region lets a client have the server read
 //! and write a shared-memory object it names.
+//!
+//! The object is not mapped: tensor bytes are read with `pread` and written with `pwrite` on
+//! its descriptor (`FileExt::read_exact_at`, `write_all_at`). A client may truncate its object
+//! at any moment; touching a mapping past the new end would kill the server with SIGBUS, while
+//! a short `pread` is only an error, which the request gets as FAILED_PRECONDITION naming the
+//! region. The object is opened with `O_NOFOLLOW` and must be a regular file, so a key cannot
+//! lead the server through a symbolic link or to a device or FIFO in `/dev/shm`.
 
 use std::collections::HashMap;
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use memmap2::{MmapMut, MmapOptions};
-use parking_lot::{Mutex, RwLock};
+use parking_lot::RwLock;
 use tonic::Status;
 use veraltheim_proto::inference::InferParameter;
 use veraltheim_proto::inference::infer_parameter::ParameterChoice;
@@ -29,10 +36,8 @@ pub struct Region {
     pub key: String,
     pub offset: u64,
     pub byte_size: u64,
-    map: Mutex<MmapMut>,
-    /// The object, to check its length before each access: touching a mapping past the end
-    /// of a file that its owner truncated kills the process with SIGBUS.
-    file: std::fs::File,
+    /// The object, read and written at offsets (`pread`/`pwrite`), never mapped.
+    file: File,
 }
 
 /// The registered regions.
@@ -99,37 +104,30 @@ impl SharedMemory {
                 "shared-memory region '{name}' is already registered; unregister it first"
             )));
         }
+        let object = format!("the object '{key}' ({})", path.display());
+        let bad =
+            |why: String| Status::invalid_argument(format!("shared-memory region '{name}': {why}"));
+        // O_NOFOLLOW: a symbolic link planted in /dev/shm must not make the server open a file
+        // elsewhere. O_NONBLOCK: opening a FIFO must not hang the handler (it is refused below).
         let file = OpenOptions::new()
             .read(true)
             .write(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
             .open(&path)
-            .map_err(|e| {
-                Status::invalid_argument(format!(
-                    "shared-memory region '{name}': cannot open the object '{key}' ({}): {e}",
-                    path.display()
-                ))
-            })?;
-        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+            .map_err(|e| bad(format!("cannot open {object}: {e}")))?;
+        let meta = file
+            .metadata()
+            .map_err(|e| bad(format!("cannot examine {object}: {e}")))?;
+        if !meta.file_type().is_file() {
+            return Err(bad(format!("{object} is not a regular file")));
+        }
+        let len = meta.len();
         let end = offset.saturating_add(byte_size);
         if end > len {
             return Err(Status::invalid_argument(format!(
                 "shared-memory region '{name}': offset {offset} + byte_size {byte_size} is past the end of '{key}' ({len} bytes)"
             )));
         }
-        let size = usize::try_from(byte_size).map_err(|_| {
-            Status::invalid_argument(format!(
-                "shared-memory region '{name}': byte_size too large"
-            ))
-        })?;
-        // SAFETY: the object is shared with the client by design and may change under us; we
-        // only ever copy bytes in and out through raw pointers (`read`, `write`), never hand out
-        // references into the mapping, and the length was checked against the file above.
-        let map =
-            unsafe { MmapOptions::new().offset(offset).len(size).map_mut(&file) }.map_err(|e| {
-                Status::internal(format!(
-                    "shared-memory region '{name}': cannot map '{key}': {e}"
-                ))
-            })?;
         regions.insert(
             name.to_string(),
             Arc::new(Region {
@@ -137,7 +135,6 @@ impl SharedMemory {
                 key: key.to_string(),
                 offset,
                 byte_size,
-                map: Mutex::new(map),
                 file,
             }),
         );
@@ -187,19 +184,21 @@ impl SharedMemory {
         bounds(what, &region, r).map(|_| ())
     }
 
-    /// Copies the bytes `r` names out of its region.
+    /// Copies the bytes `r` names out of its region (one `pread`). An object that its owner
+    /// truncated yields FAILED_PRECONDITION, however late the truncation came.
     pub fn read(&self, what: &str, r: &ShmRef) -> Result<Bytes, Status> {
         let region = self.region(r)?;
         let (start, len) = bounds(what, &region, r)?;
-        let map = region.map.lock();
         let mut out = vec![0u8; len];
-        // SAFETY: `start + len` is within the mapping (`bounds`); copying through raw pointers
-        // takes no reference to memory the client may be writing.
-        unsafe { std::ptr::copy_nonoverlapping(map.as_ptr().add(start), out.as_mut_ptr(), len) };
+        region
+            .file
+            .read_exact_at(&mut out, region.offset + start)
+            .map_err(|e| access_failed(what, &region, r, "read", &e))?;
         Ok(Bytes::from(out))
     }
 
-    /// Copies `data` into the place `r` names; `data` may be shorter than `r.byte_size`.
+    /// Copies `data` into the place `r` names (one `pwrite`); `data` may be shorter than
+    /// `r.byte_size`.
     pub fn write(&self, what: &str, r: &ShmRef, data: &[u8]) -> Result<(), Status> {
         let region = self.region(r)?;
         let (start, len) = bounds(what, &region, r)?;
@@ -210,13 +209,39 @@ impl SharedMemory {
                 r.region
             )));
         }
-        let mut map = region.map.lock();
-        // SAFETY: as in `read`; `start + data.len()` is within the mapping.
-        unsafe {
-            std::ptr::copy_nonoverlapping(data.as_ptr(), map.as_mut_ptr().add(start), data.len())
-        };
-        Ok(())
+        // A truncation after `bounds` makes this write extend the object again (a `pwrite`
+        // past the end grows a file), which is harmless: the client gets its bytes where it
+        // asked for them, and the server no signal.
+        region
+            .file
+            .write_all_at(data, region.offset + start)
+            .map_err(|e| access_failed(what, &region, r, "write", &e))
     }
+}
+
+/// A failed `pread`/`pwrite`: a short read means the object shrank after the check.
+fn access_failed(
+    what: &str,
+    region: &Region,
+    r: &ShmRef,
+    verb: &str,
+    e: &std::io::Error,
+) -> Status {
+    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        return shrank(what, region, r);
+    }
+    Status::internal(format!(
+        "{what}: cannot {verb} the shared-memory object '{}' behind region '{}': {e}",
+        region.key, r.region
+    ))
+}
+
+fn shrank(what: &str, region: &Region, r: &ShmRef) -> Status {
+    let len = region.file.metadata().map(|m| m.len()).unwrap_or(0);
+    Status::failed_precondition(format!(
+        "{what}: the shared-memory object '{}' behind region '{}' shrank to {len} bytes; register the region again",
+        region.key, r.region
+    ))
 }
 
 /// The shared-memory place a tensor's parameters name, if any. `shared_memory_region` and
@@ -267,9 +292,9 @@ fn unknown(name: &str) -> Status {
 }
 
 /// `r`'s start and length inside `region`, checked against the region and against the
-/// object's current length. (A client that truncates its object between this check and the
-/// copy can still crash the server: one reason the extension is off by default, as in Triton.)
-fn bounds(what: &str, region: &Region, r: &ShmRef) -> Result<(usize, usize), Status> {
+/// object's current length. The length check gives an early, clear answer; it is not what keeps
+/// the server safe (the object can shrink right after it): `pread` and `pwrite` are.
+fn bounds(what: &str, region: &Region, r: &ShmRef) -> Result<(u64, usize), Status> {
     let end = r.offset.checked_add(r.byte_size);
     let Some(end) = end.filter(|end| *end <= region.byte_size) else {
         return Err(Status::invalid_argument(format!(
@@ -279,12 +304,15 @@ fn bounds(what: &str, region: &Region, r: &ShmRef) -> Result<(usize, usize), Sta
     };
     let len = region.file.metadata().map(|m| m.len()).unwrap_or(0);
     if region.offset + end > len {
-        return Err(Status::failed_precondition(format!(
-            "{what}: the shared-memory object '{}' behind region '{}' shrank to {len} bytes; register the region again",
-            region.key, r.region
-        )));
+        return Err(shrank(what, region, r));
     }
-    Ok((r.offset as usize, r.byte_size as usize))
+    let len = usize::try_from(r.byte_size).map_err(|_| {
+        Status::invalid_argument(format!(
+            "{what}: byte_size {} is more than this server can hold",
+            r.byte_size
+        ))
+    })?;
+    Ok((r.offset, len))
 }
 
 /// The file behind a POSIX shared-memory key ("/name" or "name"): one path component.
@@ -392,6 +420,99 @@ mod tests {
         shm.unregister("r").unwrap();
         shm.unregister("r").unwrap();
         assert_eq!(shm.status("r").unwrap_err().code(), tonic::Code::NotFound);
+    }
+
+    #[test]
+    fn an_object_truncated_while_requests_run_gives_errors_not_a_signal() {
+        let obj = Object::new("trunc", 1 << 16);
+        let shm = SharedMemory::new(true);
+        shm.register("r", &obj.1, 4096, 60_000).unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // The client: shrinks its object below the region and grows it back, again and again,
+        // so that some truncations land between the length check and the copy. With the
+        // object mapped, such a copy was a SIGBUS that killed this test binary.
+        let truncator = {
+            let (path, stop) = (obj.0.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let f = std::fs::File::options().write(true).open(path).unwrap();
+                let mut rounds = 0u32;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) || rounds < 200 {
+                    // A short pause in each state, so that requests meet both.
+                    f.set_len(8192).unwrap();
+                    std::thread::sleep(std::time::Duration::from_micros(50));
+                    f.set_len(1 << 16).unwrap();
+                    std::thread::sleep(std::time::Duration::from_micros(50));
+                    rounds += 1;
+                }
+            })
+        };
+        let (mut ok, mut refused) = (0, 0);
+        // Until both outcomes were seen a few times (the two threads share busy cores, so how
+        // many tries that takes varies), within a bound.
+        for i in 0..1_000_000 {
+            if ok >= 20 && refused >= 20 {
+                break;
+            }
+            let result = if i % 2 == 0 {
+                shm.read("input 'x'", &at("r", 0, 60_000)).map(|_| ())
+            } else {
+                shm.write("output 'y'", &at("r", 0, 60_000), &[7u8; 60_000])
+            };
+            match result {
+                Ok(()) => ok += 1,
+                Err(e) => {
+                    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+                    assert!(e.message().contains("region 'r'"), "{e:?}");
+                    refused += 1;
+                }
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        truncator.join().unwrap();
+        assert!(
+            ok >= 20 && refused >= 20,
+            "{ok} succeeded, {refused} refused"
+        );
+        // Once the object has its length back, the region serves again.
+        std::fs::File::options()
+            .write(true)
+            .open(&obj.0)
+            .unwrap()
+            .set_len(1 << 16)
+            .unwrap();
+        shm.write("output 'y'", &at("r", 0, 4), &[1, 2, 3, 4])
+            .unwrap();
+        assert_eq!(
+            &shm.read("input 'x'", &at("r", 0, 4)).unwrap()[..],
+            &[1, 2, 3, 4]
+        );
+    }
+
+    #[test]
+    fn links_and_objects_that_are_not_regular_files_are_refused() {
+        let target = Object::new("target", 64);
+        let link =
+            PathBuf::from(SHM_DIR).join(format!("veraltheim-test-link-{}", std::process::id()));
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&target.0, &link).unwrap();
+        let link_key = format!("/{}", link.file_name().unwrap().to_string_lossy());
+        let shm = SharedMemory::new(true);
+        let e = shm.register("r", &link_key, 0, 8).unwrap_err();
+        let _ = std::fs::remove_file(&link);
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().contains("cannot open"), "{e:?}");
+
+        let fifo =
+            PathBuf::from(SHM_DIR).join(format!("veraltheim-test-fifo-{}", std::process::id()));
+        let _ = std::fs::remove_file(&fifo);
+        let c_path = std::ffi::CString::new(fifo.to_string_lossy().as_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path; mkfifo only creates the node.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        let fifo_key = format!("/{}", fifo.file_name().unwrap().to_string_lossy());
+        let e = shm.register("r", &fifo_key, 0, 8).unwrap_err();
+        let _ = std::fs::remove_file(&fifo);
+        assert!(e.message().contains("not a regular file"), "{e:?}");
+        assert!(shm.status("").unwrap().is_empty());
     }
 
     #[test]

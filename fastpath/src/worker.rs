@@ -310,7 +310,7 @@ impl ModelWorker {
         // expiry it must schedule a wake-up for. Otherwise every instance is busy, and the pool
         // thread that finishes first takes the next batch itself (`run_batches`): waking the
         // batcher would cost a context switch for nothing. The fence pairs with the SeqCst
-        // decrement in `run_batches` (a store-then-load on each side): either this load sees
+        // decrement in `Instance::drop` (a store-then-load on each side): either this load sees
         // the freed instance, or the batcher, woken after that decrement, sees this request.
         std::sync::atomic::fence(Ordering::SeqCst);
         if has_expiry || s.inflight.load(Ordering::SeqCst) < s.instances {
@@ -432,6 +432,9 @@ const BATCHES_IN_PLACE: usize = 16;
 /// back to the batcher task and out to another pool thread per batch (two thread wake-ups). The
 /// instance is given back, and the batcher woken, once nothing is due.
 fn run_batches(s: &Arc<Shared>, batch: Vec<Pending>) {
+    // Gives the instance back even if this job unwinds (a panic `execute` did not catch, left to
+    // the pool's handler): a lost instance would stall the model for good.
+    let _instance = Instance(s);
     let mut next = Some(batch);
     let mut runs = 0;
     while let Some(batch) = next.take() {
@@ -445,8 +448,16 @@ fn run_batches(s: &Arc<Shared>, batch: Vec<Pending>) {
             s.notify.notify_one();
         }
     }
-    s.inflight.fetch_sub(1, Ordering::SeqCst);
-    s.notify.notify_one();
+}
+
+/// One of the model's instances, held by a pool job; given back (and the batcher woken) on drop.
+struct Instance<'a>(&'a Shared);
+
+impl Drop for Instance<'_> {
+    fn drop(&mut self) {
+        self.0.inflight.fetch_sub(1, Ordering::SeqCst);
+        self.0.notify.notify_one();
+    }
 }
 
 /// Marks a batcher loop as running; when it ends (returns, fails or is dropped), sends what is
@@ -622,7 +633,26 @@ fn take(pending: &mut VecDeque<Pending>, positions: &[usize]) -> Vec<Pending> {
     batch
 }
 
+/// Why a batch got no outputs.
+enum Failure {
+    /// The backend returned an error, or its outputs could not be split: the batch's callers
+    /// get INTERNAL, the worker carries on.
+    Backend(String),
+    /// Something panicked, in the backend or around it: the batch's callers get INTERNAL and
+    /// the batcher loop ends with the failure, so that its supervisor counts a restart.
+    Panicked(String),
+}
+
+/// When the backend call began and ended, for the compute statistics.
+struct Marks {
+    infer_start: Instant,
+    infer_end: Instant,
+}
+
 /// Runs on an execution-pool thread: assembles the batch, calls the model, answers each caller.
+/// Every step between taking the batch and answering runs under `catch_unwind`, not only the
+/// backend call: a panic while concatenating the inputs or splitting the outputs must fail this
+/// batch, not abort the process or leave its callers waiting.
 fn execute(s: &Shared, batch: Vec<Pending>) {
     let start = Instant::now();
     for p in &batch {
@@ -631,36 +661,33 @@ fn execute(s: &Shared, batch: Vec<Pending>) {
     let rows: Vec<usize> = batch.iter().map(|p| p.req.rows).collect();
     let total: usize = rows.iter().sum();
 
-    let inputs: Result<Vec<Tensor>, String> = if batch.len() == 1 {
-        Ok(batch[0].req.inputs.clone())
-    } else {
-        (0..batch[0].req.inputs.len())
-            .map(|i| {
-                let parts: Vec<&Tensor> = batch.iter().map(|p| &p.req.inputs[i]).collect();
-                Tensor::concat(&parts).map_err(|e| e.to_string())
-            })
-            .collect()
+    let mut marks = Marks {
+        infer_start: start,
+        infer_end: start,
     };
-    let infer_start = Instant::now();
-    let result = inputs.and_then(|inputs| {
-        match catch_unwind(AssertUnwindSafe(|| s.model.execute(&inputs))) {
-            Ok(Ok(outputs)) => Ok(outputs),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(panic) => Err(format!("panic: {}", panic_message(&panic))),
-        }
+    let mut stage = "assembling the batch's inputs";
+    let per_request = catch_unwind(AssertUnwindSafe(|| {
+        compute(s, &batch, &rows, &mut marks, &mut stage)
+    }))
+    .unwrap_or_else(|panic| {
+        let message = panic_message(&panic);
+        Err(Failure::Panicked(if stage == EXECUTING {
+            message
+        } else {
+            format!("while {stage}: {message}")
+        }))
     });
-    let infer_end = Instant::now();
-    let compute_input = infer_start - start;
-    let compute_infer = infer_end - infer_start;
-
-    let per_request = result.and_then(|outputs| split_outputs(s, outputs, &rows, batch.len()));
     let done = Instant::now();
-    let compute_output = done - infer_end;
+    // A batch that failed before or inside the backend call has no later marks.
+    let infer_start = marks.infer_start;
+    let infer_end = marks.infer_end.max(infer_start);
     let n = batch.len() as u64;
-    s.stats.compute_input.add(n, compute_input);
-    s.stats.compute_infer.add(n, compute_infer);
-    s.stats.compute_output.add(n, compute_output);
-    s.stats.record_batch(total, compute_infer);
+    s.stats.compute_input.add(n, infer_start - start);
+    s.stats.compute_infer.add(n, infer_end - infer_start);
+    s.stats
+        .compute_output
+        .add(n, done.saturating_duration_since(infer_end));
+    s.stats.record_batch(total, infer_end - infer_start);
 
     match per_request {
         Ok(parts) => {
@@ -675,14 +702,6 @@ fn execute(s: &Shared, batch: Vec<Pending>) {
                 }
             }
             let answers = batch.into_iter().zip(parts).map(|(p, outputs)| {
-                let outputs = if p.req.outputs.is_empty() {
-                    outputs
-                } else {
-                    outputs
-                        .into_iter()
-                        .filter(|t| p.req.outputs.contains(&t.name))
-                        .collect()
-                };
                 s.stats.success.add(1, done.duration_since(p.req.received));
                 let answer = Ok(InferOutput {
                     outputs,
@@ -694,18 +713,21 @@ fn execute(s: &Shared, batch: Vec<Pending>) {
             });
             hand_over(s, answers);
         }
-        Err(message) => {
-            let panicked = message.starts_with("panic: ");
-            tracing::warn!(model = %s.name, batch = total, %message, "batch failed");
+        Err(failure) => {
+            let (message, panicked) = match failure {
+                Failure::Backend(m) => (m, false),
+                Failure::Panicked(m) => (m, true),
+            };
+            tracing::warn!(model = %s.name, batch = total, %message, panicked, "batch failed");
             if panicked {
-                *s.panicked.lock() = Some(message.trim_start_matches("panic: ").to_string());
+                *s.panicked.lock() = Some(message.clone());
             }
             let answers = batch.into_iter().map(|p| {
                 s.stats.fail.add(1, done.duration_since(p.req.received));
                 let err = if panicked {
                     InferError::Panicked {
                         model: s.name.clone(),
-                        message: message.trim_start_matches("panic: ").to_string(),
+                        message: message.clone(),
                     }
                 } else {
                     InferError::Backend {
@@ -718,6 +740,56 @@ fn execute(s: &Shared, batch: Vec<Pending>) {
             hand_over(s, answers);
         }
     }
+}
+
+/// `execute`'s stage while the backend runs: a panic there is the backend's own, reported as is.
+const EXECUTING: &str = "executing";
+
+/// The part of `execute` that may panic: concatenates the inputs, runs the backend, splits its
+/// outputs per request and keeps the outputs each asked for. `stage` says where it is, for the
+/// message of a panic.
+fn compute(
+    s: &Shared,
+    batch: &[Pending],
+    rows: &[usize],
+    marks: &mut Marks,
+    stage: &mut &'static str,
+) -> Result<Vec<Vec<Tensor>>, Failure> {
+    let inputs: Vec<Tensor> = if batch.len() == 1 {
+        batch[0].req.inputs.clone()
+    } else {
+        (0..batch[0].req.inputs.len())
+            .map(|i| {
+                let parts: Vec<&Tensor> = batch.iter().map(|p| &p.req.inputs[i]).collect();
+                Tensor::concat(&parts).map_err(|e| Failure::Backend(e.to_string()))
+            })
+            .collect::<Result<_, _>>()?
+    };
+    *stage = EXECUTING;
+    marks.infer_start = Instant::now();
+    let outputs = s
+        .model
+        .execute(&inputs)
+        .map_err(|e| Failure::Backend(e.to_string()))?;
+    marks.infer_end = Instant::now();
+    *stage = "splitting the batch's outputs";
+    #[cfg(test)]
+    tests::panic_after_execute(&s.name, &outputs);
+    let parts = split_outputs(s, outputs, rows, batch.len()).map_err(Failure::Backend)?;
+    Ok(batch
+        .iter()
+        .zip(parts)
+        .map(|(p, outputs)| {
+            if p.req.outputs.is_empty() {
+                outputs
+            } else {
+                outputs
+                    .into_iter()
+                    .filter(|t| p.req.outputs.contains(&t.name))
+                    .collect()
+            }
+        })
+        .collect())
 }
 
 fn split_outputs(
@@ -743,12 +815,105 @@ fn split_outputs(
     Ok(per_request)
 }
 
-fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+pub(crate) fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
     if let Some(s) = panic.downcast_ref::<&str>() {
         (*s).to_string()
     } else if let Some(s) = panic.downcast_ref::<String>() {
         s.clone()
     } else {
         "unknown panic payload".to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use tokio_util::sync::CancellationToken;
+    use veraltheim_models::{Tensor, builtin};
+
+    use super::{ModelWorker, WorkerOptions};
+    use crate::error::InferError;
+    use crate::pool::ExecutionPool;
+    use crate::request::Request;
+
+    /// A model of this name makes the step after `execute` panic when its first output starts
+    /// with a negative number: the panic that a backend's malformed outputs (or a bug in the
+    /// splitting) would cause there, injected because a well-formed `Tensor` cannot cause it.
+    const PANIC_AFTER_EXECUTE: &str = "test-panic-after-execute";
+
+    pub(super) fn panic_after_execute(model: &str, outputs: &[Tensor]) {
+        let negative = || {
+            outputs
+                .first()
+                .and_then(|t| t.f32_values().ok())
+                .and_then(|v| v.first().copied())
+                .is_some_and(|v| v < 0.0)
+        };
+        if model == PANIC_AFTER_EXECUTE && negative() {
+            panic!("injected panic after execute");
+        }
+    }
+
+    fn identity(name: &str) -> Arc<dyn veraltheim_models::Model> {
+        // A built-in identity under another name, as a repository model of backend `builtin`.
+        let mut config = builtin::config("identity")
+            .unwrap()
+            .with_override(r#"{"parameters":{"builtin":{"string_value":"identity"}}}"#)
+            .unwrap();
+        config.name = name.to_string();
+        builtin::instantiate(config).unwrap()
+    }
+
+    fn row(v: f32) -> Request {
+        Request::new(vec![Tensor::from_f32("INPUT0", vec![1, 2], &[v, 1.0])], 1)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panic_after_execute_fails_the_batch_and_restarts_the_worker() {
+        let pool = ExecutionPool::new(1).unwrap();
+        let worker = ModelWorker::new(
+            identity(PANIC_AFTER_EXECUTE),
+            pool.clone(),
+            &WorkerOptions::default(),
+        );
+        let first = worker.submit(row(-1.0)).unwrap();
+        let cancel = CancellationToken::new();
+        // The loop ends with the failure: that is what its supervisor counts as a restart.
+        let failure = tokio::time::timeout(Duration::from_secs(10), worker.run(&cancel))
+            .await
+            .expect("the batcher loop must end after the panic")
+            .unwrap_err();
+        assert!(
+            failure.0.contains("splitting the batch's outputs")
+                && failure.0.contains("injected panic after execute"),
+            "{failure}"
+        );
+        match first.await.unwrap() {
+            Err(InferError::Panicked { message, .. }) => {
+                assert!(
+                    message.contains("injected panic after execute"),
+                    "{message}"
+                )
+            }
+            other => panic!("expected Panicked, got {other:?}"),
+        }
+        assert_eq!(worker.stats().fail.count, 1);
+
+        // The process lives and the pool with it: another model on the same pool is served.
+        let other = ModelWorker::start(identity("healthy"), pool, &WorkerOptions::default());
+        let ok = other.submit(row(5.0)).unwrap().await.unwrap().unwrap();
+        assert_eq!(ok.outputs[0].f32_values().unwrap(), vec![5.0, 1.0]);
+
+        // The restarted loop serves the model again: the failed batch gave its instance back.
+        worker.run_detached();
+        let later = tokio::time::timeout(Duration::from_secs(10), worker.submit(row(2.0)).unwrap())
+            .await
+            .expect("a request after the restart must be served")
+            .unwrap()
+            .unwrap();
+        assert_eq!(later.outputs[0].f32_values().unwrap(), vec![2.0, 1.0]);
+        assert_eq!(worker.stats().success.count, 1);
     }
 }

@@ -29,11 +29,12 @@ pub struct ResponseCache {
 }
 
 impl ResponseCache {
-    pub fn new(max_bytes: u64, ttl: Duration) -> Self {
+    /// `ttl`: how long an answer lives; `None`: until evicted.
+    pub fn new(max_bytes: u64, ttl: Option<Duration>) -> Self {
         ResponseCache {
             cache: KvCache::new(&CacheConfig {
                 max_bytes,
-                time_to_live: (!ttl.is_zero()).then_some(ttl),
+                time_to_live: ttl.filter(|t| !t.is_zero()),
             }),
         }
     }
@@ -104,7 +105,7 @@ mod tests {
 
     #[test]
     fn stores_and_counts() {
-        let cache = ResponseCache::new(1 << 20, Duration::from_secs(60));
+        let cache = ResponseCache::new(1 << 20, Some(Duration::from_secs(60)));
         let key = ResponseCache::key("m", "", &[], &[]);
         assert!(cache.get(&key).is_none());
         cache.insert(key, vec![Tensor::from_f32("OUTPUT0", vec![1], &[7.0])]);

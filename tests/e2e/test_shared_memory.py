@@ -121,3 +121,63 @@ def test_bad_regions_and_references_are_refused_by_name(shm_server, regions):
     with raises_status("INVALID_ARGUMENT", "output 'OUTPUT0'", "holds 16"):
         client.infer("identity", [fp32_input(data)], outputs=[out])
     assert client.is_server_live()
+
+
+def test_an_object_truncated_while_requests_run_gives_errors_not_a_crash(shm_server, regions):
+    """The client shrinks its object below the registered region and grows it back while
+    requests read from it and write to it. Each request succeeds or gets FAILED_PRECONDITION
+    naming the region; the server never dies (a mapped object touched past its end would be a
+    SIGBUS), and it serves the region again once the object has its length back."""
+    import threading
+
+    client = shm_server.client()
+    data = distinct_rows(64, 256, seed=4300)
+    nbytes = data.nbytes
+    shm.set_shared_memory_region(regions("tin", nbytes), [data])
+    regions("tout", nbytes)
+    client.register_system_shared_memory("tin", key_of("tin"), nbytes)
+    client.register_system_shared_memory("tout", key_of("tout"), nbytes)
+
+    stop = threading.Event()
+
+    def truncate_and_restore():
+        paths = [f"/dev/shm{key_of('tin')}", f"/dev/shm{key_of('tout')}"]
+        while not stop.is_set():
+            for path in paths:
+                os.truncate(path, 16)
+            for path in paths:
+                os.truncate(path, nbytes)
+
+    truncator = threading.Thread(target=truncate_and_restore)
+    truncator.start()
+    ok, refused = 0, 0
+    try:
+        for _ in range(300):
+            inp = grpcclient.InferInput("INPUT0", list(data.shape), "FP32")
+            inp.set_shared_memory("tin", nbytes)
+            out = grpcclient.InferRequestedOutput("OUTPUT0")
+            out.set_shared_memory("tout", nbytes)
+            try:
+                client.infer("identity", [inp], outputs=[out])
+                ok += 1
+            except grpcclient.InferenceServerException as err:
+                assert err.status() == "StatusCode.FAILED_PRECONDITION", err.message()
+                assert "region 'tin'" in err.message() or "region 'tout'" in err.message()
+                refused += 1
+            if ok >= 5 and refused >= 5:
+                break
+    finally:
+        stop.set()
+        truncator.join()
+    assert refused > 0, f"no request met a truncated object ({ok} succeeded)"
+    assert shm_server.proc.poll() is None, "the server died"
+
+    # The object has its length back: the same regions serve again.
+    os.truncate(f"/dev/shm{key_of('tin')}", nbytes)
+    with open(f"/dev/shm{key_of('tin')}", "r+b") as f:
+        f.write(data.tobytes())
+    inp = grpcclient.InferInput("INPUT0", list(data.shape), "FP32")
+    inp.set_shared_memory("tin", nbytes)
+    result = client.infer("identity", [inp])
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), data)
+    assert client.is_server_live()
