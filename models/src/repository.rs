@@ -29,13 +29,18 @@ pub const CONFIG_FILE: &str = "config.json";
 /// ...or Triton's own `config.pbtxt` (protobuf text format of `inference.ModelConfig`).
 pub const CONFIG_PBTXT: &str = "config.pbtxt";
 
+/// The compiled descriptor of `inference.ModelConfig` (a `FileDescriptorSet` of the `proto`
+/// crate's `inference/model_config.proto`, built by this crate's `build.rs`).
+const MODEL_CONFIG_DESCRIPTOR: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/model_config.bin"));
+
 /// Reads a `config.pbtxt`: parsed against the compiled `inference.ModelConfig` descriptor (so
 /// every Triton field and enum name is checked), then handed over in protobuf's JSON mapping,
 /// which [`ModelConfig::from_json`] reads. Fields Veraltheim does not use are accepted and ignored,
 /// as in the JSON form.
 pub fn config_from_pbtxt(text: &str) -> Result<ModelConfig, String> {
     use prost_reflect::{DescriptorPool, DynamicMessage};
-    let pool = DescriptorPool::decode(veraltheim_proto::FILE_DESCRIPTOR_SET)
+    let pool = DescriptorPool::decode(MODEL_CONFIG_DESCRIPTOR)
         .map_err(|e| format!("internal: the model config descriptors do not decode: {e}"))?;
     let descriptor = pool
         .get_message_by_name("inference.ModelConfig")
