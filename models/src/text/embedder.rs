@@ -326,6 +326,11 @@ impl<E: Encoder> Model for SentenceEmbedder<E> {
         &self.config
     }
 
+    /// The encoder's weights (the tokenizer's tables, a few MiB at most, are not counted).
+    fn memory_bytes(&self) -> Option<u64> {
+        self.encoder.memory_bytes()
+    }
+
     /// The longest row's tokens, estimated from its UTF-8 length (WordPiece averages about four
     /// bytes of English per token; a third of the bytes errs on the high side, so batches come
     /// out small rather than over budget) plus the two special tokens, capped at the truncation

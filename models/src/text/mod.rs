@@ -41,6 +41,12 @@ pub struct TokenBatch {
 pub trait Encoder: Send + Sync + 'static {
     fn hidden_size(&self) -> usize;
     fn encode(&self, batch: &TokenBatch) -> Result<Vec<f32>, ModelError>;
+
+    /// The bytes of the weights the encoder holds, when it knows them (the sentence embedder
+    /// reports this as the model's memory).
+    fn memory_bytes(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// Name of a sentence embedder's input: BYTES, dims `[1]`, one UTF-8 sentence per row.
