@@ -141,10 +141,10 @@ impl Context {
         let config = worker.config();
         let (inputs, rows) = match validate_inputs(config, call.inputs) {
             Ok(v) => v,
-            Err(e) => return Submitted::Done(Err(Status::invalid_argument(e.0))),
+            Err(e) => return Submitted::Done(Err(Status::invalid_argument(e.to_string()))),
         };
         if let Err(e) = validate_outputs(config, &call.outputs) {
-            return Submitted::Done(Err(Status::invalid_argument(e.0)));
+            return Submitted::Done(Err(Status::invalid_argument(e.to_string())));
         }
         let cache_key = if config.cache_enabled() {
             let lookup = Instant::now();

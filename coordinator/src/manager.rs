@@ -32,7 +32,7 @@ use veraltheim_models::allocator::{
 };
 use veraltheim_models::backend::{self, BackendOptions};
 use veraltheim_models::repository::{RepoModel, Repository};
-use veraltheim_models::{ConfigError, Model, ModelConfig, ModelState, builtin, warmup};
+use veraltheim_models::{Model, ModelConfig, ModelState, builtin, warmup};
 use veraltheim_supervisor::{Error as SupervisorError, SupervisorHandle};
 
 use crate::tree::{FAST_PATH, model_child};
@@ -57,7 +57,10 @@ pub enum ManagerError {
         reason: String,
     },
     #[error("cannot load model '{name}': {source}")]
-    BadConfig { name: String, source: ConfigError },
+    BadConfig {
+        name: String,
+        source: veraltheim_models::Error,
+    },
     #[error("model '{name}' failed to load: {reason}")]
     LoadFailed { name: String, reason: String },
     #[error("cannot load model '{name}': {reason}")]
@@ -257,7 +260,7 @@ impl ModelManager {
         pool: ExecutionPool,
         options: ManagerOptions,
         bus: Bus,
-    ) -> Result<Self, ConfigError> {
+    ) -> Result<Self, veraltheim_models::Error> {
         let mut entries = BTreeMap::new();
         for name in builtin::names(options.fault_injection) {
             let config = builtin::config(name)?;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::ModelConfig;
-use crate::error::{ConfigError, ModelError};
+use crate::error::Error;
 use crate::model::Model;
 use crate::tensor::Tensor;
 
@@ -44,18 +44,18 @@ pub fn names(fault_injection: bool) -> Vec<&'static str> {
 }
 
 /// The default configuration of a built-in model.
-pub fn config(name: &str) -> Result<ModelConfig, ConfigError> {
+pub fn config(name: &str) -> Result<ModelConfig, Error> {
     let text = match name {
         "identity" => IDENTITY,
         "cost" => COST,
         "fault" => FAULT,
-        other => return Err(ConfigError::UnknownModel(other.to_string())),
+        other => return Err(Error::UnknownModel(other.to_string())),
     };
     ModelConfig::from_json(text)
 }
 
 /// Builds a built-in model from a (possibly overridden) configuration.
-pub fn instantiate(config: ModelConfig) -> Result<Arc<dyn Model>, ConfigError> {
+pub fn instantiate(config: ModelConfig) -> Result<Arc<dyn Model>, Error> {
     config.validate()?;
     // A repository model of backend `builtin` under another name says which one it is.
     let kind = config
@@ -72,7 +72,7 @@ pub fn instantiate(config: ModelConfig) -> Result<Arc<dyn Model>, ConfigError> {
                 None | Some("" | "spin") => false,
                 Some("sleep") => true,
                 Some(other) => {
-                    return Err(ConfigError::Invalid {
+                    return Err(Error::InvalidConfig {
                         model: config.name.clone(),
                         reason: format!(
                             "parameter busy must be \"spin\" or \"sleep\", got {other:?}"
@@ -88,7 +88,7 @@ pub fn instantiate(config: ModelConfig) -> Result<Arc<dyn Model>, ConfigError> {
             })
         }
         "fault" => Arc::new(Fault { config }),
-        other => return Err(ConfigError::UnknownModel(other.to_string())),
+        other => return Err(Error::UnknownModel(other.to_string())),
     };
     Ok(model)
 }
@@ -107,8 +107,8 @@ fn output_name(config: &ModelConfig) -> &str {
         .unwrap_or("OUTPUT0")
 }
 
-fn first_input<'a>(config: &ModelConfig, inputs: &'a [Tensor]) -> Result<&'a Tensor, ModelError> {
-    inputs.first().ok_or_else(|| ModelError::Execution {
+fn first_input<'a>(config: &ModelConfig, inputs: &'a [Tensor]) -> Result<&'a Tensor, Error> {
+    inputs.first().ok_or_else(|| Error::Execution {
         model: config.name.clone(),
         reason: "no input tensor".into(),
     })
@@ -127,7 +127,7 @@ impl Model for Identity {
         Some(simulated_memory(&self.config))
     }
 
-    fn execute(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, ModelError> {
+    fn execute(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, Error> {
         let mut out = first_input(&self.config, inputs)?.clone();
         out.name = output_name(&self.config).to_string();
         Ok(vec![out])
@@ -153,7 +153,7 @@ impl Model for Cost {
         Some(simulated_memory(&self.config))
     }
 
-    fn execute(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, ModelError> {
+    fn execute(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, Error> {
         let input = first_input(&self.config, inputs)?;
         let start = Instant::now();
         let rows = input.batch_size();
@@ -197,7 +197,7 @@ impl Model for Fault {
         Some(simulated_memory(&self.config))
     }
 
-    fn execute(&self, _inputs: &[Tensor]) -> Result<Vec<Tensor>, ModelError> {
+    fn execute(&self, _inputs: &[Tensor]) -> Result<Vec<Tensor>, Error> {
         panic!(
             "fault model: injected panic in backend '{}'",
             self.config.name

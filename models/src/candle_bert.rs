@@ -23,7 +23,7 @@ use candle_nn::{Init, VarBuilder};
 use candle_transformers::models::bert::{BertModel, Config as BertConfig};
 
 use crate::config::ModelConfig;
-use crate::error::ModelError;
+use crate::error::Error;
 use crate::model::Model;
 use crate::text::{Encoder, SentenceEmbedder, TokenBatch};
 
@@ -55,7 +55,7 @@ impl std::fmt::Debug for CandleBertEncoder {
 impl CandleBertEncoder {
     /// Loads `<dir>/config.json` (a BERT configuration) and `<dir>/model.safetensors` onto
     /// `device`. Errors name the folder as the model.
-    pub fn load(dir: &Path, device: Device) -> Result<CandleBertEncoder, ModelError> {
+    pub fn load(dir: &Path, device: Device) -> Result<CandleBertEncoder, Error> {
         let name = dir.file_name().map_or_else(
             || dir.display().to_string(),
             |n| n.to_string_lossy().into_owned(),
@@ -64,12 +64,8 @@ impl CandleBertEncoder {
     }
 
     /// [`load`](Self::load), with errors naming `model`.
-    pub fn load_named(
-        model: &str,
-        dir: &Path,
-        device: Device,
-    ) -> Result<CandleBertEncoder, ModelError> {
-        let fail = |reason: String| ModelError::load(model, reason);
+    pub fn load_named(model: &str, dir: &Path, device: Device) -> Result<CandleBertEncoder, Error> {
+        let fail = |reason: String| Error::load(model, reason);
         let config_file = dir.join("config.json");
         let text = std::fs::read_to_string(&config_file)
             .map_err(|e| fail(format!("cannot read {}: {e}", config_file.display())))?;
@@ -160,12 +156,12 @@ impl CandleBertEncoder {
         &self.config
     }
 
-    fn fail(&self, reason: impl std::fmt::Display) -> ModelError {
-        ModelError::execution(&self.name, reason)
+    fn fail(&self, reason: impl std::fmt::Display) -> Error {
+        Error::execution(&self.name, reason)
     }
 
     /// Converts one `[batch, seq]` field to u32 ids below `limit`, naming the field on error.
-    fn ids(&self, field: &str, values: &[i64], limit: usize) -> Result<Vec<u32>, ModelError> {
+    fn ids(&self, field: &str, values: &[i64], limit: usize) -> Result<Vec<u32>, Error> {
         values
             .iter()
             .enumerate()
@@ -242,7 +238,7 @@ impl Encoder for CandleBertEncoder {
         Some(self.weight_bytes)
     }
 
-    fn encode(&self, batch: &TokenBatch) -> Result<Vec<f32>, ModelError> {
+    fn encode(&self, batch: &TokenBatch) -> Result<Vec<f32>, Error> {
         let (rows, seq) = (batch.batch, batch.seq);
         let Some(n) = rows.checked_mul(seq) else {
             return Err(self.fail(format!("a batch of {rows} × {seq} tokens is too large")));
@@ -287,14 +283,14 @@ impl Encoder for CandleBertEncoder {
 
 /// The candle device for `gpu`: the CPU for `None`; CUDA device `i` for `Some(i)` when built with
 /// the `cuda` feature, an error naming the missing feature otherwise.
-pub fn device(model: &str, gpu: Option<usize>) -> Result<Device, ModelError> {
+pub fn device(model: &str, gpu: Option<usize>) -> Result<Device, Error> {
     match gpu {
         None => Ok(Device::Cpu),
         #[cfg(feature = "cuda")]
         Some(i) => Device::new_cuda(i)
-            .map_err(|e| ModelError::load(model, format!("cannot open CUDA device {i}: {e}"))),
+            .map_err(|e| Error::load(model, format!("cannot open CUDA device {i}: {e}"))),
         #[cfg(not(feature = "cuda"))]
-        Some(i) => Err(ModelError::load(
+        Some(i) => Err(Error::load(
             model,
             format!(
                 "GPU {i} was asked for, but Veraltheim was built without the cuda feature \
@@ -308,11 +304,7 @@ pub fn device(model: &str, gpu: Option<usize>) -> Result<Device, ModelError> {
 /// `tokenizer.json`, optional `1_Pooling/`, `sentence_bert_config.json`, `modules.json`) as a
 /// [`SentenceEmbedder`] on candle, on the CPU or (`gpu`, `cuda` feature) a CUDA device.
 /// The configuration is completed as [`SentenceEmbedder::new`] describes.
-pub fn load(
-    config: ModelConfig,
-    dir: &Path,
-    gpu: Option<usize>,
-) -> Result<Arc<dyn Model>, ModelError> {
+pub fn load(config: ModelConfig, dir: &Path, gpu: Option<usize>) -> Result<Arc<dyn Model>, Error> {
     let device = device(&config.name, gpu)?;
     let encoder = CandleBertEncoder::load_named(&config.name, dir, device)?;
     Ok(Arc::new(SentenceEmbedder::new(config, dir, encoder)?))
@@ -490,7 +482,7 @@ mod tests {
             std::env::temp_dir().join(format!("veraltheim-candle-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let e = CandleBertEncoder::load(&dir, Device::Cpu).unwrap_err();
-        assert!(matches!(e, ModelError::Load { .. }));
+        assert!(matches!(e, Error::Load { .. }));
         assert!(e.to_string().contains("config.json"), "{e}");
         std::fs::write(dir.join("config.json"), r#"{"hidden_size": 8}"#).unwrap();
         let e = CandleBertEncoder::load(&dir, Device::Cpu)

@@ -4,7 +4,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::datatype::DataType;
-use crate::error::TensorError;
+use crate::error::Error;
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum TensorData {
@@ -23,11 +23,11 @@ pub struct Tensor {
 }
 
 /// Checks a wire shape: no negative dimension, and an element count that fits in memory sizes.
-pub fn shape_from_wire(name: &str, shape: &[i64]) -> Result<Vec<usize>, TensorError> {
+pub fn shape_from_wire(name: &str, shape: &[i64]) -> Result<Vec<usize>, Error> {
     let mut out = Vec::with_capacity(shape.len());
     let mut count: usize = 1;
     for (index, &value) in shape.iter().enumerate() {
-        let dim = usize::try_from(value).map_err(|_| TensorError::NegativeDimension {
+        let dim = usize::try_from(value).map_err(|_| Error::NegativeDimension {
             name: name.to_string(),
             index,
             value,
@@ -35,7 +35,7 @@ pub fn shape_from_wire(name: &str, shape: &[i64]) -> Result<Vec<usize>, TensorEr
         count = count
             .checked_mul(dim)
             .filter(|c| *c <= isize::MAX as usize / 8)
-            .ok_or_else(|| TensorError::ShapeOverflow {
+            .ok_or_else(|| Error::ShapeOverflow {
                 name: name.to_string(),
                 shape: shape.to_vec(),
             })?;
@@ -45,12 +45,12 @@ pub fn shape_from_wire(name: &str, shape: &[i64]) -> Result<Vec<usize>, TensorEr
 }
 
 /// Splits KServe raw BYTES content (each element a 4-byte little-endian length, then the bytes).
-pub fn parse_length_prefixed(name: &str, raw: &Bytes) -> Result<Vec<Bytes>, TensorError> {
+pub fn parse_length_prefixed(name: &str, raw: &Bytes) -> Result<Vec<Bytes>, Error> {
     let mut out = Vec::new();
     let mut at = 0usize;
     while at < raw.len() {
         let Some(len_bytes) = raw.get(at..at + 4) else {
-            return Err(TensorError::MalformedBytes {
+            return Err(Error::MalformedBytes {
                 name: name.to_string(),
                 reason: format!("truncated length prefix at byte {at}"),
             });
@@ -61,7 +61,7 @@ pub fn parse_length_prefixed(name: &str, raw: &Bytes) -> Result<Vec<Bytes>, Tens
         let end = start
             .checked_add(len)
             .filter(|e| *e <= raw.len())
-            .ok_or_else(|| TensorError::MalformedBytes {
+            .ok_or_else(|| Error::MalformedBytes {
                 name: name.to_string(),
                 reason: format!(
                     "element at byte {at} claims {len} bytes but only {} remain",
@@ -85,16 +85,16 @@ impl Tensor {
         datatype: DataType,
         shape: &[i64],
         raw: Bytes,
-    ) -> Result<Self, TensorError> {
+    ) -> Result<Self, Error> {
         let shape = shape_from_wire(name, shape)?;
         let expected = element_count(&shape);
         let data = match datatype.element_size() {
             Some(size) => {
                 let expected_bytes = expected * size;
                 if raw.len() != expected_bytes {
-                    return Err(TensorError::ByteLength {
+                    return Err(Error::ByteLength {
                         name: name.to_string(),
-                        datatype: datatype.to_string(),
+                        datatype,
                         shape,
                         expected: expected_bytes,
                         actual: raw.len(),
@@ -105,7 +105,7 @@ impl Tensor {
             None => {
                 let elements = parse_length_prefixed(name, &raw)?;
                 if elements.len() != expected {
-                    return Err(TensorError::ElementCount {
+                    return Err(Error::ElementCount {
                         name: name.to_string(),
                         shape,
                         expected,
@@ -124,15 +124,11 @@ impl Tensor {
     }
 
     /// Builds a BYTES tensor from its elements.
-    pub fn from_elements(
-        name: &str,
-        shape: &[i64],
-        elements: Vec<Bytes>,
-    ) -> Result<Self, TensorError> {
+    pub fn from_elements(name: &str, shape: &[i64], elements: Vec<Bytes>) -> Result<Self, Error> {
         let shape = shape_from_wire(name, shape)?;
         let expected = element_count(&shape);
         if elements.len() != expected {
-            return Err(TensorError::ElementCount {
+            return Err(Error::ElementCount {
                 name: name.to_string(),
                 shape,
                 expected,
@@ -192,13 +188,13 @@ impl Tensor {
     }
 
     /// The values of an FP32 tensor.
-    pub fn f32_values(&self) -> Result<Vec<f32>, TensorError> {
+    pub fn f32_values(&self) -> Result<Vec<f32>, Error> {
         match (&self.data, self.datatype) {
             (TensorData::Fixed(b), DataType::Fp32) => Ok(b
                 .chunks_exact(4)
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                 .collect()),
-            _ => Err(TensorError::Incompatible {
+            _ => Err(Error::Incompatible {
                 name: self.name.clone(),
                 reason: format!("expected FP32 data, found {}", self.datatype),
             }),
@@ -207,9 +203,9 @@ impl Tensor {
 
     /// Concatenates tensors along the first dimension. All parts must agree on name, datatype
     /// and every dimension but the first.
-    pub fn concat(parts: &[&Tensor]) -> Result<Tensor, TensorError> {
+    pub fn concat(parts: &[&Tensor]) -> Result<Tensor, Error> {
         let Some(first) = parts.first() else {
-            return Err(TensorError::Incompatible {
+            return Err(Error::Incompatible {
                 name: String::new(),
                 reason: "nothing to concatenate".into(),
             });
@@ -218,7 +214,7 @@ impl Tensor {
             return Ok((*first).clone());
         }
         if first.shape.is_empty() {
-            return Err(TensorError::Incompatible {
+            return Err(Error::Incompatible {
                 name: first.name.clone(),
                 reason: "a scalar has no batch dimension".into(),
             });
@@ -226,7 +222,7 @@ impl Tensor {
         let mut rows = 0;
         for p in parts {
             if p.datatype != first.datatype || p.shape.get(1..) != first.shape.get(1..) {
-                return Err(TensorError::Incompatible {
+                return Err(Error::Incompatible {
                     name: first.name.clone(),
                     reason: format!(
                         "cannot batch {} {:?} with {} {:?}",
@@ -270,10 +266,10 @@ impl Tensor {
     /// Splits along the first dimension into parts of `sizes` rows; the inverse of [`concat`].
     ///
     /// [`concat`]: Tensor::concat
-    pub fn split(&self, sizes: &[usize]) -> Result<Vec<Tensor>, TensorError> {
+    pub fn split(&self, sizes: &[usize]) -> Result<Vec<Tensor>, Error> {
         let rows = self.shape.first().copied().unwrap_or(0);
         if sizes.iter().sum::<usize>() != rows {
-            return Err(TensorError::Incompatible {
+            return Err(Error::Incompatible {
                 name: self.name.clone(),
                 reason: format!(
                     "output has {rows} rows, but the batch asked for {}",
@@ -324,7 +320,7 @@ mod tests {
             Tensor::from_raw("x", DataType::Fp32, &[2, 2], Bytes::from(vec![0u8; 15])).unwrap_err();
         assert!(matches!(
             err,
-            TensorError::ByteLength {
+            Error::ByteLength {
                 expected: 16,
                 actual: 15,
                 ..
@@ -337,7 +333,7 @@ mod tests {
     fn negative_and_overflowing_shapes_are_refused() {
         assert!(matches!(
             shape_from_wire("in", &[1, -3]),
-            Err(TensorError::NegativeDimension {
+            Err(Error::NegativeDimension {
                 index: 1,
                 value: -3,
                 ..
@@ -345,7 +341,7 @@ mod tests {
         ));
         assert!(matches!(
             shape_from_wire("in", &[i64::MAX, i64::MAX]),
-            Err(TensorError::ShapeOverflow { .. })
+            Err(Error::ShapeOverflow { .. })
         ));
     }
 
@@ -364,12 +360,12 @@ mod tests {
         let bad = Bytes::from(vec![9, 0, 0, 0, 1]);
         assert!(matches!(
             Tensor::from_raw("s", DataType::Bytes, &[1], bad),
-            Err(TensorError::MalformedBytes { .. })
+            Err(Error::MalformedBytes { .. })
         ));
         let count = Tensor::from_raw("s", DataType::Bytes, &[3], t.to_raw());
         assert!(matches!(
             count,
-            Err(TensorError::ElementCount {
+            Err(Error::ElementCount {
                 expected: 3,
                 actual: 2,
                 ..

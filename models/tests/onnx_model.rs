@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use veraltheim_models::onnx::{self, AUTO_MAX_BATCH_SIZE, OnnxOptions};
-use veraltheim_models::{DataType, Model, ModelConfig, ModelError, Tensor, TensorData};
+use veraltheim_models::{DataType, Error, Model, ModelConfig, Tensor, TensorData};
 
 fn options() -> OnnxOptions {
     OnnxOptions {
@@ -39,7 +39,7 @@ fn config(json: &str) -> ModelConfig {
     ModelConfig::from_json(json).expect("test config parses")
 }
 
-fn load(name: &str, json: &str) -> Result<Arc<dyn Model>, ModelError> {
+fn load(name: &str, json: &str) -> Result<Arc<dyn Model>, Error> {
     onnx::load(config(json), &graph_dir(name), &options())
 }
 
@@ -206,7 +206,7 @@ fn a_config_naming_a_wrong_input_or_type_fails_naming_it() {
     .err()
     .expect("a config naming an input the graph lacks is refused");
     let msg = e.to_string();
-    assert!(matches!(e, ModelError::Load { .. }), "{msg}");
+    assert!(matches!(e, Error::Load { .. }), "{msg}");
     assert!(
         msg.contains("'WRONG'") && msg.contains("not in the graph"),
         "{msg}"
@@ -281,7 +281,7 @@ fn bad_batches_fail_without_panicking() {
         .execute(&[ones(1), wrong_width])
         .expect_err("ONNX Runtime refuses a wrong width");
     assert!(
-        matches!(e, ModelError::Execution { .. }) && e.to_string().contains("ONNX Runtime"),
+        matches!(e, Error::Execution { .. }) && e.to_string().contains("ONNX Runtime"),
         "{e}"
     );
     let mut int = i64_tensor("A", &[1, 4], &[1, 2, 3, 4]);
@@ -331,7 +331,7 @@ fn missing_graph_and_odd_file_names_fail_at_load() {
         .err()
         .expect("a file that is not ONNX");
     assert!(
-        matches!(e, ModelError::Load { .. }) && e.to_string().contains("ONNX Runtime cannot open"),
+        matches!(e, Error::Load { .. }) && e.to_string().contains("ONNX Runtime cannot open"),
         "{e}"
     );
     let e = load(

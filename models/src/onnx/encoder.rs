@@ -11,7 +11,7 @@ use super::session::{SessionPool, Slot, open_sessions};
 use super::{OnnxOptions, PARAM_INTRA_OP_THREADS, model_file, runtime};
 use crate::config::ModelConfig;
 use crate::datatype::DataType;
-use crate::error::ModelError;
+use crate::error::Error;
 use crate::text::{Encoder, TokenBatch};
 
 /// The transformer of a text-embedding model on ONNX Runtime: `input_ids`, `attention_mask` and
@@ -35,13 +35,13 @@ impl OnnxEncoder {
         config: &ModelConfig,
         dir: &Path,
         options: &OnnxOptions,
-    ) -> Result<OnnxEncoder, ModelError> {
+    ) -> Result<OnnxEncoder, Error> {
         let name = &config.name;
         let file = model_file(config, dir)?;
         let threads = config
             .parameter_u64(PARAM_INTRA_OP_THREADS, options.intra_op_threads as u64)
-            .map_err(|e| ModelError::load(name, e))?;
-        let rt = runtime(options.library.as_deref()).map_err(|e| ModelError::load(name, e))?;
+            .map_err(|e| Error::load(name, e))?;
+        let rt = runtime(options.library.as_deref()).map_err(|e| Error::load(name, e))?;
         let sessions = open_sessions(
             &rt,
             name,
@@ -58,8 +58,8 @@ impl OnnxEncoder {
         dir: &Path,
         sessions: Vec<Session>,
         graph: &Graph,
-    ) -> Result<OnnxEncoder, ModelError> {
-        let fail = |reason: String| ModelError::load(model, format!("as a text encoder: {reason}"));
+    ) -> Result<OnnxEncoder, Error> {
+        let fail = |reason: String| Error::load(model, format!("as a text encoder: {reason}"));
         let input = |n: &str| graph.inputs.iter().find(|g| g.name == n);
         let mut ids = None;
         for n in ["input_ids", "attention_mask", "token_type_ids"] {
@@ -138,11 +138,11 @@ impl OnnxEncoder {
         &self,
         values: &'a [i64],
         batch: &TokenBatch,
-    ) -> Result<SessionInputValue<'a>, ModelError> {
+    ) -> Result<SessionInputValue<'a>, Error> {
         let shape = vec![batch.batch, batch.seq];
-        let err = |e: ort::Error| ModelError::execution(&self.model, format!("ONNX Runtime: {e}"));
+        let err = |e: ort::Error| Error::execution(&self.model, format!("ONNX Runtime: {e}"));
         if values.len() != batch.batch * batch.seq {
-            return Err(ModelError::execution(
+            return Err(Error::execution(
                 &self.model,
                 format!(
                     "token batch holds {} ids for [{}, {}]",
@@ -158,9 +158,7 @@ impl OnnxEncoder {
                     .iter()
                     .map(|&v| i32::try_from(v))
                     .collect::<Result<Vec<i32>, _>>()
-                    .map_err(|_| {
-                        ModelError::execution(&self.model, "a token id does not fit INT32")
-                    })?;
+                    .map_err(|_| Error::execution(&self.model, "a token id does not fit INT32"))?;
                 ort::value::Tensor::from_array((shape, narrowed))
                     .map_err(err)?
                     .into()
@@ -186,7 +184,7 @@ impl Encoder for OnnxEncoder {
         self.hidden_size
     }
 
-    fn encode(&self, batch: &TokenBatch) -> Result<Vec<f32>, ModelError> {
+    fn encode(&self, batch: &TokenBatch) -> Result<Vec<f32>, Error> {
         let mut values: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = vec![
             ("input_ids".into(), self.ids_value(&batch.input_ids, batch)?),
             (
@@ -200,7 +198,7 @@ impl Encoder for OnnxEncoder {
                 self.ids_value(&batch.token_type_ids, batch)?,
             ));
         }
-        let fail = |reason: String| ModelError::execution(&self.model, reason);
+        let fail = |reason: String| Error::execution(&self.model, reason);
         self.pool.with(|slot| {
             let Slot {
                 session,

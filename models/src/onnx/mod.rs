@@ -7,7 +7,7 @@
 //! load, from [`OnnxOptions::library`] (the server's `models.onnxruntime_library`) or else from the
 //! `ORT_DYLIB_PATH` environment variable. The `onnxruntime` PyPI wheel carries a suitable library
 //! under `site-packages/onnxruntime/capi/`. A missing or unloadable library fails the model's load
-//! with a [`ModelError::Load`] that says how to fix it; it never panics, and a failed attempt does
+//! with a [`Error::Load`] that says how to fix it; it never panics, and a failed attempt does
 //! not stop a later one with a correct path from succeeding. Once a library is loaded it stays for
 //! the life of the process (ONNX Runtime cannot be unloaded); a later, different path is ignored
 //! with a warning. ONNX Runtime's own log goes to `tracing` (target `ort`, warnings and above).
@@ -56,12 +56,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::config::ModelConfig;
-use crate::error::ModelError;
+use crate::error::Error;
 use crate::model::Model;
 
 pub use encoder::OnnxEncoder;
 pub use model::OnnxModel;
-pub use runtime::{RuntimeError, RuntimeInfo, init_runtime};
+pub use runtime::{RuntimeInfo, init_runtime};
 
 use graph::{Graph, complete_config};
 use runtime::runtime;
@@ -98,19 +98,19 @@ pub fn load(
     config: ModelConfig,
     dir: &Path,
     options: &OnnxOptions,
-) -> Result<Arc<dyn Model>, ModelError> {
+) -> Result<Arc<dyn Model>, Error> {
     let name = config.name.clone();
     let file = model_file(&config, dir)?;
     let threads = config
         .parameter_u64(PARAM_INTRA_OP_THREADS, options.intra_op_threads as u64)
-        .map_err(|e| ModelError::load(&name, e))?;
+        .map_err(|e| Error::load(&name, e))?;
     let threads = usize::try_from(threads).map_err(|_| {
-        ModelError::load(
+        Error::load(
             &name,
             format!("parameter '{PARAM_INTRA_OP_THREADS}' is too large"),
         )
     })?;
-    let rt = runtime(options.library.as_deref()).map_err(|e| ModelError::load(&name, e))?;
+    let rt = runtime(options.library.as_deref()).map_err(|e| Error::load(&name, e))?;
     let sessions = open_sessions(&rt, &name, &file, config.instance_count(), threads)?;
     let graph = Graph::of(&sessions[0]);
     let text = dir.join("tokenizer.json").is_file()
@@ -123,13 +123,13 @@ pub fn load(
         let embedder = crate::text::SentenceEmbedder::new(config, dir, encoder)?;
         return Ok(Arc::new(embedder));
     }
-    let config = complete_config(config, &graph).map_err(|e| ModelError::load(&name, e))?;
+    let config = complete_config(config, &graph).map_err(|e| Error::load(&name, e))?;
     Ok(Arc::new(OnnxModel::new(config, &graph, sessions)?))
 }
 
 /// The graph file of a model: `dir/model.onnx` or the parameter `model_filename`, which must be a
 /// plain file name (no folders), so that a configuration cannot reach outside the model's folder.
-pub(super) fn model_file(config: &ModelConfig, dir: &Path) -> Result<PathBuf, ModelError> {
+pub(super) fn model_file(config: &ModelConfig, dir: &Path) -> Result<PathBuf, Error> {
     // Triton's `default_model_filename` first, then our parameter.
     let file = match config.parameter(PARAM_MODEL_FILENAME) {
         _ if !config.default_model_filename.is_empty() => config.default_model_filename.as_str(),
@@ -138,7 +138,7 @@ pub(super) fn model_file(config: &ModelConfig, dir: &Path) -> Result<PathBuf, Mo
     };
     let plain = Path::new(file).file_name().is_some_and(|n| n == file) && file != "..";
     if !plain {
-        return Err(ModelError::load(
+        return Err(Error::load(
             &config.name,
             format!(
                 "parameter '{PARAM_MODEL_FILENAME}' is '{file}'; it must be a file name inside the \
@@ -148,7 +148,7 @@ pub(super) fn model_file(config: &ModelConfig, dir: &Path) -> Result<PathBuf, Mo
     }
     let path = dir.join(file);
     if !path.is_file() {
-        return Err(ModelError::load(
+        return Err(Error::load(
             &config.name,
             format!(
                 "no ONNX graph at '{}' (the model's folder must hold {DEFAULT_MODEL_FILENAME}, \

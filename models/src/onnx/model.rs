@@ -13,7 +13,7 @@ use super::graph::{Graph, element_type_of};
 use super::session::{SessionPool, Slot};
 use crate::config::{ModelConfig, TensorConfig};
 use crate::datatype::DataType;
-use crate::error::{ModelError, TensorError};
+use crate::error::Error;
 use crate::model::Model;
 use crate::tensor::{Tensor, TensorData};
 
@@ -37,13 +37,13 @@ impl OnnxModel {
         config: ModelConfig,
         graph: &Graph,
         sessions: Vec<Session>,
-    ) -> Result<OnnxModel, ModelError> {
-        let bind = |list: &[TensorConfig]| -> Result<Vec<Bound>, ModelError> {
+    ) -> Result<OnnxModel, Error> {
+        let bind = |list: &[TensorConfig]| -> Result<Vec<Bound>, Error> {
             list.iter()
                 .map(|t| {
                     let datatype = ModelConfig::datatype_of(t);
                     let element = element_type_of(datatype).ok_or_else(|| {
-                        ModelError::load(&config.name, format!("'{}' is BYTES", t.name))
+                        Error::load(&config.name, format!("'{}' is BYTES", t.name))
                     })?;
                     Ok(Bound {
                         name: t.name.clone(),
@@ -73,12 +73,10 @@ impl OnnxModel {
         })
     }
 
-    fn input_value(&self, t: &Tensor, bound: &Bound) -> Result<DynTensor, ModelError> {
-        let incompatible = |reason: String| {
-            ModelError::Tensor(TensorError::Incompatible {
-                name: bound.name.clone(),
-                reason,
-            })
+    fn input_value(&self, t: &Tensor, bound: &Bound) -> Result<DynTensor, Error> {
+        let incompatible = |reason: String| Error::Incompatible {
+            name: bound.name.clone(),
+            reason,
         };
         let TensorData::Fixed(raw) = &t.data else {
             return Err(incompatible(format!(
@@ -110,13 +108,13 @@ impl OnnxModel {
             .collect::<Result<Vec<i64>, _>>()
             .map_err(|_| incompatible(format!("shape {:?} is too large", t.shape)))?;
         let ort_err =
-            |e: ort::Error| ModelError::execution(&self.config.name, format!("ONNX Runtime: {e}"));
+            |e: ort::Error| Error::execution(&self.config.name, format!("ONNX Runtime: {e}"));
         let mut value =
             DynTensor::new(&Allocator::default(), bound.element, shape).map_err(ort_err)?;
         if !raw.is_empty() {
             let dst = value.data_ptr_mut().cast::<u8>();
             if dst.is_null() {
-                return Err(ModelError::execution(
+                return Err(Error::execution(
                     &self.config.name,
                     format!("ONNX Runtime gave no buffer for input '{}'", bound.name),
                 ));
@@ -141,11 +139,11 @@ impl Model for OnnxModel {
         &self.config
     }
 
-    fn execute(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, ModelError> {
+    fn execute(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, Error> {
         let name = &self.config.name;
         if inputs.len() != self.inputs.len() {
             let expected: Vec<&str> = self.inputs.iter().map(|b| b.name.as_str()).collect();
-            return Err(ModelError::execution(
+            return Err(Error::execution(
                 name,
                 format!(
                     "expected {} inputs ({}), got {}",
@@ -158,7 +156,7 @@ impl Model for OnnxModel {
         let rows = if self.config.batching() {
             let rows = inputs.first().map(Tensor::batch_size).unwrap_or(0);
             if let Some(t) = inputs.iter().find(|t| t.batch_size() != rows) {
-                return Err(ModelError::execution(
+                return Err(Error::execution(
                     name,
                     format!(
                         "input '{}' has {} rows, but the batch has {rows}",
@@ -168,7 +166,7 @@ impl Model for OnnxModel {
                 ));
             }
             if rows > self.config.max_batch_size as usize {
-                return Err(ModelError::execution(
+                return Err(Error::execution(
                     name,
                     format!(
                         "a batch of {rows} is more than max_batch_size {}",
@@ -195,7 +193,7 @@ impl Model for OnnxModel {
             } = slot;
             let mut outputs = session
                 .run_with_options(values, run_options)
-                .map_err(|e| ModelError::execution(name, format!("ONNX Runtime: {e}")))?;
+                .map_err(|e| Error::execution(name, format!("ONNX Runtime: {e}")))?;
             self.outputs
                 .iter()
                 .map(|bound| {
@@ -203,7 +201,7 @@ impl Model for OnnxModel {
                     if let Some(rows) = rows
                         && t.shape.first() != Some(&rows)
                     {
-                        return Err(ModelError::execution(
+                        return Err(Error::execution(
                             name,
                             format!(
                                 "output '{}' has shape {:?}, not {rows} rows like the batch",
@@ -223,9 +221,9 @@ fn take_output(
     model: &str,
     outputs: &mut SessionOutputs<'_>,
     bound: &Bound,
-) -> Result<Tensor, ModelError> {
+) -> Result<Tensor, Error> {
     let fail =
-        |reason: String| ModelError::execution(model, format!("output '{}': {reason}", bound.name));
+        |reason: String| Error::execution(model, format!("output '{}': {reason}", bound.name));
     let value: DynValue = outputs
         .remove(&bound.name)
         .ok_or_else(|| fail("ONNX Runtime returned no such output".into()))?;

@@ -9,14 +9,10 @@ use ort::environment::Environment;
 use ort::logging::{LogLevel, LoggerFunction};
 
 use super::LIBRARY_ENV;
+use crate::error::Error;
 
 const HOW_TO_FIX: &str = "set ORT_DYLIB_PATH (or models.onnxruntime_library) to libonnxruntime.so.* \
      — `pip install onnxruntime==1.32.0` puts it under site-packages/onnxruntime/capi/";
-
-/// Why ONNX Runtime could not be made ready. The message says how to fix it.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct RuntimeError(String);
 
 /// The ONNX Runtime library this process loaded.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -35,13 +31,13 @@ static RUNTIME: Mutex<Option<Arc<Runtime>>> = Mutex::new(None);
 
 /// Loads ONNX Runtime if this process has not yet, from `library` or else `ORT_DYLIB_PATH`, and
 /// says which library is in use. Safe to call any number of times, from any thread; never panics.
-pub fn init_runtime(library: Option<&Path>) -> Result<RuntimeInfo, RuntimeError> {
+pub fn init_runtime(library: Option<&Path>) -> Result<RuntimeInfo, Error> {
     runtime(library).map(|rt| RuntimeInfo {
         library: rt.library.clone(),
     })
 }
 
-pub(super) fn runtime(library: Option<&Path>) -> Result<Arc<Runtime>, RuntimeError> {
+pub(super) fn runtime(library: Option<&Path>) -> Result<Arc<Runtime>, Error> {
     let mut slot = RUNTIME.lock().unwrap_or_else(PoisonError::into_inner);
     if let Some(rt) = slot.as_ref() {
         if let Some(wanted) = library
@@ -60,7 +56,7 @@ pub(super) fn runtime(library: Option<&Path>) -> Result<Arc<Runtime>, RuntimeErr
         _ => match std::env::var_os(LIBRARY_ENV) {
             Some(v) if !v.is_empty() => PathBuf::from(v),
             _ => {
-                return Err(RuntimeError(format!(
+                return Err(Error::Runtime(format!(
                     "ONNX Runtime library not found: {HOW_TO_FIX}"
                 )));
             }
@@ -69,13 +65,13 @@ pub(super) fn runtime(library: Option<&Path>) -> Result<Arc<Runtime>, RuntimeErr
     // An absolute path keeps `ort` from resolving it against the executable's folder (which it
     // does with `expect`).
     let path = std::path::absolute(&path).map_err(|e| {
-        RuntimeError(format!(
+        Error::Runtime(format!(
             "ONNX Runtime library path '{}' is unusable ({e}): {HOW_TO_FIX}",
             path.display()
         ))
     })?;
     if !path.is_file() {
-        return Err(RuntimeError(format!(
+        return Err(Error::Runtime(format!(
             "ONNX Runtime library not found at '{}': {HOW_TO_FIX}",
             path.display()
         )));
@@ -87,7 +83,7 @@ pub(super) fn runtime(library: Option<&Path>) -> Result<Arc<Runtime>, RuntimeErr
         ))
     });
     let env = built.map_err(|reason| {
-        RuntimeError(format!(
+        Error::Runtime(format!(
             "ONNX Runtime library at '{}' cannot be used: {reason}. It must be the shared \
              library of ONNX Runtime 1.{} or later; {HOW_TO_FIX}",
             path.display(),

@@ -9,7 +9,7 @@ use std::sync::{Mutex, PoisonError, TryLockError};
 use ort::session::{HasSelectedOutputs, OutputSelector, RunOptions, Session};
 
 use super::runtime::Runtime;
-use crate::error::ModelError;
+use crate::error::Error;
 
 pub(super) fn open_sessions(
     rt: &Runtime,
@@ -17,9 +17,9 @@ pub(super) fn open_sessions(
     file: &Path,
     count: usize,
     intra_op_threads: usize,
-) -> Result<Vec<Session>, ModelError> {
+) -> Result<Vec<Session>, Error> {
     let fail = |e: &dyn fmt::Display| {
-        ModelError::load(
+        Error::load(
             model,
             format!("ONNX Runtime cannot open '{}': {e}", file.display()),
         )
@@ -52,7 +52,7 @@ impl SessionPool {
         model: &str,
         sessions: Vec<Session>,
         outputs: impl Iterator<Item = &'a str> + Clone,
-    ) -> Result<SessionPool, ModelError> {
+    ) -> Result<SessionPool, Error> {
         let slots = sessions
             .into_iter()
             .map(|session| {
@@ -60,14 +60,14 @@ impl SessionPool {
                     .clone()
                     .fold(OutputSelector::no_default(), |s, name| s.with(name));
                 let run_options = RunOptions::new()
-                    .map_err(|e| ModelError::load(model, format!("ONNX Runtime: {e}")))?
+                    .map_err(|e| Error::load(model, format!("ONNX Runtime: {e}")))?
                     .with_outputs(selector);
                 Ok(Mutex::new(Slot {
                     session,
                     run_options,
                 }))
             })
-            .collect::<Result<Vec<_>, ModelError>>()?;
+            .collect::<Result<Vec<_>, Error>>()?;
         Ok(SessionPool {
             slots,
             next: AtomicUsize::new(0),

@@ -10,7 +10,7 @@ use super::tokenizer::TextTokenizer;
 use super::{DEFAULT_MAX_BATCH_SIZE, EMBEDDING_OUTPUT, Encoder, TEXT_INPUT};
 use crate::config::{DynamicBatching, ModelConfig, TensorConfig};
 use crate::datatype::DataType;
-use crate::error::{ConfigError, ModelError};
+use crate::error::Error;
 use crate::model::Model;
 use crate::tensor::{Tensor, TensorData};
 
@@ -126,7 +126,7 @@ fn complete_config(mut config: ModelConfig, hidden_size: usize) -> Result<ModelC
         format!("[{hidden}] (the encoder's hidden size)"),
     )?;
     config.validate().map_err(|e| match e {
-        ConfigError::Invalid { reason, .. } => reason,
+        Error::InvalidConfig { reason, .. } => reason,
         other => other.to_string(),
     })?;
     Ok(config)
@@ -165,13 +165,9 @@ impl<E: Encoder> SentenceEmbedder<E> {
     /// The configuration is completed: input `TEXT` and output `EMBEDDING` when it lists none
     /// (when it lists them, their names, types and dims must agree), `max_batch_size`
     /// [`DEFAULT_MAX_BATCH_SIZE`] with dynamic batching when it says 0. Name and backend are kept.
-    pub fn new(
-        config: ModelConfig,
-        dir: &Path,
-        encoder: E,
-    ) -> Result<SentenceEmbedder<E>, ModelError> {
+    pub fn new(config: ModelConfig, dir: &Path, encoder: E) -> Result<SentenceEmbedder<E>, Error> {
         let model = config.name.clone();
-        let fail = |reason: String| ModelError::load(&model, reason);
+        let fail = |reason: String| Error::load(&model, reason);
         let dim = encoder.hidden_size();
         if dim == 0 {
             return Err(fail("the encoder's hidden size is 0".into()));
@@ -236,14 +232,14 @@ impl<E: Encoder> SentenceEmbedder<E> {
 
     /// The number of tokens each text costs the encoder (after truncation, special tokens
     /// included); a batch costs `batch × max` of these, since it is padded to its longest.
-    pub fn count_tokens(&self, texts: &[&str]) -> Result<Vec<usize>, ModelError> {
+    pub fn count_tokens(&self, texts: &[&str]) -> Result<Vec<usize>, Error> {
         self.tokenizer
             .count_tokens(texts)
-            .map_err(|e| ModelError::execution(&self.config.name, e))
+            .map_err(|e| Error::execution(&self.config.name, e))
     }
 
     /// Embeds `texts`: `texts.len()` rows of [`dim`](Self::dim) values, row-major.
-    pub fn embed(&self, texts: &[&str]) -> Result<Vec<f32>, ModelError> {
+    pub fn embed(&self, texts: &[&str]) -> Result<Vec<f32>, Error> {
         let model = &self.config.name;
         if texts.is_empty() {
             return Ok(Vec::new());
@@ -251,14 +247,14 @@ impl<E: Encoder> SentenceEmbedder<E> {
         let batch = self
             .tokenizer
             .encode(texts)
-            .map_err(|e| ModelError::execution(model, e))?;
+            .map_err(|e| Error::execution(model, e))?;
         let hidden = if batch.seq == 0 {
             Vec::new()
         } else {
             let hidden = self.encoder.encode(&batch)?;
             let expected = batch.batch * batch.seq * self.dim;
             if hidden.len() != expected {
-                return Err(ModelError::execution(
+                return Err(Error::execution(
                     model,
                     format!(
                         "the encoder returned {} values for a batch of {} × {} tokens × {} \
@@ -281,10 +277,10 @@ impl<E: Encoder> SentenceEmbedder<E> {
 }
 
 /// The sentences of a `TEXT` tensor (BYTES, shape `[batch, 1]` or `[batch]`), row by row.
-fn decode_text<'t>(model: &str, tensor: &'t Tensor) -> Result<Vec<&'t str>, ModelError> {
+fn decode_text<'t>(model: &str, tensor: &'t Tensor) -> Result<Vec<&'t str>, Error> {
     let name = &tensor.name;
     let TensorData::Bytes(elements) = &tensor.data else {
-        return Err(ModelError::execution(
+        return Err(Error::execution(
             model,
             format!("input '{name}' is {}, expected BYTES", tensor.datatype),
         ));
@@ -292,14 +288,14 @@ fn decode_text<'t>(model: &str, tensor: &'t Tensor) -> Result<Vec<&'t str>, Mode
     let rows = match tensor.shape.as_slice() {
         [rows] | [rows, 1] => *rows,
         other => {
-            return Err(ModelError::execution(
+            return Err(Error::execution(
                 model,
                 format!("input '{name}' has shape {other:?}, expected [batch, 1] or [batch]"),
             ));
         }
     };
     if elements.len() != rows {
-        return Err(ModelError::execution(
+        return Err(Error::execution(
             model,
             format!(
                 "input '{name}' has {} elements for {rows} rows",
@@ -312,7 +308,7 @@ fn decode_text<'t>(model: &str, tensor: &'t Tensor) -> Result<Vec<&'t str>, Mode
         .enumerate()
         .map(|(row, bytes)| {
             std::str::from_utf8(bytes).map_err(|e| {
-                ModelError::execution(
+                Error::execution(
                     model,
                     format!("input '{name}' row {row} is not valid UTF-8: {e}"),
                 )
@@ -343,10 +339,10 @@ impl<E: Encoder> Model for SentenceEmbedder<E> {
         Some((longest / 3 + 2).min(self.tokenizer.max_seq_length()))
     }
 
-    fn execute(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, ModelError> {
+    fn execute(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, Error> {
         let model = &self.config.name;
         let Some(text) = inputs.first() else {
-            return Err(ModelError::execution(
+            return Err(Error::execution(
                 model,
                 format!("no '{TEXT_INPUT}' input given"),
             ));

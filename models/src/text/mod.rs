@@ -16,7 +16,7 @@ mod folder;
 mod pooling;
 mod tokenizer;
 
-use crate::error::ModelError;
+use crate::error::Error;
 
 pub use embedder::{SentenceEmbedder, default_config};
 pub use folder::{max_seq_length_from_dir, normalize_from_modules};
@@ -40,7 +40,7 @@ pub struct TokenBatch {
 /// execution-pool thread and must not block on I/O.
 pub trait Encoder: Send + Sync + 'static {
     fn hidden_size(&self) -> usize;
-    fn encode(&self, batch: &TokenBatch) -> Result<Vec<f32>, ModelError>;
+    fn encode(&self, batch: &TokenBatch) -> Result<Vec<f32>, Error>;
 
     /// The bytes of the weights the encoder holds, when it knows them (the sentence embedder
     /// reports this as the model's memory).

@@ -87,7 +87,7 @@ impl Encoder for FakeEncoder {
         2
     }
 
-    fn encode(&self, batch: &TokenBatch) -> Result<Vec<f32>, ModelError> {
+    fn encode(&self, batch: &TokenBatch) -> Result<Vec<f32>, Error> {
         self.seen.lock().unwrap().push(batch.clone());
         let mut out = Vec::new();
         for b in 0..batch.batch {
@@ -365,7 +365,7 @@ fn config_mismatches_name_the_tensor() {
         let mut config = base.clone();
         change(&mut config);
         let e = SentenceEmbedder::new(config, &dir.0, FakeEncoder::default()).unwrap_err();
-        assert!(matches!(e, ModelError::Load { .. }), "{e}");
+        assert!(matches!(e, Error::Load { .. }), "{e}");
         let e = e.to_string();
         assert!(e.contains("model 'm'"), "{e}");
         assert!(e.contains(wanted), "wanted {wanted:?} in: {e}");
@@ -443,7 +443,7 @@ fn bad_inputs_are_errors_naming_what_is_wrong() {
     let e = m
         .execute(&[text(&[b"hello", b"caf\xc3", b"ok"])])
         .unwrap_err();
-    assert!(matches!(e, ModelError::Execution { .. }));
+    assert!(matches!(e, Error::Execution { .. }));
     assert!(e.to_string().contains("row 1 is not valid UTF-8"), "{e}");
     let e = m.execute(&[]).unwrap_err().to_string();
     assert!(e.contains("no 'TEXT' input"), "{e}");
