@@ -269,8 +269,8 @@ impl ModelWorker {
             .iter()
             .map(|t| {
                 (
-                    t.name.clone(),
-                    t.shape.get(1..).unwrap_or_default().to_vec(),
+                    t.name().to_string(),
+                    t.shape().get(1..).unwrap_or_default().to_vec(),
                 )
             })
             .collect();
@@ -680,7 +680,7 @@ fn execute(s: &Shared, batch: Vec<Pending>) {
                 } else {
                     outputs
                         .into_iter()
-                        .filter(|t| p.req.outputs.contains(&t.name))
+                        .filter(|t| p.req.outputs.iter().any(|o| o == t.name()))
                         .collect()
                 };
                 s.stats.success.add(1, done.duration_since(p.req.received));

@@ -128,9 +128,8 @@ impl Model for Identity {
     }
 
     fn execute(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, Error> {
-        let mut out = first_input(&self.config, inputs)?.clone();
-        out.name = output_name(&self.config).to_string();
-        Ok(vec![out])
+        let out = first_input(&self.config, inputs)?.clone();
+        Ok(vec![out.renamed(output_name(&self.config))])
     }
 }
 
@@ -159,7 +158,7 @@ impl Model for Cost {
         let rows = input.batch_size();
         let values = input.f32_values()?;
         let width = input
-            .shape
+            .shape()
             .get(1..)
             .map_or(1, |d| d.iter().product::<usize>());
         let sums: Vec<f32> = if width == 0 {
@@ -176,11 +175,9 @@ impl Model for Cost {
         while start.elapsed() < busy {
             std::hint::spin_loop();
         }
-        Ok(vec![Tensor::from_f32(
-            output_name(&self.config),
-            vec![rows, 1],
-            &sums,
-        )])
+        let sums = Tensor::from_f32(output_name(&self.config), vec![rows, 1], &sums)
+            .map_err(|e| Error::bad_output(&self.config.name, e))?;
+        Ok(vec![sums])
     }
 }
 
@@ -231,7 +228,7 @@ mod tests {
                 .unwrap()
         };
         let m = instantiate(over("sleep")).unwrap();
-        let input = Tensor::from_f32("INPUT0", vec![1, 2], &[1.0, 2.0]);
+        let input = Tensor::from_f32("INPUT0", vec![1, 2], &[1.0, 2.0]).unwrap();
         let start = Instant::now();
         let out = m.execute(std::slice::from_ref(&input)).unwrap();
         assert!(start.elapsed() >= Duration::from_millis(3));
@@ -243,11 +240,11 @@ mod tests {
     #[test]
     fn identity_echoes() {
         let m = instantiate(config("identity").unwrap()).unwrap();
-        let input = Tensor::from_f32("INPUT0", vec![2, 2], &[1.0, 2.0, 3.0, 4.0]);
+        let input = Tensor::from_f32("INPUT0", vec![2, 2], &[1.0, 2.0, 3.0, 4.0]).unwrap();
         let out = m.execute(std::slice::from_ref(&input)).unwrap();
-        assert_eq!(out[0].name, "OUTPUT0");
-        assert_eq!(out[0].data, input.data);
-        assert_eq!(out[0].shape, input.shape);
+        assert_eq!(out[0].name(), "OUTPUT0");
+        assert_eq!(out[0].data(), input.data());
+        assert_eq!(out[0].shape(), input.shape());
     }
 
     #[test]
@@ -257,12 +254,13 @@ mod tests {
             .with_override(r#"{"parameters":{"base_us":{"string_value":"2000"},"per_item_us":{"string_value":"0"}}}"#)
             .unwrap();
         let m = instantiate(c).unwrap();
-        let input = Tensor::from_f32("INPUT0", vec![2, 3], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        let input =
+            Tensor::from_f32("INPUT0", vec![2, 3], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]).unwrap();
         let start = Instant::now();
         let out = m.execute(&[input]).unwrap();
         // A lower bound only: the spin cannot finish early, however loaded the machine is.
         assert!(start.elapsed() >= Duration::from_micros(2000));
-        assert_eq!(out[0].shape, vec![2, 1]);
+        assert_eq!(out[0].shape(), vec![2, 1]);
         assert_eq!(out[0].f32_values().unwrap(), vec![6.0, 15.0]);
     }
 
@@ -280,7 +278,7 @@ mod tests {
     fn fault_panics() {
         let m = instantiate(config("fault").unwrap()).unwrap();
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            m.execute(&[Tensor::from_f32("INPUT0", vec![1, 1], &[1.0])])
+            m.execute(&[Tensor::from_f32("INPUT0", vec![1, 1], &[1.0]).unwrap()])
         }));
         assert!(r.is_err());
     }

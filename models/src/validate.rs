@@ -23,17 +23,17 @@ pub fn validate_inputs(
     };
     let mut slots: Vec<Option<Tensor>> = vec![None; config.input.len()];
     for tensor in inputs {
-        let Some(index) = config.input.iter().position(|i| i.name == tensor.name) else {
+        let Some(index) = config.input.iter().position(|i| i.name == tensor.name()) else {
             return Err(Error::InvalidRequest(format!(
                 "unexpected input '{}' for model '{model}' (its inputs: {})",
-                tensor.name,
+                tensor.name(),
                 expected_names()
             )));
         };
         if slots[index].is_some() {
             return Err(Error::InvalidRequest(format!(
                 "input '{}' is given more than once",
-                tensor.name
+                tensor.name()
             )));
         }
         slots[index] = Some(tensor);
@@ -52,24 +52,26 @@ pub fn validate_inputs(
             )));
         };
         let want = ModelConfig::datatype_of(spec);
-        if tensor.datatype != want {
+        if tensor.datatype() != want {
             return Err(Error::InvalidRequest(format!(
                 "input '{}': datatype {} does not match model '{model}', which expects {want}",
-                tensor.name, tensor.datatype
+                tensor.name(),
+                tensor.datatype()
             )));
         }
         let dims: &[usize] = if config.batching() {
-            let Some((&rows, rest)) = tensor.shape.split_first() else {
+            let Some((&rows, rest)) = tensor.shape().split_first() else {
                 return Err(Error::InvalidRequest(format!(
                     "input '{}': shape [] has no batch dimension; model '{model}' expects {:?}",
-                    tensor.name,
+                    tensor.name(),
                     config.full_shape(spec)
                 )));
             };
             if rows == 0 || rows > config.max_batch_size as usize {
                 return Err(Error::InvalidRequest(format!(
                     "input '{}': batch size {rows} is outside 1..={} (max_batch_size of model '{model}')",
-                    tensor.name, config.max_batch_size
+                    tensor.name(),
+                    config.max_batch_size
                 )));
             }
             match batch {
@@ -77,14 +79,14 @@ pub fn validate_inputs(
                 Some(b) if b != rows => {
                     return Err(Error::InvalidRequest(format!(
                         "input '{}': batch size {rows} differs from the other inputs' {b}",
-                        tensor.name
+                        tensor.name()
                     )));
                 }
                 Some(_) => {}
             }
             rest
         } else {
-            &tensor.shape
+            tensor.shape()
         };
         let fits = dims.len() == spec.dims.len()
             && dims
@@ -94,8 +96,8 @@ pub fn validate_inputs(
         if !fits {
             return Err(Error::InvalidRequest(format!(
                 "input '{}': shape {:?} does not match model '{model}', which expects {:?}",
-                tensor.name,
-                tensor.shape,
+                tensor.name(),
+                tensor.shape(),
                 config.full_shape(spec)
             )));
         }
@@ -134,7 +136,7 @@ mod tests {
 
     fn t(name: &str, shape: Vec<usize>) -> Tensor {
         let n: usize = shape.iter().product();
-        Tensor::from_f32(name, shape, &vec![1.0; n])
+        Tensor::from_f32(name, shape, &vec![1.0; n]).unwrap()
     }
 
     #[test]
@@ -165,8 +167,14 @@ mod tests {
                 "{err} should contain {want}"
             );
         }
-        let mut wrong = t("INPUT0", vec![1, 2]);
-        wrong.datatype = crate::DataType::Int32;
+        let fp32 = t("INPUT0", vec![1, 2]);
+        let wrong = Tensor::new(
+            "INPUT0",
+            crate::DataType::Int32,
+            vec![1, 2],
+            fp32.data().clone(),
+        )
+        .unwrap();
         let err = validate_inputs(&c, vec![wrong]).unwrap_err();
         assert!(err.to_string().contains("datatype INT32"), "{err}");
     }

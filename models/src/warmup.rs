@@ -209,7 +209,7 @@ mod tests {
         assert_eq!(m.calls.load(Ordering::SeqCst), 3);
         assert_eq!(m.rows.load(Ordering::SeqCst), 4);
         let t = &build_inputs(&m.config, &m.config.model_warmup[0], None).unwrap()[0];
-        assert_eq!(t.shape, vec![4, 16]);
+        assert_eq!(t.shape(), vec![4, 16]);
         let v = t.f32_values().unwrap();
         assert!(v.iter().all(|x| (0.0..1.0).contains(x)) && v.iter().any(|x| *x > 0.0));
     }

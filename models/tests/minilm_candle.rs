@@ -93,7 +93,7 @@ fn one_mixed_length_batch_matches_the_reference() {
         .execute(&[text_tensor(&texts)])
         .expect("the batch runs");
     assert_eq!(out.len(), 1);
-    assert_eq!(out[0].shape, vec![items.len(), 384]);
+    assert_eq!(out[0].shape(), vec![items.len(), 384]);
     for ((text, _, expected), got) in items.iter().zip(embedding_rows(&out[0])) {
         assert_close(&format!("batched {text:?}"), &got, expected, TOLERANCE);
     }

@@ -78,35 +78,36 @@ impl OnnxModel {
             name: bound.name.clone(),
             reason,
         };
-        let TensorData::Fixed(raw) = &t.data else {
+        let TensorData::Fixed(raw) = &t.data() else {
             return Err(incompatible(format!(
                 "BYTES data cannot go to the ONNX Runtime backend, which takes only fixed-size \
                  types (this input is {})",
                 bound.datatype
             )));
         };
-        if t.datatype != bound.datatype {
+        if t.datatype() != bound.datatype {
             return Err(incompatible(format!(
                 "the model takes {}, not {}",
-                bound.datatype, t.datatype
+                bound.datatype,
+                t.datatype()
             )));
         }
-        let size = t.datatype.element_size().unwrap_or(1);
+        let size = t.datatype().element_size().unwrap_or(1);
         let expected = t.element_count().checked_mul(size);
         if expected != Some(raw.len()) {
             return Err(incompatible(format!(
                 "{} bytes of data for shape {:?} of {}",
                 raw.len(),
-                t.shape,
-                t.datatype
+                t.shape(),
+                t.datatype()
             )));
         }
         let shape = t
-            .shape
+            .shape()
             .iter()
             .map(|&d| i64::try_from(d))
             .collect::<Result<Vec<i64>, _>>()
-            .map_err(|_| incompatible(format!("shape {:?} is too large", t.shape)))?;
+            .map_err(|_| incompatible(format!("shape {:?} is too large", t.shape())))?;
         let ort_err =
             |e: ort::Error| Error::execution(&self.config.name, format!("ONNX Runtime: {e}"));
         let mut value =
@@ -160,7 +161,7 @@ impl Model for OnnxModel {
                     name,
                     format!(
                         "input '{}' has {} rows, but the batch has {rows}",
-                        t.name,
+                        t.name(),
                         t.batch_size()
                     ),
                 ));
@@ -199,13 +200,14 @@ impl Model for OnnxModel {
                 .map(|bound| {
                     let t = take_output(name, &mut outputs, bound)?;
                     if let Some(rows) = rows
-                        && t.shape.first() != Some(&rows)
+                        && t.shape().first() != Some(&rows)
                     {
                         return Err(Error::execution(
                             name,
                             format!(
                                 "output '{}' has shape {:?}, not {rows} rows like the batch",
-                                bound.name, t.shape
+                                bound.name,
+                                t.shape()
                             ),
                         ));
                     }
@@ -261,10 +263,13 @@ fn take_output(
         // `src`; `tensor` keeps them alive for the copy.
         Bytes::copy_from_slice(unsafe { std::slice::from_raw_parts(src, len) })
     };
-    Ok(Tensor {
-        name: bound.name.clone(),
-        datatype: bound.datatype,
-        shape: dims,
-        data: TensorData::Fixed(data),
-    })
+    // ONNX Runtime's own byte count should agree with the shape; if it ever does not, the batch
+    // fails naming the model instead of handing on a tensor that would break its consumers.
+    Tensor::new(
+        bound.name.clone(),
+        bound.datatype,
+        dims,
+        TensorData::Fixed(data),
+    )
+    .map_err(|e| Error::bad_output(model, e))
 }

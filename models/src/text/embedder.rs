@@ -278,14 +278,14 @@ impl<E: Encoder> SentenceEmbedder<E> {
 
 /// The sentences of a `TEXT` tensor (BYTES, shape `[batch, 1]` or `[batch]`), row by row.
 fn decode_text<'t>(model: &str, tensor: &'t Tensor) -> Result<Vec<&'t str>, Error> {
-    let name = &tensor.name;
-    let TensorData::Bytes(elements) = &tensor.data else {
+    let name = &tensor.name();
+    let TensorData::Bytes(elements) = &tensor.data() else {
         return Err(Error::execution(
             model,
-            format!("input '{name}' is {}, expected BYTES", tensor.datatype),
+            format!("input '{name}' is {}, expected BYTES", tensor.datatype()),
         ));
     };
-    let rows = match tensor.shape.as_slice() {
+    let rows = match tensor.shape() {
         [rows] | [rows, 1] => *rows,
         other => {
             return Err(Error::execution(
@@ -332,7 +332,7 @@ impl<E: Encoder> Model for SentenceEmbedder<E> {
     /// out small rather than over budget) plus the two special tokens, capped at the truncation
     /// length. Cheap enough for an async thread: no tokenizing.
     fn estimate_tokens(&self, inputs: &[Tensor]) -> Option<usize> {
-        let TensorData::Bytes(rows) = &inputs.first()?.data else {
+        let TensorData::Bytes(rows) = &inputs.first()?.data() else {
             return None;
         };
         let longest = rows.iter().map(|r| r.len()).max().unwrap_or(0);
@@ -354,10 +354,8 @@ impl<E: Encoder> Model for SentenceEmbedder<E> {
             .output
             .first()
             .map_or(EMBEDDING_OUTPUT, |o| o.name.as_str());
-        Ok(vec![Tensor::from_f32(
-            output,
-            vec![texts.len(), self.dim],
-            &embeddings,
-        )])
+        let embeddings = Tensor::from_f32(output, vec![texts.len(), self.dim], &embeddings)
+            .map_err(|e| Error::bad_output(model, e))?;
+        Ok(vec![embeddings])
     }
 }

@@ -398,8 +398,8 @@ fn execute_pools_real_tokens_and_padding_changes_nothing() {
     assert_eq!(m.pooling(), Pooling::Mean);
     let out = m.execute(&[text(&[b"hello world", b"cat"])]).unwrap();
     assert_eq!(out.len(), 1);
-    assert_eq!(out[0].name, EMBEDDING_OUTPUT);
-    assert_eq!(out[0].shape, vec![2, 2]);
+    assert_eq!(out[0].name(), EMBEDDING_OUTPUT);
+    assert_eq!(out[0].shape(), vec![2, 2]);
     // [CLS]=2 hello=4 world=5 [SEP]=3 at positions 0..3; [CLS] cat=7 [SEP] at 0..2.
     let mixed = out[0].f32_values().unwrap();
     assert_close(&mixed, &[3.5, 1.5, 4.0, 1.0]);
@@ -448,7 +448,7 @@ fn bad_inputs_are_errors_naming_what_is_wrong() {
     let e = m.execute(&[]).unwrap_err().to_string();
     assert!(e.contains("no 'TEXT' input"), "{e}");
     let e = m
-        .execute(&[Tensor::from_f32(TEXT_INPUT, vec![1, 1], &[1.0])])
+        .execute(&[Tensor::from_f32(TEXT_INPUT, vec![1, 1], &[1.0]).unwrap()])
         .unwrap_err()
         .to_string();
     assert!(e.contains("expected BYTES"), "{e}");
@@ -462,9 +462,9 @@ fn bad_inputs_are_errors_naming_what_is_wrong() {
     assert!(e.contains("shape [1, 2]"), "{e}");
     // A flat [batch] tensor is accepted, and an empty batch gives no rows.
     let flat = Tensor::from_elements(TEXT_INPUT, &[1], vec![Bytes::from_static(b"cat")]).unwrap();
-    assert_eq!(m.execute(&[flat]).unwrap()[0].shape, vec![1, 2]);
+    assert_eq!(m.execute(&[flat]).unwrap()[0].shape(), vec![1, 2]);
     let empty = Tensor::from_elements(TEXT_INPUT, &[0, 1], vec![]).unwrap();
-    assert_eq!(m.execute(&[empty]).unwrap()[0].shape, vec![0, 2]);
+    assert_eq!(m.execute(&[empty]).unwrap()[0].shape(), vec![0, 2]);
 }
 
 #[test]
