@@ -19,9 +19,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={}", root.join(f).display());
     }
     let descriptors = protox::compile(files, [&root])?;
-    // The descriptors themselves, for reading Triton's `config.pbtxt` (text format) at run time.
-    let out = PathBuf::from(std::env::var("OUT_DIR")?).join("descriptors.bin");
-    std::fs::write(out, prost::Message::encode_to_vec(&descriptors))?;
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)

@@ -10,7 +10,9 @@ use veraltheim_models::Tensor;
 /// A one-row FP32 request of `width` values for `identity` or `cost`.
 pub fn fp32_request(width: usize) -> Request {
     let values: Vec<f32> = (0..width).map(|i| i as f32).collect();
-    Request::new(vec![Tensor::from_f32("INPUT0", vec![1, width], &values)], 1)
+    let input =
+        Tensor::from_f32("INPUT0", vec![1, width], &values).expect("the values fill the shape");
+    Request::new(vec![input], 1)
 }
 
 #[cfg(test)]
@@ -19,6 +21,6 @@ mod tests {
     fn request_has_one_row() {
         let r = super::fp32_request(16);
         assert_eq!(r.rows, 1);
-        assert_eq!(r.inputs[0].shape, vec![1, 16]);
+        assert_eq!(r.inputs[0].shape(), vec![1, 16]);
     }
 }

@@ -311,7 +311,7 @@ async fn infer_line(
         .map_err(|e| e.to_string())?;
     let mut outputs = serde_json::Map::new();
     for t in &out.outputs {
-        outputs.insert(t.name.clone(), tensor_json(t)?);
+        outputs.insert(t.name().to_string(), tensor_json(t)?);
     }
     Ok(Value::Object(outputs))
 }
@@ -370,14 +370,15 @@ fn json_tensor(name: &str, datatype: DataType, value: &Value) -> Result<Tensor, 
 
 /// An output tensor as `{"datatype", "shape", "data"}` with the data flat, row-major.
 fn tensor_json(t: &Tensor) -> Result<Value, String> {
-    if matches!(t.datatype, DataType::Fp16 | DataType::Bf16) {
+    if matches!(t.datatype(), DataType::Fp16 | DataType::Bf16) {
         return Err(format!(
             "output '{}': {} has no JSON form here",
-            t.name, t.datatype
+            t.name(),
+            t.datatype()
         ));
     }
     let data = convert::v1_values_json(&convert::to_v1(t, false));
-    Ok(json!({"datatype": t.datatype.as_str(), "shape": t.shape, "data": data}))
+    Ok(json!({"datatype": t.datatype().as_str(), "shape": t.shape(), "data": data}))
 }
 
 #[cfg(test)]
@@ -431,7 +432,7 @@ mod tests {
     fn lines_become_the_models_tensors() {
         let identity = builtin::config("identity").unwrap();
         let t = &parse_line(&identity, r#"{"inputs": {"INPUT0": [[1, 2.5], [3, 4]]}}"#).unwrap()[0];
-        assert_eq!(t.shape, vec![2, 2]);
+        assert_eq!(t.shape(), vec![2, 2]);
         assert_eq!(t.f32_values().unwrap(), vec![1.0, 2.5, 3.0, 4.0]);
         let json = tensor_json(t).unwrap();
         assert_eq!(json["shape"], json!([2, 2]));
@@ -450,7 +451,7 @@ mod tests {
         let mut c = builtin::config("identity").unwrap();
         c.input[0].data_type = "TYPE_STRING".into();
         let t = &parse_line(&c, r#"{"text": "naïve café"}"#).unwrap()[0];
-        assert_eq!(t.shape, vec![1, 1]);
+        assert_eq!(t.shape(), vec![1, 1]);
         assert_eq!(tensor_json(t).unwrap()["data"], json!(["naïve café"]));
     }
 

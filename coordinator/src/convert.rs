@@ -246,9 +246,9 @@ pub fn shape_to_wire(shape: &[usize]) -> Vec<i64> {
 /// A tensor as a KServe output (data goes to `raw_output_contents`).
 pub fn kserve_output(t: &Tensor) -> kserve::model_infer_response::InferOutputTensor {
     kserve::model_infer_response::InferOutputTensor {
-        name: t.name.clone(),
-        datatype: t.datatype.as_str().to_string(),
-        shape: shape_to_wire(&t.shape),
+        name: t.name().to_string(),
+        datatype: t.datatype().as_str().to_string(),
+        shape: shape_to_wire(t.shape()),
         parameters: Default::default(),
         contents: None,
     }
@@ -340,11 +340,11 @@ pub fn from_v1(t: v1::Tensor) -> Result<Tensor, Status> {
 
 /// A tensor as a `veraltheim.v1` tensor, raw or as typed values.
 pub fn to_v1(t: &Tensor, raw: bool) -> v1::Tensor {
-    let data = if raw || matches!(t.datatype, DataType::Fp16 | DataType::Bf16) {
+    let data = if raw || matches!(t.datatype(), DataType::Fp16 | DataType::Bf16) {
         v1::tensor::Data::Raw(t.to_raw())
     } else {
         let mut v = v1::TensorValues::default();
-        match (&t.data, t.datatype) {
+        match (&t.data(), t.datatype()) {
             (TensorData::Bytes(e), _) => v.bytes = e.clone(),
             (TensorData::Fixed(b), DataType::Bool) => v.bools = b.iter().map(|x| *x != 0).collect(),
             (TensorData::Fixed(b), DataType::Fp32) => {
@@ -370,9 +370,9 @@ pub fn to_v1(t: &Tensor, raw: bool) -> v1::Tensor {
         v1::tensor::Data::Values(v)
     };
     v1::Tensor {
-        name: t.name.clone(),
-        datatype: v1_datatype(t.datatype) as i32,
-        shape: shape_to_wire(&t.shape),
+        name: t.name().to_string(),
+        datatype: v1_datatype(t.datatype()) as i32,
+        shape: shape_to_wire(t.shape()),
         data: Some(data),
     }
 }

@@ -120,10 +120,10 @@ fn kserve_outputs(
     let mut raw = Vec::with_capacity(outputs.len());
     for t in outputs {
         let mut tensor = kserve_output(t);
-        match to_shm.iter().find(|(name, _)| *name == t.name) {
+        match to_shm.iter().find(|(name, _)| *name == t.name()) {
             Some((_, place)) => {
                 let data = t.to_raw();
-                shm.write(&format!("output '{}'", t.name), place, &data)?;
+                shm.write(&format!("output '{}'", t.name()), place, &data)?;
                 let int = |v: u64| pb::InferParameter {
                     parameter_choice: Some(ParameterChoice::Int64Param(v as i64)),
                 };

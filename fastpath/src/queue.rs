@@ -97,7 +97,7 @@ mod tests {
 
     fn pending() -> (Pending, oneshot::Receiver<Result<InferOutput, InferError>>) {
         let (tx, rx) = oneshot::channel();
-        let req = Request::new(vec![Tensor::from_f32("x", vec![1, 1], &[0.0])], 1);
+        let req = Request::new(vec![Tensor::from_f32("x", vec![1, 1], &[0.0]).unwrap()], 1);
         (
             Pending {
                 req,

@@ -269,8 +269,8 @@ impl ModelWorker {
             .iter()
             .map(|t| {
                 (
-                    t.name.clone(),
-                    t.shape.get(1..).unwrap_or_default().to_vec(),
+                    t.name().to_string(),
+                    t.shape().get(1..).unwrap_or_default().to_vec(),
                 )
             })
             .collect();
@@ -785,7 +785,7 @@ fn compute(
             } else {
                 outputs
                     .into_iter()
-                    .filter(|t| p.req.outputs.contains(&t.name))
+                    .filter(|t| p.req.outputs.iter().any(|o| o == t.name()))
                     .collect()
             }
         })
@@ -867,7 +867,10 @@ mod tests {
     }
 
     fn row(v: f32) -> Request {
-        Request::new(vec![Tensor::from_f32("INPUT0", vec![1, 2], &[v, 1.0])], 1)
+        Request::new(
+            vec![Tensor::from_f32("INPUT0", vec![1, 2], &[v, 1.0]).unwrap()],
+            1,
+        )
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -20,7 +20,10 @@ fn cost(base_us: u64, per_item_us: u64, extra: &str) -> Arc<dyn Model> {
 }
 
 fn row(v: f32) -> Request {
-    Request::new(vec![Tensor::from_f32("INPUT0", vec![1, 2], &[v, 1.0])], 1)
+    Request::new(
+        vec![Tensor::from_f32("INPUT0", vec![1, 2], &[v, 1.0]).unwrap()],
+        1,
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -37,7 +37,7 @@
 //! 1. The first candidate on which the model fits *without eviction* is chosen.
 //! 2. Otherwise, among the candidates where evicting idle models makes it fit, the one that evicts
 //!    the fewest bytes is chosen (ties: fewer victims, then the order above).
-//! 3. Otherwise the load fails with [`AllocError::NoRoom`], naming every candidate's budget and
+//! 3. Otherwise the load fails with [`Error::NoRoom`], naming every candidate's budget and
 //!    what holds it (devices in id order).
 //!
 //! # Eviction
@@ -61,7 +61,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::Path;
 
-use thiserror::Error;
+use crate::error::Error;
 
 /// A device that holds model memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -359,7 +359,7 @@ pub struct DeviceUsage {
     pub holders: Vec<HolderUsage>,
 }
 
-/// A model holding memory on a device, as named in an [`AllocError`].
+/// A model holding memory on a device, as named in an [`Error`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HolderReport {
     /// The model's key.
@@ -413,7 +413,7 @@ impl fmt::Display for HolderReport {
     }
 }
 
-/// A device's budget and what holds it, as named in an [`AllocError`].
+/// A device's budget and what holds it, as named in an [`Error`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeviceReport {
     /// The device.
@@ -465,87 +465,6 @@ impl fmt::Display for DeviceReport {
         }
         Ok(())
     }
-}
-
-/// A reservation or charge that the allocator refuses.
-#[derive(Debug, Error, Clone, PartialEq, Eq)]
-pub enum AllocError {
-    /// No allowed device can hold the model, even after evicting every idle model.
-    #[error(
-        "model '{model}' needs {} but no device can hold it: {}",
-        format_bytes(*needed_bytes),
-        join_reports(devices)
-    )]
-    NoRoom {
-        /// The model's key.
-        model: String,
-        /// The bytes it needs.
-        needed_bytes: u64,
-        /// Every device it was allowed on (in id order: cpu, gpu0, …), with what holds it.
-        devices: Vec<DeviceReport>,
-    },
-    /// The measured size of a loaded model does not fit on its device, even after evicting every
-    /// idle model there. Its reservation stays; the caller unloads it and releases it.
-    #[error(
-        "model '{model}' takes {} once loaded (estimated {}) but {} cannot hold it: {device}",
-        format_bytes(*measured_bytes),
-        format_bytes(*estimated_bytes),
-        device.device
-    )]
-    NoRoomAfterLoad {
-        /// The model's key.
-        model: String,
-        /// The size it was admitted with.
-        estimated_bytes: u64,
-        /// The size it takes.
-        measured_bytes: u64,
-        /// Its device, with what else holds it.
-        device: DeviceReport,
-    },
-    /// The model's placement allows no device that this machine has.
-    #[error(
-        "model '{model}' cannot be placed: it allows {allowed} but this machine has {}",
-        join_devices(present)
-    )]
-    NoAllowedDevice {
-        /// The model's key.
-        model: String,
-        /// The allowed devices in words.
-        allowed: String,
-        /// The devices present (with a non-zero capacity).
-        present: Vec<DeviceId>,
-    },
-    /// The key already holds memory; a new version is admitted under a distinct key.
-    #[error(
-        "model '{model}' already holds memory on {device} ({state}); load a new version under a distinct key"
-    )]
-    AlreadyHeld {
-        /// The model's key.
-        model: String,
-        /// Where it is.
-        device: DeviceId,
-        /// Where it stands.
-        state: HolderState,
-    },
-    /// The key holds no memory (never admitted, or released).
-    #[error("model '{0}' holds no memory")]
-    Unknown(String),
-    /// The model is being evicted and cannot be charged.
-    #[error("model '{0}' is being evicted")]
-    Evicting(String),
-}
-
-fn join_reports(devices: &[DeviceReport]) -> String {
-    let parts: Vec<String> = devices.iter().map(ToString::to_string).collect();
-    parts.join("; ")
-}
-
-fn join_devices(devices: &[DeviceId]) -> String {
-    if devices.is_empty() {
-        return "no devices".to_string();
-    }
-    let parts: Vec<String> = devices.iter().map(ToString::to_string).collect();
-    parts.join(", ")
 }
 
 /// One model's bookkeeping.
@@ -626,9 +545,9 @@ impl Allocator {
 
     /// Places a model and reserves its estimated size there, evicting idle models if needed (see
     /// the module documentation for the rules). On error nothing changes.
-    pub fn admit(&mut self, req: &LoadRequest) -> Result<Admission, AllocError> {
+    pub fn admit(&mut self, req: &LoadRequest) -> Result<Admission, Error> {
         if let Some(entry) = self.entries.get(&req.model) {
-            return Err(AllocError::AlreadyHeld {
+            return Err(Error::AlreadyHeld {
                 model: req.model.clone(),
                 device: entry.device,
                 state: entry.state,
@@ -636,7 +555,7 @@ impl Allocator {
         }
         let candidates = self.candidates(&req.placement);
         if candidates.is_empty() {
-            return Err(AllocError::NoAllowedDevice {
+            return Err(Error::NoAllowedDevice {
                 model: req.model.clone(),
                 allowed: req.placement.describe(),
                 present: self
@@ -672,7 +591,7 @@ impl Allocator {
             }
         };
         let Some((device, evict)) = chosen else {
-            return Err(AllocError::NoRoom {
+            return Err(Error::NoRoom {
                 model: req.model.clone(),
                 needed_bytes: need,
                 devices: {
@@ -708,12 +627,12 @@ impl Allocator {
     /// succeeds; a larger one evicts idle models on its device as needed and returns them (the
     /// caller unloads and releases them). If even that is not enough, nothing changes and the
     /// error says so: the caller unloads the model and releases it.
-    pub fn charge(&mut self, model: &str, measured_bytes: u64) -> Result<Vec<String>, AllocError> {
+    pub fn charge(&mut self, model: &str, measured_bytes: u64) -> Result<Vec<String>, Error> {
         let Some(entry) = self.entries.get(model) else {
-            return Err(AllocError::Unknown(model.to_string()));
+            return Err(Error::NotHeld(model.to_string()));
         };
         if entry.state == HolderState::Evicting {
-            return Err(AllocError::Evicting(model.to_string()));
+            return Err(Error::Evicting(model.to_string()));
         }
         let device = entry.device;
         let victims = if measured_bytes <= entry.bytes {
@@ -724,11 +643,11 @@ impl Allocator {
                 Some(victims) => victims,
                 None => {
                     let estimated = entry.estimated;
-                    return Err(AllocError::NoRoomAfterLoad {
+                    return Err(Error::NoRoomAfterLoad {
                         model: model.to_string(),
                         estimated_bytes: estimated,
                         measured_bytes,
-                        device: self.report(device, Some(model), &keep),
+                        device: Box::new(self.report(device, Some(model), &keep)),
                     });
                 }
             }
@@ -1123,7 +1042,7 @@ mod tests {
         assert!(a.admit(&LoadRequest::new("a", 70)).is_ok());
         assert!(matches!(
             a.admit(&LoadRequest::new("b", 1)),
-            Err(AllocError::NoRoom { .. })
+            Err(Error::NoRoom { .. })
         ));
     }
 
@@ -1141,7 +1060,7 @@ mod tests {
         let u = device_usage(&a, DeviceId::Gpu(0));
         assert_eq!((u.capacity_bytes, u.free_bytes), (60 * GIB, 50 * GIB));
         let too_big = LoadRequest::new("big", 55 * GIB).with_placement(Placement::gpu_only());
-        assert!(matches!(a.admit(&too_big), Err(AllocError::NoRoom { .. })));
+        assert!(matches!(a.admit(&too_big), Err(Error::NoRoom { .. })));
         // The other process exits: the room comes back.
         assert!(a.follow_device(DeviceId::Gpu(0), 80 * GIB, 10 * GIB));
         assert_eq!(device_usage(&a, DeviceId::Gpu(0)).free_bytes, 70 * GIB);
@@ -1245,7 +1164,7 @@ mod tests {
         // GPU only, no GPU fits: refused although the CPU has room.
         let req = LoadRequest::new("x", 900).with_placement(Placement::gpu_only());
         let err = a.admit(&req).unwrap_err();
-        let AllocError::NoRoom { devices, .. } = &err else {
+        let Error::NoRoom { devices, .. } = &err else {
             panic!("{err:?}")
         };
         let named: Vec<DeviceId> = devices.iter().map(|d| d.device).collect();
@@ -1372,7 +1291,7 @@ mod tests {
         let before = a.snapshot();
         assert!(matches!(
             a.admit(&LoadRequest::new("m", 1)),
-            Err(AllocError::NoRoom { .. })
+            Err(Error::NoRoom { .. })
         ));
         assert_eq!(a.snapshot(), before);
         // Unpinned and idle, "pinned" becomes a victim.
@@ -1404,13 +1323,10 @@ mod tests {
         assert!(!a.acquire("old"));
         assert!(!a.set_pinned("old", true));
         assert_eq!(a.holder("old").unwrap().1.state, HolderState::Evicting);
-        assert_eq!(
-            a.charge("old", 1),
-            Err(AllocError::Evicting("old".to_string()))
-        );
+        assert_eq!(a.charge("old", 1), Err(Error::Evicting("old".to_string())));
         assert!(matches!(
             a.admit(&LoadRequest::new("old", 1)),
-            Err(AllocError::AlreadyHeld {
+            Err(Error::AlreadyHeld {
                 state: HolderState::Evicting,
                 ..
             })
@@ -1436,10 +1352,7 @@ mod tests {
         a.finish("m");
         assert_eq!(a.holder("m").unwrap().1.in_flight, 0);
         assert!(!a.set_pinned("nope", true));
-        assert_eq!(
-            a.charge("nope", 1),
-            Err(AllocError::Unknown("nope".to_string()))
-        );
+        assert_eq!(a.charge("nope", 1), Err(Error::NotHeld("nope".to_string())));
     }
 
     #[test]
@@ -1542,7 +1455,7 @@ mod tests {
         load(&mut a, LoadRequest::new("other", 20));
         assert!(matches!(
             a.admit(&LoadRequest::new("m#1", 60)),
-            Err(AllocError::AlreadyHeld {
+            Err(Error::AlreadyHeld {
                 device: DeviceId::Cpu,
                 state: HolderState::Ready,
                 ..
@@ -1908,7 +1821,7 @@ mod tests {
                     let candidates = r.candidates(placement);
                     if r.models.contains_key(name) {
                         prop_assert!(
-                            matches!(result, Err(AllocError::AlreadyHeld { .. })),
+                            matches!(result, Err(Error::AlreadyHeld { .. })),
                             "{:?}",
                             result
                         );
@@ -1916,7 +1829,7 @@ mod tests {
                     }
                     if candidates.is_empty() {
                         prop_assert!(
-                            matches!(result, Err(AllocError::NoAllowedDevice { .. })),
+                            matches!(result, Err(Error::NoAllowedDevice { .. })),
                             "{:?}",
                             result
                         );
@@ -1983,7 +1896,7 @@ mod tests {
                                 },
                             );
                         }
-                        Err(AllocError::NoRoom {
+                        Err(Error::NoRoom {
                             needed_bytes,
                             devices,
                             ..
@@ -2008,11 +1921,11 @@ mod tests {
                     let name = NAMES[*model];
                     let result = a.charge(name, *bytes);
                     let Some(h) = r.models.get(name).cloned() else {
-                        prop_assert_eq!(result, Err(AllocError::Unknown(name.to_string())));
+                        prop_assert_eq!(result, Err(Error::NotHeld(name.to_string())));
                         return Ok(());
                     };
                     if h.state == HolderState::Evicting {
-                        prop_assert_eq!(result, Err(AllocError::Evicting(name.to_string())));
+                        prop_assert_eq!(result, Err(Error::Evicting(name.to_string())));
                         return Ok(());
                     }
                     match result {
@@ -2034,7 +1947,7 @@ mod tests {
                             h.last = last;
                             h.keep.clear();
                         }
-                        Err(AllocError::NoRoomAfterLoad {
+                        Err(Error::NoRoomAfterLoad {
                             measured_bytes,
                             device,
                             ..

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use crate::allocator::DeviceId;
 use crate::builtin;
 use crate::config::ModelConfig;
-use crate::error::ModelError;
+use crate::error::Error;
 use crate::model::Model;
 
 /// Process-wide settings the backends need.
@@ -67,13 +67,11 @@ pub fn instantiate(
     dir: Option<&Path>,
     device: DeviceId,
     options: &BackendOptions,
-) -> Result<Arc<dyn Model>, ModelError> {
+) -> Result<Arc<dyn Model>, Error> {
     let name = config.name.clone();
     let backend = backend_name(&config).to_string();
     let need_dir = || {
-        dir.ok_or_else(|| {
-            ModelError::load(&name, format!("the {backend} backend needs a model folder"))
-        })
+        dir.ok_or_else(|| Error::load(&name, format!("the {backend} backend needs a model folder")))
     };
     // A model is never quietly run somewhere other than where it was placed.
     if let DeviceId::Gpu(g) = device
@@ -89,11 +87,11 @@ pub fn instantiate(
                 "placed on gpu{g} but this build has no GPU execution (build with --features cuda)"
             ),
         };
-        return Err(ModelError::load(&name, why));
+        return Err(Error::load(&name, why));
     }
     match backend.as_str() {
         b if b == builtin::BACKEND => {
-            builtin::instantiate(config).map_err(|e| ModelError::load(&name, e))
+            builtin::instantiate(config).map_err(|e| Error::load(&name, e))
         }
         #[cfg(feature = "candle")]
         "candle" => {
@@ -113,7 +111,7 @@ pub fn instantiate(
         }
         other => {
             let _ = (&options, need_dir);
-            Err(ModelError::load(
+            Err(Error::load(
                 &name,
                 format!(
                     "backend '{other}' is not available in this build (available: {})",

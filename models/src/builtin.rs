@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::ModelConfig;
-use crate::error::{ConfigError, ModelError};
+use crate::error::Error;
 use crate::model::Model;
 use crate::tensor::Tensor;
 
@@ -44,18 +44,18 @@ pub fn names(fault_injection: bool) -> Vec<&'static str> {
 }
 
 /// The default configuration of a built-in model.
-pub fn config(name: &str) -> Result<ModelConfig, ConfigError> {
+pub fn config(name: &str) -> Result<ModelConfig, Error> {
     let text = match name {
         "identity" => IDENTITY,
         "cost" => COST,
         "fault" => FAULT,
-        other => return Err(ConfigError::UnknownModel(other.to_string())),
+        other => return Err(Error::UnknownModel(other.to_string())),
     };
     ModelConfig::from_json(text)
 }
 
 /// Builds a built-in model from a (possibly overridden) configuration.
-pub fn instantiate(config: ModelConfig) -> Result<Arc<dyn Model>, ConfigError> {
+pub fn instantiate(config: ModelConfig) -> Result<Arc<dyn Model>, Error> {
     config.validate()?;
     // A repository model of backend `builtin` under another name says which one it is.
     let kind = config
@@ -72,7 +72,7 @@ pub fn instantiate(config: ModelConfig) -> Result<Arc<dyn Model>, ConfigError> {
                 None | Some("" | "spin") => false,
                 Some("sleep") => true,
                 Some(other) => {
-                    return Err(ConfigError::Invalid {
+                    return Err(Error::InvalidConfig {
                         model: config.name.clone(),
                         reason: format!(
                             "parameter busy must be \"spin\" or \"sleep\", got {other:?}"
@@ -88,7 +88,7 @@ pub fn instantiate(config: ModelConfig) -> Result<Arc<dyn Model>, ConfigError> {
             })
         }
         "fault" => Arc::new(Fault { config }),
-        other => return Err(ConfigError::UnknownModel(other.to_string())),
+        other => return Err(Error::UnknownModel(other.to_string())),
     };
     Ok(model)
 }
@@ -107,8 +107,8 @@ fn output_name(config: &ModelConfig) -> &str {
         .unwrap_or("OUTPUT0")
 }
 
-fn first_input<'a>(config: &ModelConfig, inputs: &'a [Tensor]) -> Result<&'a Tensor, ModelError> {
-    inputs.first().ok_or_else(|| ModelError::Execution {
+fn first_input<'a>(config: &ModelConfig, inputs: &'a [Tensor]) -> Result<&'a Tensor, Error> {
+    inputs.first().ok_or_else(|| Error::Execution {
         model: config.name.clone(),
         reason: "no input tensor".into(),
     })
@@ -127,10 +127,9 @@ impl Model for Identity {
         Some(simulated_memory(&self.config))
     }
 
-    fn execute(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, ModelError> {
-        let mut out = first_input(&self.config, inputs)?.clone();
-        out.name = output_name(&self.config).to_string();
-        Ok(vec![out])
+    fn execute(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, Error> {
+        let out = first_input(&self.config, inputs)?.clone();
+        Ok(vec![out.renamed(output_name(&self.config))])
     }
 }
 
@@ -153,13 +152,13 @@ impl Model for Cost {
         Some(simulated_memory(&self.config))
     }
 
-    fn execute(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, ModelError> {
+    fn execute(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, Error> {
         let input = first_input(&self.config, inputs)?;
         let start = Instant::now();
         let rows = input.batch_size();
         let values = input.f32_values()?;
         let width = input
-            .shape
+            .shape()
             .get(1..)
             .map_or(1, |d| d.iter().product::<usize>());
         let sums: Vec<f32> = if width == 0 {
@@ -176,11 +175,9 @@ impl Model for Cost {
         while start.elapsed() < busy {
             std::hint::spin_loop();
         }
-        Ok(vec![Tensor::from_f32(
-            output_name(&self.config),
-            vec![rows, 1],
-            &sums,
-        )])
+        let sums = Tensor::from_f32(output_name(&self.config), vec![rows, 1], &sums)
+            .map_err(|e| Error::bad_output(&self.config.name, e))?;
+        Ok(vec![sums])
     }
 }
 
@@ -197,7 +194,7 @@ impl Model for Fault {
         Some(simulated_memory(&self.config))
     }
 
-    fn execute(&self, _inputs: &[Tensor]) -> Result<Vec<Tensor>, ModelError> {
+    fn execute(&self, _inputs: &[Tensor]) -> Result<Vec<Tensor>, Error> {
         panic!(
             "fault model: injected panic in backend '{}'",
             self.config.name
@@ -231,7 +228,7 @@ mod tests {
                 .unwrap()
         };
         let m = instantiate(over("sleep")).unwrap();
-        let input = Tensor::from_f32("INPUT0", vec![1, 2], &[1.0, 2.0]);
+        let input = Tensor::from_f32("INPUT0", vec![1, 2], &[1.0, 2.0]).unwrap();
         let start = Instant::now();
         let out = m.execute(std::slice::from_ref(&input)).unwrap();
         assert!(start.elapsed() >= Duration::from_millis(3));
@@ -243,11 +240,11 @@ mod tests {
     #[test]
     fn identity_echoes() {
         let m = instantiate(config("identity").unwrap()).unwrap();
-        let input = Tensor::from_f32("INPUT0", vec![2, 2], &[1.0, 2.0, 3.0, 4.0]);
+        let input = Tensor::from_f32("INPUT0", vec![2, 2], &[1.0, 2.0, 3.0, 4.0]).unwrap();
         let out = m.execute(std::slice::from_ref(&input)).unwrap();
-        assert_eq!(out[0].name, "OUTPUT0");
-        assert_eq!(out[0].data, input.data);
-        assert_eq!(out[0].shape, input.shape);
+        assert_eq!(out[0].name(), "OUTPUT0");
+        assert_eq!(out[0].data(), input.data());
+        assert_eq!(out[0].shape(), input.shape());
     }
 
     #[test]
@@ -257,12 +254,13 @@ mod tests {
             .with_override(r#"{"parameters":{"base_us":{"string_value":"2000"},"per_item_us":{"string_value":"0"}}}"#)
             .unwrap();
         let m = instantiate(c).unwrap();
-        let input = Tensor::from_f32("INPUT0", vec![2, 3], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        let input =
+            Tensor::from_f32("INPUT0", vec![2, 3], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]).unwrap();
         let start = Instant::now();
         let out = m.execute(&[input]).unwrap();
         // A lower bound only: the spin cannot finish early, however loaded the machine is.
         assert!(start.elapsed() >= Duration::from_micros(2000));
-        assert_eq!(out[0].shape, vec![2, 1]);
+        assert_eq!(out[0].shape(), vec![2, 1]);
         assert_eq!(out[0].f32_values().unwrap(), vec![6.0, 15.0]);
     }
 
@@ -280,7 +278,7 @@ mod tests {
     fn fault_panics() {
         let m = instantiate(config("fault").unwrap()).unwrap();
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            m.execute(&[Tensor::from_f32("INPUT0", vec![1, 1], &[1.0])])
+            m.execute(&[Tensor::from_f32("INPUT0", vec![1, 1], &[1.0]).unwrap()])
         }));
         assert!(r.is_err());
     }

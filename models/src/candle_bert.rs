@@ -7,16 +7,23 @@
 //! Padding never changes a sentence's embedding: `BertModel::forward` turns the attention mask
 //! into an additive `f32::MIN` bias on the attention scores of padded keys, so after the softmax
 //! real tokens never attend to padding, and pooling ignores the padded positions themselves.
+//!
+//! Memory: the weights go through a counting backend while `BertModel` loads, so the encoder
+//! knows the bytes of every tensor it took (as placed: F32, on its device); that is what
+//! [`Model::memory_bytes`] reports. Tensors of the file that BERT does not read (a pooler,
+//! `position_ids`) are never placed and not counted.
 
+use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
-use candle_core::{DType, Device, Tensor as CandleTensor};
-use candle_nn::VarBuilder;
+use candle_core::{DType, Device, Shape, Tensor as CandleTensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::{Init, VarBuilder};
 use candle_transformers::models::bert::{BertModel, Config as BertConfig};
 
 use crate::config::ModelConfig;
-use crate::error::ModelError;
+use crate::error::Error;
 use crate::model::Model;
 use crate::text::{Encoder, SentenceEmbedder, TokenBatch};
 
@@ -30,6 +37,8 @@ pub struct CandleBertEncoder {
     model: BertModel,
     config: BertConfig,
     device: Device,
+    /// The bytes of the weights it holds (on `device`).
+    weight_bytes: u64,
 }
 
 impl std::fmt::Debug for CandleBertEncoder {
@@ -38,6 +47,7 @@ impl std::fmt::Debug for CandleBertEncoder {
             .field("name", &self.name)
             .field("config", &self.config)
             .field("device", &self.device)
+            .field("weight_bytes", &self.weight_bytes)
             .finish_non_exhaustive()
     }
 }
@@ -45,7 +55,7 @@ impl std::fmt::Debug for CandleBertEncoder {
 impl CandleBertEncoder {
     /// Loads `<dir>/config.json` (a BERT configuration) and `<dir>/model.safetensors` onto
     /// `device`. Errors name the folder as the model.
-    pub fn load(dir: &Path, device: Device) -> Result<CandleBertEncoder, ModelError> {
+    pub fn load(dir: &Path, device: Device) -> Result<CandleBertEncoder, Error> {
         let name = dir.file_name().map_or_else(
             || dir.display().to_string(),
             |n| n.to_string_lossy().into_owned(),
@@ -54,12 +64,8 @@ impl CandleBertEncoder {
     }
 
     /// [`load`](Self::load), with errors naming `model`.
-    pub fn load_named(
-        model: &str,
-        dir: &Path,
-        device: Device,
-    ) -> Result<CandleBertEncoder, ModelError> {
-        let fail = |reason: String| ModelError::load(model, reason);
+    pub fn load_named(model: &str, dir: &Path, device: Device) -> Result<CandleBertEncoder, Error> {
+        let fail = |reason: String| Error::load(model, reason);
         let config_file = dir.join("config.json");
         let text = std::fs::read_to_string(&config_file)
             .map_err(|e| fail(format!("cannot read {}: {e}", config_file.display())))?;
@@ -100,25 +106,44 @@ impl CandleBertEncoder {
         // SAFETY: the file is mapped read-only for the duration of loading; the weights are
         // copied into the device's memory and the map is dropped with the VarBuilder. A model
         // repository does not rewrite a model's files in place while it loads.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, &device) }
+        let file = unsafe { candle_core::safetensors::MmapedSafetensors::new(&weights) }
             .map_err(|e| fail(format!("cannot map {}: {e}", weights.display())))?;
-        Self::from_var_builder(model, config, vb)
+        Self::from_backend(model, config, Box::new(file), device)
             .map_err(|e| fail(format!("{}: {e}", weights.display())))
     }
 
-    fn from_var_builder(
+    /// Builds the encoder from the weights `backend` gives, placed on `device` as F32, counting
+    /// the bytes of every tensor the model takes.
+    fn from_backend(
         model: &str,
         config: BertConfig,
-        vb: VarBuilder,
+        backend: Box<dyn SimpleBackend>,
+        device: Device,
     ) -> candle_core::Result<CandleBertEncoder> {
-        let device = vb.device().clone();
+        let taken = Arc::new(Mutex::new(BTreeMap::new()));
+        let counting = Counting {
+            inner: backend,
+            taken: Arc::clone(&taken),
+        };
+        let vb = VarBuilder::from_backend(Box::new(counting), DType::F32, device.clone());
         let bert = BertModel::load(vb, &config)?;
+        let weight_bytes = taken
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .fold(0u64, |sum: u64, b: &u64| sum.saturating_add(*b));
         Ok(CandleBertEncoder {
             name: model.to_string(),
             model: bert,
             config,
             device,
+            weight_bytes,
         })
+    }
+
+    /// The bytes of the weights this encoder holds on its device (each tensor it took, once).
+    pub fn weight_bytes(&self) -> u64 {
+        self.weight_bytes
     }
 
     /// The device the weights live on.
@@ -131,12 +156,12 @@ impl CandleBertEncoder {
         &self.config
     }
 
-    fn fail(&self, reason: impl std::fmt::Display) -> ModelError {
-        ModelError::execution(&self.name, reason)
+    fn fail(&self, reason: impl std::fmt::Display) -> Error {
+        Error::execution(&self.name, reason)
     }
 
     /// Converts one `[batch, seq]` field to u32 ids below `limit`, naming the field on error.
-    fn ids(&self, field: &str, values: &[i64], limit: usize) -> Result<Vec<u32>, ModelError> {
+    fn ids(&self, field: &str, values: &[i64], limit: usize) -> Result<Vec<u32>, Error> {
         values
             .iter()
             .enumerate()
@@ -155,12 +180,65 @@ impl CandleBertEncoder {
     }
 }
 
+/// A weights source that records, per tensor name, the bytes of each tensor it hands out as
+/// placed (after the conversion to the asked dtype, on the asked device). A name asked twice
+/// counts once: the model holds one copy.
+struct Counting {
+    inner: Box<dyn SimpleBackend>,
+    taken: Arc<Mutex<BTreeMap<String, u64>>>,
+}
+
+impl Counting {
+    fn record(&self, name: &str, tensor: &CandleTensor) {
+        let bytes =
+            (tensor.elem_count() as u64).saturating_mul(tensor.dtype().size_in_bytes() as u64);
+        self.taken
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(name.to_string(), bytes);
+    }
+}
+
+impl SimpleBackend for Counting {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        init: Init,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<CandleTensor> {
+        let tensor = self.inner.get(shape, name, init, dtype, device)?;
+        self.record(name, &tensor);
+        Ok(tensor)
+    }
+
+    fn get_unchecked(
+        &self,
+        name: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<CandleTensor> {
+        let tensor = self.inner.get_unchecked(name, dtype, device)?;
+        self.record(name, &tensor);
+        Ok(tensor)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.inner.contains_tensor(name)
+    }
+}
+
 impl Encoder for CandleBertEncoder {
     fn hidden_size(&self) -> usize {
         self.config.hidden_size
     }
 
-    fn encode(&self, batch: &TokenBatch) -> Result<Vec<f32>, ModelError> {
+    fn memory_bytes(&self) -> Option<u64> {
+        Some(self.weight_bytes)
+    }
+
+    fn encode(&self, batch: &TokenBatch) -> Result<Vec<f32>, Error> {
         let (rows, seq) = (batch.batch, batch.seq);
         let Some(n) = rows.checked_mul(seq) else {
             return Err(self.fail(format!("a batch of {rows} × {seq} tokens is too large")));
@@ -205,14 +283,14 @@ impl Encoder for CandleBertEncoder {
 
 /// The candle device for `gpu`: the CPU for `None`; CUDA device `i` for `Some(i)` when built with
 /// the `cuda` feature, an error naming the missing feature otherwise.
-pub fn device(model: &str, gpu: Option<usize>) -> Result<Device, ModelError> {
+pub fn device(model: &str, gpu: Option<usize>) -> Result<Device, Error> {
     match gpu {
         None => Ok(Device::Cpu),
         #[cfg(feature = "cuda")]
         Some(i) => Device::new_cuda(i)
-            .map_err(|e| ModelError::load(model, format!("cannot open CUDA device {i}: {e}"))),
+            .map_err(|e| Error::load(model, format!("cannot open CUDA device {i}: {e}"))),
         #[cfg(not(feature = "cuda"))]
-        Some(i) => Err(ModelError::load(
+        Some(i) => Err(Error::load(
             model,
             format!(
                 "GPU {i} was asked for, but Veraltheim was built without the cuda feature \
@@ -226,11 +304,7 @@ pub fn device(model: &str, gpu: Option<usize>) -> Result<Device, ModelError> {
 /// `tokenizer.json`, optional `1_Pooling/`, `sentence_bert_config.json`, `modules.json`) as a
 /// [`SentenceEmbedder`] on candle, on the CPU or (`gpu`, `cuda` feature) a CUDA device.
 /// The configuration is completed as [`SentenceEmbedder::new`] describes.
-pub fn load(
-    config: ModelConfig,
-    dir: &Path,
-    gpu: Option<usize>,
-) -> Result<Arc<dyn Model>, ModelError> {
+pub fn load(config: ModelConfig, dir: &Path, gpu: Option<usize>) -> Result<Arc<dyn Model>, Error> {
     let device = device(&config.name, gpu)?;
     let encoder = CandleBertEncoder::load_named(&config.name, dir, device)?;
     Ok(Arc::new(SentenceEmbedder::new(config, dir, encoder)?))
@@ -254,9 +328,8 @@ mod tests {
             max_position_embeddings: 6,
             ..BertConfig::default()
         };
-        let vars = VarMap::new();
-        let vb = VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu);
-        CandleBertEncoder::from_var_builder("tiny", config, vb).unwrap()
+        CandleBertEncoder::from_backend("tiny", config, Box::new(VarMap::new()), Device::Cpu)
+            .unwrap()
     }
 
     fn batch(rows: &[&[i64]], seq: usize) -> TokenBatch {
@@ -294,10 +367,11 @@ mod tests {
             ..BertConfig::default()
         };
         let vars = VarMap::new();
-        let cpu = CandleBertEncoder::from_var_builder(
+        let cpu = CandleBertEncoder::from_backend(
             "cpu",
             config.clone(),
-            VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu),
+            Box::new(vars.clone()),
+            Device::Cpu,
         )
         .unwrap();
         let cuda = device("gpu", Some(0)).expect("CUDA device 0");
@@ -308,12 +382,7 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.clone(), v.as_tensor().to_device(&cuda).unwrap()))
             .collect();
-        let gpu = CandleBertEncoder::from_var_builder(
-            "gpu",
-            config,
-            VarBuilder::from_tensors(weights, DType::F32, &cuda),
-        )
-        .unwrap();
+        let gpu = CandleBertEncoder::from_backend("gpu", config, Box::new(weights), cuda).unwrap();
         assert!(gpu.device().is_cuda());
 
         let rows: Vec<Vec<i64>> = (0..64)
@@ -343,6 +412,17 @@ mod tests {
             "batch 64 × 128 tokens: cpu {cpu_time:?}, gpu {gpu_time:?}; largest difference {worst:e}"
         );
         assert!(worst < 1e-3, "GPU and CPU differ by {worst}");
+    }
+
+    #[test]
+    fn memory_is_the_bytes_of_the_weights_taken() {
+        let enc = tiny();
+        // vocab 12, hidden 8, 6 positions, 2 token types, 2 layers, intermediate 16; all F32.
+        let (h, i) = (8u64, 16u64);
+        let embeddings = 12 * h + 6 * h + 2 * h + 2 * h;
+        let layer = 4 * (h * h + h) + 2 * h + (h * i + i) + (i * h + h) + 2 * h;
+        assert_eq!(enc.weight_bytes(), 4 * (embeddings + 2 * layer));
+        assert_eq!(enc.memory_bytes(), Some(enc.weight_bytes()));
     }
 
     #[test]
@@ -402,7 +482,7 @@ mod tests {
             std::env::temp_dir().join(format!("veraltheim-candle-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let e = CandleBertEncoder::load(&dir, Device::Cpu).unwrap_err();
-        assert!(matches!(e, ModelError::Load { .. }));
+        assert!(matches!(e, Error::Load { .. }));
         assert!(e.to_string().contains("config.json"), "{e}");
         std::fs::write(dir.join("config.json"), r#"{"hidden_size": 8}"#).unwrap();
         let e = CandleBertEncoder::load(&dir, Device::Cpu)

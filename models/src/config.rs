@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::datatype::DataType;
-use crate::error::ConfigError;
+use crate::error::Error;
 
 /// Largest `max_batch_size` accepted; a guard against configurations that would make the batcher
 /// allocate without bound.
@@ -200,8 +200,8 @@ pub struct Parameter {
 }
 
 impl ModelConfig {
-    pub fn from_json(text: &str) -> Result<Self, ConfigError> {
-        serde_json::from_str(text).map_err(|e| ConfigError::Json(e.to_string()))
+    pub fn from_json(text: &str) -> Result<Self, Error> {
+        serde_json::from_str(text).map_err(|e| Error::ConfigJson(e.to_string()))
     }
 
     pub fn to_json(&self) -> String {
@@ -211,17 +211,17 @@ impl ModelConfig {
     /// Applies a Triton-style JSON override on top of this configuration: every top-level field
     /// the override names replaces this one's, the rest is kept (so `{"max_batch_size": 8}` is
     /// enough to change one setting). The model's name cannot be changed.
-    pub fn with_override(&self, override_json: &str) -> Result<Self, ConfigError> {
+    pub fn with_override(&self, override_json: &str) -> Result<Self, Error> {
         let over: serde_json::Value =
-            serde_json::from_str(override_json).map_err(|e| ConfigError::Json(e.to_string()))?;
+            serde_json::from_str(override_json).map_err(|e| Error::ConfigJson(e.to_string()))?;
         let serde_json::Value::Object(over) = over else {
-            return Err(ConfigError::Json(
+            return Err(Error::ConfigJson(
                 "the config override must be a JSON object".into(),
             ));
         };
-        let mut base = serde_json::to_value(self).map_err(|e| ConfigError::Json(e.to_string()))?;
+        let mut base = serde_json::to_value(self).map_err(|e| Error::ConfigJson(e.to_string()))?;
         let Some(base_map) = base.as_object_mut() else {
-            return Err(ConfigError::Json(
+            return Err(Error::ConfigJson(
                 "internal: config is not an object".into(),
             ));
         };
@@ -232,7 +232,7 @@ impl ModelConfig {
                     .as_str()
                     .is_some_and(|n| !n.is_empty() && n != self.name)
             {
-                return Err(ConfigError::Invalid {
+                return Err(Error::InvalidConfig {
                     model: self.name.clone(),
                     reason: format!(
                         "the override names model '{}'",
@@ -243,17 +243,17 @@ impl ModelConfig {
             base_map.insert(key, value);
         }
         let merged: ModelConfig =
-            serde_json::from_value(base).map_err(|e| ConfigError::Json(e.to_string()))?;
+            serde_json::from_value(base).map_err(|e| Error::ConfigJson(e.to_string()))?;
         // Inputs may still be missing: backends that read them from the model file complete them.
         merged.validate_declared()?;
         Ok(merged)
     }
 
     /// Checks the configuration for what would make serving it fail later.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    pub fn validate(&self) -> Result<(), Error> {
         self.validate_declared()?;
         if self.input.is_empty() {
-            return Err(ConfigError::Invalid {
+            return Err(Error::InvalidConfig {
                 model: self.name.clone(),
                 reason: "the model declares no input".into(),
             });
@@ -263,8 +263,8 @@ impl ModelConfig {
 
     /// [`validate`](Self::validate) without requiring inputs: for a configuration that a backend
     /// completes from the model file (ONNX graphs, text embedders), checked before loading.
-    pub fn validate_declared(&self) -> Result<(), ConfigError> {
-        let invalid = |reason: String| ConfigError::Invalid {
+    pub fn validate_declared(&self) -> Result<(), Error> {
+        let invalid = |reason: String| Error::InvalidConfig {
             model: self.name.clone(),
             reason,
         };
@@ -426,10 +426,10 @@ impl ModelConfig {
     }
 
     /// A numeric parameter, with a message naming it when it does not parse.
-    pub fn parameter_u64(&self, key: &str, default: u64) -> Result<u64, ConfigError> {
+    pub fn parameter_u64(&self, key: &str, default: u64) -> Result<u64, Error> {
         match self.parameter(key) {
             None | Some("") => Ok(default),
-            Some(v) => v.trim().parse().map_err(|_| ConfigError::Invalid {
+            Some(v) => v.trim().parse().map_err(|_| Error::InvalidConfig {
                 model: self.name.clone(),
                 reason: format!("parameter '{key}' is '{v}', not a non-negative integer"),
             }),
@@ -593,7 +593,7 @@ mod tests {
 mod priority_tests {
     use super::*;
 
-    fn with(db: &str) -> Result<ModelConfig, ConfigError> {
+    fn with(db: &str) -> Result<ModelConfig, Error> {
         crate::builtin::config("cost")
             .unwrap()
             .with_override(&format!(r#"{{"dynamic_batching": {db}}}"#))

@@ -4,7 +4,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use crate::error::TensorError;
+use crate::error::Error;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DataType {
@@ -70,13 +70,13 @@ impl DataType {
     }
 
     /// Parses a Triton model-configuration name (`TYPE_FP32`, `TYPE_STRING`).
-    pub fn from_config_name(s: &str) -> Result<Self, TensorError> {
+    pub fn from_config_name(s: &str) -> Result<Self, Error> {
         match s.strip_prefix("TYPE_") {
             Some("STRING") => Ok(DataType::Bytes),
             Some(rest) if rest != "BYTES" => rest
                 .parse()
-                .map_err(|_| TensorError::UnknownDatatype(s.to_string())),
-            _ => Err(TensorError::UnknownDatatype(s.to_string())),
+                .map_err(|_| Error::UnknownDatatype(s.to_string())),
+            _ => Err(Error::UnknownDatatype(s.to_string())),
         }
     }
 
@@ -93,12 +93,12 @@ impl DataType {
 }
 
 impl FromStr for DataType {
-    type Err = TensorError;
+    type Err = Error;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         ALL.iter()
             .find(|(_, name)| *name == s)
             .map(|(d, _)| *d)
-            .ok_or_else(|| TensorError::UnknownDatatype(s.to_string()))
+            .ok_or_else(|| Error::UnknownDatatype(s.to_string()))
     }
 }
 

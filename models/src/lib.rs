@@ -1,10 +1,15 @@
 //! Models: what a model is and how it computes. Tensors and their datatypes, the Triton-style
-//! model configuration, request validation against it, the [`Model`] trait that every backend
-//! implements, and the built-in backends (`identity`, `cost`, `fault`).
+//! model configuration (and the repository it is read from), request validation against it, the
+//! [`Model`] trait that every backend implements, and the backends: built-in (`identity`, `cost`,
+//! `fault`), candle BERT sentence embedders (feature `candle`) and ONNX Runtime (feature `onnx`),
+//! the latter two sharing the sentence-embedding pipeline of [`text`]. Also the device memory
+//! allocator (budgets, LRU eviction, pins, load states) that decides where a model may load.
 //!
-//! Invariants: this crate knows nothing of gRPC, queues or batching policy. A [`Model`] is called
-//! with a whole batch (inputs concatenated along the first dimension) on whatever thread the caller
-//! chooses; it never blocks on I/O after loading.
+//! Invariants: this crate knows nothing of gRPC (it does not depend on tonic; the descriptor it
+//! reads `config.pbtxt` with is compiled by its `build.rs`), queues or batching policy. A
+//! [`Model`] is called with a whole batch (inputs concatenated along the first dimension) on
+//! whatever thread the caller chooses; it never blocks on I/O after loading. Every fallible public
+//! function returns the one [`Error`], whose [`ErrorKind`] tells an upper layer which status it is.
 
 pub mod allocator;
 pub mod backend;
@@ -26,7 +31,7 @@ pub mod warmup;
 
 pub use config::ModelConfig;
 pub use datatype::DataType;
-pub use error::{ConfigError, InvalidRequest, ModelError, TensorError};
+pub use error::{Error, ErrorKind};
 pub use model::Model;
 pub use state::ModelState;
 pub use tensor::{Tensor, TensorData};

@@ -1,7 +1,7 @@
 //! The contract between a backend and whoever executes it.
 
 use crate::config::ModelConfig;
-use crate::error::ModelError;
+use crate::error::Error;
 use crate::tensor::Tensor;
 
 /// A loaded model, ready to compute.
@@ -14,7 +14,7 @@ use crate::tensor::Tensor;
 pub trait Model: Send + Sync + 'static {
     fn config(&self) -> &ModelConfig;
 
-    fn execute(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, ModelError>;
+    fn execute(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, Error>;
 
     /// The memory the loaded model holds, when the backend knows it. `None` lets the loader
     /// measure it (the process's resident memory growth during the load).

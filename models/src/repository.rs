@@ -20,7 +20,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use thiserror::Error;
+use crate::error::Error;
 
 use crate::config::{ModelConfig, ModelWarmup, Parameter, WarmupInput};
 
@@ -29,13 +29,18 @@ pub const CONFIG_FILE: &str = "config.json";
 /// ...or Triton's own `config.pbtxt` (protobuf text format of `inference.ModelConfig`).
 pub const CONFIG_PBTXT: &str = "config.pbtxt";
 
+/// The compiled descriptor of `inference.ModelConfig` (a `FileDescriptorSet` of the `proto`
+/// crate's `inference/model_config.proto`, built by this crate's `build.rs`).
+const MODEL_CONFIG_DESCRIPTOR: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/model_config.bin"));
+
 /// Reads a `config.pbtxt`: parsed against the compiled `inference.ModelConfig` descriptor (so
 /// every Triton field and enum name is checked), then handed over in protobuf's JSON mapping,
 /// which [`ModelConfig::from_json`] reads. Fields Veraltheim does not use are accepted and ignored,
 /// as in the JSON form.
 pub fn config_from_pbtxt(text: &str) -> Result<ModelConfig, String> {
     use prost_reflect::{DescriptorPool, DynamicMessage};
-    let pool = DescriptorPool::decode(veraltheim_proto::FILE_DESCRIPTOR_SET)
+    let pool = DescriptorPool::decode(MODEL_CONFIG_DESCRIPTOR)
         .map_err(|e| format!("internal: the model config descriptors do not decode: {e}"))?;
     let descriptor = pool
         .get_message_by_name("inference.ModelConfig")
@@ -44,22 +49,6 @@ pub fn config_from_pbtxt(text: &str) -> Result<ModelConfig, String> {
         .map_err(|e| e.to_string())?;
     let json = serde_json::to_string(&message).map_err(|e| e.to_string())?;
     ModelConfig::from_json(&json).map_err(|e| e.to_string())
-}
-
-#[derive(Debug, Error)]
-pub enum RepositoryError {
-    #[error("model repository {path}: {reason}")]
-    Repository { path: PathBuf, reason: String },
-    #[error("model '{name}' is not in the repository {root} (no folder {root}/{name})")]
-    NotFound { name: String, root: PathBuf },
-    #[error("model '{name}' ({path}): {reason}")]
-    Invalid {
-        name: String,
-        path: PathBuf,
-        reason: String,
-    },
-    #[error("import from {src}: {reason}")]
-    Import { src: PathBuf, reason: String },
 }
 
 /// A model folder, read and checked.
@@ -101,12 +90,12 @@ impl Repository {
 
     /// The model folders' names. A repository directory that does not exist is empty (the
     /// default `./models` need not exist); one that cannot be read is an error.
-    pub fn names(&self) -> Result<Vec<String>, RepositoryError> {
+    pub fn names(&self) -> Result<Vec<String>, Error> {
         let entries = match fs::read_dir(&self.root) {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => {
-                return Err(RepositoryError::Repository {
+                return Err(Error::Repository {
                     path: self.root.clone(),
                     reason: e.to_string(),
                 });
@@ -129,26 +118,26 @@ impl Repository {
 
     /// Reads every model folder; folders that fail come back with their error, so that one bad
     /// folder never hides the others.
-    pub fn scan(&self) -> Result<Vec<Result<RepoModel, RepositoryError>>, RepositoryError> {
+    pub fn scan(&self) -> Result<Vec<Result<RepoModel, Error>>, Error> {
         Ok(self.names()?.iter().map(|n| self.model(n)).collect())
     }
 
     /// Reads one model folder.
-    pub fn model(&self, name: &str) -> Result<RepoModel, RepositoryError> {
+    pub fn model(&self, name: &str) -> Result<RepoModel, Error> {
         if name.is_empty() || name.contains(['/', '\\']) || name == "." || name == ".." {
-            return Err(RepositoryError::NotFound {
+            return Err(Error::NotInRepository {
                 name: name.to_string(),
                 root: self.root.clone(),
             });
         }
         let dir = self.root.join(name);
         if !dir.is_dir() {
-            return Err(RepositoryError::NotFound {
+            return Err(Error::NotInRepository {
                 name: name.to_string(),
                 root: self.root.clone(),
             });
         }
-        let invalid = |reason: String| RepositoryError::Invalid {
+        let invalid = |reason: String| Error::InvalidModelFolder {
             name: name.to_string(),
             path: dir.clone(),
             reason,
@@ -319,8 +308,8 @@ pub fn import_sentence_transformers(
     src: &Path,
     repository: &Path,
     options: &ImportOptions,
-) -> Result<PathBuf, RepositoryError> {
-    let fail = |reason: String| RepositoryError::Import {
+) -> Result<PathBuf, Error> {
+    let fail = |reason: String| Error::Import {
         src: src.to_path_buf(),
         reason,
     };
@@ -582,11 +571,11 @@ optimization { execution_accelerators { cpu_execution_accelerator: [ { name: "op
         assert!(msg("missing").contains("[7]"), "{}", msg("missing"));
         assert!(matches!(
             repo.model("ghost"),
-            Err(RepositoryError::NotFound { .. })
+            Err(Error::NotInRepository { .. })
         ));
         assert!(matches!(
             repo.model("../x"),
-            Err(RepositoryError::NotFound { .. })
+            Err(Error::NotInRepository { .. })
         ));
         let scanned = repo.scan().unwrap();
         assert_eq!(scanned.len(), 5);

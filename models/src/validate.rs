@@ -3,7 +3,7 @@
 //! sees inputs it declared.
 
 use crate::config::ModelConfig;
-use crate::error::InvalidRequest;
+use crate::error::Error;
 use crate::tensor::Tensor;
 
 /// Validates `inputs` against `config` and returns them in the model's input order, together with
@@ -11,7 +11,7 @@ use crate::tensor::Tensor;
 pub fn validate_inputs(
     config: &ModelConfig,
     inputs: Vec<Tensor>,
-) -> Result<(Vec<Tensor>, usize), InvalidRequest> {
+) -> Result<(Vec<Tensor>, usize), Error> {
     let model = &config.name;
     let expected_names = || {
         config
@@ -23,17 +23,17 @@ pub fn validate_inputs(
     };
     let mut slots: Vec<Option<Tensor>> = vec![None; config.input.len()];
     for tensor in inputs {
-        let Some(index) = config.input.iter().position(|i| i.name == tensor.name) else {
-            return Err(InvalidRequest(format!(
+        let Some(index) = config.input.iter().position(|i| i.name == tensor.name()) else {
+            return Err(Error::InvalidRequest(format!(
                 "unexpected input '{}' for model '{model}' (its inputs: {})",
-                tensor.name,
+                tensor.name(),
                 expected_names()
             )));
         };
         if slots[index].is_some() {
-            return Err(InvalidRequest(format!(
+            return Err(Error::InvalidRequest(format!(
                 "input '{}' is given more than once",
-                tensor.name
+                tensor.name()
             )));
         }
         slots[index] = Some(tensor);
@@ -46,45 +46,47 @@ pub fn validate_inputs(
             if spec.optional {
                 continue;
             }
-            return Err(InvalidRequest(format!(
+            return Err(Error::InvalidRequest(format!(
                 "missing input '{}' for model '{model}'",
                 spec.name
             )));
         };
         let want = ModelConfig::datatype_of(spec);
-        if tensor.datatype != want {
-            return Err(InvalidRequest(format!(
+        if tensor.datatype() != want {
+            return Err(Error::InvalidRequest(format!(
                 "input '{}': datatype {} does not match model '{model}', which expects {want}",
-                tensor.name, tensor.datatype
+                tensor.name(),
+                tensor.datatype()
             )));
         }
         let dims: &[usize] = if config.batching() {
-            let Some((&rows, rest)) = tensor.shape.split_first() else {
-                return Err(InvalidRequest(format!(
+            let Some((&rows, rest)) = tensor.shape().split_first() else {
+                return Err(Error::InvalidRequest(format!(
                     "input '{}': shape [] has no batch dimension; model '{model}' expects {:?}",
-                    tensor.name,
+                    tensor.name(),
                     config.full_shape(spec)
                 )));
             };
             if rows == 0 || rows > config.max_batch_size as usize {
-                return Err(InvalidRequest(format!(
+                return Err(Error::InvalidRequest(format!(
                     "input '{}': batch size {rows} is outside 1..={} (max_batch_size of model '{model}')",
-                    tensor.name, config.max_batch_size
+                    tensor.name(),
+                    config.max_batch_size
                 )));
             }
             match batch {
                 None => batch = Some(rows),
                 Some(b) if b != rows => {
-                    return Err(InvalidRequest(format!(
+                    return Err(Error::InvalidRequest(format!(
                         "input '{}': batch size {rows} differs from the other inputs' {b}",
-                        tensor.name
+                        tensor.name()
                     )));
                 }
                 Some(_) => {}
             }
             rest
         } else {
-            &tensor.shape
+            tensor.shape()
         };
         let fits = dims.len() == spec.dims.len()
             && dims
@@ -92,10 +94,10 @@ pub fn validate_inputs(
                 .zip(&spec.dims)
                 .all(|(&d, &want)| want < 0 || d as i64 == want);
         if !fits {
-            return Err(InvalidRequest(format!(
+            return Err(Error::InvalidRequest(format!(
                 "input '{}': shape {:?} does not match model '{model}', which expects {:?}",
-                tensor.name,
-                tensor.shape,
+                tensor.name(),
+                tensor.shape(),
                 config.full_shape(spec)
             )));
         }
@@ -105,10 +107,10 @@ pub fn validate_inputs(
 }
 
 /// Checks that every requested output exists.
-pub fn validate_outputs(config: &ModelConfig, requested: &[String]) -> Result<(), InvalidRequest> {
+pub fn validate_outputs(config: &ModelConfig, requested: &[String]) -> Result<(), Error> {
     for name in requested {
         if !config.output.iter().any(|o| &o.name == name) {
-            return Err(InvalidRequest(format!(
+            return Err(Error::InvalidRequest(format!(
                 "unknown output '{name}' requested from model '{}' (its outputs: {})",
                 config.name,
                 config
@@ -134,7 +136,7 @@ mod tests {
 
     fn t(name: &str, shape: Vec<usize>) -> Tensor {
         let n: usize = shape.iter().product();
-        Tensor::from_f32(name, shape, &vec![1.0; n])
+        Tensor::from_f32(name, shape, &vec![1.0; n]).unwrap()
     }
 
     #[test]
@@ -160,18 +162,27 @@ mod tests {
         ];
         for (inputs, want) in cases {
             let err = validate_inputs(&c, inputs).unwrap_err();
-            assert!(err.0.contains(want), "{err} should contain {want}");
+            assert!(
+                err.to_string().contains(want),
+                "{err} should contain {want}"
+            );
         }
-        let mut wrong = t("INPUT0", vec![1, 2]);
-        wrong.datatype = crate::DataType::Int32;
+        let fp32 = t("INPUT0", vec![1, 2]);
+        let wrong = Tensor::new(
+            "INPUT0",
+            crate::DataType::Int32,
+            vec![1, 2],
+            fp32.data().clone(),
+        )
+        .unwrap();
         let err = validate_inputs(&c, vec![wrong]).unwrap_err();
-        assert!(err.0.contains("datatype INT32"), "{err}");
+        assert!(err.to_string().contains("datatype INT32"), "{err}");
     }
 
     #[test]
     fn outputs_must_exist() {
         assert!(validate_outputs(&identity(), &["OUTPUT0".into()]).is_ok());
         let err = validate_outputs(&identity(), &["OUT".into()]).unwrap_err();
-        assert!(err.0.contains("'OUT'"));
+        assert!(err.to_string().contains("'OUT'"));
     }
 }

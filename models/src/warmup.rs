@@ -8,19 +8,19 @@ use bytes::Bytes;
 
 use crate::config::{ModelConfig, ModelWarmup, WarmupInput};
 use crate::datatype::DataType;
-use crate::error::ModelError;
+use crate::error::Error;
 use crate::model::Model;
 use crate::tensor::Tensor;
 
 /// Runs every warm-up request of the model's configuration. `version_dir` is the serving
 /// version's folder; `input_data_file`s are read from `<model folder>/warmup/`.
-pub fn run(model: &dyn Model, version_dir: Option<&Path>) -> Result<(), ModelError> {
+pub fn run(model: &dyn Model, version_dir: Option<&Path>) -> Result<(), Error> {
     let config = model.config();
     for warmup in &config.model_warmup {
         let inputs = build_inputs(config, warmup, version_dir)?;
         for _ in 0..warmup.count.max(1) {
             model.execute(&inputs).map_err(|e| {
-                ModelError::execution(&config.name, format!("warm-up '{}': {e}", warmup.name))
+                Error::execution(&config.name, format!("warm-up '{}': {e}", warmup.name))
             })?;
         }
     }
@@ -32,10 +32,9 @@ pub fn build_inputs(
     config: &ModelConfig,
     warmup: &ModelWarmup,
     version_dir: Option<&Path>,
-) -> Result<Vec<Tensor>, ModelError> {
-    let fail = |reason: String| {
-        ModelError::load(&config.name, format!("warm-up '{}': {reason}", warmup.name))
-    };
+) -> Result<Vec<Tensor>, Error> {
+    let fail =
+        |reason: String| Error::load(&config.name, format!("warm-up '{}': {reason}", warmup.name));
     if let Some(extra) = warmup
         .inputs
         .keys()
@@ -182,7 +181,7 @@ mod tests {
         fn config(&self) -> &ModelConfig {
             &self.config
         }
-        fn execute(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, ModelError> {
+        fn execute(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, Error> {
             self.calls.fetch_add(1, Ordering::SeqCst);
             self.rows.store(inputs[0].batch_size(), Ordering::SeqCst);
             Ok(vec![])
@@ -210,7 +209,7 @@ mod tests {
         assert_eq!(m.calls.load(Ordering::SeqCst), 3);
         assert_eq!(m.rows.load(Ordering::SeqCst), 4);
         let t = &build_inputs(&m.config, &m.config.model_warmup[0], None).unwrap()[0];
-        assert_eq!(t.shape, vec![4, 16]);
+        assert_eq!(t.shape(), vec![4, 16]);
         let v = t.f32_values().unwrap();
         assert!(v.iter().all(|x| (0.0..1.0).contains(x)) && v.iter().any(|x| *x > 0.0));
     }

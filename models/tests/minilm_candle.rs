@@ -93,7 +93,7 @@ fn one_mixed_length_batch_matches_the_reference() {
         .execute(&[text_tensor(&texts)])
         .expect("the batch runs");
     assert_eq!(out.len(), 1);
-    assert_eq!(out[0].shape, vec![items.len(), 384]);
+    assert_eq!(out[0].shape(), vec![items.len(), 384]);
     for ((text, _, expected), got) in items.iter().zip(embedding_rows(&out[0])) {
         assert_close(&format!("batched {text:?}"), &got, expected, TOLERANCE);
     }
@@ -125,4 +125,71 @@ fn similar_sentences_have_the_reference_cosine() {
         let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt();
         assert!((norm - 1.0).abs() < 1e-5, "norm {norm}");
     }
+}
+
+/// The model reports the bytes of the weights it holds: every tensor of `model.safetensors` that
+/// BERT reads, as F32 on the CPU. The expected sum is taken from the file's own header (8 bytes
+/// of header length, then JSON with each tensor's dtype and byte range), independently of candle:
+/// all its tensors but the pooler (sentence-transformers does not use it; `BertModel` does not
+/// load it) and `embeddings.position_ids` (a buffer, not a weight). Cross-checked against the
+/// parameter count that `config.json` implies.
+#[test]
+fn memory_is_the_bytes_of_the_safetensors_weights() {
+    let dir = minilm_dir();
+    let file = dir.join("model.safetensors");
+    let bytes = std::fs::read(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    let mut len = [0u8; 8];
+    len.copy_from_slice(&bytes[..8]);
+    let header_len = usize::try_from(u64::from_le_bytes(len)).expect("header length");
+    let header: serde_json::Value =
+        serde_json::from_slice(&bytes[8..8 + header_len]).expect("safetensors header is JSON");
+    let mut expected = 0u64;
+    let mut not_read = Vec::new();
+    for (name, tensor) in header.as_object().expect("header is an object") {
+        if name == "__metadata__" {
+            continue;
+        }
+        if name.starts_with("pooler.") || name == "embeddings.position_ids" {
+            not_read.push(name.clone());
+            continue;
+        }
+        assert_eq!(
+            tensor["dtype"], "F32",
+            "{name}: loaded as F32, so its size is the file's"
+        );
+        let range = &tensor["data_offsets"];
+        let (start, end) = (range[0].as_u64().unwrap(), range[1].as_u64().unwrap());
+        expected += end - start;
+    }
+    not_read.sort();
+    assert_eq!(
+        not_read,
+        [
+            "embeddings.position_ids",
+            "pooler.dense.bias",
+            "pooler.dense.weight"
+        ]
+    );
+
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let n = |k: &str| {
+        config[k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("config.json: {k}"))
+    };
+    let (h, i) = (n("hidden_size"), n("intermediate_size"));
+    let embeddings =
+        (n("vocab_size") + n("max_position_embeddings") + n("type_vocab_size")) * h + 2 * h;
+    let layer = 4 * (h * h + h) + 2 * h + (h * i + i) + (i * h + h) + 2 * h;
+    let parameters = embeddings + n("num_hidden_layers") * layer;
+    assert_eq!(
+        expected,
+        4 * parameters,
+        "the file holds what config.json implies"
+    );
+
+    assert_eq!(model().memory_bytes(), Some(expected));
+    let encoder = CandleBertEncoder::load(&dir, Device::Cpu).expect("the encoder loads");
+    assert_eq!(encoder.weight_bytes(), expected);
 }

@@ -9,13 +9,13 @@ mod common;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use veraltheim_models::onnx::{self, OnnxOptions};
-use veraltheim_models::{ModelConfig, ModelError};
+use veraltheim_models::{Error, ModelConfig};
 
 static PANICS: AtomicUsize = AtomicUsize::new(0);
 
-fn assert_fix_it(e: &ModelError, what: &str) {
+fn assert_fix_it(e: &Error, what: &str) {
     let msg = e.to_string();
-    assert!(matches!(e, ModelError::Load { .. }), "{what}: {msg}");
+    assert!(matches!(e, Error::Load { .. }), "{what}: {msg}");
     assert!(msg.contains("model 'm'"), "{what}: {msg}");
     for needed in [
         "ORT_DYLIB_PATH",

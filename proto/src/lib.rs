@@ -17,7 +17,3 @@ pub mod veraltheim {
 }
 
 pub use veraltheim::v1;
-
-/// The compiled descriptors of every `.proto` file here (a `FileDescriptorSet`), for reflection:
-/// e.g. reading Triton's `config.pbtxt`, which is `inference.ModelConfig` in text format.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptors.bin"));

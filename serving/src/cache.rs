@@ -18,7 +18,7 @@ impl ByteSize for Cached {
     fn byte_size(&self) -> usize {
         self.outputs
             .iter()
-            .map(|t| t.byte_size() + t.name.len() + 64)
+            .map(|t| t.byte_size() + t.name().len() + 64)
             .sum()
     }
 }
@@ -50,13 +50,13 @@ impl ResponseCache {
             .part(config_json.as_bytes());
         for t in inputs {
             let shape: Vec<u8> = t
-                .shape
+                .shape()
                 .iter()
                 .flat_map(|d| (*d as u64).to_le_bytes())
                 .collect();
             h = h
-                .part(t.name.as_bytes())
-                .part(t.datatype.as_str().as_bytes())
+                .part(t.name().as_bytes())
+                .part(t.datatype().as_str().as_bytes())
                 .part(&shape)
                 .part(&t.to_raw());
         }
@@ -89,9 +89,9 @@ mod tests {
 
     #[test]
     fn the_key_covers_data_shape_config_and_outputs() {
-        let a = Tensor::from_f32("INPUT0", vec![1, 2], &[1.0, 2.0]);
-        let b = Tensor::from_f32("INPUT0", vec![2, 1], &[1.0, 2.0]);
-        let c = Tensor::from_f32("INPUT0", vec![1, 2], &[1.0, 3.0]);
+        let a = Tensor::from_f32("INPUT0", vec![1, 2], &[1.0, 2.0]).unwrap();
+        let b = Tensor::from_f32("INPUT0", vec![2, 1], &[1.0, 2.0]).unwrap();
+        let c = Tensor::from_f32("INPUT0", vec![1, 2], &[1.0, 3.0]).unwrap();
         let k = |t: &Tensor, cfg: &str, out: &[String]| {
             ResponseCache::key("m", cfg, std::slice::from_ref(t), out)
         };
@@ -108,7 +108,10 @@ mod tests {
         let cache = ResponseCache::new(1 << 20, Some(Duration::from_secs(60)));
         let key = ResponseCache::key("m", "", &[], &[]);
         assert!(cache.get(&key).is_none());
-        cache.insert(key, vec![Tensor::from_f32("OUTPUT0", vec![1], &[7.0])]);
+        cache.insert(
+            key,
+            vec![Tensor::from_f32("OUTPUT0", vec![1], &[7.0]).unwrap()],
+        );
         assert_eq!(
             cache.get(&key).unwrap().outputs[0].f32_values().unwrap(),
             vec![7.0]

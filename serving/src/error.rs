@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use thiserror::Error;
 use veraltheim_fastpath::InferError;
-use veraltheim_models::{ConfigError, ModelState};
+use veraltheim_models::ModelState;
 
 /// What kind of failure an [`Error`] is, for mapping to a protocol's status.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,7 +42,10 @@ pub enum Error {
         reason: String,
     },
     #[error("cannot load model '{name}': {source}")]
-    BadConfig { name: String, source: ConfigError },
+    BadConfig {
+        name: String,
+        source: veraltheim_models::Error,
+    },
     #[error("model '{name}' failed to load: {reason}")]
     LoadFailed { name: String, reason: String },
     #[error("cannot load model '{name}': {reason}")]

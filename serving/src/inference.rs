@@ -109,10 +109,10 @@ impl Inference {
         let config = worker.config();
         let (inputs, rows) = match validate_inputs(config, call.inputs) {
             Ok(v) => v,
-            Err(e) => return Submitted::Done(Err(Error::Invalid(e.0))),
+            Err(e) => return Submitted::Done(Err(Error::Invalid(e.to_string()))),
         };
         if let Err(e) = validate_outputs(config, &call.outputs) {
-            return Submitted::Done(Err(Error::Invalid(e.0)));
+            return Submitted::Done(Err(Error::Invalid(e.to_string())));
         }
         let cache_key = if config.cache_enabled() {
             let lookup = Instant::now();

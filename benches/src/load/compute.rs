@@ -36,7 +36,7 @@ fn batch_input(shape: &Shape, batch: usize) -> Tensor {
     dims[0] *= batch;
     let n: usize = dims.iter().product();
     let values: Vec<f32> = (0..n).map(|i| (i % 1024) as f32).collect();
-    Tensor::from_f32("INPUT0", dims, &values)
+    Tensor::from_f32("INPUT0", dims, &values).expect("the values fill the shape")
 }
 
 /// Executes the built-in `model` (its default configuration) on each batch size for about
@@ -106,7 +106,7 @@ mod tests {
     #[test]
     fn batches_stack_rows() {
         let t = batch_input(&"1x16".parse().unwrap(), 8);
-        assert_eq!(t.shape, vec![8, 16]);
+        assert_eq!(t.shape(), vec![8, 16]);
         assert_eq!(t.batch_size(), 8);
     }
 

@@ -162,7 +162,7 @@ fn batch_compute(config: &serde_json::Value, rows: usize) -> anyhow::Result<Batc
     let config = ModelConfig::from_json(&config.to_string())?;
     let model = builtin::instantiate(config)?;
     let width = 16;
-    let input = Tensor::from_f32("INPUT0", vec![rows, width], &vec![1.0; rows * width]);
+    let input = Tensor::from_f32("INPUT0", vec![rows, width], &vec![1.0; rows * width])?;
     let start = Instant::now();
     let mut runs = 0u32;
     while runs < 3 || (start.elapsed() < Duration::from_millis(500) && runs < 1000) {

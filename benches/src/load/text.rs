@@ -592,7 +592,7 @@ mod tests {
     fn batches_cycle_sentences() {
         let s = vec!["a".to_string(), "b".to_string(), "c".to_string()];
         let t = text_batch(&s, 5, 1).unwrap();
-        assert_eq!(t.shape, vec![5, 1]);
+        assert_eq!(t.shape(), vec![5, 1]);
         assert_eq!(t.batch_size(), 5);
     }
 

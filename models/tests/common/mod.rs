@@ -157,10 +157,15 @@ pub fn text_tensor(texts: &[&str]) -> Tensor {
 
 /// Splits an `EMBEDDING` output (FP32 `[n, dim]`) into its rows.
 pub fn embedding_rows(output: &Tensor) -> Vec<Vec<f32>> {
-    assert_eq!(output.shape.len(), 2, "EMBEDDING shape {:?}", output.shape);
-    let dim = output.shape[1];
+    assert_eq!(
+        output.shape().len(),
+        2,
+        "EMBEDDING shape {:?}",
+        output.shape()
+    );
+    let dim = output.shape()[1];
     let values = output.f32_values().expect("EMBEDDING is FP32");
-    assert_eq!(values.len(), output.shape[0] * dim);
+    assert_eq!(values.len(), output.shape()[0] * dim);
     values.chunks(dim.max(1)).map(<[f32]>::to_vec).collect()
 }
 

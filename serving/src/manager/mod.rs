@@ -35,7 +35,7 @@ use veraltheim_fastpath::{ExecutionPool, ModelWorker, WorkerOptions};
 use veraltheim_models::allocator::{Allocator, Budget, DeviceId, DeviceUsage};
 use veraltheim_models::backend::BackendOptions;
 use veraltheim_models::repository::Repository;
-use veraltheim_models::{ConfigError, ModelConfig, ModelState, builtin};
+use veraltheim_models::{ModelConfig, ModelState, builtin};
 
 use crate::Error;
 use crate::gauge::MemoryGauge;
@@ -234,7 +234,10 @@ fn key_model(key: &str) -> &str {
 }
 
 impl ModelManager {
-    pub fn new(options: ManagerOptions, deps: ManagerDeps) -> Result<Self, ConfigError> {
+    pub fn new(
+        options: ManagerOptions,
+        deps: ManagerDeps,
+    ) -> Result<Self, veraltheim_models::Error> {
         let ManagerDeps {
             pool,
             bus,

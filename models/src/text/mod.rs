@@ -1,0 +1,62 @@
+//! The sentence-embedding pipeline that the candle and ONNX Runtime backends share:
+//! tokenizer (`tokenizer.json`) → encoder (the backend's transformer) → pooling (as
+//! `1_Pooling/config.json` declares: mean, CLS or max) → L2 normalisation.
+//!
+//! Input `TEXT` (BYTES, `[-1, 1]`: one sentence per row), output `EMBEDDING` (FP32, `[-1, dim]`).
+//! A batch is padded to its longest sentence; padding never changes a sentence's embedding
+//! (pooling only sees the attention mask's tokens).
+//!
+//! The parts, one module each: `folder` reads what a sentence-transformers folder declares
+//! (`modules.json`, the token limit), `pooling` turns token embeddings into one vector per
+//! sentence, `tokenizer` wraps `tokenizer.json`, and `embedder` is the pipeline served as a
+//! [`Model`](crate::model::Model).
+
+mod embedder;
+mod folder;
+mod pooling;
+mod tokenizer;
+
+use crate::error::Error;
+
+pub use embedder::{SentenceEmbedder, default_config};
+pub use folder::{max_seq_length_from_dir, normalize_from_modules};
+pub use pooling::{Pooling, l2_normalize, pool};
+pub use tokenizer::TextTokenizer;
+
+/// A batch of tokenized sentences, padded to the longest one. Row-major `[batch, seq]`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TokenBatch {
+    pub batch: usize,
+    pub seq: usize,
+    pub input_ids: Vec<i64>,
+    /// 1 for a real token, 0 for padding.
+    pub attention_mask: Vec<i64>,
+    pub token_type_ids: Vec<i64>,
+}
+
+/// The transformer of a text-embedding model: token ids in, the last hidden state out.
+///
+/// `encode` returns `[batch, seq, hidden_size]` row-major FP32 values. It runs on an
+/// execution-pool thread and must not block on I/O.
+pub trait Encoder: Send + Sync + 'static {
+    fn hidden_size(&self) -> usize;
+    fn encode(&self, batch: &TokenBatch) -> Result<Vec<f32>, Error>;
+
+    /// The bytes of the weights the encoder holds, when it knows them (the sentence embedder
+    /// reports this as the model's memory).
+    fn memory_bytes(&self) -> Option<u64> {
+        None
+    }
+}
+
+/// Name of a sentence embedder's input: BYTES, dims `[1]`, one UTF-8 sentence per row.
+pub const TEXT_INPUT: &str = "TEXT";
+/// Name of a sentence embedder's output: FP32, dims `[hidden_size]`, one embedding per row.
+pub const EMBEDDING_OUTPUT: &str = "EMBEDDING";
+/// `max_batch_size` a sentence embedder gets when its configuration says 0: text embedders batch.
+pub const DEFAULT_MAX_BATCH_SIZE: u32 = 64;
+/// Token limit when neither `sentence_bert_config.json` nor `config.json` gives one.
+pub const DEFAULT_MAX_SEQ_LENGTH: usize = 512;
+
+#[cfg(test)]
+mod tests;
