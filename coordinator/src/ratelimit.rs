@@ -1,7 +1,9 @@
 //! Per-client rate limiting of the gRPC API: a token bucket (governor's GCRA) per client, where a
-//! client is its `x-veraltheim-tenant` metadata value, else its IP address. Excess requests get
-//! RESOURCE_EXHAUSTED with `grpc-retry-pushback-ms` saying when a token comes back. Health RPCs
-//! are exempt, so probes keep working under load.
+//! client is its peer IP address — something it cannot choose per request. (A metadata value
+//! such as a tenant header can be fresh on every call, which gave every request a full bucket;
+//! the authenticated tenant takes the address's place once callers are authenticated.) Excess
+//! requests get RESOURCE_EXHAUSTED with `grpc-retry-pushback-ms` saying when a token comes back.
+//! Health RPCs are exempt, so probes keep working under load.
 
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
@@ -12,8 +14,6 @@ use axum::middleware::Next;
 use axum::response::Response;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
-
-pub const TENANT_HEADER: &str = "x-veraltheim-tenant";
 
 /// Keys remembered before the limiter forgets the idle ones (bounded memory under many clients).
 const MAX_TRACKED_CLIENTS: usize = 10_000;
@@ -60,17 +60,9 @@ pub async fn limit(
         return next.run(request).await;
     }
     let client = request
-        .headers()
-        .get(TENANT_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-        .or_else(|| {
-            request
-                .extensions()
-                .get::<ConnectInfo<SocketAddr>>()
-                .map(|c| c.0.ip().to_string())
-        })
-        .unwrap_or_else(|| "unknown".to_string());
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or_else(|| "unknown".to_string(), |c| c.0.ip().to_string());
     match limiter.check(&client) {
         Ok(()) => next.run(request).await,
         Err(wait) => {

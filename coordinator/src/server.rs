@@ -36,19 +36,28 @@ use veraltheim_serving::{Inference, ManagerDeps, ManagerOptions, ModelManager, R
 use veraltheim_slowpath::Resources;
 use veraltheim_storage::{RedbStore, StoreOptions};
 
-/// tonic refuses an oversize request with OUT_OF_RANGE; gRPC's convention (and what Triton
-/// clients expect) is RESOURCE_EXHAUSTED. The refusal is a trailers-only response, so its status
-/// sits in the headers and can be rewritten here.
-fn oversize_is_resource_exhausted<B>(mut resp: http::Response<B>) -> http::Response<B> {
+/// Two refusals tonic makes before a handler runs carry the wrong code for gRPC clients:
+/// - an oversize request is OUT_OF_RANGE; gRPC's convention (and what Triton clients expect) is
+///   RESOURCE_EXHAUSTED;
+/// - a request that is not valid protobuf (malformed, or a string field that is not UTF-8) is
+///   INTERNAL, as if the server had failed; it is the caller's error: INVALID_ARGUMENT.
+///
+/// Both are trailers-only responses, so the status sits in the headers and can be rewritten here.
+fn client_errors_get_their_codes<B>(mut resp: http::Response<B>) -> http::Response<B> {
     let headers = resp.headers();
-    let oversize = headers.get("grpc-status").is_some_and(|s| s == "11")
-        && headers
-            .get("grpc-message")
-            .and_then(|m| m.to_str().ok())
-            .is_some_and(|m| m.contains("length%20too%20large") || m.contains("length too large"));
-    if oversize {
+    let message = headers
+        .get("grpc-message")
+        .and_then(|m| m.to_str().ok())
+        .unwrap_or_default();
+    let says = |text: &str| message.contains(text) || message.contains(&text.replace(' ', "%20"));
+    let code = match headers.get("grpc-status").and_then(|s| s.to_str().ok()) {
+        Some("11") if says("length too large") => Some("8"),
+        Some("13") if says("failed to decode Protobuf message") => Some("3"),
+        _ => None,
+    };
+    if let Some(code) = code {
         resp.headers_mut()
-            .insert("grpc-status", HeaderValue::from_static("8"));
+            .insert("grpc-status", HeaderValue::from_static(code));
     }
     resp
 }
@@ -139,8 +148,8 @@ fn grpc_router(
     let router = routes
         .prepare()
         .into_axum_router()
-        // Oversize requests get RESOURCE_EXHAUSTED, as gRPC clients expect.
-        .layer(MapResponseLayer::new(oversize_is_resource_exhausted));
+        // Oversize requests get RESOURCE_EXHAUSTED and undecodable ones INVALID_ARGUMENT.
+        .layer(MapResponseLayer::new(client_errors_get_their_codes));
     match ClientLimiter::new(
         config.server.rate_limit_per_second,
         config.server.rate_limit_burst,
@@ -356,4 +365,41 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refusal(code: &str, message: &str) -> http::Response<()> {
+        let mut r = http::Response::new(());
+        r.headers_mut()
+            .insert("grpc-status", HeaderValue::from_str(code).unwrap());
+        r.headers_mut()
+            .insert("grpc-message", HeaderValue::from_str(message).unwrap());
+        r
+    }
+
+    fn code_after(code: &str, message: &str) -> String {
+        let r = client_errors_get_their_codes(refusal(code, message));
+        r.headers()["grpc-status"].to_str().unwrap().to_string()
+    }
+
+    #[test]
+    fn decode_and_size_refusals_get_the_callers_codes() {
+        assert_eq!(
+            code_after(
+                "13",
+                "failed%20to%20decode%20Protobuf%20message:%20invalid%20varint"
+            ),
+            "3"
+        );
+        assert_eq!(
+            code_after("11", "decoded%20message%20length%20too%20large"),
+            "8"
+        );
+        // Any other INTERNAL is the server's own failure and stays INTERNAL.
+        assert_eq!(code_after("13", "model%20'x'%20failed"), "13");
+        assert_eq!(code_after("11", "something%20else"), "11");
+    }
 }

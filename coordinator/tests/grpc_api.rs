@@ -381,10 +381,12 @@ async fn the_response_cache_answers_repeats_without_computing() {
 }
 
 #[tokio::test]
-async fn clients_over_their_rate_are_refused_with_a_retry_hint() {
+async fn clients_over_their_rate_are_refused_with_a_retry_hint_and_refilled() {
     let s = start(&["--rate-limit-per-second", "1", "--rate-limit-burst", "2"]).await;
     let ch = channel(&s).await;
     let mut infer = InferenceServiceClient::new(ch.clone());
+    // Each call names a fresh tenant: that must not give it a fresh bucket (a client could
+    // otherwise bypass the limit by changing a header; issue 18 case 8).
     let call = |tenant: &str| {
         let mut r = tonic::Request::new(v1::InferRequest {
             model: "identity".into(),
@@ -396,16 +398,20 @@ async fn clients_over_their_rate_are_refused_with_a_retry_hint() {
         r
     };
     assert!(infer.infer(call("a")).await.is_ok());
-    assert!(infer.infer(call("a")).await.is_ok());
-    let err = infer.infer(call("a")).await.unwrap_err();
+    assert!(infer.infer(call("b")).await.is_ok());
+    let err = infer.infer(call("c")).await.unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted);
-    assert!(err.metadata().get("grpc-retry-pushback-ms").is_some());
-    assert!(err.message().contains("'a'"), "{}", err.message());
-    assert!(
-        infer.infer(call("b")).await.is_ok(),
-        "tenants have their own buckets"
-    );
-    // health stays answerable
+    assert!(err.message().contains("'127.0.0.1'"), "{}", err.message());
+    let wait_ms: u64 = err
+        .metadata()
+        .get("grpc-retry-pushback-ms")
+        .expect("a retry hint")
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=1000).contains(&wait_ms), "{wait_ms} ms at 1 request/s");
+    // health stays answerable while the client is limited
     for _ in 0..5 {
         assert!(
             SystemServiceClient::new(ch.clone())
@@ -414,6 +420,12 @@ async fn clients_over_their_rate_are_refused_with_a_retry_hint() {
                 .is_ok()
         );
     }
+    // The bucket refills: after the hinted wait, a call is admitted again.
+    tokio::time::sleep(Duration::from_millis(wait_ms + 50)).await;
+    infer
+        .infer(call("d"))
+        .await
+        .expect("admitted again once the hinted wait has passed");
 }
 
 #[tokio::test]
