@@ -465,6 +465,8 @@ impl SystemService for Api {
         request: Request<v1::WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
         let mut patterns = request.into_inner().topics;
+        // Each pattern is a bus subscription with its own buffer: bounded before any is made.
+        check_watch_topics(&patterns, &self.ctx.limits)?;
         if patterns.is_empty() {
             patterns.push(">".to_string());
         }
@@ -504,6 +506,31 @@ impl SystemService for Api {
         });
         Ok(Response::new(Box::pin(events)))
     }
+}
+
+/// Refuses a WatchEvents call with more topic patterns, or a longer one, than the limits allow.
+fn check_watch_topics(
+    patterns: &[String],
+    limits: &crate::context::ApiLimits,
+) -> Result<(), Status> {
+    if patterns.len() > limits.max_watch_topics {
+        return Err(Status::invalid_argument(format!(
+            "{} topic patterns; one WatchEvents call may name at most {} (limits.max_watch_topics)",
+            patterns.len(),
+            limits.max_watch_topics
+        )));
+    }
+    if let Some(long) = patterns
+        .iter()
+        .find(|p| p.len() > limits.max_topic_pattern_bytes)
+    {
+        return Err(Status::invalid_argument(format!(
+            "a topic pattern of {} bytes is longer than {} (limits.max_topic_pattern_bytes)",
+            long.len(),
+            limits.max_topic_pattern_bytes
+        )));
+    }
+    Ok(())
 }
 
 #[tonic::async_trait]

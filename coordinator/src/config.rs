@@ -31,6 +31,7 @@ pub struct Config {
     pub devices: DevicesConfig,
     pub jobs: JobsConfig,
     pub execution: ExecutionConfig,
+    pub limits: LimitsConfig,
     pub storage: StorageConfig,
 }
 
@@ -229,6 +230,46 @@ pub struct ExecutionConfig {
     /// Threads of the execution pool; `None`: one per core.
     #[serde(default, deserialize_with = "unset::zero")]
     pub threads: Option<usize>,
+}
+
+/// `[limits]`: bounds on what one request or one model configuration may ask for (the default
+/// file says what each protects). Passed down as typed structs; the crates below never read
+/// this file.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    pub max_tensor_elements: usize,
+    pub max_request_bytes: usize,
+    pub max_warmup_count: u32,
+    pub max_queue_delay_us: u64,
+    /// Most instances of one model; `None`: the execution pool's threads.
+    #[serde(default, deserialize_with = "unset::zero")]
+    pub max_model_instances: Option<usize>,
+    pub max_builtin_cost_us: u64,
+    pub max_watch_topics: usize,
+    pub max_topic_pattern_bytes: usize,
+}
+
+impl LimitsConfig {
+    /// The limits the model crates check loads and requests against.
+    pub fn models(&self) -> veraltheim_models::Limits {
+        veraltheim_models::Limits {
+            max_tensor_elements: self.max_tensor_elements,
+            max_request_bytes: self.max_request_bytes,
+            max_warmup_count: self.max_warmup_count,
+            max_queue_delay_us: self.max_queue_delay_us,
+            max_model_instances: self.max_model_instances,
+            max_builtin_cost_us: self.max_builtin_cost_us,
+        }
+    }
+
+    /// The limits the API checks before it allocates for a call.
+    pub fn api(&self) -> crate::context::ApiLimits {
+        crate::context::ApiLimits {
+            max_watch_topics: self.max_watch_topics,
+            max_topic_pattern_bytes: self.max_topic_pattern_bytes,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -433,6 +474,20 @@ impl Config {
         }
         if self.models.default_max_queue_size == 0 {
             bail!("models.default_max_queue_size must be at least 1");
+        }
+        // A limit of 0 would refuse everything; an unset one is spelled out in the file.
+        let l = &self.limits;
+        for (key, value) in [
+            ("max_tensor_elements", l.max_tensor_elements as u64),
+            ("max_request_bytes", l.max_request_bytes as u64),
+            ("max_warmup_count", u64::from(l.max_warmup_count)),
+            ("max_builtin_cost_us", l.max_builtin_cost_us),
+            ("max_watch_topics", l.max_watch_topics as u64),
+            ("max_topic_pattern_bytes", l.max_topic_pattern_bytes as u64),
+        ] {
+            if value == 0 {
+                bail!("limits.{key} must be at least 1");
+            }
         }
         if self.server.grpc_addr == self.server.http_addr {
             bail!(

@@ -25,8 +25,29 @@ pub struct Context {
     pub started: Instant,
     /// Client-registered system shared-memory regions (KServe shared-memory extension).
     pub shm: SharedMemory,
+    /// Bounds the API checks before it allocates for a call (`[limits]`).
+    pub limits: ApiLimits,
     /// Set once start-up loading is done; cleared when shutdown begins.
     ready: AtomicBool,
+}
+
+/// The `[limits]` the API itself enforces (the model limits live in the model manager).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApiLimits {
+    /// Most topic patterns of one WatchEvents call.
+    pub max_watch_topics: usize,
+    /// Longest topic pattern, in bytes.
+    pub max_topic_pattern_bytes: usize,
+}
+
+impl Default for ApiLimits {
+    /// The default configuration's values.
+    fn default() -> Self {
+        ApiLimits {
+            max_watch_topics: 64,
+            max_topic_pattern_bytes: 256,
+        }
+    }
 }
 
 impl Context {
@@ -45,6 +66,7 @@ impl Context {
             fault_injection,
             started: Instant::now(),
             shm,
+            limits: ApiLimits::default(),
             ready: AtomicBool::new(false),
         }
     }

@@ -217,6 +217,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
                 onnxruntime_library: config.models.onnxruntime_library.clone(),
                 // 0: ONNX Runtime's default, the backend's spelling of an unset value.
                 intra_op_threads: config.models.onnx_intra_op_threads.unwrap_or(0),
+                limits: config.limits.models(),
             },
             max_concurrent_loads: config.models.max_concurrent_loads,
             load_timeout: Duration::from_secs(config.models.load_timeout_seconds),
@@ -285,13 +286,15 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     .await
     .context("cannot start the job runner")?;
     let jobs = Arc::new(jobs);
-    let ctx = Arc::new(Context::new(
+    let mut ctx = Context::new(
         inference,
         bus.clone(),
         devices.clone(),
         config.models.enable_fault_injection,
         crate::shm::SharedMemory::new(config.server.allow_client_shm),
-    ));
+    );
+    ctx.limits = config.limits.api();
+    let ctx = Arc::new(ctx);
 
     let grpc_addr = config.server.grpc_addr;
     let http_addr = config.server.http_addr;

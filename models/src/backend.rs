@@ -22,6 +22,8 @@ pub struct BackendOptions {
     pub onnxruntime_library: Option<PathBuf>,
     /// ONNX Runtime intra-op threads per session (0: its default).
     pub intra_op_threads: usize,
+    /// Bounds on what a configuration may ask for (the built-in `cost` model's compute).
+    pub limits: crate::limits::Limits,
 }
 
 /// The backend a configuration names, normalised (`onnxruntime_onnx` platform → `onnxruntime`).
@@ -70,8 +72,13 @@ pub fn instantiate(
 ) -> Result<Arc<dyn Model>, Error> {
     let name = config.name.clone();
     let backend = backend_name(&config).to_string();
+    // A backend switched by the caller's config (a built-in given `backend: onnxruntime`) is
+    // the caller's error, named by its field: INVALID_ARGUMENT, not a failed build.
     let need_dir = || {
-        dir.ok_or_else(|| Error::load(&name, format!("the {backend} backend needs a model folder")))
+        dir.ok_or_else(|| Error::InvalidConfig {
+            model: name.clone(),
+            reason: format!("backend '{backend}' needs a model folder; a built-in model has none"),
+        })
     };
     // A model is never quietly run somewhere other than where it was placed.
     if let DeviceId::Gpu(g) = device
@@ -91,7 +98,12 @@ pub fn instantiate(
     }
     match backend.as_str() {
         b if b == builtin::BACKEND => {
-            builtin::instantiate(config).map_err(|e| Error::load(&name, e))
+            // The caller's own configuration errors keep their kind (INVALID_ARGUMENT naming the
+            // field); anything else is a model that cannot be built.
+            builtin::instantiate_with(config, &options.limits).map_err(|e| match e.kind() {
+                crate::ErrorKind::InvalidArgument => e,
+                _ => Error::load(&name, e),
+            })
         }
         #[cfg(feature = "candle")]
         "candle" => {
@@ -111,13 +123,13 @@ pub fn instantiate(
         }
         other => {
             let _ = (&options, need_dir);
-            Err(Error::load(
-                &name,
-                format!(
+            Err(Error::InvalidConfig {
+                model: name.clone(),
+                reason: format!(
                     "backend '{other}' is not available in this build (available: {})",
                     available().join(", ")
                 ),
-            ))
+            })
         }
     }
 }
@@ -144,6 +156,14 @@ mod tests {
             .err()
             .unwrap();
         assert!(e.to_string().contains("'tensorrt' is not available"), "{e}");
+        assert_eq!(e.kind(), crate::ErrorKind::InvalidArgument);
+        // A built-in switched to a backend that needs files: the caller's config, by name.
+        let mut c = builtin::config("identity").unwrap();
+        c.backend = "onnxruntime".into();
+        if let Err(e) = instantiate(c, None, DeviceId::Cpu, &BackendOptions::default()) {
+            assert_eq!(e.kind(), crate::ErrorKind::InvalidArgument, "{e}");
+            assert!(e.to_string().contains("backend"), "{e}");
+        }
         let c = builtin::config("identity").unwrap();
         let e = instantiate(
             c.clone(),

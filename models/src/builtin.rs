@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::ModelConfig;
 use crate::error::Error;
+use crate::limits::Limits;
 use crate::model::Model;
 use crate::tensor::Tensor;
 
@@ -54,8 +55,15 @@ pub fn config(name: &str) -> Result<ModelConfig, Error> {
     ModelConfig::from_json(text)
 }
 
-/// Builds a built-in model from a (possibly overridden) configuration.
+/// Builds a built-in model from a (possibly overridden) configuration, within the default
+/// [`Limits`].
 pub fn instantiate(config: ModelConfig) -> Result<Arc<dyn Model>, Error> {
+    instantiate_with(config, &Limits::default())
+}
+
+/// [`instantiate`] within `limits` (the `cost` model's simulated compute is bounded, so that one
+/// configuration cannot hold an execution thread for an hour).
+pub fn instantiate_with(config: ModelConfig, limits: &Limits) -> Result<Arc<dyn Model>, Error> {
     config.validate()?;
     // A repository model of backend `builtin` under another name says which one it is.
     let kind = config
@@ -66,8 +74,11 @@ pub fn instantiate(config: ModelConfig) -> Result<Arc<dyn Model>, Error> {
     let model: Arc<dyn Model> = match kind.as_str() {
         "identity" => Arc::new(Identity { config }),
         "cost" => {
-            let base = Duration::from_micros(config.parameter_u64("base_us", 500)?);
-            let per_item = Duration::from_micros(config.parameter_u64("per_item_us", 50)?);
+            let base_us = config.parameter_u64("base_us", 500)?;
+            let per_item_us = config.parameter_u64("per_item_us", 50)?;
+            limits.check_cost(&config, base_us, per_item_us)?;
+            let base = Duration::from_micros(base_us);
+            let per_item = Duration::from_micros(per_item_us);
             let sleep = match config.parameter("busy").map(str::trim) {
                 None | Some("" | "spin") => false,
                 Some("sleep") => true,
@@ -166,7 +177,9 @@ impl Model for Cost {
         } else {
             values.chunks(width).map(|row| row.iter().sum()).collect()
         };
-        let busy = self.base + self.per_item * rows as u32;
+        // Saturating: the limits bound both values, but a model built outside them must not panic.
+        let n = u32::try_from(rows).unwrap_or(u32::MAX);
+        let busy = self.base.saturating_add(self.per_item.saturating_mul(n));
         if self.sleep {
             std::thread::sleep(busy.saturating_sub(start.elapsed()));
         }
@@ -262,6 +275,29 @@ mod tests {
         assert!(start.elapsed() >= Duration::from_micros(2000));
         assert_eq!(out[0].shape(), vec![2, 1]);
         assert_eq!(out[0].f32_values().unwrap(), vec![6.0, 15.0]);
+    }
+
+    #[test]
+    fn cost_refuses_an_hour_of_compute_by_name() {
+        // The case that held the pool for an hour: base_us 3,600,000,000 with busy=sleep.
+        let c = config("cost")
+            .unwrap()
+            .with_override(r#"{"parameters":{"base_us":{"string_value":"3600000000"},"busy":{"string_value":"sleep"}}}"#)
+            .unwrap();
+        let err = instantiate(c).err().expect("refused");
+        assert_eq!(err.kind(), crate::ErrorKind::InvalidArgument, "{err}");
+        assert!(
+            err.to_string().contains("limits.max_builtin_cost_us"),
+            "{err}"
+        );
+        // per_item_us × max_batch_size overflowing u64 is refused, not wrapped.
+        let c = config("cost")
+            .unwrap()
+            .with_override(
+                r#"{"parameters":{"per_item_us":{"string_value":"18446744073709551615"}}}"#,
+            )
+            .unwrap();
+        assert!(instantiate(c).is_err());
     }
 
     #[test]

@@ -201,7 +201,14 @@ pub struct Parameter {
 
 impl ModelConfig {
     pub fn from_json(text: &str) -> Result<Self, Error> {
-        serde_json::from_str(text).map_err(|e| Error::ConfigJson(e.to_string()))
+        let value: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| Error::ConfigJson(e.to_string()))?;
+        if let serde_json::Value::Object(map) = &value {
+            for key in map.keys() {
+                check_field(key)?;
+            }
+        }
+        serde_json::from_value(value).map_err(|e| Error::ConfigJson(e.to_string()))
     }
 
     pub fn to_json(&self) -> String {
@@ -226,6 +233,7 @@ impl ModelConfig {
             ));
         };
         for (key, value) in over {
+            check_field(&key)?;
             let key = snake_case(&key);
             if key == "name"
                 && value
@@ -437,6 +445,73 @@ impl ModelConfig {
     }
 }
 
+/// Every field of Triton's `inference.ModelConfig` (those Veraltheim does not use are accepted
+/// and ignored, so that Triton configurations keep loading), then Veraltheim's own. A test checks
+/// this list against the compiled descriptor of `model_config.proto`.
+pub const KNOWN_FIELDS: &[&str] = &[
+    "name",
+    "platform",
+    "backend",
+    "runtime",
+    "version_policy",
+    "max_batch_size",
+    "input",
+    "output",
+    "batch_input",
+    "batch_output",
+    "optimization",
+    "dynamic_batching",
+    "sequence_batching",
+    "ensemble_scheduling",
+    "instance_group",
+    "default_model_filename",
+    "cc_model_filenames",
+    "metric_tags",
+    "parameters",
+    "model_warmup",
+    "model_operations",
+    "model_transaction_policy",
+    "model_repository_agents",
+    "response_cache",
+    "model_metrics",
+    // Veraltheim's own.
+    "pinned",
+    "load_on_demand",
+];
+
+/// Refuses a top-level field that is neither Triton's nor ours, by name: a misspelt field
+/// (`max_batch_sise`) silently ignored would serve a model configured otherwise than asked.
+fn check_field(key: &str) -> Result<(), Error> {
+    let snake = snake_case(key);
+    if KNOWN_FIELDS.contains(&snake.as_str()) {
+        return Ok(());
+    }
+    let hint = KNOWN_FIELDS
+        .iter()
+        .find(|k| edit_distance(k, &snake) <= 2)
+        .map(|k| format!(" (did you mean '{k}'?)"))
+        .unwrap_or_default();
+    Err(Error::ConfigJson(format!(
+        "unknown field '{key}' in the model configuration{hint}"
+    )))
+}
+
+/// Levenshtein distance of two short ASCII names, for the "did you mean" hint.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
 fn snake_case(key: &str) -> String {
     let mut out = String::with_capacity(key.len() + 4);
     for c in key.chars() {
@@ -528,6 +603,26 @@ mod tests {
         let db = c.dynamic_batching.unwrap();
         assert_eq!(db.max_queue_delay_microseconds, 250);
         assert_eq!(db.preferred_batch_size, vec![4, 8]);
+    }
+
+    #[test]
+    fn an_unknown_field_is_refused_by_name_and_tritons_fields_are_not() {
+        let e = ModelConfig::from_json(r#"{"name":"m","max_batch_sise":8}"#).unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::InvalidArgument);
+        let text = e.to_string();
+        assert!(
+            text.contains("'max_batch_sise'") && text.contains("max_batch_size"),
+            "{text}"
+        );
+        let e = base()
+            .with_override(r#"{"max_batch_sise": 8}"#)
+            .unwrap_err();
+        assert!(e.to_string().contains("'max_batch_sise'"), "{e}");
+        // Triton fields Veraltheim ignores still load, in either spelling.
+        ModelConfig::from_json(
+            r#"{"name":"m","optimization":{},"sequenceBatching":{},"metric_tags":{}}"#,
+        )
+        .unwrap();
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub mod candle_bert;
 pub mod config;
 pub mod datatype;
 pub mod error;
+pub mod limits;
 pub mod model;
 #[cfg(feature = "onnx")]
 pub mod onnx;
@@ -32,6 +33,7 @@ pub mod warmup;
 pub use config::ModelConfig;
 pub use datatype::DataType;
 pub use error::{Error, ErrorKind};
+pub use limits::Limits;
 pub use model::Model;
 pub use state::ModelState;
 pub use tensor::{Tensor, TensorData};

@@ -645,4 +645,18 @@ optimization { execution_accelerators { cpu_execution_accelerator: [ { name: "op
         fs::remove_dir_all(&src).unwrap();
         fs::remove_dir_all(&repo).unwrap();
     }
+
+    #[test]
+    fn the_known_config_fields_cover_every_field_of_tritons_model_config() {
+        use prost_reflect::DescriptorPool;
+        let pool = DescriptorPool::decode(MODEL_CONFIG_DESCRIPTOR).unwrap();
+        let message = pool.get_message_by_name("inference.ModelConfig").unwrap();
+        for field in message.fields() {
+            assert!(
+                crate::config::KNOWN_FIELDS.contains(&field.name()),
+                "Triton's ModelConfig field '{}' would be refused as unknown",
+                field.name()
+            );
+        }
+    }
 }

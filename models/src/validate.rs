@@ -4,15 +4,34 @@
 
 use crate::config::ModelConfig;
 use crate::error::Error;
+use crate::limits::Limits;
 use crate::tensor::Tensor;
 
 /// Validates `inputs` against `config` and returns them in the model's input order, together with
 /// the request's batch size (1 for a model that does not batch).
+/// Every tensor's shape and the request's bytes are checked against `limits` first: a shape
+/// with zero elements carries no data, so its dimensions are bounded only here.
 pub fn validate_inputs(
     config: &ModelConfig,
     inputs: Vec<Tensor>,
+    limits: &Limits,
 ) -> Result<(Vec<Tensor>, usize), Error> {
     let model = &config.name;
+    let mut bytes: usize = 0;
+    for tensor in &inputs {
+        limits
+            .check_shape(&format!("input '{}'", tensor.name()), tensor.shape())
+            .map_err(Error::InvalidRequest)?;
+        bytes = bytes
+            .checked_add(tensor.byte_size())
+            .filter(|b| *b <= limits.max_request_bytes)
+            .ok_or_else(|| {
+                Error::InvalidRequest(format!(
+                    "the request's inputs hold more than limits.max_request_bytes ({}) bytes",
+                    limits.max_request_bytes
+                ))
+            })?;
+    }
     let expected_names = || {
         config
             .input
@@ -141,7 +160,12 @@ mod tests {
 
     #[test]
     fn accepts_matching_input() {
-        let (inputs, batch) = validate_inputs(&identity(), vec![t("INPUT0", vec![3, 16])]).unwrap();
+        let (inputs, batch) = validate_inputs(
+            &identity(),
+            vec![t("INPUT0", vec![3, 16])],
+            &Limits::default(),
+        )
+        .unwrap();
         assert_eq!(batch, 3);
         assert_eq!(inputs.len(), 1);
     }
@@ -161,7 +185,7 @@ mod tests {
             ),
         ];
         for (inputs, want) in cases {
-            let err = validate_inputs(&c, inputs).unwrap_err();
+            let err = validate_inputs(&c, inputs, &Limits::default()).unwrap_err();
             assert!(
                 err.to_string().contains(want),
                 "{err} should contain {want}"
@@ -175,8 +199,36 @@ mod tests {
             fp32.data().clone(),
         )
         .unwrap();
-        let err = validate_inputs(&c, vec![wrong]).unwrap_err();
+        let err = validate_inputs(&c, vec![wrong], &Limits::default()).unwrap_err();
         assert!(err.to_string().contains("datatype INT32"), "{err}");
+    }
+
+    #[test]
+    fn shapes_and_bytes_beyond_the_limits_are_refused_by_name() {
+        let c = identity();
+        // Zero elements, so no data: only the limit bounds the huge dimension.
+        let empty = Tensor::from_raw(
+            "INPUT0",
+            crate::DataType::Fp32,
+            &[1, 0, 1 << 40],
+            bytes::Bytes::new(),
+        )
+        .unwrap();
+        let err = validate_inputs(&c, vec![empty], &Limits::default()).unwrap_err();
+        assert_eq!(err.kind(), crate::ErrorKind::InvalidArgument);
+        assert!(
+            err.to_string().contains("limits.max_tensor_elements"),
+            "{err}"
+        );
+        let small = Limits {
+            max_request_bytes: 16,
+            ..Limits::default()
+        };
+        let err = validate_inputs(&c, vec![t("INPUT0", vec![1, 8])], &small).unwrap_err();
+        assert!(
+            err.to_string().contains("limits.max_request_bytes"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -33,8 +33,12 @@ pub fn build_inputs(
     warmup: &ModelWarmup,
     version_dir: Option<&Path>,
 ) -> Result<Vec<Tensor>, Error> {
-    let fail =
-        |reason: String| Error::load(&config.name, format!("warm-up '{}': {reason}", warmup.name));
+    // Every reason below is about the caller's configuration (names, dims, the file it points
+    // at): INVALID_ARGUMENT naming the warm-up, not a model that cannot be built.
+    let fail = |reason: String| Error::InvalidConfig {
+        model: config.name.clone(),
+        reason: format!("model_warmup '{}': {reason}", warmup.name),
+    };
     if let Some(extra) = warmup
         .inputs
         .keys()
@@ -63,7 +67,18 @@ pub fn build_inputs(
             shape.push(i64::from(warmup.batch_size.max(1)));
         }
         shape.extend_from_slice(&data.dims);
-        let elements: usize = shape.iter().map(|d| *d as usize).product();
+        // Checked: the configured limits are enforced before a load, but this function must not
+        // overflow (or allocate without bound) whoever calls it.
+        let elements = shape
+            .iter()
+            .try_fold(1usize, |n, d| n.checked_mul(usize::try_from(*d).ok()?))
+            .filter(|n| *n <= isize::MAX as usize / 8)
+            .ok_or_else(|| {
+                fail(format!(
+                    "input '{}' has too many elements: shape {shape:?}",
+                    input.name
+                ))
+            })?;
         let tensor = make_tensor(&input.name, datatype, &shape, elements, data, version_dir)
             .map_err(fail)?;
         tensors.push(tensor);

@@ -89,6 +89,22 @@ impl Error {
         }
     }
 
+    /// A load refused or failed with `e`: the caller's own configuration (a bad parameter value,
+    /// a path outside the model folder, a limit) is [`Error::BadConfig`] (INVALID_ARGUMENT,
+    /// naming the field); anything else is [`Error::LoadFailed`].
+    pub fn from_model(name: &str, e: veraltheim_models::Error) -> Self {
+        match e.kind() {
+            veraltheim_models::ErrorKind::InvalidArgument => Error::BadConfig {
+                name: name.to_string(),
+                source: e,
+            },
+            _ => Error::LoadFailed {
+                name: name.to_string(),
+                reason: e.to_string(),
+            },
+        }
+    }
+
     /// Whether the caller should retry after a short back-off (a full queue).
     pub fn is_queue_full(&self) -> bool {
         matches!(self, Error::Infer(InferError::QueueFull { .. }))

@@ -107,7 +107,7 @@ impl Inference {
     /// when it can, and queues it otherwise.
     fn submit(&self, worker: Arc<ModelWorker>, in_flight: InFlight, call: InferCall) -> Submitted {
         let config = worker.config();
-        let (inputs, rows) = match validate_inputs(config, call.inputs) {
+        let (inputs, rows) = match validate_inputs(config, call.inputs, self.models.limits()) {
             Ok(v) => v,
             Err(e) => return Submitted::Done(Err(Error::Invalid(e.to_string()))),
         };

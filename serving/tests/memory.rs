@@ -39,6 +39,7 @@ fn manager(repo: &Path) -> ModelManager {
             backend: BackendOptions {
                 onnxruntime_library: Some(common::ort_library()),
                 intra_op_threads: 1,
+                ..BackendOptions::default()
             },
             max_concurrent_loads: 2,
             ..ManagerOptions::default()

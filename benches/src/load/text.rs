@@ -209,6 +209,7 @@ fn in_process(
     let options = BackendOptions {
         onnxruntime_library: onnxruntime_library(),
         intra_op_threads,
+        ..BackendOptions::default()
     };
     let model = backend::instantiate(repo_model.config, Some(&dir), DeviceId::Cpu, &options)?;
     let mut points = Vec::with_capacity(batch_sizes.len());

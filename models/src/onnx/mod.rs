@@ -138,13 +138,14 @@ pub(super) fn model_file(config: &ModelConfig, dir: &Path) -> Result<PathBuf, Er
     };
     let plain = Path::new(file).file_name().is_some_and(|n| n == file) && file != "..";
     if !plain {
-        return Err(Error::load(
-            &config.name,
-            format!(
+        // The caller's config names a path outside the folder: INVALID_ARGUMENT, by name.
+        return Err(Error::InvalidConfig {
+            model: config.name.clone(),
+            reason: format!(
                 "parameter '{PARAM_MODEL_FILENAME}' is '{file}'; it must be a file name inside the \
                  model's folder"
             ),
-        ));
+        });
     }
     let path = dir.join(file);
     if !path.is_file() {

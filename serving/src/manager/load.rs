@@ -38,10 +38,7 @@ impl ModelManager {
         let Some(repo) = &self.repository else {
             return Err(Error::NotFound(name.to_string()));
         };
-        let m = repo.model(name).map_err(|e| Error::LoadFailed {
-            name: name.to_string(),
-            reason: e.to_string(),
-        })?;
+        let m = repo.model(name).map_err(|e| Error::from_model(name, e))?;
         if let Some(entry) = self.entries.write().get_mut(name) {
             entry.base = m.config.clone();
             entry.versions = m.versions.clone();
@@ -99,10 +96,14 @@ impl ModelManager {
                 return Err(e);
             }
         };
+        // The limits are checked before anything is built or allocated: a field that sizes an
+        // allocation, a loop or a thread count is refused here by name.
+        let limits = &self.options.backend.limits;
         let config = match config_override.filter(|s| !s.trim().is_empty()) {
             Some(json) => base.with_override(json),
             None => base.validate_declared().map(|_| base.clone()),
         }
+        .and_then(|c| limits.check_config(&c, self.pool.threads()).map(|()| c))
         .map_err(|source| Error::BadConfig {
             name: name.to_string(),
             source,
@@ -300,10 +301,7 @@ impl ModelManager {
             };
             let result = match tokio::task::spawn_blocking(move || build.run()).await {
                 Ok(Ok(built)) => Ok(built),
-                Ok(Err(reason)) => Err(Error::LoadFailed {
-                    name: model_name.clone(),
-                    reason,
-                }),
+                Ok(Err(e)) => Err(Error::from_model(&model_name, e)),
                 Err(join) => Err(Error::LoadFailed {
                     name: model_name.clone(),
                     reason: format!("the backend panicked while loading: {join}"),
@@ -433,17 +431,15 @@ struct Build {
 }
 
 impl Build {
-    fn run(self) -> Result<Built, String> {
+    fn run(self) -> Result<Built, veraltheim_models::Error> {
         let measure = || {
             crate::gauge::trim_c_heap();
             self.gauge.held_bytes(self.device)
         };
         let before = self.measuring.is_some().then(measure).flatten();
         let model =
-            backend::instantiate(self.config, self.dir.as_deref(), self.device, &self.backend)
-                .map_err(|e| e.to_string())?;
-        warmup::run(model.as_ref(), self.dir.as_deref())
-            .map_err(|e| format!("warm-up failed: {e}"))?;
+            backend::instantiate(self.config, self.dir.as_deref(), self.device, &self.backend)?;
+        warmup::run(model.as_ref(), self.dir.as_deref())?;
         let measured = match model.memory_bytes() {
             Some(bytes) => Some((bytes, Measurement::Reported)),
             None => before.and_then(|before| {

@@ -234,6 +234,11 @@ fn key_model(key: &str) -> &str {
 }
 
 impl ModelManager {
+    /// The limits requests and loads are checked against.
+    pub fn limits(&self) -> &veraltheim_models::Limits {
+        &self.options.backend.limits
+    }
+
     pub fn new(
         options: ManagerOptions,
         deps: ManagerDeps,

@@ -84,7 +84,9 @@ async fn a_failed_first_load_is_failed_with_its_reason() {
         )
         .await
         .unwrap_err();
-    assert!(matches!(err, Error::LoadFailed { .. }));
+    // The caller's own config: INVALID_ARGUMENT naming the parameter, not INTERNAL.
+    assert!(matches!(err, Error::BadConfig { .. }), "{err:?}");
+    assert_eq!(err.kind(), crate::ErrorKind::InvalidArgument);
     let info = m.info("cost").unwrap();
     assert_eq!(info.state, ModelState::Failed);
     assert!(info.reason.contains("per_item_us"));
@@ -448,4 +450,54 @@ async fn the_charge_says_how_it_was_found() {
     assert_eq!(info.memory_bytes, 64);
     m.unload("a").await.unwrap();
     assert_eq!(m.info("a").unwrap().memory, None);
+}
+
+#[tokio::test]
+async fn loads_beyond_the_limits_are_refused_as_the_callers_config_by_name() {
+    let m = manager();
+    // Each case failed before: accepted (instances, queue delay, cost), or aborted the process
+    // (warm-up dims), or answered INTERNAL (a parameter value).
+    let cases = [
+        (
+            r#"{"instance_group":[{"count":8,"kind":"KIND_CPU"}]}"#,
+            "instance_group",
+        ),
+        (
+            r#"{"dynamic_batching":{"max_queue_delay_microseconds":"9223372036854775808"}}"#,
+            "max_queue_delay_microseconds",
+        ),
+        (
+            r#"{"parameters":{"base_us":{"string_value":"3600000000"},"busy":{"string_value":"sleep"}}}"#,
+            "limits.max_builtin_cost_us",
+        ),
+        (
+            r#"{"model_warmup":[{"name":"w","inputs":{"INPUT0":{"data_type":"TYPE_FP32","dims":[1125899906842624],"zero_data":true}}}]}"#,
+            "limits.max_tensor_elements",
+        ),
+        (
+            r#"{"model_warmup":[{"name":"w","count":2147483648,"inputs":{"INPUT0":{"data_type":"TYPE_FP32","dims":[1],"zero_data":true}}}]}"#,
+            "limits.max_warmup_count",
+        ),
+        (r#"{"max_batch_sise":8}"#, "max_batch_sise"),
+        (r#"{"backend":"onnxruntime"}"#, "backend"),
+    ];
+    for (over, field) in cases {
+        let err = m.load("cost", Some(over)).await.unwrap_err();
+        assert_eq!(
+            err.kind(),
+            crate::ErrorKind::InvalidArgument,
+            "{over}: {err}"
+        );
+        assert!(
+            err.to_string().contains(field),
+            "{over}: {err} should name {field}"
+        );
+    }
+    // The pool has one thread here: one instance loads.
+    m.load(
+        "cost",
+        Some(r#"{"instance_group":[{"count":1,"kind":"KIND_CPU"}]}"#),
+    )
+    .await
+    .unwrap();
 }
