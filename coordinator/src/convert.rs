@@ -10,17 +10,6 @@ use veraltheim_proto::v1;
 
 use crate::shm::{SharedMemory, shm_ref};
 
-/// A KServe parameter that must be a non-negative integer (int64 or uint64 on the wire).
-pub fn unsigned_param(name: &str, p: &kserve::InferParameter) -> Result<u64, Status> {
-    match p.parameter_choice {
-        Some(kserve::infer_parameter::ParameterChoice::Uint64Param(v)) => Ok(v),
-        Some(kserve::infer_parameter::ParameterChoice::Int64Param(v)) if v >= 0 => Ok(v as u64),
-        _ => Err(invalid(format!(
-            "parameter '{name}' must be a non-negative integer"
-        ))),
-    }
-}
-
 fn invalid(msg: impl Into<String>) -> Status {
     Status::invalid_argument(msg.into())
 }

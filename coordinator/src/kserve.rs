@@ -13,7 +13,8 @@ use veraltheim_proto::inference::{
 };
 
 use crate::context::{Context, grpc_deadline, status, traced};
-use crate::convert::{kserve_inputs, kserve_output, unsigned_param};
+use crate::convert::{kserve_inputs, kserve_output};
+use crate::params::unsigned_param;
 use crate::shm::{SharedMemory, ShmRef, shm_ref};
 use veraltheim_serving::InferCall;
 

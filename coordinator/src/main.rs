@@ -12,6 +12,7 @@ mod devices;
 mod http;
 mod jobs;
 mod kserve;
+mod params;
 mod ratelimit;
 mod server;
 mod shm;

@@ -24,7 +24,7 @@ use tonic::Status;
 use veraltheim_proto::inference::InferParameter;
 use veraltheim_proto::inference::infer_parameter::ParameterChoice;
 
-use crate::convert::unsigned_param;
+use crate::params::unsigned_param;
 
 /// Where POSIX shared-memory objects live.
 const SHM_DIR: &str = "/dev/shm";

@@ -57,7 +57,10 @@ async fn watch_events_bounds_its_topic_patterns() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err}");
-    assert!(err.message().contains("limits.max_topic_pattern_bytes"), "{err}");
+    assert!(
+        err.message().contains("limits.max_topic_pattern_bytes"),
+        "{err}"
+    );
 
     // Within the limits a watch still opens.
     system
@@ -104,7 +107,10 @@ async fn loads_beyond_the_limits_or_with_a_bad_config_are_invalid_argument_by_na
         // Silently ignored.
         (r#"{"max_batch_sise":8}"#, "max_batch_sise"),
         // INTERNAL before: the caller's own parameter value and backend switch.
-        (r#"{"parameters":{"per_item_us":{"string_value":"x"}}}"#, "per_item_us"),
+        (
+            r#"{"parameters":{"per_item_us":{"string_value":"x"}}}"#,
+            "per_item_us",
+        ),
         (r#"{"backend":"onnxruntime"}"#, "backend"),
     ];
     for (config, field) in cases {
@@ -116,7 +122,10 @@ async fn loads_beyond_the_limits_or_with_a_bad_config_are_invalid_argument_by_na
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{config}: {err}");
-        assert!(err.message().contains(field), "{config}: {err} should name {field}");
+        assert!(
+            err.message().contains(field),
+            "{config}: {err} should name {field}"
+        );
     }
     // Within the limits a load still works, and the other models kept serving.
     models
@@ -142,6 +151,9 @@ async fn a_tensor_beyond_the_element_limit_is_invalid_argument() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err}");
-    assert!(err.message().contains("limits.max_tensor_elements"), "{err}");
+    assert!(
+        err.message().contains("limits.max_tensor_elements"),
+        "{err}"
+    );
     still_serves(&ch).await;
 }

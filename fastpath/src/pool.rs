@@ -25,7 +25,7 @@ impl ExecutionPool {
             .thread_name(|i| format!("veraltheim-exec-{i}"))
             .panic_handler(|panic| {
                 tracing::error!(
-                    panic = %crate::worker::panic_message(&panic),
+                    panic = %panic_message(&panic),
                     "an execution-pool job panicked; the pool carries on"
                 );
             })
@@ -41,6 +41,17 @@ impl ExecutionPool {
 
     pub(crate) fn spawn(&self, job: impl FnOnce() + Send + 'static) {
         self.pool.spawn(job);
+    }
+}
+
+/// The message a panic carried, for logs and answers.
+pub(crate) fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic payload".to_string()
     }
 }
 

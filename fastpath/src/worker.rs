@@ -22,7 +22,7 @@ use veraltheim_models::{Model, ModelConfig, Tensor};
 
 use crate::batcher::{BatchPolicy, Item, Plan};
 use crate::error::InferError;
-use crate::pool::ExecutionPool;
+use crate::pool::{ExecutionPool, panic_message};
 use crate::priority::PriorityPolicy;
 use crate::queue::{BatchKey, Pending, Reply, RequestQueue};
 use crate::request::{InferOutput, Request};
@@ -813,16 +813,6 @@ fn split_outputs(
         }
     }
     Ok(per_request)
-}
-
-pub(crate) fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
-    if let Some(s) = panic.downcast_ref::<&str>() {
-        (*s).to_string()
-    } else if let Some(s) = panic.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "unknown panic payload".to_string()
-    }
 }
 
 #[cfg(test)]

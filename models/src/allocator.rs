@@ -144,35 +144,6 @@ impl Default for Placement {
 }
 
 impl Placement {
-    /// Where a configuration allows its model to run (Triton's `instance_group.kind` and
-    /// `gpus`).
-    pub fn for_config(config: &crate::ModelConfig) -> Self {
-        let kinds: Vec<&str> = config
-            .instance_group
-            .iter()
-            .map(|g| g.kind.as_str())
-            .collect();
-        let gpus: Vec<u32> = config
-            .instance_group
-            .iter()
-            .flat_map(|g| g.gpus.iter())
-            .filter_map(|g| u32::try_from(*g).ok())
-            .collect();
-        // KIND_GPU on a backend without GPU execution stays gpu-only: the load is refused with a
-        // message naming the constraint rather than silently run on the CPU.
-        let mut placement = if kinds.contains(&"KIND_GPU") {
-            Placement::gpu_only()
-        } else if kinds.contains(&"KIND_CPU") || !crate::backend::supports_gpu(config) {
-            Placement::cpu_only()
-        } else {
-            Placement::default()
-        };
-        if !gpus.is_empty() {
-            placement.gpu_ids = Some(gpus);
-        }
-        placement
-    }
-
     /// Host memory only.
     pub fn cpu_only() -> Self {
         Placement {

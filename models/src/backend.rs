@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::allocator::DeviceId;
+use crate::allocator::{DeviceId, Placement};
 use crate::builtin;
 use crate::config::ModelConfig;
 use crate::error::Error;
@@ -60,6 +60,35 @@ pub fn supports_gpu(config: &ModelConfig) -> bool {
 pub fn reports_memory(config: &ModelConfig) -> bool {
     let backend = backend_name(config);
     backend == builtin::BACKEND || backend == "candle"
+}
+
+/// Where a configuration allows its model to run (Triton's `instance_group.kind` and
+/// `gpus`).
+pub fn placement(config: &ModelConfig) -> Placement {
+    let kinds: Vec<&str> = config
+        .instance_group
+        .iter()
+        .map(|g| g.kind.as_str())
+        .collect();
+    let gpus: Vec<u32> = config
+        .instance_group
+        .iter()
+        .flat_map(|g| g.gpus.iter())
+        .filter_map(|g| u32::try_from(*g).ok())
+        .collect();
+    // KIND_GPU on a backend without GPU execution stays gpu-only: the load is refused with a
+    // message naming the constraint rather than silently run on the CPU.
+    let mut placement = if kinds.contains(&"KIND_GPU") {
+        Placement::gpu_only()
+    } else if kinds.contains(&"KIND_CPU") || !supports_gpu(config) {
+        Placement::cpu_only()
+    } else {
+        Placement::default()
+    };
+    if !gpus.is_empty() {
+        placement.gpu_ids = Some(gpus);
+    }
+    placement
 }
 
 /// Builds a model. `dir` is the serving version's folder (None for built-in models). Runs file

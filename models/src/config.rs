@@ -689,9 +689,13 @@ mod priority_tests {
     use super::*;
 
     fn with(db: &str) -> Result<ModelConfig, Error> {
-        crate::builtin::config("cost")
-            .unwrap()
-            .with_override(&format!(r#"{{"dynamic_batching": {db}}}"#))
+        ModelConfig::from_json(
+            r#"{"name": "m", "max_batch_size": 4,
+                "input": [{"name": "INPUT0", "data_type": "TYPE_FP32", "dims": [-1]}],
+                "output": [{"name": "OUTPUT0", "data_type": "TYPE_FP32", "dims": [-1]}]}"#,
+        )
+        .unwrap()
+        .with_override(&format!(r#"{{"dynamic_batching": {db}}}"#))
     }
 
     #[test]

@@ -6,9 +6,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use veraltheim_fastpath::ModelWorker;
-use veraltheim_models::allocator::{
-    DeviceId, LoadRequest, Placement, estimate_bytes, format_bytes,
-};
+use veraltheim_models::allocator::{DeviceId, LoadRequest, estimate_bytes, format_bytes};
 use veraltheim_models::backend::{self, BackendOptions};
 use veraltheim_models::repository::RepoModel;
 use veraltheim_models::{Model, ModelConfig, ModelState, warmup};
@@ -161,7 +159,7 @@ impl ModelManager {
         let key = format!("{name}#{generation}");
         let old_key = self.entries.read().get(name).and_then(|e| e.key.clone());
         let mut request = LoadRequest::new(key.clone(), estimate)
-            .with_placement(Placement::for_config(&config))
+            .with_placement(backend::placement(&config))
             .with_pinned(config.pinned);
         if let Some(old) = &old_key {
             request = request.with_keep(old.clone());
