@@ -82,6 +82,14 @@ pub struct JobsConfig {
     pub default_ttl_seconds: Option<u64>,
     /// Requests one inference job keeps in flight.
     pub inference_concurrency: usize,
+    /// Bytes kept of each of a command job attempt's outputs (head and tail).
+    pub max_log_bytes: u64,
+    /// Folders inference jobs may read from; empty: `<data_dir>/inference`.
+    #[serde(default)]
+    pub inference_input_dirs: Vec<PathBuf>,
+    /// The folder inference jobs write under; `None`: `<data_dir>/inference`.
+    #[serde(default, deserialize_with = "unset::empty_path")]
+    pub inference_output_dir: Option<PathBuf>,
     /// Which executor runs command jobs.
     pub executor: JobExecutorKind,
     pub kubernetes: KubernetesJobsConfig,
@@ -456,6 +464,9 @@ impl Config {
                 "devices.sample_interval_ms is {}; it must be at least 100",
                 self.devices.sample_interval_ms
             );
+        }
+        if self.jobs.max_log_bytes < 1024 {
+            bail!("jobs.max_log_bytes must be at least 1024");
         }
         if self.jobs.inference_concurrency == 0 {
             bail!("jobs.inference_concurrency must be at least 1");

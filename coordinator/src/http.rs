@@ -212,6 +212,14 @@ pub fn render(ctx: &Context) -> String {
             ));
         }
     }
+    let mut dropped = Family::new(
+        "veraltheim_log_lines_dropped_total",
+        "counter",
+        "Log lines dropped because stderr could not take them (a closed pipe, a full disk)",
+    );
+    dropped
+        .samples
+        .push((String::new(), crate::logging::dropped_lines() as f64));
     let mut up = Family::new(
         "veraltheim_uptime_seconds",
         "gauge",
@@ -342,7 +350,7 @@ pub fn render(ctx: &Context) -> String {
     for fam in fams
         .iter()
         .chain(summaries.iter())
-        .chain([&state, &up])
+        .chain([&state, &up, &dropped])
         .chain(singles.iter())
         .chain(dcgm.iter().filter(|f| !f.samples.is_empty()))
     {

@@ -4,7 +4,7 @@
 //! loop is the SlowPathOrchestrator in the supervision tree.
 
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,6 +32,125 @@ pub struct Jobs {
     pub runner: JobRunner,
     /// `jobs.default_ttl_seconds`: the TTL of a job submitted without one; `None`: kept.
     default_ttl: Option<u64>,
+    /// Where inference jobs may read and write.
+    paths: InferencePaths,
+}
+
+/// The folders inference jobs may read from and write under (`jobs.inference_input_dirs`,
+/// `jobs.inference_output_dir`), resolved at start. Without them any client could have the
+/// server read any file it can (`--input /etc/passwd`, `/dev/zero`) or overwrite one.
+#[derive(Clone, Debug)]
+pub struct InferencePaths {
+    inputs: Vec<PathBuf>,
+    output: PathBuf,
+}
+
+impl InferencePaths {
+    /// The configured folders, or `<data_dir>/inference` (created) for those unset. Each is
+    /// resolved once, so the checks compare resolved paths with resolved paths.
+    pub fn from_config(config: &JobsConfig, data_dir: &Path) -> anyhow::Result<Self> {
+        let default = data_dir.join("inference");
+        let resolve = |dir: &Path, key: &str| {
+            std::fs::create_dir_all(dir)
+                .and_then(|()| dir.canonicalize())
+                .with_context(|| format!("{key}: cannot use the folder {}", dir.display()))
+        };
+        let inputs = if config.inference_input_dirs.is_empty() {
+            vec![resolve(&default, "jobs.inference_input_dirs")?]
+        } else {
+            config
+                .inference_input_dirs
+                .iter()
+                .map(|d| {
+                    d.canonicalize().with_context(|| {
+                        format!("jobs.inference_input_dirs: cannot resolve {}", d.display())
+                    })
+                })
+                .collect::<anyhow::Result<_>>()?
+        };
+        let output = resolve(
+            config.inference_output_dir.as_deref().unwrap_or(&default),
+            "jobs.inference_output_dir",
+        )?;
+        Ok(InferencePaths { inputs, output })
+    }
+
+    fn allowed(&self) -> String {
+        let inputs: Vec<_> = self
+            .inputs
+            .iter()
+            .map(|d| d.display().to_string())
+            .collect();
+        format!(
+            "inputs under {}; output under {}",
+            inputs.join(", "),
+            self.output.display()
+        )
+    }
+
+    /// The input and output paths of an inference job, resolved: the input must exist under one
+    /// of the input folders, the output's folder must exist under the output folder and its
+    /// name must not be a symlink or a folder. A relative path is taken under the (first)
+    /// folder. Refused with INVALID_ARGUMENT naming the path and the allowed folders.
+    pub fn check(&self, input: &str, output: &str) -> Result<(String, String), Status> {
+        let refuse = |what: &str, path: &str, why: String| {
+            Status::invalid_argument(format!(
+                "inference job {what} path '{path}' {why} ({})",
+                self.allowed()
+            ))
+        };
+        let input_path = self.inputs[0].join(input);
+        let resolved = input_path
+            .canonicalize()
+            .map_err(|e| refuse("input", input, format!("cannot be resolved: {e}")))?;
+        if !self.inputs.iter().any(|d| resolved.starts_with(d)) {
+            return Err(refuse(
+                "input",
+                input,
+                format!(
+                    "resolves to {}, outside the allowed folders",
+                    resolved.display()
+                ),
+            ));
+        }
+        if !resolved.is_file() {
+            return Err(refuse("input", input, "is not a regular file".into()));
+        }
+        let output_path = self.output.join(output);
+        let name = match output_path.components().next_back() {
+            Some(Component::Normal(name)) => name.to_owned(),
+            _ => return Err(refuse("output", output, "does not name a file".into())),
+        };
+        let parent = output_path
+            .parent()
+            .unwrap_or(&self.output)
+            .canonicalize()
+            .map_err(|e| refuse("output", output, format!("has no folder: {e}")))?;
+        let resolved_out = parent.join(name);
+        if !resolved_out.starts_with(&self.output) {
+            return Err(refuse(
+                "output",
+                output,
+                format!(
+                    "resolves to {}, outside the allowed folder",
+                    resolved_out.display()
+                ),
+            ));
+        }
+        if let Ok(meta) = resolved_out.symlink_metadata()
+            && !meta.is_file()
+        {
+            return Err(refuse(
+                "output",
+                output,
+                "exists and is not a regular file".into(),
+            ));
+        }
+        Ok((
+            resolved.to_string_lossy().into_owned(),
+            resolved_out.to_string_lossy().into_owned(),
+        ))
+    }
 }
 
 impl Jobs {
@@ -53,10 +172,11 @@ impl Jobs {
                 tracing::warn!(job = %r.id, "job event backlog full; event dropped");
             }
         });
+        let paths = InferencePaths::from_config(config, data_dir)?;
         let jobs_dir = data_dir.join("jobs");
         let (exec, capacity, default_running): (Arc<dyn Executor>, _, _) = match config.executor {
             JobExecutorKind::Local => (
-                Arc::new(LocalExecutor::new(jobs_dir)),
+                Arc::new(LocalExecutor::new(jobs_dir).with_max_log_bytes(config.max_log_bytes)),
                 capacity,
                 std::thread::available_parallelism().map_or(1, |n| n.get()),
             ),
@@ -116,6 +236,7 @@ impl Jobs {
             Jobs {
                 runner,
                 default_ttl: config.default_ttl_seconds,
+                paths,
             },
             rx,
         ))
@@ -201,6 +322,11 @@ fn store_status(e: StoreError) -> Status {
         | StoreError::InvalidPageToken(_) => Status::invalid_argument(msg),
         StoreError::Job(_) | StoreError::IdempotencyConflict { .. } => {
             Status::failed_precondition(msg)
+        }
+        // A full disk is a resource the operator can free (and the store recovers by itself
+        // once it is): RESOURCE_EXHAUSTED, not "unavailable".
+        StoreError::Storage(veraltheim_storage::StorageError::Full { .. }) => {
+            Status::resource_exhausted(msg)
         }
         StoreError::Storage(_) => Status::unavailable(msg),
     }
@@ -359,6 +485,9 @@ impl JobsApi {
     }
 }
 
+/// The most bytes of one JobLogs message.
+const LOG_CHUNK_BYTES: usize = veraltheim_slowpath::local::LOG_CHUNK_BYTES;
+
 /// How often WatchJob and `logs --follow` look for changes.
 const POLL: Duration = Duration::from_millis(200);
 
@@ -374,6 +503,21 @@ impl JobService for JobsApi {
             .spec
             .ok_or_else(|| Status::invalid_argument("SubmitJobRequest has no spec"))?;
         let mut spec = spec_from_wire(spec)?;
+        // Sizes first (cheap, and a huge path is not worth resolving), then the paths.
+        spec.validate()
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if let JobKind::Inference {
+            input_path,
+            output_path,
+            ..
+        } = &mut spec.kind
+        {
+            // The job keeps the resolved paths, so a symlink swapped in later along the way
+            // changes nothing.
+            let (input, output) = jobs.paths.check(input_path, output_path)?;
+            *input_path = input;
+            *output_path = output;
+        }
         // The server's default TTL is resolved at submit, so a job keeps the TTL it was
         // accepted with (GetJob shows it) whatever the configuration says later.
         spec.ttl_seconds_after_finished = spec.ttl_seconds_after_finished.or(jobs.default_ttl);
@@ -470,14 +614,24 @@ impl JobService for JobsApi {
             }
         };
         let stream = futures::stream::once(attempt).flat_map(|logs| match logs {
+            // Whatever an executor hands over (a pod log can come in one piece), each message
+            // carries at most LOG_CHUNK_BYTES, far below any client's message limit.
             Ok(logs) => logs
-                .map(|chunk| {
-                    chunk
-                        .map(|c| v1::LogChunk {
-                            stream: c.source.as_str().into(),
-                            data: c.data.into(),
-                        })
-                        .map_err(|e| Status::unavailable(format!("job logs: {e}")))
+                .flat_map(|chunk| {
+                    let pieces: Vec<Result<v1::LogChunk, Status>> = match chunk {
+                        Ok(c) => c
+                            .data
+                            .chunks(LOG_CHUNK_BYTES)
+                            .map(|piece| {
+                                Ok(v1::LogChunk {
+                                    stream: c.source.as_str().into(),
+                                    data: piece.to_vec().into(),
+                                })
+                            })
+                            .collect(),
+                        Err(e) => vec![Err(Status::unavailable(format!("job logs: {e}")))],
+                    };
+                    futures::stream::iter(pieces)
                 })
                 .boxed(),
             Err(status) => futures::stream::once(async move { Err(status) }).boxed(),

@@ -12,6 +12,7 @@ mod devices;
 mod http;
 mod jobs;
 mod kserve;
+mod logging;
 mod params;
 mod ratelimit;
 mod server;
@@ -85,7 +86,10 @@ fn init_logging(format: LogFormat, level: &str) {
     let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(logging::LossyStderrWriter)
+        // The fallback that reports a failed write with eprintln! (a panic when stderr is
+        // gone); LossyStderr counts the line instead.
+        .log_internal_errors(false);
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
@@ -100,7 +104,7 @@ fn run_client<F: std::future::Future<Output = anyhow::Result<bool>>>(f: F) -> Ex
     {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
+            logging::report(format_args!("error: cannot start the runtime: {e}"));
             return ExitCode::FAILURE;
         }
     };
@@ -108,7 +112,7 @@ fn run_client<F: std::future::Future<Output = anyhow::Result<bool>>>(f: F) -> Ex
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            logging::report(format_args!("error: {e:#}"));
             ExitCode::FAILURE
         }
     }
@@ -121,7 +125,7 @@ fn main() -> ExitCode {
             let config = match Config::resolve(&args) {
                 Ok(c) => c,
                 Err(e) => {
-                    eprintln!("error: {e:#}");
+                    logging::report(format_args!("error: {e:#}"));
                     return ExitCode::from(2);
                 }
             };
@@ -141,7 +145,7 @@ fn main() -> ExitCode {
             {
                 Ok(r) => r,
                 Err(e) => {
-                    eprintln!("error: cannot start the runtime: {e}");
+                    logging::report(format_args!("error: cannot start the runtime: {e}"));
                     return ExitCode::FAILURE;
                 }
             };
@@ -149,7 +153,7 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");
-                    eprintln!("error: {e:#}");
+                    logging::report(format_args!("error: {e:#}"));
                     ExitCode::FAILURE
                 }
             }

@@ -169,3 +169,180 @@ async fn acknowledged_jobs_survive_kill_9() {
         "at-least-once: the command ran once per attempt"
     );
 }
+
+/// The server still answers Health, and says it is ready.
+async fn healthy(ch: &Channel) {
+    let health = v1::system_service_client::SystemServiceClient::new(ch.clone())
+        .health(v1::HealthRequest {})
+        .await
+        .expect("Health after the hostile request")
+        .into_inner();
+    assert!(health.ready);
+}
+
+/// Issue 18, case 4: a job writing 20 MB keeps a log of the configured size (head, a note of
+/// the cut, tail), JobLogs sends it in chunks of at most 64 KiB, and the server stays healthy.
+#[tokio::test]
+async fn a_flooding_job_keeps_a_capped_log_streamed_in_small_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, ch) = start(dir.path(), &["--max-job-log-bytes", "1048576"]).await;
+    let mut jobs = JobServiceClient::new(ch.clone());
+    let job = jobs
+        .submit_job(command(
+            "flood",
+            &[
+                "sh",
+                "-c",
+                "echo first; head -c 20000000 /dev/zero | tr '\\0' x; echo; echo last",
+            ],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    wait_for(&mut jobs, &job.id, v1::JobState::Succeeded).await;
+    let mut stream = jobs
+        .job_logs(v1::JobLogsRequest {
+            id: job.id.clone(),
+            follow: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(chunk) = stream.message().await.unwrap() {
+        assert!(chunk.data.len() <= 64 * 1024, "{}", chunk.data.len());
+        out.extend_from_slice(&chunk.data);
+    }
+    let text = String::from_utf8_lossy(&out);
+    assert!(out.len() <= 1024 * 1024 + 200, "{}", out.len());
+    assert!(text.starts_with("first\n") && text.ends_with("\nlast\n"));
+    assert!(text.contains("bytes of this output were cut here"));
+    healthy(&ch).await;
+}
+
+/// Issue 18, case 4: a spec with a 900 KB label is refused at submit, and a default ListJobs
+/// page of large (allowed) jobs stays within its byte budget.
+#[tokio::test]
+async fn large_specs_are_refused_and_pages_stay_small() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, ch) = start(dir.path(), &[]).await;
+    let mut jobs = JobServiceClient::new(ch.clone());
+    let mut req = command("labels", &["true"]);
+    if let Some(spec) = req.spec.as_mut() {
+        spec.labels.insert("big".into(), "x".repeat(900_000));
+    }
+    let err = jobs.submit_job(req).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("label 'big'"), "{}", err.message());
+
+    let mut ids = Vec::new();
+    for i in 0..24 {
+        let mut req = command(&format!("wide-{i}"), &["true"]);
+        if let Some(spec) = req.spec.as_mut() {
+            spec.labels = (0..60)
+                .map(|l| (format!("l{l:02}"), "y".repeat(1000)))
+                .collect();
+        }
+        ids.push(jobs.submit_job(req).await.unwrap().into_inner().id);
+    }
+    let mut token = String::new();
+    let mut seen = Vec::new();
+    loop {
+        let page = jobs
+            .list_jobs(v1::ListJobsRequest {
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let bytes = prost::Message::encoded_len(&page);
+        assert!(bytes < 1200 * 1024, "a page of {bytes} bytes");
+        assert!(page.jobs.len() < 24);
+        seen.extend(page.jobs.into_iter().map(|j| j.id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(seen, ids);
+    healthy(&ch).await;
+}
+
+fn inference(input: &str, output: &str) -> v1::SubmitJobRequest {
+    v1::SubmitJobRequest {
+        spec: Some(v1::JobSpec {
+            name: "embed".into(),
+            kind: Some(v1::job_spec::Kind::Inference(v1::InferenceJob {
+                model: "identity".into(),
+                input_path: input.into(),
+                output_path: output.into(),
+            })),
+            ..Default::default()
+        }),
+    }
+}
+
+/// Issue 18, case 7: inference jobs read and write only under the configured folders; a path
+/// outside them, through "..", or through a symlink is refused with INVALID_ARGUMENT naming the
+/// path and the folders.
+#[tokio::test]
+async fn inference_job_paths_must_lie_under_the_configured_folders() {
+    let dir = tempfile::tempdir().unwrap();
+    let allowed = dir.path().join("in");
+    let out = dir.path().join("out");
+    std::fs::create_dir_all(&allowed).unwrap();
+    std::fs::write(allowed.join("ok.jsonl"), "{\"inputs\": {}}\n").unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", allowed.join("link.jsonl")).unwrap();
+    let (_server, ch) = start(
+        dir.path(),
+        &[
+            "--inference-input-dirs",
+            allowed.to_str().unwrap(),
+            "--inference-output-dir",
+            out.to_str().unwrap(),
+        ],
+    )
+    .await;
+    let mut jobs = JobServiceClient::new(ch.clone());
+    let escape = format!("{}/../../../etc/passwd", allowed.display());
+    let link = allowed.join("link.jsonl");
+    let ok = allowed.join("ok.jsonl");
+    let cases = [
+        ("/etc/passwd", "o.jsonl", "/etc/passwd"),
+        ("/dev/zero", "o.jsonl", "/dev/zero"),
+        (escape.as_str(), "o.jsonl", "../etc/passwd"),
+        (link.to_str().unwrap(), "o.jsonl", "link.jsonl"),
+        (ok.to_str().unwrap(), "/etc/cron.d/x", "/etc/cron.d/x"),
+        (ok.to_str().unwrap(), "../escape.jsonl", "../escape.jsonl"),
+    ];
+    for (input, output, named) in cases {
+        let err = jobs.submit_job(inference(input, output)).await.unwrap_err();
+        assert_eq!(
+            err.code(),
+            tonic::Code::InvalidArgument,
+            "{input} {output}: {err:?}"
+        );
+        assert!(
+            err.message().contains(named) && err.message().contains(out.to_str().unwrap()),
+            "{}",
+            err.message()
+        );
+    }
+    // Inside the folders (a relative path is taken under them) a job is accepted, with its
+    // paths resolved.
+    let job = jobs
+        .submit_job(inference("ok.jsonl", "result.jsonl"))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(v1::job_spec::Kind::Inference(i)) = job.spec.and_then(|s| s.kind) else {
+        panic!("not an inference job");
+    };
+    assert_eq!(Path::new(&i.input_path), ok.canonicalize().unwrap());
+    assert_eq!(
+        Path::new(&i.output_path),
+        out.canonicalize().unwrap().join("result.jsonl")
+    );
+    healthy(&ch).await;
+}

@@ -160,8 +160,128 @@ pub const MAX_RETRIES_LIMIT: u32 = 100;
 /// rather than overflow a clock once the job runs.
 pub const MAX_DEADLINE_SECONDS: u64 = 366 * 24 * 3600;
 
+/// Most labels a job may carry. Labels are stored with the job and sent in every `ListJobs`
+/// page that holds it, so their size bounds the store and the pages (issue 18, case 4).
+pub const MAX_LABELS: usize = 64;
+/// Most bytes of one label's key plus its value.
+pub const MAX_LABEL_BYTES: usize = 1024;
+/// Most environment variables of a command job.
+pub const MAX_ENV_VARS: usize = 256;
+/// Most arguments of a command job (the program included).
+pub const MAX_ARGS: usize = 1024;
+/// Most bytes of a job spec's variable-length text altogether (labels, env, argv, paths, image);
+/// a record stays small enough that a page of them, and the store, stay bounded.
+pub const MAX_SPEC_BYTES: usize = 64 * 1024;
+/// Most bytes of one path, image or model name in a spec (Linux's PATH_MAX).
+pub const MAX_FIELD_BYTES: usize = 4096;
+
 impl JobSpec {
+    /// Bytes of the spec's variable-length text: what its size in the store and on the wire
+    /// grows with.
+    pub fn text_bytes(&self) -> usize {
+        let labels: usize = self.labels.iter().map(|(k, v)| k.len() + v.len()).sum();
+        let kind = match &self.kind {
+            JobKind::Command {
+                image,
+                command,
+                env,
+                working_dir,
+            } => {
+                image.len()
+                    + working_dir.len()
+                    + command.iter().map(String::len).sum::<usize>()
+                    + env.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+            }
+            JobKind::Inference {
+                model,
+                input_path,
+                output_path,
+            } => model.len() + input_path.len() + output_path.len(),
+        };
+        self.name.len()
+            + self.queue.len()
+            + self.priority_class.len()
+            + self.idempotency_key.as_ref().map_or(0, String::len)
+            + labels
+            + kind
+    }
+
+    /// The size limits above: counts first, then each field, then the whole.
+    fn check_sizes(&self) -> Result<(), JobError> {
+        let too = |what: String| Err(JobError::InvalidSpec(what));
+        if self.labels.len() > MAX_LABELS {
+            return too(format!(
+                "{} labels are above the limit of {MAX_LABELS}",
+                self.labels.len()
+            ));
+        }
+        if let Some((k, v)) = self
+            .labels
+            .iter()
+            .find(|(k, v)| k.len() + v.len() > MAX_LABEL_BYTES)
+        {
+            return too(format!(
+                "label '{}' has {} bytes (key and value), above the limit of {MAX_LABEL_BYTES}",
+                k.chars().take(64).collect::<String>(),
+                k.len() + v.len()
+            ));
+        }
+        if let Some(key) = &self.idempotency_key
+            && key.len() > MAX_LABEL_BYTES
+        {
+            return too(format!(
+                "idempotency_key has {} bytes, above the limit of {MAX_LABEL_BYTES}",
+                key.len()
+            ));
+        }
+        let fields: Vec<(&str, &String)> = match &self.kind {
+            JobKind::Command {
+                image,
+                command,
+                env,
+                working_dir,
+            } => {
+                if command.len() > MAX_ARGS {
+                    return too(format!(
+                        "the command has {} arguments, above the limit of {MAX_ARGS}",
+                        command.len()
+                    ));
+                }
+                if env.len() > MAX_ENV_VARS {
+                    return too(format!(
+                        "{} environment variables are above the limit of {MAX_ENV_VARS}",
+                        env.len()
+                    ));
+                }
+                vec![("image", image), ("working_dir", working_dir)]
+            }
+            JobKind::Inference {
+                model,
+                input_path,
+                output_path,
+            } => vec![
+                ("model", model),
+                ("input_path", input_path),
+                ("output_path", output_path),
+            ],
+        };
+        if let Some((what, v)) = fields.iter().find(|(_, v)| v.len() > MAX_FIELD_BYTES) {
+            return too(format!(
+                "{what} has {} bytes, above the limit of {MAX_FIELD_BYTES}",
+                v.len()
+            ));
+        }
+        let total = self.text_bytes();
+        if total > MAX_SPEC_BYTES {
+            return too(format!(
+                "the spec's labels, env, command and paths have {total} bytes, above the limit of {MAX_SPEC_BYTES}"
+            ));
+        }
+        Ok(())
+    }
+
     pub fn validate(&self) -> Result<(), JobError> {
+        self.check_sizes()?;
         check_name("name", &self.name)?;
         check_name("queue", &self.queue)?;
         if !self.priority_class.is_empty() {
@@ -301,5 +421,59 @@ mod tests {
         assert!(s.validate().is_ok());
         s.deadline_seconds = Some(0);
         assert!(s.validate().is_err());
+    }
+
+    #[test]
+    fn oversized_specs_are_refused_by_limit() {
+        let refused = |s: &JobSpec, needle: &str| {
+            let err = s.validate().unwrap_err().to_string();
+            assert!(err.contains(needle), "{err}");
+        };
+        let mut s = spec();
+        s.labels = (0..=MAX_LABELS)
+            .map(|i| (format!("k{i}"), "v".into()))
+            .collect();
+        refused(&s, "labels are above the limit");
+        let mut s = spec();
+        s.labels.insert("big".into(), "x".repeat(900_000));
+        refused(&s, "label 'big' has 900003 bytes");
+        let mut s = spec();
+        let many = |n: usize| (0..n).map(|i| i.to_string()).collect::<Vec<_>>();
+        s.kind = JobKind::Command {
+            image: String::new(),
+            command: many(MAX_ARGS + 1),
+            env: BTreeMap::new(),
+            working_dir: String::new(),
+        };
+        refused(&s, "arguments, above the limit");
+        s.kind = JobKind::Command {
+            image: String::new(),
+            command: vec!["x".repeat(MAX_SPEC_BYTES)],
+            env: BTreeMap::new(),
+            working_dir: String::new(),
+        };
+        refused(&s, "bytes, above the limit of 65536");
+        s.kind = JobKind::Command {
+            image: String::new(),
+            command: vec!["true".into()],
+            env: many(MAX_ENV_VARS + 1)
+                .into_iter()
+                .map(|k| (k, String::new()))
+                .collect(),
+            working_dir: String::new(),
+        };
+        refused(&s, "environment variables are above");
+        s.kind = JobKind::Inference {
+            model: "m".into(),
+            input_path: "/".repeat(MAX_FIELD_BYTES + 1),
+            output_path: "o".into(),
+        };
+        refused(&s, "input_path has 4097 bytes");
+        // At the limits a spec passes.
+        let mut s = spec();
+        s.labels = (0..MAX_LABELS)
+            .map(|i| (format!("k{i}"), "v".repeat(500)))
+            .collect();
+        assert!(s.validate().is_ok());
     }
 }

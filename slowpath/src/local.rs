@@ -11,10 +11,15 @@
 //! with the coordinator's environment plus the job's `env`, in the job's `working_dir` (the
 //! coordinator's own when empty).
 //!
+//! Output goes through a pipe to a copier task per stream, which keeps at most `max_log_bytes`
+//! of it in the file: the first half as it comes (so `logs --follow` shows it live), the last
+//! half in memory, and at the attempt's end a line saying how many bytes were cut, then that
+//! tail. A job writing without end therefore costs a bounded file and bounded memory.
+//!
 //! It does not adopt: after a restart of the coordinator, a job that was running runs again
 //! (the old process group, no longer the coordinator's child, is not found again).
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
@@ -22,6 +27,8 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use parking_lot::Mutex;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeekExt};
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -31,10 +38,23 @@ use crate::executor::{Execution, Executor, LogChunk, LogSource, LogStream};
 /// How often a followed log file is read again.
 const LOG_POLL: Duration = Duration::from_millis(200);
 
+/// The most bytes one [`LogChunk`] of [`LocalExecutor`]'s logs holds: a reader never holds a
+/// whole log in memory, and a gRPC message stays far below any client's limit.
+pub const LOG_CHUNK_BYTES: usize = 64 * 1024;
+
+/// The default of [`LocalExecutor::with_max_log_bytes`].
+pub const DEFAULT_MAX_LOG_BYTES: u64 = 16 * 1024 * 1024;
+
+/// How long the copiers may go on draining output once the attempt's process group is gone:
+/// a process that left the group (setsid) may hold the pipe open forever.
+const DRAIN_GRACE: Duration = Duration::from_secs(2);
+
 /// Runs command jobs as local processes; see the module documentation.
 #[derive(Clone, Debug)]
 pub struct LocalExecutor {
     jobs_dir: PathBuf,
+    /// Bytes kept of each of an attempt's two outputs.
+    max_log_bytes: u64,
     /// The attempts running now, as (job id, attempt): a followed log ends with its attempt.
     live: Arc<Mutex<HashSet<(String, u32)>>>,
 }
@@ -44,8 +64,16 @@ impl LocalExecutor {
     pub fn new(jobs_dir: impl Into<PathBuf>) -> Self {
         Self {
             jobs_dir: jobs_dir.into(),
+            max_log_bytes: DEFAULT_MAX_LOG_BYTES,
             live: Arc::default(),
         }
+    }
+
+    /// Keeps at most `bytes` of each of an attempt's stdout and stderr (head and tail, see the
+    /// module documentation); at least 2 bytes.
+    pub fn with_max_log_bytes(mut self, bytes: u64) -> Self {
+        self.max_log_bytes = bytes.max(2);
+        self
     }
 
     pub fn jobs_dir(&self) -> &Path {
@@ -93,17 +121,27 @@ impl LocalExecutor {
         cmd.args(args)
             .envs(&run.env)
             .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(stderr)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
         if !run.working_dir.is_empty() {
             cmd.current_dir(&run.working_dir);
         }
-        let child = cmd.spawn().map_err(|source| ExecError::Spawn {
+        let mut child = cmd.spawn().map_err(|source| ExecError::Spawn {
             program: program.clone(),
             source,
         })?;
+        let stop = CancellationToken::new();
+        let mut copiers = Vec::new();
+        if let Some(pipe) = child.stdout.take() {
+            let log = CappedLog::new(stdout, self.max_log_bytes);
+            copiers.push(tokio::spawn(copy_capped(pipe, log, stop.clone())));
+        }
+        if let Some(pipe) = child.stderr.take() {
+            let log = CappedLog::new(stderr, self.max_log_bytes);
+            copiers.push(tokio::spawn(copy_capped(pipe, log, stop.clone())));
+        }
         // The child is its own group's leader: its pid is the group id. A child not yet waited
         // for always has one.
         let pgid = child.id().ok_or_else(|| {
@@ -117,6 +155,8 @@ impl LocalExecutor {
             pgid,
             // A deadline too far to represent is no deadline (never a panic in the runner).
             deadline: run.deadline.and_then(|d| Instant::now().checked_add(d)),
+            copiers,
+            stop_copiers: stop,
             live: LiveGuard {
                 set: self.live.clone(),
                 key,
@@ -142,6 +182,9 @@ struct LocalExecution {
     child: tokio::process::Child,
     pgid: u32,
     deadline: Option<Instant>,
+    /// The tasks copying stdout and stderr into the log files.
+    copiers: Vec<JoinHandle<()>>,
+    stop_copiers: CancellationToken,
     live: LiveGuard,
 }
 
@@ -159,6 +202,7 @@ impl LocalExecution {
                 let status = status.map_err(ExecError::Wait)?;
                 // Whatever the command left running in its group goes with it.
                 kill_group(pgid).await;
+                self.finish_logs().await;
                 return Ok(outcome_of(status));
             }
             () = cancel.cancelled() => Outcome::Cancelled,
@@ -168,8 +212,116 @@ impl LocalExecution {
         kill_group(pgid).await;
         let _ = self.child.start_kill();
         self.child.wait().await.map_err(ExecError::Wait)?;
+        self.finish_logs().await;
         tracing::debug!(job = %self.live.key.0, attempt = self.live.key.1, ?outcome, "killed");
         Ok(outcome)
+    }
+
+    /// Waits for the copiers to write the logs' ends (before the attempt leaves the live set,
+    /// so a follower's last read sees them); after [`DRAIN_GRACE`] they are told to stop.
+    async fn finish_logs(&mut self) {
+        let mut copiers = std::mem::take(&mut self.copiers);
+        let all = futures::future::join_all(copiers.iter_mut());
+        if tokio::time::timeout(DRAIN_GRACE, all).await.is_err() {
+            self.stop_copiers.cancel();
+            futures::future::join_all(copiers).await;
+        }
+    }
+}
+
+/// One output of an attempt, kept to a size: the head is written through, the tail is kept in
+/// memory and written with a note of what was cut by [`CappedLog::finish`].
+struct CappedLog {
+    file: std::fs::File,
+    head_left: u64,
+    tail: VecDeque<u8>,
+    tail_cap: usize,
+    cut: u64,
+}
+
+impl CappedLog {
+    fn new(file: std::fs::File, max: u64) -> Self {
+        let head = max / 2;
+        CappedLog {
+            file,
+            head_left: head,
+            tail: VecDeque::new(),
+            // On 32-bit targets a cap beyond memory is cut to what can be addressed.
+            tail_cap: usize::try_from(max - head).unwrap_or(usize::MAX),
+            cut: 0,
+        }
+    }
+
+    fn write(&mut self, mut data: &[u8]) -> std::io::Result<()> {
+        use std::io::Write as _;
+        if self.head_left > 0 {
+            let n = data
+                .len()
+                .min(usize::try_from(self.head_left).unwrap_or(usize::MAX));
+            self.file.write_all(&data[..n])?;
+            self.head_left -= n as u64;
+            data = &data[n..];
+        }
+        if data.is_empty() {
+            return Ok(());
+        }
+        if data.len() >= self.tail_cap {
+            self.cut += (self.tail.len() + data.len() - self.tail_cap) as u64;
+            self.tail.clear();
+            self.tail.extend(&data[data.len() - self.tail_cap..]);
+        } else {
+            let over = (self.tail.len() + data.len()).saturating_sub(self.tail_cap);
+            self.tail.drain(..over);
+            self.cut += over as u64;
+            self.tail.extend(data);
+        }
+        Ok(())
+    }
+
+    fn finish(mut self) -> std::io::Result<()> {
+        use std::io::Write as _;
+        if self.cut > 0 {
+            writeln!(
+                self.file,
+                "\n[veraltheim: {} bytes of this output were cut here (jobs.max_log_bytes)]",
+                self.cut
+            )?;
+        }
+        let (a, b) = self.tail.as_slices();
+        self.file.write_all(a)?;
+        self.file.write_all(b)?;
+        self.file.flush()
+    }
+}
+
+/// Copies `pipe` into `log` until the end of the output or `stop`, then writes the log's end.
+/// A write error (disk full) ends the copy; the pipe is still drained so the job does not block
+/// on a full pipe.
+async fn copy_capped(
+    mut pipe: impl AsyncRead + Unpin,
+    mut log: CappedLog,
+    stop: CancellationToken,
+) {
+    let mut buf = vec![0u8; LOG_CHUNK_BYTES];
+    let mut failed = false;
+    loop {
+        let n = tokio::select! {
+            n = pipe.read(&mut buf) => n,
+            () = stop.cancelled() => break,
+        };
+        match n {
+            Ok(0) | Err(_) => break,
+            Ok(n) if !failed => {
+                if let Err(e) = log.write(&buf[..n]) {
+                    tracing::warn!(error = %e, "a job's log cannot be written; its output is dropped");
+                    failed = true;
+                }
+            }
+            Ok(_) => {}
+        }
+    }
+    if !failed && let Err(e) = log.finish() {
+        tracing::warn!(error = %e, "the end of a job's log cannot be written");
     }
 }
 
@@ -220,10 +372,9 @@ impl Executor for LocalExecutor {
                 async move {
                     loop {
                         for (path, offset, source) in files.iter_mut() {
-                            let data = tokio::fs::read(&*path).await.unwrap_or_default();
-                            if (data.len() as u64) > *offset {
-                                let chunk = data[*offset as usize..].to_vec();
-                                *offset = data.len() as u64;
+                            let chunk = read_chunk(path, *offset).await;
+                            if !chunk.is_empty() {
+                                *offset += chunk.len() as u64;
                                 let chunk = LogChunk {
                                     source: *source,
                                     data: chunk,
@@ -244,6 +395,21 @@ impl Executor for LocalExecutor {
             },
         ))
     }
+}
+
+/// Up to [`LOG_CHUNK_BYTES`] of the file at `path` from `offset`; empty when there is nothing
+/// more (or no file yet).
+async fn read_chunk(path: &Path, offset: u64) -> Vec<u8> {
+    let read = async {
+        let mut file = tokio::fs::File::open(path).await?;
+        file.seek(std::io::SeekFrom::Start(offset)).await?;
+        let mut data = Vec::new();
+        file.take(LOG_CHUNK_BYTES as u64)
+            .read_to_end(&mut data)
+            .await?;
+        Ok::<_, std::io::Error>(data)
+    };
+    read.await.unwrap_or_default()
 }
 
 fn outcome_of(status: ExitStatus) -> Outcome {
@@ -272,6 +438,7 @@ async fn kill_group(pgid: u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures::StreamExt as _;
 
     fn sh(script: &str) -> Vec<String> {
         vec!["sh".into(), "-c".into(), script.into()]
@@ -330,6 +497,43 @@ mod tests {
         let canonical = work.path().canonicalize().unwrap();
         assert_eq!(out, format!("out hello\n{}\n", canonical.display()));
         assert_eq!(std::fs::read_to_string(err).unwrap(), "err\n");
+    }
+
+    #[tokio::test]
+    async fn a_log_keeps_its_head_and_tail_and_says_what_was_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let exec = LocalExecutor::new(dir.path()).with_max_log_bytes(64 * 1024);
+        // 2 MB of numbered lines on stdout, a short line on stderr.
+        let r = run(
+            "big",
+            sh("seq 1 300000 | sed 's/^/line /'; echo done; echo small >&2"),
+        );
+        let outcome = within(exec.run(&r, &CancellationToken::new()))
+            .await
+            .unwrap();
+        assert_eq!(outcome, Outcome::Exited(0));
+        let (out, err) = exec.log_paths("big", 1);
+        let out = std::fs::read_to_string(out).unwrap();
+        assert!(out.len() < 64 * 1024 + 200, "{}", out.len());
+        assert!(out.starts_with("line 1\nline 2\n"), "{}", &out[..40]);
+        assert!(out.ends_with("line 300000\ndone\n"));
+        assert!(
+            out.contains("bytes of this output were cut here (jobs.max_log_bytes)]"),
+            "no note of the cut"
+        );
+        assert_eq!(std::fs::read_to_string(err).unwrap(), "small\n");
+
+        // Read back in bounded chunks that add up to the file.
+        let chunks: Vec<_> = exec.logs("big", 1, false).collect().await;
+        let mut stdout = Vec::new();
+        for c in chunks {
+            let c = c.unwrap();
+            assert!(c.data.len() <= LOG_CHUNK_BYTES);
+            if c.source == LogSource::Stdout {
+                stdout.extend(c.data);
+            }
+        }
+        assert_eq!(String::from_utf8(stdout).unwrap(), out);
     }
 
     #[tokio::test]

@@ -67,6 +67,12 @@ pub struct Expired {
 pub const DEFAULT_PAGE_SIZE: usize = 100;
 /// The largest page of [`JobStore::list`]; larger requests are cut to it.
 pub const MAX_PAGE_SIZE: usize = 1000;
+/// The most bytes of jobs (their specs' text and reasons, see [`JobRecord::wire_bytes`]) one
+/// page of [`JobStore::list`] holds: a page ends at this many bytes or at its size, whichever
+/// comes first, so a few jobs with large labels cannot make every page too large for a client
+/// to receive (gRPC clients refuse messages above 4 MiB by default). A page always holds at
+/// least one job, so a job larger than the budget (stored before the spec limits) still lists.
+pub const MAX_PAGE_BYTES: usize = 1024 * 1024;
 
 /// Why an attempt failed: the job's own failure (a non-zero exit code) or the infrastructure's
 /// (the process could not start, the coordinator restarted, a pod was evicted). The two are
@@ -109,6 +115,14 @@ pub struct JobRecord {
     /// In RETRY_WAIT: when the job may be queued again.
     pub retry_at_ms: Option<u64>,
     pub history: Vec<HistoryEntry>,
+}
+
+impl JobRecord {
+    /// About the bytes this job takes in a `ListJobs` answer: its spec's text, its reason and a
+    /// fixed allowance for the numbers and field tags.
+    pub fn wire_bytes(&self) -> usize {
+        self.spec.text_bytes() + self.reason.len() + self.id.len() + 128
+    }
 }
 
 /// One state change asked of [`JobStore::update`].
@@ -375,6 +389,7 @@ impl<S: Store> JobStore<S> {
         }
         let mut after = filter.page_token.clone();
         let mut page = Vec::new();
+        let mut page_bytes = 0usize;
         let chunk = page_size.max(64);
         loop {
             let lower = if after.is_empty() {
@@ -387,6 +402,13 @@ impl<S: Store> JobStore<S> {
             for (id, rec) in rows {
                 after = id;
                 if filter.matches(&rec) {
+                    let bytes = rec.wire_bytes();
+                    if !page.is_empty() && page_bytes.saturating_add(bytes) > MAX_PAGE_BYTES {
+                        // This job opens the next page: the token is the last id of this one.
+                        let last = page.last().map(|r: &JobRecord| r.id.clone());
+                        return Ok((page, last));
+                    }
+                    page_bytes = page_bytes.saturating_add(bytes);
                     page.push(rec);
                     if page.len() == page_size {
                         return Ok((page, Some(after)));
@@ -723,6 +745,34 @@ pub(crate) mod tests {
     async fn get_of_unknown_id_is_not_found() {
         let err = mem().get("nope").unwrap_err();
         assert_eq!(err.to_string(), "no job with id 'nope'");
+    }
+
+    #[tokio::test]
+    async fn pages_are_bounded_by_bytes_as_well_as_count() {
+        let store = mem();
+        let mut ids = Vec::new();
+        for i in 0..40 {
+            let mut s = spec(&format!("j{i}"), "q");
+            // 60 labels of 1000 bytes: near the spec limit, ~60 KB a job.
+            s.labels = (0..60)
+                .map(|l| (format!("l{l:02}"), "x".repeat(996)))
+                .collect();
+            ids.push(store.submit(s).await.unwrap().id);
+        }
+        let mut filter = ListFilter::default();
+        let mut seen = Vec::new();
+        loop {
+            let (page, next) = store.list(&filter).unwrap();
+            let bytes: usize = page.iter().map(JobRecord::wire_bytes).sum();
+            assert!(bytes <= MAX_PAGE_BYTES, "{bytes}");
+            assert!(!page.is_empty() && page.len() < 40, "{}", page.len());
+            seen.extend(page.into_iter().map(|r| r.id));
+            match next {
+                Some(t) => filter.page_token = t,
+                None => break,
+            }
+        }
+        assert_eq!(seen, ids);
     }
 
     #[tokio::test]

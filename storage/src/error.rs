@@ -69,6 +69,15 @@ pub enum StorageError {
         /// The queue bound.
         limit: usize,
     },
+    /// The disk holding the store is full (ENOSPC, or a quota): nothing was written. The store
+    /// reopens its file by itself at the next commit, so writes succeed again once space is free.
+    #[error("the disk holding the store is full ({action}: {message}); free space and retry")]
+    Full {
+        /// What it was doing.
+        action: &'static str,
+        /// The system's own words.
+        message: String,
+    },
     /// The store was closed; nothing more can be written.
     #[error("the store is closed")]
     Closed,
@@ -81,4 +90,37 @@ impl StorageError {
             message: error.to_string(),
         }
     }
+
+    /// A redb error, told apart: a full disk is [`StorageError::Full`], anything else a
+    /// backend failure.
+    pub(crate) fn from_redb(action: &'static str, error: impl Into<redb::Error>) -> Self {
+        let error: redb::Error = error.into();
+        match &error {
+            redb::Error::Io(io) if is_disk_full(io) => Self::Full {
+                action,
+                message: io.to_string(),
+            },
+            _ => Self::backend(action, error),
+        }
+    }
+
+    /// Whether the database's file may be unusable after this error until it is reopened
+    /// (redb refuses every later transaction after a failed write: "previous I/O error").
+    pub(crate) fn needs_reopen(&self) -> bool {
+        match self {
+            Self::Full { .. } => true,
+            Self::Backend { message, .. } => {
+                message.contains("I/O error") || message.contains("Previous I/O error")
+            }
+            _ => false,
+        }
+    }
+}
+
+/// ENOSPC, or EDQUOT (a quota is a full disk for this user).
+fn is_disk_full(error: &std::io::Error) -> bool {
+    const ENOSPC: i32 = 28;
+    const EDQUOT: i32 = 122;
+    error.kind() == std::io::ErrorKind::StorageFull
+        || matches!(error.raw_os_error(), Some(ENOSPC | EDQUOT))
 }

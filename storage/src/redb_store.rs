@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc};
 use std::thread;
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use redb::{Database, ReadableDatabase, TableDefinition, TableError};
 use tokio::sync::oneshot;
 
@@ -84,7 +84,10 @@ struct Shared {
 /// One process may open a file at a time. Dropping the store (or [`RedbStore::close`]) commits
 /// what is queued and closes the file, blocking the dropping thread until then.
 pub struct RedbStore {
-    db: Arc<Database>,
+    /// The open database, shared with the committer, which replaces it after an I/O failure
+    /// (redb poisons a database after one: every later transaction fails until it is reopened);
+    /// `None` while a reopen has not yet succeeded.
+    db: Arc<RwLock<Option<Arc<Database>>>>,
     path: PathBuf,
     options: StoreOptions,
     shared: Arc<Shared>,
@@ -109,11 +112,13 @@ impl RedbStore {
             path: path.to_owned(),
             source,
         })?;
-        let db = Arc::new(db);
+        let db = Arc::new(RwLock::new(Some(Arc::new(db))));
         let shared = Arc::new(Shared::default());
         let (requests, inbox) = mpsc::channel();
         let committer = Committer {
             db: Arc::clone(&db),
+            path: path.to_owned(),
+            poisoned: false,
             shared: Arc::clone(&shared),
             options: options.clone(),
             sequence: 0,
@@ -188,8 +193,10 @@ impl RedbStore {
         ) -> Result<T, redb::StorageError>,
     ) -> Result<T, StorageError> {
         check_table_name(table)?;
-        let txn = self
-            .db
+        let db = self.db.read().clone().ok_or_else(|| {
+            StorageError::backend("read", "the store is being reopened after a write failure")
+        })?;
+        let txn = db
             .begin_read()
             .map_err(|error| StorageError::backend("begin a read transaction", error))?;
         match txn.open_table(definition(table)) {
@@ -270,7 +277,10 @@ impl std::fmt::Debug for RedbStore {
 
 /// The single writer: merges queued batches into group commits.
 struct Committer {
-    db: Arc<Database>,
+    db: Arc<RwLock<Option<Arc<Database>>>>,
+    path: PathBuf,
+    /// A write failed with an I/O error: the database must be reopened before the next write.
+    poisoned: bool,
     shared: Arc<Shared>,
     options: StoreOptions,
     sequence: u64,
@@ -338,11 +348,55 @@ impl Committer {
         }
     }
 
-    fn write(&self, batches: &[&Batch], durability: Durability) -> Result<(), StorageError> {
-        let mut txn = self
+    /// Closes and reopens the database file after an I/O failure. redb opens a file once per
+    /// process, so the old handle must be gone first: a read in flight still holds it, hence a
+    /// few short waits; if it is still held, the next write tries again.
+    fn reopen(&mut self) -> Result<(), StorageError> {
+        let mut slot = self.db.write();
+        if let Some(mut old) = slot.take() {
+            for _ in 0..50 {
+                match Arc::try_unwrap(old) {
+                    Ok(db) => {
+                        drop(db);
+                        break;
+                    }
+                    Err(shared) => {
+                        old = shared;
+                        thread::sleep(std::time::Duration::from_millis(2));
+                    }
+                }
+            }
+        }
+        let db = Database::create(&self.path)
+            .map_err(|error| StorageError::from_redb("reopen the database", error))?;
+        *slot = Some(Arc::new(db));
+        self.poisoned = false;
+        tracing::info!(path = %self.path.display(), "the store reopened its file after a write failure");
+        Ok(())
+    }
+
+    fn write(&mut self, batches: &[&Batch], durability: Durability) -> Result<(), StorageError> {
+        if self.poisoned {
+            self.reopen()?;
+        }
+        let result = self.try_write(batches, durability);
+        if let Err(error) = &result
+            && error.needs_reopen()
+        {
+            self.poisoned = true;
+        }
+        result
+    }
+
+    fn try_write(&self, batches: &[&Batch], durability: Durability) -> Result<(), StorageError> {
+        let db = self
             .db
+            .read()
+            .clone()
+            .ok_or_else(|| StorageError::backend("write", "the store is not open"))?;
+        let mut txn = db
             .begin_write()
-            .map_err(|error| StorageError::backend("begin a write transaction", error))?;
+            .map_err(|error| StorageError::from_redb("begin a write transaction", error))?;
         txn.set_durability(match durability {
             Durability::Immediate => redb::Durability::Immediate,
             Durability::Eventual => redb::Durability::None,
@@ -354,7 +408,7 @@ impl Committer {
                 let name = op.table();
                 if open.as_ref().is_none_or(|(current, _)| *current != name) {
                     let table = txn.open_table(definition(name)).map_err(|error| {
-                        StorageError::backend("open a table for writing", error)
+                        StorageError::from_redb("open a table for writing", error)
                     })?;
                     open = Some((name, table));
                 }
@@ -367,11 +421,11 @@ impl Committer {
                     }
                     Op::Delete { key, .. } => table.remove(key.as_slice()).map(drop),
                 };
-                applied.map_err(|error| StorageError::backend("write", error))?;
+                applied.map_err(|error| StorageError::from_redb("write", error))?;
             }
         }
         txn.commit()
-            .map_err(|error| StorageError::backend("commit", error))
+            .map_err(|error| StorageError::from_redb("commit", error))
     }
 }
 
@@ -426,5 +480,73 @@ mod tests {
             commits.push(commit.await.expect("commits").commit);
         }
         assert_eq!(commits, vec![1, 1, 1, 1, 2, 2, 2, 2, 3, 3]);
+    }
+
+    /// Unmounts the tmpfs when the test ends, however it ends.
+    struct Mounted(PathBuf);
+
+    impl Drop for Mounted {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+
+    /// Issue 18, case 6: a full disk is [`StorageError::Full`] (not a "close and re-open the
+    /// database" failure), and once space is free the next commit succeeds without a restart.
+    /// Needs root to mount a 2 MiB tmpfs; elsewhere it says so and passes.
+    #[tokio::test]
+    async fn a_full_disk_is_reported_and_the_store_recovers_once_space_is_free() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mount = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
+            .arg(dir.path())
+            .output();
+        if !mount.as_ref().is_ok_and(|o| o.status.success()) {
+            eprintln!("skipped: cannot mount a tmpfs here (not root?): {mount:?}");
+            return;
+        }
+        let _mounted = Mounted(dir.path().to_owned());
+        let store =
+            RedbStore::open(dir.path().join("s.redb"), StoreOptions::default()).expect("opens");
+        let put = |n: u8, bytes: usize| {
+            let mut batch = Batch::new();
+            batch
+                .put_raw("t", vec![n], vec![n; bytes])
+                .expect("valid table");
+            batch
+        };
+        store.commit(put(0, 1000)).await.expect("room at first");
+        // Fill what is left of the disk.
+        let filler = dir.path().join("filler");
+        {
+            use std::io::Write as _;
+            let mut f = std::fs::File::create(&filler).expect("filler");
+            let block = vec![0u8; 4096];
+            while f.write_all(&block).is_ok() {}
+        }
+        let mut full = None;
+        for n in 1..20u8 {
+            match store.commit(put(n, 256 * 1024)).await {
+                Ok(_) => {}
+                Err(e) => {
+                    full = Some(e);
+                    break;
+                }
+            }
+        }
+        let full = full.expect("a write on a full disk fails");
+        assert!(matches!(full, StorageError::Full { .. }), "{full}");
+        assert!(!full.to_string().contains("re-open"), "{full}");
+        // Still full: still Full, never poisoned for good.
+        let again = store.commit(put(30, 256 * 1024)).await.unwrap_err();
+        assert!(matches!(again, StorageError::Full { .. }), "{again}");
+
+        std::fs::remove_file(&filler).expect("free the space");
+        store
+            .commit(put(31, 1000))
+            .await
+            .expect("commits once space is free");
+        assert_eq!(store.get("t", &[31]).expect("reads"), Some(vec![31; 1000]));
+        assert_eq!(store.get("t", &[0]).expect("reads"), Some(vec![0; 1000]));
     }
 }

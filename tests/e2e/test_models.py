@@ -263,7 +263,10 @@ model_warmup [ {
 def test_batch_inference_jobs_run_through_the_model_with_progress(server_factory, minilm_repo, tmp_path):
     """`jobs submit --model --input --output`: JSON lines in, JSON lines out, in input order, a
     bad line reported in place without failing the job; the job reaches SUCCEEDED."""
-    srv = server_factory(["--load-model", "identity"], models_dir=minilm_repo)
+    # Inference jobs read and write only under the configured folders (issue 18, case 7).
+    srv = server_factory(["--load-model", "identity",
+                          "--inference-input-dirs", str(tmp_path),
+                          "--inference-output-dir", str(tmp_path)], models_dir=minilm_repo)
     items = REFERENCE["items"][:5]
     src = tmp_path / "in.jsonl"
     src.write_text(
