@@ -69,3 +69,56 @@ def test_a_deadline_past_any_clock_is_refused_at_submit(server):
     )
     assert watched.returncode == 0, watched.stdout + watched.stderr
     still_serves(server)
+
+
+def test_a_log_reader_that_goes_away_does_not_kill_the_server(tmp_path):
+    """`veraltheim serve 2>&1 | head -c 100` aborted the server (SIGABRT) once `head` exited and
+    the next log line met a closed pipe. Now the line is dropped and counted."""
+    import socket
+    import time
+    import urllib.request
+
+    import tritonclient.grpc as grpcclient
+
+    def port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    grpc_port, http_port = port(), port()
+    proc = subprocess.Popen(
+        [str(binary_path()), "serve", "--grpc-addr", f"127.0.0.1:{grpc_port}",
+         "--http-addr", f"127.0.0.1:{http_port}", "--data-dir", str(tmp_path / "data"),
+         "--model-repository", str(tmp_path / "models"), "--load-model", "identity",
+         "--log-level", "debug"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    try:
+        proc.stdout.read(100)  # what `head -c 100` does...
+        proc.stdout.close()    # ...before it exits
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+        deadline = time.monotonic() + 60
+
+        def ready() -> bool:
+            try:
+                return client.is_server_ready()
+            except Exception:  # not listening yet
+                return False
+
+        while not ready():
+            assert proc.poll() is None, f"the server died: exit {proc.returncode}"
+            assert time.monotonic() < deadline, "never ready"
+            time.sleep(0.1)
+        # Plenty of log lines, every one of them into the closed pipe.
+        for _ in range(5):
+            client.unload_model("identity")
+            client.load_model("identity")
+        out = infer_fp32(client, "identity", np.ones((1, 4), np.float32))
+        assert out.tolist() == [[1.0, 1.0, 1.0, 1.0]]
+        assert proc.poll() is None, f"the server died: exit {proc.returncode}"
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=5).read().decode()
+        dropped = [l for l in metrics.splitlines() if l.startswith("veraltheim_log_lines_dropped_total")]
+        assert dropped and float(dropped[0].split()[-1]) > 0, dropped
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
