@@ -156,16 +156,28 @@ fn kserve_typed(
 
 /// The tensors of a KServe request, raw or typed.
 /// Inputs that name a shared-memory region (`shared_memory_region`, …) are read from it and
-/// have no entry in `raw`.
+/// have no entry in `raw`; together they may take at most `max_shm_bytes`, checked before
+/// anything is copied (bytes in the message itself are bounded by the message size).
 pub fn kserve_inputs(
     inputs: Vec<InferInputTensor>,
     raw: Vec<Bytes>,
     shm: &SharedMemory,
+    max_shm_bytes: u64,
 ) -> Result<Vec<Tensor>, Status> {
     let places = inputs
         .iter()
         .map(|i| shm_ref("input", &i.name, &i.parameters))
         .collect::<Result<Vec<_>, _>>()?;
+    let from_shm = places
+        .iter()
+        .flatten()
+        .try_fold(0u64, |sum, p| sum.checked_add(p.byte_size));
+    if from_shm.is_none_or(|bytes| bytes > max_shm_bytes) {
+        return Err(invalid(format!(
+            "the request's shared-memory inputs ask for {} bytes, more than limits.max_request_bytes ({max_shm_bytes})",
+            from_shm.map_or_else(|| "more than 2^64".to_string(), |b| b.to_string())
+        )));
+    }
     let in_request = places.iter().filter(|p| p.is_none()).count();
     if !raw.is_empty() && raw.len() != in_request {
         return Err(invalid(format!(
@@ -466,12 +478,55 @@ mod tests {
     }
 
     #[test]
+    fn shared_memory_inputs_over_the_request_limit_are_refused_before_any_read() {
+        use kserve::infer_parameter::ParameterChoice;
+        let in_shm = |name: &str, bytes: u64| {
+            let mut i = input(name, "FP32", vec![1, 2]);
+            let param = |c| kserve::InferParameter {
+                parameter_choice: Some(c),
+            };
+            i.parameters.insert(
+                "shared_memory_region".into(),
+                param(ParameterChoice::StringParam("r".into())),
+            );
+            i.parameters.insert(
+                "shared_memory_byte_size".into(),
+                param(ParameterChoice::Uint64Param(bytes)),
+            );
+            i
+        };
+        // The server does not even allow shared memory here: reaching the read would be
+        // PERMISSION_DENIED, so INVALID_ARGUMENT shows the sizes were checked first.
+        let shm = SharedMemory::new(false);
+        let err =
+            kserve_inputs(vec![in_shm("a", 60), in_shm("b", 60)], vec![], &shm, 100).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+        assert!(err.message().contains("limits.max_request_bytes"), "{err}");
+        let err = kserve_inputs(
+            vec![in_shm("a", u64::MAX), in_shm("b", 2)],
+            vec![],
+            &shm,
+            100,
+        )
+        .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+        let err =
+            kserve_inputs(vec![in_shm("a", 40), in_shm("b", 60)], vec![], &shm, 100).unwrap_err();
+        assert_ne!(
+            err.code(),
+            tonic::Code::InvalidArgument,
+            "within the limit: {err}"
+        );
+    }
+
+    #[test]
     fn raw_and_typed_agree() {
         let raw: Vec<u8> = [1.0f32, 2.0].iter().flat_map(|v| v.to_le_bytes()).collect();
         let a = kserve_inputs(
             vec![input("x", "FP32", vec![1, 2])],
             vec![Bytes::from(raw)],
             &SharedMemory::new(false),
+            u64::MAX,
         )
         .unwrap();
         let mut typed = input("x", "FP32", vec![1, 2]);
@@ -479,7 +534,7 @@ mod tests {
             fp32_contents: vec![1.0, 2.0],
             ..Default::default()
         });
-        let b = kserve_inputs(vec![typed], vec![], &SharedMemory::new(false)).unwrap();
+        let b = kserve_inputs(vec![typed], vec![], &SharedMemory::new(false), u64::MAX).unwrap();
         assert_eq!(a, b);
     }
 
@@ -520,7 +575,7 @@ mod tests {
             ),
         ];
         for (inputs, raw, want) in cases {
-            let err = kserve_inputs(inputs, raw, &SharedMemory::new(false)).unwrap_err();
+            let err = kserve_inputs(inputs, raw, &SharedMemory::new(false), u64::MAX).unwrap_err();
             assert_eq!(err.code(), tonic::Code::InvalidArgument);
             assert!(
                 err.message().contains(want),
@@ -540,14 +595,14 @@ mod tests {
             int_contents: vec![1, 300],
             ..Default::default()
         });
-        let err = kserve_inputs(vec![t], vec![], &SharedMemory::new(false)).unwrap_err();
+        let err = kserve_inputs(vec![t], vec![], &SharedMemory::new(false), u64::MAX).unwrap_err();
         assert!(err.message().contains("300"), "{}", err.message());
         let mut t = input("i", "INT8", vec![2]);
         t.contents = Some(kserve::InferTensorContents {
             fp32_contents: vec![1.0, 2.0],
             ..Default::default()
         });
-        let err = kserve_inputs(vec![t], vec![], &SharedMemory::new(false)).unwrap_err();
+        let err = kserve_inputs(vec![t], vec![], &SharedMemory::new(false), u64::MAX).unwrap_err();
         assert!(err.message().contains("int_contents"), "{}", err.message());
     }
 

@@ -49,6 +49,7 @@ fn to_call(
     deadline: Option<Instant>,
     received: Instant,
     shm: &SharedMemory,
+    max_shm_bytes: u64,
 ) -> Result<(InferCall, Vec<(String, ShmRef)>), Status> {
     let mut priority = 0;
     let mut timeout = None;
@@ -81,7 +82,7 @@ fn to_call(
             _ => {}
         }
     }
-    let inputs = kserve_inputs(req.inputs, req.raw_input_contents, shm)?;
+    let inputs = kserve_inputs(req.inputs, req.raw_input_contents, shm, max_shm_bytes)?;
     let mut to_shm = Vec::new();
     for o in &req.outputs {
         if let Some(place) = shm_ref("output", &o.name, &o.parameters)? {
@@ -160,7 +161,14 @@ fn infer(
     received: Instant,
 ) -> impl Future<Output = Result<pb::ModelInferResponse, Status>> + Send + '_ {
     let model_name = req.model_name.clone();
-    let started = to_call(req, deadline, received, &ctx.shm).map(|(call, to_shm)| {
+    let started = to_call(
+        req,
+        deadline,
+        received,
+        &ctx.shm,
+        ctx.models.limits().max_request_bytes as u64,
+    )
+    .map(|(call, to_shm)| {
         let id = call.id.clone();
         (id, to_shm, ctx.infer(call))
     });
