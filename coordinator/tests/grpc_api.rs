@@ -16,19 +16,7 @@ use veraltheim_proto::v1::{
 
 mod common;
 
-use common::{channel, start};
-
-fn fp32(name: &str, shape: Vec<i64>, values: Vec<f32>) -> v1::Tensor {
-    v1::Tensor {
-        name: name.into(),
-        datatype: v1::DataType::Fp32 as i32,
-        shape,
-        data: Some(v1::tensor::Data::Values(v1::TensorValues {
-            fp32: values,
-            ..Default::default()
-        })),
-    }
-}
+use common::{channel, fp32, start};
 
 #[tokio::test]
 async fn v1_infer_models_and_status() {

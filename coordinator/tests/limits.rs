@@ -10,19 +10,7 @@ use veraltheim_proto::v1::{
 
 mod common;
 
-use common::{channel, start};
-
-fn fp32(name: &str, shape: Vec<i64>, values: Vec<f32>) -> v1::Tensor {
-    v1::Tensor {
-        name: name.into(),
-        datatype: v1::DataType::Fp32 as i32,
-        shape,
-        data: Some(v1::tensor::Data::Values(v1::TensorValues {
-            fp32: values,
-            ..Default::default()
-        })),
-    }
-}
+use common::{channel, fp32, start};
 
 /// The server still answers an ordinary inference.
 async fn still_serves(ch: &tonic::transport::Channel) {

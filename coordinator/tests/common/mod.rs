@@ -131,3 +131,16 @@ pub async fn wait_for(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// An FP32 tensor of `veraltheim.v1` with the given shape and values.
+pub fn fp32(name: &str, shape: Vec<i64>, values: Vec<f32>) -> v1::Tensor {
+    v1::Tensor {
+        name: name.into(),
+        datatype: v1::DataType::Fp32 as i32,
+        shape,
+        data: Some(v1::tensor::Data::Values(v1::TensorValues {
+            fp32: values,
+            ..Default::default()
+        })),
+    }
+}
