@@ -19,6 +19,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={}", root.join(f).display());
     }
     let descriptors = protox::compile(files, [&root])?;
+    // The same descriptors as bytes, for reflection over the API (the hostile probe in
+    // coordinator/tests/hostile.rs enumerates every RPC from them).
+    let out = PathBuf::from(std::env::var("OUT_DIR")?).join("descriptors.bin");
+    std::fs::write(out, prost::Message::encode_to_vec(&descriptors))?;
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)

@@ -253,6 +253,8 @@ pub struct LimitsConfig {
     /// Most instances of one model; `None`: the execution pool's threads.
     #[serde(default, deserialize_with = "unset::zero")]
     pub max_model_instances: Option<usize>,
+    pub max_queue_size: u32,
+    pub max_priority_levels: u64,
     pub max_builtin_cost_us: u64,
     pub max_watch_topics: usize,
     pub max_topic_pattern_bytes: usize,
@@ -267,6 +269,8 @@ impl LimitsConfig {
             max_warmup_count: self.max_warmup_count,
             max_queue_delay_us: self.max_queue_delay_us,
             max_model_instances: self.max_model_instances,
+            max_queue_size: self.max_queue_size,
+            max_priority_levels: self.max_priority_levels,
             max_builtin_cost_us: self.max_builtin_cost_us,
         }
     }
@@ -492,12 +496,93 @@ impl Config {
             ("max_tensor_elements", l.max_tensor_elements as u64),
             ("max_request_bytes", l.max_request_bytes as u64),
             ("max_warmup_count", u64::from(l.max_warmup_count)),
+            ("max_queue_size", u64::from(l.max_queue_size)),
+            ("max_priority_levels", l.max_priority_levels),
             ("max_builtin_cost_us", l.max_builtin_cost_us),
             ("max_watch_topics", l.max_watch_topics as u64),
             ("max_topic_pattern_bytes", l.max_topic_pattern_bytes as u64),
         ] {
             if value == 0 {
                 bail!("limits.{key} must be at least 1");
+            }
+        }
+        // Counts that become threads, tasks or preallocated slots: far above any machine's, a
+        // value is a mistake that would abort the process (a thread or slot vector of 2^63).
+        let m = &self.models;
+        for (key, value, most) in [
+            (
+                "server.runtime_threads",
+                self.server.runtime_threads,
+                MAX_THREADS,
+            ),
+            ("execution.threads", self.execution.threads, MAX_THREADS),
+            (
+                "models.onnx_intra_op_threads",
+                m.onnx_intra_op_threads,
+                MAX_THREADS,
+            ),
+            (
+                "models.max_concurrent_loads",
+                Some(m.max_concurrent_loads),
+                MAX_THREADS,
+            ),
+            (
+                "jobs.inference_concurrency",
+                Some(self.jobs.inference_concurrency),
+                MAX_THREADS,
+            ),
+            ("jobs.max_running", self.jobs.max_running, MAX_RUNNING_JOBS),
+            (
+                "models.default_max_queue_size",
+                Some(m.default_max_queue_size),
+                l.max_queue_size as usize,
+            ),
+        ] {
+            if let Some(v) = value
+                && v > most
+            {
+                bail!("{key} is {v}; it must be at most {most}");
+            }
+        }
+        // Durations are added to clocks (an instant plus 2^63 seconds panics) and handed to
+        // caches that refuse absurd ones: ten years is more than any of them needs.
+        let k = &self.jobs.kubernetes;
+        for (key, seconds) in [
+            (
+                "server.shutdown_grace_seconds",
+                Some(self.server.shutdown_grace_seconds),
+            ),
+            ("models.unload_grace_seconds", Some(m.unload_grace_seconds)),
+            ("models.load_timeout_seconds", Some(m.load_timeout_seconds)),
+            ("cache.ttl_seconds", self.cache.ttl_seconds),
+            ("jobs.default_ttl_seconds", self.jobs.default_ttl_seconds),
+            (
+                "jobs.retry_initial_delay_ms",
+                Some(self.jobs.retry_initial_delay_ms / 1000),
+            ),
+            (
+                "jobs.retry_max_delay_ms",
+                Some(self.jobs.retry_max_delay_ms / 1000),
+            ),
+            (
+                "devices.sample_interval_ms",
+                Some(self.devices.sample_interval_ms / 1000),
+            ),
+            (
+                "jobs.kubernetes.breaker_open_ms",
+                Some(k.breaker_open_ms / 1000),
+            ),
+            (
+                "jobs.kubernetes.ttl_seconds_after_finished",
+                k.ttl_seconds_after_finished.map(|t| t.unsigned_abs()),
+            ),
+        ] {
+            if let Some(v) = seconds
+                && v > MAX_DURATION_SECONDS
+            {
+                bail!(
+                    "{key} is longer than ten years ({MAX_DURATION_SECONDS} s), the most any duration may be"
+                );
             }
         }
         if self.server.grpc_addr == self.server.http_addr {
@@ -509,6 +594,13 @@ impl Config {
         Ok(())
     }
 }
+
+/// Most threads of any pool, and most loads or inference-job requests at once.
+const MAX_THREADS: usize = 1024;
+/// Longest duration of any setting: ten years.
+const MAX_DURATION_SECONDS: u64 = 10 * 365 * 24 * 3600;
+/// Most jobs running at once on this node.
+const MAX_RUNNING_JOBS: usize = 65_536;
 
 fn merge(base: &mut toml::Table, over: toml::Table) {
     for (key, value) in over {

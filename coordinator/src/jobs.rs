@@ -182,7 +182,7 @@ impl Jobs {
             ),
             JobExecutorKind::Kubernetes => {
                 let k = &config.kubernetes;
-                let exec = KubernetesExecutor::connect(kubernetes_config(k))
+                let exec = KubernetesExecutor::connect(kubernetes_config(k, config.max_log_bytes))
                     .await
                     .context("cannot set up the Kubernetes executor")?;
                 tracing::info!(
@@ -247,7 +247,7 @@ impl Jobs {
 /// running one costs the coordinator two watches.
 const KUBERNETES_RUNNING: usize = 64;
 
-fn kubernetes_config(k: &KubernetesJobsConfig) -> KubernetesConfig {
+fn kubernetes_config(k: &KubernetesJobsConfig, max_log_bytes: u64) -> KubernetesConfig {
     KubernetesConfig {
         // The executor's own spelling of unset is "".
         api_url: k.api_url.clone().unwrap_or_default(),
@@ -280,6 +280,7 @@ fn kubernetes_config(k: &KubernetesJobsConfig) -> KubernetesConfig {
             Duration::from_secs(60),
         ),
         api_retries: k.api_retries,
+        max_log_bytes,
         ..KubernetesConfig::default()
     }
 }

@@ -49,17 +49,68 @@ fn client_errors_get_their_codes<B>(mut resp: http::Response<B>) -> http::Respon
         .get("grpc-message")
         .and_then(|m| m.to_str().ok())
         .unwrap_or_default();
-    let says = |text: &str| message.contains(text) || message.contains(&text.replace(' ', "%20"));
-    let code = match headers.get("grpc-status").and_then(|s| s.to_str().ok()) {
-        Some("11") if says("length too large") => Some("8"),
-        Some("13") if says("failed to decode Protobuf message") => Some("3"),
-        _ => None,
-    };
-    if let Some(code) = code {
+    let status = headers.get("grpc-status").and_then(|s| s.to_str().ok());
+    if let Some(code) = status.and_then(|status| client_code(status, message)) {
         resp.headers_mut()
             .insert("grpc-status", HeaderValue::from_static(code));
     }
+    // A message quoting the caller's input (a 64 KiB model name) would make a header larger than
+    // clients accept (16 KiB in h2 and grpc-go): the client then sees a protocol error instead of
+    // the status. Cut it, at a whole percent-escape.
+    if let Some(cut) = resp
+        .headers()
+        .get("grpc-message")
+        .and_then(|m| clip_message(m.as_bytes()))
+    {
+        resp.headers_mut().insert("grpc-message", cut);
+    }
     resp
+}
+
+/// The code a refusal of tonic's own codec gets, when its code says "server fault" for what is
+/// the caller's: an undecodable message (INTERNAL → INVALID_ARGUMENT) or one over the size
+/// limit (OUT_OF_RANGE → RESOURCE_EXHAUSTED). `code` is the decimal code, `message` the text,
+/// plain or percent-encoded.
+fn client_code(code: &str, message: &str) -> Option<&'static str> {
+    let says = |text: &str| message.contains(text) || message.contains(&text.replace(' ', "%20"));
+    match code {
+        "11" if says("length too large") => Some("8"),
+        "13" if says("failed to decode Protobuf message") => Some("3"),
+        _ => None,
+    }
+}
+
+/// A status from reading a request stream, with the caller's code where [`client_code`] says.
+pub(crate) fn as_client_error(status: tonic::Status) -> tonic::Status {
+    let code = (status.code() as i32).to_string();
+    match client_code(&code, status.message()) {
+        Some(c) => tonic::Status::new(
+            tonic::Code::from(c.parse::<i32>().unwrap_or(2)),
+            status.message(),
+        ),
+        None => status,
+    }
+}
+
+/// Longest `grpc-message` sent, in bytes of its percent-encoded form.
+const MAX_STATUS_MESSAGE: usize = 4096;
+
+/// `message` cut to [`MAX_STATUS_MESSAGE`] with a marker, or `None` when it is short enough.
+fn clip_message(message: &[u8]) -> Option<HeaderValue> {
+    if message.len() <= MAX_STATUS_MESSAGE {
+        return None;
+    }
+    let mut end = MAX_STATUS_MESSAGE;
+    // Not inside a `%XX` escape.
+    if let Some(p) = message[end.saturating_sub(2)..end]
+        .iter()
+        .position(|b| *b == b'%')
+    {
+        end = end - 2 + p;
+    }
+    let mut cut = message[..end].to_vec();
+    cut.extend_from_slice(b"%20[...%20cut]");
+    HeaderValue::from_bytes(&cut).ok()
 }
 
 async fn shutdown_signal() {
@@ -404,5 +455,32 @@ mod tests {
         // Any other INTERNAL is the server's own failure and stays INTERNAL.
         assert_eq!(code_after("13", "model%20'x'%20failed"), "13");
         assert_eq!(code_after("11", "something%20else"), "11");
+        // The same for a request stream's refusal.
+        let s = as_client_error(tonic::Status::internal(
+            "failed to decode Protobuf message: invalid varint",
+        ));
+        assert_eq!(s.code(), tonic::Code::InvalidArgument);
+        let s = as_client_error(tonic::Status::internal("model 'x' failed"));
+        assert_eq!(s.code(), tonic::Code::Internal);
+    }
+
+    #[test]
+    fn long_status_messages_are_cut_at_a_whole_escape() {
+        let long = "x%20".repeat(5000);
+        let r = client_errors_get_their_codes(refusal("5", &long));
+        let m = r.headers()["grpc-message"].to_str().unwrap();
+        assert!(
+            m.len() < 4200 && m.ends_with("%20[...%20cut]"),
+            "{}",
+            m.len()
+        );
+        let body = m.trim_end_matches("%20[...%20cut]");
+        assert!(
+            !body.ends_with('%') && !body[..body.len() - 1].ends_with('%'),
+            "{body}"
+        );
+        // Short ones are left alone.
+        let r = client_errors_get_their_codes(refusal("5", "unknown%20model%20'x'"));
+        assert_eq!(r.headers()["grpc-message"], "unknown%20model%20'x'");
     }
 }

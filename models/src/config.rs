@@ -203,11 +203,7 @@ impl ModelConfig {
     pub fn from_json(text: &str) -> Result<Self, Error> {
         let value: serde_json::Value =
             serde_json::from_str(text).map_err(|e| Error::ConfigJson(e.to_string()))?;
-        if let serde_json::Value::Object(map) = &value {
-            for key in map.keys() {
-                check_field(key)?;
-            }
-        }
+        crate::schema::check_fields(&value)?;
         serde_json::from_value(value).map_err(|e| Error::ConfigJson(e.to_string()))
     }
 
@@ -221,6 +217,7 @@ impl ModelConfig {
     pub fn with_override(&self, override_json: &str) -> Result<Self, Error> {
         let over: serde_json::Value =
             serde_json::from_str(override_json).map_err(|e| Error::ConfigJson(e.to_string()))?;
+        crate::schema::check_fields(&over)?;
         let serde_json::Value::Object(over) = over else {
             return Err(Error::ConfigJson(
                 "the config override must be a JSON object".into(),
@@ -233,8 +230,7 @@ impl ModelConfig {
             ));
         };
         for (key, value) in over {
-            check_field(&key)?;
-            let key = snake_case(&key);
+            let key = crate::schema::snake_case(&key);
             if key == "name"
                 && value
                     .as_str()
@@ -445,86 +441,6 @@ impl ModelConfig {
     }
 }
 
-/// Every field of Triton's `inference.ModelConfig` (those Veraltheim does not use are accepted
-/// and ignored, so that Triton configurations keep loading), then Veraltheim's own. A test checks
-/// this list against the compiled descriptor of `model_config.proto`.
-pub const KNOWN_FIELDS: &[&str] = &[
-    "name",
-    "platform",
-    "backend",
-    "runtime",
-    "version_policy",
-    "max_batch_size",
-    "input",
-    "output",
-    "batch_input",
-    "batch_output",
-    "optimization",
-    "dynamic_batching",
-    "sequence_batching",
-    "ensemble_scheduling",
-    "instance_group",
-    "default_model_filename",
-    "cc_model_filenames",
-    "metric_tags",
-    "parameters",
-    "model_warmup",
-    "model_operations",
-    "model_transaction_policy",
-    "model_repository_agents",
-    "response_cache",
-    "model_metrics",
-    // Veraltheim's own.
-    "pinned",
-    "load_on_demand",
-];
-
-/// Refuses a top-level field that is neither Triton's nor ours, by name: a misspelt field
-/// (`max_batch_sise`) silently ignored would serve a model configured otherwise than asked.
-fn check_field(key: &str) -> Result<(), Error> {
-    let snake = snake_case(key);
-    if KNOWN_FIELDS.contains(&snake.as_str()) {
-        return Ok(());
-    }
-    let hint = KNOWN_FIELDS
-        .iter()
-        .find(|k| edit_distance(k, &snake) <= 2)
-        .map(|k| format!(" (did you mean '{k}'?)"))
-        .unwrap_or_default();
-    Err(Error::ConfigJson(format!(
-        "unknown field '{key}' in the model configuration{hint}"
-    )))
-}
-
-/// Levenshtein distance of two short ASCII names, for the "did you mean" hint.
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut prev = row[0];
-        row[0] = i + 1;
-        for (j, cb) in b.iter().enumerate() {
-            let cur = row[j + 1];
-            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
-            prev = cur;
-        }
-    }
-    row[b.len()]
-}
-
-fn snake_case(key: &str) -> String {
-    let mut out = String::with_capacity(key.len() + 4);
-    for c in key.chars() {
-        if c.is_ascii_uppercase() {
-            out.push('_');
-            out.push(c.to_ascii_lowercase());
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 /// Integers that protobuf's JSON mapping may write as numbers or as strings.
 mod flex {
     use serde::de::Error;
@@ -589,6 +505,80 @@ mod tests {
                 "parameters":{"base_us":{"string_value":"100"}}}"#,
         )
         .unwrap()
+    }
+
+    #[test]
+    fn every_field_veraltheim_writes_is_in_the_schema() {
+        // What GetModel / ModelConfig answer must load again as an override unchanged (a client
+        // edits the config it was given and sends it back), so every field our structs write,
+        // at every depth, is one the schema knows.
+        let mut c = base();
+        c.pinned = true;
+        c.load_on_demand = true;
+        c.default_model_filename = "model.onnx".into();
+        c.response_cache = Some(ResponseCache { enable: true });
+        // A oneof: each member written on its own passes the schema; one is kept.
+        for policy in [
+            VersionPolicy {
+                all: Some(serde_json::json!({})),
+                ..Default::default()
+            },
+            VersionPolicy {
+                specific: Some(SpecificVersions { versions: vec![1] }),
+                ..Default::default()
+            },
+        ] {
+            crate::schema::check_fields(&serde_json::json!({ "version_policy": policy })).unwrap();
+        }
+        c.version_policy = Some(VersionPolicy {
+            latest: Some(LatestVersions { num_versions: 2 }),
+            ..Default::default()
+        });
+        c.input[0].optional = true;
+        c.instance_group = vec![InstanceGroup {
+            name: "g".into(),
+            kind: "KIND_CPU".into(),
+            count: 1,
+            gpus: vec![0],
+        }];
+        let queue = QueuePolicy {
+            timeout_action: "REJECT".into(),
+            default_timeout_microseconds: 1,
+            allow_timeout_override: true,
+            max_queue_size: 1,
+        };
+        c.dynamic_batching = Some(DynamicBatching {
+            default_queue_policy: Some(queue.clone()),
+            priority_queue_policy: [("1".to_string(), queue)].into(),
+            priority_levels: 2,
+            default_priority_level: 1,
+            ..Default::default()
+        });
+        c.model_warmup = vec![ModelWarmup {
+            name: "w".into(),
+            batch_size: 1,
+            count: 2,
+            inputs: [(
+                "INPUT0".to_string(),
+                WarmupInput {
+                    data_type: "TYPE_FP32".into(),
+                    dims: vec![1],
+                    zero_data: true,
+                    ..Default::default()
+                },
+            )]
+            .into(),
+        }];
+        let written = serde_json::to_value(&c).unwrap();
+        crate::schema::check_fields(&written).unwrap();
+        // The other members of the warm-up input's data oneof.
+        let mut other = c.clone();
+        let input = other.model_warmup[0].inputs.get_mut("INPUT0").unwrap();
+        input.zero_data = false;
+        input.random_data = true;
+        input.input_data_file = "f".into();
+        crate::schema::check_fields(&serde_json::to_value(&other).unwrap()).unwrap();
+        assert_eq!(base().with_override(&written.to_string()).unwrap(), c);
     }
 
     #[test]

@@ -24,6 +24,7 @@ pub mod model;
 #[cfg(feature = "onnx")]
 pub mod onnx;
 pub mod repository;
+pub mod schema;
 pub mod state;
 pub mod tensor;
 pub mod text;

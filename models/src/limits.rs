@@ -22,6 +22,11 @@ pub struct Limits {
     /// Most execution instances (`instance_group` counts summed) of one model; the load also
     /// refuses more than the execution pool's threads, whichever is lower. `None`: the pool's.
     pub max_model_instances: Option<usize>,
+    /// Largest queue bound of a model (`max_queue_size` of its default and per-level queue
+    /// policies): the queue's slots are allocated when the model loads.
+    pub max_queue_size: u32,
+    /// Most `dynamic_batching.priority_levels`: per-level state is allocated for each.
+    pub max_priority_levels: u64,
     /// Most simulated compute of one batch of the built-in `cost` model
     /// (`base_us + per_item_us × max_batch_size`), in microseconds.
     pub max_builtin_cost_us: u64,
@@ -36,6 +41,8 @@ impl Default for Limits {
             max_warmup_count: 1000,
             max_queue_delay_us: 1_000_000,
             max_model_instances: None,
+            max_queue_size: 1 << 16,
+            max_priority_levels: 1024,
             max_builtin_cost_us: 10_000_000,
         }
     }
@@ -77,6 +84,31 @@ impl Limits {
                 "dynamic_batching.max_queue_delay_microseconds {} is above limits.max_queue_delay_us ({})",
                 db.max_queue_delay_microseconds, self.max_queue_delay_us
             )));
+        }
+        if let Some(db) = &config.dynamic_batching {
+            if db.priority_levels > self.max_priority_levels {
+                return Err(invalid(format!(
+                    "dynamic_batching.priority_levels {} is above limits.max_priority_levels ({})",
+                    db.priority_levels, self.max_priority_levels
+                )));
+            }
+            let queues = db
+                .default_queue_policy
+                .iter()
+                .map(|q| ("default_queue_policy".to_string(), q))
+                .chain(
+                    db.priority_queue_policy
+                        .iter()
+                        .map(|(level, q)| (format!("priority_queue_policy[{level}]"), q)),
+                );
+            for (which, q) in queues {
+                if q.max_queue_size > self.max_queue_size {
+                    return Err(invalid(format!(
+                        "dynamic_batching.{which}.max_queue_size {} is above limits.max_queue_size ({})",
+                        q.max_queue_size, self.max_queue_size
+                    )));
+                }
+            }
         }
         let instances = config
             .instance_group
@@ -205,5 +237,36 @@ mod tests {
         };
         let e = capped.check_config(&c, 2).unwrap_err();
         assert!(e.to_string().contains("limits.max_model_instances"), "{e}");
+    }
+
+    #[test]
+    fn queue_sizes_and_priority_levels_are_bounded() {
+        // Each of these aborted the process at load (found by the hostile probe).
+        let c =
+            cost(r#"{"dynamic_batching":{"default_queue_policy":{"max_queue_size":4294967295}}}"#);
+        refused(
+            &c,
+            2,
+            "dynamic_batching.default_queue_policy.max_queue_size",
+        );
+        let c = cost(
+            r#"{"dynamic_batching":{"priority_levels":2,"default_priority_level":1,
+                "priority_queue_policy":{"2":{"max_queue_size":100000}}}}"#,
+        );
+        refused(
+            &c,
+            2,
+            "dynamic_batching.priority_queue_policy[2].max_queue_size",
+        );
+        let c = cost(
+            r#"{"dynamic_batching":{"priority_levels":"4294967296","default_priority_level":1}}"#,
+        );
+        refused(&c, 2, "limits.max_priority_levels");
+        // At the limits they load.
+        let c = cost(
+            r#"{"dynamic_batching":{"priority_levels":1024,"default_priority_level":1,
+                "default_queue_policy":{"max_queue_size":65536}}}"#,
+        );
+        assert!(Limits::default().check_config(&c, 2).is_ok());
     }
 }

@@ -29,22 +29,13 @@ pub const CONFIG_FILE: &str = "config.json";
 /// ...or Triton's own `config.pbtxt` (protobuf text format of `inference.ModelConfig`).
 pub const CONFIG_PBTXT: &str = "config.pbtxt";
 
-/// The compiled descriptor of `inference.ModelConfig` (a `FileDescriptorSet` of the `proto`
-/// crate's `inference/model_config.proto`, built by this crate's `build.rs`).
-const MODEL_CONFIG_DESCRIPTOR: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/model_config.bin"));
-
 /// Reads a `config.pbtxt`: parsed against the compiled `inference.ModelConfig` descriptor (so
 /// every Triton field and enum name is checked), then handed over in protobuf's JSON mapping,
 /// which [`ModelConfig::from_json`] reads. Fields Veraltheim does not use are accepted and ignored,
 /// as in the JSON form.
 pub fn config_from_pbtxt(text: &str) -> Result<ModelConfig, String> {
-    use prost_reflect::{DescriptorPool, DynamicMessage};
-    let pool = DescriptorPool::decode(MODEL_CONFIG_DESCRIPTOR)
-        .map_err(|e| format!("internal: the model config descriptors do not decode: {e}"))?;
-    let descriptor = pool
-        .get_message_by_name("inference.ModelConfig")
-        .ok_or("internal: inference.ModelConfig is not among the descriptors")?;
+    use prost_reflect::DynamicMessage;
+    let descriptor = crate::schema::model_config().map_err(|e| e.to_string())?;
     let message = DynamicMessage::parse_text_format(descriptor, &colon_before_lists(text))
         .map_err(|e| e.to_string())?;
     let json = serde_json::to_string(&message).map_err(|e| e.to_string())?;
@@ -644,19 +635,5 @@ optimization { execution_accelerators { cpu_execution_accelerator: [ { name: "op
         );
         fs::remove_dir_all(&src).unwrap();
         fs::remove_dir_all(&repo).unwrap();
-    }
-
-    #[test]
-    fn the_known_config_fields_cover_every_field_of_tritons_model_config() {
-        use prost_reflect::DescriptorPool;
-        let pool = DescriptorPool::decode(MODEL_CONFIG_DESCRIPTOR).unwrap();
-        let message = pool.get_message_by_name("inference.ModelConfig").unwrap();
-        for field in message.fields() {
-            assert!(
-                crate::config::KNOWN_FIELDS.contains(&field.name()),
-                "Triton's ModelConfig field '{}' would be refused as unknown",
-                field.name()
-            );
-        }
     }
 }

@@ -17,3 +17,7 @@ pub mod veraltheim {
 }
 
 pub use veraltheim::v1;
+
+/// Every file above as an encoded `google.protobuf.FileDescriptorSet`: the services, methods and
+/// messages of both APIs, for reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptors.bin"));

@@ -27,7 +27,8 @@ pub enum ErrorKind {
 
 #[derive(Debug, Error)]
 pub enum Error {
-    #[error("unknown model '{0}'; `veraltheim models` lists the models this server knows")]
+    /// No model of that name; an empty name is the caller's mistake (INVALID_ARGUMENT).
+    #[error("{}", not_found(.0))]
     NotFound(String),
     #[error("model '{name}' has no version '{version}' (it serves version {serving})")]
     NoSuchVersion {
@@ -73,6 +74,7 @@ pub enum Error {
 impl Error {
     pub fn kind(&self) -> ErrorKind {
         match self {
+            Error::NotFound(name) if name.is_empty() => ErrorKind::InvalidArgument,
             Error::NotFound(_) | Error::NoSuchVersion { .. } => ErrorKind::NotFound,
             Error::NotReady { .. } => ErrorKind::Unavailable,
             Error::BadConfig { .. } | Error::Invalid(_) => ErrorKind::InvalidArgument,
@@ -108,5 +110,13 @@ impl Error {
     /// Whether the caller should retry after a short back-off (a full queue).
     pub fn is_queue_full(&self) -> bool {
         matches!(self, Error::Infer(InferError::QueueFull { .. }))
+    }
+}
+
+fn not_found(name: &str) -> String {
+    if name.is_empty() {
+        "the request names no model (its model name is empty)".into()
+    } else {
+        format!("unknown model '{name}'; `veraltheim models` lists the models this server knows")
     }
 }

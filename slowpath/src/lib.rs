@@ -22,6 +22,7 @@ pub mod executor;
 pub mod job;
 pub mod kubernetes;
 pub mod local;
+mod logcap;
 pub mod runner;
 pub mod scheduler;
 pub mod store;

@@ -19,7 +19,7 @@
 //! It does not adopt: after a restart of the coordinator, a job that was running runs again
 //! (the old process group, no longer the coordinator's child, is not found again).
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
@@ -34,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use crate::executor::{CommandRun, ExecError, Outcome};
 use crate::executor::{Execution, Executor, LogChunk, LogSource, LogStream};
+use crate::logcap::HeadTail;
 
 /// How often a followed log file is read again.
 const LOG_POLL: Duration = Duration::from_millis(200);
@@ -229,67 +230,30 @@ impl LocalExecution {
     }
 }
 
-/// One output of an attempt, kept to a size: the head is written through, the tail is kept in
-/// memory and written with a note of what was cut by [`CappedLog::finish`].
+/// One output of an attempt, kept to a size ([`HeadTail`]): the head is written through, the
+/// tail is written with a note of what was cut by [`CappedLog::finish`].
 struct CappedLog {
     file: std::fs::File,
-    head_left: u64,
-    tail: VecDeque<u8>,
-    tail_cap: usize,
-    cut: u64,
+    cap: HeadTail,
 }
 
 impl CappedLog {
     fn new(file: std::fs::File, max: u64) -> Self {
-        let head = max / 2;
         CappedLog {
             file,
-            head_left: head,
-            tail: VecDeque::new(),
-            // On 32-bit targets a cap beyond memory is cut to what can be addressed.
-            tail_cap: usize::try_from(max - head).unwrap_or(usize::MAX),
-            cut: 0,
+            cap: HeadTail::new(max),
         }
     }
 
-    fn write(&mut self, mut data: &[u8]) -> std::io::Result<()> {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<()> {
         use std::io::Write as _;
-        if self.head_left > 0 {
-            let n = data
-                .len()
-                .min(usize::try_from(self.head_left).unwrap_or(usize::MAX));
-            self.file.write_all(&data[..n])?;
-            self.head_left -= n as u64;
-            data = &data[n..];
-        }
-        if data.is_empty() {
-            return Ok(());
-        }
-        if data.len() >= self.tail_cap {
-            self.cut += (self.tail.len() + data.len() - self.tail_cap) as u64;
-            self.tail.clear();
-            self.tail.extend(&data[data.len() - self.tail_cap..]);
-        } else {
-            let over = (self.tail.len() + data.len()).saturating_sub(self.tail_cap);
-            self.tail.drain(..over);
-            self.cut += over as u64;
-            self.tail.extend(data);
-        }
-        Ok(())
+        let head = self.cap.push(data);
+        self.file.write_all(head)
     }
 
     fn finish(mut self) -> std::io::Result<()> {
         use std::io::Write as _;
-        if self.cut > 0 {
-            writeln!(
-                self.file,
-                "\n[veraltheim: {} bytes of this output were cut here (jobs.max_log_bytes)]",
-                self.cut
-            )?;
-        }
-        let (a, b) = self.tail.as_slices();
-        self.file.write_all(a)?;
-        self.file.write_all(b)?;
+        self.file.write_all(&self.cap.finish())?;
         self.file.flush()
     }
 }

@@ -78,6 +78,15 @@ pub enum StorageError {
         /// The system's own words.
         message: String,
     },
+    /// The file under the database failed a read or a write (or failed one before: redb then
+    /// refuses every later transaction). The store reopens its file at the next commit.
+    #[error("the store's file failed to {action}: {message}")]
+    Io {
+        /// What it was doing.
+        action: &'static str,
+        /// The system's own words.
+        message: String,
+    },
     /// The store was closed; nothing more can be written.
     #[error("the store is closed")]
     Closed,
@@ -91,14 +100,22 @@ impl StorageError {
         }
     }
 
-    /// A redb error, told apart: a full disk is [`StorageError::Full`], anything else a
-    /// backend failure.
+    /// A redb error, told apart: a full disk is [`StorageError::Full`], another failure of the
+    /// file (now or before) [`StorageError::Io`], anything else a backend failure.
     pub(crate) fn from_redb(action: &'static str, error: impl Into<redb::Error>) -> Self {
         let error: redb::Error = error.into();
         match &error {
             redb::Error::Io(io) if is_disk_full(io) => Self::Full {
                 action,
                 message: io.to_string(),
+            },
+            redb::Error::Io(io) => Self::Io {
+                action,
+                message: io.to_string(),
+            },
+            redb::Error::PreviousIo => Self::Io {
+                action,
+                message: error.to_string(),
             },
             _ => Self::backend(action, error),
         }
@@ -107,13 +124,7 @@ impl StorageError {
     /// Whether the database's file may be unusable after this error until it is reopened
     /// (redb refuses every later transaction after a failed write: "previous I/O error").
     pub(crate) fn needs_reopen(&self) -> bool {
-        match self {
-            Self::Full { .. } => true,
-            Self::Backend { message, .. } => {
-                message.contains("I/O error") || message.contains("Previous I/O error")
-            }
-            _ => false,
-        }
+        matches!(self, Self::Full { .. } | Self::Io { .. })
     }
 }
 
@@ -123,4 +134,34 @@ fn is_disk_full(error: &std::io::Error) -> bool {
     const EDQUOT: i32 = 122;
     error.kind() == std::io::ErrorKind::StorageFull
         || matches!(error.raw_os_error(), Some(ENOSPC | EDQUOT))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_of_the_file_are_told_apart_by_kind_not_by_text() {
+        let full = StorageError::from_redb(
+            "commit",
+            redb::Error::Io(std::io::Error::from_raw_os_error(28)),
+        );
+        assert!(matches!(full, StorageError::Full { .. }) && full.needs_reopen());
+        let io = StorageError::from_redb(
+            "commit",
+            redb::Error::Io(std::io::Error::from_raw_os_error(5)),
+        );
+        assert!(
+            matches!(io, StorageError::Io { .. }) && io.needs_reopen(),
+            "{io}"
+        );
+        let before = StorageError::from_redb("begin a write transaction", redb::Error::PreviousIo);
+        assert!(matches!(before, StorageError::Io { .. }) && before.needs_reopen());
+        // Not the file's fault, whatever its words say.
+        let other = StorageError::from_redb(
+            "open a table for writing",
+            redb::Error::TableDoesNotExist("I/O error".into()),
+        );
+        assert!(matches!(other, StorageError::Backend { .. }) && !other.needs_reopen());
+    }
 }

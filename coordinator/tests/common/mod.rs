@@ -16,6 +16,8 @@ use veraltheim_proto::v1::{
 pub struct Server {
     pub child: Child,
     pub grpc: String,
+    /// The HTTP address (health paths, metrics).
+    pub http: String,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -23,6 +25,23 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    /// A server started by the caller, owning `dir` (removed when it is dropped).
+    pub fn adopt(child: Child, grpc: String, http: String, dir: tempfile::TempDir) -> Server {
+        Server {
+            child,
+            grpc,
+            http,
+            _dir: Some(dir),
+        }
+    }
+
+    /// The server's temporary directory.
+    pub fn dir(&self) -> &Path {
+        self._dir.as_ref().map_or(Path::new("."), |d| d.path())
     }
 }
 
@@ -45,22 +64,67 @@ pub async fn start(extra: &[&str]) -> Server {
 
 /// Starts a server on `data` (kept after it stops, for restart tests).
 pub async fn start_in(data: &Path, extra: &[&str]) -> Server {
+    start_with(data, extra, None).await
+}
+
+/// Starts a server whose address space is limited to `bytes` (RLIMIT_AS, what `prlimit --as`
+/// sets): a runaway allocation makes it abort, failing the test, instead of exhausting the
+/// machine.
+pub async fn start_limited(extra: &[&str], bytes: u64) -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_path_buf();
+    let mut server = start_with(&data, extra, Some(bytes)).await;
+    server._dir = Some(dir);
+    server
+}
+
+/// The `serve` command of a test server (ports, data dir and repository filled in).
+pub fn serve_command(
+    data: &Path,
+    extra: &[&str],
+    address_space: Option<u64>,
+) -> (Command, String, String) {
     let grpc = format!("127.0.0.1:{}", free_port());
-    let child = Command::new(env!("CARGO_BIN_EXE_veraltheim"))
+    let http = format!("127.0.0.1:{}", free_port());
+    let mut command = Command::new(env!("CARGO_BIN_EXE_veraltheim"));
+    command
         .args(["serve", "--grpc-addr", &grpc])
-        .args(["--http-addr", &format!("127.0.0.1:{}", free_port())])
+        .args(["--http-addr", &http])
         .arg("--data-dir")
         .arg(data.join("data"))
         .arg("--model-repository")
         .arg(PathBuf::from(data).join("models"))
-        .args(extra)
+        .args(extra);
+    if let Some(bytes) = address_space {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            command.pre_exec(move || {
+                let limit = libc::rlimit {
+                    rlim_cur: bytes,
+                    rlim_max: bytes,
+                };
+                if libc::setrlimit(libc::RLIMIT_AS, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    (command, grpc, http)
+}
+
+async fn start_with(data: &Path, extra: &[&str], address_space: Option<u64>) -> Server {
+    let (mut command, grpc, http) = serve_command(data, extra, address_space);
+    let child = command
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let server = Server {
+    let mut server = Server {
         child,
         grpc,
+        http,
         _dir: None,
     };
     let started = Instant::now();
@@ -77,6 +141,9 @@ pub async fn start_in(data: &Path, extra: &[&str]) -> Server {
             if ready {
                 return server;
             }
+        }
+        if let Ok(Some(status)) = server.child.try_wait() {
+            panic!("the server exited before it was ready: {status}");
         }
         assert!(
             started.elapsed() < Duration::from_secs(30),

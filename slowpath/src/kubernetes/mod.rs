@@ -57,6 +57,7 @@ use crate::executor::{
     CommandRun, ExecError, Execution, Executor, LogChunk, LogSource, LogStream, Outcome,
 };
 use crate::job::{JobKind, JobSpec};
+use crate::logcap::HeadTail;
 use breaker::{BreakerLayer, breaker_open};
 use classify::CONTAINER;
 
@@ -105,6 +106,9 @@ pub struct KubernetesConfig {
     pub api_retry_max_delay: Duration,
     /// How often a followed log whose pod has not started is looked at again.
     pub log_poll: Duration,
+    /// What a reader of an attempt's log gets at most (`jobs.max_log_bytes`): the first and the
+    /// last half of it, with a note of what was cut between them (the kubelet keeps the whole).
+    pub max_log_bytes: u64,
 }
 
 impl Default for KubernetesConfig {
@@ -122,6 +126,7 @@ impl Default for KubernetesConfig {
             api_retry_min_delay: Duration::from_millis(200),
             api_retry_max_delay: Duration::from_secs(5),
             log_poll: Duration::from_secs(1),
+            max_log_bytes: crate::local::DEFAULT_MAX_LOG_BYTES,
         }
     }
 }
@@ -400,18 +405,27 @@ impl KubernetesExecutor {
                     Ok(reader) => {
                         let mut reader = Box::pin(reader);
                         let mut buf = vec![0u8; 16 * 1024];
+                        let mut cap = HeadTail::new(self.shared.config.max_log_bytes.max(2));
+                        let send = |data: Vec<u8>| {
+                            tx.send(Ok(LogChunk {
+                                source: LogSource::Combined,
+                                data,
+                            }))
+                        };
                         loop {
                             let n = reader.read(&mut buf).await.map_err(|e| {
                                 ExecError::Backend(format!("reading the pod's log: {e}"))
                             })?;
                             if n == 0 {
+                                let rest = cap.finish();
+                                if !rest.is_empty() {
+                                    let _ = send(rest).await;
+                                }
                                 return Ok(());
                             }
-                            let chunk = LogChunk {
-                                source: LogSource::Combined,
-                                data: buf[..n].to_vec(),
-                            };
-                            if tx.send(Ok(chunk)).await.is_err() {
+                            let head = cap.push(&buf[..n]);
+                            // Past the head nothing is sent until the end: the tail is kept.
+                            if !head.is_empty() && send(head.to_vec()).await.is_err() {
                                 return Ok(()); // the reader went away
                             }
                         }

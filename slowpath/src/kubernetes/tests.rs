@@ -38,6 +38,7 @@ fn kube_config(url: &str) -> KubernetesConfig {
         api_retry_min_delay: Duration::from_millis(10),
         api_retry_max_delay: Duration::from_millis(50),
         log_poll: Duration::from_millis(50),
+        max_log_bytes: crate::local::DEFAULT_MAX_LOG_BYTES,
     }
 }
 
@@ -646,6 +647,39 @@ async fn fake_k8s_logs_are_streamed_while_the_pod_runs() {
         .expect("the followed log ends with the pod");
     assert!(rest.iter().all(Result::is_ok), "{rest:?}");
     wait_for(&runner, &id, "success", |r| r.state == JobState::Succeeded).await;
+    shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fake_k8s_a_long_pod_log_is_read_capped_to_head_and_tail() {
+    let fake = FakeKube::start().await.unwrap();
+    let mut config = kube_config(&fake.url());
+    config.max_log_bytes = 1000;
+    let (runner, exec, shutdown) = runner_on(Arc::default(), config).await;
+    // 300 lines of 10 bytes: 3000 bytes, three times the cap.
+    let script: Vec<String> = (0..300).map(|i| format!("echo line-{i:04}")).collect();
+    let id = runner
+        .submit(spec("flood", &script.join("; "), 0))
+        .await
+        .unwrap()
+        .id;
+    wait_for(&runner, &id, "success", |r| r.state == JobState::Succeeded).await;
+    let whole: String = (0..300).map(|i| format!("line-{i:04}\n")).collect();
+    let note = "\n[veraltheim: 2000 bytes of this output were cut here (jobs.max_log_bytes)]\n";
+    let want = format!("{}{note}{}", &whole[..500], &whole[2500..]);
+    for follow in [false, true] {
+        let chunks: Vec<_> = tokio::time::timeout(
+            Duration::from_secs(15),
+            exec.logs(&id, 1, follow).collect::<Vec<_>>(),
+        )
+        .await
+        .expect("the log of a finished attempt ends");
+        let mut text = String::new();
+        for c in chunks {
+            text.push_str(std::str::from_utf8(&c.unwrap().data).unwrap());
+        }
+        assert_eq!(text, want, "follow {follow}");
+    }
     shutdown.cancel();
 }
 
