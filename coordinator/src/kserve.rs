@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tonic::{Request, Response, Status, Streaming};
+use veraltheim_models::allocator::DeviceId;
 use veraltheim_models::{ModelConfig, ModelState};
 use veraltheim_proto::inference::{
     self as pb, grpc_inference_service_server::GrpcInferenceService,
@@ -353,6 +354,25 @@ fn tensor_metadata(
         .collect()
 }
 
+/// A model's memory as Triton reports it in its statistics: one entry per device the allocator
+/// holds memory on for it, `type` `CPU` or `GPU`, `id` the device's index (0 for the host).
+fn memory_usage(by_device: &[(DeviceId, u64)]) -> Vec<pb::MemoryUsage> {
+    by_device
+        .iter()
+        .map(|&(device, byte_size)| {
+            let (kind, id) = match device {
+                DeviceId::Cpu => ("CPU", 0),
+                DeviceId::Gpu(index) => ("GPU", i64::from(index)),
+            };
+            pb::MemoryUsage {
+                r#type: kind.to_string(),
+                id,
+                byte_size,
+            }
+        })
+        .collect()
+}
+
 fn unimplemented_shm(what: &str) -> Status {
     Status::unimplemented(format!(
         "{what}: CUDA shared memory is not supported by Veraltheim; use system shared memory (--allow-client-shm) or send tensor data in the request"
@@ -542,7 +562,7 @@ impl GrpcInferenceService for KserveService {
                             ..Default::default()
                         })
                         .collect(),
-                    memory_usage: Vec::new(),
+                    memory_usage: memory_usage(&self.ctx.models.memory_of(w.name())),
                     response_stats: HashMap::new(),
                 }
             })
