@@ -367,7 +367,15 @@ fn node(n: &NodeSnapshot) -> v1::SupervisorNode {
     }
 }
 
-fn gpu(g: &veraltheim_devices::GpuInfo) -> v1::Gpu {
+/// One GPU as the inventory read it, with the models the allocator placed there.
+fn gpu(g: &veraltheim_devices::GpuInfo, placements: &[veraltheim_serving::Placed]) -> v1::Gpu {
+    let here: Vec<&veraltheim_serving::Placed> = placements
+        .iter()
+        .filter(|p| p.device == veraltheim_models::allocator::DeviceId::Gpu(g.index))
+        .collect();
+    let mut models: Vec<String> = here.iter().map(|p| p.model.clone()).collect();
+    models.sort_unstable();
+    models.dedup();
     v1::Gpu {
         index: g.index,
         uuid: g.uuid.clone(),
@@ -382,8 +390,15 @@ fn gpu(g: &veraltheim_devices::GpuInfo) -> v1::Gpu {
         power_limit_milliwatts: g.power_limit_milliwatts.unwrap_or(0),
         energy_millijoules: g.energy_millijoules.unwrap_or(0),
         simulated: g.simulated,
-        // Placement of models on GPUs comes with the allocator.
-        models: Vec::new(),
+        models,
+        placed_models: here
+            .iter()
+            .map(|p| v1::PlacedModel {
+                name: p.model.clone(),
+                bytes: p.bytes,
+                state: p.state.as_str().to_ascii_uppercase(),
+            })
+            .collect(),
         lost: g.lost,
         processes: g
             .processes
@@ -408,7 +423,10 @@ pub fn resource_snapshot(ctx: &Context) -> v1::ResourceSnapshot {
             memory_available_bytes: h.memory_available_bytes,
             process_rss_bytes: h.process_rss_bytes,
         }),
-        gpus: s.gpus.iter().map(gpu).collect(),
+        gpus: {
+            let placements = ctx.models.placements();
+            s.gpus.iter().map(|g| gpu(g, &placements)).collect()
+        },
         gpu_probe: s.gpu_probe.clone().unwrap_or_default(),
         gpu_probe_error: s.gpu_probe_error.clone().unwrap_or_default(),
     }

@@ -720,6 +720,7 @@ fn gpu_json(g: &v1::Gpu) -> Value {
         "energy_millijoules": g.energy_millijoules,
         "simulated": g.simulated, "lost": g.lost, "models": g.models, "notes": g.notes,
         "processes": g.processes.iter().map(|p| json!({"pid": p.pid, "used_memory_bytes": p.used_memory_bytes})).collect::<Vec<_>>(),
+        "placed_models": g.placed_models.iter().map(|p| json!({"name": p.name, "bytes": p.bytes, "state": p.state})).collect::<Vec<_>>(),
     })
 }
 

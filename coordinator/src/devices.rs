@@ -15,8 +15,8 @@ pub struct Devices {
 }
 
 impl Devices {
-    /// `simulate`: a `COUNT x MEMORY` spec, or empty for real GPUs (or none).
-    /// `simulate`: simulated GPUs as COUNT x MEMORY; `None`: the real ones, if any.
+    /// `simulate`: simulated GPUs as a `COUNT x MEMORY` spec; `None` or empty: the real ones, if
+    /// any.
     pub fn detect(simulate: Option<&str>, interval: Duration) -> Result<Self, ProbeError> {
         let spec = simulate.map(str::trim).filter(|s| !s.is_empty());
         let inventory = Inventory::detect(spec)?;
@@ -29,6 +29,12 @@ impl Devices {
 
     pub fn interval(&self) -> Duration {
         self.interval
+    }
+
+    /// Whether the GPUs are simulated (`--simulate-gpus`): built-in models may then be placed
+    /// on them (`BackendOptions::simulated_gpus`).
+    pub fn simulated(&self) -> bool {
+        self.inventory.simulated_probe().is_some()
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
@@ -117,6 +123,12 @@ mod tests {
         let snap = devices.snapshot();
         assert_eq!(snap.gpus.len(), 2);
         assert!(snap.gpus.iter().all(|g| g.simulated));
+        assert!(devices.simulated());
+        assert!(
+            !Devices::detect(None, Duration::from_secs(1))
+                .unwrap()
+                .simulated()
+        );
         assert!(Devices::detect(Some("2x"), Duration::from_secs(1)).is_err());
         let topics: Vec<String> = [
             DeviceEvent::GpuLost {

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tonic::{Request, Response, Status, Streaming};
+use veraltheim_models::allocator::DeviceId;
 use veraltheim_models::{ModelConfig, ModelState};
 use veraltheim_proto::inference::{
     self as pb, grpc_inference_service_server::GrpcInferenceService,
@@ -353,6 +354,25 @@ fn tensor_metadata(
         .collect()
 }
 
+/// A model's memory as Triton reports it in its statistics: one entry per device the allocator
+/// holds memory on for it, `type` `CPU` or `GPU`, `id` the device's index (0 for the host).
+fn memory_usage(by_device: &[(DeviceId, u64)]) -> Vec<pb::MemoryUsage> {
+    by_device
+        .iter()
+        .map(|&(device, byte_size)| {
+            let (kind, id) = match device {
+                DeviceId::Cpu => ("CPU", 0),
+                DeviceId::Gpu(index) => ("GPU", i64::from(index)),
+            };
+            pb::MemoryUsage {
+                r#type: kind.to_string(),
+                id,
+                byte_size,
+            }
+        })
+        .collect()
+}
+
 fn unimplemented_shm(what: &str) -> Status {
     Status::unimplemented(format!(
         "{what}: CUDA shared memory is not supported by Veraltheim; use system shared memory (--allow-client-shm) or send tensor data in the request"
@@ -542,7 +562,7 @@ impl GrpcInferenceService for KserveService {
                             ..Default::default()
                         })
                         .collect(),
-                    memory_usage: Vec::new(),
+                    memory_usage: memory_usage(&self.ctx.models.memory_of(w.name())),
                     response_stats: HashMap::new(),
                 }
             })
@@ -681,54 +701,76 @@ impl GrpcInferenceService for KserveService {
 
     async fn trace_setting(
         &self,
-        request: Request<pb::TraceSettingRequest>,
+        _: Request<pb::TraceSettingRequest>,
     ) -> Result<Response<pb::TraceSettingResponse>, Status> {
-        if !request.get_ref().settings.is_empty() {
-            return Err(Status::unimplemented(
-                "trace settings cannot be changed: Veraltheim traces through its log (--log-level, --log-format)",
-            ));
-        }
-        let value = |v: &str| pb::trace_setting_response::SettingValue {
-            value: vec![v.to_string()],
-        };
-        let settings = [
-            ("trace_level", value("OFF")),
-            ("trace_rate", value("1000")),
-            ("trace_count", value("-1")),
-            ("log_frequency", value("0")),
-            ("trace_file", value("")),
-            ("trace_mode", value("triton")),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
-        Ok(Response::new(pb::TraceSettingResponse { settings }))
+        Err(Status::unimplemented(
+            "Triton request tracing (trace_level, trace_rate, trace_file, ...) is not implemented: \
+             Veraltheim writes no trace files. A W3C traceparent on a load or unload is carried \
+             onto the events it causes (WatchEvents); the log's level is read and changed with \
+             LogSettings",
+        ))
     }
 
+    /// Triton's log settings, read and changed at run time (the mapping is in `logging.rs`).
     async fn log_settings(
         &self,
         request: Request<pb::LogSettingsRequest>,
     ) -> Result<Response<pb::LogSettingsResponse>, Status> {
-        if !request.get_ref().settings.is_empty() {
-            return Err(Status::unimplemented(
-                "log settings cannot be changed at run time; restart with --log-level / --log-format",
-            ));
-        }
-        use pb::log_settings_response::{SettingValue, setting_value::ParameterChoice as P};
-        let v = |p: P| SettingValue {
-            parameter_choice: Some(p),
-        };
-        let settings = [
-            ("log_file", v(P::StringParam(String::new()))),
-            ("log_info", v(P::BoolParam(true))),
-            ("log_warning", v(P::BoolParam(true))),
-            ("log_error", v(P::BoolParam(true))),
-            ("log_verbose_level", v(P::Uint32Param(0))),
-            ("log_format", v(P::StringParam("default".into()))),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
-        Ok(Response::new(pb::LogSettingsResponse { settings }))
+        log_settings(request.into_inner()).map(Response::new)
     }
+}
+
+/// The `LogSettings` RPC: an empty request reads the settings; one that names settings changes
+/// them (all or none) and answers the settings in effect afterwards.
+fn log_settings(request: pb::LogSettingsRequest) -> Result<pb::LogSettingsResponse, Status> {
+    use crate::logging::LogValue;
+    use pb::log_settings_request::setting_value::ParameterChoice as In;
+    use pb::log_settings_response::{SettingValue, setting_value::ParameterChoice as Out};
+    let control = crate::logging::control().ok_or_else(|| {
+        Status::failed_precondition("this process's log is not under the server's control")
+    })?;
+    let settings = if request.settings.is_empty() {
+        control.settings()
+    } else {
+        let mut changes: Vec<(String, LogValue)> = request
+            .settings
+            .into_iter()
+            .map(|(name, v)| {
+                let value = match v.parameter_choice {
+                    Some(In::BoolParam(b)) => LogValue::Bool(b),
+                    Some(In::Uint32Param(u)) => LogValue::Uint(u),
+                    Some(In::StringParam(t)) => LogValue::Text(t),
+                    None => LogValue::Missing,
+                };
+                (name, value)
+            })
+            .collect();
+        // A map has no order; the first bad setting named must not depend on the hash.
+        changes.sort_by(|a, b| a.0.cmp(&b.0));
+        control.update(&changes).map_err(|e| match e {
+            crate::logging::LogSettingsError::Gone(_) => Status::internal(e.to_string()),
+            _ => Status::invalid_argument(e.to_string()),
+        })?
+    };
+    let v = |p: Out| SettingValue {
+        parameter_choice: Some(p),
+    };
+    let answer = [
+        ("log_file", v(Out::StringParam(settings.file.to_string()))),
+        ("log_info", v(Out::BoolParam(settings.info))),
+        ("log_warning", v(Out::BoolParam(settings.warning))),
+        ("log_error", v(Out::BoolParam(settings.error))),
+        (
+            "log_verbose_level",
+            v(Out::Uint32Param(settings.verbose_level)),
+        ),
+        (
+            "log_format",
+            v(Out::StringParam(settings.format.to_string())),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    Ok(pb::LogSettingsResponse { settings: answer })
 }

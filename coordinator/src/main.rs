@@ -30,7 +30,6 @@ use std::process::ExitCode;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use clap::{Parser, Subcommand};
-use tracing_subscriber::EnvFilter;
 
 use crate::config::{Config, LogFormat, ServeArgs};
 
@@ -82,22 +81,8 @@ enum ConfigCommand {
     Default,
 }
 
-fn init_logging(format: LogFormat, level: &str) {
-    let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(logging::LossyStderrWriter)
-        // The fallback that reports a failed write with eprintln! (a panic when stderr is
-        // gone); LossyStderr counts the line instead.
-        .log_internal_errors(false);
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
-}
-
 fn run_client<F: std::future::Future<Output = anyhow::Result<bool>>>(f: F) -> ExitCode {
-    init_logging(LogFormat::Text, "warn");
+    logging::init(LogFormat::Text, "warn");
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -129,7 +114,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            init_logging(config.logging.format, &config.logging.level);
+            logging::init(config.logging.format, &config.logging.level);
             // A panic (a model backend's, contained by the fast path) goes to the log as one
             // structured line instead of a raw backtrace on stderr.
             std::panic::set_hook(Box::new(|info| {

@@ -269,6 +269,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
                 // 0: ONNX Runtime's default, the backend's spelling of an unset value.
                 intra_op_threads: config.models.onnx_intra_op_threads.unwrap_or(0),
                 limits: config.limits.models(),
+                simulated_gpus: devices.simulated(),
             },
             max_concurrent_loads: config.models.max_concurrent_loads,
             load_timeout: Duration::from_secs(config.models.load_timeout_seconds),

@@ -5,8 +5,9 @@
 //! The pieces:
 //! - [`GpuProbe`] reads the GPUs. [`NvmlProbe`] is the real one (NVML, loaded at run time);
 //!   [`SimulatedProbe`] stands in for GPUs this machine lacks (`--simulate-gpus 2x80GiB`), with
-//!   memory charged and released by its callers; [`ScriptedProbe`] is a **fake for tests** that
-//!   plays back a script of readings and failures.
+//!   memory charged and released by its callers; `fake::ScriptedProbe` (feature `fake-probe`) is a
+//!   **fake for tests** that plays back a script of readings and failures; its devices are
+//!   marked simulated.
 //! - [`Inventory`] owns a probe (or none), samples host and GPUs on [`Inventory::sample`], keeps the
 //!   latest [`Snapshot`] for [`Inventory::snapshot`], and returns [`DeviceEvent`]s when a device's
 //!   health changes, for the caller to publish.
@@ -29,11 +30,12 @@
 #![warn(missing_docs)]
 
 mod error;
+#[cfg(feature = "fake-probe")]
+pub mod fake;
 mod host;
 mod inventory;
 mod nvml;
 mod probe;
-mod scripted;
 mod simulated;
 mod types;
 
@@ -42,6 +44,5 @@ pub use host::{read_host, resident_bytes};
 pub use inventory::{DeviceEvent, Inventory};
 pub use nvml::{NVML_LIBRARY_NAMES, NvmlProbe};
 pub use probe::GpuProbe;
-pub use scripted::{ScriptStep, ScriptedProbe};
 pub use simulated::{MAX_SIMULATED_GPUS, SimSpec, SimulatedProbe};
 pub use types::{GpuInfo, GpuProcess, HostInfo, Snapshot};

@@ -1,11 +1,12 @@
-//! The inventory driven by the scripted fake probe, plus host info and detection on this
-//! machine.
+//! The inventory driven by the scripted FAKE probe (`fake::ScriptedProbe`, feature `fake-probe`,
+//! turned on for this crate's tests by its dev-dependency on itself), plus host info and detection
+//! on this machine.
 
 use std::sync::Arc;
 
+use veraltheim_devices::fake::{ScriptStep, ScriptedProbe};
 use veraltheim_devices::{
-    DeviceEvent, GpuInfo, GpuProbe, Inventory, NvmlProbe, ProbeError, ScriptStep, ScriptedProbe,
-    Snapshot, read_host,
+    DeviceEvent, GpuInfo, GpuProbe, Inventory, NvmlProbe, ProbeError, Snapshot, read_host,
 };
 
 const GIB: u64 = 1 << 30;
@@ -83,6 +84,8 @@ fn fake_probe_drives_the_inventory_through_failure_and_recovery() {
     assert_eq!(normal.gpus, two_gpus());
     assert_eq!(normal.gpu_probe.as_deref(), Some("scripted (fake)"));
     assert_eq!(normal.gpu_probe_error, None);
+    // A fake device never passes for hardware.
+    assert!(normal.gpus.iter().all(|g| g.simulated), "{normal:?}");
 
     // 2. The probe fails: devices kept, marked lost, one ProbeFailed and a GpuLost each.
     let events = inv.sample();
@@ -113,6 +116,7 @@ fn fake_probe_drives_the_inventory_through_failure_and_recovery() {
         assert_eq!(g.errors, vec![reason.clone()]);
         assert_eq!(g.uuid, format!("GPU-fake-{}", g.index), "identity kept");
         assert_eq!(g.memory_total_bytes, 80 * GIB, "total kept");
+        assert!(g.simulated, "a lost fake device is still marked simulated");
     }
     assert_eq!(failed.gpu_probe_error.as_deref(), Some(reason.as_str()));
     // The earlier snapshot a reader holds is untouched.
@@ -161,6 +165,10 @@ fn fake_probe_drives_the_inventory_through_failure_and_recovery() {
     assert_eq!(g1.uuid, "GPU-fake-1");
     assert_eq!(g1.name, "Fake GPU");
     assert_eq!(g1.memory_total_bytes, 80 * GIB);
+    assert!(
+        g1.simulated,
+        "reported lost without the mark: it is kept from what was known"
+    );
     assert_eq!(g1.errors, vec!["device handle: GPU is lost".to_string()]);
     assert_eq!(
         one_lost.usable_gpus().map(|g| g.index).collect::<Vec<_>>(),

@@ -24,6 +24,12 @@ pub struct BackendOptions {
     pub intra_op_threads: usize,
     /// Bounds on what a configuration may ask for (the built-in `cost` model's compute).
     pub limits: crate::limits::Limits,
+    /// The GPUs are simulated (`--simulate-gpus`): a built-in model placed on one (by
+    /// `instance_group` `KIND_GPU`) is built there, so that placement, budgets and eviction on
+    /// GPUs can be exercised on a machine without any. Built-ins compute on the CPU and claim the
+    /// memory they are told (`memory_bytes`) wherever they are placed, and a simulated GPU has no
+    /// hardware for them to miss. Every other backend is still refused on a GPU it cannot use.
+    pub simulated_gpus: bool,
 }
 
 /// The backend a configuration names, normalised (`onnxruntime_onnx` platform → `onnxruntime`).
@@ -109,9 +115,12 @@ pub fn instantiate(
             reason: format!("backend '{backend}' needs a model folder; a built-in model has none"),
         })
     };
-    // A model is never quietly run somewhere other than where it was placed.
+    // A model is never quietly run somewhere other than where it was placed (a built-in on a
+    // simulated GPU runs nowhere else: there is no GPU).
+    let simulated_builtin = options.simulated_gpus && backend == builtin::BACKEND;
     if let DeviceId::Gpu(g) = device
         && !supports_gpu(&config)
+        && !simulated_builtin
     {
         let why = match backend.as_str() {
             b if b == builtin::BACKEND => format!("built-in models run on the CPU, not gpu{g}"),
@@ -203,7 +212,13 @@ mod tests {
         .err()
         .unwrap();
         assert!(e.to_string().contains("CPU"), "{e}");
-        assert!(instantiate(c, None, DeviceId::Cpu, &BackendOptions::default()).is_ok());
+        assert!(instantiate(c.clone(), None, DeviceId::Cpu, &BackendOptions::default()).is_ok());
+        // On simulated GPUs a built-in may be placed on one (there is no hardware to miss).
+        let simulated = BackendOptions {
+            simulated_gpus: true,
+            ..BackendOptions::default()
+        };
+        assert!(instantiate(c, None, DeviceId::Gpu(0), &simulated).is_ok());
     }
 
     #[test]
@@ -222,5 +237,19 @@ mod tests {
         let msg = e.to_string();
         assert!(msg.contains("embedder"), "{msg}");
         assert!(msg.contains("gpu1") && msg.contains("KIND_CPU"), "{msg}");
+        // Simulated GPUs do not change that: only built-ins may sit on one.
+        let simulated = BackendOptions {
+            simulated_gpus: true,
+            ..BackendOptions::default()
+        };
+        let c = ModelConfig {
+            name: "embedder".into(),
+            platform: "onnxruntime_onnx".into(),
+            ..Default::default()
+        };
+        let e = instantiate(c, Some(&dir), DeviceId::Gpu(1), &simulated)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("KIND_CPU"), "{e}");
     }
 }

@@ -29,5 +29,5 @@ pub use host::{Detached, WorkerHost};
 pub use inference::{InferCall, Inference};
 pub use manager::{
     BUILTIN_VERSION, InFlight, ManagerDeps, ManagerOptions, Measurement, MemoryCharge, ModelInfo,
-    ModelManager,
+    ModelManager, Placed,
 };

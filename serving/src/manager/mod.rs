@@ -32,7 +32,7 @@ use parking_lot::{Mutex, RwLock};
 use veraltheim_bus::{Bus, Event, topic_segment};
 use veraltheim_devices::GpuInfo;
 use veraltheim_fastpath::{ExecutionPool, ModelWorker, WorkerOptions};
-use veraltheim_models::allocator::{Allocator, Budget, DeviceId, DeviceUsage};
+use veraltheim_models::allocator::{Allocator, Budget, DeviceId, DeviceUsage, HolderState};
 use veraltheim_models::backend::BackendOptions;
 use veraltheim_models::repository::Repository;
 use veraltheim_models::{ModelConfig, ModelState, builtin};
@@ -71,6 +71,22 @@ pub struct MemoryCharge {
     /// What it holds on its device: the budget counts this.
     pub charged_bytes: u64,
     pub how: Measurement,
+}
+
+/// Memory the allocator holds for one model on one device: a placement, as the resource and
+/// statistics APIs show it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Placed {
+    /// The model's name.
+    pub model: String,
+    /// The allocator's key for this load of it (`<name>#<generation>`): during a reload the
+    /// serving version and the new one hold memory under two keys.
+    pub key: String,
+    pub device: DeviceId,
+    /// Its measured charge when ready; its estimate while loading; for a model being evicted,
+    /// what it held.
+    pub bytes: u64,
+    pub state: HolderState,
 }
 
 /// How a model's charge was found.
@@ -482,10 +498,11 @@ impl ModelManager {
             .collect()
     }
 
-    /// Each device's budget and what holds it.
     /// Follows the GPUs as the inventory last read them: each GPU's capacity becomes its total
     /// less what other processes hold there ([`Allocator::follow_device`]); a lost GPU gets
-    /// none, so nothing new is placed on it. GPUs that were not there at start stay unused.
+    /// none, so nothing new is placed on it (the models already there keep their charge, shown
+    /// as over-committed, until they are unloaded). A GPU that was not there at start gets a
+    /// budget (with `gpu_reserve_bytes`) and takes models from then on.
     pub fn follow_gpus(&self, gpus: &[GpuInfo]) {
         let mut allocator = self.allocator.lock();
         for g in gpus {
@@ -515,8 +532,37 @@ impl ModelManager {
             .collect()
     }
 
+    /// Each device's budget and what holds it.
     pub fn memory(&self) -> Vec<DeviceUsage> {
         self.allocator.lock().snapshot()
+    }
+
+    /// Every model's memory on every device, as the allocator holds it now: devices in order
+    /// (cpu, gpu0, gpu1, …), models by key within a device.
+    pub fn placements(&self) -> Vec<Placed> {
+        self.memory()
+            .into_iter()
+            .flat_map(|d| {
+                d.holders.into_iter().map(move |h| Placed {
+                    model: key_model(&h.model).to_string(),
+                    device: d.device,
+                    bytes: h.bytes,
+                    state: h.state,
+                    key: h.model,
+                })
+            })
+            .collect()
+    }
+
+    /// What the allocator holds for the model `name` on each device where it holds anything,
+    /// devices in order; both versions count while a reload holds two.
+    pub fn memory_of(&self, name: &str) -> Vec<(DeviceId, u64)> {
+        let mut by_device: BTreeMap<DeviceId, u64> = BTreeMap::new();
+        for p in self.placements().into_iter().filter(|p| p.model == name) {
+            let sum = by_device.entry(p.device).or_default();
+            *sum = sum.saturating_add(p.bytes);
+        }
+        by_device.into_iter().collect()
     }
 
     fn to_info(&self, name: &str, e: &Entry) -> ModelInfo {

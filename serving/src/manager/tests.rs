@@ -2,6 +2,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::*;
 use crate::ManagerDeps;
+use veraltheim_models::backend::BackendOptions;
 
 fn manager() -> ModelManager {
     ModelManager::new(
@@ -168,27 +169,72 @@ fn with_repo(repo: &Repo, cpu_bytes: u64) -> ModelManager {
     .unwrap()
 }
 
-#[tokio::test]
-async fn a_gpu_that_appears_after_start_gets_a_budget_and_a_lost_one_none() {
-    let m = ModelManager::new(
-        ManagerOptions {
-            gpu_reserve_bytes: 1 << 30,
-            ..ManagerOptions::default()
-        },
-        ManagerDeps::detached(ExecutionPool::new(1).unwrap()),
+/// An identity model that must run on a GPU and claims `bytes` there.
+fn on_gpu(bytes: u64) -> String {
+    format!(
+        r#"{{"instance_group":[{{"kind":"KIND_GPU","count":1}}],"parameters":{{"memory_bytes":{{"string_value":"{bytes}"}}}}}}"#
     )
-    .unwrap();
+}
+
+/// One FP32 row through the one inference edge; the answer's values.
+async fn echo(
+    inference: &crate::Inference,
+    model: &str,
+    values: &[f32],
+) -> Result<Vec<f32>, Error> {
+    let input = veraltheim_models::Tensor::from_f32("INPUT0", vec![1, values.len()], values)
+        .expect("a valid tensor");
+    let out = inference
+        .infer(crate::InferCall {
+            model: model.into(),
+            version: String::new(),
+            id: "late-gpu".into(),
+            inputs: vec![input],
+            outputs: Vec::new(),
+            priority: 0,
+            timeout: None,
+            deadline: None,
+            received: Instant::now(),
+        })
+        .await?;
+    Ok(out.outputs[0].f32_values().expect("FP32 output"))
+}
+
+#[tokio::test]
+async fn a_gpu_that_appears_after_start_takes_a_model_and_a_lost_one_takes_none() {
+    const MODEL: u64 = 512 << 20;
+    let m = Arc::new(
+        ModelManager::new(
+            ManagerOptions {
+                gpu_reserve_bytes: 1 << 30,
+                // Simulated GPUs, so that a built-in may be placed on one.
+                backend: BackendOptions {
+                    simulated_gpus: true,
+                    ..BackendOptions::default()
+                },
+                ..ManagerOptions::default()
+            },
+            ManagerDeps::detached(ExecutionPool::new(1).unwrap()),
+        )
+        .unwrap(),
+    );
+    let inference = crate::Inference::new(m.clone(), crate::ResponseCache::new(0, None));
     let gpu0 = |m: &ModelManager| {
         m.memory()
             .into_iter()
             .find(|u| u.device == DeviceId::Gpu(0))
     };
     assert!(gpu0(&m).is_none(), "no GPU at start");
+    // With no GPU, a model that must run on one has nowhere to go.
+    let err = m.load("identity", Some(&on_gpu(MODEL))).await.unwrap_err();
+    assert!(err.to_string().contains("any gpu"), "{err}");
+
     let gpu = GpuInfo {
         index: 0,
         name: "late".into(),
         memory_total_bytes: 16 << 30,
         memory_used_bytes: 2 << 30,
+        simulated: true,
         ..GpuInfo::default()
     };
     m.follow_gpus(std::slice::from_ref(&gpu));
@@ -196,8 +242,65 @@ async fn a_gpu_that_appears_after_start_gets_a_budget_and_a_lost_one_none() {
     assert_eq!(usage.reserve_bytes, 1 << 30);
     // Capacity less what others hold (2 GiB), less the reserve.
     assert_eq!(usage.budget_bytes, (16 << 30) - (2 << 30) - (1 << 30));
-    m.follow_gpus(&[GpuInfo { lost: true, ..gpu }]);
-    assert_eq!(gpu0(&m).unwrap().budget_bytes, 0);
+
+    // It takes the model: placed, charged and serving there.
+    let info = m.load("identity", Some(&on_gpu(MODEL))).await.unwrap();
+    assert_eq!(info.state, ModelState::Ready);
+    assert_eq!(info.device, Some(DeviceId::Gpu(0)));
+    assert_eq!(info.memory_bytes, MODEL);
+    let usage = gpu0(&m).unwrap();
+    assert_eq!(usage.charged_bytes, MODEL);
+    assert_eq!(
+        usage
+            .holders
+            .iter()
+            .map(|h| key_model(&h.model))
+            .collect::<Vec<_>>(),
+        ["identity"]
+    );
+    assert_eq!(m.memory_of("identity"), [(DeviceId::Gpu(0), MODEL)]);
+    let cpu = m
+        .memory()
+        .into_iter()
+        .find(|u| u.device == DeviceId::Cpu)
+        .unwrap();
+    assert!(cpu.holders.is_empty(), "nothing on the CPU: {cpu:?}");
+    assert_eq!(
+        echo(&inference, "identity", &[1.0, 2.0]).await.unwrap(),
+        [1.0, 2.0]
+    );
+
+    // Lost: the GPU gets no budget, so nothing new is placed there.
+    m.follow_gpus(&[GpuInfo {
+        lost: true,
+        memory_used_bytes: 0,
+        ..gpu.clone()
+    }]);
+    let usage = gpu0(&m).unwrap();
+    assert_eq!(usage.budget_bytes, 0);
+    let err = m.load("cost", Some(&on_gpu(1 << 20))).await.unwrap_err();
+    assert!(err.to_string().contains("any gpu"), "{err}");
+    assert_eq!(m.info("cost").unwrap().device, None);
+    // The model already there is not silently forgotten: it keeps its charge on gpu0, shown as
+    // over-committed. The manager does not unload it by itself (it cannot tell whether the
+    // backend survived; a built-in on a simulated GPU does): it stays READY until unloaded.
+    assert_eq!(usage.charged_bytes, MODEL);
+    assert_eq!(usage.over_committed_bytes, MODEL);
+    assert_eq!(m.info("identity").unwrap().state, ModelState::Ready);
+    assert_eq!(m.memory_of("identity"), [(DeviceId::Gpu(0), MODEL)]);
+    assert_eq!(echo(&inference, "identity", &[3.0]).await.unwrap(), [3.0]);
+    m.unload("identity").await.unwrap();
+    let usage = gpu0(&m).unwrap();
+    assert!(
+        usage.holders.is_empty() && usage.over_committed_bytes == 0,
+        "{usage:?}"
+    );
+    assert!(m.memory_of("identity").is_empty());
+
+    // Back again: it takes models again.
+    m.follow_gpus(std::slice::from_ref(&gpu));
+    let info = m.load("identity", Some(&on_gpu(MODEL))).await.unwrap();
+    assert_eq!(info.device, Some(DeviceId::Gpu(0)));
 }
 
 #[tokio::test]

@@ -1,3 +1,9 @@
+//! **A FAKE GPU probe, for tests only** (feature `fake-probe`; this crate's own tests turn it on
+//! through a dev-dependency on the crate itself). Never part of a release build: nothing in the
+//! coordinator can construct it. Its devices are marked `simulated: true`, named "Fake GPU" with
+//! uuids `GPU-fake-<index>`, and the probe calls itself `scripted (fake)`, so a snapshot taken
+//! through it can never pass for real hardware.
+
 use std::collections::VecDeque;
 
 use parking_lot::Mutex;
@@ -51,8 +57,8 @@ impl ScriptedProbe {
         self.state.lock().calls
     }
 
-    /// A healthy fake device: uuid `GPU-fake-<index>`, name "Fake GPU", the given memory with 1
-    /// GiB used (or all of it if less), every reading present.
+    /// A healthy fake device: uuid `GPU-fake-<index>`, name "Fake GPU", marked simulated, the
+    /// given memory with 1 GiB used (or all of it if less), every reading present.
     pub fn gpu(index: u32, memory_total_bytes: u64) -> GpuInfo {
         let used = memory_total_bytes.min(1 << 30);
         GpuInfo {
@@ -69,7 +75,9 @@ impl ScriptedProbe {
             power_limit_milliwatts: Some(700_000),
             energy_millijoules: Some(1_000_000),
             processes: Vec::new(),
-            simulated: false,
+            // No hardware behind it: consumers that tell simulated devices apart (the DCGM
+            // labels on /metrics, `veraltheim gpus`) must never show it as a real GPU.
+            simulated: true,
             lost: false,
             errors: Vec::new(),
         }
