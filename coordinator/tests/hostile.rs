@@ -398,6 +398,7 @@ async fn assert_whole(server: &mut Server, ch: &Channel, after: &str) {
 /// - an empty request that means "all" answers OK (statistics, lists, status, an empty watch
 ///   stays OPEN); values out of their enum or over a `[limits]` bound are INVALID_ARGUMENT;
 /// - streams answer per message in-band (OK), their errors inside the responses;
+/// - log settings outside their values are INVALID_ARGUMENT, the empty update reads them (OK);
 /// - client shared memory is off by default (PERMISSION_DENIED), CUDA shared memory and the
 ///   trace settings are not offered (UNIMPLEMENTED), KillChild is fault injection
 ///   (FAILED_PRECONDITION unless the server enables it).
@@ -431,7 +432,12 @@ const EXPECTED: &[(&str, [&str; 4])] = &[
     ),
     (
         "/inference.GRPCInferenceService/LogSettings",
-        ["InvalidArgument", "OK", "Unimplemented", "Unimplemented"],
+        [
+            "InvalidArgument",
+            "OK",
+            "InvalidArgument",
+            "InvalidArgument",
+        ],
     ),
     (
         "/inference.GRPCInferenceService/ModelConfig",
@@ -515,7 +521,12 @@ const EXPECTED: &[(&str, [&str; 4])] = &[
     ),
     (
         "/inference.GRPCInferenceService/TraceSetting",
-        ["InvalidArgument", "OK", "Unimplemented", "Unimplemented"],
+        [
+            "InvalidArgument",
+            "Unimplemented",
+            "Unimplemented",
+            "Unimplemented",
+        ],
     ),
     (
         "/veraltheim.v1.InferenceService/Infer",
