@@ -104,7 +104,7 @@ def test_infer_refusals_exit_non_zero_naming_the_problem(srv):
     assert "NotFound" in proc.stderr and "no_such_model" in proc.stderr, proc.stderr
     proc = cli(srv, "infer", "identity", "-i", "[[1, 2], [3]]", ok=False)
     assert proc.returncode == 1, proc
-    assert "ragged" in proc.stderr or "shape" in proc.stderr, proc.stderr
+    assert "ragged array" in proc.stderr, proc.stderr
 
 
 # ---- health ----------------------------------------------------------------------------
@@ -123,6 +123,49 @@ def test_health_exits_zero_when_live_and_ready_and_one_when_unreachable(srv):
     )
     assert proc.returncode == 1, proc
     assert "cannot reach the coordinator" in proc.stderr and nobody in proc.stderr, proc.stderr
+
+
+def test_health_exits_one_while_the_server_is_live_but_not_ready(tmp_path):
+    """Ready comes once the start-up loads are done; here one model's warm-up takes 4 s."""
+    repo = tmp_path / "models"
+    (repo / "slow" / "1").mkdir(parents=True)
+    (repo / "slow" / "config.json").write_text(json.dumps({
+        "backend": "builtin", "max_batch_size": 8,
+        "input": [{"name": "INPUT0", "data_type": "TYPE_FP32", "dims": [-1]}],
+        "output": [{"name": "OUTPUT0", "data_type": "TYPE_FP32", "dims": [1]}],
+        "parameters": {k: {"string_value": v} for k, v in {
+            "builtin": "cost", "busy": "sleep", "base_us": "4000000", "per_item_us": "0"}.items()},
+        "model_warmup": [{"name": "slowly", "batch_size": 1, "inputs": {
+            "INPUT0": {"data_type": "TYPE_FP32", "dims": [1], "zero_data": True}}}],
+    }))
+    address = f"127.0.0.1:{free_port()}"
+    log = open(tmp_path / "server.log", "wb")
+    server = subprocess.Popen(
+        [BIN, "serve", "--grpc-addr", address, "--http-addr", f"127.0.0.1:{free_port()}",
+         "--data-dir", str(tmp_path / "data"), "--model-repository", str(repo),
+         "--load-model", "slow"],
+        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
+    )
+    log.close()
+
+    def health() -> subprocess.CompletedProcess:
+        return subprocess.run([BIN, "health", "--server", address, "--json"],
+                              capture_output=True, text=True, timeout=60)
+
+    try:
+        # Until the server listens, health cannot reach it; then it is live, not yet ready.
+        first = poll(health, lambda p: "cannot reach" not in p.stderr, timeout=60, interval=0.05)
+        assert "cannot reach" not in first.stderr, (tmp_path / "server.log").read_text()
+        assert first.returncode == 1, first
+        assert json.loads(first.stdout)["live"] is True, first
+        assert json.loads(first.stdout)["ready"] is False, (
+            f"ready before the 4 s warm-up ended: {first}"
+        )
+        ready = poll(health, lambda p: p.returncode == 0, timeout=60, interval=0.1)
+        assert ready.returncode == 0 and json.loads(ready.stdout)["ready"] is True, ready
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 # ---- models load / get / stats / unload -----------------------------------------------------
