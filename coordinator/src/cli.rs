@@ -3,6 +3,7 @@
 //! `kill`, `config default` — talking `veraltheim.v1` to a running coordinator. Tables for
 //! people, `--json` for scripts.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -724,11 +725,11 @@ fn gpu_json(g: &v1::Gpu) -> Value {
     })
 }
 
-fn print_gpus(s: &v1::ResourceSnapshot, as_json: bool) -> anyhow::Result<()> {
+fn print_gpus(out: &mut dyn Write, s: &v1::ResourceSnapshot, as_json: bool) -> std::io::Result<()> {
     if as_json {
         let list: Vec<Value> = s.gpus.iter().map(gpu_json).collect();
-        println!("{}", serde_json::to_string(&list)?);
-        return Ok(());
+        writeln!(out, "{}", Value::Array(list))?;
+        return out.flush();
     }
     if s.gpus.is_empty() {
         let why = if s.gpu_probe_error.is_empty() {
@@ -736,14 +737,15 @@ fn print_gpus(s: &v1::ResourceSnapshot, as_json: bool) -> anyhow::Result<()> {
         } else {
             format!(" ({})", s.gpu_probe_error)
         };
-        println!("no GPUs{why}");
-        return Ok(());
+        writeln!(out, "no GPUs{why}")?;
+        return out.flush();
     }
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
-    println!(
+    writeln!(
+        out,
         "{:>3}  {:<28} {:>17} {:>5} {:>6} {:>9}  MODELS",
         "GPU", "NAME", "MEMORY USED/TOTAL", "UTIL", "TEMP", "POWER"
-    );
+    )?;
     for g in &s.gpus {
         let name = if g.simulated {
             format!("{} (simulated)", g.name)
@@ -752,7 +754,8 @@ fn print_gpus(s: &v1::ResourceSnapshot, as_json: bool) -> anyhow::Result<()> {
         } else {
             g.name.clone()
         };
-        println!(
+        writeln!(
+            out,
             "{:>3}  {:<28} {:>7.1}/{:>5.1} GiB {:>4}% {:>5}C {:>8.1}W  {}",
             g.index,
             name,
@@ -762,9 +765,19 @@ fn print_gpus(s: &v1::ResourceSnapshot, as_json: bool) -> anyhow::Result<()> {
             g.temperature_celsius,
             f64::from(g.power_draw_milliwatts) / 1000.0,
             g.models.join(",")
-        );
+        )?;
     }
-    Ok(())
+    out.flush()
+}
+
+/// Prints a snapshot on stdout; `Ok(false)` when nobody reads it any more (the pipe was closed,
+/// as `gpus --watch | head -n 2` does): the end of a watch, not an error.
+fn show_gpus(s: &v1::ResourceSnapshot, as_json: bool) -> anyhow::Result<bool> {
+    match print_gpus(&mut std::io::stdout().lock(), s, as_json) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// `veraltheim gpus`: the GPUs the coordinator sees (`--json`: an array of objects).
@@ -776,7 +789,7 @@ pub async fn gpus(args: GpusArgs) -> anyhow::Result<()> {
             .await
             .map_err(status_error)?
             .into_inner();
-        return print_gpus(&s, args.client.json);
+        return show_gpus(&s, args.client.json).map(|_| ());
     }
     let mut stream = client
         .watch_resources(v1::WatchResourcesRequest { interval_ms: 0 })
@@ -785,7 +798,9 @@ pub async fn gpus(args: GpusArgs) -> anyhow::Result<()> {
         .into_inner();
     let mut seen = 0;
     while let Some(s) = stream.message().await.map_err(status_error)? {
-        print_gpus(&s, args.client.json)?;
+        if !show_gpus(&s, args.client.json)? {
+            break;
+        }
         seen += 1;
         if args.count.is_some_and(|c| seen >= c) {
             break;
@@ -948,15 +963,30 @@ pub async fn jobs(args: JobsArgs) -> anyhow::Result<bool> {
             }
         }
         JobsCommand::Cancel { id } => {
-            let job = client
+            let mut job = client
                 .cancel_job(v1::CancelJobRequest { id })
                 .await
                 .map_err(status_error)?
                 .into_inner();
+            // A running job is told to stop and ends a moment later: wait for that, so that
+            // what is printed is the state it ended in rather than RUNNING.
+            if !watch::is_terminal(job.state) {
+                let mut stream = client
+                    .watch_job(v1::WatchJobRequest { id: job.id.clone() })
+                    .await
+                    .map_err(status_error)?
+                    .into_inner();
+                while let Some(next) = stream.message().await.map_err(status_error)? {
+                    let ended = watch::is_terminal(next.state);
+                    job = next;
+                    if ended {
+                        break;
+                    }
+                }
+            }
             print_jobs(std::slice::from_ref(&job), as_json)?;
         }
         JobsCommand::Logs { id, follow } => {
-            use std::io::Write;
             let mut stream = client
                 .job_logs(v1::JobLogsRequest { id, follow })
                 .await

@@ -101,6 +101,105 @@ mod tests {
         );
     }
 
+    /// The middleware in front of a stand-in service, with one request per second and no burst:
+    /// a client's second call is refused.
+    fn limited_router() -> axum::Router {
+        let limiter = ClientLimiter::new(Some(1), Some(1)).unwrap();
+        axum::Router::new()
+            .route(
+                "/inference.GRPCInferenceService/ModelInfer",
+                axum::routing::post(|| async { "ok" }),
+            )
+            .route(
+                "/inference.GRPCInferenceService/ServerLive",
+                axum::routing::post(|| async { "ok" }),
+            )
+            .layer(axum::middleware::from_fn_with_state(limiter, limit))
+    }
+
+    /// Sends one call from `peer` (none: no connection info, as without
+    /// `into_make_service_with_connect_info`) with a tenant header; `None` when it passed, else
+    /// the refusal's gRPC status.
+    async fn call(
+        router: &axum::Router,
+        path: &str,
+        peer: Option<&str>,
+        tenant: &str,
+    ) -> Option<tonic::Status> {
+        use tower::ServiceExt;
+        let mut request = axum::http::Request::post(path)
+            .header("x-tenant", tenant)
+            .body(axum::body::Body::empty())
+            .unwrap();
+        if let Some(peer) = peer {
+            let addr: SocketAddr = peer.parse().unwrap();
+            request.extensions_mut().insert(ConnectInfo(addr));
+        }
+        let response = router.clone().oneshot(request).await.unwrap();
+        tonic::Status::from_header_map(response.headers())
+    }
+
+    const INFER: &str = "/inference.GRPCInferenceService/ModelInfer";
+
+    #[tokio::test]
+    async fn without_a_peer_address_every_caller_shares_one_bucket() {
+        let router = limited_router();
+        assert!(call(&router, INFER, None, "a").await.is_none());
+        // Another caller without an address (and with another tenant header) is the same
+        // client, "unknown": its bucket is already empty.
+        let refused = call(&router, INFER, None, "b")
+            .await
+            .expect("the second unaddressed call is refused");
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            refused.message().contains("client 'unknown'"),
+            "{}",
+            refused.message()
+        );
+        assert!(
+            refused.metadata().get("grpc-retry-pushback-ms").is_some(),
+            "{refused:?}"
+        );
+        // Callers with an address have their own buckets, and health checks pass regardless.
+        assert!(
+            call(&router, INFER, Some("10.0.0.7:4000"), "b")
+                .await
+                .is_none()
+        );
+        let live = "/inference.GRPCInferenceService/ServerLive";
+        assert!(call(&router, live, None, "c").await.is_none());
+    }
+
+    #[tokio::test]
+    async fn the_client_is_its_peer_ip_not_its_port_nor_a_header() {
+        let router = limited_router();
+        assert!(
+            call(&router, INFER, Some("10.0.0.1:1000"), "a")
+                .await
+                .is_none()
+        );
+        // A new connection (another port) with a fresh tenant header is still the same client.
+        let refused = call(&router, INFER, Some("10.0.0.1:2000"), "fresh")
+            .await
+            .expect("same IP, same bucket");
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            refused.message().contains("client '10.0.0.1'"),
+            "{}",
+            refused.message()
+        );
+        assert!(
+            call(&router, INFER, Some("10.0.0.2:1000"), "a")
+                .await
+                .is_none()
+        );
+        assert!(
+            call(&router, INFER, Some("[::1]:1000"), "a")
+                .await
+                .is_none()
+        );
+    }
+
     #[test]
     fn health_rpcs_are_exempt() {
         assert!(exempt("/inference.GRPCInferenceService/ServerReady"));

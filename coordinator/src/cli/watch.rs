@@ -43,7 +43,7 @@ fn state_name(s: i32) -> String {
     super::job_state_name(s)
 }
 
-fn is_terminal(state: i32) -> bool {
+pub(super) fn is_terminal(state: i32) -> bool {
     matches!(
         v1::JobState::try_from(state),
         Ok(v1::JobState::Succeeded

@@ -102,6 +102,9 @@ impl ModelManager {
             None => base.validate_declared().map(|_| base.clone()),
         }
         .and_then(|c| limits.check_config(&c, self.pool.threads()).map(|()| c))
+        // The fast path reads `priority_aging_ms` when it builds the worker; a value that is not
+        // a number is refused here by name instead of silently becoming the default.
+        .and_then(|c| c.parameter_u64("priority_aging_ms", 0).map(|_| c))
         .map_err(|source| Error::BadConfig {
             name: name.to_string(),
             source,
