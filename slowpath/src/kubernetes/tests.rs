@@ -501,7 +501,18 @@ async fn fake_k8s_bookmarks_move_the_watch_on_and_a_410_gone_relists() {
         .unwrap()
         .id;
     wait_for(&runner, &other, "running", |r| r.state == JobState::Running).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Wait until a bookmark past the first Job's version was handed to that Job's watch: its
+    // client reads it before the watch ends, so it resumes from there.
+    let selector = attempt_selector(&id, 1);
+    until(
+        "a bookmark past the Job's version reached its watch",
+        || {
+            fake.bookmarks().iter().any(|b| {
+                b.kind == "Job" && b.label_selector == selector && b.resource_version > job_rv
+            })
+        },
+    )
+    .await;
     fake.close_watches();
     until(
         "the watch resumed from a bookmark's resource version",
