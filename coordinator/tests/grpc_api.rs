@@ -233,45 +233,126 @@ async fn oversize_requests_are_resource_exhausted() {
     assert!(ok.into_inner().live);
 }
 
+/// The `cost` model's requests held by the server (from the allocator) and waiting in its queue.
+async fn cost_in_flight_and_pending(ch: &tonic::transport::Channel) -> (u64, u64) {
+    let mut models = ModelServiceClient::new(ch.clone());
+    let memory = models
+        .get_model_memory(v1::GetModelMemoryRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let in_flight = memory
+        .devices
+        .iter()
+        .flat_map(|d| &d.holders)
+        .filter(|h| h.key.starts_with("cost#"))
+        .map(|h| h.in_flight)
+        .sum();
+    let stats = models
+        .get_model_statistics(v1::GetModelStatisticsRequest {
+            name: "cost".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    (in_flight, stats.models[0].pending)
+}
+
+/// Polls until the `cost` model has `in_flight` requests of which `pending` are queued (read in
+/// that order, so a request counted in flight and not queued is executing); 30 s at most.
+async fn wait_for_cost(ch: &tonic::transport::Channel, in_flight: u64, pending: u64) {
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let seen = cost_in_flight_and_pending(ch).await;
+        if seen == (in_flight, pending) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "cost never had {in_flight} requests in flight with {pending} queued; last {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test]
 async fn a_full_queue_is_refused_fast_and_the_server_recovers() {
     let s = start(&["--default-max-queue-size", "2", "--load-model", "cost"]).await;
     let ch = channel(&s).await;
-    let mut models = ModelServiceClient::new(ch.clone());
-    // One slow item per batch: the queue fills while the first batch computes.
-    models
+    // Batches of one, each sleeping 5 s: one batch holds the model's only instance while the
+    // queue behind it is filled and the refusal is checked (and the answer that shows the
+    // model serves again takes 5 s too).
+    ModelServiceClient::new(ch.clone())
         .load_model(v1::LoadModelRequest {
             name: "cost".into(),
-            config_json:
-                r#"{"max_batch_size":1,"parameters":{"base_us":{"string_value":"300000"}}}"#.into(),
+            config_json: r#"{"max_batch_size":1,"parameters":{"base_us":{"string_value":"5000000"},"per_item_us":{"string_value":"0"},"busy":{"string_value":"sleep"}}}"#.into(),
         })
         .await
         .unwrap();
-    let calls = (0..12).map(|i| {
-        let mut c = InferenceServiceClient::new(ch.clone());
-        async move {
-            c.infer(v1::InferRequest {
-                model: "cost".into(),
-                inputs: vec![fp32("INPUT0", vec![1, 1], vec![i as f32])],
-                ..Default::default()
-            })
-            .await
-        }
-    });
-    let results = futures::future::join_all(calls).await;
-    let exhausted = results
-        .iter()
-        .filter(|r| matches!(r, Err(s) if s.code() == Code::ResourceExhausted))
-        .count();
-    let ok = results.iter().filter(|r| r.is_ok()).count();
-    assert!(exhausted >= 1, "{results:?}");
-    assert_eq!(ok + exhausted, 12, "{results:?}");
-    let live = SystemServiceClient::new(ch)
-        .health(v1::HealthRequest {})
+    let ask = |v: f32| v1::InferRequest {
+        model: "cost".into(),
+        inputs: vec![fp32("INPUT0", vec![1, 1], vec![v])],
+        ..Default::default()
+    };
+    // The order in which calls come back.
+    let (ended_tx, mut ended) = tokio::sync::mpsc::unbounded_channel();
+    let call = |label: &'static str, v: f32| {
+        let mut client = InferenceServiceClient::new(ch.clone());
+        let (req, ended) = (ask(v), ended_tx.clone());
+        tokio::spawn(async move {
+            let result = client.infer(req).await;
+            let _ = ended.send(label);
+            result
+        })
+    };
+    let held = call("held batch", 1.0);
+    wait_for_cost(&ch, 1, 0).await;
+    let queued = [call("queued", 2.0), call("queued", 3.0)];
+    wait_for_cost(&ch, 3, 2).await;
+
+    let err = InferenceServiceClient::new(ch.clone())
+        .infer(ask(4.0))
+        .await
+        .expect_err("a third request while two are queued");
+    ended_tx.send("refused").unwrap();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("cost"), "{}", err.message());
+    // Fast: the refusal did not wait for room in the queue; it came back before the batch that
+    // held the model ended, with the queue still full.
+    assert_eq!(
+        ended.recv().await,
+        Some("refused"),
+        "the refusal must come before anything it could have waited for"
+    );
+    assert_eq!(cost_in_flight_and_pending(&ch).await, (3, 2));
+    let stats = ModelServiceClient::new(ch.clone())
+        .get_model_statistics(v1::GetModelStatisticsRequest {
+            name: "cost".into(),
+        })
         .await
         .unwrap()
         .into_inner();
-    assert!(live.live && live.ready);
+    assert_eq!(stats.models[0].rejected, 1);
+
+    // The queued callers give up; the held batch ends.
+    for q in &queued {
+        q.abort();
+    }
+    let answer = held.await.unwrap().expect("the held batch is answered");
+    match &answer.into_inner().outputs[0].data {
+        Some(v1::tensor::Data::Values(v)) => assert_eq!(v.fp32, vec![1.0]),
+        other => panic!("{other:?}"),
+    }
+    // Recovers: the model takes and answers requests again.
+    let again = InferenceServiceClient::new(ch.clone())
+        .infer(ask(5.0))
+        .await
+        .expect("an inference after the refusal")
+        .into_inner();
+    match &again.outputs[0].data {
+        Some(v1::tensor::Data::Values(v)) => assert_eq!(v.fp32, vec![5.0]),
+        other => panic!("{other:?}"),
+    }
 }
 
 #[tokio::test]
@@ -468,10 +549,18 @@ async fn simulated_gpus_are_in_the_inventory_and_marked() {
         .await
         .unwrap()
         .into_inner();
-    // No GPU and no NVML library on this machine: no GPUs, and a reason, not a failure.
-    if snap.gpu_probe != "nvml" {
-        assert!(snap.gpus.is_empty());
-        assert!(!snap.gpu_probe_error.is_empty());
+    // Without --simulate-gpus: real GPUs through NVML, all of them marked real; or, without
+    // NVML (this machine), no probe, no GPUs and the reason, which is not a failure.
+    match snap.gpu_probe.as_str() {
+        "nvml" => {
+            assert!(snap.gpu_probe_error.is_empty(), "{snap:?}");
+            assert!(snap.gpus.iter().all(|g| !g.simulated), "{snap:?}");
+        }
+        "" => {
+            assert!(snap.gpus.is_empty(), "{snap:?}");
+            assert!(!snap.gpu_probe_error.is_empty(), "{snap:?}");
+        }
+        other => panic!("probe {other:?} without --simulate-gpus: {snap:?}"),
     }
 }
 

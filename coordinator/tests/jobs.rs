@@ -128,11 +128,35 @@ async fn job_state_changes_go_out_as_events() {
     assert_eq!(states, ["QUEUED", "ADMITTED", "RUNNING", "SUCCEEDED"]);
 }
 
+/// Waits until `path` has `lines` lines (30 s at most, then fails the test saying so).
+async fn wait_for_lines(path: &Path, lines: usize) {
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.lines().count() >= lines {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "{} never had {lines} line(s): {text:?}",
+            path.display()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test]
 async fn acknowledged_jobs_survive_kill_9() {
     let dir = tempfile::tempdir().unwrap();
     let marker = dir.path().join("attempts");
-    let script = format!("echo run >> {}; sleep 2; echo done", marker.display());
+    let go = dir.path().join("go");
+    // Each attempt marks its start, then holds until the test creates `go`: the first one is
+    // still running when the coordinator dies, however slow the machine.
+    let script = format!(
+        "echo run >> {}; while [ ! -e {} ]; do sleep 0.05; done; echo done",
+        marker.display(),
+        go.display()
+    );
     let (ids, running) = {
         let (mut server, ch) = start(dir.path(), &["--max-running-jobs", "1"]).await;
         let mut jobs = JobServiceClient::new(ch);
@@ -147,19 +171,19 @@ async fn acknowledged_jobs_survive_kill_9() {
             .unwrap()
             .into_inner();
         let running = wait_for(&mut jobs, &first.id, v1::JobState::Running).await;
+        // The first attempt has run its command: its marker is there.
+        wait_for_lines(&marker, 1).await;
         // kill -9: no shutdown path runs
         server.child.kill().unwrap();
         server.child.wait().unwrap();
         (vec![first.id, second.id], running)
     };
     assert_eq!(running.attempt, 1);
+    std::fs::write(&go, "").unwrap();
     let (_server, ch) = start(dir.path(), &[]).await;
     let mut jobs = JobServiceClient::new(ch);
     let first = wait_for(&mut jobs, &ids[0], v1::JobState::Succeeded).await;
-    assert!(
-        first.attempt >= 2,
-        "the interrupted job ran again: {first:?}"
-    );
+    assert_eq!(first.attempt, 2, "the interrupted job ran again: {first:?}");
     wait_for(&mut jobs, &ids[1], v1::JobState::Succeeded).await;
     assert!(logs(&mut jobs, &ids[0]).await.contains("done"));
     let runs = std::fs::read_to_string(&marker).unwrap();

@@ -1,10 +1,15 @@
 //! The worker against real built-in models on a real execution pool.
+//!
+//! Tests that depend on what runs when use a [`Gated`] backend: each batch says "I am executing"
+//! on a channel and waits for the test's go-ahead, so the order of events is set by the test,
+//! not by sleeps that hope the pool has got that far.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::mpsc;
 use veraltheim_fastpath::{ExecutionPool, InferError, ModelWorker, Request, WorkerOptions};
-use veraltheim_models::{Model, Tensor, builtin};
+use veraltheim_models::{Model, ModelConfig, Tensor, builtin};
 
 fn cost(base_us: u64, per_item_us: u64, extra: &str) -> Arc<dyn Model> {
     let over = format!(
@@ -26,61 +31,143 @@ fn row(v: f32) -> Request {
     )
 }
 
+/// A backend for tests that order events: each batch reports that it is executing (the first
+/// value of each of its rows, which names the requests) and then waits until the test lets it
+/// finish; then it computes what the wrapped model computes.
+struct Gated {
+    inner: Arc<dyn Model>,
+    started: mpsc::UnboundedSender<Vec<f32>>,
+    release: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+impl Model for Gated {
+    fn config(&self) -> &ModelConfig {
+        self.inner.config()
+    }
+
+    fn execute(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, veraltheim_models::Error> {
+        let values = inputs[0].f32_values()?;
+        let width = inputs[0].shape()[1..].iter().product::<usize>().max(1);
+        let _ = self
+            .started
+            .send(values.chunks(width).map(|r| r[0]).collect());
+        // An error means the test dropped its sender: the gate is open for good.
+        let _ = self.release.lock().unwrap().recv();
+        self.inner.execute(inputs)
+    }
+}
+
+/// The test's side of a [`Gated`] backend.
+struct Gate {
+    started: mpsc::UnboundedReceiver<Vec<f32>>,
+    release: Option<std::sync::mpsc::Sender<()>>,
+}
+
+impl Gate {
+    /// Waits until the next batch is executing; returns the first values of its rows.
+    async fn started(&mut self) -> Vec<f32> {
+        tokio::time::timeout(Duration::from_secs(30), self.started.recv())
+            .await
+            .expect("no batch started executing within 30 s")
+            .expect("the model is gone")
+    }
+
+    /// Lets one batch (the executing one, or else the next) finish.
+    fn release(&self) {
+        self.release
+            .as_ref()
+            .expect("the gate is already open")
+            .send(())
+            .unwrap();
+    }
+
+    /// Lets every batch, now and from now on, finish without waiting.
+    fn open(&mut self) {
+        self.release = None;
+    }
+}
+
+fn gated(inner: Arc<dyn Model>) -> (Arc<dyn Model>, Gate) {
+    let (started_tx, started) = mpsc::unbounded_channel();
+    let (release, release_rx) = std::sync::mpsc::channel();
+    let model = Gated {
+        inner,
+        started: started_tx,
+        release: std::sync::Mutex::new(release_rx),
+    };
+    let gate = Gate {
+        started,
+        release: Some(release),
+    };
+    (Arc::new(model), gate)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_requests_form_batches_and_get_their_own_rows() {
     let pool = ExecutionPool::new(2).unwrap();
-    let worker = ModelWorker::start(cost(20_000, 0, ""), pool, &WorkerOptions::default());
-    let receivers: Vec<_> = (0..40)
-        .map(|i| worker.submit(row(i as f32)).unwrap())
-        .collect();
+    let (model, mut gate) = gated(cost(0, 0, ""));
+    let worker = ModelWorker::start(model, pool, &WorkerOptions::default());
+    let mut receivers = vec![worker.submit(row(0.0)).unwrap()];
+    assert_eq!(gate.started().await, [0.0]);
+    // 39 requests arrive while the first batch holds the model's only instance.
+    receivers.extend((1..40).map(|i| worker.submit(row(i as f32)).unwrap()));
+    gate.open();
     for (i, rx) in receivers.into_iter().enumerate() {
         let out = rx.await.unwrap().unwrap();
         assert_eq!(out.outputs[0].f32_values().unwrap(), vec![i as f32 + 1.0]);
+        assert_eq!(out.batch_size, if i == 0 { 1 } else { 39 });
     }
+    assert_eq!(
+        gate.started().await,
+        (1..40).map(|i| i as f32).collect::<Vec<_>>(),
+        "the queued requests run as one batch, in order"
+    );
     let stats = worker.stats();
     assert_eq!(stats.inference_count, 40);
     assert_eq!(stats.success.count, 40);
-    // 40 requests queued behind a 20 ms batch cannot all have run alone.
-    assert!(stats.execution_count < 40, "{stats:?}");
+    assert_eq!(stats.execution_count, 2, "{stats:?}");
     assert_eq!(stats.pending, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_expires_in_the_queue_while_the_model_is_busy() {
     let pool = ExecutionPool::new(2).unwrap();
-    let worker = ModelWorker::start(cost(300_000, 0, ""), pool, &WorkerOptions::default());
+    let (model, mut gate) = gated(cost(0, 0, ""));
+    let worker = ModelWorker::start(model, pool, &WorkerOptions::default());
     let busy = worker.submit(row(1.0)).unwrap();
-    // Let the first batch start, so the second request has to wait behind it.
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(gate.started().await, [1.0]);
+    // The model's only instance is held: this request can only wait, and its time runs out.
     let mut late = row(2.0);
     late.timeout = Some(Duration::from_millis(10));
     let late = worker.submit(late).unwrap();
     let err = late.await.unwrap().unwrap_err();
     assert!(matches!(err, InferError::DeadlineExceeded { .. }), "{err}");
+    gate.open();
     assert!(busy.await.unwrap().is_ok());
     let stats = worker.stats();
     assert_eq!(
         stats.inference_count, 1,
         "the expired request must not be computed"
     );
+    assert_eq!(stats.execution_count, 1);
     assert_eq!(stats.expired, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_refuses_at_once() {
     let pool = ExecutionPool::new(1).unwrap();
-    let model = cost(
-        200_000,
+    let (model, mut gate) = gated(cost(
         0,
-        // Batches of one: the batcher, running meanwhile on the other runtime thread, takes at
-        // most one request off the queue (freeing its slot) before the 200 ms batch holds the
-        // only instance. With larger batches it could take several and admit as many more.
-        r#","max_batch_size":1,"dynamic_batching":{"default_queue_policy":{"max_queue_size":4}}"#,
-    );
+        0,
+        r#","dynamic_batching":{"default_queue_policy":{"max_queue_size":4}}"#,
+    ));
     let worker = ModelWorker::start(model, pool, &WorkerOptions::default());
-    let mut accepted = Vec::new();
+    let first = worker.submit(row(0.0)).unwrap();
+    // Executing: it has left the queue, whose four places are all free again.
+    assert_eq!(gate.started().await, [0.0]);
+    let mut accepted = vec![first];
     let mut refused = 0;
-    for i in 0..20 {
+    for i in 1..20 {
         match worker.submit(row(i as f32)) {
             Ok(rx) => accepted.push(rx),
             Err(InferError::QueueFull { capacity, .. }) => {
@@ -90,12 +177,14 @@ async fn a_full_queue_refuses_at_once() {
             Err(other) => panic!("unexpected {other}"),
         }
     }
-    // At most the bound plus what the batcher already handed to the pool got in.
-    assert!(accepted.len() <= 4 + 1, "accepted {}", accepted.len());
-    assert!(refused >= 15);
-    assert_eq!(worker.stats().rejected, refused);
-    for rx in accepted {
-        assert!(rx.await.unwrap().is_ok());
+    assert_eq!(accepted.len(), 1 + 4, "the executing one and a full queue");
+    assert_eq!(refused, 15);
+    assert_eq!(worker.stats().rejected, 15);
+    assert_eq!(worker.stats().pending, 4);
+    gate.open();
+    for (i, rx) in accepted.into_iter().enumerate() {
+        let out = rx.await.unwrap().unwrap();
+        assert_eq!(out.outputs[0].f32_values().unwrap(), vec![i as f32 + 1.0]);
     }
 }
 
@@ -127,13 +216,21 @@ async fn a_panicking_backend_fails_only_its_batch() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_abandoned_request_is_never_computed() {
     let pool = ExecutionPool::new(1).unwrap();
-    let worker = ModelWorker::start(cost(200_000, 0, ""), pool, &WorkerOptions::default());
+    let (model, mut gate) = gated(cost(0, 0, ""));
+    let worker = ModelWorker::start(model, pool, &WorkerOptions::default());
     let first = worker.submit(row(1.0)).unwrap();
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(gate.started().await, [1.0]);
+    // Queued behind the executing batch, then abandoned by its caller.
     drop(worker.submit(row(2.0)).unwrap());
+    gate.open();
     assert!(first.await.unwrap().is_ok());
     let after = worker.submit(row(3.0)).unwrap().await.unwrap().unwrap();
     assert_eq!(after.batch_size, 1);
+    assert_eq!(
+        gate.started().await,
+        [3.0],
+        "the abandoned request must never reach the backend"
+    );
     let stats = worker.stats();
     assert_eq!(stats.cancelled, 1);
     assert_eq!(stats.inference_count, 2);
@@ -159,26 +256,33 @@ async fn stop_finishes_queued_work_then_refuses() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_after_grace_fails_what_is_left() {
     let pool = ExecutionPool::new(1).unwrap();
-    let worker = ModelWorker::start(
-        cost(
-            200_000,
-            0,
-            r#","dynamic_batching":{"max_queue_delay_microseconds":0}, "max_batch_size": 1"#,
-        ),
-        pool,
-        &WorkerOptions::default(),
-    );
+    let (model, mut gate) = gated(cost(
+        0,
+        0,
+        r#","dynamic_batching":{"max_queue_delay_microseconds":0}, "max_batch_size": 1"#,
+    ));
+    let worker = ModelWorker::start(model, pool, &WorkerOptions::default());
     let queued: Vec<_> = (0..4)
         .map(|i| worker.submit(row(i as f32)).unwrap())
         .collect();
+    assert_eq!(gate.started().await, [0.0]);
+    // The first batch is held past the grace: the three behind it cannot run in time.
     worker.stop(Duration::from_millis(50)).await;
-    let mut unavailable = 0;
+    gate.open();
+    let mut results = Vec::new();
     for rx in queued {
-        if let Err(InferError::Unavailable { .. }) = rx.await.unwrap() {
-            unavailable += 1;
-        }
+        results.push(match rx.await.unwrap() {
+            Ok(_) => "ok",
+            Err(InferError::Unavailable { .. }) => "unavailable",
+            Err(other) => panic!("unexpected {other}"),
+        });
     }
-    assert!(unavailable >= 2, "{unavailable}");
+    assert_eq!(
+        results,
+        ["ok", "unavailable", "unavailable", "unavailable"],
+        "the executing batch finishes, the queued ones fail"
+    );
+    assert_eq!(worker.stats().inference_count, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -236,52 +340,50 @@ async fn a_cancelled_run_returns_and_a_new_run_serves_the_queue() {
     assert!(runner.await.unwrap().is_ok());
 }
 
-/// Completes the receivers and returns their labels in the order their answers arrived.
-async fn arrival_order(
-    rxs: Vec<(
-        &'static str,
-        tokio::sync::oneshot::Receiver<Result<veraltheim_fastpath::InferOutput, InferError>>,
-    )>,
-) -> Vec<&'static str> {
-    let mut pending: Vec<_> = rxs
-        .into_iter()
-        .map(|(label, rx)| Box::pin(async move { (label, rx.await) }))
-        .collect();
-    let mut order = Vec::new();
-    while !pending.is_empty() {
-        let ((label, result), _, rest) = futures::future::select_all(pending).await;
-        assert!(result.unwrap().is_ok(), "{label} failed");
-        order.push(label);
-        pending = rest;
-    }
-    order
-}
-
-fn prioritised(extra_queue_policy: &str) -> Arc<dyn Model> {
-    cost(
-        80_000,
+/// A model with two priority levels (default 2) and batches of one, behind a [`Gate`].
+fn prioritised(extra_queue_policy: &str) -> (Arc<dyn Model>, Gate) {
+    gated(cost(
+        0,
         0,
         &format!(
             r#","max_batch_size":1,"dynamic_batching":{{"priority_levels":2,"default_priority_level":2{extra_queue_policy}}}"#
         ),
-    )
+    ))
+}
+
+/// Awaits every answer and checks it is the cost model's for its row (the row's sum).
+async fn all_answered(
+    rxs: Vec<tokio::sync::oneshot::Receiver<Result<veraltheim_fastpath::InferOutput, InferError>>>,
+    values: &[f32],
+) {
+    for (rx, v) in rxs.into_iter().zip(values) {
+        let out = rx.await.unwrap().unwrap_or_else(|e| panic!("{v}: {e}"));
+        assert_eq!(out.outputs[0].f32_values().unwrap(), vec![v + 1.0]);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_higher_priority_request_overtakes_queued_lower_ones() {
+    let (model, mut gate) = prioritised("");
     let worker = ModelWorker::start(
-        prioritised(""),
+        model,
         ExecutionPool::new(1).unwrap(),
         &WorkerOptions::default(),
     );
     let busy = worker.submit(row(0.0)).unwrap();
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(gate.started().await, [0.0]);
     let low = worker.submit(row(1.0)).unwrap();
     let mut urgent = row(2.0);
     urgent.priority = 1;
     let high = worker.submit(urgent).unwrap();
-    let order = arrival_order(vec![("busy", busy), ("low", low), ("high", high)]).await;
-    assert_eq!(order, ["busy", "high", "low"]);
+    gate.open();
+    assert_eq!(
+        gate.started().await,
+        [2.0],
+        "the high-priority one goes first"
+    );
+    assert_eq!(gate.started().await, [1.0]);
+    all_answered(vec![busy, low, high], &[0.0, 1.0, 2.0]).await;
     let mut bad = row(3.0);
     bad.priority = 3;
     assert!(matches!(
@@ -292,7 +394,7 @@ async fn a_higher_priority_request_overtakes_queued_lower_ones() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delay_timeout_demotes_instead_of_refusing() {
-    let model = prioritised(
+    let (model, mut gate) = prioritised(
         r#","default_queue_policy":{"timeout_action":"DELAY","default_timeout_microseconds":10000,"allow_timeout_override":true}"#,
     );
     let worker = ModelWorker::start(
@@ -301,19 +403,24 @@ async fn a_delay_timeout_demotes_instead_of_refusing() {
         &WorkerOptions::default(),
     );
     let busy = worker.submit(row(0.0)).unwrap();
-    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(gate.started().await, [0.0]);
     let demoted = worker.submit(row(1.0)).unwrap();
-    tokio::time::sleep(Duration::from_millis(30)).await;
+    let queued_by = tokio::time::Instant::now();
+    // What is tested is the clock: once its 10 ms queue timeout has run out, the request is
+    // demoted. Wait for that instant itself; the model stays held meanwhile, so nothing else
+    // can happen in between.
+    tokio::time::sleep_until(queued_by + Duration::from_millis(10)).await;
     let mut patient = row(2.0);
     patient.timeout = Some(Duration::from_secs(60));
     let patient = worker.submit(patient).unwrap();
-    let order = arrival_order(vec![
-        ("busy", busy),
-        ("demoted", demoted),
-        ("patient", patient),
-    ])
-    .await;
-    assert_eq!(order, ["busy", "patient", "demoted"]);
+    gate.open();
+    assert_eq!(
+        gate.started().await,
+        [2.0],
+        "the request within its time goes first"
+    );
+    assert_eq!(gate.started().await, [1.0], "the demoted one still runs");
+    all_answered(vec![busy, demoted, patient], &[0.0, 1.0, 2.0]).await;
     let stats = worker.stats();
     assert_eq!(stats.expired, 0, "DELAY must not refuse");
     assert_eq!(stats.success.count, 3);
@@ -323,14 +430,15 @@ async fn a_delay_timeout_demotes_instead_of_refusing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_level_with_its_own_bound_fills_without_blocking_the_others() {
-    let model = prioritised(r#","priority_queue_policy":{"2":{"max_queue_size":1}}"#);
+    let (model, mut gate) = prioritised(r#","priority_queue_policy":{"2":{"max_queue_size":1}}"#);
     let worker = ModelWorker::start(
         model,
         ExecutionPool::new(1).unwrap(),
         &WorkerOptions::default(),
     );
     let busy = worker.submit(row(0.0)).unwrap();
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    // Executing: it has given its level's place back.
+    assert_eq!(gate.started().await, [0.0]);
     let queued_low = worker.submit(row(1.0)).unwrap();
     match worker.submit(row(2.0)) {
         Err(InferError::QueueFull { capacity, .. }) => assert_eq!(capacity, 1),
@@ -339,8 +447,10 @@ async fn a_level_with_its_own_bound_fills_without_blocking_the_others() {
     let mut high = row(3.0);
     high.priority = 1;
     let high = worker.submit(high).unwrap();
-    let order = arrival_order(vec![("busy", busy), ("low", queued_low), ("high", high)]).await;
-    assert_eq!(order, ["busy", "high", "low"]);
+    gate.open();
+    assert_eq!(gate.started().await, [3.0]);
+    assert_eq!(gate.started().await, [1.0]);
+    all_answered(vec![busy, queued_low, high], &[0.0, 1.0, 3.0]).await;
     // the level's slot came back once its request left the queue
     assert!(worker.submit(row(4.0)).unwrap().await.unwrap().is_ok());
 }
@@ -350,25 +460,28 @@ async fn a_level_with_its_own_bound_fills_without_blocking_the_others() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_busy_model_runs_its_queue_in_place_on_the_pool_thread() {
     let pool = ExecutionPool::new(2).unwrap();
-    let model = cost(10_000, 0, r#","max_batch_size":1"#);
+    let (model, mut gate) = gated(cost(0, 0, r#","max_batch_size":1"#));
     let worker = ModelWorker::start(model, pool, &WorkerOptions::default());
     let first = worker.submit(row(0.0)).unwrap();
-    // Let the first batch start, so the others queue behind the busy instance.
-    tokio::time::sleep(Duration::from_millis(3)).await;
-    let queued: Vec<_> = (1..=8)
-        .map(|i| worker.submit(row(i as f32)).unwrap())
-        .collect();
-    assert!(first.await.unwrap().is_ok());
-    for (i, rx) in queued.into_iter().enumerate() {
+    assert_eq!(gate.started().await, [0.0]);
+    // The others queue behind the busy instance.
+    let mut answers = vec![first];
+    answers.extend((1..=8).map(|i| worker.submit(row(i as f32)).unwrap()));
+    // One batch at a time: each is let go, answered, and the next one is seen executing.
+    for (i, rx) in answers.into_iter().enumerate() {
+        gate.release();
         let out = rx.await.unwrap().unwrap();
         assert_eq!(out.batch_size, 1);
-        assert_eq!(out.outputs[0].f32_values().unwrap(), vec![i as f32 + 2.0]);
+        assert_eq!(out.outputs[0].f32_values().unwrap(), vec![i as f32 + 1.0]);
+        if i < 8 {
+            assert_eq!(gate.started().await, [i as f32 + 1.0]);
+        }
     }
     let stats = worker.stats();
     assert_eq!(stats.execution_count, 9);
-    // The thread that ran the first batch takes the queued ones as they fall due: one job, or a
-    // few when the batcher (sending answers meanwhile) holds the list at the moment a batch
-    // ends; not one hand-off to the pool per batch.
+    // The thread that ran the first batch takes each queued one when it finishes the one
+    // before: one job. A few more only if the batcher, woken to send the answers, held the
+    // list at the very moment a batch ended; never one hand-off to the pool per batch.
     let jobs = worker.pool_jobs();
     assert!(jobs <= 3, "{jobs} pool jobs for 9 batches");
 }
@@ -378,26 +491,24 @@ async fn a_batch_that_outlives_its_batcher_still_answers() {
     // Answers normally go back through the batcher loop; when the loop has ended (cancelled
     // here, as the supervisor does on shutdown) the pool thread must send them itself.
     let pool = ExecutionPool::new(1).unwrap();
-    let worker = Arc::new(ModelWorker::new(
-        cost(100_000, 0, r#","max_batch_size":1"#),
-        pool,
-        &WorkerOptions::default(),
-    ));
+    let (model, mut gate) = gated(cost(0, 0, r#","max_batch_size":1"#));
+    let worker = Arc::new(ModelWorker::new(model, pool, &WorkerOptions::default()));
     let cancel = tokio_util::sync::CancellationToken::new();
     let batcher = {
         let (worker, cancel) = (worker.clone(), cancel.clone());
         tokio::spawn(async move { worker.run(&cancel).await })
     };
     let rx = worker.submit(row(3.0)).unwrap();
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(gate.started().await, [3.0]);
     assert_eq!(
         worker.stats().execution_count,
         0,
-        "the batch should still be running"
+        "the batch is held executing"
     );
     cancel.cancel();
     assert_eq!(batcher.await.unwrap(), Ok(()));
-    let out = tokio::time::timeout(Duration::from_secs(5), rx)
+    gate.open();
+    let out = tokio::time::timeout(Duration::from_secs(30), rx)
         .await
         .expect("no answer after the batcher ended")
         .expect("the answer was dropped")

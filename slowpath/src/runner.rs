@@ -1027,36 +1027,58 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn running_jobs_never_exceed_the_slots() {
         let dir = tempfile::tempdir().unwrap();
-        let (runner, shutdown, loop_task) = started(dir.path(), 2);
-        let mut ids = Vec::new();
+        // Every record the store writes, in commit order for each job.
+        let (tx, mut written) = tokio::sync::mpsc::unbounded_channel::<JobRecord>();
+        let store = JobStore::new(MemoryStore::new()).with_observer(Arc::new(move |rec| {
+            let _ = tx.send(rec.clone());
+        }));
+        let runner = Runner::new(store, LocalExecutor::new(dir.path()), config(2)).unwrap();
+        runner.start().await.unwrap();
+        // Each job marks its start and ends only once two jobs have started: the first two
+        // must overlap, however slowly the runner or the machine goes.
+        let started = dir.path().join("started");
+        std::fs::create_dir(&started).unwrap();
+        let b = started.display();
+        // All six are in line before the loop runs: its first round has four more jobs than
+        // slots to choose from.
+        let mut ids = BTreeSet::new();
         for i in 0..6 {
-            let mut s = spec(&format!("j{i}"), "sleep 0.1", 0);
+            let script =
+                format!("touch {b}/j{i}; while [ $(ls {b} | wc -l) -lt 2 ]; do sleep 0.01; done");
+            let mut s = spec(&format!("j{i}"), &script, 0);
             s.resources.cpu_millis = 10;
-            ids.push(runner.submit(s).await.unwrap().id);
+            ids.insert(runner.submit(s).await.unwrap().id);
         }
+        let (shutdown, loop_task) = run_loop(&runner);
+        // A job holds a slot from ADMITTED until its end is written (the slot is freed after
+        // that write, and the next job admitted after that), so replaying the records in the
+        // order they were written never shows more jobs holding slots than there were.
+        let mut holding = BTreeSet::new();
+        let mut succeeded = BTreeSet::new();
         let mut most = 0;
-        loop {
-            let running = {
-                let state = runner.inner.state.lock();
-                assert_eq!(state.running.len(), state.sched.admitted_len());
-                state.running.len()
-            };
-            most = most.max(running);
-            assert!(running <= 2, "{running} jobs running with 2 slots");
-            let states: Vec<_> = ids
-                .iter()
-                .map(|id| runner.store().get(id).unwrap().state)
-                .collect();
-            assert!(
-                states.iter().filter(|s| **s == JobState::Running).count() <= 2,
-                "{states:?}"
-            );
-            if states.iter().all(|s| *s == JobState::Succeeded) {
-                break;
+        let replay = async {
+            while succeeded.len() < ids.len() {
+                let rec = written.recv().await.expect("the store went away");
+                match rec.state {
+                    JobState::Admitted | JobState::Running => {
+                        holding.insert(rec.id.clone());
+                    }
+                    JobState::Queued => {}
+                    JobState::Succeeded => {
+                        holding.remove(&rec.id);
+                        succeeded.insert(rec.id.clone());
+                    }
+                    other => panic!("job {} went to {other:?}: {rec:?}", rec.id),
+                }
+                assert!(holding.len() <= 2, "{holding:?} hold slots; there are 2");
+                most = most.max(holding.len());
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert!(most >= 1);
+        };
+        tokio::time::timeout(Duration::from_secs(60), replay)
+            .await
+            .unwrap_or_else(|_| panic!("the six jobs did not all succeed within 60 s"));
+        assert_eq!(succeeded, ids);
+        assert_eq!(most, 2, "both slots were used at once");
         shutdown.cancel();
         loop_task.await.unwrap();
     }

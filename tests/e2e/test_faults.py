@@ -1,6 +1,8 @@
 """Failure behaviour: a panicking backend, unimplemented RPCs, client deadlines."""
 
+import json
 import queue
+import subprocess
 import time
 
 import grpc
@@ -10,11 +12,13 @@ from tritonclient.grpc import service_pb2
 
 from _helpers import (
     assert_rpc_error,
+    binary_path,
     cost_config,
     cost_expected,
     distinct_rows,
     fp32_input,
     infer_fp32,
+    poll,
     raises_status,
     rpc_error,
 )
@@ -95,20 +99,76 @@ def test_client_timeout_deadline_exceeded_and_server_healthy(own_server):
     assert time.monotonic() - start >= 0.3  # busy-computes base_us = 300 ms
 
 
+def cost_in_flight_and_pending(srv) -> tuple[int, int]:
+    """The `cost` model's requests held by the server and those waiting in its queue, read in
+    that order (so one counted in flight and not queued is executing)."""
+    memory = json.loads(cli("models", "memory", "--server", srv.grpc_url, "--json"))
+    in_flight = sum(
+        h["in_flight"] for d in memory for h in d["holders"] if h["key"].startswith("cost#")
+    )
+    stats = json.loads(cli("models", "stats", "cost", "--server", srv.grpc_url, "--json"))
+    return in_flight, stats[0]["pending"]
+
+
+def cli(*args: str) -> str:
+    proc = subprocess.run(
+        [str(binary_path()), *args], capture_output=True, text=True, timeout=30
+    )
+    assert proc.returncode == 0, f"veraltheim {' '.join(args)}: {proc.stderr}"
+    return proc.stdout
+
+
+def into(q: "queue.Queue"):
+    """An `async_infer` callback that puts each (result, error) on `q`."""
+    return lambda result, error: q.put((result, error))
+
+
 def test_expired_requests_are_not_computed(own_server):
     """Requests whose deadline has passed while queued are dropped before compute
-    (brief: expired or cancelled requests dropped before compute): fire several
-    50 ms-deadline requests at a 300 ms model, then count its executions."""
+    (brief: expired or cancelled requests dropped before compute): while a 3 s batch holds
+    the model, six 50 ms-deadline requests queue behind it; each gets DEADLINE_EXCEEDED, and
+    none of them is ever executed (a request queued after them, answered, shows nothing of
+    theirs ran: the model has one instance)."""
     client = own_server.client()
-    client.load_model("cost", config=cost_config(base_us=300000, per_item_us=0, max_batch_size=1))
+    client.load_model(
+        "cost",
+        config=json.dumps({
+            "max_batch_size": 1,
+            "parameters": {
+                "base_us": {"string_value": "3000000"},
+                "per_item_us": {"string_value": "0"},
+                "busy": {"string_value": "sleep"},
+            },
+        }),
+    )
     before = client.get_inference_statistics("cost").model_stats[0].execution_count
+    held_data = distinct_rows(1, 2, seed=1203)
+    held: "queue.Queue" = queue.Queue()
+    client.async_infer("cost", [fp32_input(held_data)], callback=into(held))
+    in_flight = poll(
+        lambda: cost_in_flight_and_pending(own_server), lambda v: v == (1, 0), timeout=30
+    )
+    assert in_flight == (1, 0), f"the held batch never started executing: {in_flight}"
+
+    answers: "queue.Queue" = queue.Queue()
     for _ in range(6):
         inp = [fp32_input(np.ones((1, 2), np.float32))]
-        client.async_infer("cost", inp, callback=lambda r, e: None, client_timeout=0.05)
-    time.sleep(1.5)  # enough for the first (possibly started) execution to finish
-    after = client.get_inference_statistics("cost").model_stats[0].execution_count
-    assert after - before <= 2, (
-        f"{after - before} executions for 6 requests whose 50 ms deadline had expired"
-    )
+        client.async_infer("cost", inp, callback=into(answers), client_timeout=0.05)
+    for _ in range(6):
+        result, error = answers.get(timeout=30)
+        assert result is None and error is not None, result
+        assert error.status() == "StatusCode.DEADLINE_EXCEEDED", (
+            f"{error.status()}: {error.message()}"
+        )
+
+    result, error = held.get(timeout=30)
+    assert error is None, error
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), cost_expected(held_data))
+    # Queued after the six: answered only once nothing of theirs can still run.
     data = distinct_rows(1, 2, seed=1202)
     np.testing.assert_array_equal(infer_fp32(client, "cost", data), cost_expected(data))
+    after = client.get_inference_statistics("cost").model_stats[0].execution_count
+    assert after - before == 2, (
+        f"{after - before - 2} of the 6 requests whose deadline passed in the queue were "
+        "executed"
+    )

@@ -81,6 +81,28 @@ def assert_reference(emb: np.ndarray, items: list[dict]) -> None:
         assert diff <= TOLERANCE, f"{item['text'][:40]!r}: max diff {diff:.2e}"
 
 
+def assert_memory_found(srv, model: str) -> int:
+    """Checks how the allocator found the memory of `model` (loaded on the CPU) and that the
+    figure is plausible for MiniLM's weights; returns it. Candle counts the tensors it holds
+    ("reported"): all of the weights file but its header and unused tensors. ONNX Runtime
+    cannot count, so the process's growth during the load is charged ("measured"): at least
+    half the .onnx file, at most four times it. "estimate" (nothing measured) fails."""
+    memory = json.loads(cli("models", "memory", "--server", srv.grpc_url, "--json").stdout)
+    cpu = next(d for d in memory if d["device"] == "cpu")
+    holder = next(h for h in cpu["holders"] if h["key"].split("#")[0] == model)
+    assert holder["state"] == "READY", holder
+    got = holder["bytes"]
+    if model == "minilm":
+        weights = (MINILM_DIR / "model.safetensors").stat().st_size
+        assert holder["measurement"] == "reported", holder
+        assert 0.9 * weights <= got <= weights, (got, weights, holder)
+    else:
+        weights = MINILM_ONNX.stat().st_size
+        assert holder["measurement"] == "measured", holder
+        assert 0.5 * weights <= got <= 4 * weights, (got, weights, holder)
+    return got
+
+
 def test_import_refuses_bad_sources(tmp_path):
     proc = cli("models", "import", str(tmp_path), "--name", "x", "--repository",
                str(tmp_path / "repo"), check=False)
@@ -109,6 +131,7 @@ def test_embeddings_equal_the_reference(server_factory, minilm_repo, model):
     assert meta.outputs[0].name == "EMBEDDING" and list(meta.outputs[0].shape) == [-1, 384]
     index = {m.name: m for m in client.get_model_repository_index().models}
     assert index[model].state == "READY" and index[model].version == "1"
+    assert_memory_found(srv, model)
 
 
 def test_load_unload_reload_and_load_on_first_request(server_factory, minilm_repo):
@@ -137,7 +160,9 @@ def test_load_unload_reload_and_load_on_first_request(server_factory, minilm_rep
     assert_reference(embed(client, "minilm_onnx", [text["text"]]), [text])
     models = json.loads(cli("models", "--server", srv.grpc_url, "--json").stdout)
     m = {x["name"]: x for x in models}["minilm_onnx"]
-    assert m["state"] == "READY" and m["device"] == "cpu" and m["memory_bytes"] > 0
+    assert m["state"] == "READY" and m["device"] == "cpu"
+    # Charged what its load measured (not the estimate), after four loads and an unload.
+    assert m["memory_bytes"] == assert_memory_found(srv, "minilm_onnx")
 
 
 def test_a_model_too_big_for_the_budget_is_refused_naming_it(server_factory, minilm_repo):

@@ -1,5 +1,6 @@
 //! The Kubernetes executor with the runner, against the FAKE Kubernetes API server
-//! ([`super::fake`]); and, `#[ignore]`d, against a real cluster when `KUBECONFIG` is set.
+//! ([`super::fake`]); and, `#[ignore]`d, against a real cluster named by `KUBECONFIG` (without
+//! it they fail, saying what they need).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -501,7 +502,18 @@ async fn fake_k8s_bookmarks_move_the_watch_on_and_a_410_gone_relists() {
         .unwrap()
         .id;
     wait_for(&runner, &other, "running", |r| r.state == JobState::Running).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Wait until a bookmark past the first Job's version was handed to that Job's watch: its
+    // client reads it before the watch ends, so it resumes from there.
+    let selector = attempt_selector(&id, 1);
+    until(
+        "a bookmark past the Job's version reached its watch",
+        || {
+            fake.bookmarks().iter().any(|b| {
+                b.kind == "Job" && b.label_selector == selector && b.resource_version > job_rv
+            })
+        },
+    )
+    .await;
     fake.close_watches();
     until(
         "the watch resumed from a bookmark's resource version",
@@ -723,11 +735,15 @@ async fn fake_k8s_jobs_kubernetes_cannot_run_are_refused_at_submit() {
 }
 
 /// A real cluster (`KUBECONFIG`), namespace `VERALTHEIM_TEST_NAMESPACE` (default `default`),
-/// image `VERALTHEIM_TEST_IMAGE` (default `busybox:1.36`).
-async fn real_cluster() -> Option<(KubernetesExecutor, String)> {
+/// image `VERALTHEIM_TEST_IMAGE` (default `busybox:1.36`). Without `KUBECONFIG` the test fails
+/// saying so: run with `--ignored` only where there is a cluster.
+async fn real_cluster() -> (KubernetesExecutor, String) {
     if std::env::var_os("KUBECONFIG").is_none() {
-        eprintln!("skipped: KUBECONFIG is not set; this test needs a real Kubernetes cluster");
-        return None;
+        panic!(
+            "this test needs a real Kubernetes cluster: set KUBECONFIG to its kubeconfig \
+             (optionally VERALTHEIM_TEST_NAMESPACE, default `default`, and \
+             VERALTHEIM_TEST_IMAGE, default busybox:1.36)"
+        );
     }
     let config = KubernetesConfig {
         namespace: std::env::var("VERALTHEIM_TEST_NAMESPACE").unwrap_or_else(|_| "default".into()),
@@ -735,7 +751,45 @@ async fn real_cluster() -> Option<(KubernetesExecutor, String)> {
         ..KubernetesConfig::default()
     };
     let image = std::env::var("VERALTHEIM_TEST_IMAGE").unwrap_or_else(|_| "busybox:1.36".into());
-    Some((KubernetesExecutor::connect(config).await.unwrap(), image))
+    (KubernetesExecutor::connect(config).await.unwrap(), image)
+}
+
+/// The names of the pods of `run`'s Job, as the API lists them now.
+async fn real_pods(exec: &KubernetesExecutor, run: &CommandRun) -> Vec<String> {
+    let lp = ListParams::default().labels(&attempt_selector(&run.job_id, run.attempt));
+    exec.pods()
+        .list(&lp)
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|p| p.name_any())
+        .collect()
+}
+
+/// Polls the real cluster (every half second, two minutes at most, then fails with `what` and
+/// what it last saw) until `done` says yes.
+async fn real_wait_until<T: std::fmt::Debug, F, Fut>(
+    what: &str,
+    mut look: F,
+    done: impl Fn(&T) -> bool,
+) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = T>,
+{
+    let until = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let seen = look().await;
+        if done(&seen) {
+            return seen;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "{what}: not so after 120 s; last seen {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 fn real_run(image: &str, script: &str) -> CommandRun {
@@ -765,9 +819,7 @@ fn real_run(image: &str, script: &str) -> CommandRun {
 #[tokio::test]
 #[ignore = "needs a real Kubernetes cluster (KUBECONFIG)"]
 async fn real_cluster_a_job_runs_logs_and_exit_codes() {
-    let Some((exec, image)) = real_cluster().await else {
-        return;
-    };
+    let (exec, image) = real_cluster().await;
     let run = real_run(&image, "echo hello from veraltheim");
     let outcome = exec
         .start(&run)
@@ -799,15 +851,32 @@ async fn real_cluster_a_job_runs_logs_and_exit_codes() {
 #[tokio::test]
 #[ignore = "needs a real Kubernetes cluster (KUBECONFIG)"]
 async fn real_cluster_cancel_and_adopt() {
-    let Some((exec, image)) = real_cluster().await else {
-        return;
-    };
+    let (exec, image) = real_cluster().await;
     let run = real_run(&image, "sleep 600");
+    let name = job_name(&run.job_id, run.attempt);
     let first = exec.start(&run).await.unwrap();
     drop(first);
+    // The Job and a pod of it exist before the cancel, so their absence after it says something.
+    real_wait_until(
+        "the Job has a pod",
+        || real_pods(&exec, &run),
+        |pods| !pods.is_empty(),
+    )
+    .await;
     // Found again by its labels, then cancelled (foreground delete).
     let adopted = exec.adopt(&run).await.unwrap().expect("the Job is found");
     let cancel = CancellationToken::new();
     cancel.cancel();
     assert_eq!(adopted.wait(cancel).await.unwrap(), Outcome::Cancelled);
+    // A foreground delete removes the pods first, then the Job.
+    let jobs = exec.jobs();
+    real_wait_until(
+        &format!("Job {name} and its pods are gone after the cancel"),
+        || async {
+            let job = jobs.get_opt(&name).await.unwrap().map(|j| j.name_any());
+            (job, real_pods(&exec, &run).await)
+        },
+        |(job, pods)| job.is_none() && pods.is_empty(),
+    )
+    .await;
 }

@@ -66,6 +66,17 @@ pub struct Recorded {
     pub status: u16,
 }
 
+/// A `BOOKMARK` the fake handed to an open watch (sent before anything later on that watch,
+/// so its client sees it before the watch ends).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Bookmark {
+    /// "Job" or "Pod".
+    pub kind: String,
+    /// The watch's `labelSelector`, as sent.
+    pub label_selector: String,
+    pub resource_version: u64,
+}
+
 /// A delete the fake was asked for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Deletion {
@@ -106,6 +117,7 @@ impl FakeKube {
                 requests: Vec::new(),
                 deletions: Vec::new(),
                 expired: 0,
+                bookmarks: Vec::new(),
                 next_uid: 1,
                 bookmark_every: Duration::from_millis(500),
                 step: Duration::from_millis(50),
@@ -177,6 +189,11 @@ impl FakeKube {
     /// How many watches were answered `410 Gone` (`Expired`).
     pub fn expired_watches(&self) -> usize {
         self.shared.state.lock().expired
+    }
+
+    /// Every `BOOKMARK` handed to a watch so far.
+    pub fn bookmarks(&self) -> Vec<Bookmark> {
+        self.shared.state.lock().bookmarks.clone()
     }
 
     /// Every delete asked for so far.

@@ -54,6 +54,7 @@ pub(super) struct State {
     pub(super) deletions: Vec<Deletion>,
     /// Watches answered `410 Gone`.
     pub(super) expired: usize,
+    pub(super) bookmarks: Vec<Bookmark>,
     pub(super) next_uid: u64,
     pub(super) bookmark_every: Duration,
     pub(super) step: Duration,

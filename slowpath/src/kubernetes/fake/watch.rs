@@ -26,6 +26,7 @@ pub(super) fn watch_objects(
         .map_or(Duration::from_secs(1800), Duration::from_secs);
     let from = query.get("resourceVersion").cloned().unwrap_or_default();
     let ns = ns.to_owned();
+    let selector = labels.clone();
     let matches = move |c: &Change| {
         c.kind == kind
             && c.namespace == ns
@@ -102,6 +103,7 @@ pub(super) fn watch_objects(
     let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(64);
     let closed = shared.watches.lock().clone();
     let shutdown = shared.shutdown.clone();
+    let shared = shared.clone();
     tokio::spawn(async move {
         for l in first.drain(..) {
             if tx.send(Ok(l)).await.is_err() {
@@ -127,6 +129,11 @@ pub(super) fn watch_objects(
                     if tx.send(Ok(line(&bookmark))).await.is_err() {
                         return;
                     }
+                    shared.state.lock().bookmarks.push(Bookmark {
+                        kind: kind_name.to_owned(),
+                        label_selector: selector.clone(),
+                        resource_version: sent_rv,
+                    });
                 }
                 change = sub.recv() => match change {
                     Ok(c) => {
