@@ -15,6 +15,7 @@ use veraltheim_proto::v1::{
     resource_service_server::ResourceService, system_service_server::SystemService,
 };
 
+use crate::auth::Caller;
 use crate::context::{Context, grpc_deadline, status, traced};
 use crate::convert::{from_v1, to_v1, v1_datatype};
 use veraltheim_serving::{InferCall, ModelInfo};
@@ -120,6 +121,7 @@ impl InferenceService for Api {
         request: Request<v1::InferRequest>,
     ) -> Result<Response<v1::InferResponse>, Status> {
         let deadline = grpc_deadline(request.metadata(), Instant::now());
+        Caller::of(&request)?.model(&request.get_ref().model)?;
         Ok(Response::new(
             infer(&self.ctx, request.into_inner(), deadline).await?,
         ))
@@ -132,13 +134,20 @@ impl InferenceService for Api {
         request: Request<Streaming<v1::InferRequest>>,
     ) -> Result<Response<Self::InferStreamStream>, Status> {
         let ctx = self.ctx.clone();
+        let caller = Caller::of(&request)?;
         Ok(Response::new(crate::stream::serve(
             request.into_inner(),
             move |req: v1::InferRequest| {
                 let ctx = ctx.clone();
+                // Each message names its model: each is authorised.
+                let allowed = caller.model(&req.model);
                 async move {
                     let id = req.id.clone();
-                    let result = match infer(&ctx, req, None).await {
+                    let answer = match allowed {
+                        Ok(()) => infer(&ctx, req, None).await,
+                        Err(refused) => Err(refused),
+                    };
+                    let result = match answer {
                         Ok(r) => v1::infer_stream_response::Result::Response(r),
                         Err(s) => v1::infer_stream_response::Result::Error(v1::Error {
                             code: s.code() as i32,
@@ -257,6 +266,7 @@ impl ModelService for Api {
         &self,
         request: Request<v1::ListModelsRequest>,
     ) -> Result<Response<v1::ListModelsResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let ready_only = request.get_ref().ready_only;
         self.ctx.models.refresh();
         let models = self
@@ -265,6 +275,7 @@ impl ModelService for Api {
             .list()
             .iter()
             .filter(|m| !ready_only || m.state == ModelState::Ready)
+            .filter(|m| caller.sees_model(&m.name))
             .map(model_message)
             .collect();
         Ok(Response::new(v1::ListModelsResponse { models }))
@@ -274,6 +285,7 @@ impl ModelService for Api {
         &self,
         request: Request<v1::GetModelRequest>,
     ) -> Result<Response<v1::Model>, Status> {
+        Caller::of(&request)?.model(&request.get_ref().name)?;
         let info = self
             .ctx
             .models
@@ -286,36 +298,48 @@ impl ModelService for Api {
         &self,
         request: Request<v1::LoadModelRequest>,
     ) -> Result<Response<v1::Model>, Status> {
+        let caller = Caller::of(&request)?;
+        caller.model(&request.get_ref().name)?;
         let metadata = request.metadata().clone();
         let r = request.into_inner();
         let json = (!r.config_json.is_empty()).then_some(r.config_json.as_str());
-        let info = traced(&metadata, self.ctx.models.load(&r.name, json))
+        let outcome = traced(&metadata, self.ctx.models.load(&r.name, json))
             .await
-            .map_err(status)?;
-        Ok(Response::new(model_message(&info)))
+            .map_err(status)
+            .map(|info| Response::new(model_message(&info)));
+        caller.audit(format!("model:{}", r.name), &outcome);
+        outcome
     }
 
     async fn unload_model(
         &self,
         request: Request<v1::UnloadModelRequest>,
     ) -> Result<Response<v1::Model>, Status> {
-        let info = traced(
+        let caller = Caller::of(&request)?;
+        caller.model(&request.get_ref().name)?;
+        let outcome = traced(
             request.metadata(),
             self.ctx.models.unload(&request.get_ref().name),
         )
         .await
-        .map_err(status)?;
-        Ok(Response::new(model_message(&info)))
+        .map_err(status)
+        .map(|info| Response::new(model_message(&info)));
+        caller.audit(format!("model:{}", request.get_ref().name), &outcome);
+        outcome
     }
 
     async fn get_model_statistics(
         &self,
         request: Request<v1::GetModelStatisticsRequest>,
     ) -> Result<Response<v1::GetModelStatisticsResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let name = &request.get_ref().name;
         let workers = if name.is_empty() {
-            self.ctx.models.workers()
+            let mut all = self.ctx.models.workers();
+            all.retain(|w| caller.sees_model(w.name()));
+            all
         } else {
+            caller.model(name)?;
             vec![self.ctx.models.worker(name).map_err(status)?]
         };
         let d = |x: veraltheim_fastpath::DurationStat| {
@@ -460,20 +484,11 @@ impl SystemService for Api {
         &self,
         request: Request<v1::KillChildRequest>,
     ) -> Result<Response<v1::KillChildResponse>, Status> {
-        if !self.ctx.fault_injection {
-            return Err(Status::failed_precondition(
-                "KillChild is fault injection: start the server with --enable-fault-injection",
-            ));
-        }
-        let path = request.into_inner().path;
-        self.tree.kill_child(&path).await.map_err(|e| match e {
-            veraltheim_supervisor::Error::NotFound { .. } => {
-                Status::not_found(format!("no supervised task at '{path}': {e}"))
-            }
-            other => Status::failed_precondition(format!("cannot kill '{path}': {other}")),
-        })?;
-        tracing::warn!(%path, "killed by request (fault injection)");
-        Ok(Response::new(v1::KillChildResponse {}))
+        let caller = Caller::of(&request)?;
+        let resource = format!("task:{}", request.get_ref().path);
+        let outcome = self.kill(request).await;
+        caller.audit(resource, &outcome);
+        outcome
     }
 
     type WatchEventsStream = StreamOf<v1::Event>;
@@ -482,9 +497,13 @@ impl SystemService for Api {
         &self,
         request: Request<v1::WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        let caller = Caller::of(&request)?;
         let mut patterns = request.into_inner().topics;
         // Each pattern is a bus subscription with its own buffer: bounded before any is made.
         check_watch_topics(&patterns, &self.ctx.limits)?;
+        for p in &patterns {
+            caller.watch(p)?;
+        }
         if patterns.is_empty() {
             patterns.push(">".to_string());
         }
@@ -508,21 +527,81 @@ impl SystemService for Api {
                 },
             )));
         }
-        let events = futures::stream::select_all(streams).map(|d| {
-            let mut attributes: std::collections::HashMap<String, String> =
-                d.event.attributes.into_iter().collect();
-            if d.missed_before > 0 {
-                attributes.insert("missed_before".into(), d.missed_before.to_string());
-            }
-            Ok(v1::Event {
-                topic: d.event.topic,
-                time_ms: d.event.time_ms,
-                message: d.event.message,
-                attributes,
-                traceparent: d.event.traceparent,
+        // What the caller may not see (other tenants' jobs, the audit log without
+        // system.admin) is left out.
+        let events = futures::stream::select_all(streams)
+            .filter(move |d| {
+                std::future::ready(caller.sees_event(&d.event.topic, &d.event.attributes))
             })
-        });
+            .map(|d| {
+                let mut attributes: std::collections::HashMap<String, String> =
+                    d.event.attributes.into_iter().collect();
+                if d.missed_before > 0 {
+                    attributes.insert("missed_before".into(), d.missed_before.to_string());
+                }
+                Ok(v1::Event {
+                    topic: d.event.topic,
+                    time_ms: d.event.time_ms,
+                    message: d.event.message,
+                    attributes,
+                    traceparent: d.event.traceparent,
+                })
+            });
         Ok(Response::new(Box::pin(events)))
+    }
+
+    async fn list_audit_events(
+        &self,
+        request: Request<v1::ListAuditEventsRequest>,
+    ) -> Result<Response<v1::ListAuditEventsResponse>, Status> {
+        let r = request.into_inner();
+        let audit = self
+            .ctx
+            .audit
+            .as_ref()
+            .ok_or_else(|| Status::unavailable("this server keeps no audit log"))?;
+        let (records, next) = audit.list(r.since_ms, r.page_size as usize, &r.page_token)?;
+        Ok(Response::new(v1::ListAuditEventsResponse {
+            events: records
+                .into_iter()
+                .map(|a| v1::AuditEvent {
+                    time_ms: a.time_ms,
+                    principal: a.principal,
+                    tenant: a.tenant,
+                    verb: a.verb,
+                    resource: a.resource,
+                    result: a.result,
+                    action: a.action,
+                    peer: a.peer,
+                    trace_id: a.trace_id,
+                    message: a.message,
+                })
+                .collect(),
+            next_page_token: next.unwrap_or_default(),
+        }))
+    }
+}
+
+impl Api {
+    /// KillChild once authorised.
+    async fn kill(
+        &self,
+        request: Request<v1::KillChildRequest>,
+    ) -> Result<Response<v1::KillChildResponse>, Status> {
+        if !self.ctx.fault_injection {
+            return Err(Status::failed_precondition(
+                "KillChild is fault injection: start the server with --enable-fault-injection",
+            ));
+        }
+        let path = request.into_inner().path;
+        self.tree.kill_child(&path).await.map_err(|e| match e {
+            veraltheim_supervisor::Error::NotFound { .. } => {
+                Status::not_found(format!("no supervised task at '{path}': {e}"))
+            }
+            other => Status::failed_precondition(format!("cannot kill '{path}': {other}")),
+        })?;
+        tracing::warn!(%path, "killed by request (fault injection)");
+        Ok(Response::new(v1::KillChildResponse {}))
     }
 }
 

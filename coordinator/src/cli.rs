@@ -31,6 +31,10 @@ pub struct ClientArgs {
     /// Print JSON instead of a table.
     #[arg(long, global = true)]
     pub json: bool,
+    /// The bearer token sent as `authorization: Bearer <token>`, for a coordinator that
+    /// authenticates its callers (serve --auth-file).
+    #[arg(long, env = "VERALTHEIM_TOKEN", hide_env_values = true, global = true)]
+    pub token: Option<String>,
 }
 
 #[derive(Clone, Debug, clap::Args)]
@@ -109,7 +113,13 @@ pub struct ModelsArgs {
     pub client: ClientArgs,
 }
 
-async fn connect(server: &str) -> anyhow::Result<Channel> {
+/// A connection to the coordinator `args` name, sending its token.
+async fn connect(args: &ClientArgs) -> anyhow::Result<crate::auth::client::Connection> {
+    let channel = connect_channel(&args.server).await?;
+    crate::auth::client::with_token(channel, args.token.as_deref())
+}
+
+async fn connect_channel(server: &str) -> anyhow::Result<Channel> {
     let url = if server.contains("://") {
         server.to_string()
     } else {
@@ -181,7 +191,7 @@ fn tensor_json(t: &v1::Tensor) -> Value {
 }
 
 pub async fn infer(args: InferArgs) -> anyhow::Result<()> {
-    let channel = connect(&args.client.server).await?;
+    let channel = connect(&args.client).await?;
     let model = ModelServiceClient::new(channel.clone())
         .get_model(v1::GetModelRequest {
             name: args.model.clone(),
@@ -407,7 +417,7 @@ pub async fn models(args: ModelsArgs) -> anyhow::Result<()> {
     if let Some(command @ ModelsCommand::Import { .. }) = args.command {
         return import(command);
     }
-    let mut client = ModelServiceClient::new(connect(&args.client.server).await?);
+    let mut client = ModelServiceClient::new(connect(&args.client).await?);
     let as_json = args.client.json;
     match args.command.unwrap_or(ModelsCommand::List) {
         ModelsCommand::List => {
@@ -545,7 +555,7 @@ pub async fn models(args: ModelsArgs) -> anyhow::Result<()> {
 
 /// Exit status: success only when the server is live and ready.
 pub async fn health(args: ClientArgs) -> anyhow::Result<bool> {
-    let r = SystemServiceClient::new(connect(&args.server).await?)
+    let r = SystemServiceClient::new(connect(&args).await?)
         .health(v1::HealthRequest {})
         .await
         .map_err(status_error)?
@@ -593,7 +603,7 @@ fn print_node(n: &v1::SupervisorNode, depth: usize) {
 }
 
 pub async fn status(args: ClientArgs) -> anyhow::Result<()> {
-    let r = SystemServiceClient::new(connect(&args.server).await?)
+    let r = SystemServiceClient::new(connect(&args).await?)
         .get_status(v1::GetStatusRequest {})
         .await
         .map_err(status_error)?
@@ -656,7 +666,7 @@ pub struct EventsArgs {
 /// Streams lifecycle events until interrupted (or `--count` events). `--json` prints one JSON
 /// object per line.
 pub async fn events(args: EventsArgs) -> anyhow::Result<()> {
-    let mut stream = SystemServiceClient::new(connect(&args.client.server).await?)
+    let mut stream = SystemServiceClient::new(connect(&args.client).await?)
         .watch_events(v1::WatchEventsRequest {
             topics: args.topics,
         })
@@ -688,7 +698,7 @@ pub async fn events(args: EventsArgs) -> anyhow::Result<()> {
 
 /// Aborts a supervised task as if it had crashed (the server needs --enable-fault-injection).
 pub async fn kill(path: String, args: ClientArgs) -> anyhow::Result<()> {
-    SystemServiceClient::new(connect(&args.server).await?)
+    SystemServiceClient::new(connect(&args).await?)
         .kill_child(v1::KillChildRequest { path: path.clone() })
         .await
         .map_err(status_error)?;
@@ -782,7 +792,7 @@ fn show_gpus(s: &v1::ResourceSnapshot, as_json: bool) -> anyhow::Result<bool> {
 
 /// `veraltheim gpus`: the GPUs the coordinator sees (`--json`: an array of objects).
 pub async fn gpus(args: GpusArgs) -> anyhow::Result<()> {
-    let mut client = ResourceServiceClient::new(connect(&args.client.server).await?);
+    let mut client = ResourceServiceClient::new(connect(&args.client).await?);
     if !args.watch {
         let s = client
             .get_resources(v1::GetResourcesRequest {})
@@ -903,7 +913,7 @@ pub async fn jobs(args: JobsArgs) -> anyhow::Result<bool> {
             None => None,
         };
         let spec = jobfile::build_spec(submit, file)?;
-        let mut client = JobServiceClient::new(connect(&args.client.server).await?);
+        let mut client = JobServiceClient::new(connect(&args.client).await?);
         let job = client
             .submit_job(v1::SubmitJobRequest { spec: Some(spec) })
             .await
@@ -916,7 +926,7 @@ pub async fn jobs(args: JobsArgs) -> anyhow::Result<bool> {
         }
         return Ok(true);
     }
-    let mut client = JobServiceClient::new(connect(&args.client.server).await?);
+    let mut client = JobServiceClient::new(connect(&args.client).await?);
     match args.command {
         // Submitted above, before connecting.
         JobsCommand::Submit(_) => {}
@@ -1019,4 +1029,152 @@ pub async fn jobs(args: JobsArgs) -> anyhow::Result<bool> {
         }
     }
     Ok(true)
+}
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct AuditArgs {
+    /// Only records since this long ago (`90s`, `30m`, `2h`, `7d`) or since this time
+    /// (milliseconds since the Unix epoch). Default: every record kept.
+    #[arg(long)]
+    pub since: Option<String>,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// `--since`: a duration ago, or a time in milliseconds since the Unix epoch.
+fn since_ms(text: &str, now_ms: u64) -> anyhow::Result<u64> {
+    let text = text.trim();
+    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        return text
+            .parse()
+            .with_context(|| format!("--since {text}: not a time in milliseconds"));
+    }
+    let (digits, unit) = text.split_at(text.len().saturating_sub(1));
+    let n: u64 = digits.parse().map_err(|_| {
+        anyhow!("--since '{text}': give a duration such as 30m, 2h or 7d, or milliseconds since the Unix epoch")
+    })?;
+    let seconds = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => bail!("--since '{text}': the unit must be s, m, h or d"),
+    };
+    Ok(now_ms.saturating_sub(n.saturating_mul(seconds).saturating_mul(1000)))
+}
+
+/// Milliseconds since the Unix epoch as a UTC time, `2025-01-02T03:04:05.678Z`.
+fn utc(ms: u64) -> String {
+    let secs = ms / 1000;
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Days to a civil date (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        ms % 1000
+    )
+}
+
+fn audit_json(e: &v1::AuditEvent) -> Value {
+    json!({
+        "time_ms": e.time_ms, "time": utc(e.time_ms), "principal": e.principal,
+        "tenant": e.tenant, "verb": e.verb, "resource": e.resource, "result": e.result,
+        "action": e.action, "peer": e.peer, "trace_id": e.trace_id, "message": e.message,
+    })
+}
+
+/// `veraltheim audit`: the audit log kept by the server, oldest first (`--json`: one object per
+/// line). Needs system.admin.
+pub async fn audit(args: AuditArgs) -> anyhow::Result<()> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let since = match &args.since {
+        Some(s) => since_ms(s, now)?,
+        None => 0,
+    };
+    let mut client = SystemServiceClient::new(connect(&args.client).await?);
+    let mut token = String::new();
+    let mut out = std::io::stdout().lock();
+    if !args.client.json {
+        writeln!(
+            out,
+            "{:<24} {:<16} {:<12} {:<13} {:<28} {:<18} PEER",
+            "TIME", "PRINCIPAL", "TENANT", "VERB", "RESOURCE", "RESULT"
+        )?;
+    }
+    loop {
+        let page = client
+            .list_audit_events(v1::ListAuditEventsRequest {
+                since_ms: since,
+                page_size: 1000,
+                page_token: token,
+            })
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        for e in &page.events {
+            let written = if args.client.json {
+                writeln!(out, "{}", audit_json(e))
+            } else {
+                writeln!(
+                    out,
+                    "{:<24} {:<16} {:<12} {:<13} {:<28} {:<18} {}",
+                    utc(e.time_ms),
+                    e.principal,
+                    if e.tenant.is_empty() { "-" } else { &e.tenant },
+                    e.verb,
+                    e.resource,
+                    e.result,
+                    e.peer
+                )
+            };
+            match written {
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+                other => other?,
+            }
+        }
+        if page.next_page_token.is_empty() {
+            return Ok(());
+        }
+        token = page.next_page_token;
+    }
+}
+
+#[cfg(test)]
+mod audit_tests {
+    use super::*;
+
+    #[test]
+    fn since_takes_durations_or_epoch_milliseconds() {
+        let now = 10_000_000_000;
+        assert_eq!(since_ms("90s", now).unwrap(), now - 90_000);
+        assert_eq!(since_ms("30m", now).unwrap(), now - 1_800_000);
+        assert_eq!(since_ms("2h", now).unwrap(), now - 7_200_000);
+        assert_eq!(since_ms("1d", now).unwrap(), now - 86_400_000);
+        assert_eq!(since_ms("1700000000000", now).unwrap(), 1_700_000_000_000);
+        let e = since_ms("3w", now).unwrap_err().to_string();
+        assert!(e.contains("'3w'") && e.contains("s, m, h or d"), "{e}");
+        assert!(since_ms("yesterday", now).is_err());
+        assert!(since_ms("", now).is_err());
+    }
+
+    #[test]
+    fn utc_times_are_civil_dates() {
+        assert_eq!(utc(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(utc(951_782_400_123), "2000-02-29T00:00:00.123Z");
+        assert_eq!(utc(1_735_689_599_999), "2024-12-31T23:59:59.999Z");
+    }
 }

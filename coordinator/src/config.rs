@@ -52,9 +52,44 @@ pub struct ServerConfig {
     /// Threads of the tokio runtime that serves the APIs; `None`: half the cores, at least one.
     #[serde(default, deserialize_with = "unset::zero")]
     pub runtime_threads: Option<usize>,
+    /// Principals and roles; `None`: no authentication.
+    #[serde(default, deserialize_with = "unset::empty_path")]
+    pub auth_file: Option<PathBuf>,
+    /// Serve without authentication on non-loopback addresses.
+    pub insecure_no_auth: bool,
+    /// `/metrics` without credentials.
+    pub metrics_public: bool,
+    /// Days audit records are kept; `None` (`0` in the file): forever.
+    #[serde(default, deserialize_with = "unset::zero")]
+    pub audit_retention_days: Option<u64>,
 }
 
 impl ServerConfig {
+    /// Secure by default: without an auth file the server listens on loopback addresses only,
+    /// unless `insecure_no_auth` says something in front of it authenticates callers.
+    pub fn check_exposure(&self) -> anyhow::Result<()> {
+        if self.auth_file.is_some() || self.insecure_no_auth {
+            return Ok(());
+        }
+        let exposed: Vec<String> = [("gRPC", self.grpc_addr), ("HTTP", self.http_addr)]
+            .into_iter()
+            .filter(|(_, a)| !a.ip().is_loopback())
+            .map(|(what, a)| format!("{what} on {a}"))
+            .collect();
+        if exposed.is_empty() {
+            return Ok(());
+        }
+        bail!(
+            "refusing to serve {} without authentication: anyone who can reach it could load \
+             and unload models, run jobs (commands on this machine) and read every tenant's jobs. \
+             Give --auth-file FILE (server.auth_file) with principals and roles \
+             (docs/SECURITY.md), or listen on a loopback address (127.0.0.1), or, only when \
+             something in front of the server authenticates every caller, pass \
+             --insecure-no-auth (server.insecure_no_auth)",
+            exposed.join(" and ")
+        )
+    }
+
     /// The runtime's worker threads: `runtime_threads`, or half the cores when it is unset. The
     /// runtime only moves bytes (model code runs on the execution pool), and on a small machine
     /// a runtime thread per core competes with the pool for every core: on 2 vCPUs one runtime
@@ -584,6 +619,15 @@ impl Config {
                     "{key} is longer than ten years ({MAX_DURATION_SECONDS} s), the most any duration may be"
                 );
             }
+        }
+        self.server.check_exposure()?;
+        if let Some(days) = self.server.audit_retention_days
+            && days > MAX_DURATION_SECONDS / 86_400
+        {
+            bail!(
+                "server.audit_retention_days is {days}; it must be at most {} (ten years)",
+                MAX_DURATION_SECONDS / 86_400
+            );
         }
         if self.server.grpc_addr == self.server.http_addr {
             bail!(

@@ -27,6 +27,8 @@ pub struct Context {
     pub shm: SharedMemory,
     /// Bounds the API checks before it allocates for a call (`[limits]`).
     pub limits: ApiLimits,
+    /// The audit log, for ListAuditEvents; set by the server.
+    pub audit: Option<crate::audit::Audit>,
     /// Set once start-up loading is done; cleared when shutdown begins.
     ready: AtomicBool,
 }
@@ -67,6 +69,7 @@ impl Context {
             started: Instant::now(),
             shm,
             limits: ApiLimits::default(),
+            audit: None,
             ready: AtomicBool::new(false),
         }
     }

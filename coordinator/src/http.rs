@@ -1,4 +1,6 @@
-//! HTTP: Triton's health paths and Prometheus metrics.
+//! HTTP: Triton's health paths and Prometheus metrics. The health paths are open to every
+//! caller; `/metrics` needs `read` on the server when authentication is on, unless
+//! `server.metrics_public` (the authentication layer, `crate::auth`, decides).
 //!
 //! The metrics text is rendered by hand from the fast path's own counters at scrape time: the
 //! numbers already live in atomics there, and a metrics registry would only keep a second copy.
@@ -15,7 +17,7 @@ use veraltheim_models::ModelState;
 
 use crate::context::Context;
 
-pub fn router(ctx: Arc<Context>) -> Router {
+pub fn router(ctx: Arc<Context>, gate: Arc<crate::auth::Gate>) -> Router {
     Router::new()
         .route("/v2/health/live", get(live))
         .route("/v2/health/ready", get(ready))
@@ -24,6 +26,10 @@ pub fn router(ctx: Arc<Context>) -> Router {
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .with_state(ctx)
+        .layer(axum::middleware::from_fn_with_state(
+            gate,
+            crate::auth::http_layer,
+        ))
 }
 
 async fn live() -> StatusCode {

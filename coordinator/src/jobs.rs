@@ -23,6 +23,7 @@ use veraltheim_slowpath::{
 use veraltheim_storage::RedbStore;
 use veraltheim_supervisor::BreakerConfig;
 
+use crate::auth::Caller;
 use crate::config::{JobExecutorKind, JobsConfig, KubernetesJobsConfig};
 use crate::stream::StreamOf;
 
@@ -303,6 +304,15 @@ pub fn job_event(r: &JobRecord) -> Event {
     .with_attribute("state", r.state.as_str())
     .with_attribute("reason", &r.reason)
     .with_attribute("attempt", r.attempt.to_string())
+    // Who may see the event: its tenant (WatchEvents leaves other tenants' jobs out).
+    .with_attribute(
+        "tenant",
+        r.spec.owner.as_ref().map_or("", |o| o.tenant.as_str()),
+    )
+    .with_attribute(
+        "principal",
+        r.spec.owner.as_ref().map_or("", |o| o.principal.as_str()),
+    )
 }
 
 fn job_status(e: RunnerError) -> Status {
@@ -404,6 +414,8 @@ fn spec_from_wire(s: v1::JobSpec) -> Result<JobSpec, Status> {
         labels: s.labels.into_iter().collect(),
         idempotency_key: (!s.idempotency_key.is_empty()).then_some(s.idempotency_key),
         kind,
+        // The caller's, set by SubmitJob: the wire spec has no say in who owns a job.
+        owner: None,
     })
 }
 
@@ -471,6 +483,18 @@ fn job_to_wire(jobs: &Jobs, r: &JobRecord) -> v1::Job {
         exit_code: r.exit_code.unwrap_or(0),
         app_failures: r.app_failures,
         infra_failures: r.infra_failures,
+        principal: r
+            .spec
+            .owner
+            .as_ref()
+            .map(|o| o.principal.clone())
+            .unwrap_or_default(),
+        tenant: r
+            .spec
+            .owner
+            .as_ref()
+            .map(|o| o.tenant.clone())
+            .unwrap_or_default(),
     }
 }
 
@@ -498,32 +522,17 @@ impl JobService for JobsApi {
         &self,
         request: Request<v1::SubmitJobRequest>,
     ) -> Result<Response<v1::Job>, Status> {
-        let jobs = &*self.jobs;
-        let spec = request
-            .into_inner()
-            .spec
-            .ok_or_else(|| Status::invalid_argument("SubmitJobRequest has no spec"))?;
-        let mut spec = spec_from_wire(spec)?;
-        // Sizes first (cheap, and a huge path is not worth resolving), then the paths.
-        spec.validate()
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        if let JobKind::Inference {
-            input_path,
-            output_path,
-            ..
-        } = &mut spec.kind
-        {
-            // The job keeps the resolved paths, so a symlink swapped in later along the way
-            // changes nothing.
-            let (input, output) = jobs.paths.check(input_path, output_path)?;
-            *input_path = input;
-            *output_path = output;
+        let caller = Caller::of(&request)?;
+        let outcome = self.submit(&caller, request).await;
+        let resource = match &outcome {
+            Ok(job) => format!("job:{}", job.get_ref().id),
+            Err(_) => "job:".into(),
+        };
+        // A refusal of the caller was recorded when it was made.
+        if !matches!(&outcome, Err(s) if s.code() == tonic::Code::PermissionDenied) {
+            caller.audit(resource, &outcome);
         }
-        // The server's default TTL is resolved at submit, so a job keeps the TTL it was
-        // accepted with (GetJob shows it) whatever the configuration says later.
-        spec.ttl_seconds_after_finished = spec.ttl_seconds_after_finished.or(jobs.default_ttl);
-        let rec = jobs.runner.submit(spec).await.map_err(job_status)?;
-        Ok(Response::new(job_to_wire(jobs, &rec)))
+        outcome
     }
 
     async fn get_job(
@@ -531,11 +540,7 @@ impl JobService for JobsApi {
         request: Request<v1::GetJobRequest>,
     ) -> Result<Response<v1::Job>, Status> {
         let jobs = &*self.jobs;
-        let rec = jobs
-            .runner
-            .store()
-            .get(&request.get_ref().id)
-            .map_err(store_status)?;
+        let rec = self.authorised(&request, &request.get_ref().id)?;
         Ok(Response::new(job_to_wire(jobs, &rec)))
     }
 
@@ -544,6 +549,8 @@ impl JobService for JobsApi {
         request: Request<v1::ListJobsRequest>,
     ) -> Result<Response<v1::ListJobsResponse>, Status> {
         let jobs = &*self.jobs;
+        let caller = Caller::of(&request)?;
+        let view = caller.jobs_view();
         let r = request.into_inner();
         let states = r
             .states
@@ -554,12 +561,19 @@ impl JobService for JobsApi {
             states,
             queue: (!r.queue.is_empty()).then_some(r.queue),
             labels: r.labels.into_iter().collect(),
+            tenant: view.tenant.clone(),
             page_size: r.page_size as usize,
             page_token: r.page_token,
         };
         let (records, next) = jobs.runner.store().list(&filter).map_err(store_status)?;
+        // A page may come out shorter than asked: the jobs of queues the caller may not read
+        // are left out, and the page token still leads on.
         Ok(Response::new(v1::ListJobsResponse {
-            jobs: records.iter().map(|r| job_to_wire(jobs, r)).collect(),
+            jobs: records
+                .iter()
+                .filter(|r| view.shows(&r.spec.queue, owner_tenant(r)))
+                .map(|r| job_to_wire(jobs, r))
+                .collect(),
             next_page_token: next.unwrap_or_default(),
         }))
     }
@@ -569,12 +583,17 @@ impl JobService for JobsApi {
         request: Request<v1::CancelJobRequest>,
     ) -> Result<Response<v1::Job>, Status> {
         let jobs = &*self.jobs;
-        let rec = jobs
+        let caller = Caller::of(&request)?;
+        let id = &request.get_ref().id;
+        self.authorised(&request, id)?;
+        let outcome = jobs
             .runner
-            .cancel(&request.get_ref().id)
+            .cancel(id)
             .await
-            .map_err(job_status)?;
-        Ok(Response::new(job_to_wire(jobs, &rec)))
+            .map_err(job_status)
+            .map(|rec| Response::new(job_to_wire(jobs, &rec)));
+        caller.audit(format!("job:{id}"), &outcome);
+        outcome
     }
 
     type WatchJobStream = StreamOf<v1::Job>;
@@ -583,8 +602,8 @@ impl JobService for JobsApi {
         &self,
         request: Request<v1::WatchJobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
-        let id = request.into_inner().id;
-        self.jobs.runner.store().get(&id).map_err(store_status)?;
+        let id = request.get_ref().id.clone();
+        self.authorised(&request, &id)?;
         let api = self.clone();
         let stream = async_stream_unfold(api, id);
         Ok(Response::new(stream))
@@ -596,9 +615,8 @@ impl JobService for JobsApi {
         &self,
         request: Request<v1::JobLogsRequest>,
     ) -> Result<Response<Self::JobLogsStream>, Status> {
+        self.authorised(&request, &request.get_ref().id)?;
         let r = request.into_inner();
-        let jobs = &*self.jobs;
-        jobs.runner.store().get(&r.id).map_err(store_status)?;
         let api = self.clone();
         let (id, follow) = (r.id, r.follow);
         // The attempt to read: the latest; when following a job that has not started, the
@@ -638,6 +656,65 @@ impl JobService for JobsApi {
             Err(status) => futures::stream::once(async move { Err(status) }).boxed(),
         });
         Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+fn owner_tenant(r: &JobRecord) -> Option<&str> {
+    r.spec.owner.as_ref().map(|o| o.tenant.as_str())
+}
+
+impl JobsApi {
+    /// The job `id`, once the caller may do what its method does to it (`Caller::job`).
+    fn authorised<T>(&self, request: &Request<T>, id: &str) -> Result<JobRecord, Status> {
+        let caller = Caller::of(request)?;
+        let rec = self.jobs.runner.store().get(id).map_err(store_status)?;
+        caller.job(id, &rec.spec.queue, owner_tenant(&rec))?;
+        Ok(rec)
+    }
+
+    /// SubmitJob once the caller is known: checked, owned by the caller, authorised, stored.
+    async fn submit(
+        &self,
+        caller: &Caller,
+        request: Request<v1::SubmitJobRequest>,
+    ) -> Result<Response<v1::Job>, Status> {
+        let jobs = &*self.jobs;
+        let spec = request
+            .into_inner()
+            .spec
+            .ok_or_else(|| Status::invalid_argument("SubmitJobRequest has no spec"))?;
+        let mut spec = spec_from_wire(spec)?;
+        let model = match &spec.kind {
+            JobKind::Inference { model, .. } => Some(model.as_str()),
+            JobKind::Command { .. } => None,
+        };
+        caller.submit(&spec.queue, model)?;
+        if let Some(tenant) = caller.tenant() {
+            spec.owner = Some(veraltheim_slowpath::Owner {
+                principal: caller.principal().to_string(),
+                tenant: tenant.to_string(),
+            });
+        }
+        // Sizes first (cheap, and a huge path is not worth resolving), then the paths.
+        spec.validate()
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if let JobKind::Inference {
+            input_path,
+            output_path,
+            ..
+        } = &mut spec.kind
+        {
+            // The job keeps the resolved paths, so a symlink swapped in later along the way
+            // changes nothing.
+            let (input, output) = jobs.paths.check(input_path, output_path)?;
+            *input_path = input;
+            *output_path = output;
+        }
+        // The server's default TTL is resolved at submit, so a job keeps the TTL it was
+        // accepted with (GetJob shows it) whatever the configuration says later.
+        spec.ttl_seconds_after_finished = spec.ttl_seconds_after_finished.or(jobs.default_ttl);
+        let rec = jobs.runner.submit(spec).await.map_err(job_status)?;
+        Ok(Response::new(job_to_wire(jobs, &rec)))
     }
 }
 

@@ -13,6 +13,7 @@ use veraltheim_proto::inference::{
     infer_parameter::ParameterChoice,
 };
 
+use crate::auth::Caller;
 use crate::context::{Context, grpc_deadline, status, traced};
 use crate::convert::{kserve_inputs, kserve_output};
 use crate::params::unsigned_param;
@@ -379,6 +380,37 @@ fn unimplemented_shm(what: &str) -> Status {
     ))
 }
 
+/// RepositoryModelLoad once authorised: a load with an optional `config` parameter.
+async fn repository_load(
+    ctx: &Context,
+    request: Request<pb::RepositoryModelLoadRequest>,
+) -> Result<Response<pb::RepositoryModelLoadResponse>, Status> {
+    let metadata = request.metadata().clone();
+    let r = request.into_inner();
+    let mut config = None;
+    for (key, value) in &r.parameters {
+        use pb::model_repository_parameter::ParameterChoice as P;
+        match (key.as_str(), &value.parameter_choice) {
+            ("config", Some(P::StringParam(json))) => config = Some(json.clone()),
+            ("config", _) => {
+                return Err(Status::invalid_argument(
+                    "parameter 'config' must be a string holding the model configuration as JSON",
+                ));
+            }
+            (k, _) if k.starts_with("file:") => {
+                return Err(Status::invalid_argument(format!(
+                    "parameter '{k}': loading model files over gRPC is not supported; put the files in the model repository"
+                )));
+            }
+            _ => {}
+        }
+    }
+    traced(&metadata, ctx.models.load(&r.model_name, config.as_deref()))
+        .await
+        .map_err(status)?;
+    Ok(Response::new(pb::RepositoryModelLoadResponse {}))
+}
+
 use crate::stream::StreamOf;
 
 #[tonic::async_trait]
@@ -403,7 +435,9 @@ impl GrpcInferenceService for KserveService {
         &self,
         request: Request<pb::ModelReadyRequest>,
     ) -> Result<Response<pb::ModelReadyResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let r = request.into_inner();
+        caller.model(&r.name)?;
         let info = self.ctx.models.info(&r.name).map_err(status)?;
         let ready = info.state == ModelState::Ready
             && self.ctx.models.check_version(&r.name, &r.version).is_ok();
@@ -430,7 +464,9 @@ impl GrpcInferenceService for KserveService {
         &self,
         request: Request<pb::ModelMetadataRequest>,
     ) -> Result<Response<pb::ModelMetadataResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let r = request.into_inner();
+        caller.model(&r.name)?;
         self.ctx
             .models
             .check_version(&r.name, &r.version)
@@ -456,6 +492,7 @@ impl GrpcInferenceService for KserveService {
     ) -> Result<Response<pb::ModelInferResponse>, Status> {
         let received = Instant::now();
         let deadline = grpc_deadline(request.metadata(), received);
+        Caller::of(&request)?.model(&request.get_ref().model_name)?;
         let response = infer(&self.ctx, request.into_inner(), deadline, received).await?;
         Ok(Response::new(response))
     }
@@ -467,13 +504,20 @@ impl GrpcInferenceService for KserveService {
         request: Request<Streaming<pb::ModelInferRequest>>,
     ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
         let ctx = self.ctx.clone();
+        let caller = Caller::of(&request)?;
         Ok(Response::new(crate::stream::serve(
             request.into_inner(),
             move |req: pb::ModelInferRequest| {
                 let ctx = ctx.clone();
+                // Each message names its model: each is authorised.
+                let allowed = caller.model(&req.model_name);
                 async move {
                     let (id, model) = (req.id.clone(), req.model_name.clone());
-                    match infer(&ctx, req, None, Instant::now()).await {
+                    let answer = match allowed {
+                        Ok(()) => infer(&ctx, req, None, Instant::now()).await,
+                        Err(refused) => Err(refused),
+                    };
+                    match answer {
                         Ok(r) => pb::ModelStreamInferResponse {
                             error_message: String::new(),
                             infer_response: Some(r),
@@ -499,7 +543,9 @@ impl GrpcInferenceService for KserveService {
         &self,
         request: Request<pb::ModelConfigRequest>,
     ) -> Result<Response<pb::ModelConfigResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let r = request.into_inner();
+        caller.model(&r.name)?;
         self.ctx
             .models
             .check_version(&r.name, &r.version)
@@ -514,10 +560,14 @@ impl GrpcInferenceService for KserveService {
         &self,
         request: Request<pb::ModelStatisticsRequest>,
     ) -> Result<Response<pb::ModelStatisticsResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let r = request.into_inner();
         let workers = if r.name.is_empty() {
-            self.ctx.models.workers()
+            let mut all = self.ctx.models.workers();
+            all.retain(|w| caller.sees_model(w.name()));
+            all
         } else {
+            caller.model(&r.name)?;
             self.ctx
                 .models
                 .check_version(&r.name, &r.version)
@@ -574,6 +624,7 @@ impl GrpcInferenceService for KserveService {
         &self,
         request: Request<pb::RepositoryIndexRequest>,
     ) -> Result<Response<pb::RepositoryIndexResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let r = request.into_inner();
         self.ctx.models.refresh();
         let models = self
@@ -582,6 +633,7 @@ impl GrpcInferenceService for KserveService {
             .list()
             .into_iter()
             .filter(|m| !r.ready || m.state == ModelState::Ready)
+            .filter(|m| caller.sees_model(&m.name))
             .map(|m| pb::repository_index_response::ModelIndex {
                 name: m.name,
                 version: m.version,
@@ -596,45 +648,29 @@ impl GrpcInferenceService for KserveService {
         &self,
         request: Request<pb::RepositoryModelLoadRequest>,
     ) -> Result<Response<pb::RepositoryModelLoadResponse>, Status> {
-        let metadata = request.metadata().clone();
-        let r = request.into_inner();
-        let mut config = None;
-        for (key, value) in &r.parameters {
-            use pb::model_repository_parameter::ParameterChoice as P;
-            match (key.as_str(), &value.parameter_choice) {
-                ("config", Some(P::StringParam(json))) => config = Some(json.clone()),
-                ("config", _) => {
-                    return Err(Status::invalid_argument(
-                        "parameter 'config' must be a string holding the model configuration as JSON",
-                    ));
-                }
-                (k, _) if k.starts_with("file:") => {
-                    return Err(Status::invalid_argument(format!(
-                        "parameter '{k}': loading model files over gRPC is not supported; put the files in the model repository"
-                    )));
-                }
-                _ => {}
-            }
-        }
-        traced(
-            &metadata,
-            self.ctx.models.load(&r.model_name, config.as_deref()),
-        )
-        .await
-        .map_err(status)?;
-        Ok(Response::new(pb::RepositoryModelLoadResponse {}))
+        let caller = Caller::of(&request)?;
+        caller.model(&request.get_ref().model_name)?;
+        let resource = format!("model:{}", request.get_ref().model_name);
+        let outcome = repository_load(&self.ctx, request).await;
+        caller.audit(resource, &outcome);
+        outcome
     }
 
     async fn repository_model_unload(
         &self,
         request: Request<pb::RepositoryModelUnloadRequest>,
     ) -> Result<Response<pb::RepositoryModelUnloadResponse>, Status> {
+        let caller = Caller::of(&request)?;
+        caller.model(&request.get_ref().model_name)?;
+        let resource = format!("model:{}", request.get_ref().model_name);
         let metadata = request.metadata().clone();
         let r = request.into_inner();
-        traced(&metadata, self.ctx.models.unload(&r.model_name))
+        let outcome = traced(&metadata, self.ctx.models.unload(&r.model_name))
             .await
-            .map_err(status)?;
-        Ok(Response::new(pb::RepositoryModelUnloadResponse {}))
+            .map_err(status)
+            .map(|_| Response::new(pb::RepositoryModelUnloadResponse {}));
+        caller.audit(resource, &outcome);
+        outcome
     }
 
     async fn system_shared_memory_status(
@@ -663,19 +699,32 @@ impl GrpcInferenceService for KserveService {
         &self,
         request: Request<pb::SystemSharedMemoryRegisterRequest>,
     ) -> Result<Response<pb::SystemSharedMemoryRegisterResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let r = request.into_inner();
-        self.ctx
+        let outcome = self
+            .ctx
             .shm
-            .register(&r.name, &r.key, r.offset, r.byte_size)?;
-        Ok(Response::new(pb::SystemSharedMemoryRegisterResponse {}))
+            .register(&r.name, &r.key, r.offset, r.byte_size)
+            .map(|()| Response::new(pb::SystemSharedMemoryRegisterResponse {}));
+        caller.audit(format!("shared_memory:{}", r.name), &outcome);
+        outcome
     }
 
     async fn system_shared_memory_unregister(
         &self,
         request: Request<pb::SystemSharedMemoryUnregisterRequest>,
     ) -> Result<Response<pb::SystemSharedMemoryUnregisterResponse>, Status> {
-        self.ctx.shm.unregister(&request.get_ref().name)?;
-        Ok(Response::new(pb::SystemSharedMemoryUnregisterResponse {}))
+        let caller = Caller::of(&request)?;
+        let outcome = self
+            .ctx
+            .shm
+            .unregister(&request.get_ref().name)
+            .map(|()| Response::new(pb::SystemSharedMemoryUnregisterResponse {}));
+        caller.audit(
+            format!("shared_memory:{}", request.get_ref().name),
+            &outcome,
+        );
+        outcome
     }
 
     async fn cuda_shared_memory_status(
@@ -716,7 +765,14 @@ impl GrpcInferenceService for KserveService {
         &self,
         request: Request<pb::LogSettingsRequest>,
     ) -> Result<Response<pb::LogSettingsResponse>, Status> {
-        log_settings(request.into_inner()).map(Response::new)
+        let caller = Caller::of(&request)?;
+        let changing = !request.get_ref().settings.is_empty();
+        caller.settings(changing)?;
+        let outcome = log_settings(request.into_inner()).map(Response::new);
+        if changing {
+            caller.audit("server:log_settings", &outcome);
+        }
+        outcome
     }
 }
 

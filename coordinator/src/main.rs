@@ -3,6 +3,8 @@
 //! and passed down as typed structs; the crates below know nothing of flags, files or gRPC.
 
 mod api;
+mod audit;
+mod auth;
 mod batch;
 mod cli;
 mod config;
@@ -14,7 +16,6 @@ mod jobs;
 mod kserve;
 mod logging;
 mod params;
-#[allow(dead_code)] // filled by the TLS acceptor and read by authentication (issue 13)
 mod peer;
 mod ratelimit;
 mod server;
@@ -75,6 +76,21 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// The audit log: every state-changing call and every refusal the server recorded, oldest
+    /// first (needs system.admin when the server authenticates its callers).
+    Audit(cli::AuditArgs),
+    /// Authentication helpers.
+    Auth {
+        #[command(subcommand)]
+        command: AuthCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuthCommand {
+    /// Read a token on stdin and print the `token_sha256 = "..."` line of an auth file's
+    /// [[principal]] (the server keeps only the hash).
+    HashToken,
 }
 
 #[derive(Subcommand)]
@@ -155,6 +171,19 @@ fn main() -> ExitCode {
         Command::Kill { path, client } => {
             run_client(async { cli::kill(path, client).await.map(|_| true) })
         }
+        Command::Audit(args) => run_client(async { cli::audit(args).await.map(|_| true) }),
+        Command::Auth {
+            command: AuthCommand::HashToken,
+        } => match auth::client::hash_token_line(std::io::stdin().lock()) {
+            Ok(line) => {
+                println!("{line}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                logging::report(format_args!("error: {e:#}"));
+                ExitCode::FAILURE
+            }
+        },
         Command::Config {
             command: ConfigCommand::Default,
         } => {

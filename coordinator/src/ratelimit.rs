@@ -1,9 +1,10 @@
-//! Per-client rate limiting of the gRPC API: a token bucket (governor's GCRA) per client, where a
-//! client is its peer IP address — something it cannot choose per request. (A metadata value
-//! such as a tenant header can be fresh on every call, which gave every request a full bucket;
-//! the authenticated tenant takes the address's place once callers are authenticated.) Excess
-//! requests get RESOURCE_EXHAUSTED with `grpc-retry-pushback-ms` saying when a token comes back.
-//! Health RPCs are exempt, so probes keep working under load.
+//! Per-client rate limiting of the gRPC API: a token bucket (governor's GCRA) per client. With
+//! authentication on, a client is its authenticated tenant (every principal of a tenant shares
+//! its bucket, wherever it calls from); without, its peer IP address — something it cannot
+//! choose per request. A metadata value such as an `x-veraltheim-tenant` header is never the
+//! key: it can be fresh on every call, which gave every request a full bucket. Excess requests
+//! get RESOURCE_EXHAUSTED with `grpc-retry-pushback-ms` saying when a token comes back. Health
+//! RPCs are exempt, so probes keep working under load.
 
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
@@ -51,6 +52,20 @@ fn exempt(path: &str) -> bool {
         .any(|rpc| path.ends_with(rpc))
 }
 
+/// The bucket's key: `tenant <name>` for an authenticated caller (the authentication layer runs
+/// first), else the peer's IP address ("unknown" without one).
+fn client_of(request: &Request) -> String {
+    if let Some(tenant) =
+        crate::auth::Caller::from_extensions(request.extensions()).and_then(|c| c.tenant())
+    {
+        return format!("tenant {tenant}");
+    }
+    request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or_else(|| "unknown".to_string(), |c| c.0.ip().to_string())
+}
+
 pub async fn limit(
     State(limiter): State<Arc<ClientLimiter>>,
     request: Request,
@@ -59,10 +74,7 @@ pub async fn limit(
     if exempt(request.uri().path()) {
         return next.run(request).await;
     }
-    let client = request
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map_or_else(|| "unknown".to_string(), |c| c.0.ip().to_string());
+    let client = client_of(&request);
     match limiter.check(&client) {
         Ok(()) => next.run(request).await,
         Err(wait) => {

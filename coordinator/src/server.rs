@@ -176,6 +176,7 @@ fn grpc_router(
     jobs: &Arc<Jobs>,
     config: &Config,
     tree: &veraltheim_supervisor::SupervisorHandle,
+    gate: &Arc<crate::auth::Gate>,
 ) -> axum::Router {
     let max = config.server.max_message_bytes;
     let api = Api::new(ctx.clone(), tree.clone());
@@ -201,20 +202,31 @@ fn grpc_router(
         .into_axum_router()
         // Oversize requests get RESOURCE_EXHAUSTED and undecodable ones INVALID_ARGUMENT.
         .layer(MapResponseLayer::new(client_errors_get_their_codes));
-    match ClientLimiter::new(
+    let router = match ClientLimiter::new(
         config.server.rate_limit_per_second,
         config.server.rate_limit_burst,
     ) {
-        // Outermost: a client over its rate costs us no decoding.
+        // Before decoding: a client over its rate costs us no decoding.
         Some(limiter) => router.layer(axum::middleware::from_fn_with_state(
             limiter,
             crate::ratelimit::limit,
         )),
         None => router,
-    }
+    };
+    // Outermost: the caller is known (its tenant is the rate limiter's key) before anything
+    // else runs, and a call without credentials costs one hash.
+    router.layer(axum::middleware::from_fn_with_state(
+        gate.clone(),
+        crate::auth::grpc_layer,
+    ))
 }
 
 pub async fn serve(config: Config) -> anyhow::Result<()> {
+    // The auth file first: a mistake in it is reported before anything starts.
+    let auth = Arc::new(match &config.server.auth_file {
+        Some(path) => crate::auth::Auth::from_file(path)?,
+        None => crate::auth::Auth::off(),
+    });
     std::fs::create_dir_all(&config.storage.data_dir).with_context(|| {
         format!(
             "cannot create the data directory {}",
@@ -338,6 +350,23 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     .await
     .context("cannot start the job runner")?;
     let jobs = Arc::new(jobs);
+    let (audit, audit_log) = crate::audit::Audit::new(
+        store.clone(),
+        bus.clone(),
+        config.server.audit_retention_days,
+    );
+    let gate = |protocol| {
+        Arc::new(crate::auth::Gate {
+            auth: auth.clone(),
+            audit: audit.clone(),
+            metrics_public: config.server.metrics_public,
+            protocol,
+        })
+    };
+    let (grpc_gate, http_gate) = (
+        gate(crate::auth::Protocol::Grpc),
+        gate(crate::auth::Protocol::Http),
+    );
     let mut ctx = Context::new(
         inference,
         bus.clone(),
@@ -346,6 +375,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         crate::shm::SharedMemory::new(config.server.allow_client_shm),
     );
     ctx.limits = config.limits.api();
+    ctx.audit = Some(audit);
     let ctx = Arc::new(ctx);
 
     let grpc_addr = config.server.grpc_addr;
@@ -353,12 +383,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let grace = Duration::from_secs(config.server.shutdown_grace_seconds);
     let grpc = server_worker(bind(grpc_addr, "gRPC")?, {
         let (ctx, jobs, config) = (ctx.clone(), jobs.clone(), config.clone());
-        move |child: &ChildContext| grpc_router(&ctx, &jobs, &config, child.root())
+        move |child: &ChildContext| grpc_router(&ctx, &jobs, &config, child.root(), &grpc_gate)
     });
     let http = server_worker(bind(http_addr, "HTTP")?, {
-        let router = crate::http::router(ctx.clone());
+        let router = crate::http::router(ctx.clone(), http_gate);
         move |_: &ChildContext| router.clone()
     });
+    let bus_for_auth = bus.clone();
     let root = crate::tree::start(TreeParts {
         bus,
         models: models.clone(),
@@ -370,11 +401,21 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         job_events,
         grpc,
         http,
+        audit_log: audit_log.worker(),
+        auth_file: auth
+            .enabled()
+            .then(|| auth.clone().worker(bus_for_auth.clone())),
         shutdown_grace: grace,
     })
     .await
     .context("the supervision tree did not start")?;
-    tracing::info!(%grpc_addr, %http_addr, execution_threads = threads, "serving");
+    tracing::info!(
+        %grpc_addr,
+        %http_addr,
+        execution_threads = threads,
+        authentication = auth.enabled(),
+        "serving"
+    );
 
     let loading = {
         let models = models.clone();

@@ -4,9 +4,9 @@
 //! SystemSupervisor
 //! ├── OrchestrationSupervisor   KubernetesSupervisor, LocalExecutor, ResourceMonitor
 //! ├── MessageBusSupervisor      QueueManager, EventRouter
-//! ├── StorageSupervisor         KVCacheManager, PersistenceManager
+//! ├── StorageSupervisor         KVCacheManager, PersistenceManager, AuditLog
 //! ├── AICoordinatorSupervisor   FastPathProcessor (one supervisor per loaded model), SlowPathOrchestrator
-//! └── API                       grpc, http
+//! └── API                       AuthFile (with an auth file), grpc, http
 //! ```
 //!
 //! Children start in this order and stop in reverse, so on shutdown the API stops taking work
@@ -64,6 +64,10 @@ pub struct TreeParts {
     pub job_events: mpsc::Receiver<Event>,
     pub grpc: ServeFn,
     pub http: ServeFn,
+    /// The audit log's writer (`crate::audit`), in the StorageSupervisor.
+    pub audit_log: ChildSpec,
+    /// Re-reads the auth file when it changes (with authentication on), in the API supervisor.
+    pub auth_file: Option<ChildSpec>,
     pub shutdown_grace: Duration,
 }
 
@@ -451,7 +455,8 @@ pub async fn start(parts: TreeParts) -> anyhow::Result<SupervisorHandle> {
             SupervisorSpec::new("StorageSupervisor")
                 .intensity(10, Duration::from_secs(60))
                 .child(cache_manager(parts.cache.clone()))
-                .child(persistence(parts.store.clone())),
+                .child(persistence(parts.store.clone()))
+                .child(parts.audit_log.backoff(restart_backoff())),
         ))
         .child(subsystem(
             SupervisorSpec::new("AICoordinatorSupervisor")
@@ -465,12 +470,15 @@ pub async fn start(parts: TreeParts) -> anyhow::Result<SupervisorHandle> {
                 ))
                 .child(slow_path(parts.jobs.clone())),
         ))
-        .child(subsystem(
-            SupervisorSpec::new("API")
-                .intensity(10, Duration::from_secs(60))
-                .child(server("grpc", parts.grpc, grace))
-                .child(server("http", parts.http, grace)),
-        ))
+        .child(subsystem({
+            let api = SupervisorSpec::new("API").intensity(10, Duration::from_secs(60));
+            let api = match parts.auth_file {
+                Some(watcher) => api.child(watcher.backoff(restart_backoff())),
+                None => api,
+            };
+            api.child(server("grpc", parts.grpc, grace))
+                .child(server("http", parts.http, grace))
+        }))
         .start()
         .await?;
     Ok(root)

@@ -133,6 +133,19 @@ pub struct JobSpec {
     pub labels: BTreeMap<String, String>,
     pub idempotency_key: Option<String>,
     pub kind: JobKind,
+    /// Who submitted the job, when the server authenticates its callers: the job is its
+    /// tenant's (listed, read and cancelled by that tenant only, unless `jobs.admin`), and its
+    /// idempotency key is the tenant's own. `None` without authentication; records written
+    /// before the field existed read as `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<Owner>,
+}
+
+/// The principal that submitted a job, and its tenant.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owner {
+    pub principal: String,
+    pub tenant: String,
 }
 
 /// Names follow the Kubernetes label-value rules, since a job's name and queue end up on pods.
@@ -339,6 +352,7 @@ mod tests {
             ttl_seconds_after_finished: None,
             labels: BTreeMap::new(),
             idempotency_key: None,
+            owner: None,
             kind: JobKind::Command {
                 image: "busybox".into(),
                 command: vec!["true".into()],

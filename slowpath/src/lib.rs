@@ -31,7 +31,7 @@ pub use executor::{
     CommandRun, ExecError, Execution, Executor, InferenceExecutor, LogChunk, LogSource, LogStream,
     Outcome, ProgressFn,
 };
-pub use job::{JobError, JobSpec, JobState, Resources};
+pub use job::{JobError, JobSpec, JobState, Owner, Resources};
 pub use kubernetes::{KubernetesConfig, KubernetesExecutor, Toleration};
 pub use local::LocalExecutor;
 pub use runner::{Runner, RunnerConfig, RunnerError};

@@ -892,6 +892,7 @@ mod tests {
             ttl_seconds_after_finished: None,
             labels: BTreeMap::new(),
             idempotency_key: None,
+            owner: None,
             kind: JobKind::Command {
                 image: String::new(),
                 command: vec!["sh".into(), "-c".into(), script.into()],

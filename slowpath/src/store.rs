@@ -160,6 +160,9 @@ pub struct ListFilter {
     pub queue: Option<String>,
     /// Jobs carrying every one of these labels with these values.
     pub labels: BTreeMap<String, String>,
+    /// Jobs of this tenant only ([`crate::job::Owner`]); jobs submitted without one are not
+    /// its.
+    pub tenant: Option<String>,
     /// Most jobs per page: 0 means [`DEFAULT_PAGE_SIZE`], above [`MAX_PAGE_SIZE`] is cut to it.
     pub page_size: usize,
     /// The `next_token` of the previous page; empty for the first page.
@@ -170,6 +173,10 @@ impl ListFilter {
     fn matches(&self, rec: &JobRecord) -> bool {
         (self.states.is_empty() || self.states.contains(&rec.state))
             && self.queue.as_ref().is_none_or(|q| *q == rec.spec.queue)
+            && self
+                .tenant
+                .as_ref()
+                .is_none_or(|t| rec.spec.owner.as_ref().is_some_and(|o| o.tenant == *t))
             && self
                 .labels
                 .iter()
@@ -200,6 +207,17 @@ pub fn system_clock() -> Clock {
         SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64)
+    })
+}
+
+/// Where a spec's idempotency key is kept: the key itself, or, for a job with an owner, the key
+/// within its tenant (`tenant` NUL `key`), so that tenants never see each other's keys (nor the
+/// ids of each other's jobs in a conflict).
+fn idempotency_slot(spec: &JobSpec) -> Option<String> {
+    let key = spec.idempotency_key.as_ref()?;
+    Some(match &spec.owner {
+        Some(owner) => format!("{}\0{key}", owner.tenant),
+        None => key.clone(),
     })
 }
 
@@ -310,12 +328,13 @@ impl<S: Store> JobStore<S> {
     pub async fn submit(&self, spec: JobSpec) -> Result<JobRecord, StoreError> {
         spec.validate()?;
         // Submits with the same idempotency key are serialized; without a key, nothing is shared.
-        let _guard = match &spec.idempotency_key {
-            Some(key) => Some(self.lock_of(key).lock().await),
+        let slot = idempotency_slot(&spec);
+        let _guard = match &slot {
+            Some(slot) => Some(self.lock_of(slot).lock().await),
             None => None,
         };
-        if let Some(key) = &spec.idempotency_key
-            && let Some(existing) = IDEMPOTENCY.get(&self.store, key.as_str())?
+        if let (Some(key), Some(slot)) = (&spec.idempotency_key, &slot)
+            && let Some(existing) = IDEMPOTENCY.get(&self.store, slot.as_str())?
         {
             let rec = JOBS
                 .get(&self.store, existing.as_str())?
@@ -359,8 +378,8 @@ impl<S: Store> JobStore<S> {
         let mut batch = Batch::new();
         batch.put(&JOBS, id.as_str(), &rec)?;
         batch.put(&ACTIVE, id.as_str(), &())?;
-        if let Some(key) = &rec.spec.idempotency_key {
-            batch.put(&IDEMPOTENCY, key.as_str(), &id)?;
+        if let Some(slot) = &slot {
+            batch.put(&IDEMPOTENCY, slot.as_str(), &id)?;
         }
         self.store.commit(batch).await?;
         self.notify(&rec);
@@ -589,7 +608,7 @@ impl<S: Store> JobStore<S> {
                 continue;
             }
             batch.delete(&JOBS, id)?;
-            if let Some(k) = rec.spec.idempotency_key {
+            if let Some(k) = idempotency_slot(&rec.spec) {
                 keys.push((k, id.to_owned()));
             }
             deleted.push(id.to_owned());
@@ -679,6 +698,7 @@ pub(crate) mod tests {
             ttl_seconds_after_finished: None,
             labels: BTreeMap::new(),
             idempotency_key: None,
+            owner: None,
             kind: JobKind::Command {
                 image: String::new(),
                 command: vec!["true".into()],
@@ -739,6 +759,78 @@ pub(crate) mod tests {
             matches!(err, StoreError::IdempotencyConflict { .. }),
             "{err}"
         );
+    }
+
+    fn owned(name: &str, tenant: &str) -> JobSpec {
+        let mut s = spec(name, "q");
+        s.owner = Some(crate::job::Owner {
+            principal: format!("{tenant}-user"),
+            tenant: tenant.into(),
+        });
+        s
+    }
+
+    #[tokio::test]
+    async fn jobs_are_listed_by_tenant_and_keys_are_each_tenants_own() {
+        let store = mem();
+        store.submit(owned("a1", "a")).await.unwrap();
+        store.submit(owned("b1", "b")).await.unwrap();
+        store.submit(spec("anon", "q")).await.unwrap();
+        store.submit(owned("a2", "a")).await.unwrap();
+        let names = |tenant: Option<&str>| {
+            let filter = ListFilter {
+                tenant: tenant.map(str::to_owned),
+                ..Default::default()
+            };
+            let (page, _) = store.list(&filter).unwrap();
+            page.into_iter().map(|r| r.spec.name).collect::<Vec<_>>()
+        };
+        assert_eq!(names(Some("a")), ["a1", "a2"]);
+        assert_eq!(names(Some("b")), ["b1"]);
+        assert_eq!(names(None), ["a1", "b1", "anon", "a2"]);
+        // One idempotency key in two tenants is two jobs, and neither tenant learns of the
+        // other's (no conflict naming its job).
+        let mut a = owned("same", "a");
+        a.idempotency_key = Some("k".into());
+        let mut b = owned("same", "b");
+        b.idempotency_key = Some("k".into());
+        let ja = store.submit(a.clone()).await.unwrap();
+        let jb = store.submit(b).await.unwrap();
+        assert_ne!(ja.id, jb.id);
+        assert_eq!(store.submit(a).await.unwrap().id, ja.id);
+        let mut other = owned("different", "a");
+        other.idempotency_key = Some("k".into());
+        assert!(matches!(
+            store.submit(other).await,
+            Err(StoreError::IdempotencyConflict { .. })
+        ));
+    }
+
+    #[test]
+    fn records_written_before_owners_existed_read_without_one() {
+        // A record as the store wrote it before the field existed: no `owner` key.
+        let mut rec = serde_json::to_value(JobRecord {
+            id: "00017000000000000000".into(),
+            spec: spec("old", "q"),
+            state: JobState::Queued,
+            reason: "submitted".into(),
+            attempt: 0,
+            created_ms: 1,
+            started_ms: None,
+            finished_ms: None,
+            exit_code: None,
+            app_failures: 0,
+            infra_failures: 0,
+            retry_at_ms: None,
+            history: Vec::new(),
+        })
+        .unwrap();
+        assert!(rec["spec"].get("owner").is_none(), "not written when unset");
+        rec["spec"].as_object_mut().unwrap().remove("owner");
+        let back: JobRecord = serde_json::from_value(rec).unwrap();
+        assert_eq!(back.spec.owner, None);
+        let with = serde_json::to_value(owned("new", "t").owner).unwrap();
+        assert_eq!(with["tenant"], "t");
     }
 
     #[tokio::test]

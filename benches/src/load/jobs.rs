@@ -114,6 +114,7 @@ pub fn bench_spec(n: u64) -> JobSpec {
         ttl_seconds_after_finished: None,
         labels: [("bench".to_string(), "submit".to_string())].into(),
         idempotency_key: None,
+        owner: None,
         kind: JobKind::Command {
             image: String::new(),
             command: vec!["true".into()],

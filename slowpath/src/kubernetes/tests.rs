@@ -83,6 +83,7 @@ fn spec(name: &str, script: &str, max_retries: u32) -> JobSpec {
         ttl_seconds_after_finished: None,
         labels: BTreeMap::new(),
         idempotency_key: None,
+        owner: None,
         kind: JobKind::Command {
             image: "busybox:1.36".into(),
             command: vec!["sh".into(), "-c".into(), script.into()],
