@@ -2,9 +2,10 @@
 //! KillChild, shared-memory registration, log settings changes) and every refusal of a caller
 //! (no or unknown credentials, a verb its roles do not grant) becomes one [`AuditRecord`]. It is
 //! written at once as a log line (target `veraltheim::audit`, one JSON object per line under
-//! `--log-format json`), then the `AuditLog` worker in the supervision tree publishes it on the
-//! bus as `audit.<verb>` and keeps it in the store (table `audit.events`) for
-//! `server.audit_retention_days`, where ListAuditEvents (`veraltheim audit`) reads it.
+//! `--log-format json`), then the `AuditLog` worker in the supervision tree keeps it in the store
+//! (table `audit.events`) for `server.audit_retention_days`, where ListAuditEvents
+//! (`veraltheim audit`) reads it, and then publishes it on the bus as `audit.<verb>` (so an
+//! event seen is a record kept).
 //!
 //! Recording never waits: records go through a bounded channel, and when the worker falls that
 //! far behind the newest are dropped and counted (logged). Refusals are also throttled to
@@ -316,8 +317,8 @@ impl Writer {
         out
     }
 
-    /// The `AuditLog` worker: publishes each record as `audit.<verb>` and keeps it in the
-    /// store; deletes expired records at start and every hour.
+    /// The `AuditLog` worker: keeps each record in the store, then publishes it as
+    /// `audit.<verb>`; deletes expired records at start and every hour.
     pub fn worker(self) -> ChildSpec {
         let Writer {
             rx,
@@ -350,15 +351,18 @@ impl Writer {
                     }
                     let mut batch = Batch::new();
                     for rec in &records {
-                        if let Err(e) = bus.publish(rec.event()).await {
-                            tracing::warn!(error = %e, "audit event not published");
-                        }
                         if let Err(e) = batch.put(&AUDIT, key(rec.time_ms).as_str(), rec) {
                             tracing::warn!(error = %e, "audit record not stored");
                         }
                     }
+                    // Stored first, then published: whoever sees the event finds the record.
                     if let Err(e) = veraltheim_storage::Store::commit(&*store, batch).await {
                         tracing::warn!(error = %e, records = records.len(), "audit records not stored");
+                    }
+                    for rec in &records {
+                        if let Err(e) = bus.publish(rec.event()).await {
+                            tracing::warn!(error = %e, "audit event not published");
+                        }
                     }
                 }
             }

@@ -401,7 +401,8 @@ async fn assert_whole(server: &mut Server, ch: &Channel, after: &str) {
 /// - log settings outside their values are INVALID_ARGUMENT, the empty update reads them (OK);
 /// - client shared memory is off by default (PERMISSION_DENIED), CUDA shared memory and the
 ///   trace settings are not offered (UNIMPLEMENTED), KillChild is fault injection
-///   (FAILED_PRECONDITION unless the server enables it).
+///   (FAILED_PRECONDITION unless the server enables it); the audit log refuses a page token it
+///   did not give out (INVALID_ARGUMENT).
 const EXPECTED: &[(&str, [&str; 4])] = &[
     (
         "/inference.GRPCInferenceService/CudaSharedMemoryRegister",
@@ -622,6 +623,15 @@ const EXPECTED: &[(&str, [&str; 4])] = &[
             "FailedPrecondition",
             "FailedPrecondition",
             "FailedPrecondition",
+        ],
+    ),
+    (
+        "/veraltheim.v1.SystemService/ListAuditEvents",
+        [
+            "InvalidArgument",
+            "OK",
+            "InvalidArgument",
+            "InvalidArgument",
         ],
     ),
     (
