@@ -56,6 +56,7 @@ fn job(n: usize) -> Pending {
             memory_bytes: 1 << 30,
             gpus: 0,
         },
+        tenant: String::new(),
     }
 }
 

@@ -932,3 +932,48 @@ async fn without_an_auth_file_only_loopback_addresses_are_served() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test]
+async fn a_queues_quota_is_each_tenants_own() {
+    let s = start_secured(&[
+        "--job-queues",
+        r#"[{ name = "default", weight = 1, cpu_millis = 500 }]"#,
+    ])
+    .await;
+    let ch = channel(&s.server).await;
+    let mut jobs = JobServiceClient::new(ch.clone());
+    let half_core = |name: &str| {
+        let mut r = common::command(name, &["sleep", "30"]);
+        r.spec.as_mut().unwrap().resources = Some(v1::Resources {
+            cpu_millis: 500,
+            ..Default::default()
+        });
+        r
+    };
+    let submitter = jobs.clone();
+    let submit = |name: &str, token: &str| {
+        let mut jobs = submitter.clone();
+        let request = with_token(half_core(name), Some(token));
+        async move { jobs.submit_job(request).await.unwrap().into_inner() }
+    };
+    let first = submit("alice-1", ALICE).await;
+    wait_for(&mut jobs, &first.id, v1::JobState::Running, ALICE).await;
+    // Alice's tenant is at the queue's quota; carol shares the tenant, so she waits too.
+    let second = submit("carol-1", CAROL).await;
+    // Bob's tenant has the quota to itself: his job runs although alice's waits.
+    let bobs = submit("bob-1", BOB).await;
+    wait_for(&mut jobs, &bobs.id, v1::JobState::Running, BOB).await;
+    let waiting = wait_for(&mut jobs, &second.id, v1::JobState::Queued, CAROL).await;
+    assert_eq!(
+        waiting.reason,
+        "quota cpu 500/500m in queue default for tenant search (needs 500m)"
+    );
+    for (id, token) in [(&first.id, ALICE), (&second.id, CAROL), (&bobs.id, BOB)] {
+        jobs.cancel_job(with_token(
+            v1::CancelJobRequest { id: id.clone() },
+            Some(token),
+        ))
+        .await
+        .unwrap();
+    }
+}

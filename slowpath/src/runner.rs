@@ -130,6 +130,13 @@ fn pending(rec: &JobRecord) -> Pending {
         queue: rec.spec.queue.clone(),
         priority_class: rec.spec.priority_class.clone(),
         resources: rec.spec.resources.clone(),
+        // Quotas are each tenant's own in a queue (see the scheduler).
+        tenant: rec
+            .spec
+            .owner
+            .as_ref()
+            .map(|o| o.tenant.clone())
+            .unwrap_or_default(),
     }
 }
 

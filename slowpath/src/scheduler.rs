@@ -16,6 +16,13 @@
 //!    capacity, nothing else is admitted in that round, so smaller jobs cannot keep taking the
 //!    capacity it waits for. A head blocked by its own queue's quota does not hold others back.
 //!
+//! **Tenants.** When jobs carry a tenant (an authenticating server sets it from the caller), a
+//! queue's quota applies to each tenant's jobs in it separately, and each tenant has its own
+//! line in the queue: rules 1 and 3 hold per (queue, tenant), so one tenant at its quota, or
+//! with a large job at its head, never holds another back. Between the tenants of a queue, in
+//! rule 4, the queue's share decides first (as before), then the tenant's own dominant share.
+//! Jobs without a tenant are one line of their queue, as before tenants existed.
+//!
 //! Every waiting job gets a reason for people, e.g. `quota gpu 2/2 in queue research (needs 1)`
 //! or `capacity cpu 1900/2000m (needs 500m)`. A round looks at queue heads only and keeps a
 //! reason for each head; the jobs behind a head wait for it (`behind job X in queue Q`), which
@@ -91,6 +98,8 @@ pub struct Pending {
     pub queue: String,
     pub priority_class: String,
     pub resources: Resources,
+    /// The job's tenant; empty for none (see the module documentation).
+    pub tenant: String,
 }
 
 /// The outcome of one round of [`Scheduler::schedule`].
@@ -142,11 +151,13 @@ struct Shortfall {
 }
 
 impl Shortfall {
-    /// `quota gpu 2/2 in queue research (needs 1)`.
-    fn quota(&self, queue: &str) -> String {
+    /// `quota gpu 2/2 in queue research (needs 1)`, `... in queue research for tenant t ...`.
+    fn quota(&self, line: &Line) -> String {
         format!(
-            "quota {} in queue {queue} (needs {})",
-            self.usage, self.need
+            "quota {} in queue {} (needs {})",
+            self.usage,
+            line_name(line),
+            self.need
         )
     }
 
@@ -172,22 +183,47 @@ struct Waiting {
     job: Pending,
 }
 
-struct QueueState {
-    config: QueueConfig,
+/// One line of jobs: a queue and a tenant ("" for jobs without one).
+type Line = (String, String);
+
+/// `research`, or `research for tenant t`.
+fn line_name(line: &Line) -> String {
+    if line.1.is_empty() {
+        line.0.clone()
+    } else {
+        format!("{} for tenant {}", line.0, line.1)
+    }
+}
+
+fn line_of(job: &Pending) -> Line {
+    (job.queue.clone(), job.tenant.clone())
+}
+
+/// The jobs of one line and what its admitted jobs hold (its quota's usage).
+#[derive(Default)]
+struct LineState {
     /// By (class rank, arrival).
     waiting: BTreeMap<(usize, u64), Waiting>,
     used: Vec3,
 }
 
-/// The scheduler's state: waiting jobs by queue, and the resources admitted jobs hold.
+/// A configured queue and what all its admitted jobs hold (its fair share's usage).
+struct QueueState {
+    config: QueueConfig,
+    used: Vec3,
+}
+
+/// The scheduler's state: waiting jobs by line, and the resources admitted jobs hold.
 pub struct Scheduler {
     capacity: Vec3,
     classes: Vec<String>,
     queues: BTreeMap<String, QueueState>,
-    /// Waiting job id → (queue, key in the queue).
-    index: HashMap<String, (String, (usize, u64))>,
-    /// Admitted job id → (queue, resources held).
-    admitted: HashMap<String, (String, Vec3)>,
+    /// The lines with waiting or admitted jobs (made when a job arrives, dropped when empty).
+    lines: BTreeMap<Line, LineState>,
+    /// Waiting job id → (line, key in the line).
+    index: HashMap<String, (Line, (usize, u64))>,
+    /// Admitted job id → (line, resources held).
+    admitted: HashMap<String, (Line, Vec3)>,
     used: Vec3,
     arrivals: u64,
     /// Why each queue's head waited at the end of the last round, by job id.
@@ -218,7 +254,6 @@ impl Scheduler {
             let name = q.name.clone();
             let state = QueueState {
                 config: q,
-                waiting: BTreeMap::new(),
                 used: [0; 3],
             };
             if queues.insert(name.clone(), state).is_some() {
@@ -238,6 +273,7 @@ impl Scheduler {
             capacity: vec3(&config.capacity),
             classes,
             queues,
+            lines: BTreeMap::new(),
             index: HashMap::new(),
             admitted: HashMap::new(),
             used: [0; 3],
@@ -266,7 +302,9 @@ impl Scheduler {
         self.rank(class)?;
         let need = vec3(resources);
         if let Some(s) = exceeds([0; 3], need, q.config.quota.limits()) {
-            return Err(SchedError::NeverFits(s.quota(queue)));
+            return Err(SchedError::NeverFits(
+                s.quota(&(queue.to_owned(), String::new())),
+            ));
         }
         if let Some(s) = exceeds([0; 3], need, self.capacity.map(Some)) {
             return Err(SchedError::NeverFits(s.capacity()));
@@ -282,20 +320,36 @@ impl Scheduler {
         }
         let key = (self.rank(&job.priority_class)?, self.arrivals);
         self.arrivals += 1;
-        self.index.insert(job.id.clone(), (job.queue.clone(), key));
-        let q = self.queues.get_mut(&job.queue).expect("checked above");
-        q.waiting.insert(key, Waiting { job });
+        let line = line_of(&job);
+        self.index.insert(job.id.clone(), (line.clone(), key));
+        self.lines
+            .entry(line)
+            .or_default()
+            .waiting
+            .insert(key, Waiting { job });
         Ok(())
+    }
+
+    /// Forgets a line once nothing waits in it and nothing of it is admitted.
+    fn tidy(&mut self, line: &Line) {
+        if self
+            .lines
+            .get(line)
+            .is_some_and(|l| l.waiting.is_empty() && l.used == [0; 3])
+        {
+            self.lines.remove(line);
+        }
     }
 
     /// Takes a waiting job out of line (cancelled); whether it was waiting.
     pub fn remove(&mut self, id: &str) -> bool {
-        let Some((queue, key)) = self.index.remove(id) else {
+        let Some((line, key)) = self.index.remove(id) else {
             return false;
         };
-        if let Some(q) = self.queues.get_mut(&queue) {
-            q.waiting.remove(&key);
+        if let Some(l) = self.lines.get_mut(&line) {
+            l.waiting.remove(&key);
         }
+        self.tidy(&line);
         self.head_reasons.remove(id);
         true
     }
@@ -304,12 +358,16 @@ impl Scheduler {
     /// jobs behind it, `behind job H in queue Q`. `None` for a job that is not waiting, or a
     /// head that became one after the last round.
     pub fn waiting_reason(&self, id: &str) -> Option<String> {
-        let (queue, key) = self.index.get(id)?;
-        let (head_key, head) = self.queues.get(queue)?.waiting.first_key_value()?;
+        let (line, key) = self.index.get(id)?;
+        let (head_key, head) = self.lines.get(line)?.waiting.first_key_value()?;
         if head_key == key {
             self.head_reasons.get(id).cloned()
         } else {
-            Some(format!("behind job {} in queue {queue}", head.job.id))
+            Some(format!(
+                "behind job {} in queue {}",
+                head.job.id,
+                line_name(line)
+            ))
         }
     }
 
@@ -323,23 +381,29 @@ impl Scheduler {
         }
         let need = vec3(&job.resources);
         self.used = add(self.used, need);
+        let line = line_of(job);
         if let Some(q) = self.queues.get_mut(&job.queue) {
             q.used = add(q.used, need);
+            let l = self.lines.entry(line.clone()).or_default();
+            l.used = add(l.used, need);
         }
-        self.admitted
-            .insert(job.id.clone(), (job.queue.clone(), need));
+        self.admitted.insert(job.id.clone(), (line, need));
         Ok(())
     }
 
     /// Frees what an admitted job held (it ended or went back to wait); whether it was admitted.
     pub fn release(&mut self, id: &str) -> bool {
-        let Some((queue, held)) = self.admitted.remove(id) else {
+        let Some((line, held)) = self.admitted.remove(id) else {
             return false;
         };
         self.used = sub(self.used, held);
-        if let Some(q) = self.queues.get_mut(&queue) {
+        if let Some(q) = self.queues.get_mut(&line.0) {
             q.used = sub(q.used, held);
         }
+        if let Some(l) = self.lines.get_mut(&line) {
+            l.used = sub(l.used, held);
+        }
+        self.tidy(&line);
         true
     }
 
@@ -363,12 +427,12 @@ impl Scheduler {
         self.admitted.len()
     }
 
-    fn dominant_share(&self, q: &QueueState) -> f64 {
-        let share = (0..3)
+    /// The largest fraction of the capacity `used` holds, over CPU, memory and GPUs.
+    fn dominant_share(&self, used: Vec3) -> f64 {
+        (0..3)
             .filter(|&d| self.capacity[d] > 0)
-            .map(|d| q.used[d] as f64 / self.capacity[d] as f64)
-            .fold(0.0, f64::max);
-        share / f64::from(q.config.weight)
+            .map(|d| used[d] as f64 / self.capacity[d] as f64)
+            .fold(0.0, f64::max)
     }
 
     /// One round: admits every job the rules allow, in order, and says why the rest wait.
@@ -381,52 +445,58 @@ impl Scheduler {
     pub fn schedule_at_most(&mut self, slots: usize) -> Decision {
         let mut decision = Decision::default();
         let mut quota_blocked: BTreeMap<String, String> = BTreeMap::new();
-        let mut capacity_block: Option<(String, String, String)> = None; // (id, queue, reason)
+        let mut capacity_block: Option<(String, String, String)> = None; // (id, line, reason)
         loop {
             quota_blocked.clear();
             let slots_full = decision.admitted.len() >= slots;
-            // (rank, share, queue name)
-            let mut best: Option<(usize, f64, &str)> = None;
-            for (name, q) in &self.queues {
-                let Some((&(rank, _), head)) = q.waiting.first_key_value() else {
+            // (rank, queue share / weight, queue, the line's own share, tenant)
+            let mut best: Option<(usize, f64, &str, f64, &str)> = None;
+            for (line, l) in &self.lines {
+                let Some((&(rank, _), head)) = l.waiting.first_key_value() else {
+                    continue;
+                };
+                let Some(q) = self.queues.get(&line.0) else {
                     continue;
                 };
                 let need = vec3(&head.job.resources);
-                if let Some(s) = exceeds(q.used, need, q.config.quota.limits()) {
-                    quota_blocked.insert(head.job.id.clone(), s.quota(name));
+                if let Some(s) = exceeds(l.used, need, q.config.quota.limits()) {
+                    quota_blocked.insert(head.job.id.clone(), s.quota(line));
                     continue;
                 }
-                let share = self.dominant_share(q);
-                let better = match best {
-                    None => true,
-                    Some((r, s, n)) => (rank, share, name.as_str()) < (r, s, n),
-                };
-                if better {
-                    best = Some((rank, share, name));
+                let share = self.dominant_share(q.used) / f64::from(q.config.weight);
+                let own = self.dominant_share(l.used);
+                let this = (rank, share, line.0.as_str(), own, line.1.as_str());
+                if best.is_none_or(|b| this < b) {
+                    best = Some(this);
                 }
             }
-            let Some((_, _, name)) = best else { break };
+            let Some((_, _, queue, _, tenant)) = best else {
+                break;
+            };
             if slots_full {
                 break;
             }
-            let name = name.to_owned();
-            let q = self.queues.get_mut(&name).expect("a queue just seen");
-            let (&key, head) = q.waiting.first_key_value().expect("a head just seen");
+            let line = (queue.to_owned(), tenant.to_owned());
+            let l = self.lines.get_mut(&line).expect("a line just seen");
+            let (&key, head) = l.waiting.first_key_value().expect("a head just seen");
             let need = vec3(&head.job.resources);
             if let Some(s) = exceeds(self.used, need, self.capacity.map(Some)) {
-                capacity_block = Some((head.job.id.clone(), name, s.capacity()));
+                capacity_block = Some((head.job.id.clone(), line_name(&line), s.capacity()));
                 break;
             }
-            let job = q.waiting.remove(&key).expect("present").job;
-            q.used = add(q.used, need);
+            let job = l.waiting.remove(&key).expect("present").job;
+            l.used = add(l.used, need);
+            if let Some(q) = self.queues.get_mut(&line.0) {
+                q.used = add(q.used, need);
+            }
             self.used = add(self.used, need);
             self.index.remove(&job.id);
-            self.admitted.insert(job.id.clone(), (name, need));
+            self.admitted.insert(job.id.clone(), (line, need));
             decision.admitted.push(job);
         }
         self.head_reasons.clear();
-        for q in self.queues.values() {
-            let Some(head) = q.waiting.values().next() else {
+        for l in self.lines.values() {
+            let Some(head) = l.waiting.values().next() else {
                 continue;
             };
             let head_reason = if let Some(r) = quota_blocked.get(&head.job.id) {
@@ -588,6 +658,7 @@ mod tests {
             queue: queue.into(),
             priority_class: class.into(),
             resources: r,
+            tenant: String::new(),
         }
     }
 
@@ -689,6 +760,75 @@ mod tests {
         assert!(s.release("j0"));
         assert!(!s.release("j0"));
         assert_eq!(ids(&s.schedule()), ["j2"]);
+    }
+
+    fn tenant_job(id: &str, queue: &str, tenant: &str, r: Resources) -> Pending {
+        Pending {
+            tenant: tenant.into(),
+            ..job(id, queue, "", r)
+        }
+    }
+
+    #[test]
+    fn each_tenant_has_the_queues_quota_and_its_own_line() {
+        let cpu1000 = Quota {
+            cpu_millis: Some(1000),
+            ..Default::default()
+        };
+        let mut s = sched(res(100_000, 1 << 40, 0), vec![queue("q", 1, cpu1000)]);
+        s.enqueue(tenant_job("a1", "q", "a", res(1000, 0, 0)))
+            .unwrap();
+        s.enqueue(tenant_job("a2", "q", "a", res(1000, 0, 0)))
+            .unwrap();
+        s.enqueue(tenant_job("a3", "q", "a", res(100, 0, 0)))
+            .unwrap();
+        s.enqueue(tenant_job("b1", "q", "b", res(1000, 0, 0)))
+            .unwrap();
+        let d = s.schedule();
+        // Tenant a at its quota holds neither tenant b back nor lets its own later, smaller
+        // job overtake its head.
+        assert_eq!(ids(&d), ["a1", "b1"]);
+        assert_eq!(
+            d.waiting["a2"],
+            "quota cpu 1000/1000m in queue q for tenant a (needs 1000m)"
+        );
+        assert_eq!(
+            s.waiting_reason("a3").unwrap(),
+            "behind job a2 in queue q for tenant a"
+        );
+        // The queue as a whole holds both tenants' jobs.
+        assert_eq!(s.queue_used("q").unwrap().cpu_millis, 2000);
+        assert!(s.release("a1"));
+        assert_eq!(ids(&s.schedule()), ["a2"]);
+        // Jobs without a tenant are one line, with the quota to themselves.
+        s.enqueue(job("n1", "q", "", res(1000, 0, 0))).unwrap();
+        s.enqueue(job("n2", "q", "", res(1000, 0, 0))).unwrap();
+        let d = s.schedule();
+        assert_eq!(ids(&d), ["n1"]);
+        assert_eq!(
+            d.waiting["n2"],
+            "quota cpu 1000/1000m in queue q (needs 1000m)"
+        );
+    }
+
+    #[test]
+    fn between_tenants_of_a_queue_the_smaller_share_goes_first() {
+        let mut s = sched(res(4000, 1 << 40, 0), vec![queue("q", 1, Quota::default())]);
+        s.enqueue(tenant_job("a1", "q", "a", res(1000, 0, 0)))
+            .unwrap();
+        assert_eq!(ids(&s.schedule()), ["a1"]);
+        // a arrived first with its second job, but holds more than b: b goes first.
+        s.enqueue(tenant_job("a2", "q", "a", res(1000, 0, 0)))
+            .unwrap();
+        s.enqueue(tenant_job("b1", "q", "b", res(1000, 0, 0)))
+            .unwrap();
+        assert_eq!(ids(&s.schedule_at_most(1)), ["b1"]);
+        assert_eq!(ids(&s.schedule_at_most(1)), ["a2"]);
+        // Empty lines are forgotten once their jobs are released.
+        for id in ["a1", "a2", "b1"] {
+            assert!(s.release(id));
+        }
+        assert!(s.lines.is_empty());
     }
 
     #[test]
