@@ -257,38 +257,34 @@ pub struct Gate {
 }
 
 impl Gate {
-    fn rule(&self, path: &str) -> Option<Rule> {
+    /// The rule of `path` and the path as the table spells it (no copy for a known one).
+    fn rule(&self, path: &str) -> (Option<Rule>, Cow<'static, str>) {
         match rule_of(path) {
-            Some(Rule::Server(Verb::Read)) if path == "/metrics" && self.metrics_public => {
-                Some(Rule::Open)
+            Some((p, Rule::Server(Verb::Read))) if p == "/metrics" && self.metrics_public => {
+                (Some(Rule::Open), Cow::Borrowed(p))
             }
-            other => other,
+            Some((p, rule)) => (Some(rule), Cow::Borrowed(p)),
+            None => (None, Cow::Owned(path.chars().take(256).collect())),
         }
     }
 
     /// Decides what the layer can decide; on success the request carries its [`Caller`].
     fn admit(&self, request: &mut Request) -> Result<(), Status> {
-        let path = request.uri().path();
-        let rule = self.rule(path);
+        let (rule, action) = self.rule(request.uri().path());
         if rule == Some(Rule::Open) {
             return Ok(());
         }
-        let action: Cow<'static, str> = match rules::RULES.iter().find(|(p, _)| *p == path) {
-            Some((p, _)) => Cow::Borrowed(*p),
-            None => Cow::Owned(path.chars().take(256).collect()),
-        };
+        // Kept raw: formatted only when a record is written.
         let peer = request
             .extensions()
             .get::<ConnectInfo<SocketAddr>>()
-            .map(|c| c.0.to_string())
-            .unwrap_or_default();
+            .map(|c| c.0);
         let trace_id = request
             .headers()
             .get("traceparent")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| TraceParent::parse(v).ok())
-            .map(|t| hex(&t.trace_id()))
-            .unwrap_or_default();
+            .map(|t| t.trace_id());
         let mut caller = CallerInner {
             principal: None,
             enforced: self.auth.enabled(),
@@ -379,8 +375,8 @@ struct CallerInner {
     enforced: bool,
     rule: Rule,
     action: Cow<'static, str>,
-    peer: String,
-    trace_id: String,
+    peer: Option<SocketAddr>,
+    trace_id: Option<[u8; 16]>,
     audit: Audit,
 }
 
@@ -418,8 +414,8 @@ impl CallerInner {
             resource,
             result: result.to_string(),
             action: self.action.to_string(),
-            peer: self.peer.clone(),
-            trace_id: self.trace_id.clone(),
+            peer: self.peer.map(|p| p.to_string()).unwrap_or_default(),
+            trace_id: self.trace_id.map(|t| hex(&t)).unwrap_or_default(),
             message: message.chars().take(1024).collect(),
             suppressed_before: 0,
         });

@@ -352,9 +352,13 @@ pub const RULES: &[(&str, Rule)] = &[
     ("/metrics", Rule::Server(Read)),
 ];
 
-/// The rule of `path`; `None` for a path no API serves.
-pub fn rule_of(path: &str) -> Option<Rule> {
-    RULES.iter().find(|(p, _)| *p == path).map(|(_, r)| *r)
+/// The rule of `path`, with the path as [`RULES`] holds it; `None` for a path no API serves.
+/// Looked up in a map built once: this runs for every call.
+pub fn rule_of(path: &str) -> Option<(&'static str, Rule)> {
+    static MAP: std::sync::OnceLock<std::collections::HashMap<&'static str, Rule>> =
+        std::sync::OnceLock::new();
+    let map = MAP.get_or_init(|| RULES.iter().copied().collect());
+    map.get_key_value(path).map(|(p, r)| (*p, *r))
 }
 
 #[cfg(test)]

@@ -398,8 +398,8 @@ fn caller(s: &Setup, token: &str, rule: Rule) -> Caller {
         enforced: true,
         rule,
         action: Cow::Borrowed("test"),
-        peer: String::new(),
-        trace_id: String::new(),
+        peer: None,
+        trace_id: None,
         audit,
     }))
 }
