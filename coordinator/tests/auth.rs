@@ -977,3 +977,32 @@ async fn a_queues_quota_is_each_tenants_own() {
         .unwrap();
     }
 }
+
+#[tokio::test]
+async fn a_broken_auth_file_stops_the_start_naming_the_file_and_the_mistake() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("auth.toml");
+    std::fs::write(
+        &file,
+        auth_file(true).replace("roles = [\"admin\"]", "rolez = [\"admin\"]"),
+    )
+    .unwrap();
+    let out = serve_until_exit(&["--auth-file", file.to_str().unwrap()], dir.path());
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains(file.to_str().unwrap()), "{err}");
+    assert!(err.contains("unknown field `rolez`"), "{err}");
+    let out = serve_until_exit(
+        &[
+            "--auth-file",
+            dir.path().join("missing.toml").to_str().unwrap(),
+        ],
+        dir.path(),
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("cannot read the auth file"),
+        "{}",
+        text(&out.stderr)
+    );
+}
