@@ -519,13 +519,16 @@ impl SystemService for Api {
                     SubscribeOptions::new(EVENT_BUFFER, WhenFull::DropOldest).named("WatchEvents"),
                 )
                 .map_err(|e| Status::invalid_argument(format!("topic filter '{p}': {e}")))?;
-            streams.push(Box::pin(futures::stream::unfold(
-                sub,
-                |mut sub| async move {
+            // Audit records go only to patterns that name them (`audit.>`): a watch of every
+            // topic gets the lifecycle events, not a copy of the audit log.
+            let audit = p == "audit" || p.starts_with("audit.");
+            streams.push(Box::pin(
+                futures::stream::unfold(sub, |mut sub| async move {
                     let d = sub.recv_delivery().await?;
                     Some((d, sub))
-                },
-            )));
+                })
+                .filter(move |d| std::future::ready(audit || !d.event.topic.starts_with("audit."))),
+            ));
         }
         // What the caller may not see (other tenants' jobs, the audit log without
         // system.admin) is left out.

@@ -670,6 +670,7 @@ async fn loads_and_refusals_are_audited_on_the_bus_and_in_the_log() {
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
     let mut audit = watch(&ch, &["audit.>"], OPS).await;
+    let mut everything = watch(&ch, &[">"], OPS).await;
     let mut models = ModelServiceClient::new(ch.clone());
     let mut load = with_token(
         v1::LoadModelRequest {
@@ -720,6 +721,40 @@ async fn loads_and_refusals_are_audited_on_the_bus_and_in_the_log() {
     let e = next_event(&mut audit, "audit.infer").await;
     assert_eq!(e.attributes["principal"], "anonymous");
     assert_eq!(e.attributes["result"], "UNAUTHENTICATED");
+    // A watch of every topic got the lifecycle events, not the audit records: up to a state
+    // change caused after all of the above was published, none of them reached it.
+    models
+        .load_model(with_token(
+            v1::LoadModelRequest {
+                name: "cost".into(),
+                ..Default::default()
+            },
+            Some(OPS),
+        ))
+        .await
+        .unwrap();
+    let seen = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut seen = Vec::new();
+        loop {
+            let e = everything
+                .message()
+                .await
+                .unwrap()
+                .expect("the watch ended");
+            let done = e.topic == "models.cost.state";
+            seen.push(e.topic);
+            if done {
+                return seen;
+            }
+        }
+    })
+    .await
+    .expect("the load's state event");
+    assert!(
+        seen.iter().any(|t| t == "models.identity.state"),
+        "{seen:?}"
+    );
+    assert!(!seen.iter().any(|t| t.starts_with("audit.")), "{seen:?}");
 
     // The same records are kept: the audit log lists them, oldest first (system.admin only).
     let mut system = SystemServiceClient::new(ch.clone());
