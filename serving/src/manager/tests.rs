@@ -509,7 +509,6 @@ async fn a_timed_out_load_keeps_its_reservation_and_slot_until_the_build_ends() 
         ManagerDeps::detached(ExecutionPool::new(1).unwrap()),
     )
     .unwrap();
-    let began = Instant::now();
     let err = m.load("slow", None).await.unwrap_err();
     assert!(matches!(err, Error::LoadTimeout { .. }), "{err}");
     assert_eq!(err.kind(), crate::ErrorKind::DeadlineExceeded);
