@@ -20,7 +20,7 @@ use veraltheim_proto::v1::{
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct ClientArgs {
-    /// The coordinator's gRPC address (host:port or URL).
+    /// The coordinator's gRPC address: HOST:PORT, http://HOST:PORT or, for TLS, https://HOST:PORT.
     #[arg(
         long,
         env = "VERALTHEIM_SERVER",
