@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, anyhow, bail};
 use serde_json::{Value, json};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use veraltheim_models::allocator::format_bytes;
 use veraltheim_models::repository::{ImportBackend, ImportOptions, import_sentence_transformers};
 use veraltheim_proto::v1::{
@@ -20,7 +20,7 @@ use veraltheim_proto::v1::{
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct ClientArgs {
-    /// The coordinator's gRPC address (host:port or URL).
+    /// The coordinator's gRPC address: HOST:PORT, http://HOST:PORT or, for TLS, https://HOST:PORT.
     #[arg(
         long,
         env = "VERALTHEIM_SERVER",
@@ -31,6 +31,16 @@ pub struct ClientArgs {
     /// Print JSON instead of a table.
     #[arg(long, global = true)]
     pub json: bool,
+    /// TLS: the CA certificates (PEM) to trust for the server instead of the system's; makes a
+    /// bare HOST:PORT https.
+    #[arg(long, env = "VERALTHEIM_CA", global = true, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+    /// Mutual TLS: this client's certificate (PEM), with --key.
+    #[arg(long, env = "VERALTHEIM_CERT", global = true, value_name = "FILE")]
+    pub cert: Option<PathBuf>,
+    /// Mutual TLS: the private key (PEM) of --cert.
+    #[arg(long, env = "VERALTHEIM_KEY", global = true, value_name = "FILE")]
+    pub key: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, clap::Args)]
@@ -109,14 +119,15 @@ pub struct ModelsArgs {
     pub client: ClientArgs,
 }
 
-async fn connect(server: &str) -> anyhow::Result<Channel> {
-    let url = if server.contains("://") {
-        server.to_string()
-    } else {
-        format!("http://{server}")
-    };
-    Endpoint::from_shared(url.clone())
-        .with_context(|| format!("'{server}' is not a valid server address"))?
+async fn connect(client: &ClientArgs) -> anyhow::Result<Channel> {
+    let endpoint = crate::tls::client_endpoint(
+        &client.server,
+        client.ca.as_deref(),
+        client.cert.as_deref(),
+        client.key.as_deref(),
+    )?;
+    let url = endpoint.uri().to_string();
+    endpoint
         .connect_timeout(Duration::from_secs(5))
         .connect()
         .await
@@ -181,7 +192,7 @@ fn tensor_json(t: &v1::Tensor) -> Value {
 }
 
 pub async fn infer(args: InferArgs) -> anyhow::Result<()> {
-    let channel = connect(&args.client.server).await?;
+    let channel = connect(&args.client).await?;
     let model = ModelServiceClient::new(channel.clone())
         .get_model(v1::GetModelRequest {
             name: args.model.clone(),
@@ -407,7 +418,7 @@ pub async fn models(args: ModelsArgs) -> anyhow::Result<()> {
     if let Some(command @ ModelsCommand::Import { .. }) = args.command {
         return import(command);
     }
-    let mut client = ModelServiceClient::new(connect(&args.client.server).await?);
+    let mut client = ModelServiceClient::new(connect(&args.client).await?);
     let as_json = args.client.json;
     match args.command.unwrap_or(ModelsCommand::List) {
         ModelsCommand::List => {
@@ -545,7 +556,7 @@ pub async fn models(args: ModelsArgs) -> anyhow::Result<()> {
 
 /// Exit status: success only when the server is live and ready.
 pub async fn health(args: ClientArgs) -> anyhow::Result<bool> {
-    let r = SystemServiceClient::new(connect(&args.server).await?)
+    let r = SystemServiceClient::new(connect(&args).await?)
         .health(v1::HealthRequest {})
         .await
         .map_err(status_error)?
@@ -593,7 +604,7 @@ fn print_node(n: &v1::SupervisorNode, depth: usize) {
 }
 
 pub async fn status(args: ClientArgs) -> anyhow::Result<()> {
-    let r = SystemServiceClient::new(connect(&args.server).await?)
+    let r = SystemServiceClient::new(connect(&args).await?)
         .get_status(v1::GetStatusRequest {})
         .await
         .map_err(status_error)?
@@ -656,7 +667,7 @@ pub struct EventsArgs {
 /// Streams lifecycle events until interrupted (or `--count` events). `--json` prints one JSON
 /// object per line.
 pub async fn events(args: EventsArgs) -> anyhow::Result<()> {
-    let mut stream = SystemServiceClient::new(connect(&args.client.server).await?)
+    let mut stream = SystemServiceClient::new(connect(&args.client).await?)
         .watch_events(v1::WatchEventsRequest {
             topics: args.topics,
         })
@@ -688,7 +699,7 @@ pub async fn events(args: EventsArgs) -> anyhow::Result<()> {
 
 /// Aborts a supervised task as if it had crashed (the server needs --enable-fault-injection).
 pub async fn kill(path: String, args: ClientArgs) -> anyhow::Result<()> {
-    SystemServiceClient::new(connect(&args.server).await?)
+    SystemServiceClient::new(connect(&args).await?)
         .kill_child(v1::KillChildRequest { path: path.clone() })
         .await
         .map_err(status_error)?;
@@ -782,7 +793,7 @@ fn show_gpus(s: &v1::ResourceSnapshot, as_json: bool) -> anyhow::Result<bool> {
 
 /// `veraltheim gpus`: the GPUs the coordinator sees (`--json`: an array of objects).
 pub async fn gpus(args: GpusArgs) -> anyhow::Result<()> {
-    let mut client = ResourceServiceClient::new(connect(&args.client.server).await?);
+    let mut client = ResourceServiceClient::new(connect(&args.client).await?);
     if !args.watch {
         let s = client
             .get_resources(v1::GetResourcesRequest {})
@@ -903,7 +914,7 @@ pub async fn jobs(args: JobsArgs) -> anyhow::Result<bool> {
             None => None,
         };
         let spec = jobfile::build_spec(submit, file)?;
-        let mut client = JobServiceClient::new(connect(&args.client.server).await?);
+        let mut client = JobServiceClient::new(connect(&args.client).await?);
         let job = client
             .submit_job(v1::SubmitJobRequest { spec: Some(spec) })
             .await
@@ -916,7 +927,7 @@ pub async fn jobs(args: JobsArgs) -> anyhow::Result<bool> {
         }
         return Ok(true);
     }
-    let mut client = JobServiceClient::new(connect(&args.client.server).await?);
+    let mut client = JobServiceClient::new(connect(&args.client).await?);
     match args.command {
         // Submitted above, before connecting.
         JobsCommand::Submit(_) => {}

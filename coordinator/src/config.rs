@@ -52,6 +52,49 @@ pub struct ServerConfig {
     /// Threads of the tokio runtime that serves the APIs; `None`: half the cores, at least one.
     #[serde(default, deserialize_with = "unset::zero")]
     pub runtime_threads: Option<usize>,
+    /// `[server.tls]`: TLS on both ports; all unset: plaintext.
+    #[serde(default)]
+    pub tls: TlsConfig,
+}
+
+/// `[server.tls]`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The server's certificate chain (PEM); `None`: no TLS.
+    #[serde(default, deserialize_with = "unset::empty_path")]
+    pub cert_file: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[serde(default, deserialize_with = "unset::empty_path")]
+    pub key_file: Option<PathBuf>,
+    /// CAs that sign client certificates (mutual TLS); `None`: no client certificate asked.
+    #[serde(default, deserialize_with = "unset::empty_path")]
+    pub client_ca_file: Option<PathBuf>,
+}
+
+impl TlsConfig {
+    /// The files TLS is served with, or `None` for plaintext; an incomplete setting is an error
+    /// naming what is missing (checked when `serve` starts, not when the configuration is read,
+    /// so that each key can be set on its own layer: the file, the environment or a flag).
+    pub fn files(&self) -> anyhow::Result<Option<crate::tls::TlsFiles>> {
+        match (&self.cert_file, &self.key_file) {
+            (Some(cert), Some(key)) => Ok(Some(crate::tls::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: self.client_ca_file.clone(),
+            })),
+            (Some(_), None) => bail!(
+                "server.tls.cert_file (--tls-cert) is set but server.tls.key_file (--tls-key) is not: TLS needs both"
+            ),
+            (None, Some(_)) => bail!(
+                "server.tls.key_file (--tls-key) is set but server.tls.cert_file (--tls-cert) is not: TLS needs both"
+            ),
+            (None, None) if self.client_ca_file.is_some() => bail!(
+                "server.tls.client_ca_file (--tls-client-ca) needs TLS: set server.tls.cert_file (--tls-cert) and server.tls.key_file (--tls-key) too"
+            ),
+            (None, None) => Ok(None),
+        }
+    }
 }
 
 impl ServerConfig {

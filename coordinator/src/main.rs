@@ -14,12 +14,12 @@ mod jobs;
 mod kserve;
 mod logging;
 mod params;
-#[allow(dead_code)] // filled by the TLS acceptor and read by authentication (issue 13)
 mod peer;
 mod ratelimit;
 mod server;
 mod shm;
 mod stream;
+mod tls;
 mod tree;
 
 use std::process::ExitCode;

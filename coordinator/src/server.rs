@@ -144,17 +144,25 @@ fn bind(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<std::net::TcpL
 /// A server as a supervised worker. The listening socket is bound once, before the tree starts
 /// (so a busy port fails the start with a clear message); each (re)start builds its router (it
 /// may need the tree it runs in, from its context) and serves a duplicate of the socket until
-/// the worker is told to stop.
+/// the worker is told to stop. With `tls`, connections are served by `tls::serve`; without,
+/// by `axum::serve`, with no TLS code on the way.
 fn server_worker(
     listener: std::net::TcpListener,
+    tls: Option<Arc<crate::tls::Tls>>,
     router: impl Fn(&ChildContext) -> axum::Router + Send + Sync + 'static,
 ) -> ServeFn {
     let listener = Arc::new(listener);
     Arc::new(move |ctx: ChildContext| {
         let listener = listener.clone();
+        let tls = tls.clone();
         let router = router(&ctx);
         Box::pin(async move {
             let listener = TcpListener::from_std(listener.try_clone()?)?;
+            if let Some(tls) = tls {
+                crate::tls::serve(listener, router, tls, async move { ctx.cancelled().await })
+                    .await?;
+                return Ok(());
+            }
             axum::serve(
                 listener.tap_io(|tcp| {
                     // Small unary calls: send each response at once.
@@ -215,6 +223,13 @@ fn grpc_router(
 }
 
 pub async fn serve(config: Config) -> anyhow::Result<()> {
+    // The certificate files first: a wrong path fails the start before anything else runs.
+    let tls = match config.server.tls.files()? {
+        Some(files) => Some(Arc::new(
+            crate::tls::Tls::load(files).context("cannot serve TLS ([server.tls])")?,
+        )),
+        None => None,
+    };
     std::fs::create_dir_all(&config.storage.data_dir).with_context(|| {
         format!(
             "cannot create the data directory {}",
@@ -351,11 +366,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let grpc_addr = config.server.grpc_addr;
     let http_addr = config.server.http_addr;
     let grace = Duration::from_secs(config.server.shutdown_grace_seconds);
-    let grpc = server_worker(bind(grpc_addr, "gRPC")?, {
+    let grpc = server_worker(bind(grpc_addr, "gRPC")?, tls.clone(), {
         let (ctx, jobs, config) = (ctx.clone(), jobs.clone(), config.clone());
         move |child: &ChildContext| grpc_router(&ctx, &jobs, &config, child.root())
     });
-    let http = server_worker(bind(http_addr, "HTTP")?, {
+    let http = server_worker(bind(http_addr, "HTTP")?, tls.clone(), {
         let router = crate::http::router(ctx.clone());
         move |_: &ChildContext| router.clone()
     });
@@ -374,7 +389,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     })
     .await
     .context("the supervision tree did not start")?;
-    tracing::info!(%grpc_addr, %http_addr, execution_threads = threads, "serving");
+    let tls_mode = match &tls {
+        None => "off",
+        Some(tls) if tls.mutual() => "mutual",
+        Some(_) => "on",
+    };
+    tracing::info!(%grpc_addr, %http_addr, tls = tls_mode, execution_threads = threads, "serving");
 
     let loading = {
         let models = models.clone();

@@ -281,3 +281,35 @@ gpus = 4
         .to_string();
     assert!(err.contains("node_selector entry 'pool'"), "{err}");
 }
+
+#[test]
+fn tls_takes_a_certificate_with_its_key() {
+    let c = resolve(&[]).unwrap();
+    assert_eq!(c.server.tls.files().unwrap(), None);
+    let c = resolve(&["--tls-cert", "/c.pem", "--tls-key", "/k.pem"]).unwrap();
+    let files = c.server.tls.files().unwrap().unwrap();
+    assert_eq!(
+        (files.cert, files.key, files.client_ca),
+        ("/c.pem".into(), "/k.pem".into(), None)
+    );
+    let f = file(
+        "[server.tls]\ncert_file = \"/c.pem\"\nkey_file = \"/k.pem\"\nclient_ca_file = \"/ca.pem\"\n",
+    );
+    let c = resolve(&["--config", f.path().to_str().unwrap()]).unwrap();
+    let files = c.server.tls.files().unwrap().unwrap();
+    assert_eq!(files.client_ca, Some("/ca.pem".into()));
+    for (args, missing) in [
+        (&["--tls-cert", "/c.pem"][..], "--tls-key"),
+        (&["--tls-key", "/k.pem"][..], "--tls-cert"),
+        (&["--tls-client-ca", "/ca.pem"][..], "--tls-cert"),
+    ] {
+        let e = resolve(args)
+            .unwrap()
+            .server
+            .tls
+            .files()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(missing), "{args:?}: {e}");
+    }
+}
