@@ -291,6 +291,19 @@ pub fn local_sandbox(l: &LocalJobsConfig) -> anyhow::Result<Sandbox> {
             "jobs.local.max_open_files is {n}, above what the kernel allows a process (fs.nr_open = {most})"
         );
     }
+    let limits = Limits {
+        address_space_bytes: l.max_address_space_bytes,
+        cpu_seconds: l.max_cpu_seconds,
+        open_files: l.max_open_files,
+        processes: l.max_processes,
+    };
+    if me != 0
+        && let Some((key, value, hard)) = limits.above_own_hard()
+    {
+        bail!(
+            "jobs.local.{key} is {value}, above this server's own hard limit ({hard}), which only root may raise: no job could start"
+        );
+    }
     let cgroups = l
         .cgroup_dir
         .as_deref()
@@ -299,12 +312,7 @@ pub fn local_sandbox(l: &LocalJobsConfig) -> anyhow::Result<Sandbox> {
         .map_err(|e| anyhow!("jobs.local.cgroup_dir: {e}"))?;
     let mut sandbox = Sandbox::default();
     sandbox.run_as = run_as;
-    sandbox.limits = Limits {
-        address_space_bytes: l.max_address_space_bytes,
-        cpu_seconds: l.max_cpu_seconds,
-        open_files: l.max_open_files,
-        processes: l.max_processes,
-    };
+    sandbox.limits = limits;
     sandbox.path = l.path.clone();
     sandbox.cgroups = cgroups;
     sandbox

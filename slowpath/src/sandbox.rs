@@ -187,6 +187,39 @@ impl Limits {
         ]
     }
 
+    /// The first limit (as its `jobs.local` key, the configured value and the hard limit) that
+    /// lies above this process's own hard limit. Only root may raise a hard limit: a server
+    /// that is not root could not start any job with it.
+    pub fn above_own_hard(&self) -> Option<(&'static str, u64, u64)> {
+        let own_hard = |resource| {
+            let mut r = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: getrlimit writes the struct we own and nothing else.
+            let rc = unsafe { libc::getrlimit(resource, &mut r) };
+            (rc == 0 && r.rlim_max != libc::RLIM_INFINITY).then_some(r.rlim_max)
+        };
+        let rlimits = self.rlimits();
+        [
+            (
+                "max_address_space_bytes",
+                libc::RLIMIT_AS,
+                self.address_space_bytes,
+            ),
+            ("max_cpu_seconds", libc::RLIMIT_CPU, self.cpu_seconds),
+            ("max_open_files", libc::RLIMIT_NOFILE, self.open_files),
+            ("max_processes", libc::RLIMIT_NPROC, self.processes),
+        ]
+        .into_iter()
+        .zip(rlimits)
+        .find_map(|((key, resource, value), wanted)| {
+            let (value, wanted) = (value?, wanted?);
+            let hard = own_hard(resource)?;
+            (wanted.rlim_max > hard).then_some((key, value, hard))
+        })
+    }
+
     /// For people: which limits are set.
     pub fn describe(&self) -> String {
         let show = |v: Option<u64>, unit: &str| match v {
@@ -674,6 +707,35 @@ mod tests {
         assert!(
             err.contains("'no-such-tool-vt' is not an executable"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn a_limit_above_the_servers_own_hard_limit_is_found() {
+        let mut own = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes the struct we own.
+        assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut own) }, 0);
+        assert_ne!(
+            own.rlim_max,
+            libc::RLIM_INFINITY,
+            "open files are always bounded"
+        );
+        let hard = own.rlim_max;
+        let within = Limits {
+            open_files: Some(hard),
+            ..Limits::default()
+        };
+        assert_eq!(within.above_own_hard(), None);
+        let above = Limits {
+            open_files: Some(hard + 1),
+            ..Limits::default()
+        };
+        assert_eq!(
+            above.above_own_hard(),
+            Some(("max_open_files", hard + 1, hard))
         );
     }
 
