@@ -135,6 +135,7 @@ pub struct JobsConfig {
     pub inference_output_dir: Option<PathBuf>,
     /// Which executor runs command jobs.
     pub executor: JobExecutorKind,
+    pub local: LocalJobsConfig,
     pub kubernetes: KubernetesJobsConfig,
     pub queues: Vec<JobQueueConfig>,
 }
@@ -147,6 +148,35 @@ pub enum JobExecutorKind {
     Local,
     /// One `batch/v1` Job per attempt.
     Kubernetes,
+}
+
+/// `[jobs.local]`: what local command jobs may touch.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LocalJobsConfig {
+    /// `USER:GROUP` the jobs run as; `None`: the server's user.
+    #[serde(default, deserialize_with = "unset::empty")]
+    pub run_as: Option<String>,
+    /// The only programs jobs may start; empty: any.
+    #[serde(default)]
+    pub allowed_commands: Vec<String>,
+    /// The jobs' PATH.
+    pub path: String,
+    /// RLIMIT_AS of each job process, in bytes; `None`: the server's.
+    #[serde(default, deserialize_with = "unset::zero")]
+    pub max_address_space_bytes: Option<u64>,
+    /// RLIMIT_CPU of each job process, in seconds; `None`: the server's.
+    #[serde(default, deserialize_with = "unset::zero")]
+    pub max_cpu_seconds: Option<u64>,
+    /// RLIMIT_NOFILE of each job process; `None`: the server's.
+    #[serde(default, deserialize_with = "unset::zero")]
+    pub max_open_files: Option<u64>,
+    /// RLIMIT_NPROC of the jobs' user; `None`: the server's.
+    #[serde(default, deserialize_with = "unset::zero")]
+    pub max_processes: Option<u64>,
+    /// A delegated cgroup v2 folder for per-attempt cgroups; `None`: none.
+    #[serde(default, deserialize_with = "unset::empty_path")]
+    pub cgroup_dir: Option<PathBuf>,
 }
 
 /// `[jobs.kubernetes]`: the Kubernetes executor.
@@ -165,6 +195,9 @@ pub struct KubernetesJobsConfig {
     /// Image of command jobs that name none; `None`: such jobs are refused.
     #[serde(default, deserialize_with = "unset::empty")]
     pub default_image: Option<String>,
+    /// The uid and gid of the jobs' containers (a uid of 0 is refused).
+    pub run_as_user: i64,
+    pub run_as_group: i64,
     /// Seconds Kubernetes keeps a finished Job; `None` (`-1` in the file, since the key has a
     /// default): kept.
     #[serde(default, deserialize_with = "unset::negative")]
@@ -502,6 +535,28 @@ impl Config {
             .find(|s| s.split_once('=').is_none_or(|(k, _)| k.is_empty()))
         {
             bail!("jobs.kubernetes.node_selector entry '{bad}' is not KEY=VALUE");
+        }
+        let k = &self.jobs.kubernetes;
+        if !(1..=i64::from(i32::MAX)).contains(&k.run_as_user) {
+            bail!(
+                "jobs.kubernetes.run_as_user is {}; job pods run as a non-root uid, 1 to {}",
+                k.run_as_user,
+                i32::MAX
+            );
+        }
+        if !(0..=i64::from(i32::MAX)).contains(&k.run_as_group) {
+            bail!(
+                "jobs.kubernetes.run_as_group is {}; it must be 0 to {}",
+                k.run_as_group,
+                i32::MAX
+            );
+        }
+        let l = &self.jobs.local;
+        if l.path.split(':').any(|dir| !dir.starts_with('/')) {
+            bail!(
+                "jobs.local.path '{}' must be absolute folders separated by ':' (a relative one would be looked up from each job's folder)",
+                l.path
+            );
         }
         if self.jobs.kubernetes.breaker_failure_threshold == 0 {
             bail!("jobs.kubernetes.breaker_failure_threshold must be at least 1");

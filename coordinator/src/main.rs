@@ -81,6 +81,20 @@ enum Command {
 enum ConfigCommand {
     /// Print the full default configuration file, commented.
     Default,
+    /// Print, as JSON, the batch/v1 Job that the Kubernetes executor creates for an example
+    /// command job under this configuration (`--config` and `serve`'s flags), so that its pod
+    /// can be checked before a job runs (deploy/validate.py checks it against Pod Security
+    /// "restricted").
+    JobPod(Box<JobPodArgs>),
+}
+
+#[derive(clap::Args)]
+struct JobPodArgs {
+    /// The example job asks for a writable root filesystem (`jobs submit --writable-root`).
+    #[arg(long)]
+    writable_root: bool,
+    #[command(flatten)]
+    serve: ServeArgs,
 }
 
 fn run_client<F: std::future::Future<Output = anyhow::Result<bool>>>(f: F) -> ExitCode {
@@ -160,6 +174,22 @@ fn main() -> ExitCode {
         } => {
             print!("{}", config::DEFAULT_TOML);
             ExitCode::SUCCESS
+        }
+        Command::Config {
+            command: ConfigCommand::JobPod(args),
+        } => {
+            let job = Config::resolve(&args.serve)
+                .and_then(|c| jobs::example_job_object(&c.jobs, args.writable_root));
+            match job {
+                Ok(json) => {
+                    println!("{json}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    logging::report(format_args!("error: {e:#}"));
+                    ExitCode::from(2)
+                }
+            }
         }
     }
 }

@@ -343,6 +343,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         inference.clone(),
         config.jobs.inference_concurrency,
     ));
+    // Local jobs as root need jobs.local.run_as once authentication is on (issue 13: the
+    // second argument becomes whether server.auth_file is set).
+    crate::jobs::check_run_as(&config.jobs, false)?;
     let (jobs, job_events) = Jobs::start(
         &config.jobs,
         store.clone(),
