@@ -823,6 +823,19 @@ pub async fn gpus(args: GpusArgs) -> anyhow::Result<()> {
 mod jobfile;
 mod watch;
 
+/// The fuzz entry for job files: parsed, then turned into a spec as `jobs submit -f` does.
+pub(crate) fn fuzz_job_file(text: &str) -> anyhow::Result<v1::JobSpec> {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Submit {
+        #[command(flatten)]
+        args: jobfile::SubmitArgs,
+    }
+    let submit = Submit::try_parse_from(["submit", "-f", "job.toml"])?;
+    let file = jobfile::JobFile::parse(text, "job.toml")?;
+    jobfile::build_spec(&submit.args, Some(file))
+}
+
 #[derive(Clone, Debug, clap::Subcommand)]
 pub enum JobsCommand {
     /// Submit a job (a command after `--`, or a TOML job file with -f, or both: flags override
