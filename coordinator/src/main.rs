@@ -17,6 +17,7 @@ mod params;
 #[allow(dead_code)] // filled by the TLS acceptor and read by authentication (issue 13)
 mod peer;
 mod ratelimit;
+mod rest;
 mod server;
 mod shm;
 mod stream;
