@@ -18,6 +18,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
+use serde::de::{self, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use veraltheim_fastpath::ModelWorker;
@@ -195,7 +196,7 @@ fn check_tokenizer(name: &str, w: &ModelWorker) -> Result<(), OpenAiError> {
 #[serde(deny_unknown_fields)]
 struct EmbeddingsRequest {
     model: String,
-    input: Value,
+    input: Input,
     #[serde(default)]
     encoding_format: Option<String>,
     #[serde(default)]
@@ -206,41 +207,158 @@ struct EmbeddingsRequest {
     user: Option<String>,
 }
 
-/// The texts of `input`: a string or a list of strings. Token arrays are refused.
-fn texts(input: Value) -> Result<Vec<Bytes>, OpenAiError> {
-    let tokens = || {
-        OpenAiError::bad(
-            "'input' holds token ids; this server takes text (a string or a list of strings) \
-             and tokenizes it with the model's own tokenizer",
-            "input",
-        )
-    };
-    match input {
-        Value::String(s) => Ok(vec![Bytes::from(s)]),
-        Value::Array(items) if items.is_empty() => Err(OpenAiError::bad(
-            "'input' is an empty list; give at least one text",
-            "input",
-        )),
-        Value::Array(items) => {
-            let mut out = Vec::with_capacity(items.len());
-            for (i, item) in items.into_iter().enumerate() {
-                match item {
-                    Value::String(s) => out.push(Bytes::from(s)),
-                    Value::Number(_) | Value::Array(_) => return Err(tokens()),
-                    other => {
-                        return Err(OpenAiError::bad(
-                            format!("'input'[{i}] is {other}, not a string"),
-                            "input",
-                        ));
+/// Most texts in one request (OpenAI's own bound).
+const MAX_INPUTS: usize = 2048;
+
+/// `input` as it was read: its texts, or why it is refused. Read without building JSON values,
+/// and without keeping anything past the first refusal, so a hostile `input` costs no more than
+/// its accepted texts.
+#[derive(Debug, PartialEq)]
+enum Input {
+    Texts(Vec<Bytes>),
+    Refused(String),
+}
+
+/// One element of an `input` list.
+enum Item {
+    Text(String),
+    /// A token id, or a list of them.
+    Token,
+    /// Anything else, described.
+    Other(&'static str),
+}
+
+impl<'de> Deserialize<'de> for Item {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Item;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a text")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Item, E> {
+                Ok(Item::Text(v.to_string()))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Item, E> {
+                Ok(Item::Text(v))
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Item, E> {
+                Ok(Item::Token)
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Item, E> {
+                Ok(Item::Token)
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Item, E> {
+                Ok(Item::Token)
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Item, E> {
+                Ok(Item::Other("a boolean"))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Item, E> {
+                Ok(Item::Other("null"))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Item, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Item::Token)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Item, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Item::Other("an object"))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for Input {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Input;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string or a list of strings")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Input, E> {
+                Ok(Input::Texts(vec![Bytes::from(v.to_string())]))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Input, E> {
+                Ok(Input::Texts(vec![Bytes::from(v)]))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Input, A::Error> {
+                let mut texts = Vec::new();
+                let mut refused = None;
+                while let Some(item) = seq.next_element::<Item>()? {
+                    if refused.is_some() {
+                        continue;
+                    }
+                    match item {
+                        Item::Text(_) if texts.len() == MAX_INPUTS => {
+                            refused = Some(format!(
+                                "'input' holds more than {MAX_INPUTS} texts; send at most \
+                                 {MAX_INPUTS} per request"
+                            ));
+                        }
+                        Item::Text(t) => texts.push(Bytes::from(t)),
+                        Item::Token => {
+                            refused = Some(
+                                "'input' holds token ids; this server takes text (a string or \
+                                 a list of strings) and tokenizes it with the model's own \
+                                 tokenizer"
+                                    .to_string(),
+                            );
+                        }
+                        Item::Other(what) => {
+                            refused =
+                                Some(format!("'input'[{}] is {what}, not a string", texts.len()));
+                        }
+                    }
+                    if refused.is_some() {
+                        texts = Vec::new();
                     }
                 }
+                Ok(match refused {
+                    Some(why) => Input::Refused(why),
+                    None if texts.is_empty() => {
+                        Input::Refused("'input' is an empty list; give at least one text".into())
+                    }
+                    None => Input::Texts(texts),
+                })
             }
-            Ok(out)
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Input, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(not_text("an object"))
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Input, E> {
+                Ok(not_text("a number"))
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Input, E> {
+                Ok(not_text("a number"))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Input, E> {
+                Ok(not_text("a number"))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Input, E> {
+                Ok(not_text("a boolean"))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Input, E> {
+                Ok(not_text("null"))
+            }
         }
-        other => Err(OpenAiError::bad(
-            format!("'input' must be a string or a list of strings, not {other}"),
-            "input",
-        )),
+        d.deserialize_any(V)
+    }
+}
+
+fn not_text(what: &str) -> Input {
+    Input::Refused(format!(
+        "'input' must be a string or a list of strings, not {what}"
+    ))
+}
+
+/// The texts of `input`, or a 400 naming why there are none.
+fn texts(input: Input) -> Result<Vec<Bytes>, OpenAiError> {
+    match input {
+        Input::Texts(t) => Ok(t),
+        Input::Refused(why) => Err(OpenAiError::bad(why, "input")),
     }
 }
 
@@ -598,16 +716,24 @@ mod tests {
 
     #[test]
     fn input_is_text_and_token_arrays_are_refused() {
-        assert_eq!(texts(json!("a")).ok().unwrap(), vec![Bytes::from("a")]);
-        assert_eq!(texts(json!(["a", ""])).ok().unwrap().len(), 2);
+        let read = |v: Value| texts(serde_json::from_value::<Input>(v).unwrap());
+        assert_eq!(read(json!("a")).ok().unwrap(), vec![Bytes::from("a")]);
+        assert_eq!(read(json!(["a", ""])).ok().unwrap().len(), 2);
+        let most: Vec<String> = (0..MAX_INPUTS).map(|i| i.to_string()).collect();
+        assert_eq!(read(json!(most)).ok().unwrap().len(), MAX_INPUTS);
+        let too_many: Vec<String> = (0..=MAX_INPUTS).map(|i| i.to_string()).collect();
         for (bad, why) in [
             (json!([1, 2, 3]), "token ids"),
             (json!([[1, 2], [3]]), "token ids"),
+            (json!(["a", 7]), "token ids"),
             (json!([]), "empty list"),
             (json!(["a", null]), "'input'[1] is null"),
-            (json!({"a": 1}), "a string or a list of strings"),
+            (json!(["a", {"b": [1]}]), "'input'[1] is an object"),
+            (json!({"a": 1}), "not an object"),
+            (json!(5), "not a number"),
+            (json!(too_many), "more than 2048 texts"),
         ] {
-            let e = texts(bad).err().unwrap();
+            let e = read(bad).err().unwrap();
             assert_eq!(e.error.status, StatusCode::BAD_REQUEST);
             assert!(e.error.message.contains(why), "{}", e.error.message);
             assert_eq!(e.param, Some("input"));
