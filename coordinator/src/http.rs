@@ -1,4 +1,4 @@
-//! HTTP: Triton's health paths and Prometheus metrics.
+//! HTTP: Triton's health paths and Prometheus metrics, and the REST APIs (`rest/`).
 //!
 //! The metrics text is rendered by hand from the fast path's own counters at scrape time: the
 //! numbers already live in atomics there, and a metrics registry would only keep a second copy.
@@ -23,6 +23,7 @@ pub fn router(ctx: Arc<Context>) -> Router {
         .route("/live", get(live))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
+        .merge(crate::rest::router())
         .with_state(ctx)
 }
 

@@ -19,6 +19,7 @@ mod logging;
 mod params;
 mod peer;
 mod ratelimit;
+mod rest;
 mod server;
 mod shm;
 mod stream;

@@ -364,6 +364,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         crate::shm::SharedMemory::new(config.server.allow_client_shm),
     );
     ctx.limits = config.limits.api();
+    ctx.max_body_bytes = config.server.max_message_bytes;
     let ctx = Arc::new(ctx);
 
     let grpc_addr = config.server.grpc_addr;
