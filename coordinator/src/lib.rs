@@ -215,6 +215,27 @@ pub mod fuzz {
         );
     }
 
+    /// An HTTP inference request (KServe v2 JSON, with the binary-data extension): the first
+    /// byte says whether the next two give `Inference-Header-Content-Length`.
+    pub fn rest_infer_request(data: &[u8]) {
+        let mut headers = axum::http::HeaderMap::new();
+        let body = match data {
+            [flag, a, b, rest @ ..] if flag & 1 == 1 => {
+                let length = u16::from_le_bytes([*a, *b]);
+                headers.insert(crate::rest::tensors::HEADER_LENGTH, length.into());
+                rest
+            }
+            _ => data,
+        };
+        let _ = crate::rest::tensors::parse_request(
+            "m".into(),
+            String::new(),
+            &headers,
+            bytes::Bytes::copy_from_slice(body),
+            std::time::Instant::now(),
+        );
+    }
+
     /// A job file (`jobs submit -f`), as TOML text.
     pub fn job_file(data: &[u8]) {
         if let Ok(text) = std::str::from_utf8(data) {

@@ -12,6 +12,7 @@ const TARGETS: &[(&str, Entry)] = &[
         "kserve_infer_request",
         veraltheim::fuzz::kserve_infer_request,
     ),
+    ("rest_infer_request", veraltheim::fuzz::rest_infer_request),
     ("job_file", veraltheim::fuzz::job_file),
     ("model_config_json", veraltheim_models::fuzz::config_json),
     ("model_config_pbtxt", veraltheim_models::fuzz::config_pbtxt),

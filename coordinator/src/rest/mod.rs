@@ -13,7 +13,7 @@
 
 mod kserve;
 mod openai;
-mod tensors;
+pub(crate) mod tensors;
 
 use std::sync::Arc;
 
