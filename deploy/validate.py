@@ -15,18 +15,25 @@ What it does, for each kustomization (deploy/kubernetes/base, deploy/kubernetes/
    KUBERNETES_VERSIONS with kubernetes-validate, strictly: an unknown field, a wrong type or a
    missing required field is an error (the first one of each object is reported), and so is a
    kind the schemas do not know.
-3. Checks our own invariants (see invariant_errors): the set of kinds, one namespace, RBAC verbs
-   exactly ROLE_RULES, the Deployment (1 replica, Recreate, non-root, read-only root filesystem,
-   no capabilities, no privilege escalation, resources, probes on /v2/health/live and /ready at
-   port 8002, gRPC on 8001, the data dir on the PersistentVolumeClaim, the config mounted where
-   --config points), Service and PodDisruptionBudget selectors, and GPU requests only in the GPU
-   overlay.
+3. Checks our own invariants (see invariant_errors): the set of kinds, one namespace that
+   enforces Pod Security "restricted", RBAC verbs exactly ROLE_RULES, the Deployment (1 replica,
+   Recreate, non-root, read-only root filesystem, no capabilities, no privilege escalation,
+   resources, HTTPS probes on /v2/health/live and /ready at port 8002, gRPC on 8001, the data dir
+   on the PersistentVolumeClaim, the config mounted where --config points, TLS and the auth file
+   from read-only Secret volumes), Service and PodDisruptionBudget selectors, and GPU requests
+   only in the GPU overlay. Every pod template meets the Pod Security "restricted" rules
+   (restricted_errors).
 4. Checks the ConfigMap's veraltheim.toml against the server's configuration: every key and
    table known to `veraltheim config default` with the same TOML type, listen addresses and
    ports matching the container ports, data_dir on the volume, shutdown grace shorter than the
    pod's termination grace; base/veraltheim.toml identical to deploy/veraltheim.toml, and the GPU
    overlay's file the base one plus its [devices] table. (tests/e2e/test_deploy.py also starts
    the real binary with each rendered file.)
+
+5. Renders the batch/v1 Job that the Kubernetes executor creates under each rendered config
+   (`veraltheim config job-pod --config FILE`, with and without --writable-root) and checks it:
+   the schemas, Pod Security "restricted", no service-account token, a read-only root
+   filesystem unless the job asked for a writable one.
 
 It also checks that every file under deploy/kubernetes is used by a kustomization (so nothing
 escapes validation) and a few facts of deploy/Dockerfile that the manifests rely on (user id,
@@ -287,7 +294,8 @@ def container_security_errors(pod_spec: dict, container: dict, where: str) -> li
     return errors
 
 
-def _probe_errors(container: dict, probe: str, path: str, where: str) -> list[str]:
+def _probe_errors(container: dict, probe: str, path: str, where: str,
+                  scheme: str = "HTTP") -> list[str]:
     http = _get(container, probe, "httpGet")
     if not http:
         return [f"{where}: {probe} must be an httpGet probe on {path} port {HTTP_PORT}"]
@@ -296,8 +304,136 @@ def _probe_errors(container: dict, probe: str, path: str, where: str) -> list[st
         errors.append(f"{where}: {probe} path is {http.get('path')!r}, must be {path!r}")
     if _port_number(container, http.get("port")) != HTTP_PORT:
         errors.append(f"{where}: {probe} port {http.get('port')!r} is not {HTTP_PORT}")
-    if http.get("scheme", "HTTP") != "HTTP":
-        errors.append(f"{where}: {probe} scheme must be HTTP")
+    if http.get("scheme", "HTTP") != scheme:
+        errors.append(f"{where}: {probe} scheme must be {scheme}"
+                      + (" (the HTTP port serves TLS)" if scheme == "HTTPS" else ""))
+    return errors
+
+
+# --------------------------------------------------------------------------------------------
+# Pod Security Standards, "restricted" profile (which includes "baseline"), as of Kubernetes
+# 1.30: https://kubernetes.io/docs/concepts/security/pod-security-standards/
+
+# Volume types a restricted pod may use.
+RESTRICTED_VOLUME_TYPES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral",
+                           "persistentVolumeClaim", "projected", "secret"}
+# The only capability a restricted container may add.
+RESTRICTED_ADD_CAPABILITIES = {"NET_BIND_SERVICE"}
+# Sysctls baseline allows.
+SAFE_SYSCTLS = {"kernel.shm_rmid_forced", "net.ipv4.ip_local_port_range",
+                "net.ipv4.ip_unprivileged_port_start", "net.ipv4.tcp_syncookies",
+                "net.ipv4.ping_group_range", "net.ipv4.ip_local_reserved_ports",
+                "net.ipv4.tcp_keepalive_time", "net.ipv4.tcp_fin_timeout",
+                "net.ipv4.tcp_keepalive_intvl", "net.ipv4.tcp_keepalive_probes"}
+SELINUX_TYPES = {None, "", "container_t", "container_init_t", "container_kvm_t",
+                 "container_engine_t"}
+CONTAINER_KINDS = ("containers", "initContainers", "ephemeralContainers")
+
+
+def restricted_errors(pod_spec: dict, where: str, annotations: dict | None = None) -> list[str]:
+    """Everything the Pod Security admission's "restricted" level would refuse in a pod spec."""
+    errors: list[str] = []
+    pod_sc = pod_spec.get("securityContext") or {}
+    for host in ("hostNetwork", "hostPID", "hostIPC"):
+        if pod_spec.get(host):
+            errors.append(f"{where}: {host} must not be true")
+    for v in pod_spec.get("volumes") or []:
+        kinds = set(v) - {"name"}
+        if not kinds <= RESTRICTED_VOLUME_TYPES:
+            errors.append(f"{where}: volume {v.get('name')!r} is of type {sorted(kinds)}; "
+                          f"restricted allows only {sorted(RESTRICTED_VOLUME_TYPES)}")
+    for sysctl in pod_sc.get("sysctls") or []:
+        if sysctl.get("name") not in SAFE_SYSCTLS:
+            errors.append(f"{where}: sysctl {sysctl.get('name')!r} is not a safe one")
+    for key, value in (annotations or {}).items():
+        if key.startswith("container.apparmor.security.beta.kubernetes.io/") and not (
+                value == "runtime/default" or value.startswith("localhost/")):
+            errors.append(f"{where}: annotation {key}: {value!r} is not runtime/default or localhost/*")
+
+    def selinux(sc: dict, at: str) -> None:
+        opts = sc.get("seLinuxOptions") or {}
+        if opts.get("type") not in SELINUX_TYPES or opts.get("user") or opts.get("role"):
+            errors.append(f"{at}: seLinuxOptions {opts} are not allowed")
+
+    def apparmor(sc: dict, at: str) -> None:
+        kind = _get(sc, "appArmorProfile", "type")
+        if kind not in (None, "RuntimeDefault", "Localhost"):
+            errors.append(f"{at}: appArmorProfile type {kind!r} is not allowed")
+
+    selinux(pod_sc, where)
+    apparmor(pod_sc, where)
+    if pod_sc.get("runAsUser") == 0:
+        errors.append(f"{where}: pod securityContext.runAsUser must not be 0")
+    pod_seccomp = _get(pod_sc, "seccompProfile", "type")
+    if pod_seccomp not in (None, "RuntimeDefault", "Localhost"):
+        errors.append(f"{where}: pod seccompProfile {pod_seccomp!r} must be RuntimeDefault or Localhost")
+    for kind in CONTAINER_KINDS:
+        for c in pod_spec.get(kind) or []:
+            at = f"{where}: {kind}[{c.get('name')}]"
+            sc = c.get("securityContext") or {}
+            if sc.get("privileged"):
+                errors.append(f"{at}: privileged must not be true")
+            if sc.get("allowPrivilegeEscalation") is not False:
+                errors.append(f"{at}: allowPrivilegeEscalation must be false")
+            if sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) is not True:
+                errors.append(f"{at}: runAsNonRoot must be true (container or pod securityContext)")
+            if sc.get("runAsNonRoot") is False:
+                errors.append(f"{at}: runAsNonRoot must not be false")
+            if sc.get("runAsUser") == 0:
+                errors.append(f"{at}: runAsUser must not be 0")
+            seccomp = _get(sc, "seccompProfile", "type") or pod_seccomp
+            if seccomp not in ("RuntimeDefault", "Localhost"):
+                errors.append(f"{at}: seccompProfile must be RuntimeDefault or Localhost "
+                              f"(container or pod), is {seccomp!r}")
+            caps = sc.get("capabilities") or {}
+            if "ALL" not in (caps.get("drop") or []):
+                errors.append(f"{at}: capabilities.drop must contain ALL")
+            extra = set(caps.get("add") or []) - RESTRICTED_ADD_CAPABILITIES
+            if extra:
+                errors.append(f"{at}: capabilities.add {sorted(extra)} are not allowed "
+                              f"(only {sorted(RESTRICTED_ADD_CAPABILITIES)})")
+            if sc.get("procMount", "Default") != "Default":
+                errors.append(f"{at}: procMount must be Default")
+            selinux(sc, at)
+            apparmor(sc, at)
+            for p in c.get("ports") or []:
+                if p.get("hostPort"):
+                    errors.append(f"{at}: hostPort {p['hostPort']} is not allowed")
+    return errors
+
+
+# --------------------------------------------------------------------------------------------
+# secure by default: TLS and authentication from Secrets
+
+# serve's flags for the settings server.tls.cert_file, server.tls.key_file, server.auth_file.
+SECRET_FLAGS = ("--tls-cert", "--tls-key", "--auth-file")
+
+
+def secure_args_errors(pod_spec: dict, container: dict, where: str) -> list[str]:
+    """The server gets a TLS certificate and key and an auth file, each a file of a read-only
+    Secret volume, and no flag that turns authentication off."""
+    errors = []
+    args = container.get("args") or []
+    volumes = {v.get("name"): v for v in pod_spec.get("volumes") or []}
+    for flag in SECRET_FLAGS:
+        if flag not in args or args.index(flag) + 1 >= len(args):
+            errors.append(f"{where}: args must pass {flag} FILE (TLS and authentication on by "
+                          f"default), are {args}")
+            continue
+        path = PurePosixPath(args[args.index(flag) + 1])
+        # The deepest mount holding the file is the one it comes from.
+        holding = [m for m in container.get("volumeMounts") or []
+                   if PurePosixPath(m.get("mountPath", "")) in path.parents]
+        mount = max(holding, key=lambda m: len(PurePosixPath(m["mountPath"]).parts), default=None)
+        vol = volumes.get(mount.get("name")) if mount else None
+        if not vol or "secret" not in vol:
+            errors.append(f"{where}: {flag} {path} is not in a Secret volume")
+        elif not mount.get("readOnly"):
+            errors.append(f"{where}: the Secret volume {mount.get('name')!r} ({flag}) must be "
+                          f"mounted readOnly")
+    for flag in ("--insecure-no-auth",):
+        if flag in args:
+            errors.append(f"{where}: args must not pass {flag}")
     return errors
 
 
@@ -311,9 +447,13 @@ def invariant_errors(objects: list[dict], variant: str) -> list[str]:
         if kinds - EXPECTED_KINDS:
             errors.append(f"unexpected kinds: {sorted(kinds - EXPECTED_KINDS, key=str)}")
 
-    # one namespace for everything namespaced
+    # one namespace for everything namespaced, where only restricted pods are admitted
     ns_obj = _one(objects, "Namespace", errors)
     namespace = _get(ns_obj, "metadata", "name")
+    enforce = _get(ns_obj, "metadata", "labels", "pod-security.kubernetes.io/enforce")
+    if ns_obj is not None and enforce != "restricted":
+        errors.append(f"{name_of(ns_obj)}: label pod-security.kubernetes.io/enforce must be "
+                      f"'restricted', is {enforce!r}")
     for o in objects:
         if o.get("kind") in CLUSTER_SCOPED:
             continue
@@ -355,7 +495,9 @@ def invariant_errors(objects: list[dict], variant: str) -> list[str]:
         errors.append(f"{where}: host namespaces must not be used")
 
     containers = pod_spec.get("containers") or []
-    for kind in ("containers", "initContainers", "ephemeralContainers"):
+    errors += restricted_errors(pod_spec, where,
+                                _get(spec, "template", "metadata", "annotations"))
+    for kind in CONTAINER_KINDS:
         for c in pod_spec.get(kind) or []:
             errors += container_security_errors(pod_spec, c, f"{where}: {kind}[{c.get('name')}]")
     main = next((c for c in containers if c.get("name") == CONTAINER), None)
@@ -366,10 +508,12 @@ def invariant_errors(objects: list[dict], variant: str) -> list[str]:
     ports = {p.get("name"): p.get("containerPort") for p in main.get("ports") or []}
     if ports != {"grpc": GRPC_PORT, "http": HTTP_PORT}:
         errors.append(f"{cwhere}: ports must be grpc={GRPC_PORT} and http={HTTP_PORT}, are {ports}")
-    errors += _probe_errors(main, "livenessProbe", LIVENESS_PATH, cwhere)
-    errors += _probe_errors(main, "readinessProbe", READINESS_PATH, cwhere)
+    errors += secure_args_errors(pod_spec, main, cwhere)
+    # The server's TLS covers the HTTP port too, so the kubelet probes it over HTTPS.
+    errors += _probe_errors(main, "livenessProbe", LIVENESS_PATH, cwhere, "HTTPS")
+    errors += _probe_errors(main, "readinessProbe", READINESS_PATH, cwhere, "HTTPS")
     if main.get("startupProbe"):
-        errors += _probe_errors(main, "startupProbe", LIVENESS_PATH, cwhere)
+        errors += _probe_errors(main, "startupProbe", LIVENESS_PATH, cwhere, "HTTPS")
     image = main.get("image") or ""
     if ":" not in image.rsplit("/", 1)[-1] and "@" not in image or image.endswith(":latest"):
         errors.append(f"{cwhere}: image {image!r} must name a fixed tag or digest")
@@ -634,6 +778,56 @@ def config_file_errors(deploy_dir: Path) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------
+# the batch-job pods the Kubernetes executor creates
+
+
+def find_binary(veraltheim_bin: str | None = None) -> str | None:
+    """The veraltheim binary: the one given, $VERALTHEIM_BIN, else target/debug/veraltheim."""
+    binary = veraltheim_bin or os.environ.get("VERALTHEIM_BIN")
+    if binary:
+        return binary
+    built = REPO_ROOT / "target" / "debug" / "veraltheim"
+    return str(built) if built.is_file() and os.access(built, os.X_OK) else None
+
+
+def job_objects(config_text: str, veraltheim_bin: str) -> dict[str, dict]:
+    """The batch/v1 Job the Kubernetes executor creates under this configuration, as
+    `veraltheim config job-pod` prints it: {"read-only root": Job, "writable root": Job}."""
+    import tempfile
+    # Only the file decides: no VERALTHEIM_* setting from this process's environment.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VERALTHEIM_")}
+    jobs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = Path(tmp) / CONFIG_KEY
+        cfg.write_text(config_text)
+        for label, extra in (("read-only root", []), ("writable root", ["--writable-root"])):
+            out = subprocess.run([veraltheim_bin, "config", "job-pod", "--config", str(cfg), *extra],
+                                 capture_output=True, text=True, timeout=60, env=env)
+            if out.returncode != 0:
+                raise DeployError(f"{veraltheim_bin} config job-pod failed: {out.stderr.strip()}")
+            jobs[label] = json.loads(out.stdout)
+    return jobs
+
+
+def job_pod_errors(job: dict, writable_root: bool) -> list[str]:
+    """A job's pod: restricted, no API token, the root filesystem as the job asked."""
+    where = f"{name_of(job)} ({'writable' if writable_root else 'read-only'} root)"
+    pod = _get(job, "spec", "template", "spec") or {}
+    errors = restricted_errors(pod, where, _get(job, "spec", "template", "metadata", "annotations"))
+    if pod.get("automountServiceAccountToken") is not False:
+        errors.append(f"{where}: automountServiceAccountToken must be false (a job gets no "
+                      f"API credentials)")
+    if pod.get("hostUsers") is True:
+        errors.append(f"{where}: hostUsers must not be true")
+    for c in pod.get("containers") or []:
+        ro = _get(c, "securityContext", "readOnlyRootFilesystem")
+        if ro is not (not writable_root):
+            errors.append(f"{where}: containers[{c.get('name')}]: readOnlyRootFilesystem is "
+                          f"{ro!r}, the job asked for a {'writable' if writable_root else 'read-only'} root")
+    return errors
+
+
+# --------------------------------------------------------------------------------------------
 # files and the Dockerfile
 
 
@@ -741,6 +935,7 @@ def validate_deploy(deploy_dir: Path = DEPLOY_DIR, kubectl: str | None = None,
     versions = tuple(versions)
     kubectl = kubectl or find_kubectl()
     defaults, source = default_config(veraltheim_bin)
+    binary = find_binary(veraltheim_bin)
     if printer:
         printer(f"rendering with {kubectl} ({kubectl_version(kubectl)}); schemas: Kubernetes "
                 f"{', '.join(versions)} (kubernetes-validate {kubernetes_validate.__version__}, "
@@ -755,6 +950,24 @@ def validate_deploy(deploy_dir: Path = DEPLOY_DIR, kubectl: str | None = None,
         errors += [f"{rel}: {e}" for e in found]
         if printer:
             printer(f"{rel}: {len(objects)} objects ({', '.join(name_of(o) for o in objects)}): "
+                    f"{'ok' if not found else f'{len(found)} errors'}")
+        if binary is None:
+            errors.append(f"{rel}: job pods not checked: no veraltheim binary to render them "
+                          f"(build it, or set VERALTHEIM_BIN / --veraltheim-bin)")
+            continue
+        try:
+            text, _ = rendered_config(objects)
+            jobs = job_objects(text, binary)
+        except DeployError as e:
+            errors.append(f"{rel}: job pods: {e}")
+            continue
+        found = []
+        for label, job in jobs.items():
+            found += schema_errors([job], versions)
+            found += job_pod_errors(job, writable_root=label == "writable root")
+        errors += [f"{rel}: job pod: {e}" for e in found]
+        if printer:
+            printer(f"{rel}: job pods ({', '.join(jobs)}): "
                     f"{'ok' if not found else f'{len(found)} errors'}")
     errors += config_file_errors(deploy_dir)
     errors += unused_file_errors(deploy_dir)

@@ -16,6 +16,7 @@ fn spec(mode: Mode) -> LoadSpec {
         warmup: Duration::from_millis(100),
         duration: Duration::from_millis(500),
         request_timeout: Duration::from_secs(10),
+        tls: Default::default(),
     }
 }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, anyhow, bail};
 use serde_json::{Value, json};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use veraltheim_models::allocator::format_bytes;
 use veraltheim_models::repository::{ImportBackend, ImportOptions, import_sentence_transformers};
 use veraltheim_proto::v1::{
@@ -20,7 +20,7 @@ use veraltheim_proto::v1::{
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct ClientArgs {
-    /// The coordinator's gRPC address (host:port or URL).
+    /// The coordinator's gRPC address: HOST:PORT, http://HOST:PORT or, for TLS, https://HOST:PORT.
     #[arg(
         long,
         env = "VERALTHEIM_SERVER",
@@ -35,6 +35,16 @@ pub struct ClientArgs {
     /// authenticates its callers (serve --auth-file).
     #[arg(long, env = "VERALTHEIM_TOKEN", hide_env_values = true, global = true)]
     pub token: Option<String>,
+    /// TLS: the CA certificates (PEM) to trust for the server instead of the system's; makes a
+    /// bare HOST:PORT https.
+    #[arg(long, env = "VERALTHEIM_CA", global = true, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+    /// Mutual TLS: this client's certificate (PEM), with --key.
+    #[arg(long, env = "VERALTHEIM_CERT", global = true, value_name = "FILE")]
+    pub cert: Option<PathBuf>,
+    /// Mutual TLS: the private key (PEM) of --cert.
+    #[arg(long, env = "VERALTHEIM_KEY", global = true, value_name = "FILE")]
+    pub key: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, clap::Args)]
@@ -113,20 +123,21 @@ pub struct ModelsArgs {
     pub client: ClientArgs,
 }
 
-/// A connection to the coordinator `args` name, sending its token.
-async fn connect(args: &ClientArgs) -> anyhow::Result<crate::auth::client::Connection> {
-    let channel = connect_channel(&args.server).await?;
-    crate::auth::client::with_token(channel, args.token.as_deref())
+/// A connection to the coordinator `args` name (TLS as they say), sending their token.
+async fn connect(client: &ClientArgs) -> anyhow::Result<crate::auth::client::Connection> {
+    let channel = connect_channel(client).await?;
+    crate::auth::client::with_token(channel, client.token.as_deref())
 }
 
-async fn connect_channel(server: &str) -> anyhow::Result<Channel> {
-    let url = if server.contains("://") {
-        server.to_string()
-    } else {
-        format!("http://{server}")
-    };
-    Endpoint::from_shared(url.clone())
-        .with_context(|| format!("'{server}' is not a valid server address"))?
+async fn connect_channel(client: &ClientArgs) -> anyhow::Result<Channel> {
+    let endpoint = crate::tls::client_endpoint(
+        &client.server,
+        client.ca.as_deref(),
+        client.cert.as_deref(),
+        client.key.as_deref(),
+    )?;
+    let url = endpoint.uri().to_string();
+    endpoint
         .connect_timeout(Duration::from_secs(5))
         .connect()
         .await
@@ -821,6 +832,19 @@ pub async fn gpus(args: GpusArgs) -> anyhow::Result<()> {
 
 mod jobfile;
 mod watch;
+
+/// The fuzz entry for job files: parsed, then turned into a spec as `jobs submit -f` does.
+pub(crate) fn fuzz_job_file(text: &str) -> anyhow::Result<v1::JobSpec> {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Submit {
+        #[command(flatten)]
+        args: jobfile::SubmitArgs,
+    }
+    let submit = Submit::try_parse_from(["submit", "-f", "job.toml"])?;
+    let file = jobfile::JobFile::parse(text, "job.toml")?;
+    jobfile::build_spec(&submit.args, Some(file))
+}
 
 #[derive(Clone, Debug, clap::Subcommand)]
 pub enum JobsCommand {

@@ -62,11 +62,55 @@ pub struct ServerConfig {
     /// Days audit records are kept; `None` (`0` in the file): forever.
     #[serde(default, deserialize_with = "unset::zero")]
     pub audit_retention_days: Option<u64>,
+    /// `[server.tls]`: TLS on both ports; all unset: plaintext.
+    #[serde(default)]
+    pub tls: TlsConfig,
+}
+
+/// `[server.tls]`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The server's certificate chain (PEM); `None`: no TLS.
+    #[serde(default, deserialize_with = "unset::empty_path")]
+    pub cert_file: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[serde(default, deserialize_with = "unset::empty_path")]
+    pub key_file: Option<PathBuf>,
+    /// CAs that sign client certificates (mutual TLS); `None`: no client certificate asked.
+    #[serde(default, deserialize_with = "unset::empty_path")]
+    pub client_ca_file: Option<PathBuf>,
+}
+
+impl TlsConfig {
+    /// The files TLS is served with, or `None` for plaintext; an incomplete setting is an error
+    /// naming what is missing (checked when `serve` starts, not when the configuration is read,
+    /// so that each key can be set on its own layer: the file, the environment or a flag).
+    pub fn files(&self) -> anyhow::Result<Option<crate::tls::TlsFiles>> {
+        match (&self.cert_file, &self.key_file) {
+            (Some(cert), Some(key)) => Ok(Some(crate::tls::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: self.client_ca_file.clone(),
+            })),
+            (Some(_), None) => bail!(
+                "server.tls.cert_file (--tls-cert) is set but server.tls.key_file (--tls-key) is not: TLS needs both"
+            ),
+            (None, Some(_)) => bail!(
+                "server.tls.key_file (--tls-key) is set but server.tls.cert_file (--tls-cert) is not: TLS needs both"
+            ),
+            (None, None) if self.client_ca_file.is_some() => bail!(
+                "server.tls.client_ca_file (--tls-client-ca) needs TLS: set server.tls.cert_file (--tls-cert) and server.tls.key_file (--tls-key) too"
+            ),
+            (None, None) => Ok(None),
+        }
+    }
 }
 
 impl ServerConfig {
     /// Secure by default: without an auth file the server listens on loopback addresses only,
-    /// unless `insecure_no_auth` says something in front of it authenticates callers.
+    /// unless `insecure_no_auth` says something in front of it authenticates callers. Checked
+    /// by `serve` (not by every reader of the configuration, such as `config job-pod`).
     pub fn check_exposure(&self) -> anyhow::Result<()> {
         if self.auth_file.is_some() || self.insecure_no_auth {
             return Ok(());
@@ -127,6 +171,7 @@ pub struct JobsConfig {
     pub inference_output_dir: Option<PathBuf>,
     /// Which executor runs command jobs.
     pub executor: JobExecutorKind,
+    pub local: LocalJobsConfig,
     pub kubernetes: KubernetesJobsConfig,
     pub queues: Vec<JobQueueConfig>,
 }
@@ -139,6 +184,35 @@ pub enum JobExecutorKind {
     Local,
     /// One `batch/v1` Job per attempt.
     Kubernetes,
+}
+
+/// `[jobs.local]`: what local command jobs may touch.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LocalJobsConfig {
+    /// `USER:GROUP` the jobs run as; `None`: the server's user.
+    #[serde(default, deserialize_with = "unset::empty")]
+    pub run_as: Option<String>,
+    /// The only programs jobs may start; empty: any.
+    #[serde(default)]
+    pub allowed_commands: Vec<String>,
+    /// The jobs' PATH.
+    pub path: String,
+    /// RLIMIT_AS of each job process, in bytes; `None`: the server's.
+    #[serde(default, deserialize_with = "unset::zero")]
+    pub max_address_space_bytes: Option<u64>,
+    /// RLIMIT_CPU of each job process, in seconds; `None`: the server's.
+    #[serde(default, deserialize_with = "unset::zero")]
+    pub max_cpu_seconds: Option<u64>,
+    /// RLIMIT_NOFILE of each job process; `None`: the server's.
+    #[serde(default, deserialize_with = "unset::zero")]
+    pub max_open_files: Option<u64>,
+    /// RLIMIT_NPROC of the jobs' user; `None`: the server's.
+    #[serde(default, deserialize_with = "unset::zero")]
+    pub max_processes: Option<u64>,
+    /// A delegated cgroup v2 folder for per-attempt cgroups; `None`: none.
+    #[serde(default, deserialize_with = "unset::empty_path")]
+    pub cgroup_dir: Option<PathBuf>,
 }
 
 /// `[jobs.kubernetes]`: the Kubernetes executor.
@@ -157,6 +231,9 @@ pub struct KubernetesJobsConfig {
     /// Image of command jobs that name none; `None`: such jobs are refused.
     #[serde(default, deserialize_with = "unset::empty")]
     pub default_image: Option<String>,
+    /// The uid and gid of the jobs' containers (a uid of 0 is refused).
+    pub run_as_user: i64,
+    pub run_as_group: i64,
     /// Seconds Kubernetes keeps a finished Job; `None` (`-1` in the file, since the key has a
     /// default): kept.
     #[serde(default, deserialize_with = "unset::negative")]
@@ -495,6 +572,28 @@ impl Config {
         {
             bail!("jobs.kubernetes.node_selector entry '{bad}' is not KEY=VALUE");
         }
+        let k = &self.jobs.kubernetes;
+        if !(1..=i64::from(i32::MAX)).contains(&k.run_as_user) {
+            bail!(
+                "jobs.kubernetes.run_as_user is {}; job pods run as a non-root uid, 1 to {}",
+                k.run_as_user,
+                i32::MAX
+            );
+        }
+        if !(0..=i64::from(i32::MAX)).contains(&k.run_as_group) {
+            bail!(
+                "jobs.kubernetes.run_as_group is {}; it must be 0 to {}",
+                k.run_as_group,
+                i32::MAX
+            );
+        }
+        let l = &self.jobs.local;
+        if l.path.split(':').any(|dir| !dir.starts_with('/')) {
+            bail!(
+                "jobs.local.path '{}' must be absolute folders separated by ':' (a relative one would be looked up from each job's folder)",
+                l.path
+            );
+        }
         if self.jobs.kubernetes.breaker_failure_threshold == 0 {
             bail!("jobs.kubernetes.breaker_failure_threshold must be at least 1");
         }
@@ -620,7 +719,6 @@ impl Config {
                 );
             }
         }
-        self.server.check_exposure()?;
         if let Some(days) = self.server.audit_retention_days
             && days > MAX_DURATION_SECONDS / 86_400
         {

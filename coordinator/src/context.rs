@@ -1,6 +1,6 @@
 //! What every API handler shares — the models, the one inference path, the bus, the devices,
 //! the client shared-memory regions — and the one place where the serving layer's errors become
-//! gRPC statuses.
+//! gRPC statuses ([`status`]) and the one where they become HTTP statuses ([`http_status`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,6 +29,8 @@ pub struct Context {
     pub limits: ApiLimits,
     /// The audit log, for ListAuditEvents; set by the server.
     pub audit: Option<crate::audit::Audit>,
+    /// Largest request body the HTTP APIs read (`server.max_message_bytes`, gRPC's bound too).
+    pub max_body_bytes: usize,
     /// Set once start-up loading is done; cleared when shutdown begins.
     ready: AtomicBool,
 }
@@ -70,6 +72,7 @@ impl Context {
             shm,
             limits: ApiLimits::default(),
             audit: None,
+            max_body_bytes: 64 << 20,
             ready: AtomicBool::new(false),
         }
     }
@@ -87,8 +90,18 @@ impl Context {
         &self,
         call: InferCall,
     ) -> impl Future<Output = Result<InferOutput, Status>> + Send + '_ {
+        self.infer_as(call, status)
+    }
+
+    /// [`Inference::infer`] with its error turned into a protocol's own by `map` (gRPC:
+    /// [`status`]; HTTP: a mapping built on [`http_status`]).
+    pub fn infer_as<E: 'static>(
+        &self,
+        call: InferCall,
+        map: fn(Error) -> E,
+    ) -> impl Future<Output = Result<InferOutput, E>> + Send + '_ {
         let answer = self.inference.infer(call);
-        async move { answer.await.map_err(status) }
+        async move { answer.await.map_err(map) }
     }
 }
 
@@ -113,6 +126,22 @@ pub fn status(e: Error) -> Status {
         );
     }
     s
+}
+
+/// The HTTP status of a serving error kind: the one mapping both HTTP APIs (KServe v2 over REST,
+/// OpenAI embeddings) use. Triton's HTTP statuses: a bad request 400, an unknown model or version
+/// 404, a server fault 500, and everything that means "not now" (not ready, a full queue, a
+/// deadline or queue timeout that passed) 503, which clients retry.
+pub fn http_status(kind: ErrorKind) -> http::StatusCode {
+    use http::StatusCode as S;
+    match kind {
+        ErrorKind::InvalidArgument => S::BAD_REQUEST,
+        ErrorKind::NotFound => S::NOT_FOUND,
+        ErrorKind::Unavailable | ErrorKind::ResourceExhausted | ErrorKind::DeadlineExceeded => {
+            S::SERVICE_UNAVAILABLE
+        }
+        ErrorKind::Internal => S::INTERNAL_SERVER_ERROR,
+    }
 }
 
 /// Runs `work` under the caller's W3C trace context (its `traceparent` metadata), so that the

@@ -1,6 +1,6 @@
-//! HTTP: Triton's health paths and Prometheus metrics. The health paths are open to every
-//! caller; `/metrics` needs `read` on the server when authentication is on, unless
-//! `server.metrics_public` (the authentication layer, `crate::auth`, decides).
+//! HTTP: Triton's health paths and Prometheus metrics, and the REST APIs (`rest/`). The health
+//! paths are open to every caller; everything else passes the authentication layer
+//! (`crate::auth`): `/metrics` needs `read` on the server unless `server.metrics_public`.
 //!
 //! The metrics text is rendered by hand from the fast path's own counters at scrape time: the
 //! numbers already live in atomics there, and a metrics registry would only keep a second copy.
@@ -25,6 +25,7 @@ pub fn router(ctx: Arc<Context>, gate: Arc<crate::auth::Gate>) -> Router {
         .route("/live", get(live))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
+        .merge(crate::rest::router())
         .with_state(ctx)
         .layer(axum::middleware::from_fn_with_state(
             gate,

@@ -8,13 +8,15 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context as _;
+use anyhow::{Context as _, anyhow, bail};
 use futures::StreamExt;
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 use veraltheim_bus::Event;
 use veraltheim_proto::v1::{self, job_service_server::JobService};
 use veraltheim_slowpath::job::JobKind;
+use veraltheim_slowpath::local::{Cgroups, Limits, RunAs, Sandbox};
+use veraltheim_slowpath::sandbox::effective_uid;
 use veraltheim_slowpath::{
     Executor, InferenceExecutor, JobRecord, JobSpec, JobState, JobStore, KubernetesConfig,
     KubernetesExecutor, ListFilter, LocalExecutor, Observer, QueueConfig, Quota, Resources,
@@ -24,7 +26,7 @@ use veraltheim_storage::RedbStore;
 use veraltheim_supervisor::BreakerConfig;
 
 use crate::auth::Caller;
-use crate::config::{JobExecutorKind, JobsConfig, KubernetesJobsConfig};
+use crate::config::{JobExecutorKind, JobsConfig, KubernetesJobsConfig, LocalJobsConfig};
 use crate::stream::StreamOf;
 
 pub type JobRunner = Runner<Arc<RedbStore>>;
@@ -176,11 +178,29 @@ impl Jobs {
         let paths = InferencePaths::from_config(config, data_dir)?;
         let jobs_dir = data_dir.join("jobs");
         let (exec, capacity, default_running): (Arc<dyn Executor>, _, _) = match config.executor {
-            JobExecutorKind::Local => (
-                Arc::new(LocalExecutor::new(jobs_dir).with_max_log_bytes(config.max_log_bytes)),
-                capacity,
-                std::thread::available_parallelism().map_or(1, |n| n.get()),
-            ),
+            JobExecutorKind::Local => {
+                let sandbox = local_sandbox(&config.local)?;
+                tracing::info!("{}", sandbox.describe());
+                if sandbox.run_as.is_some() {
+                    keep_from_jobs(data_dir)?;
+                }
+                if let Some(folder) = sandbox.unsearchable_ancestor(data_dir) {
+                    tracing::warn!(
+                        folder = %folder.display(),
+                        jobs_dir = %jobs_dir.display(),
+                        "jobs run as jobs.local.run_as cannot reach their folders (their HOME) by path: this folder is not searchable by that user. They still start in them, but $HOME/... fails: make it searchable (chmod o+x) or move storage.data_dir"
+                    );
+                }
+                (
+                    Arc::new(
+                        LocalExecutor::new(jobs_dir)
+                            .with_max_log_bytes(config.max_log_bytes)
+                            .with_sandbox(sandbox),
+                    ),
+                    capacity,
+                    std::thread::available_parallelism().map_or(1, |n| n.get()),
+                )
+            }
             JobExecutorKind::Kubernetes => {
                 let k = &config.kubernetes;
                 let exec = KubernetesExecutor::connect(kubernetes_config(k, config.max_log_bytes))
@@ -244,6 +264,161 @@ impl Jobs {
     }
 }
 
+/// The local executor's sandbox from `[jobs.local]`, resolved now: the user and group, the
+/// allowed programs, the cgroup folder. Whatever cannot be resolved is an error naming its key.
+pub fn local_sandbox(l: &LocalJobsConfig) -> anyhow::Result<Sandbox> {
+    let run_as = l
+        .run_as
+        .as_deref()
+        .map(RunAs::resolve)
+        .transpose()
+        .map_err(|e| anyhow!("jobs.local.run_as: {e}"))?;
+    let me = effective_uid();
+    if let Some(r) = &run_as
+        && me != 0
+    {
+        bail!(
+            "jobs.local.run_as = \"{}\": only a server running as root can switch users, and this one runs as uid {me}; unset it (jobs then run as the server's user) or start the server as root",
+            r.name
+        );
+    }
+    if let Some(n) = l.max_open_files
+        && let Some(most) = std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+        && n > most
+    {
+        bail!(
+            "jobs.local.max_open_files is {n}, above what the kernel allows a process (fs.nr_open = {most})"
+        );
+    }
+    let limits = Limits {
+        address_space_bytes: l.max_address_space_bytes,
+        cpu_seconds: l.max_cpu_seconds,
+        open_files: l.max_open_files,
+        processes: l.max_processes,
+    };
+    if me != 0
+        && let Some((key, value, hard)) = limits.above_own_hard()
+    {
+        bail!(
+            "jobs.local.{key} is {value}, above this server's own hard limit ({hard}), which only root may raise: no job could start"
+        );
+    }
+    let cgroups = l
+        .cgroup_dir
+        .as_deref()
+        .map(Cgroups::open)
+        .transpose()
+        .map_err(|e| anyhow!("jobs.local.cgroup_dir: {e}"))?;
+    let mut sandbox = Sandbox::default();
+    sandbox.run_as = run_as;
+    sandbox.limits = limits;
+    sandbox.path = l.path.clone();
+    sandbox.cgroups = cgroups;
+    sandbox
+        .with_allowed_commands(&l.allowed_commands)
+        .map_err(|e| anyhow!("jobs.local.allowed_commands: {e}"))
+}
+
+/// With `jobs.local.run_as`, the data dir is the server's alone, not the jobs': every file the
+/// server creates from now on is private (umask 077; jobs get 022 back), the data dir becomes
+/// 0711 (the jobs' user passes through it to its folders under `jobs/`, and cannot list it),
+/// and what is in it already (the job store, the inference folder) loses every permission of
+/// group and others. Otherwise a job could read the job store, every tenant's specs and env.
+fn keep_from_jobs(data_dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    // SAFETY: umask only sets this process's file-creation mask.
+    unsafe {
+        libc::umask(0o077);
+    }
+    let chmod = |path: &Path, mode: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).with_context(|| {
+            format!(
+                "jobs.local.run_as: cannot make {} private to the server",
+                path.display()
+            )
+        })
+    };
+    chmod(data_dir, 0o711)?;
+    let entries = std::fs::read_dir(data_dir)
+        .with_context(|| format!("cannot read the data dir {}", data_dir.display()))?;
+    for entry in entries {
+        let entry = entry?;
+        let meta = entry.metadata()?;
+        if entry.file_name() != "jobs" && !meta.file_type().is_symlink() {
+            chmod(&entry.path(), meta.permissions().mode() & 0o700)?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether local command jobs may run as they are configured, given whether authentication is
+/// on (`server.auth_file`). A server running as root with authentication on must name
+/// `jobs.local.run_as`: anyone allowed `jobs.submit` could otherwise run commands as root.
+/// Without authentication (on loopback, or with `--insecure-no-auth`) that is only warned
+/// about, as is a server whose jobs run as its own user, able to read its files.
+pub fn check_run_as(config: &JobsConfig, auth_on: bool) -> anyhow::Result<()> {
+    check_run_as_for(config, auth_on, effective_uid())
+}
+
+fn check_run_as_for(config: &JobsConfig, auth_on: bool, euid: u32) -> anyhow::Result<()> {
+    if config.executor != JobExecutorKind::Local || config.local.run_as.is_some() {
+        return Ok(());
+    }
+    if euid == 0 && auth_on {
+        bail!(
+            "the server runs as root with authentication on (server.auth_file) and jobs.local.run_as is unset: anyone allowed jobs.submit could run commands as root. Set jobs.local.run_as (--jobs-run-as), e.g. \"nobody:nogroup\", or set jobs.executor = \"kubernetes\""
+        );
+    }
+    if euid == 0 {
+        tracing::warn!(
+            "local command jobs run as root: set jobs.local.run_as (--jobs-run-as), e.g. \"nobody:nogroup\", before anyone else can reach this server"
+        );
+    } else if auth_on {
+        tracing::warn!(
+            uid = euid,
+            "local command jobs run as the server's own user and can read its files (TLS key, auth file, job store); run the server as root with jobs.local.run_as, or use the Kubernetes executor"
+        );
+    }
+    Ok(())
+}
+
+/// `veraltheim config job-pod`: the `batch/v1` Job that the Kubernetes executor would create
+/// under `config` for an example command job (asking for a writable root filesystem when
+/// `writable_root`), as JSON. `deploy/validate.py` checks it against Pod Security "restricted".
+pub fn example_job_object(config: &JobsConfig, writable_root: bool) -> anyhow::Result<String> {
+    let k = kubernetes_config(&config.kubernetes, config.max_log_bytes);
+    let run = veraltheim_slowpath::CommandRun {
+        job_id: "00000000000000000001".into(),
+        job_name: "example".into(),
+        attempt: 1,
+        // A job naming no image takes the configured default.
+        image: if k.default_image.is_empty() {
+            "busybox:1.36".into()
+        } else {
+            String::new()
+        },
+        command: vec!["sh".into(), "-c".into(), "echo hello".into()],
+        writable_root,
+        resources: Resources {
+            cpu_millis: 500,
+            memory_bytes: 256 << 20,
+            gpus: 0,
+        },
+        deadline: Some(Duration::from_secs(3600)),
+        ..Default::default()
+    };
+    let namespace = if k.namespace.is_empty() {
+        "default".to_owned()
+    } else {
+        k.namespace.clone()
+    };
+    let job = veraltheim_slowpath::kubernetes::job_object(&k, &namespace, &run)
+        .map_err(|e| anyhow!("{e}"))?;
+    Ok(serde_json::to_string_pretty(&job)?)
+}
+
 /// `jobs.max_running` unset on Kubernetes: the cluster, not this machine, runs the jobs; each
 /// running one costs the coordinator two watches.
 const KUBERNETES_RUNNING: usize = 64;
@@ -275,6 +450,8 @@ fn kubernetes_config(k: &KubernetesJobsConfig, max_log_bytes: u64) -> Kubernetes
             .ttl_seconds_after_finished
             .and_then(|t| i32::try_from(t).ok()),
         default_image: k.default_image.clone().unwrap_or_default(),
+        run_as_user: k.run_as_user,
+        run_as_group: k.run_as_group,
         breaker: BreakerConfig::new(
             k.breaker_failure_threshold,
             Duration::from_millis(k.breaker_open_ms.max(1)),
@@ -381,6 +558,7 @@ fn spec_from_wire(s: v1::JobSpec) -> Result<JobSpec, Status> {
             command: c.command,
             env: c.env.into_iter().collect(),
             working_dir: c.working_dir,
+            writable_root: c.writable_root,
         },
         Some(v1::job_spec::Kind::Inference(i)) => JobKind::Inference {
             model: i.model,
@@ -440,11 +618,13 @@ fn spec_to_wire(s: &JobSpec) -> v1::JobSpec {
                 command,
                 env,
                 working_dir,
+                writable_root,
             } => v1::job_spec::Kind::Command(v1::CommandJob {
                 image: image.clone(),
                 command: command.clone(),
                 env: env.clone().into_iter().collect(),
                 working_dir: working_dir.clone(),
+                writable_root: *writable_root,
             }),
             JobKind::Inference {
                 model,
@@ -744,4 +924,108 @@ fn async_stream_unfold(api: JobsApi, id: String) -> StreamOf<v1::Job> {
             }
         },
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn jobs_config() -> JobsConfig {
+        Config::defaults().unwrap().jobs
+    }
+
+    #[test]
+    fn root_with_authentication_must_name_a_user_for_local_jobs() {
+        let config = jobs_config();
+        let err = check_run_as_for(&config, true, 0).unwrap_err().to_string();
+        assert!(
+            err.contains("runs as root with authentication on")
+                && err.contains("jobs.local.run_as"),
+            "{err}"
+        );
+        // Without authentication it is a warning; a non-root server cannot switch users.
+        assert!(check_run_as_for(&config, false, 0).is_ok());
+        assert!(check_run_as_for(&config, true, 1000).is_ok());
+        let mut named = jobs_config();
+        named.local.run_as = Some("nobody:nogroup".into());
+        assert!(check_run_as_for(&named, true, 0).is_ok());
+        // Jobs that become pods do not run here at all.
+        let mut pods = jobs_config();
+        pods.executor = JobExecutorKind::Kubernetes;
+        assert!(check_run_as_for(&pods, true, 0).is_ok());
+    }
+
+    #[test]
+    fn the_local_sandbox_is_resolved_at_start_with_errors_naming_the_key() {
+        let mut l = jobs_config().local;
+        l.run_as = Some("nobody:nogroup".into());
+        l.allowed_commands = vec!["sh".into()];
+        l.max_cpu_seconds = Some(60);
+        let sandbox = local_sandbox(&l).unwrap();
+        let run_as = sandbox.run_as.as_ref().unwrap();
+        assert_ne!((run_as.uid, run_as.gid), (0, 0));
+        assert_eq!(sandbox.allowed_commands(), Some(vec!["sh"]));
+        assert_eq!(sandbox.limits.cpu_seconds, Some(60));
+        assert!(
+            sandbox.describe().contains("only sh"),
+            "{}",
+            sandbox.describe()
+        );
+
+        let err = |l: &LocalJobsConfig| local_sandbox(l).unwrap_err().to_string();
+        let mut bad = jobs_config().local;
+        bad.run_as = Some("no-such-user-vt".into());
+        assert!(
+            err(&bad).starts_with("jobs.local.run_as: no user named 'no-such-user-vt'"),
+            "{}",
+            err(&bad)
+        );
+        let mut bad = jobs_config().local;
+        bad.allowed_commands = vec!["no-such-tool-vt".into()];
+        assert!(
+            err(&bad).starts_with("jobs.local.allowed_commands: 'no-such-tool-vt'"),
+            "{}",
+            err(&bad)
+        );
+        let mut bad = jobs_config().local;
+        let not_a_cgroup = tempfile::tempdir().unwrap();
+        bad.cgroup_dir = Some(not_a_cgroup.path().to_owned());
+        assert!(
+            err(&bad).starts_with("jobs.local.cgroup_dir:")
+                && err(&bad).contains("not a cgroup v2"),
+            "{}",
+            err(&bad)
+        );
+        let mut bad = jobs_config().local;
+        bad.max_open_files = Some(u64::MAX / 2);
+        assert!(
+            err(&bad).contains("jobs.local.max_open_files") && err(&bad).contains("fs.nr_open"),
+            "{}",
+            err(&bad)
+        );
+    }
+
+    #[test]
+    fn the_example_job_pod_is_restricted_and_follows_the_configuration() {
+        let mut config = jobs_config();
+        config.kubernetes.run_as_user = 1234;
+        config.kubernetes.namespace = Some("batch".into());
+        let job: serde_json::Value =
+            serde_json::from_str(&example_job_object(&config, false).unwrap()).unwrap();
+        assert_eq!(job["apiVersion"], "batch/v1");
+        assert_eq!(job["kind"], "Job");
+        assert_eq!(job["metadata"]["namespace"], "batch");
+        let pod = &job["spec"]["template"]["spec"];
+        assert_eq!(pod["automountServiceAccountToken"], false);
+        assert_eq!(pod["securityContext"]["runAsUser"], 1234);
+        assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+        let c = &pod["containers"][0]["securityContext"];
+        assert_eq!(c["readOnlyRootFilesystem"], true);
+        assert_eq!(c["capabilities"]["drop"][0], "ALL");
+        let job: serde_json::Value =
+            serde_json::from_str(&example_job_object(&config, true).unwrap()).unwrap();
+        let c = &job["spec"]["template"]["spec"]["containers"][0]["securityContext"];
+        assert_eq!(c["readOnlyRootFilesystem"], false);
+    }
 }

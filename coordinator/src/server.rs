@@ -144,17 +144,25 @@ fn bind(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<std::net::TcpL
 /// A server as a supervised worker. The listening socket is bound once, before the tree starts
 /// (so a busy port fails the start with a clear message); each (re)start builds its router (it
 /// may need the tree it runs in, from its context) and serves a duplicate of the socket until
-/// the worker is told to stop.
+/// the worker is told to stop. With `tls`, connections are served by `tls::serve`; without,
+/// by `axum::serve`, with no TLS code on the way.
 fn server_worker(
     listener: std::net::TcpListener,
+    tls: Option<Arc<crate::tls::Tls>>,
     router: impl Fn(&ChildContext) -> axum::Router + Send + Sync + 'static,
 ) -> ServeFn {
     let listener = Arc::new(listener);
     Arc::new(move |ctx: ChildContext| {
         let listener = listener.clone();
+        let tls = tls.clone();
         let router = router(&ctx);
         Box::pin(async move {
             let listener = TcpListener::from_std(listener.try_clone()?)?;
+            if let Some(tls) = tls {
+                crate::tls::serve(listener, router, tls, async move { ctx.cancelled().await })
+                    .await?;
+                return Ok(());
+            }
             axum::serve(
                 listener.tap_io(|tcp| {
                     // Small unary calls: send each response at once.
@@ -222,7 +230,14 @@ fn grpc_router(
 }
 
 pub async fn serve(config: Config) -> anyhow::Result<()> {
-    // The auth file first: a mistake in it is reported before anything starts.
+    // The certificate files first: a wrong path fails the start before anything else runs.
+    let tls = match config.server.tls.files()? {
+        Some(files) => Some(Arc::new(
+            crate::tls::Tls::load(files).context("cannot serve TLS ([server.tls])")?,
+        )),
+        None => None,
+    };
+    // The auth file next: a mistake in it is reported before anything starts.
     let auth = Arc::new(match &config.server.auth_file {
         Some(path) => crate::auth::Auth::from_file(path)?,
         None => crate::auth::Auth::off(),
@@ -340,6 +355,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         inference.clone(),
         config.jobs.inference_concurrency,
     ));
+    // Local jobs as root need jobs.local.run_as once authentication is on.
+    crate::jobs::check_run_as(&config.jobs, auth.enabled())?;
     let (jobs, job_events) = Jobs::start(
         &config.jobs,
         store.clone(),
@@ -376,16 +393,17 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     );
     ctx.limits = config.limits.api();
     ctx.audit = Some(audit);
+    ctx.max_body_bytes = config.server.max_message_bytes;
     let ctx = Arc::new(ctx);
 
     let grpc_addr = config.server.grpc_addr;
     let http_addr = config.server.http_addr;
     let grace = Duration::from_secs(config.server.shutdown_grace_seconds);
-    let grpc = server_worker(bind(grpc_addr, "gRPC")?, {
+    let grpc = server_worker(bind(grpc_addr, "gRPC")?, tls.clone(), {
         let (ctx, jobs, config) = (ctx.clone(), jobs.clone(), config.clone());
         move |child: &ChildContext| grpc_router(&ctx, &jobs, &config, child.root(), &grpc_gate)
     });
-    let http = server_worker(bind(http_addr, "HTTP")?, {
+    let http = server_worker(bind(http_addr, "HTTP")?, tls.clone(), {
         let router = crate::http::router(ctx.clone(), http_gate);
         move |_: &ChildContext| router.clone()
     });
@@ -409,11 +427,17 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     })
     .await
     .context("the supervision tree did not start")?;
+    let tls_mode = match &tls {
+        None => "off",
+        Some(tls) if tls.mutual() => "mutual",
+        Some(_) => "on",
+    };
     tracing::info!(
         %grpc_addr,
         %http_addr,
-        execution_threads = threads,
+        tls = tls_mode,
         authentication = auth.enabled(),
+        execution_threads = threads,
         "serving"
     );
 

@@ -113,7 +113,13 @@ async fn start_secured(extra: &[&str]) -> Secured {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("auth.toml");
     std::fs::write(&file, auth_file(true)).unwrap();
-    let mut args = vec!["--auth-file", file.to_str().unwrap()];
+    // With authentication on, a root server must name the user local jobs run as.
+    let mut args = vec![
+        "--auth-file",
+        file.to_str().unwrap(),
+        "--jobs-run-as",
+        "nobody:nogroup",
+    ];
     args.extend_from_slice(extra);
     let server = start(&args).await;
     Secured {
@@ -846,21 +852,181 @@ async fn the_cli_sends_its_token_from_the_flag_or_the_environment() {
 }
 
 async fn http_status(addr: &str, path: &str, token: Option<&str>) -> u16 {
+    http_call(addr, "GET", path, token, "").await.0
+}
+
+/// One HTTP/1.1 call: the status and the body.
+async fn http_call(
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let auth = token.map_or(String::new(), |t| format!("authorization: Bearer {t}\r\n"));
     tcp.write_all(
-        format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n{auth}\r\n").as_bytes(),
+        format!(
+            "{method} {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n{auth}\
+             content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
     )
     .await
     .unwrap();
     let mut answer = String::new();
     tcp.read_to_string(&mut answer).await.unwrap();
-    answer
+    let status = answer
         .split_whitespace()
         .nth(1)
         .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("not an HTTP answer: {answer}"))
+        .unwrap_or_else(|| panic!("not an HTTP answer: {answer}"));
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map_or(String::new(), |(_, b)| b.to_string());
+    (status, body)
+}
+
+/// Every REST route (KServe v2 over HTTP and the OpenAI embeddings), with a request naming
+/// `model` where the route names one.
+fn rest_calls(model: &str) -> Vec<(&'static str, String, String)> {
+    let infer = r#"{"inputs":[{"name":"INPUT0","shape":[1,1],"datatype":"FP32","data":[1.0]}]}"#;
+    vec![
+        ("GET", "/v2".into(), String::new()),
+        ("GET", format!("/v2/models/{model}"), String::new()),
+        (
+            "GET",
+            format!("/v2/models/{model}/versions/1"),
+            String::new(),
+        ),
+        ("GET", format!("/v2/models/{model}/ready"), String::new()),
+        (
+            "GET",
+            format!("/v2/models/{model}/versions/1/ready"),
+            String::new(),
+        ),
+        ("GET", format!("/v2/models/{model}/config"), String::new()),
+        (
+            "GET",
+            format!("/v2/models/{model}/versions/1/config"),
+            String::new(),
+        ),
+        ("GET", format!("/v2/models/{model}/stats"), String::new()),
+        (
+            "GET",
+            format!("/v2/models/{model}/versions/1/stats"),
+            String::new(),
+        ),
+        ("POST", format!("/v2/models/{model}/infer"), infer.into()),
+        (
+            "POST",
+            format!("/v2/models/{model}/versions/1/infer"),
+            infer.into(),
+        ),
+        (
+            "POST",
+            format!("/v2/repository/models/{model}/load"),
+            String::new(),
+        ),
+        (
+            "POST",
+            format!("/v2/repository/models/{model}/unload"),
+            String::new(),
+        ),
+        (
+            "POST",
+            "/v1/embeddings".into(),
+            format!(r#"{{"model":"{model}","input":"hi"}}"#),
+        ),
+        ("GET", format!("/v1/models/{model}"), String::new()),
+        // Lists, filtered.
+        ("GET", "/v2/models/stats".into(), String::new()),
+        ("POST", "/v2/repository/index".into(), String::new()),
+        ("GET", "/v1/models".into(), String::new()),
+    ]
+}
+
+#[tokio::test]
+async fn every_rest_route_authenticates_and_authorises_like_grpc() {
+    let s = start_secured(&[]).await;
+    let http = &s.server.http;
+    for (method, path, body) in rest_calls("identity") {
+        let (status, _) = http_call(http, method, &path, None, &body).await;
+        assert_eq!(status, 401, "{method} {path} without a token");
+        let (status, _) = http_call(http, method, &path, Some("wrong"), &body).await;
+        assert_eq!(status, 401, "{method} {path} with a wrong token");
+    }
+    // The confined principal is refused wherever a model is named, and sees nothing in lists.
+    for (method, path, body) in rest_calls("identity") {
+        let (status, answer) = http_call(http, method, &path, Some(OUTSIDER), &body).await;
+        if path == "/v2/models/stats" || path == "/v2/repository/index" || path == "/v1/models" {
+            assert_eq!(status, 200, "{method} {path}: {answer}");
+            assert!(!answer.contains("identity"), "{method} {path}: {answer}");
+        } else {
+            assert_eq!(status, 403, "{method} {path}: {answer}");
+            assert!(
+                answer.contains("permission denied: 'outsider' may not"),
+                "{method} {path}: {answer}"
+            );
+        }
+    }
+    // Alice infers over HTTP within her role, and may not load.
+    let (status, answer) = http_call(
+        http,
+        "POST",
+        "/v2/models/identity/infer",
+        Some(ALICE),
+        r#"{"inputs":[{"name":"INPUT0","shape":[1,1],"datatype":"FP32","data":[3.0]}]}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let (status, answer) = http_call(
+        http,
+        "POST",
+        "/v2/repository/models/identity/load",
+        Some(ALICE),
+        "",
+    )
+    .await;
+    assert_eq!(status, 403, "{answer}");
+    assert!(
+        answer.contains("'alice' may not models.admin on model 'identity'"),
+        "{answer}"
+    );
+    let (_, answer) = http_call(http, "POST", "/v2/repository/index", Some(ALICE), "").await;
+    let names: Vec<String> = serde_json::from_str::<Vec<serde_json::Value>>(&answer)
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["identity"]);
+    // A load over HTTP is audited like one over gRPC.
+    let ch = channel(&s.server).await;
+    let mut audit = watch(&ch, &["audit.models.admin"], OPS).await;
+    let (status, answer) = http_call(
+        http,
+        "POST",
+        "/v2/repository/models/cost/load",
+        Some(OPS),
+        "",
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    // The refusals above may still be on their way to the watch: the operator's record follows.
+    let e = loop {
+        let e = next_event(&mut audit, "audit.models.admin").await;
+        if e.attributes["result"] != "UNAUTHENTICATED"
+            && e.attributes["result"] != "PERMISSION_DENIED"
+        {
+            break e;
+        }
+    };
+    assert_eq!(e.attributes["principal"], "ops");
+    assert_eq!(e.attributes["resource"], "model:cost");
+    assert_eq!(e.attributes["result"], "OK");
+    assert_eq!(e.attributes["action"], "/v2/repository/models/{name}/load");
 }
 
 #[tokio::test]

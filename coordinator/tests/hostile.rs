@@ -722,43 +722,204 @@ async fn http_raw(addr: &str, request: &[u8]) -> u16 {
         .unwrap_or(0)
 }
 
-/// The HTTP routes (coordinator/src/http.rs); a route added there is added here.
-const ROUTES: &[&str] = &[
-    "/v2/health/live",
-    "/v2/health/ready",
-    "/live",
-    "/ready",
-    "/metrics",
+/// One HTTP route: its method, a path that exists, a body it takes, and what that plain request
+/// answers on the probe's server (built-in models only, so the embeddings route refuses the
+/// `identity` model with 400 and has no model to retrieve).
+struct Route {
+    method: &'static str,
+    path: &'static str,
+    body: &'static str,
+    status: u16,
+}
+
+const fn get(path: &'static str) -> Route {
+    Route {
+        method: "GET",
+        path,
+        body: "",
+        status: 200,
+    }
+}
+
+const fn post(path: &'static str, body: &'static str, status: u16) -> Route {
+    Route {
+        method: "POST",
+        path,
+        body,
+        status,
+    }
+}
+
+const IDENTITY_JSON: &str =
+    r#"{"inputs":[{"name":"INPUT0","shape":[1,2],"datatype":"FP32","data":[1,2]}]}"#;
+
+/// The HTTP routes (coordinator/src/http.rs and coordinator/src/rest/); a route added there is
+/// added here.
+const ROUTES: &[Route] = &[
+    get("/v2/health/live"),
+    get("/v2/health/ready"),
+    get("/live"),
+    get("/ready"),
+    get("/metrics"),
+    // KServe v2 over REST.
+    get("/v2"),
+    get("/v2/models/stats"),
+    get("/v2/models/identity"),
+    get("/v2/models/identity/versions/1"),
+    get("/v2/models/identity/ready"),
+    get("/v2/models/identity/versions/1/ready"),
+    get("/v2/models/identity/config"),
+    get("/v2/models/identity/versions/1/config"),
+    get("/v2/models/identity/stats"),
+    get("/v2/models/identity/versions/1/stats"),
+    post("/v2/models/identity/infer", IDENTITY_JSON, 200),
+    post("/v2/models/identity/versions/1/infer", IDENTITY_JSON, 200),
+    post("/v2/repository/index", "", 200),
+    post(
+        "/v2/repository/models/cost/load",
+        r#"{"parameters":{"config":"{\"max_batch_size\":4}"}}"#,
+        200,
+    ),
+    post("/v2/repository/models/cost/unload", "", 200),
+    // OpenAI embeddings.
+    post("/v1/embeddings", r#"{"model":"identity","input":"x"}"#, 400),
+    get("/v1/models"),
 ];
+
+/// The largest body the probe's server reads (`--max-message-bytes`).
+const HTTP_BODY_LIMIT: usize = 1 << 20;
+
+/// A request with `body` (and `Content-Length`) and `headers`.
+fn request(method: &str, path: &str, headers: &str, body: &[u8]) -> Vec<u8> {
+    let mut r = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n{headers}Connection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    r.extend_from_slice(body);
+    r
+}
+
+/// Hostile bodies for a route that reads one: (case, request, expected status).
+fn hostile_bodies(route: &Route) -> Vec<(String, Vec<u8>, u16)> {
+    let (m, p) = (route.method, route.path);
+    let mut chunked = format!(
+        "{m} {p} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    )
+    .into_bytes();
+    for _ in 0..(2 * HTTP_BODY_LIMIT / 4096) {
+        chunked.extend_from_slice(format!("1000\r\n{}\r\n", "z".repeat(4096)).as_bytes());
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    let mut cases = vec![
+        // Over the body limit, declared: refused before it is read.
+        (
+            "body over the limit".into(),
+            request(m, p, "", &vec![b'{'; 2 * HTTP_BODY_LIMIT]),
+            413,
+        ),
+        // Over the body limit, chunked (no length given): refused once past it.
+        ("chunked body over the limit".into(), chunked, 413),
+        ("not JSON".into(), request(m, p, "", b"{\"a\": [1, 2"), 400),
+        // Nesting deeper than the JSON parser follows.
+        (
+            "JSON nested 100,000 deep".into(),
+            request(m, p, "", "[".repeat(100_000).as_bytes()),
+            400,
+        ),
+        (
+            "JSON of the wrong shape".into(),
+            request(
+                m,
+                p,
+                "",
+                br#"{"inputs":"x","model":5,"parameters":7,"ready":"y"}"#,
+            ),
+            400,
+        ),
+        (
+            "compressed body".into(),
+            request(m, p, "Content-Encoding: gzip\r\n", b"\x1f\x8b"),
+            415,
+        ),
+    ];
+    if p.ends_with("/infer") {
+        let huge_shape = br#"{"inputs":[{"name":"INPUT0","shape":[4611686018427387904,4611686018427387904],"datatype":"FP32","parameters":{"binary_data_size":0}}]}"#;
+        let huge_binary = br#"{"inputs":[{"name":"INPUT0","shape":[1,2],"datatype":"FP32","parameters":{"binary_data_size":18446744073709551615}}]}"#;
+        // About 900 KB of JSON zeros in one tensor: within the limit, answered.
+        let n = 400_000;
+        let big = format!(
+            r#"{{"inputs":[{{"name":"INPUT0","shape":[1,{n}],"datatype":"FP32","data":[{}0]}}],"outputs":[{{"name":"OUTPUT0","parameters":{{"binary_data":true}}}}]}}"#,
+            "0,".repeat(n - 1)
+        );
+        cases.extend([
+            (
+                "header length past the body".into(),
+                request(m, p, "Inference-Header-Content-Length: 99999\r\n", b"{}"),
+                400,
+            ),
+            (
+                "header length not a number".into(),
+                request(m, p, "Inference-Header-Content-Length: -1\r\n", b"{}"),
+                400,
+            ),
+            (
+                "shape of 2^124 elements".into(),
+                request(m, p, "", huge_shape),
+                400,
+            ),
+            (
+                "binary_data_size of 2^64 - 1".into(),
+                request(
+                    m,
+                    p,
+                    &format!("Inference-Header-Content-Length: {}\r\n", huge_binary.len()),
+                    huge_binary,
+                ),
+                400,
+            ),
+            (
+                "400,000 JSON values".into(),
+                request(m, p, "", big.as_bytes()),
+                200,
+            ),
+        ]);
+    }
+    cases
+}
 
 #[tokio::test]
 async fn every_http_route_answers_hostile_requests_and_stays_whole() {
-    let mut server = start_limited(&[], ADDRESS_SPACE).await;
+    let limit = HTTP_BODY_LIMIT.to_string();
+    let mut server = start_limited(&["--max-message-bytes", &limit], ADDRESS_SPACE).await;
     let ch = channel(&server).await;
     let addr = server.http.clone();
     let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
     for route in ROUTES {
-        // Each route answers a plain GET (the server is ready).
-        assert_eq!(http_raw(&addr, get(route).as_bytes()).await, 200, "{route}");
-        let long_query = format!("{route}?{}", "a=b&".repeat(16 << 10));
-        let cases: Vec<(String, Vec<u8>, u16)> = vec![
+        let (method, path) = (route.method, route.path);
+        // Each route answers its plain request (the server is ready).
+        let plain = request(method, path, "", route.body.as_bytes());
+        assert_eq!(
+            http_raw(&addr, &plain).await,
+            route.status,
+            "{method} {path}"
+        );
+        let long_query = format!("{path}?{}", "a=b&".repeat(16 << 10));
+        let other = if method == "GET" { "POST" } else { "PUT" };
+        let mut cases: Vec<(String, Vec<u8>, u16)> = vec![
             // A 64 KiB query string: URI too long.
             ("long query".into(), get(&long_query).into_bytes(), 414),
             // A method the route does not take.
             (
-                "POST with a body".into(),
-                format!(
-                    "POST {route} HTTP/1.1\r\nHost: x\r\nContent-Length: 1048576\r\nConnection: close\r\n\r\n{}",
-                    "x".repeat(1 << 20)
-                )
-                .into_bytes(),
+                format!("{other} with a body"),
+                request(other, path, "", "x".repeat(1 << 20).as_bytes()),
                 405,
             ),
             // A header larger than the server reads.
             (
                 "1 MiB header".into(),
                 format!(
-                    "GET {route} HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
+                    "{method} {path} HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
                     "y".repeat(1 << 20)
                 )
                 .into_bytes(),
@@ -767,20 +928,23 @@ async fn every_http_route_answers_hostile_requests_and_stays_whole() {
             // A request line that is not HTTP.
             (
                 "bad request line".into(),
-                format!("GET {route}\0 HTTP/9.9\r\n\r\n").into_bytes(),
+                format!("{method} {path}\0 HTTP/9.9\r\n\r\n").into_bytes(),
                 400,
             ),
             // A path out of the tree.
             (
                 "traversal".into(),
-                get(&format!("{route}/../../../../etc/passwd")).into_bytes(),
+                get(&format!("{path}/../../../../etc/passwd")).into_bytes(),
                 404,
             ),
         ];
+        if method == "POST" {
+            cases.extend(hostile_bodies(route));
+        }
         for (name, request, want) in cases {
             let got = http_raw(&addr, &request).await;
-            assert_eq!(got, want, "{route} {name}");
-            assert_whole(&mut server, &ch, &format!("HTTP {route} {name}")).await;
+            assert_eq!(got, want, "{method} {path} {name}");
+            assert_whole(&mut server, &ch, &format!("HTTP {method} {path} {name}")).await;
         }
     }
     // Many connections that send nothing hold no request slot: a real request still answers.

@@ -206,6 +206,15 @@ impl ModelWorker {
         self.shared.model.config()
     }
 
+    /// The model's own token count of each text ([`Model::count_tokens`]); `None` when the model
+    /// has no tokenizer. Tokenizes on the calling thread: call it from a blocking thread.
+    pub fn count_tokens(
+        &self,
+        texts: &[&str],
+    ) -> Option<Result<Vec<usize>, veraltheim_models::Error>> {
+        self.shared.model.count_tokens(texts)
+    }
+
     pub fn stats(&self) -> StatsSnapshot {
         self.shared.stats.snapshot(self.shared.queue.depth())
     }

@@ -275,6 +275,18 @@ impl ModelConfig {
         if self.name.is_empty() {
             return Err(invalid("the model has no name".into()));
         }
+        // Whatever the backend: a configuration never names a file outside the model's folder.
+        let file = self.default_model_filename.as_str();
+        if !file.is_empty()
+            && (std::path::Path::new(file)
+                .file_name()
+                .is_none_or(|n| n != file)
+                || file == "..")
+        {
+            return Err(invalid(format!(
+                "default_model_filename is '{file}'; it must be a file name inside the model's folder"
+            )));
+        }
         if self.max_batch_size > MAX_BATCH_SIZE_LIMIT {
             return Err(invalid(format!(
                 "max_batch_size {} is above the limit of {MAX_BATCH_SIZE_LIMIT}",
@@ -642,6 +654,20 @@ mod tests {
             .with_override(r#"{"input":[{"name":"x","data_type":"TYPE_FLOAT"}]}"#)
             .unwrap_err();
         assert!(e.to_string().contains("TYPE_FLOAT"), "{e}");
+        for file in ["../../etc/passwd", "/etc/passwd", "..", "a/b.onnx"] {
+            let e = base()
+                .with_override(&format!(r#"{{"default_model_filename":"{file}"}}"#))
+                .unwrap_err();
+            assert!(
+                e.to_string().contains("default_model_filename"),
+                "{file}: {e}"
+            );
+        }
+        assert!(
+            base()
+                .with_override(r#"{"default_model_filename":"model.onnx"}"#)
+                .is_ok()
+        );
     }
 
     #[test]

@@ -38,3 +38,31 @@ pub use limits::Limits;
 pub use model::Model;
 pub use state::ModelState;
 pub use tensor::{Tensor, TensorData};
+
+/// Entry points for the fuzz targets (`fuzz/fuzz_targets/`): arbitrary bytes into the parsers of
+/// model configurations, which must refuse, never panic or allocate without bound.
+#[doc(hidden)]
+pub mod fuzz {
+    /// A model configuration in JSON, read whole and applied as an override on a built-in's.
+    pub fn config_json(data: &[u8]) {
+        let Ok(text) = std::str::from_utf8(data) else {
+            return;
+        };
+        if let Ok(config) = crate::config::ModelConfig::from_json(text) {
+            let _ = config.validate_declared();
+            let _ = crate::limits::Limits::default().check_config(&config, 2);
+        }
+        if let Ok(base) = crate::builtin::config("cost")
+            && let Ok(merged) = base.with_override(text)
+        {
+            let _ = crate::limits::Limits::default().check_config(&merged, 2);
+        }
+    }
+
+    /// A Triton `config.pbtxt`.
+    pub fn config_pbtxt(data: &[u8]) {
+        if let Ok(text) = std::str::from_utf8(data) {
+            let _ = crate::repository::config_from_pbtxt(text);
+        }
+    }
+}

@@ -28,4 +28,11 @@ pub trait Model: Send + Sync + 'static {
     fn estimate_tokens(&self, _inputs: &[Tensor]) -> Option<usize> {
         None
     }
+
+    /// For text models with a tokenizer: the tokens each text costs the model (after
+    /// truncation, special tokens included), counted by the model's own tokenizer. `None`: the
+    /// model has no tokenizer. Tokenizes, so it belongs on a blocking thread, not an async one.
+    fn count_tokens(&self, _texts: &[&str]) -> Option<Result<Vec<usize>, Error>> {
+        None
+    }
 }

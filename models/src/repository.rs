@@ -168,6 +168,9 @@ impl Repository {
         let versions =
             version_folders(&dir).map_err(|e| invalid(format!("cannot list versions: {e}")))?;
         let serving = select_version(&config, &versions).map_err(invalid)?;
+        // The folder, and every file of the serving version a backend may open, stay inside the
+        // repository once symlinks are resolved.
+        contained(&self.root, &dir.join(serving.to_string())).map_err(invalid)?;
         Ok(RepoModel {
             name: name.to_string(),
             dir,
@@ -176,6 +179,54 @@ impl Repository {
             serving,
         })
     }
+}
+
+/// Most entries of a version folder looked at by [`contained`]: a model folder holds a handful
+/// of files; a folder of millions is refused rather than walked.
+const MAX_FOLDER_ENTRIES: usize = 10_000;
+
+/// Checks that `dir` (a model's version folder) and everything under it resolve inside `root`
+/// once symlinks are followed: a symlinked model folder, version folder or model file that
+/// points elsewhere (`model.onnx -> /etc/shadow`) would have a load read outside the repository.
+/// Symlinks that stay inside the repository (shared files between versions) are fine.
+pub fn contained(root: &Path, dir: &Path) -> Result<(), String> {
+    let root = root
+        .canonicalize()
+        .map_err(|e| format!("cannot resolve the repository {}: {e}", root.display()))?;
+    let outside = |path: &Path, real: &Path| {
+        format!(
+            "{} resolves to {}, outside the model repository {}",
+            path.display(),
+            real.display(),
+            root.display()
+        )
+    };
+    let mut stack = vec![(dir.to_path_buf(), 0usize)];
+    let mut seen = 0usize;
+    while let Some((path, depth)) = stack.pop() {
+        seen += 1;
+        if seen > MAX_FOLDER_ENTRIES {
+            return Err(format!(
+                "{} holds more than {MAX_FOLDER_ENTRIES} entries",
+                dir.display()
+            ));
+        }
+        let real = path
+            .canonicalize()
+            .map_err(|e| format!("cannot resolve {}: {e}", path.display()))?;
+        if !real.starts_with(&root) {
+            return Err(outside(&path, &real));
+        }
+        // Followed through symlinks: a symlinked folder's contents are checked too.
+        if real.is_dir() && depth < 8 {
+            let entries =
+                fs::read_dir(&path).map_err(|e| format!("cannot list {}: {e}", path.display()))?;
+            for entry in entries.flatten() {
+                stack.push((entry.path(), depth + 1));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Protobuf's text format lets a message-list field omit its colon (`input [ { ... } ]`, as
@@ -578,6 +629,52 @@ optimization { execution_accelerators { cpu_execution_accelerator: [ { name: "op
                 .is_empty()
         );
         fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn symlinks_out_of_the_repository_are_refused_and_inside_it_allowed() {
+        use std::os::unix::fs::symlink;
+        let root = tmp("symlinks");
+        let outside = tmp("symlinks-outside");
+        write(&outside.join("secret"), "root only");
+        fs::create_dir_all(outside.join("1")).unwrap();
+        write(
+            &outside.join("config.json"),
+            r#"{"backend":"builtin","parameters":{"builtin":{"string_value":"identity"}}}"#,
+        );
+        let config =
+            r#"{"backend":"builtin","parameters":{"builtin":{"string_value":"identity"}}}"#;
+        // A model file that points outside.
+        write(&root.join("file/config.json"), config);
+        fs::create_dir_all(root.join("file/1")).unwrap();
+        symlink(outside.join("secret"), root.join("file/1/model.onnx")).unwrap();
+        // A version folder that points outside.
+        write(&root.join("version/config.json"), config);
+        symlink(outside.join("1"), root.join("version/1")).unwrap();
+        // The model folder itself.
+        symlink(&outside, root.join("folder")).unwrap();
+        let repo = Repository::new(&root);
+        for name in ["file", "version", "folder"] {
+            let e = repo.model(name).unwrap_err();
+            assert!(
+                matches!(e, Error::InvalidModelFolder { .. })
+                    && e.to_string().contains("outside the model repository"),
+                "{name}: {e}"
+            );
+            assert_eq!(e.kind(), crate::ErrorKind::InvalidArgument, "{name}: {e}");
+        }
+        // Inside the repository a symlink is fine (a file shared between versions).
+        write(&root.join("shared/config.json"), config);
+        write(&root.join("shared/1/model.onnx"), "weights");
+        fs::create_dir_all(root.join("shared/2")).unwrap();
+        symlink(
+            root.join("shared/1/model.onnx"),
+            root.join("shared/2/model.onnx"),
+        )
+        .unwrap();
+        assert_eq!(repo.model("shared").unwrap().serving, 2);
+        fs::remove_dir_all(&root).unwrap();
+        fs::remove_dir_all(&outside).unwrap();
     }
 
     #[test]

@@ -56,6 +56,14 @@ pub fn build_inputs(
         };
         let datatype = DataType::from_config_name(&data.data_type)
             .map_err(|_| fail(format!("unknown data_type '{}'", data.data_type)))?;
+        if let Ok(declared) = DataType::from_config_name(&input.data_type)
+            && declared != datatype
+        {
+            return Err(fail(format!(
+                "input '{}' is {} in the model, the warm-up gives {}",
+                input.name, input.data_type, data.data_type
+            )));
+        }
         if data.dims.iter().any(|d| *d < 0) {
             return Err(fail(format!(
                 "input '{}' has dims {:?}; warm-up dims must be concrete",
@@ -246,6 +254,17 @@ mod tests {
         );
         let e = build_inputs(&config, &config.model_warmup[0], None).unwrap_err();
         assert!(e.to_string().contains("inside warmup/"), "{e}");
+        // Another type than the model's input: the caller's configuration, not a model fault.
+        let config = with_warmup(
+            r#"[{"name":"w","inputs":{"INPUT0":{"data_type":"TYPE_INT32","dims":[2],"zero_data":true}}}]"#,
+        );
+        let e = build_inputs(&config, &config.model_warmup[0], None).unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::InvalidArgument, "{e}");
+        assert!(
+            e.to_string()
+                .contains("is TYPE_FP32 in the model, the warm-up gives TYPE_INT32"),
+            "{e}"
+        );
         let e = builtin::config("identity")
             .unwrap()
             .with_override(r#"{"model_warmup":[{"name":"w","inputs":{"INPUT0":{"data_type":"TYPE_FP32","dims":[1]}}}]}"#)

@@ -17,8 +17,12 @@ use veraltheim_serving::{ManagerDeps, ManagerOptions, Measurement, ModelManager}
 
 /// A repository of plain ONNX models (no tokenizer: any graph), each the MiniLM export.
 fn repository(names: &[&str]) -> tempfile::TempDir {
-    let onnx = common::minilm_onnx();
     let root = tempfile::tempdir().expect("temp dir");
+    // One copy inside the repository (a hidden folder is no model), linked from each model:
+    // symlinks that leave the repository are refused at load.
+    let onnx = root.path().join(".files/model.onnx");
+    std::fs::create_dir_all(onnx.parent().unwrap()).expect("files folder");
+    std::fs::copy(common::minilm_onnx(), &onnx).expect("copy of the graph");
     for name in names {
         let version = root.path().join(name).join("1");
         std::fs::create_dir_all(&version).expect("model folder");

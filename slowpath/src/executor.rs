@@ -120,8 +120,11 @@ pub struct CommandRun {
     /// Program and arguments.
     pub command: Vec<String>,
     pub env: BTreeMap<String, String>,
-    /// Empty: the executor's default (local: the coordinator's working directory).
+    /// Empty: the executor's default (local: the job's own folder; Kubernetes: the image's).
     pub working_dir: String,
+    /// Kubernetes: a writable root filesystem (read-only otherwise); the local executor ignores
+    /// it.
+    pub writable_root: bool,
     /// What the job holds while it runs (Kubernetes: requests and limits).
     pub resources: Resources,
     /// The attempt ends as [`Outcome::TimedOut`] after this long.
@@ -136,6 +139,7 @@ impl CommandRun {
             command,
             env,
             working_dir,
+            writable_root,
         } = &spec.kind
         else {
             return None;
@@ -148,6 +152,7 @@ impl CommandRun {
             command: command.clone(),
             env: env.clone(),
             working_dir: working_dir.clone(),
+            writable_root: *writable_root,
             resources: spec.resources.clone(),
             deadline: spec.deadline_seconds.map(Duration::from_secs),
         })

@@ -110,6 +110,11 @@ pub enum JobKind {
         command: Vec<String>,
         env: BTreeMap<String, String>,
         working_dir: String,
+        /// Kubernetes: the container's root filesystem is writable (it is read-only otherwise,
+        /// with an empty `/tmp`). The local executor ignores it. Records written before the
+        /// field existed read as false.
+        #[serde(default)]
+        writable_root: bool,
     },
     Inference {
         model: String,
@@ -199,6 +204,7 @@ impl JobSpec {
                 command,
                 env,
                 working_dir,
+                ..
             } => {
                 image.len()
                     + working_dir.len()
@@ -253,6 +259,7 @@ impl JobSpec {
                 command,
                 env,
                 working_dir,
+                ..
             } => {
                 if command.len() > MAX_ARGS {
                     return too(format!(
@@ -358,6 +365,7 @@ mod tests {
                 command: vec!["true".into()],
                 env: BTreeMap::new(),
                 working_dir: String::new(),
+                writable_root: false,
             },
         }
     }
@@ -412,6 +420,7 @@ mod tests {
             command: vec![],
             env: BTreeMap::new(),
             working_dir: String::new(),
+            writable_root: false,
         };
         assert!(
             s.validate()
@@ -458,6 +467,7 @@ mod tests {
             command: many(MAX_ARGS + 1),
             env: BTreeMap::new(),
             working_dir: String::new(),
+            writable_root: false,
         };
         refused(&s, "arguments, above the limit");
         s.kind = JobKind::Command {
@@ -465,6 +475,7 @@ mod tests {
             command: vec!["x".repeat(MAX_SPEC_BYTES)],
             env: BTreeMap::new(),
             working_dir: String::new(),
+            writable_root: false,
         };
         refused(&s, "bytes, above the limit of 65536");
         s.kind = JobKind::Command {
@@ -475,6 +486,7 @@ mod tests {
                 .map(|k| (k, String::new()))
                 .collect(),
             working_dir: String::new(),
+            writable_root: false,
         };
         refused(&s, "environment variables are above");
         s.kind = JobKind::Inference {

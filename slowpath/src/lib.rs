@@ -14,6 +14,8 @@
 //!   outcome, cancel, logs, adopt after a restart), and the outcomes that tell the job's own
 //!   failures from the infrastructure's.
 //! - [`local`]: the local executor, a command job as a process group with its logs in files.
+//! - [`sandbox`]: what a local job may touch: its user and group, environment, folder,
+//!   rlimits, allowed programs and cgroup.
 //! - [`kubernetes`]: the Kubernetes executor, a `batch/v1` Job per attempt through `kube`, and
 //!   (feature `fake-k8s`) the fake Kubernetes API server its tests run against.
 //! - [`runner`]: store, scheduler and an executor tied together in an async loop.
@@ -24,6 +26,7 @@ pub mod kubernetes;
 pub mod local;
 mod logcap;
 pub mod runner;
+pub mod sandbox;
 pub mod scheduler;
 pub mod store;
 

@@ -1,15 +1,23 @@
 //! The local executor: runs a command job as a child process of the coordinator.
 //!
 //! Each attempt runs in its own process group (`process_group(0)`), with stdin closed and stdout
-//! and stderr written to `<jobs_dir>/<job id>/attempt-<n>.stdout|.stderr`. A cancel or the
-//! deadline kills the whole group — the command and everything it started — with
-//! `kill -KILL -- -<pgid>` (the `kill` program, so this crate needs no `unsafe` or libc), then
-//! reaps the command. When the command exits by itself, whatever it left running in its group is
-//! killed too, so no stray process outlives its job.
+//! and stderr written to `<jobs_dir>/<job id>/attempt-<n>.stdout|.stderr` (mode 0600: the
+//! server's, not the jobs'). A cancel or the deadline kills the whole group — the command and
+//! everything it started — with `kill -KILL -- -<pgid>` (the `kill` program), then reaps the
+//! command. When the command exits by itself, whatever it left running in its group is killed
+//! too, so no stray process outlives its job.
 //!
-//! The local executor ignores a command job's `image`: it runs the command on this machine,
-//! with the coordinator's environment plus the job's `env`, in the job's `working_dir` (the
-//! coordinator's own when empty).
+//! What the command may touch is the executor's [`Sandbox`] (`[jobs.local]`, see
+//! docs/SECURITY.md, "Jobs and the host"): it runs as the configured unprivileged user and group
+//! (`run_as`), with a clean environment — `PATH` (the sandbox's), `HOME` (its folder) and the
+//! job's own `env`, nothing of the server's — under the configured rlimits, with
+//! `no_new_privs`, optionally in a cgroup of its own, and only if its program is on the
+//! allow-list (when there is one). Its folder is `<jobs_dir>/<job id>/work` (mode 0700, owned by
+//! the job's user, kept across attempts, deleted with the job); it starts there, or in its
+//! `working_dir`: relative to that folder (made as needed), or absolute (entered as the job's
+//! user, so it must be one that user may enter).
+//!
+//! The local executor ignores a command job's `image` and `writable_root`.
 //!
 //! Output goes through a pipe to a copier task per stream, which keeps at most `max_log_bytes`
 //! of it in the file: the first half as it comes (so `logs --follow` shows it live), the last
@@ -34,7 +42,9 @@ use tokio_util::sync::CancellationToken;
 
 pub use crate::executor::{CommandRun, ExecError, Outcome};
 use crate::executor::{Execution, Executor, LogChunk, LogSource, LogStream};
+use crate::job::{JobKind, JobSpec};
 use crate::logcap::HeadTail;
+pub use crate::sandbox::{Cgroups, Limits, RunAs, Sandbox};
 
 /// How often a followed log file is read again.
 const LOG_POLL: Duration = Duration::from_millis(200);
@@ -58,6 +68,8 @@ pub struct LocalExecutor {
     max_log_bytes: u64,
     /// The attempts running now, as (job id, attempt): a followed log ends with its attempt.
     live: Arc<Mutex<HashSet<(String, u32)>>>,
+    /// Who the jobs run as, with what; see the module documentation.
+    sandbox: Arc<Sandbox>,
 }
 
 impl LocalExecutor {
@@ -67,7 +79,19 @@ impl LocalExecutor {
             jobs_dir: jobs_dir.into(),
             max_log_bytes: DEFAULT_MAX_LOG_BYTES,
             live: Arc::default(),
+            sandbox: Arc::default(),
         }
+    }
+
+    /// Runs the jobs in `sandbox` (by default: as the server's user, with a clean environment
+    /// and the default PATH, no limits, any program).
+    pub fn with_sandbox(mut self, sandbox: Sandbox) -> Self {
+        self.sandbox = Arc::new(sandbox);
+        self
+    }
+
+    pub fn sandbox(&self) -> &Sandbox {
+        &self.sandbox
     }
 
     /// Keeps at most `bytes` of each of an attempt's stdout and stderr (head and tail, see the
@@ -79,6 +103,11 @@ impl LocalExecutor {
 
     pub fn jobs_dir(&self) -> &Path {
         &self.jobs_dir
+    }
+
+    /// The folder a job runs in (its `HOME`), kept across its attempts.
+    pub fn work_dir(&self, job_id: &str) -> PathBuf {
+        self.jobs_dir.join(job_id).join("work")
     }
 
     /// Where an attempt's stdout and stderr go.
@@ -100,39 +129,102 @@ impl LocalExecutor {
         started.wait_for(cancel).await
     }
 
+    /// Makes the job's folders: `<jobs_dir>` and `<jobs_dir>/<id>` searchable but not listable
+    /// by others (0711, so the job's user reaches its own folder and no other job's logs), and
+    /// `<jobs_dir>/<id>/work`, 0700 and owned by the job's user.
+    fn make_dirs(&self, job_id: &str) -> Result<(PathBuf, PathBuf), ExecError> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| ExecError::Logs { path, source }
+        };
+        let jobs_dir = std::path::absolute(&self.jobs_dir).map_err(io(&self.jobs_dir))?;
+        let dir = jobs_dir.join(job_id);
+        let work = dir.join("work");
+        std::fs::create_dir_all(&work).map_err(io(&work))?;
+        for (path, mode) in [(&jobs_dir, 0o711), (&dir, 0o711), (&work, 0o700)] {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+                .map_err(io(path))?;
+        }
+        if let Some(r) = &self.sandbox.run_as {
+            // `<id>` is the server's and not writable by the job, so `work` is the folder made
+            // above, not something the job put in its place.
+            std::os::unix::fs::lchown(&work, Some(r.uid), Some(r.gid)).map_err(io(&work))?;
+        }
+        Ok((dir, work))
+    }
+
     /// Starts the process group of an attempt.
     fn spawn(&self, run: &CommandRun) -> Result<LocalExecution, ExecError> {
-        let (program, args) = run.command.split_first().ok_or(ExecError::EmptyCommand)?;
+        let (name, args) = run.command.split_first().ok_or(ExecError::EmptyCommand)?;
+        // Checked again: the allow-list (or the files on PATH) may have changed since submit.
+        let program = self
+            .sandbox
+            .program(&run.command)
+            .map_err(ExecError::Rejected)?;
         let (out_path, err_path) = self.log_paths(&run.job_id, run.attempt);
-        let dir = self.jobs_dir.join(&run.job_id);
-        std::fs::create_dir_all(&dir).map_err(|source| ExecError::Logs {
-            path: dir.clone(),
-            source,
-        })?;
+        let (_, work) = self.make_dirs(&run.job_id)?;
         let create = |path: &PathBuf| {
-            std::fs::File::create(path).map_err(|source| ExecError::Logs {
-                path: path.clone(),
-                source,
-            })
+            use std::os::unix::fs::OpenOptionsExt as _;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(|source| ExecError::Logs {
+                    path: path.clone(),
+                    source,
+                })
         };
         let stdout = create(&out_path)?;
         let stderr = create(&err_path)?;
+        let cgroup = match &self.sandbox.cgroups {
+            Some(c) => Some(
+                c.create(
+                    &format!("{}-{}", run.job_id, run.attempt),
+                    run.resources.memory_bytes,
+                    run.resources.cpu_millis,
+                )
+                .map_err(|e| ExecError::Backend(format!("cannot make the job's cgroup: {e}")))?,
+            ),
+            None => None,
+        };
+        let entry = self
+            .sandbox
+            .entry(&work, &run.working_dir, cgroup.as_deref())
+            .map_err(ExecError::Rejected)?;
 
-        let mut cmd = tokio::process::Command::new(program);
-        cmd.args(args)
+        let mut cmd = tokio::process::Command::new(&program);
+        cmd.arg0(name)
+            .args(args)
+            .env_clear()
+            .env("PATH", &self.sandbox.path)
+            .env("HOME", &work)
             .envs(&run.env)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
-        if !run.working_dir.is_empty() {
-            cmd.current_dir(&run.working_dir);
+        // SAFETY: `Entry::enter` makes only async-signal-safe system calls on memory prepared
+        // here, as a closure run between fork and exec must.
+        unsafe {
+            cmd.pre_exec(move || entry.enter());
         }
-        let mut child = cmd.spawn().map_err(|source| ExecError::Spawn {
-            program: program.clone(),
+        let spawned = cmd.spawn().map_err(|source| ExecError::Spawn {
+            program: name.clone(),
             source,
-        })?;
+        });
+        let mut child = match spawned {
+            Ok(child) => child,
+            Err(e) => {
+                if let Some(cg) = &cgroup {
+                    Cgroups::remove(cg);
+                }
+                return Err(e);
+            }
+        };
         let stop = CancellationToken::new();
         let mut copiers = Vec::new();
         if let Some(pipe) = child.stdout.take() {
@@ -158,6 +250,7 @@ impl LocalExecutor {
             deadline: run.deadline.and_then(|d| Instant::now().checked_add(d)),
             copiers,
             stop_copiers: stop,
+            cgroup,
             live: LiveGuard {
                 set: self.live.clone(),
                 key,
@@ -186,6 +279,8 @@ struct LocalExecution {
     /// The tasks copying stdout and stderr into the log files.
     copiers: Vec<JoinHandle<()>>,
     stop_copiers: CancellationToken,
+    /// The attempt's cgroup (`jobs.local.cgroup_dir`), removed at its end.
+    cgroup: Option<PathBuf>,
     live: LiveGuard,
 }
 
@@ -204,6 +299,7 @@ impl LocalExecution {
                 // Whatever the command left running in its group goes with it.
                 kill_group(pgid).await;
                 self.finish_logs().await;
+                self.remove_cgroup();
                 return Ok(outcome_of(status));
             }
             () = cancel.cancelled() => Outcome::Cancelled,
@@ -214,8 +310,15 @@ impl LocalExecution {
         let _ = self.child.start_kill();
         self.child.wait().await.map_err(ExecError::Wait)?;
         self.finish_logs().await;
+        self.remove_cgroup();
         tracing::debug!(job = %self.live.key.0, attempt = self.live.key.1, ?outcome, "killed");
         Ok(outcome)
+    }
+
+    fn remove_cgroup(&mut self) {
+        if let Some(cg) = self.cgroup.take() {
+            Cgroups::remove(&cg);
+        }
     }
 
     /// Waits for the copiers to write the logs' ends (before the attempt leaves the live set,
@@ -305,6 +408,14 @@ impl Execution for LocalExecution {
 impl Executor for LocalExecutor {
     fn name(&self) -> &'static str {
         "local"
+    }
+
+    /// A command job's program must be on `jobs.local.allowed_commands` (when set).
+    fn check(&self, spec: &JobSpec) -> Result<(), String> {
+        match &spec.kind {
+            JobKind::Command { command, env, .. } => self.sandbox.check(command, env),
+            JobKind::Inference { .. } => Ok(()),
+        }
     }
 
     fn log_dir(&self, job_id: &str) -> Option<PathBuf> {
@@ -581,6 +692,246 @@ mod tests {
         assert_eq!(outcome, Outcome::TimedOut);
         let out = std::fs::read_to_string(exec.log_paths("j", 1).0).unwrap();
         assert_eq!(out, "started\n");
+    }
+
+    /// The executor's tests of `run_as` switch users, which only root may do: without root they
+    /// fail, saying so, rather than pass without testing anything.
+    fn nobody() -> RunAs {
+        assert_eq!(
+            crate::sandbox::effective_uid(),
+            0,
+            "this test runs jobs as nobody:nogroup, which needs the test to run as root"
+        );
+        RunAs::resolve("nobody:nogroup").unwrap()
+    }
+
+    /// A folder every user may enter, whatever the umask.
+    fn open_tempdir() -> tempfile::TempDir {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        dir
+    }
+
+    async fn output(exec: &LocalExecutor, r: &CommandRun) -> (Outcome, String, String) {
+        let outcome = within(exec.run(r, &CancellationToken::new()))
+            .await
+            .unwrap();
+        let (out, err) = exec.log_paths(&r.job_id, r.attempt);
+        (
+            outcome,
+            std::fs::read_to_string(out).unwrap(),
+            std::fs::read_to_string(err).unwrap(),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_job_run_as_nobody_cannot_read_a_file_only_root_can_read() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let files = open_tempdir();
+        let secret = files.path().join("root-only");
+        std::fs::write(&secret, "root's secret\n").unwrap();
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let public = files.path().join("public");
+        std::fs::write(&public, "for everyone\n").unwrap();
+        std::fs::set_permissions(&public, std::fs::Permissions::from_mode(0o644)).unwrap();
+
+        let dir = tempfile::tempdir().unwrap();
+        let mut sandbox = Sandbox::default();
+        sandbox.run_as = Some(nobody());
+        let exec = LocalExecutor::new(dir.path()).with_sandbox(sandbox);
+        let r = run("j", vec!["cat".into(), secret.to_string_lossy().into()]);
+        let (outcome, out, err) = output(&exec, &r).await;
+        assert_eq!(outcome, Outcome::Exited(1), "{out}{err}");
+        assert_eq!(out, "");
+        assert!(err.contains("Permission denied"), "{err}");
+
+        // The same job reads what nobody may read: the refusal was the file's mode.
+        let r = run("k", vec!["cat".into(), public.to_string_lossy().into()]);
+        let (outcome, out, _) = output(&exec, &r).await;
+        assert_eq!(
+            (outcome, out.as_str()),
+            (Outcome::Exited(0), "for everyone\n")
+        );
+
+        // Without run_as the server's user (root here) runs it, and reads the file.
+        let exec = LocalExecutor::new(dir.path());
+        let r = run("l", vec!["cat".into(), secret.to_string_lossy().into()]);
+        let (outcome, out, _) = output(&exec, &r).await;
+        assert_eq!(
+            (outcome, out.as_str()),
+            (Outcome::Exited(0), "root's secret\n")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_job_runs_as_its_user_without_privileges_in_its_own_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let user = nobody();
+        let mut sandbox = Sandbox::default();
+        sandbox.run_as = Some(user.clone());
+        let exec = LocalExecutor::new(dir.path()).with_sandbox(sandbox);
+        let script = "grep -E '^(Uid|Gid|Groups|NoNewPrivs|CapEff):' /proc/self/status; \
+                      pwd; echo home=$HOME; echo made > here";
+        let (outcome, out, err) = output(&exec, &run("j", sh(script))).await;
+        assert_eq!(outcome, Outcome::Exited(0), "{err}");
+        let field = |name: &str| {
+            out.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .unwrap_or_else(|| panic!("no {name} in {out}"))
+                .split_whitespace()
+                .collect::<Vec<_>>()
+        };
+        let (uid, gid) = (user.uid.to_string(), user.gid.to_string());
+        // Real, effective, saved and filesystem ids are all the job's user's.
+        assert_eq!(field("Uid:"), [&*uid; 4]);
+        assert_eq!(field("Gid:"), [&*gid; 4]);
+        // No supplementary group of the server's is kept.
+        assert_eq!(field("Groups:"), [&*gid]);
+        assert_eq!(field("NoNewPrivs:"), ["1"]);
+        assert_eq!(field("CapEff:"), ["0000000000000000"]);
+
+        let work = std::path::absolute(exec.work_dir("j")).unwrap();
+        assert!(
+            out.contains(&format!("{}\nhome={}\n", work.display(), work.display())),
+            "{out}"
+        );
+        use std::os::unix::fs::MetadataExt as _;
+        let made = std::fs::metadata(work.join("here")).unwrap();
+        assert_eq!((made.uid(), made.gid()), (user.uid, user.gid));
+        let meta = std::fs::metadata(&work).unwrap();
+        assert_eq!((meta.uid(), meta.mode() & 0o777), (user.uid, 0o700));
+        // The logs are the server's alone.
+        let log = std::fs::metadata(exec.log_paths("j", 1).0).unwrap();
+        assert_eq!((log.uid(), log.mode() & 0o777), (0, 0o600));
+
+        // A relative working_dir is made under the job's folder, by the job's user.
+        let mut r = run("j", sh("pwd; touch file"));
+        r.attempt = 2;
+        r.working_dir = "sub/dir".into();
+        let (outcome, out, err) = output(&exec, &r).await;
+        assert_eq!(outcome, Outcome::Exited(0), "{err}");
+        assert_eq!(out, format!("{}\n", work.join("sub/dir").display()));
+        assert_eq!(
+            std::fs::metadata(work.join("sub/dir/file")).unwrap().uid(),
+            user.uid
+        );
+
+        // An absolute one is entered as the job's user: one it may not enter is refused.
+        use std::os::unix::fs::PermissionsExt as _;
+        let private = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(private.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let mut r = run("j", sh("pwd"));
+        r.attempt = 3;
+        r.working_dir = private.path().to_string_lossy().into_owned();
+        let err = exec.run(&r, &CancellationToken::new()).await.unwrap_err();
+        assert!(err.to_string().contains("Permission denied"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_job_sees_none_of_the_servers_environment() {
+        // This process (the "server") has variables of its own: cargo's at least.
+        let server_vars: Vec<String> = std::env::vars()
+            .map(|(k, _)| k)
+            .filter(|k| k != "PATH" && k != "HOME")
+            .collect();
+        assert!(!server_vars.is_empty(), "the test process has no variables");
+        let dir = tempfile::tempdir().unwrap();
+        let mut sandbox = Sandbox::default();
+        sandbox.path = "/usr/bin:/bin".into();
+        let exec = LocalExecutor::new(dir.path()).with_sandbox(sandbox);
+        let mut r = run("j", vec!["env".into()]);
+        r.env.insert("GREETING".into(), "hello".into());
+        let (outcome, out, err) = output(&exec, &r).await;
+        assert_eq!(outcome, Outcome::Exited(0), "{err}");
+        let mut seen: Vec<&str> = out.lines().collect();
+        seen.sort();
+        let home = std::path::absolute(exec.work_dir("j")).unwrap();
+        assert_eq!(
+            seen,
+            [
+                "GREETING=hello",
+                &*format!("HOME={}", home.display()),
+                "PATH=/usr/bin:/bin"
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn the_configured_rlimits_are_in_force_in_the_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sandbox = Sandbox::default();
+        sandbox.run_as = Some(nobody());
+        sandbox.limits = Limits {
+            address_space_bytes: Some(8 << 30),
+            cpu_seconds: Some(1234),
+            open_files: Some(321),
+            processes: Some(4321),
+        };
+        let exec = LocalExecutor::new(dir.path()).with_sandbox(sandbox);
+        let (outcome, out, err) =
+            output(&exec, &run("j", sh("cat /proc/self/limits; ulimit -n"))).await;
+        assert_eq!(outcome, Outcome::Exited(0), "{err}");
+        let limit = |name: &str| {
+            let line = out
+                .lines()
+                .find(|l| l.starts_with(name))
+                .unwrap_or_else(|| panic!("no {name} in {out}"));
+            line[name.len()..]
+                .split_whitespace()
+                .take(2)
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        };
+        let as_bytes = (8u64 << 30).to_string();
+        assert_eq!(limit("Max address space"), [&*as_bytes; 2]);
+        // SIGXCPU at the soft limit, SIGKILL 5 s later.
+        assert_eq!(limit("Max cpu time"), ["1234", "1239"]);
+        assert_eq!(limit("Max open files"), ["321", "321"]);
+        assert_eq!(limit("Max processes"), ["4321", "4321"]);
+        assert_eq!(out.lines().last(), Some("321"));
+    }
+
+    #[tokio::test]
+    async fn a_program_off_the_allow_list_is_refused_at_submit_and_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let sandbox = Sandbox::default()
+            .with_allowed_commands(&["echo".into()])
+            .unwrap();
+        let exec = LocalExecutor::new(dir.path()).with_sandbox(sandbox);
+        let spec = |argv: &[&str]| JobSpec {
+            name: "j".into(),
+            queue: "default".into(),
+            priority_class: String::new(),
+            resources: Default::default(),
+            max_retries: 0,
+            deadline_seconds: None,
+            ttl_seconds_after_finished: None,
+            labels: Default::default(),
+            idempotency_key: None,
+            owner: None,
+            kind: JobKind::Command {
+                image: String::new(),
+                command: argv.iter().map(|s| s.to_string()).collect(),
+                env: Default::default(),
+                working_dir: String::new(),
+                writable_root: false,
+            },
+        };
+        assert_eq!(
+            exec.check(&spec(&["cat", "/etc/passwd"])),
+            Err("command 'cat' is not allowed (jobs.local.allowed_commands)".into())
+        );
+        assert!(exec.check(&spec(&["echo", "hi"])).is_ok());
+        // At start too: what runs is the allowed file, found on the jobs' PATH.
+        let err = exec
+            .run(&run("j", vec!["cat".into()]), &CancellationToken::new())
+            .await
+            .unwrap_err();
+        assert!(err.is_permanent(), "{err}");
+        assert!(err.to_string().contains("'cat' is not allowed"), "{err}");
+        let (outcome, out, _) = output(&exec, &run("k", vec!["echo".into(), "hi".into()])).await;
+        assert_eq!((outcome, out.as_str()), (Outcome::Exited(0), "hi\n"));
     }
 
     #[tokio::test]

@@ -905,6 +905,7 @@ mod tests {
                 command: vec!["sh".into(), "-c".into(), script.into()],
                 env: BTreeMap::new(),
                 working_dir: String::new(),
+                writable_root: false,
             },
         }
     }

@@ -704,6 +704,7 @@ pub(crate) mod tests {
                 command: vec!["true".into()],
                 env: BTreeMap::new(),
                 working_dir: String::new(),
+                writable_root: false,
             },
         }
     }

@@ -194,10 +194,11 @@ def cost_config(base_us: int, per_item_us: int, max_batch_size: int = 8) -> str:
     )
 
 
-def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:
-    """(status, body) of a GET; HTTP error statuses are returned, not raised."""
+def http_get(url: str, timeout: float = 5.0, context=None) -> tuple[int, str]:
+    """(status, body) of a GET; HTTP error statuses are returned, not raised. `context`: the
+    ssl.SSLContext of an https URL."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
+        with urllib.request.urlopen(url, timeout=timeout, context=context) as resp:
             return resp.status, resp.read().decode("utf-8", "replace")
     except urllib.error.HTTPError as err:
         return err.code, err.read().decode("utf-8", "replace")

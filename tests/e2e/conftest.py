@@ -7,8 +7,8 @@ The binary comes from $VERALTHEIM_BIN (scripts/test sets it), falling back to
 Fixtures
 --------
 server            one server for the whole session (read-only tests share it)
-server_factory    start extra servers with their own data dir, flags, model repository and
-                  environment (for tests
+server_factory    start extra servers with their own data dir, flags, model repository,
+                  environment and TLS client settings (for tests
                   that load/unload/reconfigure models, or shut the server down);
                   every server it started is stopped at the end of the test
 grpc_client       a tritonclient.grpc.InferenceServerClient bound to `server`
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -50,6 +51,30 @@ def free_port() -> int:
 
 
 @dataclass
+class ClientTls:
+    """How a client reaches a server started with TLS: the CA file (PEM) that signs the
+    server's certificate and, for mutual TLS, the client's certificate and key files."""
+
+    ca: Path
+    cert: Path | None = None
+    key: Path | None = None
+
+    def grpc_credentials(self) -> grpc.ChannelCredentials:
+        read = lambda p: p.read_bytes() if p else None  # noqa: E731
+        return grpc.ssl_channel_credentials(
+            root_certificates=read(self.ca),
+            private_key=read(self.key),
+            certificate_chain=read(self.cert),
+        )
+
+    def ssl_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(self.ca))
+        if self.cert:
+            ctx.load_cert_chain(str(self.cert), str(self.key))
+        return ctx
+
+
+@dataclass
 class Server:
     """One running `veraltheim serve` process."""
 
@@ -60,6 +85,8 @@ class Server:
     log_path: Path
     args: list[str]
     _clients: list = field(default_factory=list)
+    # Set when the server serves TLS: how the fixtures' own calls reach it.
+    tls: ClientTls | None = None
 
     @property
     def grpc_url(self) -> str:
@@ -67,7 +94,8 @@ class Server:
 
     @property
     def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://127.0.0.1:{self.http_port}"
 
     def log(self) -> str:
         try:
@@ -103,7 +131,12 @@ class Server:
     def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
         """Poll gRPC ServerReady and HTTP /v2/health/ready until both say ready."""
         deadline = time.monotonic() + timeout
-        channel = grpc.insecure_channel(self.grpc_url, options=CHANNEL_OPTIONS)
+        if self.tls:
+            channel = grpc.secure_channel(
+                self.grpc_url, self.tls.grpc_credentials(), options=CHANNEL_OPTIONS
+            )
+        else:
+            channel = grpc.insecure_channel(self.grpc_url, options=CHANNEL_OPTIONS)
         try:
             self._wait_ready(service_pb2_grpc.GRPCInferenceServiceStub(channel), deadline)
         finally:
@@ -121,7 +154,11 @@ class Server:
                 grpc_ready = stub.ServerReady(
                     service_pb2.ServerReadyRequest(), timeout=1.0
                 ).ready
-                status, _ = http_get(f"{self.http_url}/v2/health/ready", timeout=1.0)
+                status, _ = http_get(
+                    f"{self.http_url}/v2/health/ready",
+                    timeout=1.0,
+                    context=self.tls.ssl_context() if self.tls else None,
+                )
                 if grpc_ready and status == 200:
                     return
                 last = f"gRPC ready={grpc_ready}, HTTP ready status={status}"
@@ -153,10 +190,12 @@ def start_server(
     extra_args: list[str] | None = None,
     models_dir: Path | None = None,
     env: dict[str, str] | None = None,
+    tls: ClientTls | None = None,
 ) -> Server:
     """Start `veraltheim serve` on fresh ports; retry if a port got taken meanwhile.
     `models_dir` is the model repository (default: an empty one in `base_dir`); `env`
-    replaces the server's environment when given."""
+    replaces the server's environment when given; `tls` is how to reach a server whose
+    `extra_args` turn TLS on."""
     binary = binary_path()
     base_dir.mkdir(parents=True, exist_ok=True)
     data_dir = base_dir / "data"
@@ -190,7 +229,7 @@ def start_server(
             env=env,
         )
         log_file.close()
-        server = Server(proc, grpc_port, http_port, data_dir, log_path, args)
+        server = Server(proc, grpc_port, http_port, data_dir, log_path, args, tls=tls)
         try:
             server.wait_ready()
             return server
@@ -226,8 +265,11 @@ def server_factory(tmp_path):
         extra_args: list[str] | None = None,
         models_dir: Path | None = None,
         env: dict[str, str] | None = None,
+        tls: ClientTls | None = None,
     ) -> Server:
-        srv = start_server(tmp_path / f"server{len(started)}", extra_args, models_dir, env)
+        srv = start_server(
+            tmp_path / f"server{len(started)}", extra_args, models_dir, env, tls
+        )
         started.append(srv)
         return srv
 

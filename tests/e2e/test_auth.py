@@ -19,6 +19,8 @@ import threading
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
 
 from _helpers import binary_path, fp32_input, http_get, raises_status
 
@@ -75,7 +77,8 @@ def bearer(name: str) -> dict[str, str]:
 def secured(server_factory, tmp_path):
     path = tmp_path / "auth.toml"
     path.write_text(auth_file(["alice", "bob", "ops"]))
-    srv = server_factory(extra_args=["--auth-file", str(path)])
+    # A root server with authentication must name the user local jobs run as.
+    srv = server_factory(extra_args=["--auth-file", str(path), "--jobs-run-as", "nobody:nogroup"])
     srv.auth_path = path
     return srv
 
@@ -187,6 +190,26 @@ def test_allowed_calls_succeed_with_the_token_in_headers(secured):
     assert client.get_server_metadata(headers=ops).name == "veraltheim"
     client.load_model("cost", headers=ops)
     assert client.is_model_ready("cost", headers=ops)
+
+
+def test_the_http_client_sends_its_token_in_headers_too(secured):
+    client = httpclient.InferenceServerClient(url=f"127.0.0.1:{secured.http_port}")
+    try:
+        arr = np.array([[4.0, 5.0]], dtype=np.float32)
+        inp = httpclient.InferInput("INPUT0", list(arr.shape), "FP32")
+        inp.set_data_from_numpy(arr)
+        result = client.infer("identity", [inp], headers=bearer("alice"))
+        np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), arr)
+        with pytest.raises(InferenceServerException) as err:
+            client.infer("identity", [inp])
+        assert "authentication required" in str(err.value), err.value
+        with pytest.raises(InferenceServerException) as err:
+            client.infer("cost", [inp], headers=bearer("alice"))
+        assert "'alice' may not infer on model 'cost'" in str(err.value), err.value
+        # Health over HTTP needs no token.
+        assert client.is_server_live() and client.is_server_ready()
+    finally:
+        client.close()
 
 
 def test_no_token_and_a_wrong_token_are_unauthenticated(secured):

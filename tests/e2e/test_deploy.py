@@ -74,6 +74,8 @@ def test_validate_script_passes_on_the_repository():
     # both kustomizations were rendered and checked, against the pinned versions, strictly
     for rel in validate.KUSTOMIZATIONS.values():
         assert f"{rel}: 9 objects" in out.stdout, out.stdout
+        # and the batch-job pods the Kubernetes executor creates under its config
+        assert f"{rel}: job pods (read-only root, writable root): ok" in out.stdout, out.stdout
     assert "strict" in out.stdout and "1.30.0" in out.stdout and "1.37.0" in out.stdout
 
 
@@ -91,6 +93,17 @@ def test_rendered_objects(rendered):
         c = _container(objects)
         assert c["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
         assert c["readinessProbe"]["httpGet"]["path"] == "/ready"
+        # secure by default: TLS (so the probes speak HTTPS) and an auth file, from Secrets
+        assert c["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
+        args = c["args"]
+        assert args[args.index("--tls-cert") + 1] == "/etc/veraltheim/tls/tls.crt"
+        assert args[args.index("--tls-key") + 1] == "/etc/veraltheim/tls/tls.key"
+        assert args[args.index("--auth-file") + 1] == "/etc/veraltheim/auth/auth.toml"
+        secrets = {v["name"]: v["secret"]["secretName"]
+                   for v in _pod(objects)["volumes"] if "secret" in v}
+        assert secrets == {"tls": "veraltheim-tls", "auth": "veraltheim-auth"}
+        ns = _obj(objects, "Namespace")["metadata"]["labels"]
+        assert ns["pod-security.kubernetes.io/enforce"] == "restricted"
         # the Deployment mounts the generated (hash-suffixed) ConfigMap, not a dangling name
         cm = _obj(objects, "ConfigMap")["metadata"]["name"]
         assert cm.startswith("veraltheim-config-")
@@ -192,7 +205,38 @@ INVARIANT_MUTATIONS = {
     "cluster role": (lambda o: o.append({"apiVersion": "rbac.authorization.k8s.io/v1",
                                          "kind": "ClusterRole", "metadata": {"name": "x"}}),
                      "unexpected kinds"),
+    # secure by default
+    "no auth file": (lambda o: _drop_arg(_container(o), "--auth-file"), "must pass --auth-file"),
+    "no TLS key": (lambda o: _drop_arg(_container(o), "--tls-key"), "must pass --tls-key"),
+    "auth switched off": (lambda o: _container(o)["args"].append("--insecure-no-auth"),
+                          "must not pass --insecure-no-auth"),
+    "key in the ConfigMap": (lambda o: _set_arg(_container(o), "--tls-key", "/etc/veraltheim/tls.key"),
+                             "--tls-key /etc/veraltheim/tls.key is not in a Secret volume"),
+    "writable secret mount": (lambda o: next(m for m in _container(o)["volumeMounts"]
+                                             if m["name"] == "auth").pop("readOnly"),
+                              "must be mounted readOnly"),
+    "plain HTTP probe": (lambda o: _container(o)["livenessProbe"]["httpGet"].update(scheme="HTTP"),
+                         "livenessProbe scheme must be HTTPS"),
+    # Pod Security "restricted", for the namespace and the coordinator's own pod
+    "namespace only baseline": (lambda o: _obj(o, "Namespace")["metadata"]["labels"].update(
+        {"pod-security.kubernetes.io/enforce": "baseline"}), "must be 'restricted'"),
+    "hostPath volume": (lambda o: _pod(o)["volumes"].append({"name": "h", "hostPath": {"path": "/"}}),
+                        "is of type ['hostPath']"),
+    "host network": (lambda o: _pod(o).update(hostNetwork=True), "hostNetwork must not be true"),
+    "added capability": (lambda o: _container(o)["securityContext"]["capabilities"].update(
+        add=["SYS_ADMIN"]), "capabilities.add ['SYS_ADMIN'] are not allowed"),
 }
+
+
+def _drop_arg(container: dict, flag: str) -> None:
+    args = container["args"]
+    i = args.index(flag)
+    del args[i:i + 2]
+
+
+def _set_arg(container: dict, flag: str, value: str) -> None:
+    args = container["args"]
+    args[args.index(flag) + 1] = value
 
 
 @pytest.mark.parametrize("mutation", sorted(INVARIANT_MUTATIONS))
@@ -202,6 +246,70 @@ def test_invariants_reject(rendered, mutation):
     assert validate.invariant_errors(objects, "base") == []
     change(objects)
     errors = validate.invariant_errors(objects, "base")
+    assert any(fragment in e for e in errors), f"{mutation}: {errors}"
+
+
+@pytest.fixture(scope="module")
+def job_pods(rendered) -> dict[str, dict]:
+    """The batch/v1 Jobs the Kubernetes executor creates under the base config."""
+    text, _ = validate.rendered_config(rendered["base"])
+    return validate.job_objects(text, str(binary_path()))
+
+
+def test_job_pods_are_restricted_and_get_no_token(job_pods):
+    assert set(job_pods) == {"read-only root", "writable root"}
+    for label, job in job_pods.items():
+        assert job["kind"] == "Job" and job["apiVersion"] == "batch/v1"
+        writable = label == "writable root"
+        assert validate.job_pod_errors(job, writable) == []
+        assert validate.schema_errors([job]) == []
+        pod = job["spec"]["template"]["spec"]
+        assert pod["automountServiceAccountToken"] is False
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["runAsUser"] != 0
+        [c] = pod["containers"]
+        assert c["securityContext"]["readOnlyRootFilesystem"] is (not writable)
+        # a read-only root still has a scratch /tmp
+        mounts = {m["mountPath"] for m in c.get("volumeMounts") or []}
+        assert ("/tmp" in mounts) is (not writable)
+
+
+def _job_container(job: dict) -> dict:
+    return job["spec"]["template"]["spec"]["containers"][0]
+
+
+JOB_POD_MUTATIONS = {
+    "no runAsNonRoot": (lambda j: j["spec"]["template"]["spec"]["securityContext"].pop("runAsNonRoot")
+                        and _job_container(j)["securityContext"].pop("runAsNonRoot"),
+                        "runAsNonRoot must be true"),
+    "root uid": (lambda j: _job_container(j)["securityContext"].update(runAsUser=0),
+                 "runAsUser must not be 0"),
+    "token mounted": (lambda j: j["spec"]["template"]["spec"].update(automountServiceAccountToken=True),
+                      "automountServiceAccountToken must be false"),
+    "privileged": (lambda j: _job_container(j)["securityContext"].update(privileged=True),
+                   "privileged must not be true"),
+    "escalation": (lambda j: _job_container(j)["securityContext"].update(allowPrivilegeEscalation=True),
+                   "allowPrivilegeEscalation must be false"),
+    "unconfined seccomp": (lambda j: j["spec"]["template"]["spec"]["securityContext"].update(
+        seccompProfile={"type": "Unconfined"}), "seccompProfile"),
+    "capabilities kept": (lambda j: _job_container(j)["securityContext"].pop("capabilities"),
+                          "capabilities.drop must contain ALL"),
+    "NET_ADMIN added": (lambda j: _job_container(j)["securityContext"]["capabilities"].update(
+        add=["NET_ADMIN"]), "capabilities.add ['NET_ADMIN'] are not allowed"),
+    "hostPath": (lambda j: j["spec"]["template"]["spec"]["volumes"].append(
+        {"name": "root", "hostPath": {"path": "/"}}), "is of type ['hostPath']"),
+    "host PID": (lambda j: j["spec"]["template"]["spec"].update(hostPID=True), "hostPID"),
+    "writable root unasked": (lambda j: _job_container(j)["securityContext"].update(
+        readOnlyRootFilesystem=False), "readOnlyRootFilesystem is False"),
+}
+
+
+@pytest.mark.parametrize("mutation", sorted(JOB_POD_MUTATIONS))
+def test_job_pod_checks_reject(job_pods, mutation):
+    change, fragment = JOB_POD_MUTATIONS[mutation]
+    job = copy.deepcopy(job_pods["read-only root"])
+    change(job)
+    errors = validate.job_pod_errors(job, writable_root=False)
     assert any(fragment in e for e in errors), f"{mutation}: {errors}"
 
 
@@ -307,9 +415,12 @@ def _serve_with_config(cfg: Path, tmp_path: Path) -> Server:
         grpc_port, http_port = free_port(), free_port()
         while http_port == grpc_port:
             http_port = free_port()
+        # The in-cluster API configuration cannot work here: the Kubernetes executor gets an
+        # address where nothing listens (it makes no request until a job starts).
         args = [str(binary_path()), "serve", "--config", str(cfg),
                 "--grpc-addr", f"127.0.0.1:{grpc_port}", "--http-addr", f"127.0.0.1:{http_port}",
-                "--data-dir", str(data_dir), "--model-repository", str(models)]
+                "--data-dir", str(data_dir), "--model-repository", str(models),
+                "--kubernetes-api-url", f"http://127.0.0.1:{free_port()}"]
         log_path = tmp_path / f"server-{attempt}.log"
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log,
@@ -345,6 +456,16 @@ def test_rendered_config_runs_the_server(rendered, variant, tmp_path):
         for model in config["models"]["load"]:
             assert client.is_model_ready(model), model
         assert (data_dir / "state.redb").is_file()
+        # Command jobs become pods, never processes beside the server: one naming no image is
+        # refused by the Kubernetes executor.
+        marker = tmp_path / "ran-locally"
+        out = subprocess.run([str(binary_path()), "jobs", "submit", "--server", server.grpc_url,
+                              "--", "touch", str(marker)],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode != 0, out
+        assert "can never run on the kubernetes executor" in out.stderr, out.stderr
+        assert "needs an image" in out.stderr, out.stderr
+        assert not marker.exists()
     finally:
         code = server.terminate()
     assert code == 0, f"exit {code}\n{server.log_tail()}"

@@ -17,7 +17,8 @@ use veraltheim_benches::load::echo::EchoServer;
 use veraltheim_benches::load::suite::suite;
 
 async fn run(args: RunArgs) -> anyhow::Result<bool> {
-    let spec = args.load.spec().map_err(anyhow::Error::msg)?;
+    let mut spec = args.load.spec().map_err(anyhow::Error::msg)?;
+    spec.tls = args.tls.clone();
     let (echo, target, addr) = if args.echo {
         let server = EchoServer::start(0)?;
         let addr = server.addr().to_string();

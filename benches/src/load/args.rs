@@ -77,7 +77,7 @@ pub enum Command {
 
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
-    /// KServe gRPC server, HOST:PORT.
+    /// KServe gRPC server, HOST:PORT, or https://HOST:PORT for TLS (see --ca).
     #[arg(long, required_unless_present = "echo", conflicts_with = "echo")]
     pub server: Option<String>,
     /// Start the bare tonic echo server in-process on a free loopback port and load it.
@@ -85,9 +85,54 @@ pub struct RunArgs {
     pub echo: bool,
     #[command(flatten)]
     pub load: LoadOpts,
+    #[command(flatten)]
+    pub tls: TlsOpts,
     /// Print one JSON object instead of a text line.
     #[arg(long)]
     pub json: bool,
+}
+
+/// TLS to the server of `run --server`.
+#[derive(Args, Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsOpts {
+    /// TLS: the CA certificates (PEM) that sign the server's certificate; makes a bare
+    /// HOST:PORT https.
+    #[arg(long, value_name = "FILE", conflicts_with = "echo")]
+    pub ca: Option<PathBuf>,
+    /// Mutual TLS: the client's certificate (PEM), with --key.
+    #[arg(long, value_name = "FILE", requires = "key", conflicts_with = "echo")]
+    pub cert: Option<PathBuf>,
+    /// Mutual TLS: the private key (PEM) of --cert.
+    #[arg(long, value_name = "FILE", requires = "cert", conflicts_with = "echo")]
+    pub key: Option<PathBuf>,
+}
+
+impl TlsOpts {
+    /// The URL of `addr` (HOST:PORT or a URL): https when it says so or when --ca is given.
+    pub fn url(&self, addr: &str) -> Result<String, String> {
+        let url = if addr.contains("://") {
+            addr.to_string()
+        } else if self.ca.is_some() {
+            format!("https://{addr}")
+        } else {
+            format!("http://{addr}")
+        };
+        let https = url.starts_with("https://");
+        if !https && !url.starts_with("http://") {
+            return Err(format!(
+                "--server {addr}: give HOST:PORT or https://HOST:PORT"
+            ));
+        }
+        if https && self.ca.is_none() {
+            return Err("--server https://…: give the server's CA with --ca".into());
+        }
+        if !https && (self.ca.is_some() || self.cert.is_some()) {
+            return Err(format!(
+                "--ca, --cert and --key are for TLS: use https:// (got {url})"
+            ));
+        }
+        Ok(url)
+    }
 }
 
 /// The request and the load; shared by `run` and `suite`.
@@ -284,6 +329,8 @@ pub struct LoadSpec {
     pub warmup: Duration,
     pub duration: Duration,
     pub request_timeout: Duration,
+    /// TLS to the server (`run` only; none by default).
+    pub tls: TlsOpts,
 }
 
 fn seconds(name: &str, v: f64, allow_zero: bool) -> Result<Duration, String> {
@@ -362,6 +409,7 @@ impl LoadOpts {
             warmup,
             duration,
             request_timeout,
+            tls: TlsOpts::default(),
         })
     }
 }
@@ -611,5 +659,57 @@ mod tests {
         let (b, d) = compute_plan(&[1, 8], 0.25).unwrap();
         assert_eq!(b, vec![1, 8]);
         assert_eq!(d, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn tls_options_pick_the_scheme_and_need_a_server() {
+        let run = |args: &[&str]| match parse(args).command {
+            Command::Run(r) => r,
+            other => panic!("{other:?}"),
+        };
+        let r = run(&["run", "--server", "h:1", "--concurrency", "1"]);
+        assert_eq!(r.tls.url("h:1").unwrap(), "http://h:1");
+        let r = run(&[
+            "run",
+            "--server",
+            "h:1",
+            "--ca",
+            "ca.pem",
+            "--concurrency",
+            "1",
+        ]);
+        assert_eq!(r.tls.url("h:1").unwrap(), "https://h:1");
+        assert_eq!(r.tls.url("https://h:1").unwrap(), "https://h:1");
+        assert!(r.tls.url("http://h:1").unwrap_err().contains("https://"));
+        let r = run(&["run", "--server", "https://h:1", "--concurrency", "1"]);
+        assert!(r.tls.url("https://h:1").unwrap_err().contains("--ca"));
+        let r = run(&[
+            "run",
+            "--server",
+            "h:1",
+            "--ca",
+            "a",
+            "--cert",
+            "c",
+            "--key",
+            "k",
+            "--concurrency",
+            "1",
+        ]);
+        assert_eq!(r.tls.key.as_deref(), Some(std::path::Path::new("k")));
+        let no = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("veraltheim-load").chain(args.iter().copied()))
+                .is_err()
+        };
+        assert!(no(&["run", "--echo", "--ca", "a", "--concurrency", "1"]));
+        assert!(no(&[
+            "run",
+            "--server",
+            "h:1",
+            "--cert",
+            "c",
+            "--concurrency",
+            "1"
+        ]));
     }
 }

@@ -9,13 +9,13 @@ use anyhow::Context as _;
 use bytes::Bytes;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::time::{Instant, sleep_until};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use veraltheim_proto::inference::{
     self as pb, grpc_inference_service_client::GrpcInferenceServiceClient,
     model_infer_request::InferInputTensor,
 };
 
-use super::args::{LoadSpec, Mode, Shape};
+use super::args::{LoadSpec, Mode, Shape, TlsOpts};
 use super::cpu::{self, CpuUse};
 use super::report::{BAD_RESPONSE, CLIENT_TIMEOUT, LoadReport, Recorder, code_name, throughput};
 use super::schedule::Schedule;
@@ -49,12 +49,24 @@ pub fn infer_request(model: &str, shape: &Shape) -> pb::ModelInferRequest {
     }
 }
 
-/// `n` HTTP/2 connections to `addr` (HOST:PORT), each its own tonic `Channel`.
-pub async fn connect(addr: &str, n: usize) -> anyhow::Result<Vec<Channel>> {
-    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+/// `n` HTTP/2 connections to `addr` (HOST:PORT, or a URL), each its own tonic `Channel`; over
+/// TLS as `tls` says.
+pub async fn connect(addr: &str, n: usize, tls: &TlsOpts) -> anyhow::Result<Vec<Channel>> {
+    let url = tls.url(addr).map_err(anyhow::Error::msg)?;
+    let mut endpoint = Endpoint::from_shared(url)
         .with_context(|| format!("bad server address '{addr}'"))?
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(5));
+    if let Some(ca) = &tls.ca {
+        let read = |path: &std::path::Path| {
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+        };
+        let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca)?));
+        if let (Some(cert), Some(key)) = (&tls.cert, &tls.key) {
+            config = config.identity(Identity::from_pem(read(cert)?, read(key)?));
+        }
+        endpoint = endpoint.tls_config(config).context("cannot set up TLS")?;
+    }
     let mut channels = Vec::with_capacity(n);
     for _ in 0..n {
         channels.push(
@@ -114,7 +126,7 @@ pub async fn run_load_with(
     on_measure: Option<oneshot::Sender<()>>,
 ) -> anyhow::Result<LoadReport> {
     anyhow::ensure!(!payloads.is_empty(), "no request to send");
-    let channels = connect(addr, spec.mode.channels()).await?;
+    let channels = connect(addr, spec.mode.channels(), &spec.tls).await?;
     let payload: Arc<Vec<pb::ModelInferRequest>> = Arc::new(payloads);
     let mut report = match spec.mode {
         Mode::Closed {

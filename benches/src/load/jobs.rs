@@ -120,6 +120,7 @@ pub fn bench_spec(n: u64) -> JobSpec {
             command: vec!["true".into()],
             env: Default::default(),
             working_dir: String::new(),
+            writable_root: false,
         },
     }
 }

@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use parking_lot::Mutex;
@@ -270,7 +270,13 @@ impl Gate {
 
     /// Decides what the layer can decide; on success the request carries its [`Caller`].
     fn admit(&self, request: &mut Request) -> Result<(), Status> {
-        let (rule, action) = self.rule(request.uri().path());
+        // HTTP routes have parameters (`/v2/models/{name}/infer`): the rule is the route's, as
+        // the router matched it (the layer runs after routing). gRPC methods are exact paths.
+        let path = match (self.protocol, request.extensions().get::<MatchedPath>()) {
+            (Protocol::Http, Some(route)) => route.as_str(),
+            _ => request.uri().path(),
+        };
+        let (rule, action) = self.rule(path);
         if rule == Some(Rule::Open) {
             return Ok(());
         }
@@ -305,14 +311,17 @@ impl Gate {
                 }
             }
             let Some(rule) = rule else {
-                return match self.protocol {
-                    // HTTP: the router answers 404 for a path it does not serve.
-                    Protocol::Http => Ok(()),
-                    Protocol::Grpc => Err(Status::unimplemented(format!(
-                        "{}: no such method",
+                // A route or method without a rule is not served to anyone (a route added
+                // without one fails its tests rather than open a hole).
+                return Err(match self.protocol {
+                    Protocol::Http => Status::permission_denied(format!(
+                        "{}: this route has no access rule",
                         caller.action
-                    ))),
-                };
+                    )),
+                    Protocol::Grpc => {
+                        Status::unimplemented(format!("{}: no such method", caller.action))
+                    }
+                });
             };
             caller.precheck(rule)?;
         }
@@ -631,16 +640,21 @@ impl Caller {
 
     /// Records the outcome of a state-changing call on `resource` (`model:NAME`, `job:ID`...).
     pub fn audit<T>(&self, resource: impl Into<String>, outcome: &Result<T, Status>) {
+        let (result, message) = match outcome {
+            Ok(_) => ("OK".to_string(), String::new()),
+            Err(s) => (code_name(s.code()), s.message().to_string()),
+        };
+        self.audit_result(resource, &result, &message);
+    }
+
+    /// [`Caller::audit`] with the result named by the caller (`OK`, a gRPC code's name).
+    pub fn audit_result(&self, resource: impl Into<String>, result: &str, message: &str) {
         let verb = match self.0.rule {
             // A change of the log settings is the system.admin part of LogSettings.
             Rule::LogSettings => Some(Verb::SystemAdmin),
             r => r.verb(),
         };
-        let (result, message) = match outcome {
-            Ok(_) => ("OK".to_string(), String::new()),
-            Err(s) => (code_name(s.code()), s.message().to_string()),
-        };
-        self.0.record(verb, resource.into(), &result, &message);
+        self.0.record(verb, resource.into(), result, message);
     }
 }
 

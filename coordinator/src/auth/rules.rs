@@ -344,12 +344,50 @@ pub const RULES: &[(&str, Rule)] = &[
         "/veraltheim.v1.ResourceService/WatchResources",
         Rule::Server(Read),
     ),
-    // HTTP
+    // HTTP (routes as the router spells them)
     ("/v2/health/live", Rule::Open),
     ("/v2/health/ready", Rule::Open),
     ("/live", Rule::Open),
     ("/ready", Rule::Open),
     ("/metrics", Rule::Server(Read)),
+    // KServe v2 over HTTP (`rest/kserve.rs`)
+    ("/v2", Rule::Server(Read)),
+    ("/v2/models/stats", Rule::Model(Read)),
+    ("/v2/models/{name}", Rule::Model(Read)),
+    ("/v2/models/{name}/versions/{version}", Rule::Model(Read)),
+    ("/v2/models/{name}/ready", Rule::Model(Read)),
+    (
+        "/v2/models/{name}/versions/{version}/ready",
+        Rule::Model(Read),
+    ),
+    ("/v2/models/{name}/config", Rule::Model(Read)),
+    (
+        "/v2/models/{name}/versions/{version}/config",
+        Rule::Model(Read),
+    ),
+    ("/v2/models/{name}/stats", Rule::Model(Read)),
+    (
+        "/v2/models/{name}/versions/{version}/stats",
+        Rule::Model(Read),
+    ),
+    ("/v2/models/{name}/infer", Rule::Model(Infer)),
+    (
+        "/v2/models/{name}/versions/{version}/infer",
+        Rule::Model(Infer),
+    ),
+    ("/v2/repository/index", Rule::Model(Read)),
+    (
+        "/v2/repository/models/{name}/load",
+        Rule::Model(ModelsAdmin),
+    ),
+    (
+        "/v2/repository/models/{name}/unload",
+        Rule::Model(ModelsAdmin),
+    ),
+    // OpenAI-compatible embeddings (`rest/openai.rs`)
+    ("/v1/embeddings", Rule::Model(Infer)),
+    ("/v1/models", Rule::Model(Read)),
+    ("/v1/models/{model}", Rule::Model(Read)),
 ];
 
 /// The rule of `path`, with the path as [`RULES`] holds it; `None` for a path no API serves.

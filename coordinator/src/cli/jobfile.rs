@@ -24,6 +24,8 @@
 //! command = ["python", "train.py"]   # -- CMD ARGS...
 //! working_dir = "/srv/train"      # --working-dir
 //! env = { EPOCHS = "3" }          # --env KEY=VALUE
+//! writable_root = false           # --writable-root (Kubernetes: the root filesystem is
+//!                                 # read-only unless the job asks)
 //!
 //! # [inference]                   # a batch inference job
 //! # model = "minilm"              # --model
@@ -87,6 +89,10 @@ pub struct SubmitArgs {
     /// The command's working directory.
     #[arg(long)]
     pub working_dir: Option<String>,
+    /// Kubernetes: give the container a writable root filesystem (it is read-only otherwise,
+    /// with an empty /tmp). Local runs ignore it.
+    #[arg(long)]
+    pub writable_root: bool,
     /// Batch inference: the model.
     #[arg(long)]
     pub model: Option<String>,
@@ -136,6 +142,7 @@ pub struct CommandFile {
     #[serde(default)]
     pub env: BTreeMap<String, String>,
     pub working_dir: Option<String>,
+    pub writable_root: Option<bool>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
@@ -309,11 +316,12 @@ fn kind(args: &SubmitArgs, file: &JobFile) -> anyhow::Result<v1::job_spec::Kind>
     let command_flags = !args.command.is_empty()
         || args.image.is_some()
         || !args.env.is_empty()
-        || args.working_dir.is_some();
+        || args.working_dir.is_some()
+        || args.writable_root;
     let inference_flags = args.model.is_some() || args.input.is_some() || args.output.is_some();
     if command_flags && inference_flags {
         bail!(
-            "a job is a command (-- CMD, --image, --env, --working-dir) or an inference \
+            "a job is a command (-- CMD, --image, --env, --working-dir, --writable-root) or an inference \
              (--model, --input, --output), not both"
         );
     }
@@ -359,6 +367,7 @@ fn kind(args: &SubmitArgs, file: &JobFile) -> anyhow::Result<v1::job_spec::Kind>
                 .clone()
                 .or(c.working_dir)
                 .unwrap_or_default(),
+            writable_root: args.writable_root || c.writable_root.unwrap_or(false),
         }))
     } else {
         let i = file.inference.clone().unwrap_or_default();
@@ -411,6 +420,7 @@ image = "python:3.12"
 command = ["python", "train.py"]
 working_dir = "/srv/train"
 env = { EPOCHS = "3", SEED = "1" }
+writable_root = true
 "#;
 
     fn parse(text: &str) -> anyhow::Result<JobFile> {
@@ -449,6 +459,18 @@ env = { EPOCHS = "3", SEED = "1" }
         assert_eq!(c.command, ["python", "train.py"]);
         assert_eq!(c.working_dir, "/srv/train");
         assert_eq!(c.env["EPOCHS"], "3");
+        assert!(c.writable_root);
+        // Unless the file or the flag asks, the root stays read-only.
+        let plain = SubmitArgs {
+            command: vec!["true".into()],
+            ..SubmitArgs::default()
+        };
+        assert!(!command_of(&build_spec(&plain, None).unwrap()).writable_root);
+        let asked = SubmitArgs {
+            writable_root: true,
+            ..plain
+        };
+        assert!(command_of(&build_spec(&asked, None).unwrap()).writable_root);
     }
 
     #[test]

@@ -246,6 +246,69 @@ fn the_example_in_deploy_parses() {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/veraltheim.toml");
     let c = Config::from_file(Some(&path)).unwrap();
     assert_eq!(c.models.default_max_queue_size, 4096);
+    // In the shipped deployment jobs become pods; none runs in the coordinator's container,
+    // which holds a service-account token that may create pods.
+    assert_eq!(c.jobs.executor, JobExecutorKind::Kubernetes);
+}
+
+#[test]
+fn the_local_jobs_section_is_read_and_checked() {
+    let l = Config::defaults().unwrap().jobs.local;
+    assert_eq!((l.run_as, l.cgroup_dir), (None, None));
+    assert!(l.allowed_commands.is_empty());
+    assert_eq!(l.path, veraltheim_slowpath::sandbox::DEFAULT_PATH);
+    assert_eq!(
+        (l.max_open_files, l.max_processes),
+        (Some(4096), Some(4096))
+    );
+    assert_eq!((l.max_address_space_bytes, l.max_cpu_seconds), (None, None));
+    let f = file(
+        r#"[jobs.local]
+run_as = "nobody:nogroup"
+allowed_commands = ["python3", "/usr/bin/env"]
+max_address_space_bytes = 8589934592
+max_cpu_seconds = 600
+max_processes = 0
+"#,
+    );
+    let path = f.path().to_str().unwrap();
+    let l = resolve(&["--config", path]).unwrap().jobs.local;
+    assert_eq!(l.run_as.as_deref(), Some("nobody:nogroup"));
+    assert_eq!(l.allowed_commands, ["python3", "/usr/bin/env"]);
+    assert_eq!(l.max_address_space_bytes, Some(8 << 30));
+    assert_eq!(l.max_cpu_seconds, Some(600));
+    assert_eq!(l.max_processes, None, "0 means unset");
+    let l = resolve(&[
+        "--config",
+        path,
+        "--jobs-run-as",
+        "daemon:daemon",
+        "--jobs-allowed-commands",
+        "sh,cat",
+    ])
+    .unwrap()
+    .jobs
+    .local;
+    assert_eq!(l.run_as.as_deref(), Some("daemon:daemon"));
+    assert_eq!(l.allowed_commands, ["sh", "cat"]);
+
+    let err = resolve(&["--jobs-path", "/usr/bin:bin"])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("jobs.local.path '/usr/bin:bin'"), "{err}");
+    let err = resolve(&["--kubernetes-run-as-user", "0"])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("jobs.kubernetes.run_as_user is 0"), "{err}");
+    let err = resolve(&["--kubernetes-run-as-group", "-1"])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("jobs.kubernetes.run_as_group is -1"), "{err}");
+    let k = resolve(&["--kubernetes-run-as-user", "1000"])
+        .unwrap()
+        .jobs
+        .kubernetes;
+    assert_eq!((k.run_as_user, k.run_as_group), (1000, 65534));
 }
 
 #[test]
@@ -280,4 +343,36 @@ gpus = 4
         .unwrap_err()
         .to_string();
     assert!(err.contains("node_selector entry 'pool'"), "{err}");
+}
+
+#[test]
+fn tls_takes_a_certificate_with_its_key() {
+    let c = resolve(&[]).unwrap();
+    assert_eq!(c.server.tls.files().unwrap(), None);
+    let c = resolve(&["--tls-cert", "/c.pem", "--tls-key", "/k.pem"]).unwrap();
+    let files = c.server.tls.files().unwrap().unwrap();
+    assert_eq!(
+        (files.cert, files.key, files.client_ca),
+        ("/c.pem".into(), "/k.pem".into(), None)
+    );
+    let f = file(
+        "[server.tls]\ncert_file = \"/c.pem\"\nkey_file = \"/k.pem\"\nclient_ca_file = \"/ca.pem\"\n",
+    );
+    let c = resolve(&["--config", f.path().to_str().unwrap()]).unwrap();
+    let files = c.server.tls.files().unwrap().unwrap();
+    assert_eq!(files.client_ca, Some("/ca.pem".into()));
+    for (args, missing) in [
+        (&["--tls-cert", "/c.pem"][..], "--tls-key"),
+        (&["--tls-key", "/k.pem"][..], "--tls-cert"),
+        (&["--tls-client-ca", "/ca.pem"][..], "--tls-cert"),
+    ] {
+        let e = resolve(args)
+            .unwrap()
+            .server
+            .tls
+            .files()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(missing), "{args:?}: {e}");
+    }
 }

@@ -146,8 +146,10 @@ async fn start_with(data: &Path, extra: &[&str], address_space: Option<u64>) -> 
             panic!("the server exited before it was ready: {status}");
         }
         assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "server did not become ready"
+            // A bound for a hung start, not a measure of speed: a loaded 2-core machine can
+            // take tens of seconds to start a debug build.
+            started.elapsed() < Duration::from_secs(120),
+            "server did not become ready in 120 s"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -339,6 +339,10 @@ impl<E: Encoder> Model for SentenceEmbedder<E> {
         Some((longest / 3 + 2).min(self.tokenizer.max_seq_length()))
     }
 
+    fn count_tokens(&self, texts: &[&str]) -> Option<Result<Vec<usize>, Error>> {
+        Some(SentenceEmbedder::count_tokens(self, texts))
+    }
+
     fn execute(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, Error> {
         let model = &self.config.name;
         let Some(text) = inputs.first() else {

@@ -47,11 +47,21 @@ impl Modules {
         self.0.iter().any(|(k, _)| k == kind)
     }
 
+    /// The folder of the module of `kind`, when it is a plain relative path inside the model's
+    /// folder (no `..`, not absolute): a `modules.json` cannot point a read outside it.
     pub(super) fn path_of(&self, kind: &str) -> Option<String> {
         self.0
             .iter()
             .find(|(k, p)| k == kind && !p.is_empty())
             .map(|(_, p)| p.clone())
+            .filter(|p| {
+                std::path::Path::new(p).components().all(|c| {
+                    matches!(
+                        c,
+                        std::path::Component::Normal(_) | std::path::Component::CurDir
+                    )
+                })
+            })
     }
 }
 
@@ -88,4 +98,24 @@ pub fn max_seq_length_from_dir(dir: &Path) -> Result<usize, String> {
         (None, Some(p)) => p,
         (None, None) => DEFAULT_MAX_SEQ_LENGTH,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_module_path_out_of_the_folder_is_not_followed() {
+        let kind = "sentence_transformers.models.Pooling";
+        let modules = |p: &str| Modules(vec![(kind.to_string(), p.to_string())]);
+        assert_eq!(
+            modules("1_Pooling").path_of(kind).as_deref(),
+            Some("1_Pooling")
+        );
+        assert_eq!(modules("a/b").path_of(kind).as_deref(), Some("a/b"));
+        assert_eq!(modules("./2_P").path_of(kind).as_deref(), Some("./2_P"));
+        for escape in ["../../etc", "/etc", "a/../../b", "./x/../.."] {
+            assert_eq!(modules(escape).path_of(kind), None, "{escape}");
+        }
+    }
 }

@@ -490,6 +490,18 @@ fn count_tokens_reports_truncated_lengths() {
             .unwrap(),
         vec![3, 5]
     );
+    // The same counts through the Model trait (what the API's usage figures read); a model
+    // without a tokenizer has none.
+    let as_model: &dyn Model = &m;
+    assert_eq!(
+        as_model
+            .count_tokens(&["hello", "big big big big big big"])
+            .map(Result::unwrap),
+        Some(vec![3, 5])
+    );
+    let identity =
+        crate::builtin::instantiate(crate::builtin::config("identity").unwrap()).unwrap();
+    assert!(identity.count_tokens(&["hello"]).is_none());
 }
 
 #[test]

@@ -142,7 +142,18 @@ impl TextTokenizer {
     }
 
     /// The number of tokens (after truncation, special tokens included) of each text.
+    ///
+    /// One text at a time on the calling thread: this is called off the execution pool (for an
+    /// API's usage figures), where `encode_batch` would start rayon's global pool beside it.
     pub fn count_tokens(&self, texts: &[&str]) -> Result<Vec<usize>, String> {
-        Ok(self.encodings(texts)?.iter().map(|e| e.len()).collect())
+        texts
+            .iter()
+            .map(|t| {
+                self.tokenizer
+                    .encode(*t, true)
+                    .map(|e| e.len())
+                    .map_err(|e| format!("tokenizer failed: {e}"))
+            })
+            .collect()
     }
 }

@@ -7,6 +7,13 @@
 //!   [`KubernetesConfig`]. Its one container, `job`, runs the job's image (or the configured
 //!   default) with the job's command, environment and working directory, requesting and
 //!   limited to the job's CPU, memory and `nvidia.com/gpu`.
+//! - **The pod cannot take over its node** (Pod Security "restricted", checked by
+//!   `deploy/validate.py`): it runs as a fixed non-root uid and gid ([`KubernetesConfig`]'s
+//!   `run_as_user`/`run_as_group`; `runAsNonRoot`), all capabilities dropped, no privilege
+//!   escalation, seccomp `RuntimeDefault`, a read-only root filesystem with an empty `/tmp`
+//!   (unless the job asks for `writable_root`), no service-account token
+//!   (`automountServiceAccountToken: false`: the namespace's accounts may hold rights the job
+//!   must not have) and no service links in its environment.
 //! - **Status** comes from two kube-runtime watchers (the Job and its pods, by those labels),
 //!   which relist on `410 Gone` and follow bookmarks; [`classify`] reads them into an
 //!   [`Outcome`]. A pod that cannot pull its image fails the attempt as an infrastructure
@@ -41,8 +48,9 @@ use futures::future::BoxFuture;
 use futures::{AsyncReadExt, StreamExt};
 use k8s_openapi::api::batch::v1::{Job, JobSpec as K8sJobSpec};
 use k8s_openapi::api::core::v1::{
-    Container, EnvVar, Pod, PodSpec, PodTemplateSpec, ResourceRequirements,
-    Toleration as K8sToleration,
+    Capabilities, Container, EmptyDirVolumeSource, EnvVar, Pod, PodSecurityContext, PodSpec,
+    PodTemplateSpec, ResourceRequirements, SeccompProfile, SecurityContext,
+    Toleration as K8sToleration, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -97,6 +105,10 @@ pub struct KubernetesConfig {
     pub ttl_seconds_after_finished: Option<i32>,
     /// The image of command jobs that name none; empty: such jobs are refused.
     pub default_image: String,
+    /// The uid and gid the pods' containers run as (never 0: `runAsNonRoot`); a fixed one, so
+    /// that an image whose default user is root runs too.
+    pub run_as_user: i64,
+    pub run_as_group: i64,
     /// The circuit breaker in front of the API.
     pub breaker: BreakerConfig,
     /// Retries of one API call on a transient failure (after the first try).
@@ -121,6 +133,8 @@ impl Default for KubernetesConfig {
             tolerations: Vec::new(),
             ttl_seconds_after_finished: Some(86_400),
             default_image: String::new(),
+            run_as_user: DEFAULT_RUN_AS,
+            run_as_group: DEFAULT_RUN_AS,
             breaker: BreakerConfig::default(),
             api_retries: 3,
             api_retry_min_delay: Duration::from_millis(200),
@@ -130,6 +144,9 @@ impl Default for KubernetesConfig {
         }
     }
 }
+
+/// The default uid and gid of job pods: `nobody`/`nogroup` on most distributions.
+pub const DEFAULT_RUN_AS: i64 = 65534;
 
 /// The Job of attempt `attempt` of job `job_id`.
 pub fn job_name(job_id: &str, attempt: u32) -> String {
@@ -167,6 +184,12 @@ impl KubernetesExecutor {
     /// A client for `config`. Makes no request: an API server that is down now is seen when
     /// the first job starts (and the breaker deals with it).
     pub async fn connect(config: KubernetesConfig) -> Result<Self, ExecError> {
+        if config.run_as_user <= 0 || config.run_as_group < 0 {
+            return Err(ExecError::Backend(format!(
+                "job pods must run as a non-root uid (and a gid >= 0), not {}:{}",
+                config.run_as_user, config.run_as_group
+            )));
+        }
         let mut kc = if config.api_url.is_empty() {
             kube::Config::infer().await.map_err(|e| {
                 ExecError::Backend(format!(
@@ -245,109 +268,8 @@ impl KubernetesExecutor {
 
     /// The Job of attempt `run`.
     pub fn job_object(&self, run: &CommandRun) -> Result<Job, ExecError> {
-        let c = &self.shared.config;
-        let image = if run.image.is_empty() {
-            &c.default_image
-        } else {
-            &run.image
-        };
-        if image.is_empty() {
-            return Err(ExecError::Rejected(NO_IMAGE.into()));
-        }
-        if run.command.is_empty() {
-            return Err(ExecError::EmptyCommand);
-        }
-        let name = job_name(&run.job_id, run.attempt);
-        let mut labels = BTreeMap::from([
-            (LABEL_JOB_ID.to_owned(), run.job_id.clone()),
-            (LABEL_ATTEMPT.to_owned(), run.attempt.to_string()),
-            (LABEL_MANAGED_BY.to_owned(), "veraltheim".to_owned()),
-        ]);
-        if !run.job_name.is_empty() {
-            labels.insert(LABEL_JOB_NAME.to_owned(), run.job_name.clone());
-        }
-        let mut amounts = BTreeMap::new();
-        let r = &run.resources;
-        if r.cpu_millis > 0 {
-            amounts.insert("cpu".to_owned(), Quantity(format!("{}m", r.cpu_millis)));
-        }
-        if r.memory_bytes > 0 {
-            amounts.insert("memory".to_owned(), Quantity(r.memory_bytes.to_string()));
-        }
-        if r.gpus > 0 {
-            amounts.insert("nvidia.com/gpu".to_owned(), Quantity(r.gpus.to_string()));
-        }
-        // Requests equal limits: the job gets what the scheduler admitted it with, no more
-        // (and extended resources such as GPUs require it).
-        let resources = (!amounts.is_empty()).then(|| ResourceRequirements {
-            requests: Some(amounts.clone()),
-            limits: Some(amounts),
-            ..Default::default()
-        });
-        let container = Container {
-            name: CONTAINER.to_owned(),
-            image: Some(image.clone()),
-            command: Some(run.command.clone()),
-            env: (!run.env.is_empty()).then(|| {
-                run.env
-                    .iter()
-                    .map(|(k, v)| EnvVar {
-                        name: k.clone(),
-                        value: Some(v.clone()),
-                        ..Default::default()
-                    })
-                    .collect()
-            }),
-            working_dir: (!run.working_dir.is_empty()).then(|| run.working_dir.clone()),
-            resources,
-            ..Default::default()
-        };
-        let tolerations = c
-            .tolerations
-            .iter()
-            .map(|t| K8sToleration {
-                key: (!t.key.is_empty()).then(|| t.key.clone()),
-                operator: (!t.operator.is_empty()).then(|| t.operator.clone()),
-                value: (!t.value.is_empty()).then(|| t.value.clone()),
-                effect: (!t.effect.is_empty()).then(|| t.effect.clone()),
-                toleration_seconds: t.toleration_seconds,
-            })
-            .collect::<Vec<_>>();
-        let pod = PodSpec {
-            restart_policy: Some("Never".to_owned()),
-            service_account_name: (!c.service_account.is_empty())
-                .then(|| c.service_account.clone()),
-            node_selector: (!c.node_selector.is_empty()).then(|| c.node_selector.clone()),
-            tolerations: (!tolerations.is_empty()).then_some(tolerations),
-            containers: vec![container],
-            ..Default::default()
-        };
-        Ok(Job {
-            metadata: ObjectMeta {
-                name: Some(name),
-                namespace: Some(self.shared.namespace.clone()),
-                labels: Some(labels.clone()),
-                ..Default::default()
-            },
-            spec: Some(K8sJobSpec {
-                backoff_limit: Some(0),
-                active_deadline_seconds: run
-                    .deadline
-                    .map(|d| i64::try_from(d.as_secs().max(1)).unwrap_or(i64::MAX)),
-                ttl_seconds_after_finished: c.ttl_seconds_after_finished,
-                template: PodTemplateSpec {
-                    metadata: Some(ObjectMeta {
-                        labels: Some(labels),
-                        ..Default::default()
-                    }),
-                    spec: Some(pod),
-                },
-                ..Default::default()
-            }),
-            status: None,
-        })
+        job_object(&self.shared.config, &self.shared.namespace, run)
     }
-
     fn execution(&self, job: &Job, job_id: &str, attempt: u32) -> Box<dyn Execution> {
         Box::new(KubeExecution {
             exec: self.clone(),
@@ -457,6 +379,159 @@ impl KubernetesExecutor {
         }
     }
 }
+
+/// The Job of attempt `run` under `config`, in `namespace`: what [`KubernetesExecutor`] creates
+/// (`veraltheim config job-pod` prints it, for `deploy/validate.py`).
+pub fn job_object(
+    config: &KubernetesConfig,
+    namespace: &str,
+    run: &CommandRun,
+) -> Result<Job, ExecError> {
+    let c = config;
+    let image = if run.image.is_empty() {
+        &c.default_image
+    } else {
+        &run.image
+    };
+    if image.is_empty() {
+        return Err(ExecError::Rejected(NO_IMAGE.into()));
+    }
+    if run.command.is_empty() {
+        return Err(ExecError::EmptyCommand);
+    }
+    let name = job_name(&run.job_id, run.attempt);
+    let mut labels = BTreeMap::from([
+        (LABEL_JOB_ID.to_owned(), run.job_id.clone()),
+        (LABEL_ATTEMPT.to_owned(), run.attempt.to_string()),
+        (LABEL_MANAGED_BY.to_owned(), "veraltheim".to_owned()),
+    ]);
+    if !run.job_name.is_empty() {
+        labels.insert(LABEL_JOB_NAME.to_owned(), run.job_name.clone());
+    }
+    let mut amounts = BTreeMap::new();
+    let r = &run.resources;
+    if r.cpu_millis > 0 {
+        amounts.insert("cpu".to_owned(), Quantity(format!("{}m", r.cpu_millis)));
+    }
+    if r.memory_bytes > 0 {
+        amounts.insert("memory".to_owned(), Quantity(r.memory_bytes.to_string()));
+    }
+    if r.gpus > 0 {
+        amounts.insert("nvidia.com/gpu".to_owned(), Quantity(r.gpus.to_string()));
+    }
+    // Requests equal limits: the job gets what the scheduler admitted it with, no more
+    // (and extended resources such as GPUs require it).
+    let resources = (!amounts.is_empty()).then(|| ResourceRequirements {
+        requests: Some(amounts.clone()),
+        limits: Some(amounts),
+        ..Default::default()
+    });
+    let container = Container {
+        name: CONTAINER.to_owned(),
+        image: Some(image.clone()),
+        command: Some(run.command.clone()),
+        env: (!run.env.is_empty()).then(|| {
+            run.env
+                .iter()
+                .map(|(k, v)| EnvVar {
+                    name: k.clone(),
+                    value: Some(v.clone()),
+                    ..Default::default()
+                })
+                .collect()
+        }),
+        working_dir: (!run.working_dir.is_empty()).then(|| run.working_dir.clone()),
+        resources,
+        security_context: Some(SecurityContext {
+            run_as_non_root: Some(true),
+            allow_privilege_escalation: Some(false),
+            privileged: Some(false),
+            read_only_root_filesystem: Some(!run.writable_root),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".to_owned()]),
+                add: None,
+            }),
+            ..Default::default()
+        }),
+        // A read-only root still has a writable, empty /tmp.
+        volume_mounts: (!run.writable_root).then(|| {
+            vec![VolumeMount {
+                name: TMP_VOLUME.to_owned(),
+                mount_path: "/tmp".to_owned(),
+                ..Default::default()
+            }]
+        }),
+        ..Default::default()
+    };
+    let tolerations = c
+        .tolerations
+        .iter()
+        .map(|t| K8sToleration {
+            key: (!t.key.is_empty()).then(|| t.key.clone()),
+            operator: (!t.operator.is_empty()).then(|| t.operator.clone()),
+            value: (!t.value.is_empty()).then(|| t.value.clone()),
+            effect: (!t.effect.is_empty()).then(|| t.effect.clone()),
+            toleration_seconds: t.toleration_seconds,
+        })
+        .collect::<Vec<_>>();
+    let pod = PodSpec {
+        restart_policy: Some("Never".to_owned()),
+        service_account_name: (!c.service_account.is_empty()).then(|| c.service_account.clone()),
+        node_selector: (!c.node_selector.is_empty()).then(|| c.node_selector.clone()),
+        tolerations: (!tolerations.is_empty()).then_some(tolerations),
+        containers: vec![container],
+        // The job gets no API credentials: the namespace's service accounts (the default one
+        // included) may hold rights a job must not have.
+        automount_service_account_token: Some(false),
+        // Nor the addresses of every Service in the namespace in its environment.
+        enable_service_links: Some(false),
+        security_context: Some(PodSecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(c.run_as_user),
+            run_as_group: Some(c.run_as_group),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".to_owned(),
+                localhost_profile: None,
+            }),
+            ..Default::default()
+        }),
+        volumes: (!run.writable_root).then(|| {
+            vec![Volume {
+                name: TMP_VOLUME.to_owned(),
+                empty_dir: Some(EmptyDirVolumeSource::default()),
+                ..Default::default()
+            }]
+        }),
+        ..Default::default()
+    };
+    Ok(Job {
+        metadata: ObjectMeta {
+            name: Some(name),
+            namespace: Some(namespace.to_owned()),
+            labels: Some(labels.clone()),
+            ..Default::default()
+        },
+        spec: Some(K8sJobSpec {
+            backoff_limit: Some(0),
+            active_deadline_seconds: run
+                .deadline
+                .map(|d| i64::try_from(d.as_secs().max(1)).unwrap_or(i64::MAX)),
+            ttl_seconds_after_finished: c.ttl_seconds_after_finished,
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels),
+                    ..Default::default()
+                }),
+                spec: Some(pod),
+            },
+            ..Default::default()
+        }),
+        status: None,
+    })
+}
+
+/// The emptyDir volume mounted at `/tmp` of a pod whose root filesystem is read-only.
+const TMP_VOLUME: &str = "tmp";
 
 const NO_IMAGE: &str = "a command job on Kubernetes needs an image: give the job one, or set jobs.kubernetes.default_image";
 

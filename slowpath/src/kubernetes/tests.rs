@@ -34,6 +34,8 @@ fn kube_config(url: &str) -> KubernetesConfig {
         }],
         ttl_seconds_after_finished: Some(600),
         default_image: String::new(),
+        run_as_user: 1000,
+        run_as_group: 3000,
         breaker: BreakerConfig::new(3, Duration::from_millis(500), Duration::from_secs(2)),
         api_retries: 2,
         api_retry_min_delay: Duration::from_millis(10),
@@ -89,6 +91,7 @@ fn spec(name: &str, script: &str, max_retries: u32) -> JobSpec {
             command: vec!["sh".into(), "-c".into(), script.into()],
             env: BTreeMap::from([("GREETING".into(), "hello".into())]),
             working_dir: "/work".into(),
+            writable_root: false,
         },
     }
 }
@@ -195,12 +198,92 @@ async fn fake_k8s_a_job_runs_to_succeeded_as_one_batch_v1_job() {
     assert_eq!(limits["memory"].0, (256u64 << 20).to_string());
     assert_eq!(limits["nvidia.com/gpu"].0, "1");
     assert_eq!(c.resources.as_ref().unwrap().requests, Some(limits));
+    // Pod Security "restricted", a read-only root with an empty /tmp, no API token.
+    assert_restricted(pod, 1000, 3000);
+    let sc = c.security_context.as_ref().unwrap();
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    let mount = &c.volume_mounts.as_ref().unwrap()[0];
+    assert_eq!(mount.mount_path, "/tmp");
+    let volume = &pod.volumes.as_ref().unwrap()[0];
+    assert_eq!(volume.name, mount.name);
+    assert!(volume.empty_dir.is_some(), "{volume:?}");
 
     // The log of a finished attempt, from the pod log API.
     let chunks: Vec<_> = exec.logs(&id, 1, false).collect().await;
     let text: Vec<u8> = chunks.into_iter().flat_map(|c| c.unwrap().data).collect();
     assert_eq!(String::from_utf8(text).unwrap(), "hello\ndone\n");
     shutdown.cancel();
+}
+
+/// What every job pod must have (Pod Security "restricted", and no service-account token).
+fn assert_restricted(pod: &PodSpec, uid: i64, gid: i64) {
+    assert_eq!(pod.automount_service_account_token, Some(false));
+    assert_eq!(pod.enable_service_links, Some(false));
+    assert!(pod.host_network.is_none() && pod.host_pid.is_none() && pod.host_ipc.is_none());
+    let psc = pod.security_context.as_ref().unwrap();
+    assert_eq!(psc.run_as_non_root, Some(true));
+    assert_eq!((psc.run_as_user, psc.run_as_group), (Some(uid), Some(gid)));
+    assert_eq!(
+        psc.seccomp_profile.as_ref().unwrap().type_,
+        "RuntimeDefault"
+    );
+    for c in &pod.containers {
+        let sc = c.security_context.as_ref().unwrap();
+        assert_eq!(sc.run_as_non_root, Some(true));
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(sc.privileged, Some(false));
+        let caps = sc.capabilities.as_ref().unwrap();
+        assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_owned()][..]));
+        assert!(caps.add.is_none());
+    }
+    for v in pod.volumes.iter().flatten() {
+        assert!(v.empty_dir.is_some(), "only emptyDir volumes: {v:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fake_k8s_a_job_asking_for_a_writable_root_gets_one_and_nothing_else() {
+    let fake = FakeKube::start().await.unwrap();
+    let (runner, _exec, shutdown) = runner_on(Arc::default(), kube_config(&fake.url())).await;
+    let mut s = spec("writer", "echo writing", 0);
+    if let JobKind::Command { writable_root, .. } = &mut s.kind {
+        *writable_root = true;
+    }
+    let id = runner.submit(s).await.unwrap().id;
+    let rec = wait_for(&runner, &id, "a terminal state", |r| r.state.is_terminal()).await;
+    assert_eq!(rec.state, JobState::Succeeded, "{rec:#?}");
+    let jobs = jobs_of(&fake, &id);
+    let pod = jobs[0]
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap();
+    let c = &pod.containers[0];
+    assert_eq!(
+        c.security_context
+            .as_ref()
+            .unwrap()
+            .read_only_root_filesystem,
+        Some(false)
+    );
+    assert!(
+        c.volume_mounts.is_none() && pod.volumes.is_none(),
+        "{pod:?}"
+    );
+    // Everything else stays restricted.
+    assert_restricted(pod, 1000, 3000);
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn fake_k8s_job_pods_never_run_as_root() {
+    let mut config = kube_config("http://127.0.0.1:1");
+    config.run_as_user = 0;
+    let err = KubernetesExecutor::connect(config).await.unwrap_err();
+    assert!(err.to_string().contains("non-root uid"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -249,6 +332,7 @@ async fn fake_k8s_image_pull_errors_are_infrastructure_failures_counted_apart() 
         command: vec!["true".into()],
         env: BTreeMap::new(),
         working_dir: String::new(),
+        writable_root: false,
     };
     let id = runner.submit(s).await.unwrap().id;
     let rec = wait_for(&runner, &id, "a terminal state", |r| r.state.is_terminal()).await;
