@@ -342,3 +342,51 @@ def test_without_an_auth_file_a_public_address_is_refused_with_what_to_do(tmp_pa
     assert proc.returncode == 2, proc.stderr
     for part in ("without authentication", "--auth-file", "loopback", "--insecure-no-auth"):
         assert part in proc.stderr, proc.stderr
+
+
+def test_mutual_tls_names_a_principal_by_its_certificate_and_a_token_still_decides(
+        server_factory, tmp_path):
+    from conftest import ClientTls
+    from test_tls import Ca, tls_client
+
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    server_ca, client_ca = Ca(pki, "server CA"), Ca(pki, "client CA")
+    cert, key = server_ca.server()
+    carol = client_ca.client("carol")        # CN carol, DNS SAN carol.example
+    dave = client_ca.client("dave")          # known by its DNS name only
+    stranger = client_ca.client("stranger")  # signed by the CA, named in no principal
+    auth = tmp_path / "auth.toml"
+    auth.write_text(
+        '[[principal]]\nname = "carol"\ntenant = "search"\nroles = ["user"]\n'
+        'client_cert_cn = "carol"\n\n'
+        '[[principal]]\nname = "dave"\ntenant = "ads"\nroles = ["user"]\n'
+        'client_cert_cn = "dave.example"\n\n'
+        + auth_file(["bob"]))
+    srv = server_factory(
+        extra_args=["--tls-cert", str(cert), "--tls-key", str(key),
+                    "--tls-client-ca", str(client_ca.file), "--auth-file", str(auth),
+                    "--jobs-run-as", "nobody:nogroup"],
+        tls=ClientTls(server_ca.file, *carol))
+
+    def client(pair):
+        return tls_client(srv, root_certificates=str(server_ca.file),
+                          certificate_chain=str(pair[0]), private_key=str(pair[1]))
+
+    arr = np.ones((1, 3), dtype=np.float32)
+    # The certificate alone names carol: her role's model answers, another is refused by name.
+    infer_identity(client(carol))
+    with raises_status("PERMISSION_DENIED", "'carol' may not infer on model 'cost'"):
+        client(carol).infer("cost", [fp32_input(arr)])
+    # A DNS name of the certificate matches too.
+    infer_identity(client(dave))
+    # A valid certificate that names no principal is no principal.
+    with raises_status("UNAUTHENTICATED", "client certificate names no principal"):
+        client(stranger).infer("identity", [fp32_input(arr)])
+    # A token decides when one is sent: over carol's connection, bob's token is bob.
+    with raises_status("PERMISSION_DENIED", "'bob' may not infer on model 'cost'"):
+        client(carol).infer("cost", [fp32_input(arr)], headers=bearer("bob"))
+    with raises_status("UNAUTHENTICATED", "unknown or revoked token"):
+        client(carol).infer("identity", [fp32_input(arr)],
+                            headers={"authorization": "Bearer wrong"})
+    infer_identity(client(carol))
