@@ -14,6 +14,7 @@ const TARGETS: &[(&str, Entry)] = &[
     ),
     ("rest_infer_request", veraltheim::fuzz::rest_infer_request),
     ("job_file", veraltheim::fuzz::job_file),
+    ("auth_file", veraltheim::fuzz::auth_file),
     ("model_config_json", veraltheim_models::fuzz::config_json),
     ("model_config_pbtxt", veraltheim_models::fuzz::config_pbtxt),
 ];

@@ -105,6 +105,15 @@ pub struct TlsOpts {
     /// Mutual TLS: the private key (PEM) of --cert.
     #[arg(long, value_name = "FILE", requires = "cert", conflicts_with = "echo")]
     pub key: Option<PathBuf>,
+    /// A bearer token sent with every request (`authorization: Bearer ...`), for a server with
+    /// an auth file.
+    #[arg(
+        long,
+        env = "VERALTHEIM_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "echo"
+    )]
+    pub token: Option<String>,
 }
 
 impl TlsOpts {

@@ -28,6 +28,10 @@ const MAX_REQUESTS_PER_CLIENT_US: f64 = 1.0;
 
 pub type Client = GrpcInferenceServiceClient<Channel>;
 
+/// The `authorization` value of `--token`, sent with every inference request.
+static BEARER: std::sync::OnceLock<tonic::metadata::AsciiMetadataValue> =
+    std::sync::OnceLock::new();
+
 /// The request every call sends: INPUT0, FP32, `shape`, values 0, 1, 2… as little-endian
 /// `raw_input_contents` (what `tritonclient` sends with binary data).
 pub fn infer_request(model: &str, shape: &Shape) -> pb::ModelInferRequest {
@@ -52,6 +56,13 @@ pub fn infer_request(model: &str, shape: &Shape) -> pb::ModelInferRequest {
 /// `n` HTTP/2 connections to `addr` (HOST:PORT, or a URL), each its own tonic `Channel`; over
 /// TLS as `tls` says.
 pub async fn connect(addr: &str, n: usize, tls: &TlsOpts) -> anyhow::Result<Vec<Channel>> {
+    if let Some(token) = &tls.token {
+        let value = format!("Bearer {token}")
+            .parse()
+            .context("the token is not a valid header value")?;
+        // One token per process: the first connection's (every run of one invocation shares it).
+        let _ = BEARER.set(value);
+    }
     let url = tls.url(addr).map_err(anyhow::Error::msg)?;
     let mut endpoint = Endpoint::from_shared(url)
         .with_context(|| format!("bad server address '{addr}'"))?
@@ -91,7 +102,12 @@ async fn call(
     payload: &pb::ModelInferRequest,
     timeout: Duration,
 ) -> Result<(), &'static str> {
-    let request = tonic::Request::new(payload.clone());
+    let mut request = tonic::Request::new(payload.clone());
+    if let Some(bearer) = BEARER.get() {
+        request
+            .metadata_mut()
+            .insert("authorization", bearer.clone());
+    }
     match tokio::time::timeout(timeout, client.model_infer(request)).await {
         Err(_) => Err(CLIENT_TIMEOUT),
         Ok(Err(status)) => Err(code_name(status.code())),
