@@ -4,9 +4,10 @@
 set -u
 # Run from a folder holding auth.toml (a principal with the token below), ca.pem, server.pem and
 # server.key (a certificate for 127.0.0.1); the release binaries from `cargo build --release`.
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+BIN=${VERALTHEIM_BIN:-$ROOT/target/release/veraltheim}
+LOAD=${VERALTHEIM_LOAD:-$ROOT/target/release/veraltheim-load}
 cd "${BENCH_DIR:-/tmp/bench}"
-BIN=${VERALTHEIM_BIN:-target/release/veraltheim}
-LOAD=${VERALTHEIM_LOAD:-target/release/veraltheim-load}
 rm -rf a b c m; mkdir -p m
 $BIN serve --grpc-addr 127.0.0.1:19001 --http-addr 127.0.0.1:19002 --data-dir a --model-repository m --load-model identity > a.log 2>&1 & PA=$!
 $BIN serve --grpc-addr 127.0.0.1:19011 --http-addr 127.0.0.1:19012 --data-dir b --model-repository m --load-model identity --auth-file auth.toml --jobs-run-as nobody:nogroup > b.log 2>&1 & PB=$!
