@@ -176,6 +176,31 @@ pub fn grpc_deadline(metadata: &MetadataMap, received: Instant) -> Option<Instan
     received.checked_add(d)
 }
 
+/// The code a refusal of tonic's own codec gets, when its code says "server fault" for what is
+/// the caller's: an undecodable message (INTERNAL → INVALID_ARGUMENT) or one over the size
+/// limit (OUT_OF_RANGE → RESOURCE_EXHAUSTED). `code` is the decimal code, `message` the text,
+/// plain or percent-encoded.
+pub(crate) fn client_code(code: &str, message: &str) -> Option<&'static str> {
+    let says = |text: &str| message.contains(text) || message.contains(&text.replace(' ', "%20"));
+    match code {
+        "11" if says("length too large") => Some("8"),
+        "13" if says("failed to decode Protobuf message") => Some("3"),
+        _ => None,
+    }
+}
+
+/// A status from reading a request stream, with the caller's code where [`client_code`] says.
+pub(crate) fn as_client_error(status: tonic::Status) -> tonic::Status {
+    let code = (status.code() as i32).to_string();
+    match client_code(&code, status.message()) {
+        Some(c) => tonic::Status::new(
+            tonic::Code::from(c.parse::<i32>().unwrap_or(2)),
+            status.message(),
+        ),
+        None => status,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

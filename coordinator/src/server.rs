@@ -50,7 +50,7 @@ fn client_errors_get_their_codes<B>(mut resp: http::Response<B>) -> http::Respon
         .and_then(|m| m.to_str().ok())
         .unwrap_or_default();
     let status = headers.get("grpc-status").and_then(|s| s.to_str().ok());
-    if let Some(code) = status.and_then(|status| client_code(status, message)) {
+    if let Some(code) = status.and_then(|status| crate::context::client_code(status, message)) {
         resp.headers_mut()
             .insert("grpc-status", HeaderValue::from_static(code));
     }
@@ -65,31 +65,6 @@ fn client_errors_get_their_codes<B>(mut resp: http::Response<B>) -> http::Respon
         resp.headers_mut().insert("grpc-message", cut);
     }
     resp
-}
-
-/// The code a refusal of tonic's own codec gets, when its code says "server fault" for what is
-/// the caller's: an undecodable message (INTERNAL → INVALID_ARGUMENT) or one over the size
-/// limit (OUT_OF_RANGE → RESOURCE_EXHAUSTED). `code` is the decimal code, `message` the text,
-/// plain or percent-encoded.
-fn client_code(code: &str, message: &str) -> Option<&'static str> {
-    let says = |text: &str| message.contains(text) || message.contains(&text.replace(' ', "%20"));
-    match code {
-        "11" if says("length too large") => Some("8"),
-        "13" if says("failed to decode Protobuf message") => Some("3"),
-        _ => None,
-    }
-}
-
-/// A status from reading a request stream, with the caller's code where [`client_code`] says.
-pub(crate) fn as_client_error(status: tonic::Status) -> tonic::Status {
-    let code = (status.code() as i32).to_string();
-    match client_code(&code, status.message()) {
-        Some(c) => tonic::Status::new(
-            tonic::Code::from(c.parse::<i32>().unwrap_or(2)),
-            status.message(),
-        ),
-        None => status,
-    }
 }
 
 /// Longest `grpc-message` sent, in bytes of its percent-encoded form.
@@ -522,11 +497,11 @@ mod tests {
         assert_eq!(code_after("13", "model%20'x'%20failed"), "13");
         assert_eq!(code_after("11", "something%20else"), "11");
         // The same for a request stream's refusal.
-        let s = as_client_error(tonic::Status::internal(
+        let s = crate::context::as_client_error(tonic::Status::internal(
             "failed to decode Protobuf message: invalid varint",
         ));
         assert_eq!(s.code(), tonic::Code::InvalidArgument);
-        let s = as_client_error(tonic::Status::internal("model 'x' failed"));
+        let s = crate::context::as_client_error(tonic::Status::internal("model 'x' failed"));
         assert_eq!(s.code(), tonic::Code::Internal);
     }
 

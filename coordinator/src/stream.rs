@@ -45,7 +45,7 @@ where
                 }
                 Ok(None) => break,
                 Err(status) => {
-                    let _ = tx.send(Err(crate::server::as_client_error(status))).await;
+                    let _ = tx.send(Err(crate::context::as_client_error(status))).await;
                     break;
                 }
             }

@@ -16,11 +16,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, BufMut, Bytes};
+use bytes::Bytes;
 use prost::Message;
-use prost_reflect::{DescriptorPool, DynamicMessage, Kind, MessageDescriptor, Value};
+use prost_reflect::{DynamicMessage, Kind, Value};
 use tonic::Code;
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::transport::Channel;
 use veraltheim_proto::inference as pb;
 use veraltheim_proto::v1::{
@@ -30,6 +29,7 @@ use veraltheim_proto::v1::{
 
 mod common;
 
+use common::raw::{Method, Raw};
 use common::{Server, channel, fp32, start};
 
 const ALICE: &str = "alice-secret-token";
@@ -156,61 +156,8 @@ async fn infer(ch: &Channel, model: &str, token: Option<&str>) -> Result<(), ton
 // ---------------------------------------------------------------------------------------------
 // Raw calls to any method
 
-#[derive(Clone, Copy, Default)]
-struct Raw;
-
-impl Codec for Raw {
-    type Encode = Bytes;
-    type Decode = Bytes;
-    type Encoder = Raw;
-    type Decoder = Raw;
-    fn encoder(&mut self) -> Raw {
-        Raw
-    }
-    fn decoder(&mut self) -> Raw {
-        Raw
-    }
-}
-
-impl Encoder for Raw {
-    type Item = Bytes;
-    type Error = tonic::Status;
-    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
-        dst.put(item);
-        Ok(())
-    }
-}
-
-impl Decoder for Raw {
-    type Item = Bytes;
-    type Error = tonic::Status;
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, tonic::Status> {
-        Ok(Some(src.copy_to_bytes(src.remaining())))
-    }
-}
-
-struct Method {
-    path: String,
-    name: String,
-    input: MessageDescriptor,
-    client_streaming: bool,
-    server_streaming: bool,
-}
-
 fn methods() -> Vec<Method> {
-    let pool = DescriptorPool::decode(veraltheim_proto::FILE_DESCRIPTOR_SET).unwrap();
-    let mut out = Vec::new();
-    for service in pool.services() {
-        for m in service.methods() {
-            out.push(Method {
-                path: format!("/{}/{}", service.full_name(), m.name()),
-                name: m.name().to_string(),
-                input: m.input(),
-                client_streaming: m.is_client_streaming(),
-                server_streaming: m.is_server_streaming(),
-            });
-        }
-    }
+    let out = common::raw::methods();
     assert!(out.len() > 40, "only {} methods", out.len());
     out
 }

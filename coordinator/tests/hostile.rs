@@ -19,18 +19,18 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use bytes::{Buf, BufMut, Bytes};
+use bytes::Bytes;
 use prost_reflect::{
     DescriptorPool, DynamicMessage, FieldDescriptor, Kind, MapKey, MessageDescriptor, Value,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::transport::Channel;
 use veraltheim_proto::v1::{self, model_service_client::ModelServiceClient};
 
 mod common;
 
+use common::raw::{Method, Raw, methods};
 use common::{Server, channel, fp32, start_limited};
 
 /// The server's address space: idle, it maps about 1.4 GiB of *virtual* memory (thread stacks,
@@ -44,64 +44,6 @@ const GARBAGE: &[u8] = b"\x0a\xff\xff\xff\x0f";
 
 // ---------------------------------------------------------------------------------------------
 // Raw gRPC calls
-
-/// A codec that moves bytes as they are, so the probe can send any bytes to any method.
-#[derive(Clone, Copy, Default)]
-struct Raw;
-
-impl Codec for Raw {
-    type Encode = Bytes;
-    type Decode = Bytes;
-    type Encoder = Raw;
-    type Decoder = Raw;
-    fn encoder(&mut self) -> Raw {
-        Raw
-    }
-    fn decoder(&mut self) -> Raw {
-        Raw
-    }
-}
-
-impl Encoder for Raw {
-    type Item = Bytes;
-    type Error = tonic::Status;
-    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
-        dst.put(item);
-        Ok(())
-    }
-}
-
-impl Decoder for Raw {
-    type Item = Bytes;
-    type Error = tonic::Status;
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, tonic::Status> {
-        Ok(Some(src.copy_to_bytes(src.remaining())))
-    }
-}
-
-/// One method of one service, as the descriptors declare it.
-struct Method {
-    path: String,
-    input: MessageDescriptor,
-    client_streaming: bool,
-    server_streaming: bool,
-}
-
-fn methods() -> Vec<Method> {
-    let pool = DescriptorPool::decode(veraltheim_proto::FILE_DESCRIPTOR_SET).unwrap();
-    let mut out = Vec::new();
-    for service in pool.services() {
-        for m in service.methods() {
-            out.push(Method {
-                path: format!("/{}/{}", service.full_name(), m.name()),
-                input: m.input(),
-                client_streaming: m.is_client_streaming(),
-                server_streaming: m.is_server_streaming(),
-            });
-        }
-    }
-    out
-}
 
 /// What a call came to: `OK` (a unary answer, or a stream's first message), `OPEN` (a stream
 /// that has said nothing after a while, as a watch does), `END` (a stream closed without a
