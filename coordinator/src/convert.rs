@@ -21,20 +21,10 @@ fn pack_ints(
     datatype: DataType,
     values: impl Iterator<Item = i128>,
 ) -> Result<Bytes, Status> {
-    let (min, max): (i128, i128) = match datatype {
-        DataType::Int8 => (i8::MIN.into(), i8::MAX.into()),
-        DataType::Int16 => (i16::MIN.into(), i16::MAX.into()),
-        DataType::Int32 => (i32::MIN.into(), i32::MAX.into()),
-        DataType::Int64 => (i64::MIN.into(), i64::MAX.into()),
-        DataType::Uint8 => (0, u8::MAX.into()),
-        DataType::Uint16 => (0, u16::MAX.into()),
-        DataType::Uint32 => (0, u32::MAX.into()),
-        DataType::Uint64 => (0, u64::MAX.into()),
-        other => {
-            return Err(invalid(format!(
-                "input '{name}': {other} is not an integer type"
-            )));
-        }
+    let Some((min, max)) = datatype.integer_range() else {
+        return Err(invalid(format!(
+            "input '{name}': {datatype} is not an integer type"
+        )));
     };
     let width = datatype.element_size().unwrap_or(8);
     let mut buf = BytesMut::new();

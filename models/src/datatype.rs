@@ -80,6 +80,21 @@ impl DataType {
         }
     }
 
+    /// The smallest and largest value of an integer type; `None` for the others.
+    pub fn integer_range(self) -> Option<(i128, i128)> {
+        Some(match self {
+            DataType::Int8 => (i8::MIN.into(), i8::MAX.into()),
+            DataType::Int16 => (i16::MIN.into(), i16::MAX.into()),
+            DataType::Int32 => (i32::MIN.into(), i32::MAX.into()),
+            DataType::Int64 => (i64::MIN.into(), i64::MAX.into()),
+            DataType::Uint8 => (0, u8::MAX.into()),
+            DataType::Uint16 => (0, u16::MAX.into()),
+            DataType::Uint32 => (0, u32::MAX.into()),
+            DataType::Uint64 => (0, u64::MAX.into()),
+            _ => return None,
+        })
+    }
+
     /// Size of one element in bytes; `None` for BYTES, whose elements vary.
     pub fn element_size(self) -> Option<usize> {
         Some(match self {

@@ -155,16 +155,7 @@ impl Packed {
                     Leaf::Uint(v) => v.into(),
                     other => return Err(not(&other, "an integer")),
                 };
-                let (min, max): (i128, i128) = match int {
-                    DataType::Int8 => (i8::MIN.into(), i8::MAX.into()),
-                    DataType::Int16 => (i16::MIN.into(), i16::MAX.into()),
-                    DataType::Int32 => (i32::MIN.into(), i32::MAX.into()),
-                    DataType::Int64 => (i64::MIN.into(), i64::MAX.into()),
-                    DataType::Uint8 => (0, u8::MAX.into()),
-                    DataType::Uint16 => (0, u16::MAX.into()),
-                    DataType::Uint32 => (0, u32::MAX.into()),
-                    _ => (0, u64::MAX.into()),
-                };
+                let (min, max) = int.integer_range().unwrap_or((0, u64::MAX.into()));
                 if v < min || v > max {
                     return Err(format!("value {v} does not fit in {int}"));
                 }
