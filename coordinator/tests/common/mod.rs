@@ -47,12 +47,26 @@ impl Server {
     }
 }
 
+/// A port nobody in this test process has been given yet. The port is free when it is
+/// returned but not held (the server binds it later), so another process may still take it in
+/// between: `start_with` retries the start on fresh ports when the server says so.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+    // Without this set, two calls in a row (a server's gRPC and HTTP ports, or two tests
+    // running at once) can be handed the same just-released port by the kernel.
+    static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut given = GIVEN.lock().unwrap();
+        if given.get_or_insert_with(HashSet::new).insert(port) {
+            return port;
+        }
+    }
 }
 
 /// Starts a server with its own temporary data directory; returns once Health says ready.
@@ -116,19 +130,54 @@ pub fn serve_command(
     (command, grpc, http)
 }
 
+/// The last `lines` lines of a server's log, for a failure message.
+pub fn log_tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
 async fn start_with(data: &Path, extra: &[&str], address_space: Option<u64>) -> Server {
-    let (mut command, grpc, http) = serve_command(data, extra, address_space);
-    let child = command
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut server = Server {
-        child,
-        grpc,
-        http,
-        _dir: None,
-    };
+    // The server's stderr goes to a file beside its data directory: shown when the start
+    // fails, and read for a port that another process took between free_port and the bind.
+    let log = data.join("server.stderr");
+    std::fs::create_dir_all(data).unwrap();
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let (mut command, grpc, http) = serve_command(data, extra, address_space);
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let child = command
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .unwrap();
+        let server = Server {
+            child,
+            grpc,
+            http,
+            _dir: None,
+        };
+        match wait_ready(server).await {
+            Ok(server) => return server,
+            Err(status) => {
+                let tail = log_tail(&log, 20);
+                let port_taken = tail.contains("cannot listen") && tail.contains("in use");
+                assert!(
+                    port_taken && attempt < 3,
+                    "the server exited before it was ready: {status}; its stderr ends:\n{tail}"
+                );
+            }
+        }
+    }
+}
+
+/// Waits until `server` answers Health with ready; the exit status if it exits first.
+async fn wait_ready(mut server: Server) -> Result<Server, std::process::ExitStatus> {
     let started = Instant::now();
     loop {
         if let Ok(ch) = Channel::from_shared(format!("http://{}", server.grpc))
@@ -141,11 +190,11 @@ async fn start_with(data: &Path, extra: &[&str], address_space: Option<u64>) -> 
                 .await
                 .is_ok_and(|r| r.into_inner().ready);
             if ready {
-                return server;
+                return Ok(server);
             }
         }
         if let Ok(Some(status)) = server.child.try_wait() {
-            panic!("the server exited before it was ready: {status}");
+            return Err(status);
         }
         assert!(
             // A bound for a hung start, not a measure of speed: a loaded 2-core machine can
