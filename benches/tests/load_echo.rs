@@ -5,6 +5,7 @@
 use veraltheim_benches::load::args::{LoadSpec, Mode};
 use veraltheim_benches::load::client::run_load;
 use veraltheim_benches::load::echo::EchoServer;
+use veraltheim_benches::load::http::Protocol;
 
 use std::time::Duration;
 
@@ -17,6 +18,7 @@ fn spec(mode: Mode) -> LoadSpec {
         duration: Duration::from_millis(500),
         request_timeout: Duration::from_secs(10),
         tls: Default::default(),
+        protocol: Protocol::Grpc,
     }
 }
 

@@ -26,6 +26,8 @@ pub fn router(ctx: Arc<Context>, gate: Arc<crate::auth::Gate>) -> Router {
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .merge(crate::rest::router())
+        .fallback(crate::rest::no_route)
+        .method_not_allowed_fallback(crate::rest::wrong_method)
         .with_state(ctx)
         .layer(axum::middleware::from_fn_with_state(
             gate,

@@ -919,6 +919,28 @@ async fn every_rest_route_authenticates_and_authorises_like_grpc() {
             );
         }
     }
+    // Refusals are JSON: Triton's `{"error": "..."}`, OpenAI's shape under /v1/.
+    let (_, answer) = http_call(http, "GET", "/v2/models/identity", None, "").await;
+    let body: serde_json::Value = serde_json::from_str(&answer).unwrap();
+    assert!(
+        body["error"].as_str().unwrap().contains("token"),
+        "{answer}"
+    );
+    let (_, answer) = http_call(http, "GET", "/v1/models", None, "").await;
+    let body: serde_json::Value = serde_json::from_str(&answer).unwrap();
+    assert!(body["error"]["message"].is_string(), "{answer}");
+    // A path no route has: 401 without a token (nothing is told to a stranger), 404 with one;
+    // a route asked with a method it does not take: 405. Both as JSON naming what is wrong.
+    let (status, _) = http_call(http, "GET", "/v2/no/such/route", None, "").await;
+    assert_eq!(status, 401);
+    let (status, answer) = http_call(http, "GET", "/v2/no/such/route", Some(ALICE), "").await;
+    assert_eq!(status, 404, "{answer}");
+    let body: serde_json::Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!(body["error"], "GET /v2/no/such/route: no such route");
+    let (status, answer) = http_call(http, "DELETE", "/v2/models/identity", Some(ALICE), "").await;
+    assert_eq!(status, 405, "{answer}");
+    let body: serde_json::Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!(body["error"], "/v2/models/identity does not take DELETE");
     // Alice infers over HTTP within her role, and may not load.
     let (status, answer) = http_call(
         http,

@@ -301,6 +301,20 @@ def test_unknown_model_is_404_with_a_json_error(client, server):
     assert "'no-such-model'" in json.loads(body)["error"]
 
 
+def test_unknown_routes_and_methods_are_json_errors(server):
+    status, headers, body = raw(server, "GET", "/v2/no/such/route")
+    assert status == 404
+    assert headers["Content-Type"] == "application/json"
+    assert json.loads(body)["error"] == "GET /v2/no/such/route: no such route"
+    status, headers, body = raw(server, "DELETE", "/v2/models/identity")
+    assert status == 405
+    assert json.loads(body)["error"] == "/v2/models/identity does not take DELETE"
+    # Under /v1/ in OpenAI's error shape, which the `openai` package reads.
+    status, _, body = raw(server, "GET", "/v1/no-such-thing")
+    assert status == 404
+    assert json.loads(body)["error"]["message"] == "GET /v1/no-such-thing: no such route"
+
+
 def test_bad_shape_and_bad_data_are_400(client, server):
     # (tritonclient checks shapes itself, so the mismatches are sent by hand.)
     # Binary data that does not fill the shape.

@@ -19,6 +19,7 @@ use veraltheim_benches::load::suite::suite;
 async fn run(args: RunArgs) -> anyhow::Result<bool> {
     let mut spec = args.load.spec().map_err(anyhow::Error::msg)?;
     spec.tls = args.tls.clone();
+    spec.protocol = args.protocol;
     let (echo, target, addr) = if args.echo {
         let server = EchoServer::start(0)?;
         let addr = server.addr().to_string();

@@ -87,6 +87,11 @@ pub struct RunArgs {
     pub load: LoadOpts,
     #[command(flatten)]
     pub tls: TlsOpts,
+    /// How requests travel: `grpc` (KServe ModelInfer), `http` (KServe REST, JSON tensors) or
+    /// `http-binary` (KServe REST with the binary-data extension). With http, --server is the
+    /// HTTP port (plain HTTP/1.1, one keep-alive connection per client; closed loop only).
+    #[arg(long, value_enum, default_value = "grpc", conflicts_with = "echo")]
+    pub protocol: super::http::Protocol,
     /// Print one JSON object instead of a text line.
     #[arg(long)]
     pub json: bool,
@@ -340,6 +345,8 @@ pub struct LoadSpec {
     pub request_timeout: Duration,
     /// TLS to the server (`run` only; none by default).
     pub tls: TlsOpts,
+    /// gRPC unless a command says otherwise (`run --protocol`, `text --protocol`).
+    pub protocol: super::http::Protocol,
 }
 
 fn seconds(name: &str, v: f64, allow_zero: bool) -> Result<Duration, String> {
@@ -419,6 +426,7 @@ impl LoadOpts {
             duration,
             request_timeout,
             tls: TlsOpts::default(),
+            protocol: super::http::Protocol::Grpc,
         })
     }
 }

@@ -17,6 +17,7 @@ use veraltheim_proto::inference::{
 
 use super::args::{LoadSpec, Mode, Shape, TlsOpts};
 use super::cpu::{self, CpuUse};
+use super::http::{HttpClient, HttpRequest, Protocol, http_request};
 use super::report::{BAD_RESPONSE, CLIENT_TIMEOUT, LoadReport, Recorder, code_name, throughput};
 use super::schedule::Schedule;
 
@@ -142,23 +143,45 @@ pub async fn run_load_with(
     on_measure: Option<oneshot::Sender<()>>,
 ) -> anyhow::Result<LoadReport> {
     anyhow::ensure!(!payloads.is_empty(), "no request to send");
+    if spec.protocol != Protocol::Grpc {
+        let Mode::Closed { concurrency, .. } = spec.mode else {
+            anyhow::bail!("--protocol http runs a closed loop only (give --concurrency)");
+        };
+        anyhow::ensure!(
+            spec.tls.ca.is_none(),
+            "--protocol http speaks plain HTTP; TLS options are for gRPC"
+        );
+        let binary = spec.protocol == Protocol::HttpBinary;
+        let requests = payloads
+            .iter()
+            .map(|p| http_request(p, binary))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let mut callers = Vec::with_capacity(concurrency);
+        for _ in 0..concurrency {
+            let mut http = HttpClient::new(addr, spec.tls.token.as_deref());
+            http.connect().await?;
+            callers.push(Caller::Http(http));
+        }
+        let payloads = Arc::new(Payloads::Http(requests));
+        let mut report =
+            closed_loop(callers, payloads, spec, concurrency, server_pid, on_measure).await?;
+        report.target = target.to_string();
+        return Ok(report);
+    }
     let channels = connect(addr, spec.mode.channels(), &spec.tls).await?;
-    let payload: Arc<Vec<pb::ModelInferRequest>> = Arc::new(payloads);
     let mut report = match spec.mode {
         Mode::Closed {
             concurrency,
             clients_per_channel,
         } => {
-            closed_loop(
-                &channels,
-                payload,
-                spec,
-                concurrency,
-                clients_per_channel,
-                server_pid,
-                on_measure,
-            )
-            .await?
+            let callers = (0..concurrency)
+                .map(|c| Caller::Grpc(client(channels[c / clients_per_channel].clone())))
+                .collect();
+            let payloads = Arc::new(Payloads::Grpc(payloads));
+            let mut report =
+                closed_loop(callers, payloads, spec, concurrency, server_pid, on_measure).await?;
+            report.channels = channels.len();
+            report
         }
         Mode::Open {
             rate,
@@ -167,7 +190,7 @@ pub async fn run_load_with(
         } => {
             open_loop(
                 &channels,
-                payload,
+                Arc::new(payloads),
                 spec,
                 rate,
                 max_outstanding,
@@ -179,6 +202,35 @@ pub async fn run_load_with(
     };
     report.target = target.to_string();
     Ok(report)
+}
+
+/// What closed-loop client `c` sends: request `c % n` of these.
+enum Payloads {
+    Grpc(Vec<pb::ModelInferRequest>),
+    Http(Vec<HttpRequest>),
+}
+
+/// One closed-loop client's connection.
+enum Caller {
+    Grpc(Client),
+    Http(HttpClient),
+}
+
+impl Caller {
+    async fn call(
+        &mut self,
+        payloads: &Payloads,
+        c: usize,
+        timeout: Duration,
+    ) -> Result<(), &'static str> {
+        match (self, payloads) {
+            (Caller::Grpc(client), Payloads::Grpc(p)) => {
+                call(client, &p[c % p.len()], timeout).await
+            }
+            (Caller::Http(http), Payloads::Http(p)) => http.call(&p[c % p.len()], timeout).await,
+            _ => Err(BAD_RESPONSE),
+        }
+    }
 }
 
 fn base_report(spec: &LoadSpec, channels: usize) -> LoadReport {
@@ -203,11 +255,10 @@ fn base_report(spec: &LoadSpec, channels: usize) -> LoadReport {
 }
 
 async fn closed_loop(
-    channels: &[Channel],
-    payload: Arc<Vec<pb::ModelInferRequest>>,
+    callers: Vec<Caller>,
+    payload: Arc<Payloads>,
     spec: &LoadSpec,
     concurrency: usize,
-    clients_per_channel: usize,
     server_pid: Option<u32>,
     on_measure: Option<oneshot::Sender<()>>,
 ) -> anyhow::Result<LoadReport> {
@@ -225,8 +276,7 @@ async fn closed_loop(
         }
     });
     let mut tasks = Vec::with_capacity(concurrency);
-    for c in 0..concurrency {
-        let mut client = client(channels[c / clients_per_channel].clone());
+    for (c, mut caller) in callers.into_iter().enumerate() {
         let payload = payload.clone();
         let timeout = spec.request_timeout;
         tasks.push(tokio::spawn(async move {
@@ -236,7 +286,7 @@ async fn closed_loop(
                 if sent >= measure_to {
                     break;
                 }
-                let outcome = call(&mut client, &payload[c % payload.len()], timeout).await;
+                let outcome = caller.call(&payload, c, timeout).await;
                 let done = Instant::now();
                 // A request counts when it completes inside the measured window.
                 if done >= measure_from && done <= measure_to {
@@ -254,7 +304,8 @@ async fn closed_loop(
         all.merge(&t.await.context("a load client panicked")?);
     }
     let end = cpu::sample(server_pid);
-    let mut report = base_report(spec, channels.len());
+    // One connection per client over HTTP; gRPC's caller sets its channel count.
+    let mut report = base_report(spec, concurrency);
     report.mode = "closed";
     report.concurrency = Some(concurrency);
     report.window_s = spec.duration.as_secs_f64();

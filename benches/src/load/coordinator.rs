@@ -108,6 +108,7 @@ impl Counts {
 pub struct Coordinator {
     child: Option<Child>,
     grpc: SocketAddr,
+    http: SocketAddr,
     dir: PathBuf,
 }
 
@@ -151,13 +152,18 @@ impl Coordinator {
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create {}", dir.display()))?;
         let grpc: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-        let http = format!("127.0.0.1:{}", free_port()?);
+        let mut http_port = free_port()?;
+        while http_port == grpc.port() {
+            // The kernel may hand the port just released out again.
+            http_port = free_port()?;
+        }
+        let http: SocketAddr = format!("127.0.0.1:{http_port}").parse()?;
         let mut cmd = Command::new(binary);
         cmd.arg("serve")
             .arg("--grpc-addr")
             .arg(grpc.to_string())
             .arg("--http-addr")
-            .arg(&http)
+            .arg(http.to_string())
             .arg("--log-level")
             .arg("warn")
             .arg("--data-dir")
@@ -181,6 +187,7 @@ impl Coordinator {
         let mut c = Coordinator {
             child: Some(child),
             grpc,
+            http,
             dir,
         };
         c.wait_ready(models).await?;
@@ -189,6 +196,11 @@ impl Coordinator {
 
     pub fn addr(&self) -> SocketAddr {
         self.grpc
+    }
+
+    /// The HTTP port (KServe REST, OpenAI embeddings, metrics).
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http
     }
 
     /// The process id, while it runs.

@@ -12,6 +12,7 @@ pub mod compute;
 pub mod coordinator;
 pub mod cpu;
 pub mod echo;
+pub mod http;
 pub mod jobs;
 pub mod overload;
 pub mod report;

@@ -95,6 +95,10 @@ pub struct TextArgs {
     /// Passed to `veraltheim serve --execution-threads` (0 = its default).
     #[arg(long, default_value_t = 0)]
     pub execution_threads: usize,
+    /// How the served runs send their sentences: `grpc` (KServe ModelInfer), `http` (KServe
+    /// REST, JSON tensors) or `http-binary` (REST with the binary-data extension).
+    #[arg(long, value_enum, default_value = "grpc")]
+    pub protocol: super::http::Protocol,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -128,6 +132,8 @@ pub struct BackendReport {
 #[derive(Clone, Debug, Serialize)]
 pub struct TextReport {
     pub cores: usize,
+    /// How the served runs sent their requests.
+    pub protocol: super::http::Protocol,
     pub sentences: usize,
     pub mean_sentence_bytes: f64,
     pub concurrency: usize,
@@ -256,7 +262,7 @@ async fn served(
     model: &str,
     sentences: &[String],
 ) -> anyhow::Result<ServedRun> {
-    let spec = LoadOpts {
+    let mut spec = LoadOpts {
         model: model.to_string(),
         shape: Shape(vec![1, 1]),
         concurrency: Some(args.concurrency),
@@ -270,9 +276,14 @@ async fn served(
     }
     .spec()
     .map_err(anyhow::Error::msg)?;
+    spec.protocol = args.protocol;
     let payloads: Vec<pb::ModelInferRequest> =
         sentences.iter().map(|s| text_request(model, s)).collect();
-    let addr = coordinator.addr().to_string();
+    let addr = match args.protocol {
+        super::http::Protocol::Grpc => coordinator.addr(),
+        _ => coordinator.http_addr(),
+    }
+    .to_string();
     let (tx, rx) = oneshot::channel();
     let at_start = async {
         let _ = rx.await;
@@ -508,6 +519,7 @@ pub async fn text(args: &TextArgs) -> anyhow::Result<TextReport> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     Ok(TextReport {
         cores,
+        protocol: args.protocol,
         mean_sentence_bytes: sentences.iter().map(String::len).sum::<usize>() as f64
             / sentences.len() as f64,
         sentences: sentences.len(),
@@ -529,9 +541,10 @@ fn verdict(value: f64, target: f64) -> &'static str {
 impl TextReport {
     pub fn text(&self) -> String {
         let mut s = format!(
-            "text: {} sentences (mean {:.1} bytes) cycled, concurrency {}, {} cores, {} instance(s), intra-op threads {}\n",
+            "text: {} sentences (mean {:.1} bytes) cycled, served over {:?}, concurrency {}, {} cores, {} instance(s), intra-op threads {}\n",
             self.sentences,
             self.mean_sentence_bytes,
+            self.protocol,
             self.concurrency,
             self.cores,
             self.instances,

@@ -31,7 +31,7 @@ use anyhow::Context as _;
 use arc_swap::ArcSwap;
 use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use parking_lot::Mutex;
 use subtle::ConstantTimeEq;
 use tonic::Status;
@@ -272,7 +272,10 @@ impl Gate {
     fn admit(&self, request: &mut Request) -> Result<(), Status> {
         // HTTP routes have parameters (`/v2/models/{name}/infer`): the rule is the route's, as
         // the router matched it (the layer runs after routing). gRPC methods are exact paths.
-        let path = match (self.protocol, request.extensions().get::<MatchedPath>()) {
+        let matched = request.extensions().get::<MatchedPath>();
+        // An HTTP path that no route matches (answered 404 by the router's fallback).
+        let unrouted = self.protocol == Protocol::Http && matched.is_none();
+        let path = match (self.protocol, matched) {
             (Protocol::Http, Some(route)) => route.as_str(),
             _ => request.uri().path(),
         };
@@ -313,6 +316,11 @@ impl Gate {
             let Some(rule) = rule else {
                 // A route or method without a rule is not served to anyone (a route added
                 // without one fails its tests rather than open a hole).
+                if unrouted {
+                    // An authenticated caller asked for a path no route has: the router's
+                    // fallback answers 404 naming it (it serves nothing, so needs no rule).
+                    return Ok(());
+                }
                 return Err(match self.protocol {
                     Protocol::Http => Status::permission_denied(format!(
                         "{}: this route has no access rule",
@@ -356,7 +364,8 @@ pub async fn http_layer(
                 tonic::Code::PermissionDenied => http::StatusCode::FORBIDDEN,
                 _ => http::StatusCode::NOT_FOUND,
             };
-            let mut r = (code, format!("{}\n", status.message())).into_response();
+            // The same body as every other HTTP refusal: `{"error": "..."}`, as Triton sends.
+            let mut r = crate::rest::refusal(request.uri().path(), code, status.message());
             if code == http::StatusCode::UNAUTHORIZED {
                 r.headers_mut().insert(
                     http::header::WWW_AUTHENTICATE,

@@ -82,6 +82,37 @@ impl IntoResponse for RestError {
     }
 }
 
+/// A refusal made outside a handler (authentication, no such route, a method the route does not
+/// take): OpenAI's error shape under `/v1/`, Triton's `{"error": "..."}` everywhere else.
+pub fn refusal(path: &str, status: StatusCode, message: impl Into<String>) -> Response {
+    let error = RestError::new(status, message);
+    if path.starts_with("/v1/") {
+        openai::error_response(error)
+    } else {
+        error.into_response()
+    }
+}
+
+/// The router's fallback: no route has this path.
+pub async fn no_route(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    let path = uri.path();
+    refusal(
+        path,
+        StatusCode::NOT_FOUND,
+        format!("{method} {path}: no such route"),
+    )
+}
+
+/// The router's fallback for a route that does not take this method.
+pub async fn wrong_method(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    let path = uri.path();
+    refusal(
+        path,
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{path} does not take {method}"),
+    )
+}
+
 /// The caller the authentication layer left on the request (`crate::auth`); a request that did
 /// not pass it is refused (500), never served unguarded.
 pub fn caller(

@@ -82,6 +82,16 @@ impl IntoResponse for OpenAiError {
     }
 }
 
+/// `error` in OpenAI's shape, with no parameter or code named.
+pub(super) fn error_response(error: RestError) -> Response {
+    OpenAiError {
+        error,
+        param: None,
+        code: None,
+    }
+    .into_response()
+}
+
 /// How a model serves embeddings, read from its configuration.
 #[derive(Debug, PartialEq)]
 struct EmbeddingModel {
