@@ -376,7 +376,7 @@ impl ModelService for Api {
     }
 }
 
-fn node(n: &NodeSnapshot) -> v1::SupervisorNode {
+pub(crate) fn node(n: &NodeSnapshot) -> v1::SupervisorNode {
     v1::SupervisorNode {
         name: n.name.clone(),
         kind: match n.kind {

@@ -585,7 +585,7 @@ pub async fn health(args: ClientArgs) -> anyhow::Result<bool> {
     Ok(r.live && r.ready)
 }
 
-fn node_json(n: &v1::SupervisorNode) -> Value {
+pub(crate) fn node_json(n: &v1::SupervisorNode) -> Value {
     json!({
         "name": n.name, "kind": n.kind, "state": n.state, "restarts": n.restarts,
         "last_failure": if n.last_failure.is_empty() { Value::Null } else { json!(n.last_failure) },
@@ -729,7 +729,7 @@ pub struct GpusArgs {
     pub client: ClientArgs,
 }
 
-fn gpu_json(g: &v1::Gpu) -> Value {
+pub(crate) fn gpu_json(g: &v1::Gpu) -> Value {
     json!({
         "index": g.index, "name": g.name, "uuid": g.uuid,
         "memory_total_bytes": g.memory_total_bytes, "memory_used_bytes": g.memory_used_bytes,
@@ -893,7 +893,7 @@ fn job_state_name(s: i32) -> String {
         .unwrap_or_else(|_| s.to_string())
 }
 
-fn job_json(j: &v1::Job) -> Value {
+pub(crate) fn job_json(j: &v1::Job) -> Value {
     let spec = j.spec.clone().unwrap_or_default();
     json!({
         "id": j.id, "name": spec.name, "queue": spec.queue, "state": job_state_name(j.state),

@@ -1,6 +1,7 @@
-//! HTTP: Triton's health paths and Prometheus metrics, and the REST APIs (`rest/`). The health
-//! paths are open to every caller; everything else passes the authentication layer
-//! (`crate::auth`): `/metrics` needs `read` on the server unless `server.metrics_public`.
+//! HTTP: Triton's health paths and Prometheus metrics, the REST APIs (`rest/`) and the status
+//! page (`page/`). The health paths and the page's files (which hold no data) are open to every
+//! caller; everything else passes the authentication layer (`crate::auth`): `/metrics` needs
+//! `read` on the server unless `server.metrics_public`.
 //!
 //! The metrics text is rendered by hand from the fast path's own counters at scrape time: the
 //! numbers already live in atomics there, and a metrics registry would only keep a second copy.
@@ -17,7 +18,11 @@ use veraltheim_models::ModelState;
 
 use crate::context::Context;
 
-pub fn router(ctx: Arc<Context>, gate: Arc<crate::auth::Gate>) -> Router {
+pub fn router(
+    ctx: Arc<Context>,
+    page: crate::page::PageState,
+    gate: Arc<crate::auth::Gate>,
+) -> Router {
     Router::new()
         .route("/v2/health/live", get(live))
         .route("/v2/health/ready", get(ready))
@@ -26,6 +31,8 @@ pub fn router(ctx: Arc<Context>, gate: Arc<crate::auth::Gate>) -> Router {
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .merge(crate::rest::router())
+        // The status page and its JSON endpoints (`page/`).
+        .merge(crate::page::routes(page))
         .fallback(crate::rest::no_route)
         .method_not_allowed_fallback(crate::rest::wrong_method)
         .with_state(ctx)

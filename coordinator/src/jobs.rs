@@ -728,9 +728,7 @@ impl JobService for JobsApi {
         &self,
         request: Request<v1::ListJobsRequest>,
     ) -> Result<Response<v1::ListJobsResponse>, Status> {
-        let jobs = &*self.jobs;
         let caller = Caller::of(&request)?;
-        let view = caller.jobs_view();
         let r = request.into_inner();
         let states = r
             .states
@@ -741,19 +739,13 @@ impl JobService for JobsApi {
             states,
             queue: (!r.queue.is_empty()).then_some(r.queue),
             labels: r.labels.into_iter().collect(),
-            tenant: view.tenant.clone(),
             page_size: r.page_size as usize,
             page_token: r.page_token,
+            ..ListFilter::default()
         };
-        let (records, next) = jobs.runner.store().list(&filter).map_err(store_status)?;
-        // A page may come out shorter than asked: the jobs of queues the caller may not read
-        // are left out, and the page token still leads on.
+        let (jobs, next) = self.list_for(&caller, filter)?;
         Ok(Response::new(v1::ListJobsResponse {
-            jobs: records
-                .iter()
-                .filter(|r| view.shows(&r.spec.queue, owner_tenant(r)))
-                .map(|r| job_to_wire(jobs, r))
-                .collect(),
+            jobs,
             next_page_token: next.unwrap_or_default(),
         }))
     }
@@ -797,21 +789,7 @@ impl JobService for JobsApi {
     ) -> Result<Response<Self::JobLogsStream>, Status> {
         self.authorised(&request, &request.get_ref().id)?;
         let r = request.into_inner();
-        let api = self.clone();
-        let (id, follow) = (r.id, r.follow);
-        // The attempt to read: the latest; when following a job that has not started, the
-        // first, once it starts.
-        let attempt = async move {
-            loop {
-                let jobs = &*api.jobs;
-                let rec = jobs.runner.store().get(&id).map_err(store_status)?;
-                if rec.attempt > 0 || rec.state.is_terminal() || !follow {
-                    let logs = jobs.runner.executor().logs(&id, rec.attempt.max(1), follow);
-                    return Ok::<_, Status>(logs);
-                }
-                tokio::time::sleep(POLL).await;
-            }
-        };
+        let attempt = self.clone().attempt_logs(r.id, r.follow);
         let stream = futures::stream::once(attempt).flat_map(|logs| match logs {
             // Whatever an executor hands over (a pod log can come in one piece), each message
             // carries at most LOG_CHUNK_BYTES, far below any client's message limit.
@@ -846,10 +824,61 @@ fn owner_tenant(r: &JobRecord) -> Option<&str> {
 impl JobsApi {
     /// The job `id`, once the caller may do what its method does to it (`Caller::job`).
     fn authorised<T>(&self, request: &Request<T>, id: &str) -> Result<JobRecord, Status> {
-        let caller = Caller::of(request)?;
+        self.authorised_for(&Caller::of(request)?, id)
+    }
+
+    /// The job `id`, once `caller` may do what its call does to it (`Caller::job`): GetJob,
+    /// JobLogs and the like over gRPC, and their HTTP counterparts (the status page).
+    pub fn authorised_for(&self, caller: &Caller, id: &str) -> Result<JobRecord, Status> {
         let rec = self.jobs.runner.store().get(id).map_err(store_status)?;
         caller.job(id, &rec.spec.queue, owner_tenant(&rec))?;
         Ok(rec)
+    }
+
+    /// ListJobs for `caller`: one page of `filter`'s jobs as the wire shows them, confined to
+    /// what the caller may see (`Caller::jobs_view`: its tenant's jobs in the queues it may
+    /// `jobs.read`, every tenant's in those it may `jobs.admin`), and the next page's token.
+    /// `filter.tenant` is set here, never by the caller of this function.
+    pub fn list_for(
+        &self,
+        caller: &Caller,
+        mut filter: ListFilter,
+    ) -> Result<(Vec<v1::Job>, Option<String>), Status> {
+        let jobs = &*self.jobs;
+        let view = caller.jobs_view();
+        filter.tenant = view.tenant.clone();
+        let (records, next) = jobs.runner.store().list(&filter).map_err(store_status)?;
+        // A page may come out shorter than asked: the jobs of queues the caller may not read
+        // are left out, and the page token still leads on.
+        let visible = records
+            .iter()
+            .filter(|r| view.shows(&r.spec.queue, owner_tenant(r)))
+            .map(|r| job_to_wire(jobs, r))
+            .collect();
+        Ok((visible, next))
+    }
+
+    /// A job as the wire shows it (its progress and waiting reason as of now).
+    pub fn wire(&self, rec: &JobRecord) -> v1::Job {
+        job_to_wire(&self.jobs, rec)
+    }
+
+    /// The output of job `id`'s latest attempt (with `follow`, what comes until it ends; a
+    /// job that has not started is waited for, and its first attempt read once it starts).
+    /// The caller has been authorised already ([`Self::authorised_for`]).
+    pub async fn attempt_logs(
+        self,
+        id: String,
+        follow: bool,
+    ) -> Result<veraltheim_slowpath::LogStream, Status> {
+        loop {
+            let jobs = &*self.jobs;
+            let rec = jobs.runner.store().get(&id).map_err(store_status)?;
+            if rec.attempt > 0 || rec.state.is_terminal() || !follow {
+                return Ok(jobs.runner.executor().logs(&id, rec.attempt.max(1), follow));
+            }
+            tokio::time::sleep(POLL).await;
+        }
     }
 
     /// SubmitJob once the caller is known: checked, owned by the caller, authorised, stored.

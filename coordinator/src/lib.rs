@@ -18,6 +18,7 @@ mod http;
 mod jobs;
 mod kserve;
 mod logging;
+mod page;
 mod params;
 mod peer;
 mod ratelimit;

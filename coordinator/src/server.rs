@@ -379,8 +379,16 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         move |child: &ChildContext| grpc_router(&ctx, &jobs, &config, child.root(), &grpc_gate)
     });
     let http = server_worker(bind(http_addr, "HTTP")?, tls.clone(), {
-        let router = crate::http::router(ctx.clone(), http_gate);
-        move |_: &ChildContext| router.clone()
+        let (ctx, jobs) = (ctx.clone(), JobsApi::new(jobs.clone()));
+        // Built at each (re)start, like gRPC's: the status page reads the tree it runs in.
+        move |child: &ChildContext| {
+            let page = crate::page::PageState {
+                ctx: ctx.clone(),
+                jobs: jobs.clone(),
+                tree: child.root().clone(),
+            };
+            crate::http::router(ctx.clone(), page, http_gate.clone())
+        }
     });
     let bus_for_auth = bus.clone();
     let root = crate::tree::start(TreeParts {

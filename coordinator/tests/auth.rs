@@ -30,7 +30,7 @@ use veraltheim_proto::v1::{
 mod common;
 
 use common::raw::{Method, Raw};
-use common::{Server, channel, fp32, start};
+use common::{Server, channel, fp32, http_call, start};
 
 const ALICE: &str = "alice-secret-token";
 const CAROL: &str = "carol-secret-token";
@@ -802,40 +802,6 @@ async fn http_status(addr: &str, path: &str, token: Option<&str>) -> u16 {
     http_call(addr, "GET", path, token, "").await.0
 }
 
-/// One HTTP/1.1 call: the status and the body.
-async fn http_call(
-    addr: &str,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: &str,
-) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let auth = token.map_or(String::new(), |t| format!("authorization: Bearer {t}\r\n"));
-    tcp.write_all(
-        format!(
-            "{method} {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n{auth}\
-             content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut answer = String::new();
-    tcp.read_to_string(&mut answer).await.unwrap();
-    let status = answer
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("not an HTTP answer: {answer}"));
-    let body = answer
-        .split_once("\r\n\r\n")
-        .map_or(String::new(), |(_, b)| b.to_string());
-    (status, body)
-}
-
 /// Every REST route (KServe v2 over HTTP and the OpenAI embeddings), with a request naming
 /// `model` where the route names one.
 fn rest_calls(model: &str) -> Vec<(&'static str, String, String)> {
@@ -996,6 +962,87 @@ async fn every_rest_route_authenticates_and_authorises_like_grpc() {
     assert_eq!(e.attributes["resource"], "model:cost");
     assert_eq!(e.attributes["result"], "OK");
     assert_eq!(e.attributes["action"], "/v2/repository/models/{name}/load");
+}
+
+/// Submits a job that prints `from-<name>`, as the principal of `token`; its id.
+async fn submit_echo(jobs: &mut JobServiceClient<Channel>, name: &str, token: &str) -> String {
+    let argv = ["sh".to_string(), "-c".into(), format!("echo from-{name}")];
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    jobs.submit_job(with_token(common::command(name, &argv), Some(token)))
+        .await
+        .unwrap()
+        .into_inner()
+        .id
+}
+
+/// The ids of the jobs `/api/jobs` lists for `token` (the status page's list).
+async fn page_jobs(http: &str, token: &str) -> Vec<String> {
+    let (status, body) = http_call(http, "GET", "/api/jobs", Some(token), "").await;
+    assert_eq!(status, 200, "{body}");
+    let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+    doc["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn the_status_page_data_needs_the_rights_of_the_calls_it_mirrors() {
+    let s = start_secured(&[]).await;
+    let http = &s.server.http;
+    // The page's files hold no data: open, like health (the token is pasted into the page).
+    for path in ["/", "/page/app.js", "/page/style.css"] {
+        assert_eq!(http_status(http, path, None).await, 200, "{path}");
+    }
+    // Its data is not.
+    for path in [
+        "/api/status",
+        "/api/jobs",
+        "/api/jobs/00000000000000000000/logs",
+    ] {
+        let (status, body) = http_call(http, "GET", path, None, "").await;
+        assert_eq!(status, 401, "{path}: {body}");
+        assert!(body.contains("authentication required"), "{path}: {body}");
+        assert_eq!(
+            http_status(http, path, Some("wrong")).await,
+            401,
+            "{path} with a wrong token"
+        );
+    }
+    // The tree, models and GPUs need `read` on the server, as GetStatus does: alice's `read`
+    // is confined to a model.
+    let (status, body) = http_call(http, "GET", "/api/status", Some(ALICE), "").await;
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body.contains("'alice' may not read on the server"),
+        "{body}"
+    );
+    let (status, body) = http_call(http, "GET", "/api/status", Some(OPS), "").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("SystemSupervisor"), "{body}");
+
+    // Jobs: each tenant sees its own, the admin every tenant's (ListJobs' code).
+    let mut jobs = JobServiceClient::new(channel(&s.server).await);
+    let alices = submit_echo(&mut jobs, "alices", ALICE).await;
+    let bobs = submit_echo(&mut jobs, "bobs", BOB).await;
+    assert_eq!(page_jobs(http, ALICE).await, [alices.as_str()]);
+    // Carol is in alice's tenant: she sees the tenant's job.
+    assert_eq!(page_jobs(http, CAROL).await, [alices.as_str()]);
+    assert_eq!(page_jobs(http, BOB).await, [bobs.as_str()]);
+    assert_eq!(page_jobs(http, OPS).await, [bobs.as_str(), alices.as_str()]);
+    assert!(page_jobs(http, OUTSIDER).await.is_empty());
+    // Logs: one's own tenant's job, not another's (JobLogs' code).
+    let logs = |id: &str| format!("/api/jobs/{id}/logs");
+    let (status, body) = http_call(http, "GET", &logs(&alices), Some(ALICE), "").await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = http_call(http, "GET", &logs(&bobs), Some(ALICE), "").await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("belongs to another tenant"), "{body}");
+    assert!(!body.contains("from-bobs"), "{body}");
+    let (status, _) = http_call(http, "GET", &logs(&bobs), Some(OPS), "").await;
+    assert_eq!(status, 200);
 }
 
 #[tokio::test]

@@ -695,8 +695,8 @@ const fn post(path: &'static str, body: &'static str, status: u16) -> Route {
 const IDENTITY_JSON: &str =
     r#"{"inputs":[{"name":"INPUT0","shape":[1,2],"datatype":"FP32","data":[1,2]}]}"#;
 
-/// The HTTP routes (coordinator/src/http.rs and coordinator/src/rest/); a route added there is
-/// added here.
+/// The HTTP routes (coordinator/src/http.rs, coordinator/src/rest/ and coordinator/src/page/);
+/// a route added there is added here.
 const ROUTES: &[Route] = &[
     get("/v2/health/live"),
     get("/v2/health/ready"),
@@ -726,6 +726,18 @@ const ROUTES: &[Route] = &[
     // OpenAI embeddings.
     post("/v1/embeddings", r#"{"model":"identity","input":"x"}"#, 400),
     get("/v1/models"),
+    // The status page (coordinator/src/page/): its files and its data.
+    get("/"),
+    get("/page/app.js"),
+    get("/page/style.css"),
+    get("/api/status"),
+    get("/api/jobs"),
+    Route {
+        method: "GET",
+        path: "/api/jobs/00000000000000000000/logs",
+        body: "",
+        status: 404,
+    },
 ];
 
 /// The largest body the probe's server reads (`--max-message-bytes`).

@@ -167,6 +167,9 @@ pub struct ListFilter {
     pub page_size: usize,
     /// The `next_token` of the previous page; empty for the first page.
     pub page_token: String,
+    /// The newest jobs first (descending ids, which grow with submission time); the page
+    /// token then leads to older jobs. Default: oldest first.
+    pub newest_first: bool,
 }
 
 impl ListFilter {
@@ -411,12 +414,16 @@ impl<S: Store> JobStore<S> {
         let mut page_bytes = 0usize;
         let chunk = page_size.max(64);
         loop {
-            let lower = if after.is_empty() {
+            let past = if after.is_empty() {
                 Bound::Unbounded
             } else {
                 Bound::Excluded(after.as_str())
             };
-            let rows = JOBS.range_limit(&self.store, (lower, Bound::Unbounded), chunk)?;
+            let rows = if filter.newest_first {
+                JOBS.range_limit_back(&self.store, (Bound::Unbounded, past), chunk)?
+            } else {
+                JOBS.range_limit(&self.store, (past, Bound::Unbounded), chunk)?
+            };
             let exhausted = rows.len() < chunk;
             for (id, rec) in rows {
                 after = id;
@@ -899,6 +906,37 @@ pub(crate) mod tests {
             }
         }
         assert_eq!(seen, ids);
+
+        // Newest first: the same jobs from the last submitted back, page by page.
+        let mut back = Vec::new();
+        let mut filter = ListFilter {
+            page_size: 4,
+            newest_first: true,
+            ..Default::default()
+        };
+        loop {
+            let (page, next) = store.list(&filter).unwrap();
+            assert!(page.len() <= 4);
+            back.extend(page.into_iter().map(|r| r.id));
+            match next {
+                Some(t) => filter.page_token = t,
+                None => break,
+            }
+        }
+        let mut reversed = ids.clone();
+        reversed.reverse();
+        assert_eq!(back, reversed);
+        // The filters hold in that order too: the newest two of queue "even" are j8 and j6.
+        let filter = ListFilter {
+            queue: Some("even".into()),
+            newest_first: true,
+            page_size: 2,
+            ..Default::default()
+        };
+        let (page, next) = store.list(&filter).unwrap();
+        let names: Vec<_> = page.iter().map(|r| r.spec.name.as_str()).collect();
+        assert_eq!(names, ["j8", "j6"]);
+        assert!(next.is_some());
 
         let filter = ListFilter {
             queue: Some("even".into()),

@@ -86,6 +86,29 @@ impl Store for MemoryStore {
             .collect())
     }
 
+    fn scan_back(
+        &self,
+        table: &str,
+        lower: Bound<&[u8]>,
+        upper: Bound<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<RawEntry>, StorageError> {
+        check_table_name(table)?;
+        if is_empty_range(lower, upper) {
+            return Ok(Vec::new());
+        }
+        let tables = self.tables.read();
+        let Some(entries) = tables.get(table) else {
+            return Ok(Vec::new());
+        };
+        Ok(entries
+            .range::<[u8], _>((lower, upper))
+            .rev()
+            .take(limit)
+            .map(|(key, value)| (key.clone(), value.clone()))
+            .collect())
+    }
+
     fn commit(&self, batch: Batch) -> CommitFuture {
         Box::pin(ready(Ok(self.apply(&batch))))
     }

@@ -237,6 +237,30 @@ impl Store for RedbStore {
         })
     }
 
+    fn scan_back(
+        &self,
+        table: &str,
+        lower: Bound<&[u8]>,
+        upper: Bound<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<RawEntry>, StorageError> {
+        if is_empty_range(lower, upper) || limit == 0 {
+            check_table_name(table)?;
+            return Ok(Vec::new());
+        }
+        self.read(table, Vec::new(), |opened| {
+            opened
+                .range::<&[u8]>((lower, upper))?
+                .rev()
+                .take(limit)
+                .map(|entry| {
+                    let (key, value) = entry?;
+                    Ok((key.value().to_vec(), value.value().to_vec()))
+                })
+                .collect()
+        })
+    }
+
     fn commit(&self, batch: Batch) -> CommitFuture {
         let (tx, rx) = oneshot::channel();
         match self.enqueue(batch, Reply::Async(tx)) {

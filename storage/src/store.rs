@@ -62,6 +62,16 @@ pub trait Store: Send + Sync {
         limit: usize,
     ) -> Result<Vec<RawEntry>, StorageError>;
 
+    /// Up to `limit` entries of `table` with keys within the bounds, in descending key order
+    /// (the last ones first): what a "newest first" listing reads when keys grow with time.
+    fn scan_back(
+        &self,
+        table: &str,
+        lower: Bound<&[u8]>,
+        upper: Bound<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<RawEntry>, StorageError>;
+
     /// Queues `batch` now and resolves once it has committed. Several batches queued together
     /// may share one transaction, but each is applied whole or not at all, in queue order.
     fn commit(&self, batch: Batch) -> CommitFuture;
@@ -86,6 +96,16 @@ impl<S: Store + ?Sized> Store for Arc<S> {
         limit: usize,
     ) -> Result<Vec<RawEntry>, StorageError> {
         S::scan(self, table, lower, upper, limit)
+    }
+
+    fn scan_back(
+        &self,
+        table: &str,
+        lower: Bound<&[u8]>,
+        upper: Bound<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<RawEntry>, StorageError> {
+        S::scan_back(self, table, lower, upper, limit)
     }
 
     fn commit(&self, batch: Batch) -> CommitFuture {

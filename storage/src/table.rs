@@ -5,6 +5,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::batch::check_table_name;
+use crate::store::RawEntry;
 use crate::{Batch, Committed, Key, StorageError, Store};
 
 /// A typed view of one table of a [`Store`]: keys of type `K` (ordered by their encoding, see
@@ -94,14 +95,26 @@ where
         R: RangeBounds<&'k K>,
         K: 'k,
     {
-        let encode = |bound: Bound<&&'k K>| match bound {
-            Bound::Included(key) => Bound::Included(key.encode().into_owned()),
-            Bound::Excluded(key) => Bound::Excluded(key.encode().into_owned()),
-            Bound::Unbounded => Bound::Unbounded,
-        };
-        let lower = encode(range.start_bound());
-        let upper = encode(range.end_bound());
+        let (lower, upper) = encode_range::<K, R>(&range);
         self.scan_encoded(store, as_ref(&lower), as_ref(&upper), limit)
+    }
+
+    /// The last `limit` entries with a key in `range`, in descending key order.
+    pub fn range_limit_back<'k, S, R>(
+        &self,
+        store: &S,
+        range: R,
+        limit: usize,
+    ) -> Result<Vec<(K::Owned, V)>, StorageError>
+    where
+        S: Store + ?Sized,
+        R: RangeBounds<&'k K>,
+        K: 'k,
+    {
+        let (lower, upper) = encode_range::<K, R>(&range);
+        check_table_name(self.name)?;
+        let rows = store.scan_back(self.name, as_ref(&lower), as_ref(&upper), limit)?;
+        self.decode_rows(rows)
     }
 
     /// Every entry whose encoded key starts with `prefix`'s encoding, in key order.
@@ -178,9 +191,12 @@ where
         limit: usize,
     ) -> Result<Vec<(K::Owned, V)>, StorageError> {
         check_table_name(self.name)?;
-        store
-            .scan(self.name, lower, upper, limit)?
-            .into_iter()
+        let rows = store.scan(self.name, lower, upper, limit)?;
+        self.decode_rows(rows)
+    }
+
+    fn decode_rows(&self, rows: Vec<RawEntry>) -> Result<Vec<(K::Owned, V)>, StorageError> {
+        rows.into_iter()
             .map(|(key, value)| {
                 let decoded = K::decode(&key).map_err(|reason| StorageError::KeyDecode {
                     table: self.name.to_owned(),
@@ -190,6 +206,20 @@ where
             })
             .collect()
     }
+}
+
+/// The bounds of a typed key range, encoded.
+fn encode_range<'k, K, R>(range: &R) -> (Bound<Vec<u8>>, Bound<Vec<u8>>)
+where
+    K: Key + ?Sized + 'k,
+    R: RangeBounds<&'k K>,
+{
+    let encode = |bound: Bound<&&'k K>| match bound {
+        Bound::Included(key) => Bound::Included(key.encode().into_owned()),
+        Bound::Excluded(key) => Bound::Excluded(key.encode().into_owned()),
+        Bound::Unbounded => Bound::Unbounded,
+    };
+    (encode(range.start_bound()), encode(range.end_bound()))
 }
 
 fn as_ref(bound: &Bound<Vec<u8>>) -> Bound<&[u8]> {

@@ -127,6 +127,7 @@ fn model_range(
     lower: &Bound<Vec<u8>>,
     upper: &Bound<Vec<u8>>,
     limit: usize,
+    back: bool,
 ) -> Vec<(Vec<u8>, u32)> {
     // BTreeMap::range panics on inverted bounds; a store answers them with nothing.
     let empty = match (lower, upper) {
@@ -138,7 +139,13 @@ fn model_range(
     if empty {
         return Vec::new();
     }
-    map.range((lower.clone(), upper.clone()))
+    let range = map.range((lower.clone(), upper.clone()));
+    let entries: Box<dyn Iterator<Item = _>> = if back {
+        Box::new(range.rev())
+    } else {
+        Box::new(range)
+    };
+    entries
         .take(limit)
         .map(|(key, value)| (key.clone(), *value))
         .collect()
@@ -206,8 +213,14 @@ fn run(subject: &mut dyn Subject, actions: &[Action]) -> Result<(), TestCaseErro
                 let got = TABLES[*table]
                     .range_limit(subject.store(), (as_ref(lower), as_ref(upper)), *limit)
                     .expect("scans");
-                let want = model_range(&model[*table], lower, upper, *limit);
+                let want = model_range(&model[*table], lower, upper, *limit, false);
                 prop_assert_eq!(got, want, "step {}: {:?}", step, action);
+                // The same range from its end.
+                let got = TABLES[*table]
+                    .range_limit_back(subject.store(), (as_ref(lower), as_ref(upper)), *limit)
+                    .expect("scans back");
+                let want = model_range(&model[*table], lower, upper, *limit, true);
+                prop_assert_eq!(got, want, "step {} (back): {:?}", step, action);
             }
             Action::Prefix { table, prefix } => {
                 let got = TABLES[*table]

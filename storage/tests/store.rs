@@ -149,6 +149,27 @@ fn typed_tables_scan_in_key_order(store: &dyn Store) {
         names(NAMES.range(store, "c".."a").expect("inverted is empty")),
         Vec::<String>::new()
     );
+    // From the end: the last entries first, within the same bounds.
+    assert_eq!(
+        names(NAMES.range_limit_back(store, .., 2).expect("scans")),
+        ["c", "b"]
+    );
+    assert_eq!(
+        names(NAMES.range_limit_back(store, .."b", 10).expect("scans")),
+        ["abc", "ab", "a"]
+    );
+    assert_eq!(
+        names(NAMES.range_limit_back(store, "ab"..="b", 2).expect("scans")),
+        ["b", "abc"]
+    );
+    assert_eq!(
+        names(
+            NAMES
+                .range_limit_back(store, "c".."a", 5)
+                .expect("inverted is empty")
+        ),
+        Vec::<String>::new()
+    );
 
     let numbers: Vec<u64> = COUNTS
         .range(store, ..)

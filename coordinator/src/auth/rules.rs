@@ -179,7 +179,7 @@ pub fn grants_somewhere(allows: &[Allow], verb: Verb) -> bool {
 /// How a call is decided.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Rule {
-    /// Health: open to everyone, no credentials read.
+    /// Health and the status page's files: open to everyone, no credentials read.
     Open,
     /// The verb on the server as a whole: decided by the layer before the handler runs.
     Server(Verb),
@@ -388,6 +388,15 @@ pub const RULES: &[(&str, Rule)] = &[
     ("/v1/embeddings", Rule::Model(Infer)),
     ("/v1/models", Rule::Model(Read)),
     ("/v1/models/{model}", Rule::Model(Read)),
+    // The status page (`page/`): its files hold no data and are open (a browser cannot send
+    // a token with a navigation; docs/SECURITY.md), its data needs what the gRPC calls it
+    // mirrors need: GetStatus/GetResources, ListJobs and JobLogs.
+    ("/", Rule::Open),
+    ("/page/app.js", Rule::Open),
+    ("/page/style.css", Rule::Open),
+    ("/api/status", Rule::Server(Read)),
+    ("/api/jobs", Rule::JobList),
+    ("/api/jobs/{id}/logs", Rule::Job(JobsRead)),
 ];
 
 /// The rule of `path`, with the path as [`RULES`] holds it; `None` for a path no API serves.

@@ -264,3 +264,51 @@ pub fn fp32(name: &str, shape: Vec<i64>, values: Vec<f32>) -> v1::Tensor {
         })),
     }
 }
+
+/// One HTTP/1.1 call (`connection: close`): the status, the header block and the body.
+pub async fn http_exchange(
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> (u16, String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let auth = token.map_or(String::new(), |t| format!("authorization: Bearer {t}\r\n"));
+    tcp.write_all(
+        format!(
+            "{method} {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n{auth}\
+             content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut answer = String::new();
+    tcp.read_to_string(&mut answer).await.unwrap();
+    let status = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {answer}"));
+    let (head, body) = answer
+        .split_once("\r\n\r\n")
+        .map_or((answer.clone(), String::new()), |(h, b)| {
+            (h.to_string(), b.to_string())
+        });
+    (status, head, body)
+}
+
+/// One HTTP/1.1 call: the status and the body.
+pub async fn http_call(
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> (u16, String) {
+    let (status, _, body) = http_exchange(addr, method, path, token, body).await;
+    (status, body)
+}
