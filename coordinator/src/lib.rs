@@ -18,6 +18,7 @@ mod http;
 mod jobs;
 mod kserve;
 mod logging;
+mod node;
 mod params;
 mod peer;
 mod ratelimit;
@@ -25,6 +26,7 @@ mod rest;
 mod server;
 mod shm;
 mod stream;
+mod telemetry;
 mod tls;
 mod tree;
 
