@@ -306,7 +306,8 @@ impl Telemetry {
     }
 
     /// Called with every durable change of a job: a change that ends an attempt (the job was
-    /// RUNNING and is not any more) becomes that attempt's span. Never blocks.
+    /// RUNNING and is not any more) becomes that attempt's span, unless the job was submitted
+    /// under a trace its caller does not sample. Never blocks.
     pub fn job_changed(&self, rec: &JobRecord) {
         let [.., before, now] = rec.history.as_slice() else {
             return;
@@ -320,17 +321,20 @@ impl Telemetry {
         let parent = rec
             .traceparent
             .as_deref()
-            .and_then(|t| TraceParent::parse(t).ok())
-            .filter(TraceParent::sampled)
-            .map_or_else(OtelContext::new, |p| {
-                OtelContext::new().with_remote_span_context(SpanContext::new(
-                    TraceId::from_bytes(p.trace_id()),
-                    SpanId::from_bytes(p.parent_id()),
-                    TraceFlags::SAMPLED,
-                    true,
-                    TraceState::default(),
-                ))
-            });
+            .and_then(|t| TraceParent::parse(t).ok());
+        if parent.is_some_and(|p| !p.sampled()) {
+            // The submitter does not record this trace.
+            return;
+        }
+        let parent = parent.map_or_else(OtelContext::new, |p| {
+            OtelContext::new().with_remote_span_context(SpanContext::new(
+                TraceId::from_bytes(p.trace_id()),
+                SpanId::from_bytes(p.parent_id()),
+                TraceFlags::SAMPLED,
+                true,
+                TraceState::default(),
+            ))
+        });
         let kind = match &rec.spec.kind {
             JobKind::Command { .. } => "command",
             JobKind::Inference { .. } => "inference",

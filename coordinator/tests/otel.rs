@@ -413,6 +413,24 @@ async fn inference_and_jobs_are_traced_over_otlp() {
         "an unsampled trace is not recorded"
     );
 
+    // Our own API's Infer, continuing the caller's trace too.
+    let own = new_trace(7);
+    let mut req = tonic::Request::new(v1::InferRequest {
+        model: "identity".into(),
+        inputs: vec![common::fp32("INPUT0", vec![1, 2], vec![5.0, 6.0])],
+        ..Default::default()
+    });
+    req.metadata_mut()
+        .insert("traceparent", traceparent(&own, "01").parse().unwrap());
+    v1::inference_service_client::InferenceServiceClient::new(ch.clone())
+        .infer(req)
+        .await
+        .unwrap();
+    let spans = collector
+        .until("the v1 request's spans", |s| request_done(s, &own.0))
+        .await;
+    check_request(&spans, &own.0, &own.1, "identity", "grpc");
+
     // Two requests in one batch, one over gRPC and one over HTTP, each in its own trace: the
     // batch span links to both.
     let (a, b) = (new_trace(3), new_trace(4));
