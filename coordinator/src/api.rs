@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
-use veraltheim_bus::{SubscribeOptions, WhenFull};
+use veraltheim_bus::{SubscribeOptions, TraceParent, WhenFull};
 use veraltheim_models::{DataType, ModelConfig, ModelState, Tensor};
 use veraltheim_proto::v1::{
     self, inference_service_server::InferenceService, model_service_server::ModelService,
@@ -16,7 +16,7 @@ use veraltheim_proto::v1::{
 };
 
 use crate::auth::Caller;
-use crate::context::{Context, grpc_deadline, status, traced};
+use crate::context::{Context, grpc_deadline, status, traced, traceparent};
 use crate::convert::{from_v1, to_v1, v1_datatype};
 use veraltheim_serving::{InferCall, ModelInfo};
 use veraltheim_supervisor::{NodeKind, NodeSnapshot, SupervisorHandle};
@@ -68,6 +68,7 @@ async fn infer(
     ctx: &Context,
     req: v1::InferRequest,
     deadline: Option<Instant>,
+    trace: Option<TraceParent>,
 ) -> Result<v1::InferResponse, Status> {
     let received = Instant::now();
     if req.model.is_empty() {
@@ -98,6 +99,7 @@ async fn infer(
             timeout: (req.timeout_us > 0).then(|| Duration::from_micros(req.timeout_us)),
             deadline,
             received,
+            trace,
         })
         .await?;
     Ok(v1::InferResponse {
@@ -121,9 +123,10 @@ impl InferenceService for Api {
         request: Request<v1::InferRequest>,
     ) -> Result<Response<v1::InferResponse>, Status> {
         let deadline = grpc_deadline(request.metadata(), Instant::now());
+        let trace = traceparent(request.metadata());
         Caller::of(&request)?.model(&request.get_ref().model)?;
         Ok(Response::new(
-            infer(&self.ctx, request.into_inner(), deadline).await?,
+            infer(&self.ctx, request.into_inner(), deadline, trace).await?,
         ))
     }
 
@@ -135,6 +138,8 @@ impl InferenceService for Api {
     ) -> Result<Response<Self::InferStreamStream>, Status> {
         let ctx = self.ctx.clone();
         let caller = Caller::of(&request)?;
+        // The stream's trace context: each of its requests continues it.
+        let trace = traceparent(request.metadata());
         Ok(Response::new(crate::stream::serve(
             request.into_inner(),
             move |req: v1::InferRequest| {
@@ -144,7 +149,7 @@ impl InferenceService for Api {
                 async move {
                     let id = req.id.clone();
                     let answer = match allowed {
-                        Ok(()) => infer(&ctx, req, None).await,
+                        Ok(()) => infer(&ctx, req, None, trace).await,
                         Err(refused) => Err(refused),
                     };
                     let result = match answer {

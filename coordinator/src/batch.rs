@@ -306,6 +306,8 @@ async fn infer_line(
             timeout: None,
             deadline: None,
             received: Instant::now(),
+            // A job's lines are not traced one by one; its attempt has a span of its own.
+            trace: None,
         })
         .await
         .map_err(|e| e.to_string())?;

@@ -33,6 +33,7 @@ pub struct Config {
     pub execution: ExecutionConfig,
     pub limits: LimitsConfig,
     pub storage: StorageConfig,
+    pub telemetry: TelemetryConfig,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -394,6 +395,15 @@ impl LimitsConfig {
             max_topic_pattern_bytes: self.max_topic_pattern_bytes,
         }
     }
+}
+
+/// `[telemetry]`: traces.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// The OTLP/gRPC receiver spans are exported to; `None`: no spans are made.
+    #[serde(default, deserialize_with = "unset::empty")]
+    pub otlp_endpoint: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]

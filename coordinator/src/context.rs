@@ -14,6 +14,7 @@ use veraltheim_serving::{Error, ErrorKind, InferCall, Inference, ModelManager};
 
 use crate::devices::Devices;
 use crate::shm::SharedMemory;
+use crate::telemetry::{Protocol, Telemetry};
 
 pub struct Context {
     pub models: Arc<ModelManager>,
@@ -31,6 +32,8 @@ pub struct Context {
     pub audit: Option<crate::audit::Audit>,
     /// Largest request body the HTTP APIs read (`server.max_message_bytes`, gRPC's bound too).
     pub max_body_bytes: usize,
+    /// Traces (`--otlp-endpoint`); `None`: no spans are made.
+    pub telemetry: Option<Arc<Telemetry>>,
     /// Set once start-up loading is done; cleared when shutdown begins.
     ready: AtomicBool,
 }
@@ -73,6 +76,7 @@ impl Context {
             limits: ApiLimits::default(),
             audit: None,
             max_body_bytes: 64 << 20,
+            telemetry: None,
             ready: AtomicBool::new(false),
         }
     }
@@ -85,23 +89,48 @@ impl Context {
         self.ready.store(ready, Ordering::Release);
     }
 
-    /// [`Inference::infer`] with its error as a gRPC status.
+    /// [`Inference::infer`] with its error as a gRPC status: the gRPC APIs' edge.
     pub fn infer(
         &self,
         call: InferCall,
     ) -> impl Future<Output = Result<InferOutput, Status>> + Send + '_ {
-        self.infer_as(call, status)
+        self.traced_infer(call, status, Protocol::Grpc)
     }
 
-    /// [`Inference::infer`] with its error turned into a protocol's own by `map` (gRPC:
-    /// [`status`]; HTTP: a mapping built on [`http_status`]).
+    /// [`Inference::infer`] with its error turned into an HTTP API's own by `map` (a mapping
+    /// built on [`http_status`]): the HTTP APIs' edge.
     pub fn infer_as<E: 'static>(
         &self,
         call: InferCall,
         map: fn(Error) -> E,
     ) -> impl Future<Output = Result<InferOutput, E>> + Send + '_ {
+        self.traced_infer(call, map, Protocol::Http)
+    }
+
+    /// The one inference edge, with its span when traces are exported (`telemetry.rs`).
+    /// Without an exporter the call's trace context is cleared, so that nothing below records
+    /// anything for it.
+    fn traced_infer<E: 'static>(
+        &self,
+        mut call: InferCall,
+        map: fn(Error) -> E,
+        protocol: Protocol,
+    ) -> impl Future<Output = Result<InferOutput, E>> + Send + '_ {
+        let traced = match &self.telemetry {
+            Some(t) => t.begin(&mut call, protocol),
+            None => {
+                call.trace = None;
+                None
+            }
+        };
         let answer = self.inference.infer(call);
-        async move { answer.await.map_err(map) }
+        async move {
+            let result = answer.await;
+            if let (Some(t), Some(traced)) = (&self.telemetry, traced) {
+                t.end(traced, &result, &self.models);
+            }
+            result.map_err(map)
+        }
     }
 }
 
@@ -110,15 +139,7 @@ const RETRY_PUSHBACK_MS: &str = "50";
 
 /// The gRPC status of a serving error: the one mapping both gRPC APIs use.
 pub fn status(e: Error) -> Status {
-    let msg = e.to_string();
-    let mut s = match e.kind() {
-        ErrorKind::InvalidArgument => Status::invalid_argument(msg),
-        ErrorKind::NotFound => Status::not_found(msg),
-        ErrorKind::Unavailable => Status::unavailable(msg),
-        ErrorKind::ResourceExhausted => Status::resource_exhausted(msg),
-        ErrorKind::DeadlineExceeded => Status::deadline_exceeded(msg),
-        ErrorKind::Internal => Status::internal(msg),
-    };
+    let mut s = Status::new(grpc_code(e.kind()), e.to_string());
     if e.is_queue_full() {
         s.metadata_mut().insert(
             "grpc-retry-pushback-ms",
@@ -126,6 +147,19 @@ pub fn status(e: Error) -> Status {
         );
     }
     s
+}
+
+/// The gRPC code of a serving error kind.
+pub fn grpc_code(kind: ErrorKind) -> tonic::Code {
+    use tonic::Code as C;
+    match kind {
+        ErrorKind::InvalidArgument => C::InvalidArgument,
+        ErrorKind::NotFound => C::NotFound,
+        ErrorKind::Unavailable => C::Unavailable,
+        ErrorKind::ResourceExhausted => C::ResourceExhausted,
+        ErrorKind::DeadlineExceeded => C::DeadlineExceeded,
+        ErrorKind::Internal => C::Internal,
+    }
 }
 
 /// The HTTP status of a serving error kind: the one mapping both HTTP APIs (KServe v2 over REST,
@@ -147,14 +181,19 @@ pub fn http_status(kind: ErrorKind) -> http::StatusCode {
 /// Runs `work` under the caller's W3C trace context (its `traceparent` metadata), so that the
 /// events it causes (model state changes...) carry their cause.
 pub async fn traced<F: std::future::Future>(metadata: &MetadataMap, work: F) -> F::Output {
-    let parent = metadata
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| TraceParent::parse(v).ok());
-    match parent {
+    match traceparent(metadata) {
         Some(parent) => with_trace(parent, work).await,
         None => work.await,
     }
+}
+
+/// The caller's W3C trace context (its `traceparent` metadata), when it sent a valid one (an
+/// invalid one is ignored, as W3C trace context asks: the call then starts a trace of its own).
+pub fn traceparent(metadata: &MetadataMap) -> Option<TraceParent> {
+    metadata
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| TraceParent::parse(v).ok())
 }
 
 /// The caller's gRPC deadline (`grpc-timeout` header), as an instant. tonic enforces it too, but

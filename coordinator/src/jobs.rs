@@ -28,6 +28,7 @@ use veraltheim_supervisor::BreakerConfig;
 use crate::auth::Caller;
 use crate::config::{JobExecutorKind, JobsConfig, KubernetesJobsConfig, LocalJobsConfig};
 use crate::stream::StreamOf;
+use crate::telemetry::Telemetry;
 
 pub type JobRunner = Runner<Arc<RedbStore>>;
 
@@ -161,18 +162,23 @@ impl Jobs {
     /// one) shared by the configured queues.
     /// Every durable job change comes out of the returned receiver as a `jobs.<id>.state` event
     /// (for the QueueManager to publish).
-    /// Inference jobs run through `inference`.
+    /// Inference jobs run through `inference`. With `telemetry`, each attempt that ends becomes
+    /// a span.
     pub async fn start(
         config: &JobsConfig,
         store: Arc<RedbStore>,
         data_dir: &Path,
         capacity: Resources,
         inference: Arc<dyn InferenceExecutor>,
+        telemetry: Option<Arc<Telemetry>>,
     ) -> anyhow::Result<(Jobs, mpsc::Receiver<Event>)> {
         let (tx, rx) = mpsc::channel(JOB_EVENT_BACKLOG);
         let observer: Observer = Arc::new(move |r: &JobRecord| {
             if tx.try_send(job_event(r)).is_err() {
                 tracing::warn!(job = %r.id, "job event backlog full; event dropped");
+            }
+            if let Some(t) = &telemetry {
+                t.job_changed(r);
             }
         });
         let paths = InferencePaths::from_config(config, data_dir)?;
@@ -888,6 +894,8 @@ impl JobsApi {
         request: Request<v1::SubmitJobRequest>,
     ) -> Result<Response<v1::Job>, Status> {
         let jobs = &*self.jobs;
+        // Kept with the job: its attempts' spans continue the submitter's trace.
+        let trace = crate::context::traceparent(request.metadata()).map(|t| t.to_string());
         let spec = request
             .into_inner()
             .spec
@@ -922,7 +930,11 @@ impl JobsApi {
         // The server's default TTL is resolved at submit, so a job keeps the TTL it was
         // accepted with (GetJob shows it) whatever the configuration says later.
         spec.ttl_seconds_after_finished = spec.ttl_seconds_after_finished.or(jobs.default_ttl);
-        let rec = jobs.runner.submit(spec).await.map_err(job_status)?;
+        let rec = jobs
+            .runner
+            .submit_traced(spec, trace)
+            .await
+            .map_err(job_status)?;
         Ok(Response::new(job_to_wire(jobs, &rec)))
     }
 }

@@ -14,10 +14,11 @@ use veraltheim_proto::inference::{
 };
 
 use crate::auth::Caller;
-use crate::context::{Context, grpc_deadline, status, traced};
+use crate::context::{Context, grpc_deadline, status, traced, traceparent};
 use crate::convert::{kserve_inputs, kserve_output};
 use crate::params::unsigned_param;
 use crate::shm::{SharedMemory, ShmRef, shm_ref};
+use veraltheim_bus::TraceParent;
 use veraltheim_serving::InferCall;
 
 pub const SERVER_NAME: &str = "veraltheim";
@@ -102,6 +103,7 @@ fn to_call(
         timeout,
         deadline,
         received,
+        trace: None,
     };
     Ok((call, to_shm))
 }
@@ -161,6 +163,7 @@ fn infer(
     req: pb::ModelInferRequest,
     deadline: Option<Instant>,
     received: Instant,
+    trace: Option<TraceParent>,
 ) -> impl Future<Output = Result<pb::ModelInferResponse, Status>> + Send + '_ {
     let model_name = req.model_name.clone();
     let started = to_call(
@@ -170,7 +173,8 @@ fn infer(
         &ctx.shm,
         ctx.models.limits().max_request_bytes as u64,
     )
-    .map(|(call, to_shm)| {
+    .map(|(mut call, to_shm)| {
+        call.trace = trace;
         let id = call.id.clone();
         (id, to_shm, ctx.infer(call))
     });
@@ -492,8 +496,9 @@ impl GrpcInferenceService for KserveService {
     ) -> Result<Response<pb::ModelInferResponse>, Status> {
         let received = Instant::now();
         let deadline = grpc_deadline(request.metadata(), received);
+        let trace = traceparent(request.metadata());
         Caller::of(&request)?.model(&request.get_ref().model_name)?;
-        let response = infer(&self.ctx, request.into_inner(), deadline, received).await?;
+        let response = infer(&self.ctx, request.into_inner(), deadline, received, trace).await?;
         Ok(Response::new(response))
     }
 
@@ -505,6 +510,8 @@ impl GrpcInferenceService for KserveService {
     ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
         let ctx = self.ctx.clone();
         let caller = Caller::of(&request)?;
+        // The stream's trace context: each of its requests continues it.
+        let trace = traceparent(request.metadata());
         Ok(Response::new(crate::stream::serve(
             request.into_inner(),
             move |req: pb::ModelInferRequest| {
@@ -514,7 +521,7 @@ impl GrpcInferenceService for KserveService {
                 async move {
                     let (id, model) = (req.id.clone(), req.model_name.clone());
                     let answer = match allowed {
-                        Ok(()) => infer(&ctx, req, None, Instant::now()).await,
+                        Ok(()) => infer(&ctx, req, None, Instant::now(), trace).await,
                         Err(refused) => Err(refused),
                     };
                     match answer {

@@ -18,6 +18,7 @@ mod http;
 mod jobs;
 mod kserve;
 mod logging;
+mod node;
 mod page;
 mod params;
 mod peer;
@@ -26,6 +27,7 @@ mod rest;
 mod server;
 mod shm;
 mod stream;
+mod telemetry;
 mod tls;
 mod tree;
 

@@ -29,6 +29,7 @@ use crate::devices::Devices;
 use crate::jobs::{Jobs, JobsApi};
 use crate::kserve::KserveService;
 use crate::ratelimit::ClientLimiter;
+use crate::telemetry::Telemetry;
 use crate::tree::{ServeFn, TreeHost, TreeParts};
 use veraltheim_models::allocator::{Budget, DeviceId};
 use veraltheim_models::backend::BackendOptions;
@@ -87,6 +88,9 @@ fn clip_message(message: &[u8]) -> Option<HeaderValue> {
     cut.extend_from_slice(b"%20[...%20cut]");
     HeaderValue::from_bytes(&cut).ok()
 }
+
+/// How long a stopping server waits for its last spans to be exported.
+const TRACES_FLUSH: Duration = Duration::from_secs(5);
 
 async fn shutdown_signal() {
     let ctrl_c = async {
@@ -332,12 +336,22 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     ));
     // Local jobs as root need jobs.local.run_as once authentication is on.
     crate::jobs::check_run_as(&config.jobs, auth.enabled())?;
+    // Traces, when an OTLP receiver is configured; without one no span is ever made.
+    let telemetry = match &config.telemetry.otlp_endpoint {
+        Some(endpoint) => {
+            let t = Arc::new(Telemetry::start(endpoint)?);
+            tracing::info!(%endpoint, node = crate::node::node_id(), "exporting traces over OTLP");
+            Some(t)
+        }
+        None => None,
+    };
     let (jobs, job_events) = Jobs::start(
         &config.jobs,
         store.clone(),
         &config.storage.data_dir,
         capacity,
         batch_inference,
+        telemetry.clone(),
     )
     .await
     .context("cannot start the job runner")?;
@@ -369,6 +383,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     ctx.limits = config.limits.api();
     ctx.audit = Some(audit);
     ctx.max_body_bytes = config.server.max_message_bytes;
+    ctx.telemetry = telemetry.clone();
     let ctx = Arc::new(ctx);
 
     let grpc_addr = config.server.grpc_addr;
@@ -465,6 +480,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     models.shutdown(grace).await;
     if let Err(e) = root.shutdown().await {
         tracing::warn!(error = %e, "stopping the supervision tree");
+    }
+    if let Some(t) = telemetry {
+        // The spans still queued go out (bounded); exporting blocks, so off the runtime's threads.
+        let _ = tokio::task::spawn_blocking(move || t.shutdown(TRACES_FLUSH)).await;
     }
     tracing::info!("stopped");
     Ok(())

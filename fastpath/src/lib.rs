@@ -20,6 +20,6 @@ pub use batcher::{BatchPolicy, Item, Plan};
 pub use error::InferError;
 pub use pool::ExecutionPool;
 pub use priority::{LevelPolicy, PriorityPolicy, order as priority_order};
-pub use request::{InferOutput, Request};
+pub use request::{BatchTrace, InferOutput, Request, SpanRef};
 pub use stats::{BatchStat, DurationStat, ModelStats, Percentiles, StatsSnapshot};
 pub use worker::{ModelWorker, WorkerFailure, WorkerOptions};

@@ -1,4 +1,5 @@
-use std::time::{Duration, Instant};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use veraltheim_models::Tensor;
 
@@ -19,6 +20,9 @@ pub struct Request {
     pub deadline: Option<Instant>,
     /// When the server received the request; end-to-end durations start here.
     pub received: Instant,
+    /// The span this request runs under, when the server traces it: its batch then records a
+    /// [`BatchTrace`] that links to it. `None` (no tracing) costs the batch nothing.
+    pub span: Option<SpanRef>,
 }
 
 impl Request {
@@ -32,7 +36,74 @@ impl Request {
             timeout: None,
             deadline: None,
             received: Instant::now(),
+            span: None,
         }
+    }
+}
+
+/// A span by its W3C ids, as the tracing layer above this crate names it. Nothing here makes
+/// or exports spans: the fast path only records which traced requests shared a batch and when
+/// its steps happened ([`BatchTrace`]), and the caller turns that into spans, off the pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SpanRef {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+}
+
+/// What an executed batch that held at least one traced request looked like: its instants
+/// (read on the pool thread, where the statistics read them anyway) and the spans of the traced
+/// requests it held. Built only for such batches, shared by their answers.
+#[derive(Debug)]
+pub struct BatchTrace {
+    /// When the batch was taken off the queue (its requests' queue wait ends here).
+    pub start: Instant,
+    /// `start` on the wall clock (read once per traced batch), so that every request of the
+    /// batch places its instants on the wall clock alike ([`BatchTrace::wall`]).
+    pub started_at: SystemTime,
+    /// When the backend call began (the inputs are assembled by then).
+    pub infer_start: Instant,
+    /// When the backend call returned.
+    pub infer_end: Instant,
+    /// When the outputs were split per request (the answers go back from here).
+    pub done: Instant,
+    /// Batch items executed (rows of all its requests).
+    pub rows: usize,
+    /// Requests in the batch, traced or not.
+    pub requests: usize,
+    /// The spans of the batch's traced requests, in batch order.
+    pub links: Vec<SpanRef>,
+    /// The batch's own span, once the first answer's receiver has made it; every other
+    /// receiver finds it here (so there is one batch span, and each request can link to it).
+    pub span: OnceLock<SpanRef>,
+}
+
+impl BatchTrace {
+    pub(crate) fn new(
+        [start, infer_start, infer_end, done]: [Instant; 4],
+        rows: usize,
+        requests: usize,
+        links: Vec<SpanRef>,
+    ) -> Arc<BatchTrace> {
+        let (now, now_wall) = (Instant::now(), SystemTime::now());
+        let started_at = now_wall
+            .checked_sub(now.saturating_duration_since(start))
+            .unwrap_or(now_wall);
+        Arc::new(BatchTrace {
+            start,
+            started_at,
+            infer_start,
+            infer_end,
+            done,
+            rows,
+            requests,
+            links,
+            span: OnceLock::new(),
+        })
+    }
+
+    /// One of the batch's instants on the wall clock.
+    pub fn wall(&self, instant: Instant) -> SystemTime {
+        self.started_at + instant.saturating_duration_since(self.start)
     }
 }
 
@@ -44,4 +115,7 @@ pub struct InferOutput {
     pub compute: Duration,
     /// Batch items executed together with this request, its own included.
     pub batch_size: usize,
+    /// The batch's instants and traced requests, when this request was traced
+    /// ([`Request::span`]); `None` otherwise.
+    pub batch: Option<Arc<BatchTrace>>,
 }

@@ -25,7 +25,7 @@ use crate::error::InferError;
 use crate::pool::{ExecutionPool, panic_message};
 use crate::priority::PriorityPolicy;
 use crate::queue::{BatchKey, Pending, Reply, RequestQueue};
-use crate::request::{InferOutput, Request};
+use crate::request::{BatchTrace, InferOutput, Request};
 use crate::stats::{ModelStats, StatsSnapshot};
 
 #[derive(Clone, Debug)]
@@ -710,6 +710,16 @@ fn execute(s: &Shared, batch: Vec<Pending>) {
                     );
                 }
             }
+            // Only a batch holding a traced request pays for its trace: the instants are the
+            // ones read above; spans are made by the callers, off this thread.
+            let trace = batch.iter().any(|p| p.req.span.is_some()).then(|| {
+                BatchTrace::new(
+                    [start, infer_start, infer_end, done],
+                    total,
+                    batch.len(),
+                    batch.iter().filter_map(|p| p.req.span).collect(),
+                )
+            });
             let answers = batch.into_iter().zip(parts).map(|(p, outputs)| {
                 s.stats.success.add(1, done.duration_since(p.req.received));
                 let answer = Ok(InferOutput {
@@ -717,6 +727,7 @@ fn execute(s: &Shared, batch: Vec<Pending>) {
                     queue: start.duration_since(p.enqueued),
                     compute: done - start,
                     batch_size: total,
+                    batch: p.req.span.and_then(|_| trace.clone()),
                 });
                 (p.reply, answer)
             });

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
-use veraltheim_fastpath::{ExecutionPool, InferError, ModelWorker, Request, WorkerOptions};
+use veraltheim_fastpath::{
+    ExecutionPool, InferError, ModelWorker, Request, SpanRef, WorkerOptions,
+};
 use veraltheim_models::{Model, ModelConfig, Tensor, builtin};
 
 fn cost(base_us: u64, per_item_us: u64, extra: &str) -> Arc<dyn Model> {
@@ -127,6 +129,61 @@ async fn concurrent_requests_form_batches_and_get_their_own_rows() {
     assert_eq!(stats.success.count, 40);
     assert_eq!(stats.execution_count, 2, "{stats:?}");
     assert_eq!(stats.pending, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_records_its_trace_only_when_it_holds_a_traced_request() {
+    let pool = ExecutionPool::new(2).unwrap();
+    let (model, mut gate) = gated(cost(0, 0, ""));
+    let worker = ModelWorker::start(model, pool, &WorkerOptions::default());
+    let span = |n: u8| SpanRef {
+        trace_id: [n; 16],
+        span_id: [n; 8],
+    };
+    let traced = |v: f32, n: u8| {
+        let mut r = row(v);
+        r.span = Some(span(n));
+        r
+    };
+    // An untraced batch: nothing recorded.
+    let first = worker.submit(row(0.0)).unwrap();
+    assert_eq!(gate.started().await, [0.0]);
+    // While it runs, two traced requests and an untraced one queue up: the next batch.
+    let queued = [
+        worker.submit(traced(1.0, 1)).unwrap(),
+        worker.submit(row(2.0)).unwrap(),
+        worker.submit(traced(3.0, 3)).unwrap(),
+    ];
+    gate.open();
+    assert!(first.await.unwrap().unwrap().batch.is_none());
+    let [one, two, three] = queued;
+    let (one, two, three) = (
+        one.await.unwrap().unwrap(),
+        two.await.unwrap().unwrap(),
+        three.await.unwrap().unwrap(),
+    );
+    assert!(two.batch.is_none(), "an untraced request carries no trace");
+    let batch = one
+        .batch
+        .expect("a traced request carries its batch's trace");
+    assert!(
+        std::sync::Arc::ptr_eq(&batch, three.batch.as_ref().unwrap()),
+        "one trace per batch"
+    );
+    assert_eq!(
+        batch.links,
+        vec![span(1), span(3)],
+        "the traced requests, in order"
+    );
+    assert_eq!((batch.requests, batch.rows), (3, 3));
+    assert!(
+        batch.start <= batch.infer_start
+            && batch.infer_start <= batch.infer_end
+            && batch.infer_end <= batch.done
+    );
+    assert_eq!(batch.wall(batch.start), batch.started_at);
+    // The queue wait the answer reports ends where the batch starts.
+    assert!(one.queue > Duration::ZERO && one.compute == batch.done - batch.start);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tracing::Instrument;
-use veraltheim_fastpath::{InferError, InferOutput, ModelWorker, Request};
+use veraltheim_bus::TraceParent;
+use veraltheim_fastpath::{InferError, InferOutput, ModelWorker, Request, SpanRef};
 use veraltheim_models::Tensor;
 use veraltheim_models::validate::{validate_inputs, validate_outputs};
 use veraltheim_storage::ContentHash;
@@ -38,6 +39,11 @@ pub struct InferCall {
     /// The caller's deadline (gRPC's `grpc-timeout`).
     pub deadline: Option<Instant>,
     pub received: Instant,
+    /// The W3C trace context the request runs in. A protocol handler sets the caller's
+    /// `traceparent`; the coordinator's tracing replaces it with its own span for the request
+    /// (whose id the batch's trace links to), or clears it when it exports nothing. When set,
+    /// the fast path records the request's batch ([`veraltheim_fastpath::BatchTrace`]).
+    pub trace: Option<TraceParent>,
 }
 
 impl Inference {
@@ -124,6 +130,7 @@ impl Inference {
                     queue: Duration::ZERO,
                     compute: Duration::ZERO,
                     batch_size: rows,
+                    batch: None,
                 }));
             }
             worker.record_cache_miss(lookup.elapsed());
@@ -141,6 +148,10 @@ impl Inference {
             timeout: call.timeout,
             deadline,
             received: call.received,
+            span: call.trace.map(|t| SpanRef {
+                trace_id: t.trace_id(),
+                span_id: t.parent_id(),
+            }),
         };
         match worker.submit(request) {
             Ok(rx) => Submitted::Waiting(Waiting {

@@ -234,6 +234,16 @@ impl<S: Store + 'static> Runner<S> {
     /// Checks `spec` against the scheduler (unknown queue or class, more than quota or
     /// capacity), stores it durably and puts it in line.
     pub async fn submit(&self, spec: JobSpec) -> Result<JobRecord, RunnerError> {
+        self.submit_traced(spec, None).await
+    }
+
+    /// [`Runner::submit`], keeping the caller's W3C `traceparent` with the job (its attempts'
+    /// spans continue that trace).
+    pub async fn submit_traced(
+        &self,
+        spec: JobSpec,
+        traceparent: Option<String>,
+    ) -> Result<JobRecord, RunnerError> {
         self.inner
             .exec
             .check(&spec)
@@ -246,7 +256,7 @@ impl<S: Store + 'static> Runner<S> {
             .lock()
             .sched
             .check(&spec.queue, &spec.priority_class, &spec.resources)?;
-        let rec = self.inner.store.submit(spec).await?;
+        let rec = self.inner.store.submit_traced(spec, traceparent).await?;
         if rec.state == JobState::Queued && rec.history.len() == 1 {
             let mut state = self.inner.state.lock();
             match state.sched.enqueue(pending(&rec)) {

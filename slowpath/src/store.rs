@@ -115,6 +115,12 @@ pub struct JobRecord {
     /// In RETRY_WAIT: when the job may be queued again.
     pub retry_at_ms: Option<u64>,
     pub history: Vec<HistoryEntry>,
+    /// The W3C `traceparent` the job was submitted under, if any: its attempts' spans continue
+    /// that trace. Kept out of the spec, so that a retried submit under a new trace is still
+    /// the same request for its idempotency key. Records written before the field existed read
+    /// as `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 impl JobRecord {
@@ -329,6 +335,16 @@ impl<S: Store> JobStore<S> {
     /// an idempotency key already used returns the job first submitted with it, unchanged; if
     /// that job's spec differs, the submit fails with [`StoreError::IdempotencyConflict`].
     pub async fn submit(&self, spec: JobSpec) -> Result<JobRecord, StoreError> {
+        self.submit_traced(spec, None).await
+    }
+
+    /// [`JobStore::submit`], keeping the caller's W3C `traceparent` with the job
+    /// ([`JobRecord::traceparent`]).
+    pub async fn submit_traced(
+        &self,
+        spec: JobSpec,
+        traceparent: Option<String>,
+    ) -> Result<JobRecord, StoreError> {
         spec.validate()?;
         // Submits with the same idempotency key are serialized; without a key, nothing is shared.
         let slot = idempotency_slot(&spec);
@@ -377,6 +393,7 @@ impl<S: Store> JobStore<S> {
                 reason: "submitted".into(),
             }],
             spec,
+            traceparent,
         };
         let mut batch = Batch::new();
         batch.put(&JOBS, id.as_str(), &rec)?;
@@ -831,8 +848,10 @@ pub(crate) mod tests {
             infra_failures: 0,
             retry_at_ms: None,
             history: Vec::new(),
+            traceparent: None,
         })
         .unwrap();
+        assert!(rec.get("traceparent").is_none(), "not written when unset");
         assert!(rec["spec"].get("owner").is_none(), "not written when unset");
         rec["spec"].as_object_mut().unwrap().remove("owner");
         let back: JobRecord = serde_json::from_value(rec).unwrap();

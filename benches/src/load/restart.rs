@@ -129,6 +129,7 @@ fn record(i: usize, base_ms: u64, state: JobState) -> JobRecord {
         infra_failures: 0,
         retry_at_ms: None,
         history,
+        traceparent: None,
     }
 }
 

@@ -230,14 +230,19 @@ pub fn json_body<T: serde::de::DeserializeOwned + Default>(
         .map_err(|e| RestError::bad_request(format!("{what}: the body is not valid: {e}")))
 }
 
+/// The caller's W3C trace context (its `traceparent` header), when it sent a valid one (an
+/// invalid one is ignored, as W3C trace context asks).
+pub fn traceparent(headers: &HeaderMap) -> Option<TraceParent> {
+    headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| TraceParent::parse(v).ok())
+}
+
 /// Runs `work` under the caller's W3C trace context (its `traceparent` header), so that the
 /// events it causes (model state changes) carry their cause, as over gRPC.
 pub async fn traced<F: Future>(headers: &HeaderMap, work: F) -> F::Output {
-    let parent = headers
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| TraceParent::parse(v).ok());
-    match parent {
+    match traceparent(headers) {
         Some(parent) => with_trace(parent, work).await,
         None => work.await,
     }

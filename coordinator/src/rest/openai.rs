@@ -432,6 +432,7 @@ async fn embeddings(
     body: Body,
 ) -> Result<Response, OpenAiError> {
     let received = Instant::now();
+    let trace = super::traceparent(&headers);
     let caller = caller(found)?;
     let body = read_body(&headers, body, ctx.max_body_bytes).await?;
     let r: EmbeddingsRequest = serde_json::from_slice(&body)
@@ -488,6 +489,7 @@ async fn embeddings(
                     timeout: None,
                     deadline: None,
                     received,
+                    trace,
                 },
                 RestError::serving,
             ))

@@ -509,6 +509,7 @@ pub fn parse_request(
             timeout,
             deadline: None,
             received,
+            trace: super::traceparent(headers),
         },
         binary: binary_choice,
         binary_by_default,

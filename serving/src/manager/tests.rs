@@ -195,6 +195,7 @@ async fn echo(
             timeout: None,
             deadline: None,
             received: Instant::now(),
+            trace: None,
         })
         .await?;
     Ok(out.outputs[0].f32_values().expect("FP32 output"))
