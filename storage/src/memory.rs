@@ -6,7 +6,7 @@ use std::sync::Arc;
 use parking_lot::{Mutex, RwLock};
 
 use crate::batch::check_table_name;
-use crate::store::is_empty_range;
+use crate::store::{Order, is_empty_range};
 use crate::{Batch, CommitFuture, Committed, Op, RawEntry, StorageError, Store, StoreStats};
 
 type Tables = BTreeMap<String, BTreeMap<Vec<u8>, Vec<u8>>>;
@@ -64,12 +64,13 @@ impl Store for MemoryStore {
             .cloned())
     }
 
-    fn scan(
+    fn scan_in(
         &self,
         table: &str,
         lower: Bound<&[u8]>,
         upper: Bound<&[u8]>,
         limit: usize,
+        order: Order,
     ) -> Result<Vec<RawEntry>, StorageError> {
         check_table_name(table)?;
         if is_empty_range(lower, upper) {
@@ -79,36 +80,13 @@ impl Store for MemoryStore {
         let Some(entries) = tables.get(table) else {
             return Ok(Vec::new());
         };
-        Ok(entries
-            .range::<[u8], _>((lower, upper))
-            .take(limit)
-            .map(|(key, value)| (key.clone(), value.clone()))
-            .collect())
+        let range = entries.range::<[u8], _>((lower, upper));
+        let owned = |(key, value): (&Vec<u8>, &Vec<u8>)| (key.clone(), value.clone());
+        Ok(match order {
+            Order::Ascending => range.take(limit).map(owned).collect(),
+            Order::Descending => range.rev().take(limit).map(owned).collect(),
+        })
     }
-
-    fn scan_back(
-        &self,
-        table: &str,
-        lower: Bound<&[u8]>,
-        upper: Bound<&[u8]>,
-        limit: usize,
-    ) -> Result<Vec<RawEntry>, StorageError> {
-        check_table_name(table)?;
-        if is_empty_range(lower, upper) {
-            return Ok(Vec::new());
-        }
-        let tables = self.tables.read();
-        let Some(entries) = tables.get(table) else {
-            return Ok(Vec::new());
-        };
-        Ok(entries
-            .range::<[u8], _>((lower, upper))
-            .rev()
-            .take(limit)
-            .map(|(key, value)| (key.clone(), value.clone()))
-            .collect())
-    }
-
     fn commit(&self, batch: Batch) -> CommitFuture {
         Box::pin(ready(Ok(self.apply(&batch))))
     }

@@ -10,7 +10,7 @@ use redb::{Database, ReadableDatabase, TableDefinition, TableError};
 use tokio::sync::oneshot;
 
 use crate::batch::check_table_name;
-use crate::store::is_empty_range;
+use crate::store::{Order, is_empty_range};
 use crate::{
     Batch, CommitFuture, Committed, Durability, Op, RawEntry, StorageError, Store, StoreStats,
 };
@@ -214,53 +214,30 @@ impl Store for RedbStore {
         })
     }
 
-    fn scan(
+    fn scan_in(
         &self,
         table: &str,
         lower: Bound<&[u8]>,
         upper: Bound<&[u8]>,
         limit: usize,
+        order: Order,
     ) -> Result<Vec<RawEntry>, StorageError> {
         if is_empty_range(lower, upper) || limit == 0 {
             check_table_name(table)?;
             return Ok(Vec::new());
         }
         self.read(table, Vec::new(), |opened| {
-            opened
-                .range::<&[u8]>((lower, upper))?
-                .take(limit)
-                .map(|entry| {
-                    let (key, value) = entry?;
-                    Ok((key.value().to_vec(), value.value().to_vec()))
-                })
-                .collect()
+            let range = opened.range::<&[u8]>((lower, upper))?;
+            let owned = |entry: Result<_, redb::StorageError>| {
+                let (key, value): (redb::AccessGuard<&[u8]>, redb::AccessGuard<&[u8]>) = entry?;
+                Ok((key.value().to_vec(), value.value().to_vec()))
+            };
+            match order {
+                Order::Ascending => range.take(limit).map(owned).collect(),
+                Order::Descending => range.rev().take(limit).map(owned).collect(),
+            }
         })
     }
-
-    fn scan_back(
-        &self,
-        table: &str,
-        lower: Bound<&[u8]>,
-        upper: Bound<&[u8]>,
-        limit: usize,
-    ) -> Result<Vec<RawEntry>, StorageError> {
-        if is_empty_range(lower, upper) || limit == 0 {
-            check_table_name(table)?;
-            return Ok(Vec::new());
-        }
-        self.read(table, Vec::new(), |opened| {
-            opened
-                .range::<&[u8]>((lower, upper))?
-                .rev()
-                .take(limit)
-                .map(|entry| {
-                    let (key, value) = entry?;
-                    Ok((key.value().to_vec(), value.value().to_vec()))
-                })
-                .collect()
-        })
-    }
-
     fn commit(&self, batch: Batch) -> CommitFuture {
         let (tx, rx) = oneshot::channel();
         match self.enqueue(batch, Reply::Async(tx)) {

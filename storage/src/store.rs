@@ -45,6 +45,13 @@ pub struct StoreStats {
 /// [`Durability::Eventual`]).
 pub type CommitFuture = Pin<Box<dyn Future<Output = Result<Committed, StorageError>> + Send>>;
 
+/// Which end of a key range a scan starts from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Order {
+    Ascending,
+    Descending,
+}
+
 /// An ordered key-value store of named tables with atomic batches.
 ///
 /// Keys and values are bytes here; [`crate::Table`] adds types on top. Reads see every batch
@@ -53,6 +60,18 @@ pub trait Store: Send + Sync {
     /// The value under `key` in `table`.
     fn get(&self, table: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError>;
 
+    /// Up to `limit` entries of `table` with keys within the bounds, taken from the first key
+    /// on (`Order::Ascending`) or from the last key back (`Order::Descending`: what a "newest
+    /// first" listing reads when keys grow with time). The one method a store implements.
+    fn scan_in(
+        &self,
+        table: &str,
+        lower: Bound<&[u8]>,
+        upper: Bound<&[u8]>,
+        limit: usize,
+        order: Order,
+    ) -> Result<Vec<RawEntry>, StorageError>;
+
     /// Up to `limit` entries of `table` with keys within the bounds, in key order.
     fn scan(
         &self,
@@ -60,17 +79,20 @@ pub trait Store: Send + Sync {
         lower: Bound<&[u8]>,
         upper: Bound<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<RawEntry>, StorageError>;
+    ) -> Result<Vec<RawEntry>, StorageError> {
+        self.scan_in(table, lower, upper, limit, Order::Ascending)
+    }
 
-    /// Up to `limit` entries of `table` with keys within the bounds, in descending key order
-    /// (the last ones first): what a "newest first" listing reads when keys grow with time.
+    /// Up to `limit` entries of `table` with keys within the bounds, in descending key order.
     fn scan_back(
         &self,
         table: &str,
         lower: Bound<&[u8]>,
         upper: Bound<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<RawEntry>, StorageError>;
+    ) -> Result<Vec<RawEntry>, StorageError> {
+        self.scan_in(table, lower, upper, limit, Order::Descending)
+    }
 
     /// Queues `batch` now and resolves once it has committed. Several batches queued together
     /// may share one transaction, but each is applied whole or not at all, in queue order.
@@ -88,24 +110,15 @@ impl<S: Store + ?Sized> Store for Arc<S> {
         S::get(self, table, key)
     }
 
-    fn scan(
+    fn scan_in(
         &self,
         table: &str,
         lower: Bound<&[u8]>,
         upper: Bound<&[u8]>,
         limit: usize,
+        order: Order,
     ) -> Result<Vec<RawEntry>, StorageError> {
-        S::scan(self, table, lower, upper, limit)
-    }
-
-    fn scan_back(
-        &self,
-        table: &str,
-        lower: Bound<&[u8]>,
-        upper: Bound<&[u8]>,
-        limit: usize,
-    ) -> Result<Vec<RawEntry>, StorageError> {
-        S::scan_back(self, table, lower, upper, limit)
+        S::scan_in(self, table, lower, upper, limit, order)
     }
 
     fn commit(&self, batch: Batch) -> CommitFuture {
