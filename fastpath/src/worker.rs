@@ -261,6 +261,12 @@ impl ModelWorker {
                     model: s.name.clone(),
                     reason,
                 })?;
+        s.model
+            .check_request(&req.inputs)
+            .map_err(|reason| InferError::InvalidRequest {
+                model: s.name.clone(),
+                reason,
+            })?;
         let level_policy = s.priority.policy(level);
         let enqueued = Instant::now();
         let queue_expiry = level_policy.timeout_for(req.timeout).map(|t| enqueued + t);
