@@ -31,6 +31,10 @@ pub struct Context {
     pub audit: Option<crate::audit::Audit>,
     /// Largest request body the HTTP APIs read (`server.max_message_bytes`, gRPC's bound too).
     pub max_body_bytes: usize,
+    /// The batch jobs, for `/metrics` (jobs by state); set by the server.
+    pub jobs: Option<Arc<crate::jobs::Jobs>>,
+    /// The supervision tree's root, for `/metrics` (restarts); set once the tree runs.
+    pub tree: std::sync::OnceLock<veraltheim_supervisor::SupervisorHandle>,
     /// Set once start-up loading is done; cleared when shutdown begins.
     ready: AtomicBool,
 }
@@ -73,6 +77,8 @@ impl Context {
             limits: ApiLimits::default(),
             audit: None,
             max_body_bytes: 64 << 20,
+            jobs: None,
+            tree: std::sync::OnceLock::new(),
             ready: AtomicBool::new(false),
         }
     }

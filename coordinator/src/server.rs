@@ -369,6 +369,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     ctx.limits = config.limits.api();
     ctx.audit = Some(audit);
     ctx.max_body_bytes = config.server.max_message_bytes;
+    ctx.jobs = Some(jobs.clone());
     let ctx = Arc::new(ctx);
 
     let grpc_addr = config.server.grpc_addr;
@@ -402,6 +403,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     })
     .await
     .context("the supervision tree did not start")?;
+    let _ = ctx.tree.set(root.clone());
     let tls_mode = match &tls {
         None => "off",
         Some(tls) if tls.mutual() => "mutual",

@@ -26,7 +26,7 @@ use crate::pool::{ExecutionPool, panic_message};
 use crate::priority::PriorityPolicy;
 use crate::queue::{BatchKey, Pending, Reply, RequestQueue};
 use crate::request::{InferOutput, Request};
-use crate::stats::{ModelStats, StatsSnapshot};
+use crate::stats::{LatencyBuckets, ModelStats, StatsSnapshot};
 
 #[derive(Clone, Debug)]
 pub struct WorkerOptions {
@@ -217,6 +217,12 @@ impl ModelWorker {
 
     pub fn stats(&self) -> StatsSnapshot {
         self.shared.stats.snapshot(self.shared.queue.depth())
+    }
+
+    /// The end-to-end latency of successful requests since the model loaded, in buckets
+    /// bounded by `upper_us` (µs, ascending): `/metrics`'s histogram.
+    pub fn latency_buckets(&self, upper_us: &[u64]) -> LatencyBuckets {
+        self.shared.stats.latency_buckets(upper_us)
     }
 
     /// Counts a request answered from the response cache: a success that never reached the
