@@ -8,7 +8,12 @@ Writes one folder per model, each holding model.onnx:
   identity_types/  one Identity per element type the backend moves (FP32, FP64, FP16, BF16, INT64,
                    INT32, INT16, INT8, UINT8, UINT16, UINT32, UINT64, BOOL): IN_<T> [batch, 2] -> OUT_<T>
   fixed_shape/     X: FP32 [2, 3] -> SQUARE = X * X (no dynamic dimension: not batchable)
-  string_input/    S: STRING [batch] -> T = Identity(S) (the backend refuses string tensors)
+  string_input/    S: STRING [batch] -> T = Identity(S)
+Stand-ins for the models of Triton's example repository (tests/e2e/test_triton_examples.py):
+  simple/          INPUT0, INPUT1: INT32 [batch, 16] -> OUTPUT0 = INPUT0 + INPUT1, OUTPUT1 = INPUT0 - INPUT1
+  simple_string/   the same on STRING tensors holding decimal numbers: Cast to INT32, Add / Sub,
+                   Cast back to STRING
+  simple_identity/ INPUT0: STRING [batch, n] -> OUTPUT0 = Identity(INPUT0)
 Needs: onnx. Deterministic: the same bytes on every run.
 """
 import pathlib
@@ -106,6 +111,45 @@ def string_input() -> onnx.GraphProto:
     )
 
 
+def add_sub(name: str, elem: int) -> onnx.GraphProto:
+    """OUTPUT0 = INPUT0 + INPUT1, OUTPUT1 = INPUT0 - INPUT1 on [batch, 16]; for STRING tensors the
+    arithmetic is done on INT32 (Cast in, Cast out)."""
+    ins = [tensor(f"INPUT{i}", elem, ["batch", 16]) for i in (0, 1)]
+    outs = [tensor(f"OUTPUT{i}", elem, ["batch", 16]) for i in (0, 1)]
+    if elem == TensorProto.INT32:
+        nodes = [
+            helper.make_node("Add", ["INPUT0", "INPUT1"], ["OUTPUT0"]),
+            helper.make_node("Sub", ["INPUT0", "INPUT1"], ["OUTPUT1"]),
+        ]
+    else:
+        nodes = [
+            helper.make_node("Cast", ["INPUT0"], ["A"], to=TensorProto.INT32),
+            helper.make_node("Cast", ["INPUT1"], ["B"], to=TensorProto.INT32),
+            helper.make_node("Add", ["A", "B"], ["SUM"]),
+            helper.make_node("Sub", ["A", "B"], ["DIFF"]),
+            helper.make_node("Cast", ["SUM"], ["OUTPUT0"], to=elem),
+            helper.make_node("Cast", ["DIFF"], ["OUTPUT1"], to=elem),
+        ]
+    return helper.make_graph(nodes, name, ins, outs)
+
+
+def simple() -> onnx.GraphProto:
+    return add_sub("simple", TensorProto.INT32)
+
+
+def simple_string() -> onnx.GraphProto:
+    return add_sub("simple_string", TensorProto.STRING)
+
+
+def simple_identity() -> onnx.GraphProto:
+    return helper.make_graph(
+        [helper.make_node("Identity", ["INPUT0"], ["OUTPUT0"])],
+        "simple_identity",
+        [tensor("INPUT0", TensorProto.STRING, ["batch", "n"])],
+        [tensor("OUTPUT0", TensorProto.STRING, ["batch", "n"])],
+    )
+
+
 def main() -> int:
     if len(sys.argv) != 2:
         print(__doc__, file=sys.stderr)
@@ -117,6 +161,9 @@ def main() -> int:
         ("identity_types", identity_types),
         ("fixed_shape", fixed_shape),
         ("string_input", string_input),
+        ("simple", simple),
+        ("simple_string", simple_string),
+        ("simple_identity", simple_identity),
     ]:
         save(out, name, build())
     return 0

@@ -34,6 +34,10 @@ pub struct Context {
     pub max_body_bytes: usize,
     /// Traces (`--otlp-endpoint`); `None`: no spans are made.
     pub telemetry: Option<Arc<Telemetry>>,
+    /// The batch jobs, for `/metrics` (jobs by state); set by the server.
+    pub jobs: Option<Arc<crate::jobs::Jobs>>,
+    /// The supervision tree's root, for `/metrics` (restarts); set once the tree runs.
+    pub tree: std::sync::OnceLock<veraltheim_supervisor::SupervisorHandle>,
     /// Set once start-up loading is done; cleared when shutdown begins.
     ready: AtomicBool,
 }
@@ -77,6 +81,8 @@ impl Context {
             audit: None,
             max_body_bytes: 64 << 20,
             telemetry: None,
+            jobs: None,
+            tree: std::sync::OnceLock::new(),
             ready: AtomicBool::new(false),
         }
     }

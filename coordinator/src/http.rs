@@ -66,6 +66,9 @@ struct Family {
     kind: &'static str,
     help: &'static str,
     samples: Vec<(String, f64)>,
+    /// Samples whose name is the family's plus a suffix (a histogram's `_bucket`, `_sum`,
+    /// `_count`), in order.
+    suffixed: Vec<(&'static str, String, f64)>,
 }
 
 impl Family {
@@ -75,8 +78,112 @@ impl Family {
             kind,
             help,
             samples: Vec::new(),
+            suffixed: Vec::new(),
         }
     }
+}
+
+/// The upper bounds of the request-duration histogram's buckets, in microseconds (100 µs to
+/// one minute; `+Inf` is added).
+const DURATION_BUCKETS_US: [u64; 18] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+    1_000_000, 2_500_000, 5_000_000, 10_000_000, 30_000_000, 60_000_000,
+];
+
+/// The families of the coordinator's own state: each model's memory and each device's budget
+/// (the allocator), jobs by state (the job runner), restarts (the supervision tree).
+fn coordinator_families(ctx: &Context) -> Vec<Family> {
+    let mut model_memory = Family::new(
+        "veraltheim_model_memory_bytes",
+        "gauge",
+        "Memory the allocator holds for each model on each device (measured when ready, the \
+         estimate while loading)",
+    );
+    let mut held: std::collections::BTreeMap<(String, String), u64> = Default::default();
+    for p in ctx.models.placements() {
+        let sum = held.entry((p.model, p.device.to_string())).or_default();
+        *sum = sum.saturating_add(p.bytes);
+    }
+    for ((model, device), bytes) in held {
+        model_memory.samples.push((
+            format!(
+                "model=\"{}\",device=\"{}\"",
+                escape(&model),
+                escape(&device)
+            ),
+            bytes as f64,
+        ));
+    }
+    let mut budget = Family::new(
+        "veraltheim_device_memory_budget_bytes",
+        "gauge",
+        "Memory models may hold on each device (capacity minus reserve)",
+    );
+    let mut device_held = Family::new(
+        "veraltheim_device_memory_held_bytes",
+        "gauge",
+        "Memory models hold on each device, loading ones included",
+    );
+    for d in ctx.models.memory() {
+        let l = format!("device=\"{}\"", d.device);
+        budget.samples.push((l.clone(), d.budget_bytes as f64));
+        device_held.samples.push((l, d.held_bytes as f64));
+    }
+
+    let mut live = Family::new(
+        "veraltheim_jobs",
+        "gauge",
+        "Live batch jobs by state (QUEUED, RUNNING: admitted or running, RETRY_WAIT)",
+    );
+    let mut entered = Family::new(
+        "veraltheim_jobs_entered_total",
+        "counter",
+        "Batch jobs that entered each state since the coordinator started",
+    );
+    if let Some(jobs) = &ctx.jobs {
+        let c = jobs.runner.live_counts();
+        for (state, n) in [
+            ("QUEUED", c.queued),
+            ("RUNNING", c.running),
+            ("RETRY_WAIT", c.retry_wait),
+        ] {
+            live.samples.push((format!("state=\"{state}\""), n as f64));
+        }
+        for (state, n) in jobs.entered.counts() {
+            entered
+                .samples
+                .push((format!("state=\"{}\"", state.as_str()), n as f64));
+        }
+    }
+
+    let mut restarts = Family::new(
+        "veraltheim_supervisor_restarts_total",
+        "counter",
+        "Restarts of each supervised task by its supervisor (path as `veraltheim status` shows \
+         it; a task's count starts again when its supervisor restarts)",
+    );
+    if let Some(root) = ctx.tree.get() {
+        fn walk(
+            node: &veraltheim_supervisor::NodeSnapshot,
+            path: &str,
+            out: &mut Vec<(String, f64)>,
+        ) {
+            for child in &node.children {
+                let path = if path.is_empty() {
+                    child.name.clone()
+                } else {
+                    format!("{path}/{}", child.name)
+                };
+                out.push((
+                    format!("path=\"{}\"", escape(&path)),
+                    f64::from(child.restarts),
+                ));
+                walk(child, &path, out);
+            }
+        }
+        walk(&root.snapshot(), "", &mut restarts.samples);
+    }
+    vec![model_memory, budget, device_held, live, entered, restarts]
 }
 
 /// A label value in the Prometheus text format.
@@ -174,9 +281,31 @@ pub fn render(ctx: &Context) -> String {
             "Batch compute time of successful requests in microseconds, since the model loaded",
         ),
     ];
+    let mut duration = Family::new(
+        "veraltheim_inference_request_duration_seconds",
+        "histogram",
+        "End-to-end duration of successful inference requests in seconds, since the model loaded \
+         (a bucket may take in durations up to 1% above its bound)",
+    );
     for w in ctx.models.workers() {
         let s = w.stats();
         let l = labels(w.name(), &ctx.models.version_of(w.name()));
+        let b = w.latency_buckets(&DURATION_BUCKETS_US);
+        for (le, n) in DURATION_BUCKETS_US.iter().zip(&b.cumulative) {
+            let le = *le as f64 / 1e6;
+            duration
+                .suffixed
+                .push(("_bucket", format!("{l},le=\"{le}\""), *n as f64));
+        }
+        duration
+            .suffixed
+            .push(("_bucket", format!("{l},le=\"+Inf\""), b.count as f64));
+        duration
+            .suffixed
+            .push(("_sum", l.clone(), b.sum_us as f64 / 1e6));
+        duration
+            .suffixed
+            .push(("_count", l.clone(), b.count as f64));
         for (fam, p) in summaries
             .iter_mut()
             .zip([s.total_us, s.queue_us, s.compute_us])
@@ -362,11 +491,13 @@ pub fn render(ctx: &Context) -> String {
         }
     }
 
+    let coordinator = coordinator_families(ctx);
     let mut out = String::with_capacity(4096);
     for fam in fams
         .iter()
         .chain(summaries.iter())
-        .chain([&state, &up, &dropped])
+        .chain([&duration, &state, &up, &dropped])
+        .chain(coordinator.iter())
         .chain(singles.iter())
         .chain(dcgm.iter().filter(|f| !f.samples.is_empty()))
     {
@@ -378,6 +509,9 @@ pub fn render(ctx: &Context) -> String {
             } else {
                 let _ = writeln!(out, "{}{{{labels}}} {v}", fam.name);
             }
+        }
+        for (suffix, labels, v) in &fam.suffixed {
+            let _ = writeln!(out, "{}{suffix}{{{labels}}} {v}", fam.name);
         }
     }
     out

@@ -6,6 +6,7 @@
 use std::collections::BTreeSet;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context as _, anyhow, bail};
@@ -34,10 +35,32 @@ pub type JobRunner = Runner<Arc<RedbStore>>;
 
 pub struct Jobs {
     pub runner: JobRunner,
+    /// How many jobs entered each state since the coordinator started (`/metrics`).
+    pub entered: Arc<StateCounters>,
     /// `jobs.default_ttl_seconds`: the TTL of a job submitted without one; `None`: kept.
     default_ttl: Option<u64>,
     /// Where inference jobs may read and write.
     paths: InferencePaths,
+}
+
+/// A count per job state (in [`JobState::ALL`]'s order).
+#[derive(Debug, Default)]
+pub struct StateCounters([AtomicU64; JobState::ALL.len()]);
+
+impl StateCounters {
+    fn add(&self, state: JobState) {
+        if let Some(i) = JobState::ALL.iter().position(|s| *s == state) {
+            self.0[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Each state with its count.
+    pub fn counts(&self) -> impl Iterator<Item = (JobState, u64)> + '_ {
+        JobState::ALL
+            .iter()
+            .zip(&self.0)
+            .map(|(s, n)| (*s, n.load(Ordering::Relaxed)))
+    }
 }
 
 /// The folders inference jobs may read from and write under (`jobs.inference_input_dirs`,
@@ -173,7 +196,12 @@ impl Jobs {
         telemetry: Option<Arc<Telemetry>>,
     ) -> anyhow::Result<(Jobs, mpsc::Receiver<Event>)> {
         let (tx, rx) = mpsc::channel(JOB_EVENT_BACKLOG);
+        let entered = Arc::new(StateCounters::default());
+        let counters = entered.clone();
         let observer: Observer = Arc::new(move |r: &JobRecord| {
+            // The store tells of a job once when it is submitted and once per transition, each
+            // of which changes its state: one count per state entered.
+            counters.add(r.state);
             if tx.try_send(job_event(r)).is_err() {
                 tracing::warn!(job = %r.id, "job event backlog full; event dropped");
             }
@@ -262,6 +290,7 @@ impl Jobs {
         Ok((
             Jobs {
                 runner,
+                entered,
                 default_ttl: config.default_ttl_seconds,
                 paths,
             },

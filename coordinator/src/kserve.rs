@@ -378,10 +378,15 @@ fn memory_usage(by_device: &[(DeviceId, u64)]) -> Vec<pb::MemoryUsage> {
         .collect()
 }
 
-fn unimplemented_shm(what: &str) -> Status {
-    Status::unimplemented(format!(
-        "{what}: CUDA shared memory is not supported by Veraltheim; use system shared memory (--allow-client-shm) or send tensor data in the request"
-    ))
+/// The message of a refused or failed load over KServe (gRPC and HTTP). Triton's clients look
+/// for "failed to load" in it (its model-control example does, for a malformed configuration
+/// and for an unknown model), so it says so before our own text when that does not already.
+pub fn load_message(name: &str, message: &str) -> String {
+    if message.contains("failed to load") {
+        message.to_string()
+    } else {
+        format!("failed to load '{name}': {message}")
+    }
 }
 
 /// RepositoryModelLoad once authorised: a load with an optional `config` parameter.
@@ -411,7 +416,10 @@ async fn repository_load(
     }
     traced(&metadata, ctx.models.load(&r.model_name, config.as_deref()))
         .await
-        .map_err(status)?;
+        .map_err(|e| {
+            let s = status(e);
+            Status::new(s.code(), load_message(&r.model_name, s.message()))
+        })?;
     Ok(Response::new(pb::RepositoryModelLoadResponse {}))
 }
 
@@ -734,25 +742,46 @@ impl GrpcInferenceService for KserveService {
         outcome
     }
 
+    /// CUDA shared memory as Triton answers it without GPU support (see `shm.rs`): no region,
+    /// unregistering is OK, registering is refused.
     async fn cuda_shared_memory_status(
         &self,
-        _: Request<pb::CudaSharedMemoryStatusRequest>,
+        request: Request<pb::CudaSharedMemoryStatusRequest>,
     ) -> Result<Response<pb::CudaSharedMemoryStatusResponse>, Status> {
-        Err(unimplemented_shm("CudaSharedMemoryStatus"))
+        self.ctx.shm.cuda_status(&request.get_ref().name)?;
+        Ok(Response::new(pb::CudaSharedMemoryStatusResponse {
+            regions: HashMap::new(),
+        }))
     }
 
     async fn cuda_shared_memory_register(
         &self,
-        _: Request<pb::CudaSharedMemoryRegisterRequest>,
+        request: Request<pb::CudaSharedMemoryRegisterRequest>,
     ) -> Result<Response<pb::CudaSharedMemoryRegisterResponse>, Status> {
-        Err(unimplemented_shm("CudaSharedMemoryRegister"))
+        let caller = Caller::of(&request)?;
+        let name = &request.get_ref().name;
+        let outcome = self
+            .ctx
+            .shm
+            .cuda_register(name)
+            .map(|()| Response::new(pb::CudaSharedMemoryRegisterResponse {}));
+        caller.audit(format!("cuda_shared_memory:{name}"), &outcome);
+        outcome
     }
 
     async fn cuda_shared_memory_unregister(
         &self,
-        _: Request<pb::CudaSharedMemoryUnregisterRequest>,
+        request: Request<pb::CudaSharedMemoryUnregisterRequest>,
     ) -> Result<Response<pb::CudaSharedMemoryUnregisterResponse>, Status> {
-        Err(unimplemented_shm("CudaSharedMemoryUnregister"))
+        let caller = Caller::of(&request)?;
+        let name = &request.get_ref().name;
+        let outcome = self
+            .ctx
+            .shm
+            .cuda_unregister(name)
+            .map(|()| Response::new(pb::CudaSharedMemoryUnregisterResponse {}));
+        caller.audit(format!("cuda_shared_memory:{name}"), &outcome);
+        outcome
     }
 
     async fn trace_setting(

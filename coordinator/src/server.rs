@@ -384,6 +384,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     ctx.audit = Some(audit);
     ctx.max_body_bytes = config.server.max_message_bytes;
     ctx.telemetry = telemetry.clone();
+    ctx.jobs = Some(jobs.clone());
     let ctx = Arc::new(ctx);
 
     let grpc_addr = config.server.grpc_addr;
@@ -425,6 +426,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     })
     .await
     .context("the supervision tree did not start")?;
+    let _ = ctx.tree.set(root.clone());
     let tls_mode = match &tls {
         None => "off",
         Some(tls) if tls.mutual() => "mutual",

@@ -29,6 +29,10 @@ use crate::params::unsigned_param;
 /// Where POSIX shared-memory objects live.
 const SHM_DIR: &str = "/dev/shm";
 
+/// Why no CUDA shared-memory region can be registered.
+const CUDA_UNSUPPORTED: &str = "CUDA shared memory is not supported by this server (GPUs \
+     not supported for shared memory: it maps no GPU memory of another process)";
+
 /// One registered region: `byte_size` bytes of the object `key`, from `offset`.
 #[derive(Debug)]
 pub struct Region {
@@ -167,6 +171,42 @@ impl SharedMemory {
             .get(name)
             .map(|r| vec![r.clone()])
             .ok_or_else(|| unknown(name))
+    }
+
+    /// CUDA shared memory, answered as Triton answers it where it has no GPU support: no
+    /// region is ever registered, so the status of all of them is an empty list, the status of
+    /// one is NOT_FOUND, and unregistering (all, or any name) is OK, so that a client that
+    /// cleans up first (Triton's examples do) goes on. Registering is refused by
+    /// [`SharedMemory::cuda_register`]. Open whether or not `--allow-client-shm` is given: it
+    /// touches nothing.
+    pub fn cuda_status(&self, name: &str) -> Result<(), Status> {
+        if name.is_empty() {
+            return Ok(());
+        }
+        if self.regions.read().contains_key(name) {
+            return Err(Status::not_found(format!(
+                "shared-memory region '{name}' is system shared memory, not CUDA shared memory"
+            )));
+        }
+        Err(Status::not_found(format!(
+            "no CUDA shared-memory region '{name}' is registered (this server registers none: \
+             {CUDA_UNSUPPORTED})"
+        )))
+    }
+
+    /// Unregistering CUDA shared memory: there is none, so nothing to do (see
+    /// [`SharedMemory::cuda_status`]).
+    pub fn cuda_unregister(&self, _name: &str) -> Result<(), Status> {
+        Ok(())
+    }
+
+    /// Registering CUDA shared memory: refused, INVALID_ARGUMENT as Triton refuses it without
+    /// GPU support, saying why and what to use instead.
+    pub fn cuda_register(&self, name: &str) -> Result<(), Status> {
+        Err(Status::invalid_argument(format!(
+            "failed to register CUDA shared-memory region '{name}': {CUDA_UNSUPPORTED}; use \
+             system shared memory (--allow-client-shm) or send tensor data in the request"
+        )))
     }
 
     fn region(&self, r: &ShmRef) -> Result<Arc<Region>, Status> {
@@ -513,6 +553,40 @@ mod tests {
         let _ = std::fs::remove_file(&fifo);
         assert!(e.message().contains("not a regular file"), "{e:?}");
         assert!(shm.status("").unwrap().is_empty());
+    }
+
+    #[test]
+    fn cuda_shared_memory_is_empty_unregisters_anything_and_refuses_registration() {
+        let obj = Object::new("cuda", 64);
+        for allowed in [false, true] {
+            let shm = SharedMemory::new(allowed);
+            assert!(shm.cuda_status("").is_ok());
+            let e = shm.cuda_status("gpu0").unwrap_err();
+            assert_eq!(e.code(), tonic::Code::NotFound);
+            assert!(
+                e.message().contains("'gpu0'") && e.message().contains("not supported"),
+                "{e:?}"
+            );
+            shm.cuda_unregister("").unwrap();
+            shm.cuda_unregister("gpu0").unwrap();
+            let e = shm.cuda_register("gpu0").unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument);
+            assert!(
+                e.message().contains("failed to register")
+                    && e.message().contains("'gpu0'")
+                    && e.message().contains("system shared memory"),
+                "{e:?}"
+            );
+        }
+        // A system region of that name is named as such, and a CUDA unregister leaves it be.
+        let shm = SharedMemory::new(true);
+        shm.register("sys", &obj.1, 0, 64).unwrap();
+        let e = shm.cuda_status("sys").unwrap_err();
+        assert_eq!(e.code(), tonic::Code::NotFound);
+        assert!(e.message().contains("system shared memory"), "{e:?}");
+        shm.cuda_unregister("sys").unwrap();
+        shm.cuda_unregister("").unwrap();
+        assert_eq!(shm.status("sys").unwrap().len(), 1);
     }
 
     #[test]

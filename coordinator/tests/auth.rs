@@ -854,6 +854,28 @@ fn rest_calls(model: &str) -> Vec<(&'static str, String, String)> {
             format!(r#"{{"model":"{model}","input":"hi"}}"#),
         ),
         ("GET", format!("/v1/models/{model}"), String::new()),
+        // CUDA shared memory: system.admin on the server, as over gRPC.
+        ("GET", "/v2/cudasharedmemory/status".into(), String::new()),
+        (
+            "GET",
+            "/v2/cudasharedmemory/region/r/status".into(),
+            String::new(),
+        ),
+        (
+            "POST",
+            "/v2/cudasharedmemory/region/r/register".into(),
+            r#"{"byte_size":64}"#.into(),
+        ),
+        (
+            "POST",
+            "/v2/cudasharedmemory/unregister".into(),
+            String::new(),
+        ),
+        (
+            "POST",
+            "/v2/cudasharedmemory/region/r/unregister".into(),
+            String::new(),
+        ),
         // Lists, filtered.
         ("GET", "/v2/models/stats".into(), String::new()),
         ("POST", "/v2/repository/index".into(), String::new()),

@@ -341,8 +341,10 @@ async fn assert_whole(server: &mut Server, ch: &Channel, after: &str) {
 ///   stays OPEN); values out of their enum or over a `[limits]` bound are INVALID_ARGUMENT;
 /// - streams answer per message in-band (OK), their errors inside the responses;
 /// - log settings outside their values are INVALID_ARGUMENT, the empty update reads them (OK);
-/// - client shared memory is off by default (PERMISSION_DENIED), CUDA shared memory and the
-///   trace settings are not offered (UNIMPLEMENTED), KillChild is fault injection
+/// - client shared memory is off by default (PERMISSION_DENIED); CUDA shared memory is answered
+///   as Triton answers it without a GPU (no region: the list is empty, a named one NOT_FOUND,
+///   unregistering OK, registering INVALID_ARGUMENT); the trace settings are not offered
+///   (UNIMPLEMENTED), KillChild is fault injection
 ///   (FAILED_PRECONDITION unless the server enables it); the audit log refuses a page token it
 ///   did not give out (INVALID_ARGUMENT).
 const EXPECTED: &[(&str, [&str; 4])] = &[
@@ -350,28 +352,18 @@ const EXPECTED: &[(&str, [&str; 4])] = &[
         "/inference.GRPCInferenceService/CudaSharedMemoryRegister",
         [
             "InvalidArgument",
-            "Unimplemented",
-            "Unimplemented",
-            "Unimplemented",
+            "InvalidArgument",
+            "InvalidArgument",
+            "InvalidArgument",
         ],
     ),
     (
         "/inference.GRPCInferenceService/CudaSharedMemoryStatus",
-        [
-            "InvalidArgument",
-            "Unimplemented",
-            "Unimplemented",
-            "Unimplemented",
-        ],
+        ["InvalidArgument", "OK", "NotFound", "NotFound"],
     ),
     (
         "/inference.GRPCInferenceService/CudaSharedMemoryUnregister",
-        [
-            "InvalidArgument",
-            "Unimplemented",
-            "Unimplemented",
-            "Unimplemented",
-        ],
+        ["InvalidArgument", "OK", "OK", "OK"],
     ),
     (
         "/inference.GRPCInferenceService/LogSettings",
@@ -723,6 +715,21 @@ const ROUTES: &[Route] = &[
         200,
     ),
     post("/v2/repository/models/cost/unload", "", 200),
+    // CUDA shared memory (none: registering is refused).
+    get("/v2/cudasharedmemory/status"),
+    Route {
+        method: "GET",
+        path: "/v2/cudasharedmemory/region/r/status",
+        body: "",
+        status: 404,
+    },
+    post(
+        "/v2/cudasharedmemory/region/r/register",
+        r#"{"raw_handle":{"b64":"AAAA"},"device_id":0,"byte_size":64}"#,
+        400,
+    ),
+    post("/v2/cudasharedmemory/unregister", "", 200),
+    post("/v2/cudasharedmemory/region/r/unregister", "", 200),
     // OpenAI embeddings.
     post("/v1/embeddings", r#"{"model":"identity","input":"x"}"#, 400),
     get("/v1/models"),

@@ -21,5 +21,5 @@ pub use error::InferError;
 pub use pool::ExecutionPool;
 pub use priority::{LevelPolicy, PriorityPolicy, order as priority_order};
 pub use request::{BatchTrace, InferOutput, Request, SpanRef};
-pub use stats::{BatchStat, DurationStat, ModelStats, Percentiles, StatsSnapshot};
+pub use stats::{BatchStat, DurationStat, LatencyBuckets, ModelStats, Percentiles, StatsSnapshot};
 pub use worker::{ModelWorker, WorkerFailure, WorkerOptions};

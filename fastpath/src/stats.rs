@@ -14,6 +14,8 @@ pub(crate) struct Latency {
     queue: Histogram<u64>,
     compute: Histogram<u64>,
     total: Histogram<u64>,
+    /// The exact sum of the end-to-end times recorded in `total`, in microseconds.
+    total_sum_us: u64,
 }
 
 impl Default for Latency {
@@ -24,6 +26,7 @@ impl Default for Latency {
             queue: h(),
             compute: h(),
             total: h(),
+            total_sum_us: 0,
         }
     }
 }
@@ -34,6 +37,47 @@ impl Latency {
         self.queue.saturating_record(us(queue));
         self.compute.saturating_record(us(compute));
         self.total.saturating_record(us(total));
+        self.total_sum_us = self.total_sum_us.saturating_add(us(total));
+    }
+}
+
+/// The end-to-end latency of a model's successful requests as cumulative buckets (Prometheus's
+/// histogram form), since the model was loaded.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LatencyBuckets {
+    /// For each upper bound asked for (µs, ascending), the requests that took at most that long.
+    pub cumulative: Vec<u64>,
+    /// All requests recorded.
+    pub count: u64,
+    /// Their summed latency, µs.
+    pub sum_us: u64,
+}
+
+impl LatencyBuckets {
+    /// Reads `h` into buckets bounded by `upper_us` (ascending). A recorded value sits in a cell
+    /// of the histogram 1% wide (2 significant digits); it counts below a bound when its cell
+    /// starts at or below the bound, so a bucket may take in values up to 1% above its bound.
+    fn of(h: &Histogram<u64>, upper_us: &[u64], sum_us: u64) -> Self {
+        let mut per_bucket = vec![0u64; upper_us.len()];
+        for v in h.iter_recorded() {
+            let low = h.lowest_equivalent(v.value_iterated_to());
+            if let Some(i) = upper_us.iter().position(|&b| low <= b) {
+                per_bucket[i] += v.count_at_value();
+            }
+        }
+        let mut running = 0;
+        let cumulative = per_bucket
+            .into_iter()
+            .map(|n| {
+                running += n;
+                running
+            })
+            .collect();
+        LatencyBuckets {
+            cumulative,
+            count: h.len(),
+            sum_us,
+        }
     }
 }
 
@@ -163,6 +207,13 @@ impl ModelStats {
         e.1 += compute.as_nanos() as u64;
     }
 
+    /// The end-to-end latency of successful requests in buckets bounded by `upper_us`
+    /// (microseconds, ascending), for a Prometheus histogram.
+    pub fn latency_buckets(&self, upper_us: &[u64]) -> LatencyBuckets {
+        let l = self.latency.lock();
+        LatencyBuckets::of(&l.total, upper_us, l.total_sum_us)
+    }
+
     /// `pending` is the queue depth, which the queue itself counts.
     pub fn snapshot(&self, pending: usize) -> StatsSnapshot {
         let (queue_us, compute_us, total_us) = {
@@ -203,5 +254,26 @@ impl ModelStats {
                 })
                 .collect(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_buckets_are_cumulative_with_an_exact_sum() {
+        let mut l = Latency::default();
+        let us = Duration::from_micros;
+        for total in [50, 100, 900, 1_000, 20_000, 3_000_000] {
+            l.record(us(1), us(1), us(total));
+        }
+        let b = LatencyBuckets::of(&l.total, &[100, 1_000, 10_000, 1_000_000], l.total_sum_us);
+        assert_eq!(b.cumulative, vec![2, 4, 4, 5]);
+        assert_eq!(b.count, 6);
+        assert_eq!(b.sum_us, 50 + 100 + 900 + 1_000 + 20_000 + 3_000_000);
+        let empty = LatencyBuckets::of(&Latency::default().total, &[100], 0);
+        assert_eq!(empty.cumulative, vec![0]);
+        assert_eq!(empty.count, 0);
     }
 }

@@ -26,7 +26,7 @@ use crate::pool::{ExecutionPool, panic_message};
 use crate::priority::PriorityPolicy;
 use crate::queue::{BatchKey, Pending, Reply, RequestQueue};
 use crate::request::{BatchTrace, InferOutput, Request};
-use crate::stats::{ModelStats, StatsSnapshot};
+use crate::stats::{LatencyBuckets, ModelStats, StatsSnapshot};
 
 #[derive(Clone, Debug)]
 pub struct WorkerOptions {
@@ -219,6 +219,12 @@ impl ModelWorker {
         self.shared.stats.snapshot(self.shared.queue.depth())
     }
 
+    /// The end-to-end latency of successful requests since the model loaded, in buckets
+    /// bounded by `upper_us` (µs, ascending): `/metrics`'s histogram.
+    pub fn latency_buckets(&self, upper_us: &[u64]) -> LatencyBuckets {
+        self.shared.stats.latency_buckets(upper_us)
+    }
+
     /// Counts a request answered from the response cache: a success that never reached the
     /// queue (`lookup` is the time the cache took).
     pub fn record_cache_hit(&self, lookup: Duration, total: Duration) {
@@ -261,6 +267,12 @@ impl ModelWorker {
                     model: s.name.clone(),
                     reason,
                 })?;
+        s.model
+            .check_request(&req.inputs)
+            .map_err(|reason| InferError::InvalidRequest {
+                model: s.name.clone(),
+                reason,
+            })?;
         let level_policy = s.priority.policy(level);
         let enqueued = Instant::now();
         let queue_expiry = level_policy.timeout_for(req.timeout).map(|t| enqueued + t);

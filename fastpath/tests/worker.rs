@@ -572,3 +572,43 @@ async fn a_batch_that_outlives_its_batcher_still_answers() {
         .unwrap();
     assert_eq!(out.outputs[0].f32_values().unwrap(), vec![4.0]);
 }
+
+/// A backend that refuses, before queuing, requests whose first value is negative.
+struct Picky(Arc<dyn Model>);
+
+impl Model for Picky {
+    fn config(&self) -> &ModelConfig {
+        self.0.config()
+    }
+
+    fn execute(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, veraltheim_models::Error> {
+        self.0.execute(inputs)
+    }
+
+    fn check_request(&self, inputs: &[Tensor]) -> Result<(), String> {
+        match inputs[0].f32_values() {
+            Ok(v) if v[0] < 0.0 => Err(format!("input '{}' is negative", inputs[0].name())),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_the_backend_refuses_fails_alone_before_the_queue() {
+    let pool = ExecutionPool::new(2).unwrap();
+    let worker = ModelWorker::start(
+        Arc::new(Picky(cost(0, 0, ""))),
+        pool,
+        &WorkerOptions::default(),
+    );
+    let e = worker.submit(row(-1.0)).expect_err("refused at submit");
+    match &e {
+        InferError::InvalidRequest { reason, .. } => {
+            assert!(reason.contains("'INPUT0' is negative"), "{reason}")
+        }
+        other => panic!("not InvalidRequest: {other:?}"),
+    }
+    let out = worker.submit(row(2.0)).unwrap().await.unwrap().unwrap();
+    assert_eq!(out.outputs[0].f32_values().unwrap(), vec![3.0]);
+    assert_eq!(worker.stats().execution_count, 1);
+}

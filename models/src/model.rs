@@ -16,6 +16,14 @@ pub trait Model: Send + Sync + 'static {
 
     fn execute(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, Error>;
 
+    /// A cheap check of one request's inputs before it is queued (it runs on an async thread:
+    /// a scan, no compute), for what the backend cannot take although the configuration allows
+    /// it. A refusal (the reason, naming the input) fails that request alone with
+    /// INVALID_ARGUMENT, instead of the whole batch it would have joined.
+    fn check_request(&self, _inputs: &[Tensor]) -> Result<(), String> {
+        Ok(())
+    }
+
     /// The memory the loaded model holds, when the backend knows it. `None` lets the loader
     /// measure it (the process's resident memory growth during the load).
     fn memory_bytes(&self) -> Option<u64> {

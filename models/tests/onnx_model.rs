@@ -235,28 +235,131 @@ fn a_config_naming_a_wrong_input_or_type_fails_naming_it() {
     assert!(e.to_string().contains("'SUM'"), "{e}");
 }
 
+fn strings<E: AsRef<[u8]>>(name: &str, shape: &[i64], elements: &[E]) -> Tensor {
+    let elements = elements
+        .iter()
+        .map(|e| Bytes::copy_from_slice(e.as_ref()))
+        .collect();
+    Tensor::from_elements(name, shape, elements).expect("test BYTES tensor is valid")
+}
+
+fn elements(t: &Tensor) -> Vec<Vec<u8>> {
+    let TensorData::Bytes(e) = t.data() else {
+        panic!("{} is not BYTES", t.name())
+    };
+    e.iter().map(|b| b.to_vec()).collect()
+}
+
 #[test]
-fn bytes_is_refused_clearly() {
-    let model = load("add_mul", r#"{"name":"add_mul"}"#).expect("loads");
-    let text = Tensor::from_elements("A", &[1, 1], vec![Bytes::from_static(b"hello")])
-        .expect("BYTES tensor");
-    let b = Tensor::from_f32("B", vec![1, 4], &[0.0; 4]).unwrap();
+fn string_tensors_pass_through_as_bytes_unchanged() {
+    let model = load("simple_identity", r#"{"name":"simple_identity"}"#).expect("loads");
+    let c = model.config();
+    assert_eq!(c.input[0].data_type, "TYPE_STRING");
+    assert_eq!(c.output[0].data_type, "TYPE_STRING");
+    assert_eq!(c.max_batch_size, AUTO_MAX_BATCH_SIZE);
+    // Empty, ASCII, UTF-8 and bytes that are not UTF-8 come back as they went in, in a [2, 3]
+    // batch.
+    let given: [&[u8]; 6] = [
+        b"",
+        b"hello",
+        "naïve café ✓".as_bytes(),
+        b"\xff\xfe\x80",
+        b"a longer element, with spaces and punctuation!",
+        b"x",
+    ];
+    let out = model
+        .execute(&[strings("INPUT0", &[2, 3], &given)])
+        .expect("identity on strings runs");
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].name(), "OUTPUT0");
+    assert_eq!(out[0].datatype(), DataType::Bytes);
+    assert_eq!(out[0].shape(), &[2, 3]);
+    assert_eq!(elements(&out[0]), given.map(<[u8]>::to_vec).to_vec());
+}
+
+#[test]
+fn strings_cast_to_numbers_and_back() {
+    let model = load(
+        "simple_string",
+        r#"{"name":"simple_string","max_batch_size":8}"#,
+    )
+    .expect("loads");
+    let a: Vec<String> = (0..32).map(|i| (i * 7 - 50).to_string()).collect();
+    let b: Vec<String> = (0..32).map(|i| (3 - i).to_string()).collect();
+    let out = model
+        .execute(&[
+            strings("INPUT0", &[2, 16], &a),
+            strings("INPUT1", &[2, 16], &b),
+        ])
+        .expect("add/sub on strings runs");
+    let numbers = |t: &Tensor| -> Vec<i64> {
+        elements(t)
+            .iter()
+            .map(|e| std::str::from_utf8(e).unwrap().parse().unwrap())
+            .collect()
+    };
+    let want_sum: Vec<i64> = (0..32).map(|i| (i * 7 - 50) + (3 - i)).collect();
+    let want_diff: Vec<i64> = (0..32).map(|i| (i * 7 - 50) - (3 - i)).collect();
+    assert_eq!(out[0].name(), "OUTPUT0");
+    assert_eq!(out[0].shape(), &[2, 16]);
+    assert_eq!(numbers(&out[0]), want_sum);
+    assert_eq!(numbers(&out[1]), want_diff);
+}
+
+#[test]
+fn bad_string_inputs_are_refused_by_name() {
+    let model = load("simple_identity", r#"{"name":"simple_identity"}"#).expect("loads");
+    let nul = strings("INPUT0", &[1, 2], &[b"ok" as &[u8], b"nul\0inside"]);
+    // Before the request is queued (so that it fails alone, not its batch)...
+    let reason = model
+        .check_request(std::slice::from_ref(&nul))
+        .expect_err("refused before the queue");
+    assert!(
+        reason.contains("'INPUT0'") && reason.contains("element 1") && reason.contains("NUL"),
+        "{reason}"
+    );
+    let ok = strings("INPUT0", &[1, 2], &["a", "b"]);
+    model.check_request(&[ok]).expect("no NUL, no refusal");
+    // ...and by the batch, should one reach it.
     let e = model
-        .execute(&[text, b])
-        .expect_err("BYTES input is refused");
+        .execute(&[nul])
+        .expect_err("a NUL byte cannot go into an ONNX string");
     let msg = e.to_string();
     assert!(
-        msg.contains("'A'") && msg.contains("BYTES") && msg.contains("fixed-size"),
+        msg.contains("'INPUT0'") && msg.contains("element 1") && msg.contains("NUL"),
         "{msg}"
     );
-
-    let e = load("string_input", r#"{"name":"strings"}"#)
-        .err()
-        .expect("a graph with a string input is refused at load");
-    let msg = e.to_string();
+    // A string that is not a number: ONNX Runtime's Cast fails, the batch fails with its word.
+    let model = load("simple_string", r#"{"name":"simple_string"}"#).expect("loads");
+    let mut a = vec!["1"; 16];
+    a[3] = "three";
+    let e = model
+        .execute(&[
+            strings("INPUT0", &[1, 16], &a),
+            strings("INPUT1", &[1, 16], &["1"; 16]),
+        ])
+        .expect_err("Cast of 'three' to INT32 fails");
     assert!(
-        msg.contains("'S'") && msg.contains("BYTES") && msg.contains("fixed-size"),
-        "{msg}"
+        matches!(e, Error::Execution { .. }) && e.to_string().contains("ONNX Runtime"),
+        "{e}"
+    );
+    // BYTES where the model takes FP32, and FP32 where it takes BYTES.
+    let add_mul = load("add_mul", r#"{"name":"add_mul"}"#).expect("loads");
+    let b = Tensor::from_f32("B", vec![1, 4], &[0.0; 4]).unwrap();
+    let e = add_mul
+        .execute(&[strings("A", &[1, 4], &["1"; 4]), b.clone()])
+        .expect_err("BYTES input to an FP32 graph input");
+    assert!(
+        e.to_string().contains("'A'") && e.to_string().contains("FP32"),
+        "{e}"
+    );
+    let identity = load("string_input", r#"{"name":"strings"}"#).expect("loads");
+    let e = identity
+        .execute(&[b.renamed("S")])
+        .expect_err("FP32 input to a string graph input");
+    assert!(
+        e.to_string().contains("'S'") && e.to_string().contains("BYTES"),
+        "{e}"
     );
 }
 

@@ -42,7 +42,7 @@ pub enum Error {
         state: ModelState,
         reason: String,
     },
-    #[error("cannot load model '{name}': {source}")]
+    #[error("failed to load model '{name}': {source}")]
     BadConfig {
         name: String,
         source: veraltheim_models::Error,

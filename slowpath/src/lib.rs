@@ -37,6 +37,6 @@ pub use executor::{
 pub use job::{JobError, JobSpec, JobState, Owner, Resources};
 pub use kubernetes::{KubernetesConfig, KubernetesExecutor, Toleration};
 pub use local::LocalExecutor;
-pub use runner::{Runner, RunnerConfig, RunnerError};
+pub use runner::{LiveCounts, Runner, RunnerConfig, RunnerError};
 pub use scheduler::{QueueConfig, Quota, RetryPolicy, Scheduler, SchedulerConfig};
 pub use store::{Change, FailureKind, JobRecord, JobStore, ListFilter, Observer, StoreError};

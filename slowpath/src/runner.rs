@@ -111,6 +111,17 @@ struct Inner<S> {
     wake: Notify,
 }
 
+/// Live jobs by state ([`Runner::live_counts`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LiveCounts {
+    /// QUEUED: in line, or parked (the configuration cannot take them now).
+    pub queued: usize,
+    /// ADMITTED or RUNNING: holding their resources.
+    pub running: usize,
+    /// RETRY_WAIT: waiting for their next attempt.
+    pub retry_wait: usize,
+}
+
 /// See the module documentation. Cheap to clone.
 pub struct Runner<S> {
     inner: Arc<Inner<S>>,
@@ -294,6 +305,17 @@ impl<S: Store + 'static> Runner<S> {
         };
         self.inner.wake.notify_one();
         Ok(rec)
+    }
+
+    /// How many live jobs are in each live state now, from the runner's own bookkeeping (no
+    /// store read): for `/metrics`.
+    pub fn live_counts(&self) -> LiveCounts {
+        let state = self.inner.state.lock();
+        LiveCounts {
+            queued: state.sched.waiting_len() + state.parked.len(),
+            running: state.running.len(),
+            retry_wait: state.retries.len(),
+        }
     }
 
     /// Why a waiting job waits, as of the last scheduling round.

@@ -384,6 +384,21 @@ pub const RULES: &[(&str, Rule)] = &[
         "/v2/repository/models/{name}/unload",
         Rule::Model(ModelsAdmin),
     ),
+    // CUDA shared memory over HTTP (`rest/kserve.rs`), as over gRPC
+    ("/v2/cudasharedmemory/status", Rule::Server(SystemAdmin)),
+    (
+        "/v2/cudasharedmemory/region/{name}/status",
+        Rule::Server(SystemAdmin),
+    ),
+    (
+        "/v2/cudasharedmemory/region/{name}/register",
+        Rule::Server(SystemAdmin),
+    ),
+    ("/v2/cudasharedmemory/unregister", Rule::Server(SystemAdmin)),
+    (
+        "/v2/cudasharedmemory/region/{name}/unregister",
+        Rule::Server(SystemAdmin),
+    ),
     // OpenAI-compatible embeddings (`rest/openai.rs`)
     ("/v1/embeddings", Rule::Model(Infer)),
     ("/v1/models", Rule::Model(Read)),

@@ -26,7 +26,9 @@ use crate::context::Context;
 /// The caller found by the authentication layer.
 type Found = Option<axum::Extension<Caller>>;
 
-/// The protocol extensions served over HTTP (Triton's names). Shared memory is gRPC only.
+/// The protocol extensions served over HTTP (Triton's names). System shared memory is gRPC
+/// only; CUDA shared memory is answered as Triton answers it without GPU support (no regions,
+/// registration refused), and so is not listed either.
 const EXTENSIONS: &[&str] = &[
     "model_repository",
     "model_configuration",
@@ -62,6 +64,21 @@ pub fn routes() -> Router<Arc<Context>> {
         .route("/v2/repository/index", post(repository_index))
         .route("/v2/repository/models/{name}/load", post(load))
         .route("/v2/repository/models/{name}/unload", post(unload))
+        // CUDA shared memory, as Triton answers it without GPU support (`shm.rs`).
+        .route("/v2/cudasharedmemory/status", get(cuda_status_all))
+        .route(
+            "/v2/cudasharedmemory/region/{name}/status",
+            get(cuda_status),
+        )
+        .route(
+            "/v2/cudasharedmemory/region/{name}/register",
+            post(cuda_register),
+        )
+        .route("/v2/cudasharedmemory/unregister", post(cuda_unregister_all))
+        .route(
+            "/v2/cudasharedmemory/region/{name}/unregister",
+            post(cuda_unregister),
+        )
 }
 
 /// A model named in the path, with the version asked for (empty: the serving one).
@@ -375,7 +392,11 @@ async fn load_model(
     }
     traced(&headers, ctx.models.load(&p.name, config))
         .await
-        .map_err(RestError::serving)?;
+        .map_err(|e| {
+            let mut e = RestError::serving(e);
+            e.message = crate::kserve::load_message(&p.name, &e.message);
+            e
+        })?;
     Ok(StatusCode::OK)
 }
 
@@ -400,4 +421,131 @@ async fn unload(
     }
     .await;
     audited(&caller, &p.name, outcome)
+}
+
+/// A region named in a shared-memory path; none for the calls on every region.
+#[derive(Deserialize)]
+struct RegionPath {
+    name: String,
+}
+
+fn region_name(path: Result<Path<RegionPath>, PathRejection>) -> Result<String, RestError> {
+    path.map(|Path(r)| r.name)
+        .map_err(|e| RestError::bad_request(format!("the region path: {}", e.body_text())))
+}
+
+/// A shared-memory refusal (a tonic status from `shm.rs`) as an HTTP error.
+fn shm_refusal(s: tonic::Status) -> RestError {
+    let status = match s.code() {
+        tonic::Code::NotFound => StatusCode::NOT_FOUND,
+        tonic::Code::InvalidArgument => StatusCode::BAD_REQUEST,
+        tonic::Code::PermissionDenied => StatusCode::FORBIDDEN,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    RestError::new(status, s.message())
+}
+
+/// `GET /v2/cudasharedmemory/status`: the list of CUDA regions, empty.
+async fn cuda_status_all(State(ctx): State<Arc<Context>>) -> Result<Response, RestError> {
+    ctx.shm.cuda_status("").map_err(shm_refusal)?;
+    Ok(super::json(&Vec::<Value>::new()))
+}
+
+/// `GET /v2/cudasharedmemory/region/{name}/status`: 404, as no CUDA region is ever registered.
+async fn cuda_status(
+    State(ctx): State<Arc<Context>>,
+    path: Result<Path<RegionPath>, PathRejection>,
+) -> Result<Response, RestError> {
+    let name = region_name(path)?;
+    ctx.shm.cuda_status(&name).map_err(shm_refusal)?;
+    Ok(super::json(&Vec::<Value>::new()))
+}
+
+/// The body of a CUDA registration, as Triton's HTTP clients send it.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)] // only parsed, so that a malformed body is refused as such (400) first
+struct CudaRegisterRequest {
+    raw_handle: Option<Value>,
+    device_id: Option<i64>,
+    byte_size: Option<u64>,
+}
+
+/// An unregistration takes no options; a body, if any, must be an empty JSON object.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct UnregisterRequest {}
+
+/// `POST /v2/cudasharedmemory/region/{name}/register`: refused (400), saying why.
+async fn cuda_register(
+    State(ctx): State<Arc<Context>>,
+    found: Found,
+    path: Result<Path<RegionPath>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<StatusCode, RestError> {
+    let caller = caller(found)?;
+    let name = region_name(path)?;
+    let outcome = async {
+        let body = read_body(&headers, body, ctx.max_body_bytes).await?;
+        let _: CudaRegisterRequest = json_body(&body, "register")?;
+        ctx.shm.cuda_register(&name).map_err(shm_refusal)?;
+        Ok(StatusCode::OK)
+    }
+    .await;
+    audited_shm(&caller, &name, outcome)
+}
+
+/// `POST /v2/cudasharedmemory/unregister`: OK (there is nothing to remove).
+async fn cuda_unregister_all(
+    State(ctx): State<Arc<Context>>,
+    found: Found,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<StatusCode, RestError> {
+    cuda_unregister_named(&ctx, found, String::new(), headers, body).await
+}
+
+/// `POST /v2/cudasharedmemory/region/{name}/unregister`: OK (there is nothing to remove).
+async fn cuda_unregister(
+    State(ctx): State<Arc<Context>>,
+    found: Found,
+    path: Result<Path<RegionPath>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<StatusCode, RestError> {
+    let name = region_name(path)?;
+    cuda_unregister_named(&ctx, found, name, headers, body).await
+}
+
+async fn cuda_unregister_named(
+    ctx: &Context,
+    found: Found,
+    name: String,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<StatusCode, RestError> {
+    let caller = caller(found)?;
+    let outcome = async {
+        let body = read_body(&headers, body, ctx.max_body_bytes).await?;
+        let _: UnregisterRequest = json_body(&body, "unregister")?;
+        ctx.shm.cuda_unregister(&name).map_err(shm_refusal)?;
+        Ok(StatusCode::OK)
+    }
+    .await;
+    audited_shm(&caller, &name, outcome)
+}
+
+/// Records a CUDA shared-memory call's outcome in the audit log, as over gRPC.
+fn audited_shm(
+    caller: &Caller,
+    name: &str,
+    outcome: Result<StatusCode, RestError>,
+) -> Result<StatusCode, RestError> {
+    let (result, message) = match &outcome {
+        Ok(status) => (audit_result(*status), ""),
+        Err(e) => (audit_result(e.status), e.message.as_str()),
+    };
+    caller.audit_result(format!("cuda_shared_memory:{name}"), result, message);
+    outcome
 }

@@ -68,9 +68,9 @@ pub(super) fn datatype_of(ty: TensorElementType) -> Option<DataType> {
     })
 }
 
-/// Our datatype → ONNX element type (`None` for BYTES, which this backend does not move).
-pub(super) fn element_type_of(datatype: DataType) -> Option<TensorElementType> {
-    Some(match datatype {
+/// Our datatype → ONNX element type (BYTES is an ONNX string tensor).
+pub(super) fn element_type_of(datatype: DataType) -> TensorElementType {
+    match datatype {
         DataType::Fp32 => TensorElementType::Float32,
         DataType::Fp64 => TensorElementType::Float64,
         DataType::Fp16 => TensorElementType::Float16,
@@ -84,8 +84,8 @@ pub(super) fn element_type_of(datatype: DataType) -> Option<TensorElementType> {
         DataType::Uint16 => TensorElementType::Uint16,
         DataType::Uint8 => TensorElementType::Uint8,
         DataType::Bool => TensorElementType::Bool,
-        DataType::Bytes => return None,
-    })
+        DataType::Bytes => TensorElementType::String,
+    }
 }
 
 /// Completes and checks `config` against the graph (the rules are in the module documentation).
@@ -96,25 +96,11 @@ pub(super) fn complete_config(
 ) -> Result<ModelConfig, String> {
     for (kind, list) in [("input", &graph.inputs), ("output", &graph.outputs)] {
         for t in list {
-            match &t.datatype {
-                Err(why) => {
-                    return Err(format!(
-                        "the graph's {kind} '{}' cannot be served: {why}",
-                        t.name
-                    ));
-                }
-                Ok(DataType::Bytes)
-                    if kind == "input"
-                        || config.output.is_empty()
-                        || config.output.iter().any(|c| c.name == t.name) =>
-                {
-                    return Err(format!(
-                        "the graph's {kind} '{}' is a string tensor (BYTES); the ONNX Runtime \
-                         backend moves only fixed-size types",
-                        t.name
-                    ));
-                }
-                Ok(_) => {}
+            if let Err(why) = &t.datatype {
+                return Err(format!(
+                    "the graph's {kind} '{}' cannot be served: {why}",
+                    t.name
+                ));
             }
         }
     }
@@ -400,13 +386,15 @@ mod tests {
     }
 
     #[test]
-    fn string_and_unsupported_graph_tensors_are_refused_by_name() {
+    fn string_tensors_are_bytes_and_unsupported_graph_tensors_are_refused_by_name() {
         let g = Graph {
             inputs: vec![t("S", DataType::Bytes, &[-1])],
-            outputs: vec![t("T", DataType::Fp32, &[-1])],
+            outputs: vec![t("T", DataType::Bytes, &[-1])],
         };
-        let e = complete_config(named("m"), &g).unwrap_err();
-        assert!(e.contains("'S'") && e.contains("BYTES"), "{e}");
+        let c = complete_config(named("m"), &g).unwrap();
+        assert_eq!(c.input[0].data_type, "TYPE_STRING");
+        assert_eq!(c.output[0].data_type, "TYPE_STRING");
+        assert_eq!(c.max_batch_size, AUTO_MAX_BATCH_SIZE);
         let g = Graph {
             inputs: vec![GraphTensor {
                 name: "Q".into(),
@@ -422,10 +410,7 @@ mod tests {
     #[test]
     fn element_types_round_trip() {
         for d in DataType::ALL {
-            match element_type_of(d) {
-                Some(e) => assert_eq!(datatype_of(e), Some(d)),
-                None => assert_eq!(d, DataType::Bytes),
-            }
+            assert_eq!(datatype_of(element_type_of(d)), Some(d));
         }
     }
 }

@@ -35,8 +35,11 @@
 //! (0 = ONNX Runtime's default: one per core).
 //!
 //! Element types: FP32, FP64, FP16, BF16, INT8/16/32/64, UINT8/16/32/64 and BOOL move as raw
-//! little-endian bytes. BYTES (ONNX strings) is refused, at load for a graph that uses it and at
-//! execution for a BYTES tensor.
+//! little-endian bytes. BYTES is an ONNX string tensor (`TYPE_STRING` in the configuration), as
+//! in Triton's ONNX Runtime backend: each element goes in as one string and comes out as its
+//! bytes, unchanged and not necessarily UTF-8, so a graph may pass strings through (`Identity`)
+//! or turn them into numbers and back (`Cast`). An element holding a NUL byte is refused: ONNX
+//! Runtime's C API ends a string there.
 //!
 //! # A text encoder
 //!

@@ -1,13 +1,17 @@
 //! A generic ONNX graph served as its configuration says: inputs copied into ONNX Runtime values,
-//! the configured outputs computed and copied back out.
+//! the configured outputs computed and copied back out. BYTES tensors are ONNX string tensors:
+//! each element goes in as one string and comes out as its bytes, unchanged (ONNX Runtime keeps
+//! them as `std::string`, so they need not be UTF-8; they cannot hold a NUL byte, which its C API
+//! ends a string at, and such an element is refused by name).
 
 use std::borrow::Cow;
 
 use bytes::Bytes;
+use ort::AsPointer;
 use ort::memory::Allocator;
 use ort::session::Session;
 use ort::session::{SessionInputValue, SessionOutputs};
-use ort::value::{DynTensor, DynTensorValueType, DynValue, TensorElementType, ValueType};
+use ort::value::{DynTensor, DynTensorValueType, DynValue, TensorElementType, Utf8Data, ValueType};
 
 use super::graph::{Graph, element_type_of};
 use super::session::{SessionPool, Slot};
@@ -38,23 +42,20 @@ impl OnnxModel {
         graph: &Graph,
         sessions: Vec<Session>,
     ) -> Result<OnnxModel, Error> {
-        let bind = |list: &[TensorConfig]| -> Result<Vec<Bound>, Error> {
+        let bind = |list: &[TensorConfig]| -> Vec<Bound> {
             list.iter()
                 .map(|t| {
                     let datatype = ModelConfig::datatype_of(t);
-                    let element = element_type_of(datatype).ok_or_else(|| {
-                        Error::load(&config.name, format!("'{}' is BYTES", t.name))
-                    })?;
-                    Ok(Bound {
+                    Bound {
                         name: t.name.clone(),
                         datatype,
-                        element,
-                    })
+                        element: element_type_of(datatype),
+                    }
                 })
                 .collect()
         };
-        let inputs = bind(&config.input)?;
-        let outputs = bind(&config.output)?;
+        let inputs = bind(&config.input);
+        let outputs = bind(&config.output);
         debug_assert!(
             outputs
                 .iter()
@@ -78,27 +79,10 @@ impl OnnxModel {
             name: bound.name.clone(),
             reason,
         };
-        let TensorData::Fixed(raw) = &t.data() else {
-            return Err(incompatible(format!(
-                "BYTES data cannot go to the ONNX Runtime backend, which takes only fixed-size \
-                 types (this input is {})",
-                bound.datatype
-            )));
-        };
         if t.datatype() != bound.datatype {
             return Err(incompatible(format!(
                 "the model takes {}, not {}",
                 bound.datatype,
-                t.datatype()
-            )));
-        }
-        let size = t.datatype().element_size().unwrap_or(1);
-        let expected = t.element_count().checked_mul(size);
-        if expected != Some(raw.len()) {
-            return Err(incompatible(format!(
-                "{} bytes of data for shape {:?} of {}",
-                raw.len(),
-                t.shape(),
                 t.datatype()
             )));
         }
@@ -110,6 +94,35 @@ impl OnnxModel {
             .map_err(|_| incompatible(format!("shape {:?} is too large", t.shape())))?;
         let ort_err =
             |e: ort::Error| Error::execution(&self.config.name, format!("ONNX Runtime: {e}"));
+        let raw = match &t.data() {
+            TensorData::Fixed(raw) => raw,
+            TensorData::Bytes(elements) => {
+                if let Some(i) = nul_element(t) {
+                    return Err(incompatible(format!("element {i} {NUL_REFUSED}")));
+                }
+                if elements.len() != t.element_count() {
+                    return Err(incompatible(format!(
+                        "{} elements for shape {:?}",
+                        elements.len(),
+                        t.shape()
+                    )));
+                }
+                let elements: Vec<Element> = elements.iter().cloned().map(Element).collect();
+                let value = ort::value::Tensor::from_string_array((shape, elements.as_slice()))
+                    .map_err(ort_err)?;
+                return Ok(value.upcast());
+            }
+        };
+        let size = t.datatype().element_size().unwrap_or(1);
+        let expected = t.element_count().checked_mul(size);
+        if expected != Some(raw.len()) {
+            return Err(incompatible(format!(
+                "{} bytes of data for shape {:?} of {}",
+                raw.len(),
+                t.shape(),
+                t.datatype()
+            )));
+        }
         let mut value =
             DynTensor::new(&Allocator::default(), bound.element, shape).map_err(ort_err)?;
         if !raw.is_empty() {
@@ -135,9 +148,29 @@ impl OnnxModel {
     }
 }
 
+/// Why an element holding a NUL byte is refused.
+const NUL_REFUSED: &str = "holds a NUL byte, which an ONNX Runtime string tensor cannot carry (its C API ends a string there)";
+
+/// The first element of a BYTES tensor that holds a NUL byte, if any.
+fn nul_element(t: &Tensor) -> Option<usize> {
+    match t.data() {
+        TensorData::Bytes(elements) => elements.iter().position(|e| e.contains(&0)),
+        TensorData::Fixed(_) => None,
+    }
+}
+
 impl Model for OnnxModel {
     fn config(&self) -> &ModelConfig {
         &self.config
+    }
+
+    fn check_request(&self, inputs: &[Tensor]) -> Result<(), String> {
+        for t in inputs {
+            if let Some(i) = nul_element(t) {
+                return Err(format!("input '{}': element {i} {NUL_REFUSED}", t.name()));
+            }
+        }
+        Ok(())
     }
 
     fn execute(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, Error> {
@@ -246,12 +279,23 @@ fn take_output(
         .map(|&d| usize::try_from(d))
         .collect::<Result<Vec<usize>, _>>()
         .map_err(|_| fail(format!("shape {shape} has a negative dimension")))?;
-    let len = ty
-        .byte_size(shape.num_elements())
-        .ok_or_else(|| fail(format!("{ty} has no fixed size")))?;
     if !tensor.memory_info().is_cpu_accessible() {
         return Err(fail("the data is not in CPU memory".into()));
     }
+    if *ty == TensorElementType::String {
+        let elements = string_elements(&tensor, shape.num_elements())
+            .map_err(|e| fail(format!("ONNX Runtime: {e}")))?;
+        return Tensor::new(
+            bound.name.clone(),
+            bound.datatype,
+            dims,
+            TensorData::Bytes(elements),
+        )
+        .map_err(|e| Error::bad_output(model, e));
+    }
+    let len = ty
+        .byte_size(shape.num_elements())
+        .ok_or_else(|| fail(format!("{ty} has no fixed size")))?;
     let data = if len == 0 {
         Bytes::new()
     } else {
@@ -272,4 +316,55 @@ fn take_output(
         TensorData::Fixed(data),
     )
     .map_err(|e| Error::bad_output(model, e))
+}
+
+/// One element of a BYTES input on its way into an ONNX string tensor: its bytes as they are
+/// (`ort` would otherwise take only `str`, which BYTES need not be).
+#[derive(Clone)]
+struct Element(Bytes);
+
+impl Utf8Data for Element {
+    fn as_utf8_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// The `count` elements of a string tensor, each as its bytes (through ONNX Runtime's C API:
+/// `ort`'s own reader insists on UTF-8, which a BYTES output need not be).
+fn string_elements(tensor: &DynTensor, count: usize) -> Result<Vec<Bytes>, ort::Error> {
+    if count == 0 {
+        return Ok(Vec::new());
+    }
+    let api = ort::api();
+    let mut total = 0usize;
+    // SAFETY: `tensor` is a live string tensor (its element type was checked by the caller);
+    // the call writes one `usize`.
+    unsafe {
+        ort::Error::result_from_status((api.GetStringTensorDataLength)(tensor.ptr(), &mut total))?;
+    }
+    let mut content = vec![0u8; total];
+    let mut offsets = vec![0usize; count];
+    // SAFETY: `content` holds the `total` bytes the tensor's strings take and `offsets` one
+    // entry per element, as ONNX Runtime asked for them just above; both outlive the call.
+    unsafe {
+        ort::Error::result_from_status((api.GetStringTensorContent)(
+            tensor.ptr(),
+            content.as_mut_ptr().cast(),
+            total,
+            offsets.as_mut_ptr(),
+            count,
+        ))?;
+    }
+    let content = Bytes::from(content);
+    let mut elements = Vec::with_capacity(count);
+    for (i, &start) in offsets.iter().enumerate() {
+        let end = offsets.get(i + 1).copied().unwrap_or(total);
+        if start > end || end > total {
+            return Err(ort::Error::new(format!(
+                "string tensor offsets out of order at element {i}"
+            )));
+        }
+        elements.push(content.slice(start..end));
+    }
+    Ok(elements)
 }
