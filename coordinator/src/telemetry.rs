@@ -34,7 +34,9 @@ use opentelemetry::trace::{
 use opentelemetry::{Context as OtelContext, KeyValue};
 use opentelemetry_otlp::{WithExportConfig, WithTonicConfig};
 use opentelemetry_sdk::Resource;
-use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
+use opentelemetry_sdk::trace::{
+    Config, SamplingDecision, SamplingResult, SdkTracer, SdkTracerProvider, ShouldSample,
+};
 use veraltheim_bus::TraceParent;
 use veraltheim_fastpath::{BatchTrace, InferOutput, SpanRef};
 use veraltheim_serving::{Error, ErrorKind, InferCall, ModelManager};
@@ -81,6 +83,39 @@ impl Protocol {
             Protocol::Grpc => "grpc",
             Protocol::Http => "http",
         }
+    }
+}
+
+/// The name of a batch's span.
+const BATCH: &str = "batch";
+
+/// Which spans are recorded: the standard choice (`OTEL_TRACES_SAMPLER` and
+/// `OTEL_TRACES_SAMPLER_ARG`, as the SDK reads them; by default every new trace and whatever
+/// the caller's `traceparent` says), except for a `batch` span. That span is only made for a
+/// batch that holds a recorded request, and it is a root of its own, so a ratio sampler would
+/// drop it by its own trace id while keeping the requests that link to it: it is always kept.
+#[derive(Clone, Debug)]
+struct Sampling(Box<dyn ShouldSample>);
+
+impl ShouldSample for Sampling {
+    fn should_sample(
+        &self,
+        parent: Option<&OtelContext>,
+        trace_id: TraceId,
+        name: &str,
+        kind: &SpanKind,
+        attributes: &[KeyValue],
+        links: &[Link],
+    ) -> SamplingResult {
+        if name == BATCH {
+            return SamplingResult {
+                decision: SamplingDecision::RecordAndSample,
+                attributes: Vec::new(),
+                trace_state: TraceState::default(),
+            };
+        }
+        self.0
+            .should_sample(parent, trace_id, name, kind, attributes, links)
     }
 }
 
@@ -132,6 +167,7 @@ impl Telemetry {
             ])
             .build();
         let provider = SdkTracerProvider::builder()
+            .with_sampler(Sampling(Config::default().sampler))
             .with_resource(resource)
             .with_batch_exporter(exporter)
             .build();
@@ -284,7 +320,7 @@ impl Telemetry {
             .collect();
         let mut span = self
             .tracer
-            .span_builder("batch")
+            .span_builder(BATCH)
             .with_kind(SpanKind::Internal)
             .with_start_time(batch.wall(batch.start))
             .with_links(links)

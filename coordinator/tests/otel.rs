@@ -261,6 +261,11 @@ fn traceparent((trace, span): &(String, String), flags: &str) -> String {
 /// Starts the server exporting to `collector`, with a repository model `paired` that runs
 /// only batches of two (its queue delay is long: two requests sent together share a batch).
 async fn start(collector: &str) -> Server {
+    start_with_env(collector, &[]).await
+}
+
+/// [`start`] with extra environment variables for the server.
+async fn start_with_env(collector: &str, env: &[(&str, &str)]) -> Server {
     let dir = tempfile::tempdir().unwrap();
     write_paired(&dir.path().join("models"));
     let (mut command, grpc, http) = common::serve_command(
@@ -276,6 +281,7 @@ async fn start(collector: &str) -> Server {
     // Exports every 100 ms instead of 5 s, so the test does not wait long.
     command
         .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     let child = command.spawn().unwrap();
@@ -523,4 +529,54 @@ async fn inference_and_jobs_are_traced_over_otlp() {
     assert_eq!(int(&a.attributes, "veraltheim.job.exit_code"), 0);
     assert_eq!(text(&attempt.resource, "service.name"), "veraltheim");
     assert!(a.start_time_unix_nano <= a.end_time_unix_nano);
+}
+
+/// The standard sampler variables decide which new traces are recorded: with
+/// `parentbased_traceidratio` at 0, a call without a `traceparent` makes no span, while a call
+/// whose caller sampled its trace is still recorded (the parent decides).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_standard_sampler_variables_choose_which_new_traces_are_recorded() {
+    let collector = Collector::default();
+    let url = collector.start().await;
+    let server = start_with_env(
+        &url,
+        &[
+            ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
+            ("OTEL_TRACES_SAMPLER_ARG", "0"),
+        ],
+    )
+    .await;
+    let mut kserve = GrpcInferenceServiceClient::new(common::channel(&server).await);
+    for _ in 0..5 {
+        kserve
+            .model_infer(kserve_request("identity", None))
+            .await
+            .unwrap();
+    }
+    let sampled = new_trace(9);
+    kserve
+        .model_infer(kserve_request(
+            "identity",
+            Some(traceparent(&sampled, "01")),
+        ))
+        .await
+        .unwrap();
+    let spans = collector
+        .until("the sampled request's spans", |s| {
+            request_done(s, &sampled.0)
+        })
+        .await;
+    // Every span exported belongs to the sampled call's trace, or is the batch that ran it.
+    for r in &spans {
+        assert!(
+            hex(&r.span.trace_id) == sampled.0 || r.span.name == "batch",
+            "a span of an unsampled new trace was exported: {:?}",
+            r.span
+        );
+    }
+    assert_eq!(
+        spans.iter().filter(|r| r.span.name == "infer").count(),
+        1,
+        "only the sampled call's server span"
+    );
 }
