@@ -158,7 +158,7 @@ async fn idempotency_keys_are_each_tenants_own(db: Db) {
         ..Default::default()
     };
     let (page, _) = store.list(&names(Some("a"))).await.unwrap();
-    assert_eq!(page, [ja.clone()]);
+    assert_eq!(page, std::slice::from_ref(&ja));
     let (page, _) = store.list(&names(None)).await.unwrap();
     assert_eq!(page.len(), 3);
 }
