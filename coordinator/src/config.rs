@@ -410,6 +410,16 @@ pub struct TelemetryConfig {
 #[serde(deny_unknown_fields)]
 pub struct StorageConfig {
     pub data_dir: PathBuf,
+    /// The PostgreSQL database batch jobs live in (`--store`); `None`: the embedded store.
+    #[serde(default, deserialize_with = "unset::empty")]
+    pub url: Option<String>,
+    /// Most connections to that database at once.
+    #[serde(default = "default_pool_size")]
+    pub pool_size: usize,
+}
+
+fn default_pool_size() -> usize {
+    8
 }
 
 /// The spellings of "unset" in files written before these keys were optional (and, for keys

@@ -19,9 +19,10 @@ use veraltheim_slowpath::job::JobKind;
 use veraltheim_slowpath::local::{Cgroups, Limits, RunAs, Sandbox};
 use veraltheim_slowpath::sandbox::effective_uid;
 use veraltheim_slowpath::{
-    Executor, InferenceExecutor, JobRecord, JobSpec, JobState, JobStore, KubernetesConfig,
-    KubernetesExecutor, ListFilter, LocalExecutor, Observer, QueueConfig, Quota, Resources,
-    RetryPolicy, Runner, RunnerConfig, RunnerError, SchedulerConfig, StoreError, Toleration,
+    AnyJobStore, Executor, InferenceExecutor, JobBackend, JobRecord, JobSpec, JobState,
+    KubernetesConfig, KubernetesExecutor, ListFilter, LocalExecutor, Observer, QueueConfig, Quota,
+    Resources, RetryPolicy, RunnerConfig, RunnerError, RunnerOn, SchedulerConfig, StoreError,
+    Toleration,
 };
 use veraltheim_storage::RedbStore;
 use veraltheim_supervisor::BreakerConfig;
@@ -31,7 +32,8 @@ use crate::config::{JobExecutorKind, JobsConfig, KubernetesJobsConfig, LocalJobs
 use crate::stream::StreamOf;
 use crate::telemetry::Telemetry;
 
-pub type JobRunner = Runner<Arc<RedbStore>>;
+/// The runner over the job store `storage.url` chose (the embedded store or PostgreSQL).
+pub type JobRunner = RunnerOn<AnyJobStore<Arc<RedbStore>>>;
 
 pub struct Jobs {
     pub runner: JobRunner,
@@ -189,7 +191,7 @@ impl Jobs {
     /// a span.
     pub async fn start(
         config: &JobsConfig,
-        store: Arc<RedbStore>,
+        store: AnyJobStore<Arc<RedbStore>>,
         data_dir: &Path,
         capacity: Resources,
         inference: Arc<dyn InferenceExecutor>,
@@ -270,8 +272,8 @@ impl Jobs {
             priority_classes: config.priority_classes.clone(),
         };
         let max_running = config.max_running.unwrap_or(default_running);
-        let runner = Runner::with_executors(
-            JobStore::new(store).with_observer(observer),
+        let runner = RunnerOn::with_executors(
+            store.with_observer(observer),
             exec,
             Some(inference),
             RunnerConfig {
@@ -552,8 +554,22 @@ fn store_status(e: StoreError) -> Status {
             Status::resource_exhausted(msg)
         }
         StoreError::Storage(_) => Status::unavailable(msg),
+        // The job database cannot be reached: nothing was acknowledged; try again later.
+        StoreError::Unavailable(_) => {
+            let mut s = Status::unavailable(msg);
+            s.metadata_mut().insert(
+                "grpc-retry-pushback-ms",
+                tonic::metadata::MetadataValue::from_static(DATABASE_PUSHBACK_MS),
+            );
+            s
+        }
+        StoreError::SchemaTooNew { .. } | StoreError::Database(_) => Status::internal(msg),
     }
 }
+
+/// How long a client should back off while the job database cannot be reached (gRPC's retry
+/// pushback convention, as for a full queue): long enough for a reconnect to be tried.
+const DATABASE_PUSHBACK_MS: &str = "1000";
 
 fn state_to_wire(s: JobState) -> v1::JobState {
     match s {
@@ -755,7 +771,7 @@ impl JobService for JobsApi {
         request: Request<v1::GetJobRequest>,
     ) -> Result<Response<v1::Job>, Status> {
         let jobs = &*self.jobs;
-        let rec = self.authorised(&request, &request.get_ref().id)?;
+        let rec = self.authorised(&request, &request.get_ref().id).await?;
         Ok(Response::new(job_to_wire(jobs, &rec)))
     }
 
@@ -778,7 +794,7 @@ impl JobService for JobsApi {
             page_token: r.page_token,
             ..ListFilter::default()
         };
-        let (jobs, next) = self.list_for(&caller, filter)?;
+        let (jobs, next) = self.list_for(&caller, filter).await?;
         Ok(Response::new(v1::ListJobsResponse {
             jobs,
             next_page_token: next.unwrap_or_default(),
@@ -792,7 +808,7 @@ impl JobService for JobsApi {
         let jobs = &*self.jobs;
         let caller = Caller::of(&request)?;
         let id = &request.get_ref().id;
-        self.authorised(&request, id)?;
+        self.authorised(&request, id).await?;
         let outcome = jobs
             .runner
             .cancel(id)
@@ -810,7 +826,7 @@ impl JobService for JobsApi {
         request: Request<v1::WatchJobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
         let id = request.get_ref().id.clone();
-        self.authorised(&request, &id)?;
+        self.authorised(&request, &id).await?;
         let api = self.clone();
         let stream = async_stream_unfold(api, id);
         Ok(Response::new(stream))
@@ -822,7 +838,7 @@ impl JobService for JobsApi {
         &self,
         request: Request<v1::JobLogsRequest>,
     ) -> Result<Response<Self::JobLogsStream>, Status> {
-        self.authorised(&request, &request.get_ref().id)?;
+        self.authorised(&request, &request.get_ref().id).await?;
         let r = request.into_inner();
         let attempt = self.clone().attempt_logs(r.id, r.follow);
         let stream = futures::stream::once(attempt).flat_map(|logs| match logs {
@@ -858,14 +874,20 @@ fn owner_tenant(r: &JobRecord) -> Option<&str> {
 
 impl JobsApi {
     /// The job `id`, once the caller may do what its method does to it (`Caller::job`).
-    fn authorised<T>(&self, request: &Request<T>, id: &str) -> Result<JobRecord, Status> {
-        self.authorised_for(&Caller::of(request)?, id)
+    async fn authorised<T>(&self, request: &Request<T>, id: &str) -> Result<JobRecord, Status> {
+        self.authorised_for(&Caller::of(request)?, id).await
     }
 
     /// The job `id`, once `caller` may do what its call does to it (`Caller::job`): GetJob,
     /// JobLogs and the like over gRPC, and their HTTP counterparts (the status page).
-    pub fn authorised_for(&self, caller: &Caller, id: &str) -> Result<JobRecord, Status> {
-        let rec = self.jobs.runner.store().get(id).map_err(store_status)?;
+    pub async fn authorised_for(&self, caller: &Caller, id: &str) -> Result<JobRecord, Status> {
+        let rec = self
+            .jobs
+            .runner
+            .store()
+            .get(id)
+            .await
+            .map_err(store_status)?;
         caller.job(id, &rec.spec.queue, owner_tenant(&rec))?;
         Ok(rec)
     }
@@ -874,7 +896,7 @@ impl JobsApi {
     /// what the caller may see (`Caller::jobs_view`: its tenant's jobs in the queues it may
     /// `jobs.read`, every tenant's in those it may `jobs.admin`), and the next page's token.
     /// `filter.tenant` is set here, never by the caller of this function.
-    pub fn list_for(
+    pub async fn list_for(
         &self,
         caller: &Caller,
         mut filter: ListFilter,
@@ -882,7 +904,12 @@ impl JobsApi {
         let jobs = &*self.jobs;
         let view = caller.jobs_view();
         filter.tenant = view.tenant.clone();
-        let (records, next) = jobs.runner.store().list(&filter).map_err(store_status)?;
+        let (records, next) = jobs
+            .runner
+            .store()
+            .list(&filter)
+            .await
+            .map_err(store_status)?;
         // A page may come out shorter than asked: the jobs of queues the caller may not read
         // are left out, and the page token still leads on.
         let visible = records
@@ -908,7 +935,7 @@ impl JobsApi {
     ) -> Result<veraltheim_slowpath::LogStream, Status> {
         loop {
             let jobs = &*self.jobs;
-            let rec = jobs.runner.store().get(&id).map_err(store_status)?;
+            let rec = jobs.runner.store().get(&id).await.map_err(store_status)?;
             if rec.attempt > 0 || rec.state.is_terminal() || !follow {
                 return Ok(jobs.runner.executor().logs(&id, rec.attempt.max(1), follow));
             }
@@ -978,7 +1005,7 @@ fn async_stream_unfold(api: JobsApi, id: String) -> StreamOf<v1::Job> {
             }
             loop {
                 let jobs = &*api.jobs;
-                let rec = match jobs.runner.store().get(&id) {
+                let rec = match jobs.runner.store().get(&id).await {
                     Ok(r) => r,
                     Err(e) => return Some((Err(store_status(e)), (api, id, last, true))),
                 };

@@ -35,6 +35,8 @@ use veraltheim_models::allocator::{Budget, DeviceId};
 use veraltheim_models::backend::BackendOptions;
 use veraltheim_serving::{Inference, ManagerDeps, ManagerOptions, ModelManager, ResponseCache};
 use veraltheim_slowpath::Resources;
+use veraltheim_slowpath::postgres::{PgJobStore, PgOptions};
+use veraltheim_slowpath::{AnyJobStore, JobStore};
 use veraltheim_storage::{RedbStore, StoreOptions};
 
 /// Two refusals tonic makes before a handler runs carry the wrong code for gRPC clients:
@@ -345,9 +347,31 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         }
         None => None,
     };
+    // Batch jobs: in the embedded store, or in the PostgreSQL database `storage.url` names.
+    let job_store = match &config.storage.url {
+        None => AnyJobStore::Kv(JobStore::new(store.clone())),
+        Some(url) => {
+            if config.storage.pool_size == 0 {
+                bail!("storage.pool_size (--store-pool-size) must be at least 1");
+            }
+            let options = PgOptions {
+                pool_size: config.storage.pool_size,
+                ..PgOptions::default()
+            };
+            let pg = PgJobStore::connect(url, options)
+                .await
+                .context("cannot open the job database (--store)")?;
+            tracing::info!(
+                pool_size = config.storage.pool_size,
+                schema = veraltheim_slowpath::postgres::SCHEMA_VERSION,
+                "batch jobs live in PostgreSQL"
+            );
+            AnyJobStore::Postgres(pg)
+        }
+    };
     let (jobs, job_events) = Jobs::start(
         &config.jobs,
-        store.clone(),
+        job_store,
         &config.storage.data_dir,
         capacity,
         batch_inference,

@@ -8,6 +8,9 @@
 //!
 //! - [`job`]: the job specification with its validation and the job lifecycle.
 //! - [`store`]: [`JobStore`], durable jobs over a `veraltheim_storage::Store`.
+//! - [`backend`]: [`JobBackend`], what the runner needs of a job store, and [`AnyJobStore`].
+//! - `postgres` (feature `postgres`): `PgJobStore`, durable jobs in a PostgreSQL database that
+//!   several coordinators share.
 //! - [`scheduler`]: the admission decisions (queues, quotas, capacity, priority classes, weighted
 //!   DRF between queues) and the retry policy, as pure logic.
 //! - [`executor`]: the [`Executor`] trait every executor implements (start, wait for the
@@ -20,16 +23,20 @@
 //!   (feature `fake-k8s`) the fake Kubernetes API server its tests run against.
 //! - [`runner`]: store, scheduler and an executor tied together in an async loop.
 
+pub mod backend;
 pub mod executor;
 pub mod job;
 pub mod kubernetes;
 pub mod local;
 mod logcap;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 pub mod runner;
 pub mod sandbox;
 pub mod scheduler;
 pub mod store;
 
+pub use backend::{AnyJobStore, JobBackend};
 pub use executor::{
     CommandRun, ExecError, Execution, Executor, InferenceExecutor, LogChunk, LogSource, LogStream,
     Outcome, ProgressFn,
@@ -37,6 +44,6 @@ pub use executor::{
 pub use job::{JobError, JobSpec, JobState, Owner, Resources};
 pub use kubernetes::{KubernetesConfig, KubernetesExecutor, Toleration};
 pub use local::LocalExecutor;
-pub use runner::{LiveCounts, Runner, RunnerConfig, RunnerError};
+pub use runner::{LiveCounts, Runner, RunnerConfig, RunnerError, RunnerOn};
 pub use scheduler::{QueueConfig, Quota, RetryPolicy, Scheduler, SchedulerConfig};
 pub use store::{Change, FailureKind, JobRecord, JobStore, ListFilter, Observer, StoreError};

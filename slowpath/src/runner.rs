@@ -35,8 +35,10 @@ use parking_lot::Mutex;
 use thiserror::Error;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+#[cfg(test)]
 use veraltheim_storage::Store;
 
+use crate::backend::JobBackend;
 use crate::executor::{
     CommandRun, ExecError, Execution, Executor, InferenceExecutor, Outcome, ProgressFn,
 };
@@ -98,8 +100,8 @@ impl State {
     }
 }
 
-struct Inner<S> {
-    store: JobStore<S>,
+struct Inner<B> {
+    store: B,
     exec: Arc<dyn Executor>,
     /// Runs inference jobs; without one they fail, saying so.
     inference: Option<Arc<dyn InferenceExecutor>>,
@@ -122,12 +124,16 @@ pub struct LiveCounts {
     pub retry_wait: usize,
 }
 
-/// See the module documentation. Cheap to clone.
-pub struct Runner<S> {
-    inner: Arc<Inner<S>>,
+/// See the module documentation. Cheap to clone. Runs over any [`JobBackend`]; [`Runner`] is
+/// the runner over the key-value [`JobStore`] (the single-node default).
+pub struct RunnerOn<B> {
+    inner: Arc<Inner<B>>,
 }
 
-impl<S> Clone for Runner<S> {
+/// The runner over a key-value [`JobStore`] on `S`.
+pub type Runner<S> = RunnerOn<JobStore<S>>;
+
+impl<B> Clone for RunnerOn<B> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
@@ -151,20 +157,16 @@ fn pending(rec: &JobRecord) -> Pending {
     }
 }
 
-impl<S: Store + 'static> Runner<S> {
+impl<B: JobBackend> RunnerOn<B> {
     /// A runner over `store` whose attempts `exec` runs.
-    pub fn new(
-        store: JobStore<S>,
-        exec: impl Executor,
-        config: RunnerConfig,
-    ) -> Result<Self, RunnerError> {
+    pub fn new(store: B, exec: impl Executor, config: RunnerConfig) -> Result<Self, RunnerError> {
         Self::with_executors(store, Arc::new(exec), None, config)
     }
 
     /// [`Runner::new`] with an executor shared with others (e.g. the API, for logs), and what
     /// runs inference jobs (the coordinator's in-process batch inference), if anything.
     pub fn with_executors(
-        store: JobStore<S>,
+        store: B,
         exec: Arc<dyn Executor>,
         inference: Option<Arc<dyn InferenceExecutor>>,
         config: RunnerConfig,
@@ -191,7 +193,7 @@ impl<S: Store + 'static> Runner<S> {
         })
     }
 
-    pub fn store(&self) -> &JobStore<S> {
+    pub fn store(&self) -> &B {
         &self.inner.store
     }
 
@@ -294,7 +296,7 @@ impl<S: Store + 'static> Runner<S> {
         let rec = match running {
             Some(token) => {
                 token.cancel();
-                self.inner.store.get(id)?
+                self.inner.store.get(id).await?
             }
             None => {
                 self.inner

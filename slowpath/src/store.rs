@@ -179,7 +179,7 @@ pub struct ListFilter {
 }
 
 impl ListFilter {
-    fn matches(&self, rec: &JobRecord) -> bool {
+    pub(crate) fn matches(&self, rec: &JobRecord) -> bool {
         (self.states.is_empty() || self.states.contains(&rec.state))
             && self.queue.as_ref().is_none_or(|q| *q == rec.spec.queue)
             && self
@@ -205,6 +205,19 @@ pub enum StoreError {
     InvalidPageToken(String),
     #[error(transparent)]
     Storage(#[from] StorageError),
+    /// The job database cannot be reached now (connection lost or refused, pool exhausted,
+    /// the server shutting down): nothing was acknowledged; the caller may try again later.
+    #[error("the job database is unavailable: {0}")]
+    Unavailable(String),
+    /// The job database's schema is newer than this binary knows: it was upgraded by a newer
+    /// release, whose data this one could misread.
+    #[error(
+        "the job database has schema version {found}, newer than this binary knows (version {known}): run a newer veraltheim, or point it at another database"
+    )]
+    SchemaTooNew { found: i32, known: i32 },
+    /// The job database refused a statement for another reason (a bug or a damaged schema).
+    #[error("job database error: {0}")]
+    Database(String),
 }
 
 /// Milliseconds since the Unix epoch; replaceable in tests.
@@ -222,7 +235,7 @@ pub fn system_clock() -> Clock {
 /// Where a spec's idempotency key is kept: the key itself, or, for a job with an owner, the key
 /// within its tenant (`tenant` NUL `key`), so that tenants never see each other's keys (nor the
 /// ids of each other's jobs in a conflict).
-fn idempotency_slot(spec: &JobSpec) -> Option<String> {
+pub(crate) fn idempotency_slot(spec: &JobSpec) -> Option<String> {
     let key = spec.idempotency_key.as_ref()?;
     Some(match &spec.owner {
         Some(owner) => format!("{}\0{key}", owner.tenant),
@@ -231,7 +244,7 @@ fn idempotency_slot(spec: &JobSpec) -> Option<String> {
 }
 
 /// Is `s` shaped like an id this store gives out (20 digits)?
-fn is_id(s: &str) -> bool {
+pub(crate) fn is_id(s: &str) -> bool {
     s.len() == 20 && s.bytes().all(|b| b.is_ascii_digit())
 }
 
@@ -247,8 +260,8 @@ pub struct JobStore<S> {
     store: S,
     clock: Clock,
     observer: Option<Observer>,
-    /// The id generator's state.
-    ids: parking_lot::Mutex<IdState>,
+    /// The id generator.
+    ids: IdGen,
     /// Writers of one job or one idempotency key hold the lock of its shard across the commit.
     locks: Box<[tokio::sync::Mutex<()>]>,
     /// No finished job expires before this (ms); `u64::MAX`: none does. 0 until the first
@@ -256,10 +269,31 @@ pub struct JobStore<S> {
     next_expiry: AtomicU64,
 }
 
+/// Gives out ids: 16 digits of milliseconds and 4 of a counter, each later than the one before.
+#[derive(Default)]
+pub(crate) struct IdGen(parking_lot::Mutex<IdState>);
+
 #[derive(Default)]
 struct IdState {
     last_ms: u64,
     seq: u32,
+}
+
+impl IdGen {
+    /// A new id, later than every id this generator gave out.
+    pub(crate) fn next(&self, now: u64) -> String {
+        let mut ids = self.0.lock();
+        if now > ids.last_ms {
+            ids.last_ms = now;
+            ids.seq = 0;
+        } else if ids.seq >= 9999 {
+            ids.last_ms += 1;
+            ids.seq = 0;
+        } else {
+            ids.seq += 1;
+        }
+        format!("{:016}{:04}", ids.last_ms, ids.seq)
+    }
 }
 
 impl<S: Store> JobStore<S> {
@@ -274,7 +308,7 @@ impl<S: Store> JobStore<S> {
             store,
             clock,
             observer: None,
-            ids: parking_lot::Mutex::new(IdState::default()),
+            ids: IdGen::default(),
             locks: (0..LOCK_SHARDS)
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
@@ -308,17 +342,7 @@ impl<S: Store> JobStore<S> {
 
     /// A new id, later than every id this store gave out since it was opened.
     fn next_id(&self, now: u64) -> String {
-        let mut ids = self.ids.lock();
-        if now > ids.last_ms {
-            ids.last_ms = now;
-            ids.seq = 0;
-        } else if ids.seq >= 9999 {
-            ids.last_ms += 1;
-            ids.seq = 0;
-        } else {
-            ids.seq += 1;
-        }
-        format!("{:016}{:04}", ids.last_ms, ids.seq)
+        self.ids.next(now)
     }
 
     /// The underlying store.
@@ -375,26 +399,7 @@ impl<S: Store> JobStore<S> {
                 break id;
             }
         };
-        let rec = JobRecord {
-            id: id.clone(),
-            state: JobState::Queued,
-            reason: "submitted".into(),
-            attempt: 0,
-            created_ms: now,
-            started_ms: None,
-            finished_ms: None,
-            exit_code: None,
-            app_failures: 0,
-            infra_failures: 0,
-            retry_at_ms: None,
-            history: vec![HistoryEntry {
-                state: JobState::Queued,
-                time_ms: now,
-                reason: "submitted".into(),
-            }],
-            spec,
-            traceparent,
-        };
+        let rec = new_record(id.clone(), spec, now, traceparent);
         let mut batch = Batch::new();
         batch.put(&JOBS, id.as_str(), &rec)?;
         batch.put(&ACTIVE, id.as_str(), &())?;
@@ -668,8 +673,37 @@ fn parse_expiry_key(key: &str) -> Option<(u64, &str)> {
     is_id(id).then_some((at, id))
 }
 
+/// A job just submitted: QUEUED at `now`, its history that one entry.
+pub(crate) fn new_record(
+    id: String,
+    spec: JobSpec,
+    now: u64,
+    traceparent: Option<String>,
+) -> JobRecord {
+    JobRecord {
+        id,
+        state: JobState::Queued,
+        reason: "submitted".into(),
+        attempt: 0,
+        created_ms: now,
+        started_ms: None,
+        finished_ms: None,
+        exit_code: None,
+        app_failures: 0,
+        infra_failures: 0,
+        retry_at_ms: None,
+        history: vec![HistoryEntry {
+            state: JobState::Queued,
+            time_ms: now,
+            reason: "submitted".into(),
+        }],
+        spec,
+        traceparent,
+    }
+}
+
 /// Applies `change` to `rec` at `now`: the only place a stored job's state changes.
-fn apply(rec: &mut JobRecord, change: Change, now: u64) -> Result<(), StoreError> {
+pub(crate) fn apply(rec: &mut JobRecord, change: Change, now: u64) -> Result<(), StoreError> {
     rec.state = rec.state.transition(change.to)?;
     match change.to {
         JobState::Running => {

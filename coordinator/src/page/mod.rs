@@ -281,7 +281,11 @@ async fn jobs(
         newest_first: true,
         ..ListFilter::default()
     };
-    let (list, next) = page.jobs.list_for(&caller, filter).map_err(grpc_error)?;
+    let (list, next) = page
+        .jobs
+        .list_for(&caller, filter)
+        .await
+        .map_err(grpc_error)?;
     Ok(fresh(&json!({
         "time_ms": now_ms(),
         "limit": limit,
@@ -370,7 +374,11 @@ async fn logs(
 ) -> Result<Response, RestError> {
     let caller = caller(found)?;
     let keep = count(&uri, "tail_bytes", DEFAULT_TAIL_BYTES, MAX_TAIL_BYTES)?;
-    let rec = page.jobs.authorised_for(&caller, &id).map_err(grpc_error)?;
+    let rec = page
+        .jobs
+        .authorised_for(&caller, &id)
+        .await
+        .map_err(grpc_error)?;
     let job = page.jobs.wire(&rec);
     let mut stream = page
         .jobs

@@ -1,0 +1,267 @@
+//! Batch jobs in PostgreSQL through the real binary (`--store postgres://...`): submit, list,
+//! cancel; a kill -9 and a start of another coordinator (its own data folder) on the same
+//! database that finds every job; a database that goes away (UNAVAILABLE with a retry
+//! pushback, then back by itself); a schema newer than the binary refused at start. Each test
+//! has a database of its own on the real PostgreSQL (`VERALTHEIM_TEST_PG`, default
+//! `postgres://postgres@127.0.0.1:5432/test`), dropped at the end.
+
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use tonic::transport::Channel;
+use veraltheim_proto::v1::{self, job_service_client::JobServiceClient};
+
+mod common;
+
+use common::{command, wait_for};
+
+fn admin_url() -> String {
+    std::env::var("VERALTHEIM_TEST_PG")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+async fn admin() -> tokio_postgres::Client {
+    let url = admin_url();
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| {
+            panic!("PostgreSQL does not answer at {url} ({e}): start it (scripts/test does)")
+        });
+    tokio::spawn(conn);
+    client
+}
+
+/// A database of the test's own, dropped on drop.
+struct TestDb {
+    name: String,
+    url: String,
+}
+
+impl TestDb {
+    async fn new() -> Self {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "vt_e2e_{}_{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        let admin_client = admin().await;
+        // A name left by an earlier run of this process id goes first.
+        for sql in [
+            format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+            format!("CREATE DATABASE {name}"),
+        ] {
+            admin_client.batch_execute(&sql).await.unwrap();
+        }
+        let admin = admin_url();
+        let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b);
+        let url = format!("{base}/{name}");
+        Self { name, url }
+    }
+
+    /// Refuses (`false`) or allows connections; refusing also ends every open one.
+    async fn allow(&self, allow: bool) {
+        let admin = admin().await;
+        admin
+            .batch_execute(&format!(
+                "ALTER DATABASE {} ALLOW_CONNECTIONS {allow}",
+                self.name
+            ))
+            .await
+            .unwrap();
+        if !allow {
+            admin
+                .execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
+                    &[&self.name],
+                )
+                .await
+                .unwrap();
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let _ = admin()
+                    .await
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await;
+            });
+        })
+        .join();
+    }
+}
+
+async fn start(db: &TestDb) -> (common::Server, JobServiceClient<Channel>) {
+    let server = common::start(&["--store", &db.url]).await;
+    let ch = common::channel(&server).await;
+    (server, JobServiceClient::new(ch))
+}
+
+fn keyed(name: &str, argv: &[&str], key: &str) -> v1::SubmitJobRequest {
+    let mut req = command(name, argv);
+    req.spec.as_mut().unwrap().idempotency_key = key.into();
+    req
+}
+
+async fn ids(jobs: &mut JobServiceClient<Channel>) -> Vec<(String, i32)> {
+    let list = jobs
+        .list_jobs(v1::ListJobsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    list.jobs.into_iter().map(|j| (j.id, j.state)).collect()
+}
+
+#[tokio::test]
+async fn jobs_live_in_postgres_across_coordinators_and_restarts() {
+    let db = TestDb::new().await;
+    let (quick, long, held);
+    {
+        let (mut server, mut jobs) = start(&db).await;
+        quick = jobs
+            .submit_job(keyed("quick", &["true"], "k1"))
+            .await
+            .unwrap()
+            .into_inner();
+        long = jobs
+            .submit_job(command("long", &["sleep", "30"]))
+            .await
+            .unwrap()
+            .into_inner();
+        wait_for(&mut jobs, &quick.id, v1::JobState::Succeeded).await;
+        wait_for(&mut jobs, &long.id, v1::JobState::Running).await;
+        jobs.cancel_job(v1::CancelJobRequest {
+            id: long.id.clone(),
+        })
+        .await
+        .unwrap();
+        wait_for(&mut jobs, &long.id, v1::JobState::Cancelled).await;
+        held = jobs
+            .submit_job(command("held", &["sleep", "30"]))
+            .await
+            .unwrap()
+            .into_inner();
+        wait_for(&mut jobs, &held.id, v1::JobState::Running).await;
+        assert_eq!(
+            ids(&mut jobs).await,
+            [
+                (quick.id.clone(), v1::JobState::Succeeded as i32),
+                (long.id.clone(), v1::JobState::Cancelled as i32),
+                (held.id.clone(), v1::JobState::Running as i32),
+            ]
+        );
+        // kill -9: no shutdown path runs.
+        server.child.kill().unwrap();
+        server.child.wait().unwrap();
+    }
+    // Another coordinator, with a data folder of its own: everything is in the database.
+    let (_server, mut jobs) = start(&db).await;
+    let again = wait_for(&mut jobs, &held.id, v1::JobState::Running).await;
+    assert_eq!(
+        again.attempt, 2,
+        "the interrupted job runs again: {again:?}"
+    );
+    let listed = ids(&mut jobs).await;
+    assert_eq!(
+        listed.iter().map(|(id, _)| id.clone()).collect::<Vec<_>>(),
+        [quick.id.clone(), long.id.clone(), held.id.clone()]
+    );
+    assert_eq!(listed[0].1, v1::JobState::Succeeded as i32);
+    assert_eq!(listed[1].1, v1::JobState::Cancelled as i32);
+    // The idempotency key is the database's: the same job, not a new one.
+    let same = jobs
+        .submit_job(keyed("quick", &["true"], "k1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(same.id, quick.id);
+    jobs.cancel_job(v1::CancelJobRequest {
+        id: held.id.clone(),
+    })
+    .await
+    .unwrap();
+    wait_for(&mut jobs, &held.id, v1::JobState::Cancelled).await;
+
+    // The database goes away: submits fail as UNAVAILABLE with a retry pushback.
+    db.allow(false).await;
+    for _ in 0..3 {
+        let err = jobs
+            .submit_job(command("lost", &["true"]))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+        assert!(
+            err.metadata().get("grpc-retry-pushback-ms").is_some(),
+            "{err:?}"
+        );
+    }
+    // It comes back: the coordinator reconnects by itself.
+    db.allow(true).await;
+    let after = jobs
+        .submit_job(command("after", &["true"]))
+        .await
+        .unwrap()
+        .into_inner();
+    wait_for(&mut jobs, &after.id, v1::JobState::Succeeded).await;
+    assert_eq!(
+        ids(&mut jobs).await.len(),
+        4,
+        "nothing from the outage was kept"
+    );
+}
+
+#[tokio::test]
+async fn a_database_with_a_newer_schema_is_refused_at_start() {
+    let db = TestDb::new().await;
+    // A first start makes the schema.
+    drop(start(&db).await);
+    let (client, conn) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let known: i32 = client
+        .query_one("SELECT max(version) FROM schema_version", &[])
+        .await
+        .unwrap()
+        .get(0);
+    client
+        .execute(
+            "INSERT INTO schema_version (version) VALUES ($1)",
+            &[&(known + 1)],
+        )
+        .await
+        .unwrap();
+    drop(client);
+    let dir = tempfile::tempdir().unwrap();
+    let (mut command, _, _) = common::serve_command(dir.path(), &["--store", &db.url], None);
+    let out = tokio::time::timeout(
+        Duration::from_secs(120),
+        tokio::task::spawn_blocking(move || {
+            command
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .output()
+                .unwrap()
+        }),
+    )
+    .await
+    .expect("the server exits")
+    .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("schema version {}", known + 1))
+            && stderr.contains(&format!("(version {known})")),
+        "{stderr}"
+    );
+}

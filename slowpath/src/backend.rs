@@ -1,0 +1,215 @@
+//! [`JobBackend`]: what the runner and the API need of a job store, implemented by the
+//! key-value [`JobStore`] (redb or memory: the single-node default) and, with the `postgres`
+//! feature, by [`crate::postgres::PgJobStore`] (several coordinators on one database).
+//! [`AnyJobStore`] is either, chosen at start from the configuration.
+//!
+//! Both keep the same contract: a write is returned only once durable; every state change goes
+//! through [`crate::job::JobState::transition`]; one idempotency key names one job; the
+//! observer sees every durable change of a job in commit order.
+
+use std::future::Future;
+
+use veraltheim_storage::Store;
+
+use crate::job::{JobSpec, JobState};
+use crate::store::{Change, Expired, JobRecord, JobStore, ListFilter, Observer, StoreError};
+
+/// A durable job store; see the module documentation and [`JobStore`]'s methods of the same
+/// names, whose documentation holds for every implementation.
+pub trait JobBackend: Send + Sync + 'static {
+    /// Now, by this store's clock (ms since the Unix epoch).
+    fn now_ms(&self) -> u64;
+
+    /// Validates `spec` and stores it as a QUEUED job; see [`JobStore::submit_traced`].
+    fn submit_traced(
+        &self,
+        spec: JobSpec,
+        traceparent: Option<String>,
+    ) -> impl Future<Output = Result<JobRecord, StoreError>> + Send;
+
+    /// The job with `id`.
+    fn get(&self, id: &str) -> impl Future<Output = Result<JobRecord, StoreError>> + Send;
+
+    /// One page of the jobs matching `filter`, and the next page's token; see
+    /// [`JobStore::list`].
+    fn list(
+        &self,
+        filter: &ListFilter,
+    ) -> impl Future<Output = Result<(Vec<JobRecord>, Option<String>), StoreError>> + Send;
+
+    /// Applies the change `f` asks for, given the job as it is now, atomically; see
+    /// [`JobStore::update`].
+    fn update<F>(
+        &self,
+        id: &str,
+        f: F,
+    ) -> impl Future<Output = Result<JobRecord, StoreError>> + Send
+    where
+        F: FnOnce(&JobRecord) -> Result<Change, StoreError> + Send;
+
+    /// [`JobBackend::update`] to `to` for `reason`.
+    fn transition(
+        &self,
+        id: &str,
+        to: JobState,
+        reason: impl Into<String>,
+    ) -> impl Future<Output = Result<JobRecord, StoreError>> + Send {
+        let change = Change::to(to, reason);
+        self.update(id, move |_| Ok(change))
+    }
+
+    /// Puts admitted and running jobs back in line and returns the live ones; see
+    /// [`JobStore::recover`].
+    fn recover(&self) -> impl Future<Output = Result<Vec<JobRecord>, StoreError>> + Send;
+
+    /// [`JobBackend::recover`] keeping RUNNING jobs for an executor that adopts them.
+    fn recover_adopting(&self) -> impl Future<Output = Result<Vec<JobRecord>, StoreError>> + Send;
+
+    /// When the next finished job expires, as far as this store knows without reading.
+    fn next_expiry_ms(&self) -> Option<u64>;
+
+    /// Deletes up to `limit` finished jobs whose TTL ran out by `now_ms`.
+    fn delete_expired(
+        &self,
+        now_ms: u64,
+        limit: usize,
+    ) -> impl Future<Output = Result<Expired, StoreError>> + Send;
+}
+
+impl<S: Store + 'static> JobBackend for JobStore<S> {
+    fn now_ms(&self) -> u64 {
+        JobStore::now_ms(self)
+    }
+
+    fn submit_traced(
+        &self,
+        spec: JobSpec,
+        traceparent: Option<String>,
+    ) -> impl Future<Output = Result<JobRecord, StoreError>> + Send {
+        JobStore::submit_traced(self, spec, traceparent)
+    }
+
+    fn get(&self, id: &str) -> impl Future<Output = Result<JobRecord, StoreError>> + Send {
+        std::future::ready(JobStore::get(self, id))
+    }
+
+    fn list(
+        &self,
+        filter: &ListFilter,
+    ) -> impl Future<Output = Result<(Vec<JobRecord>, Option<String>), StoreError>> + Send {
+        std::future::ready(JobStore::list(self, filter))
+    }
+
+    fn update<F>(
+        &self,
+        id: &str,
+        f: F,
+    ) -> impl Future<Output = Result<JobRecord, StoreError>> + Send
+    where
+        F: FnOnce(&JobRecord) -> Result<Change, StoreError> + Send,
+    {
+        JobStore::update(self, id, f)
+    }
+
+    fn recover(&self) -> impl Future<Output = Result<Vec<JobRecord>, StoreError>> + Send {
+        JobStore::recover(self)
+    }
+
+    fn recover_adopting(&self) -> impl Future<Output = Result<Vec<JobRecord>, StoreError>> + Send {
+        JobStore::recover_adopting(self)
+    }
+
+    fn next_expiry_ms(&self) -> Option<u64> {
+        JobStore::next_expiry_ms(self)
+    }
+
+    fn delete_expired(
+        &self,
+        now_ms: u64,
+        limit: usize,
+    ) -> impl Future<Output = Result<Expired, StoreError>> + Send {
+        JobStore::delete_expired(self, now_ms, limit)
+    }
+}
+
+/// The job store a coordinator runs on, chosen at start: the key-value store (redb, the
+/// single-node default) or, with the `postgres` feature, a PostgreSQL database shared by
+/// several coordinators.
+pub enum AnyJobStore<S> {
+    Kv(JobStore<S>),
+    #[cfg(feature = "postgres")]
+    Postgres(crate::postgres::PgJobStore),
+}
+
+impl<S: Store> AnyJobStore<S> {
+    /// Calls `observer` with every record written from now on.
+    pub fn with_observer(self, observer: Observer) -> Self {
+        match self {
+            Self::Kv(s) => Self::Kv(s.with_observer(observer)),
+            #[cfg(feature = "postgres")]
+            Self::Postgres(s) => Self::Postgres(s.with_observer(observer)),
+        }
+    }
+}
+
+/// Runs `$body` with `$s` bound to whichever store `$self` is.
+macro_rules! each {
+    ($self:expr, $s:ident => $body:expr) => {
+        match $self {
+            AnyJobStore::Kv($s) => $body,
+            #[cfg(feature = "postgres")]
+            AnyJobStore::Postgres($s) => $body,
+        }
+    };
+}
+
+impl<S: Store + 'static> JobBackend for AnyJobStore<S> {
+    fn now_ms(&self) -> u64 {
+        each!(self, s => s.now_ms())
+    }
+
+    async fn submit_traced(
+        &self,
+        spec: JobSpec,
+        traceparent: Option<String>,
+    ) -> Result<JobRecord, StoreError> {
+        each!(self, s => JobBackend::submit_traced(s, spec, traceparent).await)
+    }
+
+    async fn get(&self, id: &str) -> Result<JobRecord, StoreError> {
+        each!(self, s => JobBackend::get(s, id).await)
+    }
+
+    async fn list(
+        &self,
+        filter: &ListFilter,
+    ) -> Result<(Vec<JobRecord>, Option<String>), StoreError> {
+        each!(self, s => JobBackend::list(s, filter).await)
+    }
+
+    async fn update<F>(&self, id: &str, f: F) -> Result<JobRecord, StoreError>
+    where
+        F: FnOnce(&JobRecord) -> Result<Change, StoreError> + Send,
+    {
+        each!(self, s => JobBackend::update(s, id, f).await)
+    }
+
+    async fn recover(&self) -> Result<Vec<JobRecord>, StoreError> {
+        each!(self, s => JobBackend::recover(s).await)
+    }
+
+    async fn recover_adopting(&self) -> Result<Vec<JobRecord>, StoreError> {
+        each!(self, s => JobBackend::recover_adopting(s).await)
+    }
+
+    fn next_expiry_ms(&self) -> Option<u64> {
+        each!(self, s => s.next_expiry_ms())
+    }
+
+    async fn delete_expired(&self, now_ms: u64, limit: usize) -> Result<Expired, StoreError> {
+        each!(self, s => JobBackend::delete_expired(s, now_ms, limit).await)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests;

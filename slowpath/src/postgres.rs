@@ -1,0 +1,786 @@
+//! [`PgJobStore`]: durable jobs in a PostgreSQL database, which several coordinators can share.
+//!
+//! Why not a [`veraltheim_storage::Store`] over PostgreSQL: the key-value [`crate::store::JobStore`] serializes
+//! the writers of one job with in-process locks, which say nothing to another process. Here the
+//! database does it: each read-modify-write of a job is one transaction that reads the row
+//! `FOR UPDATE`, and idempotency keys are a UNIQUE column, so two nodes submitting with one key
+//! get the same job (`INSERT … ON CONFLICT DO NOTHING`, then a read of the row that won).
+//!
+//! One table, `jobs`: the record (serde JSON, as the key-value store keeps it, history
+//! included) as `bytea`, with the columns the filters and sweeps read kept beside it in the same
+//! row and written by the same statement: `state`, `live` (not yet terminal: what
+//! [`PgJobStore::recover`] reads), `queue`, `tenant`, `labels` (jsonb, GIN index), the
+//! `idempotency_slot` (UNIQUE), `expires_ms` (finished jobs with a TTL, indexed in expiry order),
+//! `wire_bytes` and a `version` that grows with each write. Ids are the key-value store's (16
+//! digits of ms, 4 of a counter); two nodes that make one id in the same millisecond collide on
+//! the primary key, and the loser takes its next id.
+//!
+//! A write is returned only after its `COMMIT` answered. A lost or refused connection is
+//! [`StoreError::Unavailable`] (nothing was acknowledged; the pool drops the broken connection and
+//! opens new ones when the database is back); so is an operation with no answer within the
+//! configured timeout. When a `COMMIT` is lost with its connection, the job may exist
+//! unacknowledged: a client retrying with its idempotency key gets it.
+//!
+//! The schema is created and upgraded at start ([`PgJobStore::connect`]) by the migrations
+//! embedded in this binary, in one transaction holding an advisory lock, so that nodes starting
+//! together apply each once; `schema_version` says which ran. A database whose schema is newer
+//! than this binary knows is refused ([`StoreError::SchemaTooNew`]).
+//!
+//! Not yet here (the cluster's next steps): a node or leader epoch on writes, recovery scoped to
+//! one node's jobs ([`PgJobStore::recover`] takes up every live job, as after a restart of the
+//! only node), and other nodes' finishes lowering this node's [`PgJobStore::next_expiry_ms`].
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::types::ToSql;
+
+use crate::job::{JobSpec, JobState};
+use crate::store::{
+    Change, Clock, DEFAULT_PAGE_SIZE, Expired, IdGen, JobRecord, LOCK_SHARDS, ListFilter,
+    MAX_PAGE_BYTES, MAX_PAGE_SIZE, Observer, StoreError, apply, expires_ms, idempotency_slot,
+    is_id, new_record, system_clock,
+};
+
+/// The migrations, in order: the schema after migration N is version N.
+const MIGRATIONS: &[&str] = &[
+    // 1: the jobs.
+    "CREATE TABLE jobs (
+        id text PRIMARY KEY,
+        state text NOT NULL,
+        live boolean NOT NULL,
+        queue text NOT NULL,
+        priority_class text NOT NULL,
+        tenant text,
+        labels jsonb NOT NULL,
+        idempotency_slot bytea UNIQUE,
+        created_ms bigint NOT NULL,
+        updated_ms bigint NOT NULL,
+        expires_ms bigint,
+        wire_bytes integer NOT NULL,
+        version bigint NOT NULL DEFAULT 1,
+        record bytea NOT NULL
+    );
+    CREATE INDEX jobs_live ON jobs (id) WHERE live;
+    CREATE INDEX jobs_expiry ON jobs (expires_ms, id) WHERE expires_ms IS NOT NULL;
+    CREATE INDEX jobs_queue ON jobs (queue, id);
+    CREATE INDEX jobs_tenant ON jobs (tenant, id) WHERE tenant IS NOT NULL;
+    CREATE INDEX jobs_state ON jobs (state, id);
+    CREATE INDEX jobs_labels ON jobs USING gin (labels jsonb_path_ops);",
+];
+
+/// The newest schema this binary knows.
+pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
+
+/// The advisory lock migrations run under (any fixed number; "vrlthm" and a 1).
+const MIGRATION_LOCK: i64 = 0x7672_6c74_686d_0001;
+
+/// How a [`PgJobStore`] connects.
+#[derive(Clone, Debug)]
+pub struct PgOptions {
+    /// Most connections open at once.
+    pub pool_size: usize,
+    /// Longest wait for a connection, and for any one operation's answer; past it the operation
+    /// fails as [`StoreError::Unavailable`].
+    pub timeout: Duration,
+}
+
+impl Default for PgOptions {
+    fn default() -> Self {
+        Self {
+            pool_size: 8,
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Durable jobs in PostgreSQL. See the module documentation.
+pub struct PgJobStore {
+    pool: Pool,
+    timeout: Duration,
+    clock: Clock,
+    observer: Option<Observer>,
+    ids: IdGen,
+    /// Writers of one job in this process also hold its shard's lock across the commit, so
+    /// that the observer sees each job's changes in commit order (the row lock alone orders
+    /// the commits, not the calls to the observer that follow them).
+    locks: Box<[tokio::sync::Mutex<()>]>,
+    /// As [`crate::store::JobStore`]'s: no finished job expires before this (ms); `u64::MAX`: none does; 0
+    /// until the first [`PgJobStore::delete_expired`].
+    next_expiry: AtomicU64,
+}
+
+/// The URL without its password, for messages.
+fn redacted(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.find(':') {
+                Some(colon) => format!(
+                    "{}{}:***{}",
+                    &url[..scheme + 3],
+                    &userinfo[..colon],
+                    &url[at..]
+                ),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// The error of a failed statement: [`StoreError::Unavailable`] when the connection or the
+/// server is the cause (the caller may try again), [`StoreError::Database`] otherwise.
+fn db_error(e: tokio_postgres::Error) -> StoreError {
+    let Some(db) = e.as_db_error() else {
+        // No SQLSTATE: the connection failed (closed, reset, timed out, refused).
+        let mut msg = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            msg.push_str(": ");
+            msg.push_str(&s.to_string());
+            source = s.source();
+        }
+        return StoreError::Unavailable(msg);
+    };
+    let code = db.code().code();
+    let msg = format!("{} ({code})", db.message());
+    // 08: connection exception; 53: insufficient resources; 57P: operator intervention (shut
+    // down, cannot connect now); 40001/40P01: serialization failure, deadlock (try again);
+    // 55000: e.g. a database not accepting connections.
+    if code.starts_with("08")
+        || code.starts_with("53")
+        || code.starts_with("57P")
+        || code == "40001"
+        || code == "40P01"
+        || code == "55000"
+    {
+        StoreError::Unavailable(msg)
+    } else {
+        StoreError::Database(msg)
+    }
+}
+
+fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => db_error(e),
+        e => StoreError::Unavailable(format!("no database connection: {e}")),
+    }
+}
+
+/// PostgreSQL text holds no NUL: the filter columns carry U+FFFD instead (a listing checks
+/// the record itself afterwards, so the substitute only widens what the index returns).
+fn text(s: &str) -> String {
+    s.replace('\0', "\u{fffd}")
+}
+
+/// The labels as a JSON object for the `labels` column and its `@>` filter.
+fn labels_json<'a>(labels: impl Iterator<Item = (&'a String, &'a String)>) -> String {
+    let map: serde_json::Map<String, serde_json::Value> = labels
+        .map(|(k, v)| (text(k), serde_json::Value::String(text(v))))
+        .collect();
+    serde_json::Value::Object(map).to_string()
+}
+
+fn ms(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn encode(rec: &JobRecord) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(rec).map_err(|e| StoreError::Database(format!("cannot encode a job: {e}")))
+}
+
+fn decode(bytes: &[u8]) -> Result<JobRecord, StoreError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| StoreError::Database(format!("a stored job cannot be read: {e}")))
+}
+
+fn tenant_of(spec: &JobSpec) -> Option<String> {
+    spec.owner.as_ref().map(|o| text(&o.tenant))
+}
+
+const INSERT: &str = "INSERT INTO jobs (id, state, live, queue, priority_class, tenant, labels,
+        idempotency_slot, created_ms, updated_ms, expires_ms, wire_bytes, record)
+    VALUES ($1, $2, $3, $4, $5, $6, ($7::text)::jsonb, $8, $9, $9, $10, $11, $12)
+    ON CONFLICT DO NOTHING RETURNING id";
+
+const UPDATE: &str = "UPDATE jobs SET state = $2, live = $3, updated_ms = $4, expires_ms = $5,
+        wire_bytes = $6, record = $7, version = version + 1
+    WHERE id = $1";
+
+impl PgJobStore {
+    /// Connects to the database at `url` (`postgres://user[:password]@host[:port]/db`, or
+    /// libpq's `key=value` form), brings its schema up to this binary's ([`SCHEMA_VERSION`])
+    /// and returns the store. Fails when the URL is malformed, the database cannot be reached,
+    /// or its schema is newer than this binary knows.
+    pub async fn connect(url: &str, options: PgOptions) -> Result<Self, StoreError> {
+        let mut config: tokio_postgres::Config = url.parse().map_err(|e| {
+            StoreError::Database(format!("invalid database URL '{}': {e}", redacted(url)))
+        })?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(options.timeout);
+        }
+        // A peer that vanished without a reset (a partition) shows within a minute.
+        config.keepalives_idle(Duration::from_secs(30));
+        let manager = Manager::from_config(
+            config,
+            tokio_postgres::NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(options.pool_size.max(1))
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(options.timeout))
+            .create_timeout(Some(options.timeout))
+            .recycle_timeout(Some(options.timeout))
+            .build()
+            .map_err(|e| StoreError::Database(format!("cannot make the pool: {e}")))?;
+        let store = Self {
+            pool,
+            timeout: options.timeout,
+            clock: system_clock(),
+            observer: None,
+            ids: IdGen::default(),
+            locks: (0..LOCK_SHARDS)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
+            next_expiry: AtomicU64::new(0),
+        };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// Reads time from `clock` (for tests).
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Calls `observer` with every record written from now on, once durable.
+    pub fn with_observer(mut self, observer: Observer) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
+    fn notify(&self, rec: &JobRecord) {
+        if let Some(observer) = &self.observer {
+            observer(rec);
+        }
+    }
+
+    fn lock_of(&self, name: &str) -> &tokio::sync::Mutex<()> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        name.hash(&mut h);
+        &self.locks[(h.finish() % self.locks.len() as u64) as usize]
+    }
+
+    /// Runs `op` within the timeout; past it, [`StoreError::Unavailable`].
+    async fn timed<T>(
+        &self,
+        op: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        tokio::time::timeout(self.timeout, op)
+            .await
+            .unwrap_or_else(|_| {
+                Err(StoreError::Unavailable(format!(
+                    "no answer from the database within {:?}",
+                    self.timeout
+                )))
+            })
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        self.pool.get().await.map_err(pool_error)
+    }
+
+    /// Brings the schema to [`SCHEMA_VERSION`] in one transaction under an advisory lock;
+    /// returns the version found before.
+    async fn migrate(&self) -> Result<i32, StoreError> {
+        self.timed(async {
+            let mut client = self.client().await?;
+            let tx = client.transaction().await.map_err(db_error)?;
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+                .await
+                .map_err(db_error)?;
+            tx.batch_execute(
+                "CREATE TABLE IF NOT EXISTS schema_version (
+                    version integer PRIMARY KEY,
+                    applied_at timestamptz NOT NULL DEFAULT now()
+                )",
+            )
+            .await
+            .map_err(db_error)?;
+            let found: i32 = tx
+                .query_one("SELECT coalesce(max(version), 0) FROM schema_version", &[])
+                .await
+                .map_err(db_error)?
+                .get(0);
+            if found > SCHEMA_VERSION {
+                return Err(StoreError::SchemaTooNew {
+                    found,
+                    known: SCHEMA_VERSION,
+                });
+            }
+            for (i, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+                let version = i as i32 + 1;
+                tx.batch_execute(sql).await.map_err(db_error)?;
+                tx.execute(
+                    "INSERT INTO schema_version (version) VALUES ($1)",
+                    &[&version],
+                )
+                .await
+                .map_err(db_error)?;
+                tracing::info!(version, "job database schema migrated");
+            }
+            tx.commit().await.map_err(db_error)?;
+            Ok(found)
+        })
+        .await
+    }
+
+    /// Now, by this store's clock.
+    pub fn now_ms(&self) -> u64 {
+        (self.clock)()
+    }
+
+    /// As [`crate::store::JobStore::submit`].
+    pub async fn submit(&self, spec: JobSpec) -> Result<JobRecord, StoreError> {
+        self.submit_traced(spec, None).await
+    }
+
+    /// As [`crate::store::JobStore::submit_traced`]; the job is returned once its row is committed. Two
+    /// stores (nodes) submitting with one idempotency key return the same job.
+    pub async fn submit_traced(
+        &self,
+        spec: JobSpec,
+        traceparent: Option<String>,
+    ) -> Result<JobRecord, StoreError> {
+        spec.validate()?;
+        let slot = idempotency_slot(&spec);
+        // One writer at a time in this process per key (see `locks`); across processes the
+        // unique index decides.
+        let _guard = match &slot {
+            Some(slot) => Some(self.lock_of(slot).lock().await),
+            None => None,
+        };
+        let now = self.now_ms();
+        let (rec, inserted) = self
+            .timed(async {
+                let client = self.client().await?;
+                let insert = client.prepare_cached(INSERT).await.map_err(db_error)?;
+                let mut rec = new_record(String::new(), spec, now, traceparent);
+                let tenant = tenant_of(&rec.spec);
+                let labels = labels_json(rec.spec.labels.iter());
+                let slot_bytes = slot.as_ref().map(|s| s.as_bytes().to_vec());
+                // An id another node took in the same millisecond, or a key whose job expired
+                // between the insert and the read: try again with the next id.
+                for _ in 0..100 {
+                    rec.id = self.ids.next(now);
+                    let bytes = encode(&rec)?;
+                    let wire = i32::try_from(rec.wire_bytes()).unwrap_or(i32::MAX);
+                    let inserted = client
+                        .query(
+                            &insert,
+                            &[
+                                &rec.id,
+                                &rec.state.as_str(),
+                                &true,
+                                &text(&rec.spec.queue),
+                                &text(&rec.spec.priority_class),
+                                &tenant,
+                                &labels,
+                                &slot_bytes,
+                                &ms(now),
+                                &None::<i64>,
+                                &wire,
+                                &bytes,
+                            ],
+                        )
+                        .await
+                        .map_err(db_error)?;
+                    if !inserted.is_empty() {
+                        return Ok((rec, true));
+                    }
+                    let Some(slot) = &slot_bytes else {
+                        continue;
+                    };
+                    let existing = client
+                        .query_opt(
+                            "SELECT record FROM jobs WHERE idempotency_slot = $1",
+                            &[slot],
+                        )
+                        .await
+                        .map_err(db_error)?;
+                    if let Some(row) = existing {
+                        let existing = decode(row.get(0))?;
+                        return if existing.spec == rec.spec {
+                            Ok((existing, false))
+                        } else {
+                            Err(StoreError::IdempotencyConflict {
+                                key: rec.spec.idempotency_key.clone().unwrap_or_default(),
+                                existing: existing.id,
+                            })
+                        };
+                    }
+                }
+                Err(StoreError::Unavailable(
+                    "no free job id after 100 tries".into(),
+                ))
+            })
+            .await?;
+        if inserted {
+            // A repeated submit returns the first one's job, already told of.
+            self.notify(&rec);
+        }
+        Ok(rec)
+    }
+
+    /// The job with `id`.
+    pub async fn get(&self, id: &str) -> Result<JobRecord, StoreError> {
+        self.timed(async {
+            let client = self.client().await?;
+            let st = client
+                .prepare_cached("SELECT record FROM jobs WHERE id = $1")
+                .await
+                .map_err(db_error)?;
+            match client.query_opt(&st, &[&id]).await.map_err(db_error)? {
+                Some(row) => decode(row.get(0)),
+                None => Err(StoreError::NotFound(id.to_owned())),
+            }
+        })
+        .await
+    }
+
+    /// As [`crate::store::JobStore::list`]: one page of the jobs matching `filter` and the next page's token.
+    /// The filters run in SQL on the indexed columns; each row is checked against the filter
+    /// again, so pages are exactly the key-value store's.
+    pub async fn list(
+        &self,
+        filter: &ListFilter,
+    ) -> Result<(Vec<JobRecord>, Option<String>), StoreError> {
+        let page_size = match filter.page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            n => n.min(MAX_PAGE_SIZE),
+        };
+        if !filter.page_token.is_empty() && !is_id(&filter.page_token) {
+            return Err(StoreError::InvalidPageToken(filter.page_token.clone()));
+        }
+        let states: Vec<&str> = filter.states.iter().map(|s| s.as_str()).collect();
+        let queue = filter.queue.as_deref().map(text);
+        let tenant = filter.tenant.as_deref().map(text);
+        let labels = labels_json(filter.labels.iter());
+        let chunk = (page_size + 1).min(128) as i64;
+        let (cmp, order) = if filter.newest_first {
+            ("<", "DESC")
+        } else {
+            (">", "ASC")
+        };
+        let mut sql = format!("SELECT id, record FROM jobs WHERE id {cmp} $1");
+        let mut params: Vec<&(dyn ToSql + Sync)> = Vec::new();
+        let mut after = if filter.page_token.is_empty() {
+            // Before every id (digits) in either direction.
+            if filter.newest_first { "~" } else { "" }.to_owned()
+        } else {
+            filter.page_token.clone()
+        };
+        if !states.is_empty() {
+            params.push(&states);
+            sql.push_str(&format!(" AND state = ANY(${})", params.len() + 1));
+        }
+        if let Some(q) = &queue {
+            params.push(q);
+            sql.push_str(&format!(" AND queue = ${}", params.len() + 1));
+        }
+        if let Some(t) = &tenant {
+            params.push(t);
+            sql.push_str(&format!(" AND tenant = ${}", params.len() + 1));
+        }
+        if !filter.labels.is_empty() {
+            params.push(&labels);
+            sql.push_str(&format!(
+                " AND labels @> (${}::text)::jsonb",
+                params.len() + 1
+            ));
+        }
+        params.push(&chunk);
+        sql.push_str(&format!(" ORDER BY id {order} LIMIT ${}", params.len() + 1));
+        self.timed(async {
+            let client = self.client().await?;
+            let st = client.prepare_cached(&sql).await.map_err(db_error)?;
+            let mut page = Vec::new();
+            let mut page_bytes = 0usize;
+            loop {
+                let mut all: Vec<&(dyn ToSql + Sync)> = vec![&after];
+                all.extend(params.iter().copied());
+                let rows = client.query(&st, &all).await.map_err(db_error)?;
+                let exhausted = (rows.len() as i64) < chunk;
+                let mut last = None;
+                for row in rows {
+                    let id: String = row.get(0);
+                    last = Some(id.clone());
+                    let rec = decode(row.get(1))?;
+                    if !filter.matches(&rec) {
+                        continue;
+                    }
+                    let bytes = rec.wire_bytes();
+                    if !page.is_empty() && page_bytes.saturating_add(bytes) > MAX_PAGE_BYTES {
+                        let last = page.last().map(|r: &JobRecord| r.id.clone());
+                        return Ok((page, last));
+                    }
+                    page_bytes = page_bytes.saturating_add(bytes);
+                    page.push(rec);
+                    if page.len() == page_size {
+                        return Ok((page, Some(id)));
+                    }
+                }
+                match last {
+                    Some(id) if !exhausted => after = id,
+                    _ => return Ok((page, None)),
+                }
+            }
+        })
+        .await
+    }
+
+    /// Reads job `id` `FOR UPDATE`, lets `f` change it (returning whether it did), writes it if
+    /// changed and commits; returns the job as it is after. The observer is told after the
+    /// commit.
+    async fn modify<F>(&self, id: &str, f: F) -> Result<JobRecord, StoreError>
+    where
+        F: FnOnce(&mut JobRecord) -> Result<bool, StoreError>,
+    {
+        let _guard = self.lock_of(id).lock().await;
+        let (rec, changed) = self
+            .timed(async {
+                let mut client = self.client().await?;
+                let select = client
+                    .prepare_cached("SELECT record FROM jobs WHERE id = $1 FOR UPDATE")
+                    .await
+                    .map_err(db_error)?;
+                let update = client.prepare_cached(UPDATE).await.map_err(db_error)?;
+                let tx = client.transaction().await.map_err(db_error)?;
+                let Some(row) = tx.query_opt(&select, &[&id]).await.map_err(db_error)? else {
+                    return Err(StoreError::NotFound(id.to_owned()));
+                };
+                let mut rec = decode(row.get(0))?;
+                if !f(&mut rec)? {
+                    return Ok((rec, false));
+                }
+                let wire = i32::try_from(rec.wire_bytes()).unwrap_or(i32::MAX);
+                tx.execute(
+                    &update,
+                    &[
+                        &id,
+                        &rec.state.as_str(),
+                        &!rec.state.is_terminal(),
+                        &ms(self.now_ms()),
+                        &expires_ms(&rec).map(ms),
+                        &wire,
+                        &encode(&rec)?,
+                    ],
+                )
+                .await
+                .map_err(db_error)?;
+                tx.commit().await.map_err(db_error)?;
+                Ok((rec, true))
+            })
+            .await?;
+        if changed {
+            if let Some(at) = expires_ms(&rec) {
+                self.next_expiry.fetch_min(at, Ordering::AcqRel);
+            }
+            self.notify(&rec);
+        }
+        Ok(rec)
+    }
+
+    /// As [`crate::store::JobStore::update`], in one transaction holding the job's row.
+    pub async fn update<F>(&self, id: &str, f: F) -> Result<JobRecord, StoreError>
+    where
+        F: FnOnce(&JobRecord) -> Result<Change, StoreError>,
+    {
+        let now = self.now_ms();
+        self.modify(id, |rec| {
+            let change = f(rec)?;
+            apply(rec, change, now)?;
+            Ok(true)
+        })
+        .await
+    }
+
+    /// [`PgJobStore::update`] to `to` for `reason`.
+    pub async fn transition(
+        &self,
+        id: &str,
+        to: JobState,
+        reason: impl Into<String>,
+    ) -> Result<JobRecord, StoreError> {
+        let change = Change::to(to, reason);
+        self.update(id, |_| Ok(change)).await
+    }
+
+    /// As [`crate::store::JobStore::recover`], over every live job of the database.
+    pub async fn recover(&self) -> Result<Vec<JobRecord>, StoreError> {
+        self.recover_with(false).await
+    }
+
+    /// As [`crate::store::JobStore::recover_adopting`].
+    pub async fn recover_adopting(&self) -> Result<Vec<JobRecord>, StoreError> {
+        self.recover_with(true).await
+    }
+
+    async fn recover_with(&self, keep_running: bool) -> Result<Vec<JobRecord>, StoreError> {
+        let ids: Vec<String> = self
+            .timed(async {
+                let client = self.client().await?;
+                let rows = client
+                    .query("SELECT id FROM jobs WHERE live ORDER BY id", &[])
+                    .await
+                    .map_err(db_error)?;
+                Ok(rows.into_iter().map(|r| r.get(0)).collect())
+            })
+            .await?;
+        let now = self.now_ms();
+        let mut live = Vec::with_capacity(ids.len());
+        for id in ids {
+            let rec = self
+                .modify(&id, |rec| {
+                    let reason = format!("coordinator restarted; attempt {}", rec.attempt + 1);
+                    Ok(match rec.state {
+                        JobState::Running if !keep_running => {
+                            apply(rec, Change::to(JobState::RetryWait, reason.clone()), now)?;
+                            apply(rec, Change::to(JobState::Queued, reason), now)?;
+                            true
+                        }
+                        JobState::Admitted => {
+                            apply(rec, Change::to(JobState::Queued, reason), now)?;
+                            true
+                        }
+                        _ => false,
+                    })
+                })
+                .await;
+            match rec {
+                Ok(rec) if !rec.state.is_terminal() => live.push(rec),
+                Ok(_) | Err(StoreError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(live)
+    }
+
+    /// As [`crate::store::JobStore::next_expiry_ms`] (this store's own writes and sweeps only).
+    pub fn next_expiry_ms(&self) -> Option<u64> {
+        match self.next_expiry.load(Ordering::Acquire) {
+            u64::MAX => None,
+            at => Some(at),
+        }
+    }
+
+    /// As [`crate::store::JobStore::delete_expired`]: up to `limit` finished jobs whose TTL ran out by
+    /// `now_ms` are deleted in one statement (their idempotency keys with them), skipping rows
+    /// another transaction holds.
+    pub async fn delete_expired(&self, now_ms: u64, limit: usize) -> Result<Expired, StoreError> {
+        self.next_expiry.store(u64::MAX, Ordering::Release);
+        let result = self
+            .timed(async {
+                let client = self.client().await?;
+                let rows = client
+                    .query(
+                        "DELETE FROM jobs WHERE id IN (
+                            SELECT id FROM jobs
+                            WHERE expires_ms <= $1 AND NOT live
+                            ORDER BY expires_ms, id LIMIT $2
+                            FOR UPDATE SKIP LOCKED)
+                        RETURNING expires_ms, id",
+                        &[&ms(now_ms), &(limit.max(1) as i64)],
+                    )
+                    .await
+                    .map_err(db_error)?;
+                let mut deleted: Vec<(i64, String)> =
+                    rows.into_iter().map(|r| (r.get(0), r.get(1))).collect();
+                deleted.sort();
+                let next: Option<i64> = client
+                    .query_one(
+                        "SELECT min(expires_ms) FROM jobs WHERE expires_ms IS NOT NULL",
+                        &[],
+                    )
+                    .await
+                    .map_err(db_error)?
+                    .get(0);
+                Ok((deleted, next))
+            })
+            .await;
+        match result {
+            Ok((deleted, next)) => {
+                let next = next.map_or(u64::MAX, |n| u64::try_from(n).unwrap_or(0));
+                self.next_expiry.fetch_min(next, Ordering::AcqRel);
+                Ok(Expired {
+                    deleted: deleted.into_iter().map(|(_, id)| id).collect(),
+                    next_ms: self.next_expiry_ms(),
+                })
+            }
+            Err(e) => {
+                self.next_expiry.store(0, Ordering::Release);
+                Err(e)
+            }
+        }
+    }
+}
+
+impl crate::backend::JobBackend for PgJobStore {
+    fn now_ms(&self) -> u64 {
+        PgJobStore::now_ms(self)
+    }
+
+    async fn submit_traced(
+        &self,
+        spec: JobSpec,
+        traceparent: Option<String>,
+    ) -> Result<JobRecord, StoreError> {
+        PgJobStore::submit_traced(self, spec, traceparent).await
+    }
+
+    async fn get(&self, id: &str) -> Result<JobRecord, StoreError> {
+        PgJobStore::get(self, id).await
+    }
+
+    async fn list(
+        &self,
+        filter: &ListFilter,
+    ) -> Result<(Vec<JobRecord>, Option<String>), StoreError> {
+        PgJobStore::list(self, filter).await
+    }
+
+    async fn update<F>(&self, id: &str, f: F) -> Result<JobRecord, StoreError>
+    where
+        F: FnOnce(&JobRecord) -> Result<Change, StoreError> + Send,
+    {
+        PgJobStore::update(self, id, f).await
+    }
+
+    async fn recover(&self) -> Result<Vec<JobRecord>, StoreError> {
+        PgJobStore::recover(self).await
+    }
+
+    async fn recover_adopting(&self) -> Result<Vec<JobRecord>, StoreError> {
+        PgJobStore::recover_adopting(self).await
+    }
+
+    fn next_expiry_ms(&self) -> Option<u64> {
+        PgJobStore::next_expiry_ms(self)
+    }
+
+    async fn delete_expired(&self, now_ms: u64, limit: usize) -> Result<Expired, StoreError> {
+        PgJobStore::delete_expired(self, now_ms, limit).await
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testdb;
+#[cfg(test)]
+mod tests;

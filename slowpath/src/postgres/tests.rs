@@ -1,0 +1,199 @@
+//! What only a shared database has: several stores (nodes) on one database, migrations, a lost
+//! connection. Against the real PostgreSQL (see [`super::testdb`]).
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use super::testdb::{TestDb, admin};
+use super::*;
+use crate::store::tests::spec;
+
+async fn open(db: &TestDb) -> PgJobStore {
+    PgJobStore::connect(&db.url, PgOptions::default())
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_racing_on_one_key_return_the_same_job() {
+    let db = TestDb::new().await;
+    // Started together: the migrations run once, under their lock.
+    let (a, b) = tokio::join!(open(&db), open(&db));
+    let nodes = [Arc::new(a), Arc::new(b)];
+    for round in 0..5 {
+        let mut tasks = Vec::new();
+        for i in 0..16 {
+            let node = nodes[i % 2].clone();
+            tasks.push(tokio::spawn(async move {
+                let mut s = spec("same", "q");
+                s.idempotency_key = Some(format!("key-{round}"));
+                node.submit(s).await.unwrap().id
+            }));
+        }
+        let mut ids = BTreeSet::new();
+        for t in tasks {
+            ids.insert(t.await.unwrap());
+        }
+        assert_eq!(ids.len(), 1, "round {round}: {ids:?}");
+    }
+    // Without keys, both nodes' submits in the same milliseconds all get ids of their own.
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let node = nodes[i % 2].clone();
+        tasks.push(tokio::spawn(async move {
+            node.submit(spec(&format!("j{i}"), "q")).await.unwrap().id
+        }));
+    }
+    let mut ids = BTreeSet::new();
+    for t in tasks {
+        ids.insert(t.await.unwrap());
+    }
+    assert_eq!(ids.len(), 40);
+    let (page, next) = nodes[1]
+        .list(&ListFilter {
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!((page.len(), next), (45, None));
+    // One node's write is the other's read, and their read-modify-writes exclude each other.
+    let id = ids.first().unwrap().clone();
+    let (x, y) = tokio::join!(
+        nodes[0].transition(&id, JobState::Admitted, "a"),
+        nodes[1].transition(&id, JobState::Admitted, "b"),
+    );
+    assert!(x.is_ok() != y.is_ok(), "{x:?} {y:?}");
+    assert_eq!(nodes[0].get(&id).await.unwrap().state, JobState::Admitted);
+}
+
+#[tokio::test]
+async fn a_schema_newer_than_the_binary_is_refused() {
+    let db = TestDb::new().await;
+    drop(open(&db).await);
+    // Opening again finds the schema current and changes nothing.
+    drop(open(&db).await);
+    let (client, conn) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let versions: Vec<i32> = client
+        .query("SELECT version FROM schema_version ORDER BY version", &[])
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(versions, (1..=SCHEMA_VERSION).collect::<Vec<_>>());
+    client
+        .execute(
+            "INSERT INTO schema_version (version) VALUES ($1)",
+            &[&(SCHEMA_VERSION + 1)],
+        )
+        .await
+        .unwrap();
+    let err = PgJobStore::connect(&db.url, PgOptions::default())
+        .await
+        .err()
+        .expect("a newer schema is refused");
+    assert!(
+        matches!(err, StoreError::SchemaTooNew { found, known } if found == SCHEMA_VERSION + 1 && known == SCHEMA_VERSION),
+        "{err}"
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&format!("schema version {}", SCHEMA_VERSION + 1))
+            && msg.contains(&format!("(version {SCHEMA_VERSION})")),
+        "{msg}"
+    );
+}
+
+#[tokio::test]
+async fn a_bad_url_or_no_database_fails_clearly() {
+    let err = PgJobStore::connect(
+        "postgres://u:secret@127.0.0.1:5432/x?bogus=1",
+        PgOptions::default(),
+    )
+    .await
+    .err()
+    .unwrap();
+    let msg = err.to_string();
+    assert!(msg.contains("invalid database URL"), "{msg}");
+    assert!(!msg.contains("secret"), "the password is not shown: {msg}");
+    // Nothing listens on port 1.
+    let err = PgJobStore::connect("postgres://postgres@127.0.0.1:1/x", PgOptions::default())
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err}");
+}
+
+/// Cuts the database off: no new connections, and every open one terminated.
+async fn cut(db: &TestDb, allow: bool) {
+    let admin = admin().await;
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE {} ALLOW_CONNECTIONS {allow}",
+            db.name
+        ))
+        .await
+        .unwrap();
+    if !allow {
+        admin
+            .execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
+                &[&db.name],
+            )
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_database_fails_writes_as_unavailable_and_recovers_by_itself() {
+    let db = TestDb::new().await;
+    let store = PgJobStore::connect(
+        &db.url,
+        PgOptions {
+            pool_size: 4,
+            timeout: Duration::from_secs(5),
+        },
+    )
+    .await
+    .unwrap();
+    let mut acked = Vec::new();
+    for i in 0..4 {
+        acked.push(store.submit(spec(&format!("a{i}"), "q")).await.unwrap().id);
+    }
+    cut(&db, false).await;
+    // Every operation fails as unavailable, none hangs, none is acknowledged.
+    for i in 0..4 {
+        let err = store
+            .submit(spec(&format!("lost{i}"), "q"))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Unavailable(_)), "{err}");
+        let err = store.get(&acked[0]).await.unwrap_err();
+        assert!(matches!(err, StoreError::Unavailable(_)), "{err}");
+    }
+    let err = store
+        .transition(&acked[0], JobState::Cancelled, "x")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err}");
+    // Back: the pool opens new connections by itself; every acknowledged job is there.
+    cut(&db, true).await;
+    let after = store.submit(spec("after", "q")).await.unwrap();
+    acked.push(after.id);
+    let (page, _) = store.list(&ListFilter::default()).await.unwrap();
+    let ids: Vec<_> = page.iter().map(|r| r.id.clone()).collect();
+    assert_eq!(ids, acked, "exactly the acknowledged jobs");
+    assert_eq!(
+        store
+            .transition(&acked[0], JobState::Cancelled, "x")
+            .await
+            .unwrap()
+            .state,
+        JobState::Cancelled
+    );
+}
