@@ -659,7 +659,10 @@ mod tests {
                 .unwrap(),
             Some(at("r", 0, 4))
         );
-        assert_eq!(json(serde_json::json!({"binary_data_size": 4})).unwrap(), None);
+        assert_eq!(
+            json(serde_json::json!({"binary_data_size": 4})).unwrap(),
+            None
+        );
         for (params, want) in [
             (
                 serde_json::json!({"shared_memory_region": "r"}),

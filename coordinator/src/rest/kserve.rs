@@ -19,9 +19,7 @@ use veraltheim_models::allocator::DeviceId;
 use veraltheim_models::{ModelConfig, ModelState};
 
 use super::tensors;
-use super::{
-    RestError, audit_result, caller, json_body, read_body, refused, shm_refusal, traced,
-};
+use super::{RestError, audit_result, caller, json_body, read_body, refused, shm_refusal, traced};
 use crate::auth::{Caller, code_name};
 use crate::context::Context;
 

@@ -440,13 +440,11 @@ pub fn parse_request(
                 input.datatype
             ))
         })?;
-        let mut binary_size = None;
-        for (key, value) in &input.parameters {
-            match key.as_str() {
-                "binary_data_size" => binary_size = Some(unsigned(&at, key, value)?),
-                _ => {}
-            }
-        }
+        let binary_size = input
+            .parameters
+            .get("binary_data_size")
+            .map(|v| unsigned(&at, "binary_data_size", v))
+            .transpose()?;
         if let Some(place) = place {
             if input.data.is_some() || binary_size.is_some() {
                 return Err(RestError::bad_request(format!(
@@ -854,7 +852,10 @@ mod tests {
             &TensorData::Bytes(vec![Bytes::from("p"), Bytes::from("q")])
         );
         assert_eq!(p.call.outputs, vec!["x", "y"]);
-        assert_eq!(p.reply.binary, vec![("x".into(), true), ("y".into(), false)]);
+        assert_eq!(
+            p.reply.binary,
+            vec![("x".into(), true), ("y".into(), false)]
+        );
     }
 
     #[test]
@@ -1151,7 +1152,9 @@ mod tests {
         // Past the region's end: 400, naming the input.
         let e = refused(
             &region.shm,
-            &input(r#"{"shared_memory_region":"r","shared_memory_byte_size":16,"shared_memory_offset":4}"#),
+            &input(
+                r#"{"shared_memory_region":"r","shared_memory_byte_size":16,"shared_memory_offset":4}"#,
+            ),
         );
         assert_eq!(e.status, StatusCode::BAD_REQUEST);
         assert!(
