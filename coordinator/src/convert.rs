@@ -8,7 +8,7 @@ use veraltheim_models::{DataType, Tensor, TensorData, tensor::shape_from_wire};
 use veraltheim_proto::inference::{self as kserve, model_infer_request::InferInputTensor};
 use veraltheim_proto::v1;
 
-use crate::shm::{SharedMemory, shm_ref};
+use crate::shm::{SharedMemory, check_total, shm_ref};
 
 fn invalid(msg: impl Into<String>) -> Status {
     Status::invalid_argument(msg.into())
@@ -158,16 +158,7 @@ pub fn kserve_inputs(
         .iter()
         .map(|i| shm_ref("input", &i.name, &i.parameters))
         .collect::<Result<Vec<_>, _>>()?;
-    let from_shm = places
-        .iter()
-        .flatten()
-        .try_fold(0u64, |sum, p| sum.checked_add(p.byte_size));
-    if from_shm.is_none_or(|bytes| bytes > max_shm_bytes) {
-        return Err(invalid(format!(
-            "the request's shared-memory inputs ask for {} bytes, more than limits.max_request_bytes ({max_shm_bytes})",
-            from_shm.map_or_else(|| "more than 2^64".to_string(), |b| b.to_string())
-        )));
-    }
+    check_total(places.iter().flatten(), max_shm_bytes)?;
     let in_request = places.iter().filter(|p| p.is_none()).count();
     if !raw.is_empty() && raw.len() != in_request {
         return Err(invalid(format!(

@@ -261,12 +261,15 @@ pub mod fuzz {
             }
             _ => data,
         };
+        let shm = crate::shm::SharedMemory::new(false);
         let _ = crate::rest::tensors::parse_request(
             "m".into(),
             String::new(),
             &headers,
             bytes::Bytes::copy_from_slice(body),
             std::time::Instant::now(),
+            &shm,
+            1 << 30,
         );
     }
 

@@ -327,6 +327,62 @@ pub fn shm_ref(
     }))
 }
 
+/// [`shm_ref`] for parameters in their JSON form (KServe over HTTP): the same keys, the same
+/// checks and messages. A JSON string is a string parameter, an integer an integer one; any
+/// other value is refused by [`shm_ref`] as the wrong type.
+pub fn shm_ref_json(
+    kind: &str,
+    name: &str,
+    params: &serde_json::Map<String, serde_json::Value>,
+) -> Result<Option<ShmRef>, Status> {
+    use serde_json::Value;
+    let mut converted = HashMap::new();
+    for key in [
+        "shared_memory_region",
+        "shared_memory_byte_size",
+        "shared_memory_offset",
+    ] {
+        let Some(value) = params.get(key) else {
+            continue;
+        };
+        let choice = match value {
+            Value::String(s) => Some(ParameterChoice::StringParam(s.clone())),
+            Value::Number(n) => match (n.as_u64(), n.as_i64()) {
+                (Some(u), _) => Some(ParameterChoice::Uint64Param(u)),
+                (None, Some(i)) => Some(ParameterChoice::Int64Param(i)),
+                _ => n.as_f64().map(ParameterChoice::DoubleParam),
+            },
+            Value::Bool(b) => Some(ParameterChoice::BoolParam(*b)),
+            _ => None,
+        };
+        converted.insert(
+            key.to_string(),
+            InferParameter {
+                parameter_choice: choice,
+            },
+        );
+    }
+    shm_ref(kind, name, &converted)
+}
+
+/// Refuses shared-memory inputs that together ask for more than `max_bytes` (the request
+/// limit), before anything is read: a region may be far larger than a request may be.
+pub fn check_total<'a>(
+    places: impl IntoIterator<Item = &'a ShmRef>,
+    max_bytes: u64,
+) -> Result<(), Status> {
+    let total = places
+        .into_iter()
+        .try_fold(0u64, |sum, p| sum.checked_add(p.byte_size));
+    if total.is_none_or(|bytes| bytes > max_bytes) {
+        return Err(Status::invalid_argument(format!(
+            "the request's shared-memory inputs ask for {} bytes, more than limits.max_request_bytes ({max_bytes})",
+            total.map_or_else(|| "more than 2^64".to_string(), |b| b.to_string())
+        )));
+    }
+    Ok(())
+}
+
 fn unknown(name: &str) -> Status {
     Status::not_found(format!("no shared-memory region '{name}' is registered"))
 }
@@ -587,6 +643,69 @@ mod tests {
         shm.cuda_unregister("sys").unwrap();
         shm.cuda_unregister("").unwrap();
         assert_eq!(shm.status("sys").unwrap().len(), 1);
+    }
+
+    #[test]
+    fn json_parameters_name_the_same_places_and_get_the_same_refusals_as_grpc_ones() {
+        let json = |v: serde_json::Value| shm_ref_json("input", "x", v.as_object().unwrap());
+        let place = json(serde_json::json!({
+            "shared_memory_region": "r", "shared_memory_byte_size": 16, "shared_memory_offset": 8,
+            "binary_data": false,
+        }))
+        .unwrap();
+        assert_eq!(place, Some(at("r", 8, 16)));
+        assert_eq!(
+            json(serde_json::json!({"shared_memory_region": "r", "shared_memory_byte_size": 4}))
+                .unwrap(),
+            Some(at("r", 0, 4))
+        );
+        assert_eq!(
+            json(serde_json::json!({"binary_data_size": 4})).unwrap(),
+            None
+        );
+        for (params, want) in [
+            (
+                serde_json::json!({"shared_memory_region": "r"}),
+                "given together",
+            ),
+            (
+                serde_json::json!({"shared_memory_offset": 4}),
+                "given together",
+            ),
+            (
+                serde_json::json!({"shared_memory_region": ["r"], "shared_memory_byte_size": 4}),
+                "must be a region name",
+            ),
+            (
+                serde_json::json!({"shared_memory_region": "r", "shared_memory_byte_size": -1}),
+                "'shared_memory_byte_size' must be a non-negative integer",
+            ),
+            (
+                serde_json::json!({"shared_memory_region": "r", "shared_memory_byte_size": 4.5}),
+                "'shared_memory_byte_size' must be a non-negative integer",
+            ),
+            (
+                serde_json::json!({"shared_memory_region": "r", "shared_memory_byte_size": 4,
+                                   "shared_memory_offset": "8"}),
+                "'shared_memory_offset' must be a non-negative integer",
+            ),
+        ] {
+            let e = json(params.clone()).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{params}");
+            assert!(
+                e.message().starts_with("input 'x': ") && e.message().contains(want),
+                "{params}: {e:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn shared_memory_inputs_together_are_bounded_by_the_request_limit() {
+        check_total([&at("a", 0, 60), &at("b", 0, 40)], 100).unwrap();
+        let e = check_total([&at("a", 0, 60), &at("b", 0, 41)], 100).unwrap_err();
+        assert!(e.message().contains("ask for 101 bytes"), "{e:?}");
+        let e = check_total([&at("a", 0, u64::MAX), &at("b", 0, 1)], 100).unwrap_err();
+        assert!(e.message().contains("more than 2^64"), "{e:?}");
     }
 
     #[test]

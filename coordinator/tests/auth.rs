@@ -854,7 +854,28 @@ fn rest_calls(model: &str) -> Vec<(&'static str, String, String)> {
             format!(r#"{{"model":"{model}","input":"hi"}}"#),
         ),
         ("GET", format!("/v1/models/{model}"), String::new()),
-        // CUDA shared memory: system.admin on the server, as over gRPC.
+        // System and CUDA shared memory: system.admin on the server, as over gRPC.
+        ("GET", "/v2/systemsharedmemory/status".into(), String::new()),
+        (
+            "GET",
+            "/v2/systemsharedmemory/region/r/status".into(),
+            String::new(),
+        ),
+        (
+            "POST",
+            "/v2/systemsharedmemory/region/r/register".into(),
+            r#"{"key":"/veraltheim-auth-probe","offset":0,"byte_size":64}"#.into(),
+        ),
+        (
+            "POST",
+            "/v2/systemsharedmemory/unregister".into(),
+            String::new(),
+        ),
+        (
+            "POST",
+            "/v2/systemsharedmemory/region/r/unregister".into(),
+            String::new(),
+        ),
         ("GET", "/v2/cudasharedmemory/status".into(), String::new()),
         (
             "GET",
@@ -984,6 +1005,84 @@ async fn every_rest_route_authenticates_and_authorises_like_grpc() {
     assert_eq!(e.attributes["resource"], "model:cost");
     assert_eq!(e.attributes["result"], "OK");
     assert_eq!(e.attributes["action"], "/v2/repository/models/{name}/load");
+}
+
+#[tokio::test]
+async fn system_shared_memory_over_http_needs_system_admin_and_is_audited_like_grpc() {
+    let s = start_secured(&["--allow-client-shm"]).await;
+    let http = &s.server.http;
+    let key = format!("/veraltheim-auth-shm-{}", std::process::id());
+    let path = format!("/dev/shm{key}");
+    std::fs::File::create(&path).unwrap().set_len(64).unwrap();
+    struct Remove(String);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let _remove = Remove(path);
+    let ch = channel(&s.server).await;
+    let mut audit = watch(&ch, &["audit.system.admin"], OPS).await;
+    let body = format!(r#"{{"key":"{key}","offset":0,"byte_size":64}}"#);
+    let register = "/v2/systemsharedmemory/region/r/register";
+    let (status, answer) = http_call(http, "POST", register, Some(ALICE), &body).await;
+    assert_eq!(status, 403, "{answer}");
+    assert!(answer.contains("'alice' may not system.admin"), "{answer}");
+    let (status, answer) = http_call(http, "POST", register, Some(OPS), &body).await;
+    assert_eq!(status, 200, "{answer}");
+    // A second registration of the name: 400 as Triton answers it, audited as ALREADY_EXISTS
+    // as over gRPC.
+    let (status, answer) = http_call(http, "POST", register, Some(OPS), &body).await;
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer.contains("already registered"), "{answer}");
+    // Alice is refused by the authentication layer (on the server); the operator's calls are
+    // recorded on the region, as gRPC's SystemSharedMemoryRegister records them.
+    let mut results = Vec::new();
+    while results.len() < 3 {
+        let e = next_event(&mut audit, "audit.system.admin").await;
+        if e.attributes["action"] == "/v2/systemsharedmemory/region/{name}/register" {
+            results.push((
+                e.attributes["principal"].clone(),
+                e.attributes["resource"].clone(),
+                e.attributes["result"].clone(),
+            ));
+        }
+    }
+    let row = |p: &str, r: &str, x: &str| (p.to_string(), r.to_string(), x.to_string());
+    assert_eq!(
+        results,
+        [
+            row("alice", "server", "PERMISSION_DENIED"),
+            row("ops", "shared_memory:r", "OK"),
+            row("ops", "shared_memory:r", "ALREADY_EXISTS"),
+        ]
+    );
+    let (status, answer) =
+        http_call(http, "GET", "/v2/systemsharedmemory/status", Some(OPS), "").await;
+    assert_eq!(status, 200, "{answer}");
+    let regions: serde_json::Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!(
+        regions,
+        serde_json::json!([{"name": "r", "key": key, "offset": 0, "byte_size": 64}])
+    );
+    let (status, answer) = http_call(
+        http,
+        "POST",
+        "/v2/systemsharedmemory/region/r/unregister",
+        Some(OPS),
+        "",
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let (status, answer) = http_call(
+        http,
+        "GET",
+        "/v2/systemsharedmemory/region/r/status",
+        Some(OPS),
+        "",
+    )
+    .await;
+    assert_eq!(status, 404, "{answer}");
 }
 
 /// Submits a job that prints `from-<name>`, as the principal of `token`; its id.

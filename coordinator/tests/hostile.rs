@@ -715,6 +715,27 @@ const ROUTES: &[Route] = &[
         200,
     ),
     post("/v2/repository/models/cost/unload", "", 200),
+    // System shared memory: off on the probe's server (no --allow-client-shm), so 403 once the
+    // body is read and found well-formed.
+    Route {
+        method: "GET",
+        path: "/v2/systemsharedmemory/status",
+        body: "",
+        status: 403,
+    },
+    Route {
+        method: "GET",
+        path: "/v2/systemsharedmemory/region/r/status",
+        body: "",
+        status: 403,
+    },
+    post(
+        "/v2/systemsharedmemory/region/r/register",
+        r#"{"key":"/veraltheim-probe","offset":0,"byte_size":64}"#,
+        403,
+    ),
+    post("/v2/systemsharedmemory/unregister", "", 403),
+    post("/v2/systemsharedmemory/region/r/unregister", "", 403),
     // CUDA shared memory (none: registering is refused).
     get("/v2/cudasharedmemory/status"),
     Route {

@@ -1,13 +1,17 @@
-"""Triton's system shared-memory extension with the stock tritonclient: regions registered by
-key, input and output tensors passed through them, and the errors for bad regions. Off unless
-the server runs with --allow-client-shm."""
+"""Triton's system shared-memory extension with the stock tritonclient, over gRPC and HTTP:
+regions registered by key, input and output tensors passed through them, and the errors for bad
+regions (over HTTP with Triton's statuses: 400, 404 for a region not registered, 403 when off).
+Off unless the server runs with --allow-client-shm."""
 
+import contextlib
 import os
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
 import tritonclient.utils.shared_memory as shm
+from tritonclient.utils import InferenceServerException
 
 from _helpers import distinct_rows, fp32_input, raises_status
 
@@ -181,3 +185,145 @@ def test_an_object_truncated_while_requests_run_gives_errors_not_a_crash(shm_ser
     result = client.infer("identity", [inp])
     np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), data)
     assert client.is_server_live()
+
+
+# --- Over HTTP/REST: the same registry, Triton's routes and statuses ---------------------------
+
+
+def http_of(srv) -> httpclient.InferenceServerClient:
+    return httpclient.InferenceServerClient(url=f"127.0.0.1:{srv.http_port}")
+
+
+@contextlib.contextmanager
+def http_refused(status: int, *fragments: str):
+    """Expect tritonclient.http to raise for an answer with HTTP `status` whose error message
+    holds every fragment."""
+    with pytest.raises(InferenceServerException) as e:
+        yield
+    assert e.value.status() == str(status), f"expected {status}: {e.value}"
+    for fragment in fragments:
+        assert fragment in (e.value.message() or ""), f"{fragment!r} not in {e.value.message()!r}"
+
+
+def test_http_disabled_by_default_with_a_clear_message(server, regions):
+    regions("hoff", 64)
+    h = http_of(server)
+    try:
+        for call in (
+            lambda: h.get_system_shared_memory_status(),
+            lambda: h.get_system_shared_memory_status("hoff"),
+            lambda: h.register_system_shared_memory("hoff", key_of("hoff"), 64),
+            lambda: h.unregister_system_shared_memory(),
+            lambda: h.unregister_system_shared_memory("hoff"),
+        ):
+            with http_refused(403, "--allow-client-shm"):
+                call()
+        inp = httpclient.InferInput("INPUT0", [1, 4], "FP32")
+        inp.set_shared_memory("hoff", 16)
+        with http_refused(403, "--allow-client-shm"):
+            h.infer("identity", [inp])
+        assert "system_shared_memory" not in h.get_server_metadata()["extensions"]
+    finally:
+        h.close()
+
+
+def test_http_inputs_and_outputs_travel_through_shared_memory(shm_server, regions):
+    h = http_of(shm_server)
+    try:
+        assert "system_shared_memory" in h.get_server_metadata()["extensions"]
+        data = distinct_rows(3, 4, seed=4400)
+        nbytes = data.nbytes
+        inp_region = regions("hin", nbytes)
+        # The output region starts 64 bytes into its object; the output goes 32 bytes into it.
+        out_region = regions("hout", 64 + 32 + nbytes)
+        shm.set_shared_memory_region(inp_region, [data])
+        h.unregister_system_shared_memory()
+        h.register_system_shared_memory("hin", key_of("hin"), nbytes)
+        h.register_system_shared_memory("hout", key_of("hout"), 32 + nbytes, offset=64)
+
+        status = {r["name"]: r for r in h.get_system_shared_memory_status()}
+        assert status == {
+            "hin": {"name": "hin", "key": key_of("hin"), "offset": 0, "byte_size": nbytes},
+            "hout": {"name": "hout", "key": key_of("hout"), "offset": 64,
+                     "byte_size": 32 + nbytes},
+        }
+        assert h.get_system_shared_memory_status("hin") == [status["hin"]]
+
+        inp = httpclient.InferInput("INPUT0", list(data.shape), "FP32")
+        inp.set_shared_memory("hin", nbytes)
+        out = httpclient.InferRequestedOutput("OUTPUT0", binary_data=True)
+        out.set_shared_memory("hout", nbytes, offset=32)
+        result = h.infer("identity", [inp], outputs=[out])
+        tensor = result.get_output("OUTPUT0")
+        assert tensor["shape"] == [3, 4] and tensor["datatype"] == "FP32"
+        assert "data" not in tensor
+        assert tensor["parameters"] == {
+            "shared_memory_region": "hout",
+            "shared_memory_byte_size": nbytes,
+            "shared_memory_offset": 32,
+        }
+        got = shm.get_contents_as_numpy(out_region, np.float32, [3, 4], offset=64 + 32)
+        np.testing.assert_array_equal(got, data)
+
+        # The input from shared memory, the output back in the response (binary, and JSON).
+        for binary in (True, False):
+            plain = h.infer("identity", [inp], outputs=[
+                httpclient.InferRequestedOutput("OUTPUT0", binary_data=binary)])
+            np.testing.assert_array_equal(plain.as_numpy("OUTPUT0"), data)
+
+        # What gRPC registered, HTTP sees, and the other way round: one registry.
+        g = shm_server.client()
+        assert set(g.get_system_shared_memory_status(as_json=True)["regions"]) == {"hin", "hout"}
+        h.unregister_system_shared_memory("hin")
+        assert list(g.get_system_shared_memory_status(as_json=True)["regions"]) == ["hout"]
+        with http_refused(404, "'hin'"):
+            h.get_system_shared_memory_status("hin")
+        h.unregister_system_shared_memory("hin")  # an unknown name is not an error
+        h.unregister_system_shared_memory()
+        assert h.get_system_shared_memory_status() == []
+    finally:
+        h.close()
+
+
+def test_http_bad_regions_and_references_are_refused_by_name(shm_server, regions):
+    h = http_of(shm_server)
+    try:
+        data = distinct_rows(2, 4, seed=4500)
+        regions("hsmall", 16)
+        regions("hbig", 256)
+        shm.set_shared_memory_region(regions("hdata", data.nbytes), [data])
+        with http_refused(400, "past the end"):
+            h.register_system_shared_memory("hsmall", key_of("hsmall"), 64)
+        with http_refused(400, "cannot open"):
+            h.register_system_shared_memory("x", "/veraltheim_e2e_no_such_object", 16)
+        with http_refused(400, "not a shared-memory key"):
+            h.register_system_shared_memory("x", "/../etc/passwd", 16)
+        h.register_system_shared_memory("hsmall", key_of("hsmall"), 16)
+        h.register_system_shared_memory("hdata", key_of("hdata"), data.nbytes)
+        with http_refused(400, "'hsmall'", "already registered"):
+            h.register_system_shared_memory("hsmall", key_of("hbig"), 16)
+
+        inp = httpclient.InferInput("INPUT0", list(data.shape), "FP32")
+        inp.set_shared_memory("hsmall", data.nbytes)
+        with http_refused(400, "input 'INPUT0'", "past the end"):
+            h.infer("identity", [inp])
+        # An offset that puts the data past the region's end.
+        inp.set_shared_memory("hdata", data.nbytes, offset=8)
+        with http_refused(400, "input 'INPUT0'", "offset 8", "past the end"):
+            h.infer("identity", [inp])
+        inp.set_shared_memory("nowhere", data.nbytes)
+        with http_refused(404, "'nowhere'"):
+            h.infer("identity", [inp])
+
+        plain = httpclient.InferInput("INPUT0", list(data.shape), "FP32")
+        plain.set_data_from_numpy(data)
+        out = httpclient.InferRequestedOutput("OUTPUT0")
+        out.set_shared_memory("hsmall", 16)
+        with http_refused(400, "output 'OUTPUT0'", "holds 16"):
+            h.infer("identity", [plain], outputs=[out])
+        out.set_shared_memory("gone", 16)
+        with http_refused(404, "'gone'"):
+            h.infer("identity", [plain], outputs=[out])
+        assert h.is_server_live()
+    finally:
+        h.close()

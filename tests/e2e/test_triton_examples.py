@@ -14,7 +14,7 @@ standing in for Triton's example repository, checking the outcomes the examples 
   "failed to load" in the message, a good override applied (max_batch_size as a string, as the
   example sends it), unload, an unknown model refused with "failed to load";
 - reuse_infer_objects_client: the same InferInput / InferRequestedOutput objects used for
-  inferences through shared memory, then without, then through it again.
+  inferences through shared memory, then without, then through it again, over gRPC and HTTP.
 
 The models (testdata/onnx_models.py, written by scripts/provision-models into
 .cache/models/onnx-test/): `simple` (INT32 [batch, 16] add/sub), `simple_string` (the same on
@@ -427,18 +427,48 @@ def test_reuse_infer_objects_example(srv, regions):
         round_trip(use_shm)
     client.unregister_system_shared_memory()
 
-    # Over HTTP the same objects are reused for inferences with data in the request (system
-    # shared memory is served over gRPC only).
+    # The example's HTTP form: the same with tritonclient.http's objects, through shared
+    # memory, then with the data in the request (JSON and binary), then through it again.
     h = http_of(srv)
     try:
+        h.unregister_system_shared_memory()
+        h.unregister_cuda_shared_memory()
+        for tag in ("in0", "in1", "out0", "out1"):
+            h.register_system_shared_memory(tag, regions.key(tag), size)
+        assert sorted(r["name"] for r in h.get_system_shared_memory_status()) == [
+            "in0", "in1", "out0", "out1"]
         ins = [httpclient.InferInput(f"INPUT{i}", [1, 16], "INT32") for i in (0, 1)]
-        outs = [httpclient.InferRequestedOutput(f"OUTPUT{i}") for i in (0, 1)]
-        for k in (1, 2, 3):
-            ins[0].set_data_from_numpy(a.reshape(1, 16), binary_data=k % 2 == 0)
-            ins[1].set_data_from_numpy((b * k).reshape(1, 16))
+        outs = [httpclient.InferRequestedOutput(f"OUTPUT{i}", binary_data=True) for i in (0, 1)]
+        for k, use_shm in enumerate((True, False, True), start=1):
+            # Fresh results each round: the regions are cleared before a round through them.
+            for tag in ("out0", "out1"):
+                shm.set_shared_memory_region(handles[tag], [np.zeros(16, dtype=np.int32)])
+            y = b * k
+            if use_shm:
+                shm.set_shared_memory_region(handles["in1"], [y])
+                ins[0].set_shared_memory("in0", size)
+                ins[1].set_shared_memory("in1", size)
+                outs[0].set_shared_memory("out0", size)
+                outs[1].set_shared_memory("out1", size)
+            else:
+                ins[0].set_data_from_numpy(a.reshape(1, 16), binary_data=False)
+                ins[1].set_data_from_numpy(y.reshape(1, 16))
+                outs[0].unset_shared_memory()
+                outs[1].unset_shared_memory()
             r = h.infer("simple", ins, outputs=outs)
-            np.testing.assert_array_equal(r.as_numpy("OUTPUT0")[0], a + b * k)
-            np.testing.assert_array_equal(r.as_numpy("OUTPUT1")[0], a - b * k)
+            for i, want in ((0, a + y), (1, a - y)):
+                out = r.get_output(f"OUTPUT{i}")
+                assert out is not None, f"OUTPUT{i} missing"
+                if use_shm:
+                    assert "data" not in out
+                    assert out["parameters"]["shared_memory_region"] == f"out{i}"
+                    got = shm.get_contents_as_numpy(
+                        handles[f"out{i}"], triton_to_np_dtype(out["datatype"]), out["shape"])
+                else:
+                    got = r.as_numpy(f"OUTPUT{i}")
+                np.testing.assert_array_equal(got[0], want)
+        h.unregister_system_shared_memory()
+        assert h.get_system_shared_memory_status() == []
     finally:
         h.close()
 

@@ -384,6 +384,24 @@ pub const RULES: &[(&str, Rule)] = &[
         "/v2/repository/models/{name}/unload",
         Rule::Model(ModelsAdmin),
     ),
+    // System shared memory over HTTP (`rest/kserve.rs`), as over gRPC
+    ("/v2/systemsharedmemory/status", Rule::Server(SystemAdmin)),
+    (
+        "/v2/systemsharedmemory/region/{name}/status",
+        Rule::Server(SystemAdmin),
+    ),
+    (
+        "/v2/systemsharedmemory/region/{name}/register",
+        Rule::Server(SystemAdmin),
+    ),
+    (
+        "/v2/systemsharedmemory/unregister",
+        Rule::Server(SystemAdmin),
+    ),
+    (
+        "/v2/systemsharedmemory/region/{name}/unregister",
+        Rule::Server(SystemAdmin),
+    ),
     // CUDA shared memory over HTTP (`rest/kserve.rs`), as over gRPC
     ("/v2/cudasharedmemory/status", Rule::Server(SystemAdmin)),
     (

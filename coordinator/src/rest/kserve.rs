@@ -19,16 +19,17 @@ use veraltheim_models::allocator::DeviceId;
 use veraltheim_models::{ModelConfig, ModelState};
 
 use super::tensors;
-use super::{RestError, audit_result, caller, json_body, read_body, refused, traced};
-use crate::auth::Caller;
+use super::{RestError, audit_result, caller, json_body, read_body, refused, shm_refusal, traced};
+use crate::auth::{Caller, code_name};
 use crate::context::Context;
 
 /// The caller found by the authentication layer.
 type Found = Option<axum::Extension<Caller>>;
 
-/// The protocol extensions served over HTTP (Triton's names). System shared memory is gRPC
-/// only; CUDA shared memory is answered as Triton answers it without GPU support (no regions,
-/// registration refused), and so is not listed either.
+/// The protocol extensions served over HTTP (Triton's names); `system_shared_memory` is added
+/// when the server allows client shared memory, as over gRPC. CUDA shared memory is answered as
+/// Triton answers it without GPU support (no regions, registration refused), and so is not
+/// listed.
 const EXTENSIONS: &[&str] = &[
     "model_repository",
     "model_configuration",
@@ -64,6 +65,24 @@ pub fn routes() -> Router<Arc<Context>> {
         .route("/v2/repository/index", post(repository_index))
         .route("/v2/repository/models/{name}/load", post(load))
         .route("/v2/repository/models/{name}/unload", post(unload))
+        // System shared memory: the registry gRPC uses (`shm.rs`).
+        .route("/v2/systemsharedmemory/status", get(system_status_all))
+        .route(
+            "/v2/systemsharedmemory/region/{name}/status",
+            get(system_status),
+        )
+        .route(
+            "/v2/systemsharedmemory/region/{name}/register",
+            post(system_register),
+        )
+        .route(
+            "/v2/systemsharedmemory/unregister",
+            post(system_unregister_all),
+        )
+        .route(
+            "/v2/systemsharedmemory/region/{name}/unregister",
+            post(system_unregister),
+        )
         // CUDA shared memory, as Triton answers it without GPU support (`shm.rs`).
         .route("/v2/cudasharedmemory/status", get(cuda_status_all))
         .route(
@@ -101,11 +120,16 @@ fn check(ctx: &Context, name: &str, version: &str) -> Result<(), RestError> {
         .map_err(RestError::serving)
 }
 
-async fn server_metadata() -> Response {
+async fn server_metadata(State(ctx): State<Arc<Context>>) -> Response {
+    let extensions: Vec<&str> = EXTENSIONS
+        .iter()
+        .copied()
+        .chain(ctx.shm.allowed().then_some("system_shared_memory"))
+        .collect();
     super::json(&json!({
         "name": crate::kserve::SERVER_NAME,
         "version": env!("CARGO_PKG_VERSION"),
-        "extensions": EXTENSIONS,
+        "extensions": extensions,
     }))
 }
 
@@ -279,17 +303,26 @@ async fn infer(
     // Before the body is read: a refused caller costs no reading.
     caller(found)?.model(&p.name).map_err(refused)?;
     let body = read_body(&headers, body, ctx.max_body_bytes).await?;
-    let parsed = tensors::parse_request(p.name, p.version, &headers, body, received)?;
-    let model = parsed.call.model.clone();
-    let id = parsed.call.id.clone();
-    let out = ctx.infer_as(parsed.call, RestError::serving).await?;
+    let parsed = tensors::parse_request(
+        p.name,
+        p.version,
+        &headers,
+        body,
+        received,
+        &ctx.shm,
+        ctx.models.limits().max_request_bytes as u64,
+    )?;
+    let (call, reply) = (parsed.call, parsed.reply);
+    let model = call.model.clone();
+    let id = call.id.clone();
+    let out = ctx.infer_as(call, RestError::serving).await?;
     tensors::response(
         &model,
         &ctx.models.version_of(&model),
         &id,
         &out.outputs,
-        &parsed.binary,
-        parsed.binary_by_default,
+        &reply,
+        &ctx.shm,
     )
 }
 
@@ -434,15 +467,118 @@ fn region_name(path: Result<Path<RegionPath>, PathRejection>) -> Result<String, 
         .map_err(|e| RestError::bad_request(format!("the region path: {}", e.body_text())))
 }
 
-/// A shared-memory refusal (a tonic status from `shm.rs`) as an HTTP error.
-fn shm_refusal(s: tonic::Status) -> RestError {
-    let status = match s.code() {
-        tonic::Code::NotFound => StatusCode::NOT_FOUND,
-        tonic::Code::InvalidArgument => StatusCode::BAD_REQUEST,
-        tonic::Code::PermissionDenied => StatusCode::FORBIDDEN,
-        _ => StatusCode::INTERNAL_SERVER_ERROR,
-    };
-    RestError::new(status, s.message())
+/// The status of region `name` (all of them when it is empty), as Triton's JSON lists them.
+fn system_status_of(ctx: &Context, name: &str) -> Result<Response, RestError> {
+    let regions: Vec<Value> = ctx
+        .shm
+        .status(name)
+        .map_err(shm_refusal)?
+        .iter()
+        .map(|r| {
+            json!({
+                "name": r.name,
+                "key": r.key,
+                "offset": r.offset,
+                "byte_size": r.byte_size,
+            })
+        })
+        .collect();
+    Ok(super::json(&regions))
+}
+
+/// `GET /v2/systemsharedmemory/status`: every registered region.
+async fn system_status_all(State(ctx): State<Arc<Context>>) -> Result<Response, RestError> {
+    system_status_of(&ctx, "")
+}
+
+/// `GET /v2/systemsharedmemory/region/{name}/status`: that region, or 404.
+async fn system_status(
+    State(ctx): State<Arc<Context>>,
+    path: Result<Path<RegionPath>, PathRejection>,
+) -> Result<Response, RestError> {
+    let name = region_name(path)?;
+    system_status_of(&ctx, &name)
+}
+
+/// The body of a system shared-memory registration: Triton's `{"key", "offset", "byte_size"}`
+/// (`offset` may be left out: 0).
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct SystemRegisterRequest {
+    key: Option<String>,
+    offset: Option<u64>,
+    byte_size: Option<u64>,
+}
+
+/// `POST /v2/systemsharedmemory/region/{name}/register`: the checks and answers of gRPC's
+/// SystemSharedMemoryRegister (an existing name, a bad key, a range past the object: 400).
+async fn system_register(
+    State(ctx): State<Arc<Context>>,
+    found: Found,
+    path: Result<Path<RegionPath>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<StatusCode, RestError> {
+    let caller = caller(found)?;
+    let name = region_name(path)?;
+    let outcome = async {
+        let body = read_body(&headers, body, ctx.max_body_bytes).await?;
+        let r: SystemRegisterRequest = json_body(&body, "register")?;
+        let missing = |field: &str| {
+            RestError::bad_request(format!(
+                "register: the body needs \"{field}\" (Triton's {{\"key\", \"offset\", \"byte_size\"}})"
+            ))
+        };
+        let key = r.key.ok_or_else(|| missing("key"))?;
+        let byte_size = r.byte_size.ok_or_else(|| missing("byte_size"))?;
+        ctx.shm
+            .register(&name, &key, r.offset.unwrap_or(0), byte_size)
+            .map_err(shm_refusal)?;
+        Ok(StatusCode::OK)
+    }
+    .await;
+    audited_region(&caller, "shared_memory", &name, outcome)
+}
+
+/// `POST /v2/systemsharedmemory/unregister`: every region.
+async fn system_unregister_all(
+    State(ctx): State<Arc<Context>>,
+    found: Found,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<StatusCode, RestError> {
+    system_unregister_named(&ctx, found, String::new(), headers, body).await
+}
+
+/// `POST /v2/systemsharedmemory/region/{name}/unregister`: that region (an unknown name is not
+/// an error, as over gRPC).
+async fn system_unregister(
+    State(ctx): State<Arc<Context>>,
+    found: Found,
+    path: Result<Path<RegionPath>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<StatusCode, RestError> {
+    let name = region_name(path)?;
+    system_unregister_named(&ctx, found, name, headers, body).await
+}
+
+async fn system_unregister_named(
+    ctx: &Context,
+    found: Found,
+    name: String,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<StatusCode, RestError> {
+    let caller = caller(found)?;
+    let outcome = async {
+        let body = read_body(&headers, body, ctx.max_body_bytes).await?;
+        let _: UnregisterRequest = json_body(&body, "unregister")?;
+        ctx.shm.unregister(&name).map_err(shm_refusal)?;
+        Ok(StatusCode::OK)
+    }
+    .await;
+    audited_region(&caller, "shared_memory", &name, outcome)
 }
 
 /// `GET /v2/cudasharedmemory/status`: the list of CUDA regions, empty.
@@ -493,7 +629,7 @@ async fn cuda_register(
         Ok(StatusCode::OK)
     }
     .await;
-    audited_shm(&caller, &name, outcome)
+    audited_region(&caller, "cuda_shared_memory", &name, outcome)
 }
 
 /// `POST /v2/cudasharedmemory/unregister`: OK (there is nothing to remove).
@@ -533,19 +669,25 @@ async fn cuda_unregister_named(
         Ok(StatusCode::OK)
     }
     .await;
-    audited_shm(&caller, &name, outcome)
+    audited_region(&caller, "cuda_shared_memory", &name, outcome)
 }
 
-/// Records a CUDA shared-memory call's outcome in the audit log, as over gRPC.
-fn audited_shm(
+/// Records a shared-memory call's outcome in the audit log under the resource gRPC names it
+/// with (`shared_memory:{name}`, `cuda_shared_memory:{name}`).
+fn audited_region(
     caller: &Caller,
+    kind: &str,
     name: &str,
     outcome: Result<StatusCode, RestError>,
 ) -> Result<StatusCode, RestError> {
     let (result, message) = match &outcome {
-        Ok(status) => (audit_result(*status), ""),
-        Err(e) => (audit_result(e.status), e.message.as_str()),
+        Ok(status) => (audit_result(*status).to_string(), ""),
+        Err(e) => (
+            e.code
+                .map_or_else(|| audit_result(e.status).to_string(), code_name),
+            e.message.as_str(),
+        ),
     };
-    caller.audit_result(format!("cuda_shared_memory:{name}"), result, message);
+    caller.audit_result(format!("{kind}:{name}"), &result, message);
     outcome
 }

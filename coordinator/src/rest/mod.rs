@@ -41,6 +41,9 @@ pub struct RestError {
     pub message: String,
     /// A full queue: the client should retry after a short back-off (`Retry-After`).
     pub retry: bool,
+    /// The gRPC code of the refusal this one stands for, when it came from one: the audit log
+    /// records it, so that a call is audited alike over both protocols.
+    pub code: Option<tonic::Code>,
 }
 
 impl RestError {
@@ -49,6 +52,7 @@ impl RestError {
             status,
             message: message.into(),
             retry: false,
+            code: None,
         }
     }
 
@@ -62,6 +66,7 @@ impl RestError {
             status: http_status(e.kind()),
             retry: e.is_queue_full(),
             message: e.to_string(),
+            code: None,
         }
     }
 
@@ -134,6 +139,25 @@ pub fn refused(s: tonic::Status) -> RestError {
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
     RestError::new(status, s.message())
+}
+
+/// A shared-memory refusal (a tonic status from `shm.rs`) as an HTTP error, with Triton's
+/// statuses: 404 for a region not registered, 400 for a bad request (Triton answers an existing
+/// name with 400 too, and an object that shrank under its region is the request's fault), 403
+/// when the server does not allow client shared memory.
+pub fn shm_refusal(s: tonic::Status) -> RestError {
+    let status = match s.code() {
+        tonic::Code::NotFound => StatusCode::NOT_FOUND,
+        tonic::Code::InvalidArgument
+        | tonic::Code::AlreadyExists
+        | tonic::Code::FailedPrecondition => StatusCode::BAD_REQUEST,
+        tonic::Code::PermissionDenied => StatusCode::FORBIDDEN,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    RestError {
+        code: Some(s.code()),
+        ..RestError::new(status, s.message())
+    }
 }
 
 /// The result an HTTP answer is audited with: the gRPC code's name its status stands for.

@@ -20,7 +20,8 @@ use serde_json::{Map, Value};
 use veraltheim_models::{DataType, Tensor, TensorData};
 use veraltheim_serving::InferCall;
 
-use super::RestError;
+use super::{RestError, shm_refusal};
+use crate::shm::{SharedMemory, ShmRef, check_total, shm_ref_json};
 
 /// The header that says how many bytes of the body are the JSON header.
 pub const HEADER_LENGTH: &str = "inference-header-content-length";
@@ -332,28 +333,33 @@ fn boolean(where_: &str, key: &str, v: &Value) -> Result<bool, RestError> {
     })
 }
 
-fn no_shared_memory(where_: &str, key: &str) -> RestError {
-    RestError::bad_request(format!(
-        "{where_}: parameter '{key}': shared memory is not offered over HTTP; send the data in \
-         the request (JSON or binary) or use the gRPC endpoint"
-    ))
-}
-
-/// A parsed inference request: the call, and for each output the caller named, whether it wants
-/// it as binary data (outputs not named follow `binary_data_output`).
+/// A parsed inference request: the call, and how its answer is to be given.
 pub struct Parsed {
     pub call: InferCall,
+    pub reply: Reply,
+}
+
+/// How the outputs are answered: for each output the caller named, whether it wants it as
+/// binary data (outputs not named follow `binary_data_output`), and the outputs to be written
+/// to shared memory (checked against the registered regions already).
+pub struct Reply {
     pub binary: Vec<(String, bool)>,
     pub binary_by_default: bool,
+    pub to_shm: Vec<(String, ShmRef)>,
 }
 
 /// An HTTP inference request (header and body) for `model`/`version` as an inference call.
+/// Inputs whose parameters name a shared-memory region (`shared_memory_region`,
+/// `shared_memory_byte_size`, optional `shared_memory_offset`) are read from it, as over gRPC:
+/// together at most `max_shm_bytes`, checked before anything is read.
 pub fn parse_request(
     model: String,
     version: String,
     headers: &HeaderMap,
     body: Bytes,
     received: Instant,
+    shm: &SharedMemory,
+    max_shm_bytes: u64,
 ) -> Result<Parsed, RestError> {
     let json_len = match headers.get(HEADER_LENGTH) {
         None => body.len(),
@@ -416,8 +422,15 @@ pub fn parse_request(
         }
     }
 
+    let places = request
+        .inputs
+        .iter()
+        .map(|i| shm_ref_json("input", &i.name, &i.parameters))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(shm_refusal)?;
+    check_total(places.iter().flatten(), max_shm_bytes).map_err(shm_refusal)?;
     let mut inputs = Vec::with_capacity(request.inputs.len());
-    for input in request.inputs {
+    for (input, place) in request.inputs.into_iter().zip(places) {
         let name = input.name;
         let at = format!("input '{name}'");
         let datatype: DataType = input.datatype.parse().map_err(|_| {
@@ -427,13 +440,24 @@ pub fn parse_request(
                 input.datatype
             ))
         })?;
-        let mut binary_size = None;
-        for (key, value) in &input.parameters {
-            match key.as_str() {
-                "binary_data_size" => binary_size = Some(unsigned(&at, key, value)?),
-                k if k.starts_with("shared_memory_") => return Err(no_shared_memory(&at, k)),
-                _ => {}
+        let binary_size = input
+            .parameters
+            .get("binary_data_size")
+            .map(|v| unsigned(&at, "binary_data_size", v))
+            .transpose()?;
+        if let Some(place) = place {
+            if input.data.is_some() || binary_size.is_some() {
+                return Err(RestError::bad_request(format!(
+                    "{at}: data is given both in shared memory (shared_memory_region) and in the \
+                     request (\"data\" or binary_data_size); use one"
+                )));
             }
+            let bytes = shm.read(&at, &place).map_err(shm_refusal)?;
+            inputs.push(
+                Tensor::from_raw(&name, datatype, &input.shape, bytes)
+                    .map_err(|e| RestError::bad_request(e.to_string()))?,
+            );
+            continue;
         }
         let tensor = match (binary_size, input.data) {
             (Some(_), Some(_)) => {
@@ -478,6 +502,7 @@ pub fn parse_request(
 
     let mut outputs = Vec::with_capacity(request.outputs.len());
     let mut binary_choice = Vec::with_capacity(request.outputs.len());
+    let mut to_shm = Vec::new();
     for o in request.outputs {
         let at = format!("output '{}'", o.name);
         let mut wants_binary = binary_by_default;
@@ -490,9 +515,12 @@ pub fn parse_request(
                          itself and rank it on the client"
                     )));
                 }
-                k if k.starts_with("shared_memory_") => return Err(no_shared_memory(&at, k)),
                 _ => {}
             }
+        }
+        if let Some(place) = shm_ref_json("output", &o.name, &o.parameters).map_err(shm_refusal)? {
+            shm.check(&at, &place).map_err(shm_refusal)?;
+            to_shm.push((o.name.clone(), place));
         }
         binary_choice.push((o.name.clone(), wants_binary));
         outputs.push(o.name);
@@ -511,8 +539,11 @@ pub fn parse_request(
             received,
             trace: super::traceparent(headers),
         },
-        binary: binary_choice,
-        binary_by_default,
+        reply: Reply {
+            binary: binary_choice,
+            binary_by_default,
+            to_shm,
+        },
     })
 }
 
@@ -597,14 +628,29 @@ struct OutputHeader<'a> {
     datatype: &'static str,
     shape: &'a [usize],
     #[serde(skip_serializing_if = "Option::is_none")]
-    parameters: Option<BinarySize>,
+    parameters: Option<OutputParameters<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     data: Option<JsonData<'a>>,
 }
 
+/// Where an output's data is when it is not in the JSON: after it (binary data), or in the
+/// shared-memory place the request gave.
 #[derive(Serialize)]
-struct BinarySize {
-    binary_data_size: usize,
+#[serde(untagged)]
+enum OutputParameters<'a> {
+    Binary {
+        binary_data_size: usize,
+    },
+    SharedMemory {
+        shared_memory_region: &'a str,
+        shared_memory_byte_size: usize,
+        #[serde(skip_serializing_if = "is_zero")]
+        shared_memory_offset: u64,
+    },
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 #[derive(Serialize)]
@@ -617,28 +663,44 @@ struct ResponseHeader<'a> {
 }
 
 /// The HTTP answer to an inference: JSON, or JSON followed by the binary outputs (with
-/// `Inference-Header-Content-Length`).
+/// `Inference-Header-Content-Length`). Outputs the request asked for in shared memory are
+/// written there and answered with where they are (region, size, offset) and no data, as
+/// Triton answers them.
 pub fn response(
     model: &str,
     version: &str,
     id: &str,
     outputs: &[Tensor],
-    parsed_binary: &[(String, bool)],
-    binary_by_default: bool,
+    reply: &Reply,
+    shm: &SharedMemory,
 ) -> Result<Response, RestError> {
     let mut raw: Vec<Bytes> = Vec::new();
     let mut headers = Vec::with_capacity(outputs.len());
     for t in outputs {
-        let binary = parsed_binary
+        let binary = reply
+            .binary
             .iter()
             .find(|(n, _)| n == t.name())
-            .map_or(binary_by_default, |(_, b)| *b);
-        let (parameters, data) = if binary {
+            .map_or(reply.binary_by_default, |(_, b)| *b);
+        let in_shm = reply.to_shm.iter().find(|(n, _)| n == t.name());
+        let (parameters, data) = if let Some((_, place)) = in_shm {
+            let bytes = t.to_raw();
+            shm.write(&format!("output '{}'", t.name()), place, &bytes)
+                .map_err(shm_refusal)?;
+            (
+                Some(OutputParameters::SharedMemory {
+                    shared_memory_region: &place.region,
+                    shared_memory_byte_size: bytes.len(),
+                    shared_memory_offset: place.offset,
+                }),
+                None,
+            )
+        } else if binary {
             let bytes = t.to_raw();
             let size = bytes.len();
             raw.push(bytes);
             (
-                Some(BinarySize {
+                Some(OutputParameters::Binary {
                     binary_data_size: size,
                 }),
                 None,
@@ -710,6 +772,8 @@ mod tests {
             &headers,
             Bytes::from(body),
             Instant::now(),
+            &SharedMemory::new(false),
+            1 << 20,
         )
     }
 
@@ -788,7 +852,10 @@ mod tests {
             &TensorData::Bytes(vec![Bytes::from("p"), Bytes::from("q")])
         );
         assert_eq!(p.call.outputs, vec!["x", "y"]);
-        assert_eq!(p.binary, vec![("x".into(), true), ("y".into(), false)]);
+        assert_eq!(
+            p.reply.binary,
+            vec![("x".into(), true), ("y".into(), false)]
+        );
     }
 
     #[test]
@@ -844,7 +911,22 @@ mod tests {
             (
                 r#"{"inputs":[{"name":"a","shape":[1],"datatype":"FP32","data":[1],"parameters":{"shared_memory_region":"r"}}]}"#,
                 b"",
-                "shared memory is not offered over HTTP",
+                "shared_memory_region and shared_memory_byte_size must be given together",
+            ),
+            (
+                r#"{"inputs":[{"name":"a","shape":[1],"datatype":"FP32","parameters":{"shared_memory_region":"r","shared_memory_byte_size":-4}}]}"#,
+                b"",
+                "input 'a': parameter 'shared_memory_byte_size' must be a non-negative integer",
+            ),
+            (
+                r#"{"inputs":[{"name":"a","shape":[1],"datatype":"FP32","parameters":{"shared_memory_region":7,"shared_memory_byte_size":4}}]}"#,
+                b"",
+                "shared_memory_region must be a region name",
+            ),
+            (
+                r#"{"inputs":[{"name":"a","shape":[1],"datatype":"FP32","parameters":{"shared_memory_region":"r","shared_memory_byte_size":1048576}},{"name":"b","shape":[1],"datatype":"FP32","parameters":{"shared_memory_region":"r","shared_memory_byte_size":1}}]}"#,
+                b"",
+                "more than limits.max_request_bytes (1048576)",
             ),
             (
                 r#"{"inputs":[],"outputs":[{"name":"o","parameters":{"classification":3}}]}"#,
@@ -875,6 +957,8 @@ mod tests {
             &headers,
             Bytes::from_static(b"{}"),
             Instant::now(),
+            &SharedMemory::new(false),
+            1 << 20,
         )
         .err()
         .unwrap();
@@ -946,7 +1030,12 @@ mod tests {
     async fn binary_outputs_follow_the_json_header() {
         let a = Tensor::from_f32("a", vec![2], &[1.0, 2.0]).unwrap();
         let b = Tensor::from_elements("b", &[1], vec![Bytes::from_static(b"hi")]).unwrap();
-        let r = response("m", "1", "", &[a, b], &[("b".into(), false)], true).unwrap();
+        let reply = Reply {
+            binary: vec![("b".into(), false)],
+            binary_by_default: true,
+            to_shm: vec![],
+        };
+        let r = response("m", "1", "", &[a, b], &reply, &SharedMemory::new(false)).unwrap();
         let len: usize = r.headers()[HEADER_LENGTH]
             .to_str()
             .unwrap()
@@ -961,5 +1050,152 @@ mod tests {
             &body[len..],
             [1.0f32.to_le_bytes(), 2.0f32.to_le_bytes()].concat()
         );
+    }
+
+    /// A shared-memory object of `len` bytes in /dev/shm, registered as region `r` of a server
+    /// that allows client shared memory; removed on drop.
+    struct Region {
+        path: std::path::PathBuf,
+        shm: SharedMemory,
+    }
+
+    impl Region {
+        fn new(tag: &str, len: u64) -> Self {
+            let name = format!("veraltheim-rest-test-{tag}-{}", std::process::id());
+            let path = std::path::PathBuf::from("/dev/shm").join(&name);
+            std::fs::File::create(&path).unwrap().set_len(len).unwrap();
+            let shm = SharedMemory::new(true);
+            shm.register("r", &format!("/{name}"), 0, len).unwrap();
+            Region { path, shm }
+        }
+    }
+
+    impl Drop for Region {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+
+    fn parse_with(shm: &SharedMemory, json: &str) -> Result<Parsed, RestError> {
+        parse_request(
+            "m".into(),
+            String::new(),
+            &HeaderMap::new(),
+            Bytes::from(json.to_string()),
+            Instant::now(),
+            shm,
+            1 << 20,
+        )
+    }
+
+    #[tokio::test]
+    async fn shared_memory_inputs_are_read_and_outputs_written_where_the_request_says() {
+        let region = Region::new("rt", 64);
+        let values = [1.5f32, -2.0, 3.25];
+        let raw: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        std::os::unix::fs::FileExt::write_all_at(
+            &std::fs::File::options()
+                .write(true)
+                .open(&region.path)
+                .unwrap(),
+            &raw,
+            8,
+        )
+        .unwrap();
+        let p = parse_with(
+            &region.shm,
+            r#"{"inputs":[{"name":"x","shape":[1,3],"datatype":"FP32","parameters":
+                {"shared_memory_region":"r","shared_memory_byte_size":12,"shared_memory_offset":8}}],
+               "outputs":[{"name":"y","parameters":{"binary_data":false,
+                "shared_memory_region":"r","shared_memory_byte_size":16,"shared_memory_offset":32}},
+                {"name":"z"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(p.call.inputs[0].f32_values().unwrap(), values.to_vec());
+        assert_eq!(p.call.inputs[0].shape(), &[1, 3]);
+        assert_eq!(p.reply.to_shm.len(), 1);
+
+        let y = Tensor::from_f32("y", vec![1, 3], &values).unwrap();
+        let z = Tensor::from_f32("z", vec![1], &[9.0]).unwrap();
+        let r = response("m", "1", "", &[y, z], &p.reply, &region.shm).unwrap();
+        assert!(r.headers().get(HEADER_LENGTH).is_none());
+        let body = axum::body::to_bytes(r.into_body(), 1 << 20).await.unwrap();
+        let header: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            header["outputs"][0]["parameters"],
+            serde_json::json!({"shared_memory_region": "r", "shared_memory_byte_size": 12,
+                               "shared_memory_offset": 32})
+        );
+        assert!(header["outputs"][0].get("data").is_none());
+        assert_eq!(header["outputs"][1]["data"], serde_json::json!([9.0]));
+        let file = std::fs::read(&region.path).unwrap();
+        assert_eq!(&file[32..44], &raw[..]);
+    }
+
+    #[test]
+    fn shared_memory_references_are_refused_with_tritons_statuses() {
+        use axum::http::StatusCode;
+        let region = Region::new("bad", 16);
+        let input = |params: &str| {
+            format!(
+                r#"{{"inputs":[{{"name":"x","shape":[4],"datatype":"FP32","parameters":{params}}}]}}"#
+            )
+        };
+        let refused = |shm: &SharedMemory, json: &str| parse_with(shm, json).err().unwrap();
+        // Not registered: 404, naming the region.
+        let e = refused(
+            &region.shm,
+            &input(r#"{"shared_memory_region":"nowhere","shared_memory_byte_size":16}"#),
+        );
+        assert_eq!(e.status, StatusCode::NOT_FOUND, "{}", e.message);
+        assert!(e.message.contains("'nowhere'"), "{}", e.message);
+        // Past the region's end: 400, naming the input.
+        let e = refused(
+            &region.shm,
+            &input(
+                r#"{"shared_memory_region":"r","shared_memory_byte_size":16,"shared_memory_offset":4}"#,
+            ),
+        );
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        assert!(
+            e.message.contains("input 'x'") && e.message.contains("past the end"),
+            "{}",
+            e.message
+        );
+        // Data in the request as well as in shared memory: 400.
+        let e = refused(
+            &region.shm,
+            r#"{"inputs":[{"name":"x","shape":[4],"datatype":"FP32","data":[1,2,3,4],
+                "parameters":{"shared_memory_region":"r","shared_memory_byte_size":16}}]}"#,
+        );
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        assert!(e.message.contains("use one"), "{}", e.message);
+        // An output place past the region's end: 400, before anything runs; an output region
+        // not registered: 404.
+        let out = |params: &str| {
+            format!(
+                r#"{{"inputs":[{{"name":"x","shape":[1],"datatype":"FP32","data":[1]}}],
+                    "outputs":[{{"name":"y","parameters":{params}}}]}}"#
+            )
+        };
+        let e = refused(
+            &region.shm,
+            &out(r#"{"shared_memory_region":"r","shared_memory_byte_size":32}"#),
+        );
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        assert!(e.message.contains("output 'y'"), "{}", e.message);
+        let e = refused(
+            &region.shm,
+            &out(r#"{"shared_memory_region":"gone","shared_memory_byte_size":4}"#),
+        );
+        assert_eq!(e.status, StatusCode::NOT_FOUND);
+        // A server without client shared memory: 403, saying how to enable it.
+        let e = refused(
+            &SharedMemory::new(false),
+            &input(r#"{"shared_memory_region":"r","shared_memory_byte_size":16}"#),
+        );
+        assert_eq!(e.status, StatusCode::FORBIDDEN);
+        assert!(e.message.contains("--allow-client-shm"), "{}", e.message);
+        assert_eq!(e.code, Some(tonic::Code::PermissionDenied));
     }
 }
