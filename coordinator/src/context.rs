@@ -16,6 +16,15 @@ use crate::devices::Devices;
 use crate::shm::SharedMemory;
 use crate::telemetry::{Protocol, Telemetry};
 
+/// What `/metrics` reads of the batch jobs (implemented by `jobs::Jobs`): through this trait the
+/// context does not depend on the jobs module, which depends on it.
+pub trait JobCounts: Send + Sync {
+    /// Live jobs by state: QUEUED, RUNNING (admitted or running), RETRY_WAIT.
+    fn live(&self) -> veraltheim_slowpath::LiveCounts;
+    /// How many jobs entered each state since the start.
+    fn entered(&self) -> Vec<(veraltheim_slowpath::JobState, u64)>;
+}
+
 pub struct Context {
     pub models: Arc<ModelManager>,
     pub inference: Arc<Inference>,
@@ -35,7 +44,7 @@ pub struct Context {
     /// Traces (`--otlp-endpoint`); `None`: no spans are made.
     pub telemetry: Option<Arc<Telemetry>>,
     /// The batch jobs, for `/metrics` (jobs by state); set by the server.
-    pub jobs: Option<Arc<crate::jobs::Jobs>>,
+    pub jobs: Option<Arc<dyn JobCounts>>,
     /// The supervision tree's root, for `/metrics` (restarts); set once the tree runs.
     pub tree: std::sync::OnceLock<veraltheim_supervisor::SupervisorHandle>,
     /// Set once start-up loading is done; cleared when shutdown begins.
@@ -133,7 +142,12 @@ impl Context {
         async move {
             let result = answer.await;
             if let (Some(t), Some(traced)) = (&self.telemetry, traced) {
-                t.end(traced, &result, &self.models);
+                // The status the caller is answered with, from the one mapping (below).
+                let status_code = |kind| match protocol {
+                    Protocol::Grpc => grpc_code(kind) as i64,
+                    Protocol::Http => i64::from(http_status(kind).as_u16()),
+                };
+                t.end(traced, &result, &self.models, status_code);
             }
             result.map_err(map)
         }

@@ -141,7 +141,7 @@ fn coordinator_families(ctx: &Context) -> Vec<Family> {
         "Batch jobs that entered each state since the coordinator started",
     );
     if let Some(jobs) = &ctx.jobs {
-        let c = jobs.runner.live_counts();
+        let c = jobs.live();
         for (state, n) in [
             ("QUEUED", c.queued),
             ("RUNNING", c.running),
@@ -149,7 +149,7 @@ fn coordinator_families(ctx: &Context) -> Vec<Family> {
         ] {
             live.samples.push((format!("state=\"{state}\""), n as f64));
         }
-        for (state, n) in jobs.entered.counts() {
+        for (state, n) in jobs.entered() {
             entered
                 .samples
                 .push((format!("state=\"{}\"", state.as_str()), n as f64));

@@ -45,6 +45,16 @@ pub struct Jobs {
     paths: InferencePaths,
 }
 
+impl crate::context::JobCounts for Jobs {
+    fn live(&self) -> veraltheim_slowpath::LiveCounts {
+        self.runner.live_counts()
+    }
+
+    fn entered(&self) -> Vec<(JobState, u64)> {
+        self.entered.counts().collect()
+    }
+}
+
 /// A count per job state (in [`JobState::ALL`]'s order).
 #[derive(Debug, Default)]
 pub struct StateCounters([AtomicU64; JobState::ALL.len()]);

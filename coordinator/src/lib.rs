@@ -23,6 +23,7 @@ mod page;
 mod params;
 mod peer;
 mod ratelimit;
+mod refusal;
 mod rest;
 mod server;
 mod shm;

@@ -408,7 +408,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     ctx.audit = Some(audit);
     ctx.max_body_bytes = config.server.max_message_bytes;
     ctx.telemetry = telemetry.clone();
-    ctx.jobs = Some(jobs.clone());
+    ctx.jobs = Some(jobs.clone() as Arc<dyn crate::context::JobCounts>);
     let ctx = Arc::new(ctx);
 
     let grpc_addr = config.server.grpc_addr;

@@ -238,6 +238,7 @@ impl Telemetry {
         traced: Box<Traced>,
         result: &Result<InferOutput, Error>,
         models: &ModelManager,
+        status_code: impl Fn(ErrorKind) -> i64,
     ) {
         let clock = Clock::now();
         // The answer is in now; a batch's own reading of the wall clock may come out a hair
@@ -264,15 +265,11 @@ impl Telemetry {
                 let kind = e.kind();
                 span.set_status(Status::error(e.to_string()));
                 span.set_attribute(KeyValue::new(key::ERROR_TYPE, kind_name(kind)));
-                span.set_attribute(match traced.protocol {
-                    Protocol::Grpc => {
-                        KeyValue::new(key::GRPC_STATUS, crate::context::grpc_code(kind) as i64)
-                    }
-                    Protocol::Http => KeyValue::new(
-                        key::HTTP_STATUS,
-                        i64::from(crate::context::http_status(kind).as_u16()),
-                    ),
-                });
+                let status_key = match traced.protocol {
+                    Protocol::Grpc => key::GRPC_STATUS,
+                    Protocol::Http => key::HTTP_STATUS,
+                };
+                span.set_attribute(KeyValue::new(status_key, status_code(kind)));
             }
         }
         span.end_with_timestamp(end_at);

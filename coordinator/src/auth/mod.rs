@@ -365,7 +365,7 @@ pub async fn http_layer(
                 _ => http::StatusCode::NOT_FOUND,
             };
             // The same body as every other HTTP refusal: `{"error": "..."}`, as Triton sends.
-            let mut r = crate::rest::refusal(request.uri().path(), code, status.message());
+            let mut r = crate::refusal::refusal(request.uri().path(), code, status.message());
             if code == http::StatusCode::UNAUTHORIZED {
                 r.headers_mut().insert(
                     http::header::WWW_AUTHENTICATE,

@@ -23,8 +23,9 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
-use serde_json::json;
 use veraltheim_bus::{TraceParent, with_trace};
+
+pub use crate::refusal::json_response;
 
 use crate::context::{Context, http_status};
 
@@ -83,25 +84,14 @@ impl RestError {
 
 impl IntoResponse for RestError {
     fn into_response(self) -> Response {
-        self.with_body(json!({ "error": self.message }))
-    }
-}
-
-/// A refusal made outside a handler (authentication, no such route, a method the route does not
-/// take): OpenAI's error shape under `/v1/`, Triton's `{"error": "..."}` everywhere else.
-pub fn refusal(path: &str, status: StatusCode, message: impl Into<String>) -> Response {
-    let error = RestError::new(status, message);
-    if path.starts_with("/v1/") {
-        openai::error_response(error)
-    } else {
-        error.into_response()
+        self.with_body(crate::refusal::kserve_body(&self.message))
     }
 }
 
 /// The router's fallback: no route has this path.
 pub async fn no_route(method: axum::http::Method, uri: axum::http::Uri) -> Response {
     let path = uri.path();
-    refusal(
+    crate::refusal::refusal(
         path,
         StatusCode::NOT_FOUND,
         format!("{method} {path}: no such route"),
@@ -111,7 +101,7 @@ pub async fn no_route(method: axum::http::Method, uri: axum::http::Uri) -> Respo
 /// The router's fallback for a route that does not take this method.
 pub async fn wrong_method(method: axum::http::Method, uri: axum::http::Uri) -> Response {
     let path = uri.path();
-    refusal(
+    crate::refusal::refusal(
         path,
         StatusCode::METHOD_NOT_ALLOWED,
         format!("{path} does not take {method}"),
@@ -173,23 +163,6 @@ pub fn audit_result(status: StatusCode) -> &'static str {
         503 => "UNAVAILABLE",
         504 => "DEADLINE_EXCEEDED",
         _ => "INTERNAL",
-    }
-}
-
-/// `value` as a JSON answer with `status`.
-pub fn json_response<T: serde::Serialize + ?Sized>(status: StatusCode, value: &T) -> Response {
-    let content_type = [(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    )];
-    match serde_json::to_vec(value) {
-        Ok(body) => (status, content_type, body).into_response(),
-        Err(e) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            content_type,
-            json!({ "error": format!("the answer cannot be written as JSON: {e}") }).to_string(),
-        )
-            .into_response(),
     }
 }
 

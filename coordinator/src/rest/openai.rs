@@ -66,30 +66,14 @@ impl From<RestError> for OpenAiError {
 
 impl IntoResponse for OpenAiError {
     fn into_response(self) -> Response {
-        let kind = if self.error.status.is_server_error() {
-            "server_error"
-        } else {
-            "invalid_request_error"
-        };
-        self.error.with_body(json!({
-            "error": {
-                "message": self.error.message,
-                "type": kind,
-                "param": self.param,
-                "code": self.code,
-            }
-        }))
+        let body = crate::refusal::openai_body(
+            &self.error.message,
+            self.error.status,
+            self.param,
+            self.code,
+        );
+        self.error.with_body(body)
     }
-}
-
-/// `error` in OpenAI's shape, with no parameter or code named.
-pub(super) fn error_response(error: RestError) -> Response {
-    OpenAiError {
-        error,
-        param: None,
-        code: None,
-    }
-    .into_response()
 }
 
 /// How a model serves embeddings, read from its configuration.
