@@ -547,7 +547,7 @@ async fn system_unregister_all(
     headers: HeaderMap,
     body: Body,
 ) -> Result<StatusCode, RestError> {
-    system_unregister_named(&ctx, found, String::new(), headers, body).await
+    unregister_named(&ctx, found, Memory::System, String::new(), headers, body).await
 }
 
 /// `POST /v2/systemsharedmemory/region/{name}/unregister`: that region (an unknown name is not
@@ -560,12 +560,22 @@ async fn system_unregister(
     body: Body,
 ) -> Result<StatusCode, RestError> {
     let name = region_name(path)?;
-    system_unregister_named(&ctx, found, name, headers, body).await
+    unregister_named(&ctx, found, Memory::System, name, headers, body).await
 }
 
-async fn system_unregister_named(
+/// Which shared memory an unregistration is for.
+#[derive(Clone, Copy)]
+enum Memory {
+    System,
+    Cuda,
+}
+
+/// Unregisters `name` (every region when empty) of `memory`, audited under the resource gRPC
+/// names it with.
+async fn unregister_named(
     ctx: &Context,
     found: Found,
+    memory: Memory,
     name: String,
     headers: HeaderMap,
     body: Body,
@@ -574,11 +584,19 @@ async fn system_unregister_named(
     let outcome = async {
         let body = read_body(&headers, body, ctx.max_body_bytes).await?;
         let _: UnregisterRequest = json_body(&body, "unregister")?;
-        ctx.shm.unregister(&name).map_err(shm_refusal)?;
+        match memory {
+            Memory::System => ctx.shm.unregister(&name),
+            Memory::Cuda => ctx.shm.cuda_unregister(&name),
+        }
+        .map_err(shm_refusal)?;
         Ok(StatusCode::OK)
     }
     .await;
-    audited_region(&caller, "shared_memory", &name, outcome)
+    let resource = match memory {
+        Memory::System => "shared_memory",
+        Memory::Cuda => "cuda_shared_memory",
+    };
+    audited_region(&caller, resource, &name, outcome)
 }
 
 /// `GET /v2/cudasharedmemory/status`: the list of CUDA regions, empty.
@@ -639,7 +657,7 @@ async fn cuda_unregister_all(
     headers: HeaderMap,
     body: Body,
 ) -> Result<StatusCode, RestError> {
-    cuda_unregister_named(&ctx, found, String::new(), headers, body).await
+    unregister_named(&ctx, found, Memory::Cuda, String::new(), headers, body).await
 }
 
 /// `POST /v2/cudasharedmemory/region/{name}/unregister`: OK (there is nothing to remove).
@@ -651,25 +669,7 @@ async fn cuda_unregister(
     body: Body,
 ) -> Result<StatusCode, RestError> {
     let name = region_name(path)?;
-    cuda_unregister_named(&ctx, found, name, headers, body).await
-}
-
-async fn cuda_unregister_named(
-    ctx: &Context,
-    found: Found,
-    name: String,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<StatusCode, RestError> {
-    let caller = caller(found)?;
-    let outcome = async {
-        let body = read_body(&headers, body, ctx.max_body_bytes).await?;
-        let _: UnregisterRequest = json_body(&body, "unregister")?;
-        ctx.shm.cuda_unregister(&name).map_err(shm_refusal)?;
-        Ok(StatusCode::OK)
-    }
-    .await;
-    audited_region(&caller, "cuda_shared_memory", &name, outcome)
+    unregister_named(&ctx, found, Memory::Cuda, name, headers, body).await
 }
 
 /// Records a shared-memory call's outcome in the audit log under the resource gRPC names it
