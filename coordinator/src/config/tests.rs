@@ -119,6 +119,9 @@ fn sample(s: &Setting) -> String {
         "logging.format" => Some("json"),
         "jobs.executor" => Some("kubernetes"),
         "devices.simulate_gpus" => Some("2x1GiB"),
+        "cluster.node_id" => Some("node-7"),
+        "cluster.advertise_addr" => Some("node-7.example:9001"),
+        "cluster.labels" => Some("zone=a,gpu=h100"),
         "jobs.kubernetes.node_selector" => Some("pool=gpu,zone=a"),
         "jobs.kubernetes.tolerations" => {
             Some(r#"[{ key = "nvidia.com/gpu", operator = "Exists", effect = "NoSchedule" }]"#)
