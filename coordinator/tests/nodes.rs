@@ -1,6 +1,7 @@
 //! The node registry through the real binary: two coordinators on one PostgreSQL database list
 //! each other READY with their capacity; a second process cannot take a live node's id; a node
-//! killed with SIGKILL goes SUSPECT, then DEAD, and its id can be taken again; a drained node
+//! killed with SIGKILL goes SUSPECT, then DEAD, and its id can be taken again; one stopped
+//! cleanly is DEAD at once; a drained node
 //! starts no new job while its running one finishes, and takes work again when undrained; a
 //! coordinator on the embedded store lists (and drains) itself alone; `veraltheim nodes --json`.
 //! Each test has a database of its own on the real PostgreSQL (see `common::pg`). States are
@@ -220,12 +221,22 @@ async fn two_nodes_list_each_other_and_a_killed_one_goes_suspect_then_dead() {
     );
 
     // Its lease lapsed: a new process takes the id.
-    let _b2 = start(&db, "b", "2", &[]).await;
+    let mut b2 = start(&db, "b", "2", &[]).await;
     let again = until(&mut ca, "b", "came back", |n| {
         state(n) == v1::NodeState::Ready
     })
     .await;
     assert!(again.started_ms > dead.last_heartbeat_ms, "{again:?}");
+
+    // A clean stop (SIGTERM) leaves the registry before the process exits: DEAD at once.
+    // SAFETY: a plain kill(2) of our own child.
+    assert_eq!(
+        unsafe { libc::kill(b2.child.id() as i32, libc::SIGTERM) },
+        0
+    );
+    assert!(b2.child.wait().unwrap().success());
+    let left = node(&mut ca, "b").await;
+    assert_eq!(state(&left), v1::NodeState::Dead, "{left:?}");
 }
 
 #[tokio::test]
