@@ -14,6 +14,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "veraltheim/v1/system.proto",
         "veraltheim/v1/jobs.proto",
         "veraltheim/v1/resources.proto",
+        "veraltheim/v1/cluster.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={}", root.join(f).display());

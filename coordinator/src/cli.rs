@@ -1,5 +1,5 @@
 //! The client side of the binary — `infer`, `models` (list, get, load, unload, stats, memory,
-//! import), `jobs` (`cli/jobfile.rs`, `cli/watch.rs`), `gpus`, `events`, `health`, `status`,
+//! import), `jobs` (`cli/jobfile.rs`, `cli/watch.rs`), `nodes` (`cli/nodes.rs`), `gpus`, `events`, `health`, `status`,
 //! `kill`, `config default` — talking `veraltheim.v1` to a running coordinator. Tables for
 //! people, `--json` for scripts.
 
@@ -831,7 +831,10 @@ pub async fn gpus(args: GpusArgs) -> anyhow::Result<()> {
 }
 
 mod jobfile;
+mod nodes;
 mod watch;
+
+pub use nodes::{NodesArgs, nodes};
 
 /// The fuzz entry for job files: parsed, then turned into a spec as `jobs submit -f` does.
 pub(crate) fn fuzz_job_file(text: &str) -> anyhow::Result<v1::JobSpec> {

@@ -33,6 +33,7 @@ pub struct Config {
     pub execution: ExecutionConfig,
     pub limits: LimitsConfig,
     pub storage: StorageConfig,
+    pub cluster: ClusterConfig,
     pub telemetry: TelemetryConfig,
 }
 
@@ -422,6 +423,113 @@ fn default_pool_size() -> usize {
     8
 }
 
+/// `[cluster]`: this node in the node registry.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// This node's id; `None`: the host name.
+    #[serde(default, deserialize_with = "unset::empty")]
+    pub node_id: Option<String>,
+    /// HOST:PORT others reach this node's gRPC API at; `None`: from `server.grpc_addr`
+    /// ([`ClusterConfig::advertised`]).
+    #[serde(default, deserialize_with = "unset::empty")]
+    pub advertise_addr: Option<String>,
+    pub lease_seconds: u64,
+    /// "KEY=VALUE" entries.
+    #[serde(default)]
+    pub labels: Vec<String>,
+}
+
+/// Longest lease, in seconds.
+const MAX_LEASE_SECONDS: u64 = 3600;
+
+impl ClusterConfig {
+    /// The labels as a map (validated: each entry is KEY=VALUE with a key).
+    pub fn label_map(&self) -> std::collections::BTreeMap<String, String> {
+        self.labels
+            .iter()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    /// The address this node advertises: `advertise_addr` when given; else `grpc_addr`, unless
+    /// that listens on every address: then `host:port` on a single node (`shared` false), and an
+    /// error with a shared registry, where other nodes would dial it.
+    pub fn advertised(
+        &self,
+        grpc_addr: SocketAddr,
+        host: &str,
+        shared: bool,
+    ) -> anyhow::Result<String> {
+        if let Some(a) = &self.advertise_addr {
+            return Ok(a.clone());
+        }
+        if !grpc_addr.ip().is_unspecified() {
+            return Ok(grpc_addr.to_string());
+        }
+        if shared {
+            bail!(
+                "server.grpc_addr is {grpc_addr}, which no other node can dial: give the address this node is reached at with --advertise-addr HOST:PORT (cluster.advertise_addr)"
+            );
+        }
+        Ok(format!("{host}:{}", grpc_addr.port()))
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        if let Some(id) = &self.node_id {
+            veraltheim_slowpath::cluster::check_node_id(id)
+                .map_err(|e| anyhow::anyhow!("cluster.node_id: {e}"))?;
+        }
+        if let Some(a) = &self.advertise_addr {
+            check_advertise_addr(a)?;
+        }
+        if !(1..=MAX_LEASE_SECONDS).contains(&self.lease_seconds) {
+            bail!(
+                "cluster.lease_seconds is {}; it must be 1 to {MAX_LEASE_SECONDS}",
+                self.lease_seconds
+            );
+        }
+        if let Some(bad) = self
+            .labels
+            .iter()
+            .find(|s| s.split_once('=').is_none_or(|(k, _)| k.is_empty()))
+        {
+            bail!("cluster.labels entry '{bad}' is not KEY=VALUE");
+        }
+        Ok(())
+    }
+}
+
+/// An advertised address is HOST:PORT with a host other nodes can dial: a name or an address,
+/// not an unspecified one (0.0.0.0, ::), and a port from 1.
+fn check_advertise_addr(a: &str) -> anyhow::Result<()> {
+    let bad = |why: &str| {
+        anyhow::anyhow!(
+            "cluster.advertise_addr '{a}' {why}; give HOST:PORT that other nodes can dial, e.g. node-1.example:8001"
+        )
+    };
+    let (host, port) = a.rsplit_once(':').ok_or_else(|| bad("has no port"))?;
+    let port: u16 = port.parse().map_err(|_| bad("has no valid port"))?;
+    if port == 0 {
+        return Err(bad("has port 0"));
+    }
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    if bare.is_empty() {
+        return Err(bad("has no host"));
+    }
+    if let Ok(ip) = bare.parse::<std::net::IpAddr>() {
+        if ip.is_unspecified() {
+            return Err(bad(
+                "is an unspecified address (it means \"every address\" to a listener, and nothing to a client)",
+            ));
+        }
+    } else if bare.contains(':') || bare.contains('/') || bare.chars().any(char::is_whitespace) {
+        return Err(bad("has no valid host"));
+    }
+    Ok(())
+}
+
 /// The spellings of "unset" in files written before these keys were optional (and, for keys
 /// with a default, the only way a file can unset them: TOML has no null).
 mod unset {
@@ -747,6 +855,7 @@ impl Config {
                 MAX_DURATION_SECONDS / 86_400
             );
         }
+        self.cluster.validate()?;
         if self.server.grpc_addr == self.server.http_addr {
             bail!(
                 "server.grpc_addr and server.http_addr are both {}",

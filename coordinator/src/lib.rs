@@ -1,5 +1,5 @@
 //! `veraltheim`: the coordinator (`serve`) and its command-line client (`infer`, `models`,
-//! `jobs`, `gpus`, `events`, `health`, `status`, `kill`, `config`). Configuration is read here
+//! `jobs`, `nodes`, `gpus`, `events`, `health`, `status`, `kill`, `config`). Configuration is read here
 //! and passed down as typed structs; the crates below know nothing of flags, files or gRPC.
 //!
 //! A library with a thin binary (`main.rs`): the binary calls [`run`]; the fuzz targets
@@ -10,6 +10,7 @@ mod audit;
 mod auth;
 mod batch;
 mod cli;
+mod cluster;
 mod config;
 mod context;
 mod convert;
@@ -61,6 +62,9 @@ enum Command {
     Status(cli::ClientArgs),
     /// Batch jobs: submit, list, get, cancel, logs, watch.
     Jobs(cli::JobsArgs),
+    /// The coordinators sharing the job database (`--json` for scripts); `nodes drain ID` stops
+    /// new work on one, letting its running jobs finish.
+    Nodes(cli::NodesArgs),
     /// GPUs: memory, utilization, temperature, power (`--json` for scripts, `--watch` to follow).
     Gpus(cli::GpusArgs),
     /// Stream lifecycle events (model states, restarts...), filtered by topic.
@@ -184,6 +188,7 @@ pub fn run() -> ExitCode {
         Command::Health(args) => run_client(cli::health(args)),
         Command::Status(args) => run_client(async { cli::status(args).await.map(|_| true) }),
         Command::Jobs(args) => run_client(cli::jobs(args)),
+        Command::Nodes(args) => run_client(async { cli::nodes(args).await.map(|_| true) }),
         Command::Gpus(args) => run_client(async { cli::gpus(args).await.map(|_| true) }),
         Command::Events(args) => run_client(async { cli::events(args).await.map(|_| true) }),
         Command::Kill { path, client } => {

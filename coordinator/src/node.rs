@@ -1,16 +1,31 @@
-//! Which node this coordinator is: the one place the node id comes from (its traces' resource
-//! and spans carry it).
+//! Which node this coordinator is: the one place the node id comes from (the node registry,
+//! `cluster.rs`, and its traces' resource and spans carry it).
 
 use std::sync::OnceLock;
 
-/// This node's id: the host name for now (a `--node-id` setting may come to override it), or
-/// `"unknown"` when the system will not say. Read once.
-pub fn node_id() -> &'static str {
-    static ID: OnceLock<String> = OnceLock::new();
-    ID.get_or_init(|| hostname().unwrap_or_else(|| "unknown".to_string()))
+static ID: OnceLock<String> = OnceLock::new();
+
+/// Sets this node's id from the configuration (`cluster.node_id`; `None`: the host name).
+/// Called once by `serve`, before anything reads [`node_id`]; a later call changes nothing.
+pub fn init(configured: Option<&str>) -> &'static str {
+    ID.get_or_init(|| match configured {
+        Some(id) => id.to_string(),
+        None => default_id(),
+    })
 }
 
-fn hostname() -> Option<String> {
+/// This node's id: `cluster.node_id` (`--node-id`), else the host name, or `"unknown"` when
+/// the system will not say. Read once.
+pub fn node_id() -> &'static str {
+    ID.get_or_init(default_id)
+}
+
+fn default_id() -> String {
+    hostname().unwrap_or_else(|| "unknown".to_string())
+}
+
+/// The host name, if the system says.
+pub fn hostname() -> Option<String> {
     let mut buf = [0u8; 256];
     // SAFETY: the buffer is valid for its length; gethostname writes at most that many bytes.
     let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };

@@ -16,9 +16,9 @@ use veraltheim_bus::Bus;
 use veraltheim_fastpath::{ExecutionPool, WorkerOptions};
 use veraltheim_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use veraltheim_proto::v1::{
-    inference_service_server::InferenceServiceServer, job_service_server::JobServiceServer,
-    model_service_server::ModelServiceServer, resource_service_server::ResourceServiceServer,
-    system_service_server::SystemServiceServer,
+    cluster_service_server::ClusterServiceServer, inference_service_server::InferenceServiceServer,
+    job_service_server::JobServiceServer, model_service_server::ModelServiceServer,
+    resource_service_server::ResourceServiceServer, system_service_server::SystemServiceServer,
 };
 use veraltheim_supervisor::ChildContext;
 
@@ -166,6 +166,7 @@ fn grpc_router(
     config: &Config,
     tree: &veraltheim_supervisor::SupervisorHandle,
     gate: &Arc<crate::auth::Gate>,
+    cluster: &Arc<crate::cluster::Cluster>,
 ) -> axum::Router {
     let max = config.server.max_message_bytes;
     let api = Api::new(ctx.clone(), tree.clone());
@@ -182,6 +183,9 @@ fn grpc_router(
     .add_service(ModelServiceServer::new(api.clone()))
     .add_service(SystemServiceServer::new(api.clone()))
     .add_service(JobServiceServer::new(JobsApi::new(jobs.clone())))
+    .add_service(ClusterServiceServer::new(crate::cluster::ClusterApi::new(
+        cluster.clone(),
+    )))
     .add_service(ResourceServiceServer::new(api));
     // gRPC is served by hyper through axum rather than tonic's transport server: that server
     // always enforces `grpc-timeout` itself and answers CANCELLED, racing our own deadline
@@ -211,6 +215,16 @@ fn grpc_router(
 }
 
 pub async fn serve(config: Config) -> anyhow::Result<()> {
+    // Who this node is, before anything (traces, the registry) reads it.
+    let node_id = crate::node::init(config.cluster.node_id.as_deref());
+    veraltheim_slowpath::cluster::check_node_id(node_id).map_err(|e| {
+        anyhow!("this node's id (the host name): {e}; give one with --node-id (cluster.node_id)")
+    })?;
+    let advertised = config.cluster.advertised(
+        config.server.grpc_addr,
+        &crate::node::hostname().unwrap_or_else(|| node_id.to_string()),
+        config.storage.url.is_some(),
+    )?;
     // The certificate files first: a wrong path fails the start before anything else runs.
     let tls = match config.server.tls.files()? {
         Some(files) => Some(Arc::new(
@@ -347,7 +361,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         }
         None => None,
     };
-    // Batch jobs: in the embedded store, or in the PostgreSQL database `storage.url` names.
+    // Batch jobs: in the embedded store, or in the PostgreSQL database `storage.url` names
+    // (which also holds the node registry).
+    let mut node_registry = None;
     let job_store = match &config.storage.url {
         None => AnyJobStore::Kv(JobStore::new(store.clone())),
         Some(url) => {
@@ -361,6 +377,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             let pg = PgJobStore::connect(url, options)
                 .await
                 .context("cannot open the job database (--store)")?;
+            node_registry = Some(pg.nodes());
             tracing::info!(
                 pool_size = config.storage.pool_size,
                 schema = veraltheim_slowpath::postgres::SCHEMA_VERSION,
@@ -380,6 +397,22 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     .await
     .context("cannot start the job runner")?;
     let jobs = Arc::new(jobs);
+    let cluster = crate::cluster::Cluster::new(crate::cluster::ClusterParts {
+        id: node_id.to_string(),
+        address: advertised,
+        labels: config.cluster.label_map(),
+        lease: Duration::from_secs(config.cluster.lease_seconds),
+        nodes: node_registry,
+        jobs: jobs.clone(),
+        models: models.clone(),
+        devices: devices.clone(),
+    });
+    // Registered before the tree starts: a node id held by a live node fails the start, and
+    // the drain flag it kept applies before the runner admits anything.
+    cluster
+        .register()
+        .await
+        .context("cannot register in the node registry")?;
     let (audit, audit_log) = crate::audit::Audit::new(
         store.clone(),
         bus.clone(),
@@ -415,8 +448,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let http_addr = config.server.http_addr;
     let grace = Duration::from_secs(config.server.shutdown_grace_seconds);
     let grpc = server_worker(bind(grpc_addr, "gRPC")?, tls.clone(), {
-        let (ctx, jobs, config) = (ctx.clone(), jobs.clone(), config.clone());
-        move |child: &ChildContext| grpc_router(&ctx, &jobs, &config, child.root(), &grpc_gate)
+        let (ctx, jobs, config, cluster) =
+            (ctx.clone(), jobs.clone(), config.clone(), cluster.clone());
+        move |child: &ChildContext| {
+            grpc_router(&ctx, &jobs, &config, child.root(), &grpc_gate, &cluster)
+        }
     });
     let http = server_worker(bind(http_addr, "HTTP")?, tls.clone(), {
         let (ctx, jobs) = (ctx.clone(), JobsApi::new(jobs.clone()));
@@ -443,6 +479,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         grpc,
         http,
         audit_log: audit_log.worker(),
+        node_registry: cluster.worker(),
         auth_file: auth
             .enabled()
             .then(|| auth.clone().worker(bus_for_auth.clone())),

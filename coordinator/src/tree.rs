@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! SystemSupervisor
-//! ├── OrchestrationSupervisor   KubernetesSupervisor, LocalExecutor, ResourceMonitor
+//! ├── OrchestrationSupervisor   KubernetesSupervisor, LocalExecutor, NodeRegistry, ResourceMonitor
 //! ├── MessageBusSupervisor      QueueManager, EventRouter
 //! ├── StorageSupervisor         KVCacheManager, PersistenceManager, AuditLog
 //! ├── AICoordinatorSupervisor   FastPathProcessor (one supervisor per loaded model), SlowPathOrchestrator
@@ -66,6 +66,8 @@ pub struct TreeParts {
     pub http: ServeFn,
     /// The audit log's writer (`crate::audit`), in the StorageSupervisor.
     pub audit_log: ChildSpec,
+    /// Keeps this node in the node registry (`crate::cluster`), in the OrchestrationSupervisor.
+    pub node_registry: ChildSpec,
     /// Re-reads the auth file when it changes (with authentication on), in the API supervisor.
     pub auth_file: Option<ChildSpec>,
     pub shutdown_grace: Duration,
@@ -439,6 +441,7 @@ pub async fn start(parts: TreeParts) -> anyhow::Result<SupervisorHandle> {
                 .intensity(10, Duration::from_secs(60))
                 .child(idle("KubernetesSupervisor"))
                 .child(idle("LocalExecutor"))
+                .child(parts.node_registry)
                 .child(resource_monitor(
                     parts.devices.clone(),
                     parts.bus.clone(),

@@ -23,8 +23,8 @@ use tonic::Code;
 use tonic::transport::Channel;
 use veraltheim_proto::inference as pb;
 use veraltheim_proto::v1::{
-    self, job_service_client::JobServiceClient, model_service_client::ModelServiceClient,
-    system_service_client::SystemServiceClient,
+    self, cluster_service_client::ClusterServiceClient, job_service_client::JobServiceClient,
+    model_service_client::ModelServiceClient, system_service_client::SystemServiceClient,
 };
 
 mod common;
@@ -37,6 +37,7 @@ const CAROL: &str = "carol-secret-token";
 const BOB: &str = "bob-secret-token";
 const OPS: &str = "ops-secret-token";
 const OUTSIDER: &str = "outsider-secret-token";
+const READER: &str = "reader-secret-token";
 
 fn sha256_hex(token: &str) -> String {
     // The CLI's own helper, so the test checks the line an operator would paste.
@@ -82,6 +83,7 @@ fn auth_file(with_bob: bool) -> String {
     }
     text.push_str(&principal("ops", "platform", "admin", OPS));
     text.push_str(&principal("outsider", "elsewhere", "confined", OUTSIDER));
+    text.push_str(&principal("reader", "platform", "reader", READER));
     text.push_str(
         r#"
 [[role]]
@@ -94,6 +96,10 @@ allow = [
 [[role]]
 name = "admin"
 allow = [{ verbs = ["*"] }]
+
+[[role]]
+name = "reader"
+allow = [{ verbs = ["read"] }]
 
 [[role]]
 name = "confined"
@@ -573,7 +579,7 @@ async fn a_revoked_token_stops_working_and_a_broken_file_keeps_the_old_one() {
     let mut events = watch(&ch, &["auth.>"], OPS).await;
     std::fs::write(&s.file, auth_file(false)).unwrap();
     let e = next_event(&mut events, "auth.reloaded").await;
-    assert_eq!(e.attributes["principals"], "4");
+    assert_eq!(e.attributes["principals"], "5");
     let e = infer(&ch, "identity", Some(BOB)).await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
     assert!(
@@ -1343,4 +1349,80 @@ async fn a_broken_auth_file_stops_the_start_naming_the_file_and_the_mistake() {
         "{}",
         text(&out.stderr)
     );
+}
+
+#[tokio::test]
+async fn listing_nodes_needs_read_and_draining_needs_system_admin_and_is_audited() {
+    let s = start_secured(&["--node-id", "n1"]).await;
+    let ch = channel(&s.server).await;
+    let mut cluster = ClusterServiceClient::new(ch.clone());
+    let list = |token| with_token(v1::ListNodesRequest {}, Some(token));
+    let drain = |token, undo| {
+        with_token(
+            v1::DrainNodeRequest {
+                node_id: "n1".into(),
+                undo,
+            },
+            Some(token),
+        )
+    };
+    // Alice reads models only, not the server.
+    let e = cluster.list_nodes(list(ALICE)).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let nodes = cluster.list_nodes(list(READER)).await.unwrap().into_inner();
+    assert_eq!(nodes.self_id, "n1");
+    assert_eq!(nodes.nodes.len(), 1);
+    // Reading is not draining.
+    let e = cluster.drain_node(drain(READER, false)).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let n = cluster
+        .drain_node(drain(OPS, false))
+        .await
+        .unwrap()
+        .into_inner()
+        .node
+        .unwrap();
+    assert_eq!(n.state, v1::NodeState::Draining as i32);
+    cluster.drain_node(drain(OPS, true)).await.unwrap();
+    // Records are stored by the audit writer in the background: polled, with a bound.
+    let bound = Instant::now() + Duration::from_secs(30);
+    let drains = loop {
+        let kept = SystemServiceClient::new(ch.clone())
+            .list_audit_events(with_token(v1::ListAuditEventsRequest::default(), Some(OPS)))
+            .await
+            .unwrap()
+            .into_inner()
+            .events;
+        let drains: Vec<(String, String, String, String)> = kept
+            .iter()
+            .filter(|e| e.action.ends_with("/DrainNode"))
+            .map(|e| {
+                (
+                    e.principal.clone(),
+                    e.verb.clone(),
+                    e.resource.clone(),
+                    e.result.clone(),
+                )
+            })
+            .collect();
+        if drains.len() >= 3 {
+            break drains;
+        }
+        assert!(Instant::now() < bound, "{drains:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let expected = [
+        ("reader", "system.admin", "PERMISSION_DENIED"),
+        ("ops", "system.admin", "OK"),
+        ("ops", "system.admin", "OK"),
+    ];
+    assert_eq!(drains.len(), expected.len(), "{drains:?}");
+    for (got, (who, verb, result)) in drains.iter().zip(expected) {
+        assert_eq!(
+            (got.0.as_str(), got.1.as_str(), got.3.as_str()),
+            (who, verb, result)
+        );
+    }
+    // The handler names the node it changed.
+    assert_eq!(drains[1].2, "node:n1", "{drains:?}");
 }

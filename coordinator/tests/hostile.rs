@@ -346,7 +346,8 @@ async fn assert_whole(server: &mut Server, ch: &Channel, after: &str) {
 ///   unregistering OK, registering INVALID_ARGUMENT); the trace settings are not offered
 ///   (UNIMPLEMENTED), KillChild is fault injection
 ///   (FAILED_PRECONDITION unless the server enables it); the audit log refuses a page token it
-///   did not give out (INVALID_ARGUMENT).
+///   did not give out (INVALID_ARGUMENT); a node id that is empty, longer than a host name or
+///   not made of a host name's characters is INVALID_ARGUMENT (so no probe drains the node).
 const EXPECTED: &[(&str, [&str; 4])] = &[
     (
         "/inference.GRPCInferenceService/CudaSharedMemoryRegister",
@@ -462,6 +463,19 @@ const EXPECTED: &[(&str, [&str; 4])] = &[
             "Unimplemented",
             "Unimplemented",
         ],
+    ),
+    (
+        "/veraltheim.v1.ClusterService/DrainNode",
+        [
+            "InvalidArgument",
+            "InvalidArgument",
+            "InvalidArgument",
+            "InvalidArgument",
+        ],
+    ),
+    (
+        "/veraltheim.v1.ClusterService/ListNodes",
+        ["InvalidArgument", "OK", "OK", "OK"],
     ),
     (
         "/veraltheim.v1.InferenceService/Infer",

@@ -8,6 +8,8 @@
 //!
 //! - [`job`]: the job specification with its validation and the job lifecycle.
 //! - [`store`]: [`JobStore`], durable jobs over a `veraltheim_storage::Store`.
+//! - [`cluster`]: the node registry's data (what a node reports, its state from its lease);
+//!   `postgres::nodes` keeps it in the shared database.
 //! - [`backend`]: [`JobBackend`], what the runner needs of a job store, and [`AnyJobStore`].
 //! - `postgres` (feature `postgres`): `PgJobStore`, durable jobs in a PostgreSQL database that
 //!   several coordinators share.
@@ -24,6 +26,7 @@
 //! - [`runner`]: store, scheduler and an executor tied together in an async loop.
 
 pub mod backend;
+pub mod cluster;
 pub mod executor;
 pub mod job;
 pub mod kubernetes;
@@ -44,6 +47,6 @@ pub use executor::{
 pub use job::{JobError, JobSpec, JobState, Owner, Resources};
 pub use kubernetes::{KubernetesConfig, KubernetesExecutor, Toleration};
 pub use local::LocalExecutor;
-pub use runner::{LiveCounts, Runner, RunnerConfig, RunnerError, RunnerOn};
+pub use runner::{DRAINING, LiveCounts, Runner, RunnerConfig, RunnerError, RunnerOn};
 pub use scheduler::{QueueConfig, Quota, RetryPolicy, Scheduler, SchedulerConfig};
 pub use store::{Change, FailureKind, JobRecord, JobStore, ListFilter, Observer, StoreError};

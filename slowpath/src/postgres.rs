@@ -68,6 +68,26 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX jobs_tenant ON jobs (tenant, id) WHERE tenant IS NOT NULL;
     CREATE INDEX jobs_state ON jobs (state, id);
     CREATE INDEX jobs_labels ON jobs USING gin (labels jsonb_path_ops);",
+    // 2: the node registry (`nodes.rs`). Times are the database's (`now()`), never a node's.
+    "CREATE TABLE nodes (
+        id text PRIMARY KEY,
+        address text NOT NULL,
+        state text NOT NULL,
+        labels jsonb NOT NULL,
+        version text NOT NULL,
+        cores integer NOT NULL,
+        memory_bytes bigint NOT NULL,
+        gpus integer NOT NULL,
+        models jsonb NOT NULL,
+        running_jobs integer NOT NULL,
+        incarnation text NOT NULL,
+        lease_ms bigint NOT NULL,
+        started_at timestamptz NOT NULL,
+        last_heartbeat timestamptz NOT NULL,
+        lease_expires timestamptz NOT NULL,
+        draining boolean NOT NULL DEFAULT false,
+        admitting boolean NOT NULL DEFAULT true
+    );",
 ];
 
 /// The newest schema this binary knows.
@@ -251,6 +271,11 @@ impl PgJobStore {
         };
         store.migrate().await?;
         Ok(store)
+    }
+
+    /// The node registry in the same database, sharing this store's connections.
+    pub fn nodes(&self) -> nodes::PgNodes {
+        nodes::PgNodes::new(self.pool.clone(), self.timeout)
     }
 
     /// Reads time from `clock` (for tests).
@@ -780,6 +805,7 @@ impl crate::backend::JobBackend for PgJobStore {
     }
 }
 
+pub mod nodes;
 #[cfg(test)]
 pub(crate) mod testdb;
 #[cfg(test)]

@@ -72,6 +72,9 @@ pub enum RunnerError {
     },
 }
 
+/// The waiting reason of the jobs a drained runner holds back ([`RunnerOn::set_draining`]).
+pub const DRAINING: &str = "this node is draining: it starts no new job";
+
 /// Most expired jobs deleted in one commit; more wait for the next turn of the loop.
 const SWEEP_BATCH: usize = 256;
 
@@ -109,6 +112,8 @@ struct Inner<B> {
     progress: Mutex<HashMap<String, (u64, u64)>>,
     retry: RetryPolicy,
     max_running: usize,
+    /// Set while this node is drained ([`RunnerOn::set_draining`]): nothing new is admitted.
+    draining: std::sync::atomic::AtomicBool,
     state: Mutex<State>,
     wake: Notify,
 }
@@ -180,6 +185,7 @@ impl<B: JobBackend> RunnerOn<B> {
                 progress: Mutex::new(HashMap::new()),
                 retry: config.retry,
                 max_running: config.max_running.max(1),
+                draining: std::sync::atomic::AtomicBool::new(false),
                 state: Mutex::new(State {
                     sched,
                     running: HashMap::new(),
@@ -320,6 +326,35 @@ impl<B: JobBackend> RunnerOn<B> {
         }
     }
 
+    /// Drains this runner (`true`) or lets it take work again (`false`). While drained it
+    /// admits nothing: jobs submitted or queued again after a backoff stay QUEUED with the
+    /// reason [`DRAINING`]; the jobs already admitted or running go on to their end.
+    pub fn set_draining(&self, draining: bool) {
+        let was = self
+            .inner
+            .draining
+            .swap(draining, std::sync::atomic::Ordering::AcqRel);
+        if was != draining {
+            tracing::info!(
+                draining,
+                "job admission {}",
+                if draining {
+                    "stopped: this node is draining"
+                } else {
+                    "resumed"
+                }
+            );
+            self.inner.wake.notify_one();
+        }
+    }
+
+    /// Whether this runner is drained ([`RunnerOn::set_draining`]).
+    pub fn is_draining(&self) -> bool {
+        self.inner
+            .draining
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// Why a waiting job waits, as of the last scheduling round.
     pub fn waiting_reason(&self, id: &str) -> Option<String> {
         let state = self.inner.state.lock();
@@ -431,6 +466,10 @@ impl<B: JobBackend> RunnerOn<B> {
         // An executor known to be down (its circuit breaker open) gets nothing to start: the
         // jobs that would go wait with its reason, and the loop looks again in a second.
         let unavailable = inner.exec.unavailable();
+        let unavailable = match unavailable {
+            None if self.is_draining() => Some(DRAINING.to_string()),
+            other => other,
+        };
         let admitted = {
             let mut state = inner.state.lock();
             let slots = match &unavailable {
@@ -957,6 +996,43 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         panic!("job {id} never reached the expected state");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_draining_runner_starts_nothing_new_and_lets_running_jobs_finish() {
+        let dir = tempfile::tempdir().unwrap();
+        let (runner, shutdown, task) = started(dir.path(), 4);
+        runner.start().await.unwrap();
+        let flag = dir.path().join("go");
+        let script = format!("while [ ! -e {} ]; do sleep 0.05; done", flag.display());
+        let running = runner.submit(spec("running", &script, 0)).await.unwrap();
+        wait_for(&runner, &running.id, |r| r.state == JobState::Running).await;
+        runner.set_draining(true);
+        assert!(runner.is_draining());
+        let held = runner.submit(spec("held", "true", 0)).await.unwrap();
+        // The running job finishes while the node drains.
+        std::fs::write(&flag, b"").unwrap();
+        wait_for(&runner, &running.id, |r| r.state == JobState::Succeeded).await;
+        // Its end woke the loop (a free slot): the held job is still not started, and says why.
+        let mut reason = None;
+        for _ in 0..400 {
+            reason = runner.waiting_reason(&held.id);
+            if reason.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(reason.as_deref(), Some(DRAINING));
+        assert_eq!(
+            runner.store().get(&held.id).unwrap().state,
+            JobState::Queued
+        );
+        assert_eq!(runner.live_counts().running, 0);
+        // Admission resumes.
+        runner.set_draining(false);
+        wait_for(&runner, &held.id, |r| r.state == JobState::Succeeded).await;
+        shutdown.cancel();
+        task.await.unwrap();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

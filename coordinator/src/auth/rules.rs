@@ -24,7 +24,7 @@ pub enum Verb {
     JobsCancel,
     /// See and cancel every tenant's jobs.
     JobsAdmin,
-    /// Fault injection (KillChild), shared-memory registration, log settings changes, events of
+    /// Fault injection (KillChild), draining nodes (DrainNode), shared-memory registration, log settings changes, events of
     /// every topic (audit included), the audit log.
     SystemAdmin,
 }
@@ -343,6 +343,15 @@ pub const RULES: &[(&str, Rule)] = &[
     (
         "/veraltheim.v1.ResourceService/WatchResources",
         Rule::Server(Read),
+    ),
+    // The node registry (`cluster.rs`): listing is a read; draining changes what a node runs.
+    (
+        "/veraltheim.v1.ClusterService/ListNodes",
+        Rule::Server(Read),
+    ),
+    (
+        "/veraltheim.v1.ClusterService/DrainNode",
+        Rule::Server(SystemAdmin),
     ),
     // HTTP (routes as the router spells them)
     ("/v2/health/live", Rule::Open),

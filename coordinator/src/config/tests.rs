@@ -119,6 +119,9 @@ fn sample(s: &Setting) -> String {
         "logging.format" => Some("json"),
         "jobs.executor" => Some("kubernetes"),
         "devices.simulate_gpus" => Some("2x1GiB"),
+        "cluster.node_id" => Some("node-7"),
+        "cluster.advertise_addr" => Some("node-7.example:9001"),
+        "cluster.labels" => Some("zone=a,gpu=h100"),
         "jobs.kubernetes.node_selector" => Some("pool=gpu,zone=a"),
         "jobs.kubernetes.tolerations" => {
             Some(r#"[{ key = "nvidia.com/gpu", operator = "Exists", effect = "NoSchedule" }]"#)
@@ -375,4 +378,71 @@ fn tls_takes_a_certificate_with_its_key() {
             .to_string();
         assert!(e.contains(missing), "{args:?}: {e}");
     }
+}
+
+#[test]
+fn cluster_settings_have_defaults_flags_and_checks() {
+    let c = resolve(&[]).unwrap();
+    assert_eq!(c.cluster.node_id, None);
+    assert_eq!(c.cluster.advertise_addr, None);
+    assert_eq!(c.cluster.lease_seconds, 10);
+    assert!(c.cluster.labels.is_empty());
+    let c = resolve(&[
+        "--node-id",
+        "node-7",
+        "--advertise-addr",
+        "node-7.example:9001",
+        "--lease-seconds",
+        "2",
+        "--node-labels",
+        "zone=a",
+        "--node-labels",
+        "gpu=h100",
+    ])
+    .unwrap();
+    assert_eq!(c.cluster.node_id.as_deref(), Some("node-7"));
+    assert_eq!(
+        c.cluster.advertise_addr.as_deref(),
+        Some("node-7.example:9001")
+    );
+    assert_eq!(c.cluster.lease_seconds, 2);
+    assert_eq!(
+        c.cluster.label_map(),
+        [
+            ("gpu".to_string(), "h100".to_string()),
+            ("zone".to_string(), "a".to_string())
+        ]
+        .into()
+    );
+    for (args, says) in [
+        (&["--node-id", "a b"][..], "cluster.node_id"),
+        (&["--lease-seconds", "0"][..], "cluster.lease_seconds"),
+        (&["--lease-seconds", "3601"][..], "cluster.lease_seconds"),
+        (&["--node-labels", "novalue"][..], "not KEY=VALUE"),
+        (&["--advertise-addr", "0.0.0.0:8001"][..], "unspecified"),
+        (&["--advertise-addr", "[::]:8001"][..], "unspecified"),
+        (&["--advertise-addr", "node-1"][..], "no port"),
+        (&["--advertise-addr", "node-1:0"][..], "port 0"),
+        (&["--advertise-addr", ":8001"][..], "no host"),
+    ] {
+        let e = format!("{:#}", resolve(args).unwrap_err());
+        assert!(e.contains(says), "{args:?}: {e}");
+    }
+}
+
+#[test]
+fn the_advertised_address_defaults_to_the_grpc_address_unless_it_is_every_address() {
+    let c = resolve(&[]).unwrap().cluster;
+    let local: SocketAddr = "127.0.0.1:8001".parse().unwrap();
+    let every: SocketAddr = "0.0.0.0:8001".parse().unwrap();
+    assert_eq!(c.advertised(local, "h", true).unwrap(), "127.0.0.1:8001");
+    // A single node: its host name, nobody dials it.
+    assert_eq!(c.advertised(every, "h", false).unwrap(), "h:8001");
+    // With a shared registry other nodes would: refused, saying what to give.
+    let e = c.advertised(every, "h", true).unwrap_err().to_string();
+    assert!(e.contains("--advertise-addr"), "{e}");
+    let c = resolve(&["--advertise-addr", "n.example:1"])
+        .unwrap()
+        .cluster;
+    assert_eq!(c.advertised(every, "h", true).unwrap(), "n.example:1");
 }

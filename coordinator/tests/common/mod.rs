@@ -2,6 +2,7 @@
 
 #![allow(dead_code)]
 
+pub mod pg;
 pub mod raw;
 
 use std::net::TcpListener;

@@ -197,3 +197,136 @@ async fn a_lost_database_fails_writes_as_unavailable_and_recovers_by_itself() {
         JobState::Cancelled
     );
 }
+
+fn report(id: &str) -> crate::cluster::NodeReport {
+    crate::cluster::NodeReport {
+        id: id.into(),
+        address: format!("{id}.example:8001"),
+        labels: [("zone".to_string(), "a".to_string())].into(),
+        version: "1.2.3".into(),
+        cores: 8,
+        memory_bytes: 16 << 30,
+        gpus: 2,
+        models: vec!["identity".into()],
+        running_jobs: 1,
+        admitting: true,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_registry_keeps_leases_by_the_database_clock() {
+    use crate::cluster::NodeState;
+    use nodes::{Registration, Renewal};
+    let db = TestDb::new().await;
+    let nodes = open(&db).await.nodes();
+    let lease = Duration::from_secs(30);
+    assert_eq!(
+        nodes.register(&report("a"), "inc-1", lease).await.unwrap(),
+        Registration::Registered { draining: false }
+    );
+    let listed = nodes.list().await.unwrap();
+    assert_eq!(listed.len(), 1);
+    let a = &listed[0];
+    assert_eq!(a.report, report("a"));
+    assert_eq!(a.state, NodeState::Ready);
+    assert_eq!(a.lease_ms, 30_000);
+    // The lease is the database's now() plus the lease, to the millisecond.
+    assert_eq!(a.lease_expires_ms, a.last_heartbeat_ms + 30_000);
+    assert!(a.now_ms >= a.last_heartbeat_ms);
+
+    // Another process with the same id waits while the lease holds.
+    match nodes.register(&report("a"), "inc-2", lease).await.unwrap() {
+        Registration::Held {
+            address,
+            remaining_ms,
+        } => {
+            assert_eq!(address, "a.example:8001");
+            assert!(remaining_ms > 0 && remaining_ms <= 30_000, "{remaining_ms}");
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // Drained by an operator: the flag comes back with the renewal, and the listing shows it.
+    assert!(nodes.set_draining("a", true).await.unwrap());
+    assert!(!nodes.set_draining("nobody", true).await.unwrap());
+    let mut busy = report("a");
+    busy.running_jobs = 3;
+    busy.admitting = false;
+    assert_eq!(
+        nodes.renew(&busy, "inc-1").await.unwrap(),
+        Renewal::Renewed { draining: true }
+    );
+    let a = nodes.get("a").await.unwrap().unwrap();
+    assert_eq!(
+        (a.state, a.report.running_jobs, a.report.admitting),
+        (NodeState::Draining, 3, false)
+    );
+    assert_eq!(nodes.get("nobody").await.unwrap(), None);
+
+    // A lease that lapsed (moved back in the database, not by sleeping): SUSPECT, then DEAD.
+    let admin_db = {
+        let (client, conn) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        client
+    };
+    admin_db
+        .execute(
+            "UPDATE nodes SET lease_expires = now() - interval '1 second' WHERE id = 'a'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        nodes.get("a").await.unwrap().unwrap().state,
+        NodeState::Suspect
+    );
+    admin_db
+        .execute(
+            "UPDATE nodes SET lease_expires = now() - interval '31 seconds' WHERE id = 'a'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        nodes.get("a").await.unwrap().unwrap().state,
+        NodeState::Dead
+    );
+
+    // Its lease lapsed: another process takes the id (the drain flag stays), and the first
+    // one learns at its next renewal that it lost it.
+    assert_eq!(
+        nodes.register(&report("a"), "inc-2", lease).await.unwrap(),
+        Registration::Registered { draining: true }
+    );
+    assert_eq!(
+        nodes.renew(&report("a"), "inc-1").await.unwrap(),
+        Renewal::Lost
+    );
+    assert!(nodes.set_draining("a", false).await.unwrap());
+    assert_eq!(
+        nodes.renew(&report("a"), "inc-2").await.unwrap(),
+        Renewal::Renewed { draining: false }
+    );
+
+    // Leaving at shutdown: DEAD at once, and the id is free.
+    nodes.leave("a", "inc-2").await.unwrap();
+    assert_eq!(
+        nodes.get("a").await.unwrap().unwrap().state,
+        NodeState::Dead
+    );
+    assert_eq!(
+        nodes.register(&report("a"), "inc-3", lease).await.unwrap(),
+        Registration::Registered { draining: false }
+    );
+    nodes.register(&report("b"), "inc-b", lease).await.unwrap();
+    let ids: Vec<String> = nodes
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|n| n.report.id)
+        .collect();
+    assert_eq!(ids, ["a", "b"]);
+}

@@ -1,0 +1,188 @@
+//! The node registry's data, as pure types: what a coordinator says of itself ([`NodeReport`]),
+//! a node as the registry lists it ([`NodeRecord`]), and how its state follows from its lease
+//! ([`node_state`]). Kept by `postgres::nodes::PgNodes` when several coordinators share a
+//! database; a single node (the embedded store) lists only itself.
+//!
+//! Every time compared here comes from one clock: the database's `now()` when the registry is
+//! shared (a node's own wall clock never decides another node's state), this process's clock
+//! when it lists only itself.
+
+use std::collections::BTreeMap;
+
+/// A node's state in a listing, from its lease as of the registry's clock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum NodeState {
+    /// Its lease is valid: it renewed within the last lease.
+    Ready,
+    /// Its lease lapsed less than one lease ago: late, maybe gone.
+    Suspect,
+    /// Its lease lapsed one lease ago or more, or it left at shutdown.
+    Dead,
+    /// Its lease is valid and it was drained: it starts no new job.
+    Draining,
+}
+
+impl NodeState {
+    pub const ALL: [NodeState; 4] = [
+        NodeState::Ready,
+        NodeState::Suspect,
+        NodeState::Dead,
+        NodeState::Draining,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeState::Ready => "READY",
+            NodeState::Suspect => "SUSPECT",
+            NodeState::Dead => "DEAD",
+            NodeState::Draining => "DRAINING",
+        }
+    }
+}
+
+impl std::fmt::Display for NodeState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The state of a node whose lease of `lease_ms` ends at `lease_expires_ms`, at `now_ms` (all
+/// from one clock, in ms): READY (or DRAINING, with the flag) while `now < expires`; SUSPECT
+/// while the lease lapsed less than `lease_ms` ago; DEAD after. A lapsed lease wins over the
+/// drain flag: a drained node that stopped renewing is SUSPECT, then DEAD.
+pub fn node_state(now_ms: i64, lease_expires_ms: i64, lease_ms: i64, draining: bool) -> NodeState {
+    if now_ms < lease_expires_ms {
+        if draining {
+            NodeState::Draining
+        } else {
+            NodeState::Ready
+        }
+    } else if now_ms.saturating_sub(lease_expires_ms) < lease_ms.max(1) {
+        NodeState::Suspect
+    } else {
+        NodeState::Dead
+    }
+}
+
+/// What a coordinator says of itself when it registers and at each renewal.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeReport {
+    pub id: String,
+    /// HOST:PORT of its gRPC API, as other nodes and clients reach it.
+    pub address: String,
+    pub labels: BTreeMap<String, String>,
+    /// The binary's version.
+    pub version: String,
+    pub cores: u32,
+    pub memory_bytes: u64,
+    /// GPUs the device inventory sees (lost ones left out).
+    pub gpus: u32,
+    /// Models READY on it.
+    pub models: Vec<String>,
+    /// Jobs admitted or running on it.
+    pub running_jobs: u32,
+    /// Whether its runner admits new jobs now (false once it has applied a drain).
+    pub admitting: bool,
+}
+
+/// A node as the registry lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeRecord {
+    /// What it said of itself at its last renewal.
+    pub report: NodeReport,
+    pub state: NodeState,
+    /// Drained by an operator (`veraltheim nodes drain`).
+    pub draining: bool,
+    pub lease_ms: u64,
+    /// Times in ms since the Unix epoch, by the registry's clock.
+    pub started_ms: u64,
+    pub last_heartbeat_ms: u64,
+    pub lease_expires_ms: u64,
+    /// The registry's clock when it was listed: what `state` was computed against.
+    pub now_ms: u64,
+}
+
+/// A node id: 1 to 253 bytes of letters, digits, `.`, `-` and `_` (a host name fits).
+pub fn check_node_id(id: &str) -> Result<(), String> {
+    if id.is_empty() {
+        return Err("a node id is empty".into());
+    }
+    if id.len() > 253 {
+        return Err(format!(
+            "a node id of {} bytes is longer than 253 (a host name's most)",
+            id.len()
+        ));
+    }
+    if let Some(c) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_')))
+    {
+        return Err(format!(
+            "node id '{id}' holds {c:?}: only letters, digits, '.', '-' and '_' are allowed"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_valid_lease_is_ready_or_draining() {
+        assert_eq!(node_state(1_000, 1_001, 10_000, false), NodeState::Ready);
+        assert_eq!(node_state(1_000, 1_001, 10_000, true), NodeState::Draining);
+        assert_eq!(node_state(0, 10_000, 10_000, false), NodeState::Ready);
+    }
+
+    #[test]
+    fn a_lapsed_lease_is_suspect_for_one_lease_then_dead() {
+        let lease = 10_000;
+        let expires = 50_000;
+        // The moment it ends, it is lapsed.
+        assert_eq!(
+            node_state(expires, expires, lease, false),
+            NodeState::Suspect
+        );
+        assert_eq!(
+            node_state(expires + lease - 1, expires, lease, false),
+            NodeState::Suspect
+        );
+        assert_eq!(
+            node_state(expires + lease, expires, lease, false),
+            NodeState::Dead
+        );
+        assert_eq!(
+            node_state(expires + 100 * lease, expires, lease, false),
+            NodeState::Dead
+        );
+        // The drain flag does not hide a lapsed lease.
+        assert_eq!(
+            node_state(expires, expires, lease, true),
+            NodeState::Suspect
+        );
+        assert_eq!(
+            node_state(expires + lease, expires, lease, true),
+            NodeState::Dead
+        );
+    }
+
+    #[test]
+    fn extreme_times_do_not_overflow() {
+        assert_eq!(node_state(i64::MAX, i64::MIN, 1, false), NodeState::Dead);
+        assert_eq!(node_state(i64::MIN, i64::MAX, 1, false), NodeState::Ready);
+        // A zero lease (never configured so) still gives an order: lapsed is dead.
+        assert_eq!(node_state(5, 5, 0, false), NodeState::Suspect);
+        assert_eq!(node_state(6, 5, 0, false), NodeState::Dead);
+    }
+
+    #[test]
+    fn node_ids_are_host_name_like() {
+        assert!(check_node_id("node-1.example_a").is_ok());
+        assert!(check_node_id("").unwrap_err().contains("empty"));
+        assert!(check_node_id(&"a".repeat(254)).unwrap_err().contains("253"));
+        assert!(check_node_id(&"a".repeat(253)).is_ok());
+        assert!(check_node_id("a b").unwrap_err().contains("' '"));
+        assert!(check_node_id("é").is_err());
+    }
+}
