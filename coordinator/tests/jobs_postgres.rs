@@ -102,7 +102,9 @@ impl Drop for TestDb {
 }
 
 async fn start(db: &TestDb) -> (common::Server, JobServiceClient<Channel>) {
-    let server = common::start(&["--store", &db.url]).await;
+    // A short lease: a coordinator started after a kill -9 has the same node id (the host
+    // name), and waits for the killed one's lease to lapse.
+    let server = common::start(&["--store", &db.url, "--lease-seconds", "2"]).await;
     let ch = common::channel(&server).await;
     (server, JobServiceClient::new(ch))
 }
