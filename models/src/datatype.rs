@@ -4,8 +4,6 @@
 use std::fmt;
 use std::str::FromStr;
 
-use crate::error::Error;
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DataType {
     Bool,
@@ -70,13 +68,13 @@ impl DataType {
     }
 
     /// Parses a Triton model-configuration name (`TYPE_FP32`, `TYPE_STRING`).
-    pub fn from_config_name(s: &str) -> Result<Self, Error> {
+    pub fn from_config_name(s: &str) -> Result<Self, UnknownDatatype> {
         match s.strip_prefix("TYPE_") {
             Some("STRING") => Ok(DataType::Bytes),
-            Some(rest) if rest != "BYTES" => rest
-                .parse()
-                .map_err(|_| Error::UnknownDatatype(s.to_string())),
-            _ => Err(Error::UnknownDatatype(s.to_string())),
+            Some(rest) if rest != "BYTES" => {
+                rest.parse().map_err(|_| UnknownDatatype(s.to_string()))
+            }
+            _ => Err(UnknownDatatype(s.to_string())),
         }
     }
 
@@ -107,13 +105,19 @@ impl DataType {
     }
 }
 
+/// A datatype name that is not one of Triton's (the name as given). Becomes
+/// `Error::UnknownDatatype`; kept apart so that this module does not depend on the error module,
+/// whose errors name datatypes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownDatatype(pub String);
+
 impl FromStr for DataType {
-    type Err = Error;
+    type Err = UnknownDatatype;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         ALL.iter()
             .find(|(_, name)| *name == s)
             .map(|(d, _)| *d)
-            .ok_or_else(|| Error::UnknownDatatype(s.to_string()))
+            .ok_or_else(|| UnknownDatatype(s.to_string()))
     }
 }
 

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use thiserror::Error;
 
 use crate::allocator::{DeviceId, DeviceReport, HolderState, format_bytes};
-use crate::datatype::DataType;
+use crate::datatype::{DataType, UnknownDatatype};
 
 /// What kind of failure an [`Error`] is: the classes an upper layer turns into statuses (they
 /// follow gRPC's codes of the same names).
@@ -257,6 +257,12 @@ fn join_devices(devices: &[DeviceId]) -> String {
     }
     let parts: Vec<String> = devices.iter().map(ToString::to_string).collect();
     parts.join(", ")
+}
+
+impl From<UnknownDatatype> for Error {
+    fn from(e: UnknownDatatype) -> Self {
+        Error::UnknownDatatype(e.0)
+    }
 }
 
 #[cfg(test)]

@@ -181,13 +181,18 @@ impl Limits {
 mod tests {
     use super::*;
     use crate::ErrorKind;
-    use crate::builtin;
 
+    /// A batching model with one FP32 input (the shape of the built-in `cost`), with `over`.
     fn cost(over: &str) -> ModelConfig {
-        builtin::config("cost")
-            .unwrap()
-            .with_override(over)
-            .unwrap()
+        ModelConfig::from_json(
+            r#"{"name": "cost", "backend": "builtin", "max_batch_size": 64,
+                "input": [{"name": "INPUT0", "data_type": "TYPE_FP32", "dims": [-1]}],
+                "output": [{"name": "OUTPUT0", "data_type": "TYPE_FP32", "dims": [1]}],
+                "dynamic_batching": {}}"#,
+        )
+        .unwrap()
+        .with_override(over)
+        .unwrap()
     }
 
     fn refused(c: &ModelConfig, pool: usize, field: &str) {

@@ -10,7 +10,7 @@
 //! - Both spellings of protobuf's JSON mapping are accepted (`max_batch_size`, `maxBatchSize`).
 //! - Triton fields that Veraltheim does not use are accepted (and ignored), so that Triton's
 //!   configurations keep loading.
-//! - Values are not checked here (types and ranges are [`crate::config`]'s and the limits' work);
+//! - Values are not checked here (types and ranges are the `config` module's and the limits' work);
 //!   a value of the wrong JSON type is skipped by this walk and refused by the typed read.
 //! - Map keys are free (`parameters`, `metric_tags`); the map's *values* are checked when they are
 //!   messages.

@@ -163,6 +163,55 @@ macro_rules! each {
     };
 }
 
+#[cfg(feature = "postgres")]
+impl JobBackend for crate::postgres::PgJobStore {
+    fn now_ms(&self) -> u64 {
+        crate::postgres::PgJobStore::now_ms(self)
+    }
+
+    async fn submit_traced(
+        &self,
+        spec: JobSpec,
+        traceparent: Option<String>,
+    ) -> Result<JobRecord, StoreError> {
+        crate::postgres::PgJobStore::submit_traced(self, spec, traceparent).await
+    }
+
+    async fn get(&self, id: &str) -> Result<JobRecord, StoreError> {
+        crate::postgres::PgJobStore::get(self, id).await
+    }
+
+    async fn list(
+        &self,
+        filter: &ListFilter,
+    ) -> Result<(Vec<JobRecord>, Option<String>), StoreError> {
+        crate::postgres::PgJobStore::list(self, filter).await
+    }
+
+    async fn update<F>(&self, id: &str, f: F) -> Result<JobRecord, StoreError>
+    where
+        F: FnOnce(&JobRecord) -> Result<Change, StoreError> + Send,
+    {
+        crate::postgres::PgJobStore::update(self, id, f).await
+    }
+
+    async fn recover(&self) -> Result<Vec<JobRecord>, StoreError> {
+        crate::postgres::PgJobStore::recover(self).await
+    }
+
+    async fn recover_adopting(&self) -> Result<Vec<JobRecord>, StoreError> {
+        crate::postgres::PgJobStore::recover_adopting(self).await
+    }
+
+    fn next_expiry_ms(&self) -> Option<u64> {
+        crate::postgres::PgJobStore::next_expiry_ms(self)
+    }
+
+    async fn delete_expired(&self, now_ms: u64, limit: usize) -> Result<Expired, StoreError> {
+        crate::postgres::PgJobStore::delete_expired(self, now_ms, limit).await
+    }
+}
+
 impl<S: Store + 'static> JobBackend for AnyJobStore<S> {
     fn now_ms(&self) -> u64 {
         each!(self, s => s.now_ms())

@@ -1,6 +1,6 @@
 //! What runs an attempt of a command job: the [`Executor`] trait, with two implementations —
-//! [`crate::local::LocalExecutor`] (a process group on this machine) and
-//! [`crate::kubernetes::KubernetesExecutor`] (a `batch/v1` Job per attempt).
+//! the `local` module's `LocalExecutor` (a process group on this machine) and
+//! the `kubernetes` module's `KubernetesExecutor` (a `batch/v1` Job per attempt).
 //!
 //! The runner drives every executor the same way: [`Executor::start`] an attempt, then
 //! [`Execution::wait`] for its [`Outcome`] — cancelling through the token it passes — and, after a

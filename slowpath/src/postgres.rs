@@ -757,54 +757,6 @@ impl PgJobStore {
     }
 }
 
-impl crate::backend::JobBackend for PgJobStore {
-    fn now_ms(&self) -> u64 {
-        PgJobStore::now_ms(self)
-    }
-
-    async fn submit_traced(
-        &self,
-        spec: JobSpec,
-        traceparent: Option<String>,
-    ) -> Result<JobRecord, StoreError> {
-        PgJobStore::submit_traced(self, spec, traceparent).await
-    }
-
-    async fn get(&self, id: &str) -> Result<JobRecord, StoreError> {
-        PgJobStore::get(self, id).await
-    }
-
-    async fn list(
-        &self,
-        filter: &ListFilter,
-    ) -> Result<(Vec<JobRecord>, Option<String>), StoreError> {
-        PgJobStore::list(self, filter).await
-    }
-
-    async fn update<F>(&self, id: &str, f: F) -> Result<JobRecord, StoreError>
-    where
-        F: FnOnce(&JobRecord) -> Result<Change, StoreError> + Send,
-    {
-        PgJobStore::update(self, id, f).await
-    }
-
-    async fn recover(&self) -> Result<Vec<JobRecord>, StoreError> {
-        PgJobStore::recover(self).await
-    }
-
-    async fn recover_adopting(&self) -> Result<Vec<JobRecord>, StoreError> {
-        PgJobStore::recover_adopting(self).await
-    }
-
-    fn next_expiry_ms(&self) -> Option<u64> {
-        PgJobStore::next_expiry_ms(self)
-    }
-
-    async fn delete_expired(&self, now_ms: u64, limit: usize) -> Result<Expired, StoreError> {
-        PgJobStore::delete_expired(self, now_ms, limit).await
-    }
-}
-
 pub mod nodes;
 #[cfg(test)]
 pub(crate) mod testdb;

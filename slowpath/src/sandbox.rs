@@ -1,6 +1,6 @@
 //! What a local command job may touch: the user and group it runs as, its environment, its own
 //! folder, its resource limits, the programs it may start and (where the machine allows it) its
-//! cgroup. [`crate::local::LocalExecutor`] applies a [`Sandbox`] to every attempt it starts.
+//! cgroup. The `local` module's `LocalExecutor` applies a [`Sandbox`] to every attempt it starts.
 //!
 //! Everything that must happen in the child between `fork` and `exec` is prepared beforehand
 //! (paths as C strings, limits as `rlimit`s) and done by [`Entry::enter`] with plain system
