@@ -1,5 +1,5 @@
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -94,7 +94,8 @@ impl Bus {
         let id = SubscriptionId(self.inner.next_id());
         let shared = Arc::new(Shared::new(id, pattern, options));
         self.inner.subscriptions.write().push(Arc::clone(&shared));
-        Ok(Subscription::new(shared, Arc::downgrade(&self.inner)))
+        let registry: Weak<Inner> = Arc::downgrade(&self.inner);
+        Ok(Subscription::new(shared, registry))
     }
 
     /// Counters of every live subscription.

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use parking_lot::RwLock;
 
 use crate::BusError;
-use crate::subscription::{Shared, SubscriptionId};
+use crate::subscription::{Shared, SubscriptionId, Unsubscribe};
 
 /// One handler's inbox sender, with its type erased so that handlers of all commands and
 /// queries share one map; `type_id` guards the downcast.
@@ -30,13 +30,15 @@ pub(crate) struct Inner {
     pub(crate) queries: RwLock<HashMap<&'static str, Handlers>>,
 }
 
+impl Unsubscribe for Inner {
+    fn remove_subscription(&self, id: SubscriptionId) {
+        self.subscriptions.write().retain(|shared| shared.id != id);
+    }
+}
+
 impl Inner {
     pub(crate) fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
-    }
-
-    pub(crate) fn remove_subscription(&self, id: SubscriptionId) {
-        self.subscriptions.write().retain(|shared| shared.id != id);
     }
 
     pub(crate) fn remove_handler(

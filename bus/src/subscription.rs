@@ -7,7 +7,6 @@ use futures::Stream;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
-use crate::registry::Inner;
 use crate::{Event, Pattern, SubscribeOptions, WhenFull};
 
 /// Identifies a subscription for as long as the bus lives.
@@ -225,16 +224,22 @@ impl Shared {
 
 struct Closed;
 
+/// Whom a subscription tells that it is gone (the bus's registry). A trait, so that this module
+/// does not depend on the registry, which holds the subscriptions.
+pub(crate) trait Unsubscribe: Send + Sync {
+    fn remove_subscription(&self, id: SubscriptionId);
+}
+
 /// A stream of the events matching one pattern, queued under its [`WhenFull`] policy.
 ///
 /// Dropping it unsubscribes and releases publishers waiting on it.
 pub struct Subscription {
     shared: Arc<Shared>,
-    bus: Weak<Inner>,
+    bus: Weak<dyn Unsubscribe>,
 }
 
 impl Subscription {
-    pub(crate) fn new(shared: Arc<Shared>, bus: Weak<Inner>) -> Self {
+    pub(crate) fn new(shared: Arc<Shared>, bus: Weak<dyn Unsubscribe>) -> Self {
         Self { shared, bus }
     }
 

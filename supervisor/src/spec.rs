@@ -323,13 +323,6 @@ impl SupervisorSpec {
         &self.name
     }
 
-    /// Starts the tree: each child in order, nested supervisors with their own children before
-    /// the next sibling. If a child fails to start, those already started are stopped in reverse
-    /// order and the error names the child. Must be called within a tokio runtime.
-    pub async fn start(self) -> Result<SupervisorHandle, Error> {
-        crate::supervisor::start_root(self).await
-    }
-
     pub(crate) fn validate(&self, path: &str) -> Result<(), Error> {
         let invalid = |reason: String| Error::InvalidSpec {
             supervisor: path.to_owned(),

@@ -107,7 +107,18 @@ pub(crate) struct Spawned {
     pub(crate) started: oneshot::Receiver<Result<(), Error>>,
 }
 
-pub(crate) async fn start_root(spec: SupervisorSpec) -> Result<SupervisorHandle, Error> {
+// `start` is the spec's method, defined here beside the code it runs, so that `spec` (the
+// data of a tree) does not depend on this module (the running of one).
+impl SupervisorSpec {
+    /// Starts the tree: each child in order, nested supervisors with their own children before
+    /// the next sibling. If a child fails to start, those already started are stopped in reverse
+    /// order and the error names the child. Must be called within a tokio runtime.
+    pub async fn start(self) -> Result<SupervisorHandle, Error> {
+        start_root(self).await
+    }
+}
+
+async fn start_root(spec: SupervisorSpec) -> Result<SupervisorHandle, Error> {
     spec.validate(&spec.name)?;
     let path = spec.name.clone();
     let Spawned {
