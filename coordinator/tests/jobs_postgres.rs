@@ -6,7 +6,6 @@
 //! `postgres://postgres@127.0.0.1:5432/test`), dropped at the end.
 
 use std::process::Stdio;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use tonic::transport::Channel;
@@ -14,92 +13,8 @@ use veraltheim_proto::v1::{self, job_service_client::JobServiceClient};
 
 mod common;
 
+use common::pg::TestDb;
 use common::{command, wait_for};
-
-fn admin_url() -> String {
-    std::env::var("VERALTHEIM_TEST_PG")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
-}
-
-async fn admin() -> tokio_postgres::Client {
-    let url = admin_url();
-    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .unwrap_or_else(|e| {
-            panic!("PostgreSQL does not answer at {url} ({e}): start it (scripts/test does)")
-        });
-    tokio::spawn(conn);
-    client
-}
-
-/// A database of the test's own, dropped on drop.
-struct TestDb {
-    name: String,
-    url: String,
-}
-
-impl TestDb {
-    async fn new() -> Self {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let name = format!(
-            "vt_e2e_{}_{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        );
-        let admin_client = admin().await;
-        // A name left by an earlier run of this process id goes first.
-        for sql in [
-            format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
-            format!("CREATE DATABASE {name}"),
-        ] {
-            admin_client.batch_execute(&sql).await.unwrap();
-        }
-        let admin = admin_url();
-        let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b);
-        let url = format!("{base}/{name}");
-        Self { name, url }
-    }
-
-    /// Refuses (`false`) or allows connections; refusing also ends every open one.
-    async fn allow(&self, allow: bool) {
-        let admin = admin().await;
-        admin
-            .batch_execute(&format!(
-                "ALTER DATABASE {} ALLOW_CONNECTIONS {allow}",
-                self.name
-            ))
-            .await
-            .unwrap();
-        if !allow {
-            admin
-                .execute(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
-                    &[&self.name],
-                )
-                .await
-                .unwrap();
-        }
-    }
-}
-
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        let name = self.name.clone();
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                let _ = admin()
-                    .await
-                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                    .await;
-            });
-        })
-        .join();
-    }
-}
 
 async fn start(db: &TestDb) -> (common::Server, JobServiceClient<Channel>) {
     // A short lease: a coordinator started after a kill -9 has the same node id (the host
@@ -126,7 +41,7 @@ async fn ids(jobs: &mut JobServiceClient<Channel>) -> Vec<(String, i32)> {
 
 #[tokio::test]
 async fn jobs_live_in_postgres_across_coordinators_and_restarts() {
-    let db = TestDb::new().await;
+    let db = TestDb::new("jobs").await;
     let (quick, long, held);
     {
         let (mut server, mut jobs) = start(&db).await;
@@ -224,7 +139,7 @@ async fn jobs_live_in_postgres_across_coordinators_and_restarts() {
 
 #[tokio::test]
 async fn a_database_with_a_newer_schema_is_refused_at_start() {
-    let db = TestDb::new().await;
+    let db = TestDb::new("jobs").await;
     // A first start makes the schema.
     drop(start(&db).await);
     let (client, conn) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)

@@ -47,6 +47,27 @@ impl TestDb {
         let url = format!("{base}/{name}");
         Self { name, url }
     }
+
+    /// Refuses (`false`) or allows connections; refusing also ends every open one.
+    pub async fn allow(&self, allow: bool) {
+        let admin = admin().await;
+        admin
+            .batch_execute(&format!(
+                "ALTER DATABASE {} ALLOW_CONNECTIONS {allow}",
+                self.name
+            ))
+            .await
+            .unwrap();
+        if !allow {
+            admin
+                .execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
+                    &[&self.name],
+                )
+                .await
+                .unwrap();
+        }
+    }
 }
 
 impl Drop for TestDb {
