@@ -24,6 +24,7 @@ use veraltheim_models::ModelState;
 use veraltheim_proto::v1::{self, cluster_service_server::ClusterService};
 use veraltheim_serving::ModelManager;
 use veraltheim_slowpath::cluster::{NodeRecord, NodeReport, NodeState, node_state};
+use veraltheim_slowpath::postgres::leader::{LeaderRow, Leadership, PgLeader};
 use veraltheim_slowpath::postgres::nodes::{PgNodes, Registration, Renewal};
 use veraltheim_slowpath::{StoreError, cluster::check_node_id};
 use veraltheim_supervisor::{ChildContext, ChildSpec};
@@ -49,6 +50,8 @@ pub struct Cluster {
     /// This process, as the registry tells it from another with the same id.
     incarnation: String,
     registry: Registry,
+    /// The scheduler leader's row, with a shared database.
+    leader: Option<PgLeader>,
     jobs: Arc<Jobs>,
     models: Arc<ModelManager>,
     devices: Arc<Devices>,
@@ -64,7 +67,10 @@ pub struct ClusterParts {
     pub address: String,
     pub labels: std::collections::BTreeMap<String, String>,
     pub lease: Duration,
+    /// This process ([`new_incarnation`]).
+    pub incarnation: String,
     pub nodes: Option<PgNodes>,
+    pub leader: Option<PgLeader>,
     pub jobs: Arc<Jobs>,
     pub models: Arc<ModelManager>,
     pub devices: Arc<Devices>,
@@ -81,14 +87,28 @@ fn store_status(e: StoreError) -> Status {
     }
 }
 
+/// A name for this process that no other process of any node has: its pid, start time and
+/// nanoseconds.
+pub fn new_incarnation() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!("{}-{:x}-{nanos:x}", std::process::id(), now_ms())
+}
+
+/// How much sooner than its lease a node stops its attempts when it could not renew: a fifth
+/// of the lease, at least 200 ms (clocks of node and database may run at slightly different
+/// rates; the renewal's answer may be late).
+fn lease_margin(lease: Duration) -> Duration {
+    (lease / 5).max(Duration::from_millis(200))
+}
+
 impl Cluster {
     pub fn new(parts: ClusterParts) -> Arc<Self> {
         let started_ms = now_ms();
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
         Arc::new(Cluster {
-            incarnation: format!("{}-{started_ms:x}-{nanos:x}", std::process::id()),
+            incarnation: parts.incarnation,
+            leader: parts.leader,
             id: parts.id,
             address: parts.address,
             labels: parts.labels,
@@ -131,6 +151,8 @@ impl Cluster {
             models,
             running_jobs: u32::try_from(self.jobs.runner.live_counts().running).unwrap_or(u32::MAX),
             admitting: !self.jobs.runner.is_draining(),
+            job_capacity: self.jobs.capacity.clone(),
+            job_slots: u32::try_from(self.jobs.slots).unwrap_or(u32::MAX),
         }
     }
 
@@ -148,12 +170,14 @@ impl Cluster {
         let give_up = tokio::time::Instant::now() + 2 * self.lease;
         let mut told = false;
         loop {
+            let sent = tokio::time::Instant::now();
             match nodes
                 .register(&self.report(), &self.incarnation, self.lease)
                 .await?
             {
                 Registration::Registered { draining } => {
                     self.apply_draining(draining);
+                    self.leased(sent);
                     tracing::info!(
                         node = %self.id,
                         address = %self.address,
@@ -211,13 +235,19 @@ impl Cluster {
                     r = cluster.register() => r?,
                 }
                 let every = cluster.lease / 3;
+                cluster.lead_and_list(nodes).await;
                 loop {
                     tokio::select! {
                         _ = ctx.cancelled() => break,
                         _ = tokio::time::sleep(every) => {}
                     }
+                    let sent = tokio::time::Instant::now();
                     match nodes.renew(&cluster.report(), &cluster.incarnation).await {
-                        Ok(Renewal::Renewed { draining }) => cluster.apply_draining(draining),
+                        Ok(Renewal::Renewed { draining }) => {
+                            cluster.apply_draining(draining);
+                            cluster.leased(sent);
+                            cluster.lead_and_list(nodes).await;
+                        }
                         Ok(Renewal::Lost) => {
                             return Err(format!(
                                 "node id '{}' was taken by another process after this one's lease lapsed",
@@ -228,6 +258,14 @@ impl Cluster {
                         Err(e) => {
                             tracing::warn!(node = %cluster.id, error = %e, "lease not renewed; trying again");
                         }
+                    }
+                }
+                if let (Some(fence), Some(leader)) =
+                    (cluster.jobs.runner.leadership(), &cluster.leader)
+                {
+                    let _ = cluster.jobs.runner.set_leader(None).await;
+                    if let Err(e) = leader.resign(&fence).await {
+                        tracing::warn!(error = %e, "could not give the scheduler leadership up");
                     }
                 }
                 if let Err(e) = nodes.leave(&cluster.id, &cluster.incarnation).await {
@@ -243,6 +281,62 @@ impl Cluster {
             )
             .reset_after(Duration::from_secs(30)),
         )
+    }
+
+    /// The lease was renewed by a call sent at `sent`: this node may run attempts until one
+    /// lease after it, less the margin.
+    fn leased(&self, sent: tokio::time::Instant) {
+        self.jobs
+            .runner
+            .set_lease(sent + self.lease - lease_margin(self.lease));
+    }
+
+    /// With a renewed lease: takes or keeps the scheduler leadership if it is free or this
+    /// node's, and tells the runner the live nodes. A database that does not answer is tried
+    /// again at the next renewal (a leader's writes are fenced meanwhile).
+    async fn lead_and_list(&self, nodes: &PgNodes) {
+        let Some(leader) = &self.leader else {
+            return;
+        };
+        match nodes.list().await {
+            Ok(list) => {
+                let members: Vec<_> = list.iter().filter_map(NodeRecord::member).collect();
+                self.jobs.runner.set_members(&members);
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot list the nodes"),
+        }
+        match leader
+            .acquire_or_renew(&self.id, &self.incarnation, self.lease)
+            .await
+        {
+            Ok(Leadership::Leader { fence, .. }) => {
+                if let Err(e) = self.jobs.runner.set_leader(Some(fence)).await {
+                    tracing::warn!(error = %e, "cannot take up the scheduler leadership yet");
+                }
+            }
+            Ok(Leadership::Follower { .. }) => {
+                let _ = self.jobs.runner.set_leader(None).await;
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot reach the leader row"),
+        }
+    }
+
+    /// The scheduler leader as the shared database says, if one holds a valid lease; a
+    /// single node leads itself (epoch 0).
+    pub async fn leader(&self) -> Option<LeaderRow> {
+        let Some(leader) = &self.leader else {
+            return Some(LeaderRow {
+                node: self.id.clone(),
+                epoch: 0,
+                remaining_ms: u64::MAX,
+                since_ms: self.started_ms,
+            });
+        };
+        leader
+            .current()
+            .await
+            .ok()
+            .filter(|l| l.remaining_ms > 0 && !l.node.is_empty())
     }
 
     /// Every node the registry knows, by id.
@@ -272,6 +366,7 @@ impl Cluster {
             last_heartbeat_ms: now,
             lease_expires_ms: now + lease_ms,
             now_ms: now,
+            incarnation: self.incarnation.clone(),
         }
     }
 
@@ -364,10 +459,13 @@ impl ClusterService for ClusterApi {
         _: Request<v1::ListNodesRequest>,
     ) -> Result<Response<v1::ListNodesResponse>, Status> {
         let nodes = self.cluster.list().await?;
+        let leader = self.cluster.leader().await;
         Ok(Response::new(v1::ListNodesResponse {
             nodes: nodes.into_iter().map(wire).collect(),
             self_id: self.cluster.id.clone(),
             shared: self.cluster.shared(),
+            leader_id: leader.as_ref().map(|l| l.node.clone()).unwrap_or_default(),
+            leader_epoch: leader.map_or(0, |l| l.epoch),
         }))
     }
 

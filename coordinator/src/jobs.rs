@@ -17,6 +17,7 @@ use veraltheim_bus::Event;
 use veraltheim_proto::v1::{self, job_service_server::JobService};
 use veraltheim_slowpath::job::JobKind;
 use veraltheim_slowpath::local::{Cgroups, Limits, RunAs, Sandbox};
+use veraltheim_slowpath::runner::ClusterSelf;
 use veraltheim_slowpath::sandbox::effective_uid;
 use veraltheim_slowpath::{
     AnyJobStore, Executor, InferenceExecutor, JobBackend, JobRecord, JobSpec, JobState,
@@ -43,6 +44,10 @@ pub struct Jobs {
     default_ttl: Option<u64>,
     /// Where inference jobs may read and write.
     paths: InferencePaths,
+    /// What this node offers jobs: its scheduler's capacity and slots (what a cluster's leader
+    /// places against).
+    pub capacity: Resources,
+    pub slots: usize,
 }
 
 impl crate::context::JobCounts for Jobs {
@@ -206,6 +211,7 @@ impl Jobs {
         capacity: Resources,
         inference: Arc<dyn InferenceExecutor>,
         telemetry: Option<Arc<Telemetry>>,
+        cluster: Option<ClusterSelf>,
     ) -> anyhow::Result<(Jobs, mpsc::Receiver<Event>)> {
         let (tx, rx) = mpsc::channel(JOB_EVENT_BACKLOG);
         let entered = Arc::new(StateCounters::default());
@@ -282,21 +288,23 @@ impl Jobs {
             priority_classes: config.priority_classes.clone(),
         };
         let max_running = config.max_running.unwrap_or(default_running);
-        let runner = RunnerOn::with_executors(
-            store.with_observer(observer),
-            exec,
-            Some(inference),
-            RunnerConfig {
-                scheduler,
-                retry: RetryPolicy {
-                    initial_delay_ms: config.retry_initial_delay_ms,
-                    max_delay_ms: config.retry_max_delay_ms,
-                    ..RetryPolicy::default()
-                },
-                max_running,
-                jitter_seed: std::process::id() as u64,
+        let node_capacity = scheduler.capacity.clone();
+        let runner_config = RunnerConfig {
+            scheduler,
+            retry: RetryPolicy {
+                initial_delay_ms: config.retry_initial_delay_ms,
+                max_delay_ms: config.retry_max_delay_ms,
+                ..RetryPolicy::default()
             },
-        )?;
+            max_running,
+            jitter_seed: std::process::id() as u64,
+        };
+        let store = store.with_observer(observer);
+        let runner = match cluster {
+            // One node of several: the leader places jobs on it (see slowpath's runner).
+            Some(me) => RunnerOn::in_cluster(store, exec, Some(inference), runner_config, me)?,
+            None => RunnerOn::with_executors(store, exec, Some(inference), runner_config)?,
+        };
         // Jobs that were waiting or running when the coordinator last stopped line up again.
         runner.start().await?;
         Ok((
@@ -305,6 +313,8 @@ impl Jobs {
                 entered,
                 default_ttl: config.default_ttl_seconds,
                 paths,
+                capacity: node_capacity,
+                slots: max_running,
             },
             rx,
         ))
@@ -573,6 +583,9 @@ fn store_status(e: StoreError) -> Status {
             );
             s
         }
+        // A write this node may no longer make (its placement moved on): the state changed
+        // under the caller, who may look again.
+        StoreError::Fenced(_) | StoreError::MovedOn { .. } => Status::aborted(msg),
         StoreError::SchemaTooNew { .. } | StoreError::Database(_) => Status::internal(msg),
     }
 }

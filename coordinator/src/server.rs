@@ -364,6 +364,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     // Batch jobs: in the embedded store, or in the PostgreSQL database `storage.url` names
     // (which also holds the node registry).
     let mut node_registry = None;
+    let mut leader_row = None;
+    // This process, as the registry tells it from another with the same id.
+    let incarnation = crate::cluster::new_incarnation();
     let job_store = match &config.storage.url {
         None => AnyJobStore::Kv(JobStore::new(store.clone())),
         Some(url) => {
@@ -378,6 +381,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
                 .await
                 .context("cannot open the job database (--store)")?;
             node_registry = Some(pg.nodes());
+            leader_row = Some(pg.leader());
             tracing::info!(
                 pool_size = config.storage.pool_size,
                 schema = veraltheim_slowpath::postgres::SCHEMA_VERSION,
@@ -393,6 +397,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         capacity,
         batch_inference,
         telemetry.clone(),
+        node_registry
+            .as_ref()
+            .map(|_| veraltheim_slowpath::runner::ClusterSelf {
+                node: node_id.to_string(),
+                incarnation: incarnation.clone(),
+            }),
     )
     .await
     .context("cannot start the job runner")?;
@@ -402,7 +412,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         address: advertised,
         labels: config.cluster.label_map(),
         lease: Duration::from_secs(config.cluster.lease_seconds),
+        incarnation,
         nodes: node_registry,
+        leader: leader_row,
         jobs: jobs.clone(),
         models: models.clone(),
         devices: devices.clone(),

@@ -11,6 +11,7 @@ use std::future::Future;
 
 use veraltheim_storage::Store;
 
+use crate::cluster::{JobNotice, LeaderFence, LiveEntry};
 use crate::job::{JobSpec, JobState};
 use crate::store::{Change, Expired, JobRecord, JobStore, ListFilter, Observer, StoreError};
 
@@ -74,6 +75,79 @@ pub trait JobBackend: Send + Sync + 'static {
         now_ms: u64,
         limit: usize,
     ) -> impl Future<Output = Result<Expired, StoreError>> + Send;
+
+    // What a cluster needs (the shared store overrides these; a store no other node shares
+    // has no other leader, node or writer, and each default says what that means).
+
+    /// Every live job as it is, nothing changed: a new leader's view of the work.
+    fn live(&self) -> impl Future<Output = Result<Vec<JobRecord>, StoreError>> + Send;
+
+    /// The live jobs' ids, states and nodes, without their records: a leader's reconcile.
+    fn live_index(&self) -> impl Future<Output = Result<Vec<LiveEntry>, StoreError>> + Send {
+        async {
+            Ok(self
+                .live()
+                .await?
+                .into_iter()
+                .map(|r| LiveEntry {
+                    node: r.placement.map(|p| p.node),
+                    id: r.id,
+                    state: r.state,
+                })
+                .collect())
+        }
+    }
+
+    /// The live jobs placed on `node` that are ADMITTED (for it to start) or asked to cancel
+    /// (for it to stop).
+    fn placed_on(
+        &self,
+        node: &str,
+    ) -> impl Future<Output = Result<Vec<JobRecord>, StoreError>> + Send {
+        async move {
+            Ok(self
+                .live()
+                .await?
+                .into_iter()
+                .filter(|r| {
+                    r.placement.as_ref().is_some_and(|p| p.node == node)
+                        && (r.state == JobState::Admitted || r.cancel_requested)
+                })
+                .collect())
+        }
+    }
+
+    /// [`JobBackend::update`] made by a cluster leader: refused with [`StoreError::Fenced`],
+    /// in the same transaction, unless `fence` still holds the leadership. Without other
+    /// nodes, this node always leads: a plain update.
+    fn update_as_leader<F>(
+        &self,
+        id: &str,
+        fence: &LeaderFence,
+        f: F,
+    ) -> impl Future<Output = Result<JobRecord, StoreError>> + Send
+    where
+        F: FnOnce(&JobRecord) -> Result<Change, StoreError> + Send,
+    {
+        let _ = fence;
+        self.update(id, f)
+    }
+
+    /// Cancels job `id` from a node that does not run it: a waiting job at once; an admitted
+    /// or running one is marked (`cancel_requested`) for the node that runs it to stop. Without
+    /// other nodes, nothing runs elsewhere: the job is cancelled at once.
+    fn request_cancel(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = Result<JobRecord, StoreError>> + Send {
+        self.transition(id, JobState::Cancelled, "cancelled")
+    }
+
+    /// The durable changes other nodes make, as they commit; `None` from a store no other node
+    /// writes. Ends when the receiver is dropped.
+    fn notices(&self) -> Option<tokio::sync::mpsc::Receiver<JobNotice>> {
+        None
+    }
 }
 
 impl<S: Store + 'static> JobBackend for JobStore<S> {
@@ -129,6 +203,10 @@ impl<S: Store + 'static> JobBackend for JobStore<S> {
         limit: usize,
     ) -> impl Future<Output = Result<Expired, StoreError>> + Send {
         JobStore::delete_expired(self, now_ms, limit)
+    }
+
+    fn live(&self) -> impl Future<Output = Result<Vec<JobRecord>, StoreError>> + Send {
+        std::future::ready(JobStore::live(self))
     }
 }
 
@@ -210,6 +288,38 @@ impl JobBackend for crate::postgres::PgJobStore {
     async fn delete_expired(&self, now_ms: u64, limit: usize) -> Result<Expired, StoreError> {
         crate::postgres::PgJobStore::delete_expired(self, now_ms, limit).await
     }
+
+    async fn live(&self) -> Result<Vec<JobRecord>, StoreError> {
+        crate::postgres::PgJobStore::live(self).await
+    }
+
+    async fn live_index(&self) -> Result<Vec<LiveEntry>, StoreError> {
+        crate::postgres::PgJobStore::live_index(self).await
+    }
+
+    async fn placed_on(&self, node: &str) -> Result<Vec<JobRecord>, StoreError> {
+        crate::postgres::PgJobStore::placed_on(self, node).await
+    }
+
+    async fn update_as_leader<F>(
+        &self,
+        id: &str,
+        fence: &LeaderFence,
+        f: F,
+    ) -> Result<JobRecord, StoreError>
+    where
+        F: FnOnce(&JobRecord) -> Result<Change, StoreError> + Send,
+    {
+        crate::postgres::PgJobStore::update_as_leader(self, id, fence, f).await
+    }
+
+    async fn request_cancel(&self, id: &str) -> Result<JobRecord, StoreError> {
+        crate::postgres::PgJobStore::request_cancel(self, id).await
+    }
+
+    fn notices(&self) -> Option<tokio::sync::mpsc::Receiver<JobNotice>> {
+        Some(crate::postgres::PgJobStore::notices(self))
+    }
 }
 
 impl<S: Store + 'static> JobBackend for AnyJobStore<S> {
@@ -257,6 +367,38 @@ impl<S: Store + 'static> JobBackend for AnyJobStore<S> {
 
     async fn delete_expired(&self, now_ms: u64, limit: usize) -> Result<Expired, StoreError> {
         each!(self, s => JobBackend::delete_expired(s, now_ms, limit).await)
+    }
+
+    async fn live(&self) -> Result<Vec<JobRecord>, StoreError> {
+        each!(self, s => JobBackend::live(s).await)
+    }
+
+    async fn live_index(&self) -> Result<Vec<LiveEntry>, StoreError> {
+        each!(self, s => JobBackend::live_index(s).await)
+    }
+
+    async fn placed_on(&self, node: &str) -> Result<Vec<JobRecord>, StoreError> {
+        each!(self, s => JobBackend::placed_on(s, node).await)
+    }
+
+    async fn update_as_leader<F>(
+        &self,
+        id: &str,
+        fence: &LeaderFence,
+        f: F,
+    ) -> Result<JobRecord, StoreError>
+    where
+        F: FnOnce(&JobRecord) -> Result<Change, StoreError> + Send,
+    {
+        each!(self, s => JobBackend::update_as_leader(s, id, fence, f).await)
+    }
+
+    async fn request_cancel(&self, id: &str) -> Result<JobRecord, StoreError> {
+        each!(self, s => JobBackend::request_cancel(s, id).await)
+    }
+
+    fn notices(&self) -> Option<tokio::sync::mpsc::Receiver<JobNotice>> {
+        each!(self, s => JobBackend::notices(s))
     }
 }
 

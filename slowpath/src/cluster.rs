@@ -83,6 +83,10 @@ pub struct NodeReport {
     pub running_jobs: u32,
     /// Whether its runner admits new jobs now (false once it has applied a drain).
     pub admitting: bool,
+    /// What the jobs placed on it may hold together (its job scheduler's capacity).
+    pub job_capacity: crate::job::Resources,
+    /// Most jobs placed on it at once.
+    pub job_slots: u32,
 }
 
 /// A node as the registry lists it.
@@ -100,6 +104,93 @@ pub struct NodeRecord {
     pub lease_expires_ms: u64,
     /// The registry's clock when it was listed: what `state` was computed against.
     pub now_ms: u64,
+    /// The process that holds the id (random per start).
+    pub incarnation: String,
+}
+
+impl NodeRecord {
+    /// Whether its lease is valid now (READY or DRAINING).
+    pub fn is_live(&self) -> bool {
+        matches!(self.state, NodeState::Ready | NodeState::Draining)
+    }
+
+    /// This node as a scheduler leader places jobs on it, if its lease is valid.
+    pub fn member(&self) -> Option<Member> {
+        self.is_live().then(|| Member {
+            node: self.report.id.clone(),
+            incarnation: self.incarnation.clone(),
+            capacity: self.report.job_capacity.clone(),
+            slots: self.report.job_slots as usize,
+            admitting: self.report.admitting && !self.draining,
+        })
+    }
+}
+
+/// A cluster leader's right to write, as it holds it: its node, its process (registry
+/// incarnation) and its epoch. A store that others share refuses a write made under a fence
+/// that no longer holds ([`crate::StoreError::Fenced`]).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct LeaderFence {
+    pub node: String,
+    pub incarnation: String,
+    pub epoch: u64,
+}
+
+/// A live node as the scheduler leader sees it: its process and what it offers jobs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Member {
+    pub node: String,
+    pub incarnation: String,
+    /// What jobs placed on it may hold together.
+    pub capacity: crate::job::Resources,
+    /// Most jobs placed on it at once.
+    pub slots: usize,
+    /// Whether it takes new jobs (false while drained); its placed jobs are not orphans either
+    /// way.
+    pub admitting: bool,
+}
+
+/// A durable change of a job some node committed, as the shared store announces it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum JobNotice {
+    Changed {
+        id: String,
+        state: crate::job::JobState,
+        /// The node it is placed on, if any.
+        node: Option<String>,
+        cancel_requested: bool,
+    },
+    /// Announcements may have been missed (the listener reconnected): look at everything again.
+    Resync,
+}
+
+impl JobNotice {
+    /// Parses `<id> <STATE> <node or empty> <true|false>`, the payload the store's trigger
+    /// sends.
+    pub fn parse(payload: &str) -> Option<Self> {
+        let mut parts = payload.split(' ');
+        let id = parts.next()?.to_owned();
+        let state = parts.next()?;
+        let state = crate::job::JobState::ALL
+            .into_iter()
+            .find(|s| s.as_str() == state)?;
+        let node = parts.next()?;
+        let cancel_requested = parts.next()? == "true";
+        Some(JobNotice::Changed {
+            id,
+            state,
+            node: (!node.is_empty()).then(|| node.to_owned()),
+            cancel_requested,
+        })
+    }
+}
+
+/// One live job in a leader's reconcile: its id, state and node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LiveEntry {
+    pub id: String,
+    pub state: crate::job::JobState,
+    pub node: Option<String>,
 }
 
 /// A node id: 1 to 253 bytes of letters, digits, `.`, `-` and `_` (a host name fits).
@@ -174,6 +265,31 @@ mod tests {
         // A zero lease (never configured so) still gives an order: lapsed is dead.
         assert_eq!(node_state(5, 5, 0, false), NodeState::Suspect);
         assert_eq!(node_state(6, 5, 0, false), NodeState::Dead);
+    }
+
+    #[test]
+    fn job_notices_parse_the_trigger_payload() {
+        use crate::job::JobState;
+        assert_eq!(
+            JobNotice::parse("00017000000000000001 ADMITTED node-a false"),
+            Some(JobNotice::Changed {
+                id: "00017000000000000001".into(),
+                state: JobState::Admitted,
+                node: Some("node-a".into()),
+                cancel_requested: false,
+            })
+        );
+        assert_eq!(
+            JobNotice::parse("00017000000000000001 RETRY_WAIT  true"),
+            Some(JobNotice::Changed {
+                id: "00017000000000000001".into(),
+                state: JobState::RetryWait,
+                node: None,
+                cancel_requested: true,
+            })
+        );
+        assert_eq!(JobNotice::parse("x NOPE a false"), None);
+        assert_eq!(JobNotice::parse("x QUEUED"), None);
     }
 
     #[test]

@@ -36,6 +36,7 @@ use std::time::Duration;
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::types::ToSql;
 
+use crate::cluster::{JobNotice, LeaderFence, LiveEntry};
 use crate::job::{JobSpec, JobState};
 use crate::store::{
     Change, Clock, DEFAULT_PAGE_SIZE, Expired, IdGen, JobRecord, LOCK_SHARDS, ListFilter,
@@ -88,7 +89,37 @@ const MIGRATIONS: &[&str] = &[
         draining boolean NOT NULL DEFAULT false,
         admitting boolean NOT NULL DEFAULT true
     );",
+    // 3: the cluster's scheduler (`leader.rs`): one leader row with its epoch; where each job
+    // is placed and whether a cancel was asked of its node; what each node offers jobs; and
+    // an announcement of every job change, on commit, to the nodes listening (`notices`).
+    "ALTER TABLE jobs ADD COLUMN node text;
+    ALTER TABLE jobs ADD COLUMN cancel_requested boolean NOT NULL DEFAULT false;
+    CREATE INDEX jobs_node_live ON jobs (node) WHERE live;
+    CREATE TABLE leader (
+        id integer PRIMARY KEY CHECK (id = 1),
+        node text NOT NULL,
+        incarnation text NOT NULL,
+        epoch bigint NOT NULL,
+        acquired_at timestamptz NOT NULL,
+        expires_at timestamptz NOT NULL
+    );
+    INSERT INTO leader VALUES (1, '', '', 0, to_timestamp(0), to_timestamp(0));
+    ALTER TABLE nodes ADD COLUMN job_cpu_millis bigint NOT NULL DEFAULT 0;
+    ALTER TABLE nodes ADD COLUMN job_memory_bytes bigint NOT NULL DEFAULT 0;
+    ALTER TABLE nodes ADD COLUMN job_gpus integer NOT NULL DEFAULT 0;
+    ALTER TABLE nodes ADD COLUMN job_slots integer NOT NULL DEFAULT 0;
+    CREATE FUNCTION veraltheim_job_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        PERFORM pg_notify('veraltheim_jobs', NEW.id || ' ' || NEW.state || ' '
+            || coalesce(NEW.node, '') || ' ' || NEW.cancel_requested::text);
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER jobs_changed AFTER INSERT OR UPDATE ON jobs
+        FOR EACH ROW EXECUTE FUNCTION veraltheim_job_changed();",
 ];
+
+/// The channel job changes are announced on (migration 3's trigger).
+const JOB_CHANNEL: &str = "veraltheim_jobs";
 
 /// The newest schema this binary knows.
 pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
@@ -118,6 +149,8 @@ impl Default for PgOptions {
 /// Durable jobs in PostgreSQL. See the module documentation.
 pub struct PgJobStore {
     pool: Pool,
+    /// Where the pool connects, for the notice listener's own connection.
+    config: tokio_postgres::Config,
     timeout: Duration,
     clock: Clock,
     observer: Option<Observer>,
@@ -226,8 +259,15 @@ const INSERT: &str = "INSERT INTO jobs (id, state, live, queue, priority_class, 
     ON CONFLICT DO NOTHING RETURNING id";
 
 const UPDATE: &str = "UPDATE jobs SET state = $2, live = $3, updated_ms = $4, expires_ms = $5,
-        wire_bytes = $6, record = $7, version = version + 1
+        wire_bytes = $6, record = $7, node = $8, cancel_requested = $9, version = version + 1
     WHERE id = $1";
+
+/// Holds the leader row, shared, for the rest of a transaction, if `fence` still leads: a new
+/// leader's takeover (an UPDATE of that row) then waits for the transaction, and a takeover
+/// that committed first is seen (a locking read sees the latest row version).
+const FENCE: &str = "SELECT epoch FROM leader
+    WHERE id = 1 AND node = $1 AND incarnation = $2 AND epoch = $3 AND expires_at > now()
+    FOR SHARE";
 
 impl PgJobStore {
     /// Connects to the database at `url` (`postgres://user[:password]@host[:port]/db`, or
@@ -244,7 +284,7 @@ impl PgJobStore {
         // A peer that vanished without a reset (a partition) shows within a minute.
         config.keepalives_idle(Duration::from_secs(30));
         let manager = Manager::from_config(
-            config,
+            config.clone(),
             tokio_postgres::NoTls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
@@ -260,6 +300,7 @@ impl PgJobStore {
             .map_err(|e| StoreError::Database(format!("cannot make the pool: {e}")))?;
         let store = Self {
             pool,
+            config,
             timeout: options.timeout,
             clock: system_clock(),
             observer: None,
@@ -276,6 +317,11 @@ impl PgJobStore {
     /// The node registry in the same database, sharing this store's connections.
     pub fn nodes(&self) -> nodes::PgNodes {
         nodes::PgNodes::new(self.pool.clone(), self.timeout)
+    }
+
+    /// The scheduler leader's row in the same database, sharing this store's connections.
+    pub fn leader(&self) -> leader::PgLeader {
+        leader::PgLeader::new(self.pool.clone(), self.timeout)
     }
 
     /// Reads time from `clock` (for tests).
@@ -572,9 +618,15 @@ impl PgJobStore {
     }
 
     /// Reads job `id` `FOR UPDATE`, lets `f` change it (returning whether it did), writes it if
-    /// changed and commits; returns the job as it is after. The observer is told after the
-    /// commit.
-    async fn modify<F>(&self, id: &str, f: F) -> Result<JobRecord, StoreError>
+    /// changed and commits; returns the job as it is after. With a `fence`, the transaction
+    /// first holds the leader row and fails with [`StoreError::Fenced`] unless the fence still
+    /// leads. The observer is told after the commit.
+    async fn modify<F>(
+        &self,
+        id: &str,
+        fence: Option<&LeaderFence>,
+        f: F,
+    ) -> Result<JobRecord, StoreError>
     where
         F: FnOnce(&mut JobRecord) -> Result<bool, StoreError>,
     {
@@ -587,7 +639,24 @@ impl PgJobStore {
                     .await
                     .map_err(db_error)?;
                 let update = client.prepare_cached(UPDATE).await.map_err(db_error)?;
+                let fenced = match fence {
+                    Some(_) => Some(client.prepare_cached(FENCE).await.map_err(db_error)?),
+                    None => None,
+                };
                 let tx = client.transaction().await.map_err(db_error)?;
+                if let (Some(fence), Some(st)) = (fence, &fenced) {
+                    let epoch = i64::try_from(fence.epoch).unwrap_or(i64::MAX);
+                    let held = tx
+                        .query_opt(st, &[&fence.node, &fence.incarnation, &epoch])
+                        .await
+                        .map_err(db_error)?;
+                    if held.is_none() {
+                        return Err(StoreError::Fenced(format!(
+                            "node {} no longer leads with epoch {} (a newer leader exists, or its lease ran out)",
+                            fence.node, fence.epoch
+                        )));
+                    }
+                }
                 let Some(row) = tx.query_opt(&select, &[&id]).await.map_err(db_error)? else {
                     return Err(StoreError::NotFound(id.to_owned()));
                 };
@@ -596,6 +665,7 @@ impl PgJobStore {
                     return Ok((rec, false));
                 }
                 let wire = i32::try_from(rec.wire_bytes()).unwrap_or(i32::MAX);
+                let node = rec.placement.as_ref().map(|p| text(&p.node));
                 tx.execute(
                     &update,
                     &[
@@ -606,6 +676,8 @@ impl PgJobStore {
                         &expires_ms(&rec).map(ms),
                         &wire,
                         &encode(&rec)?,
+                        &node,
+                        &rec.cancel_requested,
                     ],
                 )
                 .await
@@ -629,12 +701,117 @@ impl PgJobStore {
         F: FnOnce(&JobRecord) -> Result<Change, StoreError>,
     {
         let now = self.now_ms();
-        self.modify(id, |rec| {
+        self.modify(id, None, |rec| {
             let change = f(rec)?;
             apply(rec, change, now)?;
             Ok(true)
         })
         .await
+    }
+
+    /// [`PgJobStore::update`] by a cluster leader: refused ([`StoreError::Fenced`]) in the
+    /// same transaction unless `fence` still leads.
+    pub async fn update_as_leader<F>(
+        &self,
+        id: &str,
+        fence: &LeaderFence,
+        f: F,
+    ) -> Result<JobRecord, StoreError>
+    where
+        F: FnOnce(&JobRecord) -> Result<Change, StoreError>,
+    {
+        let now = self.now_ms();
+        self.modify(id, Some(fence), |rec| {
+            let change = f(rec)?;
+            apply(rec, change, now)?;
+            Ok(true)
+        })
+        .await
+    }
+
+    /// Cancels job `id` for a node that does not run it: a waiting job is CANCELLED at once;
+    /// an admitted or running one is marked `cancel_requested`, for its node to stop.
+    pub async fn request_cancel(&self, id: &str) -> Result<JobRecord, StoreError> {
+        let now = self.now_ms();
+        self.modify(id, None, |rec| match rec.state {
+            JobState::Admitted | JobState::Running => {
+                let asked = !rec.cancel_requested;
+                rec.cancel_requested = true;
+                Ok(asked)
+            }
+            _ => {
+                apply(rec, Change::to(JobState::Cancelled, "cancelled"), now)?;
+                Ok(true)
+            }
+        })
+        .await
+    }
+
+    /// Every live job as it is.
+    pub async fn live(&self) -> Result<Vec<JobRecord>, StoreError> {
+        self.records("SELECT record FROM jobs WHERE live ORDER BY id", &[])
+            .await
+    }
+
+    /// The live jobs placed on `node` that are ADMITTED or asked to cancel.
+    pub async fn placed_on(&self, node: &str) -> Result<Vec<JobRecord>, StoreError> {
+        let node = text(node);
+        self.records(
+            "SELECT record FROM jobs WHERE live AND node = $1
+                AND (state = 'ADMITTED' OR cancel_requested) ORDER BY id",
+            &[&node],
+        )
+        .await
+    }
+
+    async fn records(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<JobRecord>, StoreError> {
+        self.timed(async {
+            let client = self.client().await?;
+            let st = client.prepare_cached(sql).await.map_err(db_error)?;
+            let rows = client.query(&st, params).await.map_err(db_error)?;
+            rows.iter().map(|r| decode(r.get(0))).collect()
+        })
+        .await
+    }
+
+    /// The live jobs' ids, states and nodes (the columns only).
+    pub async fn live_index(&self) -> Result<Vec<LiveEntry>, StoreError> {
+        self.timed(async {
+            let client = self.client().await?;
+            let rows = client
+                .query(
+                    "SELECT id, state, node FROM jobs WHERE live ORDER BY id",
+                    &[],
+                )
+                .await
+                .map_err(db_error)?;
+            Ok(rows
+                .iter()
+                .filter_map(|r| {
+                    let state: &str = r.get(1);
+                    Some(LiveEntry {
+                        id: r.get(0),
+                        state: JobState::ALL.into_iter().find(|s| s.as_str() == state)?,
+                        node: r.get(2),
+                    })
+                })
+                .collect())
+        })
+        .await
+    }
+
+    /// The job changes every node commits, as the database announces them (migration 3's
+    /// trigger), from a connection of their own: [`JobNotice::Resync`] first and after every
+    /// reconnection (announcements made while disconnected are lost). Ends when the receiver
+    /// is dropped.
+    pub fn notices(&self) -> tokio::sync::mpsc::Receiver<JobNotice> {
+        let (tx, rx) = tokio::sync::mpsc::channel(NOTICE_BACKLOG);
+        tokio::spawn(listen(self.config.clone(), tx));
+        rx
     }
 
     /// [`PgJobStore::update`] to `to` for `reason`.
@@ -673,7 +850,7 @@ impl PgJobStore {
         let mut live = Vec::with_capacity(ids.len());
         for id in ids {
             let rec = self
-                .modify(&id, |rec| {
+                .modify(&id, None, |rec| {
                     let reason = format!("coordinator restarted; attempt {}", rec.attempt + 1);
                     Ok(match rec.state {
                         JobState::Running if !keep_running => {
@@ -757,6 +934,72 @@ impl PgJobStore {
     }
 }
 
+/// Announcements waiting for the runner; beyond it the listener waits (the database buffers).
+const NOTICE_BACKLOG: usize = 4096;
+
+/// The notice listener: LISTENs on its own connection and forwards announcements; on a lost
+/// connection, reconnects with a growing pause (100 ms to 5 s) and says [`JobNotice::Resync`].
+async fn listen(config: tokio_postgres::Config, tx: tokio::sync::mpsc::Sender<JobNotice>) {
+    let mut pause = Duration::from_millis(100);
+    loop {
+        if tx.is_closed() {
+            return;
+        }
+        match config.connect(tokio_postgres::NoTls).await {
+            Ok((client, mut connection)) => {
+                // The connection's messages (the announcements among them) come from polling
+                // it; the client's LISTEN goes through it too.
+                let (msgs_tx, mut msgs) = tokio::sync::mpsc::unbounded_channel();
+                let driver = tokio::spawn(async move {
+                    let mut stream =
+                        futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+                    use futures::StreamExt;
+                    while let Some(msg) = stream.next().await {
+                        match msg {
+                            Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                                if msgs_tx.send(n.payload().to_owned()).is_err() {
+                                    return;
+                                }
+                            }
+                            Ok(_) => {}
+                            Err(e) => {
+                                tracing::warn!(error = %e, "job notice connection lost");
+                                return;
+                            }
+                        }
+                    }
+                });
+                if let Err(e) = client.batch_execute(&format!("LISTEN {JOB_CHANNEL}")).await {
+                    tracing::warn!(error = %e, "cannot listen for job notices");
+                    driver.abort();
+                } else {
+                    pause = Duration::from_millis(100);
+                    if tx.send(JobNotice::Resync).await.is_err() {
+                        driver.abort();
+                        return;
+                    }
+                    while let Some(payload) = msgs.recv().await {
+                        match JobNotice::parse(&payload) {
+                            Some(notice) => {
+                                if tx.send(notice).await.is_err() {
+                                    driver.abort();
+                                    return;
+                                }
+                            }
+                            None => tracing::warn!(%payload, "a job notice could not be read"),
+                        }
+                    }
+                    drop(client);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot connect for job notices"),
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(5));
+    }
+}
+
+pub mod leader;
 pub mod nodes;
 #[cfg(test)]
 pub(crate) mod testdb;

@@ -3,7 +3,12 @@
 //! Rules, in the order they apply:
 //! 1. **Named queues with quotas.** Every job belongs to a configured queue; a queue's admitted
 //!    jobs together never hold more than its [`Quota`] of CPU (millis), memory (bytes) or GPUs.
-//! 2. **Capacity.** All admitted jobs together never hold more than the configured capacity.
+//! 2. **Capacity, per node.** Jobs are placed on nodes ([`Scheduler::set_nodes`]; one node,
+//!    named `""`, with the configured capacity until then): the jobs admitted to a node never
+//!    hold more than its capacity, nor number more than its slots. An admitted job goes to the
+//!    node with room for it whose dominant share (rule 4's measure, over that node's capacity)
+//!    would be the smallest afterwards — work is spread — ties by node id. Fair shares (rule 4)
+//!    are taken of all the nodes' capacity together.
 //! 3. **Order within a queue**: by priority class (the configured order, highest first; the empty
 //!    class ranks last), then first in, first out. Only a queue's head may be admitted: a job is
 //!    never overtaken by a later job of its own queue in the same or a lower class (no backfill).
@@ -44,6 +49,28 @@ use crate::store::FailureKind;
 
 /// Why a queue's head waits when nothing but the runner's bound on running jobs holds it back.
 pub const NO_SLOT: &str = "every slot for running jobs is taken";
+
+/// Why a queue's head waits when there is no node to place it on.
+pub const NO_NODE: &str = "no node takes jobs now";
+
+/// A node jobs can be placed on, and what it offers them ([`Scheduler::set_nodes`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeCapacity {
+    pub id: String,
+    /// What the jobs admitted to it may hold together.
+    pub capacity: Resources,
+    /// Most jobs admitted to it at once.
+    pub slots: usize,
+}
+
+/// A node as the scheduler keeps it: what it offers and what its admitted jobs hold.
+#[derive(Clone, Debug)]
+struct NodeUse {
+    capacity: Vec3,
+    slots: usize,
+    used: Vec3,
+    jobs: usize,
+}
 
 /// Limits of one queue; `None` is no limit.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -215,15 +242,19 @@ struct QueueState {
 
 /// The scheduler's state: waiting jobs by line, and the resources admitted jobs hold.
 pub struct Scheduler {
+    /// One node's capacity, as configured: what [`Scheduler::check`] measures a job against.
     capacity: Vec3,
+    /// All the nodes' capacity together: what shares are taken of.
+    total: Vec3,
+    nodes: BTreeMap<String, NodeUse>,
     classes: Vec<String>,
     queues: BTreeMap<String, QueueState>,
     /// The lines with waiting or admitted jobs (made when a job arrives, dropped when empty).
     lines: BTreeMap<Line, LineState>,
     /// Waiting job id → (line, key in the line).
     index: HashMap<String, (Line, (usize, u64))>,
-    /// Admitted job id → (line, resources held).
-    admitted: HashMap<String, (Line, Vec3)>,
+    /// Admitted job id → (line, resources held, node).
+    admitted: HashMap<String, (Line, Vec3, String)>,
     used: Vec3,
     arrivals: u64,
     /// Why each queue's head waited at the end of the last round, by job id.
@@ -269,8 +300,20 @@ impl Scheduler {
                 )));
             }
         }
+        let capacity = vec3(&config.capacity);
+        let nodes = BTreeMap::from([(
+            String::new(),
+            NodeUse {
+                capacity,
+                slots: usize::MAX,
+                used: [0; 3],
+                jobs: 0,
+            },
+        )]);
         Ok(Self {
-            capacity: vec3(&config.capacity),
+            capacity,
+            total: capacity,
+            nodes,
             classes,
             queues,
             lines: BTreeMap::new(),
@@ -374,8 +417,14 @@ impl Scheduler {
     /// Holds what an already running job needs, as if admitted now, whatever the quota and
     /// capacity say (it runs already: a coordinator restart adopted it); release it with
     /// [`Scheduler::release`]. A job of a queue that left the configuration counts against the
-    /// capacity only.
+    /// capacity only. On the single node (no [`Scheduler::set_nodes`]).
     pub fn adopt(&mut self, job: &Pending) -> Result<(), SchedError> {
+        self.adopt_on(job, "")
+    }
+
+    /// [`Scheduler::adopt`] for a job running on `node` (which may be one the scheduler does
+    /// not know now: it counts once the node is set again).
+    pub fn adopt_on(&mut self, job: &Pending, node: &str) -> Result<(), SchedError> {
         if self.index.contains_key(&job.id) || self.admitted.contains_key(&job.id) {
             return Err(SchedError::Duplicate(job.id.clone()));
         }
@@ -387,13 +436,18 @@ impl Scheduler {
             let l = self.lines.entry(line.clone()).or_default();
             l.used = add(l.used, need);
         }
-        self.admitted.insert(job.id.clone(), (line, need));
+        if let Some(n) = self.nodes.get_mut(node) {
+            n.used = add(n.used, need);
+            n.jobs += 1;
+        }
+        self.admitted
+            .insert(job.id.clone(), (line, need, node.to_owned()));
         Ok(())
     }
 
     /// Frees what an admitted job held (it ended or went back to wait); whether it was admitted.
     pub fn release(&mut self, id: &str) -> bool {
-        let Some((line, held)) = self.admitted.remove(id) else {
+        let Some((line, held, node)) = self.admitted.remove(id) else {
             return false;
         };
         self.used = sub(self.used, held);
@@ -403,8 +457,104 @@ impl Scheduler {
         if let Some(l) = self.lines.get_mut(&line) {
             l.used = sub(l.used, held);
         }
+        if let Some(n) = self.nodes.get_mut(&node) {
+            n.used = sub(n.used, held);
+            n.jobs = n.jobs.saturating_sub(1);
+        }
         self.tidy(&line);
         true
+    }
+
+    /// The nodes jobs are placed on from now on, replacing the ones before (the single node
+    /// `""` included). Jobs admitted to a node that is no longer among them stay admitted (and
+    /// counted in their queue's share) until released; they count against that node again if
+    /// it comes back.
+    pub fn set_nodes(&mut self, nodes: Vec<NodeCapacity>) {
+        let mut map: BTreeMap<String, NodeUse> = nodes
+            .into_iter()
+            .map(|n| {
+                (
+                    n.id,
+                    NodeUse {
+                        capacity: vec3(&n.capacity),
+                        slots: n.slots,
+                        used: [0; 3],
+                        jobs: 0,
+                    },
+                )
+            })
+            .collect();
+        for (_, held, node) in self.admitted.values() {
+            if let Some(n) = map.get_mut(node) {
+                n.used = add(n.used, *held);
+                n.jobs += 1;
+            }
+        }
+        self.total = map.values().fold([0; 3], |t, n| add(t, n.capacity));
+        self.nodes = map;
+    }
+
+    /// The node an admitted job was placed on.
+    pub fn node_of(&self, id: &str) -> Option<&str> {
+        self.admitted.get(id).map(|(_, _, node)| node.as_str())
+    }
+
+    /// The admitted jobs and their nodes.
+    pub fn admitted_jobs(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.admitted
+            .iter()
+            .map(|(id, (_, _, node))| (id.as_str(), node.as_str()))
+    }
+
+    /// Whether job `id` waits in line.
+    pub fn is_waiting(&self, id: &str) -> bool {
+        self.index.contains_key(id)
+    }
+
+    /// The node with room for `need` whose dominant share would be the smallest with it, or
+    /// why there is none.
+    fn place(&self, need: Vec3) -> Result<String, String> {
+        let mut best: Option<(f64, &str)> = None;
+        let mut why = Vec::new();
+        for (id, n) in &self.nodes {
+            if n.jobs >= n.slots {
+                why.push(format!("node {id}: all {} slots taken", n.slots));
+                continue;
+            }
+            if let Some(s) = exceeds(n.used, need, n.capacity.map(Some)) {
+                why.push(if id.is_empty() {
+                    s.capacity()
+                } else {
+                    format!("node {id}: {}", s.capacity())
+                });
+                continue;
+            }
+            let after = add(n.used, need);
+            let share = (0..3)
+                .filter(|&d| n.capacity[d] > 0)
+                .map(|d| after[d] as f64 / n.capacity[d] as f64)
+                .fold(0.0, f64::max);
+            if best.is_none_or(|b| share < b.0) {
+                best = Some((share, id));
+            }
+        }
+        match best {
+            Some((_, id)) => Ok(id.to_owned()),
+            None if self.nodes.is_empty() => Err(NO_NODE.to_owned()),
+            // The single node says it as before nodes existed.
+            None if self.nodes.len() == 1 && self.nodes.contains_key("") => {
+                Err(why.pop().unwrap_or_default())
+            }
+            None => {
+                let more = why.len().saturating_sub(3);
+                why.truncate(3);
+                let mut reason = format!("no node has room: {}", why.join("; "));
+                if more > 0 {
+                    reason.push_str(&format!("; and {more} more"));
+                }
+                Err(reason)
+            }
+        }
     }
 
     /// Resources held by admitted jobs in total.
@@ -430,8 +580,8 @@ impl Scheduler {
     /// The largest fraction of the capacity `used` holds, over CPU, memory and GPUs.
     fn dominant_share(&self, used: Vec3) -> f64 {
         (0..3)
-            .filter(|&d| self.capacity[d] > 0)
-            .map(|d| used[d] as f64 / self.capacity[d] as f64)
+            .filter(|&d| self.total[d] > 0)
+            .map(|d| used[d] as f64 / self.total[d] as f64)
             .fold(0.0, f64::max)
     }
 
@@ -477,21 +627,31 @@ impl Scheduler {
                 break;
             }
             let line = (queue.to_owned(), tenant.to_owned());
+            let (key, need, head_id) = {
+                let l = self.lines.get(&line).expect("a line just seen");
+                let (&key, head) = l.waiting.first_key_value().expect("a head just seen");
+                (key, vec3(&head.job.resources), head.job.id.clone())
+            };
+            let node = match self.place(need) {
+                Ok(node) => node,
+                Err(reason) => {
+                    capacity_block = Some((head_id, line_name(&line), reason));
+                    break;
+                }
+            };
             let l = self.lines.get_mut(&line).expect("a line just seen");
-            let (&key, head) = l.waiting.first_key_value().expect("a head just seen");
-            let need = vec3(&head.job.resources);
-            if let Some(s) = exceeds(self.used, need, self.capacity.map(Some)) {
-                capacity_block = Some((head.job.id.clone(), line_name(&line), s.capacity()));
-                break;
-            }
             let job = l.waiting.remove(&key).expect("present").job;
             l.used = add(l.used, need);
             if let Some(q) = self.queues.get_mut(&line.0) {
                 q.used = add(q.used, need);
             }
             self.used = add(self.used, need);
+            if let Some(n) = self.nodes.get_mut(&node) {
+                n.used = add(n.used, need);
+                n.jobs += 1;
+            }
             self.index.remove(&job.id);
-            self.admitted.insert(job.id.clone(), (line, need));
+            self.admitted.insert(job.id.clone(), (line, need, node));
             decision.admitted.push(job);
         }
         self.head_reasons.clear();

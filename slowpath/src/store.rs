@@ -121,6 +121,32 @@ pub struct JobRecord {
     /// as `None`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traceparent: Option<String>,
+    /// Where the job was last admitted, when a cluster's leader placed it (see
+    /// [`Placement`]); `None` on a single node. Kept after the attempt ends: it says where the
+    /// last attempt ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<Placement>,
+    /// A cancel was asked on a node other than the one running the job: that node stops the
+    /// attempt and writes CANCELLED.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cancel_requested: bool,
+}
+
+/// Where a cluster's leader placed a job, and under which leadership. A node writes the
+/// outcome of an attempt only while the job still carries the placement it started it under
+/// (same node and `seq`), so that once the leader has moved the job on (its node lost), a late
+/// write of the old attempt is refused.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    /// The node it was placed on.
+    pub node: String,
+    /// That node's process when it was placed (its registry incarnation): a node that restarts
+    /// is a new incarnation, and its old placements are orphans.
+    pub incarnation: String,
+    /// The leader epoch that placed it.
+    pub epoch: u64,
+    /// The job's placements so far, this one included.
+    pub seq: u32,
 }
 
 impl JobRecord {
@@ -142,6 +168,9 @@ pub struct Change {
     pub failure: Option<FailureKind>,
     /// For RETRY_WAIT: when to queue the job again.
     pub retry_at_ms: Option<u64>,
+    /// For ADMITTED in a cluster: where the leader placed the job (its `seq` is set by the
+    /// change: one more than the job's last).
+    pub place: Option<Placement>,
 }
 
 impl Change {
@@ -153,6 +182,7 @@ impl Change {
             exit_code: None,
             failure: None,
             retry_at_ms: None,
+            place: None,
         }
     }
 }
@@ -215,6 +245,14 @@ pub enum StoreError {
         "the job database has schema version {found}, newer than this binary knows (version {known}): run a newer veraltheim, or point it at another database"
     )]
     SchemaTooNew { found: i32, known: i32 },
+    /// A write refused because its writer no longer holds the right to make it: a leader
+    /// whose epoch has passed, or a node whose placement of the job was moved on.
+    #[error("write refused: {0}")]
+    Fenced(String),
+    /// A node's write about an attempt the job no longer carries: the leader placed the job
+    /// anew (its node was lost) or another change came first.
+    #[error("job {id} moved on: {why}")]
+    MovedOn { id: String, why: String },
     /// The job database refused a statement for another reason (a bug or a damaged schema).
     #[error("job database error: {0}")]
     Database(String),
@@ -513,6 +551,20 @@ impl<S: Store> JobStore<S> {
         self.recover_with(true).await
     }
 
+    /// Every live job as it is (nothing changed).
+    pub fn live(&self) -> Result<Vec<JobRecord>, StoreError> {
+        let active = ACTIVE.range(&self.store, ..)?;
+        let mut live = Vec::with_capacity(active.len());
+        for (id, ()) in active {
+            if let Some(rec) = JOBS.get(&self.store, id.as_str())?
+                && !rec.state.is_terminal()
+            {
+                live.push(rec);
+            }
+        }
+        Ok(live)
+    }
+
     async fn recover_with(&self, keep_running: bool) -> Result<Vec<JobRecord>, StoreError> {
         let active = ACTIVE.range(&self.store, ..)?;
         let mut live = Vec::with_capacity(active.len());
@@ -699,6 +751,8 @@ pub(crate) fn new_record(
         }],
         spec,
         traceparent,
+        placement: None,
+        cancel_requested: false,
     }
 }
 
@@ -727,6 +781,13 @@ pub(crate) fn apply(rec: &mut JobRecord, change: Change, now: u64) -> Result<(),
     } else {
         None
     };
+    if let Some(mut place) = change.place.filter(|_| change.to == JobState::Admitted) {
+        place.seq = rec
+            .placement
+            .as_ref()
+            .map_or(1, |p| p.seq.saturating_add(1));
+        rec.placement = Some(place);
+    }
     rec.reason = change.reason.clone();
     rec.history.push(HistoryEntry {
         state: change.to,
@@ -883,6 +944,8 @@ pub(crate) mod tests {
             retry_at_ms: None,
             history: Vec::new(),
             traceparent: None,
+            placement: None,
+            cancel_requested: false,
         })
         .unwrap();
         assert!(rec.get("traceparent").is_none(), "not written when unset");

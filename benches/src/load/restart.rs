@@ -130,6 +130,8 @@ fn record(i: usize, base_ms: u64, state: JobState) -> JobRecord {
         retry_at_ms: None,
         history,
         traceparent: None,
+        placement: None,
+        cancel_requested: false,
     }
 }
 

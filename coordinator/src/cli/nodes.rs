@@ -108,11 +108,21 @@ pub async fn nodes(args: NodesArgs) -> anyhow::Result<()> {
                 let out = json!({
                     "self": r.self_id,
                     "shared": r.shared,
+                    "leader": r.leader_id,
+                    "leader_epoch": r.leader_epoch,
                     "nodes": r.nodes.iter().map(node_json).collect::<Vec<_>>(),
                 });
                 println!("{}", serde_json::to_string_pretty(&out)?);
             } else {
                 print_table(&r.nodes, &r.self_id);
+                if r.leader_id.is_empty() {
+                    println!("scheduler leader: none now");
+                } else {
+                    println!(
+                        "scheduler leader: {} (epoch {})",
+                        r.leader_id, r.leader_epoch
+                    );
+                }
             }
         }
         Some(NodesCommand::Drain { id, undo }) => {

@@ -16,6 +16,7 @@ use deadpool_postgres::Pool;
 
 use super::{db_error, pool_error};
 use crate::cluster::{NodeRecord, NodeReport, node_state};
+use crate::job::Resources;
 use crate::store::StoreError;
 
 /// The node registry; see the module documentation. Cheap to clone.
@@ -111,9 +112,11 @@ impl PgNodes {
                 .query_opt(
                     "INSERT INTO nodes (id, address, state, labels, version, cores, memory_bytes,
                         gpus, models, running_jobs, incarnation, lease_ms, started_at,
-                        last_heartbeat, lease_expires, admitting)
+                        last_heartbeat, lease_expires, admitting, job_cpu_millis,
+                        job_memory_bytes, job_gpus, job_slots)
                     VALUES ($1, $2, 'up', ($3::text)::jsonb, $4, $5, $6, $7, ($8::text)::jsonb,
-                        $9, $10, $11::bigint, now(), now(), now() + $11::bigint * interval '1 millisecond', $12)
+                        $9, $10, $11::bigint, now(), now(), now() + $11::bigint * interval '1 millisecond', $12,
+                        $13, $14, $15, $16)
                     ON CONFLICT (id) DO UPDATE SET
                         address = EXCLUDED.address, state = 'up', labels = EXCLUDED.labels,
                         version = EXCLUDED.version, cores = EXCLUDED.cores,
@@ -123,7 +126,9 @@ impl PgNodes {
                         started_at = CASE WHEN nodes.incarnation = EXCLUDED.incarnation
                             THEN nodes.started_at ELSE now() END,
                         last_heartbeat = now(), lease_expires = EXCLUDED.lease_expires,
-                        admitting = EXCLUDED.admitting
+                        admitting = EXCLUDED.admitting, job_cpu_millis = EXCLUDED.job_cpu_millis,
+                        job_memory_bytes = EXCLUDED.job_memory_bytes,
+                        job_gpus = EXCLUDED.job_gpus, job_slots = EXCLUDED.job_slots
                     WHERE nodes.incarnation = EXCLUDED.incarnation
                         OR nodes.lease_expires <= now() OR nodes.state = 'left'
                     RETURNING draining",
@@ -140,6 +145,10 @@ impl PgNodes {
                         &incarnation,
                         &lease_ms,
                         &report.admitting,
+                        &big(report.job_capacity.cpu_millis),
+                        &big(report.job_capacity.memory_bytes),
+                        &int(report.job_capacity.gpus),
+                        &int(report.job_slots),
                     ],
                 )
                 .await
@@ -251,7 +260,8 @@ impl PgNodes {
     async fn select(&self, id: Option<&str>) -> Result<Vec<NodeRecord>, StoreError> {
         let sql = format!(
             "SELECT id, address, labels::text, version, cores, memory_bytes, gpus, models::text,
-                running_jobs, lease_ms, {}, {}, {}, draining, admitting, {}
+                running_jobs, lease_ms, {}, {}, {}, draining, admitting, {}, incarnation,
+                job_cpu_millis, job_memory_bytes, job_gpus, job_slots
             FROM nodes WHERE $1::text IS NULL OR id = $1 ORDER BY id",
             ms_of("started_at"),
             ms_of("last_heartbeat"),
@@ -286,6 +296,12 @@ impl PgNodes {
                             })?,
                             running_jobs: u32::try_from(row.get::<_, i32>(8)).unwrap_or(0),
                             admitting: row.get(14),
+                            job_capacity: Resources {
+                                cpu_millis: unsigned(row.get(17)),
+                                memory_bytes: unsigned(row.get(18)),
+                                gpus: u32::try_from(row.get::<_, i32>(19)).unwrap_or(0),
+                            },
+                            job_slots: u32::try_from(row.get::<_, i32>(20)).unwrap_or(0),
                         },
                         state: node_state(now, expires, lease_ms, draining),
                         draining,
@@ -294,6 +310,7 @@ impl PgNodes {
                         last_heartbeat_ms: unsigned(row.get(11)),
                         lease_expires_ms: unsigned(expires),
                         now_ms: unsigned(now),
+                        incarnation: row.get(16),
                     })
                 })
                 .collect()

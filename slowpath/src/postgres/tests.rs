@@ -210,6 +210,12 @@ fn report(id: &str) -> crate::cluster::NodeReport {
         models: vec!["identity".into()],
         running_jobs: 1,
         admitting: true,
+        job_capacity: crate::job::Resources {
+            cpu_millis: 4000,
+            memory_bytes: 8 << 30,
+            gpus: 1,
+        },
+        job_slots: 3,
     }
 }
 

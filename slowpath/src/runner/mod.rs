@@ -25,7 +25,7 @@
 //! The loop also deletes finished jobs whose `ttl_seconds_after_finished` ran out
 //! ([`JobStore::delete_expired`]) with their log folders, waking when the next one expires.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,6 +39,7 @@ use tokio_util::sync::CancellationToken;
 use veraltheim_storage::Store;
 
 use crate::backend::JobBackend;
+use crate::cluster::LeaderFence;
 use crate::executor::{
     CommandRun, ExecError, Execution, Executor, InferenceExecutor, Outcome, ProgressFn,
 };
@@ -46,7 +47,10 @@ use crate::job::{JobSpec, JobState};
 use crate::scheduler::{
     Jitter, NO_SLOT, Pending, RetryDecision, RetryPolicy, SchedError, Scheduler, SchedulerConfig,
 };
-use crate::store::{Change, FailureKind, JobRecord, JobStore, StoreError};
+use crate::store::{Change, FailureKind, JobRecord, JobStore, Placement, StoreError};
+
+mod cluster;
+pub use cluster::ClusterSelf;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RunnerConfig {
@@ -88,6 +92,20 @@ struct State {
     /// QUEUED jobs the scheduler cannot take under this configuration, with why.
     parked: HashMap<String, String>,
     jitter: Jitter,
+    // In a cluster (see `cluster.rs`):
+    /// The leadership this runner holds, if it leads.
+    leader: Option<LeaderFence>,
+    /// As leader: where each admitted job is placed (`None`: a job admitted before the
+    /// cluster, placed nowhere: an orphan).
+    placements: HashMap<String, Option<Placement>>,
+    /// The live nodes' processes, by node (as last set).
+    members: HashMap<String, String>,
+    /// What the live nodes that admit offer jobs (as last set).
+    node_caps: Vec<crate::scheduler::NodeCapacity>,
+    /// The placements of the attempts running here.
+    here: HashMap<String, Placement>,
+    /// Attempts stopped here because this node's lease ran out (not cancelled by anyone).
+    lease_stopped: HashSet<String>,
 }
 
 impl State {
@@ -116,6 +134,13 @@ struct Inner<B> {
     draining: std::sync::atomic::AtomicBool,
     state: Mutex<State>,
     wake: Notify,
+    /// This node in a cluster; `None` on a single node, which leads itself.
+    cluster: Option<ClusterSelf>,
+    /// What the scheduler was made of (a new leader makes its own from it).
+    sched_config: SchedulerConfig,
+    /// In a cluster: until when this node may run attempts (its lease, less a margin); `None`
+    /// until it has one.
+    lease_until: Mutex<Option<tokio::time::Instant>>,
 }
 
 /// Live jobs by state ([`Runner::live_counts`]).
@@ -176,7 +201,22 @@ impl<B: JobBackend> RunnerOn<B> {
         inference: Option<Arc<dyn InferenceExecutor>>,
         config: RunnerConfig,
     ) -> Result<Self, RunnerError> {
-        let sched = Scheduler::new(config.scheduler)?;
+        Self::build(store, exec, inference, config, None)
+    }
+
+    fn build(
+        store: B,
+        exec: Arc<dyn Executor>,
+        inference: Option<Arc<dyn InferenceExecutor>>,
+        config: RunnerConfig,
+        cluster: Option<ClusterSelf>,
+    ) -> Result<Self, RunnerError> {
+        let sched_config = config.scheduler.clone();
+        let mut sched = Scheduler::new(config.scheduler)?;
+        if cluster.is_some() {
+            // Nothing is placed until the live nodes are known.
+            sched.set_nodes(Vec::new());
+        }
         Ok(Self {
             inner: Arc::new(Inner {
                 store,
@@ -193,8 +233,17 @@ impl<B: JobBackend> RunnerOn<B> {
                     reasons: HashMap::new(),
                     parked: HashMap::new(),
                     jitter: Jitter::new(config.jitter_seed),
+                    leader: None,
+                    placements: HashMap::new(),
+                    members: HashMap::new(),
+                    node_caps: Vec::new(),
+                    here: HashMap::new(),
+                    lease_stopped: HashSet::new(),
                 }),
                 wake: Notify::new(),
+                cluster,
+                sched_config,
+                lease_until: Mutex::new(None),
             }),
         })
     }
@@ -218,6 +267,11 @@ impl<B: JobBackend> RunnerOn<B> {
     /// waited for as if never interrupted; gone, the job goes back in line (RETRY_WAIT, not
     /// counted as a failure).
     pub async fn start(&self) -> Result<(), RunnerError> {
+        if self.inner.cluster.is_some() {
+            // A node of a cluster takes up nothing by itself: the leader places the work, and
+            // treats what was placed on this node's earlier process as lost.
+            return Ok(());
+        }
         let adopts = self.inner.exec.adopts();
         let live = if adopts {
             self.inner.store.recover_adopting().await?
@@ -276,7 +330,7 @@ impl<B: JobBackend> RunnerOn<B> {
             .sched
             .check(&spec.queue, &spec.priority_class, &spec.resources)?;
         let rec = self.inner.store.submit_traced(spec, traceparent).await?;
-        if rec.state == JobState::Queued && rec.history.len() == 1 {
+        if rec.state == JobState::Queued && rec.history.len() == 1 && self.leads() {
             let mut state = self.inner.state.lock();
             match state.sched.enqueue(pending(&rec)) {
                 // A repeated submit (same idempotency key) finds the job already in line.
@@ -304,6 +358,8 @@ impl<B: JobBackend> RunnerOn<B> {
                 token.cancel();
                 self.inner.store.get(id).await?
             }
+            // Another node may run it: it is asked to stop.
+            None if self.inner.cluster.is_some() => self.inner.store.request_cancel(id).await?,
             None => {
                 self.inner
                     .store
@@ -369,6 +425,9 @@ impl<B: JobBackend> RunnerOn<B> {
 
     /// The scheduling loop; returns when `shutdown` is cancelled.
     pub async fn run(&self, shutdown: CancellationToken) {
+        if self.inner.cluster.is_some() {
+            return self.run_cluster(shutdown).await;
+        }
         loop {
             let next_retry = match self.round().await {
                 Ok(next) => next,
@@ -494,7 +553,7 @@ impl<B: JobBackend> RunnerOn<B> {
         };
         for job in admitted {
             let runner = self.clone();
-            tokio::spawn(async move { runner.run_job(job.id).await });
+            tokio::spawn(async move { runner.run_job(job.id, None).await });
         }
         let next = inner.state.lock().retries.first().map(|(at, _)| *at);
         Ok(match unavailable {
@@ -503,8 +562,10 @@ impl<B: JobBackend> RunnerOn<B> {
         })
     }
 
-    async fn run_job(self, id: String) {
-        let attempt = AssertUnwindSafe(self.attempt(&id)).catch_unwind().await;
+    async fn run_job(self, id: String, placed: Option<Placement>) {
+        let attempt = AssertUnwindSafe(self.attempt(&id, placed))
+            .catch_unwind()
+            .await;
         self.settle(&id, attempt, "a job's state could not be written")
             .await;
     }
@@ -529,12 +590,7 @@ impl<B: JobBackend> RunnerOn<B> {
                     .unwrap_or_else(|| "a panic without a message".into());
                 tracing::error!(job = %id, %message, "running the job panicked; the job fails");
                 let reason = format!("internal error while running the job: {message}");
-                if let Err(e) = self
-                    .inner
-                    .store
-                    .transition(id, JobState::Failed, &reason)
-                    .await
-                {
+                if let Err(e) = self.write(id, Change::to(JobState::Failed, reason)).await {
                     tracing::error!(job = %id, error = %e, "the failed job's state could not be written");
                 }
             }
@@ -546,7 +602,12 @@ impl<B: JobBackend> RunnerOn<B> {
     fn release(&self, id: &str) {
         let mut state = self.inner.state.lock();
         state.running.remove(id);
-        state.sched.release(id);
+        state.here.remove(id);
+        state.lease_stopped.remove(id);
+        // A cluster's leader frees the job's place when the job's change is announced.
+        if self.inner.cluster.is_none() {
+            state.sched.release(id);
+        }
         drop(state);
         self.inner.wake.notify_one();
     }
@@ -561,20 +622,37 @@ impl<B: JobBackend> RunnerOn<B> {
             .unwrap_or_default()
     }
 
-    async fn attempt(&self, id: &str) -> Result<(), StoreError> {
+    /// Runs an attempt of job `id`: on a single node, admitting it first; in a cluster, as
+    /// `placed` there by the leader (already ADMITTED), every write fenced by that placement.
+    async fn attempt(&self, id: &str, placed: Option<Placement>) -> Result<(), StoreError> {
         let inner = &self.inner;
         let token = self.token_of(id);
-        let rec = inner
-            .store
-            .transition(id, JobState::Admitted, "admitted")
-            .await?;
+        let rec = match &placed {
+            None => {
+                inner
+                    .store
+                    .transition(id, JobState::Admitted, "admitted")
+                    .await?
+            }
+            Some(p) => {
+                let rec = inner.store.get(id).await?;
+                if rec.state != JobState::Admitted || rec.placement.as_ref() != Some(p) {
+                    return Err(StoreError::MovedOn {
+                        id: id.to_owned(),
+                        why: format!("it is {} and no longer placed here", rec.state),
+                    });
+                }
+                if rec.cancel_requested {
+                    token.cancel();
+                }
+                rec
+            }
+        };
         let Some(run) = CommandRun::of(id, &rec.spec, rec.attempt + 1) else {
             return self.attempt_inference(id, &rec, token).await;
         };
         if token.is_cancelled() {
-            inner
-                .store
-                .transition(id, JobState::Cancelled, "cancelled")
+            self.write(id, Change::to(JobState::Cancelled, "cancelled"))
                 .await?;
             return Ok(());
         }
@@ -592,12 +670,10 @@ impl<B: JobBackend> RunnerOn<B> {
                     .await;
             }
         };
-        let rec = inner
-            .store
-            .transition(
+        let rec = self
+            .write(
                 id,
-                JobState::Running,
-                format!("running ({})", execution.describe()),
+                Change::to(JobState::Running, self.running_reason(id, &*execution)),
             )
             .await?;
         self.finish(id, &rec, execution, token).await
@@ -613,20 +689,18 @@ impl<B: JobBackend> RunnerOn<B> {
         let inner = &self.inner;
         let executor = inner.inference.clone();
         let Some(executor) = executor else {
-            inner
-                .store
-                .transition(
-                    id,
+            self.write(
+                id,
+                Change::to(
                     JobState::Failed,
                     "this server runs no inference jobs (no inference executor)",
-                )
-                .await?;
+                ),
+            )
+            .await?;
             return Ok(());
         };
         if token.is_cancelled() {
-            inner
-                .store
-                .transition(id, JobState::Cancelled, "cancelled")
+            self.write(id, Change::to(JobState::Cancelled, "cancelled"))
                 .await?;
             return Ok(());
         }
@@ -649,12 +723,10 @@ impl<B: JobBackend> RunnerOn<B> {
                     .await;
             }
         };
-        let rec = inner
-            .store
-            .transition(
+        let rec = self
+            .write(
                 id,
-                JobState::Running,
-                format!("running ({})", execution.describe()),
+                Change::to(JobState::Running, self.running_reason(id, &*execution)),
             )
             .await?;
         let result = self.finish(id, &rec, execution, token).await;
@@ -687,8 +759,8 @@ impl<B: JobBackend> RunnerOn<B> {
                 format!("{e}; trying again in {delay} ms (not counted as a failure)"),
             )
         };
-        inner.store.update(id, |_| Ok(change)).await?;
-        inner.state.lock().retries.insert((at, id.to_owned()));
+        self.write(id, change).await?;
+        self.retry_at(at, id);
         Ok(())
     }
 
@@ -704,34 +776,30 @@ impl<B: JobBackend> RunnerOn<B> {
         let result = execution.wait(token).await;
         let (failure, exit_code, what) = match result {
             Ok(Outcome::Exited(0)) => {
-                inner
-                    .store
-                    .update(id, |_| {
-                        Ok(Change {
-                            exit_code: Some(0),
-                            ..Change::to(JobState::Succeeded, "exited with code 0")
-                        })
-                    })
-                    .await?;
+                let change = Change {
+                    exit_code: Some(0),
+                    ..Change::to(JobState::Succeeded, "exited with code 0")
+                };
+                self.write(id, change).await?;
                 return Ok(());
             }
+            Ok(Outcome::Cancelled) if inner.state.lock().lease_stopped.contains(id) => (
+                FailureKind::Infrastructure,
+                None,
+                "stopped: this node's lease ran out before it could renew it".to_string(),
+            ),
             Ok(Outcome::Cancelled) => {
-                inner
-                    .store
-                    .transition(id, JobState::Cancelled, "cancelled")
+                self.write(id, Change::to(JobState::Cancelled, "cancelled"))
                     .await?;
                 return Ok(());
             }
             Ok(Outcome::TimedOut) => {
                 let secs = rec.spec.deadline_seconds.unwrap_or_default();
-                inner
-                    .store
-                    .transition(
-                        id,
-                        JobState::TimedOut,
-                        format!("deadline of {secs} s passed"),
-                    )
-                    .await?;
+                self.write(
+                    id,
+                    Change::to(JobState::TimedOut, format!("deadline of {secs} s passed")),
+                )
+                .await?;
                 return Ok(());
             }
             Ok(Outcome::Exited(code)) => (
@@ -809,9 +877,9 @@ impl<B: JobBackend> RunnerOn<B> {
                 ..Change::to(JobState::Failed, format!("{what}; {reason}"))
             },
         };
-        inner.store.update(id, |_| Ok(change)).await?;
+        self.write(id, change).await?;
         if let RetryDecision::RetryAt { at_ms, .. } = decision {
-            inner.state.lock().retries.insert((at_ms, id.to_owned()));
+            self.retry_at(at_ms, id);
         }
         Ok(())
     }
@@ -859,9 +927,8 @@ impl<B: JobBackend> RunnerOn<B> {
                 tracing::info!(job = %id, attempt = rec.attempt, "adopted after a restart");
                 self.finish(id, rec, execution, token).await
             }
-            None if token.is_cancelled() => inner
-                .store
-                .transition(id, JobState::Cancelled, "cancelled")
+            None if token.is_cancelled() => self
+                .write(id, Change::to(JobState::Cancelled, "cancelled"))
                 .await
                 .map(drop),
             None => {
@@ -883,9 +950,56 @@ impl<B: JobBackend> RunnerOn<B> {
             retry_at_ms: Some(at),
             ..Change::to(JobState::RetryWait, reason)
         };
-        self.inner.store.update(id, |_| Ok(change)).await?;
-        self.inner.state.lock().retries.insert((at, id.to_owned()));
+        self.write(id, change).await?;
+        self.retry_at(at, id);
         Ok(())
+    }
+
+    /// Writes `change` to job `id` about the attempt this node runs: on a single node as is;
+    /// in a cluster only while the job still carries the placement the attempt runs under
+    /// ([`StoreError::MovedOn`] otherwise), so a late write of an attempt the leader has given
+    /// up on changes nothing.
+    async fn write(&self, id: &str, change: Change) -> Result<JobRecord, StoreError> {
+        let placed = self.inner.state.lock().here.get(id).cloned();
+        self.inner
+            .store
+            .update(id, move |rec| match &placed {
+                Some(p) if rec.placement.as_ref() != Some(p) => Err(StoreError::MovedOn {
+                    id: rec.id.clone(),
+                    why: format!(
+                        "its attempt on node {} (placement {}) is no longer its current one",
+                        p.node, p.seq
+                    ),
+                }),
+                _ => Ok(change),
+            })
+            .await
+    }
+
+    /// Why a job is RUNNING: the attempt, and in a cluster where and under which leader.
+    fn running_reason(&self, id: &str, execution: &dyn Execution) -> String {
+        match self.inner.state.lock().here.get(id) {
+            Some(p) => format!(
+                "running ({}) on node {}, placed by leader epoch {}",
+                execution.describe(),
+                p.node,
+                p.epoch
+            ),
+            None => format!("running ({})", execution.describe()),
+        }
+    }
+
+    /// A job waits in RETRY_WAIT until `at`: a single node keeps it; a cluster's leader learns
+    /// it from the job's announced change.
+    fn retry_at(&self, at: u64, id: &str) {
+        if self.inner.cluster.is_none() {
+            self.inner.state.lock().retries.insert((at, id.to_owned()));
+        }
+    }
+
+    /// Whether this runner schedules: a single node always, a cluster node while it leads.
+    fn leads(&self) -> bool {
+        self.inner.cluster.is_none() || self.inner.state.lock().leader.is_some()
     }
 }
 
