@@ -61,7 +61,7 @@ impl Bus {
             .subscriptions
             .read()
             .iter()
-            .filter(|shared| shared.pattern.matches(&event.topic))
+            .filter(|shared| shared.wants(&event))
             .cloned()
             .collect();
         let event = Arc::new(event);
@@ -89,10 +89,35 @@ impl Bus {
         pattern: &str,
         options: SubscribeOptions,
     ) -> Result<Subscription, BusError> {
+        self.subscribe_with(pattern, None, options)
+    }
+
+    /// Subscribes to the events whose topic matches `pattern` and that `accept` takes. An event
+    /// `accept` refuses never reaches the queue, so it takes no room there and counts in none of
+    /// the subscription's counters (the NATS bridge takes only its topics, and leaves out the
+    /// events that came from other nodes).
+    ///
+    /// `accept` runs in every matching publish, under the bus's subscription lock: it must be
+    /// quick and must neither block nor touch the bus.
+    pub fn subscribe_where(
+        &self,
+        pattern: &str,
+        options: SubscribeOptions,
+        accept: impl Fn(&Event) -> bool + Send + Sync + 'static,
+    ) -> Result<Subscription, BusError> {
+        self.subscribe_with(pattern, Some(Box::new(accept)), options)
+    }
+
+    fn subscribe_with(
+        &self,
+        pattern: &str,
+        accept: Option<crate::subscription::Accept>,
+        options: SubscribeOptions,
+    ) -> Result<Subscription, BusError> {
         let pattern = Pattern::parse(pattern)?;
         options.validate()?;
         let id = SubscriptionId(self.inner.next_id());
-        let shared = Arc::new(Shared::new(id, pattern, options));
+        let shared = Arc::new(Shared::new(id, pattern, accept, options));
         self.inner.subscriptions.write().push(Arc::clone(&shared));
         let registry: Weak<Inner> = Arc::downgrade(&self.inner);
         Ok(Subscription::new(shared, registry))

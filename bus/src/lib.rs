@@ -10,7 +10,8 @@
 //! Invariants: every queue is bounded, and what happens when one is full is a named policy
 //! ([`WhenFull`]) chosen per subscription, never an accident of the channel type. Events carry the
 //! W3C trace context of their cause. This crate knows nothing of models, gRPC or configuration
-//! files; bridges to external brokers use the protobuf encoding of [`Event`].
+//! files; bridges to external brokers use the protobuf encoding of [`Event`]: the one to NATS
+//! JetStream (feature `nats`) is `nats::NatsBridge`.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -19,6 +20,8 @@ mod bus;
 mod command;
 mod error;
 mod event;
+#[cfg(feature = "nats")]
+pub mod nats;
 mod policy;
 mod query;
 mod registry;

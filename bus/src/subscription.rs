@@ -83,10 +83,14 @@ pub(crate) enum Outcome {
     Closed,
 }
 
+/// A subscription's own test of an event its pattern matched (see [`crate::Bus::subscribe_where`]).
+pub(crate) type Accept = Box<dyn Fn(&Event) -> bool + Send + Sync>;
+
 /// The queue shared by a subscription and the bus's publishers.
 pub(crate) struct Shared {
     pub(crate) id: SubscriptionId,
     pub(crate) pattern: Pattern,
+    accept: Option<Accept>,
     options: SubscribeOptions,
     state: Mutex<State>,
     readable: Notify,
@@ -94,10 +98,16 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub(crate) fn new(id: SubscriptionId, pattern: Pattern, options: SubscribeOptions) -> Self {
+    pub(crate) fn new(
+        id: SubscriptionId,
+        pattern: Pattern,
+        accept: Option<Accept>,
+        options: SubscribeOptions,
+    ) -> Self {
         Self {
             id,
             pattern,
+            accept,
             state: Mutex::new(State {
                 queue: VecDeque::with_capacity(options.capacity.min(1024)),
                 missed_at_tail: 0,
@@ -112,6 +122,13 @@ impl Shared {
             readable: Notify::new(),
             writable: Notify::new(),
         }
+    }
+
+    /// Whether this subscription takes `event`: its pattern matches the topic and its own test,
+    /// if any, passes.
+    pub(crate) fn wants(&self, event: &Event) -> bool {
+        self.pattern.matches(&event.topic)
+            && self.accept.as_ref().is_none_or(|accept| accept(event))
     }
 
     pub(crate) async fn offer(&self, event: &Arc<Event>) -> Outcome {
@@ -280,6 +297,12 @@ impl Subscription {
     /// This subscription's counters.
     pub fn stats(&self) -> SubscriptionStats {
         self.shared.stats()
+    }
+
+    /// The queue itself, for a holder that reads its counters while another task receives.
+    #[cfg(feature = "nats")]
+    pub(crate) fn shared(&self) -> Arc<Shared> {
+        Arc::clone(&self.shared)
     }
 
     /// The subscription as a [`Stream`] of events.

@@ -308,3 +308,28 @@ async fn concurrent_publishers_lose_nothing_under_block() {
     let stats = sub.stats();
     assert_eq!((stats.delivered, stats.lagged, stats.dropped), (400, 0, 0));
 }
+
+#[tokio::test]
+async fn a_subscription_with_its_own_test_queues_only_what_it_takes() {
+    let bus = Bus::new();
+    let mut picky = bus
+        .subscribe_where(
+            ">",
+            SubscribeOptions::new(1, WhenFull::Reject),
+            |e: &Event| e.topic.starts_with("jobs.") && !e.attributes.contains_key("skip"),
+        )
+        .expect("valid");
+    let report = bus.publish(event("models.a", 0)).await.expect("valid");
+    assert_eq!(report.matched, 0, "refused events are not matched");
+    bus.publish(event("jobs.a", 1).with_attribute("skip", "yes"))
+        .await
+        .expect("valid");
+    bus.publish(event("jobs.a", 2)).await.expect("valid");
+    // The queue holds one: the refused events took no room and counted nowhere.
+    let report = bus.publish(event("jobs.a", 3)).await.expect("valid");
+    assert_eq!(report.rejected, vec![picky.id()]);
+    let stats = picky.stats();
+    assert_eq!((stats.delivered, stats.dropped), (1, 1));
+    assert_eq!(picky.try_recv().map(|d| number(&d.event)), Some(2));
+    assert!(picky.try_recv().is_none());
+}

@@ -396,6 +396,25 @@ pub(crate) fn node(n: &NodeSnapshot) -> v1::SupervisorNode {
     }
 }
 
+/// The NATS bridge's state, as `GetStatus` carries it.
+pub(crate) fn nats_status(s: &veraltheim_bus::nats::BridgeStatus) -> v1::NatsBridgeStatus {
+    v1::NatsBridgeStatus {
+        url: s.url.clone(),
+        stream: s.stream.clone(),
+        state: s.connection.as_str().to_string(),
+        last_error: s.last_error.clone().unwrap_or_default(),
+        buffered: s.buffered,
+        capacity: s.capacity,
+        published: s.published,
+        duplicates: s.duplicates,
+        received: s.received,
+        dropped_full: s.dropped_full,
+        dropped_failed: s.dropped_failed,
+        publish_errors: s.publish_errors,
+        invalid: s.invalid,
+    }
+}
+
 /// One GPU as the inventory read it, with the models the allocator placed there.
 fn gpu(g: &veraltheim_devices::GpuInfo, placements: &[veraltheim_serving::Placed]) -> v1::Gpu {
     let here: Vec<&veraltheim_serving::Placed> = placements
@@ -482,6 +501,7 @@ impl SystemService for Api {
             version: env!("CARGO_PKG_VERSION").to_string(),
             uptime_ms: self.ctx.started.elapsed().as_millis() as u64,
             root: Some(node(&self.tree.snapshot())),
+            nats: self.ctx.bridge.as_ref().map(|b| nats_status(&b.status())),
         }))
     }
 
@@ -547,12 +567,19 @@ impl SystemService for Api {
                 if d.missed_before > 0 {
                     attributes.insert("missed_before".into(), d.missed_before.to_string());
                 }
+                // Events from other nodes name theirs (the NATS bridge sets the attribute);
+                // the others happened here.
+                let node = attributes
+                    .get(veraltheim_bus::nats::NODE_ATTRIBUTE)
+                    .cloned()
+                    .unwrap_or_else(|| crate::node::node_id().to_string());
                 Ok(v1::Event {
                     topic: d.event.topic,
                     time_ms: d.event.time_ms,
                     message: d.event.message,
                     attributes,
                     traceparent: d.event.traceparent,
+                    node,
                 })
             });
         Ok(Response::new(Box::pin(events)))

@@ -613,6 +613,43 @@ fn print_node(n: &v1::SupervisorNode, depth: usize) {
     }
 }
 
+/// The NATS bridge's state as `status --json` prints it.
+pub(crate) fn nats_json(n: &v1::NatsBridgeStatus) -> Value {
+    json!({
+        "url": n.url, "stream": n.stream, "state": n.state,
+        "last_error": if n.last_error.is_empty() { Value::Null } else { json!(n.last_error) },
+        "buffered": n.buffered, "capacity": n.capacity, "published": n.published,
+        "duplicates": n.duplicates, "received": n.received, "dropped_full": n.dropped_full,
+        "dropped_failed": n.dropped_failed, "publish_errors": n.publish_errors,
+        "invalid": n.invalid,
+    })
+}
+
+/// The NATS bridge's state as `status` prints it: a line, and the last error under it.
+fn nats_lines(n: &v1::NatsBridgeStatus) -> Vec<String> {
+    let mut lines = vec![format!(
+        "NATS bridge {} stream {}: {}  buffered {}/{}  published {}  received {}  dropped {} \
+         (buffer full {}, publish failed {})  publish errors {}  duplicates {}  invalid {}",
+        n.url,
+        n.stream,
+        n.state,
+        n.buffered,
+        n.capacity,
+        n.published,
+        n.received,
+        n.dropped_full + n.dropped_failed,
+        n.dropped_full,
+        n.dropped_failed,
+        n.publish_errors,
+        n.duplicates,
+        n.invalid
+    )];
+    if !n.last_error.is_empty() {
+        lines.push(format!("  last error: {}", n.last_error));
+    }
+    lines
+}
+
 pub async fn status(args: ClientArgs) -> anyhow::Result<()> {
     let r = SystemServiceClient::new(connect(&args).await?)
         .get_status(v1::GetStatusRequest {})
@@ -624,6 +661,7 @@ pub async fn status(args: ClientArgs) -> anyhow::Result<()> {
             "version": r.version,
             "uptime_ms": r.uptime_ms,
             "root": r.root.as_ref().map(node_json),
+            "nats": r.nats.as_ref().map(nats_json),
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
@@ -634,6 +672,9 @@ pub async fn status(args: ClientArgs) -> anyhow::Result<()> {
         );
         if let Some(root) = &r.root {
             print_node(root, 0);
+        }
+        for line in r.nats.as_ref().map(nats_lines).unwrap_or_default() {
+            println!("{line}");
         }
     }
     Ok(())
@@ -694,10 +735,10 @@ pub async fn events(args: EventsArgs) -> anyhow::Result<()> {
                 .collect();
             println!(
                 "{}",
-                json!({"topic": e.topic, "time_ms": e.time_ms, "message": e.message, "attributes": attrs, "traceparent": e.traceparent})
+                json!({"topic": e.topic, "time_ms": e.time_ms, "message": e.message, "attributes": attrs, "traceparent": e.traceparent, "node": e.node})
             );
         } else {
-            println!("{} {:<28} {}", e.time_ms, e.topic, e.message);
+            println!("{} {:<12} {:<28} {}", e.time_ms, e.node, e.topic, e.message);
         }
         seen += 1;
         if args.count.is_some_and(|c| seen >= c) {

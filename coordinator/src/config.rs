@@ -34,6 +34,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub storage: StorageConfig,
     pub cluster: ClusterConfig,
+    pub bus: BusConfig,
     pub telemetry: TelemetryConfig,
 }
 
@@ -395,6 +396,66 @@ impl LimitsConfig {
             max_watch_topics: self.max_watch_topics,
             max_topic_pattern_bytes: self.max_topic_pattern_bytes,
         }
+    }
+}
+
+/// `[bus]`: the bridge of this node's events to NATS JetStream (`veraltheim_bus::nats`).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BusConfig {
+    /// The NATS server(s); `None`: no bridge.
+    #[serde(default, deserialize_with = "unset::empty")]
+    pub nats_url: Option<String>,
+    /// Topic patterns bridged, both ways.
+    pub bridge_topics: Vec<String>,
+    /// The JetStream stream.
+    pub nats_stream: String,
+    /// Events go to `<nats_subject_prefix>.<topic>`.
+    pub nats_subject_prefix: String,
+    /// Events buffered before new ones are dropped.
+    pub nats_buffer: usize,
+}
+
+impl BusConfig {
+    /// The bridge's options for node `node`, or `None` without `nats_url`.
+    pub fn bridge(&self, node: &str) -> Option<veraltheim_bus::nats::BridgeOptions> {
+        let url = self.nats_url.as_ref()?;
+        let mut options = veraltheim_bus::nats::BridgeOptions::new(url.trim(), node);
+        options.stream = self.nats_stream.clone();
+        options.subject_prefix = self.nats_subject_prefix.clone();
+        options.topics = self.bridge_topics.clone();
+        options.buffer = self.nats_buffer;
+        Some(options)
+    }
+
+    /// Checks the bridge's settings, naming the key at fault: all of them, with a bridge or
+    /// without (so that a mistake shows before the bridge is turned on). The node id is checked
+    /// with `[cluster]`.
+    fn validate(&self) -> anyhow::Result<()> {
+        use veraltheim_bus::nats::BridgeOption;
+        let mut options = self.clone();
+        // Without a bridge the other keys are checked all the same, against a valid URL.
+        options
+            .nats_url
+            .get_or_insert_with(|| "nats://127.0.0.1:4222".to_string());
+        let Some(options) = options.bridge("node") else {
+            return Ok(());
+        };
+        if let Err(e) = options.validate() {
+            let key = match e.option {
+                BridgeOption::Url => "bus.nats_url (--nats-url)",
+                BridgeOption::Stream => "bus.nats_stream (--nats-stream)",
+                BridgeOption::SubjectPrefix => "bus.nats_subject_prefix (--nats-subject-prefix)",
+                BridgeOption::Topics if e.value.is_empty() => {
+                    bail!("bus.bridge_topics (--bridge-topics) is empty: {}", e.reason)
+                }
+                BridgeOption::Topics => "bus.bridge_topics (--bridge-topics) entry",
+                BridgeOption::Buffer => "bus.nats_buffer (--nats-buffer)",
+                BridgeOption::Node => "cluster.node_id (--node-id)",
+            };
+            bail!("{key} {:?}: {}", e.value, e.reason);
+        }
+        Ok(())
     }
 }
 
@@ -856,6 +917,7 @@ impl Config {
             );
         }
         self.cluster.validate()?;
+        self.bus.validate()?;
         if self.server.grpc_addr == self.server.http_addr {
             bail!(
                 "server.grpc_addr and server.http_addr are both {}",

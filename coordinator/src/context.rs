@@ -45,6 +45,9 @@ pub struct Context {
     pub telemetry: Option<Arc<Telemetry>>,
     /// The batch jobs, for `/metrics` (jobs by state); set by the server.
     pub jobs: Option<Arc<dyn JobCounts>>,
+    /// The bridge of events to NATS JetStream (`--nats-url`), for `GetStatus` and `/metrics`;
+    /// set by the server.
+    pub bridge: Option<Arc<veraltheim_bus::nats::NatsBridge>>,
     /// The supervision tree's root, for `/metrics` (restarts); set once the tree runs.
     pub tree: std::sync::OnceLock<veraltheim_supervisor::SupervisorHandle>,
     /// Set once start-up loading is done; cleared when shutdown begins.
@@ -91,6 +94,7 @@ impl Context {
             max_body_bytes: 64 << 20,
             telemetry: None,
             jobs: None,
+            bridge: None,
             tree: std::sync::OnceLock::new(),
             ready: AtomicBool::new(false),
         }

@@ -183,7 +183,80 @@ fn coordinator_families(ctx: &Context) -> Vec<Family> {
         }
         walk(&root.snapshot(), "", &mut restarts.samples);
     }
-    vec![model_memory, budget, device_held, live, entered, restarts]
+    let mut families = vec![model_memory, budget, device_held, live, entered, restarts];
+    families.extend(nats_families(ctx));
+    families
+}
+
+/// The NATS bridge's state and counters (`--nats-url`); none without a bridge.
+fn nats_families(ctx: &Context) -> Vec<Family> {
+    let Some(bridge) = &ctx.bridge else {
+        return Vec::new();
+    };
+    let s = bridge.status();
+    let one = |name, kind, help, value: u64| {
+        let mut f = Family::new(name, kind, help);
+        f.samples.push((String::new(), value as f64));
+        f
+    };
+    let mut dropped = Family::new(
+        "veraltheim_nats_bridge_dropped_total",
+        "counter",
+        "Events the NATS bridge did not publish: its buffer was full (buffer_full) or their \
+         publish attempts failed (publish_failed)",
+    );
+    dropped
+        .samples
+        .push(("reason=\"buffer_full\"".to_string(), s.dropped_full as f64));
+    dropped.samples.push((
+        "reason=\"publish_failed\"".to_string(),
+        s.dropped_failed as f64,
+    ));
+    vec![
+        one(
+            "veraltheim_nats_bridge_connected",
+            "gauge",
+            "1 while the NATS bridge is connected with its stream and consumer set up",
+            u64::from(s.connection == veraltheim_bus::nats::Connection::Connected),
+        ),
+        one(
+            "veraltheim_nats_bridge_buffered",
+            "gauge",
+            "Events waiting for the NATS bridge to publish them",
+            s.buffered,
+        ),
+        one(
+            "veraltheim_nats_bridge_published_total",
+            "counter",
+            "Events the NATS bridge stored in its stream",
+            s.published,
+        ),
+        one(
+            "veraltheim_nats_bridge_duplicates_total",
+            "counter",
+            "Publishes the stream acknowledged as duplicates of an earlier attempt",
+            s.duplicates,
+        ),
+        one(
+            "veraltheim_nats_bridge_received_total",
+            "counter",
+            "Events from other nodes the NATS bridge delivered here",
+            s.received,
+        ),
+        dropped,
+        one(
+            "veraltheim_nats_bridge_publish_errors_total",
+            "counter",
+            "Failed publish attempts of the NATS bridge",
+            s.publish_errors,
+        ),
+        one(
+            "veraltheim_nats_bridge_invalid_total",
+            "counter",
+            "Messages in the NATS stream that were not valid events",
+            s.invalid,
+        ),
+    ]
 }
 
 /// A label value in the Prometheus text format.

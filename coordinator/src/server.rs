@@ -249,6 +249,23 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             .context("cannot start the execution pool")?;
     let threads = pool.threads();
     let bus = Bus::new();
+    // The bridge of events to NATS (`--nats-url`) subscribes now, so that the events of the
+    // start (models loading, jobs recovered) are buffered until it connects.
+    let nats_bridge = match config.bus.bridge(node_id) {
+        Some(options) => {
+            let bridge = veraltheim_bus::nats::NatsBridge::new(&bus, options)
+                .map_err(|e| anyhow!("the NATS bridge ([bus]): {e}"))?;
+            tracing::info!(
+                url = %bridge.options().url,
+                stream = %bridge.options().stream,
+                topics = %bridge.options().topics.join(","),
+                node = node_id,
+                "bridging events to NATS JetStream"
+            );
+            Some(Arc::new(bridge))
+        }
+        None => None,
+    };
     let devices = Arc::new(
         Devices::detect(
             config.devices.simulate_gpus.as_deref(),
@@ -454,6 +471,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     ctx.max_body_bytes = config.server.max_message_bytes;
     ctx.telemetry = telemetry.clone();
     ctx.jobs = Some(jobs.clone() as Arc<dyn crate::context::JobCounts>);
+    ctx.bridge = nats_bridge.clone();
     let ctx = Arc::new(ctx);
 
     let grpc_addr = config.server.grpc_addr;
@@ -495,6 +513,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         auth_file: auth
             .enabled()
             .then(|| auth.clone().worker(bus_for_auth.clone())),
+        nats_bridge,
         shutdown_grace: grace,
     })
     .await

@@ -3,7 +3,7 @@
 //! ```text
 //! SystemSupervisor
 //! ├── OrchestrationSupervisor   KubernetesSupervisor, LocalExecutor, NodeRegistry, ResourceMonitor
-//! ├── MessageBusSupervisor      QueueManager, EventRouter
+//! ├── MessageBusSupervisor      QueueManager, EventRouter, NatsBridge (with --nats-url)
 //! ├── StorageSupervisor         KVCacheManager, PersistenceManager, AuditLog
 //! ├── AICoordinatorSupervisor   FastPathProcessor (one supervisor per loaded model), SlowPathOrchestrator
 //! └── API                       AuthFile (with an auth file), grpc, http
@@ -12,8 +12,10 @@
 //! Children start in this order and stop in reverse, so on shutdown the API stops taking work
 //! before the models drain. `SlowPathOrchestrator` runs the job runner (scheduler and the
 //! executor `jobs.executor` names: local processes or Kubernetes Jobs); `QueueManager` publishes
-//! job state changes on the bus; `KubernetesSupervisor` and `LocalExecutor` hold their places
-//! in the tree (the executors supervise their own watchers and processes).
+//! job state changes on the bus; `NatsBridge` carries the bridged topics' events to and from
+//! NATS JetStream (`veraltheim_bus::nats`: an outage is its state, not its failure; a panic is
+//! restarted here, its buffer and counters kept); `KubernetesSupervisor` and `LocalExecutor`
+//! hold their places in the tree (the executors supervise their own watchers and processes).
 //!
 //! Model workers reach the tree through [`TreeHost`], the model manager's
 //! [`WorkerHost`]: FastPathProcessor's first child, `ModelHost`, takes its supervisor's handle
@@ -70,6 +72,8 @@ pub struct TreeParts {
     pub node_registry: ChildSpec,
     /// Re-reads the auth file when it changes (with authentication on), in the API supervisor.
     pub auth_file: Option<ChildSpec>,
+    /// The bridge of events to NATS JetStream (with `--nats-url`), in the MessageBusSupervisor.
+    pub nats_bridge: Option<Arc<veraltheim_bus::nats::NatsBridge>>,
     pub shutdown_grace: Duration,
 }
 
@@ -299,6 +303,20 @@ fn event_router(rx: mpsc::Receiver<SupervisorEvent>, bus: Bus) -> ChildSpec {
     .backoff(restart_backoff())
 }
 
+/// Carries events to and from NATS JetStream until stopped. NATS being away is the bridge's
+/// state (it reconnects and buffers by itself); only a panic ends it early, and then it is
+/// restarted with the same buffer and counters.
+fn nats_bridge(bridge: Arc<veraltheim_bus::nats::NatsBridge>) -> ChildSpec {
+    ChildSpec::worker("NatsBridge", move |ctx: ChildContext| {
+        let bridge = bridge.clone();
+        async move {
+            bridge.run(ctx.cancelled()).await;
+            Ok(())
+        }
+    })
+    .backoff(restart_backoff())
+}
+
 /// The durable store's keeper. The store is opened once at start (so that the slow path can
 /// recover its jobs before anything runs); this worker reports its commit statistics. The
 /// StorageSupervisor stops after the API and the AICoordinator (reverse start order), so no job
@@ -448,12 +466,16 @@ pub async fn start(parts: TreeParts) -> anyhow::Result<SupervisorHandle> {
                     parts.models.clone(),
                 )),
         ))
-        .child(subsystem(
-            SupervisorSpec::new("MessageBusSupervisor")
+        .child(subsystem({
+            let bus = SupervisorSpec::new("MessageBusSupervisor")
                 .intensity(10, Duration::from_secs(60))
                 .child(queue_manager(parts.job_events, parts.bus.clone()))
-                .child(event_router(rx, parts.bus.clone())),
-        ))
+                .child(event_router(rx, parts.bus.clone()));
+            match parts.nats_bridge {
+                Some(bridge) => bus.child(nats_bridge(bridge)),
+                None => bus,
+            }
+        }))
         .child(subsystem(
             SupervisorSpec::new("StorageSupervisor")
                 .intensity(10, Duration::from_secs(60))

@@ -122,6 +122,10 @@ fn sample(s: &Setting) -> String {
         "cluster.node_id" => Some("node-7"),
         "cluster.advertise_addr" => Some("node-7.example:9001"),
         "cluster.labels" => Some("zone=a,gpu=h100"),
+        "bus.nats_url" => Some("nats://127.0.0.1:4222"),
+        "bus.bridge_topics" => Some("jobs.>,models.*.state"),
+        "bus.nats_stream" => Some("OTHER_EVENTS"),
+        "bus.nats_subject_prefix" => Some("other.events"),
         "jobs.kubernetes.node_selector" => Some("pool=gpu,zone=a"),
         "jobs.kubernetes.tolerations" => {
             Some(r#"[{ key = "nvidia.com/gpu", operator = "Exists", effect = "NoSchedule" }]"#)
@@ -424,6 +428,68 @@ fn cluster_settings_have_defaults_flags_and_checks() {
         (&["--advertise-addr", "node-1"][..], "no port"),
         (&["--advertise-addr", "node-1:0"][..], "port 0"),
         (&["--advertise-addr", ":8001"][..], "no host"),
+    ] {
+        let e = format!("{:#}", resolve(args).unwrap_err());
+        assert!(e.contains(says), "{args:?}: {e}");
+    }
+}
+
+#[test]
+fn bus_settings_have_defaults_flags_and_checks() {
+    let c = resolve(&[]).unwrap();
+    assert_eq!(c.bus.nats_url, None);
+    assert_eq!(c.bus.bridge("node-1"), None, "no URL, no bridge");
+    assert_eq!(
+        c.bus.bridge_topics,
+        ["jobs.>", "models.>", "devices.>", "nodes.>", "audit.>"]
+    );
+    let c = resolve(&[
+        "--nats-url",
+        "nats://127.0.0.1:4222",
+        "--nats-stream",
+        "T1",
+        "--nats-subject-prefix",
+        "t1.events",
+        "--bridge-topics",
+        "jobs.>,models.*.state",
+        "--nats-buffer",
+        "5",
+    ])
+    .unwrap();
+    let b = c.bus.bridge("node-1").expect("a URL, a bridge");
+    assert_eq!(b.url, "nats://127.0.0.1:4222");
+    assert_eq!((b.node.as_str(), b.stream.as_str()), ("node-1", "T1"));
+    assert_eq!(b.subject_prefix, "t1.events");
+    assert_eq!(b.topics, ["jobs.>", "models.*.state"]);
+    assert_eq!(b.buffer, 5);
+    // An empty URL is the old spelling of unset.
+    assert_eq!(resolve(&["--nats-url", ""]).unwrap().bus.nats_url, None);
+    for (args, says) in [
+        (
+            &["--nats-url", "http://127.0.0.1:4222"][..],
+            "bus.nats_url (--nats-url)",
+        ),
+        (&["--nats-url", "nats://a,,nats://b"][..], "bus.nats_url"),
+        (
+            &["--bridge-topics", "jobs.>.x"][..],
+            "bus.bridge_topics (--bridge-topics) entry \"jobs.>.x\"",
+        ),
+        (
+            &["--bridge-topics", "[]"][..],
+            "bus.bridge_topics (--bridge-topics) is empty",
+        ),
+        (
+            &["--nats-stream", "a.b"][..],
+            "bus.nats_stream (--nats-stream)",
+        ),
+        (
+            &["--nats-subject-prefix", "a.>"][..],
+            "bus.nats_subject_prefix",
+        ),
+        (
+            &["--nats-buffer", "0"][..],
+            "bus.nats_buffer (--nats-buffer)",
+        ),
     ] {
         let e = format!("{:#}", resolve(args).unwrap_err());
         assert!(e.contains(says), "{args:?}: {e}");

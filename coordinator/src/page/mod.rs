@@ -236,6 +236,7 @@ pub fn status_document(ctx: &Context, tree: &SupervisorHandle) -> Value {
         "uptime_ms": ctx.started.elapsed().as_millis() as u64,
         "ready": ctx.is_ready(),
         "tree": crate::cli::node_json(&crate::api::node(&tree.snapshot())),
+        "nats": ctx.bridge.as_ref().map(|b| crate::cli::nats_json(&crate::api::nats_status(&b.status()))),
         "models": models,
         "gpus": resources.gpus.iter().map(crate::cli::gpu_json).collect::<Vec<_>>(),
         "gpu_probe": resources.gpu_probe,
