@@ -137,7 +137,7 @@ CLUSTER_ENV_FLAGS = ("--store", "--nats-url", "--node-id", "--advertise-addr")
 # Settings the manifests use before the server declares them (bus.nats_url is being added):
 # reported as a note, not an error, until `veraltheim config default` knows them. Remove an
 # entry once it does.
-PENDING_SETTINGS = {"VERALTHEIM_NATS_URL": "bus.nats_url"}
+PENDING_SETTINGS: dict[str, str] = {}
 # Downward-API values standing in for a pod's when env entries are resolved (resolve_env).
 SAMPLE_POD_FIELDS = {"metadata.name": "veraltheim-5d8f7c9b4-x2x7q", "metadata.namespace": "veraltheim",
                      "status.podIP": "10.1.2.3", "spec.nodeName": "k8s-node-1"}

@@ -749,6 +749,12 @@ fn job_to_wire(jobs: &Jobs, r: &JobRecord) -> v1::Job {
             .as_ref()
             .map(|o| o.tenant.clone())
             .unwrap_or_default(),
+        node: r
+            .placement
+            .as_ref()
+            .map(|p| p.node.clone())
+            .unwrap_or_default(),
+        leader_epoch: r.placement.as_ref().map_or(0, |p| p.epoch),
     }
 }
 

@@ -21,7 +21,10 @@ mod common;
 use common::pg::TestDb;
 use common::{Server, command, wait_for};
 
-/// The waiting reason of a job held back by a drained node (the runner's `DRAINING`).
+/// The waiting reason of a job when every node of a cluster is drained (the scheduler's
+/// `NO_NODE`).
+const NO_NODE_REASON: &str = "no node takes jobs now";
+/// The waiting reason of a job on a single node that is drained (the runner's `DRAINING`).
 const DRAINING_REASON: &str = "this node is draining";
 
 async fn start(db: &TestDb, id: &str, lease: &str, extra: &[&str]) -> Server {
@@ -105,8 +108,8 @@ fn json_of(out: &Output) -> Value {
         .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
 }
 
-/// Polls a job until its waiting reason says the node drains; it must still be QUEUED.
-async fn held_by_the_drain(client: &mut JobServiceClient<Channel>, id: &str) -> v1::Job {
+/// Polls a job until its waiting reason says no node takes it; it must still be QUEUED.
+async fn held_by_the_drain(client: &mut JobServiceClient<Channel>, id: &str, why: &str) -> v1::Job {
     let bound = Instant::now() + Duration::from_secs(30);
     loop {
         let job = client
@@ -115,7 +118,7 @@ async fn held_by_the_drain(client: &mut JobServiceClient<Channel>, id: &str) -> 
             .unwrap()
             .into_inner();
         assert_eq!(job.state, v1::JobState::Queued as i32, "{job:?}");
-        if job.reason.contains(DRAINING_REASON) {
+        if job.reason.contains(why) {
             return job;
         }
         assert!(Instant::now() < bound, "never held by the drain: {job:?}");
@@ -280,43 +283,58 @@ async fn a_drained_node_starts_no_new_job_and_lets_its_running_one_finish() {
         .await
         .unwrap()
         .into_inner();
-    wait_for(&mut jb, &running.id, v1::JobState::Running).await;
-    until(&mut ca, "b", "reported its running job", |n| {
+    let running_now = wait_for(&mut jb, &running.id, v1::JobState::Running).await;
+    // The leader placed it on one of the two; the other is `free`.
+    let busy = running_now.node.clone();
+    let free = if busy == "a" { "b" } else { "a" };
+    assert!(busy == "a" || busy == "b", "{running_now:?}");
+    until(&mut ca, &busy, "reported its running job", |n| {
         n.running_jobs == 1
     })
     .await;
 
-    // Drained through the other node: the flag is in the registry at once, and b applies it
-    // at its next renewal.
-    let drained = json_of(&cli(&a, &["drain", "b", "--json"]));
-    assert_eq!(drained["id"], "b");
+    // Drained through the other node's API: the flag is in the registry at once, and the node
+    // applies it at its next renewal.
+    let other_api = if busy == "a" { &b } else { &a };
+    let drained = json_of(&cli(other_api, &["drain", &busy, "--json"]));
+    assert_eq!(drained["id"], busy.as_str());
     assert_eq!(drained["state"], "DRAINING");
     assert_eq!(drained["draining"], true);
-    until(&mut ca, "b", "stopped admitting", |n| !n.admitting).await;
+    until(&mut ca, &busy, "stopped admitting", |n| !n.admitting).await;
 
-    // A job submitted to the drained node waits; the running one finishes.
-    let after = jb
-        .submit_job(command("after", &["true"]))
-        .await
-        .unwrap()
-        .into_inner();
+    // New work goes to the node that is not drained, whichever node takes the submit; the
+    // running job finishes where it is.
+    for api in [&a, &b] {
+        let mut client = jobs(api).await;
+        let after = client
+            .submit_job(command("after", &["true"]))
+            .await
+            .unwrap()
+            .into_inner();
+        let done = wait_for(&mut client, &after.id, v1::JobState::Succeeded).await;
+        assert_eq!(done.node, free, "{done:?}");
+    }
     std::fs::write(&flag, b"").unwrap();
-    wait_for(&mut jb, &running.id, v1::JobState::Succeeded).await;
-    held_by_the_drain(&mut jb, &after.id).await;
-    let b_now = until(&mut ca, "b", "reported no running job", |n| {
+    let finished = wait_for(&mut jb, &running.id, v1::JobState::Succeeded).await;
+    assert_eq!(finished.node, busy);
+    let busy_now = until(&mut ca, &busy, "reported no running job", |n| {
         n.running_jobs == 0
     })
     .await;
-    assert_eq!(state(&b_now), v1::NodeState::Draining);
-    // The other node is not drained: it still runs what it is given.
-    let mut ja = jobs(&a).await;
-    let elsewhere = ja
-        .submit_job(command("elsewhere", &["true"]))
+    assert_eq!(state(&busy_now), v1::NodeState::Draining);
+
+    // Both drained: a job waits, and the leader says why.
+    json_of(&cli(&a, &["drain", free, "--json"]));
+    until(&mut ca, free, "stopped admitting", |n| !n.admitting).await;
+    let leader = nodes(&mut ca).await.leader_id;
+    let leader_api = if leader == "a" { &a } else { &b };
+    let mut jl = jobs(leader_api).await;
+    let held = jl
+        .submit_job(command("held", &["true"]))
         .await
         .unwrap()
         .into_inner();
-    wait_for(&mut ja, &elsewhere.id, v1::JobState::Succeeded).await;
-    held_by_the_drain(&mut jb, &after.id).await;
+    held_by_the_drain(&mut jl, &held.id, NO_NODE_REASON).await;
 
     // An unknown node is named as such; the table says who is who.
     let out = cli(&a, &["drain", "nobody"]);
@@ -333,22 +351,19 @@ async fn a_drained_node_starts_no_new_job_and_lets_its_running_one_finish() {
     assert!(
         table
             .lines()
-            .any(|l| l.starts_with("a *") && l.contains("READY")),
+            .any(|l| l.starts_with("a *") && l.contains("DRAINING")),
         "{table}"
     );
     assert!(
-        table
-            .lines()
-            .any(|l| l.starts_with("b ") && l.contains("DRAINING")),
+        table.contains(&format!("scheduler leader: {leader} (epoch ")),
         "{table}"
     );
 
     // Undrained: the held job runs.
-    let undone = json_of(&cli(&a, &["drain", "b", "--undo", "--json"]));
+    let undone = json_of(&cli(&a, &["drain", free, "--undo", "--json"]));
     assert_eq!(undone["draining"], false);
-    wait_for(&mut jb, &after.id, v1::JobState::Succeeded).await;
-    let b_now = node(&mut ca, "b").await;
-    assert!(!b_now.draining, "{b_now:?}");
+    let ran = wait_for(&mut jl, &held.id, v1::JobState::Succeeded).await;
+    assert_eq!(ran.node, free);
 }
 
 #[tokio::test]
@@ -386,7 +401,7 @@ async fn a_node_on_the_embedded_store_lists_and_drains_itself() {
         .await
         .unwrap()
         .into_inner();
-    held_by_the_drain(&mut js, &held.id).await;
+    held_by_the_drain(&mut js, &held.id, DRAINING_REASON).await;
     let out = json_of(&cli(&server, &["--json"]));
     assert_eq!(out["nodes"][0]["state"], "DRAINING");
     assert_eq!(out["nodes"][0]["admitting"], false);

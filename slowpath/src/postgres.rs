@@ -149,8 +149,9 @@ impl Default for PgOptions {
 /// Durable jobs in PostgreSQL. See the module documentation.
 pub struct PgJobStore {
     pool: Pool,
-    /// Where the pool connects, for the notice listener's own connection.
-    config: tokio_postgres::Config,
+    /// Where the pool connects, for the notice listener's own connection (boxed: it is large,
+    /// and read once).
+    config: Box<tokio_postgres::Config>,
     timeout: Duration,
     clock: Clock,
     observer: Option<Observer>,
@@ -300,7 +301,7 @@ impl PgJobStore {
             .map_err(|e| StoreError::Database(format!("cannot make the pool: {e}")))?;
         let store = Self {
             pool,
-            config,
+            config: Box::new(config),
             timeout: options.timeout,
             clock: system_clock(),
             observer: None,
@@ -810,7 +811,7 @@ impl PgJobStore {
     /// is dropped.
     pub fn notices(&self) -> tokio::sync::mpsc::Receiver<JobNotice> {
         let (tx, rx) = tokio::sync::mpsc::channel(NOTICE_BACKLOG);
-        tokio::spawn(listen(self.config.clone(), tx));
+        tokio::spawn(listen((*self.config).clone(), tx));
         rx
     }
 

@@ -835,6 +835,78 @@ mod tests {
         d.admitted.iter().map(|j| j.id.as_str()).collect()
     }
 
+    fn node(id: &str, cpu: u64, slots: usize) -> NodeCapacity {
+        NodeCapacity {
+            id: id.into(),
+            capacity: res(cpu, 1 << 30, 0),
+            slots,
+        }
+    }
+
+    #[test]
+    fn jobs_are_placed_on_the_least_loaded_node_with_room() {
+        let mut s = sched(res(4000, 1 << 30, 0), vec![queue("q", 1, Quota::default())]);
+        s.set_nodes(vec![node("a", 2000, 8), node("b", 4000, 8)]);
+        for i in 0..4 {
+            s.enqueue(job(&format!("j{i}"), "q", "", res(1000, 0, 0)))
+                .unwrap();
+        }
+        let d = s.schedule();
+        assert_eq!(ids(&d), ["j0", "j1", "j2", "j3"]);
+        // b (the larger) first: with j0 it is at 1/4, a would be at 1/2; then a and b tie at
+        // 1/2 (ties by id: a); then a would be full, b at 1/2: b; then a full, b at 3/4: b.
+        let placed: Vec<_> = ["j0", "j1", "j2", "j3"]
+            .iter()
+            .map(|id| s.node_of(id).unwrap())
+            .collect();
+        assert_eq!(placed, ["b", "a", "b", "b"]);
+        // 1000m free on each: a job of 2000m fits on neither, though the sum would hold it.
+        s.enqueue(job("j4", "q", "", res(2000, 0, 0))).unwrap();
+        let d = s.schedule();
+        assert!(d.admitted.is_empty());
+        assert_eq!(
+            d.waiting.get("j4").map(String::as_str),
+            Some(
+                "no node has room: node a: capacity cpu 1000/2000m (needs 2000m); node b: capacity cpu 3000/4000m (needs 2000m)"
+            )
+        );
+        // Released, its node has room again.
+        assert!(s.release("j1"));
+        assert_eq!(ids(&s.schedule()), ["j4"]);
+        assert_eq!(s.node_of("j4"), Some("a"));
+    }
+
+    #[test]
+    fn a_nodes_slots_bound_its_jobs_and_no_node_holds_all() {
+        let mut s = sched(res(4000, 1 << 30, 0), vec![queue("q", 1, Quota::default())]);
+        s.set_nodes(vec![node("a", 4000, 1)]);
+        s.enqueue(job("j0", "q", "", res(10, 0, 0))).unwrap();
+        s.enqueue(job("j1", "q", "", res(10, 0, 0))).unwrap();
+        let d = s.schedule();
+        assert_eq!(ids(&d), ["j0"]);
+        assert_eq!(
+            d.waiting.get("j1").map(String::as_str),
+            Some("no node has room: node a: all 1 slots taken")
+        );
+        s.set_nodes(vec![]);
+        assert!(s.schedule().admitted.is_empty());
+        assert_eq!(s.waiting_reason("j1").as_deref(), Some(NO_NODE));
+        // A job admitted to a node that left counts against it when it comes back.
+        s.set_nodes(vec![node("a", 4000, 1)]);
+        assert!(
+            s.schedule().admitted.is_empty(),
+            "j0 still holds a's one slot"
+        );
+        let mut adopted = sched(res(4000, 1 << 30, 0), vec![queue("q", 1, Quota::default())]);
+        adopted
+            .adopt_on(&job("x", "q", "", res(3000, 0, 0)), "a")
+            .unwrap();
+        adopted.set_nodes(vec![node("a", 4000, 8), node("b", 4000, 8)]);
+        adopted.enqueue(job("y", "q", "", res(2000, 0, 0))).unwrap();
+        assert_eq!(ids(&adopted.schedule()), ["y"]);
+        assert_eq!(adopted.node_of("y"), Some("b"));
+    }
+
     #[test]
     fn config_is_validated() {
         let bad = |queues, classes| {
