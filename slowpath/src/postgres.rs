@@ -26,9 +26,13 @@
 //! together apply each once; `schema_version` says which ran. A database whose schema is newer
 //! than this binary knows is refused ([`StoreError::SchemaTooNew`]).
 //!
-//! Not yet here (the cluster's next steps): a node or leader epoch on writes, recovery scoped to
-//! one node's jobs ([`PgJobStore::recover`] takes up every live job, as after a restart of the
-//! only node), and other nodes' finishes lowering this node's [`PgJobStore::next_expiry_ms`].
+//! For a cluster: the leader row (`leader.rs`) fences a leader's writes
+//! ([`PgJobStore::update_as_leader`]), the `node` and `cancel_requested` columns say where a
+//! job is placed and whether its node must stop it ([`PgJobStore::placed_on`],
+//! [`PgJobStore::request_cancel`]), and a trigger announces every change
+//! ([`PgJobStore::notices`]). [`PgJobStore::recover`] (every live job, as after a restart of
+//! the only node) is the single-node path; a cluster's runner never calls it. Not yet: other
+//! nodes' finishes lowering this node's [`PgJobStore::next_expiry_ms`].
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -216,6 +220,19 @@ fn db_error(e: tokio_postgres::Error) -> StoreError {
     }
 }
 
+/// Runs `op` within `timeout`; past it, [`StoreError::Unavailable`] (every statement of the
+/// job store, the node registry and the leader row goes through it).
+async fn within<T>(
+    timeout: Duration,
+    op: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    tokio::time::timeout(timeout, op).await.unwrap_or_else(|_| {
+        Err(StoreError::Unavailable(format!(
+            "no answer from the database within {timeout:?}"
+        )))
+    })
+}
+
 fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
     match e {
         deadpool_postgres::PoolError::Backend(e) => db_error(e),
@@ -355,14 +372,7 @@ impl PgJobStore {
         &self,
         op: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
-        tokio::time::timeout(self.timeout, op)
-            .await
-            .unwrap_or_else(|_| {
-                Err(StoreError::Unavailable(format!(
-                    "no answer from the database within {:?}",
-                    self.timeout
-                )))
-            })
+        within(self.timeout, op).await
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {

@@ -73,14 +73,7 @@ impl PgLeader {
         &self,
         op: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
-        tokio::time::timeout(self.timeout, op)
-            .await
-            .unwrap_or_else(|_| {
-                Err(StoreError::Unavailable(format!(
-                    "no answer from the database within {:?}",
-                    self.timeout
-                )))
-            })
+        super::within(self.timeout, op).await
     }
 
     /// Takes the leadership for `node` (this process: `incarnation`) if the row's lease has

@@ -82,14 +82,7 @@ impl PgNodes {
         &self,
         op: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
-        tokio::time::timeout(self.timeout, op)
-            .await
-            .unwrap_or_else(|_| {
-                Err(StoreError::Unavailable(format!(
-                    "no answer from the database within {:?}",
-                    self.timeout
-                )))
-            })
+        super::within(self.timeout, op).await
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {

@@ -491,19 +491,7 @@ impl<B: JobBackend> RunnerOn<B> {
     async fn lead_round(&self, fence: &LeaderFence) -> Result<Option<u64>, StoreError> {
         let inner = &self.inner;
         let now = inner.store.now_ms();
-        let due: Vec<String> = {
-            let mut state = inner.state.lock();
-            let due: Vec<_> = state
-                .retries
-                .iter()
-                .take_while(|(at, _)| *at <= now)
-                .cloned()
-                .collect();
-            for d in &due {
-                state.retries.remove(d);
-            }
-            due.into_iter().map(|(_, id)| id).collect()
-        };
+        let due = inner.state.lock().take_due(now);
         for id in due {
             let change = Change::to(JobState::Queued, "queued again after backoff");
             match inner

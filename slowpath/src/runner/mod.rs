@@ -109,6 +109,20 @@ struct State {
 }
 
 impl State {
+    /// Takes the RETRY_WAIT jobs due by `now` out of waiting, in due order.
+    fn take_due(&mut self, now: u64) -> Vec<String> {
+        let due: Vec<_> = self
+            .retries
+            .iter()
+            .take_while(|(at, _)| *at <= now)
+            .cloned()
+            .collect();
+        for d in &due {
+            self.retries.remove(d);
+        }
+        due.into_iter().map(|(_, id)| id).collect()
+    }
+
     /// Puts a QUEUED job in line, or parks it with the scheduler's reason.
     fn enqueue(&mut self, rec: &JobRecord) {
         match self.sched.enqueue(pending(rec)) {
@@ -493,19 +507,7 @@ impl<B: JobBackend> RunnerOn<B> {
     async fn round(&self) -> Result<Option<u64>, RunnerError> {
         let inner = &self.inner;
         let now = inner.store.now_ms();
-        let due: Vec<String> = {
-            let mut state = inner.state.lock();
-            let due: Vec<_> = state
-                .retries
-                .iter()
-                .take_while(|(at, _)| *at <= now)
-                .cloned()
-                .collect();
-            for d in &due {
-                state.retries.remove(d);
-            }
-            due.into_iter().map(|(_, id)| id).collect()
-        };
+        let due = inner.state.lock().take_due(now);
         for id in due {
             // One job's failure to move on (cancelled meanwhile, a store error) must not hold
             // back the others: each is handled on its own.
