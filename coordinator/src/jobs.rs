@@ -16,7 +16,7 @@ use tonic::{Request, Response, Status};
 use veraltheim_bus::Event;
 use veraltheim_proto::v1::{self, job_service_server::JobService};
 use veraltheim_slowpath::job::JobKind;
-use veraltheim_slowpath::local::{Cgroups, Limits, RunAs, Sandbox};
+use veraltheim_slowpath::local::{Cgroups, Limits, RunAs, Sandbox, Shim};
 use veraltheim_slowpath::runner::ClusterSelf;
 use veraltheim_slowpath::sandbox::effective_uid;
 use veraltheim_slowpath::{
@@ -243,11 +243,20 @@ impl Jobs {
                         "jobs run as jobs.local.run_as cannot reach their folders (their HOME) by path: this folder is not searchable by that user. They still start in them, but $HOME/... fails: make it searchable (chmod o+x) or move storage.data_dir"
                     );
                 }
+                // Every job starts through this binary in shim mode, which kills the job's
+                // process group if this process dies (slowpath/src/shim.rs). `Jobs::start` runs
+                // in the `veraltheim` binary only (`server::serve`), whose `run` answers it.
+                let shim = Shim::current_exe().context(
+                    "cannot open this server's own executable (/proc/self/exe), through which local jobs start",
+                )?;
+                shim.check_runnable_by(sandbox.run_as.as_ref())
+                    .map_err(|e| anyhow!("jobs.local.run_as: {e}"))?;
                 (
                     Arc::new(
                         LocalExecutor::new(jobs_dir)
                             .with_max_log_bytes(config.max_log_bytes)
-                            .with_sandbox(sandbox),
+                            .with_sandbox(sandbox)
+                            .with_shim(shim),
                     ),
                     capacity,
                     std::thread::available_parallelism().map_or(1, |n| n.get()),

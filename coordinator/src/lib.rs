@@ -143,6 +143,15 @@ fn run_client<F: std::future::Future<Output = anyhow::Result<bool>>>(f: F) -> Ex
 
 /// The `veraltheim` command: parses the command line and runs what it asks.
 pub fn run() -> ExitCode {
+    // The job shim (between the local executor and a job's program) before anything else: no
+    // runtime, no logging, no parsing of the job's own arguments by clap.
+    let mut args = std::env::args_os();
+    if args
+        .nth(1)
+        .is_some_and(|a| a == veraltheim_slowpath::shim::ARG)
+    {
+        return veraltheim_slowpath::shim::main(args);
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => {

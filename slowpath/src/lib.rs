@@ -21,6 +21,8 @@
 //! - [`local`]: the local executor, a command job as a process group with its logs in files.
 //! - [`sandbox`]: what a local job may touch: its user and group, environment, folder,
 //!   rlimits, allowed programs and cgroup.
+//! - [`shim`]: the job shim, this binary again between the coordinator and a local job's
+//!   program, which kills the job's process group when the coordinator dies.
 //! - [`kubernetes`]: the Kubernetes executor, a `batch/v1` Job per attempt through `kube`, and
 //!   (feature `fake-k8s`) the fake Kubernetes API server its tests run against.
 //! - [`runner`]: store, scheduler and an executor tied together in an async loop.
@@ -37,6 +39,7 @@ pub mod postgres;
 pub mod runner;
 pub mod sandbox;
 pub mod scheduler;
+pub mod shim;
 pub mod store;
 
 pub use backend::{AnyJobStore, JobBackend};

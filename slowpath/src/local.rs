@@ -24,8 +24,18 @@
 //! half in memory, and at the attempt's end a line saying how many bytes were cut, then that
 //! tail. A job writing without end therefore costs a bounded file and bounded memory.
 //!
+//! With a [`Shim`] ([`LocalExecutor::with_shim`]; the coordinator always gives its own binary)
+//! the executor's child is the job shim (the `shim` module): it starts the command as its own
+//! child, leading the job's process group (the shim says which), ends as the command ends, and
+//! kills the group when the coordinator dies (kill -9, the OOM killer) — a job never outlives
+//! the node that ran it, so its next attempt, here after a restart or on another node, never
+//! runs beside an orphan. The group kills above are the same, by the id the shim gave; a cancel
+//! then waits for the shim to reap the command and end. Without a shim (the crate's own tests,
+//! which have no such binary) the command is the child, and outlives a killed coordinator.
+//! An execution dropped before its end (its runner task gone) kills its group too.
+//!
 //! It does not adopt: after a restart of the coordinator, a job that was running runs again
-//! (the old process group, no longer the coordinator's child, is not found again).
+//! (its old process group died with the coordinator, or, without the shim, is not found again).
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -45,6 +55,7 @@ use crate::executor::{Execution, Executor, LogChunk, LogSource, LogStream};
 use crate::job::{JobKind, JobSpec};
 use crate::logcap::HeadTail;
 pub use crate::sandbox::{Cgroups, Limits, RunAs, Sandbox};
+pub use crate::shim::Shim;
 
 /// How often a followed log file is read again.
 const LOG_POLL: Duration = Duration::from_millis(200);
@@ -60,6 +71,10 @@ pub const DEFAULT_MAX_LOG_BYTES: u64 = 16 * 1024 * 1024;
 /// a process that left the group (setsid) may hold the pipe open forever.
 const DRAIN_GRACE: Duration = Duration::from_secs(2);
 
+/// How long a cancel or a deadline waits for the shim to end by itself once the job's group is
+/// killed (it does at once, unless stopped) before it kills the shim too.
+const SHIM_GRACE: Duration = Duration::from_secs(5);
+
 /// Runs command jobs as local processes; see the module documentation.
 #[derive(Clone, Debug)]
 pub struct LocalExecutor {
@@ -70,6 +85,8 @@ pub struct LocalExecutor {
     live: Arc<Mutex<HashSet<(String, u32)>>>,
     /// Who the jobs run as, with what; see the module documentation.
     sandbox: Arc<Sandbox>,
+    /// What leads each attempt's process group and runs the command; `None`: the command.
+    shim: Option<Shim>,
 }
 
 impl LocalExecutor {
@@ -80,7 +97,16 @@ impl LocalExecutor {
             max_log_bytes: DEFAULT_MAX_LOG_BYTES,
             live: Arc::default(),
             sandbox: Arc::default(),
+            shim: None,
         }
+    }
+
+    /// Starts every attempt through `shim`, so that its process group dies with this process
+    /// (see the module documentation). `shim` must be a binary that runs the `shim` module's
+    /// `main` when started with its `ARG`: the coordinator's own.
+    pub fn with_shim(mut self, shim: Shim) -> Self {
+        self.shim = Some(shim);
+        self
     }
 
     /// Runs the jobs in `sandbox` (by default: as the server's user, with a clean environment
@@ -125,7 +151,7 @@ impl LocalExecutor {
         run: &CommandRun,
         cancel: &CancellationToken,
     ) -> Result<Outcome, ExecError> {
-        let started = self.spawn(run)?;
+        let started = self.spawn(run).await?;
         started.wait_for(cancel).await
     }
 
@@ -154,8 +180,9 @@ impl LocalExecutor {
         Ok((dir, work))
     }
 
-    /// Starts the process group of an attempt.
-    fn spawn(&self, run: &CommandRun) -> Result<LocalExecution, ExecError> {
+    /// Starts the process group of an attempt; with a shim, returns once the shim has started
+    /// the command.
+    async fn spawn(&self, run: &CommandRun) -> Result<LocalExecution, ExecError> {
         let (name, args) = run.command.split_first().ok_or(ExecError::EmptyCommand)?;
         // Checked again: the allow-list (or the files on PATH) may have changed since submit.
         let program = self
@@ -195,10 +222,24 @@ impl LocalExecutor {
             .entry(&work, &run.working_dir, cgroup.as_deref())
             .map_err(ExecError::Rejected)?;
 
-        let mut cmd = tokio::process::Command::new(&program);
-        cmd.arg0(name)
-            .args(args)
-            .env_clear()
+        let (mut cmd, report) = match &self.shim {
+            None => {
+                let mut cmd = tokio::process::Command::new(&program);
+                cmd.arg0(name).args(args);
+                (cmd, None)
+            }
+            Some(shim) => {
+                let (cmd, report) =
+                    shim.command(&program, name, args)
+                        .map_err(|source| ExecError::Spawn {
+                            program: name.clone(),
+                            source,
+                        })?;
+                (cmd, Some(report))
+            }
+        };
+        let report_fd = report.as_ref().map(|r| r.child_fd());
+        cmd.env_clear()
             .env("PATH", &self.sandbox.path)
             .env("HOME", &work)
             .envs(&run.env)
@@ -206,11 +247,19 @@ impl LocalExecutor {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0)
-            .kill_on_drop(true);
-        // SAFETY: `Entry::enter` makes only async-signal-safe system calls on memory prepared
-        // here, as a closure run between fork and exec must.
+            // The shim, dropped, is left to end by itself: it kills the job's group first
+            // (the lifeline, cut by the drop, tells it to) and reaps the command.
+            .kill_on_drop(report.is_none());
+        // SAFETY: `Entry::enter` and `keep_across_exec` make only async-signal-safe system
+        // calls on memory prepared here, as a closure run between fork and exec must.
         unsafe {
-            cmd.pre_exec(move || entry.enter());
+            cmd.pre_exec(move || {
+                entry.enter()?;
+                if let Some(fd) = report_fd {
+                    crate::shim::keep_across_exec(fd)?;
+                }
+                Ok(())
+            });
         }
         let spawned = cmd.spawn().map_err(|source| ExecError::Spawn {
             program: name.clone(),
@@ -235,11 +284,33 @@ impl LocalExecutor {
             let log = CappedLog::new(stderr, self.max_log_bytes);
             copiers.push(tokio::spawn(copy_capped(pipe, log, stop.clone())));
         }
-        // The child is its own group's leader: its pid is the group id. A child not yet waited
-        // for always has one.
-        let pgid = child.id().ok_or_else(|| {
-            ExecError::Wait(std::io::Error::other("the started command has no pid"))
-        })?;
+        let (pgid, lifeline) = match report {
+            // The child is its own group's leader: its pid is the group id. A child not yet
+            // waited for always has one.
+            None => {
+                let pgid = child.id().ok_or_else(|| {
+                    ExecError::Wait(std::io::Error::other("the started command has no pid"))
+                })?;
+                (pgid, None)
+            }
+            // The shim's child leads the job's group; the shim says which. Dropped while
+            // waiting for it, the shim sees its lifeline cut and kills what it started.
+            Some(report) => match report.read().await {
+                Ok(started) => (started.pgid, Some(started.lifeline)),
+                Err(source) => {
+                    let _ = child.start_kill();
+                    let status = child.wait().await.ok();
+                    finish_copiers(&mut copiers, &stop).await;
+                    if let Some(cg) = &cgroup {
+                        Cgroups::remove(cg);
+                    }
+                    return Err(ExecError::Spawn {
+                        program: name.clone(),
+                        source: self.shim_error(source, status),
+                    });
+                }
+            },
+        };
         tracing::debug!(job = %run.job_id, attempt = run.attempt, pgid, "started");
         let key = (run.job_id.clone(), run.attempt);
         self.live.lock().insert(key.clone());
@@ -255,7 +326,26 @@ impl LocalExecutor {
                 set: self.live.clone(),
                 key,
             },
+            lifeline,
+            ended: false,
         })
+    }
+
+    /// Why the shim did not start the command: what it reported or, when it ended without a
+    /// report, how it ended and what may have stopped it.
+    fn shim_error(&self, report: std::io::Error, status: Option<ExitStatus>) -> std::io::Error {
+        match (report.kind(), status) {
+            (crate::shim::SILENT, Some(status)) => {
+                let limit = match self.sandbox.limits.address_space_bytes {
+                    Some(bytes) => {
+                        format!("; does it fit jobs.local.max_address_space_bytes ({bytes})?")
+                    }
+                    None => String::new(),
+                };
+                std::io::Error::new(report.kind(), format!("{report} ({status}{limit})"))
+            }
+            _ => report,
+        }
     }
 }
 
@@ -282,6 +372,24 @@ struct LocalExecution {
     /// The attempt's cgroup (`jobs.local.cgroup_dir`), removed at its end.
     cgroup: Option<PathBuf>,
     live: LiveGuard,
+    /// With a shim: the executor's end of its report pipe, whose closing (with this execution)
+    /// tells the shim to kill the job's group.
+    lifeline: Option<std::os::fd::OwnedFd>,
+    /// Whether the group was dealt with (waited for, killed); if not, dropping the execution
+    /// kills it.
+    ended: bool,
+}
+
+impl Drop for LocalExecution {
+    fn drop(&mut self) {
+        if !self.ended {
+            // The runner's task went away mid-attempt: nothing will wait for this group. Its
+            // leader is not reaped yet by us (its `Child` is dropped after this) nor, with a
+            // shim, by the shim (which waits for the lifeline, dropped after this too), unless
+            // it ended just now.
+            kill_group_now(self.pgid);
+        }
+    }
 }
 
 impl LocalExecution {
@@ -295,6 +403,8 @@ impl LocalExecution {
         };
         let outcome = tokio::select! {
             status = self.child.wait() => {
+                // Reaped: from here its pgid is no longer certainly the group's (`Drop`).
+                self.ended = true;
                 let status = status.map_err(ExecError::Wait)?;
                 // Whatever the command left running in its group goes with it.
                 kill_group(pgid).await;
@@ -305,9 +415,22 @@ impl LocalExecution {
             () = cancel.cancelled() => Outcome::Cancelled,
             () = deadline => Outcome::TimedOut,
         };
-        // Kill the group while the leader is not yet reaped, so its pgid cannot be reused.
+        // Kill the group while the leader is not yet reaped, so its pgid cannot be reused (with
+        // a shim, the leader is the shim's child, reaped by the shim once it ends).
         kill_group(pgid).await;
-        let _ = self.child.start_kill();
+        self.ended = true;
+        if self.lifeline.is_some() {
+            // The shim ends by itself once it has reaped the command: killed first, it would
+            // leave the command's zombie to init, its pid still there after the cancel.
+            if tokio::time::timeout(SHIM_GRACE, self.child.wait())
+                .await
+                .is_err()
+            {
+                let _ = self.child.start_kill();
+            }
+        } else {
+            let _ = self.child.start_kill();
+        }
         self.child.wait().await.map_err(ExecError::Wait)?;
         self.finish_logs().await;
         self.remove_cgroup();
@@ -324,12 +447,17 @@ impl LocalExecution {
     /// Waits for the copiers to write the logs' ends (before the attempt leaves the live set,
     /// so a follower's last read sees them); after [`DRAIN_GRACE`] they are told to stop.
     async fn finish_logs(&mut self) {
-        let mut copiers = std::mem::take(&mut self.copiers);
-        let all = futures::future::join_all(copiers.iter_mut());
-        if tokio::time::timeout(DRAIN_GRACE, all).await.is_err() {
-            self.stop_copiers.cancel();
-            futures::future::join_all(copiers).await;
-        }
+        finish_copiers(&mut self.copiers, &self.stop_copiers).await;
+    }
+}
+
+/// Waits for `copiers` to write the logs' ends; after [`DRAIN_GRACE`] they are told to stop.
+async fn finish_copiers(copiers: &mut Vec<JoinHandle<()>>, stop: &CancellationToken) {
+    let mut copiers = std::mem::take(copiers);
+    let all = futures::future::join_all(copiers.iter_mut());
+    if tokio::time::timeout(DRAIN_GRACE, all).await.is_err() {
+        stop.cancel();
+        futures::future::join_all(copiers).await;
     }
 }
 
@@ -426,7 +554,7 @@ impl Executor for LocalExecutor {
         &'a self,
         run: &'a CommandRun,
     ) -> BoxFuture<'a, Result<Box<dyn Execution>, ExecError>> {
-        Box::pin(async move { Ok(Box::new(self.spawn(run)?) as Box<dyn Execution>) })
+        Box::pin(async move { Ok(Box::new(self.spawn(run).await?) as Box<dyn Execution>) })
     }
 
     /// Reads the attempt's two files; with `follow`, again every 200 ms until the attempt is no
@@ -493,6 +621,21 @@ fn outcome_of(status: ExitStatus) -> Outcome {
         (Some(code), _) => Outcome::Exited(code),
         (None, Some(sig)) => Outcome::Signalled(sig),
         (None, None) => Outcome::Exited(-1),
+    }
+}
+
+/// SIGKILL to every process of group `pgid`, at once (for `Drop`). A group already empty is
+/// not an error.
+fn kill_group_now(pgid: u32) {
+    // Never 0 or 1: kill(0) is the server's own group, kill(-1) every process it may signal.
+    let Ok(pgid) = libc::pid_t::try_from(pgid) else {
+        return;
+    };
+    if pgid > 1 {
+        // SAFETY: kill with integers touches no memory.
+        unsafe {
+            libc::kill(-pgid, libc::SIGKILL);
+        }
     }
 }
 
