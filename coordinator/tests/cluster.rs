@@ -174,7 +174,7 @@ async fn three_nodes_run_every_job_once_at_a_time_through_kills_of_the_leader_an
     let count: usize = std::env::var("VERALTHEIM_CHAOS_JOBS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(36);
+        .unwrap_or(18);
     let db = TestDb::new("cluster").await;
     let work = shared_dir();
     let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
@@ -188,7 +188,10 @@ async fn three_nodes_run_every_job_once_at_a_time_through_kills_of_the_leader_an
     })
     .await;
 
-    // Submitted round-robin to all three; every job takes long enough to outlive a kill.
+    // Submitted round-robin to all three; every job outlives a failover (about a lease). The
+    // moved-on jobs wait for a free slot, which here may come only when the killed nodes are
+    // back, so this test does not show that a killed node's processes die with it:
+    // tests/job_shim.rs does.
     let mut ids = Vec::new();
     let mut clients = Vec::new();
     for n in &nodes {
@@ -196,7 +199,7 @@ async fn three_nodes_run_every_job_once_at_a_time_through_kills_of_the_leader_an
     }
     for i in 0..count {
         let job = clients[i % 3]
-            .submit_job(locked_job(work.path(), &format!("job-{i}"), 2.5))
+            .submit_job(locked_job(work.path(), &format!("job-{i}"), 10.0))
             .await
             .unwrap()
             .into_inner();
