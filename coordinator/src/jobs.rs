@@ -975,7 +975,8 @@ impl JobsApi {
             let jobs = &*self.jobs;
             let rec = jobs.runner.store().get(&id).await.map_err(store_status)?;
             if rec.attempt > 0 || rec.state.is_terminal() || !follow {
-                return Ok(jobs.runner.executor().logs(&id, rec.attempt.max(1), follow));
+                // In a cluster, an attempt another node ran is read from the store.
+                return Ok(jobs.runner.logs(&rec, rec.attempt.max(1), follow));
             }
             tokio::time::sleep(POLL).await;
         }

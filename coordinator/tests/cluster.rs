@@ -283,6 +283,173 @@ async fn three_nodes_run_every_job_once_at_a_time_through_kills_of_the_leader_an
     );
 }
 
+/// Drains node `id` (or undoes it) through `s`, and waits until the node applied it and the
+/// leader listed the nodes after (one renewal tick later).
+async fn drain(s: &Server, id: &str, drain: bool) {
+    let mut client = ClusterServiceClient::new(common::channel(s).await);
+    client
+        .drain_node(v1::DrainNodeRequest {
+            node_id: id.into(),
+            undo: !drain,
+        })
+        .await
+        .unwrap();
+    let bound = Instant::now() + Duration::from_secs(30);
+    loop {
+        let listed = client
+            .list_nodes(v1::ListNodesRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        if listed
+            .nodes
+            .iter()
+            .any(|n| n.id == id && n.admitting != drain)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < bound,
+            "{id} never applied its drain ({drain})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The leader lists the nodes once per renewal (a third of the 3 s lease).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+}
+
+/// Waits (bounded) until job `id`, read through `client`, is in `state`.
+async fn until_state(
+    client: &mut JobServiceClient<Channel>,
+    id: &str,
+    state: v1::JobState,
+) -> v1::Job {
+    let bound = Instant::now() + Duration::from_secs(60);
+    loop {
+        let j = client
+            .get_job(v1::GetJobRequest { id: id.into() })
+            .await
+            .unwrap()
+            .into_inner();
+        if j.state == state as i32 {
+            return j;
+        }
+        assert!(Instant::now() < bound, "never {state:?}: {j:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_node_serves_the_logs_and_cancels_the_job_another_node_runs() {
+    let db = TestDb::new("cluster").await;
+    let work = shared_dir();
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = start(&db, a_dir.path(), "a", "3").await;
+    let b = start(&db, b_dir.path(), "b", "3").await;
+    leader_where(&a, "at start", |id, _| !id.is_empty()).await;
+    drain(&a, "a", true).await;
+    let mut ja = jobs(&a).await;
+
+    // Output, followed through a while b runs the job: what comes live, then the rest.
+    let flag = work.path().join("go");
+    let script = format!(
+        "echo first line; echo to stderr >&2; while [ ! -e {f} ]; do sleep 0.05; done; echo last line",
+        f = flag.display()
+    );
+    let talk = ja
+        .submit_job(command("talk", &["sh", "-c", &script]))
+        .await
+        .unwrap()
+        .into_inner();
+    let running = until_state(&mut ja, &talk.id, v1::JobState::Running).await;
+    assert_eq!(running.node, "b", "{running:?}");
+    let mut stream = ja
+        .job_logs(v1::JobLogsRequest {
+            id: talk.id.clone(),
+            follow: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = String::new();
+    let mut err = String::new();
+    while !out.contains("first line") {
+        let chunk = tokio::time::timeout(Duration::from_secs(30), stream.message())
+            .await
+            .expect("the first line comes while the job runs")
+            .unwrap()
+            .expect("the stream goes on while the job runs");
+        match chunk.stream.as_str() {
+            "stderr" => err.push_str(&String::from_utf8_lossy(&chunk.data)),
+            _ => out.push_str(&String::from_utf8_lossy(&chunk.data)),
+        }
+    }
+    std::fs::write(&flag, b"").unwrap();
+    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(30), stream.message())
+        .await
+        .expect("the stream ends after the job")
+        .unwrap()
+    {
+        match chunk.stream.as_str() {
+            "stderr" => err.push_str(&String::from_utf8_lossy(&chunk.data)),
+            _ => out.push_str(&String::from_utf8_lossy(&chunk.data)),
+        }
+    }
+    assert_eq!(out, "first line\nlast line\n");
+    assert_eq!(err, "to stderr\n");
+    until_state(&mut ja, &talk.id, v1::JobState::Succeeded).await;
+    // Read again, not followed, through either node: the same output.
+    for server in [&a, &b] {
+        let mut client = jobs(server).await;
+        let mut stream = client
+            .job_logs(v1::JobLogsRequest {
+                id: talk.id.clone(),
+                follow: false,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut all = String::new();
+        while let Some(chunk) = stream.message().await.unwrap() {
+            if chunk.stream == "stdout" {
+                all.push_str(&String::from_utf8_lossy(&chunk.data));
+            }
+        }
+        assert_eq!(all, "first line\nlast line\n");
+    }
+
+    // Cancelled through a, while b runs it: b stops it (its lock is free) and says so.
+    let long = ja
+        .submit_job(locked_job(work.path(), "long", 600.0))
+        .await
+        .unwrap()
+        .into_inner();
+    let running = until_state(&mut ja, &long.id, v1::JobState::Running).await;
+    assert_eq!(running.node, "b");
+    let lock = work.path().join("long.lock");
+    let held = std::process::Command::new("flock")
+        .args(["-n"])
+        .arg(&lock)
+        .arg("true")
+        .status()
+        .unwrap();
+    assert!(!held.success(), "the running job holds its lock");
+    ja.cancel_job(v1::CancelJobRequest {
+        id: long.id.clone(),
+    })
+    .await
+    .unwrap();
+    let cancelled = until_state(&mut ja, &long.id, v1::JobState::Cancelled).await;
+    assert_eq!(cancelled.attempt, 1, "{cancelled:?}");
+    let free = std::process::Command::new("flock")
+        .args(["-n"])
+        .arg(&lock)
+        .arg("true")
+        .status()
+        .unwrap();
+    assert!(free.success(), "the cancelled attempt's process is gone");
+}
+
 /// A TCP relay to PostgreSQL that the test can cut: every connection through it is closed and
 /// new ones are refused until it is joined again.
 struct Relay {
@@ -353,30 +520,7 @@ async fn a_node_cut_from_the_database_stops_its_job_before_its_lease_ends_and_it
     )
     .await;
     // a is drained, so the job goes to b.
-    let mut ca = ClusterServiceClient::new(common::channel(&a).await);
-    ca.drain_node(v1::DrainNodeRequest {
-        node_id: "a".into(),
-        undo: false,
-    })
-    .await
-    .unwrap();
-    // The leader places nothing more on a once a applied its drain (at its next renewal) and
-    // the leader listed the nodes after it (the same tick).
-    let bound = Instant::now() + Duration::from_secs(30);
-    loop {
-        let listed = ca
-            .list_nodes(v1::ListNodesRequest {})
-            .await
-            .unwrap()
-            .into_inner();
-        let a_row = listed.nodes.iter().find(|n| n.id == "a").unwrap();
-        if !a_row.admitting && listed.nodes.iter().any(|n| n.id == "b") {
-            break;
-        }
-        assert!(Instant::now() < bound, "a never applied its drain");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    drain(&a, "a", true).await;
     let mut ja = jobs(&a).await;
     let job = ja
         .submit_job(locked_job(work.path(), "long", 30.0))
@@ -399,12 +543,7 @@ async fn a_node_cut_from_the_database_stops_its_job_before_its_lease_ends_and_it
     }
     // b is cut off; a takes work again.
     relay.set_cut(true);
-    ca.drain_node(v1::DrainNodeRequest {
-        node_id: "a".into(),
-        undo: true,
-    })
-    .await
-    .unwrap();
+    drain(&a, "a", false).await;
     let rerun = {
         let bound = Instant::now() + Duration::from_secs(60);
         loop {

@@ -11,7 +11,7 @@ use std::future::Future;
 
 use veraltheim_storage::Store;
 
-use crate::cluster::{JobNotice, LeaderFence, LiveEntry};
+use crate::cluster::{JobNotice, LeaderFence, LiveEntry, LogPiece};
 use crate::job::{JobSpec, JobState};
 use crate::store::{Change, Expired, JobRecord, JobStore, ListFilter, Observer, StoreError};
 
@@ -147,6 +147,33 @@ pub trait JobBackend: Send + Sync + 'static {
     /// writes. Ends when the receiver is dropped.
     fn notices(&self) -> Option<tokio::sync::mpsc::Receiver<JobNotice>> {
         None
+    }
+
+    /// Keeps piece `seq` of an attempt's output for other nodes to serve. A store no other
+    /// node reads keeps nothing: the executor's own logs are read instead.
+    fn append_log(
+        &self,
+        id: &str,
+        attempt: u32,
+        seq: u32,
+        stream: &str,
+        data: &[u8],
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        let _ = (id, attempt, seq, stream, data);
+        std::future::ready(Ok(()))
+    }
+
+    /// Up to `limit` kept pieces of an attempt's output after piece `after`, in order; none from
+    /// a store that keeps none.
+    fn read_logs(
+        &self,
+        id: &str,
+        attempt: u32,
+        after: Option<u32>,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<LogPiece>, StoreError>> + Send {
+        let _ = (id, attempt, after, limit);
+        std::future::ready(Ok(Vec::new()))
     }
 }
 
@@ -320,6 +347,27 @@ impl JobBackend for crate::postgres::PgJobStore {
     fn notices(&self) -> Option<tokio::sync::mpsc::Receiver<JobNotice>> {
         Some(crate::postgres::PgJobStore::notices(self))
     }
+
+    async fn append_log(
+        &self,
+        id: &str,
+        attempt: u32,
+        seq: u32,
+        stream: &str,
+        data: &[u8],
+    ) -> Result<(), StoreError> {
+        crate::postgres::PgJobStore::append_log(self, id, attempt, seq, stream, data).await
+    }
+
+    async fn read_logs(
+        &self,
+        id: &str,
+        attempt: u32,
+        after: Option<u32>,
+        limit: usize,
+    ) -> Result<Vec<LogPiece>, StoreError> {
+        crate::postgres::PgJobStore::read_logs(self, id, attempt, after, limit).await
+    }
 }
 
 impl<S: Store + 'static> JobBackend for AnyJobStore<S> {
@@ -399,6 +447,27 @@ impl<S: Store + 'static> JobBackend for AnyJobStore<S> {
 
     fn notices(&self) -> Option<tokio::sync::mpsc::Receiver<JobNotice>> {
         each!(self, s => JobBackend::notices(s))
+    }
+
+    async fn append_log(
+        &self,
+        id: &str,
+        attempt: u32,
+        seq: u32,
+        stream: &str,
+        data: &[u8],
+    ) -> Result<(), StoreError> {
+        each!(self, s => JobBackend::append_log(s, id, attempt, seq, stream, data).await)
+    }
+
+    async fn read_logs(
+        &self,
+        id: &str,
+        attempt: u32,
+        after: Option<u32>,
+        limit: usize,
+    ) -> Result<Vec<LogPiece>, StoreError> {
+        each!(self, s => JobBackend::read_logs(s, id, attempt, after, limit).await)
     }
 }
 

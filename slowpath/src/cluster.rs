@@ -185,6 +185,18 @@ impl JobNotice {
     }
 }
 
+/// One stored piece of an attempt's output (see `JobBackend::append_log`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogPiece {
+    pub seq: u32,
+    /// `stdout`, `stderr`, `combined`, or [`LOG_END`].
+    pub stream: String,
+    pub data: Vec<u8>,
+}
+
+/// The stream name of the piece a node stores after an attempt's last output.
+pub const LOG_END: &str = "end";
+
 /// One live job in a leader's reconcile: its id, state and node.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LiveEntry {

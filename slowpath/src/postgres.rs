@@ -40,7 +40,7 @@ use std::time::Duration;
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::types::ToSql;
 
-use crate::cluster::{JobNotice, LeaderFence, LiveEntry};
+use crate::cluster::{JobNotice, LeaderFence, LiveEntry, LogPiece};
 use crate::job::{JobSpec, JobState};
 use crate::store::{
     Change, Clock, DEFAULT_PAGE_SIZE, Expired, IdGen, JobRecord, LOCK_SHARDS, ListFilter,
@@ -120,6 +120,17 @@ const MIGRATIONS: &[&str] = &[
     END $$;
     CREATE TRIGGER jobs_changed AFTER INSERT OR UPDATE ON jobs
         FOR EACH ROW EXECUTE FUNCTION veraltheim_job_changed();",
+    // 4: attempts' output, copied by the node that runs them so that any node can serve it
+    // (`append_log`, `read_logs`); bounded by the executor's own cap per attempt and stream,
+    // deleted with the job.
+    "CREATE TABLE job_logs (
+        job_id text NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+        attempt integer NOT NULL,
+        seq integer NOT NULL,
+        stream text NOT NULL,
+        data bytea NOT NULL,
+        PRIMARY KEY (job_id, attempt, seq)
+    );",
 ];
 
 /// The channel job changes are announced on (migration 3's trigger).
@@ -785,6 +796,73 @@ impl PgJobStore {
             let st = client.prepare_cached(sql).await.map_err(db_error)?;
             let rows = client.query(&st, params).await.map_err(db_error)?;
             rows.iter().map(|r| decode(r.get(0))).collect()
+        })
+        .await
+    }
+
+    /// Stores piece `seq` of the output of attempt `attempt` of job `id` (`stream`: stdout,
+    /// stderr, combined, or `crate::cluster::LOG_END` after the last piece). A piece stored before is kept
+    /// (a retried call changes nothing).
+    pub async fn append_log(
+        &self,
+        id: &str,
+        attempt: u32,
+        seq: u32,
+        stream: &str,
+        data: &[u8],
+    ) -> Result<(), StoreError> {
+        let attempt = i32::try_from(attempt).unwrap_or(i32::MAX);
+        let seq = i32::try_from(seq).unwrap_or(i32::MAX);
+        self.timed(async {
+            let client = self.client().await?;
+            let st = client
+                .prepare_cached(
+                    "INSERT INTO job_logs (job_id, attempt, seq, stream, data)
+                    VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+                )
+                .await
+                .map_err(db_error)?;
+            client
+                .execute(&st, &[&id, &attempt, &seq, &stream, &data])
+                .await
+                .map_err(db_error)?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Up to `limit` pieces of an attempt's output after piece `after` (all: `None`), in order.
+    pub async fn read_logs(
+        &self,
+        id: &str,
+        attempt: u32,
+        after: Option<u32>,
+        limit: usize,
+    ) -> Result<Vec<LogPiece>, StoreError> {
+        let attempt = i32::try_from(attempt).unwrap_or(i32::MAX);
+        let after = after.map_or(-1, |a| i32::try_from(a).unwrap_or(i32::MAX));
+        let limit = i64::try_from(limit.max(1)).unwrap_or(i64::MAX);
+        self.timed(async {
+            let client = self.client().await?;
+            let st = client
+                .prepare_cached(
+                    "SELECT seq, stream, data FROM job_logs
+                    WHERE job_id = $1 AND attempt = $2 AND seq > $3 ORDER BY seq LIMIT $4",
+                )
+                .await
+                .map_err(db_error)?;
+            let rows = client
+                .query(&st, &[&id, &attempt, &after, &limit])
+                .await
+                .map_err(db_error)?;
+            Ok(rows
+                .iter()
+                .map(|r| LogPiece {
+                    seq: u32::try_from(r.get::<_, i32>(0)).unwrap_or(0),
+                    stream: r.get(1),
+                    data: r.get(2),
+                })
+                .collect())
         })
         .await
     }

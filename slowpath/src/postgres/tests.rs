@@ -493,3 +493,63 @@ async fn fenced_writes_commit_in_epoch_order_while_leadership_flips() {
         );
     }
 }
+
+/// An attempt's output kept for other nodes: pieces in order, a retried piece kept once,
+/// pages after a given piece, and gone with the job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kept_output_reads_in_order_and_goes_with_its_job() {
+    let db = TestDb::new().await;
+    let store = open(&db).await;
+    let id = store.submit(spec("j", "q")).await.unwrap().id;
+    store
+        .append_log(&id, 1, 0, "stdout", b"one ")
+        .await
+        .unwrap();
+    store
+        .append_log(&id, 1, 1, "stderr", b"two ")
+        .await
+        .unwrap();
+    // A retry of a piece that was stored changes nothing.
+    store
+        .append_log(&id, 1, 1, "stderr", b"dup ")
+        .await
+        .unwrap();
+    store
+        .append_log(&id, 1, 2, "stdout", b"three")
+        .await
+        .unwrap();
+    store
+        .append_log(&id, 2, 0, "stdout", b"other attempt")
+        .await
+        .unwrap();
+    let all = store.read_logs(&id, 1, None, 10).await.unwrap();
+    let text: Vec<(u32, &str, &[u8])> = all
+        .iter()
+        .map(|p| (p.seq, p.stream.as_str(), p.data.as_slice()))
+        .collect();
+    assert_eq!(
+        text,
+        [
+            (0, "stdout", &b"one "[..]),
+            (1, "stderr", &b"two "[..]),
+            (2, "stdout", &b"three"[..])
+        ]
+    );
+    let page = store.read_logs(&id, 1, Some(0), 1).await.unwrap();
+    assert_eq!(page.len(), 1);
+    assert_eq!(page[0].seq, 1);
+    assert!(
+        store
+            .read_logs(&id, 1, Some(2), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // Deleted with the job (here by hand; the expiry sweep deletes the same way).
+    let client = store.client().await.unwrap();
+    client
+        .execute("DELETE FROM jobs WHERE id = $1", &[&id])
+        .await
+        .unwrap();
+    assert!(store.read_logs(&id, 2, None, 10).await.unwrap().is_empty());
+}

@@ -40,8 +40,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::{RunnerConfig, RunnerError, RunnerOn, pending};
 use crate::backend::JobBackend;
-use crate::cluster::{JobNotice, LeaderFence, Member};
-use crate::executor::{Executor, InferenceExecutor};
+use crate::cluster::{JobNotice, LOG_END, LeaderFence, LogPiece, Member};
+use crate::executor::{ExecError, Executor, InferenceExecutor, LogChunk, LogSource, LogStream};
 use crate::job::JobState;
 use crate::scheduler::{NodeCapacity, RetryDecision, Scheduler};
 use crate::store::{Change, FailureKind, JobRecord, Placement, StoreError};
@@ -54,6 +54,16 @@ pub const RECONCILE: Duration = Duration::from_secs(5);
 
 /// Placements written at once by a leader.
 const PLACE_CONCURRENCY: usize = 16;
+
+/// How often a reader of another node's attempt looks for more of its output.
+const LOG_POLL: Duration = Duration::from_millis(200);
+
+/// How long a reader waits for the end mark of an attempt that is over (its node may have died
+/// before it could write the mark).
+const LOG_END_GRACE: Duration = Duration::from_secs(3);
+
+/// Pieces of output read from the store at once.
+const LOG_PAGE: usize = 64;
 
 /// This runner as a node of a cluster: its id and its process's incarnation (as registered).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -680,6 +690,156 @@ impl<B: JobBackend> RunnerOn<B> {
                 self.fetch_into_view(id).await;
                 Ok(())
             }
+        }
+    }
+
+    /// Copies the output of attempt `attempt` of job `id`, running here, into the store as it
+    /// comes, then an end mark, so that any node can serve it. Best effort: a piece the store
+    /// does not take after three tries is skipped with a warning; the attempt never waits for
+    /// it.
+    pub(super) fn ship_logs(&self, id: &str, attempt: u32) {
+        let runner = self.clone();
+        let id = id.to_owned();
+        tokio::spawn(async move {
+            let mut stream = runner.inner.exec.logs(&id, attempt, true);
+            let mut seq = 0u32;
+            while let Some(chunk) = stream.next().await {
+                match chunk {
+                    Ok(c) => {
+                        runner
+                            .store_piece(&id, attempt, seq, c.source.as_str(), &c.data)
+                            .await;
+                        seq += 1;
+                    }
+                    Err(e) => {
+                        tracing::warn!(job = %id, attempt, error = %e, "an attempt's output could not be read for the store");
+                        break;
+                    }
+                }
+            }
+            runner.store_piece(&id, attempt, seq, LOG_END, &[]).await;
+        });
+    }
+
+    async fn store_piece(&self, id: &str, attempt: u32, seq: u32, stream: &str, data: &[u8]) {
+        let mut pause = Duration::from_millis(200);
+        for _ in 0..3 {
+            match self
+                .inner
+                .store
+                .append_log(id, attempt, seq, stream, data)
+                .await
+            {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::warn!(job = %id, attempt, seq, error = %e, "a piece of output could not be stored; trying again");
+                    tokio::time::sleep(pause).await;
+                    pause *= 2;
+                }
+            }
+        }
+        tracing::warn!(job = %id, attempt, seq, "a piece of output was not stored: other nodes will not show it");
+    }
+
+    /// The output of attempt `attempt` of job `rec`: from the executor when it ran on this
+    /// node (always on a single node), from the store when another node ran it. With `follow`,
+    /// what comes until the attempt ends.
+    pub fn logs(&self, rec: &JobRecord, attempt: u32, follow: bool) -> LogStream {
+        let elsewhere = match (&self.inner.cluster, &rec.placement) {
+            (Some(me), Some(p)) => p.node != me.node,
+            _ => false,
+        };
+        if !elsewhere {
+            return self.inner.exec.logs(&rec.id, attempt, follow);
+        }
+        let state = StoredLogs {
+            runner: self.clone(),
+            id: rec.id.clone(),
+            attempt,
+            follow,
+            after: None,
+            pieces: std::collections::VecDeque::new(),
+            over_since: None,
+            done: false,
+        };
+        Box::pin(futures::stream::unfold(state, |mut s| async move {
+            let item = s.next().await?;
+            Some((item, s))
+        }))
+    }
+}
+
+/// A reader of an attempt's output kept in the store by the node that ran it.
+struct StoredLogs<B> {
+    runner: RunnerOn<B>,
+    id: String,
+    attempt: u32,
+    follow: bool,
+    after: Option<u32>,
+    pieces: std::collections::VecDeque<LogPiece>,
+    /// Since when the attempt is known to be over (for [`LOG_END_GRACE`]).
+    over_since: Option<tokio::time::Instant>,
+    done: bool,
+}
+
+impl<B: JobBackend> StoredLogs<B> {
+    async fn next(&mut self) -> Option<Result<LogChunk, ExecError>> {
+        let store = &self.runner.inner.store;
+        loop {
+            if let Some(p) = self.pieces.pop_front() {
+                let source = match p.stream.as_str() {
+                    LOG_END => {
+                        self.done = true;
+                        return None;
+                    }
+                    "stderr" => LogSource::Stderr,
+                    "combined" => LogSource::Combined,
+                    _ => LogSource::Stdout,
+                };
+                return Some(Ok(LogChunk {
+                    source,
+                    data: p.data,
+                }));
+            }
+            if self.done {
+                return None;
+            }
+            match store
+                .read_logs(&self.id, self.attempt, self.after, LOG_PAGE)
+                .await
+            {
+                Ok(pieces) if !pieces.is_empty() => {
+                    self.after = pieces.last().map(|p| p.seq);
+                    self.pieces.extend(pieces);
+                    continue;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    self.done = true;
+                    return Some(Err(ExecError::Backend(format!(
+                        "the output kept in the job database cannot be read: {e}"
+                    ))));
+                }
+            }
+            if !self.follow {
+                return None;
+            }
+            let over = match store.get(&self.id).await {
+                Ok(r) => {
+                    r.attempt != self.attempt
+                        || !matches!(r.state, JobState::Admitted | JobState::Running)
+                }
+                Err(_) => true,
+            };
+            if over {
+                let since = *self
+                    .over_since
+                    .get_or_insert_with(tokio::time::Instant::now);
+                if since.elapsed() >= LOG_END_GRACE {
+                    return None;
+                }
+            }
+            tokio::time::sleep(LOG_POLL).await;
         }
     }
 }

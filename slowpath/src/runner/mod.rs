@@ -678,6 +678,10 @@ impl<B: JobBackend> RunnerOn<B> {
                 Change::to(JobState::Running, self.running_reason(id, &*execution)),
             )
             .await?;
+        if inner.cluster.is_some() {
+            // Other nodes serve its output from the store.
+            self.ship_logs(id, rec.attempt);
+        }
         self.finish(id, &rec, execution, token).await
     }
 
