@@ -96,6 +96,11 @@ pub fn new_incarnation() -> String {
     format!("{}-{:x}-{nanos:x}", std::process::id(), now_ms())
 }
 
+/// How long the registry keeps the row of a node whose lease ended (then the leader deletes
+/// it): long enough to see what happened to it, short enough that a cluster whose pods get new
+/// ids does not list them forever.
+const DEAD_ROW_KEPT: Duration = Duration::from_secs(24 * 3600);
+
 /// How much sooner than its lease a node stops its attempts when it could not renew: a fifth
 /// of the lease, at least 200 ms (clocks of node and database may run at slightly different
 /// rates; the renewal's answer may be late).
@@ -312,6 +317,12 @@ impl Cluster {
             Ok(Leadership::Leader { fence, .. }) => {
                 if let Err(e) = self.jobs.runner.set_leader(Some(fence)).await {
                     tracing::warn!(error = %e, "cannot take up the scheduler leadership yet");
+                }
+                // The leader forgets nodes long gone.
+                match nodes.prune(DEAD_ROW_KEPT).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(nodes = n, "forgot nodes gone for a day"),
+                    Err(e) => tracing::warn!(error = %e, "cannot prune the node registry"),
                 }
             }
             Ok(Leadership::Follower { .. }) => {

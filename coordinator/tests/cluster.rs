@@ -170,11 +170,16 @@ fn shared_dir() -> tempfile::TempDir {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_run_every_job_once_at_a_time_through_kills_of_the_leader_and_a_node() {
-    // The figure is 500 jobs (`VERALTHEIM_CHAOS_JOBS=500`); the suite runs fewer.
+    // The figure is 500 jobs (`VERALTHEIM_CHAOS_JOBS=500 VERALTHEIM_CHAOS_JOB_SECONDS=1`);
+    // the suite runs fewer, longer ones.
     let count: usize = std::env::var("VERALTHEIM_CHAOS_JOBS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(18);
+    let seconds: f64 = std::env::var("VERALTHEIM_CHAOS_JOB_SECONDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10.0);
     let db = TestDb::new("cluster").await;
     let work = shared_dir();
     let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
@@ -199,7 +204,7 @@ async fn three_nodes_run_every_job_once_at_a_time_through_kills_of_the_leader_an
     }
     for i in 0..count {
         let job = clients[i % 3]
-            .submit_job(locked_job(work.path(), &format!("job-{i}"), 10.0))
+            .submit_job(locked_job(work.path(), &format!("job-{i}"), seconds))
             .await
             .unwrap()
             .into_inner();
@@ -277,7 +282,7 @@ async fn three_nodes_run_every_job_once_at_a_time_through_kills_of_the_leader_an
     let runs_on: std::collections::BTreeSet<_> = done.values().map(|j| j.node.clone()).collect();
     assert!(runs_on.len() >= 2, "the work was spread: {runs_on:?}");
     eprintln!(
-        "chaos: {count} jobs; leader {first} (epoch {epoch}) and node {} killed; leader {second} (epoch {second_epoch}) after {moved_after:?}; a killed node's job moved on after {failover:?}; {} jobs moved on in all",
+        "chaos: {count} jobs of {seconds} s; leader {first} (epoch {epoch}) and node {} killed; leader {second} (epoch {second_epoch}) after {moved_after:?}; a killed node's job moved on after {failover:?}; {} jobs moved on in all",
         names[other],
         moved.len()
     );

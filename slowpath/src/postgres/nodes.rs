@@ -240,6 +240,24 @@ impl PgNodes {
         .await
     }
 
+    /// Deletes the rows of nodes whose lease ended more than `after` ago (by the database's
+    /// clock): with a new id per pod, the registry would otherwise only grow. Returns how many.
+    pub async fn prune(&self, after: Duration) -> Result<u64, StoreError> {
+        let after_ms = big(after.as_millis() as u64);
+        self.timed(async {
+            let client = self.client().await?;
+            client
+                .execute(
+                    "DELETE FROM nodes
+                    WHERE lease_expires < now() - $1::bigint * interval '1 millisecond'",
+                    &[&after_ms],
+                )
+                .await
+                .map_err(db_error)
+        })
+        .await
+    }
+
     /// Every node, by id, its state computed against the database's clock.
     pub async fn list(&self) -> Result<Vec<NodeRecord>, StoreError> {
         self.select(None).await

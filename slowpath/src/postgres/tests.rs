@@ -553,3 +553,35 @@ async fn kept_output_reads_in_order_and_goes_with_its_job() {
         .unwrap();
     assert!(store.read_logs(&id, 2, None, 10).await.unwrap().is_empty());
 }
+
+/// Rows of nodes gone for longer than the bound are deleted; live and recent ones stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_registry_forgets_nodes_gone_longer_than_the_bound() {
+    let db = TestDb::new().await;
+    let store = open(&db).await;
+    let nodes = store.nodes();
+    let lease = Duration::from_secs(30);
+    for id in ["live", "recent", "old"] {
+        nodes.register(&report(id), id, lease).await.unwrap();
+    }
+    let client = store.client().await.unwrap();
+    client
+        .batch_execute(
+            "UPDATE nodes SET lease_expires = now() - interval '1 hour' WHERE id = 'recent';
+            UPDATE nodes SET lease_expires = now() - interval '25 hours' WHERE id = 'old';",
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        nodes.prune(Duration::from_secs(24 * 3600)).await.unwrap(),
+        1
+    );
+    let left: Vec<String> = nodes
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|n| n.report.id)
+        .collect();
+    assert_eq!(left, ["live", "recent"]);
+}

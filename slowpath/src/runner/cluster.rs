@@ -226,7 +226,8 @@ impl<B: JobBackend> RunnerOn<B> {
             }
             let mut next_retry = None;
             if let Some(fence) = self.leadership() {
-                if now.duration_since(last_reconcile) >= RECONCILE {
+                let reconciling = now.duration_since(last_reconcile) >= RECONCILE;
+                if reconciling {
                     last_reconcile = now;
                     if let Err(e) = self.reconcile().await {
                         tracing::warn!(error = %e, "the leader's reconcile failed; trying again");
@@ -240,7 +241,9 @@ impl<B: JobBackend> RunnerOn<B> {
                         next_retry = Some(self.inner.store.now_ms() + 1_000);
                     }
                 }
-                if let Some(next) = self.sweep_expired().await {
+                // Jobs other nodes finished are not in this store's expiry hint: the leader
+                // also sweeps at each reconcile, whatever the hint says.
+                if let Some(next) = self.sweep_expired(reconciling).await {
                     next_retry = Some(next_retry.map_or(next, |r: u64| r.min(next)));
                 }
             }

@@ -435,6 +435,13 @@ impl<B: JobBackend> RunnerOn<B> {
             .or_else(|| state.reasons.get(id))
             .cloned()
             .or_else(|| state.sched.waiting_reason(id))
+            .or_else(|| {
+                // In a cluster only the leader schedules, and knows why a job waits.
+                (self.inner.cluster.is_some() && state.leader.is_none()).then(|| {
+                    "waiting for the scheduler leader to place it (the leader's node says why it waits)"
+                        .to_string()
+                })
+            })
     }
 
     /// The scheduling loop; returns when `shutdown` is cancelled.
@@ -450,7 +457,7 @@ impl<B: JobBackend> RunnerOn<B> {
                     Some(self.inner.store.now_ms() + 1_000)
                 }
             };
-            let next_expiry = self.sweep_expired().await;
+            let next_expiry = self.sweep_expired(false).await;
             let next_retry = match (next_retry, next_expiry) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
@@ -468,10 +475,10 @@ impl<B: JobBackend> RunnerOn<B> {
 
     /// Deletes the finished jobs whose TTL ran out, and their log folders; returns when the
     /// next one expires. A failure is logged and tried again a second later.
-    async fn sweep_expired(&self) -> Option<u64> {
+    async fn sweep_expired(&self, force: bool) -> Option<u64> {
         let store = &self.inner.store;
         let now = store.now_ms();
-        if store.next_expiry_ms().is_none_or(|at| at > now) {
+        if !force && store.next_expiry_ms().is_none_or(|at| at > now) {
             return store.next_expiry_ms();
         }
         match store.delete_expired(now, SWEEP_BATCH).await {
