@@ -457,6 +457,10 @@ async fn a_cut_connection_is_reported_buffered_through_and_recovered() {
         .await
         .expect("valid");
     assert_eq!(next(&mut seen_b).await.topic, "jobs.0.state");
+    // B may see the event before A has its acknowledgement; cut only once A has it, or the
+    // event stays buffered (to be sent again, and dropped by NATS as a duplicate).
+    a.until("its first event acknowledged", |s| s.published == 1)
+        .await;
 
     relay.cut().await;
     a.until("noticed the cut", |s| {
