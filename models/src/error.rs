@@ -6,8 +6,8 @@ use std::path::PathBuf;
 
 use thiserror::Error;
 
-use crate::allocator::{DeviceId, DeviceReport, HolderState, format_bytes};
 use crate::datatype::{DataType, UnknownDatatype};
+use crate::device::{DeviceId, DeviceReport, HolderState, format_bytes};
 
 /// What kind of failure an [`Error`] is: the classes an upper layer turns into statuses (they
 /// follow gRPC's codes of the same names).

@@ -18,6 +18,7 @@ pub mod builtin;
 pub mod candle_bert;
 pub mod config;
 pub mod datatype;
+pub mod device;
 pub mod error;
 pub mod limits;
 pub mod model;
