@@ -78,6 +78,10 @@ fn main() -> ExitCode {
                 let report = veraltheim_benches::load::jobs::jobs(&args).await?;
                 emit(&report, args.json, report.text())
             }
+            Command::Failover(args) => {
+                let report = veraltheim_benches::load::failover::failover(&args).await?;
+                emit(&report, args.json, report.text())
+            }
             Command::Restart(args) => {
                 let report = veraltheim_benches::load::restart::restart(&args).await?;
                 emit(&report, args.json, report.text())

@@ -61,8 +61,12 @@ pub enum Command {
     /// The compute ceiling only: `Model::execute` in-process on batches, items/s.
     Compute(ComputeArgs),
     /// Durable job submissions per second: in-process into the job store with and without
-    /// group commit, then SubmitJob through gRPC against `veraltheim serve`.
+    /// group commit, then SubmitJob through gRPC against `veraltheim serve`; with
+    /// `--cluster-nodes N`, through N coordinators on one PostgreSQL against one on redb.
     Jobs(super::jobs::JobsArgs),
+    /// A cluster's failover: kill -9 of the scheduler leader, then the time to a new leader
+    /// and to the dead node's jobs moved on, against lease + 2 s.
+    Failover(super::failover::FailoverArgs),
     /// Slow-path restart time with many jobs in the store: open, recover, scheduler, and the
     /// real binary from spawn to ready.
     Restart(super::restart::RestartArgs),

@@ -298,6 +298,14 @@ impl Coordinator {
         })
     }
 
+    /// SIGKILL now (no shutdown path: a crash, as the failover benchmark wants), and reaps it.
+    pub fn kill(&mut self) -> anyhow::Result<()> {
+        let mut child = self.child.take().context("already stopped")?;
+        child.kill().context("cannot kill the coordinator")?;
+        child.wait().context("cannot reap the coordinator")?;
+        Ok(())
+    }
+
     /// SIGTERM, then wait for the exit (SIGKILL after the stop timeout).
     pub async fn stop(mut self) -> anyhow::Result<ExitStatus> {
         let mut child = self.child.take().context("already stopped")?;

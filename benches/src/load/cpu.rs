@@ -119,6 +119,31 @@ pub fn sample(server_pid: Option<u32>) -> Sample {
     }
 }
 
+/// A whole process's CPU ticks (its threads, ended ones included), if it is alive.
+pub fn process_ticks(pid: u32) -> Option<u64> {
+    let line = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat(&line).map(|(_, ticks)| ticks)
+}
+
+/// The CPU ticks of every live process named `comm` (e.g. `postgres`: its server and each
+/// connection's backend); a process that ended between two readings is lost from the second.
+pub fn ticks_of_named(comm: &str) -> u64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    dir.flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.parse::<u32>().is_ok())
+        })
+        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+        .filter_map(|line| parse_stat(&line))
+        .filter(|(name, _)| name == comm)
+        .map(|(_, ticks)| ticks)
+        .sum()
+}
+
 /// CPU used between two samples, in cores (CPU-seconds per wall second).
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct CpuUse {

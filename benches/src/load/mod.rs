@@ -1,10 +1,13 @@
 //! `veraltheim-load`: the end-to-end load generator (see `src/bin/veraltheim-load.rs` and
 //! `veraltheim-load --help`). Load is KServe `ModelInfer` over tonic; the baselines are measured
 //! in the same run: a bare tonic echo server (the gRPC ceiling) and the model in-process (the
-//! compute ceiling). Two slow-path modes sit beside it: `jobs` (durable submissions per second,
-//! against the job store in-process with and without group commit) and `restart` (the slow
-//! path's restart time with many jobs in the store). `text` measures a sentence embedder served
-//! against the same model in-process and against the server with batching off.
+//! compute ceiling). Slow-path modes sit beside it: `jobs` (durable submissions per second,
+//! against the job store in-process with and without group commit; with `--cluster-nodes N`,
+//! through N coordinators on one PostgreSQL against one redb node), `restart` (the slow path's
+//! restart time with many jobs in the store) and `failover` (a cluster's time to a new scheduler
+//! leader and to the lost node's jobs moved on, after a kill -9 of the leader). `text` measures
+//! a sentence embedder served against the same model in-process and against the server with
+//! batching off.
 
 pub mod args;
 pub mod client;
@@ -12,9 +15,11 @@ pub mod compute;
 pub mod coordinator;
 pub mod cpu;
 pub mod echo;
+pub mod failover;
 pub mod http;
 pub mod jobs;
 pub mod overload;
+pub mod pg;
 pub mod report;
 pub mod restart;
 pub mod schedule;
