@@ -944,6 +944,8 @@ pub(crate) fn job_json(j: &v1::Job) -> Value {
         "reason": j.reason, "attempt": j.attempt, "exit_code": j.exit_code,
         "created_ms": j.created_ms, "started_ms": j.started_ms, "finished_ms": j.finished_ms,
         "progress": j.progress, "ttl_seconds_after_finished": spec.ttl_seconds_after_finished,
+        "app_failures": j.app_failures, "infra_failures": j.infra_failures,
+        "node": j.node, "leader_epoch": j.leader_epoch,
     })
 }
 

@@ -403,6 +403,20 @@ async fn any_node_serves_the_logs_and_cancels_the_job_another_node_runs() {
     assert_eq!(out, "first line\nlast line\n");
     assert_eq!(err, "to stderr\n");
     until_state(&mut ja, &talk.id, v1::JobState::Succeeded).await;
+    // The CLI, through the node that did not run it, says where it ran.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_veraltheim"))
+        .args(["jobs", "get", &talk.id, "--json", "--server", &a.grpc])
+        .env_remove("VERALTHEIM_SERVER")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(shown["node"], "b", "{shown}");
+    assert!(shown["leader_epoch"].as_u64().unwrap() >= 1, "{shown}");
     // Read again, not followed, through either node: the same output.
     for server in [&a, &b] {
         let mut client = jobs(server).await;
