@@ -43,7 +43,7 @@ use crate::backend::JobBackend;
 use crate::cluster::{JobNotice, LOG_END, LeaderFence, LogPiece, Member};
 use crate::executor::{ExecError, Executor, InferenceExecutor, LogChunk, LogSource, LogStream};
 use crate::job::JobState;
-use crate::scheduler::{NodeCapacity, RetryDecision, Scheduler};
+use crate::scheduler::{NodeCapacity, Scheduler};
 use crate::store::{Change, FailureKind, JobRecord, Placement, StoreError};
 
 /// How often a node looks for the jobs placed on it, whatever it was told.
@@ -154,10 +154,17 @@ impl<B: JobBackend> RunnerOn<B> {
         if let Some(old) = state.leader.take() {
             tracing::warn!(epoch = old.epoch, %why, "no longer the scheduler leader");
         }
+        self.clear_view(&mut state);
+    }
+
+    /// Forgets the leader's view: an empty scheduler over the nodes as last set, no
+    /// placements, retries or reasons.
+    fn clear_view(&self, state: &mut super::State) {
         state.placements.clear();
         state.retries.clear();
         state.reasons.clear();
         state.parked.clear();
+        // The configuration was accepted when the runner was built.
         if let Ok(mut sched) = Scheduler::new(self.inner.sched_config.clone()) {
             sched.set_nodes(state.node_caps.clone());
             state.sched = sched;
@@ -166,15 +173,8 @@ impl<B: JobBackend> RunnerOn<B> {
 
     async fn take_over(&self, fence: LeaderFence) -> Result<(), StoreError> {
         let live = self.inner.store.live().await?;
-        let mut sched = Scheduler::new(self.inner.sched_config.clone())
-            .map_err(|e| StoreError::Database(e.to_string()))?;
         let mut state = self.inner.state.lock();
-        sched.set_nodes(state.node_caps.clone());
-        state.sched = sched;
-        state.placements.clear();
-        state.retries.clear();
-        state.reasons.clear();
-        state.parked.clear();
+        self.clear_view(&mut state);
         for rec in &live {
             Self::take_up(&mut state, rec);
         }
@@ -654,17 +654,12 @@ impl<B: JobBackend> RunnerOn<B> {
                     )
                 };
                 let what = format!("{where_} during attempt {}", rec.attempt.max(1));
-                Ok(match decision {
-                    RetryDecision::RetryAt { at_ms, reason } => Change {
-                        failure: Some(FailureKind::Infrastructure),
-                        retry_at_ms: Some(at_ms),
-                        ..Change::to(JobState::RetryWait, format!("{what}; {reason}"))
-                    },
-                    RetryDecision::GiveUp { reason } => Change {
-                        failure: Some(FailureKind::Infrastructure),
-                        ..Change::to(JobState::Failed, format!("{what}; {reason}"))
-                    },
-                })
+                Ok(super::failed_attempt(
+                    &decision,
+                    FailureKind::Infrastructure,
+                    None,
+                    &what,
+                ))
             })
             .await;
         match result {

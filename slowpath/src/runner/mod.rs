@@ -76,6 +76,26 @@ pub enum RunnerError {
     },
 }
 
+/// The change that records a failed attempt (`what` happened, of `failure`'s kind): RETRY_WAIT
+/// until the policy's time, or FAILED when it gives up, with its reason.
+fn failed_attempt(
+    decision: &RetryDecision,
+    failure: FailureKind,
+    exit_code: Option<i32>,
+    what: &str,
+) -> Change {
+    let (to, reason, retry_at_ms) = match decision {
+        RetryDecision::RetryAt { at_ms, reason } => (JobState::RetryWait, reason, Some(*at_ms)),
+        RetryDecision::GiveUp { reason } => (JobState::Failed, reason, None),
+    };
+    Change {
+        exit_code,
+        failure: Some(failure),
+        retry_at_ms,
+        ..Change::to(to, format!("{what}; {reason}"))
+    }
+}
+
 /// The waiting reason of the jobs a drained runner holds back ([`RunnerOn::set_draining`]).
 pub const DRAINING: &str = "this node is draining: it starts no new job";
 
@@ -877,19 +897,7 @@ impl<B: JobBackend> RunnerOn<B> {
                 &mut state.jitter,
             )
         };
-        let change = match &decision {
-            RetryDecision::RetryAt { at_ms, reason } => Change {
-                exit_code,
-                failure: Some(failure),
-                retry_at_ms: Some(*at_ms),
-                ..Change::to(JobState::RetryWait, format!("{what}; {reason}"))
-            },
-            RetryDecision::GiveUp { reason } => Change {
-                exit_code,
-                failure: Some(failure),
-                ..Change::to(JobState::Failed, format!("{what}; {reason}"))
-            },
-        };
+        let change = failed_attempt(&decision, failure, exit_code, &what);
         self.write(id, change).await?;
         if let RetryDecision::RetryAt { at_ms, .. } = decision {
             self.retry_at(at_ms, id);
