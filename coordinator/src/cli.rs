@@ -946,7 +946,24 @@ pub(crate) fn job_json(j: &v1::Job) -> Value {
         "progress": j.progress, "ttl_seconds_after_finished": spec.ttl_seconds_after_finished,
         "app_failures": j.app_failures, "infra_failures": j.infra_failures,
         "node": j.node, "leader_epoch": j.leader_epoch,
+        "paused": j.paused, "paused_since_ms": j.paused_since_ms,
+        "paused_reason": j.paused_reason, "paused_ms": j.paused_ms, "pauses": j.pauses,
+        "pausable": spec.pausable,
     })
+}
+
+/// A job's reason for the table: a paused job says so first, with for how long and why.
+fn job_reason(j: &v1::Job) -> String {
+    if j.paused {
+        format!(
+            "PAUSED ({:.1} s in all): {}; {}",
+            j.paused_ms as f64 / 1000.0,
+            j.paused_reason,
+            j.reason
+        )
+    } else {
+        j.reason.clone()
+    }
 }
 
 fn print_jobs(jobs: &[v1::Job], as_json: bool) -> anyhow::Result<()> {
@@ -968,7 +985,7 @@ fn print_jobs(jobs: &[v1::Job], as_json: bool) -> anyhow::Result<()> {
             spec.queue,
             job_state_name(j.state),
             j.attempt,
-            j.reason
+            job_reason(j)
         );
     }
     Ok(())

@@ -164,6 +164,9 @@ pub struct JobsConfig {
     pub default_ttl_seconds: Option<u64>,
     /// Requests one inference job keeps in flight.
     pub inference_concurrency: usize,
+    /// The least CPU (millicores) the fast path's use leaves the job scheduler on this node
+    /// (`veraltheim_slowpath::pressure`).
+    pub min_cpu_millis: u64,
     /// Bytes kept of each of a command job attempt's outputs (head and tail).
     pub max_log_bytes: u64,
     /// Folders inference jobs may read from; empty: `<data_dir>/inference`.
@@ -216,6 +219,8 @@ pub struct LocalJobsConfig {
     /// A delegated cgroup v2 folder for per-attempt cgroups; `None`: none.
     #[serde(default, deserialize_with = "unset::empty_path")]
     pub cgroup_dir: Option<PathBuf>,
+    /// The nice value (0 to 19) every attempt runs at.
+    pub nice: i32,
 }
 
 /// `[jobs.kubernetes]`: the Kubernetes executor.
@@ -790,6 +795,12 @@ impl Config {
             bail!(
                 "devices.sample_interval_ms is {}; it must be at least 100",
                 self.devices.sample_interval_ms
+            );
+        }
+        if !(0..=19).contains(&l.nice) {
+            bail!(
+                "jobs.local.nice is {}; it must be 0 to 19 (jobs may only run at a lower priority than the server)",
+                l.nice
             );
         }
         if self.jobs.max_log_bytes < 1024 {

@@ -18,12 +18,13 @@ use veraltheim_proto::v1::{self, job_service_server::JobService};
 use veraltheim_slowpath::job::JobKind;
 use veraltheim_slowpath::local::{Cgroups, Limits, RunAs, Sandbox, Shim};
 use veraltheim_slowpath::runner::ClusterSelf;
+use veraltheim_slowpath::runner::PauseObserver;
 use veraltheim_slowpath::sandbox::effective_uid;
 use veraltheim_slowpath::{
     AnyJobStore, Executor, InferenceExecutor, JobBackend, JobRecord, JobSpec, JobState,
-    KubernetesConfig, KubernetesExecutor, ListFilter, LocalExecutor, Observer, QueueConfig, Quota,
-    Resources, RetryPolicy, RunnerConfig, RunnerError, RunnerOn, SchedulerConfig, StoreError,
-    Toleration,
+    KubernetesConfig, KubernetesExecutor, ListFilter, LocalExecutor, Observer, Pressure,
+    QueueConfig, Quota, Resources, RetryPolicy, RunnerConfig, RunnerError, RunnerOn,
+    SchedulerConfig, StoreError, Toleration,
 };
 use veraltheim_storage::RedbStore;
 use veraltheim_supervisor::BreakerConfig;
@@ -203,7 +204,10 @@ impl Jobs {
     /// Every durable job change comes out of the returned receiver as a `jobs.<id>.state` event
     /// (for the QueueManager to publish).
     /// Inference jobs run through `inference`. With `telemetry`, each attempt that ends becomes
-    /// a span.
+    /// a span. Local command jobs follow the fast path's `pressure` (`crate::pressure`): the CPU
+    /// capacity it leaves them, and pauses, told as `jobs.<id>.paused` / `jobs.<id>.resumed`
+    /// events.
+    #[allow(clippy::too_many_arguments)]
     pub async fn start(
         config: &JobsConfig,
         store: AnyJobStore<Arc<RedbStore>>,
@@ -212,8 +216,15 @@ impl Jobs {
         inference: Arc<dyn InferenceExecutor>,
         telemetry: Option<Arc<Telemetry>>,
         cluster: Option<ClusterSelf>,
+        pressure: tokio::sync::watch::Receiver<Pressure>,
     ) -> anyhow::Result<(Jobs, mpsc::Receiver<Event>)> {
         let (tx, rx) = mpsc::channel(JOB_EVENT_BACKLOG);
+        let pause_tx = tx.clone();
+        let on_pause: PauseObserver = Arc::new(move |r: &JobRecord| {
+            if pause_tx.try_send(pause_event(r)).is_err() {
+                tracing::warn!(job = %r.id, "job event backlog full; event dropped");
+            }
+        });
         let entered = Arc::new(StateCounters::default());
         let counters = entered.clone();
         let observer: Observer = Arc::new(move |r: &JobRecord| {
@@ -255,6 +266,7 @@ impl Jobs {
                     Arc::new(
                         LocalExecutor::new(jobs_dir)
                             .with_max_log_bytes(config.max_log_bytes)
+                            .with_nice(config.local.nice)
                             .with_sandbox(sandbox)
                             .with_shim(shim),
                     ),
@@ -309,10 +321,19 @@ impl Jobs {
             jitter_seed: std::process::id() as u64,
         };
         let store = store.with_observer(observer);
+        let local = config.executor == JobExecutorKind::Local;
         let runner = match cluster {
             // One node of several: the leader places jobs on it (see slowpath's runner).
             Some(me) => RunnerOn::in_cluster(store, exec, Some(inference), runner_config, me)?,
             None => RunnerOn::with_executors(store, exec, Some(inference), runner_config)?,
+        };
+        // Local jobs share this node's cores with the fast path; Kubernetes pods run elsewhere.
+        let runner = if local {
+            runner
+                .with_pressure(pressure, config.min_cpu_millis)
+                .with_pause_observer(on_pause)
+        } else {
+            runner
         };
         // Jobs that were waiting or running when the coordinator last stopped line up again.
         runner.start().await?;
@@ -558,6 +579,47 @@ pub fn job_event(r: &JobRecord) -> Event {
     )
 }
 
+/// A job's pause or resume as a `jobs.<id>.paused` / `jobs.<id>.resumed` event (its state
+/// stays RUNNING: `jobs.<id>.state` does not fire).
+pub fn pause_event(r: &JobRecord) -> Event {
+    let paused = r.pauses.is_paused();
+    let message = if paused {
+        format!(
+            "job {} ({}) is paused: {}",
+            r.id, r.spec.name, r.pauses.reason
+        )
+    } else {
+        format!(
+            "job {} ({}) is resumed; paused {} ms in all",
+            r.id, r.spec.name, r.pauses.paused_ms
+        )
+    };
+    Event::new(
+        format!(
+            "jobs.{}.{}",
+            r.id,
+            if paused { "paused" } else { "resumed" }
+        ),
+        message,
+    )
+    .with_attribute("job", &r.id)
+    .with_attribute("name", &r.spec.name)
+    .with_attribute("queue", &r.spec.queue)
+    .with_attribute("state", r.state.as_str())
+    .with_attribute("reason", &r.pauses.reason)
+    .with_attribute("paused_ms", r.pauses.paused_ms.to_string())
+    .with_attribute("pauses", r.pauses.count.to_string())
+    .with_attribute("attempt", r.attempt.to_string())
+    .with_attribute(
+        "tenant",
+        r.spec.owner.as_ref().map_or("", |o| o.tenant.as_str()),
+    )
+    .with_attribute(
+        "principal",
+        r.spec.owner.as_ref().map_or("", |o| o.principal.as_str()),
+    )
+}
+
 fn job_status(e: RunnerError) -> Status {
     use veraltheim_slowpath::scheduler::SchedError;
     let msg = e.to_string();
@@ -677,6 +739,7 @@ fn spec_from_wire(s: v1::JobSpec) -> Result<JobSpec, Status> {
         kind,
         // The caller's, set by SubmitJob: the wire spec has no say in who owns a job.
         owner: None,
+        pausable: s.pausable,
     })
 }
 
@@ -695,6 +758,7 @@ fn spec_to_wire(s: &JobSpec) -> v1::JobSpec {
         ttl_seconds_after_finished: s.ttl_seconds_after_finished.unwrap_or(0),
         labels: s.labels.clone().into_iter().collect(),
         idempotency_key: s.idempotency_key.clone().unwrap_or_default(),
+        pausable: s.pausable,
         kind: Some(match &s.kind {
             JobKind::Command {
                 image,
@@ -764,6 +828,11 @@ fn job_to_wire(jobs: &Jobs, r: &JobRecord) -> v1::Job {
             .map(|p| p.node.clone())
             .unwrap_or_default(),
         leader_epoch: r.placement.as_ref().map_or(0, |p| p.epoch),
+        paused: r.pauses.is_paused(),
+        paused_since_ms: r.pauses.since_ms.unwrap_or(0),
+        paused_reason: r.pauses.reason.clone(),
+        paused_ms: r.pauses.total_ms(jobs.runner.store().now_ms()),
+        pauses: r.pauses.count,
     }
 }
 
@@ -1037,7 +1106,7 @@ impl JobsApi {
 /// WatchJob's stream: the job now, then each change, until a terminal state.
 fn async_stream_unfold(api: JobsApi, id: String) -> StreamOf<v1::Job> {
     Box::pin(futures::stream::unfold(
-        (api, id, None::<(i32, String, u32, u32)>, false),
+        (api, id, None::<(i32, String, u32, u32, bool)>, false),
         |(api, id, last, ended)| async move {
             if ended {
                 return None;
@@ -1050,8 +1119,9 @@ fn async_stream_unfold(api: JobsApi, id: String) -> StreamOf<v1::Job> {
                 };
                 let job = job_to_wire(jobs, &rec);
                 // Progress in steps of 1%: a change shows, a busy job does not flood the stream.
+                // A pause or a resume shows too.
                 let step = (job.progress * 100.0) as u32;
-                let key = (job.state, job.reason.clone(), job.attempt, step);
+                let key = (job.state, job.reason.clone(), job.attempt, step, job.paused);
                 if last.as_ref() != Some(&key) {
                     let ended = rec.state.is_terminal();
                     return Some((Ok(job), (api, id, Some(key), ended)));

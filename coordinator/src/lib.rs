@@ -23,6 +23,7 @@ mod node;
 mod page;
 mod params;
 mod peer;
+mod pressure;
 mod ratelimit;
 mod refusal;
 mod rest;

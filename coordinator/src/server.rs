@@ -407,6 +407,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             AnyJobStore::Postgres(pg)
         }
     };
+    // What the fast path tells the job runner about this node's cores (crate::pressure).
+    let pressure = crate::pressure::PressureFeed::new();
     let (jobs, job_events) = Jobs::start(
         &config.jobs,
         job_store,
@@ -420,6 +422,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
                 node: node_id.to_string(),
                 incarnation: incarnation.clone(),
             }),
+        pressure.subscribe(),
     )
     .await
     .context("cannot start the job runner")?;
@@ -510,6 +513,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         http,
         audit_log: audit_log.worker(),
         node_registry: cluster.worker(),
+        pressure: pressure.worker(),
         auth_file: auth
             .enabled()
             .then(|| auth.clone().worker(bus_for_auth.clone())),

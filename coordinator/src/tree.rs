@@ -70,6 +70,9 @@ pub struct TreeParts {
     pub audit_log: ChildSpec,
     /// Keeps this node in the node registry (`crate::cluster`), in the OrchestrationSupervisor.
     pub node_registry: ChildSpec,
+    /// Samples this process's CPU for the job runner (`crate::pressure`), in the
+    /// AICoordinatorSupervisor.
+    pub pressure: ChildSpec,
     /// Re-reads the auth file when it changes (with authentication on), in the API supervisor.
     pub auth_file: Option<ChildSpec>,
     /// The bridge of events to NATS JetStream (with `--nats-url`), in the MessageBusSupervisor.
@@ -493,6 +496,7 @@ pub async fn start(parts: TreeParts) -> anyhow::Result<SupervisorHandle> {
                         .intensity(50, Duration::from_secs(60))
                         .child(model_host(parts.host.clone())),
                 ))
+                .child(parts.pressure.backoff(restart_backoff()))
                 .child(slow_path(parts.jobs.clone())),
         ))
         .child(subsystem({
