@@ -1234,4 +1234,46 @@ mod tests {
         let c = &job["spec"]["template"]["spec"]["containers"][0]["securityContext"];
         assert_eq!(c["readOnlyRootFilesystem"], false);
     }
+
+    #[tokio::test]
+    async fn pauses_are_their_own_events_and_show_on_the_wire() {
+        use veraltheim_slowpath::JobStore;
+        use veraltheim_storage::MemoryStore;
+        let store = JobStore::new(MemoryStore::new());
+        let wire = v1::JobSpec {
+            name: "embed".into(),
+            pausable: Some(false),
+            kind: Some(v1::job_spec::Kind::Command(v1::CommandJob {
+                command: vec!["true".into()],
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        let spec = spec_from_wire(wire).unwrap();
+        assert_eq!(spec.pausable, Some(false));
+        assert_eq!(spec_to_wire(&spec).pausable, Some(false));
+        let mut rec = store.submit(spec).await.unwrap();
+        rec.state = JobState::Running;
+        rec.pauses.since_ms = Some(1_000);
+        rec.pauses.reason = "model minilm: p99 above the objective".into();
+        rec.pauses.count = 2;
+        rec.pauses.paused_ms = 300;
+        let e = pause_event(&rec);
+        assert_eq!(e.topic, format!("jobs.{}.paused", rec.id));
+        assert_eq!(e.attributes["reason"], rec.pauses.reason);
+        assert_eq!(e.attributes["state"], "RUNNING");
+        assert_eq!(e.attributes["pauses"], "2");
+        assert!(
+            e.message.contains("is paused: model minilm"),
+            "{}",
+            e.message
+        );
+        rec.pauses.since_ms = None;
+        rec.pauses.reason.clear();
+        rec.pauses.paused_ms = 700;
+        let e = pause_event(&rec);
+        assert_eq!(e.topic, format!("jobs.{}.resumed", rec.id));
+        assert_eq!(e.attributes["paused_ms"], "700");
+        assert!(e.message.contains("paused 700 ms in all"), "{}", e.message);
+    }
 }
