@@ -224,13 +224,13 @@ impl<S: Store + 'static> JobBackend for JobStore<S> {
         JobStore::update(self, id, f)
     }
 
-    fn mark_paused(
+    async fn mark_paused(
         &self,
         id: &str,
         why: Option<String>,
         placed: Option<Placement>,
-    ) -> impl Future<Output = Result<Option<JobRecord>, StoreError>> + Send {
-        async move { JobStore::mark_paused(self, id, why.as_deref(), placed.as_ref()).await }
+    ) -> Result<Option<JobRecord>, StoreError> {
+        JobStore::mark_paused(self, id, why.as_deref(), placed.as_ref()).await
     }
 
     fn recover(&self) -> impl Future<Output = Result<Vec<JobRecord>, StoreError>> + Send {
