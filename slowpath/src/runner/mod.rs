@@ -28,9 +28,10 @@
 //! **Pressure** ([`RunnerOn::with_pressure`], see [`crate::pressure`]): while [`RunnerOn::run`]
 //! runs, a task follows the fast path's [`Pressure`]. On a single node, the scheduler's CPU
 //! capacity for admission is the configured one less the fast path's use (never below the
-//! floor), and jobs that wait for it say so; running jobs are never stopped for it. (In a
-//! cluster the leader places against each node's registered capacity; the fast path's use is
-//! not part of it yet.) While [`Pressure::at_risk`] is set, every running attempt that can be
+//! floor), and jobs that wait for it say so; running jobs are never stopped for it. In a
+//! cluster the leader places against each node's registered capacity: each node registers
+//! [`RunnerOn::job_cpu_capacity`], its capacity less its own fast path's use, at each renewal
+//! of its lease. While [`Pressure::at_risk`] is set, every running attempt that can be
 //! paused ([`Execution::can_pause`]: local command jobs; not Kubernetes pods, not inference
 //! jobs, which the fast path's own controller governs) of a job that may be paused
 //! ([`crate::pressure::pausable`]) is paused, and resumed once it clears, at most one such
@@ -351,7 +352,8 @@ impl<B: JobBackend> RunnerOn<B> {
     }
 
     /// The CPU capacity (millis) jobs are admitted against on this node now: the configured
-    /// one, less what the fast path uses when the runner follows its pressure.
+    /// one, less what the fast path uses when the runner follows its pressure (in a cluster:
+    /// what the node registers for the leader to place against).
     pub fn job_cpu_capacity(&self) -> u64 {
         self.inner
             .cpu_capacity_now
@@ -1245,12 +1247,9 @@ impl<B: JobBackend> RunnerOn<B> {
         }
     }
 
-    /// The CPU capacity jobs are admitted against, from the fast path's use (a single node;
-    /// see the module documentation).
+    /// The CPU capacity jobs are admitted against, from the fast path's use (see the module
+    /// documentation). In a cluster it is only kept, for the node to register.
     fn apply_cpu(&self, fast_path_cpu_millis: u64) {
-        if self.inner.cluster.is_some() {
-            return;
-        }
         let configured = self.inner.sched_config.capacity.cpu_millis;
         let floor = self
             .inner
@@ -1261,7 +1260,7 @@ impl<B: JobBackend> RunnerOn<B> {
             .inner
             .cpu_capacity_now
             .swap(capacity, std::sync::atomic::Ordering::Relaxed);
-        if before == capacity {
+        if before == capacity || self.inner.cluster.is_some() {
             return;
         }
         let note = lowered_note(configured, capacity).unwrap_or_default();

@@ -418,3 +418,42 @@ async fn a_runner_that_stops_resumes_the_jobs_it_paused() {
     runner.cancel(&job.id).await.unwrap();
     record_until(&runner, &job.id, "its end", |r| r.state.is_terminal()).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_cluster_the_capacity_is_kept_for_the_node_to_register() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = started(dir.path(), 0);
+    let config = RunnerConfig {
+        scheduler: s.runner.inner.sched_config.clone(),
+        retry: RetryPolicy::default(),
+        max_running: 2,
+        jitter_seed: 1,
+    };
+    s.stop().await;
+    let (pressure, rx) = watch::channel(Pressure::default());
+    let runner = RunnerOn::in_cluster(
+        JobStore::new(MemoryStore::new()),
+        Arc::new(LocalExecutor::new(dir.path().join("jobs"))),
+        None,
+        config,
+        ClusterSelf {
+            node: "a".into(),
+            incarnation: "a-1".into(),
+        },
+    )
+    .unwrap()
+    .with_pressure(rx, 0);
+    let shutdown = CancellationToken::new();
+    let task = {
+        let runner = runner.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move { runner.run(shutdown).await })
+    };
+    pressure.send_replace(Pressure {
+        fast_path_cpu_millis: 3000,
+        ..Pressure::default()
+    });
+    assert!(eventually(|| runner.job_cpu_capacity() == 1000).await);
+    shutdown.cancel();
+    task.await.unwrap();
+}
