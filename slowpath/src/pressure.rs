@@ -13,7 +13,11 @@
 //! 2. **Pause.** While [`Pressure::at_risk`] is set (a latency objective is at risk), the running
 //!    local command jobs that may be paused ([`pausable`]) are stopped (SIGSTOP of their
 //!    process group) and continued (SIGCONT) once it clears. A job's state stays RUNNING; its
-//!    record says that it is paused, since when, and the time paused so far.
+//!    record says that it is paused, since when, and the time paused so far. No PAUSED state:
+//!    a paused job still holds its resources and its slot, is cancelled, times out and ends
+//!    exactly as a running one (every edge out of RUNNING applies), and a state would add edges
+//!    to every path (recovery, adoption, a cluster's placements) for what is a flag of the
+//!    running attempt. Its deadline counts running time only: it moves later by each pause.
 //!
 //! Which jobs may be paused: a job's spec says so (`pausable`); without it, a job of the lowest
 //! priority class a job can have (the empty class, which ranks below every configured one; or,

@@ -68,8 +68,8 @@ pub struct SubmitArgs {
     /// Retries after a failure of the job's own (exit code) [default: 0].
     #[arg(long)]
     pub max_retries: Option<u32>,
-    /// How long an attempt may run before it is killed (TIMED_OUT): seconds, or a number with
-    /// s, m, h or d.
+    /// How long an attempt may run before it is killed (TIMED_OUT), time paused not counted:
+    /// seconds, or a number with s, m, h or d.
     #[arg(long, visible_alias = "deadline-seconds")]
     pub deadline: Option<String>,
     /// How long the job is kept once finished, then deleted with its logs: seconds, or a number
