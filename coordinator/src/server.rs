@@ -315,6 +315,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             budgets,
             gpu_reserve_bytes: config.models.gpu_memory_reserve_bytes,
             size_factor: config.models.size_factor,
+            latency_slo_ms: config.models.latency_slo_ms().map_err(|e| anyhow!(e))?,
         },
         ManagerDeps {
             pool,
@@ -497,6 +498,17 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         }
     });
     let bus_for_auth = bus.clone();
+    let objectives = crate::objectives::watcher(
+        models.clone(),
+        bus.clone(),
+        // The job side's pause follows this once it is wired (issue 17, item 3).
+        Arc::new(
+            |model: &str, why: Option<String>, _gpus: Vec<u32>| match why {
+                Some(why) => tracing::info!(model, %why, "latency objective at risk"),
+                None => tracing::info!(model, "latency objective kept again"),
+            },
+        ),
+    );
     let root = crate::tree::start(TreeParts {
         bus,
         models: models.clone(),
@@ -514,6 +526,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             .enabled()
             .then(|| auth.clone().worker(bus_for_auth.clone())),
         nats_bridge,
+        objectives,
         shutdown_grace: grace,
     })
     .await
