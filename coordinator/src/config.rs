@@ -350,6 +350,34 @@ pub struct ModelsConfig {
     pub memory_reserve_bytes: u64,
     pub gpu_memory_reserve_bytes: u64,
     pub size_factor: f64,
+    /// `MODEL=MS` entries: latency objectives (p99) for models whose configuration sets none.
+    pub latency_slo: Vec<String>,
+}
+
+impl ModelsConfig {
+    /// The latency objectives of `latency_slo`, by model; an error names the bad entry.
+    pub fn latency_slo_ms(&self) -> Result<std::collections::BTreeMap<String, u64>, String> {
+        self.latency_slo
+            .iter()
+            .map(|entry| {
+                let bad = |why: &str| {
+                    format!("models.latency_slo entry '{entry}': {why} (expected MODEL=MILLISECONDS, e.g. minilm=100)")
+                };
+                let (model, ms) = entry.split_once('=').ok_or_else(|| bad("no '='"))?;
+                let model = model.trim();
+                if model.is_empty() {
+                    return Err(bad("no model name"));
+                }
+                let ms: u64 = ms
+                    .trim()
+                    .parse()
+                    .ok()
+                    .filter(|&ms| ms > 0)
+                    .ok_or_else(|| bad("the objective is not a positive number of milliseconds"))?;
+                Ok((model.to_string(), ms))
+            })
+            .collect()
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -820,6 +848,9 @@ impl Config {
                 "models.size_factor is {}; it must be a positive number",
                 self.models.size_factor
             );
+        }
+        if let Err(e) = self.models.latency_slo_ms() {
+            bail!("{e}");
         }
         if self.models.default_max_queue_size == 0 {
             bail!("models.default_max_queue_size must be at least 1");

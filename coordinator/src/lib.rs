@@ -20,6 +20,7 @@ mod jobs;
 mod kserve;
 mod logging;
 mod node;
+mod objectives;
 mod page;
 mod params;
 mod peer;

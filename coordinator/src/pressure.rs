@@ -9,8 +9,8 @@
 //!   ([`CpuWindow`]). Command jobs are other processes (started through the job shim), so
 //!   they are not counted. A restarted sampler starts a new window.
 //! - **Objectives at risk.** [`PressureFeed::set_at_risk`] keeps one reason per model (the
-//!   fast path's controllers call it as a model's latency objective comes at risk and as it
-//!   clears); `at_risk` is their union, in model order (`model a: why; model b: why`), and
+//!   node's `ObjectiveWatch`, `crate::objectives`, calls it as a model's latency objective
+//!   comes at risk and as it is kept again); `at_risk` is their union, in model order (`model a: why; model b: why`), and
 //!   `at_risk_gpus` the union of their GPUs. A value equal to the one published is not
 //!   published again, so followers wake only on a change.
 
@@ -57,7 +57,6 @@ impl PressureFeed {
 
     /// Model `model`'s latency objective is at risk for `why` (`Some`), on `gpus` (inventory
     /// indices; empty for a CPU model), or no longer (`None`: the model is removed).
-    #[allow(dead_code)] // Called by the fast path's controllers once they are wired (issue 17).
     pub fn set_at_risk(&self, model: &str, why: Option<String>, gpus: &[u32]) {
         let mut models = self.at_risk.lock();
         match why {

@@ -315,6 +315,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             budgets,
             gpu_reserve_bytes: config.models.gpu_memory_reserve_bytes,
             size_factor: config.models.size_factor,
+            latency_slo_ms: config.models.latency_slo_ms().map_err(|e| anyhow!(e))?,
         },
         ManagerDeps {
             pool,
@@ -500,6 +501,22 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         }
     });
     let bus_for_auth = bus.clone();
+    let objectives = crate::objectives::watcher(
+        models.clone(),
+        bus.clone(),
+        // The job side follows it (issue 17, item 3): local command jobs pause while any
+        // objective is at risk (crate::pressure).
+        Arc::new({
+            let pressure = pressure.clone();
+            move |model: &str, why: Option<String>, gpus: Vec<u32>| {
+                match &why {
+                    Some(why) => tracing::info!(model, %why, "latency objective at risk"),
+                    None => tracing::info!(model, "latency objective kept again"),
+                }
+                pressure.set_at_risk(model, why, &gpus);
+            }
+        }),
+    );
     let root = crate::tree::start(TreeParts {
         bus,
         models: models.clone(),
@@ -518,6 +535,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             .enabled()
             .then(|| auth.clone().worker(bus_for_auth.clone())),
         nats_bridge,
+        objectives,
         shutdown_grace: grace,
     })
     .await

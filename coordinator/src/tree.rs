@@ -77,6 +77,8 @@ pub struct TreeParts {
     pub auth_file: Option<ChildSpec>,
     /// The bridge of events to NATS JetStream (with `--nats-url`), in the MessageBusSupervisor.
     pub nats_bridge: Option<Arc<veraltheim_bus::nats::NatsBridge>>,
+    /// Reads the models' latency objectives (`crate::objectives`), in the AICoordinatorSupervisor.
+    pub objectives: ChildSpec,
     pub shutdown_grace: Duration,
 }
 
@@ -497,7 +499,8 @@ pub async fn start(parts: TreeParts) -> anyhow::Result<SupervisorHandle> {
                         .child(model_host(parts.host.clone())),
                 ))
                 .child(parts.pressure.backoff(restart_backoff()))
-                .child(slow_path(parts.jobs.clone())),
+                .child(slow_path(parts.jobs.clone()))
+                .child(parts.objectives.backoff(restart_backoff())),
         ))
         .child(subsystem({
             let api = SupervisorSpec::new("API").intensity(10, Duration::from_secs(60));

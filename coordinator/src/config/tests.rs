@@ -132,6 +132,7 @@ fn sample(s: &Setting) -> String {
             Some(r#"[{ key = "nvidia.com/gpu", operator = "Exists", effect = "NoSchedule" }]"#)
         }
         "jobs.queues" => Some(r#"[{ name = "batch", weight = 2, gpus = 1 }]"#),
+        "models.latency_slo" => Some("identity=50,cost=200"),
         _ => None,
     };
     if let Some(v) = by_key {
