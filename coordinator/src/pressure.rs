@@ -50,7 +50,7 @@ impl PressureFeed {
     }
 
     /// The pressure as published now.
-    #[allow(dead_code)] // For the status tree and the fast path's controllers (issue 17).
+    #[allow(dead_code)] // For the status tree and tests (issue 17).
     pub fn current(&self) -> Pressure {
         self.tx.borrow().clone()
     }
