@@ -79,7 +79,11 @@ async fn three_runs_with_the_cost_stand_in() {
         assert_eq!(run.objective_set, run.kind == RunKind::Controller);
         if run.kind == RunKind::Alone {
             assert!(run.batch.is_none() && run.command.is_none());
-            assert!(run.windows.iter().all(|w| w.batch_sentences_per_s.is_none()));
+            assert!(
+                run.windows
+                    .iter()
+                    .all(|w| w.batch_sentences_per_s.is_none())
+            );
             continue;
         }
         let batch = run.batch.as_ref().expect("a batch job");
@@ -88,13 +92,21 @@ async fn three_runs_with_the_cost_stand_in() {
         assert!(batch.done_at_end < batch.lines as u64, "{batch:?}");
         assert!(batch.sentences_per_s > 0.0);
         assert_eq!(batch.job.state_at_end, "CANCELLED", "{batch:?}");
-        assert!(run.windows.iter().all(|w| w.batch_sentences_per_s.is_some()));
+        assert!(
+            run.windows
+                .iter()
+                .all(|w| w.batch_sentences_per_s.is_some())
+        );
         let command = run.command.as_ref().expect("a command job");
         assert_eq!(command.state_at_end, "CANCELLED", "{command:?}");
     }
     assert!(report.controller_within_slo_every_window.is_some());
     // The report prints, and as one JSON object.
-    assert!(report.text().contains("run controller"), "{}", report.text());
+    assert!(
+        report.text().contains("run controller"),
+        "{}",
+        report.text()
+    );
     let v = serde_json::to_value(&report).unwrap();
     assert_eq!(v["runs"].as_array().unwrap().len(), 3);
     // Every process of the command jobs is gone (cancelled, and the servers stopped).

@@ -217,7 +217,12 @@ pub struct CoschedArgs {
     #[arg(long)]
     pub inference_job_concurrency: Option<usize>,
     /// The runs, in order.
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "alone,strict,controller")]
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "alone,strict,controller"
+    )]
     pub runs: Vec<RunKind>,
     /// `max_batch_size` of the model.
     #[arg(long, default_value_t = 64)]
@@ -228,9 +233,10 @@ pub struct CoschedArgs {
     /// Passed to `serve --execution-threads` (0 = its default).
     #[arg(long, default_value_t = 0)]
     pub execution_threads: usize,
-    /// The `cost` stand-in's compute per batch, µs, and per row, µs.
+    /// The `cost` stand-in's compute per batch, µs.
     #[arg(long, default_value_t = 1000)]
     pub cost_base_us: u64,
+    /// The `cost` stand-in's compute per row, µs.
     #[arg(long, default_value_t = 100)]
     pub cost_per_item_us: u64,
     /// HTTP/2 connections of the online open loop.
@@ -536,21 +542,19 @@ impl ControllerSample {
 /// The value of `name{..., model="<model>", ...}` in a Prometheus text exposition.
 pub fn metric(text: &str, name: &str, model: &str) -> Option<f64> {
     let label = format!("model=\"{model}\"");
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let rest = l.strip_prefix(name)?;
-            let (labels, value) = if let Some(r) = rest.strip_prefix('{') {
-                let (labels, value) = r.split_once('}')?;
-                (labels, value)
-            } else {
-                return None;
-            };
-            labels
-                .split(',')
-                .any(|kv| kv.trim() == label)
-                .then(|| value.split_whitespace().next()?.parse::<f64>().ok())?
-        })
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let rest = l.strip_prefix(name)?;
+        let (labels, value) = if let Some(r) = rest.strip_prefix('{') {
+            let (labels, value) = r.split_once('}')?;
+            (labels, value)
+        } else {
+            return None;
+        };
+        labels
+            .split(',')
+            .any(|kv| kv.trim() == label)
+            .then(|| value.split_whitespace().next()?.parse::<f64>().ok())?
+    })
 }
 
 /// The controller's state as `/metrics` shows it (the names of issue 17's contract).
@@ -754,7 +758,10 @@ impl Bench<'_> {
             "4".to_string(),
         ];
         if a.intra_op_threads > 0 {
-            flags.extend(["--onnx-intra-op-threads".into(), a.intra_op_threads.to_string()]);
+            flags.extend([
+                "--onnx-intra-op-threads".into(),
+                a.intra_op_threads.to_string(),
+            ]);
         }
         if let Some(c) = a.inference_job_concurrency {
             flags.extend(["--inference-job-concurrency".into(), c.to_string()]);
@@ -868,15 +875,14 @@ fn write_batch_input(a: &CoschedArgs, path: &Path) -> anyhow::Result<()> {
 
 fn state_name(state: i32) -> String {
     v1::JobState::try_from(state)
-        .map(|s| {
-            s.as_str_name()
-                .trim_start_matches("JOB_STATE_")
-                .to_string()
-        })
+        .map(|s| s.as_str_name().trim_start_matches("JOB_STATE_").to_string())
         .unwrap_or_else(|_| format!("state {state}"))
 }
 
-async fn get_job(jobs: &mut JobServiceClient<tonic::transport::Channel>, id: &str) -> anyhow::Result<v1::Job> {
+async fn get_job(
+    jobs: &mut JobServiceClient<tonic::transport::Channel>,
+    id: &str,
+) -> anyhow::Result<v1::Job> {
     Ok(jobs
         .get_job(v1::GetJobRequest { id: id.to_string() })
         .await
@@ -1178,7 +1184,16 @@ async fn one_run(
 ) -> anyhow::Result<RunReport> {
     let (server, flags) = bench.start(kind).await?;
     let mut submitted = Submitted::default();
-    let result = drive(bench, &server, kind, capacity, online_rate, flags, &mut submitted).await;
+    let result = drive(
+        bench,
+        &server,
+        kind,
+        capacity,
+        online_rate,
+        flags,
+        &mut submitted,
+    )
+    .await;
     // Clean-up: cancel what was submitted (again, if the run already did: harmless), then stop.
     if let Ok(channel) = server.channel().await {
         let mut jobs = JobServiceClient::new(channel);
@@ -1192,7 +1207,9 @@ async fn one_run(
     let report = result?;
     match stopped {
         Ok(status) if !status.success() => {
-            say(&format!("warning: the coordinator exited with {status} after SIGTERM"));
+            say(&format!(
+                "warning: the coordinator exited with {status} after SIGTERM"
+            ));
         }
         Ok(_) => {}
         Err(e) => say(&format!("warning: stopping the coordinator: {e:#}")),
@@ -1253,7 +1270,7 @@ async fn drive(
     let start = Instant::now() + Duration::from_millis(50);
     let arrivals = Arrival::new(online_rate, a.arrivals, a.seed, warmup + duration);
     say(&format!(
-        "run '{}': online {online_rate:.1}/s for {:.0} s + {:.0} s warm-up",
+        "run '{}': online {online_rate:.1}/s for {} s + {} s warm-up",
         run_name(kind),
         a.duration,
         a.warmup
@@ -1447,10 +1464,7 @@ pub async fn cosched(a: &CoschedArgs) -> anyhow::Result<CoschedReport> {
             .iter()
             .map(|s| text_request(model, s))
             .collect(),
-        CoschedModel::Cost => vec![infer_request(
-            model,
-            &Shape(vec![1, COST_WIDTH]),
-        )],
+        CoschedModel::Cost => vec![infer_request(model, &Shape(vec![1, COST_WIDTH]))],
     };
     if a.runs.iter().any(|r| r.with_jobs()) {
         say(&format!("writing {} batch input lines", a.batch_sentences));
@@ -1498,7 +1512,9 @@ pub async fn cosched(a: &CoschedArgs) -> anyhow::Result<CoschedReport> {
         let run = one_run(&bench, kind, capacity.sentences_per_s, online_rate)
             .await
             .with_context(|| format!("run '{}'", run_name(kind)))?;
-        say(&run_lines(&run, a.slo_ms).trim_end().replace('\n', "\n[cosched] "));
+        say(&run_lines(&run, a.slo_ms)
+            .trim_end()
+            .replace('\n', "\n[cosched] "));
         runs.push(run);
     }
     let controller = runs.iter().find(|r| r.kind == RunKind::Controller);
@@ -1739,23 +1755,53 @@ mod tests {
         let cases: &[(&[&str], &str)] = &[
             (&["--model", "minilm"], "--model-dir"),
             (&["--model", "cost", "--slo-ms", "0"], "--slo-ms"),
-            (&["--model", "cost", "--online-fraction", "1"], "--online-fraction"),
-            (&["--model", "cost", "--online-fraction", "NaN"], "--online-fraction"),
+            (
+                &["--model", "cost", "--online-fraction", "1"],
+                "--online-fraction",
+            ),
+            (
+                &["--model", "cost", "--online-fraction", "NaN"],
+                "--online-fraction",
+            ),
             (&["--model", "cost", "--duration", "0"], "--duration"),
             (&["--model", "cost", "--warmup=-1"], "--warmup"),
             (&["--model", "cost", "--window", "0"], "--window"),
-            (&["--model", "cost", "--duration", "5", "--window", "10"], "--window"),
-            (&["--model", "cost", "--duration", "3600", "--window", "0.1"], "windows"),
+            (
+                &["--model", "cost", "--duration", "5", "--window", "10"],
+                "--window",
+            ),
+            (
+                &["--model", "cost", "--duration", "3600", "--window", "0.1"],
+                "windows",
+            ),
             (&["--model", "cost", "--capacity", "0"], "--capacity"),
-            (&["--model", "cost", "--capacity-concurrency", "0"], "--capacity-concurrency"),
-            (&["--model", "cost", "--batch-sentences", "0"], "--batch-sentences"),
+            (
+                &["--model", "cost", "--capacity-concurrency", "0"],
+                "--capacity-concurrency",
+            ),
+            (
+                &["--model", "cost", "--batch-sentences", "0"],
+                "--batch-sentences",
+            ),
             (&["--model", "cost", "--command", " "], "--command"),
-            (&["--model", "cost", "--command-cpu-millis", "0"], "--command-cpu-millis"),
-            (&["--model", "cost", "--inference-job-concurrency", "0"], "--inference-job-concurrency"),
+            (
+                &["--model", "cost", "--command-cpu-millis", "0"],
+                "--command-cpu-millis",
+            ),
+            (
+                &["--model", "cost", "--inference-job-concurrency", "0"],
+                "--inference-job-concurrency",
+            ),
             (&["--model", "cost", "--runs", "alone,alone"], "twice"),
             (&["--model", "cost", "--channels", "0"], "--channels"),
-            (&["--model", "cost", "--max-outstanding", "0"], "--max-outstanding"),
-            (&["--model", "cost", "--request-timeout", "0"], "--request-timeout"),
+            (
+                &["--model", "cost", "--max-outstanding", "0"],
+                "--max-outstanding",
+            ),
+            (
+                &["--model", "cost", "--request-timeout", "0"],
+                "--request-timeout",
+            ),
         ];
         for (args, flag) in cases {
             let e = validate(&parse(args)).unwrap_err();
@@ -1862,8 +1908,10 @@ veraltheim_model_slo_p99_seconds{model=\"minilm\"} 0.1
             base_config: c,
         };
         let read = || -> serde_json::Value {
-            serde_json::from_slice(&std::fs::read(dir.path().join("cost-stand-in/config.json")).unwrap())
-                .unwrap()
+            serde_json::from_slice(
+                &std::fs::read(dir.path().join("cost-stand-in/config.json")).unwrap(),
+            )
+            .unwrap()
         };
         bench.write_config(RunKind::Strict).unwrap();
         assert!(read()["parameters"].get("latency_slo_p99_ms").is_none());
@@ -1872,13 +1920,21 @@ veraltheim_model_slo_p99_seconds{model=\"minilm\"} 0.1
             read()["parameters"]["latency_slo_p99_ms"]["string_value"],
             "100"
         );
-        assert!(!bench.serve_flags(RunKind::Controller).contains(&"--latency-slo".to_string()));
+        assert!(
+            !bench
+                .serve_flags(RunKind::Controller)
+                .contains(&"--latency-slo".to_string())
+        );
         let a = parse(&["--model", "cost", "--slo-via", "flag", "--slo-ms", "250"]);
         let bench = Bench { args: &a, ..bench };
         let flags = bench.serve_flags(RunKind::Controller);
         let at = flags.iter().position(|f| f == "--latency-slo").unwrap();
         assert_eq!(flags[at + 1], "cost-stand-in=250");
-        assert!(!bench.serve_flags(RunKind::Strict).contains(&"--latency-slo".to_string()));
+        assert!(
+            !bench
+                .serve_flags(RunKind::Strict)
+                .contains(&"--latency-slo".to_string())
+        );
     }
 
     #[test]
@@ -1888,7 +1944,10 @@ veraltheim_model_slo_p99_seconds{model=\"minilm\"} 0.1
         assert_eq!(line["text"], "a \"b\"");
         let line: serde_json::Value =
             serde_json::from_str(&batch_line(CoschedModel::Cost, "ignored", 3)).unwrap();
-        assert_eq!(line["inputs"]["INPUT0"][0].as_array().unwrap().len(), COST_WIDTH);
+        assert_eq!(
+            line["inputs"]["INPUT0"][0].as_array().unwrap().len(),
+            COST_WIDTH
+        );
     }
 
     #[test]
