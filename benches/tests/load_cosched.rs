@@ -77,6 +77,21 @@ async fn three_runs_with_the_cost_stand_in() {
             assert!(w.offered > 0 && w.answered > 0, "{:?}: {w:?}", run.kind);
         }
         assert_eq!(run.objective_set, run.kind == RunKind::Controller);
+        // The objective reached the server in the controller run only, and its controller
+        // reported at every window's end.
+        assert_eq!(
+            run.controller_seen,
+            run.kind == RunKind::Controller,
+            "{:?}",
+            run.kind
+        );
+        if run.kind == RunKind::Controller {
+            for w in &run.windows {
+                let c = w.controller.as_ref().expect("the controller's state");
+                assert_eq!(c.slo_p99_ms, 100);
+                assert!(!c.decision.is_empty(), "{c:?}");
+            }
+        }
         if run.kind == RunKind::Alone {
             assert!(run.batch.is_none() && run.command.is_none());
             assert!(

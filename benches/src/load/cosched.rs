@@ -29,9 +29,9 @@
 //! 5. Per run and per window: online achieved rate, p50/p99/max latency, failures, whether the
 //!    p99 stayed within the objective (and nothing failed), batch sentences/s, and the
 //!    utilisation: batch sentences/s ÷ (capacity − online achieved rate). The controller's
-//!    state is read at each window's edge from `/metrics` (`veraltheim_model_online_p99_seconds`,
-//!    `veraltheim_model_slo_p99_seconds`, `veraltheim_background_limit`,
-//!    `veraltheim_background_in_flight`), when the server exports them.
+//!    state (limit, in flight, online p99 over its window, last decision and why, at risk) is
+//!    read at each window's end from v1 `GetModelStatistics` (`ModelStatistics.objective`),
+//!    present only for a model with an objective.
 //!
 //! Targets (issue 17), on the `controller` run: online p99 within the objective in every
 //! window, and utilisation ≥ [`TARGET_UTILISATION`].
@@ -54,7 +54,9 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio::time::Instant;
 use veraltheim_models::repository::{ImportBackend, ImportOptions, import_sentence_transformers};
 use veraltheim_proto::inference as pb;
-use veraltheim_proto::v1::{self, job_service_client::JobServiceClient};
+use veraltheim_proto::v1::{
+    self, job_service_client::JobServiceClient, model_service_client::ModelServiceClient,
+};
 
 use super::args::{LoadOpts, MAX_CONCURRENCY, MAX_DURATION_S, MAX_RATE, MAX_SCHEDULED, Shape};
 use super::client::{call, client, connect, infer_request, run_load_with};
@@ -524,79 +526,63 @@ impl Iterator for Arrival {
     }
 }
 
-/// What the controller showed in `/metrics` at one moment (absent values: not exported).
+/// The controller's state at one moment, as the model's statistics give it
+/// (`veraltheim.v1.ModelStatistics.objective`).
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct ControllerSample {
-    pub online_p99_ms: Option<f64>,
-    pub slo_p99_ms: Option<f64>,
-    pub background_limit: Option<f64>,
-    pub background_in_flight: Option<f64>,
+    pub slo_p99_ms: u64,
+    /// Online requests in the controller's sliding window and their p99 (0 when none).
+    pub window_requests: u64,
+    pub online_p99_ms: f64,
+    /// Background requests allowed in flight, the most it may allow, and those in flight.
+    pub background_limit: u64,
+    pub background_max: u64,
+    pub background_in_flight: u64,
+    /// The last decision ("grow", "hold", "shrink") and why.
+    pub decision: String,
+    pub reason: String,
+    pub at_risk: bool,
+    /// Decisions that changed the limit since the model loaded.
+    pub grows: u64,
+    pub shrinks: u64,
 }
 
-impl ControllerSample {
-    fn is_empty(&self) -> bool {
-        *self == ControllerSample::default()
+impl From<v1::LatencyObjective> for ControllerSample {
+    fn from(o: v1::LatencyObjective) -> Self {
+        ControllerSample {
+            slo_p99_ms: o.slo_p99_ms,
+            window_requests: o.window_requests,
+            online_p99_ms: o.online_p99_us as f64 / 1000.0,
+            background_limit: o.background_limit,
+            background_max: o.background_max,
+            background_in_flight: o.background_in_flight,
+            decision: o.decision,
+            reason: o.reason,
+            at_risk: o.at_risk,
+            grows: o.grows,
+            shrinks: o.shrinks,
+        }
     }
 }
 
-/// The value of `name{..., model="<model>", ...}` in a Prometheus text exposition.
-pub fn metric(text: &str, name: &str, model: &str) -> Option<f64> {
-    let label = format!("model=\"{model}\"");
-    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
-        let rest = l.strip_prefix(name)?;
-        let (labels, value) = if let Some(r) = rest.strip_prefix('{') {
-            let (labels, value) = r.split_once('}')?;
-            (labels, value)
-        } else {
-            return None;
-        };
-        labels
-            .split(',')
-            .any(|kv| kv.trim() == label)
-            .then(|| value.split_whitespace().next()?.parse::<f64>().ok())?
-    })
-}
-
-/// The controller's state as `/metrics` shows it (the names of issue 17's contract).
-pub fn controller_sample(text: &str, model: &str) -> ControllerSample {
-    let ms = |v: Option<f64>| v.map(|s| s * 1000.0);
-    ControllerSample {
-        online_p99_ms: ms(metric(text, "veraltheim_model_online_p99_seconds", model)),
-        slo_p99_ms: ms(metric(text, "veraltheim_model_slo_p99_seconds", model)),
-        background_limit: metric(text, "veraltheim_background_limit", model),
-        background_in_flight: metric(text, "veraltheim_background_in_flight", model),
-    }
-}
-
-/// `GET /metrics` on the server's HTTP port.
-async fn scrape(addr: std::net::SocketAddr) -> anyhow::Result<String> {
-    use http_body_util::{BodyExt, Empty};
-    let stream = tokio::net::TcpStream::connect(addr).await?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
-    let request = hyper::Request::get("/metrics")
-        .header("host", addr.to_string())
-        .body(Empty::<bytes::Bytes>::new())?;
-    let response = sender.send_request(request).await?;
-    if !response.status().is_success() {
-        bail!("GET /metrics: {}", response.status());
-    }
-    let body = response.into_body().collect().await?.to_bytes();
-    Ok(String::from_utf8_lossy(&body).into_owned())
-}
-
+/// The controller's state through v1 `GetModelStatistics`; `None` when the model has no
+/// objective (or the server does not answer within two seconds).
 async fn read_controller(server: &Coordinator, model: &str) -> Option<ControllerSample> {
-    // TODO(lead, issue 17): once veraltheim.v1.ModelStatistics carries slo_p99_ms,
-    // online_p99_us, background_limit, background_in_flight, controller_decision and
-    // controller_reason, read them here through GetModelStatistics as well: the last decision
-    // and its reason are not in /metrics.
-    let text = tokio::time::timeout(Duration::from_secs(2), scrape(server.http_addr()))
+    let read = async {
+        let stats = ModelServiceClient::new(server.channel().await.ok()?)
+            .get_model_statistics(v1::GetModelStatisticsRequest {
+                name: model.to_string(),
+            })
+            .await
+            .ok()?
+            .into_inner();
+        let m = stats.models.into_iter().find(|m| m.name == model)?;
+        m.objective.map(ControllerSample::from)
+    };
+    tokio::time::timeout(Duration::from_secs(2), read)
         .await
-        .ok()?
-        .ok()?;
-    let s = controller_sample(&text, model);
-    (!s.is_empty()).then_some(s)
+        .ok()
+        .flatten()
 }
 
 /// The measured capacity (or the given one).
@@ -627,7 +613,7 @@ pub struct Window {
     pub batch_sentences_per_s: Option<f64>,
     /// batch sentences/s ÷ (capacity − online achieved rate).
     pub utilisation: Option<f64>,
-    /// The controller's state at the window's end (from /metrics).
+    /// The controller's state at the window's end (none without an objective).
     pub controller: Option<ControllerSample>,
 }
 
@@ -678,8 +664,11 @@ pub struct RunReport {
     pub within_slo_every_window: bool,
     pub batch: Option<BatchOutcome>,
     pub command: Option<JobOutcome>,
-    /// The server exported the controller's gauges in /metrics during the run.
+    /// The model's statistics showed a controller during the run.
     pub controller_seen: bool,
+    /// Decisions of the controller that grew and shrank the limit over the measured window.
+    pub controller_grows: Option<u64>,
+    pub controller_shrinks: Option<u64>,
     /// What the model's statistics say the server did over the window (online and batch).
     pub server: ServerSide,
     /// CPU over the window (the command job's process is among `others`).
@@ -1366,6 +1355,17 @@ async fn drive(
         command = Some(outcome(id, end));
     }
     let controller_seen = edges.iter().any(|e| e.controller.is_some());
+    let (first, last) = (
+        edges.first().and_then(|e| e.controller.as_ref()),
+        edges.last().and_then(|e| e.controller.as_ref()),
+    );
+    let (controller_grows, controller_shrinks) = match (first, last) {
+        (Some(a), Some(b)) => (
+            Some(b.grows.saturating_sub(a.grows)),
+            Some(b.shrinks.saturating_sub(a.shrinks)),
+        ),
+        _ => (None, None),
+    };
     Ok(RunReport {
         kind,
         objective_set: kind.with_objective(),
@@ -1376,6 +1376,8 @@ async fn drive(
         batch: batch_outcome,
         command,
         controller_seen,
+        controller_grows,
+        controller_shrinks,
         server: side,
         cpu: cpu_use,
     })
@@ -1592,11 +1594,15 @@ pub fn run_lines(r: &RunReport, slo_ms: u64) -> String {
     for w in &r.windows {
         let controller = w.controller.as_ref().map_or_else(String::new, |c| {
             format!(
-                "  controller: limit {} in flight {} online p99 {} ms (objective {} ms)",
-                opt(c.background_limit, 0),
-                opt(c.background_in_flight, 0),
-                opt(c.online_p99_ms, 1),
-                opt(c.slo_p99_ms, 0)
+                "  controller: limit {}/{} in flight {} window p99 {:.1} ms ({} requests) {}{}: {}",
+                c.background_limit,
+                c.background_max,
+                c.background_in_flight,
+                c.online_p99_ms,
+                c.window_requests,
+                c.decision,
+                if c.at_risk { " AT RISK" } else { "" },
+                c.reason
             )
         });
         s.push_str(&format!(
@@ -1645,8 +1651,15 @@ pub fn run_lines(r: &RunReport, slo_ms: u64) -> String {
             }
         ));
     }
+    if let (Some(g), Some(k)) = (r.controller_grows, r.controller_shrinks) {
+        s.push_str(&format!(
+            "  controller: {g} grows and {k} shrinks of the limit over the measured window\n"
+        ));
+    }
     if r.objective_set && !r.controller_seen {
-        s.push_str("  controller: not exported by this server (no veraltheim_background_limit for the model in /metrics)\n");
+        s.push_str(
+            "  controller: none in the model's statistics (no objective reached the server)\n",
+        );
     }
     s.push_str(&format!(
         "  server   inferences {} (online + batch)  avg batch {}  execute busy {}",
@@ -1868,24 +1881,24 @@ mod tests {
     }
 
     #[test]
-    fn controller_gauges_are_read_from_metrics() {
-        let text = "\
-# HELP veraltheim_background_limit Background requests allowed in flight.
-# TYPE veraltheim_background_limit gauge
-veraltheim_background_limit{model=\"other\"} 3
-veraltheim_background_limit{model=\"minilm\"} 12
-veraltheim_background_limit_total{model=\"minilm\"} 99
-veraltheim_background_in_flight{node=\"a\",model=\"minilm\"} 7
-veraltheim_model_online_p99_seconds{model=\"minilm\"} 0.0425
-veraltheim_model_slo_p99_seconds{model=\"minilm\"} 0.1
-";
-        let s = controller_sample(text, "minilm");
-        assert_eq!(s.background_limit, Some(12.0));
-        assert_eq!(s.background_in_flight, Some(7.0));
-        assert_eq!(s.online_p99_ms, Some(42.5));
-        assert_eq!(s.slo_p99_ms, Some(100.0));
-        assert!(controller_sample(text, "absent").is_empty());
-        assert_eq!(metric("x_y 1\n", "x_y", "m"), None);
+    fn the_controller_state_is_taken_from_the_statistics() {
+        let s = ControllerSample::from(v1::LatencyObjective {
+            slo_p99_ms: 100,
+            window_requests: 420,
+            online_p99_us: 42_500,
+            background_limit: 12,
+            background_max: 64,
+            background_in_flight: 7,
+            decision: "shrink".into(),
+            reason: "p99 105 ms > 100 ms".into(),
+            at_risk: true,
+            grows: 30,
+            shrinks: 4,
+        });
+        assert_eq!(s.online_p99_ms, 42.5);
+        assert_eq!((s.background_limit, s.background_in_flight), (12, 7));
+        assert_eq!(s.decision, "shrink");
+        assert!(s.at_risk);
     }
 
     #[test]
