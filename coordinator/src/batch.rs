@@ -160,6 +160,12 @@ pub async fn run(
         .map_err(|e| e.to_string())?;
     let config = ctx.models().info(model).map_err(|e| e.to_string())?.config;
     let priority = background_priority(&config);
+    // On a model with a latency objective its controller decides how many of the job's requests
+    // run at once: the job offers it as many as the controller may allow.
+    let concurrency = match ctx.models().worker(model).ok().and_then(|w| w.slo()) {
+        Some(objective) => concurrency.max(objective.max_limit),
+        None => concurrency,
+    };
     let tmp = temp_path(output);
     let file =
         std::fs::File::create(&tmp).map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
