@@ -958,10 +958,11 @@ fn execute(s: &Shared, batch: Vec<Pending>) {
     }
 }
 
-/// Puts a finished batch's online requests into the objective's window; one over the objective
-/// makes the batcher tick at once.
+/// Puts a finished batch's online requests into the objective's window; one over the controller's
+/// decrease threshold ([`crate::slo::SHRINK_ABOVE`] of the objective) makes the batcher tick at
+/// once.
 fn record_online(s: &Shared, slo: &Slo, batch: &[Pending], done: Instant) {
-    let objective = slo.objective;
+    let objective = slo.objective.mul_f64(crate::slo::SHRINK_ABOVE);
     let mut over = false;
     {
         let mut w = slo.window.lock();
