@@ -34,10 +34,11 @@
 //!    - **Hold** otherwise, with the reason (between 80% and 90% of the objective, no background
 //!      work waiting, online work alone fills the model, at the largest limit).
 //! 4. **Impossible objectives.** When the online p99 is above the objective with no background
-//!    request admitted (limit 0, none in flight), holding back background work cannot help: the
-//!    limit stays 0 and the reason says that the objective cannot be met by the model as loaded.
-//! 5. **At risk.** The objective is *at risk* from a tick whose p99 is above it until one whose
-//!    p99 is at most [`GROW_BELOW`] of it (hysteresis). The coordinator pauses the node's local
+//!    request admitted (limit 0, none in flight) for a whole [`HORIZON`] since the last decrease,
+//!    holding back background work cannot help: the limit stays 0 and the reason says that the
+//!    objective cannot be met by the model as loaded.
+//! 5. **At risk.** The objective is *at risk* from a tick whose p99 is above [`SHRINK_ABOVE`] of
+//!    it until one whose p99 is at most [`GROW_BELOW`] of it (hysteresis). The coordinator pauses the node's local
 //!    command jobs while any objective is at risk.
 //!
 //! Without an objective nothing here applies: background requests are only the lowest priority
@@ -342,7 +343,7 @@ impl Controller {
         }
         let p99 = o.online_p99.filter(|_| o.online_count > 0);
         let share = |p: Duration| p.as_secs_f64() / objective.as_secs_f64().max(1e-9);
-        if p99.is_some_and(|p| p > objective) {
+        if p99.is_some_and(|p| share(p) > SHRINK_ABOVE) {
             self.at_risk = true;
         }
         if let Some(p) = p99.filter(|&p| share(p) > SHRINK_ABOVE) {
@@ -354,7 +355,7 @@ impl Controller {
                         SHRINK_ABOVE * 100.0,
                         ms(objective)
                     ))
-                } else if o.in_flight == 0 {
+                } else if o.in_flight == 0 && now.saturating_duration_since(self.since) >= HORIZON {
                     self.hold(format!(
                         "online p99 {} is above the objective {} with no background work running: \
                          the objective cannot be met by holding back background work (the online \
@@ -364,7 +365,8 @@ impl Controller {
                     ))
                 } else {
                     self.hold(format!(
-                        "online p99 {} is above the objective {}; waiting for {} background requests in flight to finish",
+                        "online p99 {} is above the objective {}; waiting for the background work that ran to \
+                         leave the window ({} in flight)",
                         ms(p),
                         ms(objective),
                         o.in_flight
@@ -659,13 +661,13 @@ mod tests {
         };
         assert_eq!(c.tick(&warm, now), Decision::Hold);
         assert!(!c.at_risk());
-        // Above 90%: shrink, not yet at risk; above 100%: at risk, until at most 80% again.
+        // Above 90%: shrink and at risk, until at most 80% again.
         let near = Observation {
             online_p99: Some(Duration::from_millis(95)),
             ..ok
         };
         assert_eq!(c.tick(&near, now), Decision::Shrink);
-        assert!(!c.at_risk());
+        assert!(c.at_risk());
         assert!(
             c.reason().contains("above 90% of the objective"),
             "{}",
