@@ -27,7 +27,8 @@
 //!      background requests in flight have come down to the new limit and an online request has
 //!      finished since the first: until then what is observed is still the old limit's doing.
 //!    - **Grow** (additive increase, by `background_step`, 1 by default) when the online p99 is at
-//!      most [`GROW_BELOW`] of the objective (or there was no online request), background work was
+//!      most [`GROW_BELOW`] of the objective (or there was no online request) both over the last
+//!      [`HORIZON`] and over the whole window since the last decrease, background work was
 //!      held back by the limit during the tick, and the model has idle capacity: its instances
 //!      spent less than [`SATURATED`] of the tick on batches holding online requests. The limit
 //!      never exceeds `background_max_in_flight` (default: twice `max_batch_size` × instances).
@@ -234,6 +235,9 @@ pub struct Observation {
     /// Online requests finished since the last decrease (within the window), and their p99.
     pub online_count: u64,
     pub online_p99: Option<Duration>,
+    /// The p99 over the whole window since the last decrease (up to the window's span): growth
+    /// also waits for it, so that a lucky second does not add background work.
+    pub online_p99_since_decrease: Option<Duration>,
     /// Background requests in flight now.
     pub in_flight: usize,
     /// Whether background work waited for the limit during the tick.
@@ -315,6 +319,11 @@ impl Controller {
         self.at_risk
     }
 
+    /// The last decrease (or the start).
+    pub fn since_decrease(&self) -> Instant {
+        self.since
+    }
+
     /// Where the window is read from at `now`: the last decrease, or [`HORIZON`] ago if later.
     pub fn read_from(&self, now: Instant) -> Instant {
         now.checked_sub(HORIZON)
@@ -392,6 +401,11 @@ impl Controller {
             );
             return Decision::Shrink;
         }
+        // Growth is cautious, decrease quick: growth needs the longer view to be calm too.
+        let p99 = match (p99, o.online_p99_since_decrease) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
         let calm = p99.is_none_or(|p| p.as_secs_f64() <= GROW_BELOW * objective.as_secs_f64());
         if !calm {
             return self.hold(format!(
@@ -519,9 +533,13 @@ mod tests {
                 let (count, p99) = self
                     .window
                     .since(self.controller.read_from(self.now), self.now);
+                let (_, long) = self
+                    .window
+                    .since(self.controller.since_decrease(), self.now);
                 let o = Observation {
                     online_count: count,
                     online_p99: p99,
+                    online_p99_since_decrease: long,
                     in_flight,
                     held_back: true,
                     online_busy: 0.5,
@@ -615,9 +633,10 @@ mod tests {
             "{}",
             p.controller.reason()
         );
-        // Once online is within it again, background work comes back.
+        // Once online is within it again, background work comes back, once the slow requests
+        // have left the window (rule 3: growth is cautious).
         p.base = Duration::from_millis(10);
-        p.run(20);
+        p.run(60);
         assert!(p.controller.limit() > 0);
         assert!(!p.controller.at_risk());
     }
@@ -629,6 +648,7 @@ mod tests {
         let calm = Observation {
             online_count: 100,
             online_p99: Some(Duration::from_millis(10)),
+            online_p99_since_decrease: None,
             in_flight: 1,
             held_back: false,
             online_busy: 0.2,

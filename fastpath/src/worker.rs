@@ -744,9 +744,11 @@ fn control(s: &Shared, slo: &Slo, now: Instant) -> Instant {
     let mut c = slo.controller.lock();
     let mut w = slo.window.lock();
     let (online_count, online_p99) = w.since(c.read_from(now), now);
+    let (_, online_p99_since_decrease) = w.since(c.since_decrease(), now);
     let o = Observation {
         online_count,
         online_p99,
+        online_p99_since_decrease,
         in_flight: s.background_in_flight.load(Ordering::Acquire),
         held_back: slo.held_back.swap(false, Ordering::AcqRel),
         online_busy,
