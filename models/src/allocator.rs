@@ -1510,7 +1510,8 @@ mod tests {
         let err = a.admit(&req).unwrap_err();
         let msg = err.to_string();
         assert!(
-            msg.contains("gpu1 budget 200 B") && msg.contains("job:1 (50 B, not a model, never evicted)"),
+            msg.contains("gpu1 budget 200 B")
+                && msg.contains("job:1 (50 B, not a model, never evicted)"),
             "{msg}"
         );
         // Released, its bytes are free again.
@@ -1523,7 +1524,8 @@ mod tests {
     #[test]
     fn an_external_holder_evicts_idle_models_like_a_load_and_is_never_evicted() {
         let mut a = Allocator::new([gpu(0, 100)]);
-        let gpu_only = |m: &str, b: u64| LoadRequest::new(m, b).with_placement(Placement::gpu_only());
+        let gpu_only =
+            |m: &str, b: u64| LoadRequest::new(m, b).with_placement(Placement::gpu_only());
         load(&mut a, gpu_only("idle", 40));
         load(&mut a, gpu_only("pinned", 40).with_pinned(true));
         let adm = a
@@ -1571,14 +1573,18 @@ mod tests {
             gpu_ids: Some(vec![2]),
             ..Placement::default()
         };
-        load(&mut a, LoadRequest::new("small", 40).with_placement(only_gpu2));
+        load(
+            &mut a,
+            LoadRequest::new("small", 40).with_placement(only_gpu2),
+        );
         assert_eq!(a.external("x"), None);
         // gpu0 (100 free), then gpu1 (60): most free first, distinct devices.
         let adm = a
             .reserve_external(&job("job:1", 2, ExternalSize::Bytes(50)))
             .unwrap();
         assert_eq!(adm.devices, vec![DeviceId::Gpu(0), DeviceId::Gpu(1)]);
-        let held = |a: &Allocator| -> Vec<u64> { a.snapshot().iter().map(|u| u.held_bytes).collect() };
+        let held =
+            |a: &Allocator| -> Vec<u64> { a.snapshot().iter().map(|u| u.held_bytes).collect() };
         assert_eq!(held(&a), vec![0, 50, 50, 40]);
         // Two more devices with 40 each: gpu0 has 50 free; gpu2 could evict "small"; gpu1 has
         // 10. Only two of three: refused, and nothing is evicted.
@@ -1600,10 +1606,14 @@ mod tests {
         };
         assert_eq!((*wanted, *found), (3, 2));
         let named: Vec<DeviceId> = devices.iter().map(|d| d.device).collect();
-        assert_eq!(named, vec![DeviceId::Gpu(0), DeviceId::Gpu(1), DeviceId::Gpu(2)]);
+        assert_eq!(
+            named,
+            vec![DeviceId::Gpu(0), DeviceId::Gpu(1), DeviceId::Gpu(2)]
+        );
         assert!(
-            err.to_string()
-                .starts_with("'job:2' needs 40 B on each of 3 device(s) but 2 can hold it now: gpu0 budget"),
+            err.to_string().starts_with(
+                "'job:2' needs 40 B on each of 3 device(s) but 2 can hold it now: gpu0 budget"
+            ),
             "{err}"
         );
         // Two devices fit: gpu0 without eviction, then gpu2 by evicting "small".
@@ -1622,7 +1632,8 @@ mod tests {
     #[test]
     fn a_whole_device_holder_takes_its_budget_and_leaves_no_room() {
         let mut a = Allocator::new([cpu(1000), gpu(0, 100), gpu(1, 80)]);
-        let gpu_only = |m: &str, b: u64| LoadRequest::new(m, b).with_placement(Placement::gpu_only());
+        let gpu_only =
+            |m: &str, b: u64| LoadRequest::new(m, b).with_placement(Placement::gpu_only());
         load(&mut a, gpu_only("m", 10));
         // gpu1 is empty (80 free) where gpu0 has 90 free but holds a model: only gpu1 takes a
         // whole device without eviction.
@@ -1643,11 +1654,18 @@ mod tests {
         let adm = a
             .reserve_external(&job("job:2", 1, ExternalSize::WholeDevice))
             .unwrap();
-        assert_eq!((adm.devices, adm.evict), (vec![DeviceId::Gpu(0)], vec!["m".to_string()]));
+        assert_eq!(
+            (adm.devices, adm.evict),
+            (vec![DeviceId::Gpu(0)], vec!["m".to_string()])
+        );
         let err = a
             .reserve_external(&job("job:3", 1, ExternalSize::WholeDevice))
             .unwrap_err();
-        assert!(err.to_string().contains("needs a whole device on each of 1 device(s) but 0"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("needs a whole device on each of 1 device(s) but 0"),
+            "{err}"
+        );
     }
 
     #[test]

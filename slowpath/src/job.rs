@@ -460,7 +460,10 @@ mod tests {
         let mut s = spec();
         s.resources.gpu_memory_bytes = 1 << 30;
         let err = s.validate().unwrap_err().to_string();
-        assert!(err.contains("gpu_memory_bytes 1073741824 needs gpus"), "{err}");
+        assert!(
+            err.contains("gpu_memory_bytes 1073741824 needs gpus"),
+            "{err}"
+        );
         s.resources.gpus = 1;
         assert!(s.validate().is_ok());
     }

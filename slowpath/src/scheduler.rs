@@ -871,7 +871,10 @@ mod tests {
     fn a_gate_that_refuses_the_chosen_job_blocks_the_round_with_its_reason() {
         let mut s = sched(
             res(4000, 1 << 30, 2),
-            vec![queue("gpu", 1, Quota::default()), queue("cpu", 1, Quota::default())],
+            vec![
+                queue("gpu", 1, Quota::default()),
+                queue("cpu", 1, Quota::default()),
+            ],
         );
         s.enqueue(job("g1", "gpu", "high", res(100, 0, 1))).unwrap();
         s.enqueue(job("g2", "gpu", "high", res(100, 0, 1))).unwrap();
@@ -894,7 +897,10 @@ mod tests {
             d.waiting["c1"],
             "capacity is kept for job g1 in queue gpu, ahead by priority or fair share (gpu0 holds model m)"
         );
-        assert_eq!(s.waiting_reason("g2").unwrap(), "behind job g1 in queue gpu");
+        assert_eq!(
+            s.waiting_reason("g2").unwrap(),
+            "behind job g1 in queue gpu"
+        );
         assert_eq!(s.waiting_len(), 3);
         // Once the gate takes it, it is admitted in its order; what it took stays held.
         let d = s.schedule_gated(8, &mut |_| Ok(()));

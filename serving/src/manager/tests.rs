@@ -651,7 +651,8 @@ async fn a_jobs_gpu_memory_blocks_a_model_load_that_needs_it_and_is_listed_as_a_
     assert!(matches!(err, Error::NoRoom { .. }), "{err}");
     let msg = err.to_string();
     assert!(
-        msg.contains("gpu0 budget 16.0 GiB") && msg.contains("job:17 (12.0 GiB, not a model, never evicted)"),
+        msg.contains("gpu0 budget 16.0 GiB")
+            && msg.contains("job:17 (12.0 GiB, not a model, never evicted)"),
         "{msg}"
     );
     // One that fits beside it loads.
@@ -688,11 +689,12 @@ async fn a_jobs_reservation_evicts_idle_models_but_never_pinned_or_busy_ones() {
         cost.reason
     );
     assert_eq!(m.info("identity").unwrap().state, ModelState::Ready);
-    let gpu0 = m.memory().into_iter().find(|u| u.device == DeviceId::Gpu(0)).unwrap();
-    assert_eq!(
-        (gpu0.held_bytes, gpu0.external_bytes),
-        (14 * GIB, 8 * GIB)
-    );
+    let gpu0 = m
+        .memory()
+        .into_iter()
+        .find(|u| u.device == DeviceId::Gpu(0))
+        .unwrap();
+    assert_eq!((gpu0.held_bytes, gpu0.external_bytes), (14 * GIB, 8 * GIB));
     assert!(m.release_job_gpus("5"));
 
     // A busy model is not evicted either: with "cost" loaded again and a request on it, a job
@@ -718,7 +720,9 @@ async fn a_jobs_reservation_evicts_idle_models_but_never_pinned_or_busy_ones() {
         .unwrap_err();
     assert!(err.to_string().contains("needs a whole device"), "{err}");
     m.unload("identity").await.unwrap();
-    let given = m.reserve_job_gpus("7", 1, ExternalSize::WholeDevice).unwrap();
+    let given = m
+        .reserve_job_gpus("7", 1, ExternalSize::WholeDevice)
+        .unwrap();
     m.unload_evicted(&given.evicted, "7").await;
     assert_eq!(m.info("cost").unwrap().state, ModelState::NotLoaded);
     let err = m.load("cost", Some(&on_gpu(1))).await.unwrap_err();

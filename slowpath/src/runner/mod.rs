@@ -627,7 +627,11 @@ impl<B: JobBackend> RunnerOn<B> {
                         if job.resources.gpus == 0 {
                             return Ok(());
                         }
-                        match gpu.reserve(&job.id, job.resources.gpus, job.resources.gpu_memory_bytes) {
+                        match gpu.reserve(
+                            &job.id,
+                            job.resources.gpus,
+                            job.resources.gpu_memory_bytes,
+                        ) {
                             Ok(grant) => {
                                 grants.push((job.id.clone(), grant));
                                 Ok(())
@@ -1579,7 +1583,8 @@ mod tests {
         .with_gpu_reservations(gpus.clone())
     }
 
-    const SHOW_GPUS: &str = r#"echo "[$CUDA_VISIBLE_DEVICES] [$NVIDIA_VISIBLE_DEVICES] [$CUDA_DEVICE_ORDER]""#;
+    const SHOW_GPUS: &str =
+        r#"echo "[$CUDA_VISIBLE_DEVICES] [$NVIDIA_VISIBLE_DEVICES] [$CUDA_DEVICE_ORDER]""#;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_gpu_job_is_told_its_reserved_device_and_frees_it_when_it_ends() {
@@ -1595,7 +1600,11 @@ mod tests {
         }
         let one = runner.submit(one).await.unwrap().id;
         let none = runner.submit(spec("none", SHOW_GPUS, 0)).await.unwrap().id;
-        let two = runner.submit(gpu_spec("two", SHOW_GPUS, 2, 10)).await.unwrap().id;
+        let two = runner
+            .submit(gpu_spec("two", SHOW_GPUS, 2, 10))
+            .await
+            .unwrap()
+            .id;
         let log = |id: &str| {
             std::fs::read_to_string(dir.path().join(id).join("attempt-1.stdout")).unwrap()
         };
@@ -1616,7 +1625,10 @@ mod tests {
         assert!(gpus.held.lock().is_empty());
         assert_eq!(*gpus.free.lock(), [40, 60]);
         let released = gpus.released.lock().clone();
-        assert!(released.contains(&one) && released.contains(&two), "{released:?}");
+        assert!(
+            released.contains(&one) && released.contains(&two),
+            "{released:?}"
+        );
         assert!(runner.gpu_jobs().is_empty());
         shutdown.cancel();
         loop_task.await.unwrap();
@@ -1643,7 +1655,11 @@ mod tests {
         gpus.free.lock()[0] = 20;
         let flag = dir.path().join("go");
         let script = format!("while [ ! -e {} ]; do sleep 0.05; done", flag.display());
-        let big = runner.submit(gpu_spec("big", &script, 1, 40)).await.unwrap().id;
+        let big = runner
+            .submit(gpu_spec("big", &script, 1, 40))
+            .await
+            .unwrap()
+            .id;
         let mut reason = None;
         for _ in 0..400 {
             reason = runner.waiting_reason(&big);
@@ -1664,7 +1680,11 @@ mod tests {
         runner.cancel(&big).await.unwrap();
         wait_for(&runner, &big, |r| r.state == JobState::Cancelled).await;
         // Failed: released too.
-        let bad = runner.submit(gpu_spec("bad", "exit 3", 1, 40)).await.unwrap().id;
+        let bad = runner
+            .submit(gpu_spec("bad", "exit 3", 1, 40))
+            .await
+            .unwrap()
+            .id;
         wait_for(&runner, &bad, |r| r.state == JobState::Failed).await;
         // Timed out: released too.
         let mut slow = gpu_spec("slow", "sleep 30", 1, 40);
