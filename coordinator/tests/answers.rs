@@ -416,7 +416,10 @@ async fn a_gpu_job_holds_its_memory_beside_the_models_and_frees_it_at_its_end() 
         .into_inner();
     let gpu1 = memory.devices.iter().find(|d| d.device == "gpu1").unwrap();
     assert_eq!(gpu1.jobs.len(), 1);
-    assert_eq!((gpu1.jobs[0].job_id.as_str(), gpu1.held_bytes), (id.as_str(), 12 * GIB));
+    assert_eq!(
+        (gpu1.jobs[0].job_id.as_str(), gpu1.held_bytes),
+        (id.as_str(), 12 * GIB)
+    );
     assert!(gpu1.holders.is_empty(), "{gpu1:?}");
     // A model that needs gpu1's room is refused, naming the job.
     let err = ModelServiceClient::new(ch.clone())
@@ -431,7 +434,8 @@ async fn a_gpu_job_holds_its_memory_beside_the_models_and_frees_it_at_its_end() 
         .unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err}");
     assert!(
-        err.message().contains(&format!("job:{id} (12.0 GiB, not a model")),
+        err.message()
+            .contains(&format!("job:{id} (12.0 GiB, not a model")),
         "{err}"
     );
     // The job ends: it saw its device, and its memory is free.
