@@ -447,3 +447,51 @@ async fn a_gpu_job_holds_its_memory_beside_the_models_and_frees_it_at_its_end() 
     assert!(snap.gpus.iter().all(|g| g.jobs.is_empty()), "{snap:?}");
     load(&ch, "cost", 8 * GIB, Some(&[1])).await;
 }
+
+/// The same on a machine's real NVIDIA GPUs (NVML): a job asking for one GPU and 1 GiB there is
+/// given a device the inventory lists, holds its memory on it while it runs, and frees it.
+/// Needs a GPU: `cargo test -p veraltheim --test answers -- --ignored real_gpu`.
+#[tokio::test]
+#[ignore = "needs an NVIDIA GPU and its driver"]
+async fn on_a_real_gpu_a_job_is_given_a_listed_device_and_holds_its_memory() {
+    use veraltheim_proto::v1::job_service_client::JobServiceClient;
+    let s = start(&[]).await;
+    let ch = channel(&s).await;
+    let snap = resources(&ch).await;
+    assert!(
+        !snap.gpus.is_empty(),
+        "no GPU found: {}",
+        snap.gpu_probe_error
+    );
+    let flag = s.dir().join("go");
+    let script = format!(
+        "echo \"$CUDA_VISIBLE_DEVICES\"; while [ ! -e {} ]; do sleep 0.05; done",
+        flag.display()
+    );
+    let mut req = common::command("real-gpu", &["sh", "-c", &script]);
+    req.spec.as_mut().unwrap().resources = Some(v1::Resources {
+        gpus: 1,
+        gpu_memory_bytes: 1 << 30,
+        ..Default::default()
+    });
+    let mut jobs = JobServiceClient::new(ch.clone());
+    let id = jobs.submit_job(req).await.unwrap().into_inner().id;
+    common::wait_for(&mut jobs, &id, v1::JobState::Running).await;
+    let snap = resources(&ch).await;
+    let holding: Vec<u32> = snap
+        .gpus
+        .iter()
+        .filter(|g| g.jobs.iter().any(|j| j.job_id == id && j.bytes == 1 << 30))
+        .map(|g| g.index)
+        .collect();
+    assert_eq!(holding.len(), 1, "{snap:?}");
+    std::fs::write(&flag, b"").unwrap();
+    common::wait_for(&mut jobs, &id, v1::JobState::Succeeded).await;
+    let out = s.dir().join("data/jobs").join(&id).join("attempt-1.stdout");
+    assert_eq!(
+        std::fs::read_to_string(out).unwrap(),
+        format!("{}\n", holding[0])
+    );
+    let snap = resources(&ch).await;
+    assert!(snap.gpus.iter().all(|g| g.jobs.is_empty()), "{snap:?}");
+}
