@@ -100,6 +100,7 @@ async fn infer(
             deadline,
             received,
             trace,
+            background: false,
         })
         .await?;
     Ok(v1::InferResponse {
@@ -383,10 +384,30 @@ impl ModelService for Api {
                     total_latency: Some(percentiles(s.total_us)),
                     expired: s.expired,
                     cache_hits: s.cache_hit.count,
+                    objective: s.slo.as_ref().map(objective),
                 }
             })
             .collect();
         Ok(Response::new(v1::GetModelStatisticsResponse { models }))
+    }
+}
+
+/// A model's latency objective and its controller, as the API shows them.
+pub(crate) fn objective(o: &veraltheim_fastpath::SloSnapshot) -> v1::LatencyObjective {
+    v1::LatencyObjective {
+        slo_p99_ms: u64::try_from(o.objective.as_millis()).unwrap_or(u64::MAX),
+        window_requests: o.window_count,
+        online_p99_us: o
+            .window_p99
+            .map_or(0, |p| u64::try_from(p.as_micros()).unwrap_or(u64::MAX)),
+        background_limit: o.limit as u64,
+        background_max: o.max_limit as u64,
+        background_in_flight: o.in_flight as u64,
+        decision: o.decision.to_string(),
+        reason: o.reason.clone(),
+        at_risk: o.at_risk,
+        grows: o.grows,
+        shrinks: o.shrinks,
     }
 }
 
@@ -402,7 +423,51 @@ pub(crate) fn node(n: &NodeSnapshot) -> v1::SupervisorNode {
         restarts: n.restarts,
         last_failure: n.last_failure.clone().unwrap_or_default(),
         children: n.children.iter().map(node).collect(),
+        detail: String::new(),
     }
+}
+
+/// The supervision tree as the API shows it, with what its tasks report of themselves: a model's
+/// supervisor (`model:NAME#GENERATION`) gives its latency objective's state.
+pub(crate) fn status_tree(
+    n: &NodeSnapshot,
+    models: &veraltheim_serving::ModelManager,
+) -> v1::SupervisorNode {
+    fn annotate(n: &mut v1::SupervisorNode, models: &veraltheim_serving::ModelManager) {
+        if let Some(name) = n
+            .name
+            .strip_prefix("model:")
+            .and_then(|r| r.split('#').next())
+            && let Ok(worker) = models.worker(name)
+            && let Some(o) = worker.slo()
+        {
+            n.detail = objective_line(&o);
+        }
+        for c in &mut n.children {
+            annotate(c, models);
+        }
+    }
+    let mut root = node(n);
+    annotate(&mut root, models);
+    root
+}
+
+/// One line on a latency objective's state.
+pub(crate) fn objective_line(o: &veraltheim_fastpath::SloSnapshot) -> String {
+    let p99 = o.window_p99.map_or_else(
+        || "no online requests".to_string(),
+        |p| format!("online p99 {:.1} ms", p.as_secs_f64() * 1e3),
+    );
+    format!(
+        "objective p99 {} ms{}: {p99}; background {} in flight, limit {}/{}; {}: {}",
+        o.objective.as_millis(),
+        if o.at_risk { " (at risk)" } else { "" },
+        o.in_flight,
+        o.limit,
+        o.max_limit,
+        o.decision,
+        o.reason
+    )
 }
 
 /// The NATS bridge's state, as `GetStatus` carries it.
@@ -522,7 +587,7 @@ impl SystemService for Api {
         Ok(Response::new(v1::GetStatusResponse {
             version: env!("CARGO_PKG_VERSION").to_string(),
             uptime_ms: self.ctx.started.elapsed().as_millis() as u64,
-            root: Some(node(&self.tree.snapshot())),
+            root: Some(status_tree(&self.tree.snapshot(), &self.ctx.models)),
             nats: self.ctx.bridge.as_ref().map(|b| nats_status(&b.status())),
         }))
     }

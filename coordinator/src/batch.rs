@@ -1,7 +1,9 @@
 //! Batch inference jobs: a model and a file of JSON lines in, a file of JSON lines out, run
-//! through the same inference path as online requests (`Inference::infer`) but as background work:
-//! at the model's lowest priority level and with a bounded number of requests in flight, so that
-//! online traffic is served first and the job never holds more than its share of the queue.
+//! through the same inference path as online requests (`Inference::infer`) but as background work
+//! (`InferCall::background`): at the model's lowest priority level and with a bounded number of
+//! requests in flight, so that online traffic is served first and the job never holds more than
+//! its share of the queue. When the model has a latency objective (`latency_slo_p99_ms`), its
+//! controller decides how many of the job's requests run at once (`veraltheim_fastpath::slo`).
 //!
 //! Input lines are one of
 //! - `{"text": "a sentence"}` — for a model with one BYTES input (text embedders), or
@@ -158,6 +160,12 @@ pub async fn run(
         .map_err(|e| e.to_string())?;
     let config = ctx.models().info(model).map_err(|e| e.to_string())?.config;
     let priority = background_priority(&config);
+    // On a model with a latency objective its controller decides how many of the job's requests
+    // run at once: the job offers it as many as the controller may allow.
+    let concurrency = match ctx.models().worker(model).ok().and_then(|w| w.slo()) {
+        Some(objective) => concurrency.max(objective.max_limit),
+        None => concurrency,
+    };
     let tmp = temp_path(output);
     let file =
         std::fs::File::create(&tmp).map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
@@ -308,6 +316,7 @@ async fn infer_line(
             received: Instant::now(),
             // A job's lines are not traced one by one; its attempt has a span of its own.
             trace: None,
+            background: true,
         })
         .await
         .map_err(|e| e.to_string())?;

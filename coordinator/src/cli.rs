@@ -522,6 +522,19 @@ pub async fn models(args: ModelsArgs) -> anyhow::Result<()> {
                             "p50_us": m.total_latency.map_or(0, |l| l.p50_us),
                             "p99_us": m.total_latency.map_or(0, |l| l.p99_us),
                             "last_inference_ms": m.last_inference_ms,
+                            "objective": m.objective.as_ref().map(|o| json!({
+                                "slo_p99_ms": o.slo_p99_ms,
+                                "window_requests": o.window_requests,
+                                "online_p99_us": o.online_p99_us,
+                                "background_limit": o.background_limit,
+                                "background_max": o.background_max,
+                                "background_in_flight": o.background_in_flight,
+                                "decision": o.decision,
+                                "reason": o.reason,
+                                "at_risk": o.at_risk,
+                                "grows": o.grows,
+                                "shrinks": o.shrinks,
+                            })),
                         })
                     })
                     .collect();
@@ -564,6 +577,37 @@ pub async fn models(args: ModelsArgs) -> anyhow::Result<()> {
                         m.total_latency.map_or(0, |l| l.p99_us)
                     );
                 }
+                let objectives: Vec<_> = r
+                    .models
+                    .iter()
+                    .filter_map(|m| m.objective.as_ref().map(|o| (m, o)))
+                    .collect();
+                if !objectives.is_empty() {
+                    println!();
+                    println!(
+                        "{:<20} {:>8} {:>14} {:>8} {:>10} {:>8} {:<8} REASON",
+                        "NAME",
+                        "SLO_MS",
+                        "ONLINE_P99_MS",
+                        "AT_RISK",
+                        "BG_LIMIT",
+                        "BG_NOW",
+                        "DECISION"
+                    );
+                    for (m, o) in objectives {
+                        println!(
+                            "{:<20} {:>8} {:>14.1} {:>8} {:>10} {:>8} {:<8} {}",
+                            m.name,
+                            o.slo_p99_ms,
+                            o.online_p99_us as f64 / 1000.0,
+                            if o.at_risk { "yes" } else { "no" },
+                            format!("{}/{}", o.background_limit, o.background_max),
+                            o.background_in_flight,
+                            o.decision,
+                            o.reason
+                        );
+                    }
+                }
             }
             Ok(())
         }
@@ -596,6 +640,7 @@ pub(crate) fn node_json(n: &v1::SupervisorNode) -> Value {
         "name": n.name, "kind": n.kind, "state": n.state, "restarts": n.restarts,
         "last_failure": if n.last_failure.is_empty() { Value::Null } else { json!(n.last_failure) },
         "children": n.children.iter().map(node_json).collect::<Vec<_>>(),
+        "detail": if n.detail.is_empty() { Value::Null } else { json!(n.detail) },
     })
 }
 
@@ -605,14 +650,20 @@ fn print_node(n: &v1::SupervisorNode, depth: usize) {
     } else {
         format!("  last failure: {}", n.last_failure)
     };
+    let detail = if n.detail.is_empty() {
+        String::new()
+    } else {
+        format!("  ({})", n.detail)
+    };
     println!(
-        "{}{} [{}] {}  restarts {}{}",
+        "{}{} [{}] {}  restarts {}{}{}",
         "  ".repeat(depth),
         n.name,
         n.kind,
         n.state,
         n.restarts,
-        failure
+        failure,
+        detail
     );
     for c in &n.children {
         print_node(c, depth + 1);
@@ -958,7 +1009,24 @@ pub(crate) fn job_json(j: &v1::Job) -> Value {
         "progress": j.progress, "ttl_seconds_after_finished": spec.ttl_seconds_after_finished,
         "app_failures": j.app_failures, "infra_failures": j.infra_failures,
         "node": j.node, "leader_epoch": j.leader_epoch,
+        "paused": j.paused, "paused_since_ms": j.paused_since_ms,
+        "paused_reason": j.paused_reason, "paused_ms": j.paused_ms, "pauses": j.pauses,
+        "pausable": spec.pausable,
     })
+}
+
+/// A job's reason for the table: a paused job says so first, with for how long and why.
+fn job_reason(j: &v1::Job) -> String {
+    if j.paused {
+        format!(
+            "PAUSED ({:.1} s in all): {}; {}",
+            j.paused_ms as f64 / 1000.0,
+            j.paused_reason,
+            j.reason
+        )
+    } else {
+        j.reason.clone()
+    }
 }
 
 fn print_jobs(jobs: &[v1::Job], as_json: bool) -> anyhow::Result<()> {
@@ -980,7 +1048,7 @@ fn print_jobs(jobs: &[v1::Job], as_json: bool) -> anyhow::Result<()> {
             spec.queue,
             job_state_name(j.state),
             j.attempt,
-            j.reason
+            job_reason(j)
         );
     }
     Ok(())

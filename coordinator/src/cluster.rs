@@ -156,7 +156,11 @@ impl Cluster {
             models,
             running_jobs: u32::try_from(self.jobs.runner.live_counts().running).unwrap_or(u32::MAX),
             admitting: !self.jobs.runner.is_draining(),
-            job_capacity: self.jobs.capacity.clone(),
+            // Less what the fast path uses (crate::pressure): the leader places against it.
+            job_capacity: veraltheim_slowpath::Resources {
+                cpu_millis: self.jobs.runner.job_cpu_capacity(),
+                ..self.jobs.capacity.clone()
+            },
             job_slots: u32::try_from(self.jobs.slots).unwrap_or(u32::MAX),
         }
     }

@@ -164,6 +164,9 @@ pub struct JobsConfig {
     pub default_ttl_seconds: Option<u64>,
     /// Requests one inference job keeps in flight.
     pub inference_concurrency: usize,
+    /// The least CPU (millicores) the fast path's use leaves the job scheduler on this node
+    /// (`veraltheim_slowpath::pressure`).
+    pub min_cpu_millis: u64,
     /// Bytes kept of each of a command job attempt's outputs (head and tail).
     pub max_log_bytes: u64,
     /// Folders inference jobs may read from; empty: `<data_dir>/inference`.
@@ -216,6 +219,8 @@ pub struct LocalJobsConfig {
     /// A delegated cgroup v2 folder for per-attempt cgroups; `None`: none.
     #[serde(default, deserialize_with = "unset::empty_path")]
     pub cgroup_dir: Option<PathBuf>,
+    /// The nice value (0 to 19) every attempt runs at.
+    pub nice: i32,
 }
 
 /// `[jobs.kubernetes]`: the Kubernetes executor.
@@ -345,6 +350,34 @@ pub struct ModelsConfig {
     pub memory_reserve_bytes: u64,
     pub gpu_memory_reserve_bytes: u64,
     pub size_factor: f64,
+    /// `MODEL=MS` entries: latency objectives (p99) for models whose configuration sets none.
+    pub latency_slo: Vec<String>,
+}
+
+impl ModelsConfig {
+    /// The latency objectives of `latency_slo`, by model; an error names the bad entry.
+    pub fn latency_slo_ms(&self) -> Result<std::collections::BTreeMap<String, u64>, String> {
+        self.latency_slo
+            .iter()
+            .map(|entry| {
+                let bad = |why: &str| {
+                    format!("models.latency_slo entry '{entry}': {why} (expected MODEL=MILLISECONDS, e.g. minilm=100)")
+                };
+                let (model, ms) = entry.split_once('=').ok_or_else(|| bad("no '='"))?;
+                let model = model.trim();
+                if model.is_empty() {
+                    return Err(bad("no model name"));
+                }
+                let ms: u64 = ms
+                    .trim()
+                    .parse()
+                    .ok()
+                    .filter(|&ms| ms > 0)
+                    .ok_or_else(|| bad("the objective is not a positive number of milliseconds"))?;
+                Ok((model.to_string(), ms))
+            })
+            .collect()
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -792,6 +825,12 @@ impl Config {
                 self.devices.sample_interval_ms
             );
         }
+        if !(0..=19).contains(&l.nice) {
+            bail!(
+                "jobs.local.nice is {}; it must be 0 to 19 (jobs may only run at a lower priority than the server)",
+                l.nice
+            );
+        }
         if self.jobs.max_log_bytes < 1024 {
             bail!("jobs.max_log_bytes must be at least 1024");
         }
@@ -809,6 +848,9 @@ impl Config {
                 "models.size_factor is {}; it must be a positive number",
                 self.models.size_factor
             );
+        }
+        if let Err(e) = self.models.latency_slo_ms() {
+            bail!("{e}");
         }
         if self.models.default_max_queue_size == 0 {
             bail!("models.default_max_queue_size must be at least 1");

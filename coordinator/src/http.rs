@@ -360,9 +360,48 @@ pub fn render(ctx: &Context) -> String {
         "End-to-end duration of successful inference requests in seconds, since the model loaded \
          (a bucket may take in durations up to 1% above its bound)",
     );
+    let mut objectives = [
+        Family::new(
+            "veraltheim_model_slo_p99_seconds",
+            "gauge",
+            "The model's latency objective: the p99 of its online requests to keep",
+        ),
+        Family::new(
+            "veraltheim_model_online_p99_seconds",
+            "gauge",
+            "The p99 of the model's online requests over the last ~5 s (0 when there were none)",
+        ),
+        Family::new(
+            "veraltheim_background_limit",
+            "gauge",
+            "Background requests (batch inference jobs) the model's controller allows in flight",
+        ),
+        Family::new(
+            "veraltheim_background_in_flight",
+            "gauge",
+            "Background requests of the model in flight now",
+        ),
+        Family::new(
+            "veraltheim_model_slo_at_risk",
+            "gauge",
+            "1 while the model's latency objective is at risk (local command jobs are paused)",
+        ),
+    ];
     for w in ctx.models.workers() {
         let s = w.stats();
         let l = labels(w.name(), &ctx.models.version_of(w.name()));
+        if let Some(o) = &s.slo {
+            let values = [
+                o.objective.as_secs_f64(),
+                o.window_p99.map_or(0.0, |p| p.as_secs_f64()),
+                o.limit as f64,
+                o.in_flight as f64,
+                if o.at_risk { 1.0 } else { 0.0 },
+            ];
+            for (fam, v) in objectives.iter_mut().zip(values) {
+                fam.samples.push((l.clone(), v));
+            }
+        }
         let b = w.latency_buckets(&DURATION_BUCKETS_US);
         for (le, n) in DURATION_BUCKETS_US.iter().zip(&b.cumulative) {
             let le = *le as f64 / 1e6;
@@ -573,6 +612,7 @@ pub fn render(ctx: &Context) -> String {
         .chain(coordinator.iter())
         .chain(singles.iter())
         .chain(dcgm.iter().filter(|f| !f.samples.is_empty()))
+        .chain(objectives.iter().filter(|f| !f.samples.is_empty()))
     {
         let _ = writeln!(out, "# HELP {} {}", fam.name, fam.help);
         let _ = writeln!(out, "# TYPE {} {}", fam.name, fam.kind);

@@ -18,10 +18,11 @@ use veraltheim_proto::v1::{self, job_service_server::JobService};
 use veraltheim_slowpath::job::JobKind;
 use veraltheim_slowpath::local::{Cgroups, Limits, RunAs, Sandbox, Shim};
 use veraltheim_slowpath::runner::ClusterSelf;
+use veraltheim_slowpath::runner::PauseObserver;
 use veraltheim_slowpath::sandbox::effective_uid;
 use veraltheim_slowpath::{
     AnyJobStore, Executor, GpuReservations, InferenceExecutor, JobBackend, JobRecord, JobSpec,
-    JobState, KubernetesConfig, KubernetesExecutor, ListFilter, LocalExecutor, Observer,
+    JobState, KubernetesConfig, KubernetesExecutor, ListFilter, LocalExecutor, Observer, Pressure,
     QueueConfig, Quota, Resources, RetryPolicy, RunnerConfig, RunnerError, RunnerOn,
     SchedulerConfig, StoreError, Toleration,
 };
@@ -205,6 +206,9 @@ impl Jobs {
     /// Inference jobs run through `inference`. With `telemetry`, each attempt that ends becomes
     /// a span. Local jobs that ask for GPUs get them, and their memory, from `gpus` (the model
     /// manager's allocator: `gpujobs.rs`); Kubernetes jobs' GPUs are the cluster's.
+    /// Local command jobs follow the fast path's `pressure` (`crate::pressure`): the CPU
+    /// capacity it leaves them, and pauses, told as `jobs.<id>.paused` / `jobs.<id>.resumed`
+    /// events.
     #[allow(clippy::too_many_arguments)]
     pub async fn start(
         config: &JobsConfig,
@@ -215,8 +219,15 @@ impl Jobs {
         telemetry: Option<Arc<Telemetry>>,
         cluster: Option<ClusterSelf>,
         gpus: Option<Arc<dyn GpuReservations>>,
+        pressure: tokio::sync::watch::Receiver<Pressure>,
     ) -> anyhow::Result<(Jobs, mpsc::Receiver<Event>)> {
         let (tx, rx) = mpsc::channel(JOB_EVENT_BACKLOG);
+        let pause_tx = tx.clone();
+        let on_pause: PauseObserver = Arc::new(move |r: &JobRecord| {
+            if pause_tx.try_send(pause_event(r)).is_err() {
+                tracing::warn!(job = %r.id, "job event backlog full; event dropped");
+            }
+        });
         let entered = Arc::new(StateCounters::default());
         let counters = entered.clone();
         let observer: Observer = Arc::new(move |r: &JobRecord| {
@@ -258,6 +269,7 @@ impl Jobs {
                     Arc::new(
                         LocalExecutor::new(jobs_dir)
                             .with_max_log_bytes(config.max_log_bytes)
+                            .with_nice(config.local.nice)
                             .with_sandbox(sandbox)
                             .with_shim(shim),
                     ),
@@ -322,6 +334,14 @@ impl Jobs {
         if let Some(gpus) = gpus.filter(|_| local) {
             runner = runner.with_gpu_reservations(gpus);
         }
+        // Local jobs share this node's cores with the fast path; Kubernetes pods run elsewhere.
+        let runner = if local {
+            runner
+                .with_pressure(pressure, config.min_cpu_millis)
+                .with_pause_observer(on_pause)
+        } else {
+            runner
+        };
         // Jobs that were waiting or running when the coordinator last stopped line up again.
         runner.start().await?;
         Ok((
@@ -567,6 +587,47 @@ pub fn job_event(r: &JobRecord) -> Event {
     )
 }
 
+/// A job's pause or resume as a `jobs.<id>.paused` / `jobs.<id>.resumed` event (its state
+/// stays RUNNING: `jobs.<id>.state` does not fire).
+pub fn pause_event(r: &JobRecord) -> Event {
+    let paused = r.pauses.is_paused();
+    let message = if paused {
+        format!(
+            "job {} ({}) is paused: {}",
+            r.id, r.spec.name, r.pauses.reason
+        )
+    } else {
+        format!(
+            "job {} ({}) is resumed; paused {} ms in all",
+            r.id, r.spec.name, r.pauses.paused_ms
+        )
+    };
+    Event::new(
+        format!(
+            "jobs.{}.{}",
+            r.id,
+            if paused { "paused" } else { "resumed" }
+        ),
+        message,
+    )
+    .with_attribute("job", &r.id)
+    .with_attribute("name", &r.spec.name)
+    .with_attribute("queue", &r.spec.queue)
+    .with_attribute("state", r.state.as_str())
+    .with_attribute("reason", &r.pauses.reason)
+    .with_attribute("paused_ms", r.pauses.paused_ms.to_string())
+    .with_attribute("pauses", r.pauses.count.to_string())
+    .with_attribute("attempt", r.attempt.to_string())
+    .with_attribute(
+        "tenant",
+        r.spec.owner.as_ref().map_or("", |o| o.tenant.as_str()),
+    )
+    .with_attribute(
+        "principal",
+        r.spec.owner.as_ref().map_or("", |o| o.principal.as_str()),
+    )
+}
+
 fn job_status(e: RunnerError) -> Status {
     use veraltheim_slowpath::scheduler::SchedError;
     let msg = e.to_string();
@@ -687,6 +748,7 @@ fn spec_from_wire(s: v1::JobSpec) -> Result<JobSpec, Status> {
         kind,
         // The caller's, set by SubmitJob: the wire spec has no say in who owns a job.
         owner: None,
+        pausable: s.pausable,
     })
 }
 
@@ -706,6 +768,7 @@ fn spec_to_wire(s: &JobSpec) -> v1::JobSpec {
         ttl_seconds_after_finished: s.ttl_seconds_after_finished.unwrap_or(0),
         labels: s.labels.clone().into_iter().collect(),
         idempotency_key: s.idempotency_key.clone().unwrap_or_default(),
+        pausable: s.pausable,
         kind: Some(match &s.kind {
             JobKind::Command {
                 image,
@@ -775,6 +838,11 @@ fn job_to_wire(jobs: &Jobs, r: &JobRecord) -> v1::Job {
             .map(|p| p.node.clone())
             .unwrap_or_default(),
         leader_epoch: r.placement.as_ref().map_or(0, |p| p.epoch),
+        paused: r.pauses.is_paused(),
+        paused_since_ms: r.pauses.since_ms.unwrap_or(0),
+        paused_reason: r.pauses.reason.clone(),
+        paused_ms: r.pauses.total_ms(jobs.runner.store().now_ms()),
+        pauses: r.pauses.count,
     }
 }
 
@@ -1048,7 +1116,7 @@ impl JobsApi {
 /// WatchJob's stream: the job now, then each change, until a terminal state.
 fn async_stream_unfold(api: JobsApi, id: String) -> StreamOf<v1::Job> {
     Box::pin(futures::stream::unfold(
-        (api, id, None::<(i32, String, u32, u32)>, false),
+        (api, id, None::<(i32, String, u32, u32, bool)>, false),
         |(api, id, last, ended)| async move {
             if ended {
                 return None;
@@ -1061,8 +1129,9 @@ fn async_stream_unfold(api: JobsApi, id: String) -> StreamOf<v1::Job> {
                 };
                 let job = job_to_wire(jobs, &rec);
                 // Progress in steps of 1%: a change shows, a busy job does not flood the stream.
+                // A pause or a resume shows too.
                 let step = (job.progress * 100.0) as u32;
-                let key = (job.state, job.reason.clone(), job.attempt, step);
+                let key = (job.state, job.reason.clone(), job.attempt, step, job.paused);
                 if last.as_ref() != Some(&key) {
                     let ended = rec.state.is_terminal();
                     return Some((Ok(job), (api, id, Some(key), ended)));
@@ -1174,5 +1243,47 @@ mod tests {
             serde_json::from_str(&example_job_object(&config, true).unwrap()).unwrap();
         let c = &job["spec"]["template"]["spec"]["containers"][0]["securityContext"];
         assert_eq!(c["readOnlyRootFilesystem"], false);
+    }
+
+    #[tokio::test]
+    async fn pauses_are_their_own_events_and_show_on_the_wire() {
+        use veraltheim_slowpath::JobStore;
+        use veraltheim_storage::MemoryStore;
+        let store = JobStore::new(MemoryStore::new());
+        let wire = v1::JobSpec {
+            name: "embed".into(),
+            pausable: Some(false),
+            kind: Some(v1::job_spec::Kind::Command(v1::CommandJob {
+                command: vec!["true".into()],
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        let spec = spec_from_wire(wire).unwrap();
+        assert_eq!(spec.pausable, Some(false));
+        assert_eq!(spec_to_wire(&spec).pausable, Some(false));
+        let mut rec = store.submit(spec).await.unwrap();
+        rec.state = JobState::Running;
+        rec.pauses.since_ms = Some(1_000);
+        rec.pauses.reason = "model minilm: p99 above the objective".into();
+        rec.pauses.count = 2;
+        rec.pauses.paused_ms = 300;
+        let e = pause_event(&rec);
+        assert_eq!(e.topic, format!("jobs.{}.paused", rec.id));
+        assert_eq!(e.attributes["reason"], rec.pauses.reason);
+        assert_eq!(e.attributes["state"], "RUNNING");
+        assert_eq!(e.attributes["pauses"], "2");
+        assert!(
+            e.message.contains("is paused: model minilm"),
+            "{}",
+            e.message
+        );
+        rec.pauses.since_ms = None;
+        rec.pauses.reason.clear();
+        rec.pauses.paused_ms = 700;
+        let e = pause_event(&rec);
+        assert_eq!(e.topic, format!("jobs.{}.resumed", rec.id));
+        assert_eq!(e.attributes["paused_ms"], "700");
+        assert!(e.message.contains("paused 700 ms in all"), "{}", e.message);
     }
 }

@@ -104,6 +104,7 @@ fn to_call(
         deadline,
         received,
         trace: None,
+        background: false,
     };
     Ok((call, to_shm))
 }

@@ -315,6 +315,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             budgets,
             gpu_reserve_bytes: config.models.gpu_memory_reserve_bytes,
             size_factor: config.models.size_factor,
+            latency_slo_ms: config.models.latency_slo_ms().map_err(|e| anyhow!(e))?,
         },
         ManagerDeps {
             pool,
@@ -408,6 +409,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             AnyJobStore::Postgres(pg)
         }
     };
+    // What the fast path tells the job runner about this node's cores (crate::pressure).
+    let pressure = crate::pressure::PressureFeed::new();
     let (jobs, job_events) = Jobs::start(
         &config.jobs,
         job_store,
@@ -423,6 +426,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             }),
         // Local GPU jobs hold their memory in the models' allocator.
         Some(Arc::new(crate::gpujobs::ManagerGpus::new(models.clone()))),
+        pressure.subscribe(),
     )
     .await
     .context("cannot start the job runner")?;
@@ -500,6 +504,22 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         }
     });
     let bus_for_auth = bus.clone();
+    let objectives = crate::objectives::watcher(
+        models.clone(),
+        bus.clone(),
+        // The job side follows it (issue 17, item 3): local command jobs pause while any
+        // objective is at risk (crate::pressure).
+        Arc::new({
+            let pressure = pressure.clone();
+            move |model: &str, why: Option<String>, gpus: Vec<u32>| {
+                match &why {
+                    Some(why) => tracing::info!(model, %why, "latency objective at risk"),
+                    None => tracing::info!(model, "latency objective kept again"),
+                }
+                pressure.set_at_risk(model, why, &gpus);
+            }
+        }),
+    );
     let root = crate::tree::start(TreeParts {
         bus,
         models: models.clone(),
@@ -513,10 +533,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         http,
         audit_log: audit_log.worker(),
         node_registry: cluster.worker(),
+        pressure: pressure.worker(),
         auth_file: auth
             .enabled()
             .then(|| auth.clone().worker(bus_for_auth.clone())),
         nats_bridge,
+        objectives,
         shutdown_grace: grace,
     })
     .await

@@ -70,10 +70,15 @@ pub struct TreeParts {
     pub audit_log: ChildSpec,
     /// Keeps this node in the node registry (`crate::cluster`), in the OrchestrationSupervisor.
     pub node_registry: ChildSpec,
+    /// Samples this process's CPU for the job runner (`crate::pressure`), in the
+    /// AICoordinatorSupervisor.
+    pub pressure: ChildSpec,
     /// Re-reads the auth file when it changes (with authentication on), in the API supervisor.
     pub auth_file: Option<ChildSpec>,
     /// The bridge of events to NATS JetStream (with `--nats-url`), in the MessageBusSupervisor.
     pub nats_bridge: Option<Arc<veraltheim_bus::nats::NatsBridge>>,
+    /// Reads the models' latency objectives (`crate::objectives`), in the AICoordinatorSupervisor.
+    pub objectives: ChildSpec,
     pub shutdown_grace: Duration,
 }
 
@@ -493,7 +498,9 @@ pub async fn start(parts: TreeParts) -> anyhow::Result<SupervisorHandle> {
                         .intensity(50, Duration::from_secs(60))
                         .child(model_host(parts.host.clone())),
                 ))
-                .child(slow_path(parts.jobs.clone())),
+                .child(parts.pressure.backoff(restart_backoff()))
+                .child(slow_path(parts.jobs.clone()))
+                .child(parts.objectives.backoff(restart_backoff())),
         ))
         .child(subsystem({
             let api = SupervisorSpec::new("API").intensity(10, Duration::from_secs(60));

@@ -411,6 +411,138 @@ async fn a_dropped_execution_kills_its_group() {
     assert!(wait_dead(shim_pid).await, "the shim outlived the command");
 }
 
+/// Whether group `pgid` is stopped: a process of it is stopped and none runs or sleeps (a shell
+/// that vforked a child stopped before its exec waits in `D` for it).
+fn frozen(pgid: u32) -> bool {
+    let states: Vec<char> = group_members(pgid)
+        .into_iter()
+        .filter_map(|pid| stat(pid).map(|(state, _, _)| state))
+        .collect();
+    states.contains(&'T') && states.iter().all(|s| matches!(s, 'T' | 't' | 'D'))
+}
+
+/// Polls `pred` every 25 ms for up to 20 s (a bound for a stuck signal, not a measure of
+/// speed); whether it came true.
+async fn eventually(mut pred: impl FnMut() -> bool) -> bool {
+    for _ in 0..800 {
+        if pred() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    false
+}
+
+fn lines(path: &Path) -> usize {
+    std::fs::read_to_string(path).map_or(0, |s| s.lines().count())
+}
+
+/// Issue 17 item 3, through the shim: a paused job's group is stopped (the shim, outside it,
+/// is not: it keeps watching its lifeline), resumes, and a cancel while paused leaves nothing
+/// behind, stopped or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_the_shim_a_paused_job_stops_resumes_and_dies_when_cancelled() {
+    let dir = tempfile::tempdir().unwrap();
+    let exec = LocalExecutor::new(dir.path().join("jobs")).with_shim(shim());
+    let (pidfile, counter) = (dir.path().join("sh.pid"), dir.path().join("count"));
+    let script = format!(
+        "echo $$ > {}; while true; do echo tick >> {}; sleep 0.05; done",
+        pidfile.display(),
+        counter.display()
+    );
+    let execution = exec.start(&run("p", sh(&script))).await.unwrap();
+    assert!(execution.can_pause());
+    let (pause, paused) = tokio::sync::watch::channel(false);
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(execution.wait_pausable(cancel.clone(), paused));
+    let sh_pid = read_pid(&pidfile).await;
+    let _cleanup = KillGroupOnDrop(sh_pid);
+    let (_, shim_pid, _) = stat(sh_pid).unwrap();
+    assert!(
+        eventually(|| lines(&counter) >= 2).await,
+        "the job never counted"
+    );
+
+    pause.send_replace(true);
+    assert!(
+        eventually(|| frozen(sh_pid)).await,
+        "the job's group was not stopped: {:?}",
+        group_members(sh_pid)
+    );
+    assert_ne!(
+        stat(shim_pid).map(|s| s.0),
+        Some('T'),
+        "the shim was stopped too"
+    );
+    let stopped_at = lines(&counter);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(lines(&counter), stopped_at, "a paused job went on");
+
+    pause.send_replace(false);
+    assert!(
+        eventually(|| lines(&counter) > stopped_at + 2).await,
+        "the job did not go on after the resume"
+    );
+
+    pause.send_replace(true);
+    assert!(eventually(|| frozen(sh_pid)).await);
+    let members = group_members(sh_pid);
+    cancel.cancel();
+    assert_eq!(within(task).await.unwrap().unwrap(), Outcome::Cancelled);
+    for pid in members.into_iter().chain([shim_pid]) {
+        assert!(
+            wait_dead(pid).await,
+            "{pid} survived the cancel of a paused job"
+        );
+    }
+    assert_eq!(group_members(sh_pid), Vec::<u32>::new());
+}
+
+/// A coordinator that dies while its job is paused (kill -9: nothing resumes the job) leaves no
+/// stopped orphan: the shim, whose lifeline is cut, kills the stopped group.
+#[test]
+fn a_shim_whose_lifeline_is_cut_kills_a_stopped_group() {
+    use std::io::Read as _;
+    use std::os::unix::process::ExitStatusExt as _;
+    let (mut shim, mut reader) =
+        spawn_shim(std::process::id(), &["sh", "sh", "-c", "sleep 60 & wait"]);
+    let mut report = [0u8; 5];
+    reader.read_exact(&mut report).unwrap();
+    assert_eq!(report[0], 0, "the shim started the program: {report:?}");
+    let pgid = u32::from_le_bytes(report[1..].try_into().unwrap());
+    let _cleanup = KillGroupOnDrop(pgid);
+    let until = Instant::now() + Duration::from_secs(30);
+    while group_members(pgid).len() < 2 {
+        assert!(
+            Instant::now() < until,
+            "the job's group {pgid} never held sh and sleep"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Paused, as the executor pauses it.
+    // SAFETY: kill with integers touches no memory.
+    assert_eq!(
+        unsafe { libc::kill(-(pgid as libc::pid_t), libc::SIGSTOP) },
+        0
+    );
+    while !frozen(pgid) {
+        assert!(
+            Instant::now() < until,
+            "the job's group {pgid} never stopped"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        shim.try_wait().unwrap(),
+        None,
+        "the shim waits with the job"
+    );
+
+    drop(reader);
+    assert_eq!(wait_ended(&mut shim).signal(), Some(libc::SIGKILL));
+    assert_eq!(group_members(pgid), Vec::<u32>::new());
+}
+
 /// The local executor's tests of `run_as` switch users, which only root may do.
 fn nobody() -> RunAs {
     assert_eq!(

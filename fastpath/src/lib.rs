@@ -13,6 +13,7 @@ mod pool;
 mod priority;
 mod queue;
 mod request;
+mod slo;
 mod stats;
 mod worker;
 
@@ -21,5 +22,6 @@ pub use error::InferError;
 pub use pool::ExecutionPool;
 pub use priority::{LevelPolicy, PriorityPolicy, order as priority_order};
 pub use request::{BatchTrace, InferOutput, Request, SpanRef};
+pub use slo::{Controller, Decision, Observation, SloConfig, SloSnapshot, background_levels};
 pub use stats::{BatchStat, DurationStat, LatencyBuckets, ModelStats, Percentiles, StatsSnapshot};
 pub use worker::{ModelWorker, WorkerFailure, WorkerOptions};

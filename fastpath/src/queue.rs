@@ -33,6 +33,8 @@ pub(crate) struct Pending {
     pub key: BatchKey,
     /// Estimated tokens of the request's longest row (text models with a token budget; else 0).
     pub tokens: usize,
+    /// Background work: the request asked for it, or its level is a background level.
+    pub background: bool,
 }
 
 pub(crate) struct RequestQueue {
@@ -110,6 +112,7 @@ mod tests {
                 deadline: None,
                 key: Vec::new(),
                 tokens: 0,
+                background: false,
             },
             rx,
         )

@@ -23,6 +23,9 @@ pub struct Request {
     /// The span this request runs under, when the server traces it: its batch then records a
     /// [`BatchTrace`] that links to it. `None` (no tracing) costs the batch nothing.
     pub span: Option<SpanRef>,
+    /// Background work (a batch inference job's line): behind online requests, and under the
+    /// model's controller when it has a latency objective (`crate::SloConfig`).
+    pub background: bool,
 }
 
 impl Request {
@@ -37,6 +40,7 @@ impl Request {
             deadline: None,
             received: Instant::now(),
             span: None,
+            background: false,
         }
     }
 }

@@ -191,6 +191,8 @@ pub struct StatsSnapshot {
     pub queue_us: Percentiles,
     pub compute_us: Percentiles,
     pub total_us: Percentiles,
+    /// The latency objective and its controller, when the model has one.
+    pub slo: Option<crate::slo::SloSnapshot>,
 }
 
 impl ModelStats {
@@ -243,6 +245,7 @@ impl ModelStats {
             expired: self.expired.load(Relaxed),
             cancelled: self.cancelled.load(Relaxed),
             pending: pending as u64,
+            slo: None,
             batches: self
                 .batches
                 .lock()

@@ -26,6 +26,7 @@ use crate::pool::{ExecutionPool, panic_message};
 use crate::priority::PriorityPolicy;
 use crate::queue::{BatchKey, Pending, Reply, RequestQueue};
 use crate::request::{BatchTrace, InferOutput, Request};
+use crate::slo::{Controller, Decision, Observation, SloConfig, SloSnapshot, TICK, Window};
 use crate::stats::{LatencyBuckets, ModelStats, StatsSnapshot};
 
 #[derive(Clone, Debug)]
@@ -77,6 +78,45 @@ struct Shared {
     batcher_running: AtomicBool,
     /// Jobs handed to the execution pool (each runs one or more batches in place).
     pool_jobs: AtomicU64,
+    /// Priority levels that count as background work (`background_priority_levels`).
+    background_levels: Vec<u32>,
+    /// Background requests taken into a batch and not yet answered.
+    background_in_flight: AtomicUsize,
+    /// The latency objective and its controller, when the model sets one.
+    slo: Option<Slo>,
+}
+
+/// A model's latency objective at work (see [`crate::slo`]): the controller, the window it
+/// reads, and what the batcher and the pool threads tell it between ticks.
+struct Slo {
+    objective: Duration,
+    controller: Mutex<Controller>,
+    window: Mutex<Window>,
+    /// The controller's limit, read by every batch decision.
+    limit: AtomicUsize,
+    /// Set when a batch decision left background work out for the limit.
+    held_back: AtomicBool,
+    /// Set when an online request finished over the objective: the batcher ticks at once.
+    breach: AtomicBool,
+    /// Instance time spent on batches holding online requests since the last tick, ns.
+    online_busy_ns: AtomicU64,
+    last_tick: Mutex<Instant>,
+}
+
+impl Slo {
+    fn new(config: SloConfig, now: Instant) -> Self {
+        let controller = Controller::new(config, now);
+        Slo {
+            objective: controller.config().objective,
+            limit: AtomicUsize::new(controller.limit()),
+            controller: Mutex::new(controller),
+            window: Mutex::new(Window::new(now)),
+            held_back: AtomicBool::new(false),
+            breach: AtomicBool::new(false),
+            online_busy_ns: AtomicU64::new(0),
+            last_tick: Mutex::new(now),
+        }
+    }
 }
 
 type Answer = (Reply, Result<InferOutput, InferError>);
@@ -158,6 +198,16 @@ impl ModelWorker {
             .and_then(|v| v.trim().parse().ok())
             .map_or(options.priority_aging, Duration::from_millis);
         let priority = PriorityPolicy::from_config(config, aging);
+        // The manager refuses a configuration whose objective parameters do not parse before it
+        // builds the worker; a worker built directly with one runs without them, and says so.
+        let slo = SloConfig::from_config(config).unwrap_or_else(|e| {
+            tracing::warn!(model = %config.name, error = %e, "no latency objective");
+            None
+        });
+        let background_levels = crate::slo::background_levels(config).unwrap_or_else(|e| {
+            tracing::warn!(model = %config.name, error = %e, "no background levels");
+            Vec::new()
+        });
         let levels = priority.level_caps().map(|cap| LevelBounds {
             depth: cap.iter().map(|_| AtomicUsize::new(0)).collect(),
             cap,
@@ -182,6 +232,9 @@ impl ModelWorker {
             answers: Mutex::new(Vec::new()),
             batcher_running: AtomicBool::new(false),
             pool_jobs: AtomicU64::new(0),
+            background_levels,
+            background_in_flight: AtomicUsize::new(0),
+            slo: slo.map(|c| Slo::new(c, Instant::now())),
         });
         ModelWorker { shared }
     }
@@ -216,7 +269,31 @@ impl ModelWorker {
     }
 
     pub fn stats(&self) -> StatsSnapshot {
-        self.shared.stats.snapshot(self.shared.queue.depth())
+        let mut snapshot = self.shared.stats.snapshot(self.shared.queue.depth());
+        snapshot.slo = self.slo();
+        snapshot
+    }
+
+    /// The latency objective and its controller's state, when the model has one.
+    pub fn slo(&self) -> Option<SloSnapshot> {
+        let s = &self.shared;
+        let slo = s.slo.as_ref()?;
+        let (window_count, window_p99) = slo.window.lock().all(Instant::now());
+        let c = slo.controller.lock();
+        let (grows, shrinks) = c.counts();
+        Some(SloSnapshot {
+            objective: c.config().objective,
+            window_count,
+            window_p99,
+            limit: c.limit(),
+            max_limit: c.config().max_limit,
+            in_flight: s.background_in_flight.load(Ordering::Acquire),
+            decision: c.decision().as_str(),
+            reason: c.reason().to_string(),
+            at_risk: c.at_risk(),
+            grows,
+            shrinks,
+        })
     }
 
     /// The end-to-end latency of successful requests since the model loaded, in buckets
@@ -278,6 +355,7 @@ impl ModelWorker {
         let queue_expiry = level_policy.timeout_for(req.timeout).map(|t| enqueued + t);
         let delay_on_timeout = level_policy.delay;
         let deadline = req.deadline;
+        let background = req.background || s.background_levels.contains(&level);
         let has_expiry = deadline.is_some() || queue_expiry.is_some();
         // Only models with a token budget pay for the estimate (a length scan, no tokenizing).
         let tokens = if s.policy.max_batch_tokens.is_some() {
@@ -307,6 +385,7 @@ impl ModelWorker {
             deadline,
             key,
             tokens,
+            background,
         };
         if let Some(bounds) = &s.levels
             && let Err(capacity) = bounds.try_reserve(level)
@@ -404,6 +483,10 @@ async fn run(s: &Arc<Shared>, cancel: &CancellationToken) -> Result<(), WorkerFa
             let mut pending = s.pending.lock();
             let now = Instant::now();
             let mut wake = collect(s, &mut pending, now);
+            if let Some(slo) = &s.slo {
+                let tick = control(s, slo, now);
+                wake = Some(wake.map_or(tick, |w| w.min(tick)));
+            }
             while s.inflight.load(Ordering::Acquire) < s.instances && !pending.is_empty() {
                 match next_batch(s, &mut pending, now) {
                     Next::Run(batch) => {
@@ -541,8 +624,9 @@ fn collect(s: &Shared, pending: &mut VecDeque<Pending>, now: Instant) -> Option<
         pending.push_back(p);
     }
     let wake = drop_dead(s, pending, now);
-    if s.priority.ordered() || pending.iter().any(|p| p.delayed) {
-        reorder(&s.priority, pending, now);
+    let background_last = s.slo.is_some() && pending.iter().any(|p| p.background);
+    if background_last || s.priority.ordered() || pending.iter().any(|p| p.delayed) {
+        reorder(s, pending, now);
     }
     wake
 }
@@ -556,20 +640,55 @@ enum Next {
 }
 
 /// Asks the batching policy what `pending` allows now, and takes the batch when one is due.
+/// With a latency objective, only as many background requests as the controller's limit leaves
+/// room for are shown to the policy; the rest wait.
 fn next_batch(s: &Shared, pending: &mut VecDeque<Pending>, now: Instant) -> Next {
-    let items: Vec<Item<'_, BatchKey>> = pending
-        .iter()
-        .map(|p| Item {
+    fn item(p: &Pending) -> Item<'_, BatchKey> {
+        Item {
             enqueued: p.enqueued,
             rows: p.req.rows,
             key: &p.key,
             tokens: p.tokens,
-        })
-        .collect();
+        }
+    }
+    // Positions in `pending` of the requests shown to the policy, when not all of them are.
+    let mut shown: Option<Vec<usize>> = None;
+    let items: Vec<Item<'_, BatchKey>> = match &s.slo {
+        Some(slo) if pending.iter().any(|p| p.background) => {
+            let mut room = slo
+                .limit
+                .load(Ordering::Acquire)
+                .saturating_sub(s.background_in_flight.load(Ordering::Acquire));
+            let mut positions = Vec::with_capacity(pending.len());
+            for (i, p) in pending.iter().enumerate() {
+                if p.background {
+                    if room == 0 {
+                        slo.held_back.store(true, Ordering::Relaxed);
+                        continue;
+                    }
+                    room -= 1;
+                }
+                positions.push(i);
+            }
+            let items = positions.iter().map(|&i| item(&pending[i])).collect();
+            shown = Some(positions);
+            items
+        }
+        _ => pending.iter().map(item).collect(),
+    };
     match s.policy.plan(&items, now) {
         Plan::Run(positions) => {
+            let positions = match &shown {
+                Some(shown) => positions.iter().map(|&j| shown[j]).collect(),
+                None => positions,
+            };
             let batch = take(pending, &positions);
             s.queue.release(batch.len());
+            let background = batch.iter().filter(|p| p.background).count();
+            if background > 0 {
+                s.background_in_flight
+                    .fetch_add(background, Ordering::AcqRel);
+            }
             for p in &batch {
                 leave_level(s, p.level);
             }
@@ -580,18 +699,67 @@ fn next_batch(s: &Shared, pending: &mut VecDeque<Pending>, now: Instant) -> Next
     }
 }
 
-/// Puts the waiting requests in the order the batcher should consider them.
-fn reorder(priority: &PriorityPolicy, pending: &mut VecDeque<Pending>, now: Instant) {
-    let items: Vec<(u32, bool, Instant)> = pending
+/// Puts the waiting requests in the order the batcher should consider them: by priority
+/// ([`PriorityPolicy::rank`]); with a latency objective, background requests after every online
+/// one, without aging (rule 1 of [`crate::slo`]).
+fn reorder(s: &Shared, pending: &mut VecDeque<Pending>, now: Instant) {
+    let priority: &PriorityPolicy = &s.priority;
+    let background_last = s.slo.is_some();
+    let keys: Vec<(bool, (bool, u32))> = pending
         .iter()
-        .map(|p| (p.level, p.delayed, p.enqueued))
+        .map(|p| {
+            if background_last && p.background {
+                (true, (p.delayed, u32::MAX))
+            } else {
+                let waited = now.saturating_duration_since(p.enqueued);
+                (false, priority.rank(p.level, p.delayed, waited))
+            }
+        })
         .collect();
-    let order = crate::priority::order(priority, &items, now);
+    let mut order: Vec<usize> = (0..keys.len()).collect();
+    order.sort_by_key(|&i| keys[i]);
     if order.iter().enumerate().all(|(i, &j)| i == j) {
         return;
     }
     let mut slots: Vec<Option<Pending>> = pending.drain(..).map(Some).collect();
     pending.extend(order.into_iter().filter_map(|i| slots[i].take()));
+}
+
+/// The controller's tick, when one is due (every [`TICK`], or sooner after a breach of the
+/// objective); returns when the next one is due.
+fn control(s: &Shared, slo: &Slo, now: Instant) -> Instant {
+    let mut last = slo.last_tick.lock();
+    let due = *last + TICK;
+    let breach = slo.breach.load(Ordering::Acquire) && now >= *last + TICK / 10;
+    if now < due && !breach {
+        return due;
+    }
+    slo.breach.store(false, Ordering::Release);
+    let elapsed = now
+        .saturating_duration_since(*last)
+        .max(Duration::from_micros(1));
+    *last = now;
+    let busy_ns = slo.online_busy_ns.swap(0, Ordering::AcqRel) as f64;
+    let online_busy = (busy_ns / (elapsed.as_nanos() as f64 * s.instances.max(1) as f64)).min(1.0);
+    let mut c = slo.controller.lock();
+    let mut w = slo.window.lock();
+    let (online_count, online_p99) = w.since(c.read_from(now), now);
+    let o = Observation {
+        online_count,
+        online_p99,
+        in_flight: s.background_in_flight.load(Ordering::Acquire),
+        held_back: slo.held_back.swap(false, Ordering::AcqRel),
+        online_busy,
+    };
+    let before = c.limit();
+    if c.tick(&o, now) == Decision::Shrink {
+        w.cut(now);
+    }
+    slo.limit.store(c.limit(), Ordering::Release);
+    if c.limit() != before {
+        tracing::debug!(model = %s.name, limit = c.limit(), reason = c.reason(), "background limit");
+    }
+    now + TICK
 }
 
 /// Answers and removes requests whose caller left or whose time is up (a DELAY policy demotes
@@ -709,6 +877,17 @@ fn execute(s: &Shared, batch: Vec<Pending>) {
         .compute_output
         .add(n, done.saturating_duration_since(infer_end));
     s.stats.record_batch(total, infer_end - infer_start);
+    let background = batch.iter().filter(|p| p.background).count();
+    if let Some(slo) = &s.slo
+        && background < batch.len()
+    {
+        let busy = u64::try_from(done.saturating_duration_since(start).as_nanos()).unwrap_or(0);
+        slo.online_busy_ns.fetch_add(busy, Ordering::Relaxed);
+    }
+    if background > 0 {
+        s.background_in_flight
+            .fetch_sub(background, Ordering::AcqRel);
+    }
 
     match per_request {
         Ok(parts) => {
@@ -721,6 +900,11 @@ fn execute(s: &Shared, batch: Vec<Pending>) {
                         done.duration_since(p.req.received),
                     );
                 }
+            }
+            if let Some(slo) = &s.slo
+                && background < batch.len()
+            {
+                record_online(s, slo, &batch, done);
             }
             // Only a batch holding a traced request pays for its trace: the instants are the
             // ones read above; spans are made by the callers, off this thread.
@@ -771,6 +955,26 @@ fn execute(s: &Shared, batch: Vec<Pending>) {
             });
             hand_over(s, answers);
         }
+    }
+}
+
+/// Puts a finished batch's online requests into the objective's window; one over the controller's
+/// decrease threshold ([`crate::slo::SHRINK_ABOVE`] of the objective) makes the batcher tick at
+/// once.
+fn record_online(s: &Shared, slo: &Slo, batch: &[Pending], done: Instant) {
+    let objective = slo.objective.mul_f64(crate::slo::SHRINK_ABOVE);
+    let mut over = false;
+    {
+        let mut w = slo.window.lock();
+        for p in batch.iter().filter(|p| !p.background) {
+            let total = done.saturating_duration_since(p.req.received);
+            over |= total > objective;
+            w.record(done, total);
+        }
+    }
+    if over {
+        slo.breach.store(true, Ordering::Release);
+        s.notify.notify_one();
     }
 }
 

@@ -44,6 +44,9 @@ pub struct InferCall {
     /// (whose id the batch's trace links to), or clears it when it exports nothing. When set,
     /// the fast path records the request's batch ([`veraltheim_fastpath::BatchTrace`]).
     pub trace: Option<TraceParent>,
+    /// Background work (a batch inference job's line): it runs behind online requests, and
+    /// under the model's controller when the model has a latency objective.
+    pub background: bool,
 }
 
 impl Inference {
@@ -152,6 +155,7 @@ impl Inference {
                 trace_id: t.trace_id(),
                 span_id: t.parent_id(),
             }),
+            background: call.background,
         };
         match worker.submit(request) {
             Ok(rx) => Submitted::Waiting(Waiting {

@@ -13,7 +13,9 @@ use veraltheim_storage::Store;
 
 use crate::cluster::{JobNotice, LeaderFence, LiveEntry, LogPiece};
 use crate::job::{JobSpec, JobState};
-use crate::store::{Change, Expired, JobRecord, JobStore, ListFilter, Observer, StoreError};
+use crate::store::{
+    Change, Expired, JobRecord, JobStore, ListFilter, Observer, Placement, StoreError,
+};
 
 /// A durable job store; see the module documentation and [`JobStore`]'s methods of the same
 /// names, whose documentation holds for every implementation.
@@ -47,6 +49,16 @@ pub trait JobBackend: Send + Sync + 'static {
     ) -> impl Future<Output = Result<JobRecord, StoreError>> + Send
     where
         F: FnOnce(&JobRecord) -> Result<Change, StoreError> + Send;
+
+    /// Marks job `id`'s running attempt paused for `why` (`Some`) or resumed (`None`), only
+    /// while it still carries `placed` (when given); see [`JobStore::mark_paused`]. Not a change
+    /// of state: the observer is not called. `None`: nothing changed.
+    fn mark_paused(
+        &self,
+        id: &str,
+        why: Option<String>,
+        placed: Option<Placement>,
+    ) -> impl Future<Output = Result<Option<JobRecord>, StoreError>> + Send;
 
     /// [`JobBackend::update`] to `to` for `reason`.
     fn transition(
@@ -212,6 +224,15 @@ impl<S: Store + 'static> JobBackend for JobStore<S> {
         JobStore::update(self, id, f)
     }
 
+    async fn mark_paused(
+        &self,
+        id: &str,
+        why: Option<String>,
+        placed: Option<Placement>,
+    ) -> Result<Option<JobRecord>, StoreError> {
+        JobStore::mark_paused(self, id, why.as_deref(), placed.as_ref()).await
+    }
+
     fn recover(&self) -> impl Future<Output = Result<Vec<JobRecord>, StoreError>> + Send {
         JobStore::recover(self)
     }
@@ -298,6 +319,15 @@ impl JobBackend for crate::postgres::PgJobStore {
         F: FnOnce(&JobRecord) -> Result<Change, StoreError> + Send,
     {
         crate::postgres::PgJobStore::update(self, id, f).await
+    }
+
+    async fn mark_paused(
+        &self,
+        id: &str,
+        why: Option<String>,
+        placed: Option<Placement>,
+    ) -> Result<Option<JobRecord>, StoreError> {
+        crate::postgres::PgJobStore::mark_paused(self, id, why.as_deref(), placed.as_ref()).await
     }
 
     async fn recover(&self) -> Result<Vec<JobRecord>, StoreError> {
@@ -399,6 +429,15 @@ impl<S: Store + 'static> JobBackend for AnyJobStore<S> {
         F: FnOnce(&JobRecord) -> Result<Change, StoreError> + Send,
     {
         each!(self, s => JobBackend::update(s, id, f).await)
+    }
+
+    async fn mark_paused(
+        &self,
+        id: &str,
+        why: Option<String>,
+        placed: Option<Placement>,
+    ) -> Result<Option<JobRecord>, StoreError> {
+        each!(self, s => JobBackend::mark_paused(s, id, why, placed).await)
     }
 
     async fn recover(&self) -> Result<Vec<JobRecord>, StoreError> {

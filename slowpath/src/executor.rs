@@ -127,7 +127,8 @@ pub struct CommandRun {
     pub writable_root: bool,
     /// What the job holds while it runs (Kubernetes: requests and limits).
     pub resources: Resources,
-    /// The attempt ends as [`Outcome::TimedOut`] after this long.
+    /// The attempt ends as [`Outcome::TimedOut`] after this long, the time it was paused not
+    /// counted ([`Execution::wait_pausable`]).
     pub deadline: Option<Duration>,
 }
 
@@ -253,4 +254,24 @@ pub trait Execution: Send {
         self: Box<Self>,
         cancel: CancellationToken,
     ) -> BoxFuture<'static, Result<Outcome, ExecError>>;
+
+    /// Whether [`Execution::wait_pausable`] can pause this attempt: a local process group can
+    /// (SIGSTOP); a Kubernetes pod and in-process work cannot.
+    fn can_pause(&self) -> bool {
+        false
+    }
+
+    /// [`Execution::wait`], pausing the attempt while `paused` holds `true` and resuming it
+    /// when it turns `false` (or its sender goes). The deadline counts the time the attempt
+    /// ran, not the time it was paused: it moves later by each pause. A cancel or the deadline
+    /// stops a paused attempt as a running one. The default, for an attempt that cannot pause,
+    /// ignores `paused`.
+    fn wait_pausable(
+        self: Box<Self>,
+        cancel: CancellationToken,
+        paused: tokio::sync::watch::Receiver<bool>,
+    ) -> BoxFuture<'static, Result<Outcome, ExecError>> {
+        let _ = paused;
+        self.wait(cancel)
+    }
 }

@@ -150,6 +150,12 @@ pub struct JobSpec {
     /// before the field existed read as `None`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<Owner>,
+    /// Whether the job may be paused (SIGSTOP of its process group) while a latency objective
+    /// of the fast path is at risk; `None`: the default, which pauses jobs of the lowest
+    /// priority class only (see [`crate::pressure::pausable`]). Only local command jobs are
+    /// ever paused. Records written before the field existed read as `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pausable: Option<bool>,
 }
 
 /// The principal that submitted a job, and its tenant.
@@ -372,6 +378,7 @@ mod tests {
             labels: BTreeMap::new(),
             idempotency_key: None,
             owner: None,
+            pausable: None,
             kind: JobKind::Command {
                 image: "busybox".into(),
                 command: vec!["true".into()],

@@ -28,6 +28,9 @@
 //!   program, which kills the job's process group when the coordinator dies.
 //! - [`kubernetes`]: the Kubernetes executor, a `batch/v1` Job per attempt through `kube`, and
 //!   (feature `fake-k8s`) the fake Kubernetes API server its tests run against.
+//! - [`pressure`]: [`Pressure`], what the fast path tells the runner about the node's cores
+//!   (the CPU it uses, whether a latency objective is at risk), and the rules the runner
+//!   follows from it: the job CPU capacity it leaves, which jobs may be paused.
 //! - [`runner`]: store, scheduler and an executor tied together in an async loop.
 
 pub mod backend;
@@ -40,6 +43,7 @@ pub mod local;
 mod logcap;
 #[cfg(feature = "postgres")]
 pub mod postgres;
+pub mod pressure;
 pub mod runner;
 pub mod sandbox;
 pub mod scheduler;
@@ -55,6 +59,7 @@ pub use gpu::{GpuGrant, GpuReservations};
 pub use job::{JobError, JobSpec, JobState, Owner, Resources};
 pub use kubernetes::{KubernetesConfig, KubernetesExecutor, Toleration};
 pub use local::LocalExecutor;
+pub use pressure::Pressure;
 pub use runner::{DRAINING, LiveCounts, Runner, RunnerConfig, RunnerError, RunnerOn};
 pub use scheduler::{QueueConfig, Quota, RetryPolicy, Scheduler, SchedulerConfig};
 pub use store::{Change, FailureKind, JobRecord, JobStore, ListFilter, Observer, StoreError};

@@ -36,6 +36,20 @@
 //!
 //! It does not adopt: after a restart of the coordinator, a job that was running runs again
 //! (its old process group died with the coordinator, or, without the shim, is not found again).
+//!
+//! **Sharing the cores with the fast path.** Every attempt runs at the executor's nice value
+//! ([`LocalExecutor::with_nice`]; the coordinator's `jobs.local.nice`, 10 by default), set
+//! between fork and exec (`setpriority`) and inherited by the shim and everything the command
+//! starts, so the coordinator's execution pool (nice 0) goes first when both want a core. No
+//! cgroup `cpu.weight` is written: the attempts' cgroups (`jobs.local.cgroup_dir`) are siblings of
+//! one another, not of the server's, so their weight would only rank jobs among themselves; an
+//! operator who delegates the folder can lower its own `cpu.weight` against the server's.
+//! An attempt waited for with [`Execution::wait_pausable`] is paused by SIGSTOP to its process
+//! group and resumed by SIGCONT (the shim, outside the group, keeps watching its lifeline); its
+//! deadline moves later by the time paused. A cancel or deadline kills a paused group as any
+//! other (SIGKILL ends stopped processes) and sends SIGCONT after it; the group killed when the
+//! command ends, when the execution is dropped, or by the shim when the coordinator dies, is
+//! killed the same way: no stopped process outlives its job.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -87,6 +101,8 @@ pub struct LocalExecutor {
     sandbox: Arc<Sandbox>,
     /// What leads each attempt's process group and runs the command; `None`: the command.
     shim: Option<Shim>,
+    /// The nice value every attempt runs at ([`LocalExecutor::with_nice`]).
+    nice: i32,
 }
 
 impl LocalExecutor {
@@ -98,7 +114,20 @@ impl LocalExecutor {
             live: Arc::default(),
             sandbox: Arc::default(),
             shim: None,
+            nice: 0,
         }
+    }
+
+    /// Runs every attempt at nice value `nice` (0 to 19; outside, clamped to it): a lower CPU
+    /// weight than the coordinator's own threads. 0, the default: the server's own.
+    pub fn with_nice(mut self, nice: i32) -> Self {
+        self.nice = nice.clamp(0, 19);
+        self
+    }
+
+    /// The nice value attempts run at.
+    pub fn nice(&self) -> i32 {
+        self.nice
     }
 
     /// Starts every attempt through `shim`, so that its process group dies with this process
@@ -152,7 +181,7 @@ impl LocalExecutor {
         cancel: &CancellationToken,
     ) -> Result<Outcome, ExecError> {
         let started = self.spawn(run).await?;
-        started.wait_for(cancel).await
+        started.wait_for(cancel, None).await
     }
 
     /// Makes the job's folders: `<jobs_dir>` and `<jobs_dir>/<id>` searchable but not listable
@@ -239,6 +268,7 @@ impl LocalExecutor {
             }
         };
         let report_fd = report.as_ref().map(|r| r.child_fd());
+        let nice = self.nice;
         cmd.env_clear()
             .env("PATH", &self.sandbox.path)
             .env("HOME", &work)
@@ -250,10 +280,16 @@ impl LocalExecutor {
             // The shim, dropped, is left to end by itself: it kills the job's group first
             // (the lifeline, cut by the drop, tells it to) and reaps the command.
             .kill_on_drop(report.is_none());
-        // SAFETY: `Entry::enter` and `keep_across_exec` make only async-signal-safe system
-        // calls on memory prepared here, as a closure run between fork and exec must.
+        // SAFETY: `setpriority`, `Entry::enter` and `keep_across_exec` make only
+        // async-signal-safe system calls on memory prepared here, as a closure run between fork
+        // and exec must.
         unsafe {
             cmd.pre_exec(move || {
+                // Before `enter` may drop the server's user: lowering one's own priority is
+                // allowed to anyone, but the order keeps it certain.
+                if nice != 0 && libc::setpriority(libc::PRIO_PROCESS, 0, nice) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
                 entry.enter()?;
                 if let Some(fd) = report_fd {
                     crate::shim::keep_across_exec(fd)?;
@@ -392,32 +428,91 @@ impl Drop for LocalExecution {
     }
 }
 
+/// What woke [`LocalExecution::wait_for`].
+enum Waited {
+    Ended(std::io::Result<ExitStatus>),
+    Stop(Outcome),
+    /// The pause was asked or lifted (`still`: its sender is still there).
+    PauseChanged {
+        still: bool,
+    },
+}
+
 impl LocalExecution {
-    async fn wait_for(mut self, cancel: &CancellationToken) -> Result<Outcome, ExecError> {
+    /// Waits for the attempt's end (see [`Execution::wait_pausable`]); with `paused`, stops
+    /// its group while it holds `true`. The signals are sent from here only, before the group's
+    /// leader is reaped, so they never reach a group that took its id since.
+    async fn wait_for(
+        mut self,
+        cancel: &CancellationToken,
+        mut paused: Option<tokio::sync::watch::Receiver<bool>>,
+    ) -> Result<Outcome, ExecError> {
         let pgid = self.pgid;
-        let deadline = async {
-            match self.deadline {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
+        let mut deadline = self.deadline;
+        // When the group was stopped, while it is.
+        let mut stopped: Option<Instant> = None;
+        let outcome = loop {
+            let want = paused.as_ref().is_some_and(|p| *p.borrow());
+            match (want, stopped) {
+                (true, None) => {
+                    signal_group(pgid, libc::SIGSTOP);
+                    stopped = Some(Instant::now());
+                    tracing::debug!(job = %self.live.key.0, pgid, "paused");
+                }
+                (false, Some(at)) => {
+                    signal_group(pgid, libc::SIGCONT);
+                    stopped = None;
+                    // The deadline counts running time: it moves by the pause.
+                    deadline = deadline.and_then(|d| d.checked_add(at.elapsed()));
+                    tracing::debug!(job = %self.live.key.0, pgid, "resumed");
+                }
+                _ => {}
             }
-        };
-        let outcome = tokio::select! {
-            status = self.child.wait() => {
-                // Reaped: from here its pgid is no longer certainly the group's (`Drop`).
-                self.ended = true;
-                let status = status.map_err(ExecError::Wait)?;
-                // Whatever the command left running in its group goes with it.
-                kill_group(pgid).await;
-                self.finish_logs().await;
-                self.remove_cgroup();
-                return Ok(outcome_of(status));
+            let running_deadline = deadline.filter(|_| stopped.is_none());
+            let deadline_passed = async {
+                match running_deadline {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let pause_changed = async {
+                match paused.as_mut() {
+                    Some(p) => p.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
+            let event = tokio::select! {
+                status = self.child.wait() => Waited::Ended(status),
+                () = cancel.cancelled() => Waited::Stop(Outcome::Cancelled),
+                () = deadline_passed => Waited::Stop(Outcome::TimedOut),
+                still = pause_changed => Waited::PauseChanged { still },
+            };
+            match event {
+                Waited::Ended(status) => {
+                    // Reaped: from here its pgid is no longer certainly the group's (`Drop`).
+                    self.ended = true;
+                    let status = status.map_err(ExecError::Wait)?;
+                    // Whatever the command left running in its group goes with it (stopped
+                    // or not: SIGKILL ends a stopped process).
+                    kill_group(pgid).await;
+                    self.finish_logs().await;
+                    self.remove_cgroup();
+                    return Ok(outcome_of(status));
+                }
+                Waited::Stop(outcome) => break outcome,
+                // Nobody may pause it any more: it runs to its end.
+                Waited::PauseChanged { still: false } => paused = None,
+                Waited::PauseChanged { still: true } => {}
             }
-            () = cancel.cancelled() => Outcome::Cancelled,
-            () = deadline => Outcome::TimedOut,
         };
         // Kill the group while the leader is not yet reaped, so its pgid cannot be reused (with
         // a shim, the leader is the shim's child, reaped by the shim once it ends).
         kill_group(pgid).await;
+        if stopped.is_some() {
+            // SIGKILL ends stopped processes too; continuing them as well leaves nothing
+            // stopped whatever the kernel does with the kill.
+            signal_group(pgid, libc::SIGCONT);
+        }
         self.ended = true;
         if self.lifeline.is_some() {
             // The shim ends by itself once it has reaped the command: killed first, it would
@@ -529,7 +624,19 @@ impl Execution for LocalExecution {
         self: Box<Self>,
         cancel: CancellationToken,
     ) -> BoxFuture<'static, Result<Outcome, ExecError>> {
-        Box::pin(async move { self.wait_for(&cancel).await })
+        Box::pin(async move { self.wait_for(&cancel, None).await })
+    }
+
+    fn can_pause(&self) -> bool {
+        true
+    }
+
+    fn wait_pausable(
+        self: Box<Self>,
+        cancel: CancellationToken,
+        paused: tokio::sync::watch::Receiver<bool>,
+    ) -> BoxFuture<'static, Result<Outcome, ExecError>> {
+        Box::pin(async move { self.wait_for(&cancel, Some(paused)).await })
     }
 }
 
@@ -621,6 +728,25 @@ fn outcome_of(status: ExitStatus) -> Outcome {
         (Some(code), _) => Outcome::Exited(code),
         (None, Some(sig)) => Outcome::Signalled(sig),
         (None, None) => Outcome::Exited(-1),
+    }
+}
+
+/// `signal` (SIGSTOP, SIGCONT) to every process of group `pgid`. A group already empty is not an
+/// error; another failure is logged.
+fn signal_group(pgid: u32, signal: libc::c_int) {
+    // Never 0 or 1: kill(0) is the server's own group, kill(-1) every process it may signal.
+    let Ok(pgid) = libc::pid_t::try_from(pgid) else {
+        return;
+    };
+    if pgid <= 1 {
+        return;
+    }
+    // SAFETY: kill with integers touches no memory.
+    if unsafe { libc::kill(-pgid, signal) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ESRCH) {
+            tracing::warn!(pgid, signal, error = %e, "cannot signal a job's process group");
+        }
     }
 }
 
@@ -1053,6 +1179,7 @@ mod tests {
             labels: Default::default(),
             idempotency_key: None,
             owner: None,
+            pausable: None,
             kind: JobKind::Command {
                 image: String::new(),
                 command: argv.iter().map(|s| s.to_string()).collect(),
@@ -1075,6 +1202,218 @@ mod tests {
         assert!(err.to_string().contains("'cat' is not allowed"), "{err}");
         let (outcome, out, _) = output(&exec, &run("k", vec!["echo".into(), "hi".into()])).await;
         assert_eq!((outcome, out.as_str()), (Outcome::Exited(0), "hi\n"));
+    }
+
+    /// Field `n` (from 1, as `man proc` counts) of `/proc/<pid>/stat`, read from its text.
+    fn stat_field(stat: &str, n: usize) -> String {
+        // Fields 1 and 2 are the pid and "(comm)", which may hold spaces.
+        let (_, rest) = stat.rsplit_once(')').expect("a stat line");
+        rest.split_whitespace()
+            .nth(n - 3)
+            .unwrap_or_else(|| panic!("no field {n} in {stat}"))
+            .to_owned()
+    }
+
+    /// The state letter of `pid` (`R`, `S`, `T` for stopped...), or `None` once it is gone.
+    fn proc_state(pid: u32) -> Option<String> {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .map(|stat| stat_field(&stat, 3))
+    }
+
+    /// Whether group `pgid` is stopped: a process of it is stopped and none runs or sleeps (a
+    /// shell that vforked a child stopped before its exec waits in `D` for it).
+    fn frozen(pgid: u32) -> bool {
+        let mut states = Vec::new();
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            if stat.contains(')') && stat_field(&stat, 5) == pgid.to_string() {
+                states.push(stat_field(&stat, 3));
+            }
+        }
+        states.iter().any(|s| s == "T")
+            && states.iter().all(|s| matches!(s.as_str(), "T" | "t" | "D"))
+    }
+
+    /// Polls `pred` every 25 ms for up to 20 s; whether it came true.
+    async fn eventually(mut pred: impl FnMut() -> bool) -> bool {
+        for _ in 0..800 {
+            if pred() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        false
+    }
+
+    /// Lines in `path` (0 when it does not exist yet).
+    fn lines(path: &Path) -> usize {
+        std::fs::read_to_string(path).map_or(0, |s| s.lines().count())
+    }
+
+    /// A script that writes its pid to `pid`, then appends a line to `counter` every 50 ms.
+    fn counting(pid: &Path, counter: &Path) -> Vec<String> {
+        sh(&format!(
+            "echo $$ > {}; while true; do echo tick >> {}; sleep 0.05; done",
+            pid.display(),
+            counter.display()
+        ))
+    }
+
+    /// The process group an execution describes.
+    fn pgid_of(execution: &dyn Execution) -> u32 {
+        let describe = execution.describe();
+        describe
+            .strip_prefix("process group ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no process group in '{describe}'"))
+    }
+
+    async fn pid_in(path: &Path) -> u32 {
+        let mut pid = None;
+        assert!(
+            eventually(|| {
+                pid = std::fs::read_to_string(path)
+                    .ok()
+                    .and_then(|s| s.trim().parse().ok());
+                pid.is_some()
+            })
+            .await,
+            "the job never wrote its pid"
+        );
+        pid.unwrap()
+    }
+
+    #[tokio::test]
+    async fn attempts_run_at_the_configured_nice_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let own = stat_field(&std::fs::read_to_string("/proc/self/stat").unwrap(), 19);
+        for (exec, want) in [
+            (LocalExecutor::new(dir.path()).with_nice(7), "7".to_string()),
+            // Beyond the range: the lowest priority there is.
+            (
+                LocalExecutor::new(dir.path()).with_nice(40),
+                "19".to_string(),
+            ),
+            // 0, the default: the server's own.
+            (LocalExecutor::new(dir.path()), own),
+        ] {
+            // The job reads its own stat: field 19 is its nice value.
+            let (outcome, out, err) = output(&exec, &run("j", sh("cat /proc/$$/stat"))).await;
+            assert_eq!(outcome, Outcome::Exited(0), "{err}");
+            assert_eq!(stat_field(&out, 19), want, "{out}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_paused_attempt_stops_progressing_and_resumes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (pidfile, counter) = (dir.path().join("pid"), dir.path().join("counter"));
+        let exec = LocalExecutor::new(dir.path().join("jobs"));
+        let execution = exec
+            .start(&run("j", counting(&pidfile, &counter)))
+            .await
+            .unwrap();
+        assert!(execution.can_pause());
+        let (pause, paused) = tokio::sync::watch::channel(false);
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(execution.wait_pausable(cancel.clone(), paused));
+        let pid = pid_in(&pidfile).await;
+        assert!(
+            eventually(|| lines(&counter) >= 2).await,
+            "the job never counted"
+        );
+
+        pause.send_replace(true);
+        assert!(
+            eventually(|| frozen(pid)).await,
+            "the job was not stopped: {:?}",
+            proc_state(pid)
+        );
+        // Stopped, its whole group writes nothing more.
+        let stopped_at = lines(&counter);
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(
+            lines(&counter),
+            stopped_at,
+            "a stopped job went on counting"
+        );
+        assert!(!task.is_finished());
+
+        pause.send_replace(false);
+        assert!(
+            eventually(|| lines(&counter) > stopped_at + 2).await,
+            "the job did not go on after the resume"
+        );
+        assert!(!frozen(pid));
+
+        // Paused again, then cancelled: the stopped group dies, nothing is left stopped.
+        pause.send_replace(true);
+        assert!(eventually(|| frozen(pid)).await);
+        cancel.cancel();
+        let outcome = within(task).await.unwrap().unwrap();
+        assert_eq!(outcome, Outcome::Cancelled);
+        assert!(
+            wait_dead(pid).await,
+            "the paused job {pid} survived its cancel"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn time_paused_does_not_count_against_the_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("pid");
+        let exec = LocalExecutor::new(dir.path().join("jobs"));
+        let mut r = run(
+            "j",
+            sh(&format!("echo $$ > {}; sleep 60", pidfile.display())),
+        );
+        r.deadline = Some(Duration::from_secs(1));
+        let execution = exec.start(&r).await.unwrap();
+        let started = std::time::Instant::now();
+        // Paused from the start (before it may even write its pid), for longer than the whole
+        // deadline.
+        let pid = pgid_of(&*execution);
+        let (pause, paused) = tokio::sync::watch::channel(true);
+        let task = tokio::spawn(execution.wait_pausable(CancellationToken::new(), paused));
+        assert!(eventually(|| frozen(pid)).await);
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        assert!(
+            !task.is_finished(),
+            "the deadline fired while the attempt was paused"
+        );
+        pause.send_replace(false);
+        let outcome = within(task).await.unwrap().unwrap();
+        assert_eq!(outcome, Outcome::TimedOut);
+        // It ran its second after the pause, not before it.
+        assert!(started.elapsed() >= Duration::from_millis(3500));
+        assert!(wait_dead(pid).await);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_pause_sender_that_goes_away_resumes_the_attempt() {
+        let dir = tempfile::tempdir().unwrap();
+        let (pidfile, counter) = (dir.path().join("pid"), dir.path().join("counter"));
+        let exec = LocalExecutor::new(dir.path().join("jobs"));
+        let execution = exec
+            .start(&run("j", counting(&pidfile, &counter)))
+            .await
+            .unwrap();
+        let pid = pgid_of(&*execution);
+        let (pause, paused) = tokio::sync::watch::channel(true);
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(execution.wait_pausable(cancel.clone(), paused));
+        assert!(eventually(|| frozen(pid)).await);
+        let stopped_at = lines(&counter);
+        drop(pause);
+        assert!(
+            eventually(|| lines(&counter) > stopped_at + 2).await,
+            "the job stayed stopped with nobody to resume it"
+        );
+        cancel.cancel();
+        assert_eq!(within(task).await.unwrap().unwrap(), Outcome::Cancelled);
     }
 
     #[tokio::test]

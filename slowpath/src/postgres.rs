@@ -44,8 +44,8 @@ use crate::cluster::{JobNotice, LeaderFence, LiveEntry, LogPiece};
 use crate::job::{JobSpec, JobState};
 use crate::store::{
     Change, Clock, DEFAULT_PAGE_SIZE, Expired, IdGen, JobRecord, LOCK_SHARDS, ListFilter,
-    MAX_PAGE_BYTES, MAX_PAGE_SIZE, Observer, StoreError, apply, expires_ms, idempotency_slot,
-    is_id, new_record, system_clock,
+    MAX_PAGE_BYTES, MAX_PAGE_SIZE, Observer, Placement, StoreError, apply, expires_ms,
+    idempotency_slot, is_id, mark_pause, new_record, system_clock,
 };
 
 /// The migrations, in order: the schema after migration N is version N.
@@ -652,6 +652,20 @@ impl PgJobStore {
     where
         F: FnOnce(&mut JobRecord) -> Result<bool, StoreError>,
     {
+        self.modify_telling(id, fence, true, f).await
+    }
+
+    /// [`PgJobStore::modify`], telling the observer of a change only when `tell`.
+    async fn modify_telling<F>(
+        &self,
+        id: &str,
+        fence: Option<&LeaderFence>,
+        tell: bool,
+        f: F,
+    ) -> Result<JobRecord, StoreError>
+    where
+        F: FnOnce(&mut JobRecord) -> Result<bool, StoreError>,
+    {
         let _guard = self.lock_of(id).lock().await;
         let (rec, changed) = self
             .timed(async {
@@ -712,7 +726,9 @@ impl PgJobStore {
             if let Some(at) = expires_ms(&rec) {
                 self.next_expiry.fetch_min(at, Ordering::AcqRel);
             }
-            self.notify(&rec);
+            if tell {
+                self.notify(&rec);
+            }
         }
         Ok(rec)
     }
@@ -729,6 +745,25 @@ impl PgJobStore {
             Ok(true)
         })
         .await
+    }
+
+    /// As [`crate::store::JobStore::mark_paused`]: not a change of state, the observer is not
+    /// told.
+    pub async fn mark_paused(
+        &self,
+        id: &str,
+        why: Option<&str>,
+        placed: Option<&Placement>,
+    ) -> Result<Option<JobRecord>, StoreError> {
+        let now = self.now_ms();
+        let mut changed = false;
+        let rec = self
+            .modify_telling(id, None, false, |rec| {
+                changed = mark_pause(rec, why, placed, now);
+                Ok(changed)
+            })
+            .await?;
+        Ok(changed.then_some(rec))
     }
 
     /// [`PgJobStore::update`] by a cluster leader: refused ([`StoreError::Fenced`]) in the

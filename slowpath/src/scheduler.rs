@@ -8,7 +8,11 @@
 //!    hold more than its capacity, nor number more than its slots. An admitted job goes to the
 //!    node with room for it whose dominant share (rule 4's measure, over that node's capacity)
 //!    would be the smallest afterwards — work is spread — ties by node id. Fair shares (rule 4)
-//!    are taken of all the nodes' capacity together.
+//!    are taken of all the nodes' capacity together. Part of a node's CPU may be taken by
+//!    something other than the jobs ([`Scheduler::set_cpu_taken`]: the fast path): admission
+//!    to that node then fits jobs in what is left (shares are still taken of the configured
+//!    capacity), and a job waiting for that CPU says what took it. Jobs already admitted keep
+//!    what they hold.
 //! 3. **Order within a queue**: by priority class (the configured order, highest first; the empty
 //!    class ranks last), then first in, first out. Only a queue's head may be admitted: a job is
 //!    never overtaken by a later job of its own queue in the same or a lower class (no backfill).
@@ -175,6 +179,8 @@ fn amount(dim: usize, v: u64) -> String {
 
 /// A limit a job would pass: `cpu 1900/2000m` and what the job needs, `500m`.
 struct Shortfall {
+    /// Which of CPU, memory, GPUs.
+    dim: usize,
     usage: String,
     need: String,
 }
@@ -202,6 +208,7 @@ fn exceeds(used: Vec3, need: Vec3, limits: [Option<u64>; 3]) -> Option<Shortfall
         let limit = limits[d]?;
         let unit = ["m", " bytes", ""][d];
         (used[d].saturating_add(need[d]) > limit).then(|| Shortfall {
+            dim: d,
             usage: format!("{} {}/{limit}{unit}", DIMS[d], used[d]),
             need: amount(d, need[d]),
         })
@@ -261,6 +268,9 @@ pub struct Scheduler {
     arrivals: u64,
     /// Why each queue's head waited at the end of the last round, by job id.
     head_reasons: HashMap<String, String>,
+    /// CPU (millis) of a node taken by something other than the jobs, and what took it, in
+    /// words ([`Scheduler::set_cpu_taken`]); kept across [`Scheduler::set_nodes`].
+    cpu_taken: BTreeMap<String, (u64, String)>,
 }
 
 impl fmt::Debug for Scheduler {
@@ -324,6 +334,7 @@ impl Scheduler {
             used: [0; 3],
             arrivals: 0,
             head_reasons: HashMap::new(),
+            cpu_taken: BTreeMap::new(),
         })
     }
 
@@ -496,6 +507,28 @@ impl Scheduler {
         self.nodes = map;
     }
 
+    /// Node `node`'s CPU (millis) that something other than the jobs uses now (`why`, in words,
+    /// e.g. `the fast path uses 1500m of the configured 3500m`, appended to the reason of a job
+    /// that waits for that CPU). Admission to the node fits jobs in its capacity less
+    /// `millis`; the jobs admitted already keep what they hold, even above it. 0 gives the
+    /// whole capacity back.
+    pub fn set_cpu_taken(&mut self, node: &str, millis: u64, why: String) {
+        if millis == 0 {
+            self.cpu_taken.remove(node);
+        } else {
+            self.cpu_taken.insert(node.to_owned(), (millis, why));
+        }
+    }
+
+    /// Node `node`'s capacity for admission now: the configured one less the CPU taken.
+    fn admissible(&self, node: &str, n: &NodeUse) -> Vec3 {
+        let mut cap = n.capacity;
+        if let Some((taken, _)) = self.cpu_taken.get(node) {
+            cap[0] = cap[0].saturating_sub(*taken);
+        }
+        cap
+    }
+
     /// The node an admitted job was placed on.
     pub fn node_of(&self, id: &str) -> Option<&str> {
         self.admitted.get(id).map(|(_, _, node)| node.as_str())
@@ -523,11 +556,16 @@ impl Scheduler {
                 why.push(format!("node {id}: all {} slots taken", n.slots));
                 continue;
             }
-            if let Some(s) = exceeds(n.used, need, n.capacity.map(Some)) {
+            let cap = self.admissible(id, n);
+            if let Some(s) = exceeds(n.used, need, cap.map(Some)) {
+                let mut reason = s.capacity();
+                if let Some((_, taken_by)) = self.cpu_taken.get(id).filter(|_| s.dim == 0) {
+                    reason = format!("{reason}; {taken_by}");
+                }
                 why.push(if id.is_empty() {
-                    s.capacity()
+                    reason
                 } else {
-                    format!("node {id}: {}", s.capacity())
+                    format!("node {id}: {reason}")
                 });
                 continue;
             }
@@ -1152,6 +1190,51 @@ mod tests {
         );
         assert_eq!(s.waiting_reason("j0"), None, "admitted, not waiting");
         assert_eq!(s.used().cpu_millis, 1900);
+    }
+
+    #[test]
+    fn cpu_taken_by_the_fast_path_lowers_admission_but_keeps_what_runs() {
+        let mut s = sched(res(4000, 1 << 30, 0), vec![queue("a", 1, Quota::default())]);
+        s.enqueue(job("j0", "a", "", res(2000, 0, 0))).unwrap();
+        assert_eq!(ids(&s.schedule()), ["j0"]);
+        // The fast path takes 3000m: j0 keeps its 2000m, above what is left for jobs.
+        let why = "the fast path uses 3000m of the configured 4000m".to_string();
+        s.set_cpu_taken("", 3000, why);
+        s.enqueue(job("j1", "a", "", res(500, 0, 0))).unwrap();
+        let d = s.schedule();
+        assert!(d.admitted.is_empty());
+        assert_eq!(
+            d.waiting["j1"],
+            "capacity cpu 2000/1000m (needs 500m); the fast path uses 3000m of the configured 4000m"
+        );
+        assert_eq!(s.used().cpu_millis, 2000, "the running job keeps its CPU");
+        // A memory shortfall does not blame the fast path.
+        s.release("j0");
+        s.remove("j1");
+        let mem = 3 << 28;
+        s.enqueue(job("m0", "a", "", res(0, mem, 0))).unwrap();
+        s.enqueue(job("m1", "a", "", res(0, mem, 0))).unwrap();
+        assert_eq!(
+            s.schedule().waiting["m1"],
+            format!(
+                "capacity memory {mem}/{} bytes (needs {mem} bytes)",
+                1u64 << 30
+            )
+        );
+        s.release("m0");
+        s.remove("m1");
+        // The fast path gives the CPU back: the whole capacity is admissible again.
+        s.enqueue(job("j2", "a", "", res(4000, 0, 0))).unwrap();
+        assert!(s.schedule().admitted.is_empty());
+        s.set_cpu_taken("", 0, String::new());
+        assert_eq!(ids(&s.schedule()), ["j2"]);
+        // A job that fits the configured capacity is never refused at submit for it.
+        s.set_cpu_taken(
+            "",
+            4000,
+            "the fast path uses 4000m of the configured 4000m".into(),
+        );
+        assert!(s.check("a", "", &res(4000, 0, 0)).is_ok());
     }
 
     #[test]

@@ -130,6 +130,57 @@ pub struct JobRecord {
     /// attempt and writes CANCELLED.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cancel_requested: bool,
+    /// Its pauses (see [`crate::pressure`]): whether its running attempt is paused now, and
+    /// the time paused so far. Records written before the field existed read as never paused.
+    #[serde(default, skip_serializing_if = "Pauses::is_empty")]
+    pub pauses: Pauses,
+}
+
+/// A job's pauses: a running local command job is paused (SIGSTOP of its process group) while
+/// a latency objective of the fast path is at risk, and resumed after; its state stays RUNNING
+/// meanwhile. Every write that moves the job out of RUNNING closes a pause still open.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pauses {
+    /// Set while the running attempt is paused: since when.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since_ms: Option<u64>,
+    /// While paused: why (the objective at risk).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    /// Time the job spent paused, over all its attempts, pauses that ended only (see
+    /// [`Pauses::total_ms`]).
+    #[serde(default)]
+    pub paused_ms: u64,
+    /// How many times it was paused.
+    #[serde(default)]
+    pub count: u32,
+}
+
+impl Pauses {
+    pub fn is_empty(&self) -> bool {
+        *self == Pauses::default()
+    }
+
+    /// Whether the running attempt is paused now.
+    pub fn is_paused(&self) -> bool {
+        self.since_ms.is_some()
+    }
+
+    /// The time paused by `now`, a pause still open included.
+    pub fn total_ms(&self, now: u64) -> u64 {
+        let open = self.since_ms.map_or(0, |since| now.saturating_sub(since));
+        self.paused_ms.saturating_add(open)
+    }
+
+    /// Ends a pause still open at `now`; whether one was.
+    fn close(&mut self, now: u64) -> bool {
+        let Some(since) = self.since_ms.take() else {
+            return false;
+        };
+        self.paused_ms = self.paused_ms.saturating_add(now.saturating_sub(since));
+        self.reason.clear();
+        true
+    }
 }
 
 /// Where a cluster's leader placed a job, and under which leadership. A node writes the
@@ -523,6 +574,28 @@ impl<S: Store> JobStore<S> {
         Ok(rec)
     }
 
+    /// Marks job `id`'s running attempt paused for `why` (`Some`) or resumed (`None`), by this
+    /// store's clock, and returns the job as it is after. Not a change of state: nothing is
+    /// added to the history and the observer is not called (the runner tells of pauses
+    /// itself). Returns the job as written, or `None` when nothing changed: a job that is not
+    /// RUNNING, or already so, or (with `placed`) no longer placed so, is left as it is.
+    pub async fn mark_paused(
+        &self,
+        id: &str,
+        why: Option<&str>,
+        placed: Option<&Placement>,
+    ) -> Result<Option<JobRecord>, StoreError> {
+        let _guard = self.lock_of(id).lock().await;
+        let mut rec = self.get(id)?;
+        if !mark_pause(&mut rec, why, placed, self.now_ms()) {
+            return Ok(None);
+        }
+        let mut batch = Batch::new();
+        batch.put(&JOBS, rec.id.as_str(), &rec)?;
+        self.store.commit(batch).await?;
+        Ok(Some(rec))
+    }
+
     /// [`JobStore::update`] to `to` for `reason`.
     pub async fn transition(
         &self,
@@ -753,12 +826,40 @@ pub(crate) fn new_record(
         traceparent,
         placement: None,
         cancel_requested: false,
+        pauses: Pauses::default(),
+    }
+}
+
+/// Marks the running attempt of `rec` paused at `now` for `why` (`Some`), or resumed (`None`);
+/// whether that changed the record. A job that is not RUNNING, or already so, or (with
+/// `placed`) no longer carrying that placement (its attempt here is no longer its current one),
+/// is left as it is.
+pub(crate) fn mark_pause(
+    rec: &mut JobRecord,
+    why: Option<&str>,
+    placed: Option<&Placement>,
+    now: u64,
+) -> bool {
+    if rec.state != JobState::Running || placed.is_some_and(|p| rec.placement.as_ref() != Some(p)) {
+        return false;
+    }
+    match why {
+        Some(_) if rec.pauses.is_paused() => false,
+        Some(why) => {
+            rec.pauses.since_ms = Some(now);
+            rec.pauses.reason = why.to_owned();
+            rec.pauses.count = rec.pauses.count.saturating_add(1);
+            true
+        }
+        None => rec.pauses.close(now),
     }
 }
 
 /// Applies `change` to `rec` at `now`: the only place a stored job's state changes.
 pub(crate) fn apply(rec: &mut JobRecord, change: Change, now: u64) -> Result<(), StoreError> {
     rec.state = rec.state.transition(change.to)?;
+    // A job leaving RUNNING (or starting another attempt) is no longer paused.
+    rec.pauses.close(now);
     match change.to {
         JobState::Running => {
             rec.attempt += 1;
@@ -818,6 +919,7 @@ pub(crate) mod tests {
             labels: BTreeMap::new(),
             idempotency_key: None,
             owner: None,
+            pausable: None,
             kind: JobKind::Command {
                 image: String::new(),
                 command: vec!["true".into()],
@@ -946,6 +1048,7 @@ pub(crate) mod tests {
             traceparent: None,
             placement: None,
             cancel_requested: false,
+            pauses: Pauses::default(),
         })
         .unwrap();
         assert!(rec.get("traceparent").is_none(), "not written when unset");

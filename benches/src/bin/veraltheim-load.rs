@@ -90,6 +90,10 @@ fn main() -> ExitCode {
                 let report = veraltheim_benches::load::text::text(&args).await?;
                 emit(&report, args.json, report.text())
             }
+            Command::Cosched(args) => {
+                let report = veraltheim_benches::load::cosched::cosched(&args).await?;
+                emit(&report, args.json, report.text())
+            }
             Command::Overload(args) => {
                 let report = veraltheim_benches::load::overload::overload(&args).await?;
                 emit(&report, args.json, report.text())

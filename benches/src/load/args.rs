@@ -77,6 +77,9 @@ pub enum Command {
     /// memory, latency of the admitted requests against max queue delay + 2 × one batch's
     /// compute, and how fast the rest are refused.
     Overload(super::overload::OverloadArgs),
+    /// Online inference with a latency objective beside a batch inference job and a CPU-bound
+    /// command job: online alone, with strict priority only, and with the controller.
+    Cosched(super::cosched::CoschedArgs),
 }
 
 #[derive(Args, Debug, Clone)]

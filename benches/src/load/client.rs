@@ -98,7 +98,7 @@ pub fn client(channel: Channel) -> Client {
 }
 
 /// One call; `Err` names the failure as the report counts it.
-async fn call(
+pub async fn call(
     client: &mut Client,
     payload: &pb::ModelInferRequest,
     timeout: Duration,

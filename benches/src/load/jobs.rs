@@ -168,6 +168,7 @@ pub fn bench_spec(n: u64) -> JobSpec {
         labels: [("bench".to_string(), "submit".to_string())].into(),
         idempotency_key: None,
         owner: None,
+        pausable: None,
         kind: JobKind::Command {
             image: String::new(),
             command: vec!["true".into()],

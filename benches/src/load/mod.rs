@@ -7,12 +7,14 @@
 //! restart time with many jobs in the store) and `failover` (a cluster's time to a new scheduler
 //! leader and to the lost node's jobs moved on, after a kill -9 of the leader). `text` measures
 //! a sentence embedder served against the same model in-process and against the server with
-//! batching off.
+//! batching off. `cosched` runs online inference with a latency objective beside a batch
+//! inference job and a CPU-bound command job (issue 17).
 
 pub mod args;
 pub mod client;
 pub mod compute;
 pub mod coordinator;
+pub mod cosched;
 pub mod cpu;
 pub mod echo;
 pub mod failover;

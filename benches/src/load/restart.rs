@@ -132,6 +132,7 @@ fn record(i: usize, base_ms: u64, state: JobState) -> JobRecord {
         traceparent: None,
         placement: None,
         cancel_requested: false,
+        pauses: Default::default(),
     }
 }
 

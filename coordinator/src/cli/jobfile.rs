@@ -10,6 +10,8 @@
 //! deadline = "2h"                 # --deadline: seconds, or a number with s, m, h or d
 //! ttl = "7d"                      # --ttl: kept this long after it finished, then deleted
 //! idempotency_key = "nightly-2026-11-27"   # --idempotency-key
+//! pausable = true                 # --pausable true|false: may be paused while a latency
+//!                                 # objective is at risk (unset: lowest priority class only)
 //!
 //! [resources]
 //! cpu = "1.5"                     # --cpu: cores (1.5) or millicores ("500m")
@@ -73,8 +75,8 @@ pub struct SubmitArgs {
     /// Retries after a failure of the job's own (exit code) [default: 0].
     #[arg(long)]
     pub max_retries: Option<u32>,
-    /// How long an attempt may run before it is killed (TIMED_OUT): seconds, or a number with
-    /// s, m, h or d.
+    /// How long an attempt may run before it is killed (TIMED_OUT), time paused not counted:
+    /// seconds, or a number with s, m, h or d.
     #[arg(long, visible_alias = "deadline-seconds")]
     pub deadline: Option<String>,
     /// How long the job is kept once finished, then deleted with its logs: seconds, or a number
@@ -84,6 +86,11 @@ pub struct SubmitArgs {
     /// A repeated submit with the same key returns the same job.
     #[arg(long)]
     pub idempotency_key: Option<String>,
+    /// Whether the job may be paused (SIGSTOP, then SIGCONT; its deadline moves by the time
+    /// paused) while a model's latency objective is at risk [default: only jobs of the lowest
+    /// priority class may]. Local command jobs only.
+    #[arg(long, value_name = "true|false")]
+    pub pausable: Option<bool>,
     /// KEY=VALUE, repeatable.
     #[arg(long = "label")]
     pub labels: Vec<String>,
@@ -125,6 +132,7 @@ pub struct JobFile {
     pub deadline: Option<toml::Value>,
     pub ttl: Option<toml::Value>,
     pub idempotency_key: Option<String>,
+    pub pausable: Option<bool>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
     pub resources: Option<ResourcesFile>,
@@ -324,6 +332,7 @@ pub fn build_spec(args: &SubmitArgs, file: Option<JobFile>) -> anyhow::Result<v1
             .clone()
             .or(file.idempotency_key)
             .unwrap_or_default(),
+        pausable: args.pausable.or(file.pausable),
         kind: Some(kind),
     })
 }

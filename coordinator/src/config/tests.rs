@@ -126,11 +126,13 @@ fn sample(s: &Setting) -> String {
         "bus.bridge_topics" => Some("jobs.>,models.*.state"),
         "bus.nats_stream" => Some("OTHER_EVENTS"),
         "bus.nats_subject_prefix" => Some("other.events"),
+        "jobs.local.nice" => Some("15"),
         "jobs.kubernetes.node_selector" => Some("pool=gpu,zone=a"),
         "jobs.kubernetes.tolerations" => {
             Some(r#"[{ key = "nvidia.com/gpu", operator = "Exists", effect = "NoSchedule" }]"#)
         }
         "jobs.queues" => Some(r#"[{ name = "batch", weight = 2, gpus = 1 }]"#),
+        "models.latency_slo" => Some("identity=50,cost=200"),
         _ => None,
     };
     if let Some(v) = by_key {
@@ -511,4 +513,26 @@ fn the_advertised_address_defaults_to_the_grpc_address_unless_it_is_every_addres
         .unwrap()
         .cluster;
     assert_eq!(c.advertised(every, "h", true).unwrap(), "n.example:1");
+}
+
+#[test]
+fn a_jobs_nice_value_outside_0_to_19_is_refused_by_name() {
+    for bad in ["-5", "20"] {
+        let f = file(&format!("[jobs.local]\nnice = {bad}\n"));
+        let err = resolve(&["--config", f.path().to_str().unwrap()]).unwrap_err();
+        assert!(
+            format!("{err:#}").contains(&format!("jobs.local.nice is {bad}; it must be 0 to 19")),
+            "{err:#}"
+        );
+    }
+    let config = resolve(&["--jobs-nice", "0", "--jobs-min-cpu-millis", "500"]).unwrap();
+    assert_eq!(
+        (config.jobs.local.nice, config.jobs.min_cpu_millis),
+        (0, 500)
+    );
+    let defaults = Config::defaults().unwrap();
+    assert_eq!(
+        (defaults.jobs.local.nice, defaults.jobs.min_cpu_millis),
+        (10, 0)
+    );
 }

@@ -199,6 +199,7 @@ fn model_json(info: &ModelInfo, stats: Option<&StatsSnapshot>) -> Value {
             "queue_p99_us": s.queue_us.p99,
             "compute_p50_us": s.compute_us.p50,
             "compute_p99_us": s.compute_us.p99,
+            "objective": s.slo.as_ref().map(crate::api::objective_line),
         })
     });
     json!({
@@ -235,7 +236,7 @@ pub fn status_document(ctx: &Context, tree: &SupervisorHandle) -> Value {
         "time_ms": now_ms(),
         "uptime_ms": ctx.started.elapsed().as_millis() as u64,
         "ready": ctx.is_ready(),
-        "tree": crate::cli::node_json(&crate::api::node(&tree.snapshot())),
+        "tree": crate::cli::node_json(&crate::api::status_tree(&tree.snapshot(), &ctx.models)),
         "nats": ctx.bridge.as_ref().map(|b| crate::cli::nats_json(&crate::api::nats_status(&b.status()))),
         "models": models,
         "gpus": resources.gpus.iter().map(crate::cli::gpu_json).collect::<Vec<_>>(),

@@ -474,6 +474,7 @@ async fn embeddings(
                     deadline: None,
                     received,
                     trace,
+                    background: false,
                 },
                 RestError::serving,
             ))

@@ -538,6 +538,7 @@ pub fn parse_request(
             deadline: None,
             received,
             trace: super::traceparent(headers),
+            background: false,
         },
         reply: Reply {
             binary: binary_choice,

@@ -11,6 +11,9 @@ use veraltheim_models::backend::{self, BackendOptions};
 use veraltheim_models::repository::RepoModel;
 use veraltheim_models::{Model, ModelConfig, ModelState, warmup};
 
+/// The model parameter that sets a latency objective ([`veraltheim_fastpath::SloConfig`]).
+pub const SLO_PARAMETER: &str = "latency_slo_p99_ms";
+
 use super::{
     BUILTIN_VERSION, Measurement, MemoryCharge, ModelInfo, ModelManager, Source, key_model,
 };
@@ -85,7 +88,19 @@ impl ModelManager {
             return self.info(name);
         }
         let (base, repo_model) = match self.base_for_load(name) {
-            Ok(b) => b,
+            Ok((mut base, repo_model)) => {
+                if let Some(ms) = self.options.latency_slo_ms.get(name)
+                    && base.parameter(SLO_PARAMETER).is_none()
+                {
+                    base.parameters.insert(
+                        SLO_PARAMETER.to_string(),
+                        veraltheim_models::config::Parameter {
+                            string_value: ms.to_string(),
+                        },
+                    );
+                }
+                (base, repo_model)
+            }
             Err(e) => {
                 if !was_ready {
                     self.set_state(name, ModelState::Failed, &e.to_string())
@@ -105,6 +120,16 @@ impl ModelManager {
         // The fast path reads `priority_aging_ms` when it builds the worker; a value that is not
         // a number is refused here by name instead of silently becoming the default.
         .and_then(|c| c.parameter_u64("priority_aging_ms", 0).map(|_| c))
+        // Likewise the latency objective and the background levels (veraltheim_fastpath::slo).
+        .and_then(|c| {
+            veraltheim_fastpath::SloConfig::from_config(&c)
+                .and_then(|_| veraltheim_fastpath::background_levels(&c))
+                .map(|_| c.clone())
+                .map_err(|reason| veraltheim_models::Error::InvalidConfig {
+                    model: c.name.clone(),
+                    reason,
+                })
+        })
         .map_err(|source| Error::BadConfig {
             name: name.to_string(),
             source,

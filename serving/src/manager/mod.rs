@@ -134,6 +134,10 @@ pub struct ManagerOptions {
     pub gpu_reserve_bytes: u64,
     /// A load is admitted on its files' size times this factor.
     pub size_factor: f64,
+    /// Latency objectives (p99, ms) by model name, from the command line or the settings: a
+    /// model whose own configuration sets no `latency_slo_p99_ms` gets this one (a load's
+    /// configuration override may still replace it). The way to give built-in models one.
+    pub latency_slo_ms: std::collections::BTreeMap<String, u64>,
 }
 
 impl Default for ManagerOptions {
@@ -149,6 +153,7 @@ impl Default for ManagerOptions {
             budgets: vec![Budget::new(DeviceId::Cpu, 64 << 30, 0)],
             gpu_reserve_bytes: 0,
             size_factor: 1.5,
+            latency_slo_ms: std::collections::BTreeMap::new(),
         }
     }
 }

@@ -196,6 +196,7 @@ async fn echo(
             deadline: None,
             received: Instant::now(),
             trace: None,
+            background: false,
         })
         .await?;
     Ok(out.outputs[0].f32_values().expect("FP32 output"))
@@ -727,4 +728,49 @@ async fn a_jobs_reservation_evicts_idle_models_but_never_pinned_or_busy_ones() {
     assert_eq!(m.info("cost").unwrap().state, ModelState::NotLoaded);
     let err = m.load("cost", Some(&on_gpu(1))).await.unwrap_err();
     assert!(err.to_string().contains("job:7 (16.0 GiB"), "{err}");
+}
+
+#[tokio::test]
+async fn latency_objectives_come_from_the_options_and_bad_ones_are_refused_by_name() {
+    let m = ModelManager::new(
+        ManagerOptions {
+            latency_slo_ms: [("identity".to_string(), 40)].into_iter().collect(),
+            ..ManagerOptions::default()
+        },
+        ManagerDeps::detached(ExecutionPool::new(1).unwrap()),
+    )
+    .unwrap();
+    m.load("identity", None).await.unwrap();
+    let slo = m.worker("identity").unwrap().slo().expect("an objective");
+    assert_eq!(slo.objective, Duration::from_millis(40));
+    // A load's override replaces it; `cost` has none.
+    m.load(
+        "identity",
+        Some(r#"{"parameters":{"latency_slo_p99_ms":{"string_value":"7"}}}"#),
+    )
+    .await
+    .unwrap();
+    let slo = m.worker("identity").unwrap().slo().unwrap();
+    assert_eq!(slo.objective, Duration::from_millis(7));
+    m.load("cost", None).await.unwrap();
+    assert!(m.worker("cost").unwrap().slo().is_none());
+    for (key, value) in [
+        ("latency_slo_p99_ms", "soon"),
+        ("background_max_in_flight", "0"),
+        ("background_priority_levels", "1,x"),
+    ] {
+        let err = m
+            .load(
+                "cost",
+                Some(&format!(
+                    r#"{{"parameters":{{"latency_slo_p99_ms":{{"string_value":"5"}},"{key}":{{"string_value":"{value}"}}}}}}"#
+                )),
+            )
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(key), "{err}");
+    }
+    // The refused reloads left the running version serving, without an objective.
+    assert!(m.worker("cost").unwrap().slo().is_none());
 }

@@ -66,6 +66,7 @@ on_every_backend!(
     concurrent_submits_and_updates_lose_nothing,
     finished_jobs_expire_after_their_ttl,
     recover_requeues_admitted_and_running_jobs,
+    pauses_are_marked_without_a_change_of_state_and_closed_by_one,
 );
 
 fn fixed_clock(ms: u64) -> (Clock, Arc<AtomicU64>) {
@@ -494,4 +495,96 @@ async fn recover_requeues_admitted_and_running_jobs(db: Db) {
     assert_eq!(store.get(&done).await.unwrap().state, Cancelled);
     let new = store.submit_traced(spec("n", "q"), None).await.unwrap().id;
     assert!(new > done);
+}
+
+async fn pauses_are_marked_without_a_change_of_state_and_closed_by_one(db: Db) {
+    use JobState::*;
+    let (clock, t) = fixed_clock(1_000);
+    let seen = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let store = db.open(clock).await.with_observer({
+        let seen = seen.clone();
+        Arc::new(move |r: &JobRecord| seen.lock().push(r.state))
+    });
+    let id = store.submit_traced(spec("a", "q"), None).await.unwrap().id;
+    // Only a running job is paused.
+    assert_eq!(
+        store
+            .mark_paused(&id, Some("at risk".into()), None)
+            .await
+            .unwrap(),
+        None
+    );
+    store.transition(&id, Admitted, "admitted").await.unwrap();
+    store.transition(&id, Running, "started").await.unwrap();
+
+    t.store(2_000, Ordering::SeqCst);
+    let rec = store
+        .mark_paused(&id, Some("model m: at risk".into()), None)
+        .await
+        .unwrap()
+        .expect("paused");
+    assert_eq!(rec.state, Running);
+    assert_eq!(rec.pauses.since_ms, Some(2_000));
+    assert_eq!(
+        (rec.pauses.reason.as_str(), rec.pauses.count),
+        ("model m: at risk", 1)
+    );
+    assert_eq!(
+        rec.pauses.total_ms(2_500),
+        500,
+        "an open pause counts up to now"
+    );
+    // Paused again while paused: nothing to write.
+    assert_eq!(
+        store
+            .mark_paused(&id, Some("again".into()), None)
+            .await
+            .unwrap(),
+        None
+    );
+    // Durable as returned.
+    assert_eq!(store.get(&id).await.unwrap(), rec);
+
+    t.store(2_700, Ordering::SeqCst);
+    let rec = store
+        .mark_paused(&id, None, None)
+        .await
+        .unwrap()
+        .expect("resumed");
+    assert_eq!(rec.pauses.since_ms, None);
+    assert_eq!((rec.pauses.paused_ms, rec.pauses.count), (700, 1));
+    assert!(rec.pauses.reason.is_empty());
+    assert_eq!(store.mark_paused(&id, None, None).await.unwrap(), None);
+
+    // A job placed elsewhere than the marker says is left alone.
+    let elsewhere = crate::store::Placement {
+        node: "other".into(),
+        incarnation: "i".into(),
+        epoch: 1,
+        seq: 1,
+    };
+    assert_eq!(
+        store
+            .mark_paused(&id, Some("x".into()), Some(elsewhere))
+            .await
+            .unwrap(),
+        None
+    );
+
+    // Paused again, then the job ends: its end closes the pause.
+    t.store(3_000, Ordering::SeqCst);
+    store
+        .mark_paused(&id, Some("again".into()), None)
+        .await
+        .unwrap()
+        .expect("paused");
+    t.store(3_400, Ordering::SeqCst);
+    let rec = store.transition(&id, Cancelled, "cancelled").await.unwrap();
+    assert_eq!(rec.pauses.since_ms, None);
+    assert_eq!((rec.pauses.paused_ms, rec.pauses.count), (1_100, 2));
+    assert_eq!(store.get(&id).await.unwrap(), rec);
+    // No history entry for a pause, and the observer saw state changes only.
+    let states: Vec<_> = rec.history.iter().map(|h| h.state).collect();
+    assert_eq!(states, [Queued, Admitted, Running, Cancelled]);
+    assert_eq!(*seen.lock(), states);
 }

@@ -88,6 +88,7 @@ fn spec(name: &str, script: &str, max_retries: u32) -> JobSpec {
         labels: BTreeMap::new(),
         idempotency_key: None,
         owner: None,
+        pausable: None,
         kind: JobKind::Command {
             image: "busybox:1.36".into(),
             command: vec!["sh".into(), "-c".into(), script.into()],

@@ -178,7 +178,8 @@ impl PgNodes {
     }
 
     /// Renews this process's lease for another lease from the database's `now()` and records
-    /// what it says of itself now (models, running jobs, whether it admits).
+    /// what it says of itself now (models, running jobs, whether it admits, the CPU it offers
+    /// jobs: the configured capacity less what its fast path uses).
     pub async fn renew(
         &self,
         report: &NodeReport,
@@ -191,7 +192,7 @@ impl PgNodes {
                     "UPDATE nodes SET last_heartbeat = now(),
                         lease_expires = now() + lease_ms * interval '1 millisecond',
                         models = ($3::text)::jsonb, running_jobs = $4, admitting = $5,
-                        address = $6, state = 'up'
+                        address = $6, state = 'up', job_cpu_millis = $7
                     WHERE id = $1 AND incarnation = $2
                     RETURNING draining",
                 )
@@ -207,6 +208,7 @@ impl PgNodes {
                         &int(report.running_jobs),
                         &report.admitting,
                         &report.address,
+                        &big(report.job_capacity.cpu_millis),
                     ],
                 )
                 .await

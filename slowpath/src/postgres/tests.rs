@@ -259,14 +259,21 @@ async fn the_node_registry_keeps_leases_by_the_database_clock() {
     let mut busy = report("a");
     busy.running_jobs = 3;
     busy.admitting = false;
+    // Its fast path took CPU: the capacity it offers jobs follows at the renewal.
+    busy.job_capacity.cpu_millis = 1500;
     assert_eq!(
         nodes.renew(&busy, "inc-1").await.unwrap(),
         Renewal::Renewed { draining: true }
     );
     let a = nodes.get("a").await.unwrap().unwrap();
     assert_eq!(
-        (a.state, a.report.running_jobs, a.report.admitting),
-        (NodeState::Draining, 3, false)
+        (
+            a.state,
+            a.report.running_jobs,
+            a.report.admitting,
+            a.report.job_capacity.cpu_millis
+        ),
+        (NodeState::Draining, 3, false, 1500)
     );
     assert_eq!(nodes.get("nobody").await.unwrap(), None);
 

@@ -29,6 +29,23 @@
 //! a runner of local jobs), a job that asks for GPUs is admitted only once it holds GPU memory,
 //! is told its devices in its environment, and frees them when its attempt ends: the rules are
 //! the `gpu` module's.
+//!
+//! **Pressure** ([`RunnerOn::with_pressure`], see [`crate::pressure`]): while [`RunnerOn::run`]
+//! runs, a task follows the fast path's [`Pressure`]. On a single node, the scheduler's CPU
+//! capacity for admission is the configured one less the fast path's use (never below the
+//! floor), and jobs that wait for it say so; running jobs are never stopped for it. In a
+//! cluster the leader places against each node's registered capacity: each node registers
+//! [`RunnerOn::job_cpu_capacity`], its capacity less its own fast path's use, at each renewal
+//! of its lease. While [`Pressure::at_risk`] is set, every running attempt that can be
+//! paused ([`Execution::can_pause`]: local command jobs; not Kubernetes pods, not inference
+//! jobs, which the fast path's own controller governs) of a job that may be paused
+//! ([`crate::pressure::pausable`]) is paused, and resumed once it clears, at most one such
+//! change every [`MIN_PAUSE_FLIP`]. An attempt that starts while it is set is paused as soon
+//! as it runs (RUNNING is written). Each
+//! pause and resume is marked in the job's record ([`JobBackend::mark_paused`]: its state stays
+//! RUNNING) and told to the pause observer ([`RunnerOn::with_pause_observer`]: the
+//! coordinator's `jobs.<id>.paused` / `jobs.<id>.resumed` events). The attempt's deadline does
+//! not count the time paused. When the loop stops, every paused attempt is resumed.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
@@ -50,6 +67,7 @@ use crate::executor::{
 };
 use crate::gpu::{GPU_RETRY, GpuGrant, GpuReservations, visible_devices};
 use crate::job::{JobSpec, JobState};
+use crate::pressure::{MIN_PAUSE_FLIP, Pressure, job_cpu_capacity, lowered_note, pausable};
 use crate::scheduler::{
     Jitter, NO_SLOT, Pending, RetryDecision, RetryPolicy, SchedError, Scheduler, SchedulerConfig,
 };
@@ -57,6 +75,8 @@ use crate::store::{Change, FailureKind, JobRecord, JobStore, Placement, StoreErr
 
 mod cluster;
 pub use cluster::ClusterSelf;
+#[cfg(test)]
+mod pressure_tests;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RunnerConfig {
@@ -134,6 +154,10 @@ struct State {
     lease_stopped: HashSet<String>,
     /// The GPUs each admitted or running job holds here (with [`GpuReservations`]).
     gpus: HashMap<String, GpuGrant>,
+    /// The running attempts that may be paused: whether each should be paused now.
+    pausable: HashMap<String, tokio::sync::watch::Sender<bool>>,
+    /// Why running jobs are paused now (the pressure's `at_risk` as last applied).
+    at_risk: Option<String>,
 }
 
 impl State {
@@ -185,7 +209,20 @@ struct Inner<B> {
     lease_until: Mutex<Option<tokio::time::Instant>>,
     /// Where jobs that ask for GPUs get them on this node; unset: GPUs are only counted.
     gpu: std::sync::OnceLock<Arc<dyn GpuReservations>>,
+    /// The fast path's pressure, followed while [`RunnerOn::run`] runs
+    /// ([`RunnerOn::with_pressure`]).
+    pressure: Mutex<Option<tokio::sync::watch::Receiver<Pressure>>>,
+    /// The least CPU capacity (millis) the fast path's use leaves jobs.
+    cpu_floor_millis: std::sync::atomic::AtomicU64,
+    /// The CPU capacity (millis) jobs are admitted against now on this node.
+    cpu_capacity_now: std::sync::atomic::AtomicU64,
+    /// Told of each pause and resume ([`RunnerOn::with_pause_observer`]).
+    on_pause: Mutex<Option<PauseObserver>>,
 }
+
+/// Told of a job's pause or resume, with the job as marked: paused when
+/// `rec.pauses.is_paused()`, resumed otherwise.
+pub type PauseObserver = Arc<dyn Fn(&JobRecord) + Send + Sync>;
 
 /// Live jobs by state ([`Runner::live_counts`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -284,12 +321,20 @@ impl<B: JobBackend> RunnerOn<B> {
                     here: HashMap::new(),
                     lease_stopped: HashSet::new(),
                     gpus: HashMap::new(),
+                    pausable: HashMap::new(),
+                    at_risk: None,
                 }),
                 wake: Notify::new(),
                 cluster,
-                sched_config,
                 lease_until: Mutex::new(None),
                 gpu: std::sync::OnceLock::new(),
+                pressure: Mutex::new(None),
+                cpu_floor_millis: std::sync::atomic::AtomicU64::new(0),
+                cpu_capacity_now: std::sync::atomic::AtomicU64::new(
+                    sched_config.capacity.cpu_millis,
+                ),
+                on_pause: Mutex::new(None),
+                sched_config,
             }),
         })
     }
@@ -330,6 +375,40 @@ impl<B: JobBackend> RunnerOn<B> {
 
     pub fn store(&self) -> &B {
         &self.inner.store
+    }
+
+    /// Follows the fast path's `pressure` (see the module documentation) once [`RunnerOn::run`]
+    /// runs; the job CPU capacity it leaves is never below `cpu_floor_millis`.
+    pub fn with_pressure(
+        self,
+        pressure: tokio::sync::watch::Receiver<Pressure>,
+        cpu_floor_millis: u64,
+    ) -> Self {
+        *self.inner.pressure.lock() = Some(pressure);
+        self.inner
+            .cpu_floor_millis
+            .store(cpu_floor_millis, std::sync::atomic::Ordering::Relaxed);
+        self
+    }
+
+    /// Tells `observer` of every pause and resume of a job (see [`PauseObserver`]).
+    pub fn with_pause_observer(self, observer: PauseObserver) -> Self {
+        *self.inner.on_pause.lock() = Some(observer);
+        self
+    }
+
+    /// The CPU capacity (millis) jobs are admitted against on this node now: the configured
+    /// one, less what the fast path uses when the runner follows its pressure (in a cluster:
+    /// what the node registers for the leader to place against).
+    pub fn job_cpu_capacity(&self) -> u64 {
+        self.inner
+            .cpu_capacity_now
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Why running jobs are paused now, if they are.
+    pub fn paused_for(&self) -> Option<String> {
+        self.inner.state.lock().at_risk.clone()
     }
 
     /// The executor that runs the attempts.
@@ -519,9 +598,29 @@ impl<B: JobBackend> RunnerOn<B> {
 
     /// The scheduling loop; returns when `shutdown` is cancelled.
     pub async fn run(&self, shutdown: CancellationToken) {
+        // A clone: a loop started again (its supervisor restarted it) follows it again.
+        let pressure = self.inner.pressure.lock().clone();
+        let follower = pressure.map(|rx| {
+            let runner = self.clone();
+            let stop = shutdown.child_token();
+            (
+                stop.clone(),
+                tokio::spawn(async move { runner.follow_pressure(rx, stop).await }),
+            )
+        });
         if self.inner.cluster.is_some() {
-            return self.run_cluster(shutdown).await;
+            self.run_cluster(shutdown).await;
+        } else {
+            self.run_single(shutdown).await;
         }
+        if let Some((stop, task)) = follower {
+            stop.cancel();
+            let _ = task.await;
+        }
+    }
+
+    /// The single node's loop.
+    async fn run_single(&self, shutdown: CancellationToken) {
         loop {
             let next_retry = match self.round().await {
                 Ok(next) => next,
@@ -731,6 +830,7 @@ impl<B: JobBackend> RunnerOn<B> {
         state.running.remove(id);
         state.here.remove(id);
         state.lease_stopped.remove(id);
+        state.pausable.remove(id);
         // A cluster's leader frees the job's place when the job's change is announced.
         if self.inner.cluster.is_none() {
             state.sched.release(id);
@@ -958,7 +1058,15 @@ impl<B: JobBackend> RunnerOn<B> {
         token: CancellationToken,
     ) -> Result<(), StoreError> {
         let inner = &self.inner;
-        let result = execution.wait(token).await;
+        let can_pause = execution.can_pause();
+        let result = match self.pause_handle(id, &rec.spec, can_pause).await {
+            Some(paused) => {
+                let result = execution.wait_pausable(token, paused).await;
+                inner.state.lock().pausable.remove(id);
+                result
+            }
+            None => execution.wait(token).await,
+        };
         let (failure, exit_code, what) = match result {
             Ok(Outcome::Exited(0)) => {
                 let change = Change {
@@ -1170,6 +1278,153 @@ impl<B: JobBackend> RunnerOn<B> {
         }
     }
 
+    /// For an attempt that can be paused, of a job that may be: the receiver through which it
+    /// is paused, registered for the pressure's changes, and already set (and the job marked
+    /// paused) when an objective is at risk now.
+    async fn pause_handle(
+        &self,
+        id: &str,
+        spec: &JobSpec,
+        can_pause: bool,
+    ) -> Option<tokio::sync::watch::Receiver<bool>> {
+        let classes = &self.inner.sched_config.priority_classes;
+        if !can_pause || !pausable(spec.pausable, &spec.priority_class, classes) {
+            return None;
+        }
+        let (rx, at_risk) = {
+            let mut state = self.inner.state.lock();
+            let at_risk = state.at_risk.clone();
+            let (tx, rx) = tokio::sync::watch::channel(at_risk.is_some());
+            state.pausable.insert(id.to_owned(), tx);
+            (rx, at_risk)
+        };
+        if let Some(why) = at_risk {
+            self.mark_paused(id, Some(why)).await;
+        }
+        Some(rx)
+    }
+
+    /// Marks job `id` paused (`Some(why)`) or resumed and tells the pause observer; a failure
+    /// to write is logged (the attempt is paused or resumed all the same).
+    async fn mark_paused(&self, id: &str, why: Option<String>) {
+        let placed = self.inner.state.lock().here.get(id).cloned();
+        match self.inner.store.mark_paused(id, why, placed).await {
+            Ok(Some(rec)) => {
+                tracing::info!(
+                    job = %id,
+                    paused = rec.pauses.is_paused(),
+                    reason = %rec.pauses.reason,
+                    paused_ms = rec.pauses.paused_ms,
+                    "job {}",
+                    if rec.pauses.is_paused() { "paused" } else { "resumed" }
+                );
+                let observer = self.inner.on_pause.lock().clone();
+                if let Some(observer) = observer {
+                    observer(&rec);
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(job = %id, error = %e, "a job's pause could not be recorded");
+            }
+        }
+    }
+
+    /// Follows the fast path's pressure until `stop`: the CPU capacity at each change, the
+    /// pause of the running jobs at each change of `at_risk` (at most one every
+    /// [`MIN_PAUSE_FLIP`]); at the end, resumes every paused job.
+    async fn follow_pressure(
+        &self,
+        mut rx: tokio::sync::watch::Receiver<Pressure>,
+        stop: CancellationToken,
+    ) {
+        let mut last_flip: Option<tokio::time::Instant> = None;
+        loop {
+            let pressure = rx.borrow_and_update().clone();
+            self.apply_cpu(pressure.fast_path_cpu_millis);
+            let was = self.inner.state.lock().at_risk.clone();
+            match (&was, &pressure.at_risk) {
+                (Some(_), Some(why)) => {
+                    // Still at risk, maybe for another model: only the words change.
+                    self.inner.state.lock().at_risk = Some(why.clone());
+                }
+                (None, None) => {}
+                _ => {
+                    let due = last_flip.map(|at| at + MIN_PAUSE_FLIP);
+                    if let Some(due) = due.filter(|due| *due > tokio::time::Instant::now()) {
+                        // Too soon after the last change: look again then, at what holds then.
+                        tokio::select! {
+                            () = stop.cancelled() => break,
+                            () = tokio::time::sleep_until(due) => continue,
+                        }
+                    }
+                    self.set_at_risk(pressure.at_risk.clone()).await;
+                    last_flip = Some(tokio::time::Instant::now());
+                }
+            }
+            tokio::select! {
+                () = stop.cancelled() => break,
+                changed = rx.changed() => if changed.is_err() { break },
+            }
+        }
+        self.set_at_risk(None).await;
+    }
+
+    /// Pauses (`Some(why)`) or resumes every running attempt that may be paused, and marks
+    /// their jobs.
+    async fn set_at_risk(&self, at_risk: Option<String>) {
+        let ids: Vec<String> = {
+            let mut state = self.inner.state.lock();
+            if state.at_risk.is_some() == at_risk.is_some() {
+                state.at_risk = at_risk;
+                return;
+            }
+            state.at_risk = at_risk.clone();
+            for tx in state.pausable.values() {
+                tx.send_replace(at_risk.is_some());
+            }
+            state.pausable.keys().cloned().collect()
+        };
+        match &at_risk {
+            Some(why) if !ids.is_empty() => {
+                tracing::info!(jobs = ids.len(), reason = %why, "pausing the running jobs that may be paused");
+            }
+            None if !ids.is_empty() => {
+                tracing::info!(jobs = ids.len(), "resuming the paused jobs");
+            }
+            _ => {}
+        }
+        for id in ids {
+            self.mark_paused(&id, at_risk.clone()).await;
+        }
+    }
+
+    /// The CPU capacity jobs are admitted against, from the fast path's use (see the module
+    /// documentation). In a cluster it is only kept, for the node to register.
+    fn apply_cpu(&self, fast_path_cpu_millis: u64) {
+        let configured = self.inner.sched_config.capacity.cpu_millis;
+        let floor = self
+            .inner
+            .cpu_floor_millis
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let capacity = job_cpu_capacity(configured, fast_path_cpu_millis, floor);
+        let before = self
+            .inner
+            .cpu_capacity_now
+            .swap(capacity, std::sync::atomic::Ordering::Relaxed);
+        if before == capacity || self.inner.cluster.is_some() {
+            return;
+        }
+        let note = lowered_note(configured, capacity).unwrap_or_default();
+        self.inner
+            .state
+            .lock()
+            .sched
+            .set_cpu_taken("", configured - capacity, note);
+        // A round gives the waiting jobs their new reasons (and admits, if there is room).
+        self.inner.wake.notify_one();
+    }
+
     /// Whether this runner schedules: a single node always, a cluster node while it leads.
     fn leads(&self) -> bool {
         self.inner.cluster.is_none() || self.inner.state.lock().leader.is_some()
@@ -1262,6 +1517,7 @@ mod tests {
             labels: BTreeMap::new(),
             idempotency_key: None,
             owner: None,
+            pausable: None,
             kind: JobKind::Command {
                 image: String::new(),
                 command: vec!["sh".into(), "-c".into(), script.into()],

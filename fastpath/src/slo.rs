@@ -1,0 +1,751 @@
+//! Latency objectives and the controller of background work (online and batch on one model).
+//!
+//! A model may set `parameters.latency_slo_p99_ms`: the 99th percentile of its *online*
+//! requests' end-to-end time (received → answered) that it should keep. Background requests —
+//! batch inference jobs (`Request::background`) and any priority level listed in
+//! `parameters.background_priority_levels` — then run under a [`Controller`] that decides how many
+//! of them may be in flight (taken into a batch and not yet answered) at once.
+//!
+//! # The rules
+//!
+//! 1. **Order.** With an objective, a background request ranks behind every online request and
+//!    does not age: an online request that is queued runs in the next batch the model forms, so a
+//!    background batch delays it by at most the batch already executing on its instance (one
+//!    batch). Online and background requests may share a batch (the background ones fill rows the
+//!    online ones leave empty); those count against the limit like any other.
+//! 2. **The window.** Online requests' totals go into a sliding window of [`SLICES`] slices of
+//!    [`SLICE`] each (about five seconds): its p99 is what `models stats` and `/metrics` show.
+//!    The controller reads the same window but only the slices begun within the last
+//!    [`HORIZON`] and since its last decrease, so that it follows what happens now and judges a
+//!    decrease by what came after it, not by the samples that caused it.
+//! 3. **Ticks.** Every [`TICK`], and at once when an online request finishes over the
+//!    objective, the controller observes the window and decides:
+//!    - **Shrink** (multiplicative decrease) when the online p99 is above [`SHRINK_ABOVE`] (90%)
+//!      of the objective — a margin for what the server's clock does not see of a request (the
+//!      network, the client), so that the clients' p99 stays within the objective too: the
+//!      limit halves (1 → 0), and the window is cut (rule 2). A second decrease waits until the
+//!      background requests in flight have come down to the new limit and an online request has
+//!      finished since the first: until then what is observed is still the old limit's doing.
+//!    - **Grow** (additive increase, by `background_step`, 1 by default) when the online p99 is at
+//!      most [`GROW_BELOW`] of the objective (or there was no online request), background work was
+//!      held back by the limit during the tick, and the model has idle capacity: its instances
+//!      spent less than [`SATURATED`] of the tick on batches holding online requests. The limit
+//!      never exceeds `background_max_in_flight` (default: twice `max_batch_size` × instances).
+//!    - **Hold** otherwise, with the reason (between 80% and 90% of the objective, no background
+//!      work waiting, online work alone fills the model, at the largest limit).
+//! 4. **Impossible objectives.** When the online p99 is above the objective with no background
+//!    request admitted (limit 0, none in flight), holding back background work cannot help: the
+//!    limit stays 0 and the reason says that the objective cannot be met by the model as loaded.
+//! 5. **At risk.** The objective is *at risk* from a tick whose p99 is above it until one whose
+//!    p99 is at most [`GROW_BELOW`] of it (hysteresis). The coordinator pauses the node's local
+//!    command jobs while any objective is at risk.
+//!
+//! Without an objective nothing here applies: background requests are only the lowest priority
+//! level, as before (strict priority with aging).
+//!
+//! Everything here is a pure function of what it is given and the instant passed in: the tests
+//! drive it on a simulated clock.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use veraltheim_models::ModelConfig;
+
+/// How often the controller decides.
+pub const TICK: Duration = Duration::from_millis(100);
+/// One slice of the latency window.
+pub const SLICE: Duration = Duration::from_millis(500);
+/// Slices kept: the window spans `SLICES × SLICE`.
+pub const SLICES: usize = 10;
+/// How far back the controller reads the window.
+pub const HORIZON: Duration = Duration::from_secs(1);
+/// The controller grows the limit only while the online p99 is at most this share of the
+/// objective; it clears "at risk" there too.
+pub const GROW_BELOW: f64 = 0.8;
+/// The controller halves the limit when the online p99 is above this share of the objective.
+pub const SHRINK_ABOVE: f64 = 0.9;
+/// Above this share of a tick spent on online batches, the model has no idle capacity.
+pub const SATURATED: f64 = 0.95;
+
+/// A model's objective and the controller's bounds, from its configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SloConfig {
+    /// The p99 of online requests' end-to-end time to keep.
+    pub objective: Duration,
+    /// The most background requests in flight the controller allows.
+    pub max_limit: usize,
+    /// Additive increase per tick.
+    pub step: usize,
+}
+
+impl SloConfig {
+    /// The objective a model's configuration sets, if any; an error names a parameter that is
+    /// not a positive integer.
+    pub fn from_config(config: &ModelConfig) -> Result<Option<SloConfig>, String> {
+        let Some(ms) = positive(config, "latency_slo_p99_ms")? else {
+            return Ok(None);
+        };
+        let instances = config.instance_count().max(1);
+        let default_max = (config.max_batch_size as usize).max(1) * instances * 2;
+        Ok(Some(SloConfig {
+            objective: Duration::from_millis(ms),
+            max_limit: positive(config, "background_max_in_flight")?
+                .map_or(default_max, |n| usize::try_from(n).unwrap_or(usize::MAX)),
+            step: positive(config, "background_step")?
+                .map_or(1, |n| usize::try_from(n).unwrap_or(usize::MAX)),
+        }))
+    }
+}
+
+fn positive(config: &ModelConfig, key: &str) -> Result<Option<u64>, String> {
+    match config.parameter(key).map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(v) => match v.parse::<u64>() {
+            Ok(n) if n > 0 => Ok(Some(n)),
+            _ => Err(format!(
+                "parameter '{key}' is '{v}', not a positive integer"
+            )),
+        },
+    }
+}
+
+/// The priority levels a model's configuration marks as background
+/// (`background_priority_levels`, a comma-separated list); an error names a bad entry.
+pub fn background_levels(config: &ModelConfig) -> Result<Vec<u32>, String> {
+    let Some(list) = config.parameter("background_priority_levels") else {
+        return Ok(Vec::new());
+    };
+    list.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<u32>().ok().filter(|&l| l > 0).ok_or_else(|| {
+                format!(
+                    "parameter 'background_priority_levels' is '{list}': '{s}' is not a priority level (1, 2, ...)"
+                )
+            })
+        })
+        .collect()
+}
+
+/// A sliding window of online latencies: [`SLICES`] histograms of [`SLICE`] each.
+pub(crate) struct Window {
+    /// Oldest first; each slice with the instant it began.
+    slices: VecDeque<(Instant, Histogram<u32>)>,
+}
+
+impl Window {
+    pub(crate) fn new(now: Instant) -> Self {
+        let mut slices = VecDeque::with_capacity(SLICES + 1);
+        slices.push_back((now, histogram()));
+        Window { slices }
+    }
+
+    /// Moves on to a new slice when the current one is [`SLICE`] old, dropping slices that
+    /// began more than the window ago.
+    fn advance(&mut self, now: Instant) {
+        let current = self.slices.back().map(|(start, _)| *start);
+        if current.is_none_or(|start| now.saturating_duration_since(start) >= SLICE) {
+            self.start_slice(now);
+        }
+    }
+
+    fn start_slice(&mut self, now: Instant) {
+        let mut h = if self.slices.len() >= SLICES {
+            self.slices
+                .pop_front()
+                .map(|(_, h)| h)
+                .unwrap_or_else(histogram)
+        } else {
+            histogram()
+        };
+        h.reset();
+        self.slices.push_back((now, h));
+        let span = SLICE * SLICES as u32;
+        while self
+            .slices
+            .front()
+            .is_some_and(|(start, _)| now.saturating_duration_since(*start) > span)
+        {
+            self.slices.pop_front();
+        }
+    }
+
+    pub(crate) fn record(&mut self, now: Instant, total: Duration) {
+        self.advance(now);
+        if let Some((_, h)) = self.slices.back_mut() {
+            h.saturating_record(micros(total));
+        }
+    }
+
+    /// Starts a new slice now, so that [`Window::since`] of this instant holds only what comes
+    /// after it.
+    pub(crate) fn cut(&mut self, now: Instant) {
+        self.start_slice(now);
+    }
+
+    /// Requests and their p99 over the whole window.
+    pub(crate) fn all(&mut self, now: Instant) -> (u64, Option<Duration>) {
+        self.advance(now);
+        let oldest = self.slices.front().map_or(now, |(start, _)| *start);
+        self.since(oldest, now)
+    }
+
+    /// Requests and their p99 over the slices begun at or after `since` (all of the window
+    /// when `since` is older).
+    pub(crate) fn since(&mut self, since: Instant, now: Instant) -> (u64, Option<Duration>) {
+        self.advance(now);
+        let mut merged: Option<Histogram<u32>> = None;
+        for (start, h) in &self.slices {
+            if *start < since || h.is_empty() {
+                continue;
+            }
+            match &mut merged {
+                None => merged = Some(h.clone()),
+                Some(m) => {
+                    let _ = m.add(h);
+                }
+            }
+        }
+        match merged {
+            Some(m) if !m.is_empty() => (
+                m.len(),
+                Some(Duration::from_micros(m.value_at_quantile(0.99))),
+            ),
+            _ => (0, None),
+        }
+    }
+}
+
+fn histogram() -> Histogram<u32> {
+    // 1 µs to 60 s at 2 significant digits, 32-bit counts: about 10 KiB per slice.
+    Histogram::new_with_bounds(1, 60_000_000, 2).expect("valid histogram bounds")
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1)
+}
+
+/// What the controller sees at a tick.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Observation {
+    /// Online requests finished since the last decrease (within the window), and their p99.
+    pub online_count: u64,
+    pub online_p99: Option<Duration>,
+    /// Background requests in flight now.
+    pub in_flight: usize,
+    /// Whether background work waited for the limit during the tick.
+    pub held_back: bool,
+    /// The share of the model's instance time, over the tick, spent on batches that held online
+    /// requests (0.0–1.0).
+    pub online_busy: f64,
+}
+
+/// What the controller did at its last tick.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Decision {
+    #[default]
+    Hold,
+    Grow,
+    Shrink,
+}
+
+impl Decision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Hold => "hold",
+            Decision::Grow => "grow",
+            Decision::Shrink => "shrink",
+        }
+    }
+}
+
+/// The AIMD controller of one model's background work (rules 3–5 of the module header).
+#[derive(Clone, Debug)]
+pub struct Controller {
+    config: SloConfig,
+    limit: usize,
+    decision: Decision,
+    reason: String,
+    at_risk: bool,
+    /// The last decrease (or the start): the window is read from here.
+    since: Instant,
+    /// The limit set by the last decrease, until the requests in flight come down to it and an
+    /// online request has finished after it.
+    settling: Option<usize>,
+    grows: u64,
+    shrinks: u64,
+}
+
+impl Controller {
+    /// Starts at a limit of one background request: the controller then finds its way up.
+    pub fn new(config: SloConfig, now: Instant) -> Self {
+        Controller {
+            limit: 1.min(config.max_limit),
+            config,
+            decision: Decision::Hold,
+            reason: "starting".into(),
+            at_risk: false,
+            since: now,
+            settling: None,
+            grows: 0,
+            shrinks: 0,
+        }
+    }
+
+    pub fn config(&self) -> &SloConfig {
+        &self.config
+    }
+
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    pub fn decision(&self) -> Decision {
+        self.decision
+    }
+
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+
+    pub fn at_risk(&self) -> bool {
+        self.at_risk
+    }
+
+    /// Where the window is read from at `now`: the last decrease, or [`HORIZON`] ago if later.
+    pub fn read_from(&self, now: Instant) -> Instant {
+        now.checked_sub(HORIZON)
+            .map_or(self.since, |h| h.max(self.since))
+    }
+
+    /// Decisions taken so far: (grow, shrink).
+    pub fn counts(&self) -> (u64, u64) {
+        (self.grows, self.shrinks)
+    }
+
+    /// One tick: decides from `o` and returns the decision. After a [`Decision::Shrink`] the
+    /// caller cuts the latency window at `now` (the controller reads it from there).
+    pub fn tick(&mut self, o: &Observation, now: Instant) -> Decision {
+        let objective = self.config.objective;
+        let ms = |d: Duration| format!("{:.1} ms", d.as_secs_f64() * 1e3);
+        if let Some(target) = self.settling {
+            if o.in_flight <= target && o.online_count > 0 {
+                self.settling = None;
+            } else {
+                return self.hold(format!(
+                    "waiting for the last decrease to take effect ({} background in flight, limit {target})",
+                    o.in_flight
+                ));
+            }
+        }
+        let p99 = o.online_p99.filter(|_| o.online_count > 0);
+        let share = |p: Duration| p.as_secs_f64() / objective.as_secs_f64().max(1e-9);
+        if p99.is_some_and(|p| p > objective) {
+            self.at_risk = true;
+        }
+        if let Some(p) = p99.filter(|&p| share(p) > SHRINK_ABOVE) {
+            if self.limit == 0 {
+                return if p <= objective {
+                    self.hold(format!(
+                        "online p99 {} is above {:.0}% of the objective {} with no background work admitted",
+                        ms(p),
+                        SHRINK_ABOVE * 100.0,
+                        ms(objective)
+                    ))
+                } else if o.in_flight == 0 {
+                    self.hold(format!(
+                        "online p99 {} is above the objective {} with no background work running: \
+                         the objective cannot be met by holding back background work (the online \
+                         load alone is more than the model can serve within it)",
+                        ms(p),
+                        ms(objective)
+                    ))
+                } else {
+                    self.hold(format!(
+                        "online p99 {} is above the objective {}; waiting for {} background requests in flight to finish",
+                        ms(p),
+                        ms(objective),
+                        o.in_flight
+                    ))
+                };
+            }
+            let old = self.limit;
+            self.limit /= 2;
+            self.since = now;
+            self.settling = Some(self.limit);
+            self.shrinks += 1;
+            self.decision = Decision::Shrink;
+            self.reason = format!(
+                "online p99 {} is above {} of the objective {}: background limit {old} -> {}",
+                ms(p),
+                if p > objective {
+                    "100%".to_string()
+                } else {
+                    format!("{:.0}%", SHRINK_ABOVE * 100.0)
+                },
+                ms(objective),
+                self.limit
+            );
+            return Decision::Shrink;
+        }
+        let calm = p99.is_none_or(|p| p.as_secs_f64() <= GROW_BELOW * objective.as_secs_f64());
+        if !calm {
+            return self.hold(format!(
+                "online p99 {} is between {:.0}% and {:.0}% of the objective {}",
+                ms(p99.unwrap_or_default()),
+                GROW_BELOW * 100.0,
+                SHRINK_ABOVE * 100.0,
+                ms(objective)
+            ));
+        }
+        self.at_risk = false;
+        let shown = p99.map_or_else(
+            || "no online requests".to_string(),
+            |p| format!("online p99 {}", ms(p)),
+        );
+        if !o.held_back {
+            return self.hold(format!(
+                "{shown}; no background work waits beyond the limit {}",
+                self.limit
+            ));
+        }
+        if o.online_busy >= SATURATED {
+            return self.hold(format!(
+                "{shown}; online requests keep the model busy ({:.0}% of the tick): no idle capacity",
+                o.online_busy * 100.0
+            ));
+        }
+        if self.limit >= self.config.max_limit {
+            return self.hold(format!(
+                "{shown}; at the largest limit {}",
+                self.config.max_limit
+            ));
+        }
+        let old = self.limit;
+        self.limit = self
+            .limit
+            .saturating_add(self.config.step)
+            .min(self.config.max_limit);
+        self.grows += 1;
+        self.decision = Decision::Grow;
+        self.reason = format!(
+            "{shown} is under {:.0}% of the objective {} and the model has idle capacity: background limit {old} -> {}",
+            GROW_BELOW * 100.0,
+            ms(objective),
+            self.limit
+        );
+        Decision::Grow
+    }
+
+    fn hold(&mut self, reason: String) -> Decision {
+        self.decision = Decision::Hold;
+        self.reason = reason;
+        Decision::Hold
+    }
+}
+
+/// A model's objective and controller as the statistics show them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SloSnapshot {
+    pub objective: Duration,
+    /// Online requests in the window and their p99 (`None`: none).
+    pub window_count: u64,
+    pub window_p99: Option<Duration>,
+    pub limit: usize,
+    pub max_limit: usize,
+    pub in_flight: usize,
+    pub decision: &'static str,
+    pub reason: String,
+    pub at_risk: bool,
+    pub grows: u64,
+    pub shrinks: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(objective_ms: u64, max: usize) -> SloConfig {
+        SloConfig {
+            objective: Duration::from_millis(objective_ms),
+            max_limit: max,
+            step: 1,
+        }
+    }
+
+    /// A simulated model: online requests at `rate`/s each taking `base` plus, per background
+    /// request in flight, `per_background` (the background rows that share or precede their
+    /// batch). The controller ticks every [`TICK`] over a window fed by the plant.
+    struct Plant {
+        base: Duration,
+        per_background: Duration,
+        rate: u32,
+        window: Window,
+        controller: Controller,
+        now: Instant,
+        /// The online p99 each tick observed, with the limit after the tick.
+        trace: Vec<(Option<Duration>, usize)>,
+    }
+
+    impl Plant {
+        fn new(objective_ms: u64, base_ms: u64, per_background_us: u64) -> Self {
+            let now = Instant::now();
+            Plant {
+                base: Duration::from_millis(base_ms),
+                per_background: Duration::from_micros(per_background_us),
+                rate: 200,
+                window: Window::new(now),
+                controller: Controller::new(config(objective_ms, 64), now),
+                now,
+                trace: Vec::new(),
+            }
+        }
+
+        /// Runs for `ticks`; background work always waits (a batch job with a long input).
+        fn run(&mut self, ticks: u32) {
+            for _ in 0..ticks {
+                let in_flight = self.controller.limit();
+                let per_tick = (self.rate as u64 * TICK.as_millis() as u64 / 1000).max(1);
+                let latency = self.base + self.per_background * in_flight as u32;
+                for i in 0..per_tick {
+                    let at = self.now + TICK * i as u32 / per_tick as u32;
+                    self.window.record(at, latency);
+                }
+                self.now += TICK;
+                let (count, p99) = self
+                    .window
+                    .since(self.controller.read_from(self.now), self.now);
+                let o = Observation {
+                    online_count: count,
+                    online_p99: p99,
+                    in_flight,
+                    held_back: true,
+                    online_busy: 0.5,
+                };
+                if self.controller.tick(&o, self.now) == Decision::Shrink {
+                    self.window.cut(self.now);
+                }
+                self.trace.push((p99, self.controller.limit()));
+            }
+        }
+    }
+
+    #[test]
+    fn grows_to_the_objective_then_holds_around_it() {
+        // 20 ms alone, +2 ms per background request: the objective (100 ms) allows 40 in
+        // flight; growth stops at 80% (30 in flight) and the limit stays in [15, 40].
+        let mut p = Plant::new(100, 20, 2_000);
+        p.run(300);
+        let limits: Vec<usize> = p.trace[100..].iter().map(|t| t.1).collect();
+        assert!(limits.iter().all(|&l| (15..=40).contains(&l)), "{limits:?}");
+        assert!(
+            p.trace[100..]
+                .iter()
+                .all(|(p99, _)| p99.is_none_or(|p| p <= Duration::from_millis(100)))
+        );
+        assert!(p.controller.counts().0 >= 25, "{:?}", p.controller.counts());
+    }
+
+    #[test]
+    fn a_step_in_online_load_shrinks_the_limit_at_once() {
+        let mut p = Plant::new(100, 20, 2_000);
+        p.run(200);
+        let before = p.controller.limit();
+        assert!(before >= 20, "{before}");
+        // The online work gets heavier: 60 ms alone, so at the old limit the p99 is far above.
+        p.base = Duration::from_millis(60);
+        p.run(1);
+        assert_eq!(p.controller.decision(), Decision::Shrink);
+        assert_eq!(p.controller.limit(), before / 2);
+        assert!(p.controller.at_risk());
+        assert!(
+            p.controller
+                .reason()
+                .contains("above 100% of the objective"),
+            "{}",
+            p.controller.reason()
+        );
+        // It settles where 60 ms + 2 ms × limit ≤ 90 ms, i.e. at most 15 in flight, and the
+        // objective is kept from there on.
+        p.run(200);
+        let tail = &p.trace[p.trace.len() - 150..];
+        assert!(tail.iter().all(|t| t.1 <= 15), "{tail:?}");
+        assert!(
+            tail.iter()
+                .all(|t| t.0.is_none_or(|p| p <= Duration::from_millis(92)))
+        );
+        assert!(!p.controller.at_risk());
+    }
+
+    #[test]
+    fn a_burst_above_the_objective_halves_once_per_effect_not_per_tick() {
+        let mut p = Plant::new(100, 20, 2_000);
+        p.run(200);
+        let before = p.controller.limit();
+        // A one-tick burst: every online request of the tick takes 150 ms.
+        let base = p.base;
+        p.base = Duration::from_millis(150);
+        p.run(1);
+        p.base = base;
+        assert_eq!(p.controller.limit(), before / 2);
+        // The burst's samples are behind the cut: no second decrease for them.
+        p.run(5);
+        assert!(
+            p.trace[p.trace.len() - 5..]
+                .iter()
+                .all(|t| t.1 >= before / 2),
+            "{:?}",
+            &p.trace[p.trace.len() - 6..]
+        );
+    }
+
+    #[test]
+    fn an_impossible_objective_drives_background_to_zero_and_says_why() {
+        // Online alone takes 150 ms: no limit meets 100 ms.
+        let mut p = Plant::new(100, 150, 2_000);
+        p.run(50);
+        assert_eq!(p.controller.limit(), 0);
+        assert!(p.controller.at_risk());
+        assert!(
+            p.controller.reason().contains("cannot be met"),
+            "{}",
+            p.controller.reason()
+        );
+        // Once online is within it again, background work comes back.
+        p.base = Duration::from_millis(10);
+        p.run(20);
+        assert!(p.controller.limit() > 0);
+        assert!(!p.controller.at_risk());
+    }
+
+    #[test]
+    fn holds_without_demand_or_idle_capacity_and_at_the_largest_limit() {
+        let now = Instant::now();
+        let mut c = Controller::new(config(100, 2), now);
+        let calm = Observation {
+            online_count: 100,
+            online_p99: Some(Duration::from_millis(10)),
+            in_flight: 1,
+            held_back: false,
+            online_busy: 0.2,
+        };
+        assert_eq!(c.tick(&calm, now), Decision::Hold);
+        assert!(
+            c.reason().contains("no background work waits"),
+            "{}",
+            c.reason()
+        );
+        let busy = Observation {
+            held_back: true,
+            online_busy: 0.99,
+            ..calm
+        };
+        assert_eq!(c.tick(&busy, now), Decision::Hold);
+        assert!(c.reason().contains("no idle capacity"), "{}", c.reason());
+        let ok = Observation {
+            held_back: true,
+            ..calm
+        };
+        assert_eq!(c.tick(&ok, now), Decision::Grow);
+        assert_eq!(c.limit(), 2);
+        assert_eq!(c.tick(&ok, now), Decision::Hold);
+        assert!(c.reason().contains("largest limit 2"), "{}", c.reason());
+        // Between 80% and 90%: hold, and "at risk" keeps its value (hysteresis).
+        let warm = Observation {
+            online_p99: Some(Duration::from_millis(85)),
+            ..ok
+        };
+        assert_eq!(c.tick(&warm, now), Decision::Hold);
+        assert!(!c.at_risk());
+        // Above 90%: shrink, not yet at risk; above 100%: at risk, until at most 80% again.
+        let near = Observation {
+            online_p99: Some(Duration::from_millis(95)),
+            ..ok
+        };
+        assert_eq!(c.tick(&near, now), Decision::Shrink);
+        assert!(!c.at_risk());
+        assert!(
+            c.reason().contains("above 90% of the objective"),
+            "{}",
+            c.reason()
+        );
+        let over = Observation {
+            online_p99: Some(Duration::from_millis(105)),
+            in_flight: 0,
+            ..ok
+        };
+        assert_eq!(c.tick(&over, now), Decision::Shrink);
+        assert!(c.at_risk());
+        assert_eq!(c.limit(), 0);
+        let drained = |o: Observation| Observation { in_flight: 0, ..o };
+        assert_eq!(c.tick(&drained(warm), now), Decision::Hold);
+        assert!(c.at_risk());
+        assert_eq!(c.tick(&drained(ok), now), Decision::Grow);
+        assert!(!c.at_risk());
+    }
+
+    #[test]
+    fn the_window_forgets_old_slices_and_reads_from_a_cut() {
+        let t0 = Instant::now();
+        let mut w = Window::new(t0);
+        for i in 0..100u32 {
+            w.record(
+                t0 + Duration::from_millis(i as u64),
+                Duration::from_millis(200),
+            );
+        }
+        let (n, p99) = w.since(t0, t0 + Duration::from_millis(100));
+        assert_eq!(n, 100);
+        assert!(p99.unwrap() >= Duration::from_millis(198));
+        let cut = t0 + Duration::from_millis(150);
+        w.cut(cut);
+        w.record(cut + Duration::from_millis(1), Duration::from_millis(5));
+        let (n, p99) = w.since(cut, cut + Duration::from_millis(2));
+        assert_eq!(n, 1);
+        assert!(p99.unwrap() <= Duration::from_millis(6));
+        // Six seconds later, everything has left the window.
+        assert_eq!(w.since(t0, t0 + Duration::from_secs(6)), (0, None));
+    }
+
+    #[test]
+    fn configuration_is_read_and_bad_values_are_named() {
+        let c = |params: &str| {
+            ModelConfig::from_json(&format!(
+                r#"{{"name":"m","max_batch_size":8,"input":[{{"name":"a","data_type":"TYPE_FP32","dims":[1]}}],
+                    "parameters":{{{params}}}}}"#
+            ))
+            .unwrap()
+        };
+        assert_eq!(SloConfig::from_config(&c("")).unwrap(), None);
+        let s = SloConfig::from_config(&c(r#""latency_slo_p99_ms":{"string_value":"50"}"#))
+            .unwrap()
+            .unwrap();
+        assert_eq!(s.objective, Duration::from_millis(50));
+        assert_eq!(s.max_limit, 16);
+        assert_eq!(s.step, 1);
+        let err =
+            SloConfig::from_config(&c(r#""latency_slo_p99_ms":{"string_value":"0"}"#)).unwrap_err();
+        assert!(
+            err.contains("latency_slo_p99_ms") && err.contains("positive"),
+            "{err}"
+        );
+        let err = SloConfig::from_config(&c(
+            r#""latency_slo_p99_ms":{"string_value":"5"},"background_step":{"string_value":"x"}"#,
+        ))
+        .unwrap_err();
+        assert!(err.contains("background_step"), "{err}");
+        assert_eq!(
+            background_levels(&c(
+                r#""background_priority_levels":{"string_value":"3, 4"}"#
+            )),
+            Ok(vec![3, 4])
+        );
+        let err = background_levels(&c(
+            r#""background_priority_levels":{"string_value":"3,zero"}"#,
+        ))
+        .unwrap_err();
+        assert!(err.contains("'zero'"), "{err}");
+    }
+}
