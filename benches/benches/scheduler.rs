@@ -50,6 +50,7 @@ fn scheduler() -> Scheduler {
             cpu_millis: 64_000,
             memory_bytes: 256 << 30,
             gpus: 8,
+            gpu_memory_bytes: 0,
         },
         queues,
         priority_classes: CLASSES[..3].iter().map(|c| (*c).to_owned()).collect(),
@@ -66,6 +67,7 @@ fn job(n: usize) -> Pending {
             cpu_millis: 500,
             memory_bytes: 1 << 30,
             gpus: 0,
+            gpu_memory_bytes: 0,
         },
         tenant: String::new(),
     }
@@ -118,6 +120,7 @@ fn nodes(n: usize) -> Vec<NodeCapacity> {
                 cpu_millis: 16_000,
                 memory_bytes: 64 << 30,
                 gpus: 2,
+                gpu_memory_bytes: 0,
             },
             slots: NODE_SLOTS,
         })

@@ -233,6 +233,15 @@ fn memory_message(
                 budget_bytes: d.budget_bytes,
                 held_bytes: d.held_bytes,
                 free_bytes: d.free_bytes,
+                // Jobs are listed as jobs, not models (the allocator's external holders).
+                jobs: d
+                    .externals
+                    .iter()
+                    .map(|e| v1::JobHolder {
+                        job_id: e.key.strip_prefix("job:").unwrap_or(&e.key).to_string(),
+                        bytes: e.bytes,
+                    })
+                    .collect(),
                 holders: d
                     .holders
                     .into_iter()
@@ -480,8 +489,12 @@ pub(crate) fn nats_status(s: &veraltheim_bus::nats::BridgeStatus) -> v1::NatsBri
     }
 }
 
-/// One GPU as the inventory read it, with the models the allocator placed there.
-fn gpu(g: &veraltheim_devices::GpuInfo, placements: &[veraltheim_serving::Placed]) -> v1::Gpu {
+/// One GPU as the inventory read it, with the models and the jobs the allocator placed there.
+fn gpu(
+    g: &veraltheim_devices::GpuInfo,
+    placements: &[veraltheim_serving::Placed],
+    jobs: &[veraltheim_serving::JobHeld],
+) -> v1::Gpu {
     let here: Vec<&veraltheim_serving::Placed> = placements
         .iter()
         .filter(|p| p.device == veraltheim_models::allocator::DeviceId::Gpu(g.index))
@@ -522,6 +535,14 @@ fn gpu(g: &veraltheim_devices::GpuInfo, placements: &[veraltheim_serving::Placed
             })
             .collect(),
         notes: g.errors.clone(),
+        jobs: jobs
+            .iter()
+            .filter(|j| j.device == veraltheim_models::allocator::DeviceId::Gpu(g.index))
+            .map(|j| v1::GpuJob {
+                job_id: j.job_id.clone(),
+                bytes: j.bytes,
+            })
+            .collect(),
     }
 }
 
@@ -538,7 +559,8 @@ pub fn resource_snapshot(ctx: &Context) -> v1::ResourceSnapshot {
         }),
         gpus: {
             let placements = ctx.models.placements();
-            s.gpus.iter().map(|g| gpu(g, &placements)).collect()
+            let jobs = ctx.models.job_holders();
+            s.gpus.iter().map(|g| gpu(g, &placements, &jobs)).collect()
         },
         gpu_probe: s.gpu_probe.clone().unwrap_or_default(),
         gpu_probe_error: s.gpu_probe_error.clone().unwrap_or_default(),

@@ -379,6 +379,7 @@ fn print_memory(r: &v1::GetModelMemoryResponse, as_json: bool) -> anyhow::Result
                         "in_flight": h.in_flight, "state": h.state,
                         "estimate_bytes": h.estimate_bytes, "measurement": h.measurement,
                     })).collect::<Vec<_>>(),
+                    "jobs": d.jobs.iter().map(|j| json!({"job_id": j.job_id, "bytes": j.bytes})).collect::<Vec<_>>(),
                 })
             })
             .collect();
@@ -410,6 +411,11 @@ fn print_memory(r: &v1::GetModelMemoryResponse, as_json: bool) -> anyhow::Result
                 }
                 s
             })
+            .chain(
+                d.jobs
+                    .iter()
+                    .map(|j| format!("job {} {}", j.job_id, format_bytes(j.bytes))),
+            )
             .collect();
         println!(
             "{:<8} {:>12} {:>12} {:>12} {:>12}  {}",
@@ -835,6 +841,7 @@ pub(crate) fn gpu_json(g: &v1::Gpu) -> Value {
         "simulated": g.simulated, "lost": g.lost, "models": g.models, "notes": g.notes,
         "processes": g.processes.iter().map(|p| json!({"pid": p.pid, "used_memory_bytes": p.used_memory_bytes})).collect::<Vec<_>>(),
         "placed_models": g.placed_models.iter().map(|p| json!({"name": p.name, "bytes": p.bytes, "state": p.state})).collect::<Vec<_>>(),
+        "jobs": g.jobs.iter().map(|j| json!({"job_id": j.job_id, "bytes": j.bytes})).collect::<Vec<_>>(),
     })
 }
 
@@ -856,7 +863,7 @@ fn print_gpus(out: &mut dyn Write, s: &v1::ResourceSnapshot, as_json: bool) -> s
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     writeln!(
         out,
-        "{:>3}  {:<28} {:>17} {:>5} {:>6} {:>9}  MODELS",
+        "{:>3}  {:<28} {:>17} {:>5} {:>6} {:>9}  MODELS, JOBS",
         "GPU", "NAME", "MEMORY USED/TOTAL", "UTIL", "TEMP", "POWER"
     )?;
     for g in &s.gpus {
@@ -877,7 +884,12 @@ fn print_gpus(out: &mut dyn Write, s: &v1::ResourceSnapshot, as_json: bool) -> s
             g.utilization_percent,
             g.temperature_celsius,
             f64::from(g.power_draw_milliwatts) / 1000.0,
-            g.models.join(",")
+            g.models
+                .iter()
+                .cloned()
+                .chain(g.jobs.iter().map(|j| format!("job {}", j.job_id)))
+                .collect::<Vec<_>>()
+                .join(",")
         )?;
     }
     out.flush()

@@ -21,8 +21,8 @@ use veraltheim_slowpath::runner::ClusterSelf;
 use veraltheim_slowpath::runner::PauseObserver;
 use veraltheim_slowpath::sandbox::effective_uid;
 use veraltheim_slowpath::{
-    AnyJobStore, Executor, InferenceExecutor, JobBackend, JobRecord, JobSpec, JobState,
-    KubernetesConfig, KubernetesExecutor, ListFilter, LocalExecutor, Observer, Pressure,
+    AnyJobStore, Executor, GpuReservations, InferenceExecutor, JobBackend, JobRecord, JobSpec,
+    JobState, KubernetesConfig, KubernetesExecutor, ListFilter, LocalExecutor, Observer, Pressure,
     QueueConfig, Quota, Resources, RetryPolicy, RunnerConfig, RunnerError, RunnerOn,
     SchedulerConfig, StoreError, Toleration,
 };
@@ -204,7 +204,9 @@ impl Jobs {
     /// Every durable job change comes out of the returned receiver as a `jobs.<id>.state` event
     /// (for the QueueManager to publish).
     /// Inference jobs run through `inference`. With `telemetry`, each attempt that ends becomes
-    /// a span. Local command jobs follow the fast path's `pressure` (`crate::pressure`): the CPU
+    /// a span. Local jobs that ask for GPUs get them, and their memory, from `gpus` (the model
+    /// manager's allocator: `gpujobs.rs`); Kubernetes jobs' GPUs are the cluster's.
+    /// Local command jobs follow the fast path's `pressure` (`crate::pressure`): the CPU
     /// capacity it leaves them, and pauses, told as `jobs.<id>.paused` / `jobs.<id>.resumed`
     /// events.
     #[allow(clippy::too_many_arguments)]
@@ -216,6 +218,7 @@ impl Jobs {
         inference: Arc<dyn InferenceExecutor>,
         telemetry: Option<Arc<Telemetry>>,
         cluster: Option<ClusterSelf>,
+        gpus: Option<Arc<dyn GpuReservations>>,
         pressure: tokio::sync::watch::Receiver<Pressure>,
     ) -> anyhow::Result<(Jobs, mpsc::Receiver<Event>)> {
         let (tx, rx) = mpsc::channel(JOB_EVENT_BACKLOG);
@@ -287,6 +290,7 @@ impl Jobs {
                     cpu_millis: k.cpu_millis.unwrap_or(u64::MAX),
                     memory_bytes: k.memory_bytes.unwrap_or(u64::MAX),
                     gpus: k.gpus.unwrap_or(u32::MAX),
+                    gpu_memory_bytes: 0,
                 };
                 (Arc::new(exec), capacity, KUBERNETES_RUNNING)
             }
@@ -321,12 +325,15 @@ impl Jobs {
             jitter_seed: std::process::id() as u64,
         };
         let store = store.with_observer(observer);
-        let local = config.executor == JobExecutorKind::Local;
-        let runner = match cluster {
+        let local = matches!(config.executor, JobExecutorKind::Local);
+        let mut runner = match cluster {
             // One node of several: the leader places jobs on it (see slowpath's runner).
             Some(me) => RunnerOn::in_cluster(store, exec, Some(inference), runner_config, me)?,
             None => RunnerOn::with_executors(store, exec, Some(inference), runner_config)?,
         };
+        if let Some(gpus) = gpus.filter(|_| local) {
+            runner = runner.with_gpu_reservations(gpus);
+        }
         // Local jobs share this node's cores with the fast path; Kubernetes pods run elsewhere.
         let runner = if local {
             runner
@@ -492,6 +499,7 @@ pub fn example_job_object(config: &JobsConfig, writable_root: bool) -> anyhow::R
             cpu_millis: 500,
             memory_bytes: 256 << 20,
             gpus: 0,
+            gpu_memory_bytes: 0,
         },
         deadline: Some(Duration::from_secs(3600)),
         ..Default::default()
@@ -729,6 +737,7 @@ fn spec_from_wire(s: v1::JobSpec) -> Result<JobSpec, Status> {
             cpu_millis: r.cpu_millis,
             memory_bytes: r.memory_bytes,
             gpus: r.gpus,
+            gpu_memory_bytes: r.gpu_memory_bytes,
         },
         max_retries: s.max_retries,
         deadline_seconds: (s.deadline_seconds > 0).then_some(s.deadline_seconds),
@@ -752,6 +761,7 @@ fn spec_to_wire(s: &JobSpec) -> v1::JobSpec {
             cpu_millis: s.resources.cpu_millis,
             memory_bytes: s.resources.memory_bytes,
             gpus: s.resources.gpus,
+            gpu_memory_bytes: s.resources.gpu_memory_bytes,
         }),
         max_retries: s.max_retries,
         deadline_seconds: s.deadline_seconds.unwrap_or(0),

@@ -15,6 +15,7 @@ mod config;
 mod context;
 mod convert;
 mod devices;
+mod gpujobs;
 mod http;
 mod jobs;
 mod kserve;

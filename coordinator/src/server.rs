@@ -361,6 +361,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             cpu_millis: u64::from(snap.host.cores) * 1000,
             memory_bytes: snap.host.memory_total_bytes,
             gpus: snap.gpus.iter().filter(|g| !g.lost).count() as u32,
+            gpu_memory_bytes: 0,
         }
     };
     // Inference jobs go through the same model queues as online requests, behind them.
@@ -423,6 +424,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
                 node: node_id.to_string(),
                 incarnation: incarnation.clone(),
             }),
+        // Local GPU jobs hold their memory in the models' allocator.
+        Some(Arc::new(crate::gpujobs::ManagerGpus::new(models.clone()))),
         pressure.subscribe(),
     )
     .await

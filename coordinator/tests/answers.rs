@@ -370,3 +370,128 @@ async fn log_settings_answer_the_flags_and_change_the_running_log() {
         assert!(err.message().contains("LogSettings"), "{err:?}");
     }
 }
+
+/// Issue 17, item 4, through the real binary on simulated GPUs (fakes: no GPU here): a local
+/// job that asks for a GPU and memory there is given the GPU with most room
+/// (`CUDA_VISIBLE_DEVICES`), holds its memory in the models' budget while it runs (listed as a
+/// job by GetResources and GetModelMemory, named when a model load needs the room), and frees
+/// it when it ends.
+#[tokio::test]
+async fn a_gpu_job_holds_its_memory_beside_the_models_and_frees_it_at_its_end() {
+    use veraltheim_proto::v1::job_service_client::JobServiceClient;
+    const GIB: u64 = 1 << 30;
+    let s = start(&["--simulate-gpus", "2x16GiB"]).await;
+    let ch = channel(&s).await;
+    // gpu0 holds a model: gpu1 has most room.
+    load(&ch, "identity", 2 * GIB, Some(&[0])).await;
+    let flag = s.dir().join("go");
+    let script = format!(
+        "echo \"[$CUDA_VISIBLE_DEVICES]\"; while [ ! -e {} ]; do sleep 0.05; done",
+        flag.display()
+    );
+    let mut req = common::command("gpu", &["sh", "-c", &script]);
+    req.spec.as_mut().unwrap().resources = Some(v1::Resources {
+        gpus: 1,
+        gpu_memory_bytes: 12 * GIB,
+        ..Default::default()
+    });
+    let mut jobs = JobServiceClient::new(ch.clone());
+    let id = jobs.submit_job(req).await.unwrap().into_inner().id;
+    common::wait_for(&mut jobs, &id, v1::JobState::Running).await;
+    let snap = resources(&ch).await;
+    let held: Vec<(u32, Vec<(String, u64)>)> = snap
+        .gpus
+        .iter()
+        .map(|g| {
+            let jobs = g.jobs.iter().map(|j| (j.job_id.clone(), j.bytes)).collect();
+            (g.index, jobs)
+        })
+        .collect();
+    assert_eq!(held, [(0, vec![]), (1, vec![(id.clone(), 12 * GIB)])]);
+    assert!(snap.gpus[1].models.is_empty(), "a job is not a model");
+    let memory = ModelServiceClient::new(ch.clone())
+        .get_model_memory(v1::GetModelMemoryRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let gpu1 = memory.devices.iter().find(|d| d.device == "gpu1").unwrap();
+    assert_eq!(gpu1.jobs.len(), 1);
+    assert_eq!(
+        (gpu1.jobs[0].job_id.as_str(), gpu1.held_bytes),
+        (id.as_str(), 12 * GIB)
+    );
+    assert!(gpu1.holders.is_empty(), "{gpu1:?}");
+    // A model that needs gpu1's room is refused, naming the job.
+    let err = ModelServiceClient::new(ch.clone())
+        .load_model(v1::LoadModelRequest {
+            name: "cost".into(),
+            config_json: format!(
+                r#"{{"parameters":{{"memory_bytes":{{"string_value":"{}"}}}},"instance_group":[{{"kind":"KIND_GPU","count":1,"gpus":[1]}}]}}"#,
+                8 * GIB
+            ),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err}");
+    assert!(
+        err.message()
+            .contains(&format!("job:{id} (12.0 GiB, not a model")),
+        "{err}"
+    );
+    // The job ends: it saw its device, and its memory is free.
+    std::fs::write(&flag, b"").unwrap();
+    common::wait_for(&mut jobs, &id, v1::JobState::Succeeded).await;
+    let out = s.dir().join("data/jobs").join(&id).join("attempt-1.stdout");
+    assert_eq!(std::fs::read_to_string(out).unwrap(), "[1]\n");
+    let snap = resources(&ch).await;
+    assert!(snap.gpus.iter().all(|g| g.jobs.is_empty()), "{snap:?}");
+    load(&ch, "cost", 8 * GIB, Some(&[1])).await;
+}
+
+/// The same on a machine's real NVIDIA GPUs (NVML): a job asking for one GPU and 1 GiB there is
+/// given a device the inventory lists, holds its memory on it while it runs, and frees it.
+/// Needs a GPU: `cargo test -p veraltheim --test answers -- --ignored real_gpu`.
+#[tokio::test]
+#[ignore = "needs an NVIDIA GPU and its driver"]
+async fn on_a_real_gpu_a_job_is_given_a_listed_device_and_holds_its_memory() {
+    use veraltheim_proto::v1::job_service_client::JobServiceClient;
+    let s = start(&[]).await;
+    let ch = channel(&s).await;
+    let snap = resources(&ch).await;
+    assert!(
+        !snap.gpus.is_empty(),
+        "no GPU found: {}",
+        snap.gpu_probe_error
+    );
+    let flag = s.dir().join("go");
+    let script = format!(
+        "echo \"$CUDA_VISIBLE_DEVICES\"; while [ ! -e {} ]; do sleep 0.05; done",
+        flag.display()
+    );
+    let mut req = common::command("real-gpu", &["sh", "-c", &script]);
+    req.spec.as_mut().unwrap().resources = Some(v1::Resources {
+        gpus: 1,
+        gpu_memory_bytes: 1 << 30,
+        ..Default::default()
+    });
+    let mut jobs = JobServiceClient::new(ch.clone());
+    let id = jobs.submit_job(req).await.unwrap().into_inner().id;
+    common::wait_for(&mut jobs, &id, v1::JobState::Running).await;
+    let snap = resources(&ch).await;
+    let holding: Vec<u32> = snap
+        .gpus
+        .iter()
+        .filter(|g| g.jobs.iter().any(|j| j.job_id == id && j.bytes == 1 << 30))
+        .map(|g| g.index)
+        .collect();
+    assert_eq!(holding.len(), 1, "{snap:?}");
+    std::fs::write(&flag, b"").unwrap();
+    common::wait_for(&mut jobs, &id, v1::JobState::Succeeded).await;
+    let out = s.dir().join("data/jobs").join(&id).join("attempt-1.stdout");
+    assert_eq!(
+        std::fs::read_to_string(out).unwrap(),
+        format!("{}\n", holding[0])
+    );
+    let snap = resources(&ch).await;
+    assert!(snap.gpus.iter().all(|g| g.jobs.is_empty()), "{snap:?}");
+}

@@ -17,6 +17,13 @@
 //!    in flight is never evicted, and every acquire and finish counts as a use for LRU.
 //! 4. [`Allocator::release`] after an unload or a failed load: frees its bytes.
 //!
+//! Memory that something other than a model takes on a device (a GPU job's process, under the
+//! key `job:<id>`) is an *external holder*: [`Allocator::reserve_external`] places it on as many
+//! distinct devices as it asks for, by the same placement and eviction rules as a model's load,
+//! and [`Allocator::release`] frees it. An external holder counts against its devices' budgets
+//! like a ready model, is never evicted, never acquired, charged or pinned, and is listed apart
+//! from the models ([`DeviceUsage::externals`]); errors name it among what holds a device.
+//!
 //! # Budgets
 //!
 //! Each device has one budget: its capacity (host RAM for [`DeviceId::Cpu`], the GPU's memory for
@@ -43,9 +50,9 @@
 //! # Eviction
 //!
 //! Only models that are `Ready`, unpinned, with no request in flight, on the device in question,
-//! and not named in the load's `keep` list can be evicted. They are taken least recently used
-//! first (a logical clock ticks on every admit, charge, acquire and finish), and only as many as
-//! needed. Evictions are all-or-nothing: if evicting every eligible model would not make room,
+//! and not named in the load's `keep` list can be evicted (never an external holder). They are
+//! taken least recently used first (a logical clock ticks on every admit, charge, acquire and
+//! finish), and only as many as needed. Evictions are all-or-nothing: if evicting every eligible model would not make room,
 //! nothing is evicted. Victims stop counting against the budget at once and are marked
 //! `Evicting`: [`Allocator::acquire`] refuses them until the caller releases them.
 //!
@@ -239,6 +246,67 @@ pub struct Admission {
     pub evict: Vec<String>,
 }
 
+/// How much an external holder takes on each device it is placed on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExternalSize {
+    /// These many bytes on each device.
+    Bytes(u64),
+    /// The device's whole budget (as it is when reserved): nothing else may be placed there
+    /// while it holds the device.
+    WholeDevice,
+}
+
+impl ExternalSize {
+    /// The bytes it takes on a device whose budget is `budget_bytes`.
+    pub fn on(self, budget_bytes: u64) -> u64 {
+        match self {
+            ExternalSize::Bytes(bytes) => bytes,
+            ExternalSize::WholeDevice => budget_bytes,
+        }
+    }
+}
+
+impl std::fmt::Display for ExternalSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExternalSize::Bytes(bytes) => f.write_str(&format_bytes(*bytes)),
+            ExternalSize::WholeDevice => f.write_str("a whole device"),
+        }
+    }
+}
+
+/// A request to reserve memory for an external holder (see the module documentation).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExternalRequest {
+    /// The key it is held under (e.g. `job:<id>`); distinct from every model's key.
+    pub key: String,
+    /// How many distinct devices it needs (0 reserves nothing and always succeeds).
+    pub devices: u32,
+    /// What it takes on each.
+    pub size: ExternalSize,
+    /// Where it may go.
+    pub placement: Placement,
+}
+
+/// A successful external reservation: where it is and whom the caller must unload.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExternalAdmission {
+    /// The devices it holds, in the order they were chosen (most free first).
+    pub devices: Vec<DeviceId>,
+    /// Models evicted to make room (on those devices), to unload and release as after
+    /// [`Allocator::admit`].
+    pub evict: Vec<String>,
+}
+
+/// An external holder's memory on one device, as seen by [`Allocator::snapshot`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExternalUsage {
+    /// Its key.
+    pub key: String,
+    /// The bytes it holds on this device.
+    pub bytes: u64,
+}
+
 /// One model's memory on a device, as seen by [`Allocator::snapshot`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HolderUsage {
@@ -271,7 +339,9 @@ pub struct DeviceUsage {
     pub charged_bytes: u64,
     /// Estimated bytes of models still loading.
     pub reserved_bytes: u64,
-    /// `charged_bytes + reserved_bytes`: what counts against the budget.
+    /// Bytes of external holders (jobs).
+    pub external_bytes: u64,
+    /// `charged_bytes + reserved_bytes + external_bytes`: what counts against the budget.
     pub held_bytes: u64,
     /// Budget left: `budget_bytes - held_bytes`, 0 if over-committed.
     pub free_bytes: u64,
@@ -281,6 +351,8 @@ pub struct DeviceUsage {
     pub evicting_bytes: u64,
     /// The models on this device, by key.
     pub holders: Vec<HolderUsage>,
+    /// The external holders on this device, by key.
+    pub externals: Vec<ExternalUsage>,
 }
 
 /// One model's bookkeeping.
@@ -311,6 +383,8 @@ impl Entry {
 pub struct Allocator {
     devices: BTreeMap<DeviceId, Budget>,
     entries: BTreeMap<String, Entry>,
+    /// External holders: the bytes each holds on each of its devices.
+    externals: BTreeMap<String, Vec<(DeviceId, u64)>>,
     clock: u64,
 }
 
@@ -354,6 +428,7 @@ impl Allocator {
         let ours: u64 = self
             .on_device(device)
             .map(|(_, entry)| entry.bytes)
+            .chain(self.externals_on(device).map(|(_, bytes)| bytes))
             .fold(0, u64::saturating_add);
         let others = used_bytes.saturating_sub(ours);
         self.set_capacity(device, total_bytes.saturating_sub(others))
@@ -362,13 +437,7 @@ impl Allocator {
     /// Places a model and reserves its estimated size there, evicting idle models if needed (see
     /// the module documentation for the rules). On error nothing changes.
     pub fn admit(&mut self, req: &LoadRequest) -> Result<Admission, Error> {
-        if let Some(entry) = self.entries.get(&req.model) {
-            return Err(Error::AlreadyHeld {
-                model: req.model.clone(),
-                device: entry.device,
-                state: entry.state,
-            });
-        }
+        self.check_free_key(&req.model)?;
         let candidates = self.candidates(&req.placement);
         if candidates.is_empty() {
             return Err(Error::NoAllowedDevice {
@@ -383,29 +452,7 @@ impl Allocator {
             });
         }
         let need = req.estimated_bytes;
-        let fits_now = candidates
-            .iter()
-            .find(|&&device| self.fits(device, need, None));
-        let chosen = match fits_now {
-            Some(&device) => Some((device, Vec::new())),
-            None => {
-                // (evicted bytes, victims, preference position) — the smallest wins.
-                let mut best: Option<(u64, usize, usize, DeviceId, Vec<String>)> = None;
-                for (position, &device) in candidates.iter().enumerate() {
-                    if let Some(victims) = self.eviction_plan(device, need, None, &req.keep) {
-                        let bytes = self.sum_bytes(&victims);
-                        let key = (bytes, victims.len(), position);
-                        if best
-                            .as_ref()
-                            .is_none_or(|(b, n, p, _, _)| key < (*b, *n, *p))
-                        {
-                            best = Some((bytes, victims.len(), position, device, victims));
-                        }
-                    }
-                }
-                best.map(|(_, _, _, device, victims)| (device, victims))
-            }
-        };
+        let chosen = self.choose(&candidates, |_| need, &req.keep);
         let Some((device, evict)) = chosen else {
             return Err(Error::NoRoom {
                 model: req.model.clone(),
@@ -436,6 +483,55 @@ impl Allocator {
             },
         );
         Ok(Admission { device, evict })
+    }
+
+    /// Reserves memory for an external holder on `req.devices` distinct devices, evicting idle
+    /// models as a load would (see the module documentation). All or nothing: on error nothing
+    /// changes.
+    pub fn reserve_external(&mut self, req: &ExternalRequest) -> Result<ExternalAdmission, Error> {
+        self.check_free_key(&req.key)?;
+        let mut trial = self.clone();
+        let mut devices: Vec<DeviceId> = Vec::new();
+        let mut evict = Vec::new();
+        for _ in 0..req.devices {
+            let candidates: Vec<DeviceId> = trial
+                .candidates(&req.placement)
+                .into_iter()
+                .filter(|d| !devices.contains(d))
+                .collect();
+            let need = |device: DeviceId| req.size.on(trial.budget_of(device));
+            let Some((device, victims)) = trial.choose(&candidates, need, &[]) else {
+                let mut allowed = self.candidates(&req.placement);
+                allowed.sort_unstable();
+                return Err(Error::NoRoomExternal {
+                    key: req.key.clone(),
+                    size: req.size.to_string(),
+                    wanted: req.devices,
+                    found: u32::try_from(devices.len()).unwrap_or(u32::MAX),
+                    devices: allowed
+                        .into_iter()
+                        .map(|device| self.report(device, None, &[]))
+                        .collect(),
+                });
+            };
+            let bytes = need(device);
+            trial.mark_evicting(&victims);
+            // Counted at once, so that the next device is chosen with this one's share held.
+            trial
+                .externals
+                .entry(req.key.clone())
+                .or_default()
+                .push((device, bytes));
+            devices.push(device);
+            evict.extend(victims);
+        }
+        *self = trial;
+        Ok(ExternalAdmission { devices, evict })
+    }
+
+    /// The devices an external holder holds and the bytes on each, if it holds any.
+    pub fn external(&self, key: &str) -> Option<&[(DeviceId, u64)]> {
+        self.externals.get(key).map(Vec::as_slice)
     }
 
     /// Charges a loaded model its measured size, replacing its reservation (or a ready model's
@@ -479,10 +575,11 @@ impl Allocator {
         Ok(victims)
     }
 
-    /// Forgets a model (unloaded, failed to load, or an evicted victim once unloaded), freeing
-    /// its bytes. Returns false if it held nothing.
+    /// Forgets a model (unloaded, failed to load, or an evicted victim once unloaded) or an
+    /// external holder (on every device it holds), freeing its bytes. Returns false if it held
+    /// nothing.
     pub fn release(&mut self, model: &str) -> bool {
-        self.entries.remove(model).is_some()
+        self.entries.remove(model).is_some() || self.externals.remove(model).is_some()
     }
 
     /// A request to the model starts: counts it in flight (so the model is not evicted) and
@@ -549,11 +646,13 @@ impl Allocator {
                     budget_bytes: budget.budget_bytes(),
                     charged_bytes: 0,
                     reserved_bytes: 0,
+                    external_bytes: 0,
                     held_bytes: 0,
                     free_bytes: 0,
                     over_committed_bytes: 0,
                     evicting_bytes: 0,
                     holders: Vec::new(),
+                    externals: Vec::new(),
                 };
                 for (model, entry) in self.on_device(budget.device) {
                     let slot = match entry.state {
@@ -564,7 +663,17 @@ impl Allocator {
                     *slot = slot.saturating_add(entry.bytes);
                     usage_.holders.push(usage(model, entry));
                 }
-                usage_.held_bytes = usage_.charged_bytes.saturating_add(usage_.reserved_bytes);
+                for (key, bytes) in self.externals_on(budget.device) {
+                    usage_.external_bytes = usage_.external_bytes.saturating_add(bytes);
+                    usage_.externals.push(ExternalUsage {
+                        key: key.clone(),
+                        bytes,
+                    });
+                }
+                usage_.held_bytes = usage_
+                    .charged_bytes
+                    .saturating_add(usage_.reserved_bytes)
+                    .saturating_add(usage_.external_bytes);
                 usage_.free_bytes = usage_.budget_bytes.saturating_sub(usage_.held_bytes);
                 usage_.over_committed_bytes = usage_.held_bytes.saturating_sub(usage_.budget_bytes);
                 usage_
@@ -585,7 +694,66 @@ impl Allocator {
     fn held(&self, device: DeviceId, except: Option<&str>) -> u64 {
         self.on_device(device)
             .filter(|(model, e)| e.counted() && Some(model.as_str()) != except)
-            .fold(0u64, |sum, (_, e)| sum.saturating_add(e.bytes))
+            .map(|(_, e)| e.bytes)
+            .chain(self.externals_on(device).map(|(_, bytes)| bytes))
+            .fold(0u64, u64::saturating_add)
+    }
+
+    /// The external holders on `device` and the bytes each holds there.
+    fn externals_on(&self, device: DeviceId) -> impl Iterator<Item = (&String, u64)> {
+        self.externals.iter().flat_map(move |(key, held)| {
+            held.iter()
+                .filter(move |(d, _)| *d == device)
+                .map(move |(_, bytes)| (key, *bytes))
+        })
+    }
+
+    /// Refuses a key that already holds memory, as a model or as an external holder.
+    fn check_free_key(&self, key: &str) -> Result<(), Error> {
+        if let Some(entry) = self.entries.get(key) {
+            return Err(Error::AlreadyHeld {
+                model: key.to_string(),
+                device: entry.device,
+                state: entry.state,
+            });
+        }
+        if self.externals.contains_key(key) {
+            return Err(Error::AlreadyReserved(key.to_string()));
+        }
+        Ok(())
+    }
+
+    /// The device among `candidates` (in preference order) for something needing `need(d)`
+    /// bytes on device `d`, and the models to evict there: the first where it fits without
+    /// eviction, else the one that evicts the fewest bytes (ties: fewer victims, then the
+    /// order). `None` if no candidate can hold it.
+    fn choose(
+        &self,
+        candidates: &[DeviceId],
+        need: impl Fn(DeviceId) -> u64,
+        keep: &[String],
+    ) -> Option<(DeviceId, Vec<String>)> {
+        if let Some(&device) = candidates
+            .iter()
+            .find(|&&device| self.fits(device, need(device), None))
+        {
+            return Some((device, Vec::new()));
+        }
+        // (evicted bytes, victims, preference position) — the smallest wins.
+        let mut best: Option<(u64, usize, usize, DeviceId, Vec<String>)> = None;
+        for (position, &device) in candidates.iter().enumerate() {
+            if let Some(victims) = self.eviction_plan(device, need(device), None, keep) {
+                let bytes = self.sum_bytes(&victims);
+                let key = (bytes, victims.len(), position);
+                if best
+                    .as_ref()
+                    .is_none_or(|(b, n, p, _, _)| key < (*b, *n, *p))
+                {
+                    best = Some((bytes, victims.len(), position, device, victims));
+                }
+            }
+        }
+        best.map(|(_, _, _, device, victims)| (device, victims))
     }
 
     fn budget_of(&self, device: DeviceId) -> u64 {
@@ -653,7 +821,9 @@ impl Allocator {
         let held = self
             .on_device(device)
             .filter(|(model, e)| e.counted() && Some(model.as_str()) != except)
-            .fold(0u128, |sum, (_, e)| sum + u128::from(e.bytes));
+            .map(|(_, e)| e.bytes)
+            .chain(self.externals_on(device).map(|(_, bytes)| bytes))
+            .fold(0u128, |sum, bytes| sum + u128::from(bytes));
         let mut deficit = (held + u128::from(need)).saturating_sub(budget);
         let mut eligible: Vec<(u64, &String, u64)> = self
             .on_device(device)
@@ -704,7 +874,17 @@ impl Allocator {
                 in_flight: e.in_flight,
                 loading: e.state == HolderState::Loading,
                 kept: e.state == HolderState::Ready && keep.iter().any(|k| k == model),
+                external: false,
             })
+            .chain(self.externals_on(device).map(|(key, bytes)| HolderReport {
+                model: key.clone(),
+                bytes,
+                pinned: false,
+                in_flight: 0,
+                loading: false,
+                kept: false,
+                external: true,
+            }))
             .collect();
         holders.sort_by(|a, b| b.bytes.cmp(&a.bytes).then_with(|| a.model.cmp(&b.model)));
         DeviceReport {
@@ -1293,6 +1473,212 @@ mod tests {
         );
     }
 
+    fn job(key: &str, devices: u32, size: ExternalSize) -> ExternalRequest {
+        ExternalRequest {
+            key: key.to_string(),
+            devices,
+            size,
+            placement: Placement::gpu_only(),
+        }
+    }
+
+    #[test]
+    fn an_external_holder_counts_against_the_budget_and_is_listed_apart_from_models() {
+        let mut a = Allocator::new([cpu(1000), gpu(0, 100), gpu(1, 200)]);
+        // Most free first: gpu1.
+        let adm = a
+            .reserve_external(&job("job:1", 1, ExternalSize::Bytes(50)))
+            .unwrap();
+        assert_eq!(adm.devices, vec![DeviceId::Gpu(1)]);
+        assert!(adm.evict.is_empty());
+        assert_eq!(a.external("job:1"), Some(&[(DeviceId::Gpu(1), 50)][..]));
+        let u = device_usage(&a, DeviceId::Gpu(1));
+        assert_eq!(
+            (u.external_bytes, u.held_bytes, u.free_bytes),
+            (50, 50, 150)
+        );
+        assert!(u.holders.is_empty(), "a job is not a model: {u:?}");
+        assert_eq!(
+            u.externals,
+            vec![ExternalUsage {
+                key: "job:1".into(),
+                bytes: 50
+            }]
+        );
+        // A model that would have fitted on gpu1 alone no longer does; the error names the job.
+        let req = LoadRequest::new("m", 160).with_placement(Placement::gpu_only());
+        let err = a.admit(&req).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("gpu1 budget 200 B")
+                && msg.contains("job:1 (50 B, not a model, never evicted)"),
+            "{msg}"
+        );
+        // Released, its bytes are free again.
+        assert!(a.release("job:1"));
+        assert!(!a.release("job:1"));
+        assert_eq!(a.external("job:1"), None);
+        assert_eq!(load(&mut a, req).device, DeviceId::Gpu(1));
+    }
+
+    #[test]
+    fn an_external_holder_evicts_idle_models_like_a_load_and_is_never_evicted() {
+        let mut a = Allocator::new([gpu(0, 100)]);
+        let gpu_only =
+            |m: &str, b: u64| LoadRequest::new(m, b).with_placement(Placement::gpu_only());
+        load(&mut a, gpu_only("idle", 40));
+        load(&mut a, gpu_only("pinned", 40).with_pinned(true));
+        let adm = a
+            .reserve_external(&job("job:7", 1, ExternalSize::Bytes(50)))
+            .unwrap();
+        assert_eq!(adm.devices, vec![DeviceId::Gpu(0)]);
+        assert_eq!(adm.evict, vec!["idle".to_string()]);
+        assert!(!a.acquire("idle"), "a victim is refused at once");
+        assert!(a.release("idle"));
+        // The job is not evictable: a model that needs its room is refused, naming it.
+        let err = a.admit(&gpu_only("late", 30)).unwrap_err();
+        let Error::NoRoom { devices, .. } = &err else {
+            panic!("{err:?}")
+        };
+        let holder = devices[0]
+            .holders
+            .iter()
+            .find(|h| h.model == "job:7")
+            .expect("the job is named");
+        assert!(holder.external && !holder.evictable(), "{holder:?}");
+        // Nor is it acquired, charged or pinned as a model.
+        assert!(!a.acquire("job:7"));
+        assert_eq!(a.charge("job:7", 1), Err(Error::NotHeld("job:7".into())));
+        assert!(!a.set_pinned("job:7", true));
+        // Keys are one namespace: a job cannot take a model's key nor a model a job's.
+        assert!(matches!(
+            a.reserve_external(&job("pinned", 1, ExternalSize::Bytes(1))),
+            Err(Error::AlreadyHeld { .. })
+        ));
+        assert_eq!(
+            a.reserve_external(&job("job:7", 1, ExternalSize::Bytes(1))),
+            Err(Error::AlreadyReserved("job:7".into()))
+        );
+        assert_eq!(
+            a.admit(&LoadRequest::new("job:7", 1)),
+            Err(Error::AlreadyReserved("job:7".into()))
+        );
+    }
+
+    #[test]
+    fn a_holder_on_several_devices_is_placed_on_distinct_ones_all_or_nothing() {
+        let mut a = Allocator::new([cpu(1000), gpu(0, 100), gpu(1, 60), gpu(2, 40)]);
+        let only_gpu2 = Placement {
+            allow_cpu: false,
+            gpu_ids: Some(vec![2]),
+            ..Placement::default()
+        };
+        load(
+            &mut a,
+            LoadRequest::new("small", 40).with_placement(only_gpu2),
+        );
+        assert_eq!(a.external("x"), None);
+        // gpu0 (100 free), then gpu1 (60): most free first, distinct devices.
+        let adm = a
+            .reserve_external(&job("job:1", 2, ExternalSize::Bytes(50)))
+            .unwrap();
+        assert_eq!(adm.devices, vec![DeviceId::Gpu(0), DeviceId::Gpu(1)]);
+        let held =
+            |a: &Allocator| -> Vec<u64> { a.snapshot().iter().map(|u| u.held_bytes).collect() };
+        assert_eq!(held(&a), vec![0, 50, 50, 40]);
+        // Two more devices with 40 each: gpu0 has 50 free; gpu2 could evict "small"; gpu1 has
+        // 10. Only two of three: refused, and nothing is evicted.
+        let before = a.snapshot();
+        let err = a
+            .reserve_external(&job("job:2", 3, ExternalSize::Bytes(40)))
+            .unwrap_err();
+        assert_eq!(a.snapshot(), before);
+        assert!(a.acquire("small"), "not evicted by a refused reservation");
+        a.finish("small");
+        let Error::NoRoomExternal {
+            wanted,
+            found,
+            devices,
+            ..
+        } = &err
+        else {
+            panic!("{err:?}")
+        };
+        assert_eq!((*wanted, *found), (3, 2));
+        let named: Vec<DeviceId> = devices.iter().map(|d| d.device).collect();
+        assert_eq!(
+            named,
+            vec![DeviceId::Gpu(0), DeviceId::Gpu(1), DeviceId::Gpu(2)]
+        );
+        assert!(
+            err.to_string().starts_with(
+                "'job:2' needs 40 B on each of 3 device(s) but 2 can hold it now: gpu0 budget"
+            ),
+            "{err}"
+        );
+        // Two devices fit: gpu0 without eviction, then gpu2 by evicting "small".
+        let adm = a
+            .reserve_external(&job("job:2", 2, ExternalSize::Bytes(40)))
+            .unwrap();
+        assert_eq!(adm.devices, vec![DeviceId::Gpu(0), DeviceId::Gpu(2)]);
+        assert_eq!(adm.evict, vec!["small".to_string()]);
+        // Asking for none holds nothing.
+        let adm = a
+            .reserve_external(&job("job:3", 0, ExternalSize::Bytes(40)))
+            .unwrap();
+        assert!(adm.devices.is_empty() && a.external("job:3").is_none());
+    }
+
+    #[test]
+    fn a_whole_device_holder_takes_its_budget_and_leaves_no_room() {
+        let mut a = Allocator::new([cpu(1000), gpu(0, 100), gpu(1, 80)]);
+        let gpu_only =
+            |m: &str, b: u64| LoadRequest::new(m, b).with_placement(Placement::gpu_only());
+        load(&mut a, gpu_only("m", 10));
+        // gpu1 is empty (80 free) where gpu0 has 90 free but holds a model: only gpu1 takes a
+        // whole device without eviction.
+        let adm = a
+            .reserve_external(&job("job:1", 1, ExternalSize::WholeDevice))
+            .unwrap();
+        assert_eq!((adm.devices, adm.evict), (vec![DeviceId::Gpu(1)], vec![]));
+        assert_eq!(device_usage(&a, DeviceId::Gpu(1)).free_bytes, 0);
+        let only_gpu1 = Placement {
+            allow_cpu: false,
+            gpu_ids: Some(vec![1]),
+            ..Placement::default()
+        };
+        let err = a
+            .admit(&LoadRequest::new("n", 1).with_placement(only_gpu1))
+            .unwrap_err();
+        assert!(err.to_string().contains("job:1 (80 B"), "{err}");
+        let adm = a
+            .reserve_external(&job("job:2", 1, ExternalSize::WholeDevice))
+            .unwrap();
+        assert_eq!(
+            (adm.devices, adm.evict),
+            (vec![DeviceId::Gpu(0)], vec!["m".to_string()])
+        );
+        let err = a
+            .reserve_external(&job("job:3", 1, ExternalSize::WholeDevice))
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("needs a whole device on each of 1 device(s) but 0"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn what_a_device_reports_used_counts_external_holders_as_ours() {
+        let mut a = Allocator::new([gpu(0, 80 * GIB)]);
+        a.reserve_external(&job("job:1", 1, ExternalSize::Bytes(10 * GIB)))
+            .unwrap();
+        // The job's process uses its 10 GiB and another process 20: only those 20 shrink it.
+        assert!(a.follow_device(DeviceId::Gpu(0), 80 * GIB, 30 * GIB));
+        let u = device_usage(&a, DeviceId::Gpu(0));
+        assert_eq!((u.capacity_bytes, u.free_bytes), (60 * GIB, 50 * GIB));
+    }
+
     #[test]
     fn estimate_sums_files_recursively_times_the_factor() {
         let dir = std::env::temp_dir().join(format!("veraltheim-alloc-{}", std::process::id()));
@@ -1326,6 +1712,7 @@ mod tests {
 
         const NAMES: [&str; 10] = ["m0", "m1", "m2", "m3", "m4", "m5", "m6", "m7", "m8", "m9"];
         const DEVICES: [DeviceId; 3] = [DeviceId::Cpu, DeviceId::Gpu(0), DeviceId::Gpu(1)];
+        const JOBS: [&str; 3] = ["job:0", "job:1", "job:2"];
 
         #[derive(Clone, Debug)]
         enum Op {
@@ -1356,6 +1743,16 @@ mod tests {
             SetCapacity {
                 device: usize,
                 capacity: u64,
+            },
+            /// An external holder: `size` bytes on each of `devices` devices (`None`: whole).
+            Reserve {
+                job: usize,
+                devices: u32,
+                size: Option<u64>,
+                placement: Placement,
+            },
+            ReleaseJob {
+                job: usize,
             },
         }
 
@@ -1420,6 +1817,9 @@ mod tests {
                 1 => (model, any::<bool>()).prop_map(|(model, pinned)| vec![Op::SetPinned { model, pinned }]),
                 1 => (0..3usize, 0..300u64)
                     .prop_map(|(device, capacity)| vec![Op::SetCapacity { device, capacity }]),
+                2 => (0..JOBS.len(), 0..4u32, prop_oneof![1 => Just(None), 4 => size().prop_map(Some)], placement())
+                    .prop_map(|(job, devices, size, placement)| vec![Op::Reserve { job, devices, size, placement }]),
+                1 => (0..JOBS.len()).prop_map(|job| vec![Op::ReleaseJob { job }]),
             ]
         }
 
@@ -1438,6 +1838,8 @@ mod tests {
         struct Reference {
             budgets: BTreeMap<DeviceId, Budget>,
             models: BTreeMap<String, Held>,
+            /// External holders: the bytes each holds on each of its devices.
+            jobs: BTreeMap<String, Vec<(DeviceId, u64)>>,
             clock: u64,
         }
 
@@ -1460,7 +1862,16 @@ mod tests {
                             && Some(m.as_str()) != except
                     })
                     .map(|(_, h)| h.bytes)
-                    .sum()
+                    .sum::<u64>()
+                    + self.jobs_on(d).map(|(_, b)| b).sum::<u64>()
+            }
+
+            fn jobs_on(&self, d: DeviceId) -> impl Iterator<Item = (&String, u64)> {
+                self.jobs.iter().flat_map(move |(k, held)| {
+                    held.iter()
+                        .filter(move |(dd, _)| *dd == d)
+                        .map(move |(_, b)| (k, *b))
+                })
             }
 
             fn fits(&self, d: DeviceId, need: u64, except: Option<&str>) -> bool {
@@ -1789,6 +2200,102 @@ mod tests {
                     };
                     prop_assert_eq!(a.set_pinned(name, *pinned), expected);
                 }
+                Op::Reserve {
+                    job,
+                    devices,
+                    size,
+                    placement,
+                } => {
+                    let key = JOBS[*job];
+                    let size = size.map_or(ExternalSize::WholeDevice, ExternalSize::Bytes);
+                    let req = ExternalRequest {
+                        key: key.to_string(),
+                        devices: *devices,
+                        size,
+                        placement: placement.clone(),
+                    };
+                    let result = a.reserve_external(&req);
+                    if r.jobs.contains_key(key) {
+                        prop_assert_eq!(result, Err(Error::AlreadyReserved(key.to_string())));
+                        return Ok(());
+                    }
+                    let candidates = r.candidates(placement);
+                    let need = |d: DeviceId| size.on(r.budget(d));
+                    // Devices are independent (a device's victims are its own): exactly the
+                    // candidates that could hold it alone can be given.
+                    let able = candidates
+                        .iter()
+                        .filter(|&&d| r.could_fit(d, need(d), None, &[]))
+                        .count();
+                    let wanted = *devices as usize;
+                    match result {
+                        Ok(adm) => {
+                            prop_assert!(able >= wanted);
+                            prop_assert_eq!(adm.devices.len(), wanted);
+                            let mut distinct = adm.devices.clone();
+                            distinct.sort();
+                            distinct.dedup();
+                            prop_assert_eq!(distinct.len(), wanted, "{:?}", adm);
+                            prop_assert!(adm.devices.iter().all(|d| candidates.contains(d)));
+                            // The first device follows the rules of a load: the first candidate
+                            // where it fits without eviction, if there is one.
+                            if let (Some(&first), Some(&fitting)) = (
+                                adm.devices.first(),
+                                candidates.iter().find(|&&d| r.fits(d, need(d), None)),
+                            ) {
+                                prop_assert_eq!(first, fitting);
+                            }
+                            for &d in &adm.devices {
+                                let victims: Vec<String> = adm
+                                    .evict
+                                    .iter()
+                                    .filter(|v| r.models.get(*v).is_some_and(|h| h.device == d))
+                                    .cloned()
+                                    .collect();
+                                r.check_victims(d, need(d), None, &[], &victims)?;
+                            }
+                            for v in &adm.evict {
+                                let on_chosen = r
+                                    .models
+                                    .get(v)
+                                    .is_some_and(|h| adm.devices.contains(&h.device));
+                                prop_assert!(on_chosen, "{} evicted off the chosen devices", v);
+                            }
+                            for v in &adm.evict {
+                                if let Some(h) = r.models.get_mut(v) {
+                                    h.state = HolderState::Evicting;
+                                }
+                            }
+                            if wanted > 0 {
+                                let held: Vec<(DeviceId, u64)> = adm
+                                    .devices
+                                    .iter()
+                                    .map(|&d| (d, size.on(r.budget(d))))
+                                    .collect();
+                                r.jobs.insert(key.to_string(), held);
+                            }
+                        }
+                        Err(Error::NoRoomExternal {
+                            wanted: w,
+                            found,
+                            devices: reports,
+                            ..
+                        }) => {
+                            prop_assert_eq!(w, *devices);
+                            prop_assert!(able < wanted, "{} devices could hold it", able);
+                            prop_assert_eq!(found as usize, able);
+                            let named: Vec<DeviceId> = reports.iter().map(|d| d.device).collect();
+                            let mut sorted = candidates.clone();
+                            sorted.sort();
+                            prop_assert_eq!(&named, &sorted);
+                        }
+                        Err(other) => prop_assert!(false, "unexpected {:?}", other),
+                    }
+                }
+                Op::ReleaseJob { job } => {
+                    let key = JOBS[*job];
+                    prop_assert_eq!(a.release(key), r.jobs.remove(key).is_some());
+                }
                 Op::SetCapacity { device, capacity } => {
                     let d = DEVICES[*device];
                     let known = match r.budgets.get_mut(&d) {
@@ -1816,7 +2323,18 @@ mod tests {
                 );
                 let held = r.held(u.device, None);
                 prop_assert_eq!(u.held_bytes, held);
-                prop_assert_eq!(u.held_bytes, u.charged_bytes + u.reserved_bytes);
+                prop_assert_eq!(
+                    u.held_bytes,
+                    u.charged_bytes + u.reserved_bytes + u.external_bytes
+                );
+                let jobs: Vec<ExternalUsage> = r
+                    .jobs_on(u.device)
+                    .map(|(key, bytes)| ExternalUsage {
+                        key: key.clone(),
+                        bytes,
+                    })
+                    .collect();
+                prop_assert_eq!(&u.externals, &jobs);
                 prop_assert_eq!(
                     u.over_committed_bytes,
                     held.saturating_sub(b.budget_bytes())
@@ -1866,6 +2384,7 @@ mod tests {
                 let mut r = Reference {
                     budgets: budgets.iter().map(|b| (b.device, *b)).collect(),
                     models: BTreeMap::new(),
+                    jobs: BTreeMap::new(),
                     clock: 0,
                 };
                 for op in &ops {

@@ -52,7 +52,8 @@ impl fmt::Display for HolderState {
     }
 }
 
-/// A model holding memory on a device, as named in an error of the crate.
+/// A model or an external holder (a job) holding memory on a device, as named in an error of
+/// the crate.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HolderReport {
     /// The model's key.
@@ -67,18 +68,23 @@ pub struct HolderReport {
     pub loading: bool,
     /// Whether the failed load asked to keep it.
     pub kept: bool,
+    /// Whether it is an external holder (a job), not a model: never evicted.
+    pub external: bool,
 }
 
 impl HolderReport {
     /// Whether nothing stops this model from being evicted.
     pub fn evictable(&self) -> bool {
-        !self.pinned && self.in_flight == 0 && !self.loading && !self.kept
+        !self.pinned && self.in_flight == 0 && !self.loading && !self.kept && !self.external
     }
 }
 
 impl fmt::Display for HolderReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut reasons = Vec::new();
+        if self.external {
+            reasons.push("not a model, never evicted".to_string());
+        }
         if self.pinned {
             reasons.push("pinned".to_string());
         }

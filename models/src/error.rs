@@ -168,6 +168,27 @@ pub enum Error {
         /// Where it stands.
         state: HolderState,
     },
+    /// Fewer devices than an external holder asks for can hold it, even after evicting every
+    /// idle model there.
+    #[error(
+        "'{key}' needs {size} on each of {wanted} device(s) but {found} can hold it now: {}",
+        join_reports(devices)
+    )]
+    NoRoomExternal {
+        /// The holder's key (`job:<id>`).
+        key: String,
+        /// What it takes on each device, in words.
+        size: String,
+        /// How many devices it asks for.
+        wanted: u32,
+        /// How many could hold it.
+        found: u32,
+        /// Every device it was allowed on (in id order), with what holds it.
+        devices: Vec<DeviceReport>,
+    },
+    /// The key already holds an external reservation; it is released first.
+    #[error("'{0}' already holds a reservation; release it first")]
+    AlreadyReserved(String),
     /// The key holds no memory (never admitted, or released).
     #[error("model '{0}' holds no memory")]
     NotHeld(String),
@@ -211,13 +232,15 @@ impl Error {
             Error::UnknownModel(_) | Error::NotHeld(_) | Error::NotInRepository { .. } => {
                 ErrorKind::NotFound
             }
-            Error::AlreadyHeld { .. } => ErrorKind::AlreadyExists,
+            Error::AlreadyHeld { .. } | Error::AlreadyReserved(_) => ErrorKind::AlreadyExists,
             Error::Load { .. }
             | Error::Runtime(_)
             | Error::NoAllowedDevice { .. }
             | Error::Evicting(_)
             | Error::Repository { .. } => ErrorKind::FailedPrecondition,
-            Error::NoRoom { .. } | Error::NoRoomAfterLoad { .. } => ErrorKind::ResourceExhausted,
+            Error::NoRoom { .. } | Error::NoRoomAfterLoad { .. } | Error::NoRoomExternal { .. } => {
+                ErrorKind::ResourceExhausted
+            }
             Error::Execution { .. } => ErrorKind::Internal,
         }
     }

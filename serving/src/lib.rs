@@ -28,6 +28,6 @@ pub use gauge::{HostGauge, MemoryGauge};
 pub use host::{Detached, WorkerHost};
 pub use inference::{InferCall, Inference};
 pub use manager::{
-    BUILTIN_VERSION, InFlight, ManagerDeps, ManagerOptions, Measurement, MemoryCharge, ModelInfo,
-    ModelManager, Placed,
+    BUILTIN_VERSION, InFlight, JobGpus, JobHeld, ManagerDeps, ManagerOptions, Measurement,
+    MemoryCharge, ModelInfo, ModelManager, Placed, job_key,
 };

@@ -101,6 +101,12 @@ pub struct Resources {
     pub cpu_millis: u64,
     pub memory_bytes: u64,
     pub gpus: u32,
+    /// GPU memory the job takes on each of its `gpus`, in bytes; 0: the whole of each GPU.
+    /// On a node whose runner has [`crate::gpu::GpuReservations`] (local jobs), it is held in
+    /// the model allocator's budget while an attempt runs. Not a scheduler dimension (node
+    /// capacities leave it 0). Records written before the field existed read as 0.
+    #[serde(default)]
+    pub gpu_memory_bytes: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -332,6 +338,12 @@ impl JobSpec {
             }
             _ => {}
         }
+        if self.resources.gpu_memory_bytes > 0 && self.resources.gpus == 0 {
+            return Err(JobError::InvalidSpec(format!(
+                "gpu_memory_bytes {} needs gpus of at least 1 (it is the memory on each GPU)",
+                self.resources.gpu_memory_bytes
+            )));
+        }
         match &self.kind {
             JobKind::Command { command, .. } if command.is_empty() => Err(JobError::InvalidSpec(
                 "a command job needs a command to run".into(),
@@ -451,6 +463,23 @@ mod tests {
         assert!(s.validate().is_ok());
         s.deadline_seconds = Some(0);
         assert!(s.validate().is_err());
+        // GPU memory is per GPU: it needs GPUs.
+        let mut s = spec();
+        s.resources.gpu_memory_bytes = 1 << 30;
+        let err = s.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("gpu_memory_bytes 1073741824 needs gpus"),
+            "{err}"
+        );
+        s.resources.gpus = 1;
+        assert!(s.validate().is_ok());
+    }
+
+    #[test]
+    fn records_written_before_gpu_memory_existed_read_as_zero() {
+        let old = r#"{"cpu_millis":100,"memory_bytes":0,"gpus":1}"#;
+        let r: Resources = serde_json::from_str(old).unwrap();
+        assert_eq!((r.gpus, r.gpu_memory_bytes), (1, 0));
     }
 
     #[test]

@@ -15,6 +15,9 @@
 //!   several coordinators share.
 //! - [`scheduler`]: the admission decisions (queues, quotas, capacity, priority classes, weighted
 //!   DRF between queues) and the retry policy, as pure logic.
+//! - [`gpu`]: [`GpuReservations`], the GPUs and GPU memory a job that asks for GPUs is given
+//!   on this node (implemented by the coordinator over the model allocator), and the
+//!   environment that names them to the job.
 //! - [`executor`]: the [`Executor`] trait every executor implements (start, wait for the
 //!   outcome, cancel, logs, adopt after a restart), and the outcomes that tell the job's own
 //!   failures from the infrastructure's.
@@ -33,6 +36,7 @@
 pub mod backend;
 pub mod cluster;
 pub mod executor;
+pub mod gpu;
 pub mod job;
 pub mod kubernetes;
 pub mod local;
@@ -51,6 +55,7 @@ pub use executor::{
     CommandRun, ExecError, Execution, Executor, InferenceExecutor, LogChunk, LogSource, LogStream,
     Outcome, ProgressFn,
 };
+pub use gpu::{GpuGrant, GpuReservations};
 pub use job::{JobError, JobSpec, JobState, Owner, Resources};
 pub use kubernetes::{KubernetesConfig, KubernetesExecutor, Toleration};
 pub use local::LocalExecutor;

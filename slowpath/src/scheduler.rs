@@ -24,6 +24,8 @@
 //! 5. **No starvation of large jobs**: when the job chosen by rule 4 does not fit in the free
 //!    capacity, nothing else is admitted in that round, so smaller jobs cannot keep taking the
 //!    capacity it waits for. A head blocked by its own queue's quota does not hold others back.
+//!    A gate ([`Scheduler::schedule_gated`]: the runner's GPU memory, which the scheduler does
+//!    not count) that refuses the chosen job blocks the round the same way, with its reason.
 //!
 //! **Tenants.** When jobs carry a tenant (an authenticating server sets it from the caller), a
 //! queue's quota applies to each tenant's jobs in it separately, and each tenant has its own
@@ -631,6 +633,18 @@ impl Scheduler {
     /// [`Scheduler::schedule`], admitting at most `slots` jobs (the free slots of a runner that
     /// bounds how many jobs run at once).
     pub fn schedule_at_most(&mut self, slots: usize) -> Decision {
+        self.schedule_gated(slots, &mut |_| Ok(()))
+    }
+
+    /// [`Scheduler::schedule_at_most`], where a job is admitted only if `gate` also takes it:
+    /// `gate` is asked about the job rules 1–4 chose once it fits the capacity, and is the last
+    /// word (a job it takes is admitted). A refusal blocks the round as capacity does (rule 5),
+    /// the refusal's text being the job's waiting reason.
+    pub fn schedule_gated(
+        &mut self,
+        slots: usize,
+        gate: &mut dyn FnMut(&Pending) -> Result<(), String>,
+    ) -> Decision {
         let mut decision = Decision::default();
         let mut quota_blocked: BTreeMap<String, String> = BTreeMap::new();
         let mut capacity_block: Option<(String, String, String)> = None; // (id, line, reason)
@@ -677,6 +691,14 @@ impl Scheduler {
                     break;
                 }
             };
+            let gated = {
+                let l = self.lines.get(&line).expect("a line just seen");
+                gate(&l.waiting[&key].job)
+            };
+            if let Err(reason) = gated {
+                capacity_block = Some((head_id, line_name(&line), reason));
+                break;
+            }
             let l = self.lines.get_mut(&line).expect("a line just seen");
             let job = l.waiting.remove(&key).expect("present").job;
             l.used = add(l.used, need);
@@ -724,6 +746,7 @@ fn to_resources(v: Vec3) -> Resources {
         cpu_millis: v[0],
         memory_bytes: v[1],
         gpus: u32::try_from(v[2]).unwrap_or(u32::MAX),
+        gpu_memory_bytes: 0,
     }
 }
 
@@ -839,6 +862,7 @@ mod tests {
             cpu_millis: cpu,
             memory_bytes: mem,
             gpus,
+            gpu_memory_bytes: 0,
         }
     }
 
@@ -879,6 +903,47 @@ mod tests {
             capacity: res(cpu, 1 << 30, 0),
             slots,
         }
+    }
+
+    #[test]
+    fn a_gate_that_refuses_the_chosen_job_blocks_the_round_with_its_reason() {
+        let mut s = sched(
+            res(4000, 1 << 30, 2),
+            vec![
+                queue("gpu", 1, Quota::default()),
+                queue("cpu", 1, Quota::default()),
+            ],
+        );
+        s.enqueue(job("g1", "gpu", "high", res(100, 0, 1))).unwrap();
+        s.enqueue(job("g2", "gpu", "high", res(100, 0, 1))).unwrap();
+        s.enqueue(job("c1", "cpu", "low", res(100, 0, 0))).unwrap();
+        let mut asked = Vec::new();
+        let mut no_memory = |j: &Pending| {
+            asked.push(j.id.clone());
+            if j.resources.gpus > 0 {
+                Err("gpu0 holds model m".to_string())
+            } else {
+                Ok(())
+            }
+        };
+        let d = s.schedule_gated(8, &mut no_memory);
+        // The gate is asked about the chosen head only, and its refusal holds the round back.
+        assert_eq!(asked, ["g1"]);
+        assert!(d.admitted.is_empty(), "{d:?}");
+        assert_eq!(d.waiting["g1"], "gpu0 holds model m");
+        assert_eq!(
+            d.waiting["c1"],
+            "capacity is kept for job g1 in queue gpu, ahead by priority or fair share (gpu0 holds model m)"
+        );
+        assert_eq!(
+            s.waiting_reason("g2").unwrap(),
+            "behind job g1 in queue gpu"
+        );
+        assert_eq!(s.waiting_len(), 3);
+        // Once the gate takes it, it is admitted in its order; what it took stays held.
+        let d = s.schedule_gated(8, &mut |_| Ok(()));
+        assert_eq!(ids(&d), ["g1", "g2", "c1"]);
+        assert_eq!(s.used().gpus, 2);
     }
 
     #[test]

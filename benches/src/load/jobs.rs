@@ -160,6 +160,7 @@ pub fn bench_spec(n: u64) -> JobSpec {
             cpu_millis: 1,
             memory_bytes: 0,
             gpus: 0,
+            gpu_memory_bytes: 0,
         },
         max_retries: 0,
         deadline_seconds: None,
@@ -186,6 +187,7 @@ fn wire_spec(n: u64) -> v1::JobSpec {
             cpu_millis: 1,
             memory_bytes: 0,
             gpus: 0,
+            gpu_memory_bytes: 0,
         }),
         labels: [("bench".to_string(), "submit".to_string())].into(),
         kind: Some(v1::job_spec::Kind::Command(v1::CommandJob {

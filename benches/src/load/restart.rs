@@ -171,6 +171,7 @@ fn runner_config() -> RunnerConfig {
                 cpu_millis: 2_000,
                 memory_bytes: 8 << 30,
                 gpus: 0,
+                gpu_memory_bytes: 0,
             },
             queues: vec![QueueConfig {
                 name: "default".into(),

@@ -16,7 +16,9 @@
 //! [resources]
 //! cpu = "1.5"                     # --cpu: cores (1.5) or millicores ("500m")
 //! memory = "2Gi"                  # --memory: bytes, or a number with Ki, Mi, Gi, K, M or G
-//! gpu = 1                         # --gpu
+//! gpu = 1                         # --gpu: how many GPUs
+//! gpu_memory = "8Gi"              # --gpu-memory: memory on each GPU, held in the models'
+//!                                 # budget while it runs here (none said: the whole GPU)
 //!
 //! [labels]                        # --label KEY=VALUE
 //! team = "search"
@@ -63,8 +65,13 @@ pub struct SubmitArgs {
     /// Memory, in bytes or with a suffix (`512Mi`, `2Gi`, `1G`).
     #[arg(long)]
     pub memory: Option<String>,
+    /// GPUs, a count.
     #[arg(long)]
     pub gpu: Option<u32>,
+    /// Memory on each GPU (`8Gi`): held in the models' memory budget while the job runs on
+    /// this node [default: the whole GPU].
+    #[arg(long)]
+    pub gpu_memory: Option<String>,
     /// Retries after a failure of the job's own (exit code) [default: 0].
     #[arg(long)]
     pub max_retries: Option<u32>,
@@ -139,6 +146,7 @@ pub struct ResourcesFile {
     pub cpu: Option<toml::Value>,
     pub memory: Option<toml::Value>,
     pub gpu: Option<u32>,
+    pub gpu_memory: Option<toml::Value>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
@@ -277,6 +285,14 @@ pub fn build_spec(args: &SubmitArgs, file: Option<JobFile>) -> anyhow::Result<v1
         (None, Some(v)) => parse_bytes(&value_text(v, "resources.memory")?, "resources.memory")?,
         (None, None) => 0,
     };
+    let gpu_memory_bytes = match (&args.gpu_memory, &res.gpu_memory) {
+        (Some(flag), _) => parse_bytes(flag, "--gpu-memory")?,
+        (None, Some(v)) => parse_bytes(
+            &value_text(v, "resources.gpu_memory")?,
+            "resources.gpu_memory",
+        )?,
+        (None, None) => 0,
+    };
     let seconds =
         |flag: &Option<String>, value: &Option<toml::Value>, name: &str| match (flag, value) {
             (Some(f), _) => parse_seconds(f, &format!("--{name}")),
@@ -305,6 +321,7 @@ pub fn build_spec(args: &SubmitArgs, file: Option<JobFile>) -> anyhow::Result<v1
             cpu_millis,
             memory_bytes,
             gpus: args.gpu.or(res.gpu).unwrap_or(0),
+            gpu_memory_bytes,
         }),
         max_retries: args.max_retries.or(file.max_retries).unwrap_or(0),
         deadline_seconds,
@@ -419,6 +436,7 @@ idempotency_key = "nightly-1"
 cpu = "1.5"
 memory = "2Gi"
 gpu = 1
+gpu_memory = "8Gi"
 
 [labels]
 team = "search"
@@ -458,7 +476,8 @@ writable_root = true
             Some(v1::Resources {
                 cpu_millis: 1500,
                 memory_bytes: 2 << 30,
-                gpus: 1
+                gpus: 1,
+                gpu_memory_bytes: 8 << 30,
             })
         );
         assert_eq!(spec.labels.len(), 2);
@@ -487,6 +506,7 @@ writable_root = true
         let args = SubmitArgs {
             name: Some("override".into()),
             cpu: Some("250m".into()),
+            gpu_memory: Some("512Mi".into()),
             ttl: Some("1d".into()),
             max_retries: Some(0),
             env: vec!["EPOCHS=5".into(), "NEW=x".into()],
@@ -501,6 +521,7 @@ writable_root = true
         assert_eq!(spec.ttl_seconds_after_finished, 86_400);
         let r = spec.resources.unwrap();
         assert_eq!((r.cpu_millis, r.memory_bytes), (250, 2 << 30));
+        assert_eq!((r.gpus, r.gpu_memory_bytes), (1, 512 << 20));
         assert_eq!(spec.labels["tier"], "online");
         assert_eq!(spec.labels["team"], "search");
         let c = command_of(&spec);

@@ -362,7 +362,7 @@ impl ModelManager {
     }
 
     /// Unloads the models the allocator evicted (they are idle: no request in flight).
-    async fn evict(&self, victims: &[String], for_model: &str) {
+    pub(super) async fn evict(&self, victims: &[String], for_model: &str) {
         for key in victims {
             let name = key_model(key).to_string();
             let taken = {

@@ -21,6 +21,10 @@
 //!
 //! Requests hold the model in the allocator while they run (an idle model is one with no request
 //! in flight), so a model with requests in flight is never evicted.
+//!
+//! GPU jobs hold their memory in the same allocator (`jobs.rs`): a model load that needs the
+//! room of a running GPU job fails naming it, and a job's reservation evicts idle models as a
+//! load does.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -41,7 +45,10 @@ use crate::Error;
 use crate::gauge::MemoryGauge;
 use crate::host::WorkerHost;
 
+mod jobs;
 mod load;
+
+pub use jobs::{JobGpus, JobHeld, job_key};
 
 /// The version built-in models serve.
 pub const BUILTIN_VERSION: u64 = 1;

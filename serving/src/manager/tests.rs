@@ -601,6 +601,135 @@ async fn loads_beyond_the_limits_are_refused_as_the_callers_config_by_name() {
     .unwrap();
 }
 
+/// A manager with one simulated GPU of `gpu_bytes` (and room on the CPU), so that built-ins
+/// may be placed on it.
+fn with_gpu(gpu_bytes: u64) -> ModelManager {
+    ModelManager::new(
+        ManagerOptions {
+            unload_grace: Duration::from_secs(5),
+            budgets: vec![
+                Budget::new(DeviceId::Cpu, 64 << 30, 0),
+                Budget::new(DeviceId::Gpu(0), gpu_bytes, 0),
+            ],
+            backend: BackendOptions {
+                simulated_gpus: true,
+                ..BackendOptions::default()
+            },
+            ..ManagerOptions::default()
+        },
+        ManagerDeps::detached(ExecutionPool::new(1).unwrap()),
+    )
+    .unwrap()
+}
+
+use veraltheim_models::allocator::ExternalSize;
+
+#[tokio::test]
+async fn a_jobs_gpu_memory_blocks_a_model_load_that_needs_it_and_is_listed_as_a_job() {
+    const GIB: u64 = 1 << 30;
+    let m = with_gpu(16 * GIB);
+    let given = m
+        .reserve_job_gpus("17", 1, ExternalSize::Bytes(12 * GIB))
+        .unwrap();
+    assert_eq!(given.gpus, [0]);
+    assert!(given.evicted.is_empty());
+    assert_eq!(m.job_gpus("17"), [0]);
+    assert_eq!(
+        m.job_holders(),
+        [JobHeld {
+            job_id: "17".into(),
+            device: DeviceId::Gpu(0),
+            bytes: 12 * GIB
+        }]
+    );
+    // A job is not a model: it is in no model's placements.
+    assert!(m.placements().is_empty(), "{:?}", m.placements());
+    // A model that needs more than what is left is refused, naming the job.
+    let err = m
+        .load("identity", Some(&on_gpu(8 * GIB)))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::NoRoom { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("gpu0 budget 16.0 GiB")
+            && msg.contains("job:17 (12.0 GiB, not a model, never evicted)"),
+        "{msg}"
+    );
+    // One that fits beside it loads.
+    m.load("cost", Some(&on_gpu(2 * GIB))).await.unwrap();
+    assert_eq!(m.memory_of("cost"), [(DeviceId::Gpu(0), 2 * GIB)]);
+    // The job ends: its memory is free and the model loads.
+    assert!(m.release_job_gpus("17"));
+    assert!(!m.release_job_gpus("17"));
+    assert!(m.job_gpus("17").is_empty() && m.job_holders().is_empty());
+    let info = m.load("identity", Some(&on_gpu(8 * GIB))).await.unwrap();
+    assert_eq!(info.device, Some(DeviceId::Gpu(0)));
+}
+
+#[tokio::test]
+async fn a_jobs_reservation_evicts_idle_models_but_never_pinned_or_busy_ones() {
+    const GIB: u64 = 1 << 30;
+    let m = with_gpu(16 * GIB);
+    let pinned = r#"{"instance_group":[{"kind":"KIND_GPU","count":1}],"pinned":true,"parameters":{"memory_bytes":{"string_value":"6442450944"}}}"#;
+    m.load("identity", Some(pinned)).await.unwrap();
+    m.load("cost", Some(&on_gpu(6 * GIB))).await.unwrap();
+    // 4 GiB free; the job needs 8: the idle "cost" goes, the pinned "identity" stays.
+    let given = m
+        .reserve_job_gpus("5", 1, ExternalSize::Bytes(8 * GIB))
+        .unwrap();
+    assert_eq!(given.gpus, [0]);
+    assert_eq!(given.evicted.len(), 1);
+    assert_eq!(key_model(&given.evicted[0]), "cost");
+    m.unload_evicted(&given.evicted, "5").await;
+    let cost = m.info("cost").unwrap();
+    assert_eq!(cost.state, ModelState::NotLoaded);
+    assert!(
+        cost.reason.contains("evicted to make room for 'job:5'"),
+        "{}",
+        cost.reason
+    );
+    assert_eq!(m.info("identity").unwrap().state, ModelState::Ready);
+    let gpu0 = m
+        .memory()
+        .into_iter()
+        .find(|u| u.device == DeviceId::Gpu(0))
+        .unwrap();
+    assert_eq!((gpu0.held_bytes, gpu0.external_bytes), (14 * GIB, 8 * GIB));
+    assert!(m.release_job_gpus("5"));
+
+    // A busy model is not evicted either: with "cost" loaded again and a request on it, a job
+    // that needs its room is refused, and nothing is evicted.
+    m.load("cost", Some(&on_gpu(6 * GIB))).await.unwrap();
+    let hold = m.acquire("cost").unwrap();
+    let err = m
+        .reserve_job_gpus("6", 1, ExternalSize::Bytes(8 * GIB))
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.starts_with("'job:6' needs 8.00 GiB on each of 1 device(s) but 0 can hold it now")
+            && msg.contains("1 request in flight")
+            && msg.contains("pinned"),
+        "{msg}"
+    );
+    assert!(m.job_gpus("6").is_empty());
+    drop(hold);
+    assert_eq!(m.info("cost").unwrap().state, ModelState::Ready);
+    // A whole GPU: every idle model there goes, the pinned one keeps it from fitting.
+    let err = m
+        .reserve_job_gpus("7", 1, ExternalSize::WholeDevice)
+        .unwrap_err();
+    assert!(err.to_string().contains("needs a whole device"), "{err}");
+    m.unload("identity").await.unwrap();
+    let given = m
+        .reserve_job_gpus("7", 1, ExternalSize::WholeDevice)
+        .unwrap();
+    m.unload_evicted(&given.evicted, "7").await;
+    assert_eq!(m.info("cost").unwrap().state, ModelState::NotLoaded);
+    let err = m.load("cost", Some(&on_gpu(1))).await.unwrap_err();
+    assert!(err.to_string().contains("job:7 (16.0 GiB"), "{err}");
+}
+
 #[tokio::test]
 async fn latency_objectives_come_from_the_options_and_bad_ones_are_refused_by_name() {
     let m = ModelManager::new(

@@ -52,6 +52,7 @@ fn runner_config() -> RunnerConfig {
                 cpu_millis: 8000,
                 memory_bytes: 1 << 34,
                 gpus: 2,
+                gpu_memory_bytes: 0,
             },
             queues: vec![QueueConfig {
                 name: "default".into(),
@@ -79,6 +80,7 @@ fn spec(name: &str, script: &str, max_retries: u32) -> JobSpec {
             cpu_millis: 500,
             memory_bytes: 256 << 20,
             gpus: 1,
+            gpu_memory_bytes: 0,
         },
         max_retries,
         deadline_seconds: None,
@@ -896,6 +898,7 @@ fn real_run(image: &str, script: &str) -> CommandRun {
             cpu_millis: 100,
             memory_bytes: 64 << 20,
             gpus: 0,
+            gpu_memory_bytes: 0,
         },
         deadline: Some(Duration::from_secs(300)),
         ..Default::default()

@@ -313,6 +313,7 @@ impl PgNodes {
                                 cpu_millis: unsigned(row.get(17)),
                                 memory_bytes: unsigned(row.get(18)),
                                 gpus: u32::try_from(row.get::<_, i32>(19)).unwrap_or(0),
+                                gpu_memory_bytes: 0,
                             },
                             job_slots: u32::try_from(row.get::<_, i32>(20)).unwrap_or(0),
                         },

@@ -214,6 +214,7 @@ fn report(id: &str) -> crate::cluster::NodeReport {
             cpu_millis: 4000,
             memory_bytes: 8 << 30,
             gpus: 1,
+            gpu_memory_bytes: 0,
         },
         job_slots: 3,
     }

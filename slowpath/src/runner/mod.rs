@@ -25,6 +25,11 @@
 //! The loop also deletes finished jobs whose `ttl_seconds_after_finished` ran out
 //! ([`JobStore::delete_expired`]) with their log folders, waking when the next one expires.
 //!
+//! With [`GpuReservations`] ([`RunnerOn::with_gpu_reservations`]; the coordinator gives them to
+//! a runner of local jobs), a job that asks for GPUs is admitted only once it holds GPU memory,
+//! is told its devices in its environment, and frees them when its attempt ends: the rules are
+//! the `gpu` module's.
+//!
 //! **Pressure** ([`RunnerOn::with_pressure`], see [`crate::pressure`]): while [`RunnerOn::run`]
 //! runs, a task follows the fast path's [`Pressure`]. On a single node, the scheduler's CPU
 //! capacity for admission is the configured one less the fast path's use (never below the
@@ -60,6 +65,7 @@ use crate::cluster::LeaderFence;
 use crate::executor::{
     CommandRun, ExecError, Execution, Executor, InferenceExecutor, Outcome, ProgressFn,
 };
+use crate::gpu::{GPU_RETRY, GpuGrant, GpuReservations, visible_devices};
 use crate::job::{JobSpec, JobState};
 use crate::pressure::{MIN_PAUSE_FLIP, Pressure, job_cpu_capacity, lowered_note, pausable};
 use crate::scheduler::{
@@ -146,6 +152,8 @@ struct State {
     here: HashMap<String, Placement>,
     /// Attempts stopped here because this node's lease ran out (not cancelled by anyone).
     lease_stopped: HashSet<String>,
+    /// The GPUs each admitted or running job holds here (with [`GpuReservations`]).
+    gpus: HashMap<String, GpuGrant>,
     /// The running attempts that may be paused: whether each should be paused now.
     pausable: HashMap<String, tokio::sync::watch::Sender<bool>>,
     /// Why running jobs are paused now (the pressure's `at_risk` as last applied).
@@ -199,6 +207,8 @@ struct Inner<B> {
     /// In a cluster: until when this node may run attempts (its lease, less a margin); `None`
     /// until it has one.
     lease_until: Mutex<Option<tokio::time::Instant>>,
+    /// Where jobs that ask for GPUs get them on this node; unset: GPUs are only counted.
+    gpu: std::sync::OnceLock<Arc<dyn GpuReservations>>,
     /// The fast path's pressure, followed while [`RunnerOn::run`] runs
     /// ([`RunnerOn::with_pressure`]).
     pressure: Mutex<Option<tokio::sync::watch::Receiver<Pressure>>>,
@@ -310,12 +320,14 @@ impl<B: JobBackend> RunnerOn<B> {
                     node_caps: Vec::new(),
                     here: HashMap::new(),
                     lease_stopped: HashSet::new(),
+                    gpus: HashMap::new(),
                     pausable: HashMap::new(),
                     at_risk: None,
                 }),
                 wake: Notify::new(),
                 cluster,
                 lease_until: Mutex::new(None),
+                gpu: std::sync::OnceLock::new(),
                 pressure: Mutex::new(None),
                 cpu_floor_millis: std::sync::atomic::AtomicU64::new(0),
                 cpu_capacity_now: std::sync::atomic::AtomicU64::new(
@@ -325,6 +337,40 @@ impl<B: JobBackend> RunnerOn<B> {
                 sched_config,
             }),
         })
+    }
+
+    /// Gives the jobs that ask for GPUs their devices and memory through `gpus` (see the `gpu`
+    /// module). Set once, before [`RunnerOn::start`]; a second call changes nothing.
+    pub fn with_gpu_reservations(self, gpus: Arc<dyn GpuReservations>) -> Self {
+        if self.inner.gpu.set(gpus).is_err() {
+            tracing::warn!("GPU reservations were already set; the second ones are ignored");
+        }
+        self
+    }
+
+    /// The GPUs (inventory indices) job `id` holds here while it is admitted or running; empty
+    /// when it holds none (or the runner has no [`GpuReservations`]).
+    pub fn gpus_of(&self, id: &str) -> Vec<u32> {
+        self.inner
+            .state
+            .lock()
+            .gpus
+            .get(id)
+            .map(|g| g.gpus.clone())
+            .unwrap_or_default()
+    }
+
+    /// Every admitted or running job here that holds GPUs, with them, by job id.
+    pub fn gpu_jobs(&self) -> Vec<(String, Vec<u32>)> {
+        let state = self.inner.state.lock();
+        let mut jobs: Vec<(String, Vec<u32>)> = state
+            .gpus
+            .iter()
+            .filter(|(_, g)| !g.gpus.is_empty())
+            .map(|(id, g)| (id.clone(), g.gpus.clone()))
+            .collect();
+        jobs.sort();
+        jobs
     }
 
     pub fn store(&self) -> &B {
@@ -442,6 +488,13 @@ impl<B: JobBackend> RunnerOn<B> {
             .lock()
             .sched
             .check(&spec.queue, &spec.priority_class, &spec.resources)?;
+        if let Some(gpu) = self.inner.gpu.get()
+            && self.inner.cluster.is_none()
+            && spec.resources.gpus > 0
+        {
+            gpu.check(spec.resources.gpus, spec.resources.gpu_memory_bytes)
+                .map_err(SchedError::NeverFits)?;
+        }
         let rec = self.inner.store.submit_traced(spec, traceparent).await?;
         if rec.state == JobState::Queued && rec.history.len() == 1 && self.leads() {
             let mut state = self.inner.state.lock();
@@ -657,13 +710,41 @@ impl<B: JobBackend> RunnerOn<B> {
             None if self.is_draining() => Some(DRAINING.to_string()),
             other => other,
         };
+        let mut gpu_refused = false;
         let admitted = {
             let mut state = inner.state.lock();
             let slots = match &unavailable {
                 Some(_) => 0,
                 None => inner.max_running.saturating_sub(state.running.len()),
             };
-            let decision = state.sched.schedule_at_most(slots);
+            let decision = match inner.gpu.get() {
+                None => state.sched.schedule_at_most(slots),
+                // A job that asks for GPUs is admitted once it holds their memory.
+                Some(gpu) => {
+                    let mut grants = Vec::new();
+                    let decision = state.sched.schedule_gated(slots, &mut |job: &Pending| {
+                        if job.resources.gpus == 0 {
+                            return Ok(());
+                        }
+                        match gpu.reserve(
+                            &job.id,
+                            job.resources.gpus,
+                            job.resources.gpu_memory_bytes,
+                        ) {
+                            Ok(grant) => {
+                                grants.push((job.id.clone(), grant));
+                                Ok(())
+                            }
+                            Err(why) => {
+                                gpu_refused = true;
+                                Err(why)
+                            }
+                        }
+                    });
+                    state.gpus.extend(grants);
+                    decision
+                }
+            };
             state.reasons = decision
                 .waiting
                 .into_iter()
@@ -684,8 +765,15 @@ impl<B: JobBackend> RunnerOn<B> {
             tokio::spawn(async move { runner.run_job(job.id, None).await });
         }
         let next = inner.state.lock().retries.first().map(|(at, _)| *at);
-        Ok(match unavailable {
-            Some(_) => Some(next.map_or(now + 1_000, |at| at.min(now + 1_000))),
+        // Memory a job waits for is freed by models that unload too, which nobody tells the
+        // runner of: it looks again soon.
+        let soon = match (&unavailable, gpu_refused) {
+            (Some(_), _) => Some(now + 1_000),
+            (None, true) => Some(now + GPU_RETRY.as_millis() as u64),
+            (None, false) => None,
+        };
+        Ok(match soon {
+            Some(soon) => Some(next.map_or(soon, |at| at.min(soon))),
             None => next,
         })
     }
@@ -729,6 +817,16 @@ impl<B: JobBackend> RunnerOn<B> {
     /// The job ended its turn (finished, or back to wait): its slot and resources are free.
     fn release(&self, id: &str) {
         let mut state = self.inner.state.lock();
+        if let Some(gpu) = self.inner.gpu.get()
+            && let Some(mut grant) = state.gpus.remove(id)
+        {
+            // Models evicted for an attempt that ended before it started are unloaded all
+            // the same (the allocator no longer counts them, and refuses their requests).
+            if let Some(evictions) = grant.evictions.take() {
+                tokio::spawn(evictions);
+            }
+            gpu.release(id);
+        }
         state.running.remove(id);
         state.here.remove(id);
         state.lease_stopped.remove(id);
@@ -777,13 +875,25 @@ impl<B: JobBackend> RunnerOn<B> {
                 rec
             }
         };
-        let Some(run) = CommandRun::of(id, &rec.spec, rec.attempt + 1) else {
+        // The job's GPUs: the models evicted for it are unloaded before it starts.
+        let gpus = match self.take_gpus(id, &rec) {
+            Ok(Some(evictions)) => {
+                evictions.await;
+                Some(self.gpus_of(id))
+            }
+            Ok(None) => self.inner.gpu.get().map(|_| self.gpus_of(id)),
+            Err(why) => return self.wait_for_gpus(id, &why).await,
+        };
+        let Some(mut run) = CommandRun::of(id, &rec.spec, rec.attempt + 1) else {
             return self.attempt_inference(id, &rec, token).await;
         };
         if token.is_cancelled() {
             self.write(id, Change::to(JobState::Cancelled, "cancelled"))
                 .await?;
             return Ok(());
+        }
+        if let Some(gpus) = gpus {
+            run.env.extend(visible_devices(&gpus));
         }
         // Started before RUNNING is written: a coordinator that dies in between finds the job
         // ADMITTED at its next start and starts the same attempt again, which an executor that
@@ -810,6 +920,48 @@ impl<B: JobBackend> RunnerOn<B> {
             self.ship_logs(id, rec.attempt);
         }
         self.finish(id, &rec, execution, token).await
+    }
+
+    /// The GPUs of a job about to start: the grant admission made, or (an attempt placed here
+    /// by a cluster's leader) one made now. Returns the unloading of the models evicted for
+    /// it, to await before the job starts; `Err` says why it cannot have them now.
+    fn take_gpus(
+        &self,
+        id: &str,
+        rec: &JobRecord,
+    ) -> Result<Option<futures::future::BoxFuture<'static, ()>>, String> {
+        let Some(gpu) = self.inner.gpu.get() else {
+            return Ok(None);
+        };
+        let mut state = self.inner.state.lock();
+        if let Some(grant) = state.gpus.get_mut(id) {
+            return Ok(grant.evictions.take());
+        }
+        let r = &rec.spec.resources;
+        if r.gpus == 0 {
+            return Ok(None);
+        }
+        let mut grant = gpu.reserve(id, r.gpus, r.gpu_memory_bytes)?;
+        let evictions = grant.evictions.take();
+        state.gpus.insert(id.to_owned(), grant);
+        Ok(evictions)
+    }
+
+    /// The attempt cannot have its GPUs now (a cluster's node): back to wait, without counting
+    /// a failure.
+    async fn wait_for_gpus(&self, id: &str, why: &str) -> Result<(), StoreError> {
+        let delay = GPU_RETRY.as_millis() as u64;
+        let at = self.inner.store.now_ms().saturating_add(delay);
+        let change = Change {
+            retry_at_ms: Some(at),
+            ..Change::to(
+                JobState::RetryWait,
+                format!("{why}; trying again in {delay} ms (not counted as a failure)"),
+            )
+        };
+        self.write(id, change).await?;
+        self.retry_at(at, id);
+        Ok(())
     }
 
     /// Runs an attempt of an inference job in this process (see [`InferenceExecutor`]).
@@ -1329,6 +1481,7 @@ mod tests {
                     cpu_millis: 4000,
                     memory_bytes: 1 << 30,
                     gpus: 0,
+                    gpu_memory_bytes: 0,
                 },
                 queues: vec![QueueConfig {
                     name: "default".into(),
@@ -1356,6 +1509,7 @@ mod tests {
                 cpu_millis: 1000,
                 memory_bytes: 0,
                 gpus: 0,
+                gpu_memory_bytes: 0,
             },
             max_retries,
             deadline_seconds: None,
@@ -1589,6 +1743,229 @@ mod tests {
             .unwrap_or_else(|_| panic!("the six jobs did not all succeed within 60 s"));
         assert_eq!(succeeded, ids);
         assert_eq!(most, 2, "both slots were used at once");
+        shutdown.cancel();
+        loop_task.await.unwrap();
+    }
+
+    /// A fake of the coordinator's GPU memory (the model allocator): GPUs with so many bytes
+    /// free, a job placed on the ones with most free; what is held, and every release.
+    #[derive(Default)]
+    struct FakeGpus {
+        free: parking_lot::Mutex<Vec<u64>>,
+        held: parking_lot::Mutex<BTreeMap<String, Vec<(u32, u64)>>>,
+        released: parking_lot::Mutex<Vec<String>>,
+    }
+
+    impl FakeGpus {
+        fn new(free: &[u64]) -> Arc<Self> {
+            Arc::new(FakeGpus {
+                free: parking_lot::Mutex::new(free.to_vec()),
+                ..FakeGpus::default()
+            })
+        }
+    }
+
+    impl GpuReservations for FakeGpus {
+        fn check(&self, gpus: u32, bytes: u64) -> Result<(), String> {
+            let n = self.free.lock().len();
+            if bytes > 100 {
+                return Err(format!("{bytes} bytes per GPU: no GPU here has that many"));
+            }
+            if gpus as usize > n {
+                return Err(format!("{gpus} GPUs: this node has {n}"));
+            }
+            Ok(())
+        }
+
+        fn reserve(&self, job: &str, gpus: u32, bytes: u64) -> Result<GpuGrant, String> {
+            let mut free = self.free.lock();
+            let mut order: Vec<u32> = (0..free.len() as u32).collect();
+            order.sort_by_key(|&g| (std::cmp::Reverse(free[g as usize]), g));
+            let chosen: Vec<u32> = order
+                .into_iter()
+                .filter(|&g| free[g as usize] >= bytes)
+                .take(gpus as usize)
+                .collect();
+            if chosen.len() < gpus as usize {
+                return Err(format!("no GPU has {bytes} bytes free: {free:?}"));
+            }
+            for &g in &chosen {
+                free[g as usize] -= bytes;
+            }
+            let held = chosen.iter().map(|&g| (g, bytes)).collect();
+            self.held.lock().insert(job.to_owned(), held);
+            Ok(GpuGrant {
+                gpus: chosen,
+                evictions: None,
+            })
+        }
+
+        fn release(&self, job: &str) {
+            if let Some(held) = self.held.lock().remove(job) {
+                let mut free = self.free.lock();
+                for (g, bytes) in held {
+                    free[g as usize] += bytes;
+                }
+            }
+            self.released.lock().push(job.to_owned());
+        }
+
+        fn gpus_of(&self, job: &str) -> Vec<u32> {
+            self.held
+                .lock()
+                .get(job)
+                .map(|h| h.iter().map(|(g, _)| *g).collect())
+                .unwrap_or_default()
+        }
+    }
+
+    fn gpu_spec(name: &str, script: &str, gpus: u32, bytes: u64) -> JobSpec {
+        let mut s = spec(name, script, 0);
+        s.resources.cpu_millis = 100;
+        s.resources.gpus = gpus;
+        s.resources.gpu_memory_bytes = bytes;
+        s
+    }
+
+    fn gpu_runner(dir: &std::path::Path, gpus: &Arc<FakeGpus>) -> Runner<MemoryStore> {
+        let mut config = config(4);
+        config.scheduler.capacity.gpus = 2;
+        Runner::new(
+            JobStore::new(MemoryStore::new()),
+            LocalExecutor::new(dir),
+            config,
+        )
+        .unwrap()
+        .with_gpu_reservations(gpus.clone())
+    }
+
+    const SHOW_GPUS: &str =
+        r#"echo "[$CUDA_VISIBLE_DEVICES] [$NVIDIA_VISIBLE_DEVICES] [$CUDA_DEVICE_ORDER]""#;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_gpu_job_is_told_its_reserved_device_and_frees_it_when_it_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let gpus = FakeGpus::new(&[40, 60]);
+        let runner = gpu_runner(dir.path(), &gpus);
+        runner.start().await.unwrap();
+        let (shutdown, loop_task) = run_loop(&runner);
+        // The job's own value is replaced by its device.
+        let mut one = gpu_spec("one", SHOW_GPUS, 1, 30);
+        if let JobKind::Command { env, .. } = &mut one.kind {
+            env.insert("CUDA_VISIBLE_DEVICES".into(), "0,1".into());
+        }
+        let one = runner.submit(one).await.unwrap().id;
+        let none = runner.submit(spec("none", SHOW_GPUS, 0)).await.unwrap().id;
+        let two = runner
+            .submit(gpu_spec("two", SHOW_GPUS, 2, 10))
+            .await
+            .unwrap()
+            .id;
+        let log = |id: &str| {
+            std::fs::read_to_string(dir.path().join(id).join("attempt-1.stdout")).unwrap()
+        };
+        for id in [&one, &none, &two] {
+            let rec = wait_for(&runner, id, |r| r.state.is_terminal()).await;
+            assert_eq!(rec.state, JobState::Succeeded, "{rec:?}");
+        }
+        // gpu1 had most free.
+        assert_eq!(log(&one), "[1] [1] [PCI_BUS_ID]\n");
+        // A job that asked for no GPU sees none.
+        assert_eq!(log(&none), "[] [void] [PCI_BUS_ID]\n");
+        let two_log = log(&two);
+        assert!(
+            two_log == "[1,0] [1,0] [PCI_BUS_ID]\n" || two_log == "[0,1] [0,1] [PCI_BUS_ID]\n",
+            "{two_log}"
+        );
+        // Every reservation was released; nothing is held.
+        assert!(gpus.held.lock().is_empty());
+        assert_eq!(*gpus.free.lock(), [40, 60]);
+        let released = gpus.released.lock().clone();
+        assert!(
+            released.contains(&one) && released.contains(&two),
+            "{released:?}"
+        );
+        assert!(runner.gpu_jobs().is_empty());
+        shutdown.cancel();
+        loop_task.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_gpu_job_waits_in_line_for_memory_and_every_end_frees_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let gpus = FakeGpus::new(&[50]);
+        let runner = gpu_runner(dir.path(), &gpus);
+        runner.start().await.unwrap();
+        let (shutdown, loop_task) = run_loop(&runner);
+        // More than any GPU here has: refused at submit.
+        let err = runner
+            .submit(gpu_spec("huge", "true", 1, 1000))
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("job can never be admitted: 1000 bytes per GPU"),
+            "{err}"
+        );
+        // Something else (a model) holds 30 of the 50: a job that needs 40 waits in line.
+        gpus.free.lock()[0] = 20;
+        let flag = dir.path().join("go");
+        let script = format!("while [ ! -e {} ]; do sleep 0.05; done", flag.display());
+        let big = runner
+            .submit(gpu_spec("big", &script, 1, 40))
+            .await
+            .unwrap()
+            .id;
+        let mut reason = None;
+        for _ in 0..400 {
+            reason = runner.waiting_reason(&big);
+            if reason.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(reason.as_deref(), Some("no GPU has 40 bytes free: [20]"));
+        assert_eq!(runner.store().get(&big).unwrap().state, JobState::Queued);
+        // The model goes: the job is admitted at the next look, holds gpu0 while it runs.
+        gpus.free.lock()[0] = 50;
+        wait_for(&runner, &big, |r| r.state == JobState::Running).await;
+        assert_eq!(runner.gpus_of(&big), [0]);
+        assert_eq!(runner.gpu_jobs(), [(big.clone(), vec![0])]);
+        assert_eq!(*gpus.free.lock(), [10]);
+        // Cancelled: released.
+        runner.cancel(&big).await.unwrap();
+        wait_for(&runner, &big, |r| r.state == JobState::Cancelled).await;
+        // Failed: released too.
+        let bad = runner
+            .submit(gpu_spec("bad", "exit 3", 1, 40))
+            .await
+            .unwrap()
+            .id;
+        wait_for(&runner, &bad, |r| r.state == JobState::Failed).await;
+        // Timed out: released too.
+        let mut slow = gpu_spec("slow", "sleep 30", 1, 40);
+        slow.deadline_seconds = Some(1);
+        let slow = runner.submit(slow).await.unwrap().id;
+        wait_for(&runner, &slow, |r| r.state == JobState::TimedOut).await;
+        // A start that fails (no such program): released too.
+        let mut missing = gpu_spec("missing", "true", 1, 40);
+        if let JobKind::Command { command, .. } = &mut missing.kind {
+            *command = vec!["/nonexistent/program".into()];
+        }
+        let missing = runner.submit(missing).await.unwrap().id;
+        wait_for(&runner, &missing, |r| r.state == JobState::Failed).await;
+        for _ in 0..400 {
+            if gpus.held.lock().is_empty() && runner.gpu_jobs().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(gpus.held.lock().is_empty(), "{:?}", gpus.held.lock());
+        assert_eq!(*gpus.free.lock(), [50]);
+        let released = gpus.released.lock().clone();
+        for id in [&big, &bad, &slow, &missing] {
+            assert!(released.contains(id), "{id} not released: {released:?}");
+        }
         shutdown.cancel();
         loop_task.await.unwrap();
     }
