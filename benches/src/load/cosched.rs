@@ -939,6 +939,7 @@ fn inference_spec(a: &CoschedArgs, run: RunKind) -> v1::JobSpec {
             cpu_millis: a.batch_cpu_millis,
             memory_bytes: 0,
             gpus: 0,
+            gpu_memory_bytes: 0,
         }),
         labels: [("bench".to_string(), "cosched".to_string())].into(),
         kind: Some(v1::job_spec::Kind::Inference(v1::InferenceJob {
@@ -961,6 +962,7 @@ fn command_spec(a: &CoschedArgs, run: RunKind) -> v1::JobSpec {
             cpu_millis: a.command_cpu_millis,
             memory_bytes: 0,
             gpus: 0,
+            gpu_memory_bytes: 0,
         }),
         labels: [("bench".to_string(), "cosched".to_string())].into(),
         kind: Some(v1::job_spec::Kind::Command(v1::CommandJob {

@@ -40,6 +40,7 @@ fn started(dir: &Path, floor: u64) -> Setup {
                 cpu_millis: 4000,
                 memory_bytes: 1 << 30,
                 gpus: 0,
+                gpu_memory_bytes: 0,
             },
             queues: vec![QueueConfig {
                 name: "default".into(),
@@ -94,6 +95,7 @@ fn spec(name: &str, script: &str, cpu_millis: u64) -> JobSpec {
             cpu_millis,
             memory_bytes: 0,
             gpus: 0,
+            gpu_memory_bytes: 0,
         },
         max_retries: 0,
         deadline_seconds: None,
