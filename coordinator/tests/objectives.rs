@@ -45,16 +45,17 @@ fn find_detail(n: &v1::SupervisorNode, prefix: &str) -> Option<String> {
     n.children.iter().find_map(|c| find_detail(c, prefix))
 }
 
-#[tokio::test]
-async fn a_batch_job_runs_under_the_controller_and_its_state_is_shown_everywhere() {
+/// A server with `--latency-slo cost=250` and an input of `lines` lines for `cost` in its
+/// inference folder (`in/lines.jsonl`; the output goes to `out/`).
+async fn started(lines: usize) -> (tempfile::TempDir, common::Server, tonic::transport::Channel) {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("in");
     let output = dir.path().join("out");
     std::fs::create_dir_all(&input).unwrap();
-    let lines: String = (0..2_000)
+    let text: String = (0..lines)
         .map(|i| format!("{{\"inputs\": {{\"INPUT0\": [[{i}.0]]}}}}\n"))
         .collect();
-    std::fs::write(input.join("lines.jsonl"), lines).unwrap();
+    std::fs::write(input.join("lines.jsonl"), text).unwrap();
     let server = common::start(&[
         "--latency-slo",
         "cost=250",
@@ -65,6 +66,13 @@ async fn a_batch_job_runs_under_the_controller_and_its_state_is_shown_everywhere
     ])
     .await;
     let ch = common::channel(&server).await;
+    (dir, server, ch)
+}
+
+#[tokio::test]
+async fn a_batch_job_runs_under_the_controller_and_its_state_is_shown_everywhere() {
+    let (dir, server, ch) = started(2_000).await;
+    let output = dir.path().join("out");
 
     // Loaded with the objective the flag gave; nothing ran yet.
     let o = objective(&ch, "cost").await;
@@ -147,24 +155,7 @@ async fn a_batch_job_runs_under_the_controller_and_its_state_is_shown_everywhere
 
 #[tokio::test]
 async fn online_requests_keep_their_place_ahead_of_a_running_job() {
-    let dir = tempfile::tempdir().unwrap();
-    let input = dir.path().join("in");
-    let output = dir.path().join("out");
-    std::fs::create_dir_all(&input).unwrap();
-    let lines: String = (0..20_000)
-        .map(|i| format!("{{\"inputs\": {{\"INPUT0\": [[{i}.0]]}}}}\n"))
-        .collect();
-    std::fs::write(input.join("lines.jsonl"), lines).unwrap();
-    let server = common::start(&[
-        "--latency-slo",
-        "cost=250",
-        "--inference-input-dirs",
-        input.to_str().unwrap(),
-        "--inference-output-dir",
-        output.to_str().unwrap(),
-    ])
-    .await;
-    let ch = common::channel(&server).await;
+    let (_dir, _server, ch) = started(20_000).await;
     let mut jobs = JobServiceClient::new(ch.clone());
     let job = jobs
         .submit_job(inference("cost", "lines.jsonl", "result.jsonl"))

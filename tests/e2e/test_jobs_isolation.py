@@ -123,8 +123,12 @@ def test_a_job_runs_as_nobody_and_sees_none_of_the_servers_environment(jailed):
     assert lines[:2] == ["nobody", "nogroup"], log
     assert SECRET not in log and "DATABASE_PASSWORD" not in log, log
     names = {line.split("=", 1)[0] for line in lines[2:] if "=" in line}
-    # The clean environment, plus what sh itself sets.
-    assert {"PATH", "HOME"} <= names <= {"PATH", "HOME", "PWD", "SHLVL", "_", "OLDPWD"}, names
+    # The clean environment, plus what sh itself sets, plus the device variables that hide every
+    # GPU from a job that asked for none (slowpath/src/gpu.rs).
+    gpu_names = {"CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER"}
+    assert {"PATH", "HOME"} | gpu_names <= names <= {
+        "PATH", "HOME", "PWD", "SHLVL", "_", "OLDPWD"} | gpu_names, names
+    assert "CUDA_VISIBLE_DEVICES=" in lines and "NVIDIA_VISIBLE_DEVICES=void" in lines, log
     home = next(l.split("=", 1)[1] for l in lines if l.startswith("HOME="))
     assert home.endswith(f"/jobs/{job['id']}/work"), home
 
