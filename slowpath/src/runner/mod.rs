@@ -1500,7 +1500,7 @@ mod tests {
         }
     }
 
-    fn spec(name: &str, script: &str, max_retries: u32) -> JobSpec {
+    pub(super) fn spec(name: &str, script: &str, max_retries: u32) -> JobSpec {
         JobSpec {
             name: name.into(),
             queue: "default".into(),

@@ -3,7 +3,6 @@
 //! command jobs while an objective is at risk. Real processes through the local executor, an
 //! in-memory store; no timing thresholds, only generous waits.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -11,7 +10,7 @@ use tokio::sync::watch;
 use veraltheim_storage::MemoryStore;
 
 use super::*;
-use crate::job::{JobKind, Resources};
+use crate::job::Resources;
 use crate::local::LocalExecutor;
 use crate::scheduler::{QueueConfig, Quota};
 
@@ -86,32 +85,11 @@ fn started(dir: &Path, floor: u64) -> Setup {
     }
 }
 
+/// A command job (the runner tests' own) asking for `cpu_millis`.
 fn spec(name: &str, script: &str, cpu_millis: u64) -> JobSpec {
-    JobSpec {
-        name: name.into(),
-        queue: "default".into(),
-        priority_class: String::new(),
-        resources: Resources {
-            cpu_millis,
-            memory_bytes: 0,
-            gpus: 0,
-            gpu_memory_bytes: 0,
-        },
-        max_retries: 0,
-        deadline_seconds: None,
-        ttl_seconds_after_finished: None,
-        labels: BTreeMap::new(),
-        idempotency_key: None,
-        owner: None,
-        pausable: None,
-        kind: JobKind::Command {
-            image: String::new(),
-            command: vec!["sh".into(), "-c".into(), script.into()],
-            env: BTreeMap::new(),
-            working_dir: String::new(),
-            writable_root: false,
-        },
-    }
+    let mut spec = super::tests::spec(name, script, 0);
+    spec.resources.cpu_millis = cpu_millis;
+    spec
 }
 
 /// A script that writes its pid to `<dir>/<name>.pid`, then appends a line to
