@@ -402,6 +402,7 @@ pub(crate) fn objective(o: &veraltheim_fastpath::SloSnapshot) -> v1::LatencyObje
             .map_or(0, |p| u64::try_from(p.as_micros()).unwrap_or(u64::MAX)),
         background_limit: o.limit as u64,
         background_max: o.max_limit as u64,
+        background_batch_rows: o.batch_rows.map_or(0, |r| r as u64),
         background_in_flight: o.in_flight as u64,
         decision: o.decision.to_string(),
         reason: o.reason.clone(),
@@ -459,12 +460,14 @@ pub(crate) fn objective_line(o: &veraltheim_fastpath::SloSnapshot) -> String {
         |p| format!("online p99 {:.1} ms", p.as_secs_f64() * 1e3),
     );
     format!(
-        "objective p99 {} ms{}: {p99}; background {} in flight, limit {}/{}; {}: {}",
+        "objective p99 {} ms{}: {p99}; background {} in flight, limit {}/{}{}; {}: {}",
         o.objective.as_millis(),
         if o.at_risk { " (at risk)" } else { "" },
         o.in_flight,
         o.limit,
         o.max_limit,
+        o.batch_rows
+            .map_or_else(String::new, |r| format!(", {r} per batch")),
         o.decision,
         o.reason
     )

@@ -528,6 +528,7 @@ pub async fn models(args: ModelsArgs) -> anyhow::Result<()> {
                                 "online_p99_us": o.online_p99_us,
                                 "background_limit": o.background_limit,
                                 "background_max": o.background_max,
+                                "background_batch_rows": o.background_batch_rows,
                                 "background_in_flight": o.background_in_flight,
                                 "decision": o.decision,
                                 "reason": o.reason,

@@ -382,6 +382,12 @@ pub fn render(ctx: &Context) -> String {
             "Background requests of the model in flight now",
         ),
         Family::new(
+            "veraltheim_background_batch_rows",
+            "gauge",
+            "Background rows one batch of the model may take (by background_batch_ms and the \
+             measured time per row; 0 until measured)",
+        ),
+        Family::new(
             "veraltheim_model_slo_at_risk",
             "gauge",
             "1 while the model's latency objective is at risk (local command jobs are paused)",
@@ -396,6 +402,7 @@ pub fn render(ctx: &Context) -> String {
                 o.window_p99.map_or(0.0, |p| p.as_secs_f64()),
                 o.limit as f64,
                 o.in_flight as f64,
+                o.batch_rows.map_or(0.0, |r| r as f64),
                 if o.at_risk { 1.0 } else { 0.0 },
             ];
             for (fam, v) in objectives.iter_mut().zip(values) {

@@ -11,8 +11,11 @@
 //! 1. **Order.** With an objective, a background request ranks behind every online request and
 //!    does not age: an online request that is queued runs in the next batch the model forms, so a
 //!    background batch delays it by at most the batch already executing on its instance (one
-//!    batch). Online and background requests may share a batch (the background ones fill rows the
-//!    online ones leave empty); those count against the limit like any other.
+//!    batch). A batch that holds online requests takes no background rows: on a CPU backend
+//!    every row costs its share of the batch's time, so a background row there delays each
+//!    online request in it; background rows run in batches of their own, when no online
+//!    request waits. (Measured: with them mixed in, the online p50 under background load was
+//!    four times its p50 alone.)
 //! 2. **The window.** Online requests' totals go into a sliding window of [`SLICES`] slices of
 //!    [`SLICE`] each (about five seconds): its p99 is what `models stats` and `/metrics` show.
 //!    The controller reads the same window but only the slices begun within the last
@@ -38,7 +41,17 @@
 //!    request admitted (limit 0, none in flight) for a whole [`HORIZON`] since the last decrease,
 //!    holding back background work cannot help: the limit stays 0 and the reason says that the
 //!    objective cannot be met by the model as loaded.
-//! 5. **At risk.** The objective is *at risk* from a tick whose p99 is above [`SHRINK_ABOVE`] of
+//! 5. **One batch's background rows are bounded by time.** Rule 1 bounds how *many* batches
+//!    delay an online request (one); this rule bounds how *long* that batch is. A batch takes at
+//!    most as many background rows as execute within `background_batch_ms` (default: a quarter
+//!    of the objective), by the model's measured execution time per row (the controller's
+//!    [`Observation::row_cost`], averaged over recent batches; before the first batch there is no
+//!    bound but the limit, which starts at 1). The limit itself never exceeds that many rows per
+//!    instance: above it the limit would only grow without effect, and a later halving would not
+//!    be felt. Why a bound and not only the limit: the p99 follows the longest batch an online
+//!    request can land behind; at half the objective or more per batch, a request queued behind
+//!    one and then batched with the next is already late, whatever the limit's average.
+//! 6. **At risk.** The objective is *at risk* from a tick whose p99 is above [`SHRINK_ABOVE`] of
 //!    it until one whose p99 is at most [`GROW_BELOW`] of it (hysteresis). The coordinator pauses the node's local
 //!    command jobs while any objective is at risk.
 //!
@@ -79,6 +92,10 @@ pub struct SloConfig {
     pub max_limit: usize,
     /// Additive increase per tick.
     pub step: usize,
+    /// The most execution time of the background rows of one batch (rule 5).
+    pub batch_time: Duration,
+    /// The model's instances (batches that execute at once).
+    pub instances: usize,
 }
 
 impl SloConfig {
@@ -96,6 +113,9 @@ impl SloConfig {
                 .map_or(default_max, |n| usize::try_from(n).unwrap_or(usize::MAX)),
             step: positive(config, "background_step")?
                 .map_or(1, |n| usize::try_from(n).unwrap_or(usize::MAX)),
+            batch_time: positive(config, "background_batch_ms")?
+                .map_or(Duration::from_millis(ms) / 4, Duration::from_millis),
+            instances,
         }))
     }
 }
@@ -245,6 +265,9 @@ pub struct Observation {
     /// The share of the model's instance time, over the tick, spent on batches that held online
     /// requests (0.0–1.0).
     pub online_busy: f64,
+    /// The model's measured execution time per row (a batch's time ÷ its rows, averaged over
+    /// recent batches); `None` before the first batch.
+    pub row_cost: Option<Duration>,
 }
 
 /// What the controller did at its last tick.
@@ -279,6 +302,8 @@ pub struct Controller {
     /// The limit set by the last decrease, until the requests in flight come down to it and an
     /// online request has finished after it.
     settling: Option<usize>,
+    /// Background rows one batch may take (rule 5); `None` until a batch was measured.
+    batch_rows: Option<usize>,
     grows: u64,
     shrinks: u64,
 }
@@ -294,9 +319,24 @@ impl Controller {
             at_risk: false,
             since: now,
             settling: None,
+            batch_rows: None,
             grows: 0,
             shrinks: 0,
         }
+    }
+
+    /// Background rows one batch may take (rule 5); `None`: no bound measured yet.
+    pub fn batch_rows(&self) -> Option<usize> {
+        self.batch_rows
+    }
+
+    /// The largest limit now: `background_max_in_flight`, and no more than
+    /// [`Controller::batch_rows`] per instance.
+    pub fn bound(&self) -> usize {
+        self.batch_rows.map_or(self.config.max_limit, |rows| {
+            rows.saturating_mul(self.config.instances.max(1))
+                .min(self.config.max_limit)
+        })
     }
 
     pub fn config(&self) -> &SloConfig {
@@ -339,6 +379,11 @@ impl Controller {
     /// caller cuts the latency window at `now` (the controller reads it from there).
     pub fn tick(&mut self, o: &Observation, now: Instant) -> Decision {
         let objective = self.config.objective;
+        if let Some(cost) = o.row_cost.filter(|c| !c.is_zero()) {
+            let rows = (self.config.batch_time.as_secs_f64() / cost.as_secs_f64()).floor();
+            self.batch_rows = Some((rows as usize).max(1));
+            self.limit = self.limit.min(self.bound());
+        }
         let ms = |d: Duration| format!("{:.1} ms", d.as_secs_f64() * 1e3);
         if let Some(target) = self.settling {
             if o.in_flight <= target && o.online_count > 0 {
@@ -434,17 +479,19 @@ impl Controller {
                 o.online_busy * 100.0
             ));
         }
-        if self.limit >= self.config.max_limit {
-            return self.hold(format!(
-                "{shown}; at the largest limit {}",
-                self.config.max_limit
-            ));
+        let bound = self.bound();
+        if self.limit >= bound {
+            return self.hold(match self.batch_rows {
+                Some(rows) if bound < self.config.max_limit => format!(
+                    "{shown}; at the largest limit {bound}: {rows} background rows per batch \
+                     execute in about {} (background_batch_ms)",
+                    ms(self.config.batch_time)
+                ),
+                _ => format!("{shown}; at the largest limit {bound}"),
+            });
         }
         let old = self.limit;
-        self.limit = self
-            .limit
-            .saturating_add(self.config.step)
-            .min(self.config.max_limit);
+        self.limit = self.limit.saturating_add(self.config.step).min(bound);
         self.grows += 1;
         self.decision = Decision::Grow;
         self.reason = format!(
@@ -472,6 +519,8 @@ pub struct SloSnapshot {
     pub window_p99: Option<Duration>,
     pub limit: usize,
     pub max_limit: usize,
+    /// Background rows one batch may take (rule 5), once measured.
+    pub batch_rows: Option<usize>,
     pub in_flight: usize,
     pub decision: &'static str,
     pub reason: String,
@@ -489,6 +538,8 @@ mod tests {
             objective: Duration::from_millis(objective_ms),
             max_limit: max,
             step: 1,
+            batch_time: Duration::from_millis(objective_ms),
+            instances: 1,
         }
     }
 
@@ -504,6 +555,8 @@ mod tests {
         now: Instant,
         /// The online p99 each tick observed, with the limit after the tick.
         trace: Vec<(Option<Duration>, usize)>,
+        /// What the plant reports as its execution time per row.
+        row_cost: Option<Duration>,
     }
 
     impl Plant {
@@ -517,6 +570,7 @@ mod tests {
                 controller: Controller::new(config(objective_ms, 64), now),
                 now,
                 trace: Vec::new(),
+                row_cost: None,
             }
         }
 
@@ -544,6 +598,7 @@ mod tests {
                     in_flight,
                     held_back: true,
                     online_busy: 0.5,
+                    row_cost: self.row_cost,
                 };
                 if self.controller.tick(&o, self.now) == Decision::Shrink {
                     self.window.cut(self.now);
@@ -626,6 +681,42 @@ mod tests {
     }
 
     #[test]
+    fn one_batch_of_background_rows_is_bounded_by_its_measured_time() {
+        // The same plant as above would grow to ~30; with rows measured at 2 ms and 25 ms of
+        // background per batch, the limit stops at 12 rows and says why.
+        let mut p = Plant::new(100, 20, 2_000);
+        p.controller.config.batch_time = Duration::from_millis(25);
+        p.row_cost = Some(Duration::from_millis(2));
+        p.run(200);
+        assert_eq!(p.controller.batch_rows(), Some(12));
+        assert!(p.trace.iter().all(|t| t.1 <= 12), "{:?}", p.trace);
+        assert_eq!(p.controller.limit(), 12);
+        assert!(
+            p.controller.reason().contains("12 background rows per batch"),
+            "{}",
+            p.controller.reason()
+        );
+        // Rows get heavier (5 ms): the bound follows at the next tick, without waiting for the
+        // latency to rise.
+        p.row_cost = Some(Duration::from_millis(5));
+        p.run(1);
+        assert_eq!(p.controller.batch_rows(), Some(5));
+        assert_eq!(p.controller.limit(), 5);
+        // Two instances execute two batches at once: twice the rows in flight.
+        let mut two = Plant::new(100, 20, 1_000);
+        two.controller.config.batch_time = Duration::from_millis(25);
+        two.controller.config.instances = 2;
+        two.row_cost = Some(Duration::from_millis(5));
+        two.run(100);
+        assert_eq!(two.controller.limit(), 10);
+        // A row slower than the whole bound still lets one through: never a stop by this rule.
+        two.row_cost = Some(Duration::from_millis(40));
+        two.run(1);
+        assert_eq!(two.controller.batch_rows(), Some(1));
+        assert_eq!(two.controller.limit(), 2);
+    }
+
+    #[test]
     fn an_impossible_objective_drives_background_to_zero_and_says_why() {
         // Online alone takes 150 ms: no limit meets 100 ms.
         let mut p = Plant::new(100, 150, 2_000);
@@ -656,6 +747,7 @@ mod tests {
             in_flight: 1,
             held_back: false,
             online_busy: 0.2,
+            row_cost: None,
         };
         assert_eq!(c.tick(&calm, now), Decision::Hold);
         assert!(
@@ -751,6 +843,18 @@ mod tests {
         assert_eq!(s.objective, Duration::from_millis(50));
         assert_eq!(s.max_limit, 16);
         assert_eq!(s.step, 1);
+        assert_eq!(s.batch_time, Duration::from_micros(12_500));
+        let s = SloConfig::from_config(&c(
+            r#""latency_slo_p99_ms":{"string_value":"50"},"background_batch_ms":{"string_value":"20"}"#,
+        ))
+        .unwrap()
+        .unwrap();
+        assert_eq!(s.batch_time, Duration::from_millis(20));
+        let err = SloConfig::from_config(&c(
+            r#""latency_slo_p99_ms":{"string_value":"50"},"background_batch_ms":{"string_value":"-1"}"#,
+        ))
+        .unwrap_err();
+        assert!(err.contains("background_batch_ms"), "{err}");
         let err =
             SloConfig::from_config(&c(r#""latency_slo_p99_ms":{"string_value":"0"}"#)).unwrap_err();
         assert!(

@@ -100,6 +100,10 @@ struct Slo {
     breach: AtomicBool,
     /// Instance time spent on batches holding online requests since the last tick, ns.
     online_busy_ns: AtomicU64,
+    /// A batch's execution time per row, averaged over recent batches, ns (0: none yet).
+    row_cost_ns: AtomicU64,
+    /// Background rows one batch may take (rule 5 of [`crate::slo`]); `usize::MAX`: no bound yet.
+    batch_rows: AtomicUsize,
     last_tick: Mutex<Instant>,
 }
 
@@ -114,6 +118,8 @@ impl Slo {
             held_back: AtomicBool::new(false),
             breach: AtomicBool::new(false),
             online_busy_ns: AtomicU64::new(0),
+            row_cost_ns: AtomicU64::new(0),
+            batch_rows: AtomicUsize::new(usize::MAX),
             last_tick: Mutex::new(now),
         }
     }
@@ -287,6 +293,7 @@ impl ModelWorker {
             window_p99,
             limit: c.limit(),
             max_limit: c.config().max_limit,
+            batch_rows: c.batch_rows(),
             in_flight: s.background_in_flight.load(Ordering::Acquire),
             decision: c.decision().as_str(),
             reason: c.reason().to_string(),
@@ -655,10 +662,16 @@ fn next_batch(s: &Shared, pending: &mut VecDeque<Pending>, now: Instant) -> Next
     let mut shown: Option<Vec<usize>> = None;
     let items: Vec<Item<'_, BatchKey>> = match &s.slo {
         Some(slo) if pending.iter().any(|p| p.background) => {
-            let mut room = slo
-                .limit
-                .load(Ordering::Acquire)
-                .saturating_sub(s.background_in_flight.load(Ordering::Acquire));
+            // A batch holding online requests takes no background rows (rule 1).
+            let online_waits = pending.iter().any(|p| !p.background);
+            let mut room = if online_waits {
+                0
+            } else {
+                slo.limit
+                    .load(Ordering::Acquire)
+                    .saturating_sub(s.background_in_flight.load(Ordering::Acquire))
+                    .min(slo.batch_rows.load(Ordering::Acquire))
+            };
             let mut positions = Vec::with_capacity(pending.len());
             for (i, p) in pending.iter().enumerate() {
                 if p.background {
@@ -752,12 +765,18 @@ fn control(s: &Shared, slo: &Slo, now: Instant) -> Instant {
         in_flight: s.background_in_flight.load(Ordering::Acquire),
         held_back: slo.held_back.swap(false, Ordering::AcqRel),
         online_busy,
+        row_cost: match slo.row_cost_ns.load(Ordering::Acquire) {
+            0 => None,
+            ns => Some(Duration::from_nanos(ns)),
+        },
     };
     let before = c.limit();
     if c.tick(&o, now) == Decision::Shrink {
         w.cut(now);
     }
     slo.limit.store(c.limit(), Ordering::Release);
+    slo.batch_rows
+        .store(c.batch_rows().unwrap_or(usize::MAX), Ordering::Release);
     if c.limit() != before {
         tracing::debug!(model = %s.name, limit = c.limit(), reason = c.reason(), "background limit");
     }
@@ -880,11 +899,12 @@ fn execute(s: &Shared, batch: Vec<Pending>) {
         .add(n, done.saturating_duration_since(infer_end));
     s.stats.record_batch(total, infer_end - infer_start);
     let background = batch.iter().filter(|p| p.background).count();
-    if let Some(slo) = &s.slo
-        && background < batch.len()
-    {
+    if let Some(slo) = &s.slo {
         let busy = u64::try_from(done.saturating_duration_since(start).as_nanos()).unwrap_or(0);
-        slo.online_busy_ns.fetch_add(busy, Ordering::Relaxed);
+        if background < batch.len() {
+            slo.online_busy_ns.fetch_add(busy, Ordering::Relaxed);
+        }
+        record_row_cost(slo, busy / (total.max(1) as u64));
     }
     if background > 0 {
         s.background_in_flight
@@ -958,6 +978,20 @@ fn execute(s: &Shared, batch: Vec<Pending>) {
             hand_over(s, answers);
         }
     }
+}
+
+/// Folds one batch's execution time per row into the average the controller bounds background
+/// rows by (rule 5 of [`crate::slo`]): an exponential average over about the last 8 batches.
+fn record_row_cost(slo: &Slo, per_row_ns: u64) {
+    let _ = slo
+        .row_cost_ns
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |old| {
+            Some(if old == 0 {
+                per_row_ns.max(1)
+            } else {
+                (old - old / 8 + per_row_ns / 8).max(1)
+            })
+        });
 }
 
 /// Puts a finished batch's online requests into the objective's window; one over the controller's

@@ -175,6 +175,10 @@ pub struct CoschedArgs {
     /// How the `controller` run sets the objective on the server.
     #[arg(long, value_enum, default_value = "parameter")]
     pub slo_via: SloVia,
+    /// Extra model parameters for every run, `KEY=VALUE` (repeatable), e.g.
+    /// `background_batch_ms=20` to try the controller's settings.
+    #[arg(long = "model-parameter", value_name = "KEY=VALUE")]
+    pub model_parameters: Vec<String>,
     /// Online load as a share of the measured capacity (open loop).
     #[arg(long, default_value_t = 0.5)]
     pub online_fraction: f64,
@@ -274,6 +278,7 @@ pub fn validate(a: &CoschedArgs) -> Result<(), String> {
                 .into(),
         );
     }
+    model_parameters(a)?;
     if a.slo_ms == 0 || a.slo_ms > 3_600_000 {
         return Err(format!(
             "--slo-ms must be 1..=3600000 milliseconds, got {}",
@@ -538,6 +543,8 @@ pub struct ControllerSample {
     pub background_limit: u64,
     pub background_max: u64,
     pub background_in_flight: u64,
+    /// Background rows one batch may take (0: not measured yet).
+    pub background_batch_rows: u64,
     /// The last decision ("grow", "hold", "shrink") and why.
     pub decision: String,
     pub reason: String,
@@ -556,6 +563,7 @@ impl From<v1::LatencyObjective> for ControllerSample {
             background_limit: o.background_limit,
             background_max: o.background_max,
             background_in_flight: o.background_in_flight,
+            background_batch_rows: o.background_batch_rows,
             decision: o.decision,
             reason: o.reason,
             at_risk: o.at_risk,
@@ -681,6 +689,7 @@ pub struct CoschedReport {
     pub cores: usize,
     pub slo_ms: u64,
     pub slo_via: SloVia,
+    pub model_parameters: Vec<String>,
     pub online_fraction: f64,
     pub arrivals: Arrivals,
     pub window_s: f64,
@@ -793,6 +802,21 @@ impl Bench<'_> {
     }
 }
 
+/// `--model-parameter` as (key, value) pairs; an error names a malformed one.
+fn model_parameters(a: &CoschedArgs) -> Result<Vec<(String, String)>, String> {
+    a.model_parameters
+        .iter()
+        .map(|kv| match kv.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() && k.trim() != "latency_slo_p99_ms" => {
+                Ok((k.trim().to_string(), v.trim().to_string()))
+            }
+            _ => Err(format!(
+                "--model-parameter '{kv}' is not KEY=VALUE (the objective is --slo-ms)"
+            )),
+        })
+        .collect()
+}
+
 /// The model's config: the imported one (or the `cost` stand-in's) with two priority levels.
 fn model_config(a: &CoschedArgs, imported: Option<&Path>) -> anyhow::Result<serde_json::Value> {
     let mut config = match imported {
@@ -828,6 +852,16 @@ fn model_config(a: &CoschedArgs, imported: Option<&Path>) -> anyhow::Result<serd
     batching["priority_levels"] = json!(2);
     batching["default_priority_level"] = json!(1);
     map.insert("dynamic_batching".into(), batching);
+    if !a.model_parameters.is_empty() {
+        let parameters = map
+            .entry("parameters")
+            .or_insert_with(|| json!({}))
+            .as_object_mut()
+            .context("the model's config has 'parameters' that are not an object")?;
+        for (k, v) in model_parameters(a).map_err(anyhow::Error::msg)? {
+            parameters.insert(k, json!({ "string_value": v }));
+        }
+    }
     Ok(config)
 }
 
@@ -1527,6 +1561,7 @@ pub async fn cosched(a: &CoschedArgs) -> anyhow::Result<CoschedReport> {
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
         slo_ms: a.slo_ms,
         slo_via: a.slo_via,
+        model_parameters: a.model_parameters.clone(),
         online_fraction: a.online_fraction,
         arrivals: a.arrivals,
         window_s: a.window,
@@ -1596,9 +1631,10 @@ pub fn run_lines(r: &RunReport, slo_ms: u64) -> String {
     for w in &r.windows {
         let controller = w.controller.as_ref().map_or_else(String::new, |c| {
             format!(
-                "  controller: limit {}/{} in flight {} window p99 {:.1} ms ({} requests) {}{}: {}",
+                "  controller: limit {}/{} ({} per batch) in flight {} window p99 {:.1} ms ({} requests) {}{}: {}",
                 c.background_limit,
                 c.background_max,
+                c.background_batch_rows,
                 c.background_in_flight,
                 c.online_p99_ms,
                 c.window_requests,
@@ -1896,9 +1932,11 @@ mod tests {
             at_risk: true,
             grows: 30,
             shrinks: 4,
+            background_batch_rows: 5,
         });
         assert_eq!(s.online_p99_ms, 42.5);
         assert_eq!((s.background_limit, s.background_in_flight), (12, 7));
+        assert_eq!(s.background_batch_rows, 5);
         assert_eq!(s.decision, "shrink");
         assert!(s.at_risk);
     }
