@@ -692,7 +692,9 @@ mod tests {
         assert!(p.trace.iter().all(|t| t.1 <= 12), "{:?}", p.trace);
         assert_eq!(p.controller.limit(), 12);
         assert!(
-            p.controller.reason().contains("12 background rows per batch"),
+            p.controller
+                .reason()
+                .contains("12 background rows per batch"),
             "{}",
             p.controller.reason()
         );

@@ -150,3 +150,60 @@ async fn an_objective_online_work_alone_breaks_stops_background_work_and_says_wh
     assert!(worker.slo().unwrap().limit == 0);
     drop(background);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn background_rows_per_batch_follow_their_measured_time_and_stay_out_of_online_batches() {
+    let pool = ExecutionPool::new(2).unwrap();
+    // 2 ms per row; 10 ms of background rows per batch allow at most 5 rows.
+    let bounded = ModelWorker::start(
+        cost(
+            0,
+            2_000,
+            &format!(
+                r#"{},"background_batch_ms":{{"string_value":"10"}},"background_step":{{"string_value":"4"}}"#,
+                slo(1_000, 64)
+            ),
+        ),
+        pool.clone(),
+        &WorkerOptions::default(),
+    );
+    // The limit grows by 4 every 100 ms (`background_step`) while nothing online runs.
+    let sizes = background_batches(&bounded, 200).await;
+    assert!(sizes.iter().all(|&s| s <= 5), "{sizes:?}");
+    assert!(
+        sizes.iter().any(|&s| s >= 3),
+        "the limit never grew: {sizes:?}"
+    );
+    let o = bounded.slo().unwrap();
+    assert!(o.batch_rows.is_some_and(|r| (1..=5).contains(&r)), "{o:?}");
+    assert!(o.limit <= 5, "{o:?}");
+
+    // With a whole second per batch, the same load grows past 5 rows per batch.
+    let loose = ModelWorker::start(
+        cost(
+            0,
+            2_000,
+            &format!(
+                r#"{},"background_batch_ms":{{"string_value":"1000"}},"background_step":{{"string_value":"4"}}"#,
+                slo(1_000, 64)
+            ),
+        ),
+        pool,
+        &WorkerOptions::default(),
+    );
+    let sizes = background_batches(&loose, 200).await;
+    assert!(sizes.iter().any(|&s| s > 5), "{sizes:?}");
+
+    // An online request that arrives while background work waits runs in a batch of its own.
+    let waiting: Vec<_> = (0..40)
+        .map(|_| bounded.submit(request(true)).unwrap())
+        .collect();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    for _ in 0..3 {
+        let online = answer(bounded.submit(request(false)).unwrap()).await;
+        assert_eq!(online.batch_size, 1);
+    }
+    for rx in waiting {
+        assert!(answer(rx).await.batch_size <= 5);
+    }
+}
