@@ -24,4 +24,6 @@ pub use priority::{LevelPolicy, PriorityPolicy, order as priority_order};
 pub use request::{BatchTrace, InferOutput, Request, SpanRef};
 pub use slo::{Controller, Decision, Observation, SloConfig, SloSnapshot, background_levels};
 pub use stats::{BatchStat, DurationStat, LatencyBuckets, ModelStats, Percentiles, StatsSnapshot};
-pub use worker::{ModelWorker, WorkerFailure, WorkerOptions};
+pub use worker::{
+    DEFAULT_INLINE_BELOW, INLINE_STREAK, ModelWorker, WorkerFailure, WorkerOptions, inline_bound,
+};

@@ -8,6 +8,16 @@
 //! and may unpark a worker thread). Measured against answering from the pool thread (identity
 //! 1×16, concurrency 64, six interleaved pairs), the throughput ratio to the echo server rose
 //! from a median of 0.72 to 0.76 (docs/PERFORMANCE.md, session 4).
+//!
+//! **Inline execution** (issue 19). For a model whose batches are measured short (each of its
+//! last [`INLINE_STREAK`] batches within `inline_execution_us`, default
+//! [`DEFAULT_INLINE_BELOW`]), a request that arrives while the model is idle, with nothing
+//! queued and no queue delay to wait out, runs inside `submit` on the caller's thread and is
+//! answered from there: no wake of the batcher, of a pool thread, and of the batcher again. Under
+//! load the model is busy and requests queue as before, so batching is unchanged. A model that
+//! turns slow while inline costs its caller's thread one batch: the streak it needs doubles,
+//! and its batches go to the pool until it has shown that many fast ones again (`try_inline`).
+//! Models with a latency objective never run inline (their batches go through the controller).
 
 use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -84,6 +94,48 @@ struct Shared {
     background_in_flight: AtomicUsize,
     /// The latency objective and its controller, when the model sets one.
     slo: Option<Slo>,
+    /// Batches run on the caller's thread instead ([`ModelWorker::submit`]) up to this measured
+    /// execution time; `None`: never (`inline_execution_us` = 0, or a latency objective).
+    inline_below: Option<Duration>,
+    /// Batches in a row that executed within `inline_below`.
+    fast_streak: AtomicU64,
+    /// The streak a batch needs to run inline: [`INLINE_STREAK`], doubled (up to
+    /// [`INLINE_STREAK_MAX`]) by every inline batch that took longer than `inline_below`.
+    streak_needed: AtomicU64,
+    /// Batches run on the caller's thread.
+    inline_runs: AtomicU64,
+}
+
+/// Without `inline_execution_us`, a batch may run on the caller's thread when its model's
+/// executions take at most this long ([`ModelWorker::submit`]).
+pub const DEFAULT_INLINE_BELOW: Duration = Duration::from_micros(200);
+/// The batches in a row that must execute within the inline bound before one runs on a caller's
+/// thread; one slower batch starts the count again.
+pub const INLINE_STREAK: u64 = 64;
+/// The most batches in a row a model that ran slow inline must show before it runs inline again.
+pub const INLINE_STREAK_MAX: u64 = 1 << 20;
+
+/// The inline bound a model's configuration sets (`inline_execution_us`; 0 = never), or the
+/// default; never with a latency objective (its batches go through the controller). An error
+/// names a value that is not a whole number of microseconds.
+pub fn inline_bound(config: &ModelConfig) -> Result<Option<Duration>, String> {
+    let us = match config.parameter("inline_execution_us").map(str::trim) {
+        None | Some("") => return Ok(Some(DEFAULT_INLINE_BELOW)),
+        Some(v) => v.parse::<u64>().map_err(|_| {
+            format!("parameter 'inline_execution_us' is '{v}', not a whole number of microseconds")
+        })?,
+    };
+    Ok((us > 0).then(|| Duration::from_micros(us)))
+}
+
+fn inline_below(config: &ModelConfig, has_objective: bool) -> Option<Duration> {
+    if has_objective {
+        return None;
+    }
+    inline_bound(config).unwrap_or_else(|e| {
+        tracing::warn!(model = %config.name, error = %e, "batches run on the pool only");
+        None
+    })
 }
 
 /// A model's latency objective at work (see [`crate::slo`]): the controller, the window it
@@ -240,7 +292,11 @@ impl ModelWorker {
             pool_jobs: AtomicU64::new(0),
             background_levels,
             background_in_flight: AtomicUsize::new(0),
+            inline_below: inline_below(config, slo.is_some()),
             slo: slo.map(|c| Slo::new(c, Instant::now())),
+            fast_streak: AtomicU64::new(0),
+            streak_needed: AtomicU64::new(INLINE_STREAK),
+            inline_runs: AtomicU64::new(0),
         });
         ModelWorker { shared }
     }
@@ -327,6 +383,11 @@ impl ModelWorker {
         self.shared.pool_jobs.load(Ordering::Relaxed)
     }
 
+    /// Batches run on their caller's thread (see [`ModelWorker::submit`]).
+    pub fn inline_runs(&self) -> u64 {
+        self.shared.inline_runs.load(Ordering::Relaxed)
+    }
+
     pub fn queue_capacity(&self) -> usize {
         self.shared.queue.capacity()
     }
@@ -393,6 +454,9 @@ impl ModelWorker {
             key,
             tokens,
             background,
+        };
+        let Some(pending) = try_inline(s, pending) else {
+            return Ok(rx);
         };
         if let Some(bounds) = &s.levels
             && let Err(capacity) = bounds.try_reserve(level)
@@ -494,19 +558,24 @@ async fn run(s: &Arc<Shared>, cancel: &CancellationToken) -> Result<(), WorkerFa
                 let tick = control(s, slo, now);
                 wake = Some(wake.map_or(tick, |w| w.min(tick)));
             }
-            while s.inflight.load(Ordering::Acquire) < s.instances && !pending.is_empty() {
+            // The instance is taken before the batch: a caller running its request inline
+            // (`try_inline`) takes one the same way.
+            while !pending.is_empty() && take_instance(s) {
                 match next_batch(s, &mut pending, now) {
                     Next::Run(batch) => {
-                        s.inflight.fetch_add(1, Ordering::AcqRel);
                         s.pool_jobs.fetch_add(1, Ordering::Relaxed);
                         let shared = s.clone();
                         s.pool.spawn(move || run_batches(&shared, batch));
                     }
                     Next::Wait(at) => {
+                        give_back_instance(s);
                         wake = Some(wake.map_or(at, |w| w.min(at)));
                         break;
                     }
-                    Next::Idle => break,
+                    Next::Idle => {
+                        give_back_instance(s);
+                        break;
+                    }
                 }
             }
             if s.closed.load(Ordering::Acquire)
@@ -531,6 +600,77 @@ async fn run(s: &Arc<Shared>, cancel: &CancellationToken) -> Result<(), WorkerFa
             _ = cancel.cancelled() => return Ok(()),
         }
     }
+}
+
+/// Takes one of the model's instances if one is free.
+fn take_instance(s: &Shared) -> bool {
+    s.inflight
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+            (n < s.instances).then_some(n + 1)
+        })
+        .is_ok()
+}
+
+/// Gives back an instance taken without running a batch on it, or after an inline batch, and
+/// wakes the batcher unless it provably has nothing to do. A caller that queued its request
+/// while the instance was taken did not wake it (`submit`); the fence pairs with the one there.
+fn give_back_instance(s: &Shared) {
+    s.inflight.fetch_sub(1, Ordering::SeqCst);
+    std::sync::atomic::fence(Ordering::SeqCst);
+    let idle = s.queue.depth() == 0
+        && !s.closed.load(Ordering::Acquire)
+        && s.panicked.lock().is_none()
+        && s.pending.try_lock().is_some_and(|p| p.is_empty());
+    if !idle {
+        s.notify.notify_one();
+    }
+}
+
+/// Runs a request on the caller's thread when that costs less than handing it to the batcher
+/// and a pool thread and back (two thread wake-ups, tens of µs): the model's last
+/// `streak_needed` batches each executed within `inline_below` (short models: identity, small
+/// ones), nothing is queued ahead of it, the batching policy would run it alone now (no queue
+/// delay to wait out), and an instance is free. Returns the request when it must be queued.
+///
+/// Why this cannot stall the runtime for long: only a model measured fast runs inline, one
+/// batch of one request per caller, and an inline batch slower than the bound turns inline off
+/// until twice as many fast batches in a row have been seen (up to [`INLINE_STREAK_MAX`]).
+fn try_inline(s: &Shared, p: Pending) -> Option<Pending> {
+    let Some(bound) = s.inline_below else {
+        return Some(p);
+    };
+    if s.fast_streak.load(Ordering::Relaxed) < s.streak_needed.load(Ordering::Relaxed)
+        || s.queue.depth() > 0
+        || s.abort.load(Ordering::Acquire)
+    {
+        return Some(p);
+    }
+    match s.pending.try_lock() {
+        Some(pending) if pending.is_empty() => {}
+        _ => return Some(p),
+    }
+    let item = Item {
+        enqueued: p.enqueued,
+        rows: p.req.rows,
+        key: &p.key,
+        tokens: p.tokens,
+    };
+    if !matches!(s.policy.plan(&[item], p.enqueued), Plan::Run(_)) || !take_instance(s) {
+        return Some(p);
+    }
+    s.inline_runs.fetch_add(1, Ordering::Relaxed);
+    let took = execute(s, vec![p]);
+    if took > bound {
+        let needed = s.streak_needed.load(Ordering::Relaxed);
+        s.streak_needed
+            .store((needed * 2).min(INLINE_STREAK_MAX), Ordering::Relaxed);
+        tracing::debug!(model = %s.name, took_us = took.as_micros() as u64, "an inline batch ran slow");
+    }
+    // The answer goes out from here: the caller's task, on this thread, is woken without a
+    // hop through the batcher.
+    deliver(s, &mut Vec::new());
+    give_back_instance(s);
+    None
 }
 
 /// How many batches a pool thread runs back to back before it hands the model back to the
@@ -863,7 +1003,8 @@ struct Marks {
 /// Every step between taking the batch and answering runs under `catch_unwind`, not only the
 /// backend call: a panic while concatenating the inputs or splitting the outputs must fail this
 /// batch, not abort the process or leave its callers waiting.
-fn execute(s: &Shared, batch: Vec<Pending>) {
+/// Returns how long the batch took (the inline bound's measure).
+fn execute(s: &Shared, batch: Vec<Pending>) -> Duration {
     let start = Instant::now();
     for p in &batch {
         s.stats.queue.add(1, start.duration_since(p.enqueued));
@@ -898,6 +1039,14 @@ fn execute(s: &Shared, batch: Vec<Pending>) {
         .compute_output
         .add(n, done.saturating_duration_since(infer_end));
     s.stats.record_batch(total, infer_end - infer_start);
+    let took = done.saturating_duration_since(start);
+    if let Some(bound) = s.inline_below {
+        if took <= bound {
+            s.fast_streak.fetch_add(1, Ordering::Relaxed);
+        } else {
+            s.fast_streak.store(0, Ordering::Relaxed);
+        }
+    }
     let background = batch.iter().filter(|p| p.background).count();
     if let Some(slo) = &s.slo {
         let busy = u64::try_from(done.saturating_duration_since(start).as_nanos()).unwrap_or(0);
@@ -978,6 +1127,7 @@ fn execute(s: &Shared, batch: Vec<Pending>) {
             hand_over(s, answers);
         }
     }
+    took
 }
 
 /// Folds one batch's execution time per row into the average the controller bounds background

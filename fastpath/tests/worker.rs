@@ -612,3 +612,183 @@ async fn a_request_the_backend_refuses_fails_alone_before_the_queue() {
     assert_eq!(out.outputs[0].f32_values().unwrap(), vec![3.0]);
     assert_eq!(worker.stats().execution_count, 1);
 }
+
+/// A model that records the thread each batch runs on and spins for `spin_us` per batch (set
+/// by the test), then answers as the wrapped model does.
+struct Timed {
+    inner: Arc<dyn Model>,
+    spin_us: Arc<std::sync::atomic::AtomicU64>,
+    threads: Arc<std::sync::Mutex<Vec<std::thread::ThreadId>>>,
+}
+
+impl Model for Timed {
+    fn config(&self) -> &ModelConfig {
+        self.inner.config()
+    }
+
+    fn execute(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, veraltheim_models::Error> {
+        self.threads
+            .lock()
+            .unwrap()
+            .push(std::thread::current().id());
+        let spin = Duration::from_micros(self.spin_us.load(std::sync::atomic::Ordering::Relaxed));
+        let start = std::time::Instant::now();
+        while start.elapsed() < spin {
+            std::hint::spin_loop();
+        }
+        self.inner.execute(inputs)
+    }
+}
+
+struct TimedHandle {
+    spin_us: Arc<std::sync::atomic::AtomicU64>,
+    threads: Arc<std::sync::Mutex<Vec<std::thread::ThreadId>>>,
+}
+
+impl TimedHandle {
+    fn spin(&self, us: u64) {
+        self.spin_us.store(us, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn last_thread(&self) -> std::thread::ThreadId {
+        *self.threads.lock().unwrap().last().unwrap()
+    }
+}
+
+fn timed(extra: &str, spin_us: u64) -> (ModelWorker, TimedHandle) {
+    timed_model(cost(0, 0, extra), spin_us)
+}
+
+fn timed_model(inner: Arc<dyn Model>, spin_us: u64) -> (ModelWorker, TimedHandle) {
+    let spin = Arc::new(std::sync::atomic::AtomicU64::new(spin_us));
+    let threads = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let model = Timed {
+        inner,
+        spin_us: spin.clone(),
+        threads: threads.clone(),
+    };
+    let worker = ModelWorker::start(
+        Arc::new(model),
+        ExecutionPool::new(2).unwrap(),
+        &WorkerOptions::default(),
+    );
+    (
+        worker,
+        TimedHandle {
+            spin_us: spin,
+            threads,
+        },
+    )
+}
+
+/// Sends `n` requests one after the other, each answered before the next; checks the answers.
+async fn one_by_one(worker: &ModelWorker, n: usize) {
+    for i in 0..n {
+        let out = worker.submit(row(i as f32)).unwrap().await.unwrap().unwrap();
+        assert_eq!(out.outputs[0].f32_values().unwrap(), vec![i as f32 + 1.0]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fast_idle_model_runs_a_lone_request_on_the_callers_thread() {
+    let (worker, model) = timed("", 0);
+    // Until INLINE_STREAK batches have shown the model fast, every batch goes to the pool.
+    one_by_one(&worker, veraltheim_fastpath::INLINE_STREAK as usize).await;
+    assert_eq!(worker.inline_runs(), 0);
+    let jobs = worker.pool_jobs();
+    // Now a lone request runs inside `submit`, on this thread: its answer is there at once.
+    let mut rx = worker.submit(row(7.0)).unwrap();
+    assert_eq!(model.last_thread(), std::thread::current().id());
+    let out = rx.try_recv().expect("answered before submit returned").unwrap();
+    assert_eq!(out.outputs[0].f32_values().unwrap(), vec![8.0]);
+    assert_eq!(worker.inline_runs(), 1);
+    assert_eq!(worker.pool_jobs(), jobs);
+    // Many callers at once still get their own rows, whichever way each ran.
+    let answers: Vec<_> = (0..64).map(|i| worker.submit(row(i as f32)).unwrap()).collect();
+    for (i, rx) in answers.into_iter().enumerate() {
+        let out = rx.await.unwrap().unwrap();
+        assert_eq!(out.outputs[0].f32_values().unwrap(), vec![i as f32 + 1.0]);
+    }
+    let stats = worker.stats();
+    assert_eq!(stats.success.count, 64 + 1 + 64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_model_never_runs_on_the_callers_thread() {
+    // 1 ms per batch, five times the default bound.
+    let (worker, model) = timed("", 1_000);
+    one_by_one(&worker, 2 * veraltheim_fastpath::INLINE_STREAK as usize).await;
+    assert_eq!(worker.inline_runs(), 0);
+    assert_ne!(model.last_thread(), std::thread::current().id());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_inline_batch_turns_inline_off_until_twice_the_streak() {
+    let streak = veraltheim_fastpath::INLINE_STREAK as usize;
+    let (worker, model) = timed("", 0);
+    one_by_one(&worker, streak + 1).await;
+    assert_eq!(worker.inline_runs(), 1);
+    // The model turns slow: the next lone request still runs inline (nothing said otherwise)...
+    model.spin(2_000);
+    one_by_one(&worker, 1).await;
+    assert_eq!(worker.inline_runs(), 2);
+    // ...and from then on the pool runs its batches, fast or not, until 2 × INLINE_STREAK fast
+    // batches in a row have been seen.
+    one_by_one(&worker, 3).await;
+    model.spin(0);
+    one_by_one(&worker, 2 * streak).await;
+    assert_eq!(worker.inline_runs(), 2);
+    one_by_one(&worker, 1).await;
+    assert_eq!(worker.inline_runs(), 3);
+    assert_eq!(model.last_thread(), std::thread::current().id());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_delay_or_inline_execution_us_0_keeps_batches_on_the_pool() {
+    let streak = veraltheim_fastpath::INLINE_STREAK as usize;
+    // With a queue delay the batching policy waits for company: no request runs alone inline.
+    let (delayed, _) = timed(
+        r#","dynamic_batching":{"max_queue_delay_microseconds":200}"#,
+        0,
+    );
+    one_by_one(&delayed, streak + 8).await;
+    assert_eq!(delayed.inline_runs(), 0);
+    let off_config = builtin::config("cost")
+        .unwrap()
+        .with_override(r#"{"parameters":{"inline_execution_us":{"string_value":"0"}}}"#)
+        .unwrap();
+    let (off, _) = timed_model(builtin::instantiate(off_config).unwrap(), 0);
+    one_by_one(&off, streak + 8).await;
+    assert_eq!(off.inline_runs(), 0);
+}
+
+#[test]
+fn inline_execution_us_is_read_and_a_bad_value_is_named() {
+    let config = |params: &str| {
+        builtin::config("cost")
+            .unwrap()
+            .with_override(&format!(r#"{{"parameters":{{{params}}}}}"#))
+            .unwrap()
+    };
+    assert_eq!(
+        veraltheim_fastpath::inline_bound(&config("")),
+        Ok(Some(veraltheim_fastpath::DEFAULT_INLINE_BELOW))
+    );
+    assert_eq!(
+        veraltheim_fastpath::inline_bound(&config(
+            r#""inline_execution_us":{"string_value":"50"}"#
+        )),
+        Ok(Some(Duration::from_micros(50)))
+    );
+    assert_eq!(
+        veraltheim_fastpath::inline_bound(&config(
+            r#""inline_execution_us":{"string_value":"0"}"#
+        )),
+        Ok(None)
+    );
+    let err = veraltheim_fastpath::inline_bound(&config(
+        r#""inline_execution_us":{"string_value":"fast"}"#,
+    ))
+    .unwrap_err();
+    assert!(err.contains("inline_execution_us") && err.contains("'fast'"), "{err}");
+}
