@@ -270,6 +270,7 @@ impl ModelWorker {
             depth: cap.iter().map(|_| AtomicUsize::new(0)).collect(),
             cap,
         });
+        let inline_below = inline_below(config, slo.is_some());
         let shared = Arc::new(Shared {
             name: config.name.clone(),
             policy: BatchPolicy::from_config(config),
@@ -292,7 +293,7 @@ impl ModelWorker {
             pool_jobs: AtomicU64::new(0),
             background_levels,
             background_in_flight: AtomicUsize::new(0),
-            inline_below: inline_below(config, slo.is_some()),
+            inline_below,
             slo: slo.map(|c| Slo::new(c, Instant::now())),
             fast_streak: AtomicU64::new(0),
             streak_needed: AtomicU64::new(INLINE_STREAK),

@@ -681,17 +681,38 @@ fn timed_model(inner: Arc<dyn Model>, spin_us: u64) -> (ModelWorker, TimedHandle
     )
 }
 
+/// The `cost` model with no cost, counted fast up to `inline_us` per batch: tests that need a
+/// batch to count as fast use a bound far above what a trivial batch takes even on a busy
+/// machine, and make a batch slow by spinning past it.
+fn inline_cost(inline_us: u64, extra: &str) -> Arc<dyn Model> {
+    let config = builtin::config("cost")
+        .unwrap()
+        .with_override(&format!(
+            r#"{{"parameters":{{"inline_execution_us":{{"string_value":"{inline_us}"}}}}{extra}}}"#
+        ))
+        .unwrap();
+    builtin::instantiate(config).unwrap()
+}
+
+/// The inline bound of the tests that need batches to count as fast: 50 ms.
+const TEST_INLINE_US: u64 = 50_000;
+
 /// Sends `n` requests one after the other, each answered before the next; checks the answers.
 async fn one_by_one(worker: &ModelWorker, n: usize) {
     for i in 0..n {
-        let out = worker.submit(row(i as f32)).unwrap().await.unwrap().unwrap();
+        let out = worker
+            .submit(row(i as f32))
+            .unwrap()
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(out.outputs[0].f32_values().unwrap(), vec![i as f32 + 1.0]);
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fast_idle_model_runs_a_lone_request_on_the_callers_thread() {
-    let (worker, model) = timed("", 0);
+    let (worker, model) = timed_model(inline_cost(TEST_INLINE_US, ""), 0);
     // Until INLINE_STREAK batches have shown the model fast, every batch goes to the pool.
     one_by_one(&worker, veraltheim_fastpath::INLINE_STREAK as usize).await;
     assert_eq!(worker.inline_runs(), 0);
@@ -699,12 +720,17 @@ async fn a_fast_idle_model_runs_a_lone_request_on_the_callers_thread() {
     // Now a lone request runs inside `submit`, on this thread: its answer is there at once.
     let mut rx = worker.submit(row(7.0)).unwrap();
     assert_eq!(model.last_thread(), std::thread::current().id());
-    let out = rx.try_recv().expect("answered before submit returned").unwrap();
+    let out = rx
+        .try_recv()
+        .expect("answered before submit returned")
+        .unwrap();
     assert_eq!(out.outputs[0].f32_values().unwrap(), vec![8.0]);
     assert_eq!(worker.inline_runs(), 1);
     assert_eq!(worker.pool_jobs(), jobs);
     // Many callers at once still get their own rows, whichever way each ran.
-    let answers: Vec<_> = (0..64).map(|i| worker.submit(row(i as f32)).unwrap()).collect();
+    let answers: Vec<_> = (0..64)
+        .map(|i| worker.submit(row(i as f32)).unwrap())
+        .collect();
     for (i, rx) in answers.into_iter().enumerate() {
         let out = rx.await.unwrap().unwrap();
         assert_eq!(out.outputs[0].f32_values().unwrap(), vec![i as f32 + 1.0]);
@@ -715,7 +741,7 @@ async fn a_fast_idle_model_runs_a_lone_request_on_the_callers_thread() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_model_never_runs_on_the_callers_thread() {
-    // 1 ms per batch, five times the default bound.
+    // 1 ms per batch, five times the default bound (a spin takes at least that long).
     let (worker, model) = timed("", 1_000);
     one_by_one(&worker, 2 * veraltheim_fastpath::INLINE_STREAK as usize).await;
     assert_eq!(worker.inline_runs(), 0);
@@ -725,11 +751,11 @@ async fn a_slow_model_never_runs_on_the_callers_thread() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_inline_batch_turns_inline_off_until_twice_the_streak() {
     let streak = veraltheim_fastpath::INLINE_STREAK as usize;
-    let (worker, model) = timed("", 0);
+    let (worker, model) = timed_model(inline_cost(TEST_INLINE_US, ""), 0);
     one_by_one(&worker, streak + 1).await;
     assert_eq!(worker.inline_runs(), 1);
     // The model turns slow: the next lone request still runs inline (nothing said otherwise)...
-    model.spin(2_000);
+    model.spin(TEST_INLINE_US + 10_000);
     one_by_one(&worker, 1).await;
     assert_eq!(worker.inline_runs(), 2);
     // ...and from then on the pool runs its batches, fast or not, until 2 × INLINE_STREAK fast
@@ -747,17 +773,16 @@ async fn a_slow_inline_batch_turns_inline_off_until_twice_the_streak() {
 async fn a_queue_delay_or_inline_execution_us_0_keeps_batches_on_the_pool() {
     let streak = veraltheim_fastpath::INLINE_STREAK as usize;
     // With a queue delay the batching policy waits for company: no request runs alone inline.
-    let (delayed, _) = timed(
-        r#","dynamic_batching":{"max_queue_delay_microseconds":200}"#,
+    let (delayed, _) = timed_model(
+        inline_cost(
+            TEST_INLINE_US,
+            r#","dynamic_batching":{"max_queue_delay_microseconds":200}"#,
+        ),
         0,
     );
     one_by_one(&delayed, streak + 8).await;
     assert_eq!(delayed.inline_runs(), 0);
-    let off_config = builtin::config("cost")
-        .unwrap()
-        .with_override(r#"{"parameters":{"inline_execution_us":{"string_value":"0"}}}"#)
-        .unwrap();
-    let (off, _) = timed_model(builtin::instantiate(off_config).unwrap(), 0);
+    let (off, _) = timed_model(inline_cost(0, ""), 0);
     one_by_one(&off, streak + 8).await;
     assert_eq!(off.inline_runs(), 0);
 }
@@ -781,14 +806,15 @@ fn inline_execution_us_is_read_and_a_bad_value_is_named() {
         Ok(Some(Duration::from_micros(50)))
     );
     assert_eq!(
-        veraltheim_fastpath::inline_bound(&config(
-            r#""inline_execution_us":{"string_value":"0"}"#
-        )),
+        veraltheim_fastpath::inline_bound(&config(r#""inline_execution_us":{"string_value":"0"}"#)),
         Ok(None)
     );
     let err = veraltheim_fastpath::inline_bound(&config(
         r#""inline_execution_us":{"string_value":"fast"}"#,
     ))
     .unwrap_err();
-    assert!(err.contains("inline_execution_us") && err.contains("'fast'"), "{err}");
+    assert!(
+        err.contains("inline_execution_us") && err.contains("'fast'"),
+        "{err}"
+    );
 }
