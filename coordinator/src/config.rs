@@ -352,6 +352,8 @@ pub struct ModelsConfig {
     pub size_factor: f64,
     /// `MODEL=MS` entries: latency objectives (p99) for models whose configuration sets none.
     pub latency_slo: Vec<String>,
+    /// Batches of models measured this fast may run on the receiving thread (0: never).
+    pub inline_execution_us: u64,
 }
 
 impl ModelsConfig {

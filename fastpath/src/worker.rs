@@ -46,6 +46,9 @@ pub struct WorkerOptions {
     /// How long a request waits before its effective priority rises one level, unless the
     /// model's `priority_aging_ms` parameter says otherwise.
     pub priority_aging: Duration,
+    /// Batches may run on the caller's thread for models measured this fast, unless the model's
+    /// `inline_execution_us` parameter says otherwise; `None`: never.
+    pub inline_below: Option<Duration>,
 }
 
 impl Default for WorkerOptions {
@@ -53,6 +56,7 @@ impl Default for WorkerOptions {
         WorkerOptions {
             default_max_queue_size: 1024,
             priority_aging: Duration::from_secs(1),
+            inline_below: Some(DEFAULT_INLINE_BELOW),
         }
     }
 }
@@ -115,12 +119,14 @@ pub const INLINE_STREAK: u64 = 64;
 /// The most batches in a row a model that ran slow inline must show before it runs inline again.
 pub const INLINE_STREAK_MAX: u64 = 1 << 20;
 
-/// The inline bound a model's configuration sets (`inline_execution_us`; 0 = never), or the
-/// default; never with a latency objective (its batches go through the controller). An error
-/// names a value that is not a whole number of microseconds.
-pub fn inline_bound(config: &ModelConfig) -> Result<Option<Duration>, String> {
+/// The inline bound a model's configuration sets (`inline_execution_us`; 0 = never), or else
+/// `default` (the server's); an error names a value that is not a whole number of microseconds.
+pub fn inline_bound(
+    config: &ModelConfig,
+    default: Option<Duration>,
+) -> Result<Option<Duration>, String> {
     let us = match config.parameter("inline_execution_us").map(str::trim) {
-        None | Some("") => return Ok(Some(DEFAULT_INLINE_BELOW)),
+        None | Some("") => return Ok(default),
         Some(v) => v.parse::<u64>().map_err(|_| {
             format!("parameter 'inline_execution_us' is '{v}', not a whole number of microseconds")
         })?,
@@ -128,11 +134,17 @@ pub fn inline_bound(config: &ModelConfig) -> Result<Option<Duration>, String> {
     Ok((us > 0).then(|| Duration::from_micros(us)))
 }
 
-fn inline_below(config: &ModelConfig, has_objective: bool) -> Option<Duration> {
+/// The inline bound of a model's worker: never with a latency objective (its batches go through
+/// the controller).
+fn inline_below(
+    config: &ModelConfig,
+    has_objective: bool,
+    default: Option<Duration>,
+) -> Option<Duration> {
     if has_objective {
         return None;
     }
-    inline_bound(config).unwrap_or_else(|e| {
+    inline_bound(config, default).unwrap_or_else(|e| {
         tracing::warn!(model = %config.name, error = %e, "batches run on the pool only");
         None
     })
@@ -270,7 +282,7 @@ impl ModelWorker {
             depth: cap.iter().map(|_| AtomicUsize::new(0)).collect(),
             cap,
         });
-        let inline_below = inline_below(config, slo.is_some());
+        let inline_below = inline_below(config, slo.is_some(), options.inline_below);
         let shared = Arc::new(Shared {
             name: config.name.clone(),
             policy: BatchPolicy::from_config(config),

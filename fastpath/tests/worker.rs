@@ -795,23 +795,34 @@ fn inline_execution_us_is_read_and_a_bad_value_is_named() {
             .with_override(&format!(r#"{{"parameters":{{{params}}}}}"#))
             .unwrap()
     };
+    // Without the parameter, the server's default (`models.inline_execution_us`).
+    let nine = Some(Duration::from_micros(9));
     assert_eq!(
-        veraltheim_fastpath::inline_bound(&config("")),
-        Ok(Some(veraltheim_fastpath::DEFAULT_INLINE_BELOW))
+        veraltheim_fastpath::inline_bound(&config(""), nine),
+        Ok(nine)
     );
     assert_eq!(
-        veraltheim_fastpath::inline_bound(&config(
-            r#""inline_execution_us":{"string_value":"50"}"#
-        )),
+        veraltheim_fastpath::inline_bound(&config(""), None),
+        Ok(None)
+    );
+    assert_eq!(
+        veraltheim_fastpath::inline_bound(
+            &config(r#""inline_execution_us":{"string_value":"50"}"#),
+            None
+        ),
         Ok(Some(Duration::from_micros(50)))
     );
     assert_eq!(
-        veraltheim_fastpath::inline_bound(&config(r#""inline_execution_us":{"string_value":"0"}"#)),
+        veraltheim_fastpath::inline_bound(
+            &config(r#""inline_execution_us":{"string_value":"0"}"#),
+            Some(Duration::from_micros(9))
+        ),
         Ok(None)
     );
-    let err = veraltheim_fastpath::inline_bound(&config(
-        r#""inline_execution_us":{"string_value":"fast"}"#,
-    ))
+    let err = veraltheim_fastpath::inline_bound(
+        &config(r#""inline_execution_us":{"string_value":"fast"}"#),
+        None,
+    )
     .unwrap_err();
     assert!(
         err.contains("inline_execution_us") && err.contains("'fast'"),

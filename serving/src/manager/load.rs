@@ -125,7 +125,7 @@ impl ModelManager {
         .and_then(|c| {
             veraltheim_fastpath::SloConfig::from_config(&c)
                 .and_then(|_| veraltheim_fastpath::background_levels(&c))
-                .and_then(|_| veraltheim_fastpath::inline_bound(&c))
+                .and_then(|_| veraltheim_fastpath::inline_bound(&c, None))
                 .map(|_| c.clone())
                 .map_err(|reason| veraltheim_models::Error::InvalidConfig {
                     model: c.name.clone(),
