@@ -23,6 +23,11 @@ pub trait JobCounts: Send + Sync {
     fn live(&self) -> veraltheim_slowpath::LiveCounts;
     /// How many jobs entered each state since the start.
     fn entered(&self) -> Vec<(veraltheim_slowpath::JobState, u64)>;
+    /// Running local jobs paused now while a latency objective is at risk.
+    fn paused(&self) -> usize;
+    /// The CPU (millicores) jobs are admitted against now: the configured capacity less what
+    /// the fast path uses.
+    fn cpu_capacity_millis(&self) -> u64;
 }
 
 pub struct Context {

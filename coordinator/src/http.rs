@@ -140,7 +140,22 @@ fn coordinator_families(ctx: &Context) -> Vec<Family> {
         "counter",
         "Batch jobs that entered each state since the coordinator started",
     );
+    let mut paused = Family::new(
+        "veraltheim_jobs_paused",
+        "gauge",
+        "Running local jobs paused now (SIGSTOP) while a latency objective is at risk",
+    );
+    let mut job_cpu = Family::new(
+        "veraltheim_jobs_cpu_capacity_millicores",
+        "gauge",
+        "CPU local jobs are admitted against now: the configured capacity less what the fast \
+         path uses (never below jobs.min_cpu_millis)",
+    );
     if let Some(jobs) = &ctx.jobs {
+        paused.samples.push((String::new(), jobs.paused() as f64));
+        job_cpu
+            .samples
+            .push((String::new(), jobs.cpu_capacity_millis() as f64));
         let c = jobs.live();
         for (state, n) in [
             ("QUEUED", c.queued),
@@ -183,7 +198,16 @@ fn coordinator_families(ctx: &Context) -> Vec<Family> {
         }
         walk(&root.snapshot(), "", &mut restarts.samples);
     }
-    let mut families = vec![model_memory, budget, device_held, live, entered, restarts];
+    let mut families = vec![
+        model_memory,
+        budget,
+        device_held,
+        live,
+        entered,
+        paused,
+        job_cpu,
+        restarts,
+    ];
     families.extend(nats_families(ctx));
     families
 }

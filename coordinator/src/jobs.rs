@@ -59,6 +59,14 @@ impl crate::context::JobCounts for Jobs {
     fn entered(&self) -> Vec<(JobState, u64)> {
         self.entered.counts().collect()
     }
+
+    fn paused(&self) -> usize {
+        self.runner.paused_count()
+    }
+
+    fn cpu_capacity_millis(&self) -> u64 {
+        self.runner.job_cpu_capacity()
+    }
 }
 
 /// A count per job state (in [`JobState::ALL`]'s order).

@@ -165,6 +165,16 @@ async fn a_local_job_is_paused_while_an_objective_is_at_risk_and_resumed_after()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.contains("PAUSED"), "{text}");
+    // /metrics counts it.
+    let paused_gauge = || async {
+        let (code, metrics) = common::http_call(&server.http, "GET", "/metrics", None, "").await;
+        assert_eq!(code, 200);
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("veraltheim_jobs_paused "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    };
+    assert_eq!(paused_gauge().await, Some(1.0));
 
     // The online load stops: once its window is calm the objective is kept, the job resumes.
     stop.store(true, Ordering::Relaxed);
@@ -179,6 +189,7 @@ async fn a_local_job_is_paused_while_an_objective_is_at_risk_and_resumed_after()
     );
     let resumed = job(&ch, &id).await;
     assert!(resumed.paused_ms > 0, "{resumed:?}");
+    assert_eq!(paused_gauge().await, Some(0.0));
     assert_eq!(resumed.state, v1::JobState::Running as i32);
     let mut told = Vec::new();
     while told.len() < 2 {

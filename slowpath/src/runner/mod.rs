@@ -411,6 +411,16 @@ impl<B: JobBackend> RunnerOn<B> {
         self.inner.state.lock().at_risk.clone()
     }
 
+    /// Running attempts on this node that are paused now (SIGSTOP while an objective is at risk).
+    pub fn paused_count(&self) -> usize {
+        let state = self.inner.state.lock();
+        if state.at_risk.is_some() {
+            state.pausable.len()
+        } else {
+            0
+        }
+    }
+
     /// The executor that runs the attempts.
     pub fn executor(&self) -> &Arc<dyn Executor> {
         &self.inner.exec
