@@ -360,6 +360,12 @@ pub fn render(ctx: &Context) -> String {
             "counter",
             "Requests dropped from the queue because their deadline passed",
         ),
+        Family::new(
+            "veraltheim_inference_inline_total",
+            "counter",
+            "Batches run on the thread that received their request (the model idle and measured \
+             fast: models.inline_execution_us)",
+        ),
     ];
     let mut summaries = [
         Family::new(
@@ -476,6 +482,7 @@ pub fn render(ctx: &Context) -> String {
             s.pending as f64,
             s.rejected as f64,
             s.expired as f64,
+            w.inline_runs() as f64,
         ];
         for (fam, v) in fams.iter_mut().zip(values) {
             fam.samples.push((l.clone(), v));
