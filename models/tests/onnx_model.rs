@@ -602,7 +602,11 @@ fn the_optimised_graph_is_cached_beside_the_model_and_reused() {
         r#"{"name":"add_mul","max_batch_size":4,"parameters":{"onnx_optimization":{"string_value":"basic"}}}"#,
     );
     assert!(cache_note(&basic).starts_with("built "));
-    assert!(dir.path().join(".model.onnx.basic.optimized.onnx").is_file());
+    assert!(
+        dir.path()
+            .join(".model.onnx.basic.optimized.onnx")
+            .is_file()
+    );
     let none = cached_load(
         dir.path(),
         r#"{"name":"add_mul","max_batch_size":4,"parameters":{"onnx_optimization":{"string_value":"none"}}}"#,
@@ -633,7 +637,10 @@ fn a_corrupt_or_stale_cached_graph_is_rebuilt_not_served() {
     std::fs::write(&cached, &bytes).unwrap();
     let model = cached_load(dir.path(), json);
     let note = cache_note(&model);
-    assert!(note.starts_with("built ") && note.contains("corrupt"), "{note}");
+    assert!(
+        note.starts_with("built ") && note.contains("corrupt"),
+        "{note}"
+    );
     assert_add_mul_computes(&model);
     // Truncated.
     let len = std::fs::metadata(&cached).unwrap().len();
@@ -644,7 +651,11 @@ fn a_corrupt_or_stale_cached_graph_is_rebuilt_not_served() {
         .set_len(len / 3)
         .unwrap();
     let model = cached_load(dir.path(), json);
-    assert!(cache_note(&model).contains("corrupt"), "{}", cache_note(&model));
+    assert!(
+        cache_note(&model).contains("corrupt"),
+        "{}",
+        cache_note(&model)
+    );
     assert_add_mul_computes(&model);
     assert!(cache_note(&cached_load(dir.path(), json)).starts_with("hit "));
 

@@ -201,8 +201,7 @@ pub fn load(
             .any(|t| graph.inputs.iter().any(|g| g.name == t.name));
     if text {
         prepared.first = Some(first);
-        let (encoder, decisions) =
-            tune::text_encoder(&rt, &config, dir, &file, options, prepared)?;
+        let (encoder, decisions) = tune::text_encoder(&rt, &config, dir, &file, options, prepared)?;
         let mut config = config;
         decisions.apply(&mut config);
         let embedder = crate::text::SentenceEmbedder::new(config, dir, encoder)?;

@@ -127,10 +127,7 @@ pub(super) enum Lookup {
     /// A valid optimised graph.
     Hit(Entry, Record),
     /// None usable: build one into `entry` (`None`: nowhere writable). `why` says what was wrong.
-    Miss {
-        entry: Option<Entry>,
-        why: String,
-    },
+    Miss { entry: Option<Entry>, why: String },
 }
 
 /// The SHA-256 of a file, in hex, and its length.

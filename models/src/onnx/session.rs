@@ -106,7 +106,11 @@ impl SessionPool {
     pub(super) fn into_sessions(self) -> Vec<Session> {
         self.slots
             .into_iter()
-            .map(|m| m.into_inner().unwrap_or_else(PoisonError::into_inner).session)
+            .map(|m| {
+                m.into_inner()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .session
+            })
             .collect()
     }
 

@@ -16,9 +16,9 @@ use super::optimize::{self, CheckRecord, GraphCache, Key, Level, Lookup};
 use super::runtime::{Runtime, runtime};
 use super::session::{Spec, open_session, open_sessions};
 use super::{
-    OnnxOptions, PARAM_CHECK, PARAM_CHECK_TOLERANCE, PARAM_GRAPH_CACHE, PARAM_INSTANCES, PARAM_INTRA_OP_THREADS,
-    PARAM_INTRA_OP_THREADS_CHOSEN, PARAM_OPTIMIZATION, PARAM_SWEEP, PARAM_SWEEP_RESULT,
-    model_file,
+    OnnxOptions, PARAM_CHECK, PARAM_CHECK_TOLERANCE, PARAM_GRAPH_CACHE, PARAM_INSTANCES,
+    PARAM_INTRA_OP_THREADS, PARAM_INTRA_OP_THREADS_CHOSEN, PARAM_OPTIMIZATION, PARAM_SWEEP,
+    PARAM_SWEEP_RESULT, model_file,
 };
 use crate::config::{InstanceGroup, ModelConfig, Parameter};
 use crate::error::Error;
@@ -314,7 +314,12 @@ fn batches(dir: &Path, max_batch: usize) -> Result<Batches, String> {
         tokenizer.encode(&SENTENCES[..1])?,
         tokenizer.encode(&SENTENCES[6..7])?,
     ];
-    let n = SWEEP_BATCH.min(max_batch.max(1));
+    // 0: the sentence embedder's default bound, which its configuration gets later.
+    let max_batch = match max_batch {
+        0 => crate::text::DEFAULT_MAX_BATCH_SIZE as usize,
+        n => n,
+    };
+    let n = SWEEP_BATCH.min(max_batch);
     let sweep: Vec<&str> = (0..n).map(|i| SENTENCES[i % SENTENCES.len()]).collect();
     Ok(Batches {
         probes,
@@ -329,11 +334,18 @@ fn max_diff_on_tokens(a: &[f32], b: &[f32], batch: &TokenBatch, hidden: usize) -
         if m == 0 {
             continue;
         }
-        let (x, y) = (&a[t * hidden..(t + 1) * hidden], &b[t * hidden..(t + 1) * hidden]);
+        let (x, y) = (
+            &a[t * hidden..(t + 1) * hidden],
+            &b[t * hidden..(t + 1) * hidden],
+        );
         for (p, q) in x.iter().zip(y) {
             let d = f64::from((p - q).abs());
             // NaN anywhere fails the check.
-            worst = if d.is_nan() { f64::INFINITY } else { worst.max(d) };
+            worst = if d.is_nan() {
+                f64::INFINITY
+            } else {
+                worst.max(d)
+            };
         }
     }
     worst
@@ -403,10 +415,7 @@ pub(super) fn text_encoder(
 
     // The reference check: the fused graph must agree with the basic level.
     let check_note = if prepared.level > Level::Basic {
-        let known = prepared
-            .cached
-            .as_ref()
-            .and_then(|(_, r)| r.check.clone());
+        let known = prepared.cached.as_ref().and_then(|(_, r)| r.check.clone());
         let result = match known {
             Some(c) => (c.max_abs_diff, c.max_abs_diff <= tolerance, "recorded"),
             None => {
@@ -426,7 +435,12 @@ pub(super) fn text_encoder(
         };
         let (diff, accepted, how) = result;
         if accepted {
-            tracing::info!(model, level = prepared.level.name(), max_abs_diff = diff, "ONNX optimised graph agrees with the basic level");
+            tracing::info!(
+                model,
+                level = prepared.level.name(),
+                max_abs_diff = diff,
+                "ONNX optimised graph agrees with the basic level"
+            );
             format!(
                 "{} kept: max |diff| {diff:.2e} <= {tolerance:.0e} vs basic on {} probe \
                  batches ({how})",
@@ -434,7 +448,13 @@ pub(super) fn text_encoder(
                 batches.probes.len()
             )
         } else {
-            tracing::warn!(model, level = prepared.level.name(), max_abs_diff = diff, tolerance, "ONNX optimised graph differs from the basic level; falling back to basic");
+            tracing::warn!(
+                model,
+                level = prepared.level.name(),
+                max_abs_diff = diff,
+                tolerance,
+                "ONNX optimised graph differs from the basic level; falling back to basic"
+            );
             let note = format!(
                 "{} refused: max |diff| {diff:.2e} > {tolerance:.0e} vs basic ({how}); \
                  fell back to basic",
@@ -473,7 +493,16 @@ pub(super) fn text_encoder(
     let sweep = sweep_allowed(config)? && candidates.len() > 1;
     let (intra, count, note) = if sweep {
         let mut pool = Sessions::new(first_threads, encoder.into_sessions());
-        let (best, rates) = run_sweep(rt, model, dir, &graph, &prepared, &mut pool, &candidates, &batches.sweep)?;
+        let (best, rates) = run_sweep(
+            rt,
+            model,
+            dir,
+            &graph,
+            &prepared,
+            &mut pool,
+            &candidates,
+            &batches.sweep,
+        )?;
         let list: Vec<String> = rates
             .iter()
             .map(|((t, n), r)| format!("{}x{n}: {r:.0}/s", thread_name(*t)))
