@@ -309,6 +309,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
                 onnxruntime_library: config.models.onnxruntime_library.clone(),
                 // 0: ONNX Runtime's default, the backend's spelling of an unset value.
                 intra_op_threads: config.models.onnx_intra_op_threads.unwrap_or(0),
+                // Optimised ONNX graphs of models whose folder is read-only.
+                onnx_cache_dir: Some(config.storage.data_dir.join("onnx-cache")),
                 limits: config.limits.models(),
                 simulated_gpus: devices.simulated(),
             },

@@ -20,8 +20,11 @@ use crate::model::Model;
 pub struct BackendOptions {
     /// `libonnxruntime.so`; `ORT_DYLIB_PATH` when unset.
     pub onnxruntime_library: Option<PathBuf>,
-    /// ONNX Runtime intra-op threads per session (0: its default).
+    /// ONNX Runtime intra-op threads per session (0: its default, or a text encoder's sweep).
     pub intra_op_threads: usize,
+    /// Where ONNX Runtime's optimised graphs are cached when a model's folder is not writable
+    /// (the server's `<data_dir>/onnx-cache`); `None`: only beside the model.
+    pub onnx_cache_dir: Option<PathBuf>,
     /// Bounds on what a configuration may ask for (the built-in `cost` model's compute).
     pub limits: crate::limits::Limits,
     /// The GPUs are simulated (`--simulate-gpus`): a built-in model placed on one (by
@@ -156,6 +159,7 @@ pub fn instantiate(
             let onnx = crate::onnx::OnnxOptions {
                 library: options.onnxruntime_library.clone(),
                 intra_op_threads: options.intra_op_threads,
+                cache: crate::onnx::GraphCache::Beside(options.onnx_cache_dir.clone()),
             };
             crate::onnx::load(config, need_dir()?, &onnx)
         }

@@ -8,6 +8,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -36,13 +37,157 @@ fn embedder_folder() -> tempfile::TempDir {
 
 fn load(json: &str, intra_op_threads: usize) -> (Arc<dyn Model>, tempfile::TempDir) {
     let dir = embedder_folder();
+    let model = load_in(dir.path(), json, intra_op_threads);
+    (model, dir)
+}
+
+/// Loads the MiniLM folder `dir` (its graph cache beside it).
+fn load_in(dir: &Path, json: &str, intra_op_threads: usize) -> Arc<dyn Model> {
     let config = ModelConfig::from_json(json).expect("config");
     let options = OnnxOptions {
         library: Some(common::ort_library()),
         intra_op_threads,
+        ..OnnxOptions::default()
     };
-    let model = onnx::load(config, dir.path(), &options).expect("MiniLM (ONNX) loads");
-    (model, dir)
+    onnx::load(config, dir, &options).expect("MiniLM (ONNX) loads")
+}
+
+fn param(model: &Arc<dyn Model>, key: &str) -> String {
+    model
+        .config()
+        .parameter(key)
+        .unwrap_or_else(|| panic!("no effective parameter '{key}'"))
+        .to_string()
+}
+
+/// The reference sentences embedded in one batch, each row checked against the reference.
+fn embed_reference(model: &Arc<dyn Model>, what: &str) -> Vec<Vec<f32>> {
+    let reference = common::reference();
+    let texts: Vec<&str> = reference.iter().map(|(t, _, _)| t.as_str()).collect();
+    let out = model
+        .execute(&[common::text_tensor(&texts)])
+        .expect("a batch runs");
+    let rows = common::embedding_rows(&out[0]);
+    for (i, ((_, _, expected), row)) in reference.iter().zip(&rows).enumerate() {
+        common::assert_close(
+            &format!("{what}: sentence {i}"),
+            row,
+            expected,
+            common::TOLERANCE,
+        );
+    }
+    rows
+}
+
+const NO_SWEEP: &str = r#"{"name":"minilm","parameters":{"onnx_sweep":{"string_value":"false"}}}"#;
+
+#[test]
+fn the_fused_graph_is_checked_cached_and_reused() {
+    let dir = embedder_folder();
+    let first = load_in(dir.path(), NO_SWEEP, 0);
+    assert_eq!(param(&first, onnx::PARAM_OPTIMIZATION), "all");
+    let check = param(&first, onnx::PARAM_CHECK);
+    assert!(
+        check.starts_with("all kept") && check.contains("measured"),
+        "{check}"
+    );
+    let cache = param(&first, onnx::PARAM_GRAPH_CACHE);
+    assert!(cache.starts_with("built "), "{cache}");
+    assert!(dir.path().join(".model.onnx.all.optimized.onnx").is_file());
+    let rows = embed_reference(&first, "first load");
+    drop(first);
+
+    let again = load_in(dir.path(), NO_SWEEP, 0);
+    assert!(param(&again, onnx::PARAM_GRAPH_CACHE).starts_with("hit "));
+    let check = param(&again, onnx::PARAM_CHECK);
+    assert!(
+        check.contains("recorded"),
+        "the check is not run again: {check}"
+    );
+    let cached_rows = embed_reference(&again, "cached graph");
+    for (i, (a, b)) in rows.iter().zip(&cached_rows).enumerate() {
+        common::assert_close(&format!("cached vs built, sentence {i}"), b, a, 1e-6);
+    }
+
+    // A corrupt cached graph is rebuilt, and the model still embeds right.
+    let cached = dir.path().join(".model.onnx.all.optimized.onnx");
+    let mut bytes = std::fs::read(&cached).unwrap();
+    let at = bytes.len() - 1000;
+    bytes[at] ^= 0x55;
+    std::fs::write(&cached, &bytes).unwrap();
+    let rebuilt = load_in(dir.path(), NO_SWEEP, 0);
+    let cache = param(&rebuilt, onnx::PARAM_GRAPH_CACHE);
+    assert!(
+        cache.starts_with("built ") && cache.contains("corrupt"),
+        "{cache}"
+    );
+    embed_reference(&rebuilt, "rebuilt graph");
+
+    // A record made from another source graph is stale.
+    let record = dir.path().join(".model.onnx.all.optimized.json");
+    let text = std::fs::read_to_string(&record).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    json["key"]["source_sha256"] = "0".repeat(64).into();
+    std::fs::write(&record, json.to_string()).unwrap();
+    let rebuilt = load_in(dir.path(), NO_SWEEP, 0);
+    let cache = param(&rebuilt, onnx::PARAM_GRAPH_CACHE);
+    assert!(cache.contains("stale: the source graph changed"), "{cache}");
+}
+
+#[test]
+fn a_fused_graph_beyond_the_tolerance_falls_back_to_basic() {
+    // Tolerance 0: the fused graph sums in another order, so it differs in the last bits.
+    let (model, dir) = load(
+        r#"{"name":"minilm","parameters":{"onnx_sweep":{"string_value":"false"},
+            "onnx_check_tolerance":{"string_value":"0"}}}"#,
+        0,
+    );
+    assert_eq!(param(&model, onnx::PARAM_OPTIMIZATION), "basic");
+    let check = param(&model, onnx::PARAM_CHECK);
+    assert!(
+        check.contains("refused") && check.contains("fell back to basic"),
+        "{check}"
+    );
+    assert!(
+        dir.path()
+            .join(".model.onnx.basic.optimized.onnx")
+            .is_file()
+    );
+    embed_reference(&model, "basic after the fallback");
+
+    let basic = load_in(
+        dir.path(),
+        r#"{"name":"minilm","parameters":{"onnx_sweep":{"string_value":"false"},
+            "onnx_optimization":{"string_value":"basic"}}}"#,
+        0,
+    );
+    assert_eq!(param(&basic, onnx::PARAM_OPTIMIZATION), "basic");
+    assert!(param(&basic, onnx::PARAM_CHECK).contains("nothing to check"));
+    embed_reference(&basic, "basic asked for");
+}
+
+#[test]
+fn the_sweep_picks_threads_and_instances_unless_they_are_set() {
+    let (model, _dir) = load(r#"{"name":"minilm"}"#, 0);
+    let sweep = param(&model, onnx::PARAM_SWEEP_RESULT);
+    assert!(
+        sweep.starts_with("chose ") && sweep.contains("/s"),
+        "{sweep}"
+    );
+    let instances: usize = param(&model, onnx::PARAM_INSTANCES).parse().unwrap();
+    assert!((1..=2).contains(&instances), "{instances}");
+    assert_eq!(model.config().instance_count(), instances);
+    embed_reference(&model, "after the sweep");
+
+    let (set, _dir) = load(
+        r#"{"name":"minilm","instance_group":[{"count":2}],
+            "parameters":{"intra_op_threads":{"string_value":"1"}}}"#,
+        0,
+    );
+    assert!(param(&set, onnx::PARAM_SWEEP_RESULT).starts_with("skipped"));
+    assert_eq!(param(&set, onnx::PARAM_INTRA_OP_THREADS_CHOSEN), "1");
+    assert_eq!(param(&set, onnx::PARAM_INSTANCES), "2");
+    assert_eq!(set.config().instance_count(), 2);
 }
 
 #[test]
@@ -117,30 +262,47 @@ fn two_instances_embed_concurrently() {
     });
 }
 
-/// In-process throughput at batch 1, 8 and 32 (short sentences, ~14 tokens). A report, not an
-/// assertion: `cargo test -p veraltheim-models --features onnx --release --test minilm_onnx --
-/// --ignored --nocapture`.
+/// In-process throughput at batch 1, 8 and 32 (short sentences, ~14 tokens), at the basic and
+/// the full optimisation level (one instance, ONNX Runtime's default threads), and what the sweep
+/// of a default load chooses. A report, not an assertion: `cargo test -p veraltheim-models
+/// --features onnx --release --test minilm_onnx -- --ignored --nocapture`.
 #[test]
 #[ignore = "a measurement; run by hand"]
 fn throughput_report() {
-    let (model, _dir) = load(r#"{"name":"minilm"}"#, 0);
     let sentences = [
         "A man is eating a piece of bread.",
         "The girl is carrying a baby.",
         "A woman is playing violin on the stage.",
         "Two men pushed carts through the woods.",
     ];
-    for batch in [1usize, 8, 32] {
-        let texts: Vec<&str> = (0..batch).map(|i| sentences[i % sentences.len()]).collect();
-        let input = [common::text_tensor(&texts)];
-        model.execute(&input).expect("warm-up");
-        let start = Instant::now();
-        let mut done = 0usize;
-        while start.elapsed() < Duration::from_secs(3) {
-            model.execute(&input).expect("runs");
-            done += batch;
+    let t0 = Instant::now();
+    let (swept, _dir) = load(r#"{"name":"minilm"}"#, 0);
+    eprintln!(
+        "default load {:.2}s: {} | {} | {}",
+        t0.elapsed().as_secs_f64(),
+        param(&swept, onnx::PARAM_OPTIMIZATION),
+        param(&swept, onnx::PARAM_CHECK),
+        param(&swept, onnx::PARAM_SWEEP_RESULT)
+    );
+    drop(swept);
+    for level in ["basic", "all", "basic", "all"] {
+        let json = format!(
+            r#"{{"name":"minilm","instance_group":[{{"count":1}}],
+                "parameters":{{"onnx_optimization":{{"string_value":"{level}"}}}}}}"#
+        );
+        let (model, _dir) = load(&json, 0);
+        for batch in [1usize, 8, 32] {
+            let texts: Vec<&str> = (0..batch).map(|i| sentences[i % sentences.len()]).collect();
+            let input = [common::text_tensor(&texts)];
+            model.execute(&input).expect("warm-up");
+            let start = Instant::now();
+            let mut done = 0usize;
+            while start.elapsed() < Duration::from_secs(3) {
+                model.execute(&input).expect("runs");
+                done += batch;
+            }
+            let rate = done as f64 / start.elapsed().as_secs_f64();
+            eprintln!("MiniLM ONNX {level:>5} batch {batch:>2}: {rate:>7.1} sentences/s");
         }
-        let rate = done as f64 / start.elapsed().as_secs_f64();
-        eprintln!("MiniLM ONNX batch {batch:>2}: {rate:>7.1} sentences/s");
     }
 }

@@ -68,6 +68,7 @@ fn missing_runtime_fails_with_a_fix_and_a_later_good_path_works() {
     let e = load(&OnnxOptions {
         library: Some(not_a_library.clone()),
         intra_op_threads: 0,
+        ..OnnxOptions::default()
     })
     .err()
     .expect("not a shared library");
@@ -81,6 +82,7 @@ fn missing_runtime_fails_with_a_fix_and_a_later_good_path_works() {
     let e = load(&OnnxOptions {
         library: Some(good),
         intra_op_threads: 0,
+        ..OnnxOptions::default()
     })
     .err()
     .expect("the graph itself is garbage");

@@ -11,13 +11,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use veraltheim_models::onnx::{self, AUTO_MAX_BATCH_SIZE, OnnxOptions};
+use veraltheim_models::onnx::{self, AUTO_MAX_BATCH_SIZE, GraphCache, OnnxOptions};
 use veraltheim_models::{DataType, Error, Model, ModelConfig, Tensor, TensorData};
 
 fn options() -> OnnxOptions {
     OnnxOptions {
         library: Some(common::ort_library()),
         intra_op_threads: 1,
+        // These tests load the shared provisioned graphs: nothing is written beside them.
+        cache: GraphCache::Off,
     }
 }
 
@@ -528,4 +530,143 @@ fn a_tokenizer_beside_a_graph_without_token_inputs_is_refused_as_an_encoder() {
     )
     .expect("a plain graph despite the tokenizer");
     assert_eq!(plain.config().output.len(), 2);
+}
+
+/// A writable folder holding a copy of `name`'s graph (the cache is written beside it).
+fn copied_graph(name: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::copy(
+        graph_dir(name).join("model.onnx"),
+        dir.path().join("model.onnx"),
+    )
+    .expect("copy the graph");
+    dir
+}
+
+fn cached_load(dir: &Path, json: &str) -> Arc<dyn Model> {
+    let options = OnnxOptions {
+        cache: GraphCache::default(),
+        ..options()
+    };
+    onnx::load(config(json), dir, &options).expect("loads")
+}
+
+fn cache_note(model: &Arc<dyn Model>) -> String {
+    model
+        .config()
+        .parameter(onnx::PARAM_GRAPH_CACHE)
+        .expect("the cache's outcome is in the effective parameters")
+        .to_string()
+}
+
+fn assert_add_mul_computes(model: &Arc<dyn Model>) {
+    let a = [1.0f32, 2.0, 3.0, 4.0];
+    let b = [0.5f32, -1.0, 2.0, 8.0];
+    let out = model
+        .execute(&[
+            Tensor::from_f32("A", vec![1, 4], &a).unwrap(),
+            Tensor::from_f32("B", vec![1, 4], &b).unwrap(),
+        ])
+        .expect("runs");
+    let sum = out[0].f32_values().expect("FP32");
+    let product = out[1].f32_values().expect("FP32");
+    for i in 0..4 {
+        assert_eq!(sum[i], a[i] + b[i], "SUM[{i}]");
+        assert_eq!(product[i], a[i] * b[i], "PRODUCT[{i}]");
+    }
+}
+
+#[test]
+fn the_optimised_graph_is_cached_beside_the_model_and_reused() {
+    let dir = copied_graph("add_mul");
+    let json = r#"{"name":"add_mul","max_batch_size":4}"#;
+    let first = cached_load(dir.path(), json);
+    let note = cache_note(&first);
+    assert!(note.starts_with("built "), "{note}");
+    assert_eq!(
+        first.config().parameter(onnx::PARAM_OPTIMIZATION),
+        Some("all")
+    );
+    assert!(dir.path().join(".model.onnx.all.optimized.onnx").is_file());
+    assert!(dir.path().join(".model.onnx.all.optimized.json").is_file());
+    assert_add_mul_computes(&first);
+
+    let again = cached_load(dir.path(), json);
+    let note = cache_note(&again);
+    assert!(note.starts_with("hit "), "{note}");
+    assert_add_mul_computes(&again);
+
+    // Another level is another cache entry; `none` is never cached.
+    let basic = cached_load(
+        dir.path(),
+        r#"{"name":"add_mul","max_batch_size":4,"parameters":{"onnx_optimization":{"string_value":"basic"}}}"#,
+    );
+    assert!(cache_note(&basic).starts_with("built "));
+    assert!(
+        dir.path()
+            .join(".model.onnx.basic.optimized.onnx")
+            .is_file()
+    );
+    let none = cached_load(
+        dir.path(),
+        r#"{"name":"add_mul","max_batch_size":4,"parameters":{"onnx_optimization":{"string_value":"none"}}}"#,
+    );
+    assert_eq!(cache_note(&none), "off");
+    assert_add_mul_computes(&none);
+    let e = onnx::load(
+        config(r#"{"name":"m","parameters":{"onnx_optimization":{"string_value":"max"}}}"#),
+        dir.path(),
+        &options(),
+    )
+    .err()
+    .expect("an unknown level");
+    assert!(e.to_string().contains("onnx_optimization"), "{e}");
+}
+
+#[test]
+fn a_corrupt_or_stale_cached_graph_is_rebuilt_not_served() {
+    let dir = copied_graph("add_mul");
+    let json = r#"{"name":"add_mul","max_batch_size":4}"#;
+    cached_load(dir.path(), json);
+    let cached = dir.path().join(".model.onnx.all.optimized.onnx");
+
+    // Corrupt: one byte changed in the middle, same length.
+    let mut bytes = std::fs::read(&cached).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&cached, &bytes).unwrap();
+    let model = cached_load(dir.path(), json);
+    let note = cache_note(&model);
+    assert!(
+        note.starts_with("built ") && note.contains("corrupt"),
+        "{note}"
+    );
+    assert_add_mul_computes(&model);
+    // Truncated.
+    let len = std::fs::metadata(&cached).unwrap().len();
+    std::fs::File::options()
+        .write(true)
+        .open(&cached)
+        .unwrap()
+        .set_len(len / 3)
+        .unwrap();
+    let model = cached_load(dir.path(), json);
+    assert!(
+        cache_note(&model).contains("corrupt"),
+        "{}",
+        cache_note(&model)
+    );
+    assert_add_mul_computes(&model);
+    assert!(cache_note(&cached_load(dir.path(), json)).starts_with("hit "));
+
+    // Stale: the source graph is replaced by another; the new one is served.
+    std::fs::copy(
+        graph_dir("fixed_shape").join("model.onnx"),
+        dir.path().join("model.onnx"),
+    )
+    .unwrap();
+    let model = cached_load(dir.path(), r#"{"name":"fixed"}"#);
+    let note = cache_note(&model);
+    assert!(note.contains("stale: the source graph changed"), "{note}");
+    assert_eq!(model.config().input[0].dims, vec![2, 3], "the new graph");
 }

@@ -6,9 +6,9 @@ use std::path::Path;
 use ort::session::{Session, SessionInputValue};
 use ort::value::{TensorElementType, TensorRef};
 
+use super::OnnxOptions;
 use super::graph::Graph;
-use super::session::{SessionPool, Slot, open_sessions};
-use super::{OnnxOptions, PARAM_INTRA_OP_THREADS, model_file, runtime};
+use super::session::{SessionPool, Slot};
 use crate::config::ModelConfig;
 use crate::datatype::DataType;
 use crate::error::Error;
@@ -29,28 +29,15 @@ pub struct OnnxEncoder {
 }
 
 impl OnnxEncoder {
-    /// Opens `dir/model.onnx` (or the `model_filename` parameter's file) as an encoder, one session
-    /// per instance of `config`; `options` as for [`load`]. `config` is only read here.
+    /// Opens `dir/model.onnx` (or the `model_filename` parameter's file) as an encoder, as
+    /// [`load`](super::load) does for a text model (graph cache, reference check, thread and
+    /// instance sweep); `options` as for [`load`](super::load). `config` is only read here.
     pub fn new(
         config: &ModelConfig,
         dir: &Path,
         options: &OnnxOptions,
     ) -> Result<OnnxEncoder, Error> {
-        let name = &config.name;
-        let file = model_file(config, dir)?;
-        let threads = config
-            .parameter_u64(PARAM_INTRA_OP_THREADS, options.intra_op_threads as u64)
-            .map_err(|e| Error::load(name, e))?;
-        let rt = runtime(options.library.as_deref()).map_err(|e| Error::load(name, e))?;
-        let sessions = open_sessions(
-            &rt,
-            name,
-            &file,
-            config.instance_count(),
-            usize::try_from(threads).unwrap_or(0),
-        )?;
-        let graph = Graph::of(&sessions[0]);
-        OnnxEncoder::from_sessions(name, dir, sessions, &graph)
+        super::tune::open_encoder(config, dir, options).map(|(encoder, _)| encoder)
     }
 
     pub(super) fn from_sessions(
@@ -133,6 +120,16 @@ impl OnnxEncoder {
         })
     }
 
+    /// The encoder's sessions back (for another arrangement of them).
+    pub(super) fn into_sessions(self) -> Vec<Session> {
+        self.pool.into_sessions()
+    }
+
+    /// Sessions (instances) in the pool.
+    pub(super) fn instances(&self) -> usize {
+        self.pool.len()
+    }
+
     /// One `[batch, seq]` id input as an ONNX Runtime value; INT64 data is lent, not copied.
     fn ids_value<'a>(
         &self,
@@ -185,6 +182,18 @@ impl Encoder for OnnxEncoder {
     }
 
     fn encode(&self, batch: &TokenBatch) -> Result<Vec<f32>, Error> {
+        let mut out = Vec::new();
+        self.encode_with(batch, &mut |hidden| out = hidden.to_vec())?;
+        Ok(out)
+    }
+
+    /// Hands ONNX Runtime's output buffer to `consume` as it is: the hidden states are not copied
+    /// (the ids go in lent, INT64, or narrowed once to INT32 for a graph that takes those).
+    fn encode_with(
+        &self,
+        batch: &TokenBatch,
+        consume: &mut dyn FnMut(&[f32]),
+    ) -> Result<(), Error> {
         let mut values: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = vec![
             ("input_ids".into(), self.ids_value(&batch.input_ids, batch)?),
             (
@@ -220,7 +229,8 @@ impl Encoder for OnnxEncoder {
                     self.output
                 )));
             }
-            Ok(data.to_vec())
+            consume(data);
+            Ok(())
         })
     }
 }

@@ -34,6 +34,47 @@
 //! [`OnnxOptions::intra_op_threads`], overridden by the model parameter `intra_op_threads`
 //! (0 = ONNX Runtime's default: one per core).
 //!
+//! # Graph optimisation and its cache
+//!
+//! The level is set explicitly: parameter `onnx_optimization` = `none`, `basic` (ONNX Runtime's
+//! level 1: constant folding, redundant nodes), `extended` (plus the transformer fusions:
+//! attention, layer norm, GELU, MatMul+Add) or `all` (plus layout rewrites; the default). The
+//! first load writes the optimised graph and a record of what it was made from beside the model
+//! (`.model.onnx.all.optimized.onnx` / `.json`) when the folder is writable, else into
+//! [`GraphCache::Beside`]'s folder (the server's `<data_dir>/onnx-cache`); later loads open it
+//! without optimising again. The cache is keyed by the source graph's SHA-256, ONNX Runtime's build
+//! string, the level and the CPU; a stale record (another key) or a corrupt graph (its length or
+//! SHA-256 not the recorded one) is rebuilt, never used, and the log says which. A graph ONNX
+//! Runtime cannot write back is served uncached.
+//!
+//! # A text encoder's reference check and sweep
+//!
+//! A text encoder optimised above `basic` is checked once per cached graph: three probe batches
+//! of tokenized sentences run through it and through a `basic`-level session of the source graph;
+//! if any real token's hidden value differs by more than `onnx_check_tolerance` (default
+//! [`CHECK_TOLERANCE`], 1e-4), the model falls back to `basic` and the log says why. The result is
+//! kept in the cache's record, so later loads do not run the reference again.
+//!
+//! Then, unless both are set (parameter `intra_op_threads` or the server's option, and an
+//! `instance_group` count) or `onnx_sweep` is `false`, intra-op threads ∈ {1, 2, ONNX Runtime's
+//! default} × instances ∈ {1, 2} (no more threads in all than cores; a set value is kept) are
+//! each measured for [`SWEEP_PER_CANDIDATE`] on a batch of up to 16 sentences, within
+//! [`SWEEP_BUDGET`] in all, and the fastest is served (an instance count it picks becomes the
+//! effective `instance_group` count). Generic graphs are neither checked nor swept: there is no
+//! representative input to build for them.
+//!
+//! Every decision is in the log and in the effective configuration's parameters:
+//! `onnx_optimization` (the level in use), `onnx_optimization_check`, `onnx_graph_cache`,
+//! `onnx_intra_op_threads`, `onnx_instances` and `onnx_sweep_result` (the measured rates).
+//!
+//! # Copies
+//!
+//! A text encoder's INT64 ids are lent to ONNX Runtime (INT32 graphs get one narrowed copy) and
+//! its hidden states are pooled straight from ONNX Runtime's output buffer
+//! ([`crate::text::Encoder::encode_with`]); the pooled rows are then written once into the
+//! response tensor. A generic model copies each input once into an ONNX Runtime tensor (the
+//! request's bytes are not aligned for its element type) and each output once out of it.
+//!
 //! Element types: FP32, FP64, FP16, BF16, INT8/16/32/64, UINT8/16/32/64 and BOOL move as raw
 //! little-endian bytes. BYTES is an ONNX string tensor (`TYPE_STRING` in the configuration), as
 //! in Triton's ONNX Runtime backend: each element goes in as one string and comes out as its
@@ -52,8 +93,10 @@
 mod encoder;
 mod graph;
 mod model;
+mod optimize;
 mod runtime;
 mod session;
+mod tune;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -64,7 +107,9 @@ use crate::model::Model;
 
 pub use encoder::OnnxEncoder;
 pub use model::OnnxModel;
+pub use optimize::{GraphCache, Level};
 pub use runtime::{RuntimeInfo, init_runtime};
+pub use tune::{CHECK_TOLERANCE, SWEEP_BUDGET, SWEEP_PER_CANDIDATE};
 
 use graph::{Graph, complete_config};
 use runtime::runtime;
@@ -81,6 +126,23 @@ pub const DEFAULT_MODEL_FILENAME: &str = "model.onnx";
 pub const PARAM_MODEL_FILENAME: &str = "model_filename";
 /// Model parameter: intra-op threads per session (overrides [`OnnxOptions::intra_op_threads`]).
 pub const PARAM_INTRA_OP_THREADS: &str = "intra_op_threads";
+/// Model parameter: the graph optimisation level asked for (`none`, `basic`, `extended`, `all`;
+/// default `all`); in the effective configuration, the level in use.
+pub const PARAM_OPTIMIZATION: &str = "onnx_optimization";
+/// Model parameter: the reference check's tolerance (default [`CHECK_TOLERANCE`], 1e-4).
+pub const PARAM_CHECK_TOLERANCE: &str = "onnx_check_tolerance";
+/// Effective parameter: the reference check of the optimised graph and its outcome.
+pub const PARAM_CHECK: &str = "onnx_optimization_check";
+/// Effective parameter: what the graph cache did (hit, built, not cached and why).
+pub const PARAM_GRAPH_CACHE: &str = "onnx_graph_cache";
+/// Model parameter: `false` turns the thread and instance sweep of a text encoder off.
+pub const PARAM_SWEEP: &str = "onnx_sweep";
+/// Effective parameter: the sweep's choice and measured rates (or why it did not run).
+pub const PARAM_SWEEP_RESULT: &str = "onnx_sweep_result";
+/// Effective parameter: intra-op threads per session in use (`default (N)`: ONNX Runtime's).
+pub const PARAM_INTRA_OP_THREADS_CHOSEN: &str = "onnx_intra_op_threads";
+/// Effective parameter: sessions (instances) in use.
+pub const PARAM_INSTANCES: &str = "onnx_instances";
 /// The `max_batch_size` given to a graph whose inputs and outputs all start with a dynamic
 /// dimension, when its configuration names no tensors and sets no `max_batch_size`.
 pub const AUTO_MAX_BATCH_SIZE: u32 = 32;
@@ -90,8 +152,11 @@ pub const AUTO_MAX_BATCH_SIZE: u32 = 32;
 pub struct OnnxOptions {
     /// Path of `libonnxruntime.so.*`; `None`: the `ORT_DYLIB_PATH` environment variable.
     pub library: Option<PathBuf>,
-    /// Intra-op threads per session; 0 leaves ONNX Runtime's default (one per core).
+    /// Intra-op threads per session; 0 leaves ONNX Runtime's default (one per core), or, for a
+    /// text encoder, lets the sweep choose.
     pub intra_op_threads: usize,
+    /// Where optimised graphs are cached (default: beside the model when its folder is writable).
+    pub cache: GraphCache,
 }
 
 /// Loads an ONNX model from `dir`: a generic [`Model`] over the graph, or, when `dir` holds
@@ -104,29 +169,72 @@ pub fn load(
 ) -> Result<Arc<dyn Model>, Error> {
     let name = config.name.clone();
     let file = model_file(&config, dir)?;
-    let threads = config
-        .parameter_u64(PARAM_INTRA_OP_THREADS, options.intra_op_threads as u64)
-        .map_err(|e| Error::load(&name, e))?;
-    let threads = usize::try_from(threads).map_err(|_| {
-        Error::load(
-            &name,
-            format!("parameter '{PARAM_INTRA_OP_THREADS}' is too large"),
-        )
-    })?;
+    let threads = tune::explicit_threads(&config, options)?;
+    let level = tune::requested_level(&config)?;
     let rt = runtime(options.library.as_deref()).map_err(|e| Error::load(&name, e))?;
-    let sessions = open_sessions(&rt, &name, &file, config.instance_count(), threads)?;
-    let graph = Graph::of(&sessions[0]);
+    let mut prepared = tune::prepare(
+        &rt,
+        &name,
+        &file,
+        level,
+        &options.cache,
+        threads.unwrap_or(0),
+    )?;
+    let first = match prepared.first.take() {
+        Some(s) => s,
+        None => session::open_session(
+            &rt,
+            &name,
+            &session::Spec {
+                file: &prepared.file,
+                level: prepared.open_at,
+                intra_op_threads: threads.unwrap_or(0),
+                save_optimized: None,
+            },
+        )?,
+    };
+    let graph = Graph::of(&first);
     let text = dir.join("tokenizer.json").is_file()
         && !config
             .input
             .iter()
             .any(|t| graph.inputs.iter().any(|g| g.name == t.name));
     if text {
-        let encoder = OnnxEncoder::from_sessions(&name, dir, sessions, &graph)?;
+        prepared.first = Some(first);
+        let (encoder, decisions) = tune::text_encoder(&rt, &config, dir, &file, options, prepared)?;
+        let mut config = config;
+        decisions.apply(&mut config);
         let embedder = crate::text::SentenceEmbedder::new(config, dir, encoder)?;
         return Ok(Arc::new(embedder));
     }
-    let config = complete_config(config, &graph).map_err(|e| Error::load(&name, e))?;
+    let mut sessions = vec![first];
+    if config.instance_count() > 1 {
+        sessions.extend(open_sessions(
+            &rt,
+            &name,
+            &session::Spec {
+                file: &prepared.file,
+                level: prepared.open_at,
+                intra_op_threads: threads.unwrap_or(0),
+                save_optimized: None,
+            },
+            config.instance_count() - 1,
+        )?);
+    }
+    let mut config = complete_config(config, &graph).map_err(|e| Error::load(&name, e))?;
+    tracing::info!(model = %name, level = prepared.level.name(), cache = %prepared.cache_note, "ONNX graph");
+    let mut decisions = tune::Decisions::default();
+    decisions
+        .params
+        .insert(PARAM_OPTIMIZATION.into(), prepared.level.name().into());
+    decisions.params.insert(
+        PARAM_CHECK.into(),
+        "not checked: a generic graph has no representative input".into(),
+    );
+    decisions
+        .params
+        .insert(PARAM_GRAPH_CACHE.into(), prepared.cache_note);
+    decisions.apply(&mut config);
     Ok(Arc::new(OnnxModel::new(config, &graph, sessions)?))
 }
 

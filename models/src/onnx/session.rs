@@ -8,30 +8,58 @@ use std::sync::{Mutex, PoisonError, TryLockError};
 
 use ort::session::{HasSelectedOutputs, OutputSelector, RunOptions, Session};
 
+use super::optimize::Level;
 use super::runtime::Runtime;
 use crate::error::Error;
 
-pub(super) fn open_sessions(
-    rt: &Runtime,
-    model: &str,
-    file: &Path,
-    count: usize,
-    intra_op_threads: usize,
-) -> Result<Vec<Session>, Error> {
+/// How to open a session: the graph file, the optimisation ONNX Runtime applies to it, its
+/// intra-op threads (0: ONNX Runtime's default, one per core) and, when given, where ONNX Runtime
+/// writes the graph it optimised.
+#[derive(Clone, Debug)]
+pub(super) struct Spec<'a> {
+    pub(super) file: &'a Path,
+    pub(super) level: Level,
+    pub(super) intra_op_threads: usize,
+    pub(super) save_optimized: Option<&'a Path>,
+}
+
+pub(super) fn open_session(rt: &Runtime, model: &str, spec: &Spec<'_>) -> Result<Session, Error> {
+    let file = spec.file;
     let fail = |e: &dyn fmt::Display| {
         Error::load(
             model,
             format!("ONNX Runtime cannot open '{}': {e}", file.display()),
         )
     };
-    let mut builder = Session::builder(&rt.env).map_err(|e| fail(&e))?;
-    if intra_op_threads > 0 {
+    let mut builder = Session::builder(&rt.env)
+        .map_err(|e| fail(&e))?
+        .with_optimization_level(spec.level.ort())
+        .map_err(|e| fail(&e))?;
+    if spec.intra_op_threads > 0 {
         builder = builder
-            .with_intra_threads(intra_op_threads)
+            .with_intra_threads(spec.intra_op_threads)
             .map_err(|e| fail(&e))?;
     }
+    if let Some(out) = spec.save_optimized {
+        builder = builder
+            .with_optimized_model_path(out)
+            .map_err(|e| fail(&e))?;
+    }
+    builder.commit_from_file(file).map_err(|e| fail(&e))
+}
+
+pub(super) fn open_sessions(
+    rt: &Runtime,
+    model: &str,
+    spec: &Spec<'_>,
+    count: usize,
+) -> Result<Vec<Session>, Error> {
+    let spec = Spec {
+        save_optimized: None,
+        ..spec.clone()
+    };
     (0..count.max(1))
-        .map(|_| builder.commit_from_file(file).map_err(|e| fail(&e)))
+        .map(|_| open_session(rt, model, &spec))
         .collect()
 }
 
@@ -72,6 +100,22 @@ impl SessionPool {
             slots,
             next: AtomicUsize::new(0),
         })
+    }
+
+    /// The sessions back, in slot order.
+    pub(super) fn into_sessions(self) -> Vec<Session> {
+        self.slots
+            .into_iter()
+            .map(|m| {
+                m.into_inner()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .session
+            })
+            .collect()
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.slots.len()
     }
 
     /// Runs `f` on a free session, or waits for one (starting from a rotating slot so that

@@ -248,27 +248,30 @@ impl<E: Encoder> SentenceEmbedder<E> {
             .tokenizer
             .encode(texts)
             .map_err(|e| Error::execution(model, e))?;
-        let hidden = if batch.seq == 0 {
-            Vec::new()
+        let mut pooled = if batch.seq == 0 {
+            pool(&[], &batch, self.dim, self.pooling)
         } else {
-            let hidden = self.encoder.encode(&batch)?;
             let expected = batch.batch * batch.seq * self.dim;
-            if hidden.len() != expected {
-                return Err(Error::execution(
+            let mut pooled = Err(0);
+            // Pooled straight from the encoder's buffer (for ONNX Runtime: its output, uncopied).
+            self.encoder.encode_with(&batch, &mut |hidden| {
+                pooled = if hidden.len() == expected {
+                    Ok(pool(hidden, &batch, self.dim, self.pooling))
+                } else {
+                    Err(hidden.len())
+                };
+            })?;
+            pooled.map_err(|got| {
+                Error::execution(
                     model,
                     format!(
-                        "the encoder returned {} values for a batch of {} × {} tokens × {} \
+                        "the encoder returned {got} values for a batch of {} × {} tokens × {} \
                          (expected {expected})",
-                        hidden.len(),
-                        batch.batch,
-                        batch.seq,
-                        self.dim
+                        batch.batch, batch.seq, self.dim
                     ),
-                ));
-            }
-            hidden
+                )
+            })?
         };
-        let mut pooled = pool(&hidden, &batch, self.dim, self.pooling);
         if self.normalize {
             l2_normalize(&mut pooled, self.dim);
         }

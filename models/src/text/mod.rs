@@ -42,6 +42,18 @@ pub trait Encoder: Send + Sync + 'static {
     fn hidden_size(&self) -> usize;
     fn encode(&self, batch: &TokenBatch) -> Result<Vec<f32>, Error>;
 
+    /// Runs `batch` and lends the `[batch, seq, hidden_size]` values to `consume`. An encoder
+    /// whose runtime owns the output buffer overrides this to lend it without a copy; the
+    /// default lends what [`encode`](Self::encode) returns.
+    fn encode_with(
+        &self,
+        batch: &TokenBatch,
+        consume: &mut dyn FnMut(&[f32]),
+    ) -> Result<(), Error> {
+        consume(&self.encode(batch)?);
+        Ok(())
+    }
+
     /// The bytes of the weights the encoder holds, when it knows them (the sentence embedder
     /// reports this as the model's memory).
     fn memory_bytes(&self) -> Option<u64> {
