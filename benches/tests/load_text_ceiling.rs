@@ -137,7 +137,7 @@ fn gemm_measures_a_positive_finite_rate() {
     let min = rates.iter().cloned().fold(f64::INFINITY, f64::min);
     assert_eq!(report.best_gflops, max);
     assert!(
-        report.layer_mix_gflops >= min * 0.999999 && report.layer_mix_gflops <= max * 1.000001,
+        (min * 0.999999..=max * 1.000001).contains(&report.layer_mix_gflops),
         "{report:?}"
     );
     // The ceiling divides the rate by the FLOPs of a token, then of a sentence.

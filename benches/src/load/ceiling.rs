@@ -67,7 +67,7 @@ impl ModelFlops {
                     bail!("{name} is missing (needed for the model's FLOPs per token)")
                 }
                 Some(v) => match v.as_u64() {
-                    Some(n) if n > 0 && n <= u32::MAX as u64 => Ok(n as usize),
+                    Some(n) if (1..=u64::from(u32::MAX)).contains(&n) => Ok(n as usize),
                     _ => bail!("{name} is {v}, not a positive integer"),
                 },
             }

@@ -1,7 +1,7 @@
 //! Sentences for the text benchmarks (`text`, `cosched`): a seeded generator of a realistic mix
 //! of lengths (about 10 to 80 characters: short phrases and subject–verb–object sentences with
-//! an optional tail; about 5 to 17 tokens for a BERT WordPiece tokenizer), and the statistics of
-//! a list of token counts (mean, p10/p50/p90, min, max).
+//! an optional tail; about 5 to 18 tokens with all-MiniLM-L6-v2's WordPiece tokenizer), and the
+//! statistics of a list of token counts (mean, p10/p50/p90, min, max).
 //!
 //! Deterministic: the same seed gives the same sentences on every machine (SplitMix64, no
 //! dependency).
