@@ -71,7 +71,8 @@ pub enum Command {
     /// real binary from spawn to ready.
     Restart(super::restart::RestartArgs),
     /// A sentence embedder (all-MiniLM-L6-v2): in-process at its best batch size, served by
-    /// `veraltheim serve` with batching on, then reloaded with batching off.
+    /// `veraltheim serve` with batching on, then reloaded with batching off; all against the
+    /// FLOP ceiling (FP32 GEMM rate ÷ the model's FLOPs per token) measured in the same run.
     Text(super::text::TextArgs),
     /// Offers several times the sustainable load to a `cost` model with a bounded queue:
     /// memory, latency of the admitted requests against max queue delay + 2 × one batch's

@@ -1,6 +1,11 @@
 //! The load itself: KServe `ModelInfer` calls through the generated tonic client, in a closed
 //! loop (N clients, one request in flight each) or an open loop (a fixed schedule, latency from
 //! each request's due time, bounded outstanding requests).
+//!
+//! With several requests to send (the `text` benchmark's sentences), closed-loop client `c`
+//! sends request `(c + k × N) % n` as its k-th call, so that every client goes through the mix
+//! and the server sees a changing set of requests; the successes in the window are counted per
+//! request ([`LoadReport::payload_requests`]). Open-loop request `i` sends request `i % n`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -132,8 +137,9 @@ pub async fn run_load(
     run_load_with(target, addr, spec, vec![payload], server_pid, on_measure).await
 }
 
-/// [`run_load`] with the caller's requests: closed-loop client `c` sends `payloads[c % n]`,
-/// open-loop request `i` sends `payloads[i % n]` (the `text` benchmark cycles sentences so).
+/// [`run_load`] with the caller's requests: closed-loop client `c` sends `payloads[(c + k × N)
+/// % n]` as its k-th call (N clients), open-loop request `i` sends `payloads[i % n]` (the `text`
+/// benchmark cycles sentences so).
 pub async fn run_load_with(
     target: &str,
     addr: &str,
@@ -204,7 +210,8 @@ pub async fn run_load_with(
     Ok(report)
 }
 
-/// What closed-loop client `c` sends: request `c % n` of these.
+/// What closed-loop clients send: the k-th call of client `c` of N sends request
+/// `(c + k × N) % n` of these.
 enum Payloads {
     Grpc(Vec<pb::ModelInferRequest>),
     Http(Vec<HttpRequest>),
@@ -217,20 +224,34 @@ enum Caller {
 }
 
 impl Caller {
+    /// Sends request `i` of `payloads`.
     async fn call(
         &mut self,
         payloads: &Payloads,
-        c: usize,
+        i: usize,
         timeout: Duration,
     ) -> Result<(), &'static str> {
         match (self, payloads) {
-            (Caller::Grpc(client), Payloads::Grpc(p)) => {
-                call(client, &p[c % p.len()], timeout).await
-            }
-            (Caller::Http(http), Payloads::Http(p)) => http.call(&p[c % p.len()], timeout).await,
+            (Caller::Grpc(client), Payloads::Grpc(p)) => call(client, &p[i], timeout).await,
+            (Caller::Http(http), Payloads::Http(p)) => http.call(&p[i], timeout).await,
             _ => Err(BAD_RESPONSE),
         }
     }
+}
+
+impl Payloads {
+    fn len(&self) -> usize {
+        match self {
+            Payloads::Grpc(p) => p.len(),
+            Payloads::Http(p) => p.len(),
+        }
+    }
+}
+
+/// The request that the k-th call of closed-loop client `c` (of `clients`) sends, of `n`.
+pub fn closed_loop_payload(c: usize, k: u64, clients: usize, n: usize) -> usize {
+    let n64 = n.max(1) as u64;
+    ((c as u64 % n64 + (k % n64) * (clients as u64 % n64)) % n64) as usize
 }
 
 fn base_report(spec: &LoadSpec, channels: usize) -> LoadReport {
@@ -251,6 +272,7 @@ fn base_report(spec: &LoadSpec, channels: usize) -> LoadReport {
         client_shed: None,
         send_lag_us: None,
         cpu: None,
+        payload_requests: Vec::new(),
     }
 }
 
@@ -281,27 +303,44 @@ async fn closed_loop(
         let timeout = spec.request_timeout;
         tasks.push(tokio::spawn(async move {
             let mut rec = Recorder::new();
-            for _ in 0..cap {
+            let n = payload.len();
+            let mut sent_ok = vec![0u64; if n > 1 { n } else { 0 }];
+            for k in 0..cap {
                 let sent = Instant::now();
                 if sent >= measure_to {
                     break;
                 }
-                let outcome = caller.call(&payload, c, timeout).await;
+                let i = closed_loop_payload(c, k, concurrency, n);
+                let outcome = caller.call(&payload, i, timeout).await;
                 let done = Instant::now();
                 // A request counts when it completes inside the measured window.
                 if done >= measure_from && done <= measure_to {
                     match outcome {
-                        Ok(()) => rec.ok(done - sent),
+                        Ok(()) => {
+                            rec.ok(done - sent);
+                            if let Some(s) = sent_ok.get_mut(i) {
+                                *s += 1;
+                            }
+                        }
                         Err(e) => rec.error_after(e, done - sent),
                     }
                 }
             }
-            rec
+            (rec, sent_ok)
         }));
     }
     let mut all = Recorder::new();
+    let mut payload_requests: Vec<u64> = Vec::new();
     for t in tasks {
-        all.merge(&t.await.context("a load client panicked")?);
+        let (rec, sent_ok) = t.await.context("a load client panicked")?;
+        all.merge(&rec);
+        if payload_requests.is_empty() {
+            payload_requests = sent_ok;
+        } else {
+            for (a, b) in payload_requests.iter_mut().zip(sent_ok) {
+                *a += b;
+            }
+        }
     }
     let end = cpu::sample(server_pid);
     // One connection per client over HTTP; gRPC's caller sets its channel count.
@@ -315,6 +354,7 @@ async fn closed_loop(
     report.errors = all.errors().clone();
     report.error_latency_us = (all.error_total() > 0).then(|| all.error_latency());
     report.cpu = begin.await.ok().map(|b| CpuUse::between(&b, &end));
+    report.payload_requests = payload_requests;
     Ok(report)
 }
 

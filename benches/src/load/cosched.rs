@@ -11,9 +11,9 @@
 //!    `ModelInfer` → sentences/s (or `--capacity` given).
 //! 3. **Online load**: an open loop at `--online-fraction` × capacity: Poisson arrivals (or a
 //!    fixed interval) from a seeded generator, one sentence per request, sentences of mixed
-//!    lengths from [`sentences`]; latency from each request's due time (no coordinated
-//!    omission). After `--warmup` seconds the measured `--duration` is cut into windows of
-//!    `--window` seconds by due time.
+//!    lengths from [`sentences`](super::sentences::sentences); latency from each request's due
+//!    time (no coordinated omission). After `--warmup` seconds the measured `--duration` is cut
+//!    into windows of `--window` seconds by due time.
 //! 4. Three runs, each on a fresh server (the same repository, the same sentences):
 //!    - `alone`: the online load alone;
 //!    - `strict`: the online load, plus a batch inference job (`SubmitJob`, a JSON-lines file of
@@ -63,6 +63,7 @@ use super::client::{call, client, connect, infer_request, run_load_with};
 use super::coordinator::{Coordinator, ServerSide, default_binary};
 use super::cpu::{self, CpuUse};
 use super::report::{Latency, LoadReport, Recorder};
+use super::sentences::{SplitMix, sentences};
 use super::text::text_request;
 
 /// Target of issue 17: the batch job uses at least this share of the capacity online leaves.
@@ -372,122 +373,6 @@ fn windows(duration: Duration, window: Duration) -> usize {
     let n = duration.as_secs_f64() / window.as_secs_f64();
     // A float just above an integer (60 / 10 computed as 6.000000001) is that integer.
     ((n - 1e-9).ceil().max(1.0)) as usize
-}
-
-/// A small deterministic generator (SplitMix64): the same seed gives the same arrivals and
-/// sentences on every machine, with no dependency.
-#[derive(Clone, Debug)]
-pub struct SplitMix(u64);
-
-impl SplitMix {
-    pub fn new(seed: u64) -> Self {
-        SplitMix(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in (0, 1]: never 0, so that its logarithm is finite.
-    pub fn unit(&mut self) -> f64 {
-        ((self.next_u64() >> 11) + 1) as f64 / (1u64 << 53) as f64
-    }
-
-    pub fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n.max(1) as u64) as usize
-    }
-}
-
-const SHORT: &[&str] = &[
-    "Good morning.",
-    "Thanks a lot!",
-    "See you soon.",
-    "Where is it?",
-    "It works now.",
-    "Call me later.",
-];
-const SUBJECTS: &[&str] = &[
-    "The cat",
-    "A man",
-    "My neighbour",
-    "The old bridge",
-    "Our team",
-    "She",
-    "The committee",
-    "A small bird",
-    "The train to Paris",
-    "Everyone in the office",
-    "The children",
-    "This recipe",
-];
-const VERBS: &[&str] = &[
-    "is eating",
-    "repaired",
-    "will visit",
-    "has forgotten",
-    "painted",
-    "sold",
-    "is watching",
-    "found",
-    "wrote about",
-    "cannot find",
-    "needs",
-    "described",
-];
-const OBJECTS: &[&str] = &[
-    "a piece of bread",
-    "the red car",
-    "the report",
-    "an old guitar",
-    "the keys",
-    "a letter",
-    "the garden",
-    "three tickets",
-    "the new museum",
-    "a cup of coffee",
-    "the river",
-    "the results",
-];
-const TAILS: &[&str] = &[
-    "",
-    "",
-    " yesterday",
-    " in the morning",
-    " after the long meeting",
-    " near the station",
-    " with great care",
-    " before the storm arrived",
-    " for the second time this week",
-];
-
-/// `n` sentences of mixed lengths (about 10 to 80 characters, like the realistic sentences
-/// of the `text` measurements): short phrases and subject–verb–object sentences with an
-/// optional tail, drawn from `seed`.
-pub fn sentences(n: usize, seed: u64) -> Vec<String> {
-    let mut rng = SplitMix::new(seed);
-    (0..n)
-        .map(|_| {
-            if rng.below(8) == 0 {
-                return SHORT[rng.below(SHORT.len())].to_string();
-            }
-            let mut s = format!(
-                "{} {} {}{}.",
-                SUBJECTS[rng.below(SUBJECTS.len())],
-                VERBS[rng.below(VERBS.len())],
-                OBJECTS[rng.below(OBJECTS.len())],
-                TAILS[rng.below(TAILS.len())]
-            );
-            if s.len() > 80 {
-                s.truncate(79);
-                s.push('.');
-            }
-            s
-        })
-        .collect()
 }
 
 /// Due times of an open loop at `rate`/s, from the loop's start, for `total` seconds.
@@ -1884,18 +1769,6 @@ mod tests {
         assert_eq!(window_of(s(19), s(10), 6), 1);
         // A due time at the very end belongs to the last window.
         assert_eq!(window_of(s(60), s(10), 6), 5);
-    }
-
-    #[test]
-    fn sentences_are_mixed_and_reproducible() {
-        let a = sentences(2000, 7);
-        assert_eq!(a, sentences(2000, 7));
-        assert_ne!(a, sentences(2000, 8));
-        let lens: Vec<usize> = a.iter().map(String::len).collect();
-        let (min, max) = (*lens.iter().min().unwrap(), *lens.iter().max().unwrap());
-        assert!(min >= 10 && max <= 80, "{min}..{max}");
-        // Mixed lengths: short phrases and long sentences both occur.
-        assert!(min <= 15 && max >= 60, "{min}..{max}");
     }
 
     #[test]

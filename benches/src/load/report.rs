@@ -196,6 +196,10 @@ pub struct LoadReport {
     /// CPU used during the measured window (Linux only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cpu: Option<CpuUse>,
+    /// Closed loop with several requests: successes in the window per request (index into the
+    /// caller's requests); empty otherwise.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub payload_requests: Vec<u64>,
 }
 
 impl LoadReport {
@@ -369,6 +373,7 @@ mod tests {
             client_shed: None,
             send_lag_us: None,
             cpu: None,
+            payload_requests: Vec::new(),
         };
         let v: serde_json::Value = serde_json::to_value(&rep).unwrap();
         assert_eq!(v["requests"], 1);

@@ -375,6 +375,7 @@ mod tests {
             client_shed: None,
             send_lag_us: None,
             cpu: None,
+            payload_requests: Vec::new(),
         }
     }
 

@@ -1,15 +1,34 @@
 //! The `text` benchmark: a sentence embedder (all-MiniLM-L6-v2) served by the real coordinator
-//! against the same model called in-process, and against the same server with batching off.
+//! against the same model called in-process, against the same server with batching off, and
+//! against the hardware's limit.
 //!
+//! 0. Sentences: by default `--sentences` (1000) generated sentences of mixed lengths
+//!    ([`sentences`](super::sentences::sentences), seeded by `--seed`); with `--sentences-file`,
+//!    the first `--sentences` non-empty `items[].text` of that JSON file instead. Each
+//!    sentence's tokens are counted with the model folder's own tokenizer (`tokenizer.json`,
+//!    truncated at the folder's token limit, special tokens included, as the served model
+//!    counts them); the report gives their mean, min, p10/p50/p90 and max.
 //! 1. A scratch model repository is written with `import_sentence_transformers` (ONNX Runtime
 //!    from `--onnx`; with `--candle`, a candle copy too).
-//! 2. In-process: `backend::instantiate` then `Model::execute` on TEXT batches of 1, 8, 32, 64
-//!    sentences → sentences/s per batch size; the best one is the ceiling.
-//! 3. Served: `veraltheim serve --model-repository <scratch> --load-model <model>`, closed loop
-//!    at `--concurrency` with one sentence per KServe `ModelInfer` (TEXT, BYTES, `[1,1]`).
-//! 4. The model is reloaded through v1 `LoadModel` with `{"dynamic_batching": null}`; the
+//! 2. The limit ([`ceiling`](super::ceiling)), with no server running: the model's FLOPs per
+//!    token from the folder's `config.json`, and an FP32 GEMM benchmark at the encoder's shapes
+//!    for `--gemm-tokens` rows (default `--max-batch-size` × the mean tokens per sentence rounded
+//!    up), `--gemm-duration` seconds per shape, on as many threads as `--intra-op-threads` (0:
+//!    one per core). Ceiling: sentences/s = best GEMM rate ÷ (linear FLOPs per token × mean
+//!    tokens per sentence), tokens/s = best GEMM rate ÷ linear FLOPs per token.
+//! 3. In-process: `backend::instantiate` then `Model::execute` on TEXT batches of 1, 8, 32, 64
+//!    sentences → sentences/s per batch size; the best one is the in-process ceiling.
+//! 4. Served: `veraltheim serve --model-repository <scratch> --load-model <model>`, closed loop
+//!    at `--concurrency` with one sentence per KServe `ModelInfer` (TEXT, BYTES, `[1,1]`); each
+//!    client goes through the sentences (the client's k-th call sends sentence
+//!    `(c + k × concurrency) % n`). Tokens/s served = Σ over the sentences of (successes in the
+//!    window × its tokens) ÷ window, so the mean tokens per served request is that of what was
+//!    actually sent.
+//! 5. The model is reloaded through v1 `LoadModel` with `{"dynamic_batching": null}`; the
 //!    server's inference/execution counts over the window must then be 1:1; measured again.
-//! 5. Ratios: served/in-process best (target ≥ 0.9), batched/unbatched (target ≥ 2).
+//! 6. Ratios: served/in-process best (target ≥ 0.9), batched/unbatched (target ≥ 2), and
+//!    served (batched) ÷ ceiling, in sentences/s and in tokens/s (issue 19's target:
+//!    ≥ [`TARGET_VS_CEILING`]); the in-process best ÷ ceiling too.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -24,15 +43,18 @@ use veraltheim_models::backend::{self, BackendOptions};
 use veraltheim_models::repository::{
     ImportBackend, ImportOptions, Repository, import_sentence_transformers,
 };
+use veraltheim_models::text::{TextTokenizer, max_seq_length_from_dir};
 use veraltheim_models::{Model, Tensor};
 use veraltheim_proto::inference::{self as pb, model_infer_request::InferInputTensor};
 use veraltheim_proto::v1::{self, model_service_client::ModelServiceClient};
 
 use super::args::{LoadOpts, MAX_BATCH, Shape, compute_plan};
+use super::ceiling::{self, Ceiling, ModelFlops};
 use super::client::run_load_with;
 use super::compute::ComputePoint;
 use super::coordinator::{Coordinator, ServerSide, default_binary};
 use super::report::LoadReport;
+use super::sentences::{TokenStats, sentences as generated_sentences, weighted_mean};
 
 /// At most this many executions per batch size, besides the time bound.
 const MAX_EXECUTIONS: u64 = 10_000_000;
@@ -41,6 +63,10 @@ const MAX_SENTENCES: usize = 10_000;
 /// Targets of issue 4.
 pub const TARGET_VS_IN_PROCESS: f64 = 0.9;
 pub const TARGET_VS_UNBATCHED: f64 = 2.0;
+/// Target of issue 19: served sentences/s ÷ the FLOP ceiling of the same run.
+pub const TARGET_VS_CEILING: f64 = 0.85;
+/// Most seconds of the GEMM benchmark per shape.
+const MAX_GEMM_DURATION_S: f64 = 60.0;
 
 #[derive(Args, Debug, Clone)]
 pub struct TextArgs {
@@ -57,11 +83,23 @@ pub struct TextArgs {
     /// The coordinator binary (default: `veraltheim` next to this executable).
     #[arg(long)]
     pub veraltheim_bin: Option<PathBuf>,
-    /// JSON file with `items[].text`; the first --sentences non-empty texts are cycled.
-    #[arg(long, default_value = "testdata/minilm-reference.json")]
-    pub sentences_file: PathBuf,
-    #[arg(long, default_value_t = 8)]
+    /// JSON file with `items[].text` (e.g. testdata/minilm-reference.json, the former default):
+    /// its first --sentences non-empty texts are cycled instead of the generated mix.
+    #[arg(long)]
+    pub sentences_file: Option<PathBuf>,
+    /// Sentences cycled: generated (mixed lengths), or the first of --sentences-file.
+    #[arg(long, default_value_t = 1000)]
     pub sentences: usize,
+    /// Seed of the generated sentences.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Rows of the GEMM benchmark's products (tokens of a batch); 0: --max-batch-size × the
+    /// mean tokens per sentence, rounded up.
+    #[arg(long, default_value_t = 0)]
+    pub gemm_tokens: usize,
+    /// Seconds of the GEMM benchmark per shape (three shapes).
+    #[arg(long, default_value_t = 1.0)]
+    pub gemm_duration: f64,
     /// Closed-loop clients, one sentence per request.
     #[arg(long, default_value_t = 64)]
     pub concurrency: usize,
@@ -127,6 +165,16 @@ pub struct BackendReport {
     pub batching_off_override: String,
     pub served_vs_in_process: f64,
     pub batched_vs_unbatched: f64,
+    /// Mean tokens per successful request of the batched run (what was actually sent).
+    pub served_mean_tokens: f64,
+    /// Tokens/s of the batched run.
+    pub served_tokens_per_s: f64,
+    /// Batched sentences/s ÷ the ceiling's sentences/s.
+    pub served_vs_ceiling: f64,
+    /// Batched tokens/s ÷ the ceiling's tokens/s (GEMM rate ÷ FLOPs per token).
+    pub served_tokens_vs_ceiling: f64,
+    /// The in-process best sentences/s ÷ the ceiling's sentences/s.
+    pub in_process_vs_ceiling: f64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -134,8 +182,14 @@ pub struct TextReport {
     pub cores: usize,
     /// How the served runs sent their requests.
     pub protocol: super::http::Protocol,
+    /// `generated (seed N)` or the sentences file.
+    pub sentence_source: String,
     pub sentences: usize,
     pub mean_sentence_bytes: f64,
+    /// Tokens per sentence, counted with the model's tokenizer.
+    pub tokens: TokenStats,
+    /// The hardware limit: GEMM rate, FLOPs per token, ceiling.
+    pub ceiling: Ceiling,
     pub concurrency: usize,
     /// Served instances (`instance_group` count).
     pub instances: u32,
@@ -168,6 +222,38 @@ pub fn read_sentences(path: &Path, n: usize) -> anyhow::Result<Vec<String>> {
         bail!("{} has no non-empty items[].text", path.display());
     }
     Ok(out)
+}
+
+/// The sentences of the run: from `--sentences-file`, else generated; and where they came from.
+pub fn run_sentences(args: &TextArgs) -> anyhow::Result<(Vec<String>, String)> {
+    match &args.sentences_file {
+        Some(path) => Ok((
+            read_sentences(path, args.sentences)?,
+            path.display().to_string(),
+        )),
+        None => {
+            if args.sentences == 0 || args.sentences > MAX_SENTENCES {
+                bail!("--sentences must be 1..={MAX_SENTENCES}");
+            }
+            Ok((
+                generated_sentences(args.sentences, args.seed),
+                format!("generated (seed {})", args.seed),
+            ))
+        }
+    }
+}
+
+/// Each sentence's tokens with the tokenizer of the sentence-transformers folder `model_dir`
+/// (its `tokenizer.json`, truncated at the folder's token limit), as the served model counts.
+pub fn count_tokens(model_dir: &Path, sentences: &[String]) -> anyhow::Result<Vec<usize>> {
+    let limit = max_seq_length_from_dir(model_dir).map_err(anyhow::Error::msg)?;
+    let tokenizer = TextTokenizer::from_file(&model_dir.join("tokenizer.json"), limit)
+        .map_err(anyhow::Error::msg)?;
+    let texts: Vec<&str> = sentences.iter().map(String::as_str).collect();
+    tokenizer
+        .count_tokens(&texts)
+        .map_err(anyhow::Error::msg)
+        .with_context(|| format!("counting tokens with {}", model_dir.display()))
 }
 
 /// A TEXT batch of `batch` sentences, `[batch, 1]`, cycling `sentences` from `offset`.
@@ -402,7 +488,20 @@ pub async fn text(args: &TextArgs) -> anyhow::Result<TextReport> {
     if args.instances == 0 {
         bail!("--instances must be at least 1");
     }
-    let sentences = read_sentences(&args.sentences_file, args.sentences)?;
+    if !(args.gemm_duration > 0.0 && args.gemm_duration <= MAX_GEMM_DURATION_S) {
+        bail!(
+            "--gemm-duration must be > 0 and ≤ {MAX_GEMM_DURATION_S} seconds, got {}",
+            args.gemm_duration
+        );
+    }
+    let (sentences, sentence_source) = run_sentences(args)?;
+    let flops = ModelFlops::from_dir(&args.model_dir)?;
+    let token_counts = count_tokens(&args.model_dir, &sentences)?;
+    let tokens = TokenStats::of(&token_counts).context("no sentence")?;
+    say(&format!(
+        "{} sentences ({sentence_source}): tokens per sentence mean {:.2}, min {}, p10 {}, p50 {}, p90 {}, max {}",
+        tokens.sentences, tokens.mean, tokens.min, tokens.p10, tokens.p50, tokens.p90, tokens.max
+    ));
     let binary = match &args.veraltheim_bin {
         Some(b) => b.clone(),
         None => default_binary()?,
@@ -430,7 +529,48 @@ pub async fn text(args: &TextArgs) -> anyhow::Result<TextReport> {
         }
     }
 
-    // In-process first, with no server running.
+    // The limit first, with no server running.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let gemm_threads = if args.intra_op_threads > 0 {
+        args.intra_op_threads
+    } else {
+        cores
+    };
+    let gemm_tokens = if args.gemm_tokens > 0 {
+        args.gemm_tokens
+    } else {
+        args.max_batch_size as usize * tokens.mean.ceil() as usize
+    };
+    say(&format!(
+        "GEMM at {gemm_tokens} tokens on {gemm_threads} thread(s), {} s per shape",
+        args.gemm_duration
+    ));
+    let gemm = {
+        let flops = flops.clone();
+        let per_shape = Duration::from_secs_f64(args.gemm_duration);
+        tokio::task::spawn_blocking(move || {
+            ceiling::measure(&flops, gemm_tokens, gemm_threads, per_shape)
+        })
+        .await
+        .context("the GEMM benchmark panicked")??
+    };
+    for p in &gemm.shapes {
+        say(&format!(
+            "  {}×{} · {}×{}: {:.1} GFLOP/s ({} products)",
+            p.shape.m, p.shape.k, p.shape.k, p.shape.n, p.gflops, p.products
+        ));
+    }
+    let ceiling = Ceiling::new(gemm, flops, tokens.mean);
+    say(&format!(
+        "  best {:.1} GFLOP/s, layer mix {:.1} GFLOP/s; {:.2} MFLOP/token → ceiling {:.0} tokens/s, {:.1} sentences/s",
+        ceiling.gemm.best_gflops,
+        ceiling.gemm.layer_mix_gflops,
+        ceiling.flops.linear_per_token / 1e6,
+        ceiling.tokens_per_s,
+        ceiling.sentences_per_s
+    ));
+
+    // In-process next, with no server running.
     let mut ceilings = Vec::with_capacity(plan.len());
     for (b, name) in &plan {
         say(&format!("in-process {name} ({})", b.name()));
@@ -494,7 +634,15 @@ pub async fn text(args: &TextArgs) -> anyhow::Result<TextReport> {
             .iter()
             .max_by(|a, b| a.items_per_s.total_cmp(&b.items_per_s))
             .context("no batch size")?;
+        let served_mean_tokens =
+            weighted_mean(&token_counts, &batched.load.payload_requests).unwrap_or(tokens.mean);
+        let served_tokens_per_s = batched.load.throughput_rps * served_mean_tokens;
         backends.push(BackendReport {
+            served_mean_tokens,
+            served_tokens_per_s,
+            served_vs_ceiling: ratio(batched.load.throughput_rps, ceiling.sentences_per_s),
+            served_tokens_vs_ceiling: ratio(served_tokens_per_s, ceiling.tokens_per_s),
+            in_process_vs_ceiling: ratio(best.items_per_s, ceiling.sentences_per_s),
             backend: b.name(),
             model: name.clone(),
             best_batch: best.batch,
@@ -516,10 +664,12 @@ pub async fn text(args: &TextArgs) -> anyhow::Result<TextReport> {
     if !status.success() {
         eprintln!("warning: the coordinator exited with {status} after SIGTERM");
     }
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     Ok(TextReport {
         cores,
         protocol: args.protocol,
+        sentence_source,
+        tokens,
+        ceiling,
         mean_sentence_bytes: sentences.iter().map(String::len).sum::<usize>() as f64
             / sentences.len() as f64,
         sentences: sentences.len(),
@@ -541,8 +691,9 @@ fn verdict(value: f64, target: f64) -> &'static str {
 impl TextReport {
     pub fn text(&self) -> String {
         let mut s = format!(
-            "text: {} sentences (mean {:.1} bytes) cycled, served over {:?}, concurrency {}, {} cores, {} instance(s), intra-op threads {}\n",
+            "text: {} sentences, {} (mean {:.1} bytes) cycled, served over {:?}, concurrency {}, {} cores, {} instance(s), intra-op threads {}\n",
             self.sentences,
+            self.sentence_source,
             self.mean_sentence_bytes,
             self.protocol,
             self.concurrency,
@@ -550,6 +701,42 @@ impl TextReport {
             self.instances,
             self.intra_op_threads
         );
+        let t = &self.tokens;
+        s.push_str(&format!(
+            "tokens     per sentence: mean {:.2}  min {}  p10 {}  p50 {}  p90 {}  max {}\n",
+            t.mean, t.min, t.p10, t.p50, t.p90, t.max
+        ));
+        let c = &self.ceiling;
+        for p in &c.gemm.shapes {
+            s.push_str(&format!(
+                "gemm       {}×{} · {}×{} (×{} per layer)  {:>7.1} GFLOP/s  ({} products, {} thread(s), {})\n",
+                p.shape.m,
+                p.shape.k,
+                p.shape.k,
+                p.shape.n,
+                p.per_layer,
+                p.gflops,
+                p.products,
+                c.gemm.threads,
+                c.gemm.library
+            ));
+        }
+        s.push_str(&format!(
+            "gemm       best {:.1} GFLOP/s  layer mix {:.1} GFLOP/s\n",
+            c.gemm.best_gflops, c.gemm.layer_mix_gflops
+        ));
+        s.push_str(&format!(
+            "flops      linear {:.2} MFLOP/token (h {}, i {}, {} layers)  attention {:.3} MFLOP/token at the mean length (not in the ceiling)\n",
+            c.flops.linear_per_token / 1e6,
+            c.flops.hidden_size,
+            c.flops.intermediate_size,
+            c.flops.num_hidden_layers,
+            c.attention_per_token_at_mean / 1e6
+        ));
+        s.push_str(&format!(
+            "ceiling    {:.0} tokens/s  {:.1} sentences/s (best GEMM rate ÷ FLOPs per token ÷ {:.2} tokens per sentence)\n",
+            c.tokens_per_s, c.sentences_per_s, t.mean
+        ));
         for b in &self.backends {
             for p in &b.in_process {
                 s.push_str(&format!(
@@ -582,6 +769,17 @@ impl TextReport {
                 verdict(b.batched_vs_unbatched, TARGET_VS_UNBATCHED),
                 b.batching_off_verified,
                 b.batching_off_override,
+            ));
+            s.push_str(&format!(
+                "vs limit   {:<14} served {:.1} sentences/s = {:.0} tokens/s ({:.2} tokens/request): {:.3} of the ceiling (target ≥ {TARGET_VS_CEILING}: {}), tokens/s {:.3} of it; in-process best {:.3} of it\n",
+                b.model,
+                b.batched.load.throughput_rps,
+                b.served_tokens_per_s,
+                b.served_mean_tokens,
+                b.served_vs_ceiling,
+                verdict(b.served_vs_ceiling, TARGET_VS_CEILING),
+                b.served_tokens_vs_ceiling,
+                b.in_process_vs_ceiling,
             ));
         }
         s
