@@ -17,11 +17,11 @@ mod slo;
 mod stats;
 mod worker;
 
-pub use batcher::{BatchPolicy, Item, Plan};
+pub use batcher::{BatchPolicy, Item, Plan, check_length_parameters};
 pub use error::InferError;
 pub use pool::ExecutionPool;
 pub use priority::{LevelPolicy, PriorityPolicy, order as priority_order};
 pub use request::{BatchTrace, InferOutput, Request, SpanRef};
 pub use slo::{Controller, Decision, Observation, SloConfig, SloSnapshot, background_levels};
 pub use stats::{BatchStat, DurationStat, LatencyBuckets, ModelStats, Percentiles, StatsSnapshot};
-pub use worker::{ModelWorker, WorkerFailure, WorkerOptions};
+pub use worker::{INLINE_TOKEN_COUNT_BYTES, ModelWorker, WorkerFailure, WorkerOptions};

@@ -12,7 +12,10 @@
 //!    does not age: an online request that is queued runs in the next batch the model forms, so a
 //!    background batch delays it by at most the batch already executing on its instance (one
 //!    batch). Online and background requests may share a batch (the background ones fill rows the
-//!    online ones leave empty); those count against the limit like any other.
+//!    online ones leave empty); those count against the limit like any other. (A text model
+//!    batches by length, `batcher.rs`: an online request of another length than the oldest may
+//!    wait for the next online batch, but a batch is never formed around a background request
+//!    while an online one waits.)
 //! 2. **The window.** Online requests' totals go into a sliding window of [`SLICES`] slices of
 //!    [`SLICE`] each (about five seconds): its p99 is what `models stats` and `/metrics` show.
 //!    The controller reads the same window but only the slices begun within the last

@@ -120,10 +120,12 @@ impl ModelManager {
         // The fast path reads `priority_aging_ms` when it builds the worker; a value that is not
         // a number is refused here by name instead of silently becoming the default.
         .and_then(|c| c.parameter_u64("priority_aging_ms", 0).map(|_| c))
-        // Likewise the latency objective and the background levels (veraltheim_fastpath::slo).
+        // Likewise the latency objective and the background levels (veraltheim_fastpath::slo),
+        // and the length-aware batching parameters (veraltheim_fastpath's batcher).
         .and_then(|c| {
             veraltheim_fastpath::SloConfig::from_config(&c)
                 .and_then(|_| veraltheim_fastpath::background_levels(&c))
+                .and_then(|_| veraltheim_fastpath::check_length_parameters(&c))
                 .map(|_| c.clone())
                 .map_err(|reason| veraltheim_models::Error::InvalidConfig {
                     model: c.name.clone(),
