@@ -336,9 +336,17 @@ impl BatchPolicy {
         if self.preferred_cut(items, &mut chosen, rows).is_some() {
             return run(chosen);
         }
+        // Wake for the first request of the anchor's class that becomes urgent, in the batch
+        // or not (it then anchors or joins at once).
         let due = chosen
             .iter()
-            .filter_map(|&i| items[i].urgent_at)
+            .map(|&i| &items[i])
+            .chain(
+                items
+                    .iter()
+                    .filter(|it| it.class == a.class && it.tokens > 0),
+            )
+            .filter_map(|it| it.urgent_at)
             .fold(a.enqueued + self.max_delay, Instant::min);
         if now >= due {
             run(chosen)
@@ -595,15 +603,16 @@ mod tests {
 
     #[test]
     fn a_long_request_is_passed_over_at_most_max_passes_times() {
-        // Batches of 4 short requests; a long one waits behind 40 of them.
-        let mut p = text_policy(4);
+        // Ten lengths 10, 13, ..., 37 (each too far from the others to share a batch), three
+        // requests of each, then a long one: every batch takes the three of the front's length.
+        let mut p = text_policy(64);
         p.max_passes = 3;
         let key = 0u8;
         let t0 = Instant::now();
-        let mut queue: Vec<Text> = (0..41)
+        let mut queue: Vec<Text> = (0..31)
             .map(|id| Text {
                 id,
-                tokens: if id == 40 { 120 } else { 10 },
+                tokens: if id == 30 { 120 } else { 10 + (id % 10) * 3 },
                 enqueued: t0 + Duration::from_micros(id as u64),
                 passed: 0,
             })
@@ -613,12 +622,14 @@ mod tests {
             let Plan::Run(positions) = p.plan(&shown(&queue, &key), now) else {
                 panic!("must run");
             };
-            if let Some(&i) = positions.iter().find(|&&i| queue[i].id == 40) {
+            if let Some(&i) = positions.iter().find(|&&i| queue[i].id == 30) {
+                // Without the bound it would have waited until it was the front (batch 10).
                 assert_eq!(batch, 3, "taken after 3 passes");
                 assert_eq!(queue[i].passed, 3);
                 break;
             }
             assert!(batch < 3, "passed over more than 3 times");
+            assert_eq!(positions.len(), 3, "one length per batch");
             let mut kept = Vec::new();
             for (i, mut t) in queue.drain(..).enumerate() {
                 if !positions.contains(&i) {
@@ -628,7 +639,6 @@ mod tests {
             }
             queue = kept;
         }
-        // Without the bound it would have waited until it was the front (batch 10).
     }
 
     #[test]
