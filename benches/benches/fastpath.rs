@@ -16,17 +16,12 @@ fn plan(c: &mut Criterion) {
         dynamic: true,
         preferred: vec![8, 16, 32],
         max_delay: Duration::from_micros(100),
-        max_batch_tokens: None,
+        ..BatchPolicy::default()
     };
     let t0 = Instant::now();
     let key = 0u8;
     let items: Vec<Item<'_, u8>> = (0..64)
-        .map(|i| Item {
-            enqueued: t0 + Duration::from_nanos(i),
-            rows: 1,
-            key: &key,
-            tokens: 0,
-        })
+        .map(|i| Item::new(t0 + Duration::from_nanos(i), 1, &key))
         .collect();
     let mut g = c.benchmark_group("batcher_plan");
     for n in [1usize, 8, 64] {

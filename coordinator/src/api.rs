@@ -385,6 +385,8 @@ impl ModelService for Api {
                     expired: s.expired,
                     cache_hits: s.cache_hit.count,
                     objective: s.slo.as_ref().map(objective),
+                    padded_tokens: s.padded_tokens,
+                    real_tokens: s.real_tokens,
                 }
             })
             .collect();

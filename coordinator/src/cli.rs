@@ -519,6 +519,8 @@ pub async fn models(args: ModelsArgs) -> anyhow::Result<()> {
                             "avg_queue_us": avg_us(&m.queue), "avg_compute_us": avg_us(&m.compute),
                             "pending": m.pending, "rejected": m.rejected, "expired": m.expired,
                             "cache_hits": m.cache_hits,
+                            "padded_tokens": m.padded_tokens,
+                            "real_tokens": m.real_tokens,
                             "p50_us": m.total_latency.map_or(0, |l| l.p50_us),
                             "p99_us": m.total_latency.map_or(0, |l| l.p99_us),
                             "last_inference_ms": m.last_inference_ms,
@@ -577,6 +579,23 @@ pub async fn models(args: ModelsArgs) -> anyhow::Result<()> {
                         m.total_latency.map_or(0, |l| l.p50_us),
                         m.total_latency.map_or(0, |l| l.p99_us)
                     );
+                }
+                let texts: Vec<_> = r.models.iter().filter(|m| m.real_tokens > 0).collect();
+                if !texts.is_empty() {
+                    println!();
+                    println!(
+                        "{:<20} {:>14} {:>14} {:>14}",
+                        "NAME", "REAL_TOKENS", "PADDED_TOKENS", "PADDED/REAL"
+                    );
+                    for m in texts {
+                        println!(
+                            "{:<20} {:>14} {:>14} {:>14.3}",
+                            m.name,
+                            m.real_tokens,
+                            m.padded_tokens,
+                            m.padded_tokens as f64 / m.real_tokens as f64
+                        );
+                    }
                 }
                 let objectives: Vec<_> = r
                     .models

@@ -366,6 +366,16 @@ pub fn render(ctx: &Context) -> String {
             "Batches run on the thread that received their request (the model idle and measured \
              fast: models.inline_execution_us)",
         ),
+        Family::new(
+            "veraltheim_inference_padded_tokens_total",
+            "counter",
+            "Text models: tokens of the executed batches, each padded to its longest sentence",
+        ),
+        Family::new(
+            "veraltheim_inference_real_tokens_total",
+            "counter",
+            "Text models: real tokens of the executed batches (padded ÷ real is padding's cost)",
+        ),
     ];
     let mut summaries = [
         Family::new(
@@ -483,6 +493,8 @@ pub fn render(ctx: &Context) -> String {
             s.rejected as f64,
             s.expired as f64,
             w.inline_runs() as f64,
+            s.padded_tokens as f64,
+            s.real_tokens as f64,
         ];
         for (fam, v) in fams.iter_mut().zip(values) {
             fam.samples.push((l.clone(), v));

@@ -17,7 +17,7 @@ mod slo;
 mod stats;
 mod worker;
 
-pub use batcher::{BatchPolicy, Item, Plan};
+pub use batcher::{BatchPolicy, Item, Plan, check_length_parameters};
 pub use error::InferError;
 pub use pool::ExecutionPool;
 pub use priority::{LevelPolicy, PriorityPolicy, order as priority_order};
@@ -25,5 +25,6 @@ pub use request::{BatchTrace, InferOutput, Request, SpanRef};
 pub use slo::{Controller, Decision, Observation, SloConfig, SloSnapshot, background_levels};
 pub use stats::{BatchStat, DurationStat, LatencyBuckets, ModelStats, Percentiles, StatsSnapshot};
 pub use worker::{
-    DEFAULT_INLINE_BELOW, INLINE_STREAK, ModelWorker, WorkerFailure, WorkerOptions, inline_bound,
+    DEFAULT_INLINE_BELOW, INLINE_STREAK, INLINE_TOKEN_COUNT_BYTES, ModelWorker, WorkerFailure,
+    WorkerOptions, inline_bound,
 };

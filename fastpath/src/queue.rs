@@ -31,8 +31,10 @@ pub(crate) struct Pending {
     /// The caller's own deadline: past it the request is refused whatever the policy.
     pub deadline: Option<Instant>,
     pub key: BatchKey,
-    /// Estimated tokens of the request's longest row (text models with a token budget; else 0).
-    pub tokens: usize,
+    /// Text models: the request's tokens, counted by the model's tokenizer on arrival.
+    pub tokens: Option<veraltheim_models::TokenCount>,
+    /// Batches of its dimensions that left without it while it waited (the batcher's rule 4).
+    pub passed: u32,
     /// Background work: the request asked for it, or its level is a background level.
     pub background: bool,
 }
@@ -111,7 +113,8 @@ mod tests {
                 delayed: false,
                 deadline: None,
                 key: Vec::new(),
-                tokens: 0,
+                tokens: None,
+                passed: 0,
                 background: false,
             },
             rx,

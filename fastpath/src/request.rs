@@ -1,7 +1,7 @@
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use veraltheim_models::Tensor;
+use veraltheim_models::{Tensor, TokenCount};
 
 /// One inference request, already validated against the model (inputs in model order).
 #[derive(Debug)]
@@ -26,6 +26,9 @@ pub struct Request {
     /// Background work (a batch inference job's line): behind online requests, and under the
     /// model's controller when it has a latency objective (`crate::SloConfig`).
     pub background: bool,
+    /// A text model's token count of this request, when the caller counted it already (off its
+    /// async threads: [`crate::ModelWorker::count_tokens_of`]); `None`: `submit` counts it.
+    pub tokens: Option<TokenCount>,
 }
 
 impl Request {
@@ -41,6 +44,7 @@ impl Request {
             received: Instant::now(),
             span: None,
             background: false,
+            tokens: None,
         }
     }
 }

@@ -16,6 +16,9 @@
 //!    online request in it; background rows run in batches of their own, when no online
 //!    request waits. (Measured: with them mixed in, the online p50 under background load was
 //!    four times its p50 alone.)
+//!    (A text model batches by length, `batcher.rs`: an online request of another length than
+//!    the oldest may wait for the next online batch, but a batch is never formed around a
+//!    background request while an online one waits.)
 //! 2. **The window.** Online requests' totals go into a sliding window of [`SLICES`] slices of
 //!    [`SLICE`] each (about five seconds): its p99 is what `models stats` and `/metrics` show.
 //!    The controller reads the same window but only the slices begun within the last

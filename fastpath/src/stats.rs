@@ -156,6 +156,8 @@ pub struct ModelStats {
     pub(crate) rejected: AtomicU64,
     pub(crate) expired: AtomicU64,
     pub(crate) cancelled: AtomicU64,
+    pub(crate) padded_tokens: AtomicU64,
+    pub(crate) real_tokens: AtomicU64,
     pub(crate) batches: Mutex<BTreeMap<u64, (u64, u64)>>,
     pub(crate) latency: Mutex<Latency>,
 }
@@ -186,6 +188,10 @@ pub struct StatsSnapshot {
     pub cancelled: u64,
     /// Waiting in the queue now.
     pub pending: u64,
+    /// Text models: tokens of the batches executed successfully, padded to each batch's longest
+    /// row (what the model computed) and real (the requests' own); 0 for other models.
+    pub padded_tokens: u64,
+    pub real_tokens: u64,
     pub batches: Vec<BatchStat>,
     /// Successful requests: time in the queue, in the batch, and end to end.
     pub queue_us: Percentiles,
@@ -207,6 +213,11 @@ impl ModelStats {
         let e = b.entry(rows as u64).or_default();
         e.0 += 1;
         e.1 += compute.as_nanos() as u64;
+    }
+
+    pub(crate) fn record_tokens(&self, padded: u64, real: u64) {
+        self.padded_tokens.fetch_add(padded, Relaxed);
+        self.real_tokens.fetch_add(real, Relaxed);
     }
 
     /// The end-to-end latency of successful requests in buckets bounded by `upper_us`
@@ -244,6 +255,8 @@ impl ModelStats {
             rejected: self.rejected.load(Relaxed),
             expired: self.expired.load(Relaxed),
             cancelled: self.cancelled.load(Relaxed),
+            padded_tokens: self.padded_tokens.load(Relaxed),
+            real_tokens: self.real_tokens.load(Relaxed),
             pending: pending as u64,
             slo: None,
             batches: self

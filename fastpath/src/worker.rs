@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use tokio::sync::{Notify, oneshot, watch};
 use tokio_util::sync::CancellationToken;
-use veraltheim_models::{Model, ModelConfig, Tensor};
+use veraltheim_models::{Model, ModelConfig, Tensor, TensorData, TokenCount};
 
 use crate::batcher::{BatchPolicy, Item, Plan};
 use crate::error::InferError;
@@ -109,6 +109,12 @@ struct Shared {
     streak_needed: AtomicU64,
     /// Batches run on the caller's thread.
     inline_runs: AtomicU64,
+    /// Whether the model counts its requests' tokens (a text model with a tokenizer): its
+    /// requests are counted on arrival and batched by length (`crate::batcher`).
+    counts_tokens: bool,
+    /// How long the model's last batch took, ns: a request whose deadline is nearer than this
+    /// (twice, plus the batching delay) must run in the next batch (`Item::urgent_at`).
+    last_batch_ns: AtomicU64,
 }
 
 /// Without `inline_execution_us`, a batch may run on the caller's thread when its model's
@@ -153,6 +159,15 @@ fn inline_below(
         None
     })
 }
+
+/// Text bytes up to which `submit` counts a request's tokens on the caller's thread (an async
+/// one, for the servers). MiniLM's tokenizer takes ~20 µs for a sentence of ~50 characters on
+/// the 2-core development machine under load (single-threaded `tokenizers`, the same Rust code):
+/// one sentence of 10–80 characters costs less than the two thread wake-ups of a hand-off to a
+/// blocking thread, so it is counted in place, and a request this size costs ~100 µs at most.
+/// Larger requests are counted on a blocking thread by the caller
+/// ([`ModelWorker::count_tokens_of`]; `serving::Inference` does).
+pub const INLINE_TOKEN_COUNT_BYTES: usize = 256;
 
 /// A model's latency objective at work (see [`crate::slo`]): the controller, the window it
 /// reads, and what the batcher and the pool threads tell it between ticks.
@@ -299,7 +314,6 @@ impl ModelWorker {
             closed: AtomicBool::new(false),
             abort: AtomicBool::new(false),
             pool,
-            model,
             pending: Mutex::new(VecDeque::new()),
             panicked: Mutex::new(None),
             finished: watch::channel(false).0,
@@ -314,6 +328,9 @@ impl ModelWorker {
             fast_streak: AtomicU64::new(0),
             streak_needed: AtomicU64::new(INLINE_STREAK),
             inline_runs: AtomicU64::new(0),
+            counts_tokens: model.count_tokens(&[]).is_some(),
+            last_batch_ns: AtomicU64::new(0),
+            model,
         });
         ModelWorker { shared }
     }
@@ -345,6 +362,22 @@ impl ModelWorker {
         texts: &[&str],
     ) -> Option<Result<Vec<usize>, veraltheim_models::Error>> {
         self.shared.model.count_tokens(texts)
+    }
+
+    /// Whether `req` should have its tokens counted before [`submit`](Self::submit), on a
+    /// blocking thread: the model counts tokens, nobody counted them yet, and its text is over
+    /// [`INLINE_TOKEN_COUNT_BYTES`] (`submit` would otherwise tokenize it on the caller's thread).
+    pub fn counts_tokens_off_runtime(&self, req: &Request) -> bool {
+        self.shared.counts_tokens
+            && req.tokens.is_none()
+            && req.inputs.iter().map(text_bytes).sum::<usize>() > INLINE_TOKEN_COUNT_BYTES
+    }
+
+    /// Counts the tokens of `req` with the model's tokenizer and keeps them in it (a text model;
+    /// others: nothing to do). Tokenizes on the calling thread: call it from a blocking thread.
+    pub fn count_tokens_of(&self, req: &mut Request) -> Result<(), InferError> {
+        req.tokens = count(&self.shared, &req.inputs)?;
+        Ok(())
     }
 
     pub fn stats(&self) -> StatsSnapshot {
@@ -442,11 +475,10 @@ impl ModelWorker {
         let deadline = req.deadline;
         let background = req.background || s.background_levels.contains(&level);
         let has_expiry = deadline.is_some() || queue_expiry.is_some();
-        // Only models with a token budget pay for the estimate (a length scan, no tokenizing).
-        let tokens = if s.policy.max_batch_tokens.is_some() {
-            s.model.estimate_tokens(&req.inputs).unwrap_or(0)
-        } else {
-            0
+        // Text models: the real count, here unless the caller counted it off its thread.
+        let tokens = match req.tokens {
+            Some(t) if s.counts_tokens => Some(t),
+            _ => count(s, &req.inputs)?,
         };
         let key: BatchKey = req
             .inputs
@@ -470,6 +502,7 @@ impl ModelWorker {
             deadline,
             key,
             tokens,
+            passed: 0,
             background,
         };
         let Some(pending) = try_inline(s, pending) else {
@@ -532,6 +565,30 @@ impl Drop for ModelWorker {
         self.shared.abort.store(true, Ordering::Release);
         fail_all(&self.shared, "the model worker went away");
         self.shared.notify.notify_one();
+    }
+}
+
+/// The tokens of a request to `s`'s model, when it counts them; a request its tokenizer refuses
+/// (text that is not UTF-8) is refused alone.
+fn count(s: &Shared, inputs: &[Tensor]) -> Result<Option<TokenCount>, InferError> {
+    if !s.counts_tokens {
+        return Ok(None);
+    }
+    match s.model.request_tokens(inputs) {
+        None => Ok(None),
+        Some(Ok(t)) => Ok(Some(t)),
+        Some(Err(reason)) => Err(InferError::InvalidRequest {
+            model: s.name.clone(),
+            reason,
+        }),
+    }
+}
+
+/// The bytes of a BYTES tensor's elements (0 for other tensors).
+fn text_bytes(t: &Tensor) -> usize {
+    match t.data() {
+        TensorData::Bytes(rows) => rows.iter().map(|r| r.len()).sum(),
+        _ => 0,
     }
 }
 
@@ -670,12 +727,7 @@ fn try_inline(s: &Shared, p: Pending) -> Option<Pending> {
         Some(pending) if pending.is_empty() => {}
         _ => return Some(p),
     }
-    let item = Item {
-        enqueued: p.enqueued,
-        rows: p.req.rows,
-        key: &p.key,
-        tokens: p.tokens,
-    };
+    let item = item_of(s, &p, p.enqueued, Duration::ZERO);
     if !matches!(s.policy.plan(&[item], p.enqueued), Plan::Run(_)) || !take_instance(s) {
         return Some(p);
     }
@@ -826,14 +878,11 @@ enum Next {
 /// With a latency objective, only as many background requests as the controller's limit leaves
 /// room for are shown to the policy; the rest wait.
 fn next_batch(s: &Shared, pending: &mut VecDeque<Pending>, now: Instant) -> Next {
-    fn item(p: &Pending) -> Item<'_, BatchKey> {
-        Item {
-            enqueued: p.enqueued,
-            rows: p.req.rows,
-            key: &p.key,
-            tokens: p.tokens,
-        }
-    }
+    // Text models: a request must run in the next batch once its deadline is nearer than the
+    // batching delay and two batches as long as the last one.
+    let margin = s.policy.max_delay
+        + Duration::from_nanos(s.last_batch_ns.load(Ordering::Relaxed)).saturating_mul(2);
+    let item = |p| item_of(s, p, now, margin);
     // Positions in `pending` of the requests shown to the policy, when not all of them are.
     let mut shown: Option<Vec<usize>> = None;
     let items: Vec<Item<'_, BatchKey>> = match &s.slo {
@@ -867,10 +916,11 @@ fn next_batch(s: &Shared, pending: &mut VecDeque<Pending>, now: Instant) -> Next
     };
     match s.policy.plan(&items, now) {
         Plan::Run(positions) => {
-            let positions = match &shown {
+            let positions: Vec<usize> = match &shown {
                 Some(shown) => positions.iter().map(|&j| shown[j]).collect(),
                 None => positions,
             };
+            count_passes(pending, shown.as_deref(), &positions);
             let batch = take(pending, &positions);
             s.queue.release(batch.len());
             let background = batch.iter().filter(|p| p.background).count();
@@ -885,6 +935,58 @@ fn next_batch(s: &Shared, pending: &mut VecDeque<Pending>, now: Instant) -> Next
         }
         Plan::Wait(at) => Next::Wait(at),
         Plan::Idle => Next::Idle,
+    }
+}
+
+/// What the batching policy sees of `p`.
+fn item_of<'a>(s: &Shared, p: &'a Pending, now: Instant, margin: Duration) -> Item<'a, BatchKey> {
+    let mut item = Item::new(p.enqueued, p.req.rows, &p.key);
+    if let Some(t) = p.tokens {
+        let background_last = s.slo.is_some();
+        item.tokens = t.longest;
+        item.real = t.total;
+        item.passed = p.passed;
+        // The rank `reorder` sorts by, as one number.
+        let (delayed, level) = if background_last && p.background {
+            (p.delayed, u32::MAX)
+        } else {
+            s.priority.rank(
+                p.level,
+                p.delayed,
+                now.saturating_duration_since(p.enqueued),
+            )
+        };
+        item.class = (u64::from(background_last && p.background) << 40)
+            | (u64::from(delayed) << 32)
+            | u64::from(level);
+        let expiry = p.queue_expiry.filter(|_| !p.delay_on_timeout);
+        item.urgent_at = [p.deadline, expiry]
+            .into_iter()
+            .flatten()
+            .min()
+            .map(|at| at.checked_sub(margin).unwrap_or(p.enqueued));
+    }
+    item
+}
+
+/// Text requests shown to the policy with the dimensions of the batch at `positions` (ascending)
+/// and not taken: one more pass each (the batcher's rule 4).
+fn count_passes(pending: &mut VecDeque<Pending>, shown: Option<&[usize]>, positions: &[usize]) {
+    let Some(&first) = positions.first() else {
+        return;
+    };
+    if pending[first].tokens.is_none() {
+        return;
+    }
+    let passed: Vec<usize> = match shown {
+        Some(shown) => shown.to_vec(),
+        None => (0..pending.len()).collect(),
+    }
+    .into_iter()
+    .filter(|i| positions.binary_search(i).is_err() && pending[*i].key == pending[first].key)
+    .collect();
+    for i in passed {
+        pending[i].passed = pending[i].passed.saturating_add(1);
     }
 }
 
@@ -1083,6 +1185,10 @@ fn execute(s: &Shared, batch: Vec<Pending>) -> Duration {
             s.fast_streak.store(0, Ordering::Relaxed);
         }
     }
+    s.last_batch_ns.store(
+        u64::try_from(took.as_nanos()).unwrap_or(u64::MAX),
+        Ordering::Relaxed,
+    );
     let background = batch.iter().filter(|p| p.background).count();
     if let Some(slo) = &s.slo {
         let busy = u64::try_from(done.saturating_duration_since(start).as_nanos()).unwrap_or(0);
@@ -1098,6 +1204,9 @@ fn execute(s: &Shared, batch: Vec<Pending>) -> Duration {
 
     match per_request {
         Ok(parts) => {
+            if let Some((padded, real)) = padded_and_real(&batch) {
+                s.stats.record_tokens(padded, real);
+            }
             {
                 let mut latency = s.stats.latency.lock();
                 for p in &batch {
@@ -1178,6 +1287,19 @@ fn record_row_cost(slo: &Slo, per_row_ns: u64) {
                 (old - old / 8 + per_row_ns / 8).max(1)
             })
         });
+}
+
+/// A text batch's tokens as the model runs it: padded (every row padded to the longest) and
+/// real. `None` when its requests have no token counts.
+fn padded_and_real(batch: &[Pending]) -> Option<(u64, u64)> {
+    let (mut rows, mut longest, mut real) = (0usize, 0usize, 0usize);
+    for p in batch {
+        let t = p.tokens?;
+        rows += p.req.rows;
+        longest = longest.max(t.longest);
+        real += t.total;
+    }
+    Some((rows.saturating_mul(longest) as u64, real as u64))
 }
 
 /// Puts a finished batch's online requests into the objective's window; one over the controller's

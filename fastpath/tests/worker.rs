@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use veraltheim_fastpath::{
     ExecutionPool, InferError, ModelWorker, Request, SpanRef, WorkerOptions,
 };
-use veraltheim_models::{Model, ModelConfig, Tensor, builtin};
+use veraltheim_models::{Model, ModelConfig, Tensor, TokenCount, builtin};
 
 fn cost(base_us: u64, per_item_us: u64, extra: &str) -> Arc<dyn Model> {
     let over = format!(
@@ -828,4 +828,115 @@ fn inline_execution_us_is_read_and_a_bad_value_is_named() {
         err.contains("inline_execution_us") && err.contains("'fast'"),
         "{err}"
     );
+}
+
+/// A stand-in for a text model: row `[id, tokens]` costs `tokens` tokens (a negative count is
+/// text its tokenizer refuses). It counts tokens, so the worker batches it by length.
+struct Words(Arc<dyn Model>);
+
+impl Model for Words {
+    fn config(&self) -> &ModelConfig {
+        self.0.config()
+    }
+
+    fn execute(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, veraltheim_models::Error> {
+        self.0.execute(inputs)
+    }
+
+    fn count_tokens(&self, texts: &[&str]) -> Option<Result<Vec<usize>, veraltheim_models::Error>> {
+        Some(Ok(texts.iter().map(|t| t.len()).collect()))
+    }
+
+    fn request_tokens(&self, inputs: &[Tensor]) -> Option<Result<TokenCount, String>> {
+        let values = inputs[0].f32_values().map_err(|e| e.to_string());
+        Some(values.and_then(|v| {
+            let counts: Vec<f32> = v.chunks(2).map(|r| r[1]).collect();
+            if counts.iter().any(|&c| c < 0.0) {
+                return Err(format!("input '{}' is not text", inputs[0].name()));
+            }
+            Ok(TokenCount {
+                longest: counts.iter().map(|&c| c as usize).max().unwrap_or(0),
+                total: counts.iter().map(|&c| c as usize).sum(),
+            })
+        }))
+    }
+}
+
+fn sentence(id: f32, tokens: f32) -> Request {
+    Request::new(
+        vec![Tensor::from_f32("INPUT0", vec![1, 2], &[id, tokens]).unwrap()],
+        1,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_requests_are_batched_by_length_and_their_tokens_counted() {
+    let pool = ExecutionPool::new(2).unwrap();
+    let (gated_model, mut gate) = gated(cost(0, 0, ""));
+    let worker = ModelWorker::start(
+        Arc::new(Words(gated_model)),
+        pool,
+        &WorkerOptions::default(),
+    );
+    let mut receivers = vec![worker.submit(sentence(0.0, 10.0)).unwrap()];
+    assert_eq!(gate.started().await, [0.0]);
+    // Short and long sentences alternate while the first batch holds the only instance.
+    receivers.extend((1..=12).map(|i| {
+        let tokens = if i % 2 == 1 { 10.0 } else { 40.0 };
+        worker.submit(sentence(i as f32, tokens)).unwrap()
+    }));
+    // Text the tokenizer refuses is refused alone, at once.
+    match worker.submit(sentence(99.0, -1.0)) {
+        Err(InferError::InvalidRequest { reason, .. }) => {
+            assert!(reason.contains("not text"), "{reason}")
+        }
+        other => panic!("expected InvalidRequest, got {other:?}"),
+    }
+    gate.open();
+    for rx in receivers {
+        rx.await.unwrap().unwrap();
+    }
+    assert_eq!(
+        gate.started().await,
+        [1.0, 3.0, 5.0, 7.0, 9.0, 11.0],
+        "the oldest waiting request anchors; the others of its length join it"
+    );
+    assert_eq!(gate.started().await, [2.0, 4.0, 6.0, 8.0, 10.0, 12.0]);
+    let stats = worker.stats();
+    assert_eq!(stats.execution_count, 3, "{stats:?}");
+    assert_eq!(stats.real_tokens, 10 + 6 * 10 + 6 * 40);
+    assert_eq!(
+        stats.padded_tokens, stats.real_tokens,
+        "no batch was padded"
+    );
+
+    // Counted by the caller beforehand (as the server does for large requests): kept as given.
+    let mut counted = sentence(20.0, 7.0);
+    assert!(
+        !worker.counts_tokens_off_runtime(&counted),
+        "a small request"
+    );
+    worker.count_tokens_of(&mut counted).unwrap();
+    assert_eq!(
+        counted.tokens,
+        Some(TokenCount {
+            longest: 7,
+            total: 7
+        })
+    );
+    worker.submit(counted).unwrap().await.unwrap().unwrap();
+    assert_eq!(worker.stats().real_tokens, 10 + 6 * 10 + 6 * 40 + 7);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_without_tokens_count_none() {
+    let pool = ExecutionPool::new(2).unwrap();
+    let worker = ModelWorker::start(cost(0, 0, ""), pool, &WorkerOptions::default());
+    let mut r = row(1.0);
+    worker.count_tokens_of(&mut r).unwrap();
+    assert_eq!(r.tokens, None);
+    assert!(!worker.counts_tokens_off_runtime(&r));
+    worker.submit(r).unwrap().await.unwrap().unwrap();
+    let stats = worker.stats();
+    assert_eq!((stats.real_tokens, stats.padded_tokens), (0, 0));
 }

@@ -36,7 +36,7 @@ pub use config::ModelConfig;
 pub use datatype::DataType;
 pub use error::{Error, ErrorKind};
 pub use limits::Limits;
-pub use model::Model;
+pub use model::{Model, TokenCount};
 pub use state::ModelState;
 pub use tensor::{Tensor, TensorData};
 

@@ -30,10 +30,13 @@ pub trait Model: Send + Sync + 'static {
         None
     }
 
-    /// For text models: an estimate of the tokens of the longest row of a request, cheap enough
-    /// to run on an async thread (no tokenizing). The batcher bounds `batch rows × longest row`
-    /// by the model's `max_batch_tokens` parameter with it (padding makes a batch cost that).
-    fn estimate_tokens(&self, _inputs: &[Tensor]) -> Option<usize> {
+    /// For text models with a tokenizer: the tokens of one request as the model will see them
+    /// (after truncation, special tokens included), counted by its own tokenizer when the
+    /// request arrives. `None`: the model has no tokens (the batcher then batches it without
+    /// regard to length). A refusal (the reason, naming the input) fails that request alone.
+    /// Tokenizes: tens of µs per sentence, so the caller runs large requests off its async
+    /// threads.
+    fn request_tokens(&self, _inputs: &[Tensor]) -> Option<Result<TokenCount, String>> {
         None
     }
 
@@ -43,4 +46,12 @@ pub trait Model: Send + Sync + 'static {
     fn count_tokens(&self, _texts: &[&str]) -> Option<Result<Vec<usize>, Error>> {
         None
     }
+}
+
+/// The tokens of one request of a text model: its longest row, which the whole batch it joins is
+/// padded to at least, and the real tokens of all its rows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TokenCount {
+    pub longest: usize,
+    pub total: usize,
 }

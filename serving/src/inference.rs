@@ -109,7 +109,31 @@ impl Inference {
         match submitted {
             Submitted::Done(result) => result,
             Submitted::Waiting(waiting) => self.wait(waiting).await,
+            Submitted::Count(counting) => Box::pin(self.count_then_wait(*counting)).await,
         }
+    }
+
+    /// Counts a large text request's tokens on a blocking thread, then queues and awaits it.
+    async fn count_then_wait(&self, c: Counting) -> Result<InferOutput, Error> {
+        let Counting {
+            worker,
+            in_flight,
+            mut request,
+            cache_key,
+        } = c;
+        let counter = worker.clone();
+        let request = tokio::task::spawn_blocking(move || {
+            counter.count_tokens_of(&mut request).map(|()| request)
+        })
+        .await
+        .map_err(|e| {
+            Error::Infer(InferError::Panicked {
+                model: worker.name().to_string(),
+                message: format!("counting the request's tokens failed: {e}"),
+            })
+        })??;
+        let waiting = Self::queue(worker, in_flight, request, cache_key)?;
+        self.wait(waiting).await
     }
 
     /// Validates the call against the model's configuration, answers it from the response cache
@@ -141,7 +165,6 @@ impl Inference {
         } else {
             None
         };
-        let deadline = call.deadline;
         let request = Request {
             id: call.id,
             inputs,
@@ -149,24 +172,47 @@ impl Inference {
             outputs: call.outputs,
             priority: call.priority,
             timeout: call.timeout,
-            deadline,
+            deadline: call.deadline,
             received: call.received,
             span: call.trace.map(|t| SpanRef {
                 trace_id: t.trace_id(),
                 span_id: t.parent_id(),
             }),
             background: call.background,
+            tokens: None,
         };
-        match worker.submit(request) {
-            Ok(rx) => Submitted::Waiting(Waiting {
+        // A text model counts a request's tokens when it arrives; a large one is counted on a
+        // blocking thread rather than here, on the runtime's.
+        if worker.counts_tokens_off_runtime(&request) {
+            return Submitted::Count(Box::new(Counting {
                 worker,
-                _in_flight: in_flight,
-                rx,
+                in_flight,
+                request,
                 cache_key,
-                deadline,
-            }),
-            Err(e) => Submitted::Done(Err(Error::Infer(e))),
+            }));
         }
+        match Self::queue(worker, in_flight, request, cache_key) {
+            Ok(waiting) => Submitted::Waiting(waiting),
+            Err(e) => Submitted::Done(Err(e)),
+        }
+    }
+
+    /// Queues a request that is ready (validated, its tokens counted where they must be).
+    fn queue(
+        worker: Arc<ModelWorker>,
+        in_flight: InFlight,
+        request: Request,
+        cache_key: Option<ContentHash>,
+    ) -> Result<Waiting, Error> {
+        let deadline = request.deadline;
+        let rx = worker.submit(request)?;
+        Ok(Waiting {
+            worker,
+            _in_flight: in_flight,
+            rx,
+            cache_key,
+            deadline,
+        })
     }
 
     async fn wait(&self, w: Waiting) -> Result<InferOutput, Error> {
@@ -197,10 +243,21 @@ enum Step {
     Load(InferCall),
 }
 
-/// A call that went through [`Inference::submit`]: answered already, or queued.
+/// A call that went through [`Inference::submit`]: answered already, queued, or to be counted
+/// first.
 enum Submitted {
     Done(Result<InferOutput, Error>),
     Waiting(Waiting),
+    /// A large text request whose tokens are counted on a blocking thread before it is queued.
+    Count(Box<Counting>),
+}
+
+/// A validated request waiting for its token count.
+struct Counting {
+    worker: Arc<ModelWorker>,
+    in_flight: InFlight,
+    request: Request,
+    cache_key: Option<ContentHash>,
 }
 
 /// A submitted request, until its answer comes.

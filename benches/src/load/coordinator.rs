@@ -12,6 +12,7 @@ use tonic::transport::Channel;
 use veraltheim_proto::inference::{
     self as pb, grpc_inference_service_client::GrpcInferenceServiceClient,
 };
+use veraltheim_proto::v1::{self, model_service_client::ModelServiceClient};
 
 /// How long the coordinator gets to become ready, and to exit after SIGTERM.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -55,6 +56,8 @@ pub struct Counts {
     /// Successful requests and their summed time from the handler to the batch's end
     /// (`inference_stats.success`).
     pub success: (u64, u64),
+    /// Text models: padded and real tokens executed (v1 `ModelStatistics`; 0 for others).
+    pub tokens: (u64, u64),
 }
 
 /// What the server did between two readings of [`Counts`].
@@ -70,6 +73,8 @@ pub struct ServerSide {
     pub mean_in_server_us: Option<f64>,
     /// Share of the window the model spent in `execute` (one instance: 1.0 = always busy).
     pub execute_busy: Option<f64>,
+    /// Text models: padded ÷ real tokens of the batches executed in the window.
+    pub padded_per_real: Option<f64>,
 }
 
 fn mean_us(after: (u64, u64), before: (u64, u64)) -> Option<f64> {
@@ -100,6 +105,12 @@ impl Counts {
             mean_queue_us: mean_us(self.queue, before.queue),
             mean_in_server_us: mean_us(self.success, before.success),
             execute_busy: busy,
+            padded_per_real: self
+                .tokens
+                .1
+                .checked_sub(before.tokens.1)
+                .filter(|&real| real > 0)
+                .map(|real| self.tokens.0.saturating_sub(before.tokens.0) as f64 / real as f64),
         }
     }
 }
@@ -282,6 +293,16 @@ impl Coordinator {
             .into_iter()
             .find(|s| s.name == model)
             .with_context(|| format!("no statistics for '{model}'"))?;
+        let tokens = ModelServiceClient::new(self.channel().await?)
+            .get_model_statistics(v1::GetModelStatisticsRequest {
+                name: model.to_string(),
+            })
+            .await?
+            .into_inner()
+            .models
+            .into_iter()
+            .find(|m| m.name == model)
+            .map_or((0, 0), |m| (m.padded_tokens, m.real_tokens));
         let pair = |d: Option<pb::StatisticDuration>| d.map_or((0, 0), |d| (d.count, d.ns));
         let stats = s.inference_stats.unwrap_or_default();
         Ok(Counts {
@@ -295,6 +316,7 @@ impl Coordinator {
                 .sum(),
             queue: pair(stats.queue),
             success: pair(stats.success),
+            tokens,
         })
     }
 
@@ -370,6 +392,7 @@ mod tests {
             batch_compute_ns: 1_000_000,
             queue: (10, 50_000),
             success: (10, 100_000),
+            tokens: (1_000, 900),
         };
         let after = Counts {
             inferences: 110,
@@ -377,6 +400,7 @@ mod tests {
             batch_compute_ns: 1_501_000_000,
             queue: (110, 20_050_000),
             success: (110, 40_100_000),
+            tokens: (2_100, 1_900),
         };
         let s = after.since(&before, 2.0);
         assert_eq!(s.inferences, 100);
@@ -385,8 +409,10 @@ mod tests {
         assert_eq!(s.mean_queue_us, Some(200.0));
         assert_eq!(s.mean_in_server_us, Some(400.0));
         assert_eq!(s.execute_busy, Some(0.75));
+        assert_eq!(s.padded_per_real, Some(1.1));
         let empty = before.since(&before, 0.0);
         assert_eq!(empty.mean_queue_us, None);
         assert_eq!(empty.execute_busy, None);
+        assert_eq!(empty.padded_per_real, None);
     }
 }

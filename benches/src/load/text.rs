@@ -137,6 +137,10 @@ pub struct TextArgs {
     /// REST, JSON tensors) or `http-binary` (REST with the binary-data extension).
     #[arg(long, value_enum, default_value = "grpc")]
     pub protocol: super::http::Protocol,
+    /// Written into the imported model's config as its `max_padding_ratio` parameter (the
+    /// batcher's bound on padded ÷ real tokens; a large value batches regardless of length).
+    #[arg(long)]
+    pub max_padding_ratio: Option<f64>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -478,6 +482,17 @@ fn set_instances(model_dir: &Path, count: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Sets a string parameter in an imported model's `config.json`.
+fn set_parameter(model_dir: &Path, key: &str, value: &str) -> anyhow::Result<()> {
+    let path = model_dir.join("config.json");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let mut config: serde_json::Value = serde_json::from_str(&text)?;
+    config["parameters"][key] = serde_json::json!({ "string_value": value });
+    std::fs::write(&path, serde_json::to_vec_pretty(&config)?)?;
+    Ok(())
+}
+
 /// Runs the whole benchmark.
 pub async fn text(args: &TextArgs) -> anyhow::Result<TextReport> {
     let (batch_sizes, per_size) =
@@ -526,6 +541,13 @@ pub async fn text(args: &TextArgs) -> anyhow::Result<TextReport> {
         )?;
         if args.instances > 1 {
             set_instances(&repository.join(name), args.instances)?;
+        }
+        if let Some(ratio) = args.max_padding_ratio {
+            set_parameter(
+                &repository.join(name),
+                "max_padding_ratio",
+                &ratio.to_string(),
+            )?;
         }
     }
 
@@ -747,7 +769,7 @@ impl TextReport {
             for (label, r) in [("batched", &b.batched), ("unbatched", &b.unbatched)] {
                 let errors: u64 = r.load.errors.values().sum();
                 s.push_str(&format!(
-                    "served     {:<14} {:<9} {:>9.1} sentences/s  p50 {} µs  p99 {} µs  errors {}  server avg batch {}  queue {} µs  execute busy {}\n",
+                    "served     {:<14} {:<9} {:>9.1} sentences/s  p50 {} µs  p99 {} µs  errors {}  server avg batch {}  queue {} µs  execute busy {}  padded÷real {}\n",
                     b.model,
                     label,
                     r.load.throughput_rps,
@@ -757,6 +779,7 @@ impl TextReport {
                     opt(r.server.average_batch, 2),
                     opt(r.server.mean_queue_us, 0),
                     opt(r.server.execute_busy, 2),
+                    opt(r.server.padded_per_real, 3),
                 ));
             }
             s.push_str(&format!(

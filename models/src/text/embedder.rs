@@ -11,7 +11,7 @@ use super::{DEFAULT_MAX_BATCH_SIZE, EMBEDDING_OUTPUT, Encoder, TEXT_INPUT};
 use crate::config::{DynamicBatching, ModelConfig, TensorConfig};
 use crate::datatype::DataType;
 use crate::error::Error;
-use crate::model::Model;
+use crate::model::{Model, TokenCount};
 use crate::tensor::{Tensor, TensorData};
 
 /// The default configuration of a sentence embedder: input `TEXT` (BYTES, dims `[1]`), output
@@ -320,6 +320,14 @@ fn decode_text<'t>(model: &str, tensor: &'t Tensor) -> Result<Vec<&'t str>, Erro
         .collect()
 }
 
+/// An execution error's reason, without the model's name (the caller names it).
+fn reason(e: Error) -> String {
+    match e {
+        Error::Execution { reason, .. } => reason,
+        other => other.to_string(),
+    }
+}
+
 impl<E: Encoder> Model for SentenceEmbedder<E> {
     fn config(&self) -> &ModelConfig {
         &self.config
@@ -330,16 +338,22 @@ impl<E: Encoder> Model for SentenceEmbedder<E> {
         self.encoder.memory_bytes()
     }
 
-    /// The longest row's tokens, estimated from its UTF-8 length (WordPiece averages about four
-    /// bytes of English per token; a third of the bytes errs on the high side, so batches come
-    /// out small rather than over budget) plus the two special tokens, capped at the truncation
-    /// length. Cheap enough for an async thread: no tokenizing.
-    fn estimate_tokens(&self, inputs: &[Tensor]) -> Option<usize> {
-        let TensorData::Bytes(rows) = &inputs.first()?.data() else {
-            return None;
-        };
-        let longest = rows.iter().map(|r| r.len()).max().unwrap_or(0);
-        Some((longest / 3 + 2).min(self.tokenizer.max_seq_length()))
+    /// The request's rows tokenized one at a time (the same tokenizer and truncation as
+    /// [`embed`](SentenceEmbedder::embed), so the counts are the lengths `execute` pads).
+    fn request_tokens(&self, inputs: &[Tensor]) -> Option<Result<TokenCount, String>> {
+        let model = &self.config.name;
+        let counted = inputs
+            .first()
+            .ok_or_else(|| format!("no '{TEXT_INPUT}' input given"))
+            .and_then(|text| {
+                let texts = decode_text(model, text).map_err(reason)?;
+                self.tokenizer.count_tokens(&texts)
+            })
+            .map(|counts| TokenCount {
+                longest: counts.iter().copied().max().unwrap_or(0),
+                total: counts.iter().sum(),
+            });
+        Some(counted)
     }
 
     fn count_tokens(&self, texts: &[&str]) -> Option<Result<Vec<usize>, Error>> {

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use super::embedder::embedding_output;
 use super::*;
 use crate::config::ModelConfig;
-use crate::model::Model;
+use crate::model::{Model, TokenCount};
 use crate::tensor::Tensor;
 
 /// A temporary model folder, removed on drop.
@@ -505,16 +505,38 @@ fn count_tokens_reports_truncated_lengths() {
 }
 
 #[test]
-fn token_estimates_take_the_longest_row_capped_at_the_limit() {
+fn request_tokens_are_the_lengths_execute_pads() {
     let dir = model_dir();
-    dir.write("sentence_bert_config.json", r#"{"max_seq_length": 20}"#);
+    dir.write("sentence_bert_config.json", r#"{"max_seq_length": 6}"#);
     let m = embedder(&dir, default_config("m", "x", 2));
-    let input = text(&[b"hello", b"hello big big world"]);
+    let input = text(&[b"hello", b"big big", b"big big big big big big big"]);
+    let counts = m
+        .count_tokens(&["hello", "big big", "big big big big big big big"])
+        .unwrap();
     assert_eq!(
-        m.estimate_tokens(std::slice::from_ref(&input)),
-        Some(19 / 3 + 2)
+        counts,
+        vec![3, 4, 6],
+        "truncated at the limit, special tokens included"
     );
-    let long = text(&[&[b'a'; 300]]);
-    assert_eq!(m.estimate_tokens(&[long]), Some(20));
-    assert_eq!(m.estimate_tokens(&[]), None);
+    assert_eq!(
+        m.request_tokens(std::slice::from_ref(&input)).unwrap(),
+        Ok(TokenCount {
+            longest: 6,
+            total: 13
+        })
+    );
+    // The batch execute pads has the longest row's length.
+    let batch = m
+        .tokenizer()
+        .encode(&["hello", "big big", "big big big big big big big"])
+        .unwrap();
+    assert_eq!(batch.seq, 6);
+    assert_eq!(batch.attention_mask.iter().sum::<i64>(), 13);
+    let bad = text(&[&[0xff, 0xfe]]);
+    let e = m.request_tokens(&[bad]).unwrap().unwrap_err();
+    assert!(e.contains("not valid UTF-8"), "{e}");
+    assert!(m.request_tokens(&[]).unwrap().is_err());
+    let identity =
+        crate::builtin::instantiate(crate::builtin::config("identity").unwrap()).unwrap();
+    assert!(identity.request_tokens(&[]).is_none());
 }

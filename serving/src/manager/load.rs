@@ -121,11 +121,13 @@ impl ModelManager {
         // a number is refused here by name instead of silently becoming the default.
         .and_then(|c| c.parameter_u64("priority_aging_ms", 0).map(|_| c))
         // Likewise the latency objective and the background levels (veraltheim_fastpath::slo),
-        // and the bound on batches run on the caller's thread (`inline_execution_us`).
+        // the bound on batches run on the caller's thread (`inline_execution_us`) and the
+        // length-aware batching parameters (veraltheim_fastpath's batcher).
         .and_then(|c| {
             veraltheim_fastpath::SloConfig::from_config(&c)
                 .and_then(|_| veraltheim_fastpath::background_levels(&c))
                 .and_then(|_| veraltheim_fastpath::inline_bound(&c, None))
+                .and_then(|_| veraltheim_fastpath::check_length_parameters(&c))
                 .map(|_| c.clone())
                 .map_err(|reason| veraltheim_models::Error::InvalidConfig {
                     model: c.name.clone(),
