@@ -84,6 +84,12 @@ impl RequestQueue {
         true
     }
 
+    /// Whether the ring holds nothing (requests the batcher has not collected yet); `depth`
+    /// also counts the batcher's local list.
+    pub fn ring_is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
     pub fn pop(&self) -> Option<Pending> {
         self.items.pop()
     }

@@ -93,6 +93,8 @@ struct Shared {
     batcher_running: AtomicBool,
     /// Jobs handed to the execution pool (each runs one or more batches in place).
     pool_jobs: AtomicU64,
+    /// Rounds of the batcher loop (each one a wake-up of its task).
+    batcher_rounds: AtomicU64,
     /// Priority levels that count as background work (`background_priority_levels`).
     background_levels: Vec<u32>,
     /// Background requests taken into a batch and not yet answered.
@@ -321,6 +323,7 @@ impl ModelWorker {
             answers: Mutex::new(Vec::new()),
             batcher_running: AtomicBool::new(false),
             pool_jobs: AtomicU64::new(0),
+            batcher_rounds: AtomicU64::new(0),
             background_levels,
             background_in_flight: AtomicUsize::new(0),
             inline_below,
@@ -431,6 +434,11 @@ impl ModelWorker {
     /// under load this grows more slowly than the execution count. For diagnostics and tests.
     pub fn pool_jobs(&self) -> u64 {
         self.shared.pool_jobs.load(Ordering::Relaxed)
+    }
+
+    /// Rounds of the batcher loop so far: each is one wake-up of its task.
+    pub fn batcher_rounds(&self) -> u64 {
+        self.shared.batcher_rounds.load(Ordering::Relaxed)
     }
 
     /// Batches run on their caller's thread (see [`ModelWorker::submit`]).
@@ -615,6 +623,7 @@ async fn run(s: &Arc<Shared>, cancel: &CancellationToken) -> Result<(), WorkerFa
     // Two buffers take turns: the pool fills one while the batcher sends from the other.
     let mut sending = Vec::new();
     loop {
+        s.batcher_rounds.fetch_add(1, Ordering::Relaxed);
         deliver(s, &mut sending);
         if let Some(message) = s.panicked.lock().take() {
             return Err(WorkerFailure(format!("backend panicked: {message}")));
@@ -642,12 +651,12 @@ async fn run(s: &Arc<Shared>, cancel: &CancellationToken) -> Result<(), WorkerFa
                         s.pool.spawn(move || run_batches(&shared, batch));
                     }
                     Next::Wait(at) => {
-                        give_back_instance(s);
+                        give_back_unused_instance(s);
                         wake = Some(wake.map_or(at, |w| w.min(at)));
                         break;
                     }
                     Next::Idle => {
-                        give_back_instance(s);
+                        give_back_unused_instance(s);
                         break;
                     }
                 }
@@ -685,8 +694,21 @@ fn take_instance(s: &Shared) -> bool {
         .is_ok()
 }
 
-/// Gives back an instance taken without running a batch on it, or after an inline batch, and
-/// wakes the batcher unless it provably has nothing to do. A caller that queued its request
+/// The batcher gives back an instance it took for a batch the policy did not form (wait or
+/// idle). It holds the pending list and has its wake-up time; only a request that a caller
+/// queued meanwhile (finding the instance taken, it did not wake the batcher) needs another
+/// look. Waking on anything else would make the batcher spin: it would wake, find the same
+/// list, take the instance, give it back and wake itself again.
+fn give_back_unused_instance(s: &Shared) {
+    s.inflight.fetch_sub(1, Ordering::SeqCst);
+    std::sync::atomic::fence(Ordering::SeqCst);
+    if !s.queue.ring_is_empty() {
+        s.notify.notify_one();
+    }
+}
+
+/// Gives back an instance after an inline batch, and wakes the batcher unless it provably has
+/// nothing to do. A caller that queued its request
 /// while the instance was taken did not wake it (`submit`); the fence pairs with the one there.
 fn give_back_instance(s: &Shared) {
     s.inflight.fetch_sub(1, Ordering::SeqCst);

@@ -154,19 +154,20 @@ async fn an_objective_online_work_alone_breaks_stops_background_work_and_says_wh
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn background_rows_per_batch_follow_their_measured_time_and_stay_out_of_online_batches() {
     let pool = ExecutionPool::new(2).unwrap();
-    // 2 ms per row; 10 ms of background rows per batch allow at most 5 rows.
-    let bounded = ModelWorker::start(
-        cost(
-            0,
-            2_000,
-            &format!(
-                r#"{},"background_batch_ms":{{"string_value":"10"}},"background_step":{{"string_value":"4"}}"#,
-                slo(1_000, 64)
-            ),
-        ),
-        pool.clone(),
-        &WorkerOptions::default(),
-    );
+    // 2 ms per row, at most `batch_ms` of background rows per batch.
+    let model = |batch_ms: u64| {
+        let extra = format!(
+            r#"{},"background_batch_ms":{{"string_value":"{batch_ms}"}},"background_step":{{"string_value":"4"}}"#,
+            slo(1_000, 64)
+        );
+        ModelWorker::start(
+            cost(0, 2_000, &extra),
+            pool.clone(),
+            &WorkerOptions::default(),
+        )
+    };
+    // 10 ms of background rows per batch allow at most 5 rows.
+    let bounded = model(10);
     // The limit grows by 4 every 100 ms (`background_step`) while nothing online runs.
     let sizes = background_batches(&bounded, 200).await;
     assert!(sizes.iter().all(|&s| s <= 5), "{sizes:?}");
@@ -179,18 +180,7 @@ async fn background_rows_per_batch_follow_their_measured_time_and_stay_out_of_on
     assert!(o.limit <= 5, "{o:?}");
 
     // With a whole second per batch, the same load grows past 5 rows per batch.
-    let loose = ModelWorker::start(
-        cost(
-            0,
-            2_000,
-            &format!(
-                r#"{},"background_batch_ms":{{"string_value":"1000"}},"background_step":{{"string_value":"4"}}"#,
-                slo(1_000, 64)
-            ),
-        ),
-        pool,
-        &WorkerOptions::default(),
-    );
+    let loose = model(1000);
     let sizes = background_batches(&loose, 200).await;
     assert!(sizes.iter().any(|&s| s > 5), "{sizes:?}");
 

@@ -940,3 +940,25 @@ async fn models_without_tokens_count_none() {
     let stats = worker.stats();
     assert_eq!((stats.real_tokens, stats.padded_tokens), (0, 0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batcher_waiting_out_a_queue_delay_sleeps_instead_of_spinning() {
+    // One request waits out a 300 ms queue delay with the instance free: the batcher takes the
+    // instance, the policy says wait, the instance goes back. It must then sleep until the
+    // delay is due, not wake itself again and again.
+    let (worker, _) = timed(
+        r#","dynamic_batching":{"max_queue_delay_microseconds":300000}"#,
+        0,
+    );
+    let before = worker.batcher_rounds();
+    let rx = worker.submit(row(1.0)).unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let rounds = worker.batcher_rounds() - before;
+    // A handful of wake-ups (the submit, the wait's timer); a spinning batcher makes millions.
+    assert!(
+        rounds < 50,
+        "{rounds} batcher rounds while one request waited"
+    );
+    let out = rx.await.unwrap().unwrap();
+    assert_eq!(out.outputs[0].f32_values().unwrap(), vec![2.0]);
+}

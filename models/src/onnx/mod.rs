@@ -180,18 +180,15 @@ pub fn load(
         &options.cache,
         threads.unwrap_or(0),
     )?;
+    let spec = session::Spec {
+        file: &prepared.file,
+        level: prepared.open_at,
+        intra_op_threads: threads.unwrap_or(0),
+        save_optimized: None,
+    };
     let first = match prepared.first.take() {
         Some(s) => s,
-        None => session::open_session(
-            &rt,
-            &name,
-            &session::Spec {
-                file: &prepared.file,
-                level: prepared.open_at,
-                intra_op_threads: threads.unwrap_or(0),
-                save_optimized: None,
-            },
-        )?,
+        None => session::open_session(&rt, &name, &spec)?,
     };
     let graph = Graph::of(&first);
     let text = dir.join("tokenizer.json").is_file()
@@ -212,12 +209,7 @@ pub fn load(
         sessions.extend(open_sessions(
             &rt,
             &name,
-            &session::Spec {
-                file: &prepared.file,
-                level: prepared.open_at,
-                intra_op_threads: threads.unwrap_or(0),
-                save_optimized: None,
-            },
+            &spec,
             config.instance_count() - 1,
         )?);
     }
