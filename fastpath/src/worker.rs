@@ -1207,17 +1207,14 @@ fn execute(s: &Shared, batch: Vec<Pending>) -> Duration {
             s.fast_streak.store(0, Ordering::Relaxed);
         }
     }
-    s.last_batch_ns.store(
-        u64::try_from(took.as_nanos()).unwrap_or(u64::MAX),
-        Ordering::Relaxed,
-    );
+    let took_ns = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+    s.last_batch_ns.store(took_ns, Ordering::Relaxed);
     let background = batch.iter().filter(|p| p.background).count();
     if let Some(slo) = &s.slo {
-        let busy = u64::try_from(done.saturating_duration_since(start).as_nanos()).unwrap_or(0);
         if background < batch.len() {
-            slo.online_busy_ns.fetch_add(busy, Ordering::Relaxed);
+            slo.online_busy_ns.fetch_add(took_ns, Ordering::Relaxed);
         }
-        record_row_cost(slo, busy / (total.max(1) as u64));
+        record_row_cost(slo, took_ns / (total.max(1) as u64));
     }
     if background > 0 {
         s.background_in_flight
