@@ -44,7 +44,8 @@
 //!    can pass the front at most `max_passes` times; and a request passed over `max_passes` times
 //!    joins the next batch of its dimensions that has room whatever its length (rule 2). The
 //!    worker counts the passes ([`Item::passed`]): a request shown to the policy, compatible with
-//!    the batch that left, and not taken.
+//!    the batch that left, and not taken while a request after it in the order was (one behind
+//!    every request taken was not passed over: it only waits its turn).
 //!
 //! A request over the token budget on its own still runs, alone. A batch of requests without
 //! tokens behind a front that has tokens (or the reverse) is not formed: requests are compared
@@ -198,14 +199,30 @@ impl BatchPolicy {
     }
 
     pub fn plan<K: PartialEq>(&self, items: &[Item<'_, K>], now: Instant) -> Plan {
+        self.plan_within(items, now, usize::MAX)
+    }
+
+    /// [`BatchPolicy::plan`] for a batch of at most `max_rows` rows (below `max_batch_size`):
+    /// the rules are the same, with `max_rows` as the batch's size limit — a batch that reaches
+    /// it is full and leaves at once. The first request is taken whatever its rows, as a request
+    /// of more rows than `max_batch_size` runs alone. The worker caps a batch of background
+    /// requests so (`slo.rs` rule 5) while showing the policy all of them, so that a text model
+    /// forms it of similar lengths out of every background request that waits.
+    pub fn plan_within<K: PartialEq>(
+        &self,
+        items: &[Item<'_, K>],
+        now: Instant,
+        max_rows: usize,
+    ) -> Plan {
         let Some(front) = items.first() else {
             return Plan::Idle;
         };
         if self.max_batch_size == 0 || !self.dynamic {
             return Plan::Run(vec![0]);
         }
+        let max = self.max_batch_size.min(max_rows.max(1));
         if front.tokens > 0 {
-            return self.plan_by_length(items, now);
+            return self.plan_by_length(items, now, max);
         }
         let mut chosen = Vec::new();
         let mut rows = 0;
@@ -215,7 +232,7 @@ impl BatchPolicy {
             if item.key != front.key {
                 continue;
             }
-            if rows + item.rows > self.max_batch_size {
+            if rows + item.rows > max && !chosen.is_empty() {
                 break;
             }
             if let Some(budget) = self.max_batch_tokens {
@@ -230,7 +247,7 @@ impl BatchPolicy {
             chosen.push(i);
         }
         // Full by rows or by tokens: nothing more can join, so waiting gains nothing.
-        if rows >= self.max_batch_size || over_budget {
+        if rows >= max || over_budget {
             return Plan::Run(chosen);
         }
         if self.preferred_cut(items, &mut chosen, rows).is_some() {
@@ -267,7 +284,12 @@ impl BatchPolicy {
     }
 
     /// The rules for requests with tokens (the module's header, rules 1–3).
-    fn plan_by_length<K: PartialEq>(&self, items: &[Item<'_, K>], now: Instant) -> Plan {
+    fn plan_by_length<K: PartialEq>(
+        &self,
+        items: &[Item<'_, K>],
+        now: Instant,
+        max: usize,
+    ) -> Plan {
         let front = &items[0];
         // Rule 1: the anchor.
         let anchor = if front.passed < self.max_passes {
@@ -308,7 +330,7 @@ impl BatchPolicy {
         let mut full = false;
         for i in candidates {
             let it = &items[i];
-            if rows + it.rows > self.max_batch_size {
+            if rows + it.rows > max {
                 full = true;
                 continue;
             }
@@ -330,7 +352,7 @@ impl BatchPolicy {
             chosen.sort_unstable();
             Plan::Run(chosen)
         };
-        if rows >= self.max_batch_size || full || chosen.iter().any(|&i| items[i].urgent(now)) {
+        if rows >= max || full || chosen.iter().any(|&i| items[i].urgent(now)) {
             return run(chosen);
         }
         if self.preferred_cut(items, &mut chosen, rows).is_some() {
@@ -696,6 +718,72 @@ mod tests {
         // Requests with tokens and requests without never share a batch.
         let mixed = [item(20, 0), Item::new(t0, 1, &key), item(20, 0)];
         assert_eq!(p.plan(&mixed, t0), Plan::Run(vec![0, 2]));
+    }
+
+    #[test]
+    fn a_batch_capped_below_its_size_leaves_full_with_the_closest_lengths() {
+        // What the worker does with background work under a latency objective: all 40 waiting
+        // requests are shown, the batch may take 4. It takes the front and the three closest to
+        // its length out of all of them, and leaves at once (full), a long delay or not.
+        let p = policy(64, &[], 1_000_000);
+        let key = 0u8;
+        let t0 = Instant::now();
+        let mut next = lengths(7);
+        let mut queue: Vec<Text> = (0..40)
+            .map(|id| Text {
+                id,
+                tokens: next(),
+                enqueued: t0 + Duration::from_micros(id as u64),
+                passed: 0,
+            })
+            .collect();
+        for i in [0, 5, 17, 33] {
+            queue[i].tokens = 12;
+        }
+        let Plan::Run(positions) = p.plan_within(&shown(&queue, &key), t0, 4) else {
+            panic!("a full batch leaves at once");
+        };
+        assert_eq!(positions.len(), 4, "{positions:?}");
+        assert_eq!(positions[0], 0, "the front anchors");
+        let mut distances: Vec<usize> = queue[1..].iter().map(|t| t.tokens.abs_diff(12)).collect();
+        distances.sort_unstable();
+        let taken: Vec<usize> = positions[1..]
+            .iter()
+            .map(|&i| queue[i].tokens.abs_diff(12))
+            .collect();
+        assert!(
+            taken.iter().all(|&d| d <= distances[2]),
+            "the closest lengths join: took distances {taken:?}, the closest are {:?}",
+            &distances[..3]
+        );
+        assert!(
+            positions.iter().any(|&i| i >= 4),
+            "found beyond the first four"
+        );
+        let longest = positions.iter().map(|&i| queue[i].tokens).max().unwrap();
+        let real: usize = positions.iter().map(|&i| queue[i].tokens).sum();
+        assert!((4 * longest) as f64 <= p.max_padding * real as f64);
+        // Shown only the first four (what the worker did before), the batch finds no partner
+        // of the front's length and waits for its delay.
+        queue.truncate(4);
+        queue[1].tokens = 30;
+        queue[2].tokens = 5;
+        queue[3].tokens = 20;
+        assert!(matches!(
+            p.plan_within(&shown(&queue, &key), t0, 4),
+            Plan::Wait(_)
+        ));
+        // Without tokens: a prefix of at most the cap, full at the cap; a first request of more
+        // rows than the cap still runs, alone.
+        let it = items(t0, &[1, 1, 1, 1], &[0, 0, 0, 0]);
+        assert_eq!(p.plan_within(&it, t0, 2), Plan::Run(vec![0, 1]));
+        let it = items(t0, &[3, 1], &[0, 0]);
+        assert_eq!(p.plan_within(&it, t0, 2), Plan::Run(vec![0]));
+        assert_eq!(
+            p.plan_within(&it, t0, usize::MAX),
+            p.plan(&it, t0),
+            "no cap is the plain plan"
+        );
     }
 
     #[test]

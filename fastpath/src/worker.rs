@@ -897,8 +897,11 @@ enum Next {
 }
 
 /// Asks the batching policy what `pending` allows now, and takes the batch when one is due.
-/// With a latency objective, only as many background requests as the controller's limit leaves
-/// room for are shown to the policy; the rest wait.
+/// With a latency objective, a batch holding online requests is shown no background request
+/// (rule 1); a batch of background requests is shown all of them but takes only as many as the
+/// controller's limit leaves room for, and no more than its bound per batch (rule 5): a text
+/// model then forms it of similar lengths out of every background request that waits, not only
+/// the first few.
 fn next_batch(s: &Shared, pending: &mut VecDeque<Pending>, now: Instant) -> Next {
     // Text models: a request must run in the next batch once its deadline is nearer than the
     // batching delay and two batches as long as the last one.
@@ -907,11 +910,12 @@ fn next_batch(s: &Shared, pending: &mut VecDeque<Pending>, now: Instant) -> Next
     let item = |p| item_of(s, p, now, margin);
     // Positions in `pending` of the requests shown to the policy, when not all of them are.
     let mut shown: Option<Vec<usize>> = None;
+    let mut max_rows = usize::MAX;
     let items: Vec<Item<'_, BatchKey>> = match &s.slo {
         Some(slo) if pending.iter().any(|p| p.background) => {
+            let background = pending.iter().filter(|p| p.background).count();
             // A batch holding online requests takes no background rows (rule 1).
-            let online_waits = pending.iter().any(|p| !p.background);
-            let mut room = if online_waits {
+            let room = if background < pending.len() {
                 0
             } else {
                 slo.limit
@@ -919,24 +923,24 @@ fn next_batch(s: &Shared, pending: &mut VecDeque<Pending>, now: Instant) -> Next
                     .saturating_sub(s.background_in_flight.load(Ordering::Acquire))
                     .min(slo.batch_rows.load(Ordering::Acquire))
             };
-            let mut positions = Vec::with_capacity(pending.len());
-            for (i, p) in pending.iter().enumerate() {
-                if p.background {
-                    if room == 0 {
-                        slo.held_back.store(true, Ordering::Relaxed);
-                        continue;
-                    }
-                    room -= 1;
-                }
-                positions.push(i);
+            if background > room {
+                slo.held_back.store(true, Ordering::Relaxed);
             }
-            let items = positions.iter().map(|&i| item(&pending[i])).collect();
-            shown = Some(positions);
-            items
+            if room == 0 {
+                let positions: Vec<usize> = (0..pending.len())
+                    .filter(|&i| !pending[i].background)
+                    .collect();
+                let items = positions.iter().map(|&i| item(&pending[i])).collect();
+                shown = Some(positions);
+                items
+            } else {
+                max_rows = room;
+                pending.iter().map(item).collect()
+            }
         }
         _ => pending.iter().map(item).collect(),
     };
-    match s.policy.plan(&items, now) {
+    match s.policy.plan_within(&items, now, max_rows) {
         Plan::Run(positions) => {
             let positions: Vec<usize> = match &shown {
                 Some(shown) => positions.iter().map(|&j| shown[j]).collect(),
@@ -991,10 +995,10 @@ fn item_of<'a>(s: &Shared, p: &'a Pending, now: Instant, margin: Duration) -> It
     item
 }
 
-/// Text requests shown to the policy with the dimensions of the batch at `positions` (ascending)
-/// and not taken: one more pass each (the batcher's rule 4).
+/// Text requests shown to the policy with the dimensions of the batch at `positions` (ascending),
+/// not taken, and ahead of a request taken: one more pass each (the batcher's rule 4).
 fn count_passes(pending: &mut VecDeque<Pending>, shown: Option<&[usize]>, positions: &[usize]) {
-    let Some(&first) = positions.first() else {
+    let (Some(&first), Some(&last)) = (positions.first(), positions.last()) else {
         return;
     };
     if pending[first].tokens.is_none() {
@@ -1005,7 +1009,12 @@ fn count_passes(pending: &mut VecDeque<Pending>, shown: Option<&[usize]>, positi
         None => (0..pending.len()).collect(),
     }
     .into_iter()
-    .filter(|i| positions.binary_search(i).is_err() && pending[*i].key == pending[first].key)
+    // Passed over: left behind while a request after it in the order went. One behind every
+    // request taken only waits its turn (a background batch capped by the controller's room
+    // leaves most of the waiting ones so).
+    .filter(|&i| {
+        i < last && positions.binary_search(&i).is_err() && pending[i].key == pending[first].key
+    })
     .collect();
     for i in passed {
         pending[i].passed = pending[i].passed.saturating_add(1);

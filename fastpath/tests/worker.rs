@@ -962,3 +962,57 @@ async fn a_batcher_waiting_out_a_queue_delay_sleeps_instead_of_spinning() {
     let out = rx.await.unwrap().unwrap();
     assert_eq!(out.outputs[0].f32_values().unwrap(), vec![2.0]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_background_batch_is_formed_of_similar_lengths_out_of_all_that_wait() {
+    // A text model with a latency objective; 80 background sentences of 10 and 40 tokens,
+    // alternating, 10 ms per row. The controller starts at 1 in flight and allows 8 from its
+    // first tick (100 ms): from then on each background batch is shown all that wait and takes
+    // 8 of one length. (Shown only the 8 oldest, it found 4 of the front's length among them:
+    // batches of 4.)
+    let pool = ExecutionPool::new(2).unwrap();
+    let model = builtin::instantiate(
+        builtin::config("cost")
+            .unwrap()
+            .with_override(
+                r#"{"parameters":{"base_us":{"string_value":"0"},"per_item_us":{"string_value":"10000"},
+                    "busy":{"string_value":"sleep"},
+                    "latency_slo_p99_ms":{"string_value":"1000"},
+                    "background_max_in_flight":{"string_value":"8"},
+                    "background_step":{"string_value":"8"},
+                    "background_batch_ms":{"string_value":"1000"}}}"#,
+            )
+            .unwrap(),
+    )
+    .unwrap();
+    let worker = ModelWorker::start(Arc::new(Words(model)), pool, &WorkerOptions::default());
+    let receivers: Vec<_> = (0..80)
+        .map(|i| {
+            let mut r = sentence(i as f32, if i % 2 == 0 { 10.0 } else { 40.0 });
+            r.background = true;
+            worker.submit(r).unwrap()
+        })
+        .collect();
+    let mut sizes = Vec::new();
+    for rx in receivers {
+        let out = tokio::time::timeout(Duration::from_secs(30), rx)
+            .await
+            .expect("an answer within 30 s")
+            .unwrap()
+            .unwrap();
+        sizes.push(out.batch_size);
+    }
+    assert!(
+        sizes.iter().all(|&s| s <= 8),
+        "held to the limit: {sizes:?}"
+    );
+    assert!(
+        sizes.iter().filter(|&&s| s == 8).count() >= 48,
+        "batches of 8 of one length: {sizes:?}"
+    );
+    let stats = worker.stats();
+    assert_eq!(
+        stats.padded_tokens, stats.real_tokens,
+        "no background batch was padded"
+    );
+}

@@ -14,7 +14,11 @@
 //!    lengths from [`sentences`](super::sentences::sentences); latency from each request's due
 //!    time (no coordinated omission). After `--warmup` seconds the measured `--duration` is cut
 //!    into windows of `--window` seconds by due time.
-//! 4. Three runs, each on a fresh server (the same repository, the same sentences):
+//! 4. Three runs, each on a fresh server (the same repository, the same sentences, the same
+//!    arrangement: the model's instance count is `--instances`, or the one the first server's
+//!    model chose — the ONNX backend's thread × instance sweep — pinned in the config for every
+//!    later server, so that a sweep that chooses differently from one start to the next cannot
+//!    compare a run on two instances with a capacity measured on one):
 //!    - `alone`: the online load alone;
 //!    - `strict`: the online load, plus a batch inference job (`SubmitJob`, a JSON-lines file of
 //!      `--batch-sentences` lines `{"text": ...}`) and a CPU-bound command job
@@ -237,6 +241,11 @@ pub struct CoschedArgs {
     /// ONNX Runtime intra-op threads (`serve --onnx-intra-op-threads`); 0: its default.
     #[arg(long, default_value_t = 0)]
     pub intra_op_threads: usize,
+    /// The model's instances in every run. Without it, the first server's model decides (the
+    /// ONNX backend's thread × instance sweep, when it runs) and the count it chose is pinned
+    /// for every later server, so that all runs and the capacity measure one arrangement.
+    #[arg(long)]
+    pub instances: Option<u32>,
     /// Passed to `serve --execution-threads` (0 = its default).
     #[arg(long, default_value_t = 0)]
     pub execution_threads: usize,
@@ -584,6 +593,8 @@ pub struct CoschedReport {
     pub command: String,
     pub inference_job_concurrency: Option<usize>,
     pub mean_sentence_bytes: f64,
+    /// The model's instances in every run (given, or chosen by the first server and pinned).
+    pub instances: Option<u32>,
     pub capacity: Capacity,
     pub runs: Vec<RunReport>,
     /// The targets on the `controller` run (absent when it was not run).
@@ -610,6 +621,9 @@ struct Bench<'a> {
     /// The online requests, cycled.
     payloads: Arc<Vec<pb::ModelInferRequest>>,
     base_config: serde_json::Value,
+    /// The instance count every server's model runs with, once known (`--instances`, or the
+    /// first server's choice).
+    instances: std::sync::OnceLock<u32>,
 }
 
 impl Bench<'_> {
@@ -620,6 +634,9 @@ impl Bench<'_> {
     /// Writes the model's config for `kind` (the objective as a parameter where asked).
     fn write_config(&self, kind: RunKind) -> anyhow::Result<()> {
         let mut config = self.base_config.clone();
+        if let Some(n) = self.instances.get() {
+            config["instance_group"] = json!([{ "count": n, "kind": "KIND_CPU" }]);
+        }
         if kind.with_objective() && self.args.slo_via == SloVia::Parameter {
             config["parameters"]["latency_slo_p99_ms"] =
                 json!({"string_value": self.args.slo_ms.to_string()});
@@ -683,8 +700,45 @@ impl Bench<'_> {
                 "the coordinator did not start".to_string()
             }
         })?;
+        if self.instances.get().is_none() {
+            let n = effective_instances(&server, self.model()).await?;
+            let _ = self.instances.set(n);
+            say(&format!(
+                "the model runs {n} instance(s) (its own choice): pinned for every later run"
+            ));
+        }
         Ok((server, flags))
     }
+}
+
+/// The instance count `model` runs with on `server`: the ONNX backend's `onnx_instances`
+/// (its sweep's choice, when it ran), else the config's instance groups.
+async fn effective_instances(server: &Coordinator, model: &str) -> anyhow::Result<u32> {
+    let response = client(server.channel().await?)
+        .model_config(pb::ModelConfigRequest {
+            name: model.to_string(),
+            version: String::new(),
+        })
+        .await
+        .with_context(|| format!("cannot read the config of model '{model}'"))?
+        .into_inner();
+    let config = response
+        .config
+        .with_context(|| format!("the server sent no config for model '{model}'"))?;
+    if let Some(p) = config.parameters.get("onnx_instances") {
+        return p.string_value.trim().parse().with_context(|| {
+            format!(
+                "model '{model}' has onnx_instances '{}', not a count",
+                p.string_value
+            )
+        });
+    }
+    let count: i64 = config
+        .instance_group
+        .iter()
+        .map(|g| i64::from(g.count.max(0)))
+        .sum();
+    Ok(u32::try_from(count.max(1)).unwrap_or(u32::MAX))
 }
 
 /// `--model-parameter` as (key, value) pairs; an error names a malformed one.
@@ -1401,6 +1455,10 @@ pub async fn cosched(a: &CoschedArgs) -> anyhow::Result<CoschedReport> {
         outputs,
         payloads: Arc::new(payloads),
         base_config,
+        instances: a
+            .instances
+            .map(std::sync::OnceLock::from)
+            .unwrap_or_default(),
     };
 
     let capacity = match a.capacity {
@@ -1456,6 +1514,7 @@ pub async fn cosched(a: &CoschedArgs) -> anyhow::Result<CoschedReport> {
         command: a.command.clone(),
         inference_job_concurrency: a.inference_job_concurrency,
         mean_sentence_bytes,
+        instances: bench.instances.get().copied(),
         capacity,
         controller_within_slo_every_window: controller.map(|r| r.within_slo_every_window),
         controller_utilisation: controller.and_then(|r| r.batch.as_ref().map(|b| b.utilisation)),
@@ -1605,8 +1664,9 @@ pub fn run_lines(r: &RunReport, slo_ms: u64) -> String {
 impl CoschedReport {
     pub fn text(&self) -> String {
         let mut s = format!(
-            "cosched: model {} on {} cores, objective p99 ≤ {} ms, online at {:.2} × capacity ({:?} arrivals), {} s measured + {} s warm-up per run, windows of {} s, batch job of {} lines, command `{}`\n",
+            "cosched: model {} ({} instance(s) in every run) on {} cores, objective p99 ≤ {} ms, online at {:.2} × capacity ({:?} arrivals), {} s measured + {} s warm-up per run, windows of {} s, batch job of {} lines, command `{}`\n",
             self.model.name(),
+            self.instances.map_or("?".to_string(), |n| n.to_string()),
             self.cores,
             self.slo_ms,
             self.online_fraction,
@@ -1832,6 +1892,7 @@ mod tests {
             outputs: PathBuf::from("/out"),
             payloads: Arc::new(Vec::new()),
             base_config: c,
+            instances: std::sync::OnceLock::new(),
         };
         let read = || -> serde_json::Value {
             serde_json::from_slice(
@@ -1841,10 +1902,21 @@ mod tests {
         };
         bench.write_config(RunKind::Strict).unwrap();
         assert!(read()["parameters"].get("latency_slo_p99_ms").is_none());
+        assert!(read().get("instance_group").is_none(), "not pinned yet");
+        bench.instances.set(2).unwrap();
         bench.write_config(RunKind::Controller).unwrap();
         assert_eq!(
             read()["parameters"]["latency_slo_p99_ms"]["string_value"],
             "100"
+        );
+        assert_eq!(
+            read()["instance_group"],
+            json!([{ "count": 2, "kind": "KIND_CPU" }]),
+            "pinned once known"
+        );
+        assert!(
+            veraltheim_models::ModelConfig::from_json(&read().to_string()).is_ok(),
+            "the pinned config loads"
         );
         assert!(
             !bench
