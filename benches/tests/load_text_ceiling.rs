@@ -62,39 +62,27 @@ fn a_config_without_the_fields_is_a_clear_error() {
     let e = ModelFlops::from_dir(dir.path()).unwrap_err();
     assert!(format!("{e:#}").contains("config.json"), "{e:#}");
 
-    write(
-        dir.path(),
-        "config.json",
-        r#"{"hidden_size": 384, "num_hidden_layers": 6}"#,
-    );
-    let e = format!("{:#}", ModelFlops::from_dir(dir.path()).unwrap_err());
-    assert!(
-        e.contains("intermediate_size is missing") && e.contains("config.json"),
-        "{e}"
-    );
-
-    write(
-        dir.path(),
-        "config.json",
-        r#"{"hidden_size": "384", "intermediate_size": 1536, "num_hidden_layers": 6}"#,
-    );
-    let e = format!("{:#}", ModelFlops::from_dir(dir.path()).unwrap_err());
-    assert!(
-        e.contains("hidden_size") && e.contains("not a positive integer"),
-        "{e}"
-    );
-
-    write(
-        dir.path(),
-        "config.json",
-        r#"{"hidden_size": 384, "intermediate_size": 1536, "num_hidden_layers": 0}"#,
-    );
-    let e = format!("{:#}", ModelFlops::from_dir(dir.path()).unwrap_err());
-    assert!(e.contains("num_hidden_layers"), "{e}");
-
-    write(dir.path(), "config.json", "not json");
-    let e = format!("{:#}", ModelFlops::from_dir(dir.path()).unwrap_err());
-    assert!(e.contains("not JSON"), "{e}");
+    // (config.json, what the error must say)
+    let cases: [(&str, &[&str]); 4] = [
+        (
+            r#"{"hidden_size": 384, "num_hidden_layers": 6}"#,
+            &["intermediate_size is missing", "config.json"],
+        ),
+        (
+            r#"{"hidden_size": "384", "intermediate_size": 1536, "num_hidden_layers": 6}"#,
+            &["hidden_size", "not a positive integer"],
+        ),
+        (
+            r#"{"hidden_size": 384, "intermediate_size": 1536, "num_hidden_layers": 0}"#,
+            &["num_hidden_layers"],
+        ),
+        ("not json", &["not JSON"]),
+    ];
+    for (config, says) in cases {
+        write(dir.path(), "config.json", config);
+        let e = format!("{:#}", ModelFlops::from_dir(dir.path()).unwrap_err());
+        assert!(says.iter().all(|s| e.contains(s)), "{config}: {e}");
+    }
 }
 
 #[test]
@@ -161,24 +149,6 @@ fn the_sentence_mix_varies_and_is_seeded() {
     assert!(stats.p10 < stats.p50 && stats.p50 < stats.p90, "{stats:?}");
 }
 
-/// A word-level tokenizer.json: lowercases, splits on whitespace, wraps in [CLS] … [SEP].
-const TOKENIZER: &str = r#"{
-  "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
-  "normalizer": {"type": "Lowercase"},
-  "pre_tokenizer": {"type": "Whitespace"},
-  "post_processor": {"type": "TemplateProcessing",
-    "single": [{"SpecialToken": {"id": "[CLS]", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-               {"SpecialToken": {"id": "[SEP]", "type_id": 0}}],
-    "pair": [{"SpecialToken": {"id": "[CLS]", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-             {"SpecialToken": {"id": "[SEP]", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}},
-             {"SpecialToken": {"id": "[SEP]", "type_id": 1}}],
-    "special_tokens": {"[CLS]": {"id": "[CLS]", "ids": [2], "tokens": ["[CLS]"]},
-                       "[SEP]": {"id": "[SEP]", "ids": [3], "tokens": ["[SEP]"]}}},
-  "decoder": null,
-  "model": {"type": "WordLevel", "unk_token": "[UNK]",
-            "vocab": {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "hello": 4, "world": 5}}
-}"#;
-
 #[test]
 fn tokens_are_counted_with_the_folders_tokenizer_and_limit() {
     let dir = tempfile::tempdir().unwrap();
@@ -187,7 +157,11 @@ fn tokens_are_counted_with_the_folders_tokenizer_and_limit() {
         count_tokens(dir.path(), &["hello".to_string()]).unwrap_err()
     );
     assert!(e.contains("tokenizer.json"), "{e}");
-    write(dir.path(), "tokenizer.json", TOKENIZER);
+    write(
+        dir.path(),
+        "tokenizer.json",
+        &veraltheim_models::text::word_level_tokenizer_json(&["hello", "world"], None),
+    );
     write(
         dir.path(),
         "sentence_bert_config.json",

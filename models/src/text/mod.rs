@@ -70,5 +70,41 @@ pub const DEFAULT_MAX_BATCH_SIZE: u32 = 64;
 /// Token limit when neither `sentence_bert_config.json` nor `config.json` gives one.
 pub const DEFAULT_MAX_SEQ_LENGTH: usize = 512;
 
+/// A word-level `tokenizer.json` for tests (this crate's and others'): lowercases, splits on
+/// whitespace, wraps a sentence in `[CLS]` … `[SEP]`; ids 0–3 are `[PAD]`, `[UNK]`, `[CLS]`,
+/// `[SEP]` and `words` follow from 4. `pad_to`: every encoding padded to that many tokens.
+#[doc(hidden)]
+pub fn word_level_tokenizer_json(words: &[&str], pad_to: Option<usize>) -> String {
+    let mut vocab = serde_json::Map::new();
+    for (id, word) in ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+        .iter()
+        .chain(words)
+        .enumerate()
+    {
+        vocab.insert((*word).to_string(), id.into());
+    }
+    let special = |id: &str, type_id: u32| serde_json::json!({"SpecialToken": {"id": id, "type_id": type_id}});
+    let sequence =
+        |id: &str, type_id: u32| serde_json::json!({"Sequence": {"id": id, "type_id": type_id}});
+    let padding = pad_to.map(|n| {
+        serde_json::json!({"strategy": {"Fixed": n}, "direction": "Right", "pad_to_multiple_of": null,
+                           "pad_id": 0, "pad_type_id": 0, "pad_token": "[PAD]"})
+    });
+    serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": padding, "added_tokens": [],
+        "normalizer": {"type": "Lowercase"},
+        "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": {"type": "TemplateProcessing",
+            "single": [special("[CLS]", 0), sequence("A", 0), special("[SEP]", 0)],
+            "pair": [special("[CLS]", 0), sequence("A", 0), special("[SEP]", 0),
+                     sequence("B", 1), special("[SEP]", 1)],
+            "special_tokens": {"[CLS]": {"id": "[CLS]", "ids": [2], "tokens": ["[CLS]"]},
+                               "[SEP]": {"id": "[SEP]", "ids": [3], "tokens": ["[SEP]"]}}},
+        "decoder": null,
+        "model": {"type": "WordLevel", "unk_token": "[UNK]", "vocab": vocab}
+    })
+    .to_string()
+}
+
 #[cfg(test)]
 mod tests;

@@ -43,27 +43,10 @@ impl Drop for TempDir {
     }
 }
 
-/// A word-level tokenizer.json: lowercases, splits on whitespace, wraps in [CLS] … [SEP].
-const TOKENIZER: &str = r#"{
-  "version": "1.0", "truncation": null,
-  "padding": {"strategy": {"Fixed": 16}, "direction": "Right", "pad_to_multiple_of": null,
-              "pad_id": 0, "pad_type_id": 0, "pad_token": "[PAD]"},
-  "added_tokens": [],
-  "normalizer": {"type": "Lowercase"},
-  "pre_tokenizer": {"type": "Whitespace"},
-  "post_processor": {"type": "TemplateProcessing",
-    "single": [{"SpecialToken": {"id": "[CLS]", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-               {"SpecialToken": {"id": "[SEP]", "type_id": 0}}],
-    "pair": [{"SpecialToken": {"id": "[CLS]", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-             {"SpecialToken": {"id": "[SEP]", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}},
-             {"SpecialToken": {"id": "[SEP]", "type_id": 1}}],
-    "special_tokens": {"[CLS]": {"id": "[CLS]", "ids": [2], "tokens": ["[CLS]"]},
-                       "[SEP]": {"id": "[SEP]", "ids": [3], "tokens": ["[SEP]"]}}},
-  "decoder": null,
-  "model": {"type": "WordLevel", "unk_token": "[UNK]",
-            "vocab": {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "hello": 4, "world": 5,
-                      "big": 6, "cat": 7}}
-}"#;
+/// The word-level tokenizer of these tests, padded to 16 tokens.
+fn tokenizer() -> String {
+    super::word_level_tokenizer_json(&["hello", "world", "big", "cat"], Some(16))
+}
 
 const MEAN: &str = r#"{"word_embedding_dimension": 2, "pooling_mode_mean_tokens": true,
     "pooling_mode_cls_token": false, "pooling_mode_max_tokens": false}"#;
@@ -109,7 +92,7 @@ impl Encoder for FakeEncoder {
 
 fn model_dir() -> TempDir {
     let dir = TempDir::new();
-    dir.write("tokenizer.json", TOKENIZER)
+    dir.write("tokenizer.json", &tokenizer())
         .write("1_Pooling/config.json", MEAN);
     dir
 }
@@ -269,7 +252,7 @@ fn token_limit_comes_from_sentence_bert_then_model_config() {
 
 #[test]
 fn tokenizer_pads_to_the_longest_and_truncates() {
-    let tok = TextTokenizer::from_bytes(TOKENIZER.as_bytes(), 4).unwrap();
+    let tok = TextTokenizer::from_bytes(tokenizer().as_bytes(), 4).unwrap();
     let batch = tok
         .encode(&["Hello world", "cat", "big big big big big"])
         .unwrap();
@@ -291,10 +274,10 @@ fn tokenizer_pads_to_the_longest_and_truncates() {
         vec![3, 2, 4]
     );
     for limit in [0, 1, 2] {
-        let e = TextTokenizer::from_bytes(TOKENIZER.as_bytes(), limit).unwrap_err();
+        let e = TextTokenizer::from_bytes(tokenizer().as_bytes(), limit).unwrap_err();
         assert!(e.contains("token limit"), "{limit}: {e}");
     }
-    assert!(TextTokenizer::from_bytes(TOKENIZER.as_bytes(), 3).is_ok());
+    assert!(TextTokenizer::from_bytes(tokenizer().as_bytes(), 3).is_ok());
     assert!(TextTokenizer::from_bytes(b"{}", 8).is_err());
 }
 
