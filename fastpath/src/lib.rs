@@ -25,6 +25,6 @@ pub use request::{BatchTrace, InferOutput, Request, SpanRef};
 pub use slo::{Controller, Decision, Observation, SloConfig, SloSnapshot, background_levels};
 pub use stats::{BatchStat, DurationStat, LatencyBuckets, ModelStats, Percentiles, StatsSnapshot};
 pub use worker::{
-    DEFAULT_INLINE_BELOW, INLINE_STREAK, INLINE_TOKEN_COUNT_BYTES, ModelWorker, WorkerFailure,
-    WorkerOptions, inline_bound,
+    DEFAULT_INLINE_BELOW, DEFAULT_INLINE_MIN_GAP, INLINE_STREAK, INLINE_TOKEN_COUNT_BYTES,
+    ModelWorker, WorkerFailure, WorkerOptions, inline_bound, inline_min_gap,
 };

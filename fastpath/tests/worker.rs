@@ -683,12 +683,18 @@ fn timed_model(inner: Arc<dyn Model>, spin_us: u64) -> (ModelWorker, TimedHandle
 
 /// The `cost` model with no cost, counted fast up to `inline_us` per batch: tests that need a
 /// batch to count as fast use a bound far above what a trivial batch takes even on a busy
-/// machine, and make a batch slow by spinning past it.
+/// machine, and make a batch slow by spinning past it. Requests sent one after the other
+/// in-process arrive microseconds apart, so these tests turn the arrival-gap rule off
+/// (`inline_min_gap_us` 0); [`inline_cost_gap`] keeps it.
 fn inline_cost(inline_us: u64, extra: &str) -> Arc<dyn Model> {
+    inline_cost_gap(inline_us, 0, extra)
+}
+
+fn inline_cost_gap(inline_us: u64, gap_us: u64, extra: &str) -> Arc<dyn Model> {
     let config = builtin::config("cost")
         .unwrap()
         .with_override(&format!(
-            r#"{{"parameters":{{"inline_execution_us":{{"string_value":"{inline_us}"}}}}{extra}}}"#
+            r#"{{"parameters":{{"inline_execution_us":{{"string_value":"{inline_us}"}},"inline_min_gap_us":{{"string_value":"{gap_us}"}}}}{extra}}}"#
         ))
         .unwrap();
     builtin::instantiate(config).unwrap()
@@ -767,6 +773,63 @@ async fn a_slow_inline_batch_turns_inline_off_until_twice_the_streak() {
     one_by_one(&worker, 1).await;
     assert_eq!(worker.inline_runs(), 3);
     assert_eq!(model.last_thread(), std::thread::current().id());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_arriving_close_together_go_to_the_batcher_and_spaced_ones_run_inline() {
+    // The rule at 900 µs (below the 1 ms a gap counts at most): requests one after the other
+    // in-process arrive far closer than that, so none runs inline, however long the model has
+    // been fast; requests 5 ms apart bring the average above it, and then run inline.
+    let streak = veraltheim_fastpath::INLINE_STREAK as usize;
+    let (worker, model) = timed_model(inline_cost_gap(TEST_INLINE_US, 900, ""), 0);
+    one_by_one(&worker, 2 * streak).await;
+    assert_eq!(worker.inline_runs(), 0, "close together: batched");
+    for i in 0..30 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let out = worker
+            .submit(row(i as f32))
+            .unwrap()
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(out.outputs[0].f32_values().unwrap(), vec![i as f32 + 1.0]);
+    }
+    assert!(worker.inline_runs() >= 1, "spaced out: inline");
+    assert_eq!(model.last_thread(), std::thread::current().id());
+    // Close together again: back to the batcher within a few arrivals.
+    let before = worker.inline_runs();
+    one_by_one(&worker, streak).await;
+    assert!(
+        worker.inline_runs() - before < 16,
+        "{} of {streak} ran inline",
+        worker.inline_runs() - before
+    );
+}
+
+#[test]
+fn inline_min_gap_us_is_read_and_a_bad_value_is_named() {
+    let config = |p: &str| {
+        builtin::config("cost")
+            .unwrap()
+            .with_override(&format!(r#"{{"parameters":{{{p}}}}}"#))
+            .unwrap()
+    };
+    assert_eq!(
+        veraltheim_fastpath::inline_min_gap(&config("")),
+        Ok(veraltheim_fastpath::DEFAULT_INLINE_MIN_GAP)
+    );
+    assert_eq!(
+        veraltheim_fastpath::inline_min_gap(&config(r#""inline_min_gap_us":{"string_value":"0"}"#)),
+        Ok(Duration::ZERO)
+    );
+    let err = veraltheim_fastpath::inline_min_gap(&config(
+        r#""inline_min_gap_us":{"string_value":"soon"}"#,
+    ))
+    .unwrap_err();
+    assert!(
+        err.contains("inline_min_gap_us") && err.contains("'soon'"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
