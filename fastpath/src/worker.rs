@@ -832,17 +832,21 @@ fn try_inline(s: &Shared, p: Pending) -> Option<Pending> {
 fn arrival_gap(s: &Shared, at: Instant) -> u64 {
     let now = u64::try_from(at.saturating_duration_since(s.started).as_nanos()).unwrap_or(u64::MAX);
     let last = s.last_arrival_ns.swap(now, Ordering::Relaxed);
+    let average = fold_gap(s.gap_ns.load(Ordering::Relaxed), last, now);
+    s.gap_ns.store(average, Ordering::Relaxed);
+    average
+}
+
+/// The average gap after an arrival at `now` (ns) following one at `last` (0: none yet, counted
+/// as a long idle time): the gap, up to [`GAP_CAP`], folded into `average` with weight 1/8.
+fn fold_gap(average: u64, last: u64, now: u64) -> u64 {
     let cap = u64::try_from(GAP_CAP.as_nanos()).unwrap_or(u64::MAX);
-    // The first request (no last arrival) counts as one after a long idle time.
     let gap = if last == 0 {
         cap
     } else {
         now.saturating_sub(last).min(cap)
     };
-    let old = s.gap_ns.load(Ordering::Relaxed);
-    let average = old - old / 8 + gap / 8;
-    s.gap_ns.store(average, Ordering::Relaxed);
-    average
+    average - average / 8 + gap / 8
 }
 
 /// How many batches a pool thread runs back to back before it hands the model back to the
@@ -1578,5 +1582,44 @@ mod tests {
             .unwrap();
         assert_eq!(later.outputs[0].f32_values().unwrap(), vec![2.0, 1.0]);
         assert_eq!(worker.stats().success.count, 1);
+    }
+
+    #[test]
+    fn the_arrival_gap_is_an_average_that_follows_the_traffic() {
+        use super::{DEFAULT_INLINE_MIN_GAP, GAP_CAP, fold_gap};
+        let us = |n: u64| n * 1_000;
+        let threshold = DEFAULT_INLINE_MIN_GAP.as_nanos() as u64;
+        // The first arrival counts as one after a long idle time: inline may run at once.
+        let mut avg = fold_gap(0, 0, us(5));
+        assert!(avg >= threshold, "{avg}");
+        // Arrivals 30 µs apart (many callers): under the threshold within a few.
+        let mut at = us(5);
+        let mut below = None;
+        for i in 0..40 {
+            at += us(30);
+            avg = fold_gap(avg, at - us(30), at);
+            if avg < threshold && below.is_none() {
+                below = Some(i);
+            }
+        }
+        assert!(below.is_some_and(|i| i < 8), "{below:?}");
+        assert!(avg < us(40), "settles near the gap: {avg}");
+        // One caller, a request every 250 µs: above the threshold again.
+        for _ in 0..40 {
+            at += us(250);
+            avg = fold_gap(avg, at - us(250), at);
+        }
+        assert!(avg > threshold && avg <= us(250), "{avg}");
+        // An idle minute counts as GAP_CAP, so the next burst is seen within about 20 arrivals.
+        let cap = GAP_CAP.as_nanos() as u64;
+        avg = fold_gap(avg, at, at + 60_000_000_000);
+        assert!(avg <= cap, "{avg}");
+        let mut n = 0;
+        while avg >= threshold {
+            avg = fold_gap(avg, at, at + us(10));
+            at += us(10);
+            n += 1;
+        }
+        assert!(n <= 20, "{n} arrivals");
     }
 }
