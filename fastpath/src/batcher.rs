@@ -47,6 +47,18 @@
 //!    the batch that left, and not taken while a request after it in the order was (one behind
 //!    every request taken was not passed over: it only waits its turn).
 //!
+//! # Filling a batch with lower-class requests
+//!
+//! [`BatchPolicy::fill`] adds requests the plan was not shown (the worker's background work under
+//! a latency objective, `slo.rs` rule 1) to a batch that is leaving, up to a number of rows the
+//! caller gives: only requests of the batch's dimensions and kind (tokens or none), within
+//! `max_batch_size` and `max_batch_tokens`. Text requests join closest to the batch's longest row
+//! first, and only while the batch's padded ÷ real tokens stays within `max_padding` (or does not
+//! grow): a filled batch costs what a batch of its size of one length costs. With preferred
+//! sizes, the filled batch is cut back to the largest preferred size it reaches, if that is at
+//! least the size it had before filling. Filling never delays the batch: it leaves when the plan
+//! said.
+//!
 //! A request over the token budget on its own still runs, alone. A batch of requests without
 //! tokens behind a front that has tokens (or the reverse) is not formed: requests are compared
 //! only with the anchor's kind, and requests without tokens always follow the rules above.
@@ -281,6 +293,74 @@ impl BatchPolicy {
             .max(1);
         chosen.truncate(prefix);
         Some(target)
+    }
+
+    /// Filling (the module's header): the requests at `extra` that join the batch at `chosen`,
+    /// in the order they join, holding at most `max_extra_rows` rows between them.
+    pub fn fill<K: PartialEq>(
+        &self,
+        items: &[Item<'_, K>],
+        chosen: &[usize],
+        extra: &[usize],
+        max_extra_rows: usize,
+    ) -> Vec<usize> {
+        let Some(&first) = chosen.first() else {
+            return Vec::new();
+        };
+        if self.max_batch_size == 0 || !self.dynamic || max_extra_rows == 0 {
+            return Vec::new();
+        }
+        let key = items[first].key;
+        let text = items[first].tokens > 0;
+        let (mut rows, mut longest, mut real) = chosen.iter().fold((0, 0, 0), |(r, l, t), &i| {
+            let it = &items[i];
+            (r + it.rows, l.max(it.tokens), t + it.real)
+        });
+        let before = rows;
+        let mut candidates: Vec<usize> = extra
+            .iter()
+            .copied()
+            .filter(|&i| items[i].key == key && (items[i].tokens > 0) == text)
+            .collect();
+        if text {
+            candidates.sort_by_key(|&i| (items[i].tokens.abs_diff(longest), i));
+        }
+        let mut joined = Vec::new();
+        for i in candidates {
+            let it = &items[i];
+            if rows + it.rows > self.max_batch_size || rows + it.rows - before > max_extra_rows {
+                continue;
+            }
+            let padded = (rows + it.rows).saturating_mul(longest.max(it.tokens));
+            if self.max_batch_tokens.is_some_and(|budget| padded > budget) {
+                continue;
+            }
+            if text {
+                let ratio = |padded: usize, real: usize| padded as f64 / real.max(1) as f64;
+                let after = ratio(padded, real + it.real);
+                if after > self.max_padding && after > ratio(rows * longest, real) {
+                    continue;
+                }
+            }
+            rows += it.rows;
+            longest = longest.max(it.tokens);
+            real += it.real;
+            joined.push(i);
+        }
+        // Preferred sizes: the filled batch is cut back to the largest one it reaches, but never
+        // below what it held before filling.
+        if let Some(&target) = self
+            .preferred
+            .iter()
+            .rev()
+            .find(|&&p| p <= rows && p >= before)
+        {
+            while rows > target {
+                let Some(i) = joined.pop() else { break };
+                rows -= items[i].rows;
+            }
+        }
+        joined
     }
 
     /// The rules for requests with tokens (the module's header, rules 1–3).
@@ -784,6 +864,60 @@ mod tests {
             p.plan(&it, t0),
             "no cap is the plain plan"
         );
+    }
+
+    #[test]
+    fn a_leaving_batch_is_filled_with_the_closest_lengths_within_its_bounds() {
+        let p = policy(6, &[], 1_000_000);
+        let key = 0u8;
+        let other = 1u8;
+        let t0 = Instant::now();
+        let item = |tokens: usize, key| Item {
+            tokens,
+            real: tokens,
+            ..Item::new(t0, 1, key)
+        };
+        // An online batch of 20 and 19 tokens (positions 0, 1); background behind it.
+        let it = [
+            item(20, &key),
+            item(19, &key),
+            item(40, &key),   // 2: would pad the batch to twice its real tokens
+            item(20, &other), // 3: other dimensions
+            item(18, &key),   // 4
+            item(20, &key),   // 5
+            item(21, &key),   // 6
+            item(20, &key),   // 7
+        ];
+        let extra = [2, 3, 4, 5, 6, 7];
+        // Closest to the batch's longest row (20) first: the two 20s, then the 21 (5 × 21 = 105 ≤
+        // 1.05 × 100); the 18 would pad the batch to 6 × 21 = 126 > 1.05 × 118 and waits.
+        assert_eq!(p.fill(&it, &[0, 1], &extra, 10), vec![5, 7, 6]);
+        // Held to the rows the caller allows.
+        assert_eq!(p.fill(&it, &[0, 1], &extra, 2), vec![5, 7]);
+        assert!(p.fill(&it, &[0, 1], &extra, 0).is_empty());
+        // Held to the token budget: 4 rows × 20 = 80.
+        let budget = BatchPolicy {
+            max_batch_tokens: Some(80),
+            ..p.clone()
+        };
+        assert_eq!(budget.fill(&it, &[0, 1], &extra, 10), vec![5, 7]);
+        // Never padded beyond the ratio: a batch of 10 takes no 40 even with room for it.
+        let short = [item(10, &key), item(40, &key), item(11, &key)];
+        assert_eq!(p.fill(&short, &[0], &[1, 2], 10), vec![2]);
+        // A preferred size: cut back to the largest one reached (4), not below the batch.
+        let preferred = policy(6, &[4], 1_000_000);
+        assert_eq!(preferred.fill(&it, &[0, 1], &extra, 10), vec![5, 7]);
+        // A model that does not batch takes nothing.
+        assert!(policy(0, &[], 0).fill(&it, &[0], &extra, 10).is_empty());
+        // Without tokens: in the order given, of the batch's dimensions, up to the size.
+        let plain = items(t0, &[1, 2, 1, 3, 1], &[0, 0, 1, 0, 0]);
+        assert_eq!(
+            policy(4, &[], 0).fill(&plain, &[0], &[1, 2, 3, 4], 10),
+            vec![1, 4]
+        );
+        // Kinds do not mix: a text batch takes no request without tokens.
+        let mixed = [item(10, &key), Item::new(t0, 1, &key)];
+        assert!(p.fill(&mixed, &[0], &[1], 10).is_empty());
     }
 
     #[test]

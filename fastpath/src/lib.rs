@@ -22,7 +22,10 @@ pub use error::InferError;
 pub use pool::ExecutionPool;
 pub use priority::{LevelPolicy, PriorityPolicy, order as priority_order};
 pub use request::{BatchTrace, InferOutput, Request, SpanRef};
-pub use slo::{Controller, Decision, Observation, SloConfig, SloSnapshot, background_levels};
+pub use slo::{
+    BatchCost, Controller, CostFit, Decision, Observation, SloConfig, SloSnapshot,
+    background_levels,
+};
 pub use stats::{BatchStat, DurationStat, LatencyBuckets, ModelStats, Percentiles, StatsSnapshot};
 pub use worker::{
     DEFAULT_INLINE_BELOW, DEFAULT_INLINE_MIN_GAP, INLINE_STREAK, INLINE_TOKEN_COUNT_BYTES,

@@ -11,19 +11,30 @@
 //! 1. **Order.** With an objective, a background request ranks behind every online request and
 //!    does not age: an online request that is queued runs in the next batch the model forms, so a
 //!    background batch delays it by at most the batch already executing on its instance (one
-//!    batch). A batch that holds online requests takes no background rows: on a CPU backend
-//!    every row costs its share of the batch's time, so a background row there delays each
-//!    online request in it; background rows run in batches of their own, when no online
-//!    request waits. (Measured: with them mixed in, the online p50 under background load was
-//!    four times its p50 alone.)
-//!    (A text model batches by length, `batcher.rs`: an online request of another length than
-//!    the oldest may wait for the next online batch, but a batch is never formed around a
-//!    background request while an online one waits. A background batch is formed around the
-//!    oldest background request out of *all* that wait, and only its size is capped by the
-//!    room the limit leaves: shown only the first few, it found no similar lengths among them,
-//!    and background batches ran at one or two rows each. Measured (docs/PERFORMANCE.md,
-//!    session 11): the batch job's share of what online left rose from 0.40 to 0.46 on one
-//!    instance, and from 0.17 to 0.39–0.59 on two.)
+//!    batch). While an online request waits, the batch is planned from the online requests alone
+//!    (a text model's by length, `batcher.rs`: an online request of another length than the
+//!    oldest may wait for the next online batch, but a batch is never formed around a
+//!    background request while an online one waits). As it leaves, it is **filled** with
+//!    background rows ([`crate::BatchPolicy::fill`]: of its dimensions, a text batch
+//!    only with rows that keep its padding within `max_padding_ratio`): as many as the limit
+//!    leaves room for, and no more than rule 5's bound less the online rows waiting, so a filled
+//!    batch lasts no longer than a background batch may. Why: on a CPU backend a row in a batch
+//!    of one costs much more than a row in a full batch (MiniLM on one ONNX Runtime thread:
+//!    5.1 ms alone, 3.5 ms per row at 16). Online requests at half the model's capacity ran in
+//!    batches of their own of 1.2–1.3 rows and kept the instances 75–80% busy, so the batch job
+//!    got 0.39–0.59 of the capacity online left (docs/PERFORMANCE.md, session 11). Filled
+//!    batches are larger, so background rows cost less each; the price is online latency (each
+//!    online request's batch is longer), which the controller keeps within the objective like
+//!    any other. Measured (session 12): with `background_batch_ms` 40 the batch job got 0.65–0.71
+//!    of what online left with filling and 0.20 without; at the default (a quarter of the
+//!    objective) 0.38–0.51 with and 0.50 without. `background_fill` false turns filling off:
+//!    background rows then run only in batches of their own, when no online request waits, and
+//!    the online p50 under background load stays nearer its p50 alone (17 ms against 31 ms with
+//!    filling, session 12).
+//!    A background batch of its own is formed around the oldest background request out of *all*
+//!    that wait, and only its size is capped by the room the limit leaves: shown only the first
+//!    few, it found no similar lengths among them, and background batches ran at one or two rows
+//!    each.
 //! 2. **The window.** Online requests' totals go into a sliding window of [`SLICES`] slices of
 //!    [`SLICE`] each (about five seconds): its p99 is what `models stats` and `/metrics` show.
 //!    The controller reads the same window but only the slices begun within the last
@@ -41,7 +52,8 @@
 //!      most [`GROW_BELOW`] of the objective (or there was no online request) both over the last
 //!      [`HORIZON`] and over the whole window since the last decrease, background work was
 //!      held back by the limit during the tick, and the model has idle capacity: its instances
-//!      spent less than [`SATURATED`] of the tick on batches holding online requests. The limit
+//!      spent less than [`SATURATED`] of the tick on online rows (a filled batch's time is
+//!      shared among its rows). The limit
 //!      never exceeds `background_max_in_flight` (default: twice `max_batch_size` × instances).
 //!    - **Hold** otherwise, with the reason (between 80% and 90% of the objective, no background
 //!      work waiting, online work alone fills the model, at the largest limit).
@@ -49,16 +61,22 @@
 //!    request admitted (limit 0, none in flight) for a whole [`HORIZON`] since the last decrease,
 //!    holding back background work cannot help: the limit stays 0 and the reason says that the
 //!    objective cannot be met by the model as loaded.
-//! 5. **One batch's background rows are bounded by time.** Rule 1 bounds how *many* batches
-//!    delay an online request (one); this rule bounds how *long* that batch is. A batch takes at
-//!    most as many background rows as execute within `background_batch_ms` (default: a quarter
-//!    of the objective), by the model's measured execution time per row (the controller's
-//!    [`Observation::row_cost`], averaged over recent batches; before the first batch there is no
-//!    bound but the limit, which starts at 1). The limit itself never exceeds that many rows per
-//!    instance: above it the limit would only grow without effect, and a later halving would not
-//!    be felt. Why a bound and not only the limit: the p99 follows the longest batch an online
-//!    request can land behind; at half the objective or more per batch, a request queued behind
-//!    one and then batched with the next is already late, whatever the limit's average.
+//! 5. **One batch is bounded by time.** Rule 1 bounds how *many* batches delay an online
+//!    request (one); this rule bounds how *long* that batch is. A batch of background rows, and an
+//!    online batch filled with them, holds at most as many rows as execute within
+//!    `background_batch_ms` (default: a quarter of the objective) by the model's measured cost
+//!    of a batch ([`Observation::batch_cost`]: a fixed part plus a part per row, fitted to recent
+//!    batches by [`CostFit`]; before the first batch there is no bound but the limit, which
+//!    starts at 1). The online rows waiting count against it; online rows are never held back
+//!    by it. The limit itself never exceeds that many rows per instance: above it the limit
+//!    would only grow without effect, and a later halving would not be felt. Why a bound and
+//!    not only the limit: the p99 follows the longest batch an online request can land behind;
+//!    at half the objective or more per batch, a request queued behind one and then batched with
+//!    the next is already late, whatever the limit's average. Why a fitted line and not the
+//!    average time per row: on a CPU backend a small batch costs much more per row than a full
+//!    one (MiniLM on one ONNX Runtime thread: 5.1 ms for one row, ~3.4 ms per row more); the
+//!    average over small batches (5–6 ms) made the bound 4 rows where 6–7 fit, and the small
+//!    batches it allowed kept the average high.
 //! 6. **At risk.** The objective is *at risk* from a tick whose p99 is above [`SHRINK_ABOVE`] of
 //!    it until one whose p99 is at most [`GROW_BELOW`] of it (hysteresis). The coordinator pauses the node's local
 //!    command jobs while any objective is at risk.
@@ -104,6 +122,9 @@ pub struct SloConfig {
     pub batch_time: Duration,
     /// The model's instances (batches that execute at once).
     pub instances: usize,
+    /// Whether a batch holding online requests takes background rows (rule 1;
+    /// `background_fill`, on by default).
+    pub fill: bool,
 }
 
 impl SloConfig {
@@ -124,6 +145,16 @@ impl SloConfig {
             batch_time: positive(config, "background_batch_ms")?
                 .map_or(Duration::from_millis(ms) / 4, Duration::from_millis),
             instances,
+            fill: match config.parameter("background_fill").map(str::trim) {
+                None | Some("") => true,
+                Some(v) if v.eq_ignore_ascii_case("true") => true,
+                Some(v) if v.eq_ignore_ascii_case("false") => false,
+                Some(v) => {
+                    return Err(format!(
+                        "parameter 'background_fill' is '{v}', not true or false"
+                    ));
+                }
+            },
         }))
     }
 }
@@ -270,12 +301,92 @@ pub struct Observation {
     pub in_flight: usize,
     /// Whether background work waited for the limit during the tick.
     pub held_back: bool,
-    /// The share of the model's instance time, over the tick, spent on batches that held online
-    /// requests (0.0–1.0).
+    /// The share of the model's instance time, over the tick, spent on online rows (a batch's
+    /// time × its online rows ÷ its rows; 0.0–1.0).
     pub online_busy: f64,
-    /// The model's measured execution time per row (a batch's time ÷ its rows, averaged over
-    /// recent batches); `None` before the first batch.
-    pub row_cost: Option<Duration>,
+    /// The model's measured cost of a batch (rule 5); `None` before the first batch.
+    pub batch_cost: Option<BatchCost>,
+}
+
+/// What a batch of `n` rows costs the model: `fixed + per_row × n` (rule 5).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct BatchCost {
+    pub fixed: Duration,
+    pub per_row: Duration,
+}
+
+impl BatchCost {
+    /// The most rows a batch may hold to execute within `budget`: at least 1 (this rule never
+    /// stops background work; the limit does).
+    pub fn rows_within(&self, budget: Duration) -> usize {
+        let per_row = self.per_row.as_secs_f64();
+        if per_row <= 0.0 {
+            return usize::MAX;
+        }
+        let rows = (budget.as_secs_f64() - self.fixed.as_secs_f64()) / per_row;
+        if rows >= 1.0 {
+            rows.floor() as usize
+        } else {
+            1
+        }
+    }
+}
+
+/// Fits a [`BatchCost`] to the batches a model executed: least squares over exponentially
+/// weighted averages (about the last [`CostFit::SPAN`] batches) of rows, time, rows² and
+/// rows × time. While recent batches were (nearly) all of one size the line is not determined:
+/// the fit is then the average time per row, with no fixed part. A fitted line with a negative
+/// part is replaced the same way.
+#[derive(Clone, Debug, Default)]
+pub struct CostFit {
+    n: f64,
+    t: f64,
+    nn: f64,
+    nt: f64,
+    batches: u64,
+}
+
+impl CostFit {
+    /// Batches the averages span (the weight of a new batch is 1 / `SPAN`).
+    pub const SPAN: f64 = 16.0;
+
+    pub fn record(&mut self, rows: usize, took: Duration) {
+        let (n, t) = (rows.max(1) as f64, took.as_secs_f64());
+        let w = if self.batches == 0 {
+            1.0
+        } else {
+            1.0 / Self::SPAN
+        };
+        self.n += w * (n - self.n);
+        self.t += w * (t - self.t);
+        self.nn += w * (n * n - self.nn);
+        self.nt += w * (n * t - self.nt);
+        self.batches += 1;
+    }
+
+    pub fn estimate(&self) -> Option<BatchCost> {
+        if self.batches == 0 || self.n <= 0.0 {
+            return None;
+        }
+        let average = BatchCost {
+            fixed: Duration::ZERO,
+            per_row: Duration::from_secs_f64((self.t / self.n).max(0.0)),
+        };
+        let variance = self.nn - self.n * self.n;
+        // Sizes that differ by less than about a row between batches do not determine a line.
+        if variance < 0.5 {
+            return Some(average);
+        }
+        let per_row = (self.nt - self.n * self.t) / variance;
+        let fixed = self.t - per_row * self.n;
+        if per_row <= 0.0 || fixed < 0.0 || !per_row.is_finite() {
+            return Some(average);
+        }
+        Some(BatchCost {
+            fixed: Duration::from_secs_f64(fixed),
+            per_row: Duration::from_secs_f64(per_row),
+        })
+    }
 }
 
 /// What the controller did at its last tick.
@@ -387,9 +498,8 @@ impl Controller {
     /// caller cuts the latency window at `now` (the controller reads it from there).
     pub fn tick(&mut self, o: &Observation, now: Instant) -> Decision {
         let objective = self.config.objective;
-        if let Some(cost) = o.row_cost.filter(|c| !c.is_zero()) {
-            let rows = (self.config.batch_time.as_secs_f64() / cost.as_secs_f64()).floor();
-            self.batch_rows = Some((rows as usize).max(1));
+        if let Some(cost) = o.batch_cost.filter(|c| !c.per_row.is_zero()) {
+            self.batch_rows = Some(cost.rows_within(self.config.batch_time));
             self.limit = self.limit.min(self.bound());
         }
         let ms = |d: Duration| format!("{:.1} ms", d.as_secs_f64() * 1e3);
@@ -548,6 +658,15 @@ mod tests {
             step: 1,
             batch_time: Duration::from_millis(objective_ms),
             instances: 1,
+            fill: true,
+        }
+    }
+
+    /// A batch cost of `ms` per row and no fixed part.
+    fn per_row(ms: u64) -> BatchCost {
+        BatchCost {
+            fixed: Duration::ZERO,
+            per_row: Duration::from_millis(ms),
         }
     }
 
@@ -563,8 +682,8 @@ mod tests {
         now: Instant,
         /// The online p99 each tick observed, with the limit after the tick.
         trace: Vec<(Option<Duration>, usize)>,
-        /// What the plant reports as its execution time per row.
-        row_cost: Option<Duration>,
+        /// What the plant reports as its cost of a batch.
+        batch_cost: Option<BatchCost>,
     }
 
     impl Plant {
@@ -578,7 +697,7 @@ mod tests {
                 controller: Controller::new(config(objective_ms, 64), now),
                 now,
                 trace: Vec::new(),
-                row_cost: None,
+                batch_cost: None,
             }
         }
 
@@ -606,7 +725,7 @@ mod tests {
                     in_flight,
                     held_back: true,
                     online_busy: 0.5,
-                    row_cost: self.row_cost,
+                    batch_cost: self.batch_cost,
                 };
                 if self.controller.tick(&o, self.now) == Decision::Shrink {
                     self.window.cut(self.now);
@@ -694,7 +813,7 @@ mod tests {
         // background per batch, the limit stops at 12 rows and says why.
         let mut p = Plant::new(100, 20, 2_000);
         p.controller.config.batch_time = Duration::from_millis(25);
-        p.row_cost = Some(Duration::from_millis(2));
+        p.batch_cost = Some(per_row(2));
         p.run(200);
         assert_eq!(p.controller.batch_rows(), Some(12));
         assert!(p.trace.iter().all(|t| t.1 <= 12), "{:?}", p.trace);
@@ -708,7 +827,7 @@ mod tests {
         );
         // Rows get heavier (5 ms): the bound follows at the next tick, without waiting for the
         // latency to rise.
-        p.row_cost = Some(Duration::from_millis(5));
+        p.batch_cost = Some(per_row(5));
         p.run(1);
         assert_eq!(p.controller.batch_rows(), Some(5));
         assert_eq!(p.controller.limit(), 5);
@@ -716,14 +835,71 @@ mod tests {
         let mut two = Plant::new(100, 20, 1_000);
         two.controller.config.batch_time = Duration::from_millis(25);
         two.controller.config.instances = 2;
-        two.row_cost = Some(Duration::from_millis(5));
+        two.batch_cost = Some(per_row(5));
         two.run(100);
         assert_eq!(two.controller.limit(), 10);
         // A row slower than the whole bound still lets one through: never a stop by this rule.
-        two.row_cost = Some(Duration::from_millis(40));
+        two.batch_cost = Some(per_row(40));
         two.run(1);
         assert_eq!(two.controller.batch_rows(), Some(1));
         assert_eq!(two.controller.limit(), 2);
+        // A fixed part per batch: MiniLM on one thread, 1.7 ms + 3.4 ms per row, fits 6 rows in
+        // 25 ms (its average per row over batches of one, 5.1 ms, would allow 4).
+        two.batch_cost = Some(BatchCost {
+            fixed: Duration::from_micros(1_700),
+            per_row: Duration::from_micros(3_400),
+        });
+        two.run(100);
+        assert_eq!(two.controller.batch_rows(), Some(6));
+        assert_eq!(two.controller.limit(), 12);
+    }
+
+    #[test]
+    fn the_cost_of_a_batch_is_a_line_fitted_to_recent_batches() {
+        let ms = |v: f64| Duration::from_secs_f64(v / 1e3);
+        let close = |a: Duration, b: Duration| (a.as_secs_f64() - b.as_secs_f64()).abs() < 2e-5;
+        let mut fit = CostFit::default();
+        assert_eq!(fit.estimate(), None);
+        // Batches of 1–8 rows costing 1.7 ms + 3.4 ms per row.
+        for i in 0..64 {
+            let rows = 1 + i % 8;
+            fit.record(rows, ms(1.7 + 3.4 * rows as f64));
+        }
+        let c = fit.estimate().unwrap();
+        assert!(
+            close(c.fixed, ms(1.7)) && close(c.per_row, ms(3.4)),
+            "{c:?}"
+        );
+        assert_eq!(c.rows_within(ms(25.0)), 6);
+        assert_eq!(c.rows_within(ms(1.0)), 1, "never below one row");
+        // The model gets slower (another load on the machine): the fit follows within about
+        // twice its span.
+        for i in 0..64 {
+            let rows = 1 + i % 8;
+            fit.record(rows, ms(3.0 + 6.0 * rows as f64));
+        }
+        let c = fit.estimate().unwrap();
+        assert!((c.per_row.as_secs_f64() * 1e3 - 6.0).abs() < 0.5, "{c:?}");
+        // Batches all of one size do not determine a line: the average per row, no fixed part.
+        let mut one = CostFit::default();
+        for _ in 0..20 {
+            one.record(4, ms(20.0));
+        }
+        assert_eq!(
+            one.estimate(),
+            Some(BatchCost {
+                fixed: Duration::ZERO,
+                per_row: ms(5.0)
+            })
+        );
+        // Larger batches costing less in all (noise): not a line with a negative part.
+        let mut odd = CostFit::default();
+        for i in 0..20 {
+            let rows = if i % 2 == 0 { 1 } else { 8 };
+            odd.record(rows, ms(if rows == 1 { 10.0 } else { 8.0 }));
+        }
+        let c = odd.estimate().unwrap();
+        assert_eq!(c.fixed, Duration::ZERO, "{c:?}");
     }
 
     #[test]
@@ -757,7 +933,7 @@ mod tests {
             in_flight: 1,
             held_back: false,
             online_busy: 0.2,
-            row_cost: None,
+            batch_cost: None,
         };
         assert_eq!(c.tick(&calm, now), Decision::Hold);
         assert!(
@@ -854,6 +1030,19 @@ mod tests {
         assert_eq!(s.max_limit, 16);
         assert_eq!(s.step, 1);
         assert_eq!(s.batch_time, Duration::from_micros(12_500));
+        assert!(s.fill, "online batches take background rows by default");
+        let off = |v: &str| {
+            SloConfig::from_config(&c(&format!(
+                r#""latency_slo_p99_ms":{{"string_value":"50"}},"background_fill":{{"string_value":"{v}"}}"#
+            )))
+        };
+        assert!(!off("false").unwrap().unwrap().fill);
+        assert!(off("TRUE").unwrap().unwrap().fill);
+        let err = off("sometimes").unwrap_err();
+        assert!(
+            err.contains("background_fill") && err.contains("'sometimes'"),
+            "{err}"
+        );
         let s = SloConfig::from_config(&c(
             r#""latency_slo_p99_ms":{"string_value":"50"},"background_batch_ms":{"string_value":"20"}"#,
         ))

@@ -152,7 +152,7 @@ async fn an_objective_online_work_alone_breaks_stops_background_work_and_says_wh
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn background_rows_per_batch_follow_their_measured_time_and_stay_out_of_online_batches() {
+async fn background_rows_per_batch_follow_their_measured_time_online_batch_or_not() {
     let pool = ExecutionPool::new(2).unwrap();
     // 2 ms per row, at most `batch_ms` of background rows per batch.
     let model = |batch_ms: u64| {
@@ -184,14 +184,15 @@ async fn background_rows_per_batch_follow_their_measured_time_and_stay_out_of_on
     let sizes = background_batches(&loose, 200).await;
     assert!(sizes.iter().any(|&s| s > 5), "{sizes:?}");
 
-    // An online request that arrives while background work waits runs in a batch of its own.
+    // An online request that arrives while background work waits runs in a batch filled with
+    // background rows, its own row counted against the same bound.
     let waiting: Vec<_> = (0..40)
         .map(|_| bounded.submit(request(true)).unwrap())
         .collect();
     tokio::time::sleep(Duration::from_millis(5)).await;
     for _ in 0..3 {
         let online = answer(bounded.submit(request(false)).unwrap()).await;
-        assert_eq!(online.batch_size, 1);
+        assert!((1..=5).contains(&online.batch_size), "{online:?}");
     }
     for rx in waiting {
         assert!(answer(rx).await.batch_size <= 5);

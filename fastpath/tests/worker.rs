@@ -1069,3 +1069,73 @@ async fn a_background_batch_is_formed_of_similar_lengths_out_of_all_that_wait() 
         "no background batch was padded"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_online_batch_is_filled_with_background_rows_of_its_length_unless_told_not_to() {
+    // A text model with a latency objective holds its only instance on an online sentence while
+    // background sentences of 10 and 40 tokens and one online sentence of 10 queue up. The
+    // online sentence runs next, filled with background rows of its length (never with a 40),
+    // as many as the controller's limit leaves room for: at least 1 (it starts at 1 and cannot
+    // fall with every request far within the objective), at most 8. With `background_fill`
+    // false it runs alone.
+    for fill in [true, false] {
+        let pool = ExecutionPool::new(2).unwrap();
+        let (gated_model, mut gate) = gated(
+            builtin::instantiate(
+                builtin::config("cost")
+                    .unwrap()
+                    .with_override(&format!(
+                        r#"{{"parameters":{{"base_us":{{"string_value":"0"}},"per_item_us":{{"string_value":"0"}},
+                            "latency_slo_p99_ms":{{"string_value":"60000"}},
+                            "background_max_in_flight":{{"string_value":"8"}},
+                            "background_step":{{"string_value":"8"}},
+                            "background_fill":{{"string_value":"{fill}"}}}}}}"#
+                    ))
+                    .unwrap(),
+            )
+            .unwrap(),
+        );
+        let worker = ModelWorker::start(
+            Arc::new(Words(gated_model)),
+            pool,
+            &WorkerOptions::default(),
+        );
+        let mut receivers = vec![worker.submit(sentence(0.0, 10.0)).unwrap()];
+        assert_eq!(gate.started().await, [0.0]);
+        receivers.extend((100..120).map(|i| {
+            let mut r = sentence(i as f32, if i % 2 == 0 { 10.0 } else { 40.0 });
+            r.background = true;
+            worker.submit(r).unwrap()
+        }));
+        receivers.push(worker.submit(sentence(1.0, 10.0)).unwrap());
+        gate.release();
+        let next = gate.started().await;
+        assert_eq!(next[0], 1.0, "the online sentence runs next: {next:?}");
+        let background = &next[1..];
+        if fill {
+            assert!(
+                (1..=8).contains(&background.len()),
+                "filled within the limit: {next:?}"
+            );
+            assert!(
+                background
+                    .iter()
+                    .all(|&id| id >= 100.0 && (id as u32).is_multiple_of(2)),
+                "only background sentences of its length: {next:?}"
+            );
+        } else {
+            assert!(background.is_empty(), "not filled: {next:?}");
+        }
+        gate.open();
+        for rx in receivers {
+            rx.await.unwrap().unwrap();
+        }
+        let stats = worker.stats();
+        assert_eq!(
+            stats.padded_tokens, stats.real_tokens,
+            "no batch was padded"
+        );
+        let slo = worker.slo().unwrap();
+        assert_eq!(slo.in_flight, 0, "{slo:?}");
+    }
+}
