@@ -154,10 +154,11 @@ async fn an_objective_online_work_alone_breaks_stops_background_work_and_says_wh
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn background_rows_per_batch_follow_their_measured_time_online_batch_or_not() {
     let pool = ExecutionPool::new(2).unwrap();
-    // 2 ms per row, at most `batch_ms` of background rows per batch.
+    // 2 ms per row, at most `batch_ms` of rows per batch holding background rows; online
+    // batches filled with them.
     let model = |batch_ms: u64| {
         let extra = format!(
-            r#"{},"background_batch_ms":{{"string_value":"{batch_ms}"}},"background_step":{{"string_value":"4"}}"#,
+            r#"{},"background_batch_ms":{{"string_value":"{batch_ms}"}},"background_step":{{"string_value":"4"}},"background_fill":{{"string_value":"true"}}"#,
             slo(1_000, 64)
         );
         ModelWorker::start(

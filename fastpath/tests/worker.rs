@@ -1077,7 +1077,7 @@ async fn an_online_batch_is_filled_with_background_rows_of_its_length_unless_tol
     // online sentence runs next, filled with background rows of its length (never with a 40),
     // as many as the controller's limit leaves room for: at least 1 (it starts at 1 and cannot
     // fall with every request far within the objective), at most 8. With `background_fill`
-    // false it runs alone.
+    // false (the default) it runs alone.
     for fill in [true, false] {
         let pool = ExecutionPool::new(2).unwrap();
         let (gated_model, mut gate) = gated(
