@@ -915,6 +915,26 @@ impl Model for Words {
     }
 }
 
+/// A gated text stand-in over `inner` whose only instance holds sentence 0 (10 tokens): what
+/// is submitted next queues up until the test releases the gate. Returns sentence 0's answer.
+async fn words_held(
+    inner: Arc<dyn Model>,
+) -> (
+    ModelWorker,
+    Gate,
+    tokio::sync::oneshot::Receiver<Result<veraltheim_fastpath::InferOutput, InferError>>,
+) {
+    let (gated_model, mut gate) = gated(inner);
+    let worker = ModelWorker::start(
+        Arc::new(Words(gated_model)),
+        ExecutionPool::new(2).unwrap(),
+        &WorkerOptions::default(),
+    );
+    let first = worker.submit(sentence(0.0, 10.0)).unwrap();
+    assert_eq!(gate.started().await, [0.0]);
+    (worker, gate, first)
+}
+
 fn sentence(id: f32, tokens: f32) -> Request {
     Request::new(
         vec![Tensor::from_f32("INPUT0", vec![1, 2], &[id, tokens]).unwrap()],
@@ -924,15 +944,8 @@ fn sentence(id: f32, tokens: f32) -> Request {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn text_requests_are_batched_by_length_and_their_tokens_counted() {
-    let pool = ExecutionPool::new(2).unwrap();
-    let (gated_model, mut gate) = gated(cost(0, 0, ""));
-    let worker = ModelWorker::start(
-        Arc::new(Words(gated_model)),
-        pool,
-        &WorkerOptions::default(),
-    );
-    let mut receivers = vec![worker.submit(sentence(0.0, 10.0)).unwrap()];
-    assert_eq!(gate.started().await, [0.0]);
+    let (worker, mut gate, first) = words_held(cost(0, 0, "")).await;
+    let mut receivers = vec![first];
     // Short and long sentences alternate while the first batch holds the only instance.
     receivers.extend((1..=12).map(|i| {
         let tokens = if i % 2 == 1 { 10.0 } else { 40.0 };
@@ -1079,8 +1092,7 @@ async fn an_online_batch_is_filled_with_background_rows_of_its_length_unless_tol
     // fall with every request far within the objective), at most 8. With `background_fill`
     // false (the default) it runs alone.
     for fill in [true, false] {
-        let pool = ExecutionPool::new(2).unwrap();
-        let (gated_model, mut gate) = gated(
+        let (worker, mut gate, first) = words_held(
             builtin::instantiate(
                 builtin::config("cost")
                     .unwrap()
@@ -1094,14 +1106,9 @@ async fn an_online_batch_is_filled_with_background_rows_of_its_length_unless_tol
                     .unwrap(),
             )
             .unwrap(),
-        );
-        let worker = ModelWorker::start(
-            Arc::new(Words(gated_model)),
-            pool,
-            &WorkerOptions::default(),
-        );
-        let mut receivers = vec![worker.submit(sentence(0.0, 10.0)).unwrap()];
-        assert_eq!(gate.started().await, [0.0]);
+        )
+        .await;
+        let mut receivers = vec![first];
         receivers.extend((100..120).map(|i| {
             let mut r = sentence(i as f32, if i % 2 == 0 { 10.0 } else { 40.0 });
             r.background = true;
