@@ -210,6 +210,15 @@ impl BatchPolicy {
         }
     }
 
+    /// This policy with its token budget lowered to `cap` (the worker's bound on a text
+    /// model's batch that holds background rows, `slo.rs` rule 5).
+    pub fn with_token_cap(&self, cap: usize) -> BatchPolicy {
+        BatchPolicy {
+            max_batch_tokens: Some(self.max_batch_tokens.map_or(cap, |b| b.min(cap))),
+            ..self.clone()
+        }
+    }
+
     pub fn plan<K: PartialEq>(&self, items: &[Item<'_, K>], now: Instant) -> Plan {
         self.plan_within(items, now, usize::MAX)
     }
@@ -895,12 +904,10 @@ mod tests {
         // Held to the rows the caller allows.
         assert_eq!(p.fill(&it, &[0, 1], &extra, 2), vec![5, 7]);
         assert!(p.fill(&it, &[0, 1], &extra, 0).is_empty());
-        // Held to the token budget: 4 rows × 20 = 80.
-        let budget = BatchPolicy {
-            max_batch_tokens: Some(80),
-            ..p.clone()
-        };
+        // Held to the token budget: 4 rows × 20 = 80; a cap lowers a budget, never raises it.
+        let budget = p.with_token_cap(80);
         assert_eq!(budget.fill(&it, &[0, 1], &extra, 10), vec![5, 7]);
+        assert_eq!(budget.with_token_cap(1000).max_batch_tokens, Some(80));
         // Never padded beyond the ratio: a batch of 10 takes no 40 even with room for it.
         let short = [item(10, &key), item(40, &key), item(11, &key)];
         assert_eq!(p.fill(&short, &[0], &[1, 2], 10), vec![2]);

@@ -15,7 +15,7 @@
 //!    (a text model's by length, `batcher.rs`: an online request of another length than the
 //!    oldest may wait for the next online batch, but a batch is never formed around a
 //!    background request while an online one waits). As it leaves, it is **filled** with
-//!    background rows when `background_fill` is true ([`crate::BatchPolicy::fill`]: of its dimensions, a text batch
+//!    background rows unless `background_fill` is false ([`crate::BatchPolicy::fill`]: of its dimensions, a text batch
 //!    only with rows that keep its padding within `max_padding_ratio`): as many as the limit
 //!    leaves room for, and no more than rule 5's bound less the online rows waiting, so a filled
 //!    batch lasts no longer than a background batch may. Why: on a CPU backend a row in a batch
@@ -25,15 +25,14 @@
 //!    got 0.39–0.59 of the capacity online left (docs/PERFORMANCE.md, session 11). Filled
 //!    batches are larger, so background rows cost less each; the price is online latency (each
 //!    online request's batch is longer), which the controller keeps within the objective like
-//!    any other. Measured (session 12): with `background_batch_ms` 40 the batch job got 0.65–0.71
-//!    of what online left with filling and 0.20 without; at the default (a quarter of the
-//!    objective) 0.17–0.51 with and 0.42–0.50 without, and the objective broke in two of
-//!    three filled runs against none of two unfilled. So filling is off by default (background
-//!    rows then run only in batches of their own, when no online request waits, and the online
-//!    p50 under background load stays nearer its p50 alone: 17 ms against 31 ms filled); turn
-//!    it on together with a longer `background_batch_ms` where utilisation matters more than
-//!    the start of a run (both filled runs at 40 ms broke the objective in their first window
-//!    only).
+//!    any other. Measured (docs/PERFORMANCE.md, session 12, `cosched`, online at half the
+//!    capacity, objective 100 ms): with the default bound (40% of the objective) and batches
+//!    held to their padded tokens (rule 5), the batch job got 0.62–0.68 of what online left and
+//!    the objective held in every 10-s window of both runs; unfilled at a quarter of the
+//!    objective (the default before) 0.28–0.50, with one window over in one of three runs.
+//!    `background_fill` false turns filling off: background rows then run only in batches of
+//!    their own, when no online request waits, and the online p50 under background load stays
+//!    nearer its p50 alone (18–23 ms against 40–45 ms filled).
 //!    A background batch of its own is formed around the oldest background request out of *all*
 //!    that wait, and only its size is capped by the room the limit leaves: shown only the first
 //!    few, it found no similar lengths among them, and background batches ran at one or two rows
@@ -67,11 +66,16 @@
 //! 5. **One batch is bounded by time.** Rule 1 bounds how *many* batches delay an online
 //!    request (one); this rule bounds how *long* that batch is. A batch of background rows, and an
 //!    online batch filled with them, holds at most as many rows as execute within
-//!    `background_batch_ms` (default: a quarter of the objective) by the model's measured cost
+//!    `background_batch_ms` (default: 40% of the objective) by the model's measured cost
 //!    of a batch ([`Observation::batch_cost`]: a fixed part plus a part per row, fitted to recent
 //!    batches by [`CostFit`]; before the first batch there is no bound but the limit, which
 //!    starts at 1). The online rows waiting count against it; online rows are never held back
-//!    by it. The limit itself never exceeds that many rows per instance: above it the limit
+//!    by it. A text model's batch costs by its padded tokens (rows × the longest row), not its
+//!    rows: a second line is fitted to them ([`Observation::token_cost`]), and such a batch is
+//!    also held to the padded tokens that execute within `background_batch_ms` (the batching
+//!    policy's token budget, lowered for it): a batch of long sentences takes fewer rows.
+//!    (Measured, session 12: with rows alone, a filled batch of long sentences ran two to three
+//!    times the bound, and the online p99 jumped from ~80 to 150–165 ms for a second.) The limit itself never exceeds that many rows per instance: above it the limit
 //!    would only grow without effect, and a later halving would not be felt. Why a bound and
 //!    not only the limit: the p99 follows the longest batch an online request can land behind;
 //!    at half the objective or more per batch, a request queued behind one and then batched with
@@ -126,7 +130,7 @@ pub struct SloConfig {
     /// The model's instances (batches that execute at once).
     pub instances: usize,
     /// Whether a batch holding online requests takes background rows (rule 1;
-    /// `background_fill`, off by default).
+    /// `background_fill`, on by default).
     pub fill: bool,
 }
 
@@ -146,10 +150,10 @@ impl SloConfig {
             step: positive(config, "background_step")?
                 .map_or(1, |n| usize::try_from(n).unwrap_or(usize::MAX)),
             batch_time: positive(config, "background_batch_ms")?
-                .map_or(Duration::from_millis(ms) / 4, Duration::from_millis),
+                .map_or(Duration::from_millis(ms) * 2 / 5, Duration::from_millis),
             instances,
             fill: match config.parameter("background_fill").map(str::trim) {
-                None | Some("") => false,
+                None | Some("") => true,
                 Some(v) if v.eq_ignore_ascii_case("true") => true,
                 Some(v) if v.eq_ignore_ascii_case("false") => false,
                 Some(v) => {
@@ -309,6 +313,9 @@ pub struct Observation {
     pub online_busy: f64,
     /// The model's measured cost of a batch (rule 5); `None` before the first batch.
     pub batch_cost: Option<BatchCost>,
+    /// A text model's measured cost of a batch by its padded tokens (rule 5: `per_row` is per
+    /// token); `None` for other models and before the first batch.
+    pub token_cost: Option<BatchCost>,
 }
 
 /// What a batch of `n` rows costs the model: `fixed + per_row × n` (rule 5).
@@ -426,6 +433,8 @@ pub struct Controller {
     settling: Option<usize>,
     /// Background rows one batch may take (rule 5); `None` until a batch was measured.
     batch_rows: Option<usize>,
+    /// A text model's padded tokens one batch holding background rows may reach (rule 5).
+    batch_tokens: Option<usize>,
     grows: u64,
     shrinks: u64,
 }
@@ -442,6 +451,7 @@ impl Controller {
             since: now,
             settling: None,
             batch_rows: None,
+            batch_tokens: None,
             grows: 0,
             shrinks: 0,
         }
@@ -450,6 +460,12 @@ impl Controller {
     /// Background rows one batch may take (rule 5); `None`: no bound measured yet.
     pub fn batch_rows(&self) -> Option<usize> {
         self.batch_rows
+    }
+
+    /// The padded tokens a text model's batch holding background rows may reach (rule 5);
+    /// `None`: not a text model, or not measured yet.
+    pub fn batch_tokens(&self) -> Option<usize> {
+        self.batch_tokens
     }
 
     /// The largest limit now: `background_max_in_flight`, and no more than
@@ -504,6 +520,9 @@ impl Controller {
         if let Some(cost) = o.batch_cost.filter(|c| !c.per_row.is_zero()) {
             self.batch_rows = Some(cost.rows_within(self.config.batch_time));
             self.limit = self.limit.min(self.bound());
+        }
+        if let Some(cost) = o.token_cost.filter(|c| !c.per_row.is_zero()) {
+            self.batch_tokens = Some(cost.rows_within(self.config.batch_time));
         }
         let ms = |d: Duration| format!("{:.1} ms", d.as_secs_f64() * 1e3);
         if let Some(target) = self.settling {
@@ -729,6 +748,7 @@ mod tests {
                     held_back: true,
                     online_busy: 0.5,
                     batch_cost: self.batch_cost,
+                    token_cost: None,
                 };
                 if self.controller.tick(&o, self.now) == Decision::Shrink {
                     self.window.cut(self.now);
@@ -855,6 +875,29 @@ mod tests {
         two.run(100);
         assert_eq!(two.controller.batch_rows(), Some(6));
         assert_eq!(two.controller.limit(), 12);
+        assert_eq!(two.controller.batch_tokens(), None, "not a text model");
+    }
+
+    #[test]
+    fn a_text_models_batch_is_also_bounded_by_its_padded_tokens() {
+        // 0.2 ms per padded token, 1 ms fixed: 25 ms allow 120 tokens (6 rows of 20, or 1 of 120).
+        let mut c = Controller::new(config(100, 64), Instant::now());
+        c.config.batch_time = Duration::from_millis(25);
+        let o = Observation {
+            online_count: 10,
+            online_p99: Some(Duration::from_millis(10)),
+            held_back: true,
+            online_busy: 0.5,
+            batch_cost: Some(per_row(4)),
+            token_cost: Some(BatchCost {
+                fixed: Duration::from_millis(1),
+                per_row: Duration::from_micros(200),
+            }),
+            ..Observation::default()
+        };
+        c.tick(&o, Instant::now());
+        assert_eq!(c.batch_rows(), Some(6));
+        assert_eq!(c.batch_tokens(), Some(120));
     }
 
     #[test]
@@ -937,6 +980,7 @@ mod tests {
             held_back: false,
             online_busy: 0.2,
             batch_cost: None,
+            token_cost: None,
         };
         assert_eq!(c.tick(&calm, now), Decision::Hold);
         assert!(
@@ -1032,8 +1076,12 @@ mod tests {
         assert_eq!(s.objective, Duration::from_millis(50));
         assert_eq!(s.max_limit, 16);
         assert_eq!(s.step, 1);
-        assert_eq!(s.batch_time, Duration::from_micros(12_500));
-        assert!(!s.fill, "online batches take no background rows by default");
+        assert_eq!(
+            s.batch_time,
+            Duration::from_millis(20),
+            "40% of the objective"
+        );
+        assert!(s.fill, "online batches take background rows by default");
         let off = |v: &str| {
             SloConfig::from_config(&c(&format!(
                 r#""latency_slo_p99_ms":{{"string_value":"50"}},"background_fill":{{"string_value":"{v}"}}"#

@@ -224,8 +224,13 @@ struct Slo {
     /// Instance time spent on online rows since the last tick, ns (a batch's time × its online
     /// rows ÷ its rows).
     online_busy_ns: AtomicU64,
-    /// The cost of a batch, fitted to recent batches (rule 5 of [`crate::slo`]).
+    /// The cost of a batch, fitted to recent batches (rule 5 of [`crate::slo`]): by rows, and
+    /// (text models) by padded tokens.
     cost: Mutex<CostFit>,
+    token_cost: Mutex<CostFit>,
+    /// A text model's padded tokens one batch holding background rows may reach (rule 5);
+    /// `usize::MAX`: no bound yet.
+    batch_tokens: AtomicUsize,
     /// Background rows one batch may take (rule 5 of [`crate::slo`]); `usize::MAX`: no bound yet.
     batch_rows: AtomicUsize,
     last_tick: Mutex<Instant>,
@@ -244,6 +249,8 @@ impl Slo {
             breach: AtomicBool::new(false),
             online_busy_ns: AtomicU64::new(0),
             cost: Mutex::new(CostFit::default()),
+            token_cost: Mutex::new(CostFit::default()),
+            batch_tokens: AtomicUsize::new(usize::MAX),
             batch_rows: AtomicUsize::new(usize::MAX),
             last_tick: Mutex::new(now),
         }
@@ -975,7 +982,8 @@ enum Next {
 /// controller's limit leaves room for and its bound per batch allows (rule 5), unless
 /// `background_fill` is off. A batch of background requests alone is shown all of them but takes
 /// only as many rows as that room: a text model then forms it of similar lengths out of every
-/// background request that waits, not only the first few.
+/// background request that waits, not only the first few. A text model's batch holding
+/// background rows (filled or background alone) is also held to rule 5's padded tokens.
 fn next_batch(s: &Shared, pending: &mut VecDeque<Pending>, now: Instant) -> Next {
     // Text models: a request must run in the next batch once its deadline is nearer than the
     // batching delay and two batches as long as the last one.
@@ -987,6 +995,9 @@ fn next_batch(s: &Shared, pending: &mut VecDeque<Pending>, now: Instant) -> Next
     let mut max_rows = usize::MAX;
     // Background rows an online batch may be filled with.
     let mut fill = 0;
+    // A text model's batch holding background rows is held to rule 5's padded tokens.
+    let mut capped: Option<BatchPolicy> = None;
+    let mut background_only = false;
     let items: Vec<Item<'_, BatchKey>> = match &s.slo {
         Some(slo) if pending.iter().any(|p| p.background) => {
             let background = pending.iter().filter(|p| p.background).count();
@@ -997,6 +1008,10 @@ fn next_batch(s: &Shared, pending: &mut VecDeque<Pending>, now: Instant) -> Next
                 .min(slo.batch_rows.load(Ordering::Acquire));
             if background > room {
                 slo.held_back.store(true, Ordering::Relaxed);
+            }
+            let tokens = slo.batch_tokens.load(Ordering::Acquire);
+            if tokens != usize::MAX {
+                capped = Some(s.policy.with_token_cap(tokens));
             }
             if background < pending.len() || room == 0 {
                 if slo.fill {
@@ -1025,12 +1040,19 @@ fn next_batch(s: &Shared, pending: &mut VecDeque<Pending>, now: Instant) -> Next
                 items
             } else {
                 max_rows = room;
+                background_only = true;
                 pending.iter().map(item).collect()
             }
         }
         _ => pending.iter().map(item).collect(),
     };
-    match s.policy.plan_within(&items, now, max_rows) {
+    let background_policy = capped.as_ref().unwrap_or(&s.policy);
+    let policy = if background_only {
+        background_policy
+    } else {
+        &s.policy
+    };
+    match policy.plan_within(&items, now, max_rows) {
         Plan::Run(positions) => {
             let mut positions: Vec<usize> = match &shown {
                 Some(shown) => positions.iter().map(|&j| shown[j]).collect(),
@@ -1041,7 +1063,7 @@ fn next_batch(s: &Shared, pending: &mut VecDeque<Pending>, now: Instant) -> Next
                 let background: Vec<usize> = (0..pending.len())
                     .filter(|&i| pending[i].background)
                     .collect();
-                s.policy.fill(&all, &positions, &background, fill)
+                background_policy.fill(&all, &positions, &background, fill)
             } else {
                 Vec::new()
             };
@@ -1178,6 +1200,7 @@ fn control(s: &Shared, slo: &Slo, now: Instant) -> Instant {
         held_back: slo.held_back.swap(false, Ordering::AcqRel),
         online_busy,
         batch_cost: slo.cost.lock().estimate(),
+        token_cost: slo.token_cost.lock().estimate(),
     };
     let before = c.limit();
     if c.tick(&o, now) == Decision::Shrink {
@@ -1186,6 +1209,8 @@ fn control(s: &Shared, slo: &Slo, now: Instant) -> Instant {
     slo.limit.store(c.limit(), Ordering::Release);
     slo.batch_rows
         .store(c.batch_rows().unwrap_or(usize::MAX), Ordering::Release);
+    slo.batch_tokens
+        .store(c.batch_tokens().unwrap_or(usize::MAX), Ordering::Release);
     if c.limit() != before {
         tracing::debug!(model = %s.name, limit = c.limit(), reason = c.reason(), "background limit");
     }
@@ -1331,6 +1356,11 @@ fn execute(s: &Shared, batch: Vec<Pending>) -> Duration {
                 .fetch_add(u64::try_from(share).unwrap_or(u64::MAX), Ordering::Relaxed);
         }
         slo.cost.lock().record(total, took);
+        if let Some((padded, _)) = padded_and_real(&batch) {
+            slo.token_cost
+                .lock()
+                .record(usize::try_from(padded).unwrap_or(usize::MAX), took);
+        }
     }
     if background > 0 {
         s.background_in_flight

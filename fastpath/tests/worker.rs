@@ -13,17 +13,35 @@ use veraltheim_fastpath::{
 };
 use veraltheim_models::{Model, ModelConfig, Tensor, TokenCount, builtin};
 
+/// The built-in `cost` model with `over` laid over its configuration.
+fn cost_model(over: &str) -> Arc<dyn Model> {
+    builtin::instantiate(
+        builtin::config("cost")
+            .unwrap()
+            .with_override(over)
+            .unwrap(),
+    )
+    .unwrap()
+}
+
 fn cost(base_us: u64, per_item_us: u64, extra: &str) -> Arc<dyn Model> {
     let over = format!(
         r#"{{"parameters":{{"base_us":{{"string_value":"{base_us}"}},"per_item_us":{{"string_value":"{per_item_us}"}}}}{extra}}}"#
     );
-    builtin::instantiate(
-        builtin::config("cost")
-            .unwrap()
-            .with_override(&over)
-            .unwrap(),
-    )
-    .unwrap()
+    cost_model(&over)
+}
+
+/// The built-in `cost` model sleeping `per_item_us` a row, with these string parameters (a
+/// latency objective's, for instance).
+fn cost_with(per_item_us: u64, params: &[(&str, &str)]) -> Arc<dyn Model> {
+    let mut p = format!(
+        r#""base_us":{{"string_value":"0"}},"per_item_us":{{"string_value":"{per_item_us}"}},"busy":{{"string_value":"sleep"}}"#
+    );
+    for (k, v) in params {
+        p.push_str(&format!(r#","{k}":{{"string_value":"{v}"}}"#));
+    }
+    let over = format!(r#"{{"parameters":{{{p}}}}}"#);
+    cost_model(&over)
 }
 
 fn row(v: f32) -> Request {
@@ -1037,20 +1055,15 @@ async fn a_background_batch_is_formed_of_similar_lengths_out_of_all_that_wait() 
     // 8 of one length. (Shown only the 8 oldest, it found 4 of the front's length among them:
     // batches of 4.)
     let pool = ExecutionPool::new(2).unwrap();
-    let model = builtin::instantiate(
-        builtin::config("cost")
-            .unwrap()
-            .with_override(
-                r#"{"parameters":{"base_us":{"string_value":"0"},"per_item_us":{"string_value":"10000"},
-                    "busy":{"string_value":"sleep"},
-                    "latency_slo_p99_ms":{"string_value":"1000"},
-                    "background_max_in_flight":{"string_value":"8"},
-                    "background_step":{"string_value":"8"},
-                    "background_batch_ms":{"string_value":"1000"}}}"#,
-            )
-            .unwrap(),
-    )
-    .unwrap();
+    let model = cost_with(
+        10_000,
+        &[
+            ("latency_slo_p99_ms", "1000"),
+            ("background_max_in_flight", "8"),
+            ("background_step", "8"),
+            ("background_batch_ms", "1000"),
+        ],
+    );
     let worker = ModelWorker::start(Arc::new(Words(model)), pool, &WorkerOptions::default());
     let receivers: Vec<_> = (0..80)
         .map(|i| {
@@ -1090,23 +1103,18 @@ async fn an_online_batch_is_filled_with_background_rows_of_its_length_unless_tol
     // online sentence runs next, filled with background rows of its length (never with a 40),
     // as many as the controller's limit leaves room for: at least 1 (it starts at 1 and cannot
     // fall with every request far within the objective), at most 8. With `background_fill`
-    // false (the default) it runs alone.
+    // false it runs alone.
     for fill in [true, false] {
-        let (worker, mut gate, first) = words_held(
-            builtin::instantiate(
-                builtin::config("cost")
-                    .unwrap()
-                    .with_override(&format!(
-                        r#"{{"parameters":{{"base_us":{{"string_value":"0"}},"per_item_us":{{"string_value":"0"}},
-                            "latency_slo_p99_ms":{{"string_value":"60000"}},
-                            "background_max_in_flight":{{"string_value":"8"}},
-                            "background_step":{{"string_value":"8"}},
-                            "background_fill":{{"string_value":"{fill}"}}}}}}"#
-                    ))
-                    .unwrap(),
-            )
-            .unwrap(),
-        )
+        let value = fill.to_string();
+        let (worker, mut gate, first) = words_held(cost_with(
+            0,
+            &[
+                ("latency_slo_p99_ms", "60000"),
+                ("background_max_in_flight", "8"),
+                ("background_step", "8"),
+                ("background_fill", &value),
+            ],
+        ))
         .await;
         let mut receivers = vec![first];
         receivers.extend((100..120).map(|i| {
@@ -1145,4 +1153,88 @@ async fn an_online_batch_is_filled_with_background_rows_of_its_length_unless_tol
         let slo = worker.slo().unwrap();
         assert_eq!(slo.in_flight, 0, "{slo:?}");
     }
+}
+
+/// [`Words`] whose batch costs `per_token` for each padded token (rows × the longest row), as a
+/// transformer on a CPU does.
+struct PaddedCost {
+    words: Words,
+    per_token: Duration,
+}
+
+impl Model for PaddedCost {
+    fn config(&self) -> &ModelConfig {
+        self.words.config()
+    }
+
+    fn execute(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, veraltheim_models::Error> {
+        let values = inputs[0].f32_values()?;
+        let counts: Vec<usize> = values.chunks(2).map(|r| r[1] as usize).collect();
+        let padded = counts.len() * counts.iter().copied().max().unwrap_or(0);
+        std::thread::sleep(self.per_token * padded as u32);
+        self.words.execute(inputs)
+    }
+
+    fn count_tokens(&self, texts: &[&str]) -> Option<Result<Vec<usize>, veraltheim_models::Error>> {
+        self.words.count_tokens(texts)
+    }
+
+    fn request_tokens(&self, inputs: &[Tensor]) -> Option<Result<TokenCount, String>> {
+        self.words.request_tokens(inputs)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_text_batch_of_background_rows_is_held_to_the_padded_tokens_its_time_allows() {
+    // 0.2 ms per padded token, 40 ms per batch holding background rows: 200 tokens. Short
+    // sentences (10 tokens, 2 ms a row) first: the cost per row the controller learns from
+    // them allows 20 rows. Then long ones (80 tokens, 16 ms a row): held to their tokens,
+    // their batches take at most 2 (160 tokens), not 20 rows (320 ms).
+    let model = PaddedCost {
+        words: Words(cost_with(
+            0,
+            &[
+                ("latency_slo_p99_ms", "60000"),
+                ("background_max_in_flight", "64"),
+                ("background_step", "64"),
+                ("background_batch_ms", "40"),
+            ],
+        )),
+        per_token: Duration::from_micros(200),
+    };
+    let worker = ModelWorker::start(
+        Arc::new(model),
+        ExecutionPool::new(2).unwrap(),
+        &WorkerOptions::default(),
+    );
+    let phase = |first: usize, n: usize, tokens: f32| {
+        (first..first + n)
+            .map(|i| {
+                let mut r = sentence(i as f32, tokens);
+                r.background = true;
+                worker.submit(r).unwrap()
+            })
+            .collect::<Vec<_>>()
+    };
+    let mut short = Vec::new();
+    for rx in phase(0, 200, 10.0) {
+        short.push(rx.await.unwrap().unwrap().batch_size);
+    }
+    assert!(
+        short.iter().any(|&n| n > 2),
+        "short sentences ran in batches of more than 2: {short:?}"
+    );
+    let slo = worker.slo().unwrap();
+    assert!(
+        slo.batch_rows.is_some_and(|r| r > 2),
+        "by rows alone, more than 2 would join: {slo:?}"
+    );
+    let mut long = Vec::new();
+    for rx in phase(1000, 20, 80.0) {
+        long.push(rx.await.unwrap().unwrap().batch_size);
+    }
+    assert!(
+        long.iter().all(|&n| n <= 2),
+        "long sentences held to 200 padded tokens a batch: {long:?}"
+    );
 }
