@@ -996,7 +996,7 @@ fn next_batch(s: &Shared, pending: &mut VecDeque<Pending>, now: Instant) -> Next
     // Background rows an online batch may be filled with.
     let mut fill = 0;
     // A text model's batch holding background rows is held to rule 5's padded tokens.
-    let mut capped: Option<BatchPolicy> = None;
+    let mut token_cap = usize::MAX;
     let mut background_only = false;
     let items: Vec<Item<'_, BatchKey>> = match &s.slo {
         Some(slo) if pending.iter().any(|p| p.background) => {
@@ -1009,10 +1009,7 @@ fn next_batch(s: &Shared, pending: &mut VecDeque<Pending>, now: Instant) -> Next
             if background > room {
                 slo.held_back.store(true, Ordering::Relaxed);
             }
-            let tokens = slo.batch_tokens.load(Ordering::Acquire);
-            if tokens != usize::MAX {
-                capped = Some(s.policy.with_token_cap(tokens));
-            }
+            token_cap = slo.batch_tokens.load(Ordering::Acquire);
             if background < pending.len() || room == 0 {
                 if slo.fill {
                     // Every online row waiting counts against rule 5's bound, not only the
@@ -1046,6 +1043,9 @@ fn next_batch(s: &Shared, pending: &mut VecDeque<Pending>, now: Instant) -> Next
         }
         _ => pending.iter().map(item).collect(),
     };
+    // Built only for a batch that may hold background rows (the policy holds a Vec).
+    let capped = (token_cap != usize::MAX && (background_only || fill > 0))
+        .then(|| s.policy.with_token_cap(token_cap));
     let background_policy = capped.as_ref().unwrap_or(&s.policy);
     let policy = if background_only {
         background_policy
@@ -1344,6 +1344,7 @@ fn execute(s: &Shared, batch: Vec<Pending>) -> Duration {
     let took_ns = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
     s.last_batch_ns.store(took_ns, Ordering::Relaxed);
     let background = batch.iter().filter(|p| p.background).count();
+    let tokens = padded_and_real(&batch);
     if let Some(slo) = &s.slo {
         let online_rows: usize = batch
             .iter()
@@ -1356,7 +1357,7 @@ fn execute(s: &Shared, batch: Vec<Pending>) -> Duration {
                 .fetch_add(u64::try_from(share).unwrap_or(u64::MAX), Ordering::Relaxed);
         }
         slo.cost.lock().record(total, took);
-        if let Some((padded, _)) = padded_and_real(&batch) {
+        if let Some((padded, _)) = tokens {
             slo.token_cost
                 .lock()
                 .record(usize::try_from(padded).unwrap_or(usize::MAX), took);
@@ -1369,7 +1370,7 @@ fn execute(s: &Shared, batch: Vec<Pending>) -> Duration {
 
     match per_request {
         Ok(parts) => {
-            if let Some((padded, real)) = padded_and_real(&batch) {
+            if let Some((padded, real)) = tokens {
                 s.stats.record_tokens(padded, real);
             }
             {
