@@ -13,6 +13,14 @@ use veraltheim_fastpath::{
 };
 use veraltheim_models::{Model, ModelConfig, Tensor, TokenCount, builtin};
 
+/// The built-in `cost` model's configuration with these parameters (a JSON object's members).
+fn config(params: &str) -> ModelConfig {
+    builtin::config("cost")
+        .unwrap()
+        .with_override(&format!(r#"{{"parameters":{{{params}}}}}"#))
+        .unwrap()
+}
+
 /// The built-in `cost` model with `over` laid over its configuration.
 fn cost_model(over: &str) -> Arc<dyn Model> {
     builtin::instantiate(
@@ -816,12 +824,6 @@ async fn a_fast_model_whose_requests_come_too_close_together_does_not_run_inline
 
 #[test]
 fn inline_min_gap_us_is_read_and_a_bad_value_is_named() {
-    let config = |p: &str| {
-        builtin::config("cost")
-            .unwrap()
-            .with_override(&format!(r#"{{"parameters":{{{p}}}}}"#))
-            .unwrap()
-    };
     assert_eq!(
         veraltheim_fastpath::inline_min_gap(&config("")),
         Ok(veraltheim_fastpath::DEFAULT_INLINE_MIN_GAP)
@@ -860,12 +862,6 @@ async fn a_queue_delay_or_inline_execution_us_0_keeps_batches_on_the_pool() {
 
 #[test]
 fn inline_execution_us_is_read_and_a_bad_value_is_named() {
-    let config = |params: &str| {
-        builtin::config("cost")
-            .unwrap()
-            .with_override(&format!(r#"{{"parameters":{{{params}}}}}"#))
-            .unwrap()
-    };
     // Without the parameter, the server's default (`models.inline_execution_us`).
     let nine = Some(Duration::from_micros(9));
     assert_eq!(
