@@ -282,6 +282,30 @@ fn tokenizer_pads_to_the_longest_and_truncates() {
 }
 
 #[test]
+fn a_batch_is_tokenized_on_the_calling_thread_without_rayon() {
+    // A batch executes on a thread of the execution pool (a rayon pool): tokenizing it in
+    // parallel there lets the waiting thread run another batch inside this one (see
+    // `TextTokenizer::encodings`). The tokenizers crate notes any use of its parallel
+    // iterators in a process-wide flag; nothing in this crate may set it.
+    let tok = TextTokenizer::from_bytes(tokenizer().as_bytes(), 16).unwrap();
+    let texts: Vec<String> = (0..64)
+        .map(|i| ["hello world", "big cat", "cat"][i % 3].repeat(1 + i % 4))
+        .collect();
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
+    let batch = pool.install(|| tok.encode(&refs)).unwrap();
+    assert_eq!(batch.batch, 64);
+    assert_eq!(
+        tokenizers::utils::parallelism::has_parallelism_been_used(),
+        false,
+        "TextTokenizer::encode split its texts over a rayon pool"
+    );
+}
+
+#[test]
 fn config_is_completed_when_it_lists_nothing() {
     let dir = model_dir();
     let config = ModelConfig {

@@ -91,11 +91,23 @@ impl TextTokenizer {
         self.pad_id
     }
 
+    /// One text at a time on the calling thread, never `encode_batch`. `encode_batch` splits the
+    /// texts over the current rayon pool: called from a batch on the execution pool, the thread
+    /// that waits for its share to come back takes other work from the pool meanwhile, which is
+    /// another model's (or this model's next) whole batch, and its own batch is answered only
+    /// when that one ends. Measured (docs/PERFORMANCE.md, session 13): MiniLM batches of 2–8
+    /// sentences that execute in 10–30 ms took 100–450 ms now and then once both pool threads
+    /// were busy, and each such batch broke a latency objective for a second. Tokenizing a batch
+    /// of short sentences costs tens of microseconds a sentence: no parallelism is worth that.
     fn encodings(&self, texts: &[&str]) -> Result<Vec<tokenizers::Encoding>, String> {
-        // encode_batch runs on the current rayon pool (the execution pool, when called from it).
-        self.tokenizer
-            .encode_batch(texts.to_vec(), true)
-            .map_err(|e| format!("tokenizer failed: {e}"))
+        texts
+            .iter()
+            .map(|t| {
+                self.tokenizer
+                    .encode(*t, true)
+                    .map_err(|e| format!("tokenizer failed: {e}"))
+            })
+            .collect()
     }
 
     /// Tokenizes `texts` into one batch padded (on the right) to its longest sentence.
@@ -143,8 +155,9 @@ impl TextTokenizer {
 
     /// The number of tokens (after truncation, special tokens included) of each text.
     ///
-    /// One text at a time on the calling thread: this is called off the execution pool (for an
-    /// API's usage figures), where `encode_batch` would start rayon's global pool beside it.
+    /// One text at a time on the calling thread, as [`TextTokenizer::encode`]: this is also
+    /// called off the execution pool (for an API's usage figures), where `encode_batch` would
+    /// start rayon's global pool beside it.
     pub fn count_tokens(&self, texts: &[&str]) -> Result<Vec<usize>, String> {
         texts
             .iter()
