@@ -221,6 +221,8 @@ pub struct LocalJobsConfig {
     pub cgroup_dir: Option<PathBuf>,
     /// The nice value (0 to 19) every attempt runs at.
     pub nice: i32,
+    /// Whether every attempt runs in Linux's idle scheduling class (`SCHED_IDLE`).
+    pub idle_class: bool,
 }
 
 /// `[jobs.kubernetes]`: the Kubernetes executor.

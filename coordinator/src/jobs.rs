@@ -278,6 +278,7 @@ impl Jobs {
                         LocalExecutor::new(jobs_dir)
                             .with_max_log_bytes(config.max_log_bytes)
                             .with_nice(config.local.nice)
+                            .with_idle_class(config.local.idle_class)
                             .with_sandbox(sandbox)
                             .with_shim(shim),
                     ),

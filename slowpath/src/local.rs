@@ -40,7 +40,10 @@
 //! **Sharing the cores with the fast path.** Every attempt runs at the executor's nice value
 //! ([`LocalExecutor::with_nice`]; the coordinator's `jobs.local.nice`, 10 by default), set
 //! between fork and exec (`setpriority`) and inherited by the shim and everything the command
-//! starts, so the coordinator's execution pool (nice 0) goes first when both want a core. No
+//! starts, so the coordinator's execution pool (nice 0) goes first when both want a core; with
+//! [`LocalExecutor::with_idle_class`] (the coordinator's `jobs.local.idle_class`, on by default)
+//! they also run in Linux's idle scheduling class (`SCHED_IDLE`), so that they get only the time
+//! no server thread wants, not the tenth of a contended core that nice 10 still leaves them. No
 //! cgroup `cpu.weight` is written: the attempts' cgroups (`jobs.local.cgroup_dir`) are siblings of
 //! one another, not of the server's, so their weight would only rank jobs among themselves; an
 //! operator who delegates the folder can lower its own `cpu.weight` against the server's.
@@ -103,6 +106,8 @@ pub struct LocalExecutor {
     shim: Option<Shim>,
     /// The nice value every attempt runs at ([`LocalExecutor::with_nice`]).
     nice: i32,
+    /// Whether attempts run in the kernel's idle class ([`LocalExecutor::with_idle_class`]).
+    idle_class: bool,
 }
 
 impl LocalExecutor {
@@ -115,6 +120,7 @@ impl LocalExecutor {
             sandbox: Arc::default(),
             shim: None,
             nice: 0,
+            idle_class: false,
         }
     }
 
@@ -128,6 +134,20 @@ impl LocalExecutor {
     /// The nice value attempts run at.
     pub fn nice(&self) -> i32 {
         self.nice
+    }
+
+    /// With `true`, every attempt runs in Linux's idle scheduling class (`SCHED_IDLE`): it gets
+    /// a core only when no thread of the normal class wants it, and a thread of the server that
+    /// wakes takes the core from it at once. At nice 10 alone a spinning job still takes about a
+    /// tenth of a core that an execution-pool thread wants (CFS weights 110 against 1024).
+    pub fn with_idle_class(mut self, idle: bool) -> Self {
+        self.idle_class = idle;
+        self
+    }
+
+    /// Whether attempts run in the idle scheduling class.
+    pub fn idle_class(&self) -> bool {
+        self.idle_class
     }
 
     /// Starts every attempt through `shim`, so that its process group dies with this process
@@ -268,7 +288,7 @@ impl LocalExecutor {
             }
         };
         let report_fd = report.as_ref().map(|r| r.child_fd());
-        let nice = self.nice;
+        let (nice, idle_class) = (self.nice, self.idle_class);
         cmd.env_clear()
             .env("PATH", &self.sandbox.path)
             .env("HOME", &work)
@@ -280,14 +300,18 @@ impl LocalExecutor {
             // The shim, dropped, is left to end by itself: it kills the job's group first
             // (the lifeline, cut by the drop, tells it to) and reaps the command.
             .kill_on_drop(report.is_none());
-        // SAFETY: `setpriority`, `Entry::enter` and `keep_across_exec` make only
-        // async-signal-safe system calls on memory prepared here, as a closure run between fork
-        // and exec must.
+        // SAFETY: `setpriority`, `sched_setscheduler`, `Entry::enter` and `keep_across_exec`
+        // make only async-signal-safe system calls on memory prepared here, as a closure run
+        // between fork and exec must.
         unsafe {
             cmd.pre_exec(move || {
                 // Before `enter` may drop the server's user: lowering one's own priority is
                 // allowed to anyone, but the order keeps it certain.
                 if nice != 0 && libc::setpriority(libc::PRIO_PROCESS, 0, nice) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let param = libc::sched_param { sched_priority: 0 };
+                if idle_class && libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 entry.enter()?;
@@ -1304,6 +1328,26 @@ mod tests {
             let (outcome, out, err) = output(&exec, &run("j", sh("cat /proc/$$/stat"))).await;
             assert_eq!(outcome, Outcome::Exited(0), "{err}");
             assert_eq!(stat_field(&out, 19), want, "{out}");
+        }
+    }
+
+    #[tokio::test]
+    async fn attempts_run_in_the_idle_scheduling_class_when_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let own = stat_field(&std::fs::read_to_string("/proc/self/stat").unwrap(), 41);
+        for (exec, want) in [
+            (
+                LocalExecutor::new(dir.path()).with_idle_class(true),
+                libc::SCHED_IDLE.to_string(),
+            ),
+            // Off, the default: the server's own class.
+            (LocalExecutor::new(dir.path()), own),
+        ] {
+            // Field 41 of a process's stat is its scheduling policy; the shell's children
+            // inherit it, as every process a job starts does.
+            let (outcome, out, err) = output(&exec, &run("j", sh("cat /proc/$$/stat"))).await;
+            assert_eq!(outcome, Outcome::Exited(0), "{err}");
+            assert_eq!(stat_field(&out, 41), want, "{out}");
         }
     }
 
