@@ -298,9 +298,8 @@ fn a_batch_is_tokenized_on_the_calling_thread_without_rayon() {
         .unwrap();
     let batch = pool.install(|| tok.encode(&refs)).unwrap();
     assert_eq!(batch.batch, 64);
-    assert_eq!(
-        tokenizers::utils::parallelism::has_parallelism_been_used(),
-        false,
+    assert!(
+        !tokenizers::utils::parallelism::has_parallelism_been_used(),
         "TextTokenizer::encode split its texts over a rayon pool"
     );
 }
