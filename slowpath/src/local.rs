@@ -145,11 +145,6 @@ impl LocalExecutor {
         self
     }
 
-    /// Whether attempts run in the idle scheduling class.
-    pub fn idle_class(&self) -> bool {
-        self.idle_class
-    }
-
     /// Starts every attempt through `shim`, so that its process group dies with this process
     /// (see the module documentation). `shim` must be a binary that runs the `shim` module's
     /// `main` when started with its `ARG`: the coordinator's own.
