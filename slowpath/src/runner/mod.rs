@@ -24,6 +24,8 @@
 //!
 //! The loop also deletes finished jobs whose `ttl_seconds_after_finished` ran out
 //! ([`JobStore::delete_expired`]) with their log folders, waking when the next one expires.
+//! The record goes first and its folder just after, so a reader can briefly find a job gone
+//! while its folder is still there; never the other way round.
 //!
 //! With [`GpuReservations`] ([`RunnerOn::with_gpu_reservations`]; the coordinator gives them to
 //! a runner of local jobs), a job that asks for GPUs is admitted only once it holds GPU memory,
@@ -2058,7 +2060,15 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "never deleted");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        assert!(!logs.exists(), "the log folder {} is left", logs.display());
+        // The record goes first, its log folder just after it (the same sweep).
+        while logs.exists() {
+            let left = logs.display();
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the log folder {left} is left"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         assert_eq!(
             runner.store().get(&kept).unwrap().state,
             JobState::Succeeded
