@@ -11,7 +11,9 @@ use anyhow::{Context as _, anyhow, bail};
 use serde_json::{Value, json};
 use tonic::transport::Channel;
 use veraltheim_models::allocator::format_bytes;
-use veraltheim_models::repository::{ImportBackend, ImportOptions, import_sentence_transformers};
+use veraltheim_models::repository::{
+    ImportBackend, ImportOptions, ImportQuantize, import_sentence_transformers,
+};
 use veraltheim_proto::v1::{
     self, inference_service_client::InferenceServiceClient, job_service_client::JobServiceClient,
     model_service_client::ModelServiceClient, resource_service_client::ResourceServiceClient,
@@ -112,6 +114,10 @@ pub enum ModelsCommand {
         /// Replace the model's version 1 if it exists.
         #[arg(long)]
         force: bool,
+        /// `int8`: quantise the ONNX graph's weight matrices (dynamic int8, --backend onnxruntime)
+        /// and record its measured accuracy against the FP32 graph in the config. Off by default.
+        #[arg(long)]
+        quantize: Option<String>,
     },
 }
 
@@ -340,10 +346,16 @@ fn import(command: ModelsCommand) -> anyhow::Result<()> {
         onnx,
         max_batch_size,
         force,
+        quantize,
     } = command
     else {
         bail!("not an import");
     };
+    let quantize = quantize
+        .as_deref()
+        .map(ImportQuantize::parse)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!(e))?;
     let backend = match backend.as_str() {
         "candle" => ImportBackend::Candle,
         "onnxruntime" | "onnx" | "ort" => ImportBackend::OnnxRuntime,
@@ -353,13 +365,28 @@ fn import(command: ModelsCommand) -> anyhow::Result<()> {
         &src,
         &repository,
         &ImportOptions {
-            name,
+            name: name.clone(),
             backend,
             onnx,
             max_batch_size,
             force,
+            quantize,
+            onnxruntime_library: None,
         },
     )?;
+    #[cfg(feature = "onnx")]
+    if quantize.is_some() {
+        use veraltheim_models::onnx::quantize as q;
+        let model = veraltheim_models::repository::Repository::new(&repository).model(&name)?;
+        let p = |k: &str| model.config.parameter(k).unwrap_or("?").to_string();
+        eprintln!(
+            "int8: {} MatMul quantised; cosine to the FP32 graph over {} sentences: min {}, mean {}",
+            p(q::PARAM_MATMULS),
+            p(q::PARAM_SENTENCES),
+            p(q::PARAM_COSINE_MIN),
+            p(q::PARAM_COSINE_MEAN)
+        );
+    }
     println!("{}", dir.display());
     Ok(())
 }

@@ -211,6 +211,9 @@ pub enum Error {
     },
     #[error("import from {src}: {reason}")]
     Import { src: PathBuf, reason: String },
+    /// An ONNX graph the int8 rewrite cannot take (`onnx::quantize`).
+    #[error("cannot quantise the graph: {0}")]
+    Quantize(String),
 }
 
 impl Error {
@@ -228,7 +231,8 @@ impl Error {
             | Error::InvalidConfig { .. }
             | Error::InvalidRequest(_)
             | Error::InvalidModelFolder { .. }
-            | Error::Import { .. } => ErrorKind::InvalidArgument,
+            | Error::Import { .. }
+            | Error::Quantize(_) => ErrorKind::InvalidArgument,
             Error::UnknownModel(_) | Error::NotHeld(_) | Error::NotInRepository { .. } => {
                 ErrorKind::NotFound
             }

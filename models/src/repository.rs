@@ -320,6 +320,25 @@ impl ImportBackend {
     }
 }
 
+/// A quantisation an import applies to the ONNX graph (`models import --quantize`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImportQuantize {
+    /// Dynamic int8: weights of constant matrix products int8 per column, activations quantised
+    /// at run time (`onnx::quantize`). The measured accuracy against the FP32 graph goes into
+    /// the configuration.
+    Int8,
+}
+
+impl ImportQuantize {
+    /// Parses `--quantize`'s value; the error names the ones there are.
+    pub fn parse(text: &str) -> Result<ImportQuantize, String> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "int8" => Ok(ImportQuantize::Int8),
+            other => Err(format!("--quantize {other}: expected int8")),
+        }
+    }
+}
+
 /// What `import_sentence_transformers` writes.
 #[derive(Clone, Debug)]
 pub struct ImportOptions {
@@ -330,6 +349,11 @@ pub struct ImportOptions {
     pub max_batch_size: u32,
     /// Replace an existing model folder's version 1.
     pub force: bool,
+    /// Quantise the ONNX graph ([`ImportBackend::OnnxRuntime`] only; needs ONNX Runtime, found
+    /// as the backend finds it, to measure the accuracy).
+    pub quantize: Option<ImportQuantize>,
+    /// `libonnxruntime.so` for the accuracy measurement (`None`: `ORT_DYLIB_PATH`).
+    pub onnxruntime_library: Option<PathBuf>,
 }
 
 /// The files a sentence-transformers folder must have.
@@ -386,6 +410,11 @@ pub fn import_sentence_transformers(
     };
     if !weights.0.is_file() {
         return Err(fail(format!("no {}", weights.0.display())));
+    }
+    if options.quantize.is_some() && options.backend != ImportBackend::OnnxRuntime {
+        return Err(fail(
+            "--quantize int8 rewrites an ONNX graph: it needs --backend onnxruntime".into(),
+        ));
     }
     let model_dir = repository.join(name);
     let version_dir = model_dir.join("1");
@@ -445,11 +474,70 @@ pub fn import_sentence_transformers(
             string_value: src.display().to_string(),
         },
     );
+    if let Some(ImportQuantize::Int8) = options.quantize {
+        // A failed quantisation leaves no half-written version behind.
+        let done = quantize_version(&version_dir, &weights.0, options, &mut config);
+        if let Err(reason) = done {
+            let _ = fs::remove_dir_all(&version_dir);
+            return Err(fail(reason));
+        }
+    }
     let config_path = model_dir.join(CONFIG_FILE);
     let text = serde_json::to_string_pretty(&config)
         .map_err(|e| fail(format!("cannot write the config: {e}")))?;
     fs::write(&config_path, text + "\n").map_err(|e| io(&config_path, e))?;
     Ok(model_dir)
+}
+
+/// Replaces `version_dir/model.onnx` (the FP32 graph `source`, copied there) with its int8
+/// rewrite, and records what was done and the measured accuracy in `config`'s parameters.
+#[cfg(feature = "onnx")]
+fn quantize_version(
+    version_dir: &Path,
+    source: &Path,
+    options: &ImportOptions,
+    config: &mut ModelConfig,
+) -> Result<(), String> {
+    use crate::onnx::quantize;
+    const CANDIDATE: &str = ".model.int8.onnx";
+    let bytes = fs::read(source).map_err(|e| format!("{}: {e}", source.display()))?;
+    let q = quantize::quantize_int8(&bytes).map_err(|e| format!("{}: {e}", source.display()))?;
+    let candidate = version_dir.join(CANDIDATE);
+    fs::write(&candidate, &q.bytes).map_err(|e| format!("{}: {e}", candidate.display()))?;
+    let onnx = crate::onnx::OnnxOptions {
+        library: options.onnxruntime_library.clone(),
+        ..Default::default()
+    };
+    let accuracy = quantize::measure(version_dir, "model.onnx", CANDIDATE, &onnx)
+        .map_err(|e| format!("measuring the int8 graph against the FP32 one: {e}"))?;
+    let target = version_dir.join("model.onnx");
+    fs::rename(&candidate, &target).map_err(|e| format!("{}: {e}", target.display()))?;
+    let matmuls = format!("{} of {}", q.matmuls, q.matmuls_total);
+    for (key, value) in [
+        (quantize::PARAM_QUANTIZATION, "int8".to_string()),
+        (quantize::PARAM_MATMULS, matmuls),
+    ]
+    .into_iter()
+    .chain(accuracy.parameters())
+    {
+        config.parameters.insert(
+            key.into(),
+            Parameter {
+                string_value: value,
+            },
+        );
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "onnx"))]
+fn quantize_version(
+    _: &Path,
+    _: &Path,
+    _: &ImportOptions,
+    _: &mut ModelConfig,
+) -> Result<(), String> {
+    Err("--quantize needs the ONNX Runtime backend, which this build does not have".into())
 }
 
 #[cfg(test)]
@@ -694,6 +782,8 @@ optimization { execution_accelerators { cpu_execution_accelerator: [ { name: "op
             onnx: None,
             max_batch_size: 32,
             force: false,
+            quantize: None,
+            onnxruntime_library: None,
         };
         let dir = import_sentence_transformers(&src, &repo, &options).unwrap();
         assert_eq!(dir, repo.join("mini"));
@@ -725,6 +815,21 @@ optimization { execution_accelerators { cpu_execution_accelerator: [ { name: "op
         };
         let err = import_sentence_transformers(&src, &repo, &onnx).unwrap_err();
         assert!(err.to_string().contains("--onnx"), "{err}");
+        let int8_on_candle = ImportOptions {
+            quantize: Some(ImportQuantize::Int8),
+            ..forced.clone()
+        };
+        let err = import_sentence_transformers(&src, &repo, &int8_on_candle).unwrap_err();
+        assert!(
+            err.to_string().contains("needs --backend onnxruntime"),
+            "{err}"
+        );
+        assert_eq!(ImportQuantize::parse(" INT8 "), Ok(ImportQuantize::Int8));
+        let err = ImportQuantize::parse("int4").unwrap_err();
+        assert!(
+            err.contains("int4") && err.contains("expected int8"),
+            "{err}"
+        );
         let err = import_sentence_transformers(&repo, &repo, &forced).unwrap_err();
         assert!(
             err.to_string().contains("sentence-transformers layout"),

@@ -306,3 +306,76 @@ fn throughput_report() {
         }
     }
 }
+
+/// `models import --quantize int8` on the real export: the int8 graph replaces the FP32 one, the
+/// configuration records the accuracy measured against it, and the served model stays close to
+/// the float64 reference on every reference sentence.
+#[test]
+fn an_int8_import_records_its_accuracy_and_stays_close_to_the_reference() {
+    use veraltheim_models::onnx::quantize;
+    use veraltheim_models::repository::{
+        ImportBackend, ImportOptions, ImportQuantize, Repository, import_sentence_transformers,
+    };
+    let repo = tempfile::tempdir().expect("temp dir");
+    let options = ImportOptions {
+        name: "minilm-int8".into(),
+        backend: ImportBackend::OnnxRuntime,
+        onnx: Some(common::minilm_onnx()),
+        max_batch_size: 16,
+        force: false,
+        quantize: Some(ImportQuantize::Int8),
+        onnxruntime_library: Some(common::ort_library()),
+    };
+    let dir = import_sentence_transformers(&common::minilm_dir(), repo.path(), &options)
+        .expect("the int8 import");
+    let version = dir.join("1");
+    let names: Vec<String> = std::fs::read_dir(&version)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".onnx"))
+        .collect();
+    assert_eq!(names, ["model.onnx"], "only the int8 graph is left");
+    let graph = std::fs::read(version.join("model.onnx")).unwrap();
+    let fp32 = std::fs::metadata(common::minilm_onnx()).unwrap().len();
+    // The 36 weight matrices (10.6 M values) shrink to a quarter; the word-embedding table
+    // (11.7 M values, read by a Gather) stays FP32: about 59 MB of 91.
+    assert!(
+        (graph.len() as u64) < fp32 * 7 / 10,
+        "int8 weights: {} bytes against {fp32}",
+        graph.len()
+    );
+    let again = quantize::quantize_int8(&graph).unwrap_err().to_string();
+    assert!(again.contains("already quantised"), "{again}");
+
+    let model = Repository::new(repo.path()).model("minilm-int8").unwrap();
+    let p = |k: &str| model.config.parameter(k).unwrap_or_default().to_string();
+    assert_eq!(p(quantize::PARAM_QUANTIZATION), "int8");
+    // The 36 products by a weight matrix; the 12 of attention multiply two activations.
+    assert_eq!(p(quantize::PARAM_MATMULS), "36 of 48");
+    let sentences: usize = p(quantize::PARAM_SENTENCES).parse().unwrap();
+    assert_eq!(sentences, quantize::accuracy_texts().len());
+    let min: f64 = p(quantize::PARAM_COSINE_MIN).parse().unwrap();
+    let mean: f64 = p(quantize::PARAM_COSINE_MEAN).parse().unwrap();
+    assert!(min <= mean && mean < 1.0, "min {min}, mean {mean}");
+    assert!(min > 0.95 && mean > 0.98, "min {min}, mean {mean}");
+
+    // Served as the server would (the config as written), against the float64 reference.
+    let served = load_in(&version, &serde_json::to_string(&model.config).unwrap(), 0);
+    let reference = common::reference();
+    let texts: Vec<&str> = reference.iter().map(|(t, _, _)| t.as_str()).collect();
+    let out = served
+        .execute(&[common::text_tensor(&texts)])
+        .expect("a batch runs");
+    for (i, (row, (text, _, expected))) in common::embedding_rows(&out[0])
+        .iter()
+        .zip(&reference)
+        .enumerate()
+    {
+        let c = common::cosine(row, expected);
+        assert!(
+            c > 0.95,
+            "sentence {i} ({text:?}): cosine {c} to the reference"
+        );
+    }
+}

@@ -114,6 +114,41 @@ def test_import_refuses_bad_sources(tmp_path):
     assert proc.returncode != 0 and "--onnx" in proc.stderr
 
 
+def test_an_int8_import_is_served_with_its_measured_accuracy(server_factory, tmp_path):
+    """`models import --quantize int8`: the graph's weight matrices become int8, the import
+    measures the cosine to the FP32 graph and writes it into the config, which the served model
+    reports; the embeddings stay close to the float64 reference (not within 1e-4: int8)."""
+    need_minilm()
+    repo = tmp_path / "repo"
+    base = ["models", "import", str(MINILM_DIR), "--repository", str(repo)]
+    proc = cli(*base, "--name", "bad", "--quantize", "int4", "--backend", "onnxruntime",
+               "--onnx", str(MINILM_ONNX), check=False)
+    assert proc.returncode != 0 and "expected int8" in proc.stderr, proc.stderr
+    proc = cli(*base, "--name", "bad", "--quantize", "int8", check=False)
+    assert proc.returncode != 0 and "needs --backend onnxruntime" in proc.stderr, proc.stderr
+    assert not (repo / "bad" / "1").exists()
+    out = cli(*base, "--name", "minilm_int8", "--backend", "onnxruntime",
+              "--onnx", str(MINILM_ONNX), "--quantize", "int8")
+    assert "int8: 36 of 48 MatMul quantised" in out.stderr, out.stderr
+    assert Path(out.stdout.strip()) == repo / "minilm_int8"
+    written = json.loads((repo / "minilm_int8" / "config.json").read_text())["parameters"]
+    cos_min = float(written["quantization_cosine_min"]["string_value"])
+    cos_mean = float(written["quantization_cosine_mean"]["string_value"])
+    assert 0.95 < cos_min <= cos_mean < 1.0, written
+
+    srv = server_factory(["--load-model", "minilm_int8"], models_dir=repo)
+    client = srv.client()
+    served = client.get_model_config("minilm_int8", as_json=True)["config"]["parameters"]
+    assert served["quantization"]["string_value"] == "int8", served
+    assert float(served["quantization_cosine_min"]["string_value"]) == cos_min
+    items = REFERENCE["items"]
+    emb = embed(client, "minilm_int8", [i["text"] for i in items])
+    for row, item in zip(emb, items):
+        ref = np.asarray(item["embedding"], dtype=np.float64)
+        cos = float(row @ ref / (np.linalg.norm(row) * np.linalg.norm(ref)))
+        assert cos > 0.95, f"{item['text'][:40]!r}: cosine {cos:.4f} to the reference"
+
+
 @pytest.mark.parametrize("model", ["minilm", "minilm_onnx"])
 def test_embeddings_equal_the_reference(server_factory, minilm_repo, model):
     srv = server_factory(["--load-model", model], models_dir=minilm_repo)

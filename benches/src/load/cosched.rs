@@ -1423,6 +1423,8 @@ pub async fn cosched(a: &CoschedArgs) -> anyhow::Result<CoschedReport> {
                     onnx: Some(onnx),
                     max_batch_size: a.max_batch_size,
                     force: false,
+                    quantize: None,
+                    onnxruntime_library: None,
                 },
             )?;
             Some(repository.join(model).join("config.json"))

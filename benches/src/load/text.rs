@@ -9,7 +9,8 @@
 //!    truncated at the folder's token limit, special tokens included, as the served model
 //!    counts them); the report gives their mean, min, p10/p50/p90 and max.
 //! 1. A scratch model repository is written with `import_sentence_transformers` (ONNX Runtime
-//!    from `--onnx`; with `--candle`, a candle copy too).
+//!    from `--onnx`; with `--candle`, a candle copy too; with `--int8`, the export quantised
+//!    to int8 as `minilm-int8`, measured like the others against the same FP32 ceiling).
 //! 2. The limit ([`ceiling`](super::ceiling)), with no server running: the model's FLOPs per
 //!    token from the folder's `config.json`, and an FP32 GEMM benchmark at the encoder's shapes
 //!    for `--gemm-tokens` rows (default `--max-batch-size` × the mean tokens per sentence rounded
@@ -41,7 +42,7 @@ use tokio::sync::oneshot;
 use veraltheim_models::allocator::DeviceId;
 use veraltheim_models::backend::{self, BackendOptions};
 use veraltheim_models::repository::{
-    ImportBackend, ImportOptions, Repository, import_sentence_transformers,
+    ImportBackend, ImportOptions, ImportQuantize, Repository, import_sentence_transformers,
 };
 use veraltheim_models::text::{TextTokenizer, max_seq_length_from_dir};
 use veraltheim_models::{Model, Tensor};
@@ -65,6 +66,8 @@ pub const TARGET_VS_IN_PROCESS: f64 = 0.9;
 pub const TARGET_VS_UNBATCHED: f64 = 2.0;
 /// Target of issue 19: served sentences/s ÷ the FLOP ceiling of the same run.
 pub const TARGET_VS_CEILING: f64 = 0.85;
+/// The model `--int8` adds.
+const INT8_MODEL: &str = "minilm-int8";
 /// Most seconds of the GEMM benchmark per shape.
 const MAX_GEMM_DURATION_S: f64 = 60.0;
 
@@ -80,6 +83,10 @@ pub struct TextArgs {
     /// load generator built with the benches crate's `candle` feature).
     #[arg(long)]
     pub candle: bool,
+    /// Also import the ONNX export quantised to int8 (`models import --quantize int8`) as
+    /// `minilm-int8`, and measure it the same way.
+    #[arg(long)]
+    pub int8: bool,
     /// The coordinator binary (default: `veraltheim` next to this executable).
     #[arg(long)]
     pub veraltheim_bin: Option<PathBuf>,
@@ -527,6 +534,9 @@ pub async fn text(args: &TextArgs) -> anyhow::Result<TextReport> {
     if args.candle {
         plan.push((ImportBackend::Candle, "minilm-candle".to_string()));
     }
+    if args.int8 {
+        plan.push((ImportBackend::OnnxRuntime, INT8_MODEL.to_string()));
+    }
     for (b, name) in &plan {
         import_sentence_transformers(
             &args.model_dir,
@@ -537,6 +547,8 @@ pub async fn text(args: &TextArgs) -> anyhow::Result<TextReport> {
                 onnx: matches!(b, ImportBackend::OnnxRuntime).then(|| args.onnx.clone()),
                 max_batch_size: args.max_batch_size,
                 force: false,
+                quantize: (name == INT8_MODEL).then_some(ImportQuantize::Int8),
+                onnxruntime_library: None,
             },
         )?;
         if args.instances > 1 {

@@ -94,6 +94,7 @@ mod encoder;
 mod graph;
 mod model;
 mod optimize;
+pub mod quantize;
 mod runtime;
 mod session;
 mod tune;
