@@ -565,8 +565,10 @@ pub async fn text(args: &TextArgs) -> anyhow::Result<TextReport> {
 
     // The limit first, with no server running.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // The threads the served model computes on: intra-op threads × instances (all cores when
+    // ONNX Runtime's default is asked for), never more than the cores.
     let gemm_threads = if args.intra_op_threads > 0 {
-        args.intra_op_threads
+        (args.intra_op_threads * args.instances.max(1) as usize).min(cores)
     } else {
         cores
     };

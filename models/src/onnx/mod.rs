@@ -59,8 +59,10 @@
 //! `instance_group` count) or `onnx_sweep` is `false`, intra-op threads ∈ {1, 2, ONNX Runtime's
 //! default} × instances ∈ {1, 2} (no more threads in all than cores; a set value is kept) are
 //! each measured for [`SWEEP_PER_CANDIDATE`] on a batch of up to 16 sentences, within
-//! [`SWEEP_BUDGET`] in all, and the fastest is served (an instance count it picks becomes the
-//! effective `instance_group` count). Generic graphs are neither checked nor swept: there is no
+//! [`SWEEP_BUDGET`] in all, and the fastest is served, unless one with more instances is within
+//! [`FEWER_INSTANCES_MARGIN`] of it (then that one: served, more instances overlap the work around
+//! each run that the sweep does not time; an instance count it picks becomes the effective
+//! `instance_group` count). Generic graphs are neither checked nor swept: there is no
 //! representative input to build for them.
 //!
 //! Every decision is in the log and in the effective configuration's parameters:
@@ -110,7 +112,7 @@ pub use encoder::OnnxEncoder;
 pub use model::OnnxModel;
 pub use optimize::{GraphCache, Level};
 pub use runtime::{RuntimeInfo, init_runtime};
-pub use tune::{CHECK_TOLERANCE, SWEEP_BUDGET, SWEEP_PER_CANDIDATE};
+pub use tune::{CHECK_TOLERANCE, FEWER_INSTANCES_MARGIN, SWEEP_BUDGET, SWEEP_PER_CANDIDATE};
 
 use graph::{Graph, complete_config};
 use runtime::runtime;

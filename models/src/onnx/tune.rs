@@ -656,12 +656,30 @@ fn run_sweep(
         pool.give_back(threads, encoder);
         longest = longest.max(t0.elapsed());
     }
-    let best = rates
-        .iter()
-        .max_by(|a, b| a.1.total_cmp(&b.1))
-        .map(|(c, _)| *c)
-        .unwrap_or(candidates[0]);
+    let best = choose(&rates).unwrap_or(candidates[0]);
     Ok((best, rates))
+}
+
+/// A sweep arrangement with fewer instances must be this much faster than one with more to be
+/// chosen over it.
+pub const FEWER_INSTANCES_MARGIN: f64 = 1.15;
+
+/// The arrangement to serve from the sweep's rates: the fastest, unless one with more instances
+/// is within [`FEWER_INSTANCES_MARGIN`] of it (then the one with most instances among those).
+///
+/// The sweep times back-to-back runs of the encoder alone. Served, each batch is also
+/// tokenized, pooled and answered on its pool thread, and a single instance's intra-op threads
+/// wait meanwhile; more instances overlap that work, and small batches split poorly over
+/// intra-op threads. Measured with `veraltheim-load text` on 2 cores (docs/PERFORMANCE.md,
+/// session 14): 1 thread × 2 instances served 602–684 sentences/s against 432–542 for 2
+/// threads × 1 instance, while the sweep rated the two within 3% of each other.
+pub(super) fn choose(rates: &[((usize, usize), f64)]) -> Option<(usize, usize)> {
+    let fastest = rates.iter().map(|(_, r)| *r).fold(f64::NAN, f64::max);
+    rates
+        .iter()
+        .filter(|(_, r)| r * FEWER_INSTANCES_MARGIN >= fastest)
+        .max_by(|a, b| a.0.1.cmp(&b.0.1).then(a.1.total_cmp(&b.1)))
+        .map(|(c, _)| *c)
 }
 
 /// Sentences/s of `encoder` on `batch` with `parallel` batches in flight.
@@ -710,6 +728,27 @@ mod tests {
         assert_eq!(candidates(Some(2), None, 2), vec![(2, 1)]);
         assert_eq!(candidates(None, Some(2), 2), vec![(1, 2)]);
         assert_eq!(candidates(Some(4), Some(3), 2), vec![(4, 3)]);
+    }
+
+    #[test]
+    fn the_sweep_prefers_more_instances_unless_fewer_are_clearly_faster() {
+        // Within the margin: the most instances win.
+        assert_eq!(
+            choose(&[((1, 1), 204.0), ((0, 1), 375.0), ((1, 2), 340.0)]),
+            Some((1, 2))
+        );
+        // Fewer instances clearly faster: the fastest wins.
+        assert_eq!(
+            choose(&[((1, 1), 204.0), ((0, 1), 450.0), ((1, 2), 380.0)]),
+            Some((0, 1))
+        );
+        // Among arrangements of the same instances, the faster.
+        assert_eq!(
+            choose(&[((1, 2), 300.0), ((2, 2), 320.0), ((0, 1), 330.0)]),
+            Some((2, 2))
+        );
+        assert_eq!(choose(&[((1, 1), 10.0)]), Some((1, 1)));
+        assert_eq!(choose(&[]), None);
     }
 
     #[test]
