@@ -4,7 +4,10 @@
 //!
 //! Input `TEXT` (BYTES, `[-1, 1]`: one sentence per row), output `EMBEDDING` (FP32, `[-1, dim]`).
 //! A batch is padded to its longest sentence; padding never changes a sentence's embedding
-//! (pooling only sees the attention mask's tokens).
+//! (pooling only sees the attention mask's tokens). One exception: a graph quantised to int8
+//! (`models import --quantize int8`) quantises each product's activations with one scale per
+//! batch, so the other rows of a batch, padding included, move a sentence's embedding slightly
+//! (within the cosine its configuration records).
 //!
 //! The parts, one module each: `folder` reads what a sentence-transformers folder declares
 //! (`modules.json`, the token limit), `pooling` turns token embeddings into one vector per
