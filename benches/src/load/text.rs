@@ -17,8 +17,10 @@
 //!    up), `--gemm-duration` seconds per shape, on as many threads as `--intra-op-threads` (0:
 //!    one per core). Ceiling: sentences/s = best GEMM rate ÷ (linear FLOPs per token × mean
 //!    tokens per sentence), tokens/s = best GEMM rate ÷ linear FLOPs per token.
-//! 3. In-process: `backend::instantiate` then `Model::execute` on TEXT batches of 1, 8, 32, 64
-//!    sentences → sentences/s per batch size; the best one is the in-process ceiling.
+//! 3. In-process: `backend::instantiate` (the load's sweep included) then `Model::execute` on
+//!    TEXT batches of 1, 8, 32, 64 sentences from as many threads at once as the model has
+//!    instances (the server runs that many batches at once) → sentences/s per batch size; the
+//!    best one is the in-process ceiling.
 //! 4. Served: `veraltheim serve --model-repository <scratch> --load-model <model>`, closed loop
 //!    at `--concurrency` with one sentence per KServe `ModelInfer` (TEXT, BYTES, `[1,1]`); each
 //!    client goes through the sentences (the client's k-th call sends sentence
@@ -315,18 +317,29 @@ fn in_process(
         ..BackendOptions::default()
     };
     let model = backend::instantiate(repo_model.config, Some(&dir), DeviceId::Cpu, &options)?;
+    // As many callers as the model has instances (the load's sweep may have chosen two): the
+    // server runs that many batches at once, so one caller would leave sessions idle.
+    let callers = model.config().instance_count().max(1);
     let mut points = Vec::with_capacity(batch_sizes.len());
     for &batch in batch_sizes {
-        points.push(measure(model.as_ref(), sentences, batch, per_size)?);
+        points.push(measure(
+            model.as_ref(),
+            sentences,
+            batch,
+            per_size,
+            callers,
+        )?);
     }
     Ok(points)
 }
 
+/// `callers` threads each executing batches of `batch` sentences for `per_size`.
 fn measure(
     model: &dyn Model,
     sentences: &[String],
     batch: usize,
     per_size: Duration,
+    callers: usize,
 ) -> anyhow::Result<ComputePoint> {
     // Batches starting at each sentence, so that every batch size sees the same mix.
     let inputs: Vec<[Tensor; 1]> = (0..sentences.len())
@@ -334,20 +347,33 @@ fn measure(
         .collect::<anyhow::Result<_>>()?;
     model.execute(&inputs[0])?;
     let start = Instant::now();
-    let mut executions = 0u64;
-    while executions < MAX_EXECUTIONS {
-        let input = &inputs[(executions % inputs.len() as u64) as usize];
-        std::hint::black_box(model.execute(input)?);
-        executions += 1;
-        if start.elapsed() >= per_size {
-            break;
+    let caller = |first: usize| -> anyhow::Result<u64> {
+        let mut executions = 0u64;
+        while executions < MAX_EXECUTIONS {
+            let at = (first as u64 + executions * callers as u64) % inputs.len() as u64;
+            std::hint::black_box(model.execute(&inputs[at as usize])?);
+            executions += 1;
+            if start.elapsed() >= per_size {
+                break;
+            }
         }
-    }
+        Ok(executions)
+    };
+    let executions = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..callers).map(|c| s.spawn(move || caller(c))).collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("an in-process caller panicked")))
+            })
+            .sum::<anyhow::Result<u64>>()
+    })?;
     let secs = start.elapsed().as_secs_f64();
     Ok(ComputePoint {
         batch,
         executions,
-        us_per_batch: secs * 1e6 / executions as f64,
+        us_per_batch: secs * 1e6 * callers as f64 / executions as f64,
         items_per_s: (executions as usize * batch) as f64 / secs,
     })
 }
