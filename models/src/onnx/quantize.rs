@@ -135,6 +135,13 @@ struct TensorProto {
     data_location: i32,
 }
 
+/// A `TensorProto` read for its name only: decoding it skips the data without copying it.
+#[derive(Clone, PartialEq, Message)]
+struct TensorName {
+    #[prost(string, tag = "8")]
+    name: String,
+}
+
 #[derive(Clone, PartialEq, Message)]
 struct ValueInfoProto {
     #[prost(string, tag = "1")]
@@ -471,7 +478,7 @@ fn rewrite_graph(graph: &[u8]) -> Result<(Vec<u8>, Quantized), String> {
             }
             GRAPH_INITIALIZER => {
                 // Only the name here: the data of those replaced is decoded below.
-                let t = TensorProto::decode(f.body).map_err(|e| format!("an initializer: {e}"))?;
+                let t = TensorName::decode(f.body).map_err(|e| format!("an initializer: {e}"))?;
                 names.insert(t.name.clone());
                 initializers.insert(t.name, i);
             }
@@ -536,7 +543,11 @@ fn rewrite_graph(graph: &[u8]) -> Result<(Vec<u8>, Quantized), String> {
     for (i, f) in fields.iter().enumerate() {
         match f.number {
             GRAPH_NODE if replaced.contains(&i) => {
-                let (_, n) = nodes.iter().find(|(at, _)| *at == i).expect("a node field");
+                // `nodes` is in field order.
+                let at = nodes
+                    .binary_search_by_key(&i, |(at, _)| *at)
+                    .expect("a node field");
+                let n = &nodes[at].1;
                 let (a, w, y) = (&n.input[0], &n.input[1], &n.output[0]);
                 let label = if n.name.is_empty() { y } else { &n.name };
                 let weight = weights.get_mut(w).expect("a decoded weight");
