@@ -62,8 +62,10 @@
 //! [`SWEEP_BUDGET`] in all, and the fastest is served, unless one with more instances is within
 //! [`FEWER_INSTANCES_MARGIN`] of it (then that one: served, more instances overlap the work around
 //! each run that the sweep does not time; an instance count it picks becomes the effective
-//! `instance_group` count). Generic graphs are neither checked nor swept: there is no
-//! representative input to build for them.
+//! `instance_group` count). That favours throughput under load: a model served mostly one
+//! request at a time answers sooner with one instance of all the cores' threads (set
+//! `instance_group` count 1 and `intra_op_threads`; docs/PERFORMANCE.md, session 14). Generic
+//! graphs are neither checked nor swept: there is no representative input to build for them.
 //!
 //! Every decision is in the log and in the effective configuration's parameters:
 //! `onnx_optimization` (the level in use), `onnx_optimization_check`, `onnx_graph_cache`,
