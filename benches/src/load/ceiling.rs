@@ -12,8 +12,8 @@
 //!   norms, softmax and GELU.
 //! - **GEMM rate**: row-major `tokens×k · k×n` FP32 products with the `gemm` crate at the
 //!   encoder's three shapes (`tokens×h · h×h`, `tokens×h · h×i`, `tokens×i · i×h`), on a rayon
-//!   pool of as many threads as the served model's ONNX Runtime intra-op threads (0: one per
-//!   core, ONNX Runtime's default). Each shape is run for its share of the time in slices of at
+//!   pool of as many threads as the served model computes on (its intra-op threads × its
+//!   instances, at most the cores; one per core for ONNX Runtime's default). Each shape is run for its share of the time in slices of at
 //!   least one product; its rate is the best slice's (on a shared machine the best slice is the
 //!   closest to what the cores can do). The report gives each shape's GFLOP/s, the best, and
 //!   the layer mix (4 h×h, 1 h×i, 1 i×h products: total FLOPs ÷ total time at each shape's

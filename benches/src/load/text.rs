@@ -16,8 +16,8 @@
 //!    does not lower the limit and flatter the ratios): the model's FLOPs per
 //!    token from the folder's `config.json`, and an FP32 GEMM benchmark at the encoder's shapes
 //!    for `--gemm-tokens` rows (default `--max-batch-size` × the mean tokens per sentence rounded
-//!    up), `--gemm-duration` seconds per shape, on as many threads as `--intra-op-threads` (0:
-//!    one per core). Ceiling: sentences/s = best GEMM rate ÷ (linear FLOPs per token × mean
+//!    up), `--gemm-duration` seconds per shape, on `--intra-op-threads` × `--instances` threads
+//!    (at most the cores; all cores when `--intra-op-threads` is 0). Ceiling: sentences/s = best GEMM rate ÷ (linear FLOPs per token × mean
 //!    tokens per sentence), tokens/s = best GEMM rate ÷ linear FLOPs per token.
 //! 3. In-process: `backend::instantiate` (the load's sweep included) then `Model::execute` on
 //!    TEXT batches of 1, 8, 32, 64 sentences from as many threads at once as the model has
