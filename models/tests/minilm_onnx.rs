@@ -382,3 +382,54 @@ fn an_int8_import_records_its_accuracy_and_stays_close_to_the_reference() {
         );
     }
 }
+
+/// ONNX Runtime's profile of the encoder: the products dominate MiniLM's kernel time (the
+/// linear layers are ~21 MFLOP per token against a few thousand element-wise operations), the
+/// element-wise and normalisation kernels are there too, and the profile file is removed.
+#[test]
+fn the_profile_names_the_operator_types_and_the_products_lead() {
+    let dir = embedder_folder();
+    let scratch = tempfile::tempdir().expect("scratch");
+    let config = ModelConfig::from_json(r#"{"name": "minilm"}"#).expect("config");
+    let options = OnnxOptions {
+        library: Some(common::ort_library()),
+        intra_op_threads: 1,
+        ..OnnxOptions::default()
+    };
+    let p = onnx::profile::profile_encoder(&config, dir.path(), &options, 4, 12, 3, scratch.path())
+        .expect("the encoder is profiled");
+    assert_eq!((p.rows, p.seq, p.runs, p.intra_op_threads), (4, 12, 3, 1));
+    assert_eq!(
+        p.ops[0].op, "MatMul",
+        "the largest operator type: {:?}",
+        p.ops
+    );
+    assert!(
+        p.ops.iter().any(|o| o.op.contains("LayerNormalization")),
+        "{:?}",
+        p.ops
+    );
+    // Every node ran once per profiled run: 6 layers × (Q, K, V, output, two FFN) linear
+    // products at least, per run.
+    let matmul_calls: u64 = p
+        .ops
+        .iter()
+        .filter(|o| onnx::profile::MATMUL_OPS.contains(&o.op.as_str()))
+        .map(|o| o.calls)
+        .sum();
+    assert!(
+        matmul_calls >= 36 * 3,
+        "{matmul_calls} product calls in 3 runs"
+    );
+    assert_eq!(matmul_calls % 3, 0, "each run calls the same nodes");
+    let (wall, kernels) = (p.matmul_share_of_wall(), p.matmul_share_of_kernels());
+    assert!(
+        wall > 0.0 && wall <= kernels && kernels < 1.0,
+        "{wall} {kernels}"
+    );
+    assert_eq!(
+        std::fs::read_dir(scratch.path()).expect("scratch").count(),
+        0,
+        "the profile file is removed"
+    );
+}

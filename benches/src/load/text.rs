@@ -34,6 +34,16 @@
 //! 6. Ratios: served/in-process best (target ≥ 0.9), batched/unbatched (target ≥ 2), and
 //!    served (batched) ÷ ceiling, in sentences/s and in tokens/s (issue 19's target:
 //!    ≥ [`TARGET_VS_CEILING`]); the in-process best ÷ ceiling too.
+//! 7. Where an ONNX model's time goes ([`veraltheim_models::onnx::profile`]), the server gone:
+//!    ONNX Runtime's profiler over [`PROFILE_RUNS`] runs of one batch at the served batches'
+//!    mean shape (average batch rows × the mean tokens per request, rounded up), on the
+//!    intra-op threads each served instance had. The report gives the kernel time per operator
+//!    type, the products' share of the kernels and of the wall time, and their rate per thread
+//!    against the ceiling's GEMM per thread, and the bound this puts on the backend: its rate
+//!    with its products at the ceiling's GEMM rate and the rest of its time (normalisation,
+//!    GELU, additions, reshapes, the executor) as measured, ÷ the ceiling. No FP32 backend can
+//!    pass that bound at that shape; a quantised one's products are not bounded by the FP32
+//!    GEMM, and the report says so instead.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -45,6 +55,7 @@ use serde::Serialize;
 use tokio::sync::oneshot;
 use veraltheim_models::allocator::DeviceId;
 use veraltheim_models::backend::{self, BackendOptions};
+use veraltheim_models::onnx::profile::EncoderProfile;
 use veraltheim_models::repository::{
     ImportBackend, ImportOptions, ImportQuantize, Repository, import_sentence_transformers,
 };
@@ -190,6 +201,114 @@ pub struct BackendReport {
     pub served_tokens_vs_ceiling: f64,
     /// The in-process best sentences/s ÷ the ceiling's sentences/s.
     pub in_process_vs_ceiling: f64,
+    /// ONNX Runtime's profile of the model at the served batches' mean shape (ONNX models).
+    pub profile: Option<ProfileReport>,
+}
+
+/// Runs of the encoder's profile.
+const PROFILE_RUNS: u32 = 20;
+
+/// Where an ONNX model's time goes, and what that leaves of the ceiling.
+#[derive(Clone, Debug, Serialize)]
+pub struct ProfileReport {
+    pub profile: EncoderProfile,
+    /// The products' rate, per thread: the linear layers' FLOPs of the profiled runs ÷ the
+    /// products' kernel time ÷ the session's threads (attention's products, a fraction of a
+    /// percent of the FLOPs at these lengths, are in the time but not the FLOPs).
+    pub matmul_gflops_per_thread: f64,
+    /// The ceiling's GEMM rate per thread, to compare with.
+    pub gemm_gflops_per_thread: f64,
+    /// The most of the ceiling this backend can reach at this shape: its rate if its products
+    /// ran at the ceiling's GEMM rate and the rest of its wall time stayed as measured,
+    /// ÷ the ceiling. `None` when its products already run faster than the FP32 GEMM
+    /// (quantised): the FP32 ceiling is not their limit.
+    pub bound_vs_ceiling: Option<f64>,
+}
+
+impl ProfileReport {
+    fn new(profile: EncoderProfile, ceiling: &Ceiling) -> ProfileReport {
+        let threads = profile.intra_op_threads.max(1) as f64;
+        let flops = ceiling.flops.linear_per_token
+            * (profile.rows * profile.seq) as f64
+            * f64::from(profile.runs);
+        let matmul_s = profile.matmul_micros() as f64 / 1e6;
+        let other_s = profile.wall_micros.saturating_sub(profile.matmul_micros()) as f64 / 1e6;
+        let gemm_per_thread = ceiling.gemm.best_gflops / ceiling.gemm.threads.max(1) as f64;
+        let matmul_per_thread = if matmul_s > 0.0 {
+            flops / matmul_s / 1e9 / threads
+        } else {
+            0.0
+        };
+        // The products' time at the ceiling's rate, on the session's threads.
+        let at_ceiling_s = flops / (gemm_per_thread * threads * 1e9);
+        let bound_vs_ceiling = (matmul_per_thread <= gemm_per_thread * QUANTISED_MARGIN
+            && at_ceiling_s > 0.0)
+            .then(|| at_ceiling_s / (at_ceiling_s + other_s));
+        ProfileReport {
+            matmul_gflops_per_thread: matmul_per_thread,
+            gemm_gflops_per_thread: gemm_per_thread,
+            bound_vs_ceiling,
+            profile,
+        }
+    }
+
+    fn line(&self, model: &str) -> String {
+        let p = &self.profile;
+        let kernels = p.kernel_micros().max(1) as f64;
+        let top: Vec<String> = p
+            .ops
+            .iter()
+            .take(6)
+            .map(|o| format!("{} {:.1}%", o.op, 100.0 * o.micros as f64 / kernels))
+            .collect();
+        let bound = match self.bound_vs_ceiling {
+            Some(b) => format!("with them at its rate, at most {b:.3} of the ceiling"),
+            None => "faster than the FP32 GEMM: the ceiling does not bound them".to_string(),
+        };
+        format!(
+            "profile    {:<14} ONNX Runtime at {} × {} tokens, {} thread(s), {} runs: {}; products {:.1}% of the kernels, {:.1}% of the wall time, {:.1} GFLOP/s per thread (the ceiling's GEMM {:.1}); {bound}\n",
+            model,
+            p.rows,
+            p.seq,
+            p.intra_op_threads,
+            p.runs,
+            top.join(", "),
+            100.0 * p.matmul_share_of_kernels(),
+            100.0 * p.matmul_share_of_wall(),
+            self.matmul_gflops_per_thread,
+            self.gemm_gflops_per_thread,
+        )
+    }
+}
+
+/// Products faster than this × the FP32 GEMM per thread are taken as quantised.
+const QUANTISED_MARGIN: f64 = 1.25;
+
+/// ONNX Runtime's profile of the repository model `name` (its encoder) at `rows × seq`.
+fn profile(
+    repository: &Path,
+    name: &str,
+    rows: usize,
+    seq: usize,
+    intra_op_threads: usize,
+) -> anyhow::Result<EncoderProfile> {
+    let repo_model = Repository::new(repository).model(name)?;
+    let dir = repo_model.version_dir();
+    let scratch = tempfile::tempdir().context("a scratch folder for the profile")?;
+    let options = veraltheim_models::onnx::OnnxOptions {
+        library: onnxruntime_library(),
+        intra_op_threads,
+        ..Default::default()
+    };
+    Ok(veraltheim_models::onnx::profile::profile_encoder(
+        &repo_model.config,
+        &dir,
+        &options,
+        rows,
+        seq,
+        PROFILE_RUNS,
+        scratch.path(),
+    )?)
 }
 
 impl BackendReport {
@@ -322,7 +441,7 @@ fn in_process(
     batch_sizes: &[usize],
     per_size: Duration,
     intra_op_threads: usize,
-) -> anyhow::Result<Vec<ComputePoint>> {
+) -> anyhow::Result<(Vec<ComputePoint>, usize)> {
     let repo_model = Repository::new(repository).model(name)?;
     let dir = repo_model.version_dir();
     let options = BackendOptions {
@@ -334,6 +453,13 @@ fn in_process(
     // As many callers as the model has instances (the load's sweep may have chosen two): the
     // server runs that many batches at once, so one caller would leave sessions idle.
     let callers = model.config().instance_count().max(1);
+    // The intra-op threads each instance runs on, as the load chose or was told ("default (N)"
+    // when ONNX Runtime's own: 0 asks for that again).
+    let threads = model
+        .config()
+        .parameter(veraltheim_models::onnx::PARAM_INTRA_OP_THREADS_CHOSEN)
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .unwrap_or(intra_op_threads);
     let mut points = Vec::with_capacity(batch_sizes.len());
     for &batch in batch_sizes {
         points.push(measure(
@@ -344,7 +470,7 @@ fn in_process(
             callers,
         )?);
     }
-    Ok(points)
+    Ok((points, threads))
 }
 
 /// `callers` threads each executing batches of `batch` sentences for `per_size`.
@@ -661,7 +787,7 @@ pub async fn text(args: &TextArgs) -> anyhow::Result<TextReport> {
             batch_sizes.clone(),
         );
         let threads = args.intra_op_threads;
-        let points = tokio::task::spawn_blocking(move || {
+        let (points, chosen_threads) = tokio::task::spawn_blocking(move || {
             in_process(&repo, &name2, &s2, &sizes, per_size, threads)
         })
         .await
@@ -673,7 +799,7 @@ pub async fn text(args: &TextArgs) -> anyhow::Result<TextReport> {
                 p.batch, p.items_per_s, p.us_per_batch, p.executions
             ));
         }
-        ceilings.push(points);
+        ceilings.push((points, chosen_threads));
     }
 
     let names: Vec<String> = plan.iter().map(|(_, n)| n.clone()).collect();
@@ -696,7 +822,9 @@ pub async fn text(args: &TextArgs) -> anyhow::Result<TextReport> {
     )
     .await?;
     let mut backends = Vec::with_capacity(plan.len());
-    for ((b, name), points) in plan.iter().zip(ceilings) {
+    let mut threads_of = Vec::with_capacity(plan.len());
+    for ((b, name), (points, chosen_threads)) in plan.iter().zip(ceilings) {
+        threads_of.push(chosen_threads);
         say(&format!("served {name}, batching on"));
         let batched = served(&coordinator, args, name, &sentences).await?;
         say(&format!("  {}", batched.load.line()));
@@ -738,6 +866,7 @@ pub async fn text(args: &TextArgs) -> anyhow::Result<TextReport> {
             in_process: points,
             batched,
             unbatched,
+            profile: None,
         };
         report.against(&ceiling);
         backends.push(report);
@@ -757,6 +886,31 @@ pub async fn text(args: &TextArgs) -> anyhow::Result<TextReport> {
         for b in &mut backends {
             b.against(&ceiling);
         }
+    }
+    // ONNX Runtime's own account of each ONNX model's time, at the served batches' mean shape,
+    // the server gone.
+    for ((b, name), (report, threads)) in plan.iter().zip(backends.iter_mut().zip(threads_of)) {
+        if !matches!(b, ImportBackend::OnnxRuntime) {
+            continue;
+        }
+        let rows = report
+            .batched
+            .server
+            .average_batch
+            .unwrap_or(1.0)
+            .round()
+            .max(1.0) as usize;
+        let seq = report.served_mean_tokens.ceil().max(1.0) as usize;
+        say(&format!(
+            "profiling {name}: {rows} × {seq} tokens, {threads} intra-op thread(s), {PROFILE_RUNS} runs"
+        ));
+        let (repo, name2) = (repository.clone(), name.clone());
+        let profile =
+            tokio::task::spawn_blocking(move || profile(&repo, &name2, rows, seq, threads))
+                .await
+                .context("the profile panicked")?
+                .with_context(|| format!("profiling {name}"))?;
+        report.profile = Some(ProfileReport::new(profile, &ceiling));
     }
     Ok(TextReport {
         gemm_runs_best_gflops: [first_gemm_gflops, last_gemm_gflops],
@@ -880,6 +1034,9 @@ impl TextReport {
                 b.served_tokens_vs_ceiling,
                 b.in_process_vs_ceiling,
             ));
+            if let Some(p) = &b.profile {
+                s.push_str(&p.line(&b.model));
+            }
         }
         s
     }
@@ -905,6 +1062,84 @@ mod tests {
         let t = text_batch(&s, 5, 1).unwrap();
         assert_eq!(t.shape(), vec![5, 1]);
         assert_eq!(t.batch_size(), 5);
+    }
+
+    /// A ceiling of `gflops` on `threads` threads for a model of 1 MFLOP per token.
+    fn ceiling_of(gflops: f64, threads: usize) -> Ceiling {
+        let gemm = ceiling::GemmReport {
+            library: "gemm",
+            threads,
+            tokens: 64,
+            shapes: Vec::new(),
+            best_gflops: gflops,
+            layer_mix_gflops: gflops,
+        };
+        let flops = ModelFlops::from_config(&serde_json::json!({
+            "hidden_size": 1, "intermediate_size": 1, "num_hidden_layers": 1
+        }))
+        .unwrap();
+        let flops = ModelFlops {
+            linear_per_token: 1e6,
+            ..flops
+        };
+        Ceiling::new(gemm, flops, 10.0)
+    }
+
+    fn profile_of(matmul_us: u64, other_kernels_us: u64, wall_us: u64) -> EncoderProfile {
+        use veraltheim_models::onnx::profile::OpTime;
+        EncoderProfile {
+            rows: 10,
+            seq: 10,
+            runs: 10,
+            intra_op_threads: 1,
+            wall_micros: wall_us,
+            ops: vec![
+                OpTime {
+                    op: "MatMul".into(),
+                    micros: matmul_us,
+                    calls: 10,
+                },
+                OpTime {
+                    op: "Add".into(),
+                    micros: other_kernels_us,
+                    calls: 10,
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn the_profile_bounds_an_fp32_backend_by_the_time_outside_its_products() {
+        // 10 runs × 100 tokens × 1 MFLOP = 1 GFLOP of products. At 2 threads × 50 GFLOP/s the
+        // ceiling's GEMM is 50 per thread: 20 ms on the profile's one thread.
+        let ceiling = ceiling_of(100.0, 2);
+        // Products took 25 ms (40 GFLOP/s), the run 30 ms: 5 ms elsewhere. With the products
+        // at 20 ms, the bound is 20 / 25.
+        let r = ProfileReport::new(profile_of(25_000, 3_000, 30_000), &ceiling);
+        assert!((r.matmul_gflops_per_thread - 40.0).abs() < 1e-9);
+        assert!((r.gemm_gflops_per_thread - 50.0).abs() < 1e-9);
+        assert!((r.bound_vs_ceiling.unwrap() - 0.8).abs() < 1e-9);
+        assert!(
+            r.line("m").contains("at most 0.800 of the ceiling"),
+            "{}",
+            r.line("m")
+        );
+        // Nothing outside the products: the bound is the ceiling itself.
+        let r = ProfileReport::new(profile_of(25_000, 0, 25_000), &ceiling);
+        assert!((r.bound_vs_ceiling.unwrap() - 1.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn quantised_products_faster_than_the_fp32_gemm_get_no_bound() {
+        let ceiling = ceiling_of(100.0, 2);
+        // 1 GFLOP in 10 ms: 100 GFLOP/s per thread, twice the FP32 GEMM.
+        let r = ProfileReport::new(profile_of(10_000, 2_000, 13_000), &ceiling);
+        assert_eq!(r.bound_vs_ceiling, None);
+        assert!(
+            r.line("m").contains("does not bound them"),
+            "{}",
+            r.line("m")
+        );
     }
 
     #[test]

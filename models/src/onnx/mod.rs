@@ -98,6 +98,7 @@ mod encoder;
 mod graph;
 mod model;
 mod optimize;
+pub mod profile;
 pub mod quantize;
 mod runtime;
 mod session;
@@ -190,6 +191,7 @@ pub fn load(
         level: prepared.open_at,
         intra_op_threads: threads.unwrap_or(0),
         save_optimized: None,
+        profile: None,
     };
     let first = match prepared.first.take() {
         Some(s) => s,

@@ -14,13 +14,15 @@ use crate::error::Error;
 
 /// How to open a session: the graph file, the optimisation ONNX Runtime applies to it, its
 /// intra-op threads (0: ONNX Runtime's default, one per core) and, when given, where ONNX Runtime
-/// writes the graph it optimised.
+/// writes the graph it optimised and, when given, the prefix of the profile ONNX Runtime's
+/// profiler writes ([`super::profile`]).
 #[derive(Clone, Debug)]
 pub(super) struct Spec<'a> {
     pub(super) file: &'a Path,
     pub(super) level: Level,
     pub(super) intra_op_threads: usize,
     pub(super) save_optimized: Option<&'a Path>,
+    pub(super) profile: Option<&'a Path>,
 }
 
 pub(super) fn open_session(rt: &Runtime, model: &str, spec: &Spec<'_>) -> Result<Session, Error> {
@@ -44,6 +46,9 @@ pub(super) fn open_session(rt: &Runtime, model: &str, spec: &Spec<'_>) -> Result
         builder = builder
             .with_optimized_model_path(out)
             .map_err(|e| fail(&e))?;
+    }
+    if let Some(prefix) = spec.profile {
+        builder = builder.with_profiling(prefix).map_err(|e| fail(&e))?;
     }
     builder.commit_from_file(file).map_err(|e| fail(&e))
 }

@@ -70,6 +70,7 @@ impl Prepared {
             level: self.open_at,
             intra_op_threads,
             save_optimized: None,
+            profile: None,
         }
     }
 }
@@ -135,6 +136,7 @@ pub(super) fn prepare(
                 level,
                 intra_op_threads,
                 save_optimized: Some(&temp),
+                profile: None,
             };
             let session = match open_session(rt, model, &spec) {
                 Ok(s) => s,
@@ -369,6 +371,7 @@ fn check(
             level: Level::Basic,
             intra_op_threads: 0,
             save_optimized: None,
+            profile: None,
         },
     )?;
     let reference = OnnxEncoder::from_sessions(model, dir, vec![reference], graph)?;
