@@ -21,7 +21,8 @@
 //!    tokens per sentence), tokens/s = best GEMM rate ÷ linear FLOPs per token.
 //! 3. In-process: `backend::instantiate` (the load's sweep included) then `Model::execute` on
 //!    TEXT batches of 1, 8, 32, 64 sentences from as many threads at once as the model has
-//!    instances (the server runs that many batches at once) → sentences/s per batch size; the
+//!    instances (the server runs that many batches at once), but no more than `--concurrency`
+//!    (one at concurrency 1, the batch-1 latency's baseline) → sentences/s per batch size; the
 //!    best one is the in-process ceiling.
 //! 4. Served: `veraltheim serve --model-repository <scratch> --load-model <model>`, closed loop
 //!    at `--concurrency` with one sentence per KServe `ModelInfer` (TEXT, BYTES, `[1,1]`); each
@@ -441,6 +442,7 @@ fn in_process(
     batch_sizes: &[usize],
     per_size: Duration,
     intra_op_threads: usize,
+    concurrency: usize,
 ) -> anyhow::Result<(Vec<ComputePoint>, usize)> {
     let repo_model = Repository::new(repository).model(name)?;
     let dir = repo_model.version_dir();
@@ -450,9 +452,11 @@ fn in_process(
         ..BackendOptions::default()
     };
     let model = backend::instantiate(repo_model.config, Some(&dir), DeviceId::Cpu, &options)?;
-    // As many callers as the model has instances (the load's sweep may have chosen two): the
-    // server runs that many batches at once, so one caller would leave sessions idle.
-    let callers = model.config().instance_count().max(1);
+    // As many callers as the server runs batches at once: one per instance (the load's sweep
+    // may have chosen two, and one caller would leave a session idle), but no more than the
+    // served run's concurrency (at concurrency 1 one batch runs at a time, and a second caller
+    // would slow the baseline that batch-1 latency is compared with).
+    let callers = model.config().instance_count().min(concurrency).max(1);
     // The intra-op threads each instance runs on, as the load chose or was told ("default (N)"
     // when ONNX Runtime's own: 0 asks for that again).
     let threads = model
@@ -786,9 +790,9 @@ pub async fn text(args: &TextArgs) -> anyhow::Result<TextReport> {
             sentences.clone(),
             batch_sizes.clone(),
         );
-        let threads = args.intra_op_threads;
+        let (threads, concurrency) = (args.intra_op_threads, args.concurrency);
         let (points, chosen_threads) = tokio::task::spawn_blocking(move || {
-            in_process(&repo, &name2, &s2, &sizes, per_size, threads)
+            in_process(&repo, &name2, &s2, &sizes, per_size, threads, concurrency)
         })
         .await
         .context("the in-process run panicked")?
