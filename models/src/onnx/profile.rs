@@ -10,7 +10,8 @@
 //! - The session is opened from the model's graph file at the model's requested optimisation
 //!   level (the rewrites the served session has), with the given intra-op threads and ONNX
 //!   Runtime's profiler on, writing its JSON into a scratch folder the caller owns; the file is
-//!   read and removed before this returns.
+//!   read and removed before this returns. The graph cache is not used: the session optimises
+//!   the source graph itself, to the same result (the cache only saves that time at a load).
 //! - The batch is `rows × seq` ids of real tokens (attention mask 1): padding costs what real
 //!   tokens cost, so the shape is what matters.
 //! - Two runs warm the session up; `runs` more are profiled. The profile's `Node` events whose
@@ -238,7 +239,10 @@ pub fn profile_encoder(
     }
     let wall_micros = started.elapsed().as_micros() as u64;
     let mut sessions: Vec<Session> = encoder.into_sessions();
-    let path = sessions[0]
+    let session = sessions
+        .first_mut()
+        .ok_or_else(|| fail("the encoder gave no session back".into()))?;
+    let path = session
         .end_profiling()
         .map_err(|e| fail(format!("ONNX Runtime: {e}")))?;
     let path = Path::new(&path);
