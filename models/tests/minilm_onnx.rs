@@ -188,6 +188,25 @@ fn the_sweep_picks_threads_and_instances_unless_they_are_set() {
     assert_eq!(param(&set, onnx::PARAM_INTRA_OP_THREADS_CHOSEN), "1");
     assert_eq!(param(&set, onnx::PARAM_INSTANCES), "2");
     assert_eq!(set.config().instance_count(), 2);
+
+    // Only the instance count set: threads × instances stay within the cores (on two cores,
+    // one thread each, whether the sweep ran over what fits or one arrangement was left).
+    let (count_only, _dir) = load(r#"{"name":"minilm","instance_group":[{"count":2}]}"#, 0);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads: usize = param(&count_only, onnx::PARAM_INTRA_OP_THREADS_CHOSEN)
+        .parse()
+        .unwrap_or_else(|_| {
+            panic!(
+                "ONNX Runtime's default threads beside a set count: {}",
+                param(&count_only, onnx::PARAM_SWEEP_RESULT)
+            )
+        });
+    assert_eq!(param(&count_only, onnx::PARAM_INSTANCES), "2");
+    assert!(
+        threads * 2 <= cores.max(2),
+        "{threads} threads x 2 instances on {cores} cores"
+    );
+    embed_reference(&count_only, "one arrangement left");
 }
 
 #[test]

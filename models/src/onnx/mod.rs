@@ -62,7 +62,10 @@
 //! [`SWEEP_BUDGET`] in all, and the fastest is served, unless one with more instances is within
 //! [`FEWER_INSTANCES_MARGIN`] of it (then that one: served, more instances overlap the work around
 //! each run that the sweep does not time; an instance count it picks becomes the effective
-//! `instance_group` count). That favours throughput under load: a model served mostly one
+//! `instance_group` count). When only one arrangement fits (an `instance_group` count of 2 on
+//! 2 cores, threads not set: one thread each), it is served without a measurement: ONNX
+//! Runtime's default of a thread per core in every instance would put more threads than cores
+//! to work. More instances favour throughput under load: a model served mostly one
 //! request at a time answers sooner with one instance of all the cores' threads (set
 //! `instance_group` count 1 and `intra_op_threads`; docs/PERFORMANCE.md, session 14). Generic
 //! graphs are neither checked nor swept: there is no representative input to build for them.

@@ -521,13 +521,12 @@ pub(super) fn text_encoder(
         encoder = pool.encoder(rt, model, dir, &graph, &prepared, best.0, best.1)?;
         (best.0, best.1, note)
     } else {
-        let intra = first_threads;
-        let count = config.instance_count();
-        let why = if !sweep_allowed(config)? {
-            format!("off (parameter '{PARAM_SWEEP}')")
-        } else {
-            "skipped: intra_op_threads and the instance count are set".into()
-        };
+        let ((intra, count), why) = unswept(
+            &candidates,
+            sweep_allowed(config)?,
+            first_threads,
+            config.instance_count(),
+        );
         let mut pool = Sessions::new(first_threads, encoder.into_sessions());
         encoder = pool.encoder(rt, model, dir, &graph, &prepared, intra, count)?;
         (intra, count, why)
@@ -544,6 +543,32 @@ pub(super) fn text_encoder(
     }
     debug_assert_eq!(encoder.instances(), count.max(1));
     Ok((encoder, decisions))
+}
+
+/// The arrangement when the sweep does not run, and why: with the sweep off, the set (or default)
+/// threads × the configured count; otherwise the one candidate left. That is the set pair when
+/// both are set, or, when only the instance count is, the one thread count that fits the cores
+/// beside it (one thread × 2 instances on 2 cores): taking ONNX Runtime's default there would
+/// run a thread per core in every instance, more threads than cores.
+fn unswept(
+    candidates: &[(usize, usize)],
+    sweep_on: bool,
+    threads: usize,
+    count: usize,
+) -> ((usize, usize), String) {
+    match candidates {
+        [only] if sweep_on => {
+            let why = format!(
+                "skipped: {} threads x {} instances is the one arrangement (as set, or the only \
+                 one within the {} cores)",
+                thread_name(only.0),
+                only.1,
+                cores()
+            );
+            (*only, why)
+        }
+        _ => ((threads, count), format!("off (parameter '{PARAM_SWEEP}')")),
+    }
 }
 
 fn thread_name(t: usize) -> String {
@@ -719,6 +744,26 @@ fn measure(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn without_a_sweep_the_one_arrangement_left_is_used() {
+        // Two instances set on two cores, threads not: one thread each, not the default's
+        // thread per core in each (four threads on two cores).
+        let only = candidates(None, Some(2), 2);
+        assert_eq!(only, vec![(1, 2)]);
+        let ((t, n), why) = unswept(&only, true, 0, 2);
+        assert_eq!((t, n), (1, 2));
+        assert!(why.starts_with("skipped: 1 threads x 2 instances"), "{why}");
+        // Both set: the set pair.
+        let both = candidates(Some(2), Some(2), 2);
+        assert_eq!(unswept(&both, true, 2, 2).0, (2, 2));
+        // The sweep off: the set (or default) threads and the configured count, as they are.
+        let ((t, n), why) = unswept(&candidates(None, None, 2), false, 0, 1);
+        assert_eq!((t, n), (0, 1));
+        assert!(why.starts_with("off"), "{why}");
+        let ((t, n), _) = unswept(&only, false, 0, 2);
+        assert_eq!((t, n), (0, 2));
+    }
 
     #[test]
     fn candidates_stay_within_the_cores_and_respect_settings() {
