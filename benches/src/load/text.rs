@@ -228,7 +228,11 @@ pub struct ProfileReport {
 
 impl ProfileReport {
     fn new(profile: EncoderProfile, ceiling: &Ceiling) -> ProfileReport {
-        let threads = profile.intra_op_threads.max(1) as f64;
+        // 0 is ONNX Runtime's default: a thread per core.
+        let threads = match profile.intra_op_threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            t => t,
+        } as f64;
         let flops = ceiling.flops.linear_per_token
             * (profile.rows * profile.seq) as f64
             * f64::from(profile.runs);
@@ -457,12 +461,9 @@ fn in_process(
     // served run's concurrency (at concurrency 1 one batch runs at a time, and a second caller
     // would slow the baseline that batch-1 latency is compared with).
     let callers = model.config().instance_count().min(concurrency).max(1);
-    // The intra-op threads each instance runs on, as the load chose or was told ("default (N)"
-    // when ONNX Runtime's own: 0 asks for that again).
-    let threads = model
-        .config()
-        .parameter(veraltheim_models::onnx::PARAM_INTRA_OP_THREADS_CHOSEN)
-        .and_then(|v| v.trim().parse::<usize>().ok())
+    // The intra-op threads each instance runs on, as the load chose or was told (ONNX
+    // Runtime's default as its count, so that the profile runs on as many and counts them).
+    let threads = veraltheim_models::onnx::intra_op_threads_in_use(model.config())
         .unwrap_or(intra_op_threads);
     let mut points = Vec::with_capacity(batch_sizes.len());
     for &batch in batch_sizes {

@@ -168,6 +168,20 @@ pub struct OnnxOptions {
     pub cache: GraphCache,
 }
 
+/// The intra-op threads per session a loaded model runs on, from its effective parameter
+/// [`PARAM_INTRA_OP_THREADS_CHOSEN`]: a count, or `default (N)` for ONNX Runtime's default of N
+/// (one per core). `None` when the parameter is absent or unreadable.
+pub fn intra_op_threads_in_use(config: &ModelConfig) -> Option<usize> {
+    let v = config.parameter(PARAM_INTRA_OP_THREADS_CHOSEN)?.trim();
+    v.parse().ok().or_else(|| {
+        v.strip_prefix("default (")?
+            .strip_suffix(')')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
 /// Loads an ONNX model from `dir`: a generic [`Model`] over the graph, or, when `dir` holds
 /// `tokenizer.json` and the configuration names none of the graph's inputs, a sentence embedder
 /// (see the module documentation for both, and for how the configuration is completed).

@@ -746,6 +746,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_threads_in_use_are_read_back_from_what_the_load_wrote() {
+        use crate::onnx::intra_op_threads_in_use;
+        let with = |value: String| {
+            let mut config = ModelConfig::default();
+            config.parameters.insert(
+                PARAM_INTRA_OP_THREADS_CHOSEN.into(),
+                Parameter {
+                    string_value: value,
+                },
+            );
+            intra_op_threads_in_use(&config)
+        };
+        assert_eq!(with(thread_name(1)), Some(1));
+        assert_eq!(with(thread_name(0)), Some(cores()));
+        assert_eq!(with("many".into()), None);
+        assert_eq!(intra_op_threads_in_use(&ModelConfig::default()), None);
+    }
+
+    #[test]
     fn without_a_sweep_the_one_arrangement_left_is_used() {
         // Two instances set on two cores, threads not: one thread each, not the default's
         // thread per core in each (four threads on two cores).
