@@ -356,6 +356,8 @@ pub struct ModelsConfig {
     pub latency_slo: Vec<String>,
     /// Batches of models measured this fast may run on the receiving thread (0: never).
     pub inline_execution_us: u64,
+    /// Batches of models measured this fast may run on their batcher task (0: never).
+    pub batcher_execution_us: u64,
 }
 
 impl ModelsConfig {

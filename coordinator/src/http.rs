@@ -367,6 +367,12 @@ pub fn render(ctx: &Context) -> String {
              fast: models.inline_execution_us)",
         ),
         Family::new(
+            "veraltheim_inference_batcher_executions_total",
+            "counter",
+            "Batches run on the model's batcher task instead of the execution pool (the model's \
+             batches measured tiny: models.batcher_execution_us)",
+        ),
+        Family::new(
             "veraltheim_inference_padded_tokens_total",
             "counter",
             "Text models: tokens of the executed batches, each padded to its longest sentence",
@@ -493,6 +499,7 @@ pub fn render(ctx: &Context) -> String {
             s.rejected as f64,
             s.expired as f64,
             w.inline_runs() as f64,
+            w.batcher_runs() as f64,
             s.padded_tokens as f64,
             s.real_tokens as f64,
         ];

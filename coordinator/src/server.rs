@@ -300,6 +300,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
                 default_max_queue_size: config.models.default_max_queue_size,
                 inline_below: (config.models.inline_execution_us > 0)
                     .then(|| Duration::from_micros(config.models.inline_execution_us)),
+                batcher_below: (config.models.batcher_execution_us > 0)
+                    .then(|| Duration::from_micros(config.models.batcher_execution_us)),
                 ..WorkerOptions::default()
             },
             unload_grace: Duration::from_secs(config.models.unload_grace_seconds),

@@ -28,6 +28,7 @@ pub use slo::{
 };
 pub use stats::{BatchStat, DurationStat, LatencyBuckets, ModelStats, Percentiles, StatsSnapshot};
 pub use worker::{
-    DEFAULT_INLINE_BELOW, DEFAULT_INLINE_MIN_GAP, INLINE_STREAK, INLINE_TOKEN_COUNT_BYTES,
-    ModelWorker, WorkerFailure, WorkerOptions, inline_bound, inline_min_gap,
+    DEFAULT_BATCHER_BELOW, DEFAULT_INLINE_BELOW, DEFAULT_INLINE_MIN_GAP, INLINE_STREAK,
+    INLINE_TOKEN_COUNT_BYTES, ModelWorker, WorkerFailure, WorkerOptions, batcher_bound,
+    inline_bound, inline_min_gap,
 };

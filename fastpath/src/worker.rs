@@ -27,6 +27,24 @@
 //! caller's thread; measured (identity, median of 3 interleaved rounds against the echo server,
 //! docs/PERFORMANCE.md session 11): 0.66 of the echo's throughput at concurrency 64 with inline
 //! execution, 0.80 with batching (average batch 10).
+//!
+//! **Batches on the batcher task** (issue 19). A batch of a model whose batches are measured
+//! tiny runs on the batcher task that formed it, not on the execution pool: at least
+//! [`INLINE_STREAK`] batches seen, and their average execution time (exponential, weight 1/8)
+//! within `batcher_execution_us` (default [`DEFAULT_BATCHER_BELOW`]: identity, lookups). For
+//! such a batch the hand-off costs more than the work: a wake of a pool thread, the answers
+//! handed back and the batcher woken again, and rayon's idle protocol after it (a worker that
+//! finds no job yields its thread some 32 times before it sleeps: a context switch each on a
+//! busy machine). Measured on 2 vCPUs (identity 1×16, concurrency 64): the pool's threads took
+//! 16% of the server's CPU samples, 11 points of it in `sched_yield` and context switches.
+//!
+//! An average, not a streak as for inline execution: on a busy machine a tiny batch now and then
+//! takes milliseconds of wall time (its thread was preempted), and a rule that reacted to one
+//! slow batch turned this off within a second at identity concurrency 64. A batch of `D` sends
+//! the model's next ~`ln(D ÷ bound) ÷ ln(8/7)` batches to the pool (26 after 5 ms against a
+//! 20-µs bound; 83 after 10 s), so a model that turns slow is off the batcher after one batch.
+//! The batcher runs at most [`BATCHES_IN_PLACE`] batches per round and then yields to the
+//! runtime, so that the connections it shares a thread with are served between batches.
 
 use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -60,6 +78,9 @@ pub struct WorkerOptions {
     /// Batches may run on the caller's thread for models measured this fast, unless the model's
     /// `inline_execution_us` parameter says otherwise; `None`: never.
     pub inline_below: Option<Duration>,
+    /// Batches run on the batcher task instead of the pool for models measured this fast,
+    /// unless the model's `batcher_execution_us` parameter says otherwise; `None`: never.
+    pub batcher_below: Option<Duration>,
 }
 
 impl Default for WorkerOptions {
@@ -68,6 +89,7 @@ impl Default for WorkerOptions {
             default_max_queue_size: 1024,
             priority_aging: Duration::from_secs(1),
             inline_below: Some(DEFAULT_INLINE_BELOW),
+            batcher_below: Some(DEFAULT_BATCHER_BELOW),
         }
     }
 }
@@ -114,13 +136,18 @@ struct Shared {
     /// Batches run on the caller's thread instead ([`ModelWorker::submit`]) up to this measured
     /// execution time; `None`: never (`inline_execution_us` = 0, or a latency objective).
     inline_below: Option<Duration>,
-    /// Batches in a row that executed within `inline_below`.
-    fast_streak: AtomicU64,
-    /// The streak a batch needs to run inline: [`INLINE_STREAK`], doubled (up to
-    /// [`INLINE_STREAK_MAX`]) by every inline batch that took longer than `inline_below`.
-    streak_needed: AtomicU64,
+    /// Batches in a row that executed within `inline_below`, and the streak a batch needs to
+    /// run inline.
+    fast: Streak,
     /// Batches run on the caller's thread.
     inline_runs: AtomicU64,
+    /// Batches run on the batcher task instead up to this measured execution time; `None`:
+    /// never (`batcher_execution_us` = 0, or a latency objective).
+    batcher_below: Option<Duration>,
+    /// The model's batch time, averaged (read against `batcher_below`).
+    batch_time: Average,
+    /// Batches run on the batcher task.
+    batcher_runs: AtomicU64,
     /// Inline execution only while the requests' average gap is at least this (0: always).
     inline_min_gap_ns: u64,
     /// When the last request arrived (ns since `started`) and the average gap between arrivals
@@ -155,6 +182,78 @@ pub const DEFAULT_INLINE_MIN_GAP: Duration = Duration::from_micros(100);
 /// off within about 20 arrivals.
 const GAP_CAP: Duration = Duration::from_millis(1);
 
+/// Without `batcher_execution_us`, a batch may run on the batcher task that formed it when its
+/// model's executions take at most this long: about what handing it to a pool thread and back
+/// costs in CPU (two thread wake-ups; more on a busy machine, see the module's header).
+pub const DEFAULT_BATCHER_BELOW: Duration = Duration::from_micros(20);
+
+/// Batches in a row measured within a bound, and how many a model must show before its batches
+/// run on the caller's thread: [`INLINE_STREAK`] at first, doubled (up to [`INLINE_STREAK_MAX`])
+/// by each batch that ran there and took longer.
+struct Streak {
+    count: AtomicU64,
+    needed: AtomicU64,
+}
+
+impl Streak {
+    fn new() -> Self {
+        Streak {
+            count: AtomicU64::new(0),
+            needed: AtomicU64::new(INLINE_STREAK),
+        }
+    }
+
+    /// Counts a batch that took `took`: one more in the streak, or a new count.
+    fn record(&self, took: Duration, bound: Duration) {
+        if took <= bound {
+            self.count.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.count.store(0, Ordering::Relaxed);
+        }
+    }
+
+    fn shown(&self) -> bool {
+        self.count.load(Ordering::Relaxed) >= self.needed.load(Ordering::Relaxed)
+    }
+
+    /// A batch that ran off the pool took longer than the bound.
+    fn ran_slow(&self) {
+        let needed = self.needed.load(Ordering::Relaxed);
+        self.needed
+            .store((needed * 2).min(INLINE_STREAK_MAX), Ordering::Relaxed);
+    }
+}
+
+/// The batches' execution time as an exponential average (weight 1/8), and how many were seen
+/// (see the module's header).
+#[derive(Default)]
+struct Average {
+    ns: AtomicU64,
+    seen: AtomicU64,
+}
+
+impl Average {
+    /// Concurrent batches may each fold their time into the same old average: it stays an
+    /// estimate, which is all the rule needs.
+    fn record(&self, took: Duration) {
+        let took = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        let seen = self.seen.fetch_add(1, Ordering::Relaxed);
+        let average = if seen == 0 {
+            took
+        } else {
+            let a = self.ns.load(Ordering::Relaxed);
+            (a - a / 8).saturating_add(took / 8)
+        };
+        self.ns.store(average, Ordering::Relaxed);
+    }
+
+    /// At least [`INLINE_STREAK`] batches seen, on average within `bound`.
+    fn within(&self, bound: Duration) -> bool {
+        self.seen.load(Ordering::Relaxed) >= INLINE_STREAK
+            && u128::from(self.ns.load(Ordering::Relaxed)) <= bound.as_nanos()
+    }
+}
+
 /// The least average gap between a model's requests for them to run inline
 /// (`inline_min_gap_us`, default [`DEFAULT_INLINE_MIN_GAP`]; 0: no such rule); an error names a
 /// value that is not a whole number of microseconds.
@@ -173,26 +272,46 @@ pub fn inline_bound(
     config: &ModelConfig,
     default: Option<Duration>,
 ) -> Result<Option<Duration>, String> {
-    let us = match config.parameter("inline_execution_us").map(str::trim) {
+    micros_bound(config, "inline_execution_us", default)
+}
+
+/// The bound up to which a model's batches run on its batcher task (`batcher_execution_us`;
+/// 0 = never), or else `default` (the server's); an error names a value that is not a whole
+/// number of microseconds.
+pub fn batcher_bound(
+    config: &ModelConfig,
+    default: Option<Duration>,
+) -> Result<Option<Duration>, String> {
+    micros_bound(config, "batcher_execution_us", default)
+}
+
+fn micros_bound(
+    config: &ModelConfig,
+    parameter: &str,
+    default: Option<Duration>,
+) -> Result<Option<Duration>, String> {
+    let us = match config.parameter(parameter).map(str::trim) {
         None | Some("") => return Ok(default),
         Some(v) => v.parse::<u64>().map_err(|_| {
-            format!("parameter 'inline_execution_us' is '{v}', not a whole number of microseconds")
+            format!("parameter '{parameter}' is '{v}', not a whole number of microseconds")
         })?,
     };
     Ok((us > 0).then(|| Duration::from_micros(us)))
 }
 
-/// The inline bound of a model's worker: never with a latency objective (its batches go through
-/// the controller).
-fn inline_below(
+/// A bound of a model's worker off the pool (`bound`: [`inline_bound`] or [`batcher_bound`]):
+/// never with a latency objective (its batches go through the controller), nor with a value
+/// that does not parse (the manager refuses such a configuration before it builds a worker).
+fn off_pool_below(
     config: &ModelConfig,
     has_objective: bool,
     default: Option<Duration>,
+    bound: fn(&ModelConfig, Option<Duration>) -> Result<Option<Duration>, String>,
 ) -> Option<Duration> {
     if has_objective {
         return None;
     }
-    inline_bound(config, default).unwrap_or_else(|e| {
+    bound(config, default).unwrap_or_else(|e| {
         tracing::warn!(model = %config.name, error = %e, "batches run on the pool only");
         None
     })
@@ -350,7 +469,10 @@ impl ModelWorker {
             depth: cap.iter().map(|_| AtomicUsize::new(0)).collect(),
             cap,
         });
-        let inline_below = inline_below(config, slo.is_some(), options.inline_below);
+        let inline_below =
+            off_pool_below(config, slo.is_some(), options.inline_below, inline_bound);
+        let batcher_below =
+            off_pool_below(config, slo.is_some(), options.batcher_below, batcher_bound);
         let inline_min_gap = inline_min_gap(config).unwrap_or_else(|e| {
             tracing::warn!(model = %config.name, error = %e, "the default inline gap");
             DEFAULT_INLINE_MIN_GAP
@@ -379,9 +501,11 @@ impl ModelWorker {
             background_in_flight: AtomicUsize::new(0),
             inline_below,
             slo: slo.map(|c| Slo::new(c, Instant::now())),
-            fast_streak: AtomicU64::new(0),
-            streak_needed: AtomicU64::new(INLINE_STREAK),
+            fast: Streak::new(),
             inline_runs: AtomicU64::new(0),
+            batcher_below,
+            batch_time: Average::default(),
+            batcher_runs: AtomicU64::new(0),
             inline_min_gap_ns: u64::try_from(inline_min_gap.as_nanos()).unwrap_or(u64::MAX),
             last_arrival_ns: AtomicU64::new(0),
             gap_ns: AtomicU64::new(0),
@@ -499,6 +623,11 @@ impl ModelWorker {
     /// Batches run on their caller's thread (see [`ModelWorker::submit`]).
     pub fn inline_runs(&self) -> u64 {
         self.shared.inline_runs.load(Ordering::Relaxed)
+    }
+
+    /// Batches run on the batcher task instead of the execution pool.
+    pub fn batcher_runs(&self) -> u64 {
+        self.shared.batcher_runs.load(Ordering::Relaxed)
     }
 
     pub fn queue_capacity(&self) -> usize {
@@ -688,6 +817,8 @@ async fn run(s: &Arc<Shared>, cancel: &CancellationToken) -> Result<(), WorkerFa
             s.finished.send_replace(true);
             return Ok(());
         }
+        // Batches this round ran on this task (tiny ones: `on_batcher`).
+        let mut ran_here = 0;
         let wake = {
             let mut pending = s.pending.lock();
             let now = Instant::now();
@@ -698,8 +829,12 @@ async fn run(s: &Arc<Shared>, cancel: &CancellationToken) -> Result<(), WorkerFa
             }
             // The instance is taken before the batch: a caller running its request inline
             // (`try_inline`) takes one the same way.
-            while !pending.is_empty() && take_instance(s) {
+            while !pending.is_empty() && ran_here < BATCHES_IN_PLACE && take_instance(s) {
                 match next_batch(s, &mut pending, now) {
+                    Next::Run(batch) if on_batcher(s) => {
+                        ran_here += 1;
+                        run_on_batcher(s, batch);
+                    }
                     Next::Run(batch) => {
                         s.pool_jobs.fetch_add(1, Ordering::Relaxed);
                         let shared = s.clone();
@@ -726,6 +861,13 @@ async fn run(s: &Arc<Shared>, cancel: &CancellationToken) -> Result<(), WorkerFa
             }
             wake
         };
+        if ran_here > 0 {
+            // Their answers go out now; then the tasks this one shares a thread with (the
+            // connections its callers wait on) run before the next round.
+            deliver(s, &mut sending);
+            tokio::task::yield_now().await;
+            continue;
+        }
         let sleep = async {
             match wake {
                 Some(at) => tokio::time::sleep_until(at.into()).await,
@@ -738,6 +880,22 @@ async fn run(s: &Arc<Shared>, cancel: &CancellationToken) -> Result<(), WorkerFa
             _ = cancel.cancelled() => return Ok(()),
         }
     }
+}
+
+/// Whether the batch the batcher just formed runs on the batcher task: the model's batches are
+/// measured tiny (see the module's header) and it is not being torn down.
+fn on_batcher(s: &Shared) -> bool {
+    s.batcher_below
+        .is_some_and(|bound| s.batch_time.within(bound))
+        && !s.abort.load(Ordering::Acquire)
+}
+
+/// Runs a batch on the batcher task, holding the instance the batcher took for it; its answers
+/// wait in `answers` for the batcher's next delivery.
+fn run_on_batcher(s: &Shared, batch: Vec<Pending>) {
+    s.batcher_runs.fetch_add(1, Ordering::Relaxed);
+    execute(s, batch);
+    s.inflight.fetch_sub(1, Ordering::SeqCst);
 }
 
 /// Takes one of the model's instances if one is free.
@@ -795,7 +953,7 @@ fn try_inline(s: &Shared, p: Pending) -> Option<Pending> {
         return Some(p);
     };
     if arrival_gap(s, p.enqueued) < s.inline_min_gap_ns
-        || s.fast_streak.load(Ordering::Relaxed) < s.streak_needed.load(Ordering::Relaxed)
+        || !s.fast.shown()
         || s.queue.depth() > 0
         || s.abort.load(Ordering::Acquire)
     {
@@ -819,9 +977,7 @@ fn try_inline(s: &Shared, p: Pending) -> Option<Pending> {
         // without a hop through the batcher.
         deliver(s, &mut Vec::new());
         if took > bound {
-            let needed = s.streak_needed.load(Ordering::Relaxed);
-            s.streak_needed
-                .store((needed * 2).min(INLINE_STREAK_MAX), Ordering::Relaxed);
+            s.fast.ran_slow();
             tracing::debug!(model = %s.name, took_us = took.as_micros() as u64, "an inline batch ran slow");
             break;
         }
@@ -1335,11 +1491,10 @@ fn execute(s: &Shared, batch: Vec<Pending>) -> Duration {
     s.stats.record_batch(total, infer_end - infer_start);
     let took = done.saturating_duration_since(start);
     if let Some(bound) = s.inline_below {
-        if took <= bound {
-            s.fast_streak.fetch_add(1, Ordering::Relaxed);
-        } else {
-            s.fast_streak.store(0, Ordering::Relaxed);
-        }
+        s.fast.record(took, bound);
+    }
+    if s.batcher_below.is_some() {
+        s.batch_time.record(took);
     }
     let took_ns = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
     s.last_batch_ns.store(took_ns, Ordering::Relaxed);

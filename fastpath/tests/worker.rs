@@ -644,7 +644,7 @@ async fn a_request_the_backend_refuses_fails_alone_before_the_queue() {
 struct Timed {
     inner: Arc<dyn Model>,
     spin_us: Arc<std::sync::atomic::AtomicU64>,
-    threads: Arc<std::sync::Mutex<Vec<std::thread::ThreadId>>>,
+    threads: Arc<std::sync::Mutex<Vec<std::thread::Thread>>>,
 }
 
 impl Model for Timed {
@@ -653,10 +653,7 @@ impl Model for Timed {
     }
 
     fn execute(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, veraltheim_models::Error> {
-        self.threads
-            .lock()
-            .unwrap()
-            .push(std::thread::current().id());
+        self.threads.lock().unwrap().push(std::thread::current());
         let spin = Duration::from_micros(self.spin_us.load(std::sync::atomic::Ordering::Relaxed));
         let start = std::time::Instant::now();
         while start.elapsed() < spin {
@@ -668,7 +665,7 @@ impl Model for Timed {
 
 struct TimedHandle {
     spin_us: Arc<std::sync::atomic::AtomicU64>,
-    threads: Arc<std::sync::Mutex<Vec<std::thread::ThreadId>>>,
+    threads: Arc<std::sync::Mutex<Vec<std::thread::Thread>>>,
 }
 
 impl TimedHandle {
@@ -677,7 +674,15 @@ impl TimedHandle {
     }
 
     fn last_thread(&self) -> std::thread::ThreadId {
-        *self.threads.lock().unwrap().last().unwrap()
+        self.threads.lock().unwrap().last().unwrap().id()
+    }
+
+    /// Whether any of the last `n` batches ran on an execution-pool thread.
+    fn pool_ran_one_of_last(&self, n: usize) -> bool {
+        let threads = self.threads.lock().unwrap();
+        threads[threads.len().saturating_sub(n)..]
+            .iter()
+            .any(|t| t.name().is_some_and(|n| n.starts_with("veraltheim-exec")))
     }
 }
 
@@ -893,6 +898,112 @@ fn inline_execution_us_is_read_and_a_bad_value_is_named() {
     .unwrap_err();
     assert!(
         err.contains("inline_execution_us") && err.contains("'fast'"),
+        "{err}"
+    );
+}
+
+/// The `cost` model with no cost, never run inline, its batches counted tiny up to `batcher_us`
+/// (`batcher_execution_us`; 0: never on the batcher task).
+fn batcher_cost(batcher_us: u64) -> Arc<dyn Model> {
+    let config = builtin::config("cost")
+        .unwrap()
+        .with_override(&format!(
+            r#"{{"parameters":{{"inline_execution_us":{{"string_value":"0"}},"batcher_execution_us":{{"string_value":"{batcher_us}"}}}}}}"#
+        ))
+        .unwrap();
+    builtin::instantiate(config).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_measured_tiny_runs_its_batches_on_the_batcher_task() {
+    let streak = veraltheim_fastpath::INLINE_STREAK as usize;
+    let (worker, model) = timed_model(batcher_cost(TEST_INLINE_US), 0);
+    // Until INLINE_STREAK batches have shown the model tiny, the pool runs them.
+    one_by_one(&worker, streak).await;
+    assert_eq!(worker.batcher_runs(), 0);
+    assert!(model.pool_ran_one_of_last(1));
+    let jobs = worker.pool_jobs();
+    // Then every batch runs on the batcher task: one at a time, and many callers at once, each
+    // answered with its own row.
+    one_by_one(&worker, 4).await;
+    assert_eq!(worker.batcher_runs(), 4);
+    let answers: Vec<_> = (0..64)
+        .map(|i| worker.submit(row(i as f32)).unwrap())
+        .collect();
+    for (i, rx) in answers.into_iter().enumerate() {
+        let out = rx.await.unwrap().unwrap();
+        assert_eq!(out.outputs[0].f32_values().unwrap(), vec![i as f32 + 1.0]);
+    }
+    let stats = worker.stats();
+    assert_eq!(stats.success.count, (streak + 4 + 64) as u64);
+    let on_batcher = worker.batcher_runs();
+    assert_eq!(worker.pool_jobs(), jobs, "no batch went to the pool");
+    assert!(!model.pool_ran_one_of_last(on_batcher as usize));
+    assert_eq!(stats.execution_count, streak as u64 + on_batcher);
+    assert_eq!(worker.inline_runs(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_batch_on_the_batcher_task_sends_the_next_ones_to_the_pool() {
+    // A 5-ms bound against the average batch time: a trivial batch is far below it even on a
+    // busy machine, and one of 100 ms lifts the average (weight 1/8) to 12.5 ms.
+    let streak = veraltheim_fastpath::INLINE_STREAK as usize;
+    let (worker, model) = timed_model(batcher_cost(5_000), 0);
+    one_by_one(&worker, streak + 1).await;
+    assert_eq!(worker.batcher_runs(), 1);
+    // The model turns slow: its next batch still runs on the batcher (nothing said otherwise)...
+    model.spin(100_000);
+    one_by_one(&worker, 1).await;
+    assert_eq!(worker.batcher_runs(), 2);
+    // ...and then the pool runs its batches until the average is back within the bound: after
+    // ln(12.5 / 5) / ln(8/7) ≈ 6.9 trivial batches.
+    model.spin(0);
+    one_by_one(&worker, 5).await;
+    assert_eq!(worker.batcher_runs(), 2);
+    assert!(model.pool_ran_one_of_last(1));
+    one_by_one(&worker, 20).await;
+    assert!(worker.batcher_runs() > 2);
+    assert!(!model.pool_ran_one_of_last(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batcher_execution_us_0_keeps_batches_on_the_pool() {
+    let streak = veraltheim_fastpath::INLINE_STREAK as usize;
+    let (off, model) = timed_model(batcher_cost(0), 0);
+    one_by_one(&off, streak + 8).await;
+    assert_eq!(off.batcher_runs(), 0);
+    assert!(model.pool_ran_one_of_last(1));
+}
+
+#[test]
+fn batcher_execution_us_is_read_and_a_bad_value_is_named() {
+    // Without the parameter, the server's default (`models.batcher_execution_us`).
+    let nine = Some(Duration::from_micros(9));
+    assert_eq!(
+        veraltheim_fastpath::batcher_bound(&config(""), nine),
+        Ok(nine)
+    );
+    assert_eq!(
+        veraltheim_fastpath::batcher_bound(
+            &config(r#""batcher_execution_us":{"string_value":"50"}"#),
+            None
+        ),
+        Ok(Some(Duration::from_micros(50)))
+    );
+    assert_eq!(
+        veraltheim_fastpath::batcher_bound(
+            &config(r#""batcher_execution_us":{"string_value":"0"}"#),
+            nine
+        ),
+        Ok(None)
+    );
+    let err = veraltheim_fastpath::batcher_bound(
+        &config(r#""batcher_execution_us":{"string_value":"-3"}"#),
+        None,
+    )
+    .unwrap_err();
+    assert!(
+        err.contains("batcher_execution_us") && err.contains("'-3'"),
         "{err}"
     );
 }

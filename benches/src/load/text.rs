@@ -164,6 +164,10 @@ pub struct TextArgs {
     /// batcher's bound on padded ÷ real tokens; a large value batches regardless of length).
     #[arg(long)]
     pub max_padding_ratio: Option<f64>,
+    /// Written into the imported model's config as its `max_passed_over` parameter (how many
+    /// batches may leave without a request before it joins one whatever its length).
+    #[arg(long)]
+    pub max_passed_over: Option<u32>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -730,6 +734,13 @@ pub async fn text(args: &TextArgs) -> anyhow::Result<TextReport> {
                 &repository.join(name),
                 "max_padding_ratio",
                 &ratio.to_string(),
+            )?;
+        }
+        if let Some(passes) = args.max_passed_over {
+            set_parameter(
+                &repository.join(name),
+                "max_passed_over",
+                &passes.to_string(),
             )?;
         }
     }

@@ -122,13 +122,14 @@ impl ModelManager {
         .and_then(|c| c.parameter_u64("priority_aging_ms", 0).map(|_| c))
         // Likewise the latency objective and the background levels (veraltheim_fastpath::slo),
         // the bounds on batches run on the caller's thread (`inline_execution_us`,
-        // `inline_min_gap_us`) and the
+        // `inline_min_gap_us`) and on the batcher task (`batcher_execution_us`), and the
         // length-aware batching parameters (veraltheim_fastpath's batcher).
         .and_then(|c| {
             veraltheim_fastpath::SloConfig::from_config(&c)
                 .and_then(|_| veraltheim_fastpath::background_levels(&c))
                 .and_then(|_| veraltheim_fastpath::inline_bound(&c, None))
                 .and_then(|_| veraltheim_fastpath::inline_min_gap(&c))
+                .and_then(|_| veraltheim_fastpath::batcher_bound(&c, None))
                 .and_then(|_| veraltheim_fastpath::check_length_parameters(&c))
                 .map(|_| c.clone())
                 .map_err(|reason| veraltheim_models::Error::InvalidConfig {
