@@ -739,6 +739,17 @@ async fn one_by_one(worker: &ModelWorker, n: usize) {
     spaced(worker, n, Duration::ZERO).await;
 }
 
+/// Submits `n` requests at once, then checks that each is answered with its own row.
+async fn all_at_once(worker: &ModelWorker, n: usize) {
+    let answers: Vec<_> = (0..n)
+        .map(|i| worker.submit(row(i as f32)).unwrap())
+        .collect();
+    for (i, rx) in answers.into_iter().enumerate() {
+        let out = rx.await.unwrap().unwrap();
+        assert_eq!(out.outputs[0].f32_values().unwrap(), vec![i as f32 + 1.0]);
+    }
+}
+
 /// [`one_by_one`], with `pause` before each request.
 async fn spaced(worker: &ModelWorker, n: usize, pause: Duration) {
     for i in 0..n {
@@ -773,13 +784,7 @@ async fn a_fast_idle_model_runs_a_lone_request_on_the_callers_thread() {
     assert_eq!(worker.inline_runs(), 1);
     assert_eq!(worker.pool_jobs(), jobs);
     // Many callers at once still get their own rows, whichever way each ran.
-    let answers: Vec<_> = (0..64)
-        .map(|i| worker.submit(row(i as f32)).unwrap())
-        .collect();
-    for (i, rx) in answers.into_iter().enumerate() {
-        let out = rx.await.unwrap().unwrap();
-        assert_eq!(out.outputs[0].f32_values().unwrap(), vec![i as f32 + 1.0]);
-    }
+    all_at_once(&worker, 64).await;
     let stats = worker.stats();
     assert_eq!(stats.success.count, 64 + 1 + 64);
 }
@@ -866,40 +871,27 @@ async fn a_queue_delay_or_inline_execution_us_0_keeps_batches_on_the_pool() {
 }
 
 #[test]
-fn inline_execution_us_is_read_and_a_bad_value_is_named() {
-    // Without the parameter, the server's default (`models.inline_execution_us`).
-    let nine = Some(Duration::from_micros(9));
-    assert_eq!(
-        veraltheim_fastpath::inline_bound(&config(""), nine),
-        Ok(nine)
-    );
-    assert_eq!(
-        veraltheim_fastpath::inline_bound(&config(""), None),
-        Ok(None)
-    );
-    assert_eq!(
-        veraltheim_fastpath::inline_bound(
-            &config(r#""inline_execution_us":{"string_value":"50"}"#),
-            None
-        ),
-        Ok(Some(Duration::from_micros(50)))
-    );
-    assert_eq!(
-        veraltheim_fastpath::inline_bound(
-            &config(r#""inline_execution_us":{"string_value":"0"}"#),
-            Some(Duration::from_micros(9))
-        ),
-        Ok(None)
-    );
-    let err = veraltheim_fastpath::inline_bound(
-        &config(r#""inline_execution_us":{"string_value":"fast"}"#),
-        None,
-    )
-    .unwrap_err();
-    assert!(
-        err.contains("inline_execution_us") && err.contains("'fast'"),
-        "{err}"
-    );
+fn inline_and_batcher_execution_us_are_read_and_a_bad_value_is_named() {
+    type Bound = fn(&ModelConfig, Option<Duration>) -> Result<Option<Duration>, String>;
+    let bounds: [(&str, Bound); 2] = [
+        ("inline_execution_us", veraltheim_fastpath::inline_bound),
+        ("batcher_execution_us", veraltheim_fastpath::batcher_bound),
+    ];
+    for (name, bound) in bounds {
+        let param = |v: &str| config(&format!(r#""{name}":{{"string_value":"{v}"}}"#));
+        // Without the parameter, the server's default (`models.{name}`).
+        let nine = Some(Duration::from_micros(9));
+        assert_eq!(bound(&config(""), nine), Ok(nine), "{name}");
+        assert_eq!(bound(&config(""), None), Ok(None), "{name}");
+        assert_eq!(
+            bound(&param("50"), None),
+            Ok(Some(Duration::from_micros(50))),
+            "{name}"
+        );
+        assert_eq!(bound(&param("0"), nine), Ok(None), "{name}");
+        let err = bound(&param("fast"), None).unwrap_err();
+        assert!(err.contains(name) && err.contains("'fast'"), "{err}");
+    }
 }
 
 /// The `cost` model with no cost, never run inline, its batches counted tiny up to `batcher_us`
@@ -927,13 +919,7 @@ async fn a_model_measured_tiny_runs_its_batches_on_the_batcher_task() {
     // answered with its own row.
     one_by_one(&worker, 4).await;
     assert_eq!(worker.batcher_runs(), 4);
-    let answers: Vec<_> = (0..64)
-        .map(|i| worker.submit(row(i as f32)).unwrap())
-        .collect();
-    for (i, rx) in answers.into_iter().enumerate() {
-        let out = rx.await.unwrap().unwrap();
-        assert_eq!(out.outputs[0].f32_values().unwrap(), vec![i as f32 + 1.0]);
-    }
+    all_at_once(&worker, 64).await;
     let stats = worker.stats();
     assert_eq!(stats.success.count, (streak + 4 + 64) as u64);
     let on_batcher = worker.batcher_runs();
@@ -973,39 +959,6 @@ async fn batcher_execution_us_0_keeps_batches_on_the_pool() {
     one_by_one(&off, streak + 8).await;
     assert_eq!(off.batcher_runs(), 0);
     assert!(model.pool_ran_one_of_last(1));
-}
-
-#[test]
-fn batcher_execution_us_is_read_and_a_bad_value_is_named() {
-    // Without the parameter, the server's default (`models.batcher_execution_us`).
-    let nine = Some(Duration::from_micros(9));
-    assert_eq!(
-        veraltheim_fastpath::batcher_bound(&config(""), nine),
-        Ok(nine)
-    );
-    assert_eq!(
-        veraltheim_fastpath::batcher_bound(
-            &config(r#""batcher_execution_us":{"string_value":"50"}"#),
-            None
-        ),
-        Ok(Some(Duration::from_micros(50)))
-    );
-    assert_eq!(
-        veraltheim_fastpath::batcher_bound(
-            &config(r#""batcher_execution_us":{"string_value":"0"}"#),
-            nine
-        ),
-        Ok(None)
-    );
-    let err = veraltheim_fastpath::batcher_bound(
-        &config(r#""batcher_execution_us":{"string_value":"-3"}"#),
-        None,
-    )
-    .unwrap_err();
-    assert!(
-        err.contains("batcher_execution_us") && err.contains("'-3'"),
-        "{err}"
-    );
 }
 
 /// A stand-in for a text model: row `[id, tokens]` costs `tokens` tokens (a negative count is

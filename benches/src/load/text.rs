@@ -729,19 +729,20 @@ pub async fn text(args: &TextArgs) -> anyhow::Result<TextReport> {
         if args.instances > 1 {
             set_instances(&repository.join(name), args.instances)?;
         }
-        if let Some(ratio) = args.max_padding_ratio {
-            set_parameter(
-                &repository.join(name),
+        let parameters = [
+            (
                 "max_padding_ratio",
-                &ratio.to_string(),
-            )?;
-        }
-        if let Some(passes) = args.max_passed_over {
-            set_parameter(
-                &repository.join(name),
+                args.max_padding_ratio.map(|r| r.to_string()),
+            ),
+            (
                 "max_passed_over",
-                &passes.to_string(),
-            )?;
+                args.max_passed_over.map(|p| p.to_string()),
+            ),
+        ];
+        for (key, value) in parameters {
+            if let Some(value) = value {
+                set_parameter(&repository.join(name), key, &value)?;
+            }
         }
     }
 
