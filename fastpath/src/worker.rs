@@ -42,7 +42,8 @@
 //! takes milliseconds of wall time (its thread was preempted), and a rule that reacted to one
 //! slow batch turned this off within a second at identity concurrency 64. A batch of `D` sends
 //! the model's next ~`ln(D ÷ bound) ÷ ln(8/7)` batches to the pool (26 after 5 ms against a
-//! 20-µs bound; 83 after 10 s), so a model that turns slow is off the batcher after one batch.
+//! 20-µs bound; 83 after 10 s): a model that turns 8 times slower than the bound or more is off
+//! the batcher after one batch, one that turns less slow after a few.
 //! The batcher runs at most [`BATCHES_IN_PLACE`] batches per round and then yields to the
 //! runtime, so that the connections it shares a thread with are served between batches.
 
@@ -1020,7 +1021,8 @@ fn fold_gap(average: u64, last: u64, now: u64) -> u64 {
 
 /// How many batches a pool thread runs back to back before it hands the model back to the
 /// batcher: the pool is shared by every model, and a job that re-queues itself goes behind the
-/// other models' batches already waiting for a thread.
+/// other models' batches already waiting for a thread. Likewise the most tiny batches the
+/// batcher runs in one round before it yields its runtime thread (`on_batcher`).
 const BATCHES_IN_PLACE: usize = 16;
 
 /// Runs on a pool thread, holding one of the model's instances: executes `batch`, then, while
