@@ -70,7 +70,7 @@ async fn batches_of_a_tiny_model_run_on_its_batcher_unless_turned_off() {
         "20000",
     ])
     .await;
-    // 64 batches in a row must be seen tiny first; the next ones run on the batcher task.
+    // 64 batches must be seen first, tiny on average; the next ones run on the batcher task.
     assert!(counter_after(&on, 100, BATCHER).await >= 1.0);
     let off = start(&["--inline-execution-us", "0", "--batcher-execution-us", "0"]).await;
     assert_eq!(counter_after(&off, 100, BATCHER).await, 0.0);

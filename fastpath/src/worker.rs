@@ -864,9 +864,13 @@ async fn run(s: &Arc<Shared>, cancel: &CancellationToken) -> Result<(), WorkerFa
         };
         if ran_here > 0 {
             // Their answers go out now; then the tasks this one shares a thread with (the
-            // connections its callers wait on) run before the next round.
+            // connections its callers wait on) run before the next round. A model kept busy
+            // this way never reaches the wait below, so the loop's cancellation is read here.
             deliver(s, &mut sending);
             tokio::task::yield_now().await;
+            if cancel.is_cancelled() {
+                return Ok(());
+            }
             continue;
         }
         let sleep = async {

@@ -953,6 +953,56 @@ async fn a_slow_batch_on_the_batcher_task_sends_the_next_ones_to_the_pool() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batcher_kept_busy_with_tiny_batches_still_ends_when_cancelled() {
+    // A batcher that runs its batches itself goes round again without waiting while requests
+    // keep coming; cancellation must still end it (the supervisor cancels on shutdown).
+    let streak = veraltheim_fastpath::INLINE_STREAK as usize;
+    let worker = Arc::new(ModelWorker::new(
+        batcher_cost(TEST_INLINE_US),
+        ExecutionPool::new(1).unwrap(),
+        &WorkerOptions::default(),
+    ));
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let batcher = {
+        let (worker, cancel) = (worker.clone(), cancel.clone());
+        tokio::spawn(async move { worker.run(&cancel).await })
+    };
+    one_by_one(&worker, streak).await;
+    // A feeder that keeps 64 to 128 requests waiting, so that the queue never runs dry (it
+    // holds their receivers: an abandoned request is dropped, not computed).
+    let feeder = {
+        let worker = worker.clone();
+        tokio::spawn(async move {
+            let mut waiting = Vec::new();
+            loop {
+                let next: Vec<_> = (0..64)
+                    .filter_map(|i| worker.submit(row(i as f32)).ok())
+                    .collect();
+                for rx in std::mem::replace(&mut waiting, next) {
+                    let _ = rx.await;
+                }
+            }
+        })
+    };
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while worker.batcher_runs() < 100 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .expect("100 batches did not run on the batcher");
+    cancel.cancel();
+    let ended = tokio::time::timeout(Duration::from_secs(10), batcher).await;
+    feeder.abort();
+    assert_eq!(
+        ended
+            .expect("the batcher did not end after cancel")
+            .unwrap(),
+        Ok(())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batcher_execution_us_0_keeps_batches_on_the_pool() {
     let streak = veraltheim_fastpath::INLINE_STREAK as usize;
     let (off, model) = timed_model(batcher_cost(0), 0);
