@@ -116,9 +116,17 @@ fn gemm_measures_a_positive_finite_rate() {
         "hidden_size": 4, "intermediate_size": 8, "num_hidden_layers": 2
     }))
     .unwrap();
-    let report = ceiling::measure(&tiny, 3, 2, Duration::from_millis(10)).unwrap();
+    // No ONNX Runtime at this path: each shape says why it has only the `gemm` crate's rate.
+    let missing = Path::new("/nonexistent/libonnxruntime.so");
+    let report = ceiling::measure(&tiny, 3, 2, Duration::from_millis(10), Some(missing)).unwrap();
     assert_eq!(report.threads, 2);
     assert_eq!(report.shapes.len(), 3);
+    for p in &report.shapes {
+        assert_eq!(p.library, ceiling::GEMM_CRATE);
+        assert_eq!(p.gflops, p.gemm_crate_gflops);
+        let why = p.onnx_runtime_gflops.clone().unwrap_err();
+        assert!(why.contains("/nonexistent/libonnxruntime.so"), "{why}");
+    }
     let rates: Vec<f64> = report.shapes.iter().map(|p| p.gflops).collect();
     assert!(rates.iter().all(|r| r.is_finite() && *r > 0.0), "{rates:?}");
     let max = rates.iter().cloned().fold(0.0, f64::max);
@@ -132,7 +140,7 @@ fn gemm_measures_a_positive_finite_rate() {
     let c = Ceiling::new(report.clone(), tiny.clone(), 4.0);
     assert!((c.tokens_per_s - report.best_gflops * 1e9 / tiny.linear_per_token).abs() < 1e-6);
     assert!((c.sentences_per_s * 4.0 - c.tokens_per_s).abs() < 1e-6);
-    assert!(ceiling::measure(&tiny, 0, 1, Duration::from_millis(1)).is_err());
+    assert!(ceiling::measure(&tiny, 0, 1, Duration::from_millis(1), Some(missing)).is_err());
 }
 
 #[test]

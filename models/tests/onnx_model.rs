@@ -670,3 +670,20 @@ fn a_corrupt_or_stale_cached_graph_is_rebuilt_not_served() {
     assert!(note.contains("stale: the source graph changed"), "{note}");
     assert_eq!(model.config().input[0].dims, vec![2, 3], "the new graph");
 }
+
+/// The ceiling's second GEMM: ONNX Runtime's own `MatMul` on a graph written in memory. The
+/// warm-up product is checked against dot products inside `matmul_rate`, so a wrong graph or a
+/// wrong product is an error here, not a rate.
+#[test]
+fn onnx_runtime_matmul_is_measured_on_a_graph_written_in_memory() {
+    let rate = onnx::matmul::matmul_rate(
+        (48, 32, 40),
+        1,
+        std::time::Duration::from_millis(40),
+        2,
+        Some(&common::ort_library()),
+    )
+    .expect("the product runs and matches the dot products");
+    assert!(rate.products >= 2, "{rate:?}");
+    assert!(rate.gflops > 0.0 && rate.gflops.is_finite(), "{rate:?}");
+}

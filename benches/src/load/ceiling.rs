@@ -10,14 +10,19 @@
 //!   `4·h·s` per token per layer for a sequence of s tokens; it is reported separately
 //!   ([`ModelFlops::attention_per_token`]) and left out of the ceiling, as are embeddings, layer
 //!   norms, softmax and GELU.
-//! - **GEMM rate**: row-major `tokens×k · k×n` FP32 products with the `gemm` crate at the
-//!   encoder's three shapes (`tokens×h · h×h`, `tokens×h · h×i`, `tokens×i · i×h`), on a rayon
-//!   pool of as many threads as the served model computes on (its intra-op threads × its
-//!   instances, at most the cores; one per core for ONNX Runtime's default). Each shape is run for its share of the time in slices of at
+//! - **GEMM rate**: row-major `tokens×k · k×n` FP32 products at the encoder's three shapes
+//!   (`tokens×h · h×h`, `tokens×h · h×i`, `tokens×i · i×h`), on as many threads as the served
+//!   model computes on (its intra-op threads × its instances, at most the cores; one per core
+//!   for ONNX Runtime's default), each measured with two libraries, the faster one's rate
+//!   counting: the `gemm` crate (built with its `x86-v4` feature, so that it runs AVX-512
+//!   kernels where the CPU has them; without it, on a 2-core AVX-512 Xeon, it did 186 GFLOP/s
+//!   where the machine does 340–354) and ONNX Runtime's own `MatMul`
+//!   ([`veraltheim_models::onnx::matmul`]): the ceiling is the best the machine was seen to do,
+//!   not what one library does. Each shape is run for its share of the time in slices of at
 //!   least one product; its rate is the best slice's (on a shared machine the best slice is the
-//!   closest to what the cores can do). The report gives each shape's GFLOP/s, the best, and
-//!   the layer mix (4 h×h, 1 h×i, 1 i×h products: total FLOPs ÷ total time at each shape's
-//!   rate).
+//!   closest to what the cores can do). The report gives each shape's GFLOP/s with both
+//!   libraries', the best, and the layer mix (4 h×h, 1 h×i, 1 i×h products: total FLOPs ÷ total
+//!   time at each shape's rate).
 //! - **Ceiling**: sentences/s = best GEMM rate ÷ (linear FLOPs per token × mean tokens per
 //!   sentence); tokens/s = best GEMM rate ÷ linear FLOPs per token. A served rate is reported
 //!   as a share of it.
@@ -138,21 +143,33 @@ impl GemmShape {
     }
 }
 
+/// The `gemm` crate, as the report names it.
+pub const GEMM_CRATE: &str = "gemm 0.19";
+/// ONNX Runtime's `MatMul` (its MLAS kernels), as the report names it.
+pub const ONNX_RUNTIME: &str = "ONNX Runtime MatMul";
+
 /// One shape's measured rate.
 #[derive(Clone, Debug, Serialize)]
 pub struct GemmPoint {
     pub shape: GemmShape,
     /// Products of this shape in one encoder layer.
     pub per_layer: u32,
+    /// Products timed by the faster library.
     pub products: u64,
-    /// The best slice's rate.
+    /// The faster library's best slice.
     pub gflops: f64,
+    /// The faster library ([`GEMM_CRATE`] or [`ONNX_RUNTIME`]).
+    pub library: &'static str,
+    /// The `gemm` crate's best slice.
+    pub gemm_crate_gflops: f64,
+    /// ONNX Runtime's best slice, or why it could not be measured.
+    pub onnx_runtime_gflops: Result<f64, String>,
 }
 
 /// The GEMM benchmark's result.
 #[derive(Clone, Debug, Serialize)]
 pub struct GemmReport {
-    /// The crate that did the products.
+    /// The libraries that did the products.
     pub library: &'static str,
     pub threads: usize,
     pub tokens: usize,
@@ -268,39 +285,92 @@ pub fn measure_shape(
     })
 }
 
-/// The GEMM benchmark at `flops`' shapes for `tokens` rows, `per_shape` each.
+/// ONNX Runtime's `MatMul` at `shape` on `threads` intra-op threads for about `time`:
+/// `(products, best slice's GFLOP/s)`, or why it could not run (no library, say).
+pub fn measure_onnx_runtime(
+    shape: GemmShape,
+    threads: usize,
+    time: Duration,
+    library: Option<&Path>,
+) -> Result<(u64, f64), String> {
+    veraltheim_models::onnx::matmul::matmul_rate(
+        (shape.m, shape.k, shape.n),
+        threads.max(1),
+        time,
+        SLICES,
+        library,
+    )
+    .map(|r| (r.products, r.gflops))
+    .map_err(|e| e.to_string())
+}
+
+/// The GEMM benchmark at `flops`' shapes for `tokens` rows, `per_shape` each with each library:
+/// the `gemm` crate, and ONNX Runtime's `MatMul` (from `library`, else `ORT_DYLIB_PATH`). A
+/// shape's rate is the faster library's: the ceiling is the best the machine was seen to do.
 pub fn measure(
     flops: &ModelFlops,
     tokens: usize,
     threads: usize,
     per_shape: Duration,
+    library: Option<&Path>,
 ) -> anyhow::Result<GemmReport> {
     if tokens == 0 || tokens > MAX_GEMM_TOKENS {
         bail!("--gemm-tokens must be 1..={MAX_GEMM_TOKENS}, got {tokens}");
     }
     let mut shapes = Vec::with_capacity(3);
     for (shape, per_layer) in flops.shapes(tokens) {
-        let (products, gflops) = measure_shape(shape, threads, per_shape)?;
-        shapes.push(GemmPoint {
+        let (crate_products, crate_gflops) = measure_shape(shape, threads, per_shape)?;
+        let onnx = measure_onnx_runtime(shape, threads, per_shape, library);
+        shapes.push(faster(
             shape,
             per_layer,
-            products,
-            gflops,
-        });
+            (crate_products, crate_gflops),
+            onnx,
+        ));
     }
     let best_gflops = shapes.iter().map(|p| p.gflops).fold(0.0, f64::max);
     let (work, time) = shapes.iter().fold((0.0, 0.0), |(w, t), p| {
         let f = p.shape.flops() * p.per_layer as f64;
         (w + f, t + f / p.gflops)
     });
+    let library = match (
+        shapes.iter().any(|p| p.library == GEMM_CRATE),
+        shapes.iter().any(|p| p.library == ONNX_RUNTIME),
+    ) {
+        (true, true) => "gemm 0.19 or ONNX Runtime MatMul (the faster per shape)",
+        (false, true) => ONNX_RUNTIME,
+        _ => GEMM_CRATE,
+    };
     Ok(GemmReport {
-        library: "gemm 0.19",
+        library,
         threads: threads.max(1),
         tokens,
         shapes,
         best_gflops,
         layer_mix_gflops: if time > 0.0 { work / time } else { 0.0 },
     })
+}
+
+/// One shape's point: the faster of the `gemm` crate's and ONNX Runtime's rates.
+fn faster(
+    shape: GemmShape,
+    per_layer: u32,
+    (crate_products, crate_gflops): (u64, f64),
+    onnx: Result<(u64, f64), String>,
+) -> GemmPoint {
+    let (library, products, gflops) = match &onnx {
+        Ok((products, gflops)) if *gflops > crate_gflops => (ONNX_RUNTIME, *products, *gflops),
+        _ => (GEMM_CRATE, crate_products, crate_gflops),
+    };
+    GemmPoint {
+        shape,
+        per_layer,
+        products,
+        gflops,
+        library,
+        gemm_crate_gflops: crate_gflops,
+        onnx_runtime_gflops: onnx.map(|(_, g)| g),
+    }
 }
 
 /// What the hardware allows: the GEMM rate over the model's FLOPs.
@@ -337,6 +407,26 @@ impl Ceiling {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_shape_takes_the_faster_library_and_keeps_both_rates() {
+        let shape = GemmShape { m: 8, k: 4, n: 2 };
+        let p = faster(shape, 4, (100, 90.0), Ok((150, 130.0)));
+        assert_eq!(
+            (p.library, p.products, p.gflops),
+            (ONNX_RUNTIME, 150, 130.0)
+        );
+        assert_eq!(
+            (p.gemm_crate_gflops, p.onnx_runtime_gflops.clone()),
+            (90.0, Ok(130.0))
+        );
+        let p = faster(shape, 4, (100, 90.0), Ok((80, 70.0)));
+        assert_eq!((p.library, p.products, p.gflops), (GEMM_CRATE, 100, 90.0));
+        // ONNX Runtime missing: the crate's rate, and the reason kept.
+        let p = faster(shape, 1, (100, 90.0), Err("no library".into()));
+        assert_eq!((p.library, p.gflops), (GEMM_CRATE, 90.0));
+        assert_eq!(p.onnx_runtime_gflops, Err("no library".to_string()));
+    }
 
     #[test]
     fn fill_stays_in_range() {

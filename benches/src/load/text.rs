@@ -438,6 +438,20 @@ pub fn text_request(model: &str, sentence: &str) -> pb::ModelInferRequest {
     }
 }
 
+/// Both libraries' rates at one shape, as the report prints them.
+fn rates(p: &ceiling::GemmPoint) -> String {
+    let onnx = match &p.onnx_runtime_gflops {
+        Ok(g) => format!("{g:.1}"),
+        Err(e) => format!("not measured: {e}"),
+    };
+    format!(
+        "{} {:.1}, {} {onnx}",
+        ceiling::GEMM_CRATE,
+        p.gemm_crate_gflops,
+        ceiling::ONNX_RUNTIME
+    )
+}
+
 fn onnxruntime_library() -> Option<PathBuf> {
     std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from)
 }
@@ -769,7 +783,14 @@ pub async fn text(args: &TextArgs) -> anyhow::Result<TextReport> {
         let per_shape = Duration::from_secs_f64(args.gemm_duration);
         async move {
             tokio::task::spawn_blocking(move || {
-                ceiling::measure(&flops, gemm_tokens, gemm_threads, per_shape)
+                let library = onnxruntime_library();
+                ceiling::measure(
+                    &flops,
+                    gemm_tokens,
+                    gemm_threads,
+                    per_shape,
+                    library.as_deref(),
+                )
             })
             .await
             .context("the GEMM benchmark panicked")?
@@ -778,8 +799,15 @@ pub async fn text(args: &TextArgs) -> anyhow::Result<TextReport> {
     let gemm = measure_gemm().await?;
     for p in &gemm.shapes {
         say(&format!(
-            "  {}×{} · {}×{}: {:.1} GFLOP/s ({} products)",
-            p.shape.m, p.shape.k, p.shape.k, p.shape.n, p.gflops, p.products
+            "  {}×{} · {}×{}: {:.1} GFLOP/s ({} products, {}; {})",
+            p.shape.m,
+            p.shape.k,
+            p.shape.k,
+            p.shape.n,
+            p.gflops,
+            p.products,
+            p.library,
+            rates(p)
         ));
     }
     let first_gemm_gflops = gemm.best_gflops;
@@ -975,7 +1003,7 @@ impl TextReport {
         let c = &self.ceiling;
         for p in &c.gemm.shapes {
             s.push_str(&format!(
-                "gemm       {}×{} · {}×{} (×{} per layer)  {:>7.1} GFLOP/s  ({} products, {} thread(s), {})\n",
+                "gemm       {}×{} · {}×{} (×{} per layer)  {:>7.1} GFLOP/s  ({} products, {} thread(s), {}; {})\n",
                 p.shape.m,
                 p.shape.k,
                 p.shape.k,
@@ -984,7 +1012,8 @@ impl TextReport {
                 p.gflops,
                 p.products,
                 c.gemm.threads,
-                c.gemm.library
+                p.library,
+                rates(p)
             ));
         }
         s.push_str(&format!(

@@ -99,6 +99,7 @@
 
 mod encoder;
 mod graph;
+pub mod matmul;
 mod model;
 mod optimize;
 pub mod profile;

@@ -74,7 +74,7 @@ pub const PARAM_SENTENCES: &str = "quantization_sentences";
 pub const PARAM_MATMULS: &str = "quantization_matmuls";
 
 // ONNX's `TensorProto.DataType` values used here.
-const FLOAT: i32 = 1;
+pub(super) const FLOAT: i32 = 1;
 const INT8: i32 = 3;
 // `AttributeProto.AttributeType`: INT, and the two that carry subgraphs.
 const ATTR_INT: i32 = 2;
@@ -92,7 +92,7 @@ const GRAPH_INITIALIZER: u32 = 5;
 const GRAPH_INPUT: u32 = 11;
 
 #[derive(Clone, PartialEq, Message)]
-struct NodeProto {
+pub(super) struct NodeProto {
     #[prost(string, repeated, tag = "1")]
     input: Vec<String>,
     #[prost(string, repeated, tag = "2")]
@@ -332,7 +332,7 @@ impl Names {
     }
 }
 
-fn tensor(name: &str, dims: &[usize], data_type: i32, raw: Vec<u8>) -> Vec<u8> {
+pub(super) fn tensor(name: &str, dims: &[usize], data_type: i32, raw: Vec<u8>) -> Vec<u8> {
     TensorProto {
         dims: dims.iter().map(|&d| d as i64).collect(),
         data_type,
@@ -343,7 +343,7 @@ fn tensor(name: &str, dims: &[usize], data_type: i32, raw: Vec<u8>) -> Vec<u8> {
     .encode_to_vec()
 }
 
-fn node(op: &str, name: String, inputs: &[&str], outputs: &[&str]) -> NodeProto {
+pub(super) fn node(op: &str, name: String, inputs: &[&str], outputs: &[&str]) -> NodeProto {
     NodeProto {
         input: inputs.iter().map(|s| s.to_string()).collect(),
         output: outputs.iter().map(|s| s.to_string()).collect(),
