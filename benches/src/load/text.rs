@@ -29,7 +29,9 @@
 //!    client goes through the sentences (the client's k-th call sends sentence
 //!    `(c + k × concurrency) % n`). Tokens/s served = Σ over the sentences of (successes in the
 //!    window × its tokens) ÷ window, so the mean tokens per served request is that of what was
-//!    actually sent.
+//!    actually sent. A `cpu` line says where the cores went over the window: the coordinator by
+//!    thread name (the execution pool, where the model computes, against the runtime), the load
+//!    generator, and the rest of the machine.
 //! 5. The model is reloaded through v1 `LoadModel` with `{"dynamic_batching": null}`; the
 //!    server's inference/execution counts over the window must then be 1:1; measured again.
 //! 6. Ratios: served/in-process best (target ≥ 0.9), batched/unbatched (target ≥ 2), and
@@ -974,6 +976,31 @@ pub async fn text(args: &TextArgs) -> anyhow::Result<TextReport> {
     })
 }
 
+/// Where the cores went during a served run: the load generator, the coordinator by thread name
+/// (`veraltheim-exec`: the execution pool, where the model computes and text is tokenized;
+/// `tokio-rt-worker`: gRPC and batching), and the rest of the machine. On a machine the client
+/// shares, the served rate can reach the ceiling only in the share of the cores the model had.
+fn cpu_line(model: &str, label: &str, c: &super::cpu::CpuUse, cores: usize) -> String {
+    let mut threads: Vec<(&String, &f64)> = c
+        .server_threads
+        .iter()
+        .filter(|(_, v)| **v >= 0.005)
+        .collect();
+    threads.sort_by(|a, b| b.1.total_cmp(a.1));
+    let threads = threads
+        .iter()
+        .map(|(name, v)| format!("{name} {v:.2}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "cpu        {model:<14} {label:<9} of {cores} cores: server {} ({threads}), load generator {:.2}, others {}, machine busy {}\n",
+        opt(c.server_cores, 2),
+        c.client_cores,
+        opt(c.others_cores, 2),
+        opt(c.machine_busy_cores, 2),
+    )
+}
+
 fn opt(v: Option<f64>, digits: usize) -> String {
     v.map_or_else(|| "-".into(), |x| format!("{x:.digits$}"))
 }
@@ -1057,6 +1084,9 @@ impl TextReport {
                     opt(r.server.execute_busy, 2),
                     opt(r.server.padded_per_real, 3),
                 ));
+                if let Some(c) = &r.load.cpu {
+                    s.push_str(&cpu_line(&b.model, label, c, self.cores));
+                }
             }
             s.push_str(&format!(
                 "ratio      {:<14} served/in-process(best, batch {}) {:.3} (target ≥ {TARGET_VS_IN_PROCESS}: {})  batched/unbatched {:.3} (target ≥ {TARGET_VS_UNBATCHED}: {})  batching off verified: {} (config_json: {})\n",
@@ -1100,6 +1130,32 @@ mod tests {
         let raw = &r.raw_input_contents[0];
         assert_eq!(&raw[..4], &6u32.to_le_bytes());
         assert_eq!(&raw[4..], "héllo".as_bytes());
+    }
+
+    #[test]
+    fn the_cpu_line_splits_the_server_by_thread_name_largest_first() {
+        let c = super::super::cpu::CpuUse {
+            wall_s: 10.0,
+            machine_busy_cores: Some(1.99),
+            steal_cores: Some(0.0),
+            client_cores: 0.05,
+            server_cores: Some(1.93),
+            others_cores: Some(0.01),
+            server_threads: [
+                ("tokio-rt-worker".to_string(), 0.07),
+                ("veraltheim-exec".to_string(), 1.86),
+                ("store-committer".to_string(), 0.0),
+            ]
+            .into_iter()
+            .collect(),
+        };
+        let line = cpu_line("minilm", "batched", &c, 2);
+        assert!(
+            line.contains(
+                "of 2 cores: server 1.93 (veraltheim-exec 1.86, tokio-rt-worker 0.07), load generator 0.05, others 0.01, machine busy 1.99"
+            ),
+            "{line}"
+        );
     }
 
     #[test]
