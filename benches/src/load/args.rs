@@ -237,7 +237,8 @@ pub struct SuiteArgs {
     /// Seconds of compute measurement per batch size.
     #[arg(long, default_value_t = 0.5)]
     pub compute_duration: f64,
-    /// Tokio worker threads of the echo server (0 = one per core, as the coordinator's default).
+    /// Tokio worker threads of the echo server (0 = one per core, tokio's default; the
+    /// coordinator's runtime has half the cores, at least one: `serve --runtime-threads`).
     #[arg(long, default_value_t = 0)]
     pub echo_threads: usize,
     /// Passed to `veraltheim serve --execution-threads` (0 = its default, one per core).

@@ -14,15 +14,17 @@
 //!   (`tokens×h · h×h`, `tokens×h · h×i`, `tokens×i · i×h`), on as many threads as the served
 //!   model computes on (its intra-op threads × its instances, at most the cores; one per core
 //!   for ONNX Runtime's default), each measured with two libraries, the faster one's rate
-//!   counting: the `gemm` crate (built with its `x86-v4` feature, so that it runs AVX-512
-//!   kernels where the CPU has them; without it, on a 2-core AVX-512 Xeon, it did 186 GFLOP/s
-//!   where the machine does 340–354) and ONNX Runtime's own `MatMul`
-//!   ([`veraltheim_models::onnx::matmul`]): the ceiling is the best the machine was seen to do,
-//!   not what one library does. Each shape is run for its share of the time in slices of at
-//!   least one product; its rate is the best slice's (on a shared machine the best slice is the
-//!   closest to what the cores can do). The report gives each shape's GFLOP/s with both
-//!   libraries', the best, and the layer mix (4 h×h, 1 h×i, 1 i×h products: total FLOPs ÷ total
-//!   time at each shape's rate).
+//!   counting: the `gemm` crate and ONNX Runtime's own `MatMul`
+//!   ([`veraltheim_models::onnx::matmul`]). The ceiling is the best the machine was seen to do,
+//!   not what one library does: the `gemm` crate as built here has no AVX-512 kernels (its
+//!   `x86-v4` feature would also reach candle's matmul; see the benches' Cargo.toml), and on a
+//!   2-core AVX-512 Xeon it did 186 GFLOP/s where ONNX Runtime's `MatMul` did 328–354: the
+//!   ceiling from `gemm` alone was half of the machine's, and a served rate came out at 1.07 of
+//!   it. Each shape is run for its share of the time in slices of at least one product; its
+//!   rate is the best slice's (on a shared machine the best slice is the closest to what the
+//!   cores can do). The report gives each shape's GFLOP/s with both libraries', the best, and
+//!   the layer mix (4 h×h, 1 h×i, 1 i×h products: total FLOPs ÷ total time at each shape's
+//!   rate).
 //! - **Ceiling**: sentences/s = best GEMM rate ÷ (linear FLOPs per token × mean tokens per
 //!   sentence); tokens/s = best GEMM rate ÷ linear FLOPs per token. A served rate is reported
 //!   as a share of it.
