@@ -171,8 +171,6 @@ pub struct GemmPoint {
 /// The GEMM benchmark's result.
 #[derive(Clone, Debug, Serialize)]
 pub struct GemmReport {
-    /// The libraries that did the products.
-    pub library: &'static str,
     pub threads: usize,
     pub tokens: usize,
     pub shapes: Vec<GemmPoint>,
@@ -335,16 +333,7 @@ pub fn measure(
         let f = p.shape.flops() * p.per_layer as f64;
         (w + f, t + f / p.gflops)
     });
-    let library = match (
-        shapes.iter().any(|p| p.library == GEMM_CRATE),
-        shapes.iter().any(|p| p.library == ONNX_RUNTIME),
-    ) {
-        (true, true) => "gemm 0.19 or ONNX Runtime MatMul (the faster per shape)",
-        (false, true) => ONNX_RUNTIME,
-        _ => GEMM_CRATE,
-    };
     Ok(GemmReport {
-        library,
         threads: threads.max(1),
         tokens,
         shapes,

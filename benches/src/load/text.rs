@@ -977,8 +977,8 @@ pub async fn text(args: &TextArgs) -> anyhow::Result<TextReport> {
 }
 
 /// Where the cores went during a served run: the load generator, the coordinator by thread name
-/// (`veraltheim-exec`: the execution pool, where the model computes and text is tokenized;
-/// `tokio-rt-worker`: gRPC and batching), and the rest of the machine. On a machine the client
+/// (`veraltheim-exec`: the execution pool, where batches run; `tokio-rt-worker`: gRPC, the token
+/// count on arrival and batching), and the rest of the machine. On a machine the client
 /// shares, the served rate can reach the ceiling only in the share of the cores the model had.
 fn cpu_line(model: &str, label: &str, c: &super::cpu::CpuUse, cores: usize) -> String {
     let mut threads: Vec<(&String, &f64)> = c
@@ -1169,7 +1169,6 @@ mod tests {
     /// A ceiling of `gflops` on `threads` threads for a model of 1 MFLOP per token.
     fn ceiling_of(gflops: f64, threads: usize) -> Ceiling {
         let gemm = ceiling::GemmReport {
-            library: "gemm",
             threads,
             tokens: 64,
             shapes: Vec::new(),

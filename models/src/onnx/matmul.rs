@@ -234,7 +234,9 @@ pub fn matmul_rate(
         let outputs = session
             .run(ort::inputs!["A" => input])
             .map_err(|e| ort_err(&e))?;
-        let (out_shape, data) = outputs["Y"]
+        let (out_shape, data) = outputs
+            .get("Y")
+            .ok_or_else(|| fail("ONNX Runtime returned no 'Y'".into()))?
             .try_extract_tensor::<f32>()
             .map_err(|e| ort_err(&e))?;
         if out_shape[..] != [m as i64, n as i64] || data.len() != m * n {
