@@ -38,6 +38,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use serde::Serialize;
+use veraltheim_models::onnx::matmul::fill;
 
 /// Most rows (tokens) of the GEMM benchmark.
 pub const MAX_GEMM_TOKENS: usize = 65_536;
@@ -178,16 +179,6 @@ pub struct GemmReport {
     pub best_gflops: f64,
     /// A layer's products at each shape's rate: total FLOPs ÷ total time.
     pub layer_mix_gflops: f64,
-}
-
-/// Deterministic inputs in [-1, 1) (no denormals, no NaN).
-fn fill(len: usize, seed: u32) -> Vec<f32> {
-    (0..len as u32)
-        .map(|x| {
-            let v = x.wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8;
-            (v % 2048) as f32 / 1024.0 - 1.0
-        })
-        .collect()
 }
 
 /// `c = a · b`, row-major (`a` m×k, `b` k×n, `c` m×n), on the current rayon pool with `threads`

@@ -120,8 +120,9 @@ fn fp32_value(name: &str, dims: &[usize]) -> TypedValue {
     }
 }
 
-/// Deterministic values in [-1, 1) (no denormals, no NaN).
-fn fill(len: usize, seed: u32) -> Vec<f32> {
+/// Deterministic operand values in [-1, 1) (no denormals, no NaN); the `text` benchmark's
+/// `gemm` products use the same.
+pub fn fill(len: usize, seed: u32) -> Vec<f32> {
     (0..len)
         .map(|x| {
             let v = (x as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8;
